@@ -1,0 +1,18 @@
+//! tidegate's control plane.
+//!
+//! Objects come from a folder of manifests ([`manifests`]) or, in a cluster, from the API
+//! server; [`translate()`] turns them into a [`tidegate_snapshot::Snapshot`] plus a status per
+//! object. Translation is pure; everything that touches files, clocks or networks lives at the
+//! edges.
+#![forbid(unsafe_code)]
+
+pub mod luaroute;
+pub mod manifests;
+pub mod objects;
+pub mod status;
+pub mod translate;
+mod validate;
+
+pub use objects::{Inputs, ObjectRef, Options};
+pub use status::{ObjectStatus, Problem, Reason, Severity};
+pub use translate::{Translation, translate};

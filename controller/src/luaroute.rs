@@ -1,0 +1,258 @@
+//! The `LuaRoute` custom resource (`tidegate.dev/v1alpha1`): routes with Lua handlers.
+//!
+//! This module defines the type and the checks a schema cannot express. Its Lua is compiled and
+//! run by the proxy's Lua runtime; until a LuaRoute's handlers can run, its routes are never
+//! served, because serving a route whose `access` handler is skipped would open what it guards.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::{Deserialize, Serialize};
+
+use crate::status::{ObjectStatus, Reason};
+use crate::validate::{check_host, check_path_value, check_port_number};
+
+pub const API_VERSION: &str = "tidegate.dev/v1alpha1";
+pub const KIND: &str = "LuaRoute";
+
+/// A LuaRoute object.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LuaRoute {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    pub spec: LuaRouteSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LuaRouteSpec {
+    /// The IngressClass this LuaRoute belongs to; ours when absent.
+    #[serde(default)]
+    pub ingress_class_name: Option<String>,
+    /// Exact hosts or `*.example.com`; every host when empty.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub tls: Option<LuaRouteTls>,
+    /// `ngx.shared.NAME` dictionaries, scoped to this namespace.
+    #[serde(default)]
+    pub shared_dicts: Vec<SharedDict>,
+    /// Handlers that run for every route below and for Ingresses that attach this LuaRoute.
+    #[serde(default)]
+    pub lua: Option<LuaHandlers>,
+    pub routes: Vec<LuaRouteRule>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LuaRouteTls {
+    /// A `kubernetes.io/tls` Secret in the LuaRoute's namespace.
+    pub secret_name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SharedDict {
+    pub name: String,
+    /// A Kubernetes quantity: `10Mi`, `512k`, `1048576`.
+    pub size: String,
+}
+
+/// Lua source for each OpenResty phase, in the order they run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LuaHandlers {
+    pub rewrite: Option<String>,
+    pub access: Option<String>,
+    pub content: Option<String>,
+    pub header_filter: Option<String>,
+    pub body_filter: Option<String>,
+    pub log: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LuaRouteRule {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matches: RouteMatch,
+    #[serde(default)]
+    pub backend: Option<LuaBackend>,
+    #[serde(default)]
+    pub lua: Option<LuaHandlers>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteMatch {
+    pub path: PathSpec,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub headers: Vec<HeaderMatch>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PathSpec {
+    #[serde(rename = "type")]
+    pub kind: LuaPathType,
+    pub value: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub enum LuaPathType {
+    Exact,
+    Prefix,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderMatch {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LuaBackend {
+    pub service: ServiceRef,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceRef {
+    pub name: String,
+    pub port: PortRef,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortRef {
+    #[serde(default)]
+    pub number: Option<i32>,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
+
+/// Checks what the schema cannot: hosts, paths, names, ports, sizes. Records every problem found.
+pub(crate) fn validate(route: &LuaRoute, status: &mut ObjectStatus) {
+    if route.api_version != API_VERSION {
+        status.error(Reason::Invalid, "apiVersion", format!("must be {API_VERSION}"));
+    }
+    for (i, host) in route.spec.hosts.iter().enumerate() {
+        if let Err(why) = check_host(host) {
+            status.error(Reason::Invalid, format!("spec.hosts[{i}]"), why);
+        }
+    }
+    for (i, dict) in route.spec.shared_dicts.iter().enumerate() {
+        if !is_lua_identifier(&dict.name) {
+            status.error(Reason::Invalid, format!("spec.sharedDicts[{i}].name"), "must be a Lua identifier");
+        }
+        if let Err(why) = parse_quantity(&dict.size) {
+            status.error(Reason::Invalid, format!("spec.sharedDicts[{i}].size"), why);
+        }
+    }
+    if route.spec.routes.is_empty() {
+        status.error(Reason::Invalid, "spec.routes", "must name at least one route");
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for (i, rule) in route.spec.routes.iter().enumerate() {
+        let at = format!("spec.routes[{i}]");
+        if rule.name.is_empty() || !names.insert(rule.name.as_str()) {
+            status.error(Reason::Invalid, format!("{at}.name"), "must be non-empty and unique");
+        }
+        if let Err(why) = check_path_value(&rule.matches.path.value) {
+            status.error(Reason::Invalid, format!("{at}.match.path.value"), why);
+        }
+        for (m, method) in rule.matches.methods.iter().enumerate() {
+            if !METHODS.contains(&method.as_str()) {
+                status.error(Reason::Invalid, format!("{at}.match.methods[{m}]"), format!("unknown method {method:?}"));
+            }
+        }
+        for (h, header) in rule.matches.headers.iter().enumerate() {
+            if http_header_name_invalid(&header.name) {
+                status.error(Reason::Invalid, format!("{at}.match.headers[{h}].name"), "not a valid header name");
+            }
+        }
+        match &rule.backend {
+            Some(backend) => {
+                let port = &backend.service.port;
+                match (port.number, &port.name) {
+                    (Some(n), None) => {
+                        if let Err(why) = check_port_number(n) {
+                            status.error(Reason::Invalid, format!("{at}.backend.service.port.number"), why);
+                        }
+                    }
+                    (None, Some(_)) => {}
+                    _ => status.error(
+                        Reason::Invalid,
+                        format!("{at}.backend.service.port"),
+                        "set exactly one of number and name",
+                    ),
+                }
+            }
+            None => {
+                let content = rule.lua.as_ref().and_then(|l| l.content.as_ref()).is_some()
+                    || route.spec.lua.as_ref().and_then(|l| l.content.as_ref()).is_some();
+                if !content {
+                    status.error(Reason::Invalid, format!("{at}.backend"), "required when no lua.content answers");
+                }
+            }
+        }
+    }
+}
+
+fn is_lua_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn http_header_name_invalid(name: &str) -> bool {
+    name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Parses a Kubernetes quantity of bytes (`10Mi`, `512k`, `1G`, `4096`).
+pub fn parse_quantity(s: &str) -> Result<u64, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, suffix) = s.split_at(split);
+    let number: u64 = digits.parse().map_err(|_| format!("{s:?} is not a quantity like 10Mi"))?;
+    let multiplier: u64 = match suffix {
+        "" => 1,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        _ => return Err(format!("{s:?}: unknown suffix {suffix:?} (use Ki, Mi, Gi, k, M or G)")),
+    };
+    number.checked_mul(multiplier).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities() {
+        assert_eq!(parse_quantity("10Mi"), Ok(10 << 20));
+        assert_eq!(parse_quantity("512k"), Ok(512_000));
+        assert_eq!(parse_quantity("4096"), Ok(4096));
+        assert!(parse_quantity("10MB").is_err());
+        assert!(parse_quantity("Mi").is_err());
+    }
+
+    #[test]
+    fn lua_identifiers() {
+        assert!(is_lua_identifier("cache_1"));
+        assert!(!is_lua_identifier("1cache"));
+        assert!(!is_lua_identifier("my-cache"));
+    }
+}

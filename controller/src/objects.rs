@@ -1,0 +1,78 @@
+//! The Kubernetes objects translation reads, and how statuses refer to them.
+
+use std::fmt;
+
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use serde::Serialize;
+
+use crate::luaroute::LuaRoute;
+
+/// Controller name in `IngressClass.spec.controller` that marks a class as ours.
+pub const CONTROLLER_NAME: &str = "tidegate.dev/ingress-controller";
+
+/// Everything [`crate::translate`] reads. Objects may come from a folder of manifests or from
+/// the API server; order does not matter, translation sorts.
+#[derive(Clone, Debug, Default)]
+pub struct Inputs {
+    pub ingresses: Vec<Ingress>,
+    pub ingress_classes: Vec<IngressClass>,
+    pub services: Vec<Service>,
+    pub endpoint_slices: Vec<EndpointSlice>,
+    pub secrets: Vec<Secret>,
+    pub lua_routes: Vec<LuaRoute>,
+    pub options: Options,
+}
+
+/// Settings that change how objects are read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// IngressClass name that is ours even without an IngressClass object (`--ingress-class`).
+    pub ingress_class: String,
+    /// Serve Ingresses that name no class (`--watch-ingress-without-class`).
+    pub watch_ingress_without_class: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { ingress_class: "tidegate".into(), watch_ingress_without_class: false }
+    }
+}
+
+/// Names one object: `Kind namespace/name` (cluster-scoped objects have no namespace).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ObjectRef {
+    pub kind: &'static str,
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn namespaced(kind: &'static str, namespace: &str, name: &str) -> Self {
+        ObjectRef { kind, namespace: Some(namespace.to_owned()), name: name.to_owned() }
+    }
+
+    pub fn cluster(kind: &'static str, name: &str) -> Self {
+        ObjectRef { kind, namespace: None, name: name.to_owned() }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "{} {ns}/{}", self.kind, self.name),
+            None => write!(f, "{} {}", self.kind, self.name),
+        }
+    }
+}
+
+/// The namespace an object lives in: `default` when a manifest leaves it out, as kubectl does.
+pub fn namespace_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> &str {
+    meta.namespace.as_deref().unwrap_or("default")
+}
+
+/// The name of an object, empty when missing (validation reports that).
+pub fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> &str {
+    meta.name.as_deref().unwrap_or("")
+}

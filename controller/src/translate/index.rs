@@ -1,0 +1,150 @@
+//! Lookups translation needs: Services, their EndpointSlices and Secrets by namespace and name,
+//! and the resolution of a Service port to ready endpoints.
+
+use std::collections::{BTreeSet, HashMap};
+
+use k8s_openapi::api::core::v1::{Secret, Service, ServicePort};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use tidegate_snapshot::{BackendId, Certificate, Endpoint};
+
+use crate::objects::{Inputs, name_of, namespace_of};
+use crate::status::Reason;
+
+/// Label that ties an EndpointSlice to its Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+type Key<'a> = (&'a str, &'a str);
+
+pub(super) struct Index<'a> {
+    services: HashMap<Key<'a>, &'a Service>,
+    slices: HashMap<Key<'a>, Vec<&'a EndpointSlice>>,
+    secrets: HashMap<Key<'a>, &'a Secret>,
+    lua_routes: BTreeSet<Key<'a>>,
+}
+
+/// A Service port as an Ingress names it: by number or by name.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum PortRef<'a> {
+    Number(u16),
+    Name(&'a str),
+}
+
+/// A backend resolved as far as it goes. The id is always set so the route exists and answers
+/// 503 while the Service or its endpoints are missing.
+pub(super) struct Resolved {
+    pub(super) id: BackendId,
+    pub(super) endpoints: Vec<Endpoint>,
+    pub(super) problem: Option<(Reason, String)>,
+}
+
+impl<'a> Index<'a> {
+    pub(super) fn new(inputs: &'a Inputs) -> Self {
+        let services = inputs.services.iter().map(|s| ((namespace_of(&s.metadata), name_of(&s.metadata)), s)).collect();
+        let mut slices: HashMap<Key<'a>, Vec<&'a EndpointSlice>> = HashMap::new();
+        for slice in &inputs.endpoint_slices {
+            let service = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL));
+            if let Some(service) = service {
+                slices.entry((namespace_of(&slice.metadata), service.as_str())).or_default().push(slice);
+            }
+        }
+        let secrets = inputs.secrets.iter().map(|s| ((namespace_of(&s.metadata), name_of(&s.metadata)), s)).collect();
+        let lua_routes = inputs.lua_routes.iter().map(|r| (namespace_of(&r.metadata), name_of(&r.metadata))).collect();
+        Index { services, slices, secrets, lua_routes }
+    }
+
+    pub(super) fn has_lua_route(&self, namespace: &str, name: &str) -> bool {
+        self.lua_routes.contains(&(namespace, name))
+    }
+
+    /// Resolves `namespace/service:port` to the ready endpoints serving it.
+    pub(super) fn resolve(&self, namespace: &str, service: &str, port: PortRef<'_>) -> Resolved {
+        let written = match port {
+            PortRef::Number(n) => n.to_string(),
+            PortRef::Name(n) => n.to_owned(),
+        };
+        let id = BackendId(format!("{namespace}/{service}:{written}"));
+        let unresolved = |reason, message: String| Resolved { id: id.clone(), endpoints: Vec::new(), problem: Some((reason, message)) };
+
+        let Some(svc) = self.services.get(&(namespace, service)) else {
+            return unresolved(Reason::BackendNotFound, format!("Service {namespace}/{service} not found"));
+        };
+        let spec = svc.spec.as_ref();
+        if spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
+            return unresolved(
+                Reason::Unsupported,
+                format!("Service {namespace}/{service} is of type ExternalName, which tidegate does not proxy to"),
+            );
+        }
+        let ports = spec.and_then(|s| s.ports.as_deref()).unwrap_or_default();
+        let found = ports.iter().find(|p| match port {
+            PortRef::Number(n) => p.port == i32::from(n),
+            PortRef::Name(n) => p.name.as_deref() == Some(n),
+        });
+        let Some(service_port) = found else {
+            return unresolved(Reason::BackendNotFound, format!("Service {namespace}/{service} has no port {written}"));
+        };
+        let mut endpoints = self.ready_endpoints(namespace, service, service_port);
+        endpoints.sort();
+        endpoints.dedup();
+        Resolved { id, endpoints, problem: None }
+    }
+
+    /// Ready endpoints of the EndpointSlices of a Service for one of its ports. A nil `ready`
+    /// condition counts as ready, as the EndpointSlice API asks of consumers.
+    fn ready_endpoints(&self, namespace: &str, service: &str, service_port: &ServicePort) -> Vec<Endpoint> {
+        let port_name = service_port.name.as_deref().unwrap_or("");
+        let mut endpoints = Vec::new();
+        for slice in self.slices.get(&(namespace, service)).map(Vec::as_slice).unwrap_or_default() {
+            if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+                continue;
+            }
+            let port = slice
+                .ports
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .find(|p| p.name.as_deref().unwrap_or("") == port_name)
+                .and_then(|p| p.port)
+                .and_then(|p| u16::try_from(p).ok());
+            let Some(port) = port else { continue };
+            for endpoint in &slice.endpoints {
+                let ready = endpoint.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+                if !ready {
+                    continue;
+                }
+                for address in &endpoint.addresses {
+                    if address.parse::<std::net::IpAddr>().is_ok() {
+                        endpoints.push(Endpoint { address: address.clone(), port });
+                    }
+                }
+            }
+        }
+        endpoints
+    }
+
+    /// Reads a TLS Secret into a certificate. The proxy parses the PEM and checks that the key
+    /// matches; here we check what can be seen without cryptography.
+    pub(super) fn certificate(&self, namespace: &str, name: &str) -> Result<Certificate, (Reason, String)> {
+        let Some(secret) = self.secrets.get(&(namespace, name)) else {
+            return Err((Reason::SecretNotFound, format!("Secret {namespace}/{name} not found")));
+        };
+        let field = |key: &str| -> Option<String> {
+            if let Some(v) = secret.string_data.as_ref().and_then(|d| d.get(key)) {
+                return Some(v.clone());
+            }
+            let bytes = secret.data.as_ref().and_then(|d| d.get(key))?;
+            String::from_utf8(bytes.0.clone()).ok()
+        };
+        let bad = |why: String| Err((Reason::InvalidCertificate, format!("Secret {namespace}/{name}: {why}")));
+        let (Some(cert_pem), Some(key_pem)) = (field("tls.crt"), field("tls.key")) else {
+            return bad("needs tls.crt and tls.key (type kubernetes.io/tls)".into());
+        };
+        if !cert_pem.contains("-----BEGIN CERTIFICATE-----") {
+            return bad("tls.crt holds no PEM certificate".into());
+        }
+        if !key_pem.contains("PRIVATE KEY-----") {
+            return bad("tls.key holds no PEM private key".into());
+        }
+        Ok(Certificate { id: format!("{namespace}/{name}"), cert_pem, key_pem })
+    }
+}

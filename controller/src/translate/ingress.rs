@@ -1,0 +1,216 @@
+//! One Ingress into candidate routes, TLS claims and a default backend.
+
+use k8s_openapi::api::networking::v1::{Ingress, IngressBackend};
+use tidegate_snapshot::{HostMatch, PathKind, PathMatch, Route, RouteAction};
+
+use super::annotations::{self, Settings};
+use super::index::{Index, PortRef};
+use super::{Builder, Candidate, host_match};
+use crate::objects::{ObjectRef, name_of, namespace_of};
+use crate::status::{ObjectStatus, Reason};
+use crate::validate::{check_host, check_path_value, check_port_number};
+
+/// Adds what an Ingress of ours serves to `out`, recording problems in `status`.
+/// `rank` is the Ingress's place in precedence order (oldest first).
+pub(super) fn translate(ingress: &Ingress, rank: usize, index: &Index<'_>, out: &mut Builder, status: &mut ObjectStatus) {
+    if !validate(ingress, status) {
+        status.accepted = false;
+        return;
+    }
+    let settings = annotations::read(ingress.metadata.annotations.as_ref(), status);
+    if let Some(lua_route) = &settings.lua_route {
+        // Serving these paths without the Lua they ask for could skip an access check, so
+        // the Ingress stays unserved until its Lua can run.
+        let field = "metadata.annotations[\"tidegate.dev/lua-route\"]";
+        let ns = namespace_of(&ingress.metadata);
+        if index.has_lua_route(ns, lua_route) {
+            status.error(Reason::Unsupported, field, "this build does not run Lua yet; the Ingress is not served");
+        } else {
+            status.error(Reason::BackendNotFound, field, format!("LuaRoute {ns}/{lua_route} not found; the Ingress is not served"));
+        }
+        status.accepted = false;
+        return;
+    }
+    let mut ctx = Context { ingress, index, settings, out, status };
+    ctx.default_backend();
+    ctx.rules(rank);
+    ctx.tls();
+}
+
+struct Context<'i, 'o> {
+    ingress: &'i Ingress,
+    index: &'i Index<'i>,
+    settings: Settings,
+    out: &'o mut Builder,
+    status: &'o mut ObjectStatus,
+}
+
+impl Context<'_, '_> {
+    fn namespace(&self) -> &str {
+        namespace_of(&self.ingress.metadata)
+    }
+
+    fn owner(&self) -> ObjectRef {
+        self.status.object.clone()
+    }
+
+    fn default_backend(&mut self) {
+        let Some(backend) = self.ingress.spec.as_ref().and_then(|s| s.default_backend.as_ref()) else { return };
+        if let Some(action) = self.action(backend, "spec.defaultBackend") {
+            self.out.offer_default_backend(action, self.owner());
+        }
+    }
+
+    fn rules(&mut self, rank: usize) {
+        let ingress = self.ingress;
+        let rules = ingress.spec.as_ref().and_then(|s| s.rules.as_deref()).unwrap_or_default();
+        for (r, rule) in rules.iter().enumerate() {
+            let host = host_match(rule.host.as_deref());
+            let paths = rule.http.as_ref().map(|h| h.paths.as_slice()).unwrap_or_default();
+            for (p, path) in paths.iter().enumerate() {
+                let field = format!("spec.rules[{r}].http.paths[{p}]");
+                let Some(action) = self.action(&path.backend, &format!("{field}.backend")) else { continue };
+                let kind = if path.path_type == "Exact" { PathKind::Exact } else { PathKind::Prefix };
+                let value = path.path.clone().unwrap_or_else(|| "/".to_owned());
+                let route = Route {
+                    name: format!("{}/{}/{r}/{p}", self.namespace(), name_of(&ingress.metadata)),
+                    path: PathMatch { kind, value },
+                    action,
+                    ssl_redirect: false,
+                };
+                self.out.routes.push(Candidate {
+                    host: host.clone(),
+                    route,
+                    wants_ssl_redirect: self.settings.ssl_redirect,
+                    rank: (rank, r, p),
+                    owner: self.owner(),
+                    field,
+                });
+            }
+        }
+    }
+
+    fn tls(&mut self) {
+        let ingress = self.ingress;
+        let Some(spec) = ingress.spec.as_ref() else { return };
+        for (t, tls) in spec.tls.iter().flatten().enumerate() {
+            let Some(secret) = tls.secret_name.as_deref().filter(|s| !s.is_empty()) else {
+                // No Secret: these hosts get the default certificate, as with ingress-nginx.
+                continue;
+            };
+            let hosts: Vec<HostMatch> = match tls.hosts.as_deref() {
+                Some(hosts) if !hosts.is_empty() => hosts.iter().map(|h| host_match(Some(h))).collect(),
+                // No hosts listed: the certificate covers every host of this Ingress's rules.
+                _ => spec.rules.iter().flatten().map(|r| host_match(r.host.as_deref())).collect(),
+            };
+            match self.index.certificate(self.namespace(), secret) {
+                Ok(certificate) => {
+                    let id = certificate.id.clone();
+                    self.out.certificates.insert(id.clone(), certificate);
+                    for host in hosts.into_iter().filter(|h| *h != HostMatch::Any) {
+                        self.out.offer_tls(host, id.clone(), self.owner(), format!("spec.tls[{t}]"));
+                    }
+                }
+                Err((reason, message)) => {
+                    self.status.error(reason, format!("spec.tls[{t}].secretName"), format!("{message}; the default certificate is served instead"));
+                }
+            }
+        }
+    }
+
+    /// Resolves a backend. The route exists even when the Service is missing (it answers 503), so
+    /// only a backend kind tidegate cannot proxy to gives `None`.
+    fn action(&mut self, backend: &IngressBackend, field: &str) -> Option<RouteAction> {
+        if backend.resource.is_some() {
+            self.status.error(Reason::Unsupported, format!("{field}.resource"), "resource backends are not supported; this path is not served");
+            return None;
+        }
+        let service = backend.service.as_ref()?;
+        let port = service.port.as_ref()?;
+        let port = match (port.number, port.name.as_deref()) {
+            (Some(n), _) => PortRef::Number(check_port_number(n).ok()?),
+            (None, Some(name)) => PortRef::Name(name),
+            (None, None) => return None,
+        };
+        let resolved = self.index.resolve(self.namespace(), &service.name, port);
+        if let Some((reason, message)) = resolved.problem {
+            self.status.error(reason, format!("{field}.service"), format!("{message}; requests get 503"));
+        }
+        self.out.endpoints.insert(resolved.id.clone(), resolved.endpoints);
+        Some(RouteAction { backend: resolved.id, timeouts: self.settings.timeouts })
+    }
+}
+
+/// Checks the rules the API server enforces, so that an object from a manifest gets the same
+/// verdict as one applied to a cluster. Returns false when the Ingress must not be served at all.
+fn validate(ingress: &Ingress, status: &mut ObjectStatus) -> bool {
+    let before = status.problems.len();
+    if name_of(&ingress.metadata).is_empty() {
+        status.error(Reason::Invalid, "metadata.name", "is required");
+    }
+    let Some(spec) = ingress.spec.as_ref() else {
+        status.error(Reason::Invalid, "spec", "is required");
+        return false;
+    };
+    if spec.rules.as_ref().is_none_or(Vec::is_empty) && spec.default_backend.is_none() {
+        status.error(Reason::Invalid, "spec", "needs rules or a defaultBackend");
+    }
+    if let Some(backend) = &spec.default_backend {
+        validate_backend(backend, "spec.defaultBackend", status);
+    }
+    for (r, rule) in spec.rules.iter().flatten().enumerate() {
+        if let Some(host) = rule.host.as_deref().filter(|h| !h.is_empty())
+            && let Err(why) = check_host(host)
+        {
+            status.error(Reason::Invalid, format!("spec.rules[{r}].host"), why);
+        }
+        for (p, path) in rule.http.iter().flat_map(|h| h.paths.iter()).enumerate() {
+            let at = format!("spec.rules[{r}].http.paths[{p}]");
+            match (path.path_type.as_str(), path.path.as_deref()) {
+                ("Exact" | "Prefix", None) => status.error(Reason::Invalid, format!("{at}.path"), "is required for Exact and Prefix"),
+                ("Exact" | "Prefix" | "ImplementationSpecific", Some(value)) => {
+                    if let Err(why) = check_path_value(value) {
+                        status.error(Reason::Invalid, format!("{at}.path"), why);
+                    }
+                }
+                ("ImplementationSpecific", None) => {}
+                (other, _) => status.error(
+                    Reason::Invalid,
+                    format!("{at}.pathType"),
+                    format!("{other:?} is not one of Exact, Prefix, ImplementationSpecific"),
+                ),
+            }
+            validate_backend(&path.backend, &format!("{at}.backend"), status);
+        }
+    }
+    for (t, tls) in spec.tls.iter().flatten().enumerate() {
+        for (h, host) in tls.hosts.iter().flatten().enumerate() {
+            if let Err(why) = check_host(host) {
+                status.error(Reason::Invalid, format!("spec.tls[{t}].hosts[{h}]"), why);
+            }
+        }
+    }
+    status.problems.len() == before
+}
+
+fn validate_backend(backend: &IngressBackend, field: &str, status: &mut ObjectStatus) {
+    match (&backend.service, &backend.resource) {
+        (Some(service), None) => {
+            if service.name.is_empty() {
+                status.error(Reason::Invalid, format!("{field}.service.name"), "is required");
+            }
+            let port = service.port.as_ref();
+            match port.map(|p| (p.number, p.name.as_deref())) {
+                Some((Some(n), None)) => {
+                    if let Err(why) = check_port_number(n) {
+                        status.error(Reason::Invalid, format!("{field}.service.port.number"), why);
+                    }
+                }
+                Some((None, Some(name))) if !name.is_empty() => {}
+                _ => status.error(Reason::Invalid, format!("{field}.service.port"), "set exactly one of number and name"),
+            }
+        }
+        (None, Some(_)) => {}
+        _ => status.error(Reason::Invalid, field, "set exactly one of service and resource"),
+    }
+}

@@ -1,0 +1,221 @@
+//! `translate`: Kubernetes objects in, a [`Snapshot`] and per-object statuses out.
+//!
+//! A pure function: no clock, no I/O, and sorted output, so the same objects always give the
+//! same snapshot. Every Ingress v1 rule lives here:
+//!
+//! - **Ours**: see [`class`] for which Ingresses and LuaRoutes belong to tidegate.
+//! - **Paths**: `Exact` matches the path exactly and case-sensitively. `Prefix` matches
+//!   element-wise on `/`-separated elements, so `/aaa` matches `/aaa`, `/aaa/` and `/aaa/ccc` but
+//!   not `/aaaccc`, and a trailing `/` in the rule is insignificant. `ImplementationSpecific` is
+//!   treated as `Prefix`.
+//! - **Precedence** within a host: Exact before Prefix, then the longer path, then the older
+//!   Ingress (`creationTimestamp`, then namespace/name), then rule and path order. A route with
+//!   the same type and path as an earlier one is shadowed and reported as a `Conflict`.
+//! - **Hosts**: exact hosts, and `*.suffix` wildcards that match exactly one more DNS label. A
+//!   request picks the most specific virtual host (exact, then wildcard, then the rules without a
+//!   host) and only that host's routes. Several Ingresses naming the same host are merged.
+//! - **Default backend**: a request that matches no route goes to the `defaultBackend` of the
+//!   oldest Ingress that has one (others are reported as conflicts); without one the proxy answers
+//!   404.
+//! - **Backends**: Service ports by number or name, resolved through the Service to the ready
+//!   endpoints of its EndpointSlices. A missing Service or port keeps the route (503) and is
+//!   reported; ExternalName Services and resource backends are reported as unsupported.
+//! - **TLS**: `spec.tls` Secrets bind certificates to hosts (the first Ingress wins a host);
+//!   hosts with a certificate redirect plain HTTP to HTTPS unless `ssl-redirect: "false"`.
+
+mod annotations;
+mod class;
+mod index;
+mod ingress;
+#[cfg(test)]
+mod tests;
+
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::networking::v1::Ingress;
+use tidegate_snapshot::{BackendId, Certificate, Endpoint, HostMatch, PathKind, Route, RouteAction, Routing, Snapshot, VirtualHost};
+
+use crate::luaroute;
+use crate::objects::{Inputs, ObjectRef, name_of, namespace_of};
+use crate::status::{ObjectStatus, Reason};
+
+/// The result of translation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Translation {
+    /// What the proxies serve; `version` is left 0 for the publisher to stamp.
+    pub snapshot: Snapshot,
+    /// One entry per object of ours (Ingresses and LuaRoutes), sorted by object.
+    pub statuses: Vec<ObjectStatus>,
+}
+
+/// Translates objects into a snapshot. See the module documentation for the rules.
+pub fn translate(inputs: &Inputs) -> Translation {
+    let index = index::Index::new(inputs);
+    let classes = class::Classes::new(inputs);
+    let mut out = Builder::default();
+    let mut statuses = BTreeMap::new();
+
+    let mut ours: Vec<&Ingress> = inputs.ingresses.iter().filter(|i| classes.is_ours(i)).collect();
+    ours.sort_by(|a, b| age_key(a).cmp(&age_key(b)));
+    for (rank, ingress) in ours.into_iter().enumerate() {
+        let object = ObjectRef::namespaced("Ingress", namespace_of(&ingress.metadata), name_of(&ingress.metadata));
+        let mut status = ObjectStatus::new(object.clone());
+        ingress::translate(ingress, rank, &index, &mut out, &mut status);
+        statuses.insert(object, status);
+    }
+
+    for route in &inputs.lua_routes {
+        if !classes.is_ours_name(Some(route.spec.ingress_class_name.as_deref().unwrap_or(&inputs.options.ingress_class))) {
+            continue;
+        }
+        let object = ObjectRef::namespaced(luaroute::KIND, namespace_of(&route.metadata), name_of(&route.metadata));
+        let mut status = ObjectStatus::new(object.clone());
+        luaroute::validate(route, &mut status);
+        // Routes whose Lua does not run are never served: skipping an access handler would open
+        // what it guards.
+        status.error(Reason::Unsupported, "spec", "this build does not run Lua yet; the LuaRoute is validated but not served");
+        status.accepted = false;
+        statuses.insert(object, status);
+    }
+
+    let snapshot = out.finish(&mut statuses);
+    Translation { snapshot, statuses: statuses.into_values().collect() }
+}
+
+/// Older Ingresses win; objects without a creation time (manifests) sort after those with one,
+/// then by namespace and name.
+fn age_key(ingress: &Ingress) -> (bool, Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>, &str, &str) {
+    let created = ingress.metadata.creation_timestamp.as_ref();
+    (created.is_none(), created, namespace_of(&ingress.metadata), name_of(&ingress.metadata))
+}
+
+/// The host pattern an Ingress host stands for; no host (or an empty one) means any host.
+pub(crate) fn host_match(host: Option<&str>) -> HostMatch {
+    match host.filter(|h| !h.is_empty()) {
+        None => HostMatch::Any,
+        Some(h) => match h.strip_prefix("*.") {
+            Some(suffix) => HostMatch::Wildcard(suffix.to_owned()),
+            None => HostMatch::Exact(h.to_owned()),
+        },
+    }
+}
+
+/// A route before precedence is applied.
+struct Candidate {
+    host: HostMatch,
+    route: Route,
+    wants_ssl_redirect: bool,
+    /// (Ingress rank, rule index, path index): the tie-breakers after type and length.
+    rank: (usize, usize, usize),
+    owner: ObjectRef,
+    field: String,
+}
+
+impl Candidate {
+    /// The path with an insignificant trailing `/` removed, so `/a/` and `/a` compare equal.
+    fn normalized_path(&self) -> &str {
+        let value = self.route.path.value.as_str();
+        match self.route.path.kind {
+            PathKind::Prefix if value.len() > 1 => value.trim_end_matches('/'),
+            _ => value,
+        }
+    }
+}
+
+struct TlsClaim {
+    certificate: String,
+    owner: ObjectRef,
+}
+
+/// Collects what Ingresses offer, then resolves precedence and conflicts in [`Builder::finish`].
+#[derive(Default)]
+struct Builder {
+    routes: Vec<Candidate>,
+    tls: BTreeMap<HostMatch, TlsClaim>,
+    certificates: BTreeMap<String, Certificate>,
+    endpoints: BTreeMap<BackendId, Vec<Endpoint>>,
+    default_backend: Option<RouteAction>,
+    conflicts: Vec<(ObjectRef, String, String)>,
+}
+
+impl Builder {
+    /// Offers come in precedence order, so the first offer wins.
+    fn offer_default_backend(&mut self, action: RouteAction, owner: ObjectRef) {
+        if self.default_backend.is_some() {
+            self.conflicts.push((owner, "spec.defaultBackend".into(), "an older Ingress already sets the default backend; ignored".into()));
+        } else {
+            self.default_backend = Some(action);
+        }
+    }
+
+    fn offer_tls(&mut self, host: HostMatch, certificate: String, owner: ObjectRef, field: String) {
+        match self.tls.get(&host) {
+            Some(claim) if claim.certificate != certificate => {
+                let message = format!("host {host} already uses the certificate of {} ({}); ignored", claim.owner, claim.certificate);
+                self.conflicts.push((owner, field, message));
+            }
+            Some(_) => {}
+            None => {
+                self.tls.insert(host, TlsClaim { certificate, owner });
+            }
+        }
+    }
+
+    /// The certificate serving a host: its own, or for an exact host the wildcard covering it.
+    fn certificate_for(&self, host: &HostMatch) -> Option<&str> {
+        if let Some(claim) = self.tls.get(host) {
+            return Some(&claim.certificate);
+        }
+        let HostMatch::Exact(name) = host else { return None };
+        let (_, suffix) = name.split_once('.')?;
+        self.tls.get(&HostMatch::Wildcard(suffix.to_owned())).map(|c| c.certificate.as_str())
+    }
+
+    fn finish(mut self, statuses: &mut BTreeMap<ObjectRef, ObjectStatus>) -> Snapshot {
+        self.routes.sort_by(|a, b| {
+            (&a.host, a.route.path.kind, Reverse(a.normalized_path().len()), a.normalized_path(), a.rank).cmp(&(
+                &b.host,
+                b.route.path.kind,
+                Reverse(b.normalized_path().len()),
+                b.normalized_path(),
+                b.rank,
+            ))
+        });
+
+        let mut hosts: BTreeMap<HostMatch, Vec<Route>> = self.tls.keys().map(|h| (h.clone(), Vec::new())).collect();
+        let mut previous: Option<(HostMatch, PathKind, String, ObjectRef)> = None;
+        for candidate in std::mem::take(&mut self.routes) {
+            let key = (candidate.host.clone(), candidate.route.path.kind, candidate.normalized_path().to_owned());
+            if let Some((host, kind, path, winner)) = &previous
+                && (host, kind, path) == (&key.0, &key.1, &key.2)
+            {
+                let message = format!("{kind:?} path {path} on host {host} is already routed by {winner}; shadowed");
+                self.conflicts.push((candidate.owner.clone(), candidate.field.clone(), message));
+                continue;
+            }
+            let mut route = candidate.route;
+            route.ssl_redirect = candidate.wants_ssl_redirect && self.certificate_for(&candidate.host).is_some();
+            hosts.entry(candidate.host.clone()).or_default().push(route);
+            previous = Some((key.0, key.1, key.2, candidate.owner));
+        }
+
+        for (owner, field, message) in self.conflicts.drain(..) {
+            if let Some(status) = statuses.get_mut(&owner) {
+                status.warning(Reason::Conflict, field, message);
+            }
+        }
+
+        let virtual_hosts = hosts
+            .into_iter()
+            .map(|(host, routes)| VirtualHost { tls: self.certificate_for(&host).map(str::to_owned), host, routes })
+            .collect::<Vec<_>>();
+        let used: std::collections::BTreeSet<&str> = virtual_hosts.iter().filter_map(|v| v.tls.as_deref()).collect();
+        let certificates = self.certificates.values().filter(|c| used.contains(c.id.as_str())).cloned().collect();
+        Snapshot {
+            version: 0,
+            routing: Routing { virtual_hosts, default_backend: self.default_backend, certificates },
+            endpoints: self.endpoints,
+        }
+    }
+}

@@ -1,0 +1,416 @@
+//! Translation rules, one test per rule: objects in, the snapshot or status that rule demands out.
+
+use tidegate_snapshot::{Endpoint, HostMatch, PathKind};
+
+use super::*;
+use crate::manifests::{into_inputs, parse_str};
+use crate::objects::Options;
+use crate::status::Severity;
+
+fn inputs_with(yaml: &str, options: Options) -> Inputs {
+    let (objects, errors) = parse_str(yaml);
+    assert!(errors.is_empty(), "test manifests must parse: {errors:?}");
+    into_inputs(objects, options)
+}
+
+fn run(yaml: &str) -> Translation {
+    translate(&inputs_with(yaml, Options::default()))
+}
+
+/// An Ingress of class `tidegate` with the given spec (indented YAML under `spec:`).
+fn ingress(namespace: &str, name: &str, spec: &str) -> String {
+    format!(
+        "---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  ingressClassName: tidegate\n{spec}\n"
+    )
+}
+
+/// A rule: host (or none) with paths of (type, path, service).
+fn rule(host: Option<&str>, paths: &[(&str, &str, &str)]) -> String {
+    let mut out = String::new();
+    match host {
+        Some(h) => out.push_str(&format!("  - host: {h:?}\n    http:\n      paths:\n")),
+        None => out.push_str("  - http:\n      paths:\n"),
+    }
+    for (kind, path, service) in paths {
+        out.push_str(&format!(
+            "      - {{pathType: {kind}, path: {path:?}, backend: {{service: {{name: {service}, port: {{number: 80}}}}}}}}\n"
+        ));
+    }
+    out
+}
+
+fn rules(rules: &[String]) -> String {
+    format!("  rules:\n{}", rules.concat())
+}
+
+/// A Service with port 80 (named http) and a ready endpoint 127.0.0.1:<target>.
+fn service(namespace: &str, name: &str, target: u16) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  ports: [{{name: http, port: 80, targetPort: {target}}}]\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: {namespace}\n  labels: {{kubernetes.io/service-name: {name}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: {target}}}]\nendpoints:\n- addresses: [127.0.0.1]\n"
+    )
+}
+
+/// (path kind, path, backend id) of each route of a host, in precedence order.
+fn routes(t: &Translation, host: &HostMatch) -> Vec<(PathKind, String, String)> {
+    let vhost = t.snapshot.routing.virtual_hosts.iter().find(|v| &v.host == host);
+    let vhost = vhost.unwrap_or_else(|| panic!("no virtual host {host} in {:#?}", t.snapshot.routing));
+    vhost.routes.iter().map(|r| (r.path.kind, r.path.value.clone(), r.action.backend.0.clone())).collect()
+}
+
+fn exact(h: &str) -> HostMatch {
+    HostMatch::Exact(h.into())
+}
+
+fn status<'a>(t: &'a Translation, kind: &str, ns: &str, name: &str) -> &'a ObjectStatus {
+    let found = t.statuses.iter().find(|s| s.object.kind == kind && s.object.namespace.as_deref() == Some(ns) && s.object.name == name);
+    found.unwrap_or_else(|| panic!("no status for {kind} {ns}/{name} in {:#?}", t.statuses))
+}
+
+fn problem_fields(s: &ObjectStatus, reason: Reason) -> Vec<&str> {
+    s.problems.iter().filter(|p| p.reason == reason).map(|p| p.field.as_str()).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Which Ingresses are ours
+
+fn class_case(class_line: &str, extra: &str, options: Options) -> bool {
+    let yaml = format!(
+        "{extra}---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: i, namespace: ns}}\nspec:\n{class_line}  defaultBackend: {{service: {{name: s, port: {{number: 80}}}}}}\n"
+    );
+    let t = translate(&inputs_with(&yaml, options));
+    t.snapshot.routing.default_backend.is_some()
+}
+
+const OUR_CLASS: &str = "---\napiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {name: edge}\nspec: {controller: tidegate.dev/ingress-controller}\n";
+const OUR_DEFAULT_CLASS: &str = "---\napiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata:\n  name: edge\n  annotations: {ingressclass.kubernetes.io/is-default-class: \"true\"}\nspec: {controller: tidegate.dev/ingress-controller}\n";
+const OTHER_DEFAULT_CLASS: &str = "---\napiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata:\n  name: nginx\n  annotations: {ingressclass.kubernetes.io/is-default-class: \"true\"}\nspec: {controller: k8s.io/ingress-nginx}\n";
+
+/// The class rules, as a table: (case, class line, extra objects, watch-without-class, ours?).
+#[test]
+fn ingress_class_selection() {
+    let cases: &[(&str, &str, &str, bool, bool)] = &[
+        ("class named by --ingress-class", "  ingressClassName: tidegate\n", "", false, true),
+        ("IngressClass with our controller", "  ingressClassName: edge\n", OUR_CLASS, false, true),
+        ("another controller's class", "  ingressClassName: nginx\n", OTHER_DEFAULT_CLASS, false, false),
+        ("unknown class", "  ingressClassName: some-invalid-class-name\n", "", true, false),
+        ("no class, nothing default", "", "", false, false),
+        ("no class, our class is default", "", OUR_DEFAULT_CLASS, false, true),
+        ("no class, another class is default", "", OTHER_DEFAULT_CLASS, false, false),
+        ("no class, --watch-ingress-without-class", "", "", true, true),
+    ];
+    for (case, class_line, extra, watch, ours) in cases {
+        let options = Options { watch_ingress_without_class: *watch, ..Options::default() };
+        assert_eq!(class_case(class_line, extra, options), *ours, "rule: {case}");
+    }
+}
+
+/// The legacy `kubernetes.io/ingress.class` annotation selects the class when the spec names none.
+#[test]
+fn legacy_class_annotation() {
+    let yaml = "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata:\n  name: i\n  annotations: {kubernetes.io/ingress.class: tidegate}\nspec:\n  defaultBackend: {service: {name: s, port: {number: 80}}}\n";
+    assert!(run(yaml).snapshot.routing.default_backend.is_some());
+    let theirs = yaml.replace("ingress.class: tidegate", "ingress.class: nginx");
+    let t = translate(&inputs_with(&theirs, Options { watch_ingress_without_class: true, ..Options::default() }));
+    assert!(t.snapshot.routing.default_backend.is_none(), "an Ingress annotated for another class is not ours");
+}
+
+/// Objects not ours get no status: their controller writes it.
+#[test]
+fn foreign_ingresses_get_no_status() {
+    let yaml = "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: i}\nspec:\n  ingressClassName: nginx\n  defaultBackend: {service: {name: s, port: {number: 80}}}\n";
+    assert!(run(yaml).statuses.is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paths and precedence
+
+/// Exact routes come before Prefix routes; longer prefixes before shorter ones.
+#[test]
+fn exact_before_prefix_then_longest_first() {
+    let spec = rules(&[rule(Some("a.com"), &[("Prefix", "/", "root"), ("Prefix", "/aaa", "aaa"), ("Exact", "/aaa", "aaa-exact"), ("Prefix", "/aaa/bbb", "bbb")])]);
+    let t = run(&ingress("ns", "i", &spec));
+    assert_eq!(
+        routes(&t, &exact("a.com")),
+        vec![
+            (PathKind::Exact, "/aaa".into(), "ns/aaa-exact:80".into()),
+            (PathKind::Prefix, "/aaa/bbb".into(), "ns/bbb:80".into()),
+            (PathKind::Prefix, "/aaa".into(), "ns/aaa:80".into()),
+            (PathKind::Prefix, "/".into(), "ns/root:80".into()),
+        ]
+    );
+}
+
+/// ImplementationSpecific is treated as Prefix; a path left out of it means `/`.
+#[test]
+fn implementation_specific_is_prefix() {
+    let spec = "  rules:\n  - host: a.com\n    http:\n      paths:\n      - {pathType: ImplementationSpecific, path: /x, backend: {service: {name: s, port: {number: 80}}}}\n      - {pathType: ImplementationSpecific, backend: {service: {name: t, port: {number: 80}}}}\n";
+    let t = run(&ingress("ns", "i", spec));
+    assert_eq!(
+        routes(&t, &exact("a.com")),
+        vec![(PathKind::Prefix, "/x".into(), "ns/s:80".into()), (PathKind::Prefix, "/".into(), "ns/t:80".into())]
+    );
+}
+
+/// A trailing slash on a Prefix rule is insignificant: `/a/` and `/a` are the same route, so the
+/// second is shadowed and reported.
+#[test]
+fn prefix_trailing_slash_is_insignificant_for_conflicts() {
+    let spec = rules(&[rule(Some("a.com"), &[("Prefix", "/a/", "one"), ("Prefix", "/a", "two")])]);
+    let t = run(&ingress("ns", "i", &spec));
+    assert_eq!(routes(&t, &exact("a.com")), vec![(PathKind::Prefix, "/a/".into(), "ns/one:80".into())]);
+    assert_eq!(problem_fields(status(&t, "Ingress", "ns", "i"), Reason::Conflict), vec!["spec.rules[0].http.paths[1]"]);
+}
+
+/// Exact `/foo/` and Exact `/foo` are different routes.
+#[test]
+fn exact_trailing_slash_is_significant() {
+    let spec = rules(&[rule(Some("a.com"), &[("Exact", "/foo/", "slash"), ("Exact", "/foo", "bare")])]);
+    let t = run(&ingress("ns", "i", &spec));
+    assert_eq!(routes(&t, &exact("a.com")).len(), 2);
+}
+
+/// Between Ingresses, the older one (creationTimestamp) wins a contested path, whatever its name.
+#[test]
+fn older_ingress_wins_a_contested_path() {
+    let young = ingress("ns", "a-young", &rules(&[rule(Some("a.com"), &[("Prefix", "/x", "young")])]))
+        .replace("namespace: ns}", "namespace: ns, creationTimestamp: \"2026-02-01T00:00:00Z\"}");
+    let old = ingress("ns", "z-old", &rules(&[rule(Some("a.com"), &[("Prefix", "/x", "old")])]))
+        .replace("namespace: ns}", "namespace: ns, creationTimestamp: \"2025-01-01T00:00:00Z\"}");
+    let t = run(&format!("{young}{old}"));
+    assert_eq!(routes(&t, &exact("a.com")), vec![(PathKind::Prefix, "/x".into(), "ns/old:80".into())]);
+    assert_eq!(problem_fields(status(&t, "Ingress", "ns", "a-young"), Reason::Conflict).len(), 1);
+    assert!(problem_fields(status(&t, "Ingress", "ns", "z-old"), Reason::Conflict).is_empty());
+}
+
+/// Without creation times, namespace then name breaks the tie.
+#[test]
+fn namespace_and_name_break_ties() {
+    let b = ingress("b", "i", &rules(&[rule(Some("a.com"), &[("Exact", "/x", "s")])]));
+    let a = ingress("a", "z", &rules(&[rule(Some("a.com"), &[("Exact", "/x", "s")])]));
+    let t = run(&format!("{b}{a}"));
+    assert_eq!(routes(&t, &exact("a.com")), vec![(PathKind::Exact, "/x".into(), "a/s:80".into())]);
+}
+
+/// Several Ingresses naming one host are merged into one virtual host in precedence order.
+#[test]
+fn ingresses_merge_per_host() {
+    let one = ingress("ns", "one", &rules(&[rule(Some("a.com"), &[("Prefix", "/", "root")])]));
+    let two = ingress("ns", "two", &rules(&[rule(Some("a.com"), &[("Prefix", "/api", "api")])]));
+    let t = run(&format!("{one}{two}"));
+    assert_eq!(t.snapshot.routing.virtual_hosts.len(), 1);
+    assert_eq!(routes(&t, &exact("a.com")).iter().map(|r| r.2.as_str()).collect::<Vec<_>>(), vec!["ns/api:80", "ns/root:80"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hosts
+
+/// `*.foo.com` becomes a wildcard host; a rule without a host becomes the catch-all.
+#[test]
+fn host_kinds() {
+    let spec = rules(&[rule(Some("*.foo.com"), &[("Prefix", "/", "w")]), rule(None, &[("Prefix", "/", "any")]), rule(Some("foo.com"), &[("Prefix", "/", "e")])]);
+    let t = run(&ingress("ns", "i", &spec));
+    let hosts: Vec<_> = t.snapshot.routing.virtual_hosts.iter().map(|v| v.host.clone()).collect();
+    assert_eq!(hosts, vec![exact("foo.com"), HostMatch::Wildcard("foo.com".into()), HostMatch::Any]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Default backend
+
+/// The oldest Ingress with a defaultBackend provides it; others are reported.
+#[test]
+fn default_backend_oldest_wins() {
+    let a = ingress("ns", "a", "  defaultBackend: {service: {name: first, port: {number: 80}}}");
+    let b = ingress("ns", "b", "  defaultBackend: {service: {name: second, port: {number: 80}}}");
+    let t = run(&format!("{b}{a}"));
+    assert_eq!(t.snapshot.routing.default_backend.as_ref().map(|d| d.backend.0.as_str()), Some("ns/first:80"));
+    assert_eq!(problem_fields(status(&t, "Ingress", "ns", "b"), Reason::Conflict), vec!["spec.defaultBackend"]);
+}
+
+/// No defaultBackend anywhere: none in the snapshot (the proxy answers 404).
+#[test]
+fn no_default_backend() {
+    let t = run(&ingress("ns", "i", &rules(&[rule(Some("a.com"), &[("Prefix", "/", "s")])])));
+    assert!(t.snapshot.routing.default_backend.is_none());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backends and endpoints
+
+/// A port by number or by name resolves through the Service to its EndpointSlice's ready
+/// endpoints on the matching (named) port.
+#[test]
+fn ports_by_number_and_name_resolve_to_endpoints() {
+    let spec = "  rules:\n  - host: a.com\n    http:\n      paths:\n      - {pathType: Prefix, path: /n, backend: {service: {name: web, port: {number: 80}}}}\n      - {pathType: Prefix, path: /s, backend: {service: {name: web, port: {name: http}}}}\n";
+    let t = run(&format!("{}{}", ingress("ns", "i", spec), service("ns", "web", 9001)));
+    let expected = vec![Endpoint { address: "127.0.0.1".into(), port: 9001 }];
+    assert_eq!(t.snapshot.endpoints[&BackendId("ns/web:80".into())], expected);
+    assert_eq!(t.snapshot.endpoints[&BackendId("ns/web:http".into())], expected);
+    assert!(status(&t, "Ingress", "ns", "i").problems.is_empty());
+}
+
+/// Only ready endpoints are served; a missing `ready` condition counts as ready.
+#[test]
+fn only_ready_endpoints() {
+    let slice = "---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns}\nspec:\n  ports: [{port: 80}]\n\
+        ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: ns, labels: {kubernetes.io/service-name: web}}\n\
+        addressType: IPv4\nports: [{port: 9000}]\nendpoints:\n- addresses: [127.0.0.1]\n  conditions: {ready: true}\n- addresses: [127.0.0.2]\n  conditions: {ready: false}\n- addresses: [127.0.0.3]\n";
+    let t = run(&format!("{}{slice}", ingress("ns", "i", "  defaultBackend: {service: {name: web, port: {number: 80}}}")));
+    let addresses: Vec<_> = t.snapshot.endpoints[&BackendId("ns/web:80".into())].iter().map(|e| e.address.as_str()).collect();
+    assert_eq!(addresses, vec!["127.0.0.1", "127.0.0.3"]);
+}
+
+/// A missing Service keeps the route (it answers 503) and is reported on the field.
+#[test]
+fn missing_service_is_reported_and_route_kept() {
+    let t = run(&ingress("ns", "i", &rules(&[rule(Some("a.com"), &[("Prefix", "/", "ghost")])])));
+    assert_eq!(routes(&t, &exact("a.com")).len(), 1);
+    assert!(t.snapshot.endpoints[&BackendId("ns/ghost:80".into())].is_empty());
+    let s = status(&t, "Ingress", "ns", "i");
+    assert!(s.accepted);
+    assert_eq!(problem_fields(s, Reason::BackendNotFound), vec!["spec.rules[0].http.paths[0].backend.service"]);
+}
+
+/// A port the Service does not have is reported.
+#[test]
+fn missing_service_port_is_reported() {
+    let spec = "  defaultBackend: {service: {name: web, port: {number: 8080}}}";
+    let t = run(&format!("{}{}", ingress("ns", "i", spec), service("ns", "web", 9001)));
+    assert_eq!(problem_fields(status(&t, "Ingress", "ns", "i"), Reason::BackendNotFound), vec!["spec.defaultBackend.service"]);
+}
+
+/// Resource backends and ExternalName Services are reported as unsupported, never dropped silently.
+#[test]
+fn unsupported_backends_are_reported() {
+    let spec = "  rules:\n  - http:\n      paths:\n      - {pathType: Prefix, path: /r, backend: {resource: {kind: Bucket, name: b}}}\n      - {pathType: Prefix, path: /e, backend: {service: {name: ext, port: {number: 80}}}}\n";
+    let ext = "---\napiVersion: v1\nkind: Service\nmetadata: {name: ext, namespace: ns}\nspec: {type: ExternalName, externalName: example.com, ports: [{port: 80}]}\n";
+    let t = run(&format!("{}{ext}", ingress("ns", "i", spec)));
+    let s = status(&t, "Ingress", "ns", "i");
+    assert_eq!(
+        problem_fields(s, Reason::Unsupported),
+        vec!["spec.rules[0].http.paths[0].backend.resource", "spec.rules[0].http.paths[1].backend.service"]
+    );
+    assert_eq!(routes(&t, &HostMatch::Any).len(), 1, "the resource path is not served, the ExternalName one answers 503");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation
+
+/// An invalid Ingress is rejected whole, naming the field; other Ingresses keep serving.
+#[test]
+fn invalid_ingress_is_rejected_and_others_serve() {
+    let bad = ingress("ns", "bad", &rules(&[rule(Some("a.com"), &[("Regex", "/x", "s")])]));
+    let bad_host = ingress("ns", "bad-host", &rules(&[rule(Some("A.com"), &[("Prefix", "/", "s")])]));
+    let bad_path = ingress("ns", "bad-path", &rules(&[rule(Some("c.com"), &[("Exact", "x", "s")])]));
+    let good = ingress("ns", "good", &rules(&[rule(Some("b.com"), &[("Prefix", "/", "s")])]));
+    let t = run(&format!("{bad}{bad_host}{bad_path}{good}"));
+    for (name, field) in [("bad", "spec.rules[0].http.paths[0].pathType"), ("bad-host", "spec.rules[0].host"), ("bad-path", "spec.rules[0].http.paths[0].path")] {
+        let s = status(&t, "Ingress", "ns", name);
+        assert!(!s.accepted, "{name} is rejected");
+        assert_eq!(problem_fields(s, Reason::Invalid), vec![field], "{name} names its field");
+    }
+    let hosts: Vec<_> = t.snapshot.routing.virtual_hosts.iter().map(|v| v.host.clone()).collect();
+    assert_eq!(hosts, vec![exact("b.com")]);
+}
+
+/// An Ingress that asks for Lua is not served until Lua runs (its access checks must not be skipped).
+#[test]
+fn lua_route_annotation_is_not_served_without_lua() {
+    let yaml = ingress("ns", "i", &rules(&[rule(Some("a.com"), &[("Prefix", "/", "s")])]))
+        .replace("namespace: ns}", "namespace: ns, annotations: {tidegate.dev/lua-route: api}}");
+    let t = run(&yaml);
+    assert!(t.snapshot.routing.virtual_hosts.is_empty());
+    assert!(!status(&t, "Ingress", "ns", "i").accepted);
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS
+
+fn tls_secret(namespace: &str, name: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: {namespace}}}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: \"-----BEGIN CERTIFICATE-----\\nMIIB\\n-----END CERTIFICATE-----\\n\"\n  tls.key: \"-----BEGIN PRIVATE KEY-----\\nMIIE\\n-----END PRIVATE KEY-----\\n\"\n"
+    )
+}
+
+/// `spec.tls` binds the Secret's certificate to its hosts; those hosts redirect plain HTTP.
+#[test]
+fn tls_binds_certificates_and_redirects() {
+    let spec = format!("  tls: [{{hosts: [a.com], secretName: a-tls}}]\n{}", rules(&[rule(Some("a.com"), &[("Prefix", "/", "s")]), rule(Some("b.com"), &[("Prefix", "/", "s")])]));
+    let t = run(&format!("{}{}", ingress("ns", "i", &spec), tls_secret("ns", "a-tls")));
+    let vhosts = &t.snapshot.routing.virtual_hosts;
+    assert_eq!(vhosts[0].tls.as_deref(), Some("ns/a-tls"));
+    assert!(vhosts[0].routes[0].ssl_redirect, "hosts with TLS redirect");
+    assert_eq!(vhosts[1].tls, None);
+    assert!(!vhosts[1].routes[0].ssl_redirect, "hosts without TLS do not");
+    assert_eq!(t.snapshot.routing.certificates.len(), 1);
+}
+
+/// `ssl-redirect: "false"` (ingress-nginx's or tidegate's name) turns the redirect off.
+#[test]
+fn ssl_redirect_can_be_disabled() {
+    for key in ["nginx.ingress.kubernetes.io/ssl-redirect", "tidegate.dev/ssl-redirect"] {
+        let spec = format!("  tls: [{{hosts: [a.com], secretName: a-tls}}]\n{}", rules(&[rule(Some("a.com"), &[("Prefix", "/", "s")])]));
+        let yaml = ingress("ns", "i", &spec).replace("namespace: ns}", &format!("namespace: ns, annotations: {{{key}: \"false\"}}}}"));
+        let t = run(&format!("{yaml}{}", tls_secret("ns", "a-tls")));
+        assert!(!t.snapshot.routing.virtual_hosts[0].routes[0].ssl_redirect, "{key}");
+    }
+}
+
+/// A wildcard certificate covers the exact hosts under it.
+#[test]
+fn wildcard_certificate_covers_exact_hosts() {
+    let spec = format!("  tls: [{{hosts: [\"*.a.com\"], secretName: w}}]\n{}", rules(&[rule(Some("x.a.com"), &[("Prefix", "/", "s")])]));
+    let t = run(&format!("{}{}", ingress("ns", "i", &spec), tls_secret("ns", "w")));
+    let x = t.snapshot.routing.virtual_hosts.iter().find(|v| v.host == exact("x.a.com")).expect("x.a.com");
+    assert_eq!(x.tls.as_deref(), Some("ns/w"));
+}
+
+/// A missing or unusable Secret is reported; the host falls back to the default certificate and
+/// everything else is served.
+#[test]
+fn bad_secrets_are_reported_and_hosts_still_served() {
+    let spec = format!("  tls: [{{hosts: [a.com], secretName: missing}}, {{hosts: [b.com], secretName: opaque}}]\n{}", rules(&[rule(Some("a.com"), &[("Prefix", "/", "s")]), rule(Some("b.com"), &[("Prefix", "/", "s")])]));
+    let opaque = "---\napiVersion: v1\nkind: Secret\nmetadata: {name: opaque, namespace: ns}\nstringData: {password: x}\n";
+    let t = run(&format!("{}{opaque}", ingress("ns", "i", &spec)));
+    let s = status(&t, "Ingress", "ns", "i");
+    assert_eq!(problem_fields(s, Reason::SecretNotFound), vec!["spec.tls[0].secretName"]);
+    assert_eq!(problem_fields(s, Reason::InvalidCertificate), vec!["spec.tls[1].secretName"]);
+    assert!(s.accepted);
+    assert!(t.snapshot.routing.virtual_hosts.iter().all(|v| v.tls.is_none() && !v.routes[0].ssl_redirect));
+    assert_eq!(t.snapshot.routing.virtual_hosts.len(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// LuaRoute
+
+/// LuaRoutes are validated (fields named) but not served until their Lua can run.
+#[test]
+fn lua_routes_are_validated_not_served() {
+    let yaml = "apiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {name: api, namespace: shop}\nspec:\n  hosts: [api.example.com]\n  sharedDicts: [{name: cache, size: 10Mx}]\n  routes:\n  - name: v1\n    match: {path: {type: Prefix, value: v1}}\n";
+    let t = run(yaml);
+    let s = status(&t, "LuaRoute", "shop", "api");
+    assert!(!s.accepted);
+    let invalid = problem_fields(s, Reason::Invalid);
+    assert_eq!(invalid, vec!["spec.sharedDicts[0].size", "spec.routes[0].match.path.value", "spec.routes[0].backend"]);
+    assert!(t.snapshot.routing.virtual_hosts.is_empty());
+    assert!(s.problems.iter().any(|p| p.severity == Severity::Error && p.reason == Reason::Unsupported));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Determinism
+
+/// The same objects in any order give the same snapshot and statuses.
+#[test]
+fn order_of_inputs_does_not_matter() {
+    let parts = [
+        ingress("ns", "a", &rules(&[rule(Some("a.com"), &[("Prefix", "/", "web"), ("Exact", "/x", "web")])])),
+        ingress("ns", "b", &rules(&[rule(Some("a.com"), &[("Prefix", "/", "web")]), rule(None, &[("Prefix", "/y", "web")])])),
+        ingress("other", "c", "  defaultBackend: {service: {name: web, port: {number: 80}}}"),
+        service("ns", "web", 9000),
+    ];
+    let forward = run(&parts.concat());
+    let mut reversed = parts.to_vec();
+    reversed.reverse();
+    assert_eq!(run(&reversed.concat()), forward);
+}

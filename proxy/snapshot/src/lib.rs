@@ -1,0 +1,230 @@
+//! The contract between tidegate's controller and its proxies.
+//!
+//! A [`Snapshot`] is everything a proxy needs to serve traffic: virtual hosts with their routes in
+//! precedence order, the TLS certificates they present, and the endpoints of every backend. It
+//! holds no Kubernetes types and does no I/O, so it can be produced by a pure function, compared
+//! for equality, serialized onto the config stream, and built into a proxy runtime elsewhere.
+//!
+//! The snapshot is split in two on purpose:
+//! - [`Routing`] changes when an Ingress, a LuaRoute or a Secret changes; a proxy rebuilds its
+//!   router and TLS resolver for it.
+//! - [`Snapshot::endpoints`] changes when pods come and go; a proxy only swaps its endpoint lists
+//!   and reuses everything else (endpoint churn is cheap).
+//!
+//! # Ordering
+//! Every list is sorted by the producer, so the same inputs always serialize to the same bytes.
+//! Routes inside a [`VirtualHost`] are in precedence order: a proxy takes the first that matches.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The version of the snapshot format; bumped on incompatible changes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// A complete, self-contained proxy configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Snapshot {
+    /// Monotonic version stamped by the publisher (0 until published).
+    pub version: u64,
+    /// Hosts, routes, certificates: a change here rebuilds the proxy's router.
+    pub routing: Routing,
+    /// Ready endpoints of every backend, keyed by [`BackendId`]; a change here alone only swaps
+    /// upstream endpoint lists.
+    pub endpoints: BTreeMap<BackendId, Vec<Endpoint>>,
+}
+
+/// Hosts, routes and certificates.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Routing {
+    /// Virtual hosts sorted by host; at most one per host pattern.
+    pub virtual_hosts: Vec<VirtualHost>,
+    /// Where requests go that match no route of any virtual host; the proxy answers 404 without.
+    pub default_backend: Option<RouteAction>,
+    /// Certificates referenced by [`VirtualHost::tls`], sorted by id.
+    pub certificates: Vec<Certificate>,
+}
+
+/// A host pattern with its routes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualHost {
+    pub host: HostMatch,
+    /// Routes in precedence order: the first that matches a request wins.
+    pub routes: Vec<Route>,
+    /// The certificate presented for this host, by [`Certificate::id`].
+    pub tls: Option<String>,
+}
+
+/// Which `Host` a virtual host serves.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum HostMatch {
+    /// Exactly this (lower-case) host name.
+    Exact(String),
+    /// `*.suffix`: any host of exactly one more DNS label in front of `suffix` (stored without
+    /// the leading `*.`).
+    Wildcard(String),
+    /// Any host: rules without a host.
+    Any,
+}
+
+impl fmt::Display for HostMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostMatch::Exact(h) => f.write_str(h),
+            HostMatch::Wildcard(s) => write!(f, "*.{s}"),
+            HostMatch::Any => f.write_str("*"),
+        }
+    }
+}
+
+/// One route: a request match and what to do with it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Route {
+    /// Stable, human-readable name used in metrics and logs: `namespace/name/rule/path`.
+    pub name: String,
+    pub path: PathMatch,
+    pub action: RouteAction,
+    /// Answer plain-HTTP requests with a 308 redirect to HTTPS instead of proxying them.
+    pub ssl_redirect: bool,
+}
+
+/// How a route matches the request path.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PathMatch {
+    pub kind: PathKind,
+    /// Starts with `/`. For [`PathKind::Prefix`] the trailing `/` is insignificant.
+    pub value: String,
+}
+
+/// Path match kinds of Ingress v1 (`ImplementationSpecific` arrives here as `Prefix`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PathKind {
+    /// The path equals the value, case-sensitively.
+    Exact,
+    /// The value's `/`-separated elements are a prefix of the path's elements.
+    Prefix,
+}
+
+/// What a route does with a matched request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteAction {
+    /// The backend to proxy to.
+    pub backend: BackendId,
+    pub timeouts: Timeouts,
+}
+
+/// Upstream timeouts of one route, in milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Timeouts {
+    /// Time allowed to open a connection to an endpoint.
+    pub connect_ms: u64,
+    /// Time allowed between sending the request and receiving the response headers.
+    pub read_ms: u64,
+}
+
+impl Default for Timeouts {
+    /// ingress-nginx's defaults: 5 s to connect, 60 s to read.
+    fn default() -> Self {
+        Timeouts { connect_ms: 5_000, read_ms: 60_000 }
+    }
+}
+
+/// Identifies a backend: `namespace/service:port` (the port as written in the Ingress).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct BackendId(pub String);
+
+impl fmt::Display for BackendId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One ready endpoint of a backend.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    /// An IPv4 or IPv6 address, as text.
+    pub address: String,
+    pub port: u16,
+}
+
+/// A TLS certificate chain and its private key, PEM-encoded.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Certificate {
+    /// `namespace/secret-name`.
+    pub id: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl fmt::Debug for Certificate {
+    /// Never prints the key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Certificate")
+            .field("id", &self.id)
+            .field("cert_pem_len", &self.cert_pem.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Any snapshot survives a JSON round trip unchanged.
+    #[test]
+    fn round_trips_through_json() {
+        let backend = BackendId("shop/api:80".into());
+        let snapshot = Snapshot {
+            version: 7,
+            routing: Routing {
+                virtual_hosts: vec![VirtualHost {
+                    host: HostMatch::Wildcard("example.com".into()),
+                    routes: vec![Route {
+                        name: "shop/api/0/0".into(),
+                        path: PathMatch { kind: PathKind::Prefix, value: "/v1".into() },
+                        action: RouteAction { backend: backend.clone(), timeouts: Timeouts::default() },
+                        ssl_redirect: true,
+                    }],
+                    tls: Some("shop/api-tls".into()),
+                }],
+                default_backend: None,
+                certificates: vec![Certificate {
+                    id: "shop/api-tls".into(),
+                    cert_pem: "C".into(),
+                    key_pem: "K".into(),
+                }],
+            },
+            endpoints: BTreeMap::from([(backend, vec![Endpoint { address: "::1".into(), port: 8080 }])]),
+        };
+        let json = serde_json::to_string(&snapshot).expect("serializes");
+        let back: Snapshot = serde_json::from_str(&json).expect("deserializes");
+        assert_eq!(back, snapshot);
+    }
+
+    #[test]
+    fn debug_never_prints_private_keys() {
+        let cert = Certificate { id: "a/b".into(), cert_pem: "C".into(), key_pem: "SECRET".into() };
+        assert!(!format!("{cert:?}").contains("SECRET"));
+    }
+
+    #[test]
+    fn host_match_displays_as_written() {
+        assert_eq!(HostMatch::Wildcard("foo.com".into()).to_string(), "*.foo.com");
+        assert_eq!(HostMatch::Exact("foo.com".into()).to_string(), "foo.com");
+        assert_eq!(HostMatch::Any.to_string(), "*");
+    }
+}
