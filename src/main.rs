@@ -1,1 +1,206 @@
-fn main() {}
+//! `tidegate`: one binary, one subcommand per process role.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tidegate::{echo, standalone};
+use tidegate_controller::Options;
+use tidegate_controller::manifests::parse_str;
+use tidegate_proxy::ProxyConfig;
+
+#[derive(Parser)]
+#[command(name = "tidegate", version, about = "Kubernetes ingress controller whose proxy runs Lua handlers, OpenResty-style")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the Ingresses of a folder of manifests, applying every change live.
+    Standalone(StandaloneArgs),
+    /// Check manifests offline: parse, validate and translate, and print every problem.
+    Validate {
+        /// Manifest files (YAML, multi-document).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long, default_value = "tidegate")]
+        ingress_class: String,
+        #[arg(long)]
+        watch_ingress_without_class: bool,
+    },
+    /// A small backend that answers every request with a JSON description of it.
+    Echo {
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: SocketAddr,
+        /// The service name it reports.
+        #[arg(long, default_value = "echo")]
+        service: String,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct StandaloneArgs {
+    /// Folder of Kubernetes manifests (*.yaml, *.yml).
+    #[arg(long)]
+    manifests: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http_addr: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    https_addr: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    admin_addr: SocketAddr,
+    /// Worker threads (default: number of cores).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// IngressClass name that is ours.
+    #[arg(long, default_value = "tidegate")]
+    ingress_class: String,
+    /// Also serve Ingresses that name no class.
+    #[arg(long)]
+    watch_ingress_without_class: bool,
+    /// Strict-Transport-Security max-age on TLS responses; 0 disables HSTS.
+    #[arg(long, default_value_t = 31_536_000)]
+    hsts_max_age: u64,
+    /// Port used in HTTP-to-HTTPS redirects (default: the HTTPS listener's).
+    #[arg(long)]
+    https_redirect_port: Option<u16>,
+    /// Turn off the JSON access log on stdout.
+    #[arg(long)]
+    no_access_log: bool,
+    /// Also run the built-in echo backend on this address (for trying tidegate out; the
+    /// shipped examples point their Service at 127.0.0.1:9000).
+    #[arg(long)]
+    echo_backend: Option<SocketAddr>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Standalone(args) => {
+            let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+            let config = ProxyConfig {
+                http_addr: args.http_addr,
+                https_addr: args.https_addr,
+                admin_addr: args.admin_addr,
+                workers,
+                hsts_max_age: args.hsts_max_age,
+                https_redirect_port: args.https_redirect_port,
+                access_log: !args.no_access_log,
+            };
+            let options = Options { ingress_class: args.ingress_class, watch_ingress_without_class: args.watch_ingress_without_class };
+            if let Some(addr) = args.echo_backend
+                && let Err(e) = spawn_echo(addr)
+            {
+                tracing::error!("cannot start the echo backend on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+            match standalone::run(&args.manifests, &config, options) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Validate { files, ingress_class, watch_ingress_without_class } => validate(&files, Options { ingress_class, watch_ingress_without_class }),
+        Command::Echo { listen, service, namespace } => {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(async {
+                let listener = match tokio::net::TcpListener::bind(listen).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        eprintln!("cannot listen on {listen}: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                tracing::info!(addr = %listener.local_addr().unwrap_or(listen), service, "echo backend listening");
+                let pod = format!("{service}-{}", std::process::id());
+                echo::serve(listener, echo::Identity { namespace, service, pod }).await;
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}
+
+/// Runs the echo backend on its own thread.
+fn spawn_echo(addr: SocketAddr) -> std::io::Result<()> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    tracing::info!(%addr, "echo backend listening");
+    std::thread::Builder::new().name("echo".into()).spawn(move || {
+        runtime.block_on(async move {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => echo::serve(l, echo::Identity { namespace: "default".into(), service: "echo".into(), pod: "echo-builtin".into() }).await,
+                Err(e) => tracing::error!("echo backend: {e}"),
+            }
+        });
+    })?;
+    Ok(())
+}
+
+/// Parses and translates files offline; exits 1 when anything is wrong.
+fn validate(files: &[PathBuf], options: Options) -> ExitCode {
+    let mut objects = Vec::new();
+    let mut failed = false;
+    for file in files {
+        let text = match std::fs::read_to_string(file) {
+            Ok(t) => t,
+            Err(e) => {
+                println!("{}: cannot read: {e}", file.display());
+                failed = true;
+                continue;
+            }
+        };
+        let (parsed, errors) = parse_str(&text);
+        for error in errors {
+            println!("{}", error.to_string().replacen("<text>", &file.display().to_string(), 1));
+            failed = true;
+        }
+        objects.extend(parsed);
+    }
+    let translation = tidegate_controller::translate(&tidegate_controller::manifests::into_inputs(objects, options));
+    for status in &translation.statuses {
+        for p in &status.problems {
+            println!("{}: field {}: {} ({:?}, {:?})", status.object, p.field, p.message, p.severity, p.reason);
+            failed |= p.severity == tidegate_controller::Severity::Error;
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        println!("ok: {} objects", translation.statuses.len());
+        ExitCode::SUCCESS
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,1 +1,202 @@
+//! tidegate's data plane.
+//!
+//! ```text
+//! Snapshot ──Proxy::apply──> Runtime::build (router, certificates, endpoints; fallible, off the
+//!                            request path) ──> one ArcSwap<Runtime> swap
+//!
+//! worker 1..N (OS thread, current-thread tokio runtime, own SO_REUSEPORT listeners)
+//!   accept ─> TLS (SNI from the current runtime) ─> HTTP/1.1 | HTTP/2
+//!     request ─> load runtime ─> router.find(host, path)
+//!       ├─ no route, no default backend ─> 404
+//!       ├─ plain HTTP on a TLS host ─> 308 to https
+//!       └─ backend ─> pick endpoint (round robin) ─> per-worker keep-alive pool ─> upstream
+//!     response ─> Server, Date, HSTS ─> streamed body ─> metrics + access log at its end
+//! ```
+//!
+//! Requests in flight keep the runtime they started with; a swap affects only new requests. A
+//! snapshot that fails to build is refused and the current runtime keeps serving.
+#![forbid(unsafe_code)]
 
+mod access_log;
+mod admin;
+mod body;
+mod handler;
+mod headers;
+mod metrics;
+pub mod router;
+pub mod runtime;
+mod server;
+pub mod tls;
+mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::HeaderValue;
+use rustls::sign::CertifiedKey;
+use tidegate_snapshot::Snapshot;
+
+pub use runtime::{BuildError, Built, Runtime};
+
+/// How the proxy listens and behaves.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    pub http_addr: SocketAddr,
+    pub https_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// Worker threads; at least 1.
+    pub workers: usize,
+    /// `Strict-Transport-Security: max-age=N` on TLS responses; 0 turns it off.
+    pub hsts_max_age: u64,
+    /// The port plain-HTTP requests are redirected to; the HTTPS listener's port when `None`
+    /// (set it when a Service maps 443 to another port).
+    pub https_redirect_port: Option<u16>,
+    /// JSON access log lines on stdout.
+    pub access_log: bool,
+}
+
+/// State shared by all workers.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) runtime: ArcSwap<Runtime>,
+    pub(crate) default_certificate: Arc<CertifiedKey>,
+    pub(crate) metrics: metrics::Metrics,
+    pub(crate) access_log: access_log::AccessLog,
+    pub(crate) ready: AtomicBool,
+    pub(crate) status: ArcSwap<Bytes>,
+    pub(crate) hsts: Option<HeaderValue>,
+    pub(crate) https_port: u16,
+}
+
+/// The addresses the proxy actually listens on (ports chosen when 0 was asked for).
+#[derive(Clone, Copy, Debug)]
+pub struct Addresses {
+    pub http: SocketAddr,
+    pub https: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+    #[error("cannot generate the default certificate: {0}")]
+    DefaultCertificate(String),
+}
+
+/// What applying a snapshot did.
+#[derive(Debug)]
+pub struct Applied {
+    pub version: u64,
+    pub warnings: Vec<String>,
+    pub routing_rebuilt: bool,
+    pub duration: std::time::Duration,
+}
+
+/// A running proxy: its workers serve until the process ends.
+#[derive(Clone)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+    addresses: Addresses,
+}
+
+impl Proxy {
+    /// Binds every listener, then starts the admin thread and the workers. Until the first
+    /// [`Proxy::apply`], every request gets 404 and `/readyz` is 503.
+    ///
+    /// # Errors
+    /// When a listener cannot be bound or a thread cannot start.
+    pub fn start(config: &ProxyConfig) -> Result<Proxy, StartError> {
+        let workers = config.workers.max(1);
+        let bind = |addr: SocketAddr, count| server::bind_group(addr, count).map_err(|source| StartError::Bind { addr, source });
+        let http = bind(config.http_addr, workers)?;
+        let https = bind(config.https_addr, workers)?;
+        let admin = std::net::TcpListener::bind(config.admin_addr).map_err(|source| StartError::Bind { addr: config.admin_addr, source })?;
+        let _ = admin.set_nonblocking(true);
+        let local = |l: &std::net::TcpListener, asked: SocketAddr| l.local_addr().unwrap_or(asked);
+        let addresses = Addresses {
+            http: http.first().map_or(config.http_addr, |l| local(l, config.http_addr)),
+            https: https.first().map_or(config.https_addr, |l| local(l, config.https_addr)),
+            admin: local(&admin, config.admin_addr),
+        };
+
+        let shared = Arc::new(Shared {
+            runtime: ArcSwap::from_pointee(Runtime::empty()),
+            default_certificate: tls::default_certificate().map_err(StartError::DefaultCertificate)?,
+            metrics: metrics::Metrics::new(),
+            access_log: access_log::AccessLog::start(config.access_log).map_err(StartError::Thread)?,
+            ready: AtomicBool::new(false),
+            status: ArcSwap::from_pointee(Bytes::from_static(b"[]")),
+            hsts: (config.hsts_max_age > 0)
+                .then(|| HeaderValue::from_str(&format!("max-age={}", config.hsts_max_age)).ok())
+                .flatten(),
+            https_port: config.https_redirect_port.unwrap_or(addresses.https.port()),
+        });
+
+        let admin_shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("admin".into())
+            .spawn(move || {
+                if let Err(e) = admin::run(admin_shared, admin) {
+                    tracing::error!(error = %e, "admin server stopped");
+                }
+            })
+            .map_err(StartError::Thread)?;
+
+        let tls_config = tls::server_config(Arc::clone(&shared));
+        for (index, (http, https)) in http.into_iter().zip(https).enumerate() {
+            let shared = Arc::clone(&shared);
+            let tls_config = Arc::clone(&tls_config);
+            std::thread::Builder::new()
+                .name(format!("worker-{index}"))
+                .spawn(move || {
+                    if let Err(e) = server::run_worker(index, shared, http, https, tls_config) {
+                        tracing::error!(worker = index, error = %e, "worker stopped");
+                    }
+                })
+                .map_err(StartError::Thread)?;
+        }
+        Ok(Proxy { shared, addresses })
+    }
+
+    pub fn addresses(&self) -> Addresses {
+        self.addresses
+    }
+
+    /// Builds a runtime for the snapshot and swaps it in; the proxy is ready from the first
+    /// success on.
+    ///
+    /// # Errors
+    /// When the snapshot does not build; the current runtime keeps serving.
+    pub fn apply(&self, snapshot: &Snapshot) -> Result<Applied, BuildError> {
+        let started = Instant::now();
+        let current = self.shared.runtime.load();
+        let built = match Runtime::build(snapshot, &current) {
+            Ok(b) => b,
+            Err(e) => {
+                self.shared.metrics.config_apply_failures.inc();
+                return Err(e);
+            }
+        };
+        self.shared.runtime.store(Arc::new(built.runtime));
+        self.shared.ready.store(true, Ordering::Release);
+        let duration = started.elapsed();
+        let metrics = &self.shared.metrics;
+        metrics.config_apply_duration.observe(duration.as_secs_f64());
+        metrics.config_version.set(i64::try_from(snapshot.version).unwrap_or(i64::MAX));
+        Ok(Applied { version: snapshot.version, warnings: built.warnings, routing_rebuilt: built.routing_rebuilt, duration })
+    }
+
+    /// Publishes the per-object statuses served at `/status` (JSON).
+    pub fn set_status(&self, json: Bytes, rejected_objects: usize) {
+        self.shared.status.store(Arc::new(json));
+        self.shared.metrics.rejected_objects.set(i64::try_from(rejected_objects).unwrap_or(i64::MAX));
+    }
+}

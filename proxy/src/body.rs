@@ -1,0 +1,76 @@
+//! Response bodies: every response is streamed through [`Observed`], which counts the bytes
+//! sent and reports once when the body ends or is dropped (the client went away).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, SizeHint};
+
+/// The body type of responses before observation: upstream bodies and our own.
+pub(crate) type ResponseBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// A complete body from bytes we generate.
+pub(crate) fn full(bytes: impl Into<Bytes>) -> ResponseBody {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// Called once with the bytes sent and whether the body reached its end.
+pub(crate) type OnDone = Box<dyn FnOnce(u64, bool)>;
+
+pub(crate) struct Observed {
+    inner: ResponseBody,
+    bytes: u64,
+    on_done: Option<OnDone>,
+}
+
+impl Observed {
+    pub(crate) fn new(inner: ResponseBody, on_done: OnDone) -> Self {
+        Observed { inner, bytes: 0, on_done: Some(on_done) }
+    }
+
+    fn finish(&mut self, completed: bool) {
+        if let Some(done) = self.on_done.take() {
+            done(self.bytes, completed);
+        }
+    }
+}
+
+impl Body for Observed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes += data.len() as u64;
+                }
+            }
+            Poll::Ready(None) => self.finish(true),
+            Poll::Ready(Some(Err(_))) => self.finish(false),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        // A body hyper never polled to the end: an empty body (is_end_stream) is complete, any
+        // other was cut short by the client.
+        let complete = self.inner.is_end_stream();
+        self.finish(complete);
+    }
+}

@@ -1,0 +1,115 @@
+//! Header rules of a proxy hop: hop-by-hop headers stay on their hop, and the upstream learns
+//! who the client was.
+
+use std::net::SocketAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1), plus the
+/// non-standard `Proxy-Connection` and `Keep-Alive`.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Whether a request asks to switch protocols (WebSocket) over HTTP/1.1.
+pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+/// Removes hop-by-hop headers and those the `Connection` header names. With `keep_upgrade`,
+/// `Upgrade` and `Connection: upgrade` survive so a protocol switch can pass through.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// What the upstream is told about the client. tidegate sits at the edge, so client-sent
+/// `X-Forwarded-*` and `X-Real-IP` headers are replaced, not trusted.
+pub(crate) struct Forwarded<'a> {
+    pub(crate) client: SocketAddr,
+    pub(crate) https: bool,
+    pub(crate) host: &'a str,
+    pub(crate) port: u16,
+}
+
+pub(crate) fn set_forwarded(headers: &mut HeaderMap, f: &Forwarded<'_>) {
+    let ip = f.client.ip().to_canonical().to_string();
+    if let Ok(v) = HeaderValue::from_str(&ip) {
+        headers.insert(HeaderName::from_static("x-forwarded-for"), v.clone());
+        headers.insert(HeaderName::from_static("x-real-ip"), v);
+    }
+    let proto = if f.https { "https" } else { "http" };
+    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(proto));
+    if let Ok(v) = HeaderValue::from_str(f.host) {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), v);
+    }
+    headers.insert(HeaderName::from_static("x-forwarded-port"), HeaderValue::from(f.port));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut h = map(&[("connection", "keep-alive, x-secret"), ("x-secret", "1"), ("keep-alive", "timeout=5"), ("te", "trailers"), ("x-kept", "1"), ("upgrade", "websocket")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn keeps_upgrade_for_protocol_switches() {
+        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get("upgrade").map(HeaderValue::as_bytes), Some(&b"websocket"[..]));
+        assert_eq!(h.get("connection").map(HeaderValue::as_bytes), Some(&b"upgrade"[..]));
+    }
+
+    #[test]
+    fn forwarded_headers_replace_client_values() {
+        let mut h = map(&[("x-forwarded-for", "6.6.6.6")]);
+        let client: SocketAddr = "[::ffff:127.0.0.9]:5000".parse().expect("addr");
+        set_forwarded(&mut h, &Forwarded { client, https: true, host: "a.com", port: 8443 });
+        assert_eq!(h["x-forwarded-for"], "127.0.0.9");
+        assert_eq!(h["x-real-ip"], "127.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "a.com");
+        assert_eq!(h["x-forwarded-port"], "8443");
+    }
+}

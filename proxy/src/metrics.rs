@@ -1,0 +1,89 @@
+//! Prometheus metrics, served as text on the admin port.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Labels of the request counter. `host` is the virtual host pattern (never the raw request
+/// host, which clients control) and `route` the route name, so cardinality stays bounded by
+/// configuration.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RequestLabels {
+    pub(crate) host: String,
+    pub(crate) route: String,
+    pub(crate) status: &'static str,
+}
+
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    registry: Registry,
+    pub(crate) requests: Family<RequestLabels, Counter>,
+    pub(crate) request_duration: Histogram,
+    pub(crate) upstream_duration: Histogram,
+    pub(crate) active_connections: Gauge,
+    pub(crate) config_version: Gauge,
+    pub(crate) config_apply_duration: Histogram,
+    pub(crate) config_apply_failures: Counter,
+    pub(crate) rejected_objects: Gauge,
+    pub(crate) access_log_dropped: Counter,
+}
+
+fn seconds_buckets() -> impl Iterator<Item = f64> {
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0].into_iter()
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let mut registry = Registry::with_prefix("tidegate");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("requests", "Requests answered, by virtual host, route and status class", requests.clone());
+        let request_duration = Histogram::new(seconds_buckets());
+        registry.register("request_duration_seconds", "Time from request to response headers", request_duration.clone());
+        let upstream_duration = Histogram::new(seconds_buckets());
+        registry.register("upstream_duration_seconds", "Time from sending upstream to its response headers", upstream_duration.clone());
+        let active_connections = Gauge::default();
+        registry.register("active_connections", "Client connections open now", active_connections.clone());
+        let config_version = Gauge::default();
+        registry.register("config_version", "Version of the snapshot being served", config_version.clone());
+        let config_apply_duration = Histogram::new(seconds_buckets());
+        registry.register("config_apply_duration_seconds", "Time to build and swap in a snapshot", config_apply_duration.clone());
+        let config_apply_failures = Counter::default();
+        registry.register("config_apply_failures", "Snapshots refused because they did not build", config_apply_failures.clone());
+        let rejected_objects = Gauge::default();
+        registry.register("rejected_objects", "Objects with errors in the current configuration", rejected_objects.clone());
+        let access_log_dropped = Counter::default();
+        registry.register("access_log_dropped", "Access log lines dropped because the writer fell behind", access_log_dropped.clone());
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            upstream_duration,
+            active_connections,
+            config_version,
+            config_apply_duration,
+            config_apply_failures,
+            rejected_objects,
+            access_log_dropped,
+        }
+    }
+
+    pub(crate) fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+pub(crate) fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

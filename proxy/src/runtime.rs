@@ -1,0 +1,159 @@
+//! A [`Runtime`]: everything a snapshot becomes, built off the request path before the swap.
+//!
+//! # Guarantees
+//! - All fallible work (parsing certificates, checking endpoints, building the router) happens in
+//!   [`Runtime::build`]; a snapshot that fails to build never reaches a worker.
+//! - When only endpoints changed, the router and certificates of the current runtime are reused
+//!   as they are: endpoint churn costs a new endpoint table, nothing more.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tidegate_snapshot::{BackendId, Routing, Snapshot};
+
+use crate::router::Router;
+use crate::tls::CertStore;
+
+/// What requests are served with. Requests hold an `Arc<Runtime>` for their whole life, so a
+/// swap never changes a request in flight.
+#[derive(Debug)]
+pub struct Runtime {
+    pub version: u64,
+    pub(crate) routing: Arc<RoutingState>,
+    pub(crate) upstreams: Arc<Upstreams>,
+}
+
+/// The parts built from [`Routing`].
+#[derive(Debug)]
+pub(crate) struct RoutingState {
+    source: Routing,
+    pub(crate) router: Router,
+    pub(crate) certificates: CertStore,
+}
+
+/// Ready endpoints of every backend.
+#[derive(Debug, Default)]
+pub(crate) struct Upstreams {
+    backends: HashMap<BackendId, Backend>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Backend {
+    endpoints: Vec<SocketAddr>,
+    next: AtomicUsize,
+}
+
+/// Why a snapshot was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("backend {backend}: endpoint address {address:?} is not an IP address")]
+    BadEndpoint { backend: BackendId, address: String },
+}
+
+/// A runtime ready to swap in, with what was noticed while building it.
+#[derive(Debug)]
+pub struct Built {
+    pub runtime: Runtime,
+    /// Problems that degrade one host (a certificate that does not load) but refuse nothing.
+    pub warnings: Vec<String>,
+    /// False when only endpoints changed and the router was reused.
+    pub routing_rebuilt: bool,
+}
+
+impl Runtime {
+    /// The runtime before any snapshot: every request gets 404.
+    pub(crate) fn empty() -> Self {
+        Runtime {
+            version: 0,
+            routing: Arc::new(RoutingState { source: Routing::default(), router: Router::default(), certificates: CertStore::default() }),
+            upstreams: Arc::new(Upstreams::default()),
+        }
+    }
+
+    /// Builds a runtime for `snapshot`, reusing from `current` what did not change.
+    ///
+    /// # Errors
+    /// When the snapshot holds something no request could be served with.
+    pub fn build(snapshot: &Snapshot, current: &Runtime) -> Result<Built, BuildError> {
+        let upstreams = Arc::new(Upstreams::build(snapshot)?);
+        if current.routing.source == snapshot.routing {
+            let runtime = Runtime { version: snapshot.version, routing: Arc::clone(&current.routing), upstreams };
+            return Ok(Built { runtime, warnings: Vec::new(), routing_rebuilt: false });
+        }
+        let (certificates, warnings) = CertStore::build(&snapshot.routing);
+        let routing = RoutingState { router: Router::new(&snapshot.routing), certificates, source: snapshot.routing.clone() };
+        let runtime = Runtime { version: snapshot.version, routing: Arc::new(routing), upstreams };
+        Ok(Built { runtime, warnings, routing_rebuilt: true })
+    }
+}
+
+impl Upstreams {
+    fn build(snapshot: &Snapshot) -> Result<Self, BuildError> {
+        let mut backends = HashMap::with_capacity(snapshot.endpoints.len());
+        for (id, endpoints) in &snapshot.endpoints {
+            let mut addresses = Vec::with_capacity(endpoints.len());
+            for endpoint in endpoints {
+                let ip: IpAddr = endpoint
+                    .address
+                    .parse()
+                    .map_err(|_| BuildError::BadEndpoint { backend: id.clone(), address: endpoint.address.clone() })?;
+                addresses.push(SocketAddr::new(ip, endpoint.port));
+            }
+            backends.insert(id.clone(), Backend { endpoints: addresses, next: AtomicUsize::new(0) });
+        }
+        Ok(Upstreams { backends })
+    }
+
+    pub(crate) fn get(&self, id: &BackendId) -> Option<&Backend> {
+        self.backends.get(id)
+    }
+}
+
+impl Backend {
+    /// The next endpoint, round robin across all workers; `None` when no endpoint is ready.
+    pub(crate) fn pick(&self) -> Option<SocketAddr> {
+        if self.endpoints.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
+        self.endpoints.get(i).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use tidegate_snapshot::Endpoint;
+
+    use super::*;
+
+    fn snapshot(version: u64, endpoints: &[(&str, u16)]) -> Snapshot {
+        let list = endpoints.iter().map(|(a, p)| Endpoint { address: (*a).into(), port: *p }).collect();
+        Snapshot { version, routing: Routing::default(), endpoints: BTreeMap::from([(BackendId("b".into()), list)]) }
+    }
+
+    #[test]
+    fn endpoint_only_changes_reuse_the_router() {
+        let first = Runtime::build(&snapshot(1, &[("127.0.0.1", 1)]), &Runtime::empty()).expect("builds");
+        assert!(first.routing_rebuilt);
+        let second = Runtime::build(&snapshot(2, &[("127.0.0.1", 2)]), &first.runtime).expect("builds");
+        assert!(!second.routing_rebuilt);
+        assert!(Arc::ptr_eq(&first.runtime.routing, &second.runtime.routing));
+    }
+
+    #[test]
+    fn round_robin_over_endpoints() {
+        let built = Runtime::build(&snapshot(1, &[("127.0.0.1", 1), ("127.0.0.1", 2)]), &Runtime::empty()).expect("builds");
+        let backend = built.runtime.upstreams.get(&BackendId("b".into())).expect("backend");
+        let ports: Vec<u16> = (0..4).filter_map(|_| backend.pick()).map(|a| a.port()).collect();
+        assert_eq!(ports, vec![1, 2, 1, 2]);
+    }
+
+    #[test]
+    fn a_bad_endpoint_refuses_the_snapshot() {
+        assert!(Runtime::build(&snapshot(1, &[("not-an-ip", 1)]), &Runtime::empty()).is_err());
+    }
+}

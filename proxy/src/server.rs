@@ -1,0 +1,137 @@
+//! Workers: N OS threads, each with a current-thread tokio runtime and its own listeners
+//! (SO_REUSEPORT, so the kernel spreads connections), serving HTTP/1.1 and HTTP/2 (h2 by ALPN on
+//! TLS, h2c with prior knowledge on plain) on their own thread from accept to response.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use crate::Shared;
+use crate::handler::{Connection, Worker, handle};
+use crate::upstream::Pool;
+
+/// Time allowed for a client to send its request headers, and for a TLS handshake.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Binds a listener that shares its port with the other workers' listeners.
+pub(crate) fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let domain = if addr.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// Binds `count` listeners on `addr`; with port 0, the first picks the port and the others join
+/// it.
+pub(crate) fn bind_group(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let first = bind_reuseport(addr)?;
+    let bound = first.local_addr()?;
+    let mut listeners = vec![first];
+    for _ in 1..count {
+        listeners.push(bind_reuseport(bound)?);
+    }
+    Ok(listeners)
+}
+
+/// Runs one worker until the process ends.
+pub(crate) fn run_worker(
+    index: usize,
+    shared: Arc<Shared>,
+    http: std::net::TcpListener,
+    https: std::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        let worker = Rc::new(Worker { shared, pool: Rc::new(Pool::default()) });
+        let http = TcpListener::from_std(http)?;
+        let https = TcpListener::from_std(https)?;
+        tracing::debug!(worker = index, "worker started");
+        tokio::task::spawn_local(accept_loop(Rc::clone(&worker), http, None));
+        accept_loop(worker, https, Some(TlsAcceptor::from(tls))).await;
+        Ok(())
+    })
+}
+
+async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, tls: Option<TlsAcceptor>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, remote)) => {
+                tokio::task::spawn_local(serve(Rc::clone(&worker), stream, remote, tls.clone()));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Decrements the active-connection gauge however the connection ends.
+struct ConnectionGuard(Arc<Shared>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.metrics.active_connections.dec();
+    }
+}
+
+async fn serve(worker: Rc<Worker>, stream: TcpStream, remote: SocketAddr, tls: Option<TlsAcceptor>) {
+    worker.shared.metrics.active_connections.inc();
+    let _guard = ConnectionGuard(Arc::clone(&worker.shared));
+    let _ = stream.set_nodelay(true);
+    let local_port = stream.local_addr().map(|a| a.port()).unwrap_or_default();
+    let conn = Connection { remote, local_port, tls: tls.is_some() };
+    let handler = Rc::clone(&worker);
+    let service = service_fn(move |request| handle(Rc::clone(&handler), conn, request));
+
+    let mut builder = auto::Builder::new(LocalExec);
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+
+    let result = match tls {
+        None => builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await,
+        Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(tls_stream)) => builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service).await,
+            Ok(Err(e)) => {
+                tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%remote, "TLS handshake timed out");
+                return;
+            }
+        },
+    };
+    if let Err(e) = result {
+        tracing::debug!(%remote, error = %e, "connection ended with an error");
+    }
+}
+
+/// Runs hyper's per-stream HTTP/2 tasks on this worker's thread, so handlers need not be `Send`
+/// (each worker will own a Lua VM).
+#[derive(Clone, Copy, Debug)]
+struct LocalExec;
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: std::future::Future + 'static,
+{
+    fn execute(&self, future: F) {
+        tokio::task::spawn_local(future);
+    }
+}

@@ -1,0 +1,182 @@
+//! Certificates chosen by SNI, swapped with the runtime.
+//!
+//! Each runtime carries a [`CertStore`] built from its snapshot: certificates by exact host and by
+//! wildcard suffix. A rustls [`ResolvesServerCert`] reads the current runtime on every handshake,
+//! so a new certificate is served from the next handshake on, without touching listeners.
+//! Unknown names, and hosts whose Secret does not hold a usable certificate, get a self-signed
+//! default certificate generated at start.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rustls::crypto::ring::sign::any_supported_type;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tidegate_snapshot::{Certificate, HostMatch, Routing};
+
+use crate::Shared;
+
+/// Certificates of one runtime, by host.
+#[derive(Debug, Default)]
+pub struct CertStore {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+}
+
+impl CertStore {
+    /// Parses the certificates a routing uses. A certificate that does not parse, or whose key
+    /// does not match, is left out (its hosts get the default certificate) and described in the
+    /// returned warnings; nothing else is affected.
+    pub fn build(routing: &Routing) -> (CertStore, Vec<String>) {
+        let mut warnings = Vec::new();
+        let mut parsed: HashMap<&str, Option<Arc<CertifiedKey>>> = HashMap::new();
+        for certificate in &routing.certificates {
+            let key = match certified_key(certificate) {
+                Ok(key) => Some(Arc::new(key)),
+                Err(why) => {
+                    warnings.push(format!("Secret {}: {why}; its hosts get the default certificate", certificate.id));
+                    None
+                }
+            };
+            parsed.insert(&certificate.id, key);
+        }
+        let mut store = CertStore::default();
+        for vhost in &routing.virtual_hosts {
+            let Some(id) = vhost.tls.as_deref() else { continue };
+            let Some(Some(key)) = parsed.get(id) else { continue };
+            match &vhost.host {
+                HostMatch::Exact(h) => {
+                    store.exact.insert(h.clone(), Arc::clone(key));
+                }
+                HostMatch::Wildcard(s) => {
+                    store.wildcard.insert(s.clone(), Arc::clone(key));
+                }
+                HostMatch::Any => {}
+            }
+        }
+        (store, warnings)
+    }
+
+    /// The certificate for a server name, if one is configured.
+    pub fn find(&self, server_name: &str) -> Option<&Arc<CertifiedKey>> {
+        let name = server_name.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(key) = self.exact.get(&name) {
+            return Some(key);
+        }
+        let (label, suffix) = name.split_once('.')?;
+        if label.is_empty() {
+            return None;
+        }
+        self.wildcard.get(suffix)
+    }
+}
+
+fn certified_key(certificate: &Certificate) -> Result<CertifiedKey, String> {
+    let chain = CertificateDer::pem_slice_iter(certificate.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("tls.crt does not parse: {e}"))?;
+    if chain.is_empty() {
+        return Err("tls.crt holds no certificate".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(certificate.key_pem.as_bytes()).map_err(|e| format!("tls.key does not parse: {e}"))?;
+    let signing_key = any_supported_type(&key).map_err(|e| format!("tls.key is not a supported key: {e}"))?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    certified.keys_match().map_err(|e| format!("certificate does not match its key: {e}"))?;
+    Ok(certified)
+}
+
+/// A self-signed certificate for names nothing else claims.
+pub fn default_certificate() -> Result<Arc<CertifiedKey>, String> {
+    let generated = rcgen::generate_simple_self_signed(vec!["tidegate-default.invalid".to_owned()]).map_err(|e| e.to_string())?;
+    let key = PrivateKeyDer::try_from(generated.signing_key.serialize_der()).map_err(str::to_owned)?;
+    let signing_key = any_supported_type(&key).map_err(|e| e.to_string())?;
+    Ok(Arc::new(CertifiedKey::new(vec![generated.cert.der().clone()], signing_key)))
+}
+
+/// Resolves the certificate of each handshake from the current runtime.
+#[derive(Debug)]
+pub(crate) struct Resolver {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let runtime = self.shared.runtime.load();
+        let found = hello.server_name().and_then(|name| runtime.routing.certificates.find(name));
+        Some(Arc::clone(found.unwrap_or(&self.shared.default_certificate)))
+    }
+}
+
+/// The server configuration every worker's TLS listener uses: SNI resolution, h2 and http/1.1
+/// by ALPN.
+pub(crate) fn server_config(shared: Arc<Shared>) -> Arc<rustls::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // The ring provider supports every protocol version rustls has, so this cannot fail.
+    let builder = match rustls::ServerConfig::builder_with_provider(provider).with_safe_default_protocol_versions() {
+        Ok(b) => b,
+        Err(e) => unreachable!("ring supports the default protocol versions: {e}"),
+    };
+    let mut config = builder.with_no_client_auth().with_cert_resolver(Arc::new(Resolver { shared }));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use tidegate_snapshot::VirtualHost;
+
+    use super::*;
+
+    fn pem_pair(name: &str) -> (String, String) {
+        let c = rcgen::generate_simple_self_signed(vec![name.to_owned()]).expect("generate");
+        (c.cert.pem(), c.signing_key.serialize_pem())
+    }
+
+    fn routing(certs: Vec<Certificate>, hosts: Vec<(HostMatch, &str)>) -> Routing {
+        Routing {
+            virtual_hosts: hosts.into_iter().map(|(host, id)| VirtualHost { host, routes: vec![], tls: Some(id.into()) }).collect(),
+            default_backend: None,
+            certificates: certs,
+        }
+    }
+
+    #[test]
+    fn finds_exact_then_single_label_wildcard() {
+        let (a_cert, a_key) = pem_pair("a.com");
+        let (w_cert, w_key) = pem_pair("*.w.com");
+        let certs = vec![
+            Certificate { id: "ns/a".into(), cert_pem: a_cert, key_pem: a_key },
+            Certificate { id: "ns/w".into(), cert_pem: w_cert, key_pem: w_key },
+        ];
+        let (store, warnings) = CertStore::build(&routing(certs, vec![(HostMatch::Exact("a.com".into()), "ns/a"), (HostMatch::Wildcard("w.com".into()), "ns/w")]));
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert!(store.find("a.com").is_some());
+        assert!(store.find("A.COM").is_some());
+        assert!(store.find("x.w.com").is_some());
+        assert!(store.find("y.x.w.com").is_none());
+        assert!(store.find("w.com").is_none());
+        assert!(store.find("b.com").is_none());
+    }
+
+    #[test]
+    fn mismatched_or_broken_certificates_are_warned_and_skipped() {
+        let (a_cert, _) = pem_pair("a.com");
+        let (_, other_key) = pem_pair("b.com");
+        let certs = vec![
+            Certificate { id: "ns/mismatch".into(), cert_pem: a_cert, key_pem: other_key },
+            Certificate { id: "ns/garbage".into(), cert_pem: "-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n".into(), key_pem: "x".into() },
+        ];
+        let (store, warnings) = CertStore::build(&routing(certs, vec![(HostMatch::Exact("a.com".into()), "ns/mismatch"), (HostMatch::Exact("g.com".into()), "ns/garbage")]));
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings.iter().any(|w| w.contains("ns/mismatch") && w.contains("does not match")));
+        assert!(store.find("a.com").is_none());
+        assert!(store.find("g.com").is_none());
+    }
+
+    #[test]
+    fn default_certificate_generates() {
+        assert!(default_certificate().is_ok());
+    }
+}
