@@ -82,7 +82,10 @@ async fn answer(identity: Arc<Identity>, mut request: Request<Incoming>) -> Resu
     };
     let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (name, value) in &parts.headers {
-        headers.entry(canonical(name.as_str())).or_default().push(String::from_utf8_lossy(value.as_bytes()).into_owned());
+        headers
+            .entry(canonical(name.as_str()))
+            .or_default()
+            .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
     }
     let host = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
     let host = host.split(':').next().unwrap_or(host);

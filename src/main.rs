@@ -11,7 +11,11 @@ use tidegate_controller::manifests::parse_str;
 use tidegate_proxy::ProxyConfig;
 
 #[derive(Parser)]
-#[command(name = "tidegate", version, about = "Kubernetes ingress controller whose proxy runs Lua handlers, OpenResty-style")]
+#[command(
+    name = "tidegate",
+    version,
+    about = "Kubernetes ingress controller whose proxy runs Lua handlers, OpenResty-style"
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value = "text")]
@@ -102,7 +106,10 @@ fn main() -> ExitCode {
                 https_redirect_port: args.https_redirect_port,
                 access_log: !args.no_access_log,
             };
-            let options = Options { ingress_class: args.ingress_class, watch_ingress_without_class: args.watch_ingress_without_class };
+            let options = Options {
+                ingress_class: args.ingress_class,
+                watch_ingress_without_class: args.watch_ingress_without_class,
+            };
             if let Some(addr) = args.echo_backend
                 && let Err(e) = spawn_echo(addr)
             {
@@ -117,7 +124,9 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Validate { files, ingress_class, watch_ingress_without_class } => validate(&files, Options { ingress_class, watch_ingress_without_class }),
+        Command::Validate { files, ingress_class, watch_ingress_without_class } => {
+            validate(&files, Options { ingress_class, watch_ingress_without_class })
+        }
         Command::Echo { listen, service, namespace } => {
             let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(r) => r,
@@ -152,7 +161,17 @@ fn spawn_echo(addr: SocketAddr) -> std::io::Result<()> {
     std::thread::Builder::new().name("echo".into()).spawn(move || {
         runtime.block_on(async move {
             match tokio::net::TcpListener::from_std(listener) {
-                Ok(l) => echo::serve(l, echo::Identity { namespace: "default".into(), service: "echo".into(), pod: "echo-builtin".into() }).await,
+                Ok(l) => {
+                    echo::serve(
+                        l,
+                        echo::Identity {
+                            namespace: "default".into(),
+                            service: "echo".into(),
+                            pod: "echo-builtin".into(),
+                        },
+                    )
+                    .await;
+                }
                 Err(e) => tracing::error!("echo backend: {e}"),
             }
         });
@@ -196,7 +215,8 @@ fn validate(files: &[PathBuf], options: Options) -> ExitCode {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {

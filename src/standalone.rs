@@ -51,7 +51,14 @@ pub fn run(dir: &Path, proxy_config: &ProxyConfig, options: Options) -> Result<(
     .map_err(|e| Error::Watch(dir.to_owned(), e))?;
     watcher.watch(dir, RecursiveMode::NonRecursive).map_err(|e| Error::Watch(dir.to_owned(), e))?;
 
-    let mut state = State { proxy, options, manifests: ManifestSet::default(), served: None, version: 0, reported: BTreeSet::new() };
+    let mut state = State {
+        proxy,
+        options,
+        manifests: ManifestSet::default(),
+        served: None,
+        version: 0,
+        reported: BTreeSet::new(),
+    };
     state.reload(dir);
     loop {
         match changes.recv_timeout(RESCAN_EVERY) {
@@ -77,6 +84,14 @@ struct State {
     reported: BTreeSet<String>,
 }
 
+fn report(line: &str, error: bool) {
+    if error {
+        tracing::error!("{line}");
+    } else {
+        tracing::warn!("{line}");
+    }
+}
+
 /// `/status` on the admin port: what is wrong with what, where it was read from.
 #[derive(Serialize)]
 struct StatusDocument<'a> {
@@ -99,7 +114,7 @@ impl State {
         let scan = match self.manifests.rescan(dir) {
             Ok(scan) => scan,
             Err(e) => {
-                self.report(format!("cannot list {}: {e}; serving the last good configuration", dir.display()), true);
+                report(&format!("cannot list {}: {e}; serving the last good configuration", dir.display()), true);
                 return;
             }
         };
@@ -146,22 +161,20 @@ impl State {
         let current: BTreeSet<String> = problems.iter().map(|(_, line)| line.clone()).collect();
         for (error, line) in &problems {
             if !self.reported.contains(line) {
-                self.report(line.clone(), *error);
+                report(line, *error);
             }
         }
         self.reported = current;
         self.publish_status(&translation.statuses, &origins, &scan.errors, &duplicates);
     }
 
-    fn report(&self, line: String, error: bool) {
-        if error {
-            tracing::error!("{line}");
-        } else {
-            tracing::warn!("{line}");
-        }
-    }
-
-    fn publish_status(&self, statuses: &[ObjectStatus], origins: &BTreeMap<ObjectRef, Origin>, errors: &[LoadError], duplicates: &[LoadError]) {
+    fn publish_status(
+        &self,
+        statuses: &[ObjectStatus],
+        origins: &BTreeMap<ObjectRef, Origin>,
+        errors: &[LoadError],
+        duplicates: &[LoadError],
+    ) {
         let address = self.proxy.addresses().http.ip().to_string();
         let objects = statuses
             .iter()

@@ -14,7 +14,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use http::{Request, StatusCode};
-use support::{Answer, Body, Tidegate, echo, manifest_dir, self_signed, service_yaml, tls_connector, tls_request, tls_secret_yaml, write_manifest};
+use support::{
+    Answer, Body, Tidegate, echo, manifest_dir, self_signed, service_yaml, tls_connector, tls_request, tls_secret_yaml,
+    write_manifest,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Gherkin, as much of it as the features use
@@ -65,7 +68,11 @@ fn parse_feature(text: &str) -> Feature {
                 docstring = None;
             } else {
                 let cut = raw.char_indices().nth(*indent).map_or(raw.len(), |(i, _)| i);
-                lines.push(if raw.len() >= cut && raw[..cut].trim().is_empty() { raw[cut..].to_owned() } else { line.to_owned() });
+                lines.push(if raw.len() >= cut && raw[..cut].trim().is_empty() {
+                    raw[cut..].to_owned()
+                } else {
+                    line.to_owned()
+                });
             }
             continue;
         }
@@ -77,7 +84,11 @@ fn parse_feature(text: &str) -> Feature {
         } else if line.starts_with("Background:") {
             target = Target::Background;
         } else if let Some(name) = line.strip_prefix("Scenario Outline:").or_else(|| line.strip_prefix("Scenario:")) {
-            feature.scenarios.push(Scenario { name: name.trim().to_owned(), outline: line.starts_with("Scenario Outline:"), ..Scenario::default() });
+            feature.scenarios.push(Scenario {
+                name: name.trim().to_owned(),
+                outline: line.starts_with("Scenario Outline:"),
+                ..Scenario::default()
+            });
             target = Target::Scenario;
         } else if line.starts_with("Examples:") {
             target = Target::Examples;
@@ -86,7 +97,13 @@ fn parse_feature(text: &str) -> Feature {
             match target {
                 Target::Examples => feature.scenarios.last_mut().expect("examples in a scenario").examples.push(row),
                 Target::Background => feature.background.last_mut().expect("table after a step").table.push(row),
-                Target::Scenario => feature.scenarios.last_mut().and_then(|s| s.steps.last_mut()).expect("table after a step").table.push(row),
+                Target::Scenario => feature
+                    .scenarios
+                    .last_mut()
+                    .and_then(|s| s.steps.last_mut())
+                    .expect("table after a step")
+                    .table
+                    .push(row),
                 Target::None => {}
             }
         } else if let Some(keyword) = STEP_KEYWORDS.iter().find(|k| line.starts_with(**k)) {
@@ -113,7 +130,8 @@ fn cases(feature: &Feature) -> Vec<(String, Vec<Step>)> {
         }
         let Some((header, rows)) = scenario.examples.split_first() else { continue };
         for row in rows {
-            let fill = |s: &str| header.iter().zip(row).fold(s.to_owned(), |acc, (k, v)| acc.replace(&format!("<{k}>"), v));
+            let fill =
+                |s: &str| header.iter().zip(row).fold(s.to_owned(), |acc, (k, v)| acc.replace(&format!("<{k}>"), v));
             let steps = feature.background.iter().chain(&scenario.steps).map(|s| Step {
                 text: fill(&s.text),
                 docstring: s.docstring.as_deref().map(fill),
@@ -229,7 +247,8 @@ impl World {
         }
         self.write_manifests().await;
         let dir = self.dir.path().to_owned();
-        self.tidegate = Some(tokio::task::spawn_blocking(move || Tidegate::start(&dir, &[])).await.expect("start tidegate"));
+        self.tidegate =
+            Some(tokio::task::spawn_blocking(move || Tidegate::start(&dir, &[])).await.expect("start tidegate"));
     }
 
     fn tidegate(&self) -> &Tidegate {
@@ -238,7 +257,8 @@ impl World {
 
     fn ingress_exposed(&self) -> bool {
         let status = self.tidegate().status();
-        let names: BTreeSet<String> = self.ingresses.iter().map(|i| i["metadata"]["name"].as_str().unwrap_or_default().to_owned()).collect();
+        let names: BTreeSet<String> =
+            self.ingresses.iter().map(|i| i["metadata"]["name"].as_str().unwrap_or_default().to_owned()).collect();
         status["objects"].as_array().into_iter().flatten().any(|o| {
             o["object"]["kind"] == "Ingress"
                 && o["object"]["namespace"] == self.namespace.as_str()
@@ -260,7 +280,11 @@ impl World {
             let host = host.split(':').next().unwrap_or(host);
             let tidegate = self.tidegate();
             let host_header = if host.is_empty() { tidegate.http.to_string() } else { host.to_owned() };
-            let mut builder = Request::builder().method(method).uri(path).header("host", &host_header).header("user-agent", "Go-http-client/1.1");
+            let mut builder = Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", &host_header)
+                .header("user-agent", "Go-http-client/1.1");
             if matches!(method, "POST" | "PUT" | "PATCH") {
                 builder = builder.header("content-length", "0");
             }
@@ -293,7 +317,9 @@ impl World {
             t if t.starts_with("an Ingress resource named") => {
                 self.add_ingress(step.docstring.as_deref().ok_or("no spec given")?, Some(q.first().ok_or("no name")?))
             }
-            t if t.starts_with("an Ingress resource") => self.add_ingress(step.docstring.as_deref().ok_or("no manifest given")?, None),
+            t if t.starts_with("an Ingress resource") => {
+                self.add_ingress(step.docstring.as_deref().ok_or("no manifest given")?, None)
+            }
             t if t.starts_with("a self-signed TLS secret named") => {
                 let (name, host) = (q.first().ok_or("no name")?, q.get(1).ok_or("no host")?);
                 let (cert, key) = self_signed(&[host]);
@@ -345,8 +371,14 @@ impl World {
                 Ok(())
             }
             t if t.starts_with("all the responses status-code must be") => {
-                let pods: BTreeSet<String> = self.last_answers.iter().map(|a| a.json()["pod"].as_str().unwrap_or("").to_owned()).collect();
-                let want: usize = t.split("of ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).ok_or("no pod count")?;
+                let pods: BTreeSet<String> =
+                    self.last_answers.iter().map(|a| a.json()["pod"].as_str().unwrap_or("").to_owned()).collect();
+                let want: usize = t
+                    .split("of ")
+                    .nth(1)
+                    .and_then(|r| r.split(' ').next())
+                    .and_then(|n| n.parse().ok())
+                    .ok_or("no pod count")?;
                 if self.last_answers.iter().any(|a| a.status != StatusCode::OK) || pods.len() != want {
                     return Err(format!("{} different pods answered, wanted {want}", pods.len()));
                 }
@@ -355,7 +387,11 @@ impl World {
             t if t.starts_with("the response status-code must be") => {
                 let want: u16 = t.rsplit(' ').next().and_then(|n| n.parse().ok()).ok_or("no status")?;
                 let got = last()?.status.as_u16();
-                if got == want { Ok(()) } else { Err(format!("status {got}, wanted {want}; body {:?}", String::from_utf8_lossy(&last()?.body))) }
+                if got == want {
+                    Ok(())
+                } else {
+                    Err(format!("status {got}, wanted {want}; body {:?}", String::from_utf8_lossy(&last()?.body)))
+                }
             }
             t if t.starts_with("the response must be served by the") => expect_eq(&last()?.served_by(), &q[0]),
             t if t.starts_with("the response proto must be") => expect_eq(&format!("{:?}", last()?.version), &q[0]),
@@ -368,13 +404,17 @@ impl World {
                 }
                 Ok(())
             }
-            t if t.starts_with("the request method must be") => expect_eq(echoed("method")?.as_str().unwrap_or(""), &q[0]),
+            t if t.starts_with("the request method must be") => {
+                expect_eq(echoed("method")?.as_str().unwrap_or(""), &q[0])
+            }
             t if t.starts_with("the request path must be") => {
                 // The runner compares paths without their leading '/'.
                 let got = echoed("path")?;
                 expect_eq(got.as_str().unwrap_or("").trim_start_matches('/'), q[0].trim_start_matches('/'))
             }
-            t if t.starts_with("the request proto must be") => expect_eq(echoed("proto")?.as_str().unwrap_or(""), &q[0]),
+            t if t.starts_with("the request proto must be") => {
+                expect_eq(echoed("proto")?.as_str().unwrap_or(""), &q[0])
+            }
             t if t.starts_with("the request host must be") => expect_eq(echoed("host")?.as_str().unwrap_or(""), &q[0]),
             t if t.starts_with("the request headers must contain") => {
                 let headers = support::echoed_headers(last()?);
@@ -387,7 +427,11 @@ impl World {
                 Ok(())
             }
             t if t.starts_with("the secure connection must verify the") => {
-                if self.verified_host.as_deref() == Some(q[0].as_str()) { Ok(()) } else { Err(format!("no verified TLS connection to {}", q[0])) }
+                if self.verified_host.as_deref() == Some(q[0].as_str()) {
+                    Ok(())
+                } else {
+                    Err(format!("no verified TLS connection to {}", q[0]))
+                }
             }
             _ => Err(format!("step not implemented by this harness: {text}")),
         }
@@ -399,7 +443,8 @@ fn expect_eq(got: &str, want: &str) -> Result<(), String> {
 }
 
 fn conformance_dir() -> Option<PathBuf> {
-    let shared = std::env::var_os("TIDEGATE_SHARED_DIR").map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"), PathBuf::from);
+    let shared = std::env::var_os("TIDEGATE_SHARED_DIR")
+        .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"), PathBuf::from);
     let dir = shared.join("conformance/ingress-conformance");
     dir.is_dir().then_some(dir)
 }
@@ -409,10 +454,18 @@ async fn ingress_conformance_features() {
     let mut out = std::io::stderr();
     let Some(dir) = conformance_dir() else {
         assert!(std::env::var_os("CI").is_none(), "CI must have the conformance features (set TIDEGATE_SHARED_DIR)");
-        let _ = writeln!(out, "skipping Ingress conformance: ../shared/conformance/ingress-conformance not found (set TIDEGATE_SHARED_DIR)");
+        let _ = writeln!(
+            out,
+            "skipping Ingress conformance: ../shared/conformance/ingress-conformance not found (set TIDEGATE_SHARED_DIR)"
+        );
         return;
     };
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).expect("read features").filter_map(Result::ok).map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "feature")).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("read features")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "feature"))
+        .collect();
     files.sort();
     let (mut passed, mut failures, mut case_no) = (0, Vec::new(), 0);
     for file in &files {

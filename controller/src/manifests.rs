@@ -324,7 +324,11 @@ fn parse_object(document: Value) -> Result<Option<(ObjectRef, Object)>, LoadErro
     };
     let identity = Some(object_ref.to_string());
     if api_version != expected {
-        return Err(error(identity, Some("apiVersion".into()), format!("{kind} must be {expected}, not {api_version}")));
+        return Err(error(
+            identity,
+            Some("apiVersion".into()),
+            format!("{kind} must be {expected}, not {api_version}"),
+        ));
     }
     if name.is_empty() {
         return Err(error(identity, Some("metadata.name".into()), "is required".into()));
@@ -368,7 +372,11 @@ mod tests {
     #[test]
     fn reads_multi_document_files_and_skips_foreign_kinds() {
         let dir = tempdir("multi");
-        write(&dir, "a.yaml", &format!("{SERVICE}---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: x}}\n---\n"));
+        write(
+            &dir,
+            "a.yaml",
+            &format!("{SERVICE}---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: x}}\n---\n"),
+        );
         write(&dir, "notes.txt", "not a manifest");
         let mut set = ManifestSet::default();
         let scan = set.rescan(&dir).expect("scan");
@@ -402,7 +410,11 @@ mod tests {
         write(&dir, "a.yaml", SERVICE);
         let mut set = ManifestSet::default();
         set.rescan(&dir).expect("scan");
-        write(&dir, "a.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports: [{port: eighty}]\n");
+        write(
+            &dir,
+            "a.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports: [{port: eighty}]\n",
+        );
         let scan = set.rescan(&dir).expect("scan");
         let error = &scan.errors[0];
         assert_eq!(error.object.as_deref(), Some("Service default/web"));

@@ -23,7 +23,8 @@ pub(crate) fn run(shared: Arc<Shared>, listener: std::net::TcpListener) -> std::
             let shared = Arc::clone(&shared);
             tokio::spawn(async move {
                 let service = service_fn(move |request| answer(Arc::clone(&shared), request));
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                let _ =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
             });
         }
     })
@@ -32,8 +33,12 @@ pub(crate) fn run(shared: Arc<Shared>, listener: std::net::TcpListener) -> std::
 async fn answer(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, content_type, body): (StatusCode, &str, Bytes) = match request.uri().path() {
         "/healthz" => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
-        "/readyz" if shared.ready.load(Ordering::Acquire) => (StatusCode::OK, "text/plain", Bytes::from_static(b"ready\n")),
-        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", Bytes::from_static(b"no configuration applied yet\n")),
+        "/readyz" if shared.ready.load(Ordering::Acquire) => {
+            (StatusCode::OK, "text/plain", Bytes::from_static(b"ready\n"))
+        }
+        "/readyz" => {
+            (StatusCode::SERVICE_UNAVAILABLE, "text/plain", Bytes::from_static(b"no configuration applied yet\n"))
+        }
         "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", Bytes::from(shared.metrics.encode())),
         "/status" => (StatusCode::OK, "application/json", (**shared.status.load()).clone()),
         _ => (StatusCode::NOT_FOUND, "text/plain", Bytes::from_static(b"not found\n")),

@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tidegate_snapshot::RouteAction;
 
+use crate::Shared;
 use crate::access_log::Entry;
 use crate::body::{Observed, ResponseBody, full};
 use crate::headers::{Forwarded, is_upgrade, set_forwarded, strip_hop_by_hop};
@@ -25,7 +26,6 @@ use crate::metrics::{RequestLabels, status_class};
 use crate::router::Match;
 use crate::runtime::Runtime;
 use crate::upstream::Pool;
-use crate::Shared;
 
 /// State of one worker thread, shared by its connections; never crosses threads.
 pub(crate) struct Worker {
@@ -49,7 +49,11 @@ struct Outcome {
     upstream_time: Option<Duration>,
 }
 
-pub(crate) async fn handle(worker: Rc<Worker>, conn: Connection, request: Request<Incoming>) -> Result<Response<Observed>, Infallible> {
+pub(crate) async fn handle(
+    worker: Rc<Worker>,
+    conn: Connection,
+    request: Request<Incoming>,
+) -> Result<Response<Observed>, Infallible> {
     let started = Instant::now();
     let runtime = worker.shared.runtime.load_full();
     let method = request.method().clone();
@@ -147,7 +151,10 @@ async fn proxy(
         parts.headers.insert(header::HOST, value);
     }
     let forwarded_host = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
-    set_forwarded(&mut parts.headers, &Forwarded { client: conn.remote, https: conn.tls, host: &forwarded_host, port: conn.local_port });
+    set_forwarded(
+        &mut parts.headers,
+        &Forwarded { client: conn.remote, https: conn.tls, host: &forwarded_host, port: conn.local_port },
+    );
     parts.uri = origin_form(&parts.uri);
     parts.version = Version::HTTP_11;
     let upstream_request = Request::from_parts(parts, body.boxed_unsync());
@@ -248,7 +255,7 @@ fn finish_headers(shared: &Shared, conn: Connection, response: &mut Response<Res
 /// The `Date` header value, formatted once per second per worker.
 fn http_date() -> HeaderValue {
     thread_local! {
-        static CACHE: RefCell<(u64, HeaderValue)> = RefCell::new((0, HeaderValue::from_static("")));
+        static CACHE: RefCell<(u64, HeaderValue)> = const { RefCell::new((0, HeaderValue::from_static(""))) };
     }
     let now = SystemTime::now();
     let second = now.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();

@@ -86,7 +86,14 @@ mod tests {
 
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {
-        let mut h = map(&[("connection", "keep-alive, x-secret"), ("x-secret", "1"), ("keep-alive", "timeout=5"), ("te", "trailers"), ("x-kept", "1"), ("upgrade", "websocket")]);
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("x-kept", "1"),
+            ("upgrade", "websocket"),
+        ]);
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));

@@ -115,10 +115,13 @@ impl Proxy {
     /// When a listener cannot be bound or a thread cannot start.
     pub fn start(config: &ProxyConfig) -> Result<Proxy, StartError> {
         let workers = config.workers.max(1);
-        let bind = |addr: SocketAddr, count| server::bind_group(addr, count).map_err(|source| StartError::Bind { addr, source });
+        let bind = |addr: SocketAddr, count| {
+            server::bind_group(addr, count).map_err(|source| StartError::Bind { addr, source })
+        };
         let http = bind(config.http_addr, workers)?;
         let https = bind(config.https_addr, workers)?;
-        let admin = std::net::TcpListener::bind(config.admin_addr).map_err(|source| StartError::Bind { addr: config.admin_addr, source })?;
+        let admin = std::net::TcpListener::bind(config.admin_addr)
+            .map_err(|source| StartError::Bind { addr: config.admin_addr, source })?;
         let _ = admin.set_nonblocking(true);
         let local = |l: &std::net::TcpListener, asked: SocketAddr| l.local_addr().unwrap_or(asked);
         let addresses = Addresses {
@@ -191,7 +194,12 @@ impl Proxy {
         let metrics = &self.shared.metrics;
         metrics.config_apply_duration.observe(duration.as_secs_f64());
         metrics.config_version.set(i64::try_from(snapshot.version).unwrap_or(i64::MAX));
-        Ok(Applied { version: snapshot.version, warnings: built.warnings, routing_rebuilt: built.routing_rebuilt, duration })
+        Ok(Applied {
+            version: snapshot.version,
+            warnings: built.warnings,
+            routing_rebuilt: built.routing_rebuilt,
+            duration,
+        })
     }
 
     /// Publishes the per-object statuses served at `/status` (JSON).

@@ -41,21 +41,45 @@ impl Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register("requests", "Requests answered, by virtual host, route and status class", requests.clone());
         let request_duration = Histogram::new(seconds_buckets());
-        registry.register("request_duration_seconds", "Time from request to response headers", request_duration.clone());
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to response headers",
+            request_duration.clone(),
+        );
         let upstream_duration = Histogram::new(seconds_buckets());
-        registry.register("upstream_duration_seconds", "Time from sending upstream to its response headers", upstream_duration.clone());
+        registry.register(
+            "upstream_duration_seconds",
+            "Time from sending upstream to its response headers",
+            upstream_duration.clone(),
+        );
         let active_connections = Gauge::default();
         registry.register("active_connections", "Client connections open now", active_connections.clone());
         let config_version = Gauge::default();
         registry.register("config_version", "Version of the snapshot being served", config_version.clone());
         let config_apply_duration = Histogram::new(seconds_buckets());
-        registry.register("config_apply_duration_seconds", "Time to build and swap in a snapshot", config_apply_duration.clone());
+        registry.register(
+            "config_apply_duration_seconds",
+            "Time to build and swap in a snapshot",
+            config_apply_duration.clone(),
+        );
         let config_apply_failures = Counter::default();
-        registry.register("config_apply_failures", "Snapshots refused because they did not build", config_apply_failures.clone());
+        registry.register(
+            "config_apply_failures",
+            "Snapshots refused because they did not build",
+            config_apply_failures.clone(),
+        );
         let rejected_objects = Gauge::default();
-        registry.register("rejected_objects", "Objects with errors in the current configuration", rejected_objects.clone());
+        registry.register(
+            "rejected_objects",
+            "Objects with errors in the current configuration",
+            rejected_objects.clone(),
+        );
         let access_log_dropped = Counter::default();
-        registry.register("access_log_dropped", "Access log lines dropped because the writer fell behind", access_log_dropped.clone());
+        registry.register(
+            "access_log_dropped",
+            "Access log lines dropped because the writer fell behind",
+            access_log_dropped.clone(),
+        );
         Metrics {
             registry,
             requests,

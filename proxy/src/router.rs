@@ -147,7 +147,8 @@ mod tests {
     #[test]
     fn ingress_path_examples() {
         use PathKind::{Exact, Prefix};
-        let cases: &[(&[(PathKind, &str)], &str, Option<&str>)] = &[
+        type Case<'a> = (&'a [(PathKind, &'a str)], &'a str, Option<&'a str>);
+        let cases: &[Case<'_>] = &[
             (&[(Prefix, "/")], "/anything", Some("/")),
             (&[(Exact, "/foo")], "/foo", Some("/foo")),
             (&[(Exact, "/foo")], "/bar", None),
@@ -172,10 +173,13 @@ mod tests {
             // Routes arrive in precedence order: Exact first, then longer prefixes first.
             let mut routes: Vec<Route> = rules
                 .iter()
-                .map(|(k, v)| route(*k, v, &if *k == Exact && rules.len() > 1 { format!("{v} exact") } else { v.to_string() }))
+                .map(|(k, v)| {
+                    route(*k, v, &if *k == Exact && rules.len() > 1 { format!("{v} exact") } else { v.to_string() })
+                })
                 .collect();
             routes.sort_by_key(|r| (r.path.kind, std::cmp::Reverse(r.path.value.trim_end_matches('/').len())));
-            let router = Router::new(&Routing { virtual_hosts: vec![host(HostMatch::Any, routes)], ..Routing::default() });
+            let router =
+                Router::new(&Routing { virtual_hosts: vec![host(HostMatch::Any, routes)], ..Routing::default() });
             assert_eq!(found(&router, "h", request).as_deref(), *expected, "rules {rules:?}, request {request}");
         }
     }

@@ -67,7 +67,11 @@ impl Runtime {
     pub(crate) fn empty() -> Self {
         Runtime {
             version: 0,
-            routing: Arc::new(RoutingState { source: Routing::default(), router: Router::default(), certificates: CertStore::default() }),
+            routing: Arc::new(RoutingState {
+                source: Routing::default(),
+                router: Router::default(),
+                certificates: CertStore::default(),
+            }),
             upstreams: Arc::new(Upstreams::default()),
         }
     }
@@ -83,7 +87,8 @@ impl Runtime {
             return Ok(Built { runtime, warnings: Vec::new(), routing_rebuilt: false });
         }
         let (certificates, warnings) = CertStore::build(&snapshot.routing);
-        let routing = RoutingState { router: Router::new(&snapshot.routing), certificates, source: snapshot.routing.clone() };
+        let routing =
+            RoutingState { router: Router::new(&snapshot.routing), certificates, source: snapshot.routing.clone() };
         let runtime = Runtime { version: snapshot.version, routing: Arc::new(routing), upstreams };
         Ok(Built { runtime, warnings, routing_rebuilt: true })
     }
@@ -132,7 +137,14 @@ mod tests {
 
     fn snapshot(version: u64, endpoints: &[(&str, u16)]) -> Snapshot {
         let list = endpoints.iter().map(|(a, p)| Endpoint { address: (*a).into(), port: *p }).collect();
-        Snapshot { version, routing: Routing::default(), endpoints: BTreeMap::from([(BackendId("b".into()), list)]) }
+        let routing = Routing {
+            default_backend: Some(tidegate_snapshot::RouteAction {
+                backend: BackendId("b".into()),
+                timeouts: tidegate_snapshot::Timeouts::default(),
+            }),
+            ..Routing::default()
+        };
+        Snapshot { version, routing, endpoints: BTreeMap::from([(BackendId("b".into()), list)]) }
     }
 
     #[test]
@@ -146,7 +158,8 @@ mod tests {
 
     #[test]
     fn round_robin_over_endpoints() {
-        let built = Runtime::build(&snapshot(1, &[("127.0.0.1", 1), ("127.0.0.1", 2)]), &Runtime::empty()).expect("builds");
+        let built =
+            Runtime::build(&snapshot(1, &[("127.0.0.1", 1), ("127.0.0.1", 2)]), &Runtime::empty()).expect("builds");
         let backend = built.runtime.upstreams.get(&BackendId("b".into())).expect("backend");
         let ports: Vec<u16> = (0..4).filter_map(|_| backend.pick()).map(|a| a.port()).collect();
         assert_eq!(ports, vec![1, 2, 1, 2]);

@@ -80,7 +80,8 @@ fn certified_key(certificate: &Certificate) -> Result<CertifiedKey, String> {
     if chain.is_empty() {
         return Err("tls.crt holds no certificate".into());
     }
-    let key = PrivateKeyDer::from_pem_slice(certificate.key_pem.as_bytes()).map_err(|e| format!("tls.key does not parse: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(certificate.key_pem.as_bytes())
+        .map_err(|e| format!("tls.key does not parse: {e}"))?;
     let signing_key = any_supported_type(&key).map_err(|e| format!("tls.key is not a supported key: {e}"))?;
     let certified = CertifiedKey::new(chain, signing_key);
     certified.keys_match().map_err(|e| format!("certificate does not match its key: {e}"))?;
@@ -89,7 +90,8 @@ fn certified_key(certificate: &Certificate) -> Result<CertifiedKey, String> {
 
 /// A self-signed certificate for names nothing else claims.
 pub fn default_certificate() -> Result<Arc<CertifiedKey>, String> {
-    let generated = rcgen::generate_simple_self_signed(vec!["tidegate-default.invalid".to_owned()]).map_err(|e| e.to_string())?;
+    let generated =
+        rcgen::generate_simple_self_signed(vec!["tidegate-default.invalid".to_owned()]).map_err(|e| e.to_string())?;
     let key = PrivateKeyDer::try_from(generated.signing_key.serialize_der()).map_err(str::to_owned)?;
     let signing_key = any_supported_type(&key).map_err(|e| e.to_string())?;
     Ok(Arc::new(CertifiedKey::new(vec![generated.cert.der().clone()], signing_key)))
@@ -136,7 +138,10 @@ mod tests {
 
     fn routing(certs: Vec<Certificate>, hosts: Vec<(HostMatch, &str)>) -> Routing {
         Routing {
-            virtual_hosts: hosts.into_iter().map(|(host, id)| VirtualHost { host, routes: vec![], tls: Some(id.into()) }).collect(),
+            virtual_hosts: hosts
+                .into_iter()
+                .map(|(host, id)| VirtualHost { host, routes: vec![], tls: Some(id.into()) })
+                .collect(),
             default_backend: None,
             certificates: certs,
         }
@@ -150,7 +155,10 @@ mod tests {
             Certificate { id: "ns/a".into(), cert_pem: a_cert, key_pem: a_key },
             Certificate { id: "ns/w".into(), cert_pem: w_cert, key_pem: w_key },
         ];
-        let (store, warnings) = CertStore::build(&routing(certs, vec![(HostMatch::Exact("a.com".into()), "ns/a"), (HostMatch::Wildcard("w.com".into()), "ns/w")]));
+        let (store, warnings) = CertStore::build(&routing(
+            certs,
+            vec![(HostMatch::Exact("a.com".into()), "ns/a"), (HostMatch::Wildcard("w.com".into()), "ns/w")],
+        ));
         assert!(warnings.is_empty(), "{warnings:?}");
         assert!(store.find("a.com").is_some());
         assert!(store.find("A.COM").is_some());
@@ -166,9 +174,16 @@ mod tests {
         let (_, other_key) = pem_pair("b.com");
         let certs = vec![
             Certificate { id: "ns/mismatch".into(), cert_pem: a_cert, key_pem: other_key },
-            Certificate { id: "ns/garbage".into(), cert_pem: "-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n".into(), key_pem: "x".into() },
+            Certificate {
+                id: "ns/garbage".into(),
+                cert_pem: "-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n".into(),
+                key_pem: "x".into(),
+            },
         ];
-        let (store, warnings) = CertStore::build(&routing(certs, vec![(HostMatch::Exact("a.com".into()), "ns/mismatch"), (HostMatch::Exact("g.com".into()), "ns/garbage")]));
+        let (store, warnings) = CertStore::build(&routing(
+            certs,
+            vec![(HostMatch::Exact("a.com".into()), "ns/mismatch"), (HostMatch::Exact("g.com".into()), "ns/garbage")],
+        ));
         assert_eq!(warnings.len(), 2, "{warnings:?}");
         assert!(warnings.iter().any(|w| w.contains("ns/mismatch") && w.contains("does not match")));
         assert!(store.find("a.com").is_none());

@@ -34,7 +34,17 @@ impl Tidegate {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tidegate"))
             .args(["--log-format", "json", "standalone", "--manifests"])
             .arg(dir)
-            .args(["--http-addr", "127.0.0.1:0", "--https-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--workers", "2", "--no-access-log"])
+            .args([
+                "--http-addr",
+                "127.0.0.1:0",
+                "--https-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--workers",
+                "2",
+                "--no-access-log",
+            ])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -55,7 +65,14 @@ impl Tidegate {
         let line = rx.recv_timeout(Duration::from_secs(20)).expect("tidegate reports its addresses");
         let v: serde_json::Value = serde_json::from_str(&line).expect("json log line");
         let field = |k: &str| v["fields"][k].as_str().expect("address field").parse().expect("socket address");
-        let tidegate = Tidegate { http: field("http"), https: field("https"), admin: field("admin"), child, dir: dir.to_owned(), logs };
+        let tidegate = Tidegate {
+            http: field("http"),
+            https: field("https"),
+            admin: field("admin"),
+            child,
+            dir: dir.to_owned(),
+            logs,
+        };
         tidegate.wait_ready();
         tidegate
     }
@@ -104,7 +121,11 @@ impl Tidegate {
             if v > after {
                 return v;
             }
-            assert!(Instant::now() < deadline, "no configuration after version {after}; logs:\n{}", self.logs().join("\n"));
+            assert!(
+                Instant::now() < deadline,
+                "no configuration after version {after}; logs:\n{}",
+                self.logs().join("\n")
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -144,7 +165,11 @@ pub fn write_manifest(dir: &Path, name: &str, text: &str) {
 pub async fn echo(namespace: &str, service: &str) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
     let addr = listener.local_addr().expect("echo addr");
-    let identity = tidegate::echo::Identity { namespace: namespace.into(), service: service.into(), pod: format!("{service}-{}", addr.port()) };
+    let identity = tidegate::echo::Identity {
+        namespace: namespace.into(),
+        service: service.into(),
+        pod: format!("{service}-{}", addr.port()),
+    };
     tokio::spawn(tidegate::echo::serve(listener, identity));
     addr
 }
@@ -178,7 +203,8 @@ pub struct Answer {
 
 impl Answer {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
     }
 
     pub fn served_by(&self) -> String {
@@ -200,7 +226,8 @@ pub struct H1 {
 impl H1 {
     pub async fn connect(addr: SocketAddr) -> Result<H1, String> {
         let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });
@@ -237,7 +264,9 @@ async fn h2_over<T>(io: TokioIo<T>, request: Request<Body>) -> Result<Answer, St
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+        .await
+        .map_err(|e| e.to_string())?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -273,7 +302,9 @@ pub struct TlsAnswer {
 /// certificate (to look at the default one).
 pub fn tls_connector(trusted: Option<&[&str]>, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider)).with_safe_default_protocol_versions().expect("versions");
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .expect("versions");
     let mut config = match trusted {
         Some(pems) => {
             let mut roots = rustls::RootCertStore::empty();
@@ -285,14 +316,21 @@ pub fn tls_connector(trusted: Option<&[&str]>, alpn: &[&[u8]]) -> tokio_rustls::
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
-        None => builder.dangerous().with_custom_certificate_verifier(Arc::new(AcceptAny(provider))).with_no_client_auth(),
+        None => {
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(AcceptAny(provider))).with_no_client_auth()
+        }
     };
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
 /// One request over TLS to `addr` with SNI `server_name`; HTTP/2 when ALPN picks h2.
-pub async fn tls_request(connector: &tokio_rustls::TlsConnector, addr: SocketAddr, server_name: &str, request: Request<Body>) -> Result<TlsAnswer, String> {
+pub async fn tls_request(
+    connector: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+    server_name: &str,
+    request: Request<Body>,
+) -> Result<TlsAnswer, String> {
     let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let name = rustls_pki_types::ServerName::try_from(server_name.to_owned()).map_err(|e| e.to_string())?;
     let tls = connector.connect(name, stream).await.map_err(|e| format!("TLS handshake: {e}"))?;
@@ -302,7 +340,8 @@ pub async fn tls_request(connector: &tokio_rustls::TlsConnector, addr: SocketAdd
     let answer = if alpn.as_deref() == Some(b"h2") {
         h2_over(TokioIo::new(tls), request).await?
     } else {
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
         tokio::spawn(async move {
             let _ = conn.await;
         });

@@ -57,7 +57,11 @@ pub(super) fn read(annotations: Option<&BTreeMap<String, String>>, status: &mut 
             },
             "lua-route" if prefix == OURS => settings.lua_route = Some(value.clone()),
             _ if prefix == OURS => status.warning(Reason::Invalid, field, "unknown tidegate annotation; ignored"),
-            _ => status.warning(Reason::Unsupported, field, "ingress-nginx annotation not supported by tidegate; ignored"),
+            _ => status.warning(
+                Reason::Unsupported,
+                field,
+                "ingress-nginx annotation not supported by tidegate; ignored",
+            ),
         }
     }
     settings

@@ -63,7 +63,11 @@ impl<'a> Index<'a> {
             PortRef::Name(n) => n.to_owned(),
         };
         let id = BackendId(format!("{namespace}/{service}:{written}"));
-        let unresolved = |reason, message: String| Resolved { id: id.clone(), endpoints: Vec::new(), problem: Some((reason, message)) };
+        let unresolved = |reason, message: String| Resolved {
+            id: id.clone(),
+            endpoints: Vec::new(),
+            problem: Some((reason, message)),
+        };
 
         let Some(svc) = self.services.get(&(namespace, service)) else {
             return unresolved(Reason::BackendNotFound, format!("Service {namespace}/{service} not found"));

@@ -12,7 +12,13 @@ use crate::validate::{check_host, check_path_value, check_port_number};
 
 /// Adds what an Ingress of ours serves to `out`, recording problems in `status`.
 /// `rank` is the Ingress's place in precedence order (oldest first).
-pub(super) fn translate(ingress: &Ingress, rank: usize, index: &Index<'_>, out: &mut Builder, status: &mut ObjectStatus) {
+pub(super) fn translate(
+    ingress: &Ingress,
+    rank: usize,
+    index: &Index<'_>,
+    out: &mut Builder,
+    status: &mut ObjectStatus,
+) {
     if !validate(ingress, status) {
         status.accepted = false;
         return;
@@ -26,7 +32,11 @@ pub(super) fn translate(ingress: &Ingress, rank: usize, index: &Index<'_>, out: 
         if index.has_lua_route(ns, lua_route) {
             status.error(Reason::Unsupported, field, "this build does not run Lua yet; the Ingress is not served");
         } else {
-            status.error(Reason::BackendNotFound, field, format!("LuaRoute {ns}/{lua_route} not found; the Ingress is not served"));
+            status.error(
+                Reason::BackendNotFound,
+                field,
+                format!("LuaRoute {ns}/{lua_route} not found; the Ingress is not served"),
+            );
         }
         status.accepted = false;
         return;
@@ -112,7 +122,11 @@ impl Context<'_, '_> {
                     }
                 }
                 Err((reason, message)) => {
-                    self.status.error(reason, format!("spec.tls[{t}].secretName"), format!("{message}; the default certificate is served instead"));
+                    self.status.error(
+                        reason,
+                        format!("spec.tls[{t}].secretName"),
+                        format!("{message}; the default certificate is served instead"),
+                    );
                 }
             }
         }
@@ -122,7 +136,11 @@ impl Context<'_, '_> {
     /// only a backend kind tidegate cannot proxy to gives `None`.
     fn action(&mut self, backend: &IngressBackend, field: &str) -> Option<RouteAction> {
         if backend.resource.is_some() {
-            self.status.error(Reason::Unsupported, format!("{field}.resource"), "resource backends are not supported; this path is not served");
+            self.status.error(
+                Reason::Unsupported,
+                format!("{field}.resource"),
+                "resource backends are not supported; this path is not served",
+            );
             return None;
         }
         let service = backend.service.as_ref()?;
@@ -167,7 +185,9 @@ fn validate(ingress: &Ingress, status: &mut ObjectStatus) -> bool {
         for (p, path) in rule.http.iter().flat_map(|h| h.paths.iter()).enumerate() {
             let at = format!("spec.rules[{r}].http.paths[{p}]");
             match (path.path_type.as_str(), path.path.as_deref()) {
-                ("Exact" | "Prefix", None) => status.error(Reason::Invalid, format!("{at}.path"), "is required for Exact and Prefix"),
+                ("Exact" | "Prefix", None) => {
+                    status.error(Reason::Invalid, format!("{at}.path"), "is required for Exact and Prefix");
+                }
                 ("Exact" | "Prefix" | "ImplementationSpecific", Some(value)) => {
                     if let Err(why) = check_path_value(value) {
                         status.error(Reason::Invalid, format!("{at}.path"), why);
@@ -207,7 +227,13 @@ fn validate_backend(backend: &IngressBackend, field: &str, status: &mut ObjectSt
                     }
                 }
                 Some((None, Some(name))) if !name.is_empty() => {}
-                _ => status.error(Reason::Invalid, format!("{field}.service.port"), "set exactly one of number and name"),
+                _ => {
+                    status.error(
+                        Reason::Invalid,
+                        format!("{field}.service.port"),
+                        "set exactly one of number and name",
+                    );
+                }
             }
         }
         (None, Some(_)) => {}

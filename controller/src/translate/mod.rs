@@ -34,7 +34,9 @@ use std::cmp::Reverse;
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::networking::v1::Ingress;
-use tidegate_snapshot::{BackendId, Certificate, Endpoint, HostMatch, PathKind, Route, RouteAction, Routing, Snapshot, VirtualHost};
+use tidegate_snapshot::{
+    BackendId, Certificate, Endpoint, HostMatch, PathKind, Route, RouteAction, Routing, Snapshot, VirtualHost,
+};
 
 use crate::luaroute;
 use crate::objects::{Inputs, ObjectRef, name_of, namespace_of};
@@ -66,7 +68,9 @@ pub fn translate(inputs: &Inputs) -> Translation {
     }
 
     for route in &inputs.lua_routes {
-        if !classes.is_ours_name(Some(route.spec.ingress_class_name.as_deref().unwrap_or(&inputs.options.ingress_class))) {
+        if !classes
+            .is_ours_name(Some(route.spec.ingress_class_name.as_deref().unwrap_or(&inputs.options.ingress_class)))
+        {
             continue;
         }
         let object = ObjectRef::namespaced(luaroute::KIND, namespace_of(&route.metadata), name_of(&route.metadata));
@@ -74,7 +78,11 @@ pub fn translate(inputs: &Inputs) -> Translation {
         luaroute::validate(route, &mut status);
         // Routes whose Lua does not run are never served: skipping an access handler would open
         // what it guards.
-        status.error(Reason::Unsupported, "spec", "this build does not run Lua yet; the LuaRoute is validated but not served");
+        status.error(
+            Reason::Unsupported,
+            "spec",
+            "this build does not run Lua yet; the LuaRoute is validated but not served",
+        );
         status.accepted = false;
         statuses.insert(object, status);
     }
@@ -143,7 +151,11 @@ impl Builder {
     /// Offers come in precedence order, so the first offer wins.
     fn offer_default_backend(&mut self, action: RouteAction, owner: ObjectRef) {
         if self.default_backend.is_some() {
-            self.conflicts.push((owner, "spec.defaultBackend".into(), "an older Ingress already sets the default backend; ignored".into()));
+            self.conflicts.push((
+                owner,
+                "spec.defaultBackend".into(),
+                "an older Ingress already sets the default backend; ignored".into(),
+            ));
         } else {
             self.default_backend = Some(action);
         }
@@ -152,7 +164,10 @@ impl Builder {
     fn offer_tls(&mut self, host: HostMatch, certificate: String, owner: ObjectRef, field: String) {
         match self.tls.get(&host) {
             Some(claim) if claim.certificate != certificate => {
-                let message = format!("host {host} already uses the certificate of {} ({}); ignored", claim.owner, claim.certificate);
+                let message = format!(
+                    "host {host} already uses the certificate of {} ({}); ignored",
+                    claim.owner, claim.certificate
+                );
                 self.conflicts.push((owner, field, message));
             }
             Some(_) => {}

@@ -64,7 +64,10 @@ fn exact(h: &str) -> HostMatch {
 }
 
 fn status<'a>(t: &'a Translation, kind: &str, ns: &str, name: &str) -> &'a ObjectStatus {
-    let found = t.statuses.iter().find(|s| s.object.kind == kind && s.object.namespace.as_deref() == Some(ns) && s.object.name == name);
+    let found = t
+        .statuses
+        .iter()
+        .find(|s| s.object.kind == kind && s.object.namespace.as_deref() == Some(ns) && s.object.name == name);
     found.unwrap_or_else(|| panic!("no status for {kind} {ns}/{name} in {:#?}", t.statuses))
 }
 
@@ -129,7 +132,15 @@ fn foreign_ingresses_get_no_status() {
 /// Exact routes come before Prefix routes; longer prefixes before shorter ones.
 #[test]
 fn exact_before_prefix_then_longest_first() {
-    let spec = rules(&[rule(Some("a.com"), &[("Prefix", "/", "root"), ("Prefix", "/aaa", "aaa"), ("Exact", "/aaa", "aaa-exact"), ("Prefix", "/aaa/bbb", "bbb")])]);
+    let spec = rules(&[rule(
+        Some("a.com"),
+        &[
+            ("Prefix", "/", "root"),
+            ("Prefix", "/aaa", "aaa"),
+            ("Exact", "/aaa", "aaa-exact"),
+            ("Prefix", "/aaa/bbb", "bbb"),
+        ],
+    )]);
     let t = run(&ingress("ns", "i", &spec));
     assert_eq!(
         routes(&t, &exact("a.com")),
@@ -200,7 +211,10 @@ fn ingresses_merge_per_host() {
     let two = ingress("ns", "two", &rules(&[rule(Some("a.com"), &[("Prefix", "/api", "api")])]));
     let t = run(&format!("{one}{two}"));
     assert_eq!(t.snapshot.routing.virtual_hosts.len(), 1);
-    assert_eq!(routes(&t, &exact("a.com")).iter().map(|r| r.2.as_str()).collect::<Vec<_>>(), vec!["ns/api:80", "ns/root:80"]);
+    assert_eq!(
+        routes(&t, &exact("a.com")).iter().map(|r| r.2.as_str()).collect::<Vec<_>>(),
+        vec!["ns/api:80", "ns/root:80"]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -209,7 +223,11 @@ fn ingresses_merge_per_host() {
 /// `*.foo.com` becomes a wildcard host; a rule without a host becomes the catch-all.
 #[test]
 fn host_kinds() {
-    let spec = rules(&[rule(Some("*.foo.com"), &[("Prefix", "/", "w")]), rule(None, &[("Prefix", "/", "any")]), rule(Some("foo.com"), &[("Prefix", "/", "e")])]);
+    let spec = rules(&[
+        rule(Some("*.foo.com"), &[("Prefix", "/", "w")]),
+        rule(None, &[("Prefix", "/", "any")]),
+        rule(Some("foo.com"), &[("Prefix", "/", "e")]),
+    ]);
     let t = run(&ingress("ns", "i", &spec));
     let hosts: Vec<_> = t.snapshot.routing.virtual_hosts.iter().map(|v| v.host.clone()).collect();
     assert_eq!(hosts, vec![exact("foo.com"), HostMatch::Wildcard("foo.com".into()), HostMatch::Any]);
@@ -256,8 +274,10 @@ fn only_ready_endpoints() {
     let slice = "---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns}\nspec:\n  ports: [{port: 80}]\n\
         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: ns, labels: {kubernetes.io/service-name: web}}\n\
         addressType: IPv4\nports: [{port: 9000}]\nendpoints:\n- addresses: [127.0.0.1]\n  conditions: {ready: true}\n- addresses: [127.0.0.2]\n  conditions: {ready: false}\n- addresses: [127.0.0.3]\n";
-    let t = run(&format!("{}{slice}", ingress("ns", "i", "  defaultBackend: {service: {name: web, port: {number: 80}}}")));
-    let addresses: Vec<_> = t.snapshot.endpoints[&BackendId("ns/web:80".into())].iter().map(|e| e.address.as_str()).collect();
+    let t =
+        run(&format!("{}{slice}", ingress("ns", "i", "  defaultBackend: {service: {name: web, port: {number: 80}}}")));
+    let addresses: Vec<_> =
+        t.snapshot.endpoints[&BackendId("ns/web:80".into())].iter().map(|e| e.address.as_str()).collect();
     assert_eq!(addresses, vec!["127.0.0.1", "127.0.0.3"]);
 }
 
@@ -277,7 +297,10 @@ fn missing_service_is_reported_and_route_kept() {
 fn missing_service_port_is_reported() {
     let spec = "  defaultBackend: {service: {name: web, port: {number: 8080}}}";
     let t = run(&format!("{}{}", ingress("ns", "i", spec), service("ns", "web", 9001)));
-    assert_eq!(problem_fields(status(&t, "Ingress", "ns", "i"), Reason::BackendNotFound), vec!["spec.defaultBackend.service"]);
+    assert_eq!(
+        problem_fields(status(&t, "Ingress", "ns", "i"), Reason::BackendNotFound),
+        vec!["spec.defaultBackend.service"]
+    );
 }
 
 /// Resource backends and ExternalName Services are reported as unsupported, never dropped silently.
@@ -291,7 +314,11 @@ fn unsupported_backends_are_reported() {
         problem_fields(s, Reason::Unsupported),
         vec!["spec.rules[0].http.paths[0].backend.resource", "spec.rules[0].http.paths[1].backend.service"]
     );
-    assert_eq!(routes(&t, &HostMatch::Any).len(), 1, "the resource path is not served, the ExternalName one answers 503");
+    assert_eq!(
+        routes(&t, &HostMatch::Any).len(),
+        1,
+        "the resource path is not served, the ExternalName one answers 503"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -305,7 +332,11 @@ fn invalid_ingress_is_rejected_and_others_serve() {
     let bad_path = ingress("ns", "bad-path", &rules(&[rule(Some("c.com"), &[("Exact", "x", "s")])]));
     let good = ingress("ns", "good", &rules(&[rule(Some("b.com"), &[("Prefix", "/", "s")])]));
     let t = run(&format!("{bad}{bad_host}{bad_path}{good}"));
-    for (name, field) in [("bad", "spec.rules[0].http.paths[0].pathType"), ("bad-host", "spec.rules[0].host"), ("bad-path", "spec.rules[0].http.paths[0].path")] {
+    for (name, field) in [
+        ("bad", "spec.rules[0].http.paths[0].pathType"),
+        ("bad-host", "spec.rules[0].host"),
+        ("bad-path", "spec.rules[0].http.paths[0].path"),
+    ] {
         let s = status(&t, "Ingress", "ns", name);
         assert!(!s.accepted, "{name} is rejected");
         assert_eq!(problem_fields(s, Reason::Invalid), vec![field], "{name} names its field");
@@ -336,7 +367,10 @@ fn tls_secret(namespace: &str, name: &str) -> String {
 /// `spec.tls` binds the Secret's certificate to its hosts; those hosts redirect plain HTTP.
 #[test]
 fn tls_binds_certificates_and_redirects() {
-    let spec = format!("  tls: [{{hosts: [a.com], secretName: a-tls}}]\n{}", rules(&[rule(Some("a.com"), &[("Prefix", "/", "s")]), rule(Some("b.com"), &[("Prefix", "/", "s")])]));
+    let spec = format!(
+        "  tls: [{{hosts: [a.com], secretName: a-tls}}]\n{}",
+        rules(&[rule(Some("a.com"), &[("Prefix", "/", "s")]), rule(Some("b.com"), &[("Prefix", "/", "s")])])
+    );
     let t = run(&format!("{}{}", ingress("ns", "i", &spec), tls_secret("ns", "a-tls")));
     let vhosts = &t.snapshot.routing.virtual_hosts;
     assert_eq!(vhosts[0].tls.as_deref(), Some("ns/a-tls"));
@@ -350,8 +384,12 @@ fn tls_binds_certificates_and_redirects() {
 #[test]
 fn ssl_redirect_can_be_disabled() {
     for key in ["nginx.ingress.kubernetes.io/ssl-redirect", "tidegate.dev/ssl-redirect"] {
-        let spec = format!("  tls: [{{hosts: [a.com], secretName: a-tls}}]\n{}", rules(&[rule(Some("a.com"), &[("Prefix", "/", "s")])]));
-        let yaml = ingress("ns", "i", &spec).replace("namespace: ns}", &format!("namespace: ns, annotations: {{{key}: \"false\"}}}}"));
+        let spec = format!(
+            "  tls: [{{hosts: [a.com], secretName: a-tls}}]\n{}",
+            rules(&[rule(Some("a.com"), &[("Prefix", "/", "s")])])
+        );
+        let yaml = ingress("ns", "i", &spec)
+            .replace("namespace: ns}", &format!("namespace: ns, annotations: {{{key}: \"false\"}}}}"));
         let t = run(&format!("{yaml}{}", tls_secret("ns", "a-tls")));
         assert!(!t.snapshot.routing.virtual_hosts[0].routes[0].ssl_redirect, "{key}");
     }
@@ -360,7 +398,10 @@ fn ssl_redirect_can_be_disabled() {
 /// A wildcard certificate covers the exact hosts under it.
 #[test]
 fn wildcard_certificate_covers_exact_hosts() {
-    let spec = format!("  tls: [{{hosts: [\"*.a.com\"], secretName: w}}]\n{}", rules(&[rule(Some("x.a.com"), &[("Prefix", "/", "s")])]));
+    let spec = format!(
+        "  tls: [{{hosts: [\"*.a.com\"], secretName: w}}]\n{}",
+        rules(&[rule(Some("x.a.com"), &[("Prefix", "/", "s")])])
+    );
     let t = run(&format!("{}{}", ingress("ns", "i", &spec), tls_secret("ns", "w")));
     let x = t.snapshot.routing.virtual_hosts.iter().find(|v| v.host == exact("x.a.com")).expect("x.a.com");
     assert_eq!(x.tls.as_deref(), Some("ns/w"));
@@ -370,8 +411,12 @@ fn wildcard_certificate_covers_exact_hosts() {
 /// everything else is served.
 #[test]
 fn bad_secrets_are_reported_and_hosts_still_served() {
-    let spec = format!("  tls: [{{hosts: [a.com], secretName: missing}}, {{hosts: [b.com], secretName: opaque}}]\n{}", rules(&[rule(Some("a.com"), &[("Prefix", "/", "s")]), rule(Some("b.com"), &[("Prefix", "/", "s")])]));
-    let opaque = "---\napiVersion: v1\nkind: Secret\nmetadata: {name: opaque, namespace: ns}\nstringData: {password: x}\n";
+    let spec = format!(
+        "  tls: [{{hosts: [a.com], secretName: missing}}, {{hosts: [b.com], secretName: opaque}}]\n{}",
+        rules(&[rule(Some("a.com"), &[("Prefix", "/", "s")]), rule(Some("b.com"), &[("Prefix", "/", "s")])])
+    );
+    let opaque =
+        "---\napiVersion: v1\nkind: Secret\nmetadata: {name: opaque, namespace: ns}\nstringData: {password: x}\n";
     let t = run(&format!("{}{opaque}", ingress("ns", "i", &spec)));
     let s = status(&t, "Ingress", "ns", "i");
     assert_eq!(problem_fields(s, Reason::SecretNotFound), vec!["spec.tls[0].secretName"]);
@@ -405,7 +450,11 @@ fn lua_routes_are_validated_not_served() {
 fn order_of_inputs_does_not_matter() {
     let parts = [
         ingress("ns", "a", &rules(&[rule(Some("a.com"), &[("Prefix", "/", "web"), ("Exact", "/x", "web")])])),
-        ingress("ns", "b", &rules(&[rule(Some("a.com"), &[("Prefix", "/", "web")]), rule(None, &[("Prefix", "/y", "web")])])),
+        ingress(
+            "ns",
+            "b",
+            &rules(&[rule(Some("a.com"), &[("Prefix", "/", "web")]), rule(None, &[("Prefix", "/y", "web")])]),
+        ),
         ingress("other", "c", "  defaultBackend: {service: {name: web, port: {number: 80}}}"),
         service("ns", "web", 9000),
     ];

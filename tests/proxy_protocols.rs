@@ -1,0 +1,221 @@
+//! The proxy with real clients over loopback: HTTP/2, TLS with SNI, WebSocket, streamed uploads,
+//! and the status for each way an upstream can fail.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, StatusCode, Version};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::TokioIo;
+use support::{
+    Body, Tidegate, echo, echoed_headers, get, get_request, h2c, manifest_dir, self_signed, service_yaml,
+    tls_connector, tls_request, tls_secret_yaml, write_manifest,
+};
+
+fn ingress(name: &str, host: &str, service: &str, annotations: &str, tls: &str) -> String {
+    format!(
+        "---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata:\n  name: {name}\n  namespace: t\n  annotations: {{{annotations}}}\nspec:\n  ingressClassName: tidegate\n{tls}  rules:\n  - host: {host}\n    http:\n      paths:\n      - {{path: /, pathType: Prefix, backend: {{service: {{name: {service}, port: {{number: 80}}}}}}}}\n"
+    )
+}
+
+/// A free loopback port with nothing listening on it.
+fn refused_port() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+struct Setup {
+    tidegate: Tidegate,
+    _dir: tempfile::TempDir,
+    certs: Vec<(String, String)>,
+}
+
+/// Hosts: `a.test` and `b.test` with their own certificates, `plain.test` without TLS,
+/// `refused.test` (nothing listens), `empty.test` (no endpoints), `slow.test` (1 s read timeout).
+async fn setup() -> Setup {
+    let dir = manifest_dir();
+    let web = echo("t", "web").await;
+    let (a_cert, a_key) = self_signed(&["a.test"]);
+    let (b_cert, b_key) = self_signed(&["b.test"]);
+    let mut text = String::new();
+    text.push_str(&service_yaml("t", "web", 80, "http", &[web]));
+    text.push_str(&service_yaml("t", "refused", 80, "http", &[refused_port()]));
+    text.push_str("---\napiVersion: v1\nkind: Service\nmetadata: {name: empty, namespace: t}\nspec:\n  ports: [{name: http, port: 80}]\n");
+    text.push_str(&tls_secret_yaml("t", "a-tls", &a_cert, &a_key));
+    text.push_str(&tls_secret_yaml("t", "b-tls", &b_cert, &b_key));
+    text.push_str(&ingress("a", "a.test", "web", "", "  tls: [{hosts: [a.test], secretName: a-tls}]\n"));
+    text.push_str(&ingress("b", "b.test", "web", "", "  tls: [{hosts: [b.test], secretName: b-tls}]\n"));
+    text.push_str(&ingress("plain", "plain.test", "web", "", ""));
+    text.push_str(&ingress("refused", "refused.test", "refused", "", ""));
+    text.push_str(&ingress("empty", "empty.test", "empty", "", ""));
+    text.push_str(&ingress("slow", "slow.test", "web", "nginx.ingress.kubernetes.io/proxy-read-timeout: \"1\"", ""));
+    write_manifest(dir.path(), "all.yaml", &text);
+    let path = dir.path().to_owned();
+    let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&path, &[])).await.expect("start");
+    Setup { tidegate, _dir: dir, certs: vec![(a_cert, "a.test".into()), (b_cert, "b.test".into())] }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_and_h2c_reach_the_upstream_over_http1() {
+    let s = setup().await;
+    let one = get(s.tidegate.http, "plain.test", "/x?y=1").await.expect("http/1.1");
+    assert_eq!(one.status, StatusCode::OK);
+    assert_eq!(one.json()["path"], "/x");
+    assert_eq!(one.headers["server"], "tidegate");
+    assert!(one.headers.contains_key("date"));
+
+    let request = Request::get("http://plain.test/over-h2").body(Body::default()).expect("request");
+    let two = h2c(s.tidegate.http, request).await.expect("h2c");
+    assert_eq!(two.version, Version::HTTP_2);
+    assert_eq!(two.status, StatusCode::OK);
+    let echoed = two.json();
+    assert_eq!(echoed["proto"], "HTTP/1.1", "upstreams are spoken to in HTTP/1.1");
+    assert_eq!(echoed["host"], "plain.test", "the :authority becomes the upstream Host");
+    assert_eq!(two.headers["server"], "tidegate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_picks_certificates_by_sni_and_falls_back_to_the_default() {
+    let s = setup().await;
+    for (cert, host) in &s.certs {
+        let connector = tls_connector(Some(&[cert.as_str()]), &[b"h2", b"http/1.1"]);
+        let request = Request::get(format!("https://{host}/secure")).body(Body::default()).expect("request");
+        let answer =
+            tls_request(&connector, s.tidegate.https, host, request).await.unwrap_or_else(|e| panic!("{host}: {e}"));
+        assert_eq!(answer.alpn.as_deref(), Some(&b"h2"[..]), "h2 is negotiated by ALPN");
+        assert_eq!(answer.answer.status, StatusCode::OK);
+        assert_eq!(answer.answer.json()["host"], host.as_str());
+        assert_eq!(answer.answer.headers["strict-transport-security"], "max-age=31536000");
+        let forwarded = echoed_headers(&answer.answer);
+        assert_eq!(forwarded["X-Forwarded-Proto"], vec!["https"]);
+    }
+    // A name nothing claims gets the self-signed default certificate (and routing says 404).
+    let any = tls_connector(None, &[b"http/1.1"]);
+    let answer = tls_request(&any, s.tidegate.https, "unknown.test", get_request("unknown.test", "/"))
+        .await
+        .expect("default cert");
+    let default_name = b"tidegate-default.invalid";
+    assert!(
+        answer.peer_certificate.windows(default_name.len()).any(|w| w == default_name),
+        "the default certificate is served"
+    );
+    assert_eq!(answer.answer.status, StatusCode::NOT_FOUND);
+    // b.test's certificate is not accepted for a.test: SNI really selects.
+    let only_b = tls_connector(Some(&[s.certs[1].0.as_str()]), &[b"http/1.1"]);
+    assert!(tls_request(&only_b, s.tidegate.https, "a.test", get_request("a.test", "/")).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_to_a_tls_host_is_redirected() {
+    let s = setup().await;
+    let answer = get(s.tidegate.http, "a.test", "/p?q=1").await.expect("redirect");
+    assert_eq!(answer.status, StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(answer.headers["location"], format!("https://a.test:{}/p?q=1", s.tidegate.https.port()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_is_tunnelled() {
+    let s = setup().await;
+    let stream = tokio::net::TcpStream::connect(s.tidegate.http).await.expect("connect");
+    let (mut socket, response) =
+        tokio_tungstenite::client_async("ws://plain.test/ws", stream).await.expect("websocket handshake");
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    for text in ["hello", "through the tunnel"] {
+        socket.send(tokio_tungstenite::tungstenite::Message::text(text)).await.expect("send");
+        let echoed = tokio::time::timeout(Duration::from_secs(5), socket.next())
+            .await
+            .expect("echo in time")
+            .expect("message")
+            .expect("ok");
+        assert_eq!(echoed.into_text().expect("text").as_str(), text);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_upload_streams_through() {
+    let s = setup().await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(4);
+    let body = StreamBody::new(tokio_stream_from(rx));
+    let request = Request::post("/upload").header("host", "plain.test").body(body).expect("request");
+    let stream = tokio::net::TcpStream::connect(s.tidegate.http).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+    tokio::spawn(conn);
+    let sending = tokio::spawn(async move {
+        // 8 MiB in 64 KiB chunks of unknown total length: Transfer-Encoding: chunked.
+        for _ in 0..128 {
+            tx.send(Ok(Frame::data(Bytes::from(vec![b'x'; 64 * 1024])))).await.expect("chunk accepted");
+        }
+    });
+    let response = sender.send_request(request).await.expect("response");
+    sending.await.expect("sent");
+    let body = response.into_body().collect().await.expect("body").to_bytes();
+    let echoed: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(echoed["body_length"], 8 * 1024 * 1024);
+}
+
+fn tokio_stream_from<T>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_failures_map_to_502_503_504() {
+    let s = setup().await;
+    let refused = get(s.tidegate.http, "refused.test", "/").await.expect("answer");
+    assert_eq!(refused.status, StatusCode::BAD_GATEWAY, "connection refused");
+    let empty = get(s.tidegate.http, "empty.test", "/").await.expect("answer");
+    assert_eq!(empty.status, StatusCode::SERVICE_UNAVAILABLE, "no ready endpoint");
+    let started = Instant::now();
+    let slow = get(s.tidegate.http, "slow.test", "/?delay_ms=5000").await.expect("answer");
+    assert_eq!(slow.status, StatusCode::GATEWAY_TIMEOUT, "read timeout");
+    assert!(started.elapsed() < Duration::from_secs(4), "the 1 s read timeout applies, not the default 60 s");
+    let fast = get(s.tidegate.http, "slow.test", "/?delay_ms=10").await.expect("answer");
+    assert_eq!(fast.status, StatusCode::OK, "within the timeout it answers");
+    for answer in [&refused, &empty, &slow] {
+        assert_eq!(answer.headers["server"], "tidegate");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_are_set_and_hop_by_hop_headers_dropped() {
+    let s = setup().await;
+    let request = Request::get("/")
+        .header("host", "plain.test")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "secret")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-end-to-end", "kept")
+        .body(Body::default())
+        .expect("request");
+    let answer = support::H1::connect(s.tidegate.http).await.expect("connect").send(request).await.expect("answer");
+    let headers = echoed_headers(&answer);
+    assert_eq!(headers["X-Forwarded-For"], vec!["127.0.0.1"], "client-sent X-Forwarded-For is not trusted");
+    assert_eq!(headers["X-Real-Ip"], vec!["127.0.0.1"]);
+    assert_eq!(headers["X-Forwarded-Proto"], vec!["http"]);
+    assert_eq!(headers["X-Forwarded-Host"], vec!["plain.test"]);
+    assert_eq!(headers["X-Forwarded-Port"], vec![s.tidegate.http.port().to_string()]);
+    assert_eq!(headers["X-End-To-End"], vec!["kept"]);
+    assert!(!headers.contains_key("X-Hop"), "headers named by Connection are hop-by-hop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_reports_health_readiness_and_metrics() {
+    let s = setup().await;
+    get(s.tidegate.http, "plain.test", "/").await.expect("answer");
+    let metrics = support::admin_get(s.tidegate.admin, "/metrics").expect("metrics");
+    for name in [
+        "tidegate_requests_total{host=\"plain.test\",route=\"t/plain/0/0\",status=\"2xx\"}",
+        "tidegate_request_duration_seconds_bucket",
+        "tidegate_upstream_duration_seconds_bucket",
+        "tidegate_active_connections",
+        "tidegate_config_version 1",
+        "tidegate_config_apply_duration_seconds_count 1",
+        "tidegate_rejected_objects 0",
+    ] {
+        assert!(metrics.contains(name), "metrics lack {name}:\n{metrics}");
+    }
+    assert_eq!(support::admin_get(s.tidegate.admin, "/healthz").expect("healthz"), "ok\n");
+}
