@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tidegate::{echo, standalone};
 use tidegate_controller::Options;
-use tidegate_controller::manifests::parse_str;
+use tidegate_controller::manifests::parse_file;
 use tidegate_proxy::ProxyConfig;
 
 #[derive(Parser)]
@@ -89,6 +89,9 @@ struct StandaloneArgs {
     /// shipped examples point their Service at 127.0.0.1:9000).
     #[arg(long)]
     echo_backend: Option<SocketAddr>,
+    /// On SIGTERM or SIGINT, how long open connections may take to finish.
+    #[arg(long, default_value_t = 30)]
+    drain_timeout_seconds: u64,
 }
 
 fn main() -> ExitCode {
@@ -116,7 +119,12 @@ fn main() -> ExitCode {
                 tracing::error!("cannot start the echo backend on {addr}: {e}");
                 return ExitCode::FAILURE;
             }
-            match standalone::run(&args.manifests, &config, options) {
+            match standalone::run(
+                &args.manifests,
+                &config,
+                options,
+                std::time::Duration::from_secs(args.drain_timeout_seconds),
+            ) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");
@@ -192,9 +200,9 @@ fn validate(files: &[PathBuf], options: Options) -> ExitCode {
                 continue;
             }
         };
-        let (parsed, errors) = parse_str(&text);
+        let (parsed, errors) = parse_file(file, &text);
         for error in errors {
-            println!("{}", error.to_string().replacen("<text>", &file.display().to_string(), 1));
+            println!("{error}");
             failed = true;
         }
         objects.extend(parsed);

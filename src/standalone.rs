@@ -30,22 +30,33 @@ pub enum Error {
     Proxy(#[from] tidegate_proxy::StartError),
     #[error("cannot watch {0}: {1}")]
     Watch(PathBuf, notify::Error),
+    #[error("cannot handle signals: {0}")]
+    Signals(std::io::Error),
 }
 
-/// Runs until the process is stopped.
+/// What wakes the reload loop.
+enum Event {
+    Changed,
+    /// SIGTERM or SIGINT: drain and return.
+    Stop,
+}
+
+/// Runs until SIGTERM or SIGINT, then drains: no new connections, open ones finish (for at most
+/// `drain_timeout`).
 ///
 /// # Errors
 /// Only at start: the folder cannot be read or watched, or a listener cannot be bound.
-pub fn run(dir: &Path, proxy_config: &ProxyConfig, options: Options) -> Result<(), Error> {
+pub fn run(dir: &Path, proxy_config: &ProxyConfig, options: Options, drain_timeout: Duration) -> Result<(), Error> {
     std::fs::read_dir(dir).map_err(|e| Error::Folder(dir.to_owned(), e))?;
     let proxy = Proxy::start(proxy_config)?;
     let a = proxy.addresses();
     tracing::info!(http = %a.http, https = %a.https, admin = %a.admin, manifests = %dir.display(), "listening");
 
     let (events, changes) = mpsc::channel();
+    watch_signals(events.clone()).map_err(Error::Signals)?;
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if event.is_ok() {
-            let _ = events.send(());
+            let _ = events.send(Event::Changed);
         }
     })
     .map_err(|e| Error::Watch(dir.to_owned(), e))?;
@@ -62,15 +73,44 @@ pub fn run(dir: &Path, proxy_config: &ProxyConfig, options: Options) -> Result<(
     state.reload(dir);
     loop {
         match changes.recv_timeout(RESCAN_EVERY) {
-            Ok(()) => {
+            Ok(Event::Changed) => {
                 std::thread::sleep(DEBOUNCE);
-                while changes.try_recv().is_ok() {}
+                let mut stop = false;
+                while let Ok(event) = changes.try_recv() {
+                    stop |= matches!(event, Event::Stop);
+                }
+                if stop {
+                    break;
+                }
             }
+            Ok(Event::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
         }
         state.reload(dir);
     }
+    tracing::info!(timeout_s = drain_timeout.as_secs_f64(), "draining: no new connections, open ones finish");
+    let left = state.proxy.drain(drain_timeout);
+    tracing::info!(connections_cut = left, "stopped");
+    Ok(())
+}
+
+/// Sends [`Event::Stop`] on SIGTERM or SIGINT.
+fn watch_signals(events: mpsc::Sender<Event>) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (mut term, mut int) = runtime.block_on(async {
+        Ok::<_, std::io::Error>((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
+    })?;
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        runtime.block_on(async {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        });
+        let _ = events.send(Event::Stop);
+    })?;
+    Ok(())
 }
 
 struct State {

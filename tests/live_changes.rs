@@ -264,3 +264,55 @@ async fn bad_input_is_reported_once_and_everything_else_keeps_serving() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_finish_on_the_configuration_they_started_with() {
+    let dir = manifest_dir();
+    let web = echo("t", "web").await;
+    write_manifest(dir.path(), "svc.yaml", &service_yaml("t", "web", 80, "http", &[web]));
+    write_manifest(dir.path(), "route.yaml", &ingress("going", "going.test", &[("/", "web")], None));
+    let path = dir.path().to_owned();
+    let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&path, &[])).await.expect("start");
+    let http = tidegate.http;
+    // The upstream takes 1.5 s; the route disappears meanwhile.
+    let slow = tokio::spawn(async move { get(http, "going.test", "/?delay_ms=1500").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let version = tidegate.version();
+    std::fs::remove_file(dir.path().join("route.yaml")).expect("remove route");
+    tidegate.wait_version_after(version);
+    assert_eq!(
+        get(http, "going.test", "/").await.expect("answer").status,
+        StatusCode::NOT_FOUND,
+        "new requests see the change"
+    );
+    let answer = slow.await.expect("task").expect("in-flight answer");
+    assert_eq!(answer.status, StatusCode::OK, "the request in flight finished on the old configuration");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_then_exits() {
+    let dir = manifest_dir();
+    let web = echo("t", "web").await;
+    write_manifest(
+        dir.path(),
+        "all.yaml",
+        &format!("{}{}", service_yaml("t", "web", 80, "http", &[web]), ingress("r", "r.test", &[("/", "web")], None)),
+    );
+    let path = dir.path().to_owned();
+    let mut tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&path, &[])).await.expect("start");
+    let http = tidegate.http;
+    let slow = tokio::spawn(async move { get(http, "r.test", "/?delay_ms=1000").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tidegate.terminate();
+    let answer = slow.await.expect("task").expect("in-flight answer");
+    assert_eq!(answer.status, StatusCode::OK, "the request in flight completes during the drain");
+    let status = tokio::task::spawn_blocking(move || {
+        let status = tidegate.wait_exit(Duration::from_secs(10));
+        (status, tidegate)
+    })
+    .await
+    .expect("wait");
+    assert!(status.0.is_some_and(|s| s.success()), "exits cleanly after draining: {:?}", status.0);
+    assert!(get(http, "r.test", "/").await.is_err(), "no new connections after exit");
+    assert!(status.1.logs().iter().any(|l| l.contains("draining")));
+}

@@ -219,3 +219,77 @@ async fn admin_reports_health_readiness_and_metrics() {
     }
     assert_eq!(support::admin_get(s.tidegate.admin, "/healthz").expect("healthz"), "ok\n");
 }
+
+/// A loopback listener that never accepts, with its backlog filled: further connection attempts
+/// hang in SYN retries, which is what an unreachable endpoint looks like.
+fn blackhole() -> (socket2::Socket, Vec<std::net::TcpStream>, std::net::SocketAddr) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().expect("addr").into()).expect("bind");
+    socket.listen(0).expect("listen");
+    let addr = socket.local_addr().expect("addr").as_socket().expect("inet");
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Ok(s) => fillers.push(s),
+            Err(_) => break,
+        }
+    }
+    (socket, fillers, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_timeout_is_504() {
+    let (_socket, _fillers, addr) = blackhole();
+    let dir = manifest_dir();
+    let mut text = service_yaml("t", "hole", 80, "http", &[addr]);
+    text.push_str(&ingress(
+        "hole",
+        "hole.test",
+        "hole",
+        "nginx.ingress.kubernetes.io/proxy-connect-timeout: \"1\"",
+        "",
+    ));
+    write_manifest(dir.path(), "all.yaml", &text);
+    let path = dir.path().to_owned();
+    let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&path, &[])).await.expect("start");
+    let started = Instant::now();
+    let answer = get(tidegate.http, "hole.test", "/").await.expect("answer");
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(started.elapsed() < Duration::from_secs(4), "the 1 s connect timeout applies");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_stalls_mid_body_is_cut_after_the_read_timeout() {
+    // Headers and part of a 1 MB body, then silence.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\npartial").await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    let dir = manifest_dir();
+    let mut text = service_yaml("t", "stall", 80, "http", &[addr]);
+    text.push_str(&ingress(
+        "stall",
+        "stall.test",
+        "stall",
+        "nginx.ingress.kubernetes.io/proxy-read-timeout: \"1\"",
+        "",
+    ));
+    write_manifest(dir.path(), "all.yaml", &text);
+    let path = dir.path().to_owned();
+    let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&path, &[])).await.expect("start");
+    let started = Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(10), get(tidegate.http, "stall.test", "/"))
+        .await
+        .expect("ends in time");
+    assert!(result.is_err(), "the body is cut, not completed: {result:?}");
+    assert!(started.elapsed() < Duration::from_secs(4), "cut after the 1 s read timeout, took {:?}", started.elapsed());
+}

@@ -179,7 +179,12 @@ impl ManifestSet {
 /// Reads YAML text (one or more documents) into objects, with an error for each document that
 /// is not a valid object of a kind tidegate reads.
 pub fn parse_str(text: &str) -> (Vec<Object>, Vec<LoadError>) {
-    let state = read_file(Path::new("<text>"), text.as_bytes(), &[]);
+    parse_file(Path::new("<text>"), text)
+}
+
+/// Like [`parse_str`], with errors naming `path`.
+pub fn parse_file(path: &Path, text: &str) -> (Vec<Object>, Vec<LoadError>) {
+    let state = read_file(path, text.as_bytes(), &[]);
     (state.objects.into_iter().map(|(_, o, _)| o).collect(), state.errors)
 }
 

@@ -20,7 +20,7 @@ use tidegate_snapshot::RouteAction;
 
 use crate::Shared;
 use crate::access_log::Entry;
-use crate::body::{Observed, ResponseBody, full};
+use crate::body::{IdleTimeout, Observed, ResponseBody, full};
 use crate::headers::{Forwarded, is_upgrade, set_forwarded, strip_hop_by_hop};
 use crate::metrics::{RequestLabels, status_class};
 use crate::router::Match;
@@ -176,7 +176,8 @@ async fn proxy(
         let upstream_upgrade = hyper::upgrade::on(&mut response);
         tokio::task::spawn_local(tunnel(client_upgrade, upstream_upgrade));
     }
-    response.map(BodyExt::boxed_unsync)
+    let read_timeout = Duration::from_millis(action.timeouts.read_ms);
+    response.map(|body| IdleTimeout::new(body, read_timeout).boxed_unsync())
 }
 
 /// Copies bytes both ways between an upgraded client and upstream connection until either ends.

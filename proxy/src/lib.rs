@@ -31,7 +31,7 @@ mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -70,6 +70,10 @@ pub(crate) struct Shared {
     pub(crate) status: ArcSwap<Bytes>,
     pub(crate) hsts: Option<HeaderValue>,
     pub(crate) https_port: u16,
+    /// Flips to true once: workers stop accepting and close connections when idle.
+    pub(crate) shutdown: tokio::sync::watch::Sender<bool>,
+    /// Client connections open now, across workers (what a drain waits for).
+    pub(crate) open_connections: AtomicUsize,
 }
 
 /// The addresses the proxy actually listens on (ports chosen when 0 was asked for).
@@ -141,6 +145,8 @@ impl Proxy {
                 .then(|| HeaderValue::from_str(&format!("max-age={}", config.hsts_max_age)).ok())
                 .flatten(),
             https_port: config.https_redirect_port.unwrap_or(addresses.https.port()),
+            shutdown: tokio::sync::watch::Sender::new(false),
+            open_connections: AtomicUsize::new(0),
         });
 
         let admin_shared = Arc::clone(&shared);
@@ -200,6 +206,23 @@ impl Proxy {
             routing_rebuilt: built.routing_rebuilt,
             duration,
         })
+    }
+
+    /// Stops taking new connections, lets open ones finish their requests (HTTP/1.1 connections
+    /// close after the response in progress, HTTP/2 ones get GOAWAY), and returns once none is
+    /// left or `limit` has passed, with the number still open. `/readyz` answers 503 from the
+    /// start, so a load balancer stops sending traffic here.
+    pub fn drain(&self, limit: std::time::Duration) -> usize {
+        self.shared.ready.store(false, Ordering::Release);
+        self.shared.shutdown.send_replace(true);
+        let deadline = Instant::now() + limit;
+        loop {
+            let open = self.shared.open_connections.load(Ordering::Acquire);
+            if open == 0 || Instant::now() >= deadline {
+                return open;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     /// Publishes the per-object statuses served at `/status` (JSON).

@@ -45,7 +45,7 @@ pub(crate) fn bind_group(addr: SocketAddr, count: usize) -> std::io::Result<Vec<
     Ok(listeners)
 }
 
-/// Runs one worker until the process ends.
+/// Runs one worker until the process ends (a drain closes its listeners, not its connections).
 pub(crate) fn run_worker(
     index: usize,
     shared: Arc<Shared>,
@@ -62,13 +62,20 @@ pub(crate) fn run_worker(
         tracing::debug!(worker = index, "worker started");
         tokio::task::spawn_local(accept_loop(Rc::clone(&worker), http, None));
         accept_loop(worker, https, Some(TlsAcceptor::from(tls))).await;
-        Ok(())
+        // Draining: the listeners are closed, but this worker's connections are tasks of this
+        // LocalSet and must keep running until they finish; the process exits after the drain.
+        std::future::pending::<std::io::Result<()>>().await
     })
 }
 
 async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, tls: Option<TlsAcceptor>) {
+    let mut shutdown = worker.shared.shutdown.subscribe();
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        match accepted {
             Ok((stream, remote)) => {
                 tokio::task::spawn_local(serve(Rc::clone(&worker), stream, remote, tls.clone()));
             }
@@ -81,18 +88,26 @@ async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, tls: Option<TlsA
     }
 }
 
-/// Decrements the active-connection gauge however the connection ends.
+/// Counts a connection as open until it ends, however it ends.
 struct ConnectionGuard(Arc<Shared>);
+
+impl ConnectionGuard {
+    fn new(shared: &Arc<Shared>) -> Self {
+        shared.metrics.active_connections.inc();
+        shared.open_connections.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        ConnectionGuard(Arc::clone(shared))
+    }
+}
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.0.metrics.active_connections.dec();
+        self.0.open_connections.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
 async fn serve(worker: Rc<Worker>, stream: TcpStream, remote: SocketAddr, tls: Option<TlsAcceptor>) {
-    worker.shared.metrics.active_connections.inc();
-    let _guard = ConnectionGuard(Arc::clone(&worker.shared));
+    let _guard = ConnectionGuard::new(&worker.shared);
     let _ = stream.set_nodelay(true);
     let local_port = stream.local_addr().map(|a| a.port()).unwrap_or_default();
     let conn = Connection { remote, local_port, tls: tls.is_some() };
@@ -103,10 +118,10 @@ async fn serve(worker: Rc<Worker>, stream: TcpStream, remote: SocketAddr, tls: O
     builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
     builder.http2().timer(TokioTimer::new());
 
-    let result = match tls {
-        None => builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await,
+    let io: Box<dyn Io> = match tls {
+        None => Box::new(stream),
         Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-            Ok(Ok(tls_stream)) => builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service).await,
+            Ok(Ok(tls_stream)) => Box::new(tls_stream),
             Ok(Err(e)) => {
                 tracing::debug!(%remote, error = %e, "TLS handshake failed");
                 return;
@@ -117,10 +132,25 @@ async fn serve(worker: Rc<Worker>, stream: TcpStream, remote: SocketAddr, tls: O
             }
         },
     };
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let mut shutdown = worker.shared.shutdown.subscribe();
+    // Once a drain starts, the connection finishes what it is doing and closes.
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = shutdown.wait_for(|stop| *stop) => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
     if let Err(e) = result {
         tracing::debug!(%remote, error = %e, "connection ended with an error");
     }
 }
+
+/// A client stream, plain or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 /// Runs hyper's per-stream HTTP/2 tasks on this worker's thread, so handlers need not be `Send`
 /// (each worker will own a Lua VM).

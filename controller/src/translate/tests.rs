@@ -463,3 +463,17 @@ fn order_of_inputs_does_not_matter() {
     reversed.reverse();
     assert_eq!(run(&reversed.concat()), forward);
 }
+
+/// Secrets carry their keys base64-encoded in `data` (or plain in `stringData`); both are read.
+#[test]
+fn tls_secret_from_base64_data() {
+    let secret = "---\napiVersion: v1\nkind: Secret\nmetadata: {name: d, namespace: ns}\ntype: kubernetes.io/tls\ndata:\n  tls.crt: LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1JSUIKLS0tLS1FTkQgQ0VSVElGSUNBVEUtLS0tLQo=\n  tls.key: LS0tLS1CRUdJTiBQUklWQVRFIEtFWS0tLS0tCk1JSUUKLS0tLS1FTkQgUFJJVkFURSBLRVktLS0tLQo=\n";
+    let spec = format!(
+        "  tls: [{{hosts: [a.com], secretName: d}}]\n{}",
+        rules(&[rule(Some("a.com"), &[("Prefix", "/", "s")])])
+    );
+    let t = run(&format!("{}{secret}", ingress("ns", "i", &spec)));
+    let certificate = &t.snapshot.routing.certificates[0];
+    assert!(certificate.cert_pem.starts_with("-----BEGIN CERTIFICATE-----\nMIIB"));
+    assert!(certificate.key_pem.starts_with("-----BEGIN PRIVATE KEY-----"));
+}
