@@ -43,6 +43,8 @@ enum Command {
         ingress_class: String,
         #[arg(long)]
         watch_ingress_without_class: bool,
+        #[arg(long)]
+        allow_snippet_annotations: bool,
     },
     /// A small backend that answers every request with a JSON description of it.
     Echo {
@@ -92,6 +94,16 @@ struct StandaloneArgs {
     /// On SIGTERM or SIGINT, how long open connections may take to finish.
     #[arg(long, default_value_t = 30)]
     drain_timeout_seconds: u64,
+    /// Lua time allowed per request (milliseconds), unless a LuaRoute sets `cpuBudget`.
+    #[arg(long, default_value_t = 100)]
+    lua_cpu_budget_ms: u64,
+    /// Memory allowed to each worker's Lua VM (MiB).
+    #[arg(long, default_value_t = 128)]
+    lua_memory_limit_mb: usize,
+    /// Accept inline Lua in Ingress annotations (`tidegate.dev/access-by-lua` and the other
+    /// phases). Off by default: whoever may edit an Ingress could then run code in the proxy.
+    #[arg(long)]
+    allow_snippet_annotations: bool,
 }
 
 fn main() -> ExitCode {
@@ -108,10 +120,13 @@ fn main() -> ExitCode {
                 hsts_max_age: args.hsts_max_age,
                 https_redirect_port: args.https_redirect_port,
                 access_log: !args.no_access_log,
+                lua_cpu_budget: std::time::Duration::from_millis(args.lua_cpu_budget_ms),
+                lua_memory_limit: args.lua_memory_limit_mb << 20,
             };
             let options = Options {
                 ingress_class: args.ingress_class,
                 watch_ingress_without_class: args.watch_ingress_without_class,
+                allow_snippet_annotations: args.allow_snippet_annotations,
             };
             if let Some(addr) = args.echo_backend
                 && let Err(e) = spawn_echo(addr)
@@ -132,8 +147,8 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Validate { files, ingress_class, watch_ingress_without_class } => {
-            validate(&files, Options { ingress_class, watch_ingress_without_class })
+        Command::Validate { files, ingress_class, watch_ingress_without_class, allow_snippet_annotations } => {
+            validate(&files, Options { ingress_class, watch_ingress_without_class, allow_snippet_annotations })
         }
         Command::Echo { listen, service, namespace } => {
             let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {

@@ -43,6 +43,12 @@ pub struct LuaRouteSpec {
     /// Handlers that run for every route below and for Ingresses that attach this LuaRoute.
     #[serde(default)]
     pub lua: Option<LuaHandlers>,
+    /// Lua time allowed per request (`50ms`, `1s`); the proxy's default when absent.
+    #[serde(default)]
+    pub cpu_budget: Option<String>,
+    /// Routes of its own; may be empty when the LuaRoute only provides `spec.lua` for
+    /// Ingresses to attach.
+    #[serde(default)]
     pub routes: Vec<LuaRouteRule>,
 }
 
@@ -158,8 +164,17 @@ pub(crate) fn validate(route: &LuaRoute, status: &mut ObjectStatus) {
             status.error(Reason::Invalid, format!("spec.sharedDicts[{i}].size"), why);
         }
     }
-    if route.spec.routes.is_empty() {
-        status.error(Reason::Invalid, "spec.routes", "must name at least one route");
+    if let Some(budget) = &route.spec.cpu_budget
+        && let Err(why) = parse_duration_ms(budget)
+    {
+        status.error(Reason::Invalid, "spec.cpuBudget", why);
+    }
+    if route.spec.routes.is_empty() && route.spec.lua.is_none() {
+        status.error(
+            Reason::Invalid,
+            "spec.routes",
+            "must name at least one route (or set spec.lua, for Ingresses to attach)",
+        );
     }
     let mut names = std::collections::BTreeSet::new();
     for (i, rule) in route.spec.routes.iter().enumerate() {
@@ -216,6 +231,33 @@ fn is_lua_identifier(s: &str) -> bool {
 
 fn http_header_name_invalid(name: &str) -> bool {
     name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+impl LuaHandlers {
+    /// The source of one phase.
+    pub(crate) fn get(&self, phase: crate::translate::Phase) -> Option<&str> {
+        use crate::translate::Phase;
+        match phase {
+            Phase::Rewrite => self.rewrite.as_deref(),
+            Phase::Access => self.access.as_deref(),
+            Phase::Content => self.content.as_deref(),
+            Phase::HeaderFilter => self.header_filter.as_deref(),
+            Phase::BodyFilter => self.body_filter.as_deref(),
+            Phase::Log => self.log.as_deref(),
+        }
+    }
+}
+
+/// Parses a CPU budget: `50ms`, `1s`, `250` (milliseconds).
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let (digits, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, ""), |i| s.split_at(i));
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a duration like 50ms or 1s"))?;
+    let ms = match unit {
+        "" | "ms" => n,
+        "s" => n.saturating_mul(1000),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms or s)")),
+    };
+    if (1..=60_000).contains(&ms) { Ok(ms) } else { Err(format!("{s:?} must be between 1ms and 60s")) }
 }
 
 /// Parses a Kubernetes quantity of bytes (`10Mi`, `512k`, `1G`, `4096`).

@@ -32,11 +32,19 @@ pub struct Options {
     pub ingress_class: String,
     /// Serve Ingresses that name no class (`--watch-ingress-without-class`).
     pub watch_ingress_without_class: bool,
+    /// Accept inline Lua in Ingress annotations (`--allow-snippet-annotations`). Off by default:
+    /// anyone who may edit an Ingress could then run code in the proxy, while LuaRoutes are a
+    /// separate kind that RBAC can grant to fewer people.
+    pub allow_snippet_annotations: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { ingress_class: "tidegate".into(), watch_ingress_without_class: false }
+        Options {
+            ingress_class: "tidegate".into(),
+            watch_ingress_without_class: false,
+            allow_snippet_annotations: false,
+        }
     }
 }
 

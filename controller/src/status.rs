@@ -19,6 +19,8 @@ pub enum Reason {
     Conflict,
     /// The object asks for something tidegate does not do; that part is ignored.
     Unsupported,
+    /// Lua source does not compile; the message carries the Lua line.
+    LuaSyntaxError,
 }
 
 /// How bad a problem is.

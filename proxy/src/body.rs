@@ -8,19 +8,47 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, SizeHint};
 use std::future::Future;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The body type of responses before observation: upstream bodies and our own.
-pub(crate) type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
+/// The body type of responses before observation: upstream bodies, our own, and Lua-filtered
+/// ones. Not `Send`: a body filter holds its worker's Lua VM, and responses never leave the
+/// worker thread.
+pub(crate) struct ResponseBody(Pin<Box<dyn Body<Data = Bytes, Error = BoxError>>>);
+
+impl ResponseBody {
+    pub(crate) fn new<B>(body: B) -> Self
+    where
+        B: Body<Data = Bytes> + 'static,
+        B::Error: Into<BoxError>,
+    {
+        ResponseBody(Box::pin(body.map_err(Into::into)))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.0.as_mut().poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0.size_hint()
+    }
+}
 
 /// A complete body from bytes we generate.
 pub(crate) fn full(bytes: impl Into<Bytes>) -> ResponseBody {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+    ResponseBody::new(Full::new(bytes.into()))
 }
 
 /// An upstream stopped sending for longer than the read timeout.

@@ -1,10 +1,11 @@
-//! One request, start to finish: route, redirect or proxy, then the response headers every
-//! answer carries, then metrics and the access log once the body is done.
+//! One request, start to finish: route, redirect, run Lua or proxy, then the response headers
+//! every answer carries, then metrics, the Lua log phase and the access log once the body is done.
 //!
-//! Handlers cannot fail: every error becomes a response here (404 no route, 502 upstream
-//! refused or broke, 503 no ready endpoint, 504 upstream timeout), never a dropped connection.
+//! Handlers cannot fail: every error becomes a response here (404 no route, 500 Lua failure, 502
+//! upstream refused or broke, 503 no ready endpoint, 504 upstream timeout), never a dropped
+//! connection.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -12,25 +13,49 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use http::header::{self, HeaderValue};
+use http::request::Parts;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tidegate_snapshot::RouteAction;
+use tidegate_lua::Vm;
+use tidegate_snapshot::{BackendId, Timeouts};
 
 use crate::Shared;
 use crate::access_log::Entry;
 use crate::body::{IdleTimeout, Observed, ResponseBody, full};
 use crate::headers::{Forwarded, is_upgrade, set_forwarded, strip_hop_by_hop};
 use crate::metrics::{RequestLabels, status_class};
-use crate::router::Match;
+use crate::router::{Match, RequestFacts, Target};
 use crate::runtime::Runtime;
-use crate::upstream::Pool;
+use crate::upstream::{Pool, RequestBody};
 
 /// State of one worker thread, shared by its connections; never crosses threads.
 pub(crate) struct Worker {
     pub(crate) shared: Arc<Shared>,
     pub(crate) pool: Rc<Pool>,
+    pub(crate) vm: Rc<Vm>,
+    pub(crate) id: usize,
+    /// Runtime version whose scripts the VM's cache was last trimmed to.
+    pub(crate) scripts_version: Cell<u64>,
+    pub(crate) requests: Cell<u64>,
+}
+
+impl Worker {
+    /// A request id unique in this process (32 hex digits, like nginx's `$request_id`).
+    pub(crate) fn next_request_id(&self) -> String {
+        let n = self.requests.get().wrapping_add(1);
+        self.requests.set(n);
+        format!("{:08x}{:08x}{:016x}", std::process::id(), self.id, n)
+    }
+
+    /// Drops loaded scripts that the current runtime no longer uses.
+    fn trim_scripts(&self, runtime: &Runtime) {
+        if self.scripts_version.replace(runtime.version) != runtime.version {
+            let keep = &runtime.routing.script_ids;
+            self.vm.retain_scripts(|id| keep.contains(&id));
+        }
+    }
 }
 
 /// What a request knows about its connection.
@@ -42,11 +67,14 @@ pub(crate) struct Connection {
 }
 
 /// Filled in while the request is handled, written out when its body is done.
-struct Outcome {
-    vhost: Option<String>,
-    route: Option<String>,
-    upstream: Option<SocketAddr>,
-    upstream_time: Option<Duration>,
+#[derive(Default)]
+pub(crate) struct Outcome {
+    pub(crate) vhost: Option<String>,
+    pub(crate) route: Option<String>,
+    pub(crate) upstream: Option<SocketAddr>,
+    pub(crate) upstream_time: Option<Duration>,
+    /// Runs once the response body is done, with the bytes sent (the Lua log phase).
+    pub(crate) after: Option<Box<dyn FnOnce(u64)>>,
 }
 
 pub(crate) async fn handle(
@@ -56,11 +84,12 @@ pub(crate) async fn handle(
 ) -> Result<Response<Observed>, Infallible> {
     let started = Instant::now();
     let runtime = worker.shared.runtime.load_full();
+    worker.trim_scripts(&runtime);
     let method = request.method().clone();
     let version = request.version();
     let path = request.uri().path().to_owned();
     let host = request_host(&request).to_owned();
-    let mut outcome = Outcome { vhost: None, route: None, upstream: None, upstream_time: None };
+    let mut outcome = Outcome::default();
 
     let mut response = route(&worker, &runtime, conn, &host, request, &mut outcome).await;
     finish_headers(&worker.shared, conn, &mut response);
@@ -79,7 +108,11 @@ pub(crate) async fn handle(
     metrics.requests.get_or_create(&labels).inc();
 
     let shared = Arc::clone(&worker.shared);
+    let after = outcome.after.take();
     let on_done = Box::new(move |bytes_sent: u64, completed: bool| {
+        if let Some(after) = after {
+            after(bytes_sent);
+        }
         let entry = Entry {
             ts: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default(),
             remote_addr: conn.remote.ip().to_canonical().to_string(),
@@ -110,39 +143,46 @@ async fn route(
     request: Request<Incoming>,
     outcome: &mut Outcome,
 ) -> Response<ResponseBody> {
-    match runtime.routing.router.find(host, request.uri().path()) {
-        Match::NotFound => text(StatusCode::NOT_FOUND, "404 page not found\n"),
-        Match::Route { host: vhost, route } => {
+    let facts = RequestFacts { method: request.method().as_str(), headers: request.headers() };
+    let target = match runtime.routing.router.find(host, request.uri().path(), facts) {
+        Match::NotFound => return text(StatusCode::NOT_FOUND, "404 page not found\n"),
+        Match::Route { host: vhost, target } => {
             outcome.vhost = Some(vhost.to_owned());
-            outcome.route = Some(route.name.clone());
-            if route.ssl_redirect && !conn.tls {
-                return redirect_to_https(&worker.shared, host, request.uri());
-            }
-            proxy(worker, runtime, conn, &route.action, request, outcome).await
+            target
         }
-        Match::DefaultBackend(action) => {
-            outcome.route = Some("default-backend".to_owned());
-            proxy(worker, runtime, conn, action, request, outcome).await
-        }
+        Match::DefaultBackend(target) => target,
+    };
+    outcome.route = Some(target.name.clone());
+    if target.ssl_redirect && !conn.tls {
+        return redirect_to_https(&worker.shared, host, request.uri());
+    }
+    match &target.lua {
+        Some(chain) => crate::lua_flow::serve(worker, runtime, conn, target, chain, host, request, outcome).await,
+        None => proxy(worker, runtime, conn, target, request, outcome).await,
     }
 }
 
+/// Proxies a request as it came.
 async fn proxy(
     worker: &Rc<Worker>,
     runtime: &Runtime,
     conn: Connection,
-    action: &RouteAction,
+    target: &Target,
     mut request: Request<Incoming>,
     outcome: &mut Outcome,
 ) -> Response<ResponseBody> {
-    let Some(endpoint) = runtime.upstreams.get(&action.backend).and_then(|b| b.pick()) else {
-        return text(StatusCode::SERVICE_UNAVAILABLE, "503 no ready endpoint for this backend\n");
-    };
-    outcome.upstream = Some(endpoint);
-
     let upgrade = request.version() == Version::HTTP_11 && is_upgrade(request.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
+    prepare_upstream(&mut parts, conn, upgrade);
+    let upstream_request = Request::from_parts(parts, body.boxed_unsync());
+    let backend = target.action.backend.as_ref();
+    forward(worker, runtime, backend, target.action.timeouts, upstream_request, client_upgrade, outcome).await
+}
+
+/// Turns client request parts into what an upstream gets: origin-form URI over HTTP/1.1, a
+/// `Host`, no hop-by-hop headers, and the `X-Forwarded-*` headers.
+pub(crate) fn prepare_upstream(parts: &mut Parts, conn: Connection, upgrade: bool) {
     let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
     strip_hop_by_hop(&mut parts.headers, upgrade);
     if !parts.headers.contains_key(header::HOST)
@@ -151,21 +191,34 @@ async fn proxy(
         parts.headers.insert(header::HOST, value);
     }
     let forwarded_host = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
-    set_forwarded(
-        &mut parts.headers,
-        &Forwarded { client: conn.remote, https: conn.tls, host: &forwarded_host, port: conn.local_port },
-    );
+    let forwarded = Forwarded { client: conn.remote, https: conn.tls, host: &forwarded_host, port: conn.local_port };
+    set_forwarded(&mut parts.headers, &forwarded);
     parts.uri = origin_form(&parts.uri);
     parts.version = Version::HTTP_11;
-    let upstream_request = Request::from_parts(parts, body.boxed_unsync());
+}
 
+/// Sends a prepared request to the backend and turns the answer, or the failure, into a
+/// response.
+pub(crate) async fn forward(
+    worker: &Rc<Worker>,
+    runtime: &Runtime,
+    backend: Option<&BackendId>,
+    timeouts: Timeouts,
+    upstream_request: Request<RequestBody>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    outcome: &mut Outcome,
+) -> Response<ResponseBody> {
+    let Some(endpoint) = backend.and_then(|b| runtime.upstreams.get(b)).and_then(|b| b.pick()) else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "503 no ready endpoint for this backend\n");
+    };
+    outcome.upstream = Some(endpoint);
     let sent = Instant::now();
-    let result = worker.pool.send(endpoint, upstream_request, action.timeouts).await;
+    let result = worker.pool.send(endpoint, upstream_request, timeouts).await;
     outcome.upstream_time = Some(sent.elapsed());
     let mut response = match result {
         Ok(r) => r,
         Err(e) => {
-            tracing::warn!(backend = %action.backend, error = %e, "upstream request failed");
+            tracing::warn!(backend = %backend.map(ToString::to_string).unwrap_or_default(), error = %e, "upstream request failed");
             let status = e.status();
             return text(status, &format!("{} {}\n", status.as_u16(), status.canonical_reason().unwrap_or("")));
         }
@@ -176,8 +229,8 @@ async fn proxy(
         let upstream_upgrade = hyper::upgrade::on(&mut response);
         tokio::task::spawn_local(tunnel(client_upgrade, upstream_upgrade));
     }
-    let read_timeout = Duration::from_millis(action.timeouts.read_ms);
-    response.map(|body| IdleTimeout::new(body, read_timeout).boxed_unsync())
+    let read_timeout = Duration::from_millis(timeouts.read_ms);
+    response.map(|body| ResponseBody::new(IdleTimeout::new(body, read_timeout)))
 }
 
 /// Copies bytes both ways between an upgraded client and upstream connection until either ends.
@@ -232,7 +285,7 @@ fn redirect_to_https(shared: &Shared, host: &str, uri: &Uri) -> Response<Respons
     response
 }
 
-fn text(status: StatusCode, body: &str) -> Response<ResponseBody> {
+pub(crate) fn text(status: StatusCode, body: &str) -> Response<ResponseBody> {
     let mut response = Response::new(full(body.to_owned()));
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));

@@ -22,6 +22,7 @@ mod admin;
 mod body;
 mod handler;
 mod headers;
+mod lua_flow;
 mod metrics;
 pub mod router;
 pub mod runtime;
@@ -57,6 +58,10 @@ pub struct ProxyConfig {
     pub https_redirect_port: Option<u16>,
     /// JSON access log lines on stdout.
     pub access_log: bool,
+    /// Lua time allowed per request unless a LuaRoute says otherwise.
+    pub lua_cpu_budget: std::time::Duration,
+    /// Memory allowed to each worker's Lua VM.
+    pub lua_memory_limit: usize,
 }
 
 /// State shared by all workers.
@@ -74,6 +79,8 @@ pub(crate) struct Shared {
     pub(crate) shutdown: tokio::sync::watch::Sender<bool>,
     /// Client connections open now, across workers (what a drain waits for).
     pub(crate) open_connections: AtomicUsize,
+    /// Limits of the workers' Lua VMs.
+    pub(crate) lua: tidegate_lua::LuaConfig,
 }
 
 /// The addresses the proxy actually listens on (ports chosen when 0 was asked for).
@@ -147,6 +154,12 @@ impl Proxy {
             https_port: config.https_redirect_port.unwrap_or(addresses.https.port()),
             shutdown: tokio::sync::watch::Sender::new(false),
             open_connections: AtomicUsize::new(0),
+            lua: tidegate_lua::LuaConfig {
+                cpu_budget: config.lua_cpu_budget,
+                memory_limit: config.lua_memory_limit,
+                worker_id: 0,
+                worker_count: workers,
+            },
         });
 
         let admin_shared = Arc::clone(&shared);

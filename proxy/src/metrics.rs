@@ -17,8 +17,17 @@ pub(crate) struct RequestLabels {
     pub(crate) status: &'static str,
 }
 
+/// Labels of the Lua failure counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct LuaErrorLabels {
+    pub(crate) route: String,
+    pub(crate) phase: &'static str,
+    pub(crate) kind: &'static str,
+}
+
 #[derive(Debug)]
 pub(crate) struct Metrics {
+    pub(crate) lua_errors: Family<LuaErrorLabels, Counter>,
     registry: Registry,
     pub(crate) requests: Family<RequestLabels, Counter>,
     pub(crate) request_duration: Histogram,
@@ -80,7 +89,14 @@ impl Metrics {
             "Access log lines dropped because the writer fell behind",
             access_log_dropped.clone(),
         );
+        let lua_errors = Family::<LuaErrorLabels, Counter>::default();
+        registry.register(
+            "lua_errors",
+            "Lua handler failures, by route, phase and kind (error, timeout, memory)",
+            lua_errors.clone(),
+        );
         Metrics {
+            lua_errors,
             registry,
             requests,
             request_duration,

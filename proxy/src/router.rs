@@ -2,12 +2,17 @@
 //!
 //! A request picks one virtual host, the most specific that matches its host: the exact host,
 //! else the `*.suffix` wildcard one label up, else the virtual host of rules without a host. Only
-//! that host's routes are tried, in the precedence order the snapshot gives them. A request
+//! that host's routes are tried, in the precedence order the snapshot gives them; a route
+//! matches when its path does and so do its methods and headers, if it has any. A request
 //! matching no route goes to the default backend, if there is one.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
 
-use tidegate_snapshot::{HostMatch, PathKind, Route, RouteAction, Routing};
+use http::HeaderMap;
+use tidegate_lua::{Phase, Script};
+use tidegate_snapshot::{HostMatch, LuaHandlers, PathKind, Route, RouteAction, Routing};
 
 /// The router of one runtime, built once per routing change.
 #[derive(Debug, Default)]
@@ -15,36 +20,116 @@ pub struct Router {
     exact: HashMap<String, VirtualHost>,
     wildcard: HashMap<String, VirtualHost>,
     any: Option<VirtualHost>,
-    default_backend: Option<RouteAction>,
+    default_backend: Option<Target>,
+}
+
+/// A route's action with its Lua handlers resolved to compiled scripts.
+#[derive(Debug)]
+pub struct Target {
+    /// Route name, for metrics and logs.
+    pub name: String,
+    pub action: RouteAction,
+    pub lua: Option<Arc<LuaChain>>,
+    pub ssl_redirect: bool,
+}
+
+/// The compiled handlers of a route, by phase.
+#[derive(Debug, Default)]
+pub struct LuaChain {
+    phases: [Vec<Arc<Script>>; 6],
+    pub cpu_budget: Option<Duration>,
+}
+
+impl LuaChain {
+    pub fn phase(&self, phase: Phase) -> &[Arc<Script>] {
+        let index = Phase::ALL.iter().position(|p| *p == phase).unwrap_or(0);
+        self.phases.get(index).map_or(&[], Vec::as_slice)
+    }
+
+    fn resolve(handlers: &LuaHandlers, scripts: &HashMap<String, Arc<Script>>) -> Result<LuaChain, String> {
+        let lists = [
+            &handlers.rewrite,
+            &handlers.access,
+            &handlers.content,
+            &handlers.header_filter,
+            &handlers.body_filter,
+            &handlers.log,
+        ];
+        let mut chain =
+            LuaChain { cpu_budget: handlers.cpu_budget_ms.map(Duration::from_millis), ..LuaChain::default() };
+        for (slot, ids) in chain.phases.iter_mut().zip(lists) {
+            for id in ids {
+                slot.push(Arc::clone(
+                    scripts
+                        .get(id)
+                        .ok_or_else(|| format!("route refers to Lua script {id}, which the snapshot does not hold"))?,
+                ));
+            }
+        }
+        Ok(chain)
+    }
 }
 
 #[derive(Debug)]
 struct VirtualHost {
     /// The host pattern as written, for metrics and logs.
     name: String,
-    exact_paths: HashMap<String, usize>,
+    /// Exact routes by path, in precedence order.
+    exact_paths: HashMap<String, Vec<usize>>,
     routes: Vec<Route>,
+    targets: Vec<Target>,
 }
 
 /// What the router found for a request.
 #[derive(Debug, Clone, Copy)]
 pub enum Match<'r> {
-    Route { host: &'r str, route: &'r Route },
-    DefaultBackend(&'r RouteAction),
+    Route { host: &'r str, target: &'r Target },
+    DefaultBackend(&'r Target),
     NotFound,
 }
 
+/// What a route can match besides host and path.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFacts<'a> {
+    pub method: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+fn target(
+    name: &str,
+    action: &RouteAction,
+    ssl_redirect: bool,
+    scripts: &HashMap<String, Arc<Script>>,
+) -> Result<Target, String> {
+    let lua = match &action.lua {
+        Some(handlers) => Some(Arc::new(LuaChain::resolve(handlers, scripts)?)),
+        None => None,
+    };
+    Ok(Target { name: name.to_owned(), action: action.clone(), lua, ssl_redirect })
+}
+
 impl Router {
-    pub fn new(routing: &Routing) -> Self {
-        let mut router = Router { default_backend: routing.default_backend.clone(), ..Router::default() };
+    /// Builds the router; `scripts` are the compiled Lua sources of the routing, by id.
+    ///
+    /// # Errors
+    /// When a route names a script that is not in `scripts`.
+    pub fn new(routing: &Routing, scripts: &HashMap<String, Arc<Script>>) -> Result<Self, String> {
+        let default_backend = match &routing.default_backend {
+            Some(action) => Some(target("default-backend", action, false, scripts)?),
+            None => None,
+        };
+        let mut router = Router { default_backend, ..Router::default() };
         for vhost in &routing.virtual_hosts {
-            let mut exact_paths = HashMap::new();
+            let mut exact_paths: HashMap<String, Vec<usize>> = HashMap::new();
+            let mut targets = Vec::with_capacity(vhost.routes.len());
             for (i, route) in vhost.routes.iter().enumerate() {
                 if route.path.kind == PathKind::Exact {
-                    exact_paths.entry(route.path.value.clone()).or_insert(i);
+                    exact_paths.entry(route.path.value.clone()).or_default().push(i);
                 }
+                targets.push(target(&route.name, &route.action, route.ssl_redirect, scripts)?);
             }
-            let built = VirtualHost { name: vhost.host.to_string(), exact_paths, routes: vhost.routes.clone() };
+            let built =
+                VirtualHost { name: vhost.host.to_string(), exact_paths, routes: vhost.routes.clone(), targets };
             match &vhost.host {
                 HostMatch::Exact(h) => {
                     router.exact.insert(h.clone(), built);
@@ -55,11 +140,11 @@ impl Router {
                 HostMatch::Any => router.any = Some(built),
             }
         }
-        router
+        Ok(router)
     }
 
     /// `host` is the request's host without port, any case; `path` is the URI path.
-    pub fn find<'r>(&'r self, host: &str, path: &str) -> Match<'r> {
+    pub fn find<'r>(&'r self, host: &str, path: &str, facts: RequestFacts<'_>) -> Match<'r> {
         let lowered;
         let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
             lowered = host.to_ascii_lowercase();
@@ -69,12 +154,12 @@ impl Router {
         };
         let host = host.strip_suffix('.').unwrap_or(host);
         if let Some(vhost) = self.virtual_host(host)
-            && let Some(route) = vhost.find(path)
+            && let Some(target) = vhost.find(path, facts)
         {
-            return Match::Route { host: &vhost.name, route };
+            return Match::Route { host: &vhost.name, target };
         }
         match &self.default_backend {
-            Some(action) => Match::DefaultBackend(action),
+            Some(target) => Match::DefaultBackend(target),
             None => Match::NotFound,
         }
     }
@@ -94,13 +179,28 @@ impl Router {
 }
 
 impl VirtualHost {
-    fn find(&self, path: &str) -> Option<&Route> {
+    fn find(&self, path: &str, facts: RequestFacts<'_>) -> Option<&Target> {
         // Exact routes precede every Prefix route, so an exact hit is always the winner.
-        if let Some(&i) = self.exact_paths.get(path) {
-            return self.routes.get(i);
+        if let Some(candidates) = self.exact_paths.get(path)
+            && let Some(&i) =
+                candidates.iter().find(|&&i| self.routes.get(i).is_some_and(|r| conditions_hold(r, facts)))
+        {
+            return self.targets.get(i);
         }
-        self.routes.iter().find(|r| r.path.kind == PathKind::Prefix && prefix_matches(&r.path.value, path))
+        let i = self.routes.iter().position(|r| {
+            r.path.kind == PathKind::Prefix && prefix_matches(&r.path.value, path) && conditions_hold(r, facts)
+        })?;
+        self.targets.get(i)
     }
+}
+
+/// Methods and headers a route asks for, if any.
+fn conditions_hold(route: &Route, facts: RequestFacts<'_>) -> bool {
+    (route.methods.is_empty() || route.methods.iter().any(|m| m == facts.method))
+        && route
+            .headers
+            .iter()
+            .all(|h| facts.headers.get_all(h.name.as_str()).iter().any(|v| v.as_bytes() == h.value.as_bytes()))
 }
 
 /// Element-wise prefix match: the `/`-separated elements of `prefix` (trailing `/` ignored) are
@@ -126,19 +226,34 @@ mod tests {
         Route {
             name: backend.into(),
             path: PathMatch { kind, value: value.into() },
-            action: RouteAction { backend: BackendId(backend.into()), timeouts: Timeouts::default() },
+            methods: Vec::new(),
+            headers: Vec::new(),
+            action: RouteAction { backend: Some(BackendId(backend.into())), timeouts: Timeouts::default(), lua: None },
             ssl_redirect: false,
         }
+    }
+
+    fn build(routing: &Routing) -> Router {
+        Router::new(routing, &HashMap::new()).expect("router builds")
+    }
+
+    fn get<'a>(headers: &'a HeaderMap) -> RequestFacts<'a> {
+        RequestFacts { method: "GET", headers }
     }
 
     fn host(host: HostMatch, routes: Vec<Route>) -> SnapshotHost {
         SnapshotHost { host, routes, tls: None }
     }
 
+    fn backend(target: &Target) -> String {
+        target.action.backend.as_ref().map_or(String::new(), |b| b.0.clone())
+    }
+
     fn found(router: &Router, host: &str, path: &str) -> Option<String> {
-        match router.find(host, path) {
-            Match::Route { route, .. } => Some(route.action.backend.0.clone()),
-            Match::DefaultBackend(a) => Some(format!("default:{}", a.backend)),
+        let headers = HeaderMap::new();
+        match router.find(host, path, get(&headers)) {
+            Match::Route { target, .. } => Some(backend(target)),
+            Match::DefaultBackend(t) => Some(format!("default:{}", backend(t))),
             Match::NotFound => None,
         }
     }
@@ -178,8 +293,7 @@ mod tests {
                 })
                 .collect();
             routes.sort_by_key(|r| (r.path.kind, std::cmp::Reverse(r.path.value.trim_end_matches('/').len())));
-            let router =
-                Router::new(&Routing { virtual_hosts: vec![host(HostMatch::Any, routes)], ..Routing::default() });
+            let router = build(&Routing { virtual_hosts: vec![host(HostMatch::Any, routes)], ..Routing::default() });
             assert_eq!(found(&router, "h", request).as_deref(), *expected, "rules {rules:?}, request {request}");
         }
     }
@@ -194,7 +308,7 @@ mod tests {
             ],
             ..Routing::default()
         };
-        let router = Router::new(&routing);
+        let router = build(&routing);
         let cases = [
             ("foo.bar.com", Some("exact")),
             ("FOO.bar.com", Some("exact")),
@@ -210,7 +324,7 @@ mod tests {
         }
         let mut with_any = routing;
         with_any.virtual_hosts.push(host(HostMatch::Any, vec![route(PathKind::Prefix, "/", "any")]));
-        assert_eq!(found(&Router::new(&with_any), "other.org", "/").as_deref(), Some("any"));
+        assert_eq!(found(&build(&with_any), "other.org", "/").as_deref(), Some("any"));
     }
 
     /// The most specific host owns the request: its path misses do not fall through to
@@ -222,16 +336,49 @@ mod tests {
                 host(HostMatch::Exact("a.com".into()), vec![route(PathKind::Exact, "/x", "a")]),
                 host(HostMatch::Any, vec![route(PathKind::Prefix, "/", "any")]),
             ],
-            default_backend: Some(RouteAction { backend: BackendId("fallback".into()), timeouts: Timeouts::default() }),
+            default_backend: Some(RouteAction {
+                backend: Some(BackendId("fallback".into())),
+                timeouts: Timeouts::default(),
+                lua: None,
+            }),
             ..Routing::default()
         };
-        let router = Router::new(&routing);
+        let router = build(&routing);
         assert_eq!(found(&router, "a.com", "/y").as_deref(), Some("default:fallback"));
         assert_eq!(found(&router, "b.com", "/y").as_deref(), Some("any"));
     }
 
+    /// Methods and headers narrow a route; a request failing them falls to the next route.
+    #[test]
+    fn methods_and_headers_narrow_routes() {
+        let mut canary = route(PathKind::Prefix, "/v1", "canary");
+        canary.headers = vec![tidegate_snapshot::HeaderMatch { name: "x-canary".into(), value: "1".into() }];
+        let mut posts = route(PathKind::Exact, "/v1/x", "posts");
+        posts.methods = vec!["POST".into()];
+        let stable = route(PathKind::Prefix, "/v1", "stable");
+        let router = build(&Routing {
+            virtual_hosts: vec![host(HostMatch::Any, vec![posts, canary, stable])],
+            ..Routing::default()
+        });
+        let find = |method: &str, headers: &HeaderMap, path: &str| match router.find(
+            "h",
+            path,
+            RequestFacts { method, headers },
+        ) {
+            Match::Route { target, .. } => backend(target),
+            _ => String::new(),
+        };
+        let none = HeaderMap::new();
+        let mut flagged = HeaderMap::new();
+        flagged.insert("x-canary", "1".parse().expect("value"));
+        assert_eq!(find("GET", &none, "/v1/a"), "stable");
+        assert_eq!(find("GET", &flagged, "/v1/a"), "canary");
+        assert_eq!(find("POST", &none, "/v1/x"), "posts");
+        assert_eq!(find("GET", &none, "/v1/x"), "stable", "an exact route whose method fails gives way to prefixes");
+    }
+
     #[test]
     fn nothing_matches_without_default_backend() {
-        assert!(matches!(Router::new(&Routing::default()).find("a", "/"), Match::NotFound));
+        assert!(matches!(build(&Routing::default()).find("a", "/", get(&HeaderMap::new())), Match::NotFound));
     }
 }

@@ -31,6 +31,8 @@ pub(crate) struct RoutingState {
     source: Routing,
     pub(crate) router: Router,
     pub(crate) certificates: CertStore,
+    /// Ids (as workers cache them) of the compiled scripts this routing uses.
+    pub(crate) script_ids: std::collections::HashSet<u64>,
 }
 
 /// Ready endpoints of every backend.
@@ -50,6 +52,10 @@ pub(crate) struct Backend {
 pub enum BuildError {
     #[error("backend {backend}: endpoint address {address:?} is not an IP address")]
     BadEndpoint { backend: BackendId, address: String },
+    #[error("Lua {name}: {error}")]
+    Lua { name: String, error: tidegate_lua::CompileError },
+    #[error("{0}")]
+    Routing(String),
 }
 
 /// A runtime ready to swap in, with what was noticed while building it.
@@ -71,6 +77,7 @@ impl Runtime {
                 source: Routing::default(),
                 router: Router::default(),
                 certificates: CertStore::default(),
+                script_ids: std::collections::HashSet::new(),
             }),
             upstreams: Arc::new(Upstreams::default()),
         }
@@ -86,9 +93,16 @@ impl Runtime {
             let runtime = Runtime { version: snapshot.version, routing: Arc::clone(&current.routing), upstreams };
             return Ok(Built { runtime, warnings: Vec::new(), routing_rebuilt: false });
         }
+        let mut scripts = HashMap::with_capacity(snapshot.routing.scripts.len());
+        for script in &snapshot.routing.scripts {
+            let compiled = tidegate_lua::compile(&script.name, &script.source)
+                .map_err(|error| BuildError::Lua { name: script.name.clone(), error })?;
+            scripts.insert(script.id.clone(), Arc::new(compiled));
+        }
+        let router = Router::new(&snapshot.routing, &scripts).map_err(BuildError::Routing)?;
+        let script_ids = scripts.values().map(|s| s.id).collect();
         let (certificates, warnings) = CertStore::build(&snapshot.routing);
-        let routing =
-            RoutingState { router: Router::new(&snapshot.routing), certificates, source: snapshot.routing.clone() };
+        let routing = RoutingState { router, certificates, script_ids, source: snapshot.routing.clone() };
         let runtime = Runtime { version: snapshot.version, routing: Arc::new(routing), upstreams };
         Ok(Built { runtime, warnings, routing_rebuilt: true })
     }
@@ -139,8 +153,9 @@ mod tests {
         let list = endpoints.iter().map(|(a, p)| Endpoint { address: (*a).into(), port: *p }).collect();
         let routing = Routing {
             default_backend: Some(tidegate_snapshot::RouteAction {
-                backend: BackendId("b".into()),
+                backend: Some(BackendId("b".into())),
                 timeouts: tidegate_snapshot::Timeouts::default(),
+                lua: None,
             }),
             ..Routing::default()
         };
@@ -163,6 +178,18 @@ mod tests {
         let backend = built.runtime.upstreams.get(&BackendId("b".into())).expect("backend");
         let ports: Vec<u16> = (0..4).filter_map(|_| backend.pick()).map(|a| a.port()).collect();
         assert_eq!(ports, vec![1, 2, 1, 2]);
+    }
+
+    #[test]
+    fn lua_that_does_not_compile_refuses_the_snapshot() {
+        let mut broken = snapshot(1, &[("127.0.0.1", 1)]);
+        broken.routing.scripts.push(tidegate_snapshot::LuaScript {
+            id: "x".into(),
+            name: "bad".into(),
+            source: "if then".into(),
+        });
+        let error = Runtime::build(&broken, &Runtime::empty()).expect_err("refused");
+        assert!(error.to_string().starts_with("Lua bad: line 1"), "{error}");
     }
 
     #[test]

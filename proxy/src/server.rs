@@ -56,7 +56,17 @@ pub(crate) fn run_worker(
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
-        let worker = Rc::new(Worker { shared, pool: Rc::new(Pool::default()) });
+        let config = tidegate_lua::LuaConfig { worker_id: index, ..shared.lua.clone() };
+        let vm = tidegate_lua::Vm::new(config)
+            .map_err(|e| std::io::Error::other(format!("cannot create the Lua VM: {e}")))?;
+        let worker = Rc::new(Worker {
+            shared,
+            pool: Rc::new(Pool::default()),
+            vm: Rc::new(vm),
+            id: index,
+            scripts_version: std::cell::Cell::new(0),
+            requests: std::cell::Cell::new(0),
+        });
         let http = TcpListener::from_std(http)?;
         let https = TcpListener::from_std(https)?;
         tracing::debug!(worker = index, "worker started");

@@ -144,6 +144,7 @@ mod tests {
                 .collect(),
             default_backend: None,
             certificates: certs,
+            scripts: Vec::new(),
         }
     }
 

@@ -20,11 +20,53 @@ pub(super) struct Settings {
     pub(super) timeouts: Timeouts,
     /// `tidegate.dev/lua-route`: the LuaRoute whose handlers run on this Ingress's paths.
     pub(super) lua_route: Option<String>,
+    /// `tidegate.dev/<phase>-by-lua` inline handlers: (phase, annotation key, source).
+    pub(super) snippets: Vec<(Phase, String, String)>,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { ssl_redirect: true, timeouts: Timeouts::default(), lua_route: None }
+        Settings { ssl_redirect: true, timeouts: Timeouts::default(), lua_route: None, snippets: Vec::new() }
+    }
+}
+
+/// Lua phases as the snippet annotations name them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Phase {
+    Rewrite,
+    Access,
+    Content,
+    HeaderFilter,
+    BodyFilter,
+    Log,
+}
+
+impl Phase {
+    pub(crate) const ALL: [Phase; 6] =
+        [Phase::Rewrite, Phase::Access, Phase::Content, Phase::HeaderFilter, Phase::BodyFilter, Phase::Log];
+
+    /// The annotation name: `access-by-lua`.
+    fn annotation(self) -> &'static str {
+        match self {
+            Phase::Rewrite => "rewrite-by-lua",
+            Phase::Access => "access-by-lua",
+            Phase::Content => "content-by-lua",
+            Phase::HeaderFilter => "header-filter-by-lua",
+            Phase::BodyFilter => "body-filter-by-lua",
+            Phase::Log => "log-by-lua",
+        }
+    }
+
+    /// The field name in a LuaRoute: `headerFilter`.
+    pub(crate) fn field(self) -> &'static str {
+        match self {
+            Phase::Rewrite => "rewrite",
+            Phase::Access => "access",
+            Phase::Content => "content",
+            Phase::HeaderFilter => "headerFilter",
+            Phase::BodyFilter => "bodyFilter",
+            Phase::Log => "log",
+        }
     }
 }
 
@@ -56,6 +98,10 @@ pub(super) fn read(annotations: Option<&BTreeMap<String, String>>, status: &mut 
                 Err(why) => status.warning(Reason::Invalid, field, why),
             },
             "lua-route" if prefix == OURS => settings.lua_route = Some(value.clone()),
+            snippet if prefix == OURS && Phase::ALL.iter().any(|p| p.annotation() == snippet) => {
+                let phase = Phase::ALL.into_iter().find(|p| p.annotation() == snippet).unwrap_or(Phase::Access);
+                settings.snippets.push((phase, key.clone(), value.clone()));
+            }
             _ if prefix == OURS => status.warning(Reason::Invalid, field, "unknown tidegate annotation; ignored"),
             _ => status.warning(
                 Reason::Unsupported,

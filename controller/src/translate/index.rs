@@ -1,7 +1,7 @@
 //! Lookups translation needs: Services, their EndpointSlices and Secrets by namespace and name,
 //! and the resolution of a Service port to ready endpoints.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
 use k8s_openapi::api::core::v1::{Secret, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -19,7 +19,6 @@ pub(super) struct Index<'a> {
     services: HashMap<Key<'a>, &'a Service>,
     slices: HashMap<Key<'a>, Vec<&'a EndpointSlice>>,
     secrets: HashMap<Key<'a>, &'a Secret>,
-    lua_routes: BTreeSet<Key<'a>>,
 }
 
 /// A Service port as an Ingress names it: by number or by name.
@@ -48,12 +47,7 @@ impl<'a> Index<'a> {
             }
         }
         let secrets = inputs.secrets.iter().map(|s| ((namespace_of(&s.metadata), name_of(&s.metadata)), s)).collect();
-        let lua_routes = inputs.lua_routes.iter().map(|r| (namespace_of(&r.metadata), name_of(&r.metadata))).collect();
-        Index { services, slices, secrets, lua_routes }
-    }
-
-    pub(super) fn has_lua_route(&self, namespace: &str, name: &str) -> bool {
-        self.lua_routes.contains(&(namespace, name))
+        Index { services, slices, secrets }
     }
 
     /// Resolves `namespace/service:port` to the ready endpoints serving it.

@@ -1,12 +1,13 @@
 //! One Ingress into candidate routes, TLS claims and a default backend.
 
 use k8s_openapi::api::networking::v1::{Ingress, IngressBackend};
-use tidegate_snapshot::{HostMatch, PathKind, PathMatch, Route, RouteAction};
+use tidegate_snapshot::{HostMatch, LuaHandlers, PathKind, PathMatch, Route, RouteAction};
 
 use super::annotations::{self, Settings};
 use super::index::{Index, PortRef};
+use super::lua::{self, Attachable};
 use super::{Builder, Candidate, host_match};
-use crate::objects::{ObjectRef, name_of, namespace_of};
+use crate::objects::{ObjectRef, Options, name_of, namespace_of};
 use crate::status::{ObjectStatus, Reason};
 use crate::validate::{check_host, check_path_value, check_port_number};
 
@@ -16,6 +17,7 @@ pub(super) fn translate(
     ingress: &Ingress,
     rank: usize,
     index: &Index<'_>,
+    options: &Options,
     out: &mut Builder,
     status: &mut ObjectStatus,
 ) {
@@ -24,33 +26,100 @@ pub(super) fn translate(
         return;
     }
     let settings = annotations::read(ingress.metadata.annotations.as_ref(), status);
-    if let Some(lua_route) = &settings.lua_route {
-        // Serving these paths without the Lua they ask for could skip an access check, so
-        // the Ingress stays unserved until its Lua can run.
-        let field = "metadata.annotations[\"tidegate.dev/lua-route\"]";
-        let ns = namespace_of(&ingress.metadata);
-        if index.has_lua_route(ns, lua_route) {
-            status.error(Reason::Unsupported, field, "this build does not run Lua yet; the Ingress is not served");
-        } else {
-            status.error(
-                Reason::BackendNotFound,
-                field,
-                format!("LuaRoute {ns}/{lua_route} not found; the Ingress is not served"),
-            );
-        }
+    let Ok(lua) = attached_lua(ingress, &settings, options, out, status) else {
+        // The Lua it asks for cannot run, and serving without it could skip an access check.
         status.accepted = false;
         return;
-    }
-    let mut ctx = Context { ingress, index, settings, out, status };
+    };
+    let mut ctx = Context { ingress, index, settings, lua, out, status };
     ctx.default_backend();
     ctx.rules(rank);
     ctx.tls();
+}
+
+/// The Lua handlers an Ingress runs: its LuaRoute's `spec.lua`, then inline snippets (only with
+/// `--allow-snippet-annotations`). `Err` when the Ingress must not be served.
+fn attached_lua(
+    ingress: &Ingress,
+    settings: &Settings,
+    options: &Options,
+    out: &mut Builder,
+    status: &mut ObjectStatus,
+) -> Result<Option<LuaHandlers>, ()> {
+    let namespace = namespace_of(&ingress.metadata);
+    let mut handlers = LuaHandlers::default();
+    let mut any = false;
+    if let Some(name) = &settings.lua_route {
+        let field = "metadata.annotations[\"tidegate.dev/lua-route\"]";
+        match out.attachable.get(&(namespace.to_owned(), name.clone())).cloned() {
+            None => {
+                status.error(
+                    Reason::BackendNotFound,
+                    field,
+                    format!("LuaRoute {namespace}/{name} not found; the Ingress is not served"),
+                );
+                return Err(());
+            }
+            Some(Attachable::Invalid(why)) => {
+                status.error(
+                    Reason::Invalid,
+                    field,
+                    format!("LuaRoute {namespace}/{name} cannot be attached: {why}; the Ingress is not served"),
+                );
+                return Err(());
+            }
+            Some(Attachable::Valid { handlers: source, cpu_budget_ms }) => {
+                handlers.cpu_budget_ms = cpu_budget_ms;
+                match source {
+                    Some(source) => {
+                        lua::add_layers(
+                            out,
+                            &mut handlers,
+                            &[(lua::script_name(namespace, name, "spec.lua"), &source)],
+                        );
+                        any = true;
+                    }
+                    None => status.warning(
+                        Reason::Invalid,
+                        field,
+                        format!("LuaRoute {namespace}/{name} has no spec.lua handlers to attach"),
+                    ),
+                }
+            }
+        }
+    }
+    if settings.snippets.is_empty() {
+        return Ok(any.then_some(handlers));
+    }
+    let mut failed = false;
+    for (phase, key, source) in &settings.snippets {
+        let field = format!("metadata.annotations[{key:?}]");
+        if !options.allow_snippet_annotations {
+            status.error(
+                Reason::Unsupported,
+                field,
+                "inline Lua annotations are disabled (--allow-snippet-annotations); the Ingress is not served",
+            );
+            failed = true;
+            continue;
+        }
+        if let Err(e) = tidegate_lua::check(source) {
+            status.error(Reason::LuaSyntaxError, field, e.to_string());
+            failed = true;
+            continue;
+        }
+        let id = out.script(&format!("Ingress {namespace}/{} {field}", name_of(&ingress.metadata)), source);
+        lua::phase_list(&mut handlers, *phase).push(id);
+        any = true;
+    }
+    if failed { Err(()) } else { Ok(any.then_some(handlers)) }
 }
 
 struct Context<'i, 'o> {
     ingress: &'i Ingress,
     index: &'i Index<'i>,
     settings: Settings,
+    lua: Option<LuaHandlers>,
     out: &'o mut Builder,
     status: &'o mut ObjectStatus,
 }
@@ -85,6 +154,8 @@ impl Context<'_, '_> {
                 let route = Route {
                     name: format!("{}/{}/{r}/{p}", self.namespace(), name_of(&ingress.metadata)),
                     path: PathMatch { kind, value },
+                    methods: Vec::new(),
+                    headers: Vec::new(),
                     action,
                     ssl_redirect: false,
                 };
@@ -155,7 +226,7 @@ impl Context<'_, '_> {
             self.status.error(reason, format!("{field}.service"), format!("{message}; requests get 503"));
         }
         self.out.endpoints.insert(resolved.id.clone(), resolved.endpoints);
-        Some(RouteAction { backend: resolved.id, timeouts: self.settings.timeouts })
+        Some(RouteAction { backend: Some(resolved.id), timeouts: self.settings.timeouts, lua: self.lua.clone() })
     }
 }
 

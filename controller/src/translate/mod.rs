@@ -27,18 +27,23 @@ mod annotations;
 mod class;
 mod index;
 mod ingress;
+mod lua;
 #[cfg(test)]
 mod tests;
 
 use std::cmp::Reverse;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{DefaultHasher, Hash, Hasher};
 
 use k8s_openapi::api::networking::v1::Ingress;
 use tidegate_snapshot::{
-    BackendId, Certificate, Endpoint, HostMatch, PathKind, Route, RouteAction, Routing, Snapshot, VirtualHost,
+    BackendId, Certificate, Endpoint, HostMatch, LuaScript, PathKind, Route, RouteAction, Routing, Snapshot,
+    VirtualHost,
 };
 
-use crate::luaroute;
+pub(crate) use annotations::Phase;
+
+use crate::luaroute::{self, LuaRoute};
 use crate::objects::{Inputs, ObjectRef, name_of, namespace_of};
 use crate::status::{ObjectStatus, Reason};
 
@@ -58,33 +63,42 @@ pub fn translate(inputs: &Inputs) -> Translation {
     let mut out = Builder::default();
     let mut statuses = BTreeMap::new();
 
+    // LuaRoutes first: Ingresses may attach them, so their validity must be known.
+    let mut lua_routes: Vec<&LuaRoute> = inputs.lua_routes.iter().collect();
+    lua_routes.sort_by(|a, b| lua_age_key(a).cmp(&lua_age_key(b)));
+    let mut valid_lua_routes = Vec::new();
+    for route in lua_routes {
+        let object = ObjectRef::namespaced(luaroute::KIND, namespace_of(&route.metadata), name_of(&route.metadata));
+        let mut status = ObjectStatus::new(object.clone());
+        let valid = lua::validate(route, &mut status);
+        let key = (namespace_of(&route.metadata).to_owned(), name_of(&route.metadata).to_owned());
+        out.attachable.insert(key, lua::attachable(route, valid));
+        let class = route.spec.ingress_class_name.as_deref().unwrap_or(&inputs.options.ingress_class);
+        if classes.is_ours_name(Some(class)) {
+            status.accepted = valid;
+            if valid {
+                valid_lua_routes.push(route);
+            }
+            statuses.insert(object, status);
+        }
+    }
+
     let mut ours: Vec<&Ingress> = inputs.ingresses.iter().filter(|i| classes.is_ours(i)).collect();
     ours.sort_by(|a, b| age_key(a).cmp(&age_key(b)));
+    let ingress_count = ours.len();
     for (rank, ingress) in ours.into_iter().enumerate() {
         let object = ObjectRef::namespaced("Ingress", namespace_of(&ingress.metadata), name_of(&ingress.metadata));
         let mut status = ObjectStatus::new(object.clone());
-        ingress::translate(ingress, rank, &index, &mut out, &mut status);
+        ingress::translate(ingress, rank, &index, &inputs.options, &mut out, &mut status);
         statuses.insert(object, status);
     }
 
-    for route in &inputs.lua_routes {
-        if !classes
-            .is_ours_name(Some(route.spec.ingress_class_name.as_deref().unwrap_or(&inputs.options.ingress_class)))
-        {
-            continue;
-        }
+    // LuaRoutes rank after Ingresses for contested paths.
+    for (i, route) in valid_lua_routes.into_iter().enumerate() {
         let object = ObjectRef::namespaced(luaroute::KIND, namespace_of(&route.metadata), name_of(&route.metadata));
-        let mut status = ObjectStatus::new(object.clone());
-        luaroute::validate(route, &mut status);
-        // Routes whose Lua does not run are never served: skipping an access handler would open
-        // what it guards.
-        status.error(
-            Reason::Unsupported,
-            "spec",
-            "this build does not run Lua yet; the LuaRoute is validated but not served",
-        );
-        status.accepted = false;
-        statuses.insert(object, status);
+        if let Some(status) = statuses.get_mut(&object) {
+            lua::translate(route, ingress_count + i, &index, &mut out, status);
+        }
     }
 
     let snapshot = out.finish(&mut statuses);
@@ -96,6 +110,11 @@ pub fn translate(inputs: &Inputs) -> Translation {
 fn age_key(ingress: &Ingress) -> (bool, Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>, &str, &str) {
     let created = ingress.metadata.creation_timestamp.as_ref();
     (created.is_none(), created, namespace_of(&ingress.metadata), name_of(&ingress.metadata))
+}
+
+fn lua_age_key(route: &LuaRoute) -> (bool, Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>, &str, &str) {
+    let created = route.metadata.creation_timestamp.as_ref();
+    (created.is_none(), created, namespace_of(&route.metadata), name_of(&route.metadata))
 }
 
 /// The host pattern an Ingress host stands for; no host (or an empty one) means any host.
@@ -129,6 +148,28 @@ impl Candidate {
             _ => value,
         }
     }
+
+    /// Precedence within a host: Exact first, longer paths first, then routes with more method
+    /// and header conditions (the more specific), then the older object.
+    fn precedence(&self) -> impl Ord + '_ {
+        let matchers = usize::from(!self.route.methods.is_empty()) + self.route.headers.len();
+        (
+            self.route.path.kind,
+            Reverse(self.normalized_path().len()),
+            self.normalized_path(),
+            Reverse(matchers),
+            self.rank,
+        )
+    }
+
+    /// Two candidates with the same key match exactly the same requests.
+    fn same_match(&self, other: &Candidate) -> bool {
+        self.host == other.host
+            && self.route.path.kind == other.route.path.kind
+            && self.normalized_path() == other.normalized_path()
+            && self.route.methods == other.route.methods
+            && self.route.headers == other.route.headers
+    }
 }
 
 struct TlsClaim {
@@ -145,9 +186,25 @@ struct Builder {
     endpoints: BTreeMap<BackendId, Vec<Endpoint>>,
     default_backend: Option<RouteAction>,
     conflicts: Vec<(ObjectRef, String, String)>,
+    scripts: BTreeMap<String, LuaScript>,
+    /// LuaRoutes by (namespace, name), as Ingresses may attach them.
+    attachable: HashMap<(String, String), lua::Attachable>,
 }
 
 impl Builder {
+    /// Registers a Lua source under its name, returning its id.
+    fn script(&mut self, name: &str, source: &str) -> String {
+        let mut hasher = DefaultHasher::new();
+        (name, source).hash(&mut hasher);
+        let id = format!("{:016x}", hasher.finish());
+        self.scripts.entry(id.clone()).or_insert_with(|| LuaScript {
+            id: id.clone(),
+            name: name.to_owned(),
+            source: source.to_owned(),
+        });
+        id
+    }
+
     /// Offers come in precedence order, so the first offer wins.
     fn offer_default_backend(&mut self, action: RouteAction, owner: ObjectRef) {
         if self.default_backend.is_some() {
@@ -188,31 +245,28 @@ impl Builder {
     }
 
     fn finish(mut self, statuses: &mut BTreeMap<ObjectRef, ObjectStatus>) -> Snapshot {
-        self.routes.sort_by(|a, b| {
-            (&a.host, a.route.path.kind, Reverse(a.normalized_path().len()), a.normalized_path(), a.rank).cmp(&(
-                &b.host,
-                b.route.path.kind,
-                Reverse(b.normalized_path().len()),
-                b.normalized_path(),
-                b.rank,
-            ))
-        });
+        self.routes.sort_by(|a, b| (&a.host, a.precedence()).cmp(&(&b.host, b.precedence())));
 
         let mut hosts: BTreeMap<HostMatch, Vec<Route>> = self.tls.keys().map(|h| (h.clone(), Vec::new())).collect();
-        let mut previous: Option<(HostMatch, PathKind, String, ObjectRef)> = None;
+        let mut previous: Option<Candidate> = None;
         for candidate in std::mem::take(&mut self.routes) {
-            let key = (candidate.host.clone(), candidate.route.path.kind, candidate.normalized_path().to_owned());
-            if let Some((host, kind, path, winner)) = &previous
-                && (host, kind, path) == (&key.0, &key.1, &key.2)
+            if let Some(winner) = &previous
+                && winner.same_match(&candidate)
             {
-                let message = format!("{kind:?} path {path} on host {host} is already routed by {winner}; shadowed");
+                let message = format!(
+                    "{:?} path {} on host {} is already routed by {}; shadowed",
+                    candidate.route.path.kind,
+                    candidate.normalized_path(),
+                    candidate.host,
+                    winner.owner
+                );
                 self.conflicts.push((candidate.owner.clone(), candidate.field.clone(), message));
                 continue;
             }
-            let mut route = candidate.route;
+            let mut route = candidate.route.clone();
             route.ssl_redirect = candidate.wants_ssl_redirect && self.certificate_for(&candidate.host).is_some();
             hosts.entry(candidate.host.clone()).or_default().push(route);
-            previous = Some((key.0, key.1, key.2, candidate.owner));
+            previous = Some(candidate);
         }
 
         for (owner, field, message) in self.conflicts.drain(..) {
@@ -227,9 +281,19 @@ impl Builder {
             .collect::<Vec<_>>();
         let used: std::collections::BTreeSet<&str> = virtual_hosts.iter().filter_map(|v| v.tls.as_deref()).collect();
         let certificates = self.certificates.values().filter(|c| used.contains(c.id.as_str())).cloned().collect();
+        // Only scripts some served route uses (an Ingress refused after registering is not one).
+        let mut referenced = std::collections::BTreeSet::new();
+        let actions =
+            virtual_hosts.iter().flat_map(|v| v.routes.iter().map(|r| &r.action)).chain(self.default_backend.as_ref());
+        for lua in actions.filter_map(|a| a.lua.as_ref()) {
+            for list in [&lua.rewrite, &lua.access, &lua.content, &lua.header_filter, &lua.body_filter, &lua.log] {
+                referenced.extend(list.iter().cloned());
+            }
+        }
+        let scripts = self.scripts.into_values().filter(|s| referenced.contains(&s.id)).collect();
         Snapshot {
             version: 0,
-            routing: Routing { virtual_hosts, default_backend: self.default_backend, certificates },
+            routing: Routing { virtual_hosts, default_backend: self.default_backend, certificates, scripts },
             endpoints: self.endpoints,
         }
     }

@@ -5,7 +5,6 @@ use tidegate_snapshot::{Endpoint, HostMatch, PathKind};
 use super::*;
 use crate::manifests::{into_inputs, parse_str};
 use crate::objects::Options;
-use crate::status::Severity;
 
 fn inputs_with(yaml: &str, options: Options) -> Inputs {
     let (objects, errors) = parse_str(yaml);
@@ -56,7 +55,11 @@ fn service(namespace: &str, name: &str, target: u16) -> String {
 fn routes(t: &Translation, host: &HostMatch) -> Vec<(PathKind, String, String)> {
     let vhost = t.snapshot.routing.virtual_hosts.iter().find(|v| &v.host == host);
     let vhost = vhost.unwrap_or_else(|| panic!("no virtual host {host} in {:#?}", t.snapshot.routing));
-    vhost.routes.iter().map(|r| (r.path.kind, r.path.value.clone(), r.action.backend.0.clone())).collect()
+    vhost
+        .routes
+        .iter()
+        .map(|r| (r.path.kind, r.path.value.clone(), r.action.backend.as_ref().map_or(String::new(), |b| b.0.clone())))
+        .collect()
 }
 
 fn exact(h: &str) -> HostMatch {
@@ -242,7 +245,10 @@ fn default_backend_oldest_wins() {
     let a = ingress("ns", "a", "  defaultBackend: {service: {name: first, port: {number: 80}}}");
     let b = ingress("ns", "b", "  defaultBackend: {service: {name: second, port: {number: 80}}}");
     let t = run(&format!("{b}{a}"));
-    assert_eq!(t.snapshot.routing.default_backend.as_ref().map(|d| d.backend.0.as_str()), Some("ns/first:80"));
+    assert_eq!(
+        t.snapshot.routing.default_backend.as_ref().and_then(|d| d.backend.as_ref()).map(|b| b.0.as_str()),
+        Some("ns/first:80")
+    );
     assert_eq!(problem_fields(status(&t, "Ingress", "ns", "b"), Reason::Conflict), vec!["spec.defaultBackend"]);
 }
 
@@ -429,9 +435,9 @@ fn bad_secrets_are_reported_and_hosts_still_served() {
 // ---------------------------------------------------------------------------------------------
 // LuaRoute
 
-/// LuaRoutes are validated (fields named) but not served until their Lua can run.
+/// Schema rules a CRD cannot express are checked and named; an invalid LuaRoute is not served.
 #[test]
-fn lua_routes_are_validated_not_served() {
+fn invalid_lua_routes_name_their_fields() {
     let yaml = "apiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {name: api, namespace: shop}\nspec:\n  hosts: [api.example.com]\n  sharedDicts: [{name: cache, size: 10Mx}]\n  routes:\n  - name: v1\n    match: {path: {type: Prefix, value: v1}}\n";
     let t = run(yaml);
     let s = status(&t, "LuaRoute", "shop", "api");
@@ -439,7 +445,130 @@ fn lua_routes_are_validated_not_served() {
     let invalid = problem_fields(s, Reason::Invalid);
     assert_eq!(invalid, vec!["spec.sharedDicts[0].size", "spec.routes[0].match.path.value", "spec.routes[0].backend"]);
     assert!(t.snapshot.routing.virtual_hosts.is_empty());
-    assert!(s.problems.iter().any(|p| p.severity == Severity::Error && p.reason == Reason::Unsupported));
+}
+
+const LUA_ROUTE: &str = r#"
+apiVersion: tidegate.dev/v1alpha1
+kind: LuaRoute
+metadata: {name: api, namespace: shop}
+spec:
+  hosts: [api.example.com]
+  cpuBudget: 50ms
+  lua:
+    access: |
+      if not ngx.var.http_x_api_key then return ngx.exit(401) end
+  routes:
+  - name: hello
+    match: {path: {type: Exact, value: /hello}, methods: [GET]}
+    lua:
+      content: ngx.say("hello")
+  - name: v1
+    match: {path: {type: Prefix, value: /v1}, headers: [{name: X-Canary, value: "1"}]}
+    backend: {service: {name: web, port: {number: 80}}}
+    lua:
+      access: ngx.req.set_header("x-canary-seen", "1")
+  - name: v1-stable
+    match: {path: {type: Prefix, value: /v1}}
+    backend: {service: {name: web, port: {number: 80}}}
+"#;
+
+/// A valid LuaRoute becomes routes whose handlers are the LuaRoute's then the route's own, in
+/// each phase; content-only routes have no backend; more specific matches come first.
+#[test]
+fn lua_routes_become_routes_with_handlers() {
+    let t = run(&format!("{LUA_ROUTE}{}", service("shop", "web", 9000)));
+    let s = status(&t, "LuaRoute", "shop", "api");
+    assert!(s.accepted, "{:?}", s.problems);
+    let vhost = &t.snapshot.routing.virtual_hosts[0];
+    assert_eq!(vhost.host, exact("api.example.com"));
+    let names: Vec<&str> = vhost.routes.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(
+        names,
+        vec!["shop/api/hello", "shop/api/v1", "shop/api/v1-stable"],
+        "exact first, then the header-matched prefix"
+    );
+    let hello = &vhost.routes[0];
+    assert_eq!(hello.methods, vec!["GET"]);
+    assert!(hello.action.backend.is_none());
+    let lua = hello.action.lua.as_ref().expect("lua");
+    assert_eq!((lua.access.len(), lua.content.len(), lua.cpu_budget_ms), (1, 1, Some(50)));
+    let v1 = &vhost.routes[1];
+    assert_eq!(v1.headers, vec![tidegate_snapshot::HeaderMatch { name: "x-canary".into(), value: "1".into() }]);
+    let v1_lua = v1.action.lua.as_ref().expect("lua");
+    assert_eq!(v1_lua.access.len(), 2, "the LuaRoute's access handler, then the route's");
+    assert_eq!(v1_lua.access[0], lua.access[0], "one script for the shared handler");
+    let script = |id: &str| t.snapshot.routing.scripts.iter().find(|s| s.id == id).expect("script listed");
+    assert_eq!(script(&v1_lua.access[0]).name, "LuaRoute shop/api spec.lua.access");
+    assert_eq!(script(&v1_lua.access[1]).name, "LuaRoute shop/api spec.routes[1].lua.access");
+    assert_eq!(t.snapshot.routing.scripts.len(), 3);
+}
+
+/// Lua that does not compile is reported on its field with the Lua line; nothing of the
+/// LuaRoute is served, and everything else is.
+#[test]
+fn lua_syntax_errors_name_field_and_line() {
+    let broken = LUA_ROUTE.replace(
+        "      access: ngx.req.set_header(\"x-canary-seen\", \"1\")",
+        "      access: |\n        local a = 1\n        local b = = 2",
+    );
+    let good = ingress("shop", "site", &rules(&[rule(Some("www.example.com"), &[("Prefix", "/", "web")])]));
+    let t = run(&format!("{broken}{good}"));
+    let s = status(&t, "LuaRoute", "shop", "api");
+    assert!(!s.accepted);
+    let problem = s.problems.iter().find(|p| p.reason == Reason::LuaSyntaxError).expect("syntax error reported");
+    assert_eq!(problem.field, "spec.routes[1].lua.access");
+    assert!(problem.message.starts_with("line 2:"), "{}", problem.message);
+    let hosts: Vec<_> = t.snapshot.routing.virtual_hosts.iter().map(|v| v.host.clone()).collect();
+    assert_eq!(hosts, vec![exact("www.example.com")]);
+}
+
+fn attaching(name: &str, annotations: &str) -> String {
+    ingress("shop", name, &rules(&[rule(Some("www.example.com"), &[("Prefix", "/", "web")])]))
+        .replace("namespace: shop}", &format!("namespace: shop, annotations: {{{annotations}}}}}"))
+}
+
+/// An Ingress naming a LuaRoute runs that LuaRoute's spec.lua handlers on its paths.
+#[test]
+fn ingresses_attach_lua_route_handlers() {
+    let t = run(&format!("{LUA_ROUTE}{}", attaching("site", "tidegate.dev/lua-route: api")));
+    let s = status(&t, "Ingress", "shop", "site");
+    assert!(s.accepted, "{:?}", s.problems);
+    let site = t.snapshot.routing.virtual_hosts.iter().find(|v| v.host == exact("www.example.com")).expect("served");
+    let lua = site.routes[0].action.lua.as_ref().expect("handlers attached");
+    assert_eq!(lua.access.len(), 1);
+    assert!(lua.content.is_empty(), "only spec.lua is attached, not a route's handlers");
+    assert_eq!(lua.cpu_budget_ms, Some(50));
+}
+
+/// Attaching a LuaRoute that is missing or invalid leaves the Ingress unserved (fail closed).
+#[test]
+fn attaching_a_missing_or_invalid_lua_route_fails_closed() {
+    let t = run(&attaching("site", "tidegate.dev/lua-route: nope"));
+    assert!(!status(&t, "Ingress", "shop", "site").accepted);
+    let broken = LUA_ROUTE.replace("cpuBudget: 50ms", "cpuBudget: forever");
+    let t = run(&format!("{broken}{}", attaching("site", "tidegate.dev/lua-route: api")));
+    let s = status(&t, "Ingress", "shop", "site");
+    assert!(!s.accepted);
+    assert!(t.snapshot.routing.virtual_hosts.is_empty());
+}
+
+/// Inline Lua annotations are refused unless the controller allows them; then they compile.
+#[test]
+fn snippet_annotations_need_the_flag() {
+    let yaml = attaching("site", "tidegate.dev/access-by-lua: \"ngx.exit(403)\"");
+    let t = run(&yaml);
+    let s = status(&t, "Ingress", "shop", "site");
+    assert!(!s.accepted);
+    assert_eq!(problem_fields(s, Reason::Unsupported), vec!["metadata.annotations[\"tidegate.dev/access-by-lua\"]"]);
+
+    let allowed = Options { allow_snippet_annotations: true, ..Options::default() };
+    let t = translate(&inputs_with(&yaml, allowed.clone()));
+    let lua = t.snapshot.routing.virtual_hosts[0].routes[0].action.lua.clone().expect("attached");
+    assert_eq!(lua.access.len(), 1);
+
+    let bad = attaching("site", "tidegate.dev/log-by-lua: \"ngx.log(\"");
+    let t = translate(&inputs_with(&bad, allowed));
+    assert_eq!(problem_fields(status(&t, "Ingress", "shop", "site"), Reason::LuaSyntaxError).len(), 1);
 }
 
 // ---------------------------------------------------------------------------------------------

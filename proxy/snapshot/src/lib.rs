@@ -47,6 +47,10 @@ pub struct Routing {
     pub default_backend: Option<RouteAction>,
     /// Certificates referenced by [`VirtualHost::tls`], sorted by id.
     pub certificates: Vec<Certificate>,
+    /// Lua sources referenced by [`LuaHandlers`], sorted by id; each is compiled once per
+    /// proxy, whatever number of routes use it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scripts: Vec<LuaScript>,
 }
 
 /// A host pattern with its routes.
@@ -90,6 +94,12 @@ pub struct Route {
     /// Stable, human-readable name used in metrics and logs: `namespace/name/rule/path`.
     pub name: String,
     pub path: PathMatch,
+    /// Methods the route accepts; any when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// Headers the request must carry with exactly these values; names in lower case.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
     pub action: RouteAction,
     /// Answer plain-HTTP requests with a 308 redirect to HTTPS instead of proxying them.
     pub ssl_redirect: bool,
@@ -114,13 +124,59 @@ pub enum PathKind {
     Prefix,
 }
 
+/// A header a request must carry for a route to match.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderMatch {
+    /// Lower case.
+    pub name: String,
+    pub value: String,
+}
+
 /// What a route does with a matched request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RouteAction {
-    /// The backend to proxy to.
-    pub backend: BackendId,
+    /// The backend to proxy to; `None` when a Lua `content` handler answers.
+    pub backend: Option<BackendId>,
     pub timeouts: Timeouts,
+    /// Lua handlers that run on matched requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lua: Option<LuaHandlers>,
+}
+
+/// The Lua handlers of a route, by phase, each list in the order its handlers run (those of a
+/// whole LuaRoute before those of one of its routes). Entries are [`LuaScript::id`]s.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LuaHandlers {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rewrite: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub access: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub content: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub header_filter: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub body_filter: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log: Vec<String>,
+    /// Lua time allowed per request, overriding the proxy's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_budget_ms: Option<u64>,
+}
+
+/// Lua source of one handler.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LuaScript {
+    /// Content hash of `name` and `source`.
+    pub id: String,
+    /// Where it was written, e.g. `LuaRoute shop/api spec.routes[0].lua.access`; Lua errors
+    /// start with it.
+    pub name: String,
+    pub source: String,
 }
 
 /// Upstream timeouts of one route, in milliseconds.
@@ -196,7 +252,13 @@ mod tests {
                     routes: vec![Route {
                         name: "shop/api/0/0".into(),
                         path: PathMatch { kind: PathKind::Prefix, value: "/v1".into() },
-                        action: RouteAction { backend: backend.clone(), timeouts: Timeouts::default() },
+                        methods: vec!["GET".into()],
+                        headers: vec![HeaderMatch { name: "x-canary".into(), value: "1".into() }],
+                        action: RouteAction {
+                            backend: Some(backend.clone()),
+                            timeouts: Timeouts::default(),
+                            lua: Some(LuaHandlers { access: vec!["abc".into()], ..LuaHandlers::default() }),
+                        },
                         ssl_redirect: true,
                     }],
                     tls: Some("shop/api-tls".into()),
@@ -206,6 +268,11 @@ mod tests {
                     id: "shop/api-tls".into(),
                     cert_pem: "C".into(),
                     key_pem: "K".into(),
+                }],
+                scripts: vec![LuaScript {
+                    id: "abc".into(),
+                    name: "LuaRoute shop/api spec.lua.access".into(),
+                    source: "ngx.exit(403)".into(),
                 }],
             },
             endpoints: BTreeMap::from([(backend, vec![Endpoint { address: "::1".into(), port: 8080 }])]),

@@ -1,0 +1,197 @@
+//! LuaRoutes into routes with Lua handlers, and the Lua an Ingress attaches.
+//!
+//! - Every Lua field is compiled (never run); a field that does not compile makes the whole
+//!   LuaRoute invalid, reported as `LuaSyntaxError` on the field with the Lua line.
+//! - A route's handlers for a phase are the LuaRoute's `spec.lua` handler, then the route's own.
+//! - A route without a backend is answered by its `content` handler.
+//! - An Ingress annotated `tidegate.dev/lua-route: NAME` runs that LuaRoute's `spec.lua`
+//!   handlers on all its paths; if the LuaRoute is missing or invalid the Ingress is not served
+//!   (fail closed: the handler may be an access check).
+
+use tidegate_snapshot::{HeaderMatch, HostMatch, LuaHandlers, PathKind, PathMatch, Route, RouteAction, Timeouts};
+
+use super::index::{Index, PortRef};
+use super::{Builder, Candidate, Phase, host_match};
+use crate::luaroute::{self, LuaPathType, LuaRoute};
+use crate::objects::{name_of, namespace_of};
+use crate::status::{ObjectStatus, Reason};
+use crate::validate::check_port_number;
+
+/// A LuaRoute as an Ingress may attach it.
+#[derive(Clone, Debug)]
+pub(super) enum Attachable {
+    Valid { handlers: Option<luaroute::LuaHandlers>, cpu_budget_ms: Option<u64> },
+    Invalid(String),
+}
+
+/// Validates a LuaRoute, compiling its Lua. Returns whether it may be served.
+pub(super) fn validate(route: &LuaRoute, status: &mut ObjectStatus) -> bool {
+    let before = status.problems.iter().filter(|p| p.severity == crate::Severity::Error).count();
+    luaroute::validate(route, status);
+    let mut fields: Vec<(String, &luaroute::LuaHandlers)> = Vec::new();
+    if let Some(lua) = &route.spec.lua {
+        fields.push(("spec.lua".into(), lua));
+    }
+    for (i, rule) in route.spec.routes.iter().enumerate() {
+        if let Some(lua) = &rule.lua {
+            fields.push((format!("spec.routes[{i}].lua"), lua));
+        }
+    }
+    for (prefix, handlers) in fields {
+        for phase in Phase::ALL {
+            if let Some(source) = handlers.get(phase)
+                && let Err(e) = tidegate_lua::check(source)
+            {
+                status.error(Reason::LuaSyntaxError, format!("{prefix}.{}", phase.field()), e.to_string());
+            }
+        }
+    }
+    status.problems.iter().filter(|p| p.severity == crate::Severity::Error).count() == before
+}
+
+/// What an Ingress can attach from a LuaRoute that passed (or failed) validation.
+pub(super) fn attachable(route: &LuaRoute, valid: bool) -> Attachable {
+    if !valid {
+        return Attachable::Invalid("it has errors (see its status)".into());
+    }
+    let cpu_budget_ms = route.spec.cpu_budget.as_deref().and_then(|b| luaroute::parse_duration_ms(b).ok());
+    Attachable::Valid { handlers: route.spec.lua.clone(), cpu_budget_ms }
+}
+
+/// The script name of a LuaRoute field, shared by the LuaRoute's routes and attaching Ingresses
+/// so that both use one compiled script.
+pub(super) fn script_name(namespace: &str, name: &str, field: &str) -> String {
+    format!("LuaRoute {namespace}/{name} {field}")
+}
+
+/// Adds the handlers of `layers` (in order) to `handlers`, registering their scripts.
+pub(super) fn add_layers(out: &mut Builder, handlers: &mut LuaHandlers, layers: &[(String, &luaroute::LuaHandlers)]) {
+    for phase in Phase::ALL {
+        for (prefix, layer) in layers {
+            if let Some(source) = layer.get(phase) {
+                let id = out.script(&format!("{prefix}.{}", phase.field()), source);
+                phase_list(handlers, phase).push(id);
+            }
+        }
+    }
+}
+
+pub(super) fn phase_list(handlers: &mut LuaHandlers, phase: Phase) -> &mut Vec<String> {
+    match phase {
+        Phase::Rewrite => &mut handlers.rewrite,
+        Phase::Access => &mut handlers.access,
+        Phase::Content => &mut handlers.content,
+        Phase::HeaderFilter => &mut handlers.header_filter,
+        Phase::BodyFilter => &mut handlers.body_filter,
+        Phase::Log => &mut handlers.log,
+    }
+}
+
+/// Adds the routes of a valid LuaRoute of ours to `out`. `rank` orders it after Ingresses.
+pub(super) fn translate(
+    route: &LuaRoute,
+    rank: usize,
+    index: &Index<'_>,
+    out: &mut Builder,
+    status: &mut ObjectStatus,
+) {
+    let namespace = namespace_of(&route.metadata);
+    let name = name_of(&route.metadata);
+    let spec = &route.spec;
+    let hosts: Vec<HostMatch> = if spec.hosts.is_empty() {
+        vec![HostMatch::Any]
+    } else {
+        spec.hosts.iter().map(|h| host_match(Some(h))).collect()
+    };
+    let cpu_budget_ms = spec.cpu_budget.as_deref().and_then(|b| luaroute::parse_duration_ms(b).ok());
+    if !spec.shared_dicts.is_empty() {
+        status.warning(
+            Reason::Unsupported,
+            "spec.sharedDicts",
+            "ngx.shared dictionaries are not available yet; declared dictionaries are nil",
+        );
+    }
+
+    if let Some(tls) = &spec.tls {
+        match index.certificate(namespace, &tls.secret_name) {
+            Ok(certificate) => {
+                let id = certificate.id.clone();
+                out.certificates.insert(id.clone(), certificate);
+                for host in hosts.iter().filter(|h| **h != HostMatch::Any) {
+                    out.offer_tls(host.clone(), id.clone(), status.object.clone(), "spec.tls".into());
+                }
+            }
+            Err((reason, message)) => status.error(
+                reason,
+                "spec.tls.secretName",
+                format!("{message}; the default certificate is served instead"),
+            ),
+        }
+    }
+
+    for (r, rule) in spec.routes.iter().enumerate() {
+        let field = format!("spec.routes[{r}]");
+        let mut lua = LuaHandlers { cpu_budget_ms, ..LuaHandlers::default() };
+        let mut layers = Vec::new();
+        if let Some(top) = &spec.lua {
+            layers.push((script_name(namespace, name, "spec.lua"), top));
+        }
+        if let Some(own) = &rule.lua {
+            layers.push((script_name(namespace, name, &format!("{field}.lua")), own));
+        }
+        add_layers(out, &mut lua, &layers);
+
+        let backend = match &rule.backend {
+            Some(backend) => {
+                let port = match (backend.service.port.number, backend.service.port.name.as_deref()) {
+                    (Some(n), _) => check_port_number(n).ok().map(PortRef::Number),
+                    (None, Some(n)) => Some(PortRef::Name(n)),
+                    (None, None) => None,
+                };
+                let Some(port) = port else { continue };
+                let resolved = index.resolve(namespace, &backend.service.name, port);
+                if let Some((reason, message)) = resolved.problem {
+                    status.error(reason, format!("{field}.backend.service"), format!("{message}; requests get 503"));
+                }
+                out.endpoints.insert(resolved.id.clone(), resolved.endpoints);
+                Some(resolved.id)
+            }
+            None => None,
+        };
+        let kind = match rule.matches.path.kind {
+            LuaPathType::Exact => PathKind::Exact,
+            LuaPathType::Prefix => PathKind::Prefix,
+        };
+        let mut methods: Vec<String> = rule.matches.methods.clone();
+        methods.sort();
+        methods.dedup();
+        let mut headers: Vec<HeaderMatch> = rule
+            .matches
+            .headers
+            .iter()
+            .map(|h| HeaderMatch { name: h.name.to_ascii_lowercase(), value: h.value.clone() })
+            .collect();
+        headers.sort();
+        for host in &hosts {
+            out.routes.push(Candidate {
+                host: host.clone(),
+                route: Route {
+                    name: format!("{namespace}/{name}/{}", rule.name),
+                    path: PathMatch { kind, value: rule.matches.path.value.clone() },
+                    methods: methods.clone(),
+                    headers: headers.clone(),
+                    action: RouteAction {
+                        backend: backend.clone(),
+                        timeouts: Timeouts::default(),
+                        lua: Some(lua.clone()),
+                    },
+                    ssl_redirect: false,
+                },
+                wants_ssl_redirect: true,
+                rank: (rank, r, 0),
+                owner: status.object.clone(),
+                field: field.clone(),
+            });
+        }
+    }
+}

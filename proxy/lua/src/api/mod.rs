@@ -1,0 +1,342 @@
+//! The `ngx` API and the modules handlers may `require`, installed once into a VM's base
+//! environment. Functions that act on a request find it through [`crate::vm::with_current`];
+//! outside a request they raise an error.
+
+mod bit;
+mod codec;
+mod json;
+pub(crate) mod output;
+mod req;
+mod time;
+mod var;
+
+use std::rc::Rc;
+
+use mlua::{LightUserData, Lua, Table, Value, Variadic};
+
+use crate::request::Phase;
+use crate::vm::{LuaConfig, LuaRequest, display, with_current};
+
+/// The request whose Lua is running, or an error naming the API used outside one.
+pub(crate) fn current(api: &str) -> mlua::Result<Rc<LuaRequest>> {
+    with_current(|r| r.cloned()).ok_or_else(|| mlua::Error::runtime(format!("{api}: no request found")))
+}
+
+/// Raises OpenResty's error for an API used in a phase that does not allow it.
+pub(crate) fn require_phase(request: &LuaRequest, _api: &str, allowed: &[Phase]) -> mlua::Result<()> {
+    let phase = request.state.phase.get();
+    if allowed.contains(&phase) {
+        Ok(())
+    } else {
+        Err(mlua::Error::runtime(format!("API disabled in the context of {}_by_lua*", phase.name())))
+    }
+}
+
+/// Formats a number as Lua's `tostring` does (`%.14g`).
+pub(crate) fn format_number(n: f64) -> String {
+    if n.is_nan() {
+        return if n.is_sign_negative() { "-nan".into() } else { "nan".into() };
+    }
+    if n.is_infinite() {
+        return if n > 0.0 { "inf".into() } else { "-inf".into() };
+    }
+    if n == n.trunc() && n.abs() < 1e15 {
+        // Integral: no decimals, and -0 stays -0 as in Lua.
+        if n == 0.0 && n.is_sign_negative() {
+            return "-0".into();
+        }
+        #[allow(clippy::cast_possible_truncation)]
+        return format!("{}", n as i64);
+    }
+    let sci = format!("{n:.13e}");
+    let (mantissa, exponent) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exponent: i32 = exponent.parse().unwrap_or(0);
+    if !(-4..14).contains(&exponent) {
+        let mantissa = trim_zeros(mantissa);
+        let sign = if exponent < 0 { '-' } else { '+' };
+        return format!("{mantissa}e{sign}{:02}", exponent.abs());
+    }
+    let decimals = usize::try_from(13 - exponent).unwrap_or(0);
+    trim_zeros(&format!("{n:.decimals$}")).to_owned()
+}
+
+fn trim_zeros(s: &str) -> &str {
+    if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.') } else { s }
+}
+
+/// `ngx.null` and `cjson.null`: the NULL light userdata.
+pub(crate) fn null() -> Value {
+    Value::LightUserData(LightUserData(std::ptr::null_mut()))
+}
+
+/// Installs `ngx`, the modules, and the sandbox's replacements for removed globals.
+pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Result<()> {
+    // Removed: no environment tampering, no loading code at run time, no GC control.
+    for name in [
+        "getfenv",
+        "setfenv",
+        "loadstring",
+        "load",
+        "dofile",
+        "loadfile",
+        "require",
+        "collectgarbage",
+        "print",
+        "debug",
+        "module",
+    ] {
+        base.raw_set(name, Value::Nil)?;
+    }
+    base.raw_set(
+        "collectgarbage",
+        lua.create_function(|lua, option: Option<String>| match option.as_deref() {
+            Some("count") =>
+            {
+                #[allow(clippy::cast_precision_loss)]
+                Ok(lua.used_memory() as f64 / 1024.0)
+            }
+            _ => Err(mlua::Error::runtime("collectgarbage: only \"count\" is allowed")),
+        })?,
+    )?;
+
+    wrap_pcall(lua, base)?;
+    interruptible_sort(lua, base)?;
+
+    let ngx = lua.create_table()?;
+    constants(lua, &ngx)?;
+    output::install(lua, &ngx)?;
+    var::install(lua, &ngx)?;
+    req::install(lua, &ngx)?;
+    time::install(lua, &ngx)?;
+    codec::install(lua, &ngx)?;
+    install_misc(lua, &ngx, config)?;
+
+    let print = lua.create_function(|_, args: Variadic<Value>| {
+        let text: String = args.iter().map(display).collect::<Vec<_>>().join("\t");
+        log_line(6, &text);
+        Ok(())
+    })?;
+    base.raw_set("print", print)?;
+
+    let modules = lua.create_table()?;
+    modules.raw_set("cjson", json::module(lua, false)?)?;
+    modules.raw_set("cjson.safe", json::module(lua, true)?)?;
+    modules.raw_set("bit", bit::module(lua)?)?;
+    modules.raw_set("ngx", ngx.clone())?;
+    for (_, module) in modules.pairs::<Value, Table>().flatten() {
+        module.set_readonly(true);
+    }
+    let require = lua.create_function(move |_, name: String| {
+        modules.raw_get::<Option<Table>>(name.as_str())?.ok_or_else(|| {
+            mlua::Error::runtime(format!(
+                "module '{name}' not found: only cjson, cjson.safe, bit and ngx can be required"
+            ))
+        })
+    })?;
+    base.raw_set("require", require)?;
+    base.raw_set("ngx", ngx)?;
+    Ok(())
+}
+
+/// Errors raised by API functions reach Lua as error objects; OpenResty code expects strings
+/// (`local ok, err = pcall(cjson.decode, s)` then `"failed: " .. err`). `pcall` and `xpcall`
+/// hand them over as their message.
+fn wrap_pcall(lua: &Lua, base: &Table) -> mlua::Result<()> {
+    const WRAP: &str = r#"
+        local raw_pcall, raw_xpcall, errstr = ...
+        local function fix(ok, ...)
+            if ok then return true, ... end
+            return false, errstr((...))
+        end
+        local function pcall(f, ...) return fix(raw_pcall(f, ...)) end
+        local function xpcall(f, handler, ...)
+            return raw_xpcall(f, function(e) return handler(errstr(e)) end, ...)
+        end
+        return pcall, xpcall
+    "#;
+    let errstr = lua.create_function(|lua, value: Value| {
+        Ok(match value {
+            Value::Error(e) => Value::String(lua.create_string(crate::vm::error_message(&e))?),
+            other => other,
+        })
+    })?;
+    let wrap = lua.load(WRAP).set_name("=pcall").into_function()?;
+    let (pcall, xpcall): (mlua::Function, mlua::Function) =
+        wrap.call((base.raw_get::<mlua::Function>("pcall")?, base.raw_get::<mlua::Function>("xpcall")?, errstr))?;
+    base.raw_set("pcall", pcall)?;
+    base.raw_set("xpcall", xpcall)
+}
+
+/// Luau's `table.sort` with its built-in comparison runs in C where the interrupt never fires
+/// (3e6 numbers take ~0.4 s): a sort always gets a Lua comparator, whose every return lets the
+/// interrupt enforce the CPU budget.
+fn interruptible_sort(lua: &Lua, base: &Table) -> mlua::Result<()> {
+    const SORT: &str = r#"
+        local native_sort = ...
+        local function less(a, b) return a < b end
+        return function(t, comp) return native_sort(t, comp or less) end
+    "#;
+    let table: Table = base.raw_get("table")?;
+    let native: mlua::Function = table.raw_get("sort")?;
+    let sort: mlua::Function = lua.load(SORT).set_name("=table.sort").into_function()?.call(native)?;
+    table.raw_set("sort", sort)
+}
+
+fn constants(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
+    for (name, value) in [("OK", 0), ("ERROR", -1), ("AGAIN", -2), ("DONE", -4), ("DECLINED", -5)] {
+        ngx.raw_set(name, value)?;
+    }
+    let levels = [
+        ("STDERR", 0),
+        ("EMERG", 1),
+        ("ALERT", 2),
+        ("CRIT", 3),
+        ("ERR", 4),
+        ("WARN", 5),
+        ("NOTICE", 6),
+        ("INFO", 7),
+        ("DEBUG", 8),
+    ];
+    for (name, value) in levels {
+        ngx.raw_set(name, value)?;
+    }
+    for (name, value) in req::METHODS {
+        ngx.raw_set(*name, *value)?;
+    }
+    let statuses: &[(&str, u16)] = &[
+        ("HTTP_CONTINUE", 100),
+        ("HTTP_SWITCHING_PROTOCOLS", 101),
+        ("HTTP_OK", 200),
+        ("HTTP_CREATED", 201),
+        ("HTTP_ACCEPTED", 202),
+        ("HTTP_NO_CONTENT", 204),
+        ("HTTP_PARTIAL_CONTENT", 206),
+        ("HTTP_SPECIAL_RESPONSE", 300),
+        ("HTTP_MOVED_PERMANENTLY", 301),
+        ("HTTP_MOVED_TEMPORARILY", 302),
+        ("HTTP_SEE_OTHER", 303),
+        ("HTTP_NOT_MODIFIED", 304),
+        ("HTTP_TEMPORARY_REDIRECT", 307),
+        ("HTTP_PERMANENT_REDIRECT", 308),
+        ("HTTP_BAD_REQUEST", 400),
+        ("HTTP_UNAUTHORIZED", 401),
+        ("HTTP_PAYMENT_REQUIRED", 402),
+        ("HTTP_FORBIDDEN", 403),
+        ("HTTP_NOT_FOUND", 404),
+        ("HTTP_NOT_ALLOWED", 405),
+        ("HTTP_NOT_ACCEPTABLE", 406),
+        ("HTTP_REQUEST_TIMEOUT", 408),
+        ("HTTP_CONFLICT", 409),
+        ("HTTP_GONE", 410),
+        ("HTTP_UPGRADE_REQUIRED", 426),
+        ("HTTP_TOO_MANY_REQUESTS", 429),
+        ("HTTP_CLOSE", 444),
+        ("HTTP_ILLEGAL", 451),
+        ("HTTP_INTERNAL_SERVER_ERROR", 500),
+        ("HTTP_METHOD_NOT_IMPLEMENTED", 501),
+        ("HTTP_BAD_GATEWAY", 502),
+        ("HTTP_SERVICE_UNAVAILABLE", 503),
+        ("HTTP_GATEWAY_TIMEOUT", 504),
+        ("HTTP_VERSION_NOT_SUPPORTED", 505),
+        ("HTTP_INSUFFICIENT_STORAGE", 507),
+    ];
+    for (name, value) in statuses {
+        ngx.raw_set(*name, *value)?;
+    }
+    ngx.raw_set("null", null())?;
+    let _ = lua;
+    Ok(())
+}
+
+fn install_misc(lua: &Lua, ngx: &Table, config: &LuaConfig) -> mlua::Result<()> {
+    ngx.raw_set(
+        "log",
+        lua.create_function(|lua, (level, args): (i64, Variadic<Value>)| {
+            let mut text = String::new();
+            for (i, value) in args.iter().enumerate() {
+                match value {
+                    Value::Table(t)
+                        if t.metatable().is_none_or(|m| m.raw_get::<Value>("__tostring").is_ok_and(|v| v.is_nil())) =>
+                    {
+                        return Err(mlua::Error::runtime(format!(
+                            "bad argument #{} to 'log' (expected table to have __tostring metamethod)",
+                            i + 2
+                        )));
+                    }
+                    other => text.push_str(&display_with_tostring(lua, other)),
+                }
+            }
+            log_line(level, &text);
+            Ok(())
+        })?,
+    )?;
+    ngx.raw_set(
+        "get_phase",
+        lua.create_function(|_, ()| Ok(with_current(|r| r.map_or("init_worker", |r| r.state.phase.get().name()))))?,
+    )?;
+
+    let worker = lua.create_table()?;
+    let (id, count) = (config.worker_id, config.worker_count);
+    worker.raw_set("id", lua.create_function(move |_, ()| Ok(id))?)?;
+    worker.raw_set("count", lua.create_function(move |_, ()| Ok(count))?)?;
+    worker.raw_set("pid", lua.create_function(|_, ()| Ok(std::process::id()))?)?;
+    worker.raw_set("exiting", lua.create_function(|_, ()| Ok(false))?)?;
+    ngx.raw_set("worker", worker)?;
+
+    let cfg = lua.create_table()?;
+    cfg.raw_set("subsystem", "http")?;
+    cfg.raw_set("debug", false)?;
+    cfg.raw_set("ngx_lua_version", 10026)?;
+    cfg.raw_set("nginx_version", 1_025_003)?;
+    cfg.raw_set("nginx_configure", lua.create_function(|_, ()| Ok(""))?)?;
+    cfg.raw_set("prefix", lua.create_function(|_, ()| Ok("/"))?)?;
+    ngx.raw_set("config", cfg)?;
+    Ok(())
+}
+
+/// `tostring` semantics, including `__tostring` metamethods.
+fn display_with_tostring(lua: &Lua, value: &Value) -> String {
+    if let Value::Table(_) | Value::UserData(_) = value
+        && let Ok(tostring) = lua.globals().get::<mlua::Function>("tostring")
+        && let Ok(s) = tostring.call::<String>(value.clone())
+    {
+        return s;
+    }
+    display(value)
+}
+
+/// Writes an `ngx.log` line into our logs, with the request it belongs to.
+fn log_line(level: i64, text: &str) {
+    with_current(|request| {
+        let (route, request_id, phase) = request.map_or(("", "", "init"), |r| {
+            (r.state.head.route.as_str(), r.state.head.request_id.as_str(), r.state.phase.get().name())
+        });
+        match level {
+            ..=4 => tracing::error!(target: "lua", route, request_id, phase, "{text}"),
+            5 => tracing::warn!(target: "lua", route, request_id, phase, "{text}"),
+            6 | 7 => tracing::info!(target: "lua", route, request_id, phase, "{text}"),
+            _ => tracing::debug!(target: "lua", route, request_id, phase, "{text}"),
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_number;
+
+    #[test]
+    fn numbers_format_as_lua_tostring() {
+        for (n, s) in [
+            (1.0, "1"),
+            (-3.0, "-3"),
+            (0.1, "0.1"),
+            (1.0 / 3.0, "0.33333333333333"),
+            (1e15, "1e+15"),
+            (1.5e-7, "1.5e-07"),
+            (123.456, "123.456"),
+            (f64::INFINITY, "inf"),
+        ] {
+            assert_eq!(format_number(n), s, "{n}");
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! Response side: `ngx.say`, `ngx.print`, `ngx.exit`, `ngx.redirect`, `ngx.flush`, `ngx.eof`,
+//! `ngx.status`, `ngx.ctx`, `ngx.header`, `ngx.resp.get_headers`, `ngx.arg`.
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+use http::header::{HeaderName, HeaderValue};
+use mlua::{Lua, Table, Value, Variadic};
+
+use super::{current, format_number, require_phase};
+use crate::request::Phase;
+
+const RESPONDING: &[Phase] = &[Phase::Rewrite, Phase::Access, Phase::Content];
+
+pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
+    ngx.raw_set("print", lua.create_function(|_, args: Variadic<Value>| emit("print", &args, false))?)?;
+    ngx.raw_set("say", lua.create_function(|_, args: Variadic<Value>| emit("say", &args, true))?)?;
+    ngx.raw_set(
+        "flush",
+        lua.create_function(|_, _: Variadic<Value>| {
+            current("ngx.flush")?;
+            Ok(1)
+        })?,
+    )?;
+    ngx.raw_set(
+        "eof",
+        lua.create_function(|_, ()| {
+            let request = current("ngx.eof")?;
+            require_phase(&request, "ngx.eof", RESPONDING)?;
+            request.state.eof.set(true);
+            request.state.headers_sent.set(true);
+            Ok(1)
+        })?,
+    )?;
+    ngx.raw_set(
+        "exit",
+        lua.create_async_function(|_, status: i64| {
+            let prepared = prepare_exit(status);
+            async move {
+                prepared?;
+                // Never resumed: the runner sees the exit and drops this coroutine.
+                std::future::pending::<mlua::Result<()>>().await
+            }
+        })?,
+    )?;
+    ngx.raw_set(
+        "redirect",
+        lua.create_async_function(|_, (uri, status): (String, Option<i64>)| {
+            let prepared = prepare_redirect(&uri, status.unwrap_or(302));
+            async move {
+                prepared?;
+                std::future::pending::<mlua::Result<()>>().await
+            }
+        })?,
+    )?;
+
+    let resp = lua.create_table()?;
+    resp.raw_set(
+        "get_headers",
+        lua.create_function(|lua, (max, raw): (Option<usize>, Option<bool>)| {
+            let request = current("ngx.resp.get_headers")?;
+            let headers = request.state.response_headers.borrow();
+            headers_table(lua, &headers, max.unwrap_or(100), raw.unwrap_or(false))
+        })?,
+    )?;
+    ngx.raw_set("resp", resp)?;
+
+    // ngx.header: a proxy table over the response headers.
+    let header = lua.create_table()?;
+    let header_meta = lua.create_table()?;
+    header_meta.raw_set("__index", lua.create_function(|lua, (_, name): (Value, String)| get_header(lua, &name))?)?;
+    header_meta.raw_set(
+        "__newindex",
+        lua.create_function(|_, (_, name, value): (Value, String, Value)| set_header(&name, &value))?,
+    )?;
+    header.set_metatable(Some(header_meta))?;
+    ngx.raw_set("header", header)?;
+
+    // ngx.arg: the body filter's chunk and end-of-stream flag.
+    let arg = lua.create_table()?;
+    let arg_meta = lua.create_table()?;
+    arg_meta.raw_set(
+        "__index",
+        lua.create_function(|lua, (_, index): (Value, i64)| {
+            let request = current("ngx.arg")?;
+            match index {
+                1 => Ok(match request.state.arg_chunk.borrow().as_ref() {
+                    Some(chunk) => Value::String(lua.create_string(chunk)?),
+                    None => Value::String(lua.create_string("")?),
+                }),
+                2 => Ok(Value::Boolean(request.state.arg_eof.get())),
+                _ => Ok(Value::Nil),
+            }
+        })?,
+    )?;
+    arg_meta.raw_set(
+        "__newindex",
+        lua.create_function(|_, (_, index, value): (Value, i64, Value)| {
+            let request = current("ngx.arg")?;
+            require_phase(&request, "ngx.arg", &[Phase::BodyFilter])?;
+            match index {
+                1 => {
+                    let mut chunk = BytesMut::new();
+                    if !value.is_nil() {
+                        flatten(&value, &mut chunk, 1, "ngx.arg")?;
+                    }
+                    *request.state.arg_chunk.borrow_mut() = Some(chunk.freeze());
+                }
+                2 => request.state.arg_eof.set(value.as_boolean().unwrap_or(false)),
+                _ => return Err(mlua::Error::runtime("ngx.arg: only indexes 1 and 2 can be set")),
+            }
+            Ok(())
+        })?,
+    )?;
+    arg.set_metatable(Some(arg_meta))?;
+    ngx.raw_set("arg", arg)?;
+
+    // ngx.status and ngx.ctx are per request: served by ngx's own metatable.
+    let ngx_meta = lua.create_table()?;
+    ngx_meta.raw_set(
+        "__index",
+        lua.create_function(|lua, (_, key): (Value, String)| {
+            let Some(request) = crate::vm::with_current(|r| r.cloned()) else { return Ok(Value::Nil) };
+            match key.as_str() {
+                "status" => Ok(Value::Integer(i64::from(request.state.status.get()))),
+                "ctx" => {
+                    let mut ctx = request.ctx.borrow_mut();
+                    if ctx.is_none() {
+                        *ctx = Some(lua.create_table()?);
+                    }
+                    Ok(ctx.clone().map_or(Value::Nil, Value::Table))
+                }
+                _ => Ok(Value::Nil),
+            }
+        })?,
+    )?;
+    ngx_meta.raw_set(
+        "__newindex",
+        lua.create_function(|_, (_, key, value): (Value, String, Value)| {
+            let request = current(&format!("ngx.{key}"))?;
+            match key.as_str() {
+                "status" => {
+                    if request.state.headers_sent.get() {
+                        tracing::error!(target: "lua", route = request.state.head.route, "attempt to set ngx.status after sending out response headers");
+                        return Ok(());
+                    }
+                    let status = match value {
+                        Value::Integer(i) => i,
+                        #[allow(clippy::cast_possible_truncation)]
+                        Value::Number(n) => n as i64,
+                        Value::String(s) => s.to_str()?.trim().parse().map_err(|_| mlua::Error::runtime("ngx.status must be a number"))?,
+                        _ => return Err(mlua::Error::runtime("ngx.status must be a number")),
+                    };
+                    let status = u16::try_from(status).ok().filter(|s| (100..1000).contains(s)).ok_or_else(|| mlua::Error::runtime(format!("ngx.status: invalid status {status}")))?;
+                    request.state.status.set(status);
+                    Ok(())
+                }
+                "ctx" => match value {
+                    Value::Table(t) => {
+                        *request.ctx.borrow_mut() = Some(t);
+                        Ok(())
+                    }
+                    _ => Err(mlua::Error::runtime("ngx.ctx must be a table")),
+                },
+                other => Err(mlua::Error::runtime(format!("ngx.{other} cannot be assigned: the ngx table is read-only"))),
+            }
+        })?,
+    )?;
+    ngx.set_metatable(Some(ngx_meta))?;
+    Ok(())
+}
+
+fn emit(api: &str, args: &Variadic<Value>, newline: bool) -> mlua::Result<(Option<i64>, Option<String>)> {
+    let request = current(&format!("ngx.{api}"))?;
+    require_phase(&request, &format!("ngx.{api}"), RESPONDING)?;
+    if request.state.eof.get() {
+        return Ok((None, Some("seen eof".into())));
+    }
+    let mut out = BytesMut::new();
+    for (i, value) in args.iter().enumerate() {
+        flatten(value, &mut out, i + 1, api)?;
+    }
+    if newline {
+        out.extend_from_slice(b"\n");
+    }
+    request.state.headers_sent.set(true);
+    request.state.output.borrow_mut().push(out.freeze());
+    Ok((Some(1), None))
+}
+
+/// Appends a value as `ngx.print` writes it: strings, numbers, booleans, nil, ngx.null, and
+/// array tables of those (nested).
+fn flatten(value: &Value, out: &mut BytesMut, position: usize, api: &str) -> mlua::Result<()> {
+    match value {
+        Value::String(s) => out.extend_from_slice(&s.as_bytes()),
+        Value::Integer(i) => out.extend_from_slice(i.to_string().as_bytes()),
+        Value::Number(n) => out.extend_from_slice(format_number(*n).as_bytes()),
+        Value::Boolean(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        Value::Nil => out.extend_from_slice(b"nil"),
+        Value::LightUserData(l) if l.0.is_null() => out.extend_from_slice(b"null"),
+        Value::Table(t) => {
+            let len = t.raw_len();
+            let mut count = 0;
+            for pair in t.pairs::<Value, Value>() {
+                let (key, _) = pair?;
+                let in_sequence =
+                    matches!(key, Value::Integer(i) if i >= 1 && usize::try_from(i).is_ok_and(|i| i <= len));
+                if !in_sequence {
+                    return Err(mlua::Error::runtime(format!(
+                        "bad argument #{position} to '{api}' (non-array table found)"
+                    )));
+                }
+                count += 1;
+            }
+            let _ = count;
+            for i in 1..=len {
+                flatten(&t.raw_get::<Value>(i)?, out, position, api)?;
+            }
+        }
+        other => {
+            return Err(mlua::Error::runtime(format!(
+                "bad argument #{position} to '{api}' (string, number, boolean, nil, ngx.null, or array table expected, got {})",
+                other.type_name()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn prepare_exit(status: i64) -> mlua::Result<()> {
+    let request = current("ngx.exit")?;
+    require_phase(&request, "ngx.exit", RESPONDING)?;
+    let status =
+        u16::try_from(status.max(0)).map_err(|_| mlua::Error::runtime(format!("ngx.exit: bad status {status}")))?;
+    request.state.exit.set(Some(status));
+    Ok(())
+}
+
+fn prepare_redirect(uri: &str, status: i64) -> mlua::Result<()> {
+    let request = current("ngx.redirect")?;
+    require_phase(&request, "ngx.redirect", RESPONDING)?;
+    let status = match status {
+        301 | 302 | 303 | 307 | 308 => u16::try_from(status).unwrap_or(302),
+        other => {
+            return Err(mlua::Error::runtime(format!(
+                "only ngx.HTTP_MOVED_TEMPORARILY, ngx.HTTP_MOVED_PERMANENTLY, ngx.HTTP_PERMANENT_REDIRECT, ngx.HTTP_SEE_OTHER, and ngx.HTTP_TEMPORARY_REDIRECT are allowed, got {other}"
+            )));
+        }
+    };
+    let location = HeaderValue::from_str(uri).map_err(|_| mlua::Error::runtime("ngx.redirect: invalid URI"))?;
+    request.state.response_headers.borrow_mut().insert(http::header::LOCATION, location);
+    request.state.status.set(status);
+    request.state.exit.set(Some(status));
+    Ok(())
+}
+
+/// `content_type` and `Content-Type` name the same header.
+pub(super) fn normalize_header_name(name: &str) -> mlua::Result<HeaderName> {
+    let name = name.replace('_', "-").to_ascii_lowercase();
+    HeaderName::from_bytes(name.as_bytes()).map_err(|_| mlua::Error::runtime(format!("invalid header name {name:?}")))
+}
+
+fn get_header(lua: &Lua, name: &str) -> mlua::Result<Value> {
+    let request = current("ngx.header")?;
+    let name = normalize_header_name(name)?;
+    let headers = request.state.response_headers.borrow();
+    header_value(lua, &headers, &name)
+}
+
+/// One value as a string; several as a table.
+pub(super) fn header_value(lua: &Lua, headers: &HeaderMap, name: &HeaderName) -> mlua::Result<Value> {
+    let mut values = headers.get_all(name).iter();
+    let Some(first) = values.next() else { return Ok(Value::Nil) };
+    let rest: Vec<&HeaderValue> = values.collect();
+    if rest.is_empty() {
+        return Ok(Value::String(lua.create_string(first.as_bytes())?));
+    }
+    let table = lua.create_table()?;
+    table.raw_push(lua.create_string(first.as_bytes())?)?;
+    for v in rest {
+        table.raw_push(lua.create_string(v.as_bytes())?)?;
+    }
+    Ok(Value::Table(table))
+}
+
+fn set_header(name: &str, value: &Value) -> mlua::Result<()> {
+    let request = current("ngx.header")?;
+    let header = normalize_header_name(name)?;
+    if request.state.headers_sent.get() {
+        tracing::error!(target: "lua", route = request.state.head.route, "attempt to set ngx.header.{name} after sending out response headers");
+        return Ok(());
+    }
+    let mut headers = request.state.response_headers.borrow_mut();
+    set_header_values(&mut headers, &header, value)
+}
+
+/// Replaces a header: nil (or an empty table) clears it, a table sets several values.
+pub(super) fn set_header_values(headers: &mut HeaderMap, name: &HeaderName, value: &Value) -> mlua::Result<()> {
+    headers.remove(name);
+    let mut put = |v: &Value| -> mlua::Result<()> {
+        let text = match v {
+            Value::String(s) => s.as_bytes().to_vec(),
+            Value::Integer(i) => i.to_string().into_bytes(),
+            Value::Number(n) => format_number(*n).into_bytes(),
+            Value::Boolean(b) => b.to_string().into_bytes(),
+            other => return Err(mlua::Error::runtime(format!("bad header value for {name}: {}", other.type_name()))),
+        };
+        let value = HeaderValue::from_bytes(&text)
+            .map_err(|_| mlua::Error::runtime(format!("invalid value for header {name}")))?;
+        headers.append(name.clone(), value);
+        Ok(())
+    };
+    match value {
+        Value::Nil => Ok(()),
+        Value::Table(t) => {
+            for v in t.sequence_values::<Value>() {
+                put(&v?)?;
+            }
+            Ok(())
+        }
+        other => put(other),
+    }
+}
+
+/// A header table as `ngx.req.get_headers` and `ngx.resp.get_headers` return it: lower-case
+/// names (unless raw), repeated headers as arrays, and lookups by any case through `__index`.
+pub(super) fn headers_table(
+    lua: &Lua,
+    headers: &HeaderMap,
+    max: usize,
+    raw: bool,
+) -> mlua::Result<(Table, Option<String>)> {
+    let table = lua.create_table()?;
+    let mut count = 0;
+    let mut truncated = false;
+    for name in headers.keys() {
+        for value in headers.get_all(name) {
+            if max > 0 && count >= max {
+                truncated = true;
+                break;
+            }
+            count += 1;
+            let value = lua.create_string(value.as_bytes())?;
+            let key = name.as_str();
+            match table.raw_get::<Value>(key)? {
+                Value::Nil => table.raw_set(key, value)?,
+                Value::Table(list) => list.raw_push(value)?,
+                previous => {
+                    let list = lua.create_table()?;
+                    list.raw_push(previous)?;
+                    list.raw_push(value)?;
+                    table.raw_set(key, list)?;
+                }
+            }
+        }
+    }
+    if !raw {
+        let meta = lua.create_table()?;
+        meta.raw_set(
+            "__index",
+            lua.create_function(|_, (t, key): (Table, String)| {
+                let normalized = key.replace('_', "-").to_ascii_lowercase();
+                if normalized == key { Ok(Value::Nil) } else { t.raw_get::<Value>(normalized) }
+            })?,
+        )?;
+        table.set_metatable(Some(meta))?;
+    }
+    Ok((table, truncated.then(|| "truncated".to_owned())))
+}
+
+/// Output as one body.
+pub fn join_output(chunks: Vec<Bytes>) -> Bytes {
+    match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.into_iter().next().unwrap_or_default(),
+        _ => {
+            let mut all = BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
+            for c in chunks {
+                all.extend_from_slice(&c);
+            }
+            all.freeze()
+        }
+    }
+}

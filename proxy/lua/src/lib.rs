@@ -1,0 +1,25 @@
+//! tidegate's Lua: one sandboxed Luau VM per worker thread, handlers compiled once, the
+//! OpenResty `ngx` API.
+//!
+//! - [`compile()`] turns handler source into a [`Script`] (bytecode), or a [`CompileError`] with
+//!   the Lua line; [`check`] only validates (what the controller and `tidegate validate` use).
+//! - [`Vm`] is a worker's VM: [`Vm::begin`] starts a request, [`Vm::run`] runs a phase's
+//!   handlers (they may wait on asynchronous calls), [`Vm::run_now`] runs handlers that must not
+//!   wait (header and body filters, log).
+//!
+//! See `vm.rs` for how environments, coroutines and limits work.
+#![forbid(unsafe_code)]
+
+mod api;
+pub mod clock;
+mod compile;
+mod request;
+mod vm;
+
+pub use api::output::join_output;
+pub use compile::{CompileError, Script, check, compile};
+pub use request::{Phase, RequestHead, RequestState};
+pub use vm::{BodyReader, FailureKind, LuaConfig, LuaRequest, Outcome, Vm};
+
+#[cfg(test)]
+mod tests;

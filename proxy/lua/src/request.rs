@@ -1,0 +1,158 @@
+//! What Lua sees of one request and what it changes, shared by every phase of that request.
+//!
+//! The proxy fills a [`RequestState`] from the client request, runs phases against it, and reads
+//! back what Lua changed (request headers, URI, method, body; response status, headers, output).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Version};
+
+/// The OpenResty phases, in the order they run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Phase {
+    Rewrite,
+    Access,
+    Content,
+    HeaderFilter,
+    BodyFilter,
+    Log,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 6] =
+        [Phase::Rewrite, Phase::Access, Phase::Content, Phase::HeaderFilter, Phase::BodyFilter, Phase::Log];
+
+    /// The name `ngx.get_phase()` returns.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Rewrite => "rewrite",
+            Phase::Access => "access",
+            Phase::Content => "content",
+            Phase::HeaderFilter => "header_filter",
+            Phase::BodyFilter => "body_filter",
+            Phase::Log => "log",
+        }
+    }
+
+    /// Phases that may produce output and end the request with `ngx.exit`.
+    pub fn may_respond(self) -> bool {
+        matches!(self, Phase::Rewrite | Phase::Access | Phase::Content)
+    }
+}
+
+/// The client request as Lua first sees it.
+#[derive(Debug, Clone)]
+pub struct RequestHead {
+    pub method: Method,
+    /// Path and query as received (`ngx.var.request_uri`).
+    pub request_uri: String,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub remote: SocketAddr,
+    pub server_port: u16,
+    pub https: bool,
+    /// The host the request was routed by, without port.
+    pub host: String,
+    /// Route name, for logs.
+    pub route: String,
+    /// Request id, for logs (`ngx.var.request_id`).
+    pub request_id: String,
+}
+
+/// One request's state, read and written by the ngx API.
+#[derive(Debug)]
+pub struct RequestState {
+    pub head: RequestHead,
+    pub phase: Cell<Phase>,
+    pub started: Instant,
+    pub started_at: SystemTime,
+
+    // The request as it goes upstream.
+    pub method: RefCell<Method>,
+    /// `ngx.var.uri`: the path, without query.
+    pub uri: RefCell<String>,
+    /// `ngx.var.args`: the query string, without `?`.
+    pub args: RefCell<Option<String>>,
+    pub headers: RefCell<HeaderMap>,
+    /// The body once read (`ngx.req.read_body`) or set (`ngx.req.set_body_data`).
+    pub body: RefCell<Option<Bytes>>,
+    /// Set when the proxy must read the client body before Lua can continue.
+    pub wants_body: Cell<bool>,
+
+    // The response.
+    /// `ngx.status`; 0 until set or until a response arrives.
+    pub status: Cell<u16>,
+    pub response_headers: RefCell<HeaderMap>,
+    /// Output of `ngx.say`/`ngx.print` not yet sent.
+    pub output: RefCell<Vec<Bytes>>,
+    /// Response headers have gone out (the first output does that); status changes are refused.
+    pub headers_sent: Cell<bool>,
+    /// `ngx.exit(status)` was called: the current handler stops and so does the request when the
+    /// status is ≥ 200 (or anything in the content phase).
+    pub exit: Cell<Option<u16>>,
+    /// `ngx.eof()` was called: no more output.
+    pub eof: Cell<bool>,
+
+    // Body filter arguments (`ngx.arg[1]`, `ngx.arg[2]`).
+    pub arg_chunk: RefCell<Option<Bytes>>,
+    pub arg_eof: Cell<bool>,
+
+    /// Variables set by Lua (`ngx.var.foo = ...`).
+    pub vars: RefCell<HashMap<String, String>>,
+    pub upstream_addr: RefCell<Option<String>>,
+    pub upstream_status: Cell<Option<u16>>,
+    pub upstream_response_time: Cell<Option<f64>>,
+    pub bytes_sent: Cell<u64>,
+}
+
+impl RequestState {
+    pub fn new(head: RequestHead) -> Self {
+        let (path, query) = match head.request_uri.split_once('?') {
+            Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
+            None => (head.request_uri.clone(), None),
+        };
+        RequestState {
+            phase: Cell::new(Phase::Rewrite),
+            started: Instant::now(),
+            started_at: SystemTime::now(),
+            method: RefCell::new(head.method.clone()),
+            uri: RefCell::new(path),
+            args: RefCell::new(query),
+            headers: RefCell::new(head.headers.clone()),
+            body: RefCell::new(None),
+            wants_body: Cell::new(false),
+            status: Cell::new(0),
+            response_headers: RefCell::new(HeaderMap::new()),
+            output: RefCell::new(Vec::new()),
+            headers_sent: Cell::new(false),
+            exit: Cell::new(None),
+            eof: Cell::new(false),
+            arg_chunk: RefCell::new(None),
+            arg_eof: Cell::new(false),
+            vars: RefCell::new(HashMap::new()),
+            upstream_addr: RefCell::new(None),
+            upstream_status: Cell::new(None),
+            upstream_response_time: Cell::new(None),
+            bytes_sent: Cell::new(0),
+            head,
+        }
+    }
+
+    /// The URI as it goes upstream: path plus `?args` when there are any.
+    pub fn upstream_uri(&self) -> String {
+        let uri = self.uri.borrow();
+        match self.args.borrow().as_deref() {
+            Some(args) if !args.is_empty() => format!("{uri}?{args}"),
+            _ => uri.clone(),
+        }
+    }
+
+    /// Takes the output produced so far.
+    pub fn take_output(&self) -> Vec<Bytes> {
+        std::mem::take(&mut *self.output.borrow_mut())
+    }
+}

@@ -1,0 +1,339 @@
+//! The VM on its own: phases, the ngx API, the sandbox and the limits.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, Method, Version};
+
+use crate::{FailureKind, LuaConfig, LuaRequest, Outcome, Phase, RequestHead, Script, Vm, compile};
+
+fn vm_with(budget: Duration, memory: usize) -> Vm {
+    Vm::new(LuaConfig { cpu_budget: budget, memory_limit: memory, worker_id: 0, worker_count: 1 }).expect("vm")
+}
+
+fn vm() -> Vm {
+    vm_with(Duration::from_millis(100), 64 << 20)
+}
+
+fn head(uri: &str) -> RequestHead {
+    let mut headers = HeaderMap::new();
+    headers.insert("host", "example.com".parse().expect("header"));
+    headers.insert("x-api-key", "secret".parse().expect("header"));
+    headers.insert("cookie", "a=1; session=abc".parse().expect("header"));
+    RequestHead {
+        method: Method::GET,
+        request_uri: uri.into(),
+        version: Version::HTTP_11,
+        headers,
+        remote: "127.0.0.9:5555".parse().expect("addr"),
+        server_port: 8080,
+        https: false,
+        host: "example.com".into(),
+        route: "test".into(),
+        request_id: "r1".into(),
+    }
+}
+
+fn script(source: &str) -> Arc<Script> {
+    Arc::new(compile("test", source).unwrap_or_else(|e| panic!("compiles: {e}")))
+}
+
+/// Runs one phase of one handler on a fresh request.
+fn run(vm: &Vm, phase: Phase, source: &str) -> (Outcome, Rc<LuaRequest>) {
+    let request = vm.begin(head("/p?a=1&b=x%20y&b=2&flag")).expect("request");
+    let outcome = block_on(vm.run(&request, phase, &[script(source)]));
+    (outcome, request)
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    tokio::task::LocalSet::new().block_on(&rt, f)
+}
+
+fn output(request: &LuaRequest) -> String {
+    String::from_utf8_lossy(&crate::join_output(request.state.take_output())).into_owned()
+}
+
+fn say(vm: &Vm, source: &str) -> String {
+    let (outcome, request) = run(vm, Phase::Content, source);
+    assert_eq!(outcome, Outcome::Continue, "handler ran: {source}\noutput so far: {}", output(&request));
+    output(&request)
+}
+
+#[test]
+fn say_and_print_write_output() {
+    let vm = vm();
+    assert_eq!(
+        say(&vm, r#"ngx.say("Hello, ", 1, " ", 1.5, " ", true, " ", nil, " ", ngx.null) ngx.print({"a", {"b"}})"#),
+        "Hello, 1 1.5 true nil null\nab"
+    );
+}
+
+#[test]
+fn exit_in_access_ends_the_request_even_inside_pcall() {
+    let vm = vm();
+    let (outcome, _) = run(&vm, Phase::Access, "pcall(function() ngx.exit(403) end) error('not reached')");
+    assert_eq!(outcome, Outcome::Exit(403));
+    let (outcome, _) = run(&vm, Phase::Access, "ngx.exit(ngx.OK) error('not reached')");
+    assert_eq!(outcome, Outcome::Continue, "ngx.exit(ngx.OK) only ends the handler");
+    let (outcome, _) = run(&vm, Phase::Content, "ngx.say('x') ngx.exit(200)");
+    assert_eq!(outcome, Outcome::Exit(200));
+}
+
+#[test]
+fn exit_is_refused_in_header_filter() {
+    let vm = vm();
+    let request = vm.begin(head("/")).expect("request");
+    let outcome = vm.run_now(&request, Phase::HeaderFilter, &[script("ngx.exit(500)")]);
+    assert!(
+        matches!(outcome, Outcome::Failed { kind: FailureKind::Error, ref message } if message.contains("API disabled")),
+        "{outcome:?}"
+    );
+}
+
+#[test]
+fn variables_and_request_api() {
+    let vm = vm();
+    let out = say(
+        &vm,
+        r#"
+        ngx.say(ngx.var.uri, " ", ngx.var.args, " ", ngx.var.arg_a, " ", ngx.var.http_x_api_key, " ", ngx.var.cookie_session)
+        ngx.say(ngx.var.remote_addr, " ", ngx.var.server_port, " ", ngx.var.scheme, " ", ngx.var.request_method, " ", ngx.var.host)
+        local args = ngx.req.get_uri_args()
+        ngx.say(args.a, " ", args.b[1], "|", args.b[2], " ", tostring(args.flag))
+        local h = ngx.req.get_headers()
+        ngx.say(h["X-API-Key"], " ", h.x_api_key)
+        ngx.req.set_header("X-Added", "1")
+        ngx.req.clear_header("x-api-key")
+        ngx.var.my_var = "set"
+        ngx.say(ngx.var.my_var, " ", tostring(ngx.var.http_x_api_key), " ", ngx.req.get_headers()["x-added"])
+        "#,
+    );
+    assert_eq!(
+        out,
+        "/p a=1&b=x%20y&b=2&flag 1 secret abc\n127.0.0.9 8080 http GET example.com\n1 x y|2 true\nsecret secret\nset nil 1\n"
+    );
+}
+
+#[test]
+fn ctx_is_shared_across_phases_of_one_request_only() {
+    let vm = vm();
+    let request = vm.begin(head("/")).expect("request");
+    let set = block_on(vm.run(&request, Phase::Access, &[script("ngx.ctx.user = 'alice'")]));
+    assert_eq!(set, Outcome::Continue);
+    block_on(vm.run(&request, Phase::Content, &[script("ngx.say(ngx.ctx.user)")]));
+    assert_eq!(output(&request), "alice\n");
+    assert_eq!(say(&vm, "ngx.say(tostring(ngx.ctx.user))"), "nil\n", "another request has its own ctx");
+}
+
+#[test]
+fn globals_written_by_one_request_are_not_seen_by_the_next() {
+    let vm = vm();
+    assert_eq!(say(&vm, "counter = (counter or 0) + 1 ngx.say(counter)"), "1\n");
+    assert_eq!(say(&vm, "counter = (counter or 0) + 1 ngx.say(counter)"), "1\n");
+}
+
+#[test]
+fn shared_tables_are_read_only() {
+    let vm = vm();
+    for attempt in [
+        "string.upper = function() return 'pwned' end",
+        "getmetatable('').__index = {}",
+        "ngx.say = nil",
+        "ngx.exit = function() end",
+        "table.insert = nil",
+        "cjson = require('cjson') cjson.encode = nil",
+    ] {
+        let (outcome, _) = run(&vm, Phase::Content, attempt);
+        assert!(matches!(outcome, Outcome::Failed { .. }), "{attempt} must fail: {outcome:?}");
+    }
+    assert_eq!(say(&vm, "ngx.say(string.upper('ok'))"), "OK\n");
+}
+
+#[test]
+fn removed_functions_are_unreachable() {
+    let vm = vm();
+    let out = say(
+        &vm,
+        r#"
+        local names = {"io", "debug", "package", "loadstring", "load", "dofile", "loadfile", "getfenv", "setfenv", "module"}
+        for _, n in ipairs(names) do ngx.say(n, "=", tostring(_G and _G[n] or nil)) end
+        ngx.say("os.execute=", tostring(os.execute), " os.getenv=", tostring(os.getenv), " os.exit=", tostring(os.exit))
+        ngx.say(pcall(collectgarbage, "collect"))
+        ngx.say(type(collectgarbage("count")))
+        ngx.say(pcall(require, "os"))
+        "#,
+    );
+    for line in out.lines().take(10) {
+        assert!(line.ends_with("=nil"), "{line}");
+    }
+    assert!(out.contains("os.execute=nil os.getenv=nil os.exit=nil"), "{out}");
+    assert!(out.contains("false"), "{out}");
+    assert!(out.contains("number"), "{out}");
+}
+
+fn assert_times_out(vm: &Vm, source: &str, budget: Duration) {
+    let started = Instant::now();
+    let (outcome, _) = run(vm, Phase::Access, source);
+    let took = started.elapsed();
+    assert!(matches!(outcome, Outcome::Failed { kind: FailureKind::Timeout, .. }), "{source}: {outcome:?}");
+    assert!(took < budget + Duration::from_millis(150), "{source} stopped after {took:?}");
+    // The worker is fine: the next request runs normally.
+    assert_eq!(say(vm, "ngx.say('next')"), "next\n");
+}
+
+#[test]
+fn runaway_code_is_stopped_within_the_budget() {
+    let budget = Duration::from_millis(100);
+    let vm = vm_with(budget, 256 << 20);
+    assert_times_out(&vm, "while true do end", budget);
+    assert_times_out(&vm, "while true do pcall(function() while true do end end) end", budget);
+    assert_times_out(&vm, "pcall(function() while true do end end) while true do end", budget);
+    assert_times_out(&vm, "local f = coroutine.wrap(function() while true do end end) f() while true do end", budget);
+    assert_times_out(
+        &vm,
+        r#"local s = string.rep("a", 40) .. "b" string.find(s, string.rep("a?", 40) .. string.rep("a", 40)) while true do end"#,
+        budget,
+    );
+    assert_times_out(
+        &vm,
+        r#"local s = string.rep("a", 40) pcall(string.find, s, string.rep("a?", 40) .. string.rep("a", 40) .. "b") ngx.say("unreachable")"#,
+        budget,
+    );
+}
+
+#[test]
+fn a_memory_hog_fails_and_the_vm_recovers() {
+    let vm = vm_with(Duration::from_secs(5), 64 << 20);
+    let (outcome, _) = run(&vm, Phase::Access, r#"local s = string.rep("x", 2^30)"#);
+    assert!(matches!(outcome, Outcome::Failed { kind: FailureKind::Memory, .. }), "{outcome:?}");
+    let (outcome, _) = run(&vm, Phase::Access, "local t = {} for i = 1, 1e9 do t[i] = i end");
+    assert!(matches!(outcome, Outcome::Failed { kind: FailureKind::Memory, .. }), "{outcome:?}");
+    vm.collect_if_needed();
+    assert_eq!(say(&vm, "ngx.say('alive')"), "alive\n");
+    assert!(vm.used_memory() < 64 << 20);
+}
+
+#[test]
+fn errors_name_the_script_and_line() {
+    let vm = vm();
+    let (outcome, _) = run(&vm, Phase::Content, "local a = 1\nngx.echo('x')");
+    match outcome {
+        Outcome::Failed { kind: FailureKind::Error, message } => assert!(message.starts_with("test:2:"), "{message}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[test]
+fn status_and_headers() {
+    let vm = vm();
+    let (outcome, request) = run(
+        &vm,
+        Phase::Content,
+        r#"ngx.status = 201 ngx.header.content_type = "application/json" ngx.header["X-Multi"] = {"a", "b"} ngx.say(ngx.header["Content-Type"], " ", #ngx.header.x_multi)"#,
+    );
+    assert_eq!(outcome, Outcome::Continue);
+    assert_eq!(request.state.status.get(), 201);
+    let headers = request.state.response_headers.borrow();
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(headers.get_all("x-multi").iter().count(), 2);
+    drop(headers);
+    assert_eq!(output(&request), "application/json 2\n");
+}
+
+#[test]
+fn redirect_sets_location_and_exits() {
+    let vm = vm();
+    let (outcome, request) = run(&vm, Phase::Rewrite, r#"ngx.redirect("/new", ngx.HTTP_MOVED_PERMANENTLY)"#);
+    assert_eq!(outcome, Outcome::Exit(301));
+    assert_eq!(request.state.response_headers.borrow()["location"], "/new");
+}
+
+#[test]
+fn codecs_and_time() {
+    let vm = vm();
+    let out = say(
+        &vm,
+        r#"
+        ngx.say(ngx.encode_base64("hello"), " ", ngx.decode_base64("aGVsbG8="), " ", ngx.md5("hello"))
+        ngx.say(ngx.encode_base64(ngx.sha1_bin("abc")), " ", ngx.encode_base64(ngx.hmac_sha1("key", "msg")))
+        ngx.say(ngx.crc32_short("hello"), " ", ngx.escape_uri("a b/c"), " ", ngx.unescape_uri("a%20b+c"))
+        ngx.say(ngx.encode_args({b = "2 3", a = true, c = false, d = {"x", "y"}}), " ", ngx.decode_args("x=1&y=2").y)
+        ngx.say(ngx.quote_sql_str("it's"), " ", ngx.http_time(1290079655), " ", ngx.parse_http_time("Thu, 18 Nov 2010 11:27:35 GMT"))
+        ngx.say(type(ngx.now()), " ", type(ngx.time()), " ", #ngx.today(), " ", ngx.get_phase(), " ", ngx.worker.count(), " ", ngx.config.subsystem)
+        "#,
+    );
+    assert_eq!(
+        out,
+        "aGVsbG8= hello 5d41402abc4b2a76b9719d911017c592\nqZk+NkcGgWq6PiVxeFDCbJzQ2J0= ECkAtyt78QMe7Ha0gEtmBSN2iWs=\n907060870 a%20b%2Fc a b c\na&b=2%203&d=x&d=y 2\n'it\\'s' Thu, 18 Nov 2010 11:27:35 GMT 1290079655\nnumber number 10 content 1 http\n"
+    );
+}
+
+#[test]
+fn cjson_round_trips() {
+    let vm = vm();
+    let out = say(
+        &vm,
+        r#"
+        local cjson = require "cjson"
+        ngx.say(cjson.encode({1, 2.5, "a/b", true, cjson.null}))
+        ngx.say(cjson.encode({}), cjson.encode(cjson.empty_array), cjson.encode(setmetatable({}, cjson.array_mt)))
+        local t = cjson.decode('{"a":[1,2,{"b":null}],"c":"d"}')
+        ngx.say(t.a[2], " ", t.c, " ", tostring(t.a[3].b == cjson.null))
+        local safe = require "cjson.safe"
+        local v, err = safe.decode("{bad")
+        ngx.say(tostring(v), " ", type(err))
+        ngx.say(pcall(cjson.decode, "{bad"))
+        "#,
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], r#"[1,2.5,"a\/b",true,null]"#);
+    assert_eq!(lines[1], "{}[][]");
+    assert_eq!(lines[2], "2 d true");
+    assert_eq!(lines[3], "nil string");
+    assert!(lines[4].starts_with("false"));
+}
+
+#[test]
+fn bit_module_matches_luajit() {
+    let vm = vm();
+    let out = say(
+        &vm,
+        r#"local bit = require "bit" ngx.say(bit.band(0xff, 0x0f), " ", bit.bor(1, 2), " ", bit.lshift(1, 31), " ", bit.tohex(255, 4), " ", bit.bnot(0))"#,
+    );
+    assert_eq!(out, "15 3 -2147483648 00ff -1\n");
+}
+
+#[test]
+fn read_body_waits_for_the_body() {
+    let vm = vm();
+    let request = vm.begin(head("/")).expect("request");
+    *request.body_reader.borrow_mut() = Some(Box::new(|| {
+        Box::pin(async {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            Ok(bytes::Bytes::from_static(b"a=1&b=2"))
+        })
+    }));
+    let outcome = block_on(vm.run(
+        &request,
+        Phase::Content,
+        &[script(
+            "ngx.req.read_body() local args = ngx.req.get_post_args() ngx.say(ngx.req.get_body_data(), ' ', args.b)",
+        )],
+    ));
+    assert_eq!(outcome, Outcome::Continue);
+    assert_eq!(output(&request), "a=1&b=2 2\n");
+}
+
+#[test]
+fn sorting_millions_of_items_is_stopped_within_the_budget() {
+    let budget = Duration::from_millis(100);
+    let vm = vm_with(budget, 512 << 20);
+    assert_times_out(&vm, "local t = {} for i = 1, 3e6 do t[i] = (i * 7919) % 3e6 end table.sort(t)", budget);
+    assert_times_out(
+        &vm,
+        "local t = {} for i = 1, 3e6 do t[i] = (i * 7919) % 3e6 end table.sort(t, function(a, b) return a > b end)",
+        budget,
+    );
+}

@@ -1,0 +1,426 @@
+//! One Luau VM per worker thread, and how a request's handlers run in it.
+//!
+//! # The environment of a request
+//! The VM's global table is the shared base: the allowlisted libraries, `ngx`, our modules. The
+//! sandbox makes it and every library table read-only. Each request gets its own environment
+//! table whose reads fall through to the base (`__index`), so a global one request writes is
+//! never seen by another.
+//!
+//! A script is compiled as `return function(...) <source>\nend` (same line numbers as the
+//! source). The worker loads that bytecode once; per request, the loaded chunk is given the
+//! request's environment and called, which creates the handler closure bound to it.
+//!
+//! # Phases and coroutines
+//! Each handler runs as an entry coroutine of its request, as in OpenResty: all of a request's
+//! handlers share its environment, `ngx.ctx` and state, and `ngx.exit` ends a handler by
+//! suspending its coroutine for good, which `pcall` cannot intercept.
+//!
+//! # Limits
+//! - CPU: the Lua time of a request (all phases) is capped; when over, the interrupt yields the
+//!   coroutine (never resumed again) or, inside a C call that cannot yield, raises an error;
+//!   either way the request fails with [`FailureKind::Timeout`].
+//! - Memory: the whole VM is capped; an allocation past the cap fails the request that made it.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use mlua::chunk::ChunkMode;
+use mlua::{Function, Lua, LuaOptions, StdLib, Table, Value, VmState};
+
+use crate::api;
+use crate::clock::WorkerClock;
+use crate::compile::Script;
+use crate::request::{Phase, RequestHead, RequestState};
+
+/// Limits and identity of one worker's VM.
+#[derive(Debug, Clone)]
+pub struct LuaConfig {
+    /// Lua time allowed per request, across all its phases.
+    pub cpu_budget: Duration,
+    /// Memory allowed to the whole VM.
+    pub memory_limit: usize,
+    pub worker_id: usize,
+    pub worker_count: usize,
+}
+
+impl Default for LuaConfig {
+    fn default() -> Self {
+        LuaConfig { cpu_budget: Duration::from_millis(100), memory_limit: 128 << 20, worker_id: 0, worker_count: 1 }
+    }
+}
+
+/// Why a handler failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    /// A Lua error (including errors raised by API functions).
+    Error,
+    /// The request's CPU budget ran out.
+    Timeout,
+    /// The VM's memory limit was reached.
+    Memory,
+}
+
+impl FailureKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            FailureKind::Error => "error",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Memory => "memory",
+        }
+    }
+}
+
+/// How running a phase's handlers ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every handler returned (or called `ngx.exit(ngx.OK)`): go on to the next phase.
+    Continue,
+    /// `ngx.exit(status)` ended the request (rewrite/access with status ≥ 200; any status in
+    /// content).
+    Exit(u16),
+    /// A handler failed: the request gets 500 (or is cut if its headers went out).
+    Failed { kind: FailureKind, message: String },
+}
+
+/// Reads the whole client body when Lua asks for it (`ngx.req.read_body`).
+pub type BodyReader = Box<dyn FnOnce() -> std::pin::Pin<Box<dyn Future<Output = Result<bytes::Bytes, String>>>>>;
+
+/// A request as the VM knows it: its state, its environment, its `ngx.ctx`.
+pub struct LuaRequest {
+    pub state: RequestState,
+    pub(crate) env: Table,
+    pub(crate) ctx: RefCell<Option<Table>>,
+    lua_time: Cell<Duration>,
+    /// The request's CPU budget when its route sets one.
+    cpu_budget: Cell<Option<Duration>>,
+    /// Set by the proxy; taken by the first `ngx.req.read_body`.
+    pub body_reader: RefCell<Option<BodyReader>>,
+}
+
+impl std::fmt::Debug for LuaRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LuaRequest")
+            .field("state", &self.state)
+            .field("lua_time", &self.lua_time)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LuaRequest {
+    /// Lua time this request has used so far.
+    pub fn lua_time(&self) -> Duration {
+        self.lua_time.get()
+    }
+
+    /// Overrides the VM's CPU budget for this request (a LuaRoute's `cpuBudget`).
+    pub fn set_cpu_budget(&self, budget: Duration) {
+        self.cpu_budget.set(Some(budget));
+    }
+
+    fn remaining_budget(&self, default: Duration) -> Option<Duration> {
+        self.cpu_budget.get().unwrap_or(default).checked_sub(self.lua_time.get())
+    }
+}
+
+thread_local! {
+    /// The request whose Lua is running on this thread right now.
+    static CURRENT: RefCell<Option<Rc<LuaRequest>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with the request whose Lua is running; `None` outside any request.
+pub(crate) fn with_current<R>(f: impl FnOnce(Option<&Rc<LuaRequest>>) -> R) -> R {
+    CURRENT.with(|c| f(c.borrow().as_ref()))
+}
+
+/// Makes a request current for the duration of one resume.
+struct Scope;
+
+impl Scope {
+    fn enter(request: &Rc<LuaRequest>) -> Scope {
+        CURRENT.with(|c| *c.borrow_mut() = Some(Rc::clone(request)));
+        Scope
+    }
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        CURRENT.with(|c| *c.borrow_mut() = None);
+    }
+}
+
+/// One worker's VM.
+pub struct Vm {
+    lua: Lua,
+    clock: Arc<WorkerClock>,
+    config: LuaConfig,
+    /// `{__index = base}`, shared by every request environment.
+    env_meta: Table,
+    /// Loaded chunks by script id.
+    loaded: RefCell<HashMap<u64, Function>>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("config", &self.config)
+            .field("loaded", &self.loaded.borrow().len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The standard libraries a handler may use. `os` in Luau only tells time; there is no `io`,
+/// and `debug` is left out.
+fn allowed_libraries() -> StdLib {
+    StdLib::COROUTINE
+        | StdLib::TABLE
+        | StdLib::STRING
+        | StdLib::UTF8
+        | StdLib::BIT
+        | StdLib::MATH
+        | StdLib::BUFFER
+        | StdLib::OS
+}
+
+impl Vm {
+    /// Creates the VM with the sandboxed base environment.
+    ///
+    /// # Errors
+    /// When the Lua state cannot be set up (out of memory).
+    pub fn new(config: LuaConfig) -> mlua::Result<Vm> {
+        let lua = Lua::new_with(allowed_libraries(), LuaOptions::new())?;
+        let base = lua.globals();
+        api::install(&lua, &base, &config)?;
+        lua.sandbox(true)?;
+
+        let env_meta = lua.create_table()?;
+        env_meta.raw_set("__index", base)?;
+        env_meta.raw_set("__metatable", false)?;
+        env_meta.set_readonly(true);
+
+        let clock = WorkerClock::new();
+        let interrupt_clock = Arc::clone(&clock);
+        let raise_next = Cell::new(false);
+        lua.set_interrupt(move |_| {
+            if !interrupt_clock.expired() {
+                return Ok(VmState::Continue);
+            }
+            // Yield where the coroutine can yield (pcall cannot catch that); where it cannot
+            // (inside a C call such as pattern matching), the yield is ignored and the next
+            // interrupt raises an error to get out of the C call.
+            let raise = raise_next.replace(!raise_next.get());
+            if raise { Err(mlua::Error::runtime("CPU budget exceeded")) } else { Ok(VmState::Yield) }
+        });
+        lua.set_memory_limit(config.memory_limit)?;
+        Ok(Vm { lua, clock, config, env_meta, loaded: RefCell::new(HashMap::new()) })
+    }
+
+    pub fn config(&self) -> &LuaConfig {
+        &self.config
+    }
+
+    /// Bytes the VM uses now.
+    pub fn used_memory(&self) -> usize {
+        self.lua.used_memory()
+    }
+
+    /// Starts a request: its state, environment and (lazily) `ngx.ctx`.
+    ///
+    /// # Errors
+    /// Only when the VM is out of memory.
+    pub fn begin(&self, head: RequestHead) -> mlua::Result<Rc<LuaRequest>> {
+        let env = self.lua.create_table()?;
+        env.set_metatable(Some(self.env_meta.clone()))?;
+        Ok(Rc::new(LuaRequest {
+            state: RequestState::new(head),
+            env,
+            ctx: RefCell::new(None),
+            lua_time: Cell::new(Duration::ZERO),
+            cpu_budget: Cell::new(None),
+            body_reader: RefCell::new(None),
+        }))
+    }
+
+    /// Forgets loaded scripts that `keep` says are gone.
+    pub fn retain_scripts(&self, keep: impl Fn(u64) -> bool) {
+        self.loaded.borrow_mut().retain(|id, _| keep(*id));
+    }
+
+    fn chunk(&self, script: &Script) -> mlua::Result<Function> {
+        if let Some(f) = self.loaded.borrow().get(&script.id) {
+            return Ok(f.clone());
+        }
+        let chunk = self
+            .lua
+            .load(&script.bytecode[..])
+            .set_name(format!("={}", script.name))
+            .set_mode(ChunkMode::Binary)
+            .into_function()?;
+        self.loaded.borrow_mut().insert(script.id, chunk.clone());
+        Ok(chunk)
+    }
+
+    /// The handler closure of `script`, bound to the request's environment.
+    fn handler(&self, request: &LuaRequest, script: &Script) -> mlua::Result<Function> {
+        let chunk = self.chunk(script)?;
+        chunk.set_environment(request.env.clone())?;
+        chunk.call::<Function>(())
+    }
+
+    /// Runs a phase's handlers in order, each in its own entry coroutine. Handlers may wait on
+    /// asynchronous API calls; the worker serves other requests meanwhile.
+    pub async fn run(&self, request: &Rc<LuaRequest>, phase: Phase, scripts: &[Arc<Script>]) -> Outcome {
+        request.state.phase.set(phase);
+        for script in scripts {
+            let outcome = self.run_one(request, script).await;
+            if outcome != Outcome::Continue {
+                return outcome;
+            }
+        }
+        Outcome::Continue
+    }
+
+    async fn run_one(&self, request: &Rc<LuaRequest>, script: &Script) -> Outcome {
+        request.state.exit.set(None);
+        let started = {
+            let _scope = Scope::enter(request);
+            self.handler(request, script).and_then(|f| self.lua.create_thread(f)).and_then(|t| t.into_async::<()>(()))
+        };
+        let mut task = match started {
+            Ok(task) => std::pin::pin!(task),
+            Err(e) => return failure(&e),
+        };
+        std::future::poll_fn(|cx| {
+            let Some(budget) = request.remaining_budget(self.config.cpu_budget) else {
+                return Poll::Ready(timeout());
+            };
+            let polled = {
+                let _scope = Scope::enter(request);
+                let began = Instant::now();
+                self.clock.start(budget);
+                let polled = task.as_mut().poll(cx);
+                let expired = self.clock.expired();
+                self.clock.stop();
+                request.lua_time.set(request.lua_time.get() + began.elapsed());
+                if expired {
+                    return Poll::Ready(timeout());
+                }
+                polled
+            };
+            if let Some(status) = request.state.exit.get() {
+                return Poll::Ready(exit_outcome(request.state.phase.get(), status));
+            }
+            match polled {
+                Poll::Ready(Ok(())) => Poll::Ready(Outcome::Continue),
+                Poll::Ready(Err(e)) => Poll::Ready(failure(&e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// Runs a phase's handlers to completion without waiting: for header_filter, body_filter and
+    /// log, which run inside response streaming. A handler that tries to wait fails.
+    pub fn run_now(&self, request: &Rc<LuaRequest>, phase: Phase, scripts: &[Arc<Script>]) -> Outcome {
+        request.state.phase.set(phase);
+        for script in scripts {
+            request.state.exit.set(None);
+            let _scope = Scope::enter(request);
+            let Some(budget) = request.remaining_budget(self.config.cpu_budget) else {
+                return timeout();
+            };
+            let thread = match self.handler(request, script).and_then(|f| self.lua.create_thread(f)) {
+                Ok(t) => t,
+                Err(e) => return failure(&e),
+            };
+            let began = Instant::now();
+            self.clock.start(budget);
+            let resumed = thread.resume::<mlua::MultiValue>(());
+            let expired = self.clock.expired();
+            self.clock.stop();
+            request.lua_time.set(request.lua_time.get() + began.elapsed());
+            if expired {
+                return timeout();
+            }
+            if let Some(status) = request.state.exit.get() {
+                let outcome = exit_outcome(phase, status);
+                if outcome != Outcome::Continue {
+                    return outcome;
+                }
+                continue;
+            }
+            match resumed {
+                Err(e) => return failure(&e),
+                Ok(_) if thread.status() == mlua::thread::ThreadStatus::Resumable => {
+                    return Outcome::Failed {
+                        kind: FailureKind::Error,
+                        message: format!("{}: cannot wait (sleep, sockets) in the {} phase", script.name, phase.name()),
+                    };
+                }
+                Ok(_) => {}
+            }
+        }
+        Outcome::Continue
+    }
+
+    /// Runs garbage collection steps between requests when the VM is near its memory limit.
+    pub fn collect_if_needed(&self) {
+        if self.lua.used_memory() > self.config.memory_limit / 2 {
+            let _ = self.lua.gc_collect();
+        }
+    }
+}
+
+fn timeout() -> Outcome {
+    Outcome::Failed { kind: FailureKind::Timeout, message: "CPU budget exceeded".into() }
+}
+
+/// What `ngx.exit(status)` means in a phase: in rewrite and access, a status below 200 (ngx.OK)
+/// only ends the handler; in content, any status ends the response.
+fn exit_outcome(phase: Phase, status: u16) -> Outcome {
+    match phase {
+        Phase::Rewrite | Phase::Access if status < 200 => Outcome::Continue,
+        Phase::Rewrite | Phase::Access | Phase::Content => Outcome::Exit(status),
+        _ => Outcome::Continue,
+    }
+}
+
+fn failure(error: &mlua::Error) -> Outcome {
+    let kind = if is_memory_error(error) { FailureKind::Memory } else { FailureKind::Error };
+    Outcome::Failed { kind, message: error_message(error) }
+}
+
+fn is_memory_error(error: &mlua::Error) -> bool {
+    match error {
+        mlua::Error::MemoryError(_) => true,
+        mlua::Error::CallbackError { cause, .. } | mlua::Error::WithContext { cause, .. } => is_memory_error(cause),
+        _ => false,
+    }
+}
+
+/// The first line of a Lua error: `chunk:line: message`, without traceback.
+pub(crate) fn error_message(error: &mlua::Error) -> String {
+    let text = match error {
+        mlua::Error::CallbackError { cause, .. } => return error_message(cause),
+        mlua::Error::RuntimeError(m) | mlua::Error::MemoryError(m) => m.clone(),
+        other => other.to_string(),
+    };
+    text.lines().next().unwrap_or("").to_owned()
+}
+
+/// Turns any Lua value into the string `tostring` would give (for logging).
+pub(crate) fn display(value: &Value) -> String {
+    match value {
+        Value::Nil => "nil".into(),
+        Value::Boolean(b) => b.to_string(),
+        Value::String(s) => s.to_string_lossy(),
+        Value::Integer(i) => i.to_string(),
+        Value::Number(n) => crate::api::format_number(*n),
+        Value::LightUserData(l) if l.0.is_null() => "null".into(),
+        other => other.to_string().unwrap_or_else(|_| other.type_name().to_string()),
+    }
+}

@@ -1,0 +1,346 @@
+//! Requests on routes with Lua handlers, in OpenResty's phase order:
+//!
+//! ```text
+//! rewrite ─> access ─> content (Lua answers) | upstream ─> header_filter ─> body_filter ─> log
+//!    │          │          │
+//!    └─ ngx.exit(status ≥ 200), ngx.redirect: answer now, skip the rest but the filters and log
+//! ```
+//!
+//! - rewrite, access and content may wait (read the body, later sleep and sockets); the worker
+//!   serves other requests meanwhile.
+//! - header_filter runs on the response head (from the upstream or from content) before it is
+//!   sent; body_filter on each chunk as it streams (`ngx.arg[1]`, `ngx.arg[2]`); log after the
+//!   last byte, unable to change anything.
+//! - A Lua failure (error, CPU budget, memory) answers 500 when nothing was sent yet and cuts the
+//!   response otherwise; it is logged once with route, phase and Lua line, and counted. A
+//!   failure before the upstream is reached never lets the request through.
+
+use std::cell::RefCell;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tidegate_lua::{FailureKind, LuaRequest, Outcome as LuaOutcome, Phase, RequestHead, join_output};
+
+use crate::body::{BoxError, ResponseBody, full};
+use crate::handler::{Connection, Outcome, Worker, forward, prepare_upstream};
+use crate::headers::is_upgrade;
+use crate::metrics::LuaErrorLabels;
+use crate::router::{LuaChain, Target};
+use crate::runtime::Runtime;
+
+/// Bodies Lua reads whole (`ngx.req.read_body`) may be at most this large.
+const MAX_READ_BODY: usize = 16 << 20;
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn serve(
+    worker: &Rc<Worker>,
+    runtime: &Runtime,
+    conn: Connection,
+    target: &Target,
+    chain: &Arc<LuaChain>,
+    host: &str,
+    mut request: Request<Incoming>,
+    outcome: &mut Outcome,
+) -> Response<ResponseBody> {
+    let vm = &worker.vm;
+    let upgrade = request.version() == Version::HTTP_11 && is_upgrade(request.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    let (mut parts, body) = request.into_parts();
+    let head = RequestHead {
+        method: parts.method.clone(),
+        request_uri: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
+        version: parts.version,
+        headers: parts.headers.clone(),
+        remote: conn.remote,
+        server_port: conn.local_port,
+        https: conn.tls,
+        host: host.to_owned(),
+        route: target.name.clone(),
+        request_id: worker.next_request_id(),
+    };
+    let lua = match vm.begin(head) {
+        Ok(r) => r,
+        Err(e) => return failed(worker, &target.name, Phase::Rewrite, FailureKind::Memory, &e.to_string(), None),
+    };
+    if let Some(budget) = chain.cpu_budget {
+        lua.set_cpu_budget(budget);
+    }
+    let unread: Rc<RefCell<Option<Incoming>>> = Rc::new(RefCell::new(Some(body)));
+    *lua.body_reader.borrow_mut() = Some(body_reader(Rc::clone(&unread)));
+
+    // rewrite, access
+    for phase in [Phase::Rewrite, Phase::Access] {
+        let scripts = chain.phase(phase);
+        if scripts.is_empty() {
+            continue;
+        }
+        match vm.run(&lua, phase, scripts).await {
+            LuaOutcome::Continue => {}
+            LuaOutcome::Exit(status) => {
+                return filtered(worker, target, chain, &lua, lua_response(&lua, Some(status)), outcome);
+            }
+            LuaOutcome::Failed { kind, message } => {
+                return failed(worker, &target.name, phase, kind, &message, Some(&lua));
+            }
+        }
+    }
+
+    // content, or the upstream
+    let response = if chain.phase(Phase::Content).is_empty() {
+        parts.method = lua.state.method.borrow().clone();
+        parts.headers = lua.state.headers.borrow().clone();
+        parts.uri = lua.state.upstream_uri().parse().unwrap_or_else(|_| parts.uri.clone());
+        let set_body = lua.state.body.borrow().clone();
+        if set_body.is_some() {
+            parts.headers.remove(header::TRANSFER_ENCODING);
+        }
+        prepare_upstream(&mut parts, conn, upgrade);
+        let body = match set_body {
+            Some(bytes) => {
+                parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+                Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+            }
+            None => match unread.borrow_mut().take() {
+                Some(incoming) => incoming.boxed_unsync(),
+                None => Full::new(Bytes::new()).map_err(|never| match never {}).boxed_unsync(),
+            },
+        };
+        let backend = target.action.backend.as_ref();
+        let response = forward(
+            worker,
+            runtime,
+            backend,
+            target.action.timeouts,
+            Request::from_parts(parts, body),
+            client_upgrade,
+            outcome,
+        )
+        .await;
+        *lua.state.upstream_addr.borrow_mut() = outcome.upstream.map(|a| a.to_string());
+        lua.state.upstream_status.set(outcome.upstream.map(|_| response.status().as_u16()));
+        lua.state.upstream_response_time.set(outcome.upstream_time.map(|t| t.as_secs_f64()));
+        response
+    } else {
+        match vm.run(&lua, Phase::Content, chain.phase(Phase::Content)).await {
+            LuaOutcome::Continue => lua_response(&lua, None),
+            LuaOutcome::Exit(status) => lua_response(&lua, Some(status)),
+            LuaOutcome::Failed { kind, message } => {
+                return failed(worker, &target.name, Phase::Content, kind, &message, Some(&lua));
+            }
+        }
+    };
+    filtered(worker, target, chain, &lua, response, outcome)
+}
+
+/// Applies header_filter, installs body_filter and log around a response.
+fn filtered(
+    worker: &Rc<Worker>,
+    target: &Target,
+    chain: &Arc<LuaChain>,
+    lua: &Rc<LuaRequest>,
+    mut response: Response<ResponseBody>,
+    outcome: &mut Outcome,
+) -> Response<ResponseBody> {
+    let vm = &worker.vm;
+    if !chain.phase(Phase::HeaderFilter).is_empty() {
+        lua.state.status.set(response.status().as_u16());
+        *lua.state.response_headers.borrow_mut() = std::mem::take(response.headers_mut());
+        lua.state.headers_sent.set(false);
+        let result = vm.run_now(lua, Phase::HeaderFilter, chain.phase(Phase::HeaderFilter));
+        lua.state.headers_sent.set(true);
+        if let LuaOutcome::Failed { kind, message } = result {
+            return failed(worker, &target.name, Phase::HeaderFilter, kind, &message, Some(lua));
+        }
+        *response.headers_mut() = std::mem::take(&mut *lua.state.response_headers.borrow_mut());
+        if let Ok(status) = StatusCode::from_u16(lua.state.status.get()) {
+            *response.status_mut() = status;
+        }
+    } else {
+        lua.state.status.set(response.status().as_u16());
+    }
+    if !chain.phase(Phase::BodyFilter).is_empty() {
+        // The filter may change the length.
+        response.headers_mut().remove(header::CONTENT_LENGTH);
+        let filter = BodyFilter {
+            inner: std::mem::replace(response.body_mut(), full(Bytes::new())),
+            worker: Rc::clone(worker),
+            lua: Rc::clone(lua),
+            chain: Arc::clone(chain),
+            route: target.name.clone(),
+            finished: false,
+        };
+        *response.body_mut() = ResponseBody::new(filter);
+    }
+    if !chain.phase(Phase::Log).is_empty() {
+        let (worker, lua, chain, route) = (Rc::clone(worker), Rc::clone(lua), Arc::clone(chain), target.name.clone());
+        outcome.after = Some(Box::new(move |bytes_sent| {
+            lua.state.bytes_sent.set(bytes_sent);
+            if let LuaOutcome::Failed { kind, message } = worker.vm.run_now(&lua, Phase::Log, chain.phase(Phase::Log)) {
+                report(&worker, &route, Phase::Log, kind, &message, Some(&lua));
+            }
+        }));
+    }
+    response
+}
+
+/// The response Lua produced: its status, headers and output; an nginx-style page for an
+/// error status without output.
+fn lua_response(lua: &LuaRequest, exit: Option<u16>) -> Response<ResponseBody> {
+    let state = &lua.state;
+    let output = join_output(state.take_output());
+    let sent = state.headers_sent.get();
+    let status = match (exit, state.status.get()) {
+        (Some(code), _) if code >= 200 && !sent => code,
+        (_, 0) => 200,
+        (_, set) => set,
+    };
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut headers = std::mem::take(&mut *state.response_headers.borrow_mut());
+    let body = if output.is_empty() && status.as_u16() >= 300 {
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+        Bytes::from(error_page(status))
+    } else {
+        if !output.is_empty() && !headers.contains_key(header::CONTENT_TYPE) {
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        }
+        output
+    };
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+}
+
+/// nginx's page for a status, so clients and tests that look for it find it.
+fn error_page(status: StatusCode) -> String {
+    let title = format!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or(""));
+    format!(
+        "<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n<hr><center>tidegate</center>\r\n</body>\r\n</html>\r\n"
+    )
+}
+
+/// Logs and counts a Lua failure and answers 500.
+fn failed(
+    worker: &Worker,
+    route: &str,
+    phase: Phase,
+    kind: FailureKind,
+    message: &str,
+    lua: Option<&LuaRequest>,
+) -> Response<ResponseBody> {
+    report(worker, route, phase, kind, message, lua);
+    let status = StatusCode::INTERNAL_SERVER_ERROR;
+    let page = error_page(status);
+    let mut response = Response::new(full(page.clone()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+    response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(page.len()));
+    response
+}
+
+fn report(worker: &Worker, route: &str, phase: Phase, kind: FailureKind, message: &str, lua: Option<&LuaRequest>) {
+    let request_id = lua.map_or("", |l| l.state.head.request_id.as_str());
+    tracing::error!(
+        route,
+        phase = phase.name(),
+        kind = kind.name(),
+        request_id,
+        "Lua {} handler failed: {message}",
+        phase.name()
+    );
+    let labels = LuaErrorLabels { route: route.to_owned(), phase: phase.name(), kind: kind.name() };
+    worker.shared.metrics.lua_errors.get_or_create(&labels).inc();
+    if kind == FailureKind::Memory {
+        worker.vm.collect_if_needed();
+    }
+}
+
+/// Reads the client body whole when Lua asks (bounded by [`MAX_READ_BODY`]).
+fn body_reader(unread: Rc<RefCell<Option<Incoming>>>) -> tidegate_lua::BodyReader {
+    Box::new(move || {
+        Box::pin(async move {
+            let Some(incoming) = unread.borrow_mut().take() else { return Ok(Bytes::new()) };
+            match Limited::new(incoming, MAX_READ_BODY).collect().await {
+                Ok(collected) => Ok(collected.to_bytes()),
+                Err(e) => Err(format!("cannot read the request body: {e}")),
+            }
+        })
+    })
+}
+
+/// Runs body_filter handlers on each chunk as it streams, and once more at the end.
+struct BodyFilter {
+    inner: ResponseBody,
+    worker: Rc<Worker>,
+    lua: Rc<LuaRequest>,
+    chain: Arc<LuaChain>,
+    route: String,
+    finished: bool,
+}
+
+impl BodyFilter {
+    /// Runs the filter over one chunk; `None` when it failed (the response is cut).
+    fn filter(&mut self, chunk: Bytes, eof: bool) -> Result<(Bytes, bool), BoxError> {
+        *self.lua.state.arg_chunk.borrow_mut() = Some(chunk);
+        self.lua.state.arg_eof.set(eof);
+        match self.worker.vm.run_now(&self.lua, Phase::BodyFilter, self.chain.phase(Phase::BodyFilter)) {
+            LuaOutcome::Failed { kind, message } => {
+                report(&self.worker, &self.route, Phase::BodyFilter, kind, &message, Some(&self.lua));
+                Err(format!("Lua body_filter failed: {message}").into())
+            }
+            _ => Ok((self.lua.state.arg_chunk.borrow_mut().take().unwrap_or_default(), self.lua.state.arg_eof.get())),
+        }
+    }
+}
+
+impl Body for BodyFilter {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            if self.finished {
+                return Poll::Ready(None);
+            }
+            let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Ok(frame))) => frame,
+                Poll::Ready(None) => {
+                    self.finished = true;
+                    return match self.filter(Bytes::new(), true) {
+                        Err(e) => Poll::Ready(Some(Err(e))),
+                        Ok((chunk, _)) if chunk.is_empty() => Poll::Ready(None),
+                        Ok((chunk, _)) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+                    };
+                }
+            };
+            let data = match frame.into_data() {
+                Ok(data) => data,
+                Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+            };
+            match self.filter(data, false) {
+                Err(e) => return Poll::Ready(Some(Err(e))),
+                Ok((chunk, eof)) => {
+                    // Setting ngx.arg[2] = true ends the body here.
+                    self.finished = eof;
+                    if !chunk.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                    }
+                }
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
