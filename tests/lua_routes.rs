@@ -1,0 +1,232 @@
+//! Lua through the real proxy: LuaRoutes that answer, guard and filter, and a sandbox that keeps
+//! a tenant's runaway or hostile Lua to its own request.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use http::{Request, StatusCode};
+use support::{Body, Tidegate, echo, echoed_headers, get, manifest_dir, service_yaml, write_manifest};
+
+/// A LuaRoute on `host` with one route per (name, path, lua phase, source); `backend` names the
+/// Service `web` when true.
+fn lua_route(name: &str, host: &str, budget: Option<&str>, routes: &[(&str, &str, &str, &str, bool)]) -> String {
+    let budget = budget.map_or(String::new(), |b| format!("  cpuBudget: {b}\n"));
+    let mut out = format!(
+        "---\napiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {{name: {name}, namespace: t}}\nspec:\n  hosts: [{host}]\n{budget}  routes:\n"
+    );
+    for (route, path, phase, source, backend) in routes {
+        out.push_str(&format!("  - name: {route}\n    match: {{path: {{type: Prefix, value: {path}}}}}\n"));
+        if *backend {
+            out.push_str("    backend: {service: {name: web, port: {number: 80}}}\n");
+        }
+        out.push_str(&format!("    lua:\n      {phase}: |\n"));
+        for line in source.lines() {
+            out.push_str(&format!("        {line}\n"));
+        }
+    }
+    out
+}
+
+async fn start(manifests: &str) -> (Tidegate, tempfile::TempDir) {
+    let dir = manifest_dir();
+    let web = echo("t", "web").await;
+    write_manifest(dir.path(), "all.yaml", &format!("{}{manifests}", service_yaml("t", "web", 80, "http", &[web])));
+    let path = dir.path().to_owned();
+    let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&path, &["--lua-cpu-budget-ms", "100"]))
+        .await
+        .expect("start");
+    (tidegate, dir)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+const HOSTILE: &[(&str, &str)] = &[
+    ("loop", "while true do end"),
+    ("pcall-loop", "while true do pcall(function() while true do end end) end"),
+    ("wrap-loop", "local f = coroutine.wrap(function() while true do end end) f() while true do end"),
+    (
+        "pattern",
+        "local s = string.rep('a', 40) pcall(string.find, s, string.rep('a?', 40) .. string.rep('a', 40) .. 'b') ngx.say('unreachable')",
+    ),
+    ("sort", "local t = {} for i = 1, 3e6 do t[i] = (i * 7919) % 3e6 end table.sort(t) ngx.say('sorted')"),
+    ("big-string", "local s = string.rep('x', 2^30) ngx.say(#s)"),
+    ("growing-table", "local t = {} for i = 1, 1e9 do t[i] = i end"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_lua_fails_its_own_request_only() {
+    let mut manifests = String::new();
+    for (name, src) in HOSTILE {
+        // Each hostile handler guards a real backend: a failure must never reach it.
+        let path = format!("/{name}");
+        manifests.push_str(&lua_route(name, "sandbox.test", None, &[(name, &path, "access", src, true)]));
+    }
+    manifests.push_str(&lua_route(
+        "fine",
+        "sandbox.test",
+        None,
+        &[("fine", "/fine", "content", "ngx.say('fine')", false)],
+    ));
+    let (tidegate, _dir) = start(&manifests).await;
+    let rss_before = rss_kib(tidegate.pid());
+
+    for (name, _) in HOSTILE {
+        let started = Instant::now();
+        let answer = get(tidegate.http, "sandbox.test", &format!("/{name}")).await.expect("answer");
+        let took = started.elapsed();
+        assert_eq!(
+            answer.status,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "{name} fails closed (never reaches the upstream)"
+        );
+        assert!(String::from_utf8_lossy(&answer.body).contains("500 Internal Server Error"));
+        let memory_case = name.starts_with("big") || name.starts_with("growing");
+        if !memory_case {
+            assert!(took < Duration::from_millis(400), "{name}: stopped after {took:?} with a 100 ms budget");
+        }
+        // Both workers answer normally right after.
+        for _ in 0..4 {
+            let next = get(tidegate.http, "sandbox.test", "/fine").await.expect("answer");
+            assert_eq!(
+                (next.status, String::from_utf8_lossy(&next.body).into_owned()),
+                (StatusCode::OK, "fine\n".into()),
+                "after {name}"
+            );
+        }
+    }
+    let rss_after = rss_kib(tidegate.pid());
+    // Two workers, each VM capped at 128 MiB; RSS may grow by what the VMs hold, not without bound.
+    assert!(rss_after < rss_before + 300 * 1024, "RSS grew from {rss_before} KiB to {rss_after} KiB");
+
+    let metrics = support::admin_get(tidegate.admin, "/metrics").expect("metrics");
+    assert!(
+        metrics.contains("tidegate_lua_errors_total{route=\"t/loop/loop\",phase=\"access\",kind=\"timeout\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("kind=\"memory\""), "{metrics}");
+    let logged = tidegate.problems_mentioning("t/loop/loop");
+    assert!(logged.iter().any(|l| l.contains("\"phase\":\"access\"") && l.contains("timeout")), "{logged:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_a_request_writes_leaks_into_the_next() {
+    let writers = [
+        ("global", "leak = 'from a previous request'"),
+        ("string-upper", "pcall(function() string.upper = function() return 'pwned' end end)"),
+        ("string-meta", "pcall(function() getmetatable('').__index = { upper = function() return 'pwned' end } end)"),
+        ("ngx-say", "pcall(function() ngx.say = function() end end)"),
+        ("ngx-field", "pcall(function() ngx.evil = true end)"),
+    ];
+    let mut manifests = String::new();
+    for (name, src) in writers {
+        let path = format!("/{name}");
+        manifests.push_str(&lua_route(
+            name,
+            "leak.test",
+            None,
+            &[(name, &path, "content", &format!("{src}\nngx.say('wrote')"), false)],
+        ));
+    }
+    let reader = "ngx.say(tostring(leak), ' ', string.upper('ok'), ' ', tostring(ngx.evil))";
+    manifests.push_str(&lua_route("reader", "leak.test", None, &[("reader", "/reader", "content", reader, false)]));
+    let (tidegate, _dir) = start(&manifests).await;
+    for (name, _) in writers {
+        let wrote = get(tidegate.http, "leak.test", &format!("/{name}")).await.expect("answer");
+        assert_eq!(wrote.status, StatusCode::OK, "{name}: {:?}", String::from_utf8_lossy(&wrote.body));
+        for _ in 0..4 {
+            let read = get(tidegate.http, "leak.test", "/reader").await.expect("answer");
+            assert_eq!(String::from_utf8_lossy(&read.body), "nil OK nil\n", "after {name}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phases_run_in_order_around_the_upstream() {
+    let guard = "---\napiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {name: guard, namespace: t}\nspec:\n  lua:\n    rewrite: ngx.ctx.seen = 'rewrite'\n    access: |\n      ngx.req.read_body()\n      local args = ngx.req.get_post_args()\n      if args.key ~= 'ok' then return ngx.exit(403) end\n      ngx.req.set_header('X-Seen', ngx.ctx.seen .. ',access')\n    headerFilter: |\n      ngx.header['X-Upstream-Status'] = ngx.status\n      ngx.header['X-Phases'] = ngx.ctx.seen\n    bodyFilter: ngx.arg[1] = string.upper(ngx.arg[1])\n    log: ngx.log(ngx.WARN, 'logged ', ngx.var.request_uri, ' status ', ngx.var.status, ' sent ', ngx.var.bytes_sent)\n";
+    let ingress = "---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata:\n  name: app\n  namespace: t\n  annotations: {tidegate.dev/lua-route: guard}\nspec:\n  ingressClassName: tidegate\n  rules:\n  - host: app.test\n    http:\n      paths:\n      - {path: /, pathType: Prefix, backend: {service: {name: web, port: {number: 80}}}}\n";
+    let (tidegate, _dir) = start(&format!("{guard}{ingress}")).await;
+
+    let post = |body: &'static str| {
+        Request::post("/submit")
+            .header("host", "app.test")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Body::from(body))
+            .expect("request")
+    };
+    let mut conn = support::H1::connect(tidegate.http).await.expect("connect");
+    let denied = conn.send(post("key=no")).await.expect("answer");
+    assert_eq!(denied.status, StatusCode::FORBIDDEN);
+
+    let allowed = conn.send(post("key=ok&x=1")).await.expect("answer");
+    assert_eq!(allowed.status, StatusCode::OK);
+    assert_eq!(allowed.headers["x-upstream-status"], "200");
+    assert_eq!(allowed.headers["x-phases"], "rewrite");
+    assert!(!allowed.headers.contains_key("content-length"), "a body filter may change the length");
+    let text = String::from_utf8_lossy(&allowed.body).into_owned();
+    assert!(
+        text.contains("\"X-SEEN\":[\"REWRITE,ACCESS\"]"),
+        "the upstream saw the header, the body filter upper-cased the body: {text}"
+    );
+    assert!(text.contains("\"BODY_LENGTH\":10"), "the body read by Lua still reaches the upstream: {text}");
+
+    // The log phase runs after the response, with what was sent.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tidegate.problems_mentioning("logged /submit status 200").is_empty() {
+        assert!(Instant::now() < deadline, "log phase line missing:\n{}", tidegate.logs().join("\n"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_answer_from_lua_and_match_methods_and_headers() {
+    let route = "---\napiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {name: api, namespace: t}\nspec:\n  hosts: [api.test]\n  routes:\n  - name: canary\n    match: {path: {type: Prefix, value: /v1}, headers: [{name: X-Canary, value: \"1\"}]}\n    lua: {content: \"ngx.say('canary')\"}\n  - name: create\n    match: {path: {type: Prefix, value: /v1}, methods: [POST]}\n    lua: {content: \"ngx.status = 201 ngx.say('created')\"}\n  - name: upstream\n    match: {path: {type: Prefix, value: /v1}}\n    backend: {service: {name: web, port: {number: 80}}}\n";
+    let (tidegate, _dir) = start(route).await;
+    let canary = Request::get("/v1/x")
+        .header("host", "api.test")
+        .header("x-canary", "1")
+        .body(Body::default())
+        .expect("request");
+    let answer = support::H1::connect(tidegate.http).await.expect("connect").send(canary).await.expect("answer");
+    assert_eq!(String::from_utf8_lossy(&answer.body), "canary\n");
+    assert_eq!(answer.headers["content-type"], "text/plain");
+    let create = Request::post("/v1/x").header("host", "api.test").body(Body::default()).expect("request");
+    let answer = support::H1::connect(tidegate.http).await.expect("connect").send(create).await.expect("answer");
+    assert_eq!(
+        (answer.status, String::from_utf8_lossy(&answer.body).into_owned()),
+        (StatusCode::CREATED, "created\n".into())
+    );
+    let plain = get(tidegate.http, "api.test", "/v1/x").await.expect("answer");
+    assert_eq!(plain.served_by(), "web");
+    assert_eq!(echoed_headers(&plain)["Host"], vec!["api.test"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lua_that_does_not_compile_is_reported_and_the_rest_serves() {
+    let broken = lua_route("broken", "broken.test", None, &[("r", "/", "access", "local a = 1\nif then", true)]);
+    let fine = lua_route("fine", "fine.test", None, &[("r", "/", "content", "ngx.say('fine')", false)]);
+    let (tidegate, _dir) = start(&format!("{broken}{fine}")).await;
+    assert_eq!(get(tidegate.http, "fine.test", "/").await.expect("answer").status, StatusCode::OK);
+    assert_eq!(
+        get(tidegate.http, "broken.test", "/").await.expect("answer").status,
+        StatusCode::NOT_FOUND,
+        "an invalid LuaRoute is not served"
+    );
+    let lines = tidegate.problems_mentioning("LuaRoute t/broken");
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains("spec.routes[0].lua.access")
+            && lines[0].contains("line 2:")
+            && lines[0].contains("LuaSyntaxError"),
+        "{}",
+        lines[0]
+    );
+}
