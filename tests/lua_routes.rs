@@ -217,8 +217,8 @@ async fn lua_that_does_not_compile_is_reported_and_the_rest_serves() {
     assert_eq!(get(tidegate.http, "fine.test", "/").await.expect("answer").status, StatusCode::OK);
     assert_eq!(
         get(tidegate.http, "broken.test", "/").await.expect("answer").status,
-        StatusCode::NOT_FOUND,
-        "an invalid LuaRoute is not served"
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "its routes fail closed: neither served without the Lua nor left to fall through to another route"
     );
     let lines = tidegate.problems_mentioning("LuaRoute t/broken");
     assert_eq!(lines.len(), 1, "{lines:#?}");

@@ -156,6 +156,11 @@ async fn route(
     if target.ssl_redirect && !conn.tls {
         return redirect_to_https(&worker.shared, host, request.uri());
     }
+    if let Some(why) = &target.action.misconfigured {
+        // The controller reported the cause; here the route only has to stay closed.
+        tracing::debug!(route = target.name, reason = why, "misconfigured route answered 500");
+        return crate::lua_flow::error_response(StatusCode::INTERNAL_SERVER_ERROR);
+    }
     match &target.lua {
         Some(chain) => crate::lua_flow::serve(worker, runtime, conn, target, chain, host, request, outcome).await,
         None => proxy(worker, runtime, conn, target, request, outcome).await,

@@ -155,8 +155,22 @@ fn filtered(
         lua.state.headers_sent.set(false);
         let result = vm.run_now(lua, Phase::HeaderFilter, chain.phase(Phase::HeaderFilter));
         lua.state.headers_sent.set(true);
-        if let LuaOutcome::Failed { kind, message } = result {
-            return failed(worker, &target.name, Phase::HeaderFilter, kind, &message, Some(lua));
+        match result {
+            LuaOutcome::Failed { kind, message } => {
+                return failed(worker, &target.name, Phase::HeaderFilter, kind, &message, Some(lua));
+            }
+            // ngx.exit in header_filter replaces the response: nginx's page for an error status,
+            // an empty body otherwise.
+            LuaOutcome::Exit(status) => {
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                if status.as_u16() >= 300 && status.as_u16() != 444 {
+                    return error_response(status);
+                }
+                let mut empty = Response::new(full(Bytes::new()));
+                *empty.status_mut() = status;
+                return empty;
+            }
+            LuaOutcome::Continue => {}
         }
         *response.headers_mut() = std::mem::take(&mut *lua.state.response_headers.borrow_mut());
         if let Ok(status) = StatusCode::from_u16(lua.state.status.get()) {
@@ -190,11 +204,13 @@ fn filtered(
     response
 }
 
-/// The response Lua produced: its status, headers and output; an nginx-style page for an
-/// error status without output.
+/// The response Lua produced: its status, headers and output. Like nginx: an error page when
+/// `ngx.exit` ends the request with an error status and nothing was written, `Content-Length`
+/// only when Lua set it (the body is cut to it), the default type unless Lua set or cleared
+/// one, and 304 when the client's `If-Modified-Since` equals the `Last-Modified` Lua set.
 fn lua_response(lua: &LuaRequest, exit: Option<u16>) -> Response<ResponseBody> {
     let state = &lua.state;
-    let output = join_output(state.take_output());
+    let mut output = join_output(state.take_output());
     let sent = state.headers_sent.get();
     let status = match (exit, state.status.get()) {
         (Some(code), _) if code >= 200 && !sent => code,
@@ -202,20 +218,69 @@ fn lua_response(lua: &LuaRequest, exit: Option<u16>) -> Response<ResponseBody> {
         (_, set) => set,
     };
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut headers = std::mem::take(&mut *state.response_headers.borrow_mut());
-    let body = if output.is_empty() && status.as_u16() >= 300 {
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
-        Bytes::from(error_page(status))
-    } else {
-        if !output.is_empty() && !headers.contains_key(header::CONTENT_TYPE) {
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    if exit.is_some_and(|code| code >= 300) && output.is_empty() && !sent {
+        let mut response = error_response(status);
+        for (name, value) in state.response_headers.borrow().iter() {
+            if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+                response.headers_mut().append(name, value.clone());
+            }
         }
-        output
+        return response;
+    }
+    let mut headers = std::mem::take(&mut *state.response_headers.borrow_mut());
+    if status == StatusCode::OK
+        && let (Some(since), Some(modified)) =
+            (state.head.headers.get(header::IF_MODIFIED_SINCE), headers.get(header::LAST_MODIFIED))
+        && since == modified
+    {
+        headers.remove(header::CONTENT_LENGTH);
+        let mut response = Response::new(full(Bytes::new()));
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        *response.headers_mut() = headers;
+        return response;
+    }
+    if !state.content_type_touched.get() && !headers.contains_key(header::CONTENT_TYPE) {
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<usize>().ok());
+    let body = match declared {
+        Some(length) => {
+            output.truncate(length.min(output.len()));
+            full(output)
+        }
+        // Like nginx, Lua output goes out without a length (chunked) unless Lua declares one.
+        None => ResponseBody::new(Streamed(Some(output))),
     };
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-    let mut response = Response::new(full(body));
+    let mut response = Response::new(body);
     *response.status_mut() = status;
     *response.headers_mut() = headers;
+    response
+}
+
+/// A body of known bytes sent as if streamed: no length is announced.
+struct Streamed(Option<Bytes>);
+
+impl Body for Streamed {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Poll::Ready(self.0.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.as_ref().is_none_or(Bytes::is_empty)
+    }
+}
+
+/// An nginx-style error page response.
+pub(crate) fn error_response(status: StatusCode) -> Response<ResponseBody> {
+    let page = error_page(status);
+    let mut response = Response::new(full(page.clone()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+    response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(page.len()));
     response
 }
 
@@ -237,13 +302,7 @@ fn failed(
     lua: Option<&LuaRequest>,
 ) -> Response<ResponseBody> {
     report(worker, route, phase, kind, message, lua);
-    let status = StatusCode::INTERNAL_SERVER_ERROR;
-    let page = error_page(status);
-    let mut response = Response::new(full(page.clone()));
-    *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
-    response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(page.len()));
-    response
+    error_response(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
 fn report(worker: &Worker, route: &str, phase: Phase, kind: FailureKind, message: &str, lua: Option<&LuaRequest>) {

@@ -228,7 +228,12 @@ mod tests {
             path: PathMatch { kind, value: value.into() },
             methods: Vec::new(),
             headers: Vec::new(),
-            action: RouteAction { backend: Some(BackendId(backend.into())), timeouts: Timeouts::default(), lua: None },
+            action: RouteAction {
+                backend: Some(BackendId(backend.into())),
+                timeouts: Timeouts::default(),
+                lua: None,
+                misconfigured: None,
+            },
             ssl_redirect: false,
         }
     }
@@ -340,6 +345,7 @@ mod tests {
                 backend: Some(BackendId("fallback".into())),
                 timeouts: Timeouts::default(),
                 lua: None,
+                misconfigured: None,
             }),
             ..Routing::default()
         };

@@ -156,6 +156,7 @@ mod tests {
                 backend: Some(BackendId("b".into())),
                 timeouts: tidegate_snapshot::Timeouts::default(),
                 lua: None,
+                misconfigured: None,
             }),
             ..Routing::default()
         };

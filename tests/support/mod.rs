@@ -62,7 +62,10 @@ impl Tidegate {
                 sink.lock().expect("log lock").push(line);
             }
         });
-        let line = rx.recv_timeout(Duration::from_secs(20)).expect("tidegate reports its addresses");
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) else {
+            std::thread::sleep(Duration::from_millis(100));
+            panic!("tidegate did not report its addresses; its output:\n{}", logs.lock().expect("log lock").join("\n"));
+        };
         let v: serde_json::Value = serde_json::from_str(&line).expect("json log line");
         let field = |k: &str| v["fields"][k].as_str().expect("address field").parse().expect("socket address");
         let tidegate = Tidegate {

@@ -26,12 +26,17 @@ pub(super) fn translate(
         return;
     }
     let settings = annotations::read(ingress.metadata.annotations.as_ref(), status);
-    let Ok(lua) = attached_lua(ingress, &settings, options, out, status) else {
-        // The Lua it asks for cannot run, and serving without it could skip an access check.
-        status.accepted = false;
-        return;
+    // When the Lua it asks for cannot run, its paths still match but answer 500: serving them
+    // without the Lua could skip an access check, and dropping them would let requests fall
+    // through to a less specific route.
+    let (lua, misconfigured) = match attached_lua(ingress, &settings, options, out, status) {
+        Ok(lua) => (lua, None),
+        Err(()) => {
+            status.accepted = false;
+            (None, Some(format!("{} asks for Lua that cannot run", status.object)))
+        }
     };
-    let mut ctx = Context { ingress, index, settings, lua, out, status };
+    let mut ctx = Context { ingress, index, settings, lua, misconfigured, out, status };
     ctx.default_backend();
     ctx.rules(rank);
     ctx.tls();
@@ -120,6 +125,7 @@ struct Context<'i, 'o> {
     index: &'i Index<'i>,
     settings: Settings,
     lua: Option<LuaHandlers>,
+    misconfigured: Option<String>,
     out: &'o mut Builder,
     status: &'o mut ObjectStatus,
 }
@@ -226,7 +232,12 @@ impl Context<'_, '_> {
             self.status.error(reason, format!("{field}.service"), format!("{message}; requests get 503"));
         }
         self.out.endpoints.insert(resolved.id.clone(), resolved.endpoints);
-        Some(RouteAction { backend: Some(resolved.id), timeouts: self.settings.timeouts, lua: self.lua.clone() })
+        Some(RouteAction {
+            backend: Some(resolved.id),
+            timeouts: self.settings.timeouts,
+            lua: self.lua.clone(),
+            misconfigured: self.misconfigured.clone(),
+        })
     }
 }
 

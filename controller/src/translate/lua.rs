@@ -24,10 +24,23 @@ pub(super) enum Attachable {
     Invalid(String),
 }
 
-/// Validates a LuaRoute, compiling its Lua. Returns whether it may be served.
-pub(super) fn validate(route: &LuaRoute, status: &mut ObjectStatus) -> bool {
-    let before = status.problems.iter().filter(|p| p.severity == crate::Severity::Error).count();
+/// What validation found: whether the routes can be built at all (`schema`), and whether all
+/// of the Lua compiles (`lua`).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Validity {
+    pub(super) schema: bool,
+    pub(super) lua: bool,
+}
+
+fn error_count(status: &ObjectStatus) -> usize {
+    status.problems.iter().filter(|p| p.severity == crate::Severity::Error).count()
+}
+
+/// Validates a LuaRoute, compiling its Lua.
+pub(super) fn validate(route: &LuaRoute, status: &mut ObjectStatus) -> Validity {
+    let before = error_count(status);
     luaroute::validate(route, status);
+    let schema = error_count(status) == before;
     let mut fields: Vec<(String, &luaroute::LuaHandlers)> = Vec::new();
     if let Some(lua) = &route.spec.lua {
         fields.push(("spec.lua".into(), lua));
@@ -46,12 +59,22 @@ pub(super) fn validate(route: &LuaRoute, status: &mut ObjectStatus) -> bool {
             }
         }
     }
-    status.problems.iter().filter(|p| p.severity == crate::Severity::Error).count() == before
+    Validity { schema, lua: error_count(status) == before || !schema && lua_errors_only(status, before) }
+}
+
+/// Whether every error after `before` is a Lua syntax error (schema errors came first).
+fn lua_errors_only(status: &ObjectStatus, before: usize) -> bool {
+    status
+        .problems
+        .iter()
+        .filter(|p| p.severity == crate::Severity::Error)
+        .skip(before)
+        .all(|p| p.reason == Reason::LuaSyntaxError)
 }
 
 /// What an Ingress can attach from a LuaRoute that passed (or failed) validation.
-pub(super) fn attachable(route: &LuaRoute, valid: bool) -> Attachable {
-    if !valid {
+pub(super) fn attachable(route: &LuaRoute, validity: Validity) -> Attachable {
+    if !(validity.schema && validity.lua) {
         return Attachable::Invalid("it has errors (see its status)".into());
     }
     let cpu_budget_ms = route.spec.cpu_budget.as_deref().and_then(|b| luaroute::parse_duration_ms(b).ok());
@@ -87,10 +110,12 @@ pub(super) fn phase_list(handlers: &mut LuaHandlers, phase: Phase) -> &mut Vec<S
     }
 }
 
-/// Adds the routes of a valid LuaRoute of ours to `out`. `rank` orders it after Ingresses.
+/// Adds the routes of a LuaRoute of ours to `out`. `rank` orders it after Ingresses. With
+/// `misconfigured` (its Lua does not compile) the routes still match, and answer 500.
 pub(super) fn translate(
     route: &LuaRoute,
     rank: usize,
+    misconfigured: Option<&str>,
     index: &Index<'_>,
     out: &mut Builder,
     status: &mut ObjectStatus,
@@ -139,7 +164,9 @@ pub(super) fn translate(
         if let Some(own) = &rule.lua {
             layers.push((script_name(namespace, name, &format!("{field}.lua")), own));
         }
-        add_layers(out, &mut lua, &layers);
+        if misconfigured.is_none() {
+            add_layers(out, &mut lua, &layers);
+        }
 
         let backend = match &rule.backend {
             Some(backend) => {
@@ -183,7 +210,8 @@ pub(super) fn translate(
                     action: RouteAction {
                         backend: backend.clone(),
                         timeouts: Timeouts::default(),
-                        lua: Some(lua.clone()),
+                        lua: misconfigured.is_none().then(|| lua.clone()),
+                        misconfigured: misconfigured.map(str::to_owned),
                     },
                     ssl_redirect: false,
                 },

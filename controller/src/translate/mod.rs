@@ -66,18 +66,20 @@ pub fn translate(inputs: &Inputs) -> Translation {
     // LuaRoutes first: Ingresses may attach them, so their validity must be known.
     let mut lua_routes: Vec<&LuaRoute> = inputs.lua_routes.iter().collect();
     lua_routes.sort_by(|a, b| lua_age_key(a).cmp(&lua_age_key(b)));
-    let mut valid_lua_routes = Vec::new();
+    let mut servable_lua_routes = Vec::new();
     for route in lua_routes {
         let object = ObjectRef::namespaced(luaroute::KIND, namespace_of(&route.metadata), name_of(&route.metadata));
         let mut status = ObjectStatus::new(object.clone());
-        let valid = lua::validate(route, &mut status);
+        let validity = lua::validate(route, &mut status);
         let key = (namespace_of(&route.metadata).to_owned(), name_of(&route.metadata).to_owned());
-        out.attachable.insert(key, lua::attachable(route, valid));
+        out.attachable.insert(key, lua::attachable(route, validity));
         let class = route.spec.ingress_class_name.as_deref().unwrap_or(&inputs.options.ingress_class);
         if classes.is_ours_name(Some(class)) {
-            status.accepted = valid;
-            if valid {
-                valid_lua_routes.push(route);
+            status.accepted = validity.schema && validity.lua;
+            // Routes whose Lua does not compile still match (and answer 500): skipping them
+            // would let their requests reach a less specific route without the Lua's checks.
+            if validity.schema {
+                servable_lua_routes.push((route, validity.lua));
             }
             statuses.insert(object, status);
         }
@@ -94,10 +96,11 @@ pub fn translate(inputs: &Inputs) -> Translation {
     }
 
     // LuaRoutes rank after Ingresses for contested paths.
-    for (i, route) in valid_lua_routes.into_iter().enumerate() {
+    for (i, (route, lua_ok)) in servable_lua_routes.into_iter().enumerate() {
         let object = ObjectRef::namespaced(luaroute::KIND, namespace_of(&route.metadata), name_of(&route.metadata));
+        let misconfigured = (!lua_ok).then(|| format!("{object} has Lua that does not compile"));
         if let Some(status) = statuses.get_mut(&object) {
-            lua::translate(route, ingress_count + i, &index, &mut out, status);
+            lua::translate(route, ingress_count + i, misconfigured.as_deref(), &index, &mut out, status);
         }
     }
 

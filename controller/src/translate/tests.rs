@@ -351,14 +351,25 @@ fn invalid_ingress_is_rejected_and_others_serve() {
     assert_eq!(hosts, vec![exact("b.com")]);
 }
 
-/// An Ingress that asks for Lua is not served until Lua runs (its access checks must not be skipped).
+/// An Ingress naming a LuaRoute that does not exist keeps its routes, marked misconfigured: they
+/// answer 500 instead of skipping the Lua or falling through to another route.
 #[test]
-fn lua_route_annotation_is_not_served_without_lua() {
+fn lua_route_annotation_without_the_lua_route_fails_closed() {
     let yaml = ingress("ns", "i", &rules(&[rule(Some("a.com"), &[("Prefix", "/", "s")])]))
         .replace("namespace: ns}", "namespace: ns, annotations: {tidegate.dev/lua-route: api}}");
     let t = run(&yaml);
-    assert!(t.snapshot.routing.virtual_hosts.is_empty());
     assert!(!status(&t, "Ingress", "ns", "i").accepted);
+    assert_fails_closed(&t, &exact("a.com"));
+}
+
+/// Every route of `host` matches but answers 500: misconfigured, with no Lua to run.
+fn assert_fails_closed(t: &Translation, host: &HostMatch) {
+    let vhost = t.snapshot.routing.virtual_hosts.iter().find(|v| &v.host == host).expect("the host still matches");
+    assert!(!vhost.routes.is_empty());
+    for route in &vhost.routes {
+        assert!(route.action.misconfigured.is_some(), "{} is marked misconfigured", route.name);
+        assert!(route.action.lua.is_none());
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -503,8 +514,8 @@ fn lua_routes_become_routes_with_handlers() {
     assert_eq!(t.snapshot.routing.scripts.len(), 3);
 }
 
-/// Lua that does not compile is reported on its field with the Lua line; nothing of the
-/// LuaRoute is served, and everything else is.
+/// Lua that does not compile is reported on its field with the Lua line; the LuaRoute's routes
+/// answer 500, and everything else is served.
 #[test]
 fn lua_syntax_errors_name_field_and_line() {
     let broken = LUA_ROUTE.replace(
@@ -518,8 +529,10 @@ fn lua_syntax_errors_name_field_and_line() {
     let problem = s.problems.iter().find(|p| p.reason == Reason::LuaSyntaxError).expect("syntax error reported");
     assert_eq!(problem.field, "spec.routes[1].lua.access");
     assert!(problem.message.starts_with("line 2:"), "{}", problem.message);
-    let hosts: Vec<_> = t.snapshot.routing.virtual_hosts.iter().map(|v| v.host.clone()).collect();
-    assert_eq!(hosts, vec![exact("www.example.com")]);
+    assert_fails_closed(&t, &exact("api.example.com"));
+    assert!(t.snapshot.routing.scripts.is_empty(), "no Lua of the broken LuaRoute is shipped");
+    let site = t.snapshot.routing.virtual_hosts.iter().find(|v| v.host == exact("www.example.com")).expect("served");
+    assert!(site.routes[0].action.misconfigured.is_none(), "other objects are not affected");
 }
 
 fn attaching(name: &str, annotations: &str) -> String {
@@ -545,11 +558,16 @@ fn ingresses_attach_lua_route_handlers() {
 fn attaching_a_missing_or_invalid_lua_route_fails_closed() {
     let t = run(&attaching("site", "tidegate.dev/lua-route: nope"));
     assert!(!status(&t, "Ingress", "shop", "site").accepted);
+    assert_fails_closed(&t, &exact("www.example.com"));
     let broken = LUA_ROUTE.replace("cpuBudget: 50ms", "cpuBudget: forever");
     let t = run(&format!("{broken}{}", attaching("site", "tidegate.dev/lua-route: api")));
     let s = status(&t, "Ingress", "shop", "site");
     assert!(!s.accepted);
-    assert!(t.snapshot.routing.virtual_hosts.is_empty());
+    assert_fails_closed(&t, &exact("www.example.com"));
+    assert!(
+        !t.snapshot.routing.virtual_hosts.iter().any(|v| v.host == exact("api.example.com")),
+        "a LuaRoute whose fields are invalid has no routes to keep"
+    );
 }
 
 /// Inline Lua annotations are refused unless the controller allows them; then they compile.

@@ -57,7 +57,23 @@ fn compiler() -> Compiler {
 /// # Errors
 /// The first syntax error, with its line.
 pub fn check(source: &str) -> Result<(), CompileError> {
-    compiler().compile(source).map(drop).map_err(|e| syntax_error(&e))
+    compiler().compile(without_shebang(source).as_ref()).map(drop).map_err(|e| syntax_error(&e))
+}
+
+/// A first line starting with `#` (`#!/usr/bin/env lua`) is skipped, as Lua's loaders do; the
+/// line stays, empty, so line numbers hold.
+fn without_shebang(source: &str) -> std::borrow::Cow<'_, str> {
+    if source.starts_with('#') {
+        let rest = source.find('\n').map_or("", |i| &source[i..]);
+        std::borrow::Cow::Owned(rest.to_owned())
+    } else {
+        std::borrow::Cow::Borrowed(source)
+    }
+}
+
+/// Compiles source for `loadstring`: bytecode ready to load, or the compiler's message.
+pub(crate) fn compile_chunk(source: &str) -> Result<Vec<u8>, String> {
+    compiler().compile(without_shebang(source).as_ref()).map_err(|e| syntax_error(&e).to_string())
 }
 
 /// Compiles a handler.
@@ -68,7 +84,7 @@ pub fn compile(name: &str, source: &str) -> Result<Script, CompileError> {
     check(source)?;
     // The handler is the body of a function the worker instantiates per request (see
     // `vm`): `return function(...)` on the first line keeps line numbers as in the source.
-    let wrapped = format!("return function(...) {source}\nend");
+    let wrapped = format!("return function(...) {}\nend", without_shebang(source));
     let bytecode = compiler().compile(&wrapped).map_err(|e| syntax_error(&e))?;
     let mut hasher = DefaultHasher::new();
     (name, source).hash(&mut hasher);

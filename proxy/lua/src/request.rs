@@ -96,6 +96,8 @@ pub struct RequestState {
     pub exit: Cell<Option<u16>>,
     /// `ngx.eof()` was called: no more output.
     pub eof: Cell<bool>,
+    /// Lua assigned `ngx.header.content_type` (even to nil): no default type is added.
+    pub content_type_touched: Cell<bool>,
 
     // Body filter arguments (`ngx.arg[1]`, `ngx.arg[2]`).
     pub arg_chunk: RefCell<Option<Bytes>>,
@@ -131,6 +133,7 @@ impl RequestState {
             headers_sent: Cell::new(false),
             exit: Cell::new(None),
             eof: Cell::new(false),
+            content_type_touched: Cell::new(false),
             arg_chunk: RefCell::new(None),
             arg_eof: Cell::new(false),
             vars: RefCell::new(HashMap::new()),

@@ -95,6 +95,8 @@ pub struct LuaRequest {
     pub state: RequestState,
     pub(crate) env: Table,
     pub(crate) ctx: RefCell<Option<Table>>,
+    /// Fields a request adds to `ngx` (OpenResty lets code do that); kept per request.
+    pub(crate) ngx_fields: RefCell<Option<Table>>,
     lua_time: Cell<Duration>,
     /// The request's CPU budget when its route sets one.
     cpu_budget: Cell<Option<Duration>>,
@@ -112,6 +114,11 @@ impl std::fmt::Debug for LuaRequest {
 }
 
 impl LuaRequest {
+    /// The request's own environment (what its handlers see as globals).
+    pub(crate) fn env(&self) -> &Table {
+        &self.env
+    }
+
     /// Lua time this request has used so far.
     pub fn lua_time(&self) -> Duration {
         self.lua_time.get()
@@ -239,6 +246,7 @@ impl Vm {
             state: RequestState::new(head),
             env,
             ctx: RefCell::new(None),
+            ngx_fields: RefCell::new(None),
             lua_time: Cell::new(Duration::ZERO),
             cpu_budget: Cell::new(None),
             body_reader: RefCell::new(None),
@@ -383,8 +391,8 @@ fn timeout() -> Outcome {
 /// only ends the handler; in content, any status ends the response.
 fn exit_outcome(phase: Phase, status: u16) -> Outcome {
     match phase {
-        Phase::Rewrite | Phase::Access if status < 200 => Outcome::Continue,
-        Phase::Rewrite | Phase::Access | Phase::Content => Outcome::Exit(status),
+        Phase::Rewrite | Phase::Access | Phase::HeaderFilter if status < 200 => Outcome::Continue,
+        Phase::Rewrite | Phase::Access | Phase::Content | Phase::HeaderFilter => Outcome::Exit(status),
         _ => Outcome::Continue,
     }
 }
@@ -418,7 +426,8 @@ pub(crate) fn display(value: &Value) -> String {
         Value::Nil => "nil".into(),
         Value::Boolean(b) => b.to_string(),
         Value::String(s) => s.to_string_lossy(),
-        Value::Integer(i) => i.to_string(),
+        #[allow(clippy::cast_precision_loss)]
+        Value::Integer(i) => crate::api::format_number(*i as f64),
         Value::Number(n) => crate::api::format_number(*n),
         Value::LightUserData(l) if l.0.is_null() => "null".into(),
         other => other.to_string().unwrap_or_else(|_| other.type_name().to_string()),

@@ -143,6 +143,12 @@ pub struct RouteAction {
     /// Lua handlers that run on matched requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lua: Option<LuaHandlers>,
+    /// Set when the object behind the route is invalid in a way that could open what it guards
+    /// (Lua that does not compile, a missing LuaRoute): the route still matches, so requests do
+    /// not fall through to a less specific route, and they get 500 without reaching the backend.
+    /// The text says why, for logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub misconfigured: Option<String>,
 }
 
 /// The Lua handlers of a route, by phase, each list in the order its handlers run (those of a
@@ -258,6 +264,7 @@ mod tests {
                             backend: Some(backend.clone()),
                             timeouts: Timeouts::default(),
                             lua: Some(LuaHandlers { access: vec!["abc".into()], ..LuaHandlers::default() }),
+                            misconfigured: None,
                         },
                         ssl_redirect: true,
                     }],

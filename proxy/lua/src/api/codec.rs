@@ -13,14 +13,37 @@ use super::req::decode_args;
 pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     ngx.raw_set(
         "encode_base64",
-        lua.create_function(|lua, (s, no_padding): (mlua::LuaString, Option<bool>)| {
-            let engine = if no_padding.unwrap_or(false) { &STANDARD_NO_PAD } else { &STANDARD };
-            lua.create_string(engine.encode(&*s.as_bytes()))
+        lua.create_function(|lua, (s, no_padding): (Value, Value)| {
+            let bytes = match &s {
+                Value::Nil => Vec::new(),
+                Value::String(_) | Value::Integer(_) | Value::Number(_) => to_text(&s)?,
+                other => {
+                    return Err(mlua::Error::runtime(format!(
+                        "bad argument #1 to 'encode_base64' (string expected, got {})",
+                        super::lua_type(other)
+                    )));
+                }
+            };
+            let no_padding = match no_padding {
+                Value::Nil => false,
+                Value::Boolean(b) => b,
+                other => {
+                    return Err(mlua::Error::runtime(format!(
+                        "bad argument #2 to 'encode_base64' (boolean expected, got {})",
+                        super::lua_type(&other)
+                    )));
+                }
+            };
+            let engine = if no_padding { &STANDARD_NO_PAD } else { &STANDARD };
+            lua.create_string(engine.encode(bytes))
         })?,
     )?;
     ngx.raw_set(
         "decode_base64",
-        lua.create_function(|lua, s: mlua::LuaString| {
+        lua.create_function(|lua, s: Value| {
+            let Value::String(s) = s else {
+                return Err(mlua::Error::runtime("string argument only"));
+            };
             let bytes = s.as_bytes();
             // Padding is optional, as in nginx.
             let trimmed: &[u8] = {
@@ -87,7 +110,7 @@ fn to_text(value: &Value) -> mlua::Result<Vec<u8>> {
         Value::Integer(i) => Ok(i.to_string().into_bytes()),
         Value::Number(n) => Ok(format_number(*n).into_bytes()),
         Value::Nil => Ok(Vec::new()),
-        other => Err(mlua::Error::runtime(format!("string expected, got {}", other.type_name()))),
+        other => Err(mlua::Error::runtime(format!("string expected, got {}", super::lua_type(other)))),
     }
 }
 
@@ -156,7 +179,10 @@ pub(super) fn encode_args(table: &Table) -> mlua::Result<String> {
             Value::Integer(i) => i.to_string().into_bytes(),
             Value::Number(n) => format_number(n).into_bytes(),
             other => {
-                return Err(mlua::Error::runtime(format!("attempt to use {} as query arg key", other.type_name())));
+                return Err(mlua::Error::runtime(format!(
+                    "attempt to use {} as query arg key",
+                    super::lua_type(&other)
+                )));
             }
         };
         pairs.push((key, value));

@@ -32,6 +32,15 @@ pub(crate) fn require_phase(request: &LuaRequest, _api: &str, allowed: &[Phase])
     }
 }
 
+/// A value's type as Lua code sees it (Luau has one number type, whatever mlua calls it).
+pub(crate) fn lua_type(value: &Value) -> &'static str {
+    match value {
+        Value::Integer(_) | Value::Number(_) => "number",
+        Value::LightUserData(_) | Value::UserData(_) => "userdata",
+        other => other.type_name(),
+    }
+}
+
 /// Formats a number as Lua's `tostring` does (`%.14g`).
 pub(crate) fn format_number(n: f64) -> String {
     if n.is_nan() {
@@ -87,6 +96,8 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
     ] {
         base.raw_set(name, Value::Nil)?;
     }
+    // The collector belongs to the VM, not to a tenant: only "count" does something; the other
+    // options (OpenResty code often calls collectgarbage()) are accepted and do nothing.
     base.raw_set(
         "collectgarbage",
         lua.create_function(|lua, option: Option<String>| match option.as_deref() {
@@ -95,9 +106,28 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
                 #[allow(clippy::cast_precision_loss)]
                 Ok(lua.used_memory() as f64 / 1024.0)
             }
-            _ => Err(mlua::Error::runtime("collectgarbage: only \"count\" is allowed")),
+            _ => Ok(0.0),
         })?,
     )?;
+    // Source only (Luau has no bytecode loading to expose), bound to the calling request's
+    // environment so that globals it writes stay in that request.
+    let loadstring = lua.create_function(|lua, (source, name): (mlua::LuaString, Option<String>)| {
+        let request = current("loadstring")?;
+        match crate::compile::compile_chunk(&source.to_string_lossy()) {
+            Err(message) => Ok((Value::Nil, Value::String(lua.create_string(&message)?))),
+            Ok(bytecode) => {
+                let chunk = lua
+                    .load(&bytecode[..])
+                    .set_mode(mlua::chunk::ChunkMode::Binary)
+                    .set_name(format!("={}", name.as_deref().unwrap_or("loadstring")))
+                    .set_environment(request.env().clone())
+                    .into_function()?;
+                Ok((Value::Function(chunk), Value::Nil))
+            }
+        }
+    })?;
+    base.raw_set("loadstring", loadstring.clone())?;
+    base.raw_set("load", loadstring)?;
 
     wrap_pcall(lua, base)?;
     interruptible_sort(lua, base)?;
@@ -112,7 +142,8 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
     install_misc(lua, &ngx, config)?;
 
     let print = lua.create_function(|_, args: Variadic<Value>| {
-        let text: String = args.iter().map(display).collect::<Vec<_>>().join("\t");
+        // print is ngx.log(ngx.NOTICE, ...): arguments are concatenated.
+        let text: String = args.iter().map(display).collect();
         log_line(6, &text);
         Ok(())
     })?;
@@ -234,6 +265,7 @@ fn constants(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         ("HTTP_ILLEGAL", 451),
         ("HTTP_INTERNAL_SERVER_ERROR", 500),
         ("HTTP_METHOD_NOT_IMPLEMENTED", 501),
+        ("HTTP_NOT_IMPLEMENTED", 501),
         ("HTTP_BAD_GATEWAY", 502),
         ("HTTP_SERVICE_UNAVAILABLE", 503),
         ("HTTP_GATEWAY_TIMEOUT", 504),

@@ -26,9 +26,22 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         lua.create_function(|_, ()| {
             let request = current("ngx.eof")?;
             require_phase(&request, "ngx.eof", RESPONDING)?;
-            request.state.eof.set(true);
+            if request.state.eof.replace(true) {
+                return Ok((None, Some("seen eof")));
+            }
             request.state.headers_sent.set(true);
-            Ok(1)
+            Ok((Some(1), None))
+        })?,
+    )?;
+    ngx.raw_set(
+        "send_headers",
+        lua.create_function(|_, ()| {
+            let request = current("ngx.send_headers")?;
+            require_phase(&request, "ngx.send_headers", RESPONDING)?;
+            if request.state.headers_sent.replace(true) {
+                return Ok((None, Some("header already sent")));
+            }
+            Ok((Some(1), None))
         })?,
     )?;
     ngx.raw_set(
@@ -121,7 +134,11 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         lua.create_function(|lua, (_, key): (Value, String)| {
             let Some(request) = crate::vm::with_current(|r| r.cloned()) else { return Ok(Value::Nil) };
             match key.as_str() {
-                "status" => Ok(Value::Integer(i64::from(request.state.status.get()))),
+                "status" => Ok(Value::Integer(match request.state.status.get() {
+                    0 if request.state.headers_sent.get() => 200,
+                    status => i64::from(status),
+                })),
+                "headers_sent" => Ok(Value::Boolean(request.state.headers_sent.get())),
                 "ctx" => {
                     let mut ctx = request.ctx.borrow_mut();
                     if ctx.is_none() {
@@ -129,13 +146,16 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                     }
                     Ok(ctx.clone().map_or(Value::Nil, Value::Table))
                 }
-                _ => Ok(Value::Nil),
+                _ => match request.ngx_fields.borrow().as_ref() {
+                    Some(fields) => fields.raw_get(key),
+                    None => Ok(Value::Nil),
+                },
             }
         })?,
     )?;
     ngx_meta.raw_set(
         "__newindex",
-        lua.create_function(|_, (_, key, value): (Value, String, Value)| {
+        lua.create_function(|lua, (_, key, value): (Value, String, Value)| {
             let request = current(&format!("ngx.{key}"))?;
             match key.as_str() {
                 "status" => {
@@ -143,13 +163,15 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                         tracing::error!(target: "lua", route = request.state.head.route, "attempt to set ngx.status after sending out response headers");
                         return Ok(());
                     }
-                    let status = match value {
-                        Value::Integer(i) => i,
-                        #[allow(clippy::cast_possible_truncation)]
-                        Value::Number(n) => n as i64,
-                        Value::String(s) => s.to_str()?.trim().parse().map_err(|_| mlua::Error::runtime("ngx.status must be a number"))?,
+                    let number = match value {
+                        #[allow(clippy::cast_precision_loss)]
+                        Value::Integer(i) => i as f64,
+                        Value::Number(n) => n,
+                        Value::String(s) => s.to_str()?.trim().parse::<f64>().map_err(|_| mlua::Error::runtime("ngx.status must be a number"))?,
                         _ => return Err(mlua::Error::runtime("ngx.status must be a number")),
                     };
+                    #[allow(clippy::cast_possible_truncation)]
+                    let status = number.trunc() as i64;
                     let status = u16::try_from(status).ok().filter(|s| (100..1000).contains(s)).ok_or_else(|| mlua::Error::runtime(format!("ngx.status: invalid status {status}")))?;
                     request.state.status.set(status);
                     Ok(())
@@ -161,7 +183,14 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                     }
                     _ => Err(mlua::Error::runtime("ngx.ctx must be a table")),
                 },
-                other => Err(mlua::Error::runtime(format!("ngx.{other} cannot be assigned: the ngx table is read-only"))),
+                _ => {
+                    // OpenResty lets code add fields to ngx; here they live as long as the request.
+                    let mut fields = request.ngx_fields.borrow_mut();
+                    if fields.is_none() {
+                        *fields = Some(lua.create_table()?);
+                    }
+                    fields.as_ref().map_or(Ok(()), |f| f.raw_set(key, value))
+                }
             }
         })?,
     )?;
@@ -192,7 +221,9 @@ fn emit(api: &str, args: &Variadic<Value>, newline: bool) -> mlua::Result<(Optio
 fn flatten(value: &Value, out: &mut BytesMut, position: usize, api: &str) -> mlua::Result<()> {
     match value {
         Value::String(s) => out.extend_from_slice(&s.as_bytes()),
-        Value::Integer(i) => out.extend_from_slice(i.to_string().as_bytes()),
+        // Luau numbers are doubles: print them as Lua does, whatever mlua calls them.
+        #[allow(clippy::cast_precision_loss)]
+        Value::Integer(i) => out.extend_from_slice(format_number(*i as f64).as_bytes()),
         Value::Number(n) => out.extend_from_slice(format_number(*n).as_bytes()),
         Value::Boolean(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
         Value::Nil => out.extend_from_slice(b"nil"),
@@ -228,10 +259,29 @@ fn flatten(value: &Value, out: &mut BytesMut, position: usize, api: &str) -> mlu
 
 fn prepare_exit(status: i64) -> mlua::Result<()> {
     let request = current("ngx.exit")?;
-    require_phase(&request, "ngx.exit", RESPONDING)?;
+    require_phase(&request, "ngx.exit", &[Phase::Rewrite, Phase::Access, Phase::Content, Phase::HeaderFilter])?;
+    if status == -2 || status == -4 {
+        return Err(mlua::Error::runtime("bad argument to 'ngx.exit': does not accept NGX_AGAIN or NGX_DONE"));
+    }
     let status =
         u16::try_from(status.max(0)).map_err(|_| mlua::Error::runtime(format!("ngx.exit: bad status {status}")))?;
-    request.state.exit.set(Some(status));
+    let state = &request.state;
+    // As nginx: a special response status once headers are out is an error, except the ones
+    // that only close the connection (408, 444, 499).
+    if state.headers_sent.get()
+        && status >= 300
+        && ![408, 444, 499].contains(&status)
+        && state.phase.get() != Phase::HeaderFilter
+    {
+        let sent = match state.status.get() {
+            0 => 200,
+            s => s,
+        };
+        if status != sent {
+            tracing::error!(target: "lua", route = state.head.route, "attempt to set status {status} via ngx.exit after sending out the response status {sent}");
+        }
+    }
+    state.exit.set(Some(status));
     Ok(())
 }
 
@@ -246,6 +296,12 @@ fn prepare_redirect(uri: &str, status: i64) -> mlua::Result<()> {
             )));
         }
     };
+    if let Some(byte) = uri.bytes().find(|b| *b == b'\r' || *b == b'\n') {
+        return Err(mlua::Error::runtime(format!(
+            "unsafe byte \"0x{byte:02x}\" in redirect uri \"{}\"",
+            escape_for_log(uri.as_bytes())
+        )));
+    }
     let location = HeaderValue::from_str(uri).map_err(|_| mlua::Error::runtime("ngx.redirect: invalid URI"))?;
     request.state.response_headers.borrow_mut().insert(http::header::LOCATION, location);
     request.state.status.set(status);
@@ -253,10 +309,50 @@ fn prepare_redirect(uri: &str, status: i64) -> mlua::Result<()> {
     Ok(())
 }
 
-/// `content_type` and `Content-Type` name the same header.
+/// Control bytes, `"` and `\\` as `\xHH`, the way nginx writes untrusted bytes into its log.
+fn escape_for_log(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for &b in bytes {
+        if b < 0x20 || b == b'"' || b == b'\\' || b >= 0x7f {
+            out.push_str(&format!("\\x{b:02X}"));
+        } else {
+            out.push(char::from(b));
+        }
+    }
+    out
+}
+
+/// Response and request headers that hold one value: setting several keeps the last.
+const SINGLE_VALUED: &[&str] = &["content-type", "content-length", "location", "last-modified", "etag", "expires"];
+
+/// CR and LF would split a header; OpenResty percent-escapes them instead of failing.
+fn escape_header_bytes(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    for &b in bytes {
+        match b {
+            b'\r' => out.extend_from_slice(b"%0D"),
+            b'\n' => out.extend_from_slice(b"%0A"),
+            b => out.push(b),
+        }
+    }
+    out
+}
+
+/// `content_type` and `Content-Type` name the same header. Bytes a header name cannot hold are
+/// percent-escaped, as OpenResty does.
 pub(super) fn normalize_header_name(name: &str) -> mlua::Result<HeaderName> {
     let name = name.replace('_', "-").to_ascii_lowercase();
-    HeaderName::from_bytes(name.as_bytes()).map_err(|_| mlua::Error::runtime(format!("invalid header name {name:?}")))
+    let mut escaped = Vec::with_capacity(name.len());
+    for &b in name.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"!#$&'*+-.^_`|~".contains(&b) {
+            escaped.push(b);
+        } else {
+            escaped.extend_from_slice(format!("%{b:02X}").as_bytes());
+        }
+    }
+    let name = escaped;
+    HeaderName::from_bytes(&name)
+        .map_err(|_| mlua::Error::runtime(format!("invalid header name {:?}", String::from_utf8_lossy(&name))))
 }
 
 fn get_header(lua: &Lua, name: &str) -> mlua::Result<Value> {
@@ -286,8 +382,18 @@ fn set_header(name: &str, value: &Value) -> mlua::Result<()> {
     let request = current("ngx.header")?;
     let header = normalize_header_name(name)?;
     if request.state.headers_sent.get() {
-        tracing::error!(target: "lua", route = request.state.head.route, "attempt to set ngx.header.{name} after sending out response headers");
+        tracing::error!(target: "lua", route = request.state.head.route, header = name, "attempt to set ngx.header.HEADER after sending out response headers");
         return Ok(());
+    }
+    if header == http::header::CONTENT_TYPE {
+        request.state.content_type_touched.set(true);
+    }
+    if header == http::header::CONTENT_LENGTH
+        && !value.is_nil()
+        && !matches!(value, Value::Integer(_) | Value::Number(_))
+        && !matches!(value, Value::String(s) if s.to_str().is_ok_and(|s| s.trim().parse::<u64>().is_ok()))
+    {
+        return Err(mlua::Error::runtime("attempt to set invalid Content-Length"));
     }
     let mut headers = request.state.response_headers.borrow_mut();
     set_header_values(&mut headers, &header, value)
@@ -304,13 +410,17 @@ pub(super) fn set_header_values(headers: &mut HeaderMap, name: &HeaderName, valu
             Value::Boolean(b) => b.to_string().into_bytes(),
             other => return Err(mlua::Error::runtime(format!("bad header value for {name}: {}", other.type_name()))),
         };
-        let value = HeaderValue::from_bytes(&text)
+        let value = HeaderValue::from_bytes(&escape_header_bytes(&text))
             .map_err(|_| mlua::Error::runtime(format!("invalid value for header {name}")))?;
         headers.append(name.clone(), value);
         Ok(())
     };
     match value {
         Value::Nil => Ok(()),
+        Value::Table(t) if SINGLE_VALUED.contains(&name.as_str()) => match t.sequence_values::<Value>().last() {
+            Some(last) => put(&last?),
+            None => Ok(()),
+        },
         Value::Table(t) => {
             for v in t.sequence_values::<Value>() {
                 put(&v?)?;

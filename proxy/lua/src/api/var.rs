@@ -88,7 +88,9 @@ pub(crate) fn lookup(request: &LuaRequest, name: &str) -> Option<String> {
     }
     if let Some(header) = name.strip_prefix("sent_http_") {
         let header = header.replace('_', "-");
-        return state.response_headers.borrow().get(header.as_str()).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let headers = state.response_headers.borrow();
+        let values: Vec<&str> = headers.get_all(header.as_str()).iter().filter_map(|v| v.to_str().ok()).collect();
+        return (!values.is_empty()).then(|| values.join(", "));
     }
     let value = match name {
         "uri" | "document_uri" => state.uri.borrow().clone(),

@@ -1,0 +1,1013 @@
+//! OpenResty's own test files (lua-nginx-module `t/*.t`, Test::Nginx format) run against tidegate.
+//!
+//! `cargo test` runs the files in `$TIDEGATE_SHARED_DIR/conformance/lua-nginx-module` and fails
+//! when fewer than 80% of the applicable blocks pass. `cargo test --test openresty_conformance --
+//! FILE.t...` measures any other files the same way and only reports.
+//!
+//! # How a block maps onto tidegate
+//! Each `location` of a block's `--- config` becomes a route of a LuaRoute (`location = /x` is an
+//! Exact match, `location /x` a Prefix match), with its `*_by_lua`, `*_by_lua_block` and
+//! `*_by_lua_file` handlers in the same phases. Every block gets its own host, and the blocks of
+//! a file are served by one `tidegate standalone`. The request is sent over HTTP/1.1 and the
+//! response, status, headers and logs are checked as Test::Nginx checks them.
+//!
+//! Small translation steps stand in for nginx directives that have a direct Lua equivalent:
+//! `default_type`, `set $var value`, `lua_need_request_body on`. Checks of nginx's internal
+//! debug logging (`grep_error_log`) are not evaluated.
+//!
+//! # Not applicable
+//! A block is counted as not applicable, never as passed, when it needs something outside
+//! tidegate's Lua runtime: subrequests and internal redirects (`ngx.location.capture`,
+//! `ngx.exec`), echo-module and other non-Lua nginx directives, sockets, sleep, timers and light
+//! threads, `ngx.shared` and `ngx.re` (the next stage of the runtime), module-level code
+//! (`init_by_lua`), or raw protocol sections. The reason is printed for each.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, Request};
+use regex::Regex;
+use support::{Answer, Body, Tidegate, manifest_dir, write_manifest};
+
+// ---------------------------------------------------------------------------------------------
+// Test::Nginx data
+
+#[derive(Debug, Clone, Default)]
+struct Section {
+    modifiers: Vec<String>,
+    value: String,
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    number: usize,
+    title: String,
+    sections: BTreeMap<String, Section>,
+}
+
+impl Block {
+    fn get(&self, name: &str) -> Option<&Section> {
+        self.sections.get(name)
+    }
+}
+
+fn parse_file(text: &str) -> Vec<Block> {
+    let data = text.split_once("\n__DATA__\n").map_or(text, |(_, d)| d);
+    let mut blocks = Vec::new();
+    let mut current: Option<Block> = None;
+    let mut section: Option<(String, Section)> = None;
+    let flush = |block: &mut Option<Block>, section: &mut Option<(String, Section)>| {
+        if let (Some(b), Some((name, s))) = (block.as_mut(), section.take()) {
+            b.sections.insert(name, s);
+        }
+    };
+    for line in data.lines() {
+        if let Some(rest) = line.strip_prefix("=== TEST ") {
+            flush(&mut current, &mut section);
+            blocks.extend(current.take());
+            let (number, title) = rest.split_once(':').unwrap_or((rest, ""));
+            current = Some(Block {
+                number: number.trim().parse().unwrap_or(0),
+                title: title.trim().to_owned(),
+                sections: BTreeMap::new(),
+            });
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("--- ") {
+            flush(&mut current, &mut section);
+            let (head, inline) = match rest.split_once(':') {
+                Some((h, v)) if !h.contains(' ') || h.split_whitespace().count() <= 2 => (h, Some(v.trim().to_owned())),
+                _ => (rest, None),
+            };
+            let mut words = head.split_whitespace();
+            let name = words.next().unwrap_or("").to_owned();
+            let modifiers = words.map(str::to_owned).collect();
+            let value = inline.map(|v| format!("{v}\n")).unwrap_or_default();
+            section = Some((name, Section { modifiers, value }));
+            continue;
+        }
+        if let Some((_, s)) = section.as_mut() {
+            s.value.push_str(line);
+            s.value.push('\n');
+        }
+    }
+    flush(&mut current, &mut section);
+    blocks.extend(current);
+    // Test::Base trims trailing blank lines of every section.
+    for block in &mut blocks {
+        for s in block.sections.values_mut() {
+            let trimmed = s.value.trim_end_matches(['\n', ' ', '\t']).to_owned();
+            s.value = if trimmed.is_empty() { String::new() } else { format!("{trimmed}\n") };
+        }
+    }
+    blocks
+}
+
+/// The value of a section, with `eval` Perl expressions evaluated where they are plain strings,
+/// regexes or lists of those. `Err` names what could not be evaluated.
+#[derive(Debug, Clone)]
+enum Expect {
+    Text(String),
+    Regex(String),
+}
+
+fn section_values(section: &Section) -> Result<Vec<Expect>, String> {
+    let mut value = section.value.clone();
+    if section.modifiers.iter().any(|m| m == "eval") {
+        return perl_values(value.trim());
+    }
+    if section.modifiers.iter().any(|m| m == "chomp") && value.ends_with('\n') {
+        value.pop();
+    }
+    if section.modifiers.iter().any(|m| m == "chop") {
+        value.pop();
+    }
+    Ok(vec![Expect::Text(value)])
+}
+
+/// A tiny subset of Perl: "double quoted", 'single quoted', qr/regex/flags, and [list, of, those].
+fn perl_values(expr: &str) -> Result<Vec<Expect>, String> {
+    let expr = expr.trim().trim_end_matches(';').trim();
+    if let Some(inner) = expr.strip_prefix('[').and_then(|e| e.strip_suffix(']')) {
+        let mut out = Vec::new();
+        for item in split_perl_list(inner) {
+            out.extend(perl_values(&item)?);
+        }
+        return Ok(out);
+    }
+    if let Some(rest) = expr.strip_prefix("qr") {
+        let delimiter = rest.chars().next().ok_or("empty qr")?;
+        let close = match delimiter {
+            '{' => '}',
+            '(' => ')',
+            '[' => ']',
+            d => d,
+        };
+        let body = &rest[delimiter.len_utf8()..];
+        let end = body.rfind(close).ok_or("unterminated qr")?;
+        let flags = &body[end + 1..];
+        let mut pattern = body[..end].to_owned();
+        if close == '/' {
+            pattern = pattern.replace("\\/", "/");
+        }
+        let inline: String = flags.chars().filter(|c| matches!(c, 'i' | 's' | 'm' | 'x')).collect();
+        if !inline.is_empty() {
+            pattern = format!("(?{inline}){pattern}");
+        }
+        return Ok(vec![Expect::Regex(pattern)]);
+    }
+    if expr.starts_with('"') && expr.ends_with('"') && expr.len() >= 2 {
+        let inner = &expr[1..expr.len() - 1];
+        if inner.contains("\" ") || inner.contains('$') || inner.contains('@') {
+            return Err(format!("Perl expression {expr:?}"));
+        }
+        return Ok(vec![Expect::Text(perl_unescape(inner))]);
+    }
+    if expr.starts_with('\'') && expr.ends_with('\'') && expr.len() >= 2 {
+        return Ok(vec![Expect::Text(expr[1..expr.len() - 1].replace("\\'", "'").replace("\\\\", "\\"))]);
+    }
+    Err(format!("Perl expression {:?}", expr.chars().take(40).collect::<String>()))
+}
+
+fn split_perl_list(inner: &str) -> Vec<String> {
+    let mut items = Vec::new();
+    let mut current = String::new();
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for c in inner.chars() {
+        if escaped {
+            current.push(c);
+            escaped = false;
+            continue;
+        }
+        match (quote, c) {
+            (_, '\\') => {
+                escaped = true;
+                current.push(c);
+            }
+            (None, '"' | '\'' | '/') => {
+                quote = Some(c);
+                current.push(c);
+            }
+            (Some(q), c) if c == q => {
+                quote = None;
+                current.push(c);
+            }
+            (None, ',') => items.push(std::mem::take(&mut current)),
+            _ => current.push(c),
+        }
+    }
+    items.push(current);
+    items.into_iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()
+}
+
+fn perl_unescape(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            Some('t') => out.push('\t'),
+            Some('0') => out.push('\0'),
+            Some('x') => {
+                let hex: String = std::iter::from_fn(|| chars.next_if(char::is_ascii_hexdigit)).take(2).collect();
+                out.push(u8::from_str_radix(&hex, 16).map_or('?', char::from));
+            }
+            Some(other) => out.push(other),
+            None => out.push('\\'),
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// nginx configuration, as much as the tests use
+
+#[derive(Debug, Clone)]
+struct Location {
+    exact: bool,
+    path: String,
+    handlers: Vec<(&'static str, String)>,
+}
+
+const PHASES: [(&str, &str); 6] = [
+    ("rewrite", "rewrite"),
+    ("access", "access"),
+    ("content", "content"),
+    ("header_filter", "headerFilter"),
+    ("body_filter", "bodyFilter"),
+    ("log", "log"),
+];
+
+/// nginx's lexer: words, quoted strings (with nginx's escapes), `{`, `}`, `;`.
+#[derive(Debug, Clone, PartialEq)]
+enum Token {
+    Word(String),
+    Open,
+    Close,
+    End,
+}
+
+fn tokenize(config: &str) -> Vec<(Token, usize)> {
+    let bytes: Vec<char> = config.chars().collect();
+    let mut tokens = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let c = bytes[i];
+        match c {
+            c if c.is_whitespace() => i += 1,
+            '#' => {
+                while i < bytes.len() && bytes[i] != '\n' {
+                    i += 1;
+                }
+            }
+            '{' => {
+                tokens.push((Token::Open, i));
+                i += 1;
+            }
+            '}' => {
+                tokens.push((Token::Close, i));
+                i += 1;
+            }
+            ';' => {
+                tokens.push((Token::End, i));
+                i += 1;
+            }
+            '"' | '\'' => {
+                let quote = c;
+                let start = i;
+                i += 1;
+                let mut word = String::new();
+                while i < bytes.len() && bytes[i] != quote {
+                    if bytes[i] == '\\' && i + 1 < bytes.len() {
+                        let next = bytes[i + 1];
+                        match next {
+                            '"' | '\'' | '\\' => word.push(next),
+                            't' => word.push('\t'),
+                            'r' => word.push('\r'),
+                            'n' => word.push('\n'),
+                            other => {
+                                word.push('\\');
+                                word.push(other);
+                            }
+                        }
+                        i += 2;
+                        continue;
+                    }
+                    word.push(bytes[i]);
+                    i += 1;
+                }
+                i += 1;
+                tokens.push((Token::Word(word), start));
+            }
+            _ => {
+                let start = i;
+                let mut word = String::new();
+                while i < bytes.len() && !bytes[i].is_whitespace() && !matches!(bytes[i], '{' | '}' | ';') {
+                    word.push(bytes[i]);
+                    i += 1;
+                }
+                tokens.push((Token::Word(word), start));
+            }
+        }
+    }
+    tokens
+}
+
+/// The Lua between the braces of a `*_by_lua_block` starting at `open` (index of `{`), aware of
+/// Lua strings and comments; returns (source, index after the closing brace).
+fn lua_block(config: &[char], open: usize) -> Option<(String, usize)> {
+    let mut depth = 0;
+    let mut i = open;
+    while i < config.len() {
+        let c = config[i];
+        match c {
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some((config[open + 1..i].iter().collect(), i + 1));
+                }
+            }
+            '"' | '\'' => {
+                i += 1;
+                while i < config.len() && config[i] != c {
+                    if config[i] == '\\' {
+                        i += 1;
+                    }
+                    i += 1;
+                }
+            }
+            '-' if config.get(i + 1) == Some(&'-') => {
+                let rest: String = config[i + 2..(i + 4).min(config.len())].iter().collect();
+                if rest.starts_with("[[") {
+                    while i + 1 < config.len() && !(config[i] == ']' && config[i + 1] == ']') {
+                        i += 1;
+                    }
+                } else {
+                    while i < config.len() && config[i] != '\n' {
+                        i += 1;
+                    }
+                }
+            }
+            '[' if matches!(config.get(i + 1), Some('[') | Some('=')) => {
+                let mut level = 0;
+                let mut j = i + 1;
+                while config.get(j) == Some(&'=') {
+                    level += 1;
+                    j += 1;
+                }
+                if config.get(j) == Some(&'[') {
+                    let close: String = format!("]{}]", "=".repeat(level));
+                    let close: Vec<char> = close.chars().collect();
+                    j += 1;
+                    while j + close.len() <= config.len() && config[j..j + close.len()] != close[..] {
+                        j += 1;
+                    }
+                    i = j + close.len() - 1;
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Reads the locations of a `--- config` section, or says why the block is not applicable.
+fn parse_config(config: &str, files: &BTreeMap<String, String>) -> Result<Vec<Location>, String> {
+    let chars: Vec<char> = config.chars().collect();
+    let mut locations = Vec::new();
+    let mut i;
+    let tokens = tokenize(config);
+    let mut t = 0;
+    while t < tokens.len() {
+        match &tokens[t].0 {
+            Token::Word(w) if w == "location" => {
+                let mut words = Vec::new();
+                t += 1;
+                while t < tokens.len() && tokens[t].0 != Token::Open {
+                    if let Token::Word(w) = &tokens[t].0 {
+                        words.push(w.clone());
+                    }
+                    t += 1;
+                }
+                let (exact, path) = match words.as_slice() {
+                    [path] => (false, path.clone()),
+                    [m, path] if m == "=" => (true, path.clone()),
+                    [m, path] if m == "^~" => (false, path.clone()),
+                    other => return Err(format!("regex location {:?}", other.join(" "))),
+                };
+                // The location body: directives until the matching close.
+                let open_at = tokens.get(t).map_or(chars.len(), |(_, at)| *at);
+                let mut location = Location { exact, path, handlers: Vec::new() };
+                i = open_at + 1;
+                let mut prelude = String::new();
+                let mut rewrite_prelude = String::new();
+                loop {
+                    // Skip whitespace and comments.
+                    while i < chars.len() && (chars[i].is_whitespace() || chars[i] == '#') {
+                        if chars[i] == '#' {
+                            while i < chars.len() && chars[i] != '\n' {
+                                i += 1;
+                            }
+                        } else {
+                            i += 1;
+                        }
+                    }
+                    if i >= chars.len() {
+                        return Err("unbalanced braces".into());
+                    }
+                    if chars[i] == '}' {
+                        i += 1;
+                        break;
+                    }
+                    let start = i;
+                    while i < chars.len() && !chars[i].is_whitespace() && !matches!(chars[i], ';' | '{' | '}') {
+                        i += 1;
+                    }
+                    let directive: String = chars[start..i].iter().collect();
+                    if let Some(phase) = directive.strip_suffix("_by_lua_block") {
+                        let open = (i..chars.len()).find(|&j| chars[j] == '{').ok_or("no block")?;
+                        let (source, after) = lua_block(&chars, open).ok_or("unterminated Lua block")?;
+                        add_handler(&mut location, phase, source)?;
+                        i = after;
+                        continue;
+                    }
+                    // A simple directive: its arguments run to `;`.
+                    let rest: String = chars[i..].iter().collect();
+                    let args_tokens = tokenize(&rest);
+                    let end = args_tokens
+                        .iter()
+                        .position(|(tok, _)| *tok == Token::End)
+                        .ok_or(format!("directive {directive} without ;"))?;
+                    let args: Vec<String> = args_tokens[..end]
+                        .iter()
+                        .filter_map(|(tok, _)| if let Token::Word(w) = tok { Some(w.clone()) } else { None })
+                        .collect();
+                    i += args_tokens[end].1 + 1;
+                    if let Some(phase) = directive.strip_suffix("_by_lua_file") {
+                        let name = args.first().ok_or("no file")?;
+                        let file = name.rsplit('/').next().unwrap_or(name);
+                        let source = files.get(file).ok_or(format!("user file {file} missing"))?;
+                        add_handler(&mut location, phase, source.clone())?;
+                    } else if let Some(phase) = directive.strip_suffix("_by_lua") {
+                        add_handler(&mut location, phase, args.first().cloned().unwrap_or_default())?;
+                    } else {
+                        match directive.as_str() {
+                            "default_type" => prelude.push_str(&format!(
+                                "ngx.header.content_type = ngx.header.content_type or {:?}\n",
+                                args.first().cloned().unwrap_or_default()
+                            )),
+                            "set" if args.len() == 2 && args[0].starts_with('$') && !args[1].contains('$') => {
+                                rewrite_prelude.push_str(&format!("ngx.var[{:?}] = {:?}\n", &args[0][1..], args[1]));
+                            }
+                            "lua_need_request_body" if args.first().is_some_and(|a| a == "on") => {
+                                rewrite_prelude.push_str("ngx.req.read_body()\n");
+                            }
+                            "lua_need_request_body"
+                            | "internal"
+                            | "lua_code_cache"
+                            | "lua_socket_log_errors"
+                            | "lua_check_client_abort"
+                            | "lua_transform_underscores_in_response_headers" => {}
+                            other => return Err(format!("nginx directive {other}")),
+                        }
+                    }
+                }
+                if !prelude.is_empty() {
+                    match location.handlers.iter_mut().find(|(p, _)| *p == "content") {
+                        Some((_, source)) => *source = format!("{prelude}{source}"),
+                        None => return Err("default_type without a content handler".into()),
+                    }
+                }
+                if !rewrite_prelude.is_empty() {
+                    match location.handlers.iter_mut().find(|(p, _)| *p == "rewrite") {
+                        Some((_, source)) => *source = format!("{rewrite_prelude}{source}"),
+                        None => location.handlers.insert(0, ("rewrite", rewrite_prelude)),
+                    }
+                }
+                if !location.handlers.iter().any(|(p, _)| *p == "content") {
+                    return Err(format!(
+                        "location {} has no content handler (nginx would serve a file)",
+                        location.path
+                    ));
+                }
+                locations.push(location);
+                t = tokens.iter().position(|(_, at)| *at >= i).unwrap_or(tokens.len());
+            }
+            Token::Word(w) => return Err(format!("server-level directive {w}")),
+            _ => t += 1,
+        }
+    }
+    if locations.is_empty() {
+        return Err("no location".into());
+    }
+    Ok(locations)
+}
+
+fn add_handler(location: &mut Location, phase: &str, source: String) -> Result<(), String> {
+    let phase =
+        PHASES.iter().find(|(name, _)| *name == phase).map(|(name, _)| *name).ok_or(format!("{phase}_by_lua*"))?;
+    location.handlers.push((phase, source));
+    Ok(())
+}
+
+/// Lua that needs something outside this runtime.
+fn unsupported_lua(source: &str) -> Option<&'static str> {
+    let uses = [
+        ("ngx.location.capture", "subrequests (ngx.location.capture)"),
+        ("ngx.exec", "internal redirects (ngx.exec)"),
+        ("ngx.socket", "cosockets"),
+        ("ngx.sleep", "ngx.sleep"),
+        ("ngx.timer", "timers"),
+        ("ngx.thread", "light threads"),
+        ("ngx.shared", "ngx.shared dictionaries"),
+        ("ngx.re.", "ngx.re"),
+        ("ngx.req.socket", "cosockets"),
+        ("require \"resty.", "resty modules"),
+        ("require(\"resty.", "resty modules"),
+        ("require 'resty.", "resty modules"),
+        ("ngx.on_abort", "ngx.on_abort"),
+        ("ngx.req.init_body", "streaming request bodies"),
+        ("ngx.req.append_body", "streaming request bodies"),
+        ("ngx.req.raw_header", "ngx.req.raw_header"),
+        ("ngx.var.echo", "echo-module variables"),
+    ];
+    uses.iter().find(|(needle, _)| source.contains(needle)).map(|(_, why)| *why)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running a file
+
+enum Verdict {
+    Pass,
+    Fail(String),
+    NotApplicable(String),
+}
+
+struct Case {
+    block: Block,
+    host: String,
+    locations: Vec<Location>,
+}
+
+/// Decides whether a block can run, and if so how.
+fn prepare(block: &Block, file_tag: &str) -> Result<Case, String> {
+    for section in [
+        "raw_request",
+        "pipelined_requests",
+        "stap",
+        "init",
+        "main_config",
+        "udp_listen",
+        "tcp_listen",
+        "http3",
+        "shutdown_error_log",
+        "curl",
+        "post_main_config",
+        "server_config",
+    ] {
+        if block.get(section).is_some() {
+            return Err(format!("--- {section}"));
+        }
+    }
+    if let Some(http_config) = block.get("http_config") {
+        let text = &http_config.value;
+        if text.contains("lua_shared_dict") {
+            return Err("ngx.shared dictionaries (lua_shared_dict)".into());
+        }
+        if text.contains("init_by_lua") || text.contains("init_worker_by_lua") {
+            return Err("module-level code (init_by_lua*)".into());
+        }
+        if text.contains("upstream") || text.contains("server {") {
+            return Err("extra nginx servers or upstreams".into());
+        }
+        if !text.trim().is_empty()
+            && !text.lines().all(|l| {
+                l.trim().is_empty()
+                    || l.trim().starts_with('#')
+                    || l.trim().starts_with("lua_package_path")
+                    || l.trim().starts_with("lua_code_cache")
+            })
+        {
+            return Err(format!("http_config {:?}", text.lines().next().unwrap_or("").trim()));
+        }
+    }
+    let mut files = BTreeMap::new();
+    if let Some(user_files) = block.get("user_files") {
+        let mut name = None;
+        for line in user_files.value.lines() {
+            if let Some(n) = line.strip_prefix(">>> ") {
+                name = Some(n.trim().to_owned());
+                files.insert(n.trim().to_owned(), String::new());
+            } else if let Some(n) = &name {
+                let file = files.entry(n.clone()).or_default();
+                file.push_str(line);
+                file.push('\n');
+            }
+        }
+    }
+    let config = block.get("config").ok_or("no --- config")?;
+    let locations = parse_config(&config.value, &files)?;
+    for location in &locations {
+        for (_, source) in &location.handlers {
+            if let Some(why) = unsupported_lua(source) {
+                return Err(why.to_owned());
+            }
+        }
+    }
+    if block.get("request").is_some_and(|r| r.modifiers.iter().any(|m| m == "eval")) {
+        perl_values(block.get("request").map_or("", |r| r.value.trim())).map_err(|e| format!("request: {e}"))?;
+    }
+    if let Some(more) = block.get("more_headers").filter(|r| r.modifiers.iter().any(|m| m == "eval")) {
+        perl_values(more.value.trim()).map_err(|e| format!("more_headers: {e}"))?;
+    }
+    Ok(Case { block: block.clone(), host: format!("b{}.{file_tag}.test", block.number), locations })
+}
+
+fn manifest(case: &Case, name: &str) -> String {
+    let mut out = format!(
+        "---\napiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {{name: {name}, namespace: openresty}}\nspec:\n  hosts: [{}]\n  routes:\n",
+        case.host
+    );
+    for (i, location) in case.locations.iter().enumerate() {
+        let kind = if location.exact { "Exact" } else { "Prefix" };
+        out.push_str(&format!(
+            "  - name: l{i}\n    match: {{path: {{type: {kind}, value: {:?}}}}}\n    lua:\n",
+            location.path
+        ));
+        let mut by_phase: BTreeMap<&str, String> = BTreeMap::new();
+        for (phase, source) in &location.handlers {
+            by_phase.entry(phase).or_default().push_str(source);
+        }
+        for (phase, field) in PHASES {
+            if let Some(source) = by_phase.get(phase) {
+                out.push_str(&format!("      {field}: {}\n", serde_json::to_string(source).unwrap_or_default()));
+            }
+        }
+    }
+    out
+}
+
+fn request_of(case: &Case) -> Result<Request<Body>, String> {
+    let section = case.block.get("request").ok_or("no --- request")?;
+    let text = if section.modifiers.iter().any(|m| m == "eval") {
+        match perl_values(section.value.trim())?.into_iter().next() {
+            Some(Expect::Text(t)) => t,
+            _ => return Err("request eval".into()),
+        }
+    } else {
+        section.value.clone()
+    };
+    let (line, body) = text.split_once('\n').unwrap_or((&text, ""));
+    let mut parts = line.split_whitespace();
+    let method = parts.next().ok_or("empty request")?;
+    let uri = parts.next().unwrap_or("/");
+    let mut builder = Request::builder().method(method).uri(uri).header("host", &case.host);
+    if let Some(headers) = case.block.get("more_headers") {
+        let text = if headers.modifiers.iter().any(|m| m == "eval") {
+            match perl_values(headers.value.trim())?.into_iter().next() {
+                Some(Expect::Text(t)) => t,
+                _ => return Err("more_headers eval".into()),
+            }
+        } else {
+            headers.value.clone()
+        };
+        for line in text.lines() {
+            if let Some((name, value)) = line.split_once(':') {
+                builder = builder.header(name.trim(), value.trim());
+            }
+        }
+    }
+    let body = body.trim_end_matches('\n');
+    if !body.is_empty() || matches!(method, "POST" | "PUT") {
+        builder = builder.header("content-length", body.len().to_string());
+    }
+    builder.body(Body::from(body.to_owned())).map_err(|e| e.to_string())
+}
+
+/// Perl matching: `like` with `/s`, where `$` may also match before a final newline.
+fn matches(expect: &Expect, text: &str) -> Result<bool, String> {
+    match expect {
+        Expect::Text(t) => Ok(text.contains(t.as_str())),
+        Expect::Regex(r) => {
+            let re = Regex::new(&format!("(?s){r}")).map_err(|e| format!("regex {r}: {e}"))?;
+            Ok(re.is_match(text) || text.strip_suffix('\n').is_some_and(|t| re.is_match(t)))
+        }
+    }
+}
+
+/// Why a check did not pass: a real failure, or an expectation the harness cannot evaluate.
+enum CheckError {
+    Fail(String),
+    NotApplicable(String),
+}
+
+impl From<String> for CheckError {
+    fn from(message: String) -> Self {
+        CheckError::Fail(message)
+    }
+}
+
+/// Evaluates a section, turning what the harness cannot evaluate into "not applicable".
+fn evaluate(section: &Section) -> Result<Vec<Expect>, CheckError> {
+    section_values(section).map_err(CheckError::NotApplicable)
+}
+
+/// Checks an answer (and the logs of its route) the way Test::Nginx does.
+fn check(case: &Case, answer: &Answer, logs: &[String]) -> Result<(), CheckError> {
+    let block = &case.block;
+    if block.get("ignore_response").is_none() {
+        check_response(case, answer)?;
+    }
+    check_logs(block, logs)
+}
+
+fn check_response(case: &Case, answer: &Answer) -> Result<(), CheckError> {
+    let block = &case.block;
+    let expected_status: u16 = match block.get("error_code") {
+        None => 200,
+        Some(s) => {
+            s.value.trim().parse().map_err(|_| CheckError::NotApplicable(format!("error_code {:?}", s.value.trim())))?
+        }
+    };
+    if answer.status.as_u16() != expected_status {
+        return Err(format!(
+            "status {} (wanted {expected_status}), body {:?}",
+            answer.status.as_u16(),
+            String::from_utf8_lossy(&answer.body)
+        )
+        .into());
+    }
+    let body = String::from_utf8_lossy(&answer.body).into_owned();
+    if let Some(section) = block.get("response_body") {
+        let want = evaluate(section)?;
+        if let Some(Expect::Text(want)) = want.first()
+            && *want != body
+        {
+            return Err(format!("body {body:?}, wanted {want:?}").into());
+        }
+        if let Some(Expect::Regex(r)) = want.first()
+            && !matches(&Expect::Regex(r.clone()), &body)?
+        {
+            return Err(format!("body {body:?} does not match {r}").into());
+        }
+    }
+    if let Some(section) = block.get("response_body_like") {
+        let pattern = match evaluate(section)?.into_iter().next() {
+            Some(Expect::Text(t)) => t.trim_end_matches('\n').to_owned(),
+            Some(Expect::Regex(r)) => r,
+            None => String::new(),
+        };
+        if !matches(&Expect::Regex(pattern.clone()), &body)? {
+            return Err(format!("body {body:?} does not match {pattern}").into());
+        }
+    }
+    if let Some(section) = block.get("response_headers") {
+        check_headers(&answer.headers, &section.value, false)?;
+    }
+    if let Some(section) = block.get("response_headers_like") {
+        check_headers(&answer.headers, &section.value, true)?;
+    }
+    Ok(())
+}
+
+/// Error-log expectations. `[error]`, `[warn]` and friends refer to nginx's levels; our lines
+/// are rendered as `[level] message fields` for matching.
+fn check_logs(block: &Block, logs: &[String]) -> Result<(), CheckError> {
+    let joined = logs.join("\n");
+    if let Some(section) = block.get("error_log") {
+        for expect in evaluate(section)?.iter().flat_map(split_lines) {
+            if !matches(&expect, &joined)? {
+                return Err(format!("error log lacks {expect:?}").into());
+            }
+        }
+    }
+    if let Some(section) = block.get("no_error_log") {
+        for expect in evaluate(section)?.iter().flat_map(split_lines) {
+            let found = matches(&expect, &joined)?;
+            if found {
+                return Err(format!("error log has {expect:?}").into());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn split_lines(expect: &Expect) -> Vec<Expect> {
+    match expect {
+        Expect::Text(t) => t.lines().filter(|l| !l.trim().is_empty()).map(|l| Expect::Text(l.to_owned())).collect(),
+        Expect::Regex(r) => vec![Expect::Regex(r.clone())],
+    }
+}
+
+fn check_headers(headers: &HeaderMap, spec: &str, like: bool) -> Result<(), String> {
+    for line in spec.lines().filter(|l| !l.trim().is_empty()) {
+        if let Some(name) = line.strip_prefix('!') {
+            if headers.contains_key(name.trim()) {
+                return Err(format!("header {} present", name.trim()));
+            }
+            continue;
+        }
+        let (name, want) = line.split_once(':').ok_or(format!("header line {line:?}"))?;
+        let (name, want) = (name.trim(), want.trim());
+        let got: Vec<&str> = headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
+        let got = got.join(", ");
+        let ok = if like {
+            matches(&Expect::Regex(format!("^(?:{want})$")), &got)?
+        } else if want.is_empty() {
+            got.is_empty()
+        } else {
+            got == want
+        };
+        if !ok {
+            return Err(format!("header {name}: {got:?}, wanted {want:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// Log lines of one LuaRoute (ngx.log lines and handler failures carry the route), rendered
+/// as `[level] message key=value...` like nginx's error log.
+fn route_logs(tidegate: &Tidegate, route_prefix: &str) -> Vec<String> {
+    tidegate
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains(route_prefix))
+        .map(|line| {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { return line };
+            let level = v["level"].as_str().unwrap_or("").to_ascii_lowercase();
+            let fields = v["fields"].as_object().cloned().unwrap_or_default();
+            let message = fields.get("message").and_then(|m| m.as_str()).unwrap_or("").to_owned();
+            let rest: Vec<String> = fields
+                .iter()
+                .filter(|(k, _)| *k != "message")
+                .map(|(k, v)| format!("{k}={}", v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
+                .collect();
+            // nginx: `[error] 123#0: *1 [lua] message`.
+            let lua = if v["target"] == "lua" { "[lua] " } else { "" };
+            format!("[{level}] 1#0: *1 {lua}{message} {}", rest.join(" "))
+        })
+        .collect()
+}
+
+struct FileReport {
+    name: String,
+    verdicts: Vec<(usize, String, Verdict)>,
+}
+
+async fn run_file(path: &Path) -> FileReport {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let tag: String = name.chars().filter(char::is_ascii_alphanumeric).collect::<String>().to_ascii_lowercase();
+    let mut verdicts = Vec::new();
+    let mut cases = Vec::new();
+    for block in parse_file(&text) {
+        match prepare(&block, &tag) {
+            Ok(case) => cases.push(case),
+            Err(why) => verdicts.push((block.number, block.title.clone(), Verdict::NotApplicable(why))),
+        }
+    }
+    if cases.is_empty() {
+        return FileReport { name, verdicts };
+    }
+    let dir = manifest_dir();
+    let mut manifests = String::new();
+    for case in &cases {
+        manifests.push_str(&manifest(case, &format!("b{}", case.block.number)));
+    }
+    write_manifest(dir.path(), "blocks.yaml", &manifests);
+    let dir_path = dir.path().to_owned();
+    let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&dir_path, &[])).await.expect("start");
+    for case in cases {
+        let route_prefix = format!("openresty/b{}/", case.block.number);
+        let verdict = match request_of(&case) {
+            Err(why) => Verdict::NotApplicable(why),
+            Ok(request) => {
+                let answer = match support::H1::connect(tidegate.http).await {
+                    Ok(mut conn) => tokio::time::timeout(Duration::from_secs(10), conn.send(request))
+                        .await
+                        .unwrap_or_else(|_| Err("timed out".into())),
+                    Err(e) => Err(e),
+                };
+                match answer {
+                    Err(e) if case.block.get("abort").is_some() || case.block.get("ignore_response").is_some() => {
+                        let _ = e;
+                        Verdict::Pass
+                    }
+                    Err(e) => Verdict::Fail(format!("request failed: {e}")),
+                    Ok(answer) => {
+                        // Let the log phase and log lines land.
+                        let settle = Instant::now();
+                        let wants_log = case.block.get("error_log").is_some();
+                        let mut result = check(&case, &answer, &route_logs(&tidegate, &route_prefix));
+                        while result.is_err() && wants_log && settle.elapsed() < Duration::from_millis(300) {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            result = check(&case, &answer, &route_logs(&tidegate, &route_prefix));
+                        }
+                        if result.is_ok() && case.block.get("no_error_log").is_some() {
+                            tokio::time::sleep(Duration::from_millis(30)).await;
+                            result = check(&case, &answer, &route_logs(&tidegate, &route_prefix));
+                        }
+                        match result {
+                            Ok(()) => Verdict::Pass,
+                            Err(CheckError::Fail(e)) => Verdict::Fail(e),
+                            Err(CheckError::NotApplicable(why)) => Verdict::NotApplicable(why),
+                        }
+                    }
+                }
+            }
+        };
+        verdicts.push((case.block.number, case.block.title.clone(), verdict));
+    }
+    verdicts.sort_by_key(|v| v.0);
+    FileReport { name, verdicts }
+}
+
+fn shared_suite() -> Option<Vec<PathBuf>> {
+    let shared = std::env::var_os("TIDEGATE_SHARED_DIR")
+        .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"), PathBuf::from);
+    let dir = shared.join("conformance/lua-nginx-module");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "t"))
+        .collect();
+    files.sort();
+    Some(files)
+}
+
+fn main() {
+    let args: Vec<PathBuf> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).map(PathBuf::from).collect();
+    let verbose = std::env::args().any(|a| a == "--verbose");
+    let explicit = !args.is_empty();
+    let files = if explicit {
+        args
+    } else if let Some(files) = shared_suite() {
+        files
+    } else {
+        assert!(std::env::var_os("CI").is_none(), "CI must have the OpenResty test files (set TIDEGATE_SHARED_DIR)");
+        println!(
+            "skipping OpenResty conformance: ../shared/conformance/lua-nginx-module not found (set TIDEGATE_SHARED_DIR)"
+        );
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let mut out = std::io::stdout();
+    let (mut passed, mut failed, mut not_applicable) = (0, 0, 0);
+    for file in &files {
+        let report = runtime.block_on(run_file(file));
+        let count = |f: fn(&Verdict) -> bool| report.verdicts.iter().filter(|(_, _, v)| f(v)).count();
+        let (p, f, na) = (
+            count(|v| matches!(v, Verdict::Pass)),
+            count(|v| matches!(v, Verdict::Fail(_))),
+            count(|v| matches!(v, Verdict::NotApplicable(_))),
+        );
+        let _ = writeln!(out, "{}: {p} passed, {f} failed, {na} not applicable", report.name);
+        let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
+        for (number, title, verdict) in &report.verdicts {
+            match verdict {
+                Verdict::Fail(why) => {
+                    let _ =
+                        writeln!(out, "  FAIL TEST {number}: {title}: {}", why.chars().take(240).collect::<String>());
+                }
+                Verdict::NotApplicable(why) => {
+                    *reasons.entry(why.as_str()).or_default() += 1;
+                    if verbose {
+                        let _ = writeln!(out, "  n/a TEST {number}: {title}: {why}");
+                    }
+                }
+                Verdict::Pass => {}
+            }
+        }
+        for (why, n) in reasons {
+            let _ = writeln!(out, "  not applicable ({n}): {why}");
+        }
+        passed += p;
+        failed += f;
+        not_applicable += na;
+    }
+    let applicable = passed + failed;
+    #[allow(clippy::cast_precision_loss)]
+    let share = if applicable == 0 { 100.0 } else { passed as f64 * 100.0 / applicable as f64 };
+    let _ = writeln!(
+        out,
+        "OpenResty conformance: {passed} of {applicable} applicable blocks pass ({share:.1}%), {not_applicable} not applicable"
+    );
+    let _ = writeln!(out, "openresty: {passed} passed, {failed} failed");
+    if !explicit && share < 80.0 {
+        let _ = writeln!(out, "below the 80% bar");
+        std::process::exit(1);
+    }
+}
