@@ -108,7 +108,8 @@ struct StandaloneArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // Held until exit: dropping it flushes the log lines still queued.
+    let _log_writer = init_logging(cli.log_format);
     match cli.command {
         Command::Standalone(args) => {
             let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
@@ -237,13 +238,18 @@ fn validate(files: &[PathBuf], options: Options) -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs go to stderr through a writer thread: a worker that logs (`ngx.log`, a failing handler)
+/// never blocks on a slow terminal or pipe. When the queue is full, lines are dropped rather
+/// than stalling traffic.
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    guard
 }

@@ -37,3 +37,17 @@ fn problems_name_their_file_object_and_field() {
     assert!(!ok);
     assert!(out.contains("unparsable.yaml") && out.contains("not valid YAML"), "{out}");
 }
+
+#[test]
+fn lua_that_does_not_compile_is_reported_with_its_line() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("lua.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {name: api, namespace: shop}\nspec:\n  routes:\n  - name: r\n    match: {path: {type: Prefix, value: /}}\n    lua:\n      content: |\n        ngx.say('ok')\n        if then\n",
+    )
+    .expect("write");
+    let (ok, out) = validate(&[&file]);
+    assert!(!ok);
+    assert!(out.contains("LuaRoute shop/api: field spec.routes[0].lua.content: line 2:"), "{out}");
+}
