@@ -206,6 +206,10 @@ impl State {
         }
         self.reported = current;
         self.publish_status(&translation.statuses, &origins, &scan.errors, &duplicates);
+        // Ready once a configuration is served and its status published, in that order.
+        if self.served.is_some() {
+            self.proxy.set_ready();
+        }
     }
 
     fn publish_status(

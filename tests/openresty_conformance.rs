@@ -528,10 +528,8 @@ fn unsupported_lua(source: &str) -> Option<&'static str> {
         ("ngx.location.capture", "subrequests (ngx.location.capture)"),
         ("ngx.exec", "internal redirects (ngx.exec)"),
         ("ngx.socket", "cosockets"),
-        ("ngx.sleep", "ngx.sleep"),
         ("ngx.timer", "timers"),
         ("ngx.thread", "light threads"),
-        ("ngx.shared", "ngx.shared dictionaries"),
         ("ngx.re.", "ngx.re"),
         ("ngx.req.socket", "cosockets"),
         ("require \"resty.", "resty modules"),
@@ -559,6 +557,24 @@ struct Case {
     block: Block,
     host: String,
     locations: Vec<Location>,
+    /// `lua_shared_dict NAME SIZE` of the block's http_config: (name, bytes).
+    dicts: Vec<(String, u64)>,
+}
+
+/// nginx sizes: `1m`, `512k`, `4096`.
+fn nginx_size(text: &str) -> Option<u64> {
+    let text = text.trim().to_ascii_lowercase();
+    let (digits, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let n: u64 = digits.parse().ok()?;
+    Some(
+        n * match unit {
+            "" => 1,
+            "k" => 1 << 10,
+            "m" => 1 << 20,
+            "g" => 1 << 30,
+            _ => return None,
+        },
+    )
 }
 
 /// Decides whether a block can run, and if so how.
@@ -581,11 +597,22 @@ fn prepare(block: &Block, file_tag: &str) -> Result<Case, String> {
             return Err(format!("--- {section}"));
         }
     }
+    let mut dicts = Vec::new();
     if let Some(http_config) = block.get("http_config") {
-        let text = &http_config.value;
-        if text.contains("lua_shared_dict") {
-            return Err("ngx.shared dictionaries (lua_shared_dict)".into());
+        let mut text = String::new();
+        for line in http_config.value.lines() {
+            let words: Vec<&str> = line.trim().trim_end_matches(';').split_whitespace().collect();
+            match words.as_slice() {
+                ["lua_shared_dict", name, size] => {
+                    dicts.push(((*name).to_owned(), nginx_size(size).ok_or(format!("lua_shared_dict size {size}"))?));
+                }
+                _ => {
+                    text.push_str(line);
+                    text.push('\n');
+                }
+            }
         }
+        let text = &text;
         if text.contains("init_by_lua") || text.contains("init_worker_by_lua") {
             return Err("module-level code (init_by_lua*)".into());
         }
@@ -632,14 +659,22 @@ fn prepare(block: &Block, file_tag: &str) -> Result<Case, String> {
     if let Some(more) = block.get("more_headers").filter(|r| r.modifiers.iter().any(|m| m == "eval")) {
         perl_values(more.value.trim()).map_err(|e| format!("more_headers: {e}"))?;
     }
-    Ok(Case { block: block.clone(), host: format!("b{}.{file_tag}.test", block.number), locations })
+    Ok(Case { block: block.clone(), host: format!("b{}.{file_tag}.test", block.number), locations, dicts })
 }
 
-fn manifest(case: &Case, name: &str) -> String {
+/// One LuaRoute per block, in a namespace of its own so that its dictionaries are its own.
+fn manifest(case: &Case, namespace: &str) -> String {
     let mut out = format!(
-        "---\napiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {{name: {name}, namespace: openresty}}\nspec:\n  hosts: [{}]\n  routes:\n",
+        "---\napiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {{name: t, namespace: {namespace}}}\nspec:\n  hosts: [{}]\n",
         case.host
     );
+    if !case.dicts.is_empty() {
+        out.push_str("  sharedDicts:\n");
+        for (name, size) in &case.dicts {
+            out.push_str(&format!("  - {{name: {name}, size: \"{size}\"}}\n"));
+        }
+    }
+    out.push_str("  routes:\n");
     for (i, location) in case.locations.iter().enumerate() {
         let kind = if location.exact { "Exact" } else { "Prefix" };
         out.push_str(&format!(
@@ -890,7 +925,7 @@ async fn run_file(path: &Path) -> FileReport {
     let dir_path = dir.path().to_owned();
     let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&dir_path, &[])).await.expect("start");
     for case in cases {
-        let route_prefix = format!("openresty/b{}/", case.block.number);
+        let route_prefix = format!("b{}/t/", case.block.number);
         let verdict = match request_of(&case) {
             Err(why) => Verdict::NotApplicable(why),
             Ok(request) => {

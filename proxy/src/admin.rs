@@ -39,7 +39,10 @@ async fn answer(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Respo
         "/readyz" => {
             (StatusCode::SERVICE_UNAVAILABLE, "text/plain", Bytes::from_static(b"no configuration applied yet\n"))
         }
-        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", Bytes::from(shared.metrics.encode())),
+        "/metrics" => {
+            shared.metrics.observe_dicts(&shared.lua.shared_dicts.stats());
+            (StatusCode::OK, "text/plain; version=0.0.4", Bytes::from(shared.metrics.encode()))
+        }
         "/status" => (StatusCode::OK, "application/json", (**shared.status.load()).clone()),
         _ => (StatusCode::NOT_FOUND, "text/plain", Bytes::from_static(b"not found\n")),
     };

@@ -159,6 +159,7 @@ impl Proxy {
                 memory_limit: config.lua_memory_limit,
                 worker_id: 0,
                 worker_count: workers,
+                shared_dicts: tidegate_lua::SharedDicts::new(),
             },
         });
 
@@ -192,8 +193,8 @@ impl Proxy {
         self.addresses
     }
 
-    /// Builds a runtime for the snapshot and swaps it in; the proxy is ready from the first
-    /// success on.
+    /// Builds a runtime for the snapshot and swaps it in. Readiness is the caller's to declare
+    /// ([`Proxy::set_ready`]) once everything that goes with the configuration is published.
     ///
     /// # Errors
     /// When the snapshot does not build; the current runtime keeps serving.
@@ -207,8 +208,11 @@ impl Proxy {
                 return Err(e);
             }
         };
+        // Dictionaries first, so that the new routes find theirs; ones no longer declared go.
+        let dicts: Vec<(String, String, u64)> =
+            snapshot.routing.shared_dicts.iter().map(|d| (d.namespace.clone(), d.name.clone(), d.size)).collect();
+        self.shared.lua.shared_dicts.configure(&dicts);
         self.shared.runtime.store(Arc::new(built.runtime));
-        self.shared.ready.store(true, Ordering::Release);
         let duration = started.elapsed();
         let metrics = &self.shared.metrics;
         metrics.config_apply_duration.observe(duration.as_secs_f64());
@@ -236,6 +240,11 @@ impl Proxy {
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
+    }
+
+    /// `/readyz` answers 200 from now on (until a drain starts).
+    pub fn set_ready(&self) {
+        self.shared.ready.store(true, Ordering::Release);
     }
 
     /// Publishes the per-object statuses served at `/status` (JSON).

@@ -63,6 +63,7 @@ pub(crate) async fn serve(
         https: conn.tls,
         host: host.to_owned(),
         route: target.name.clone(),
+        namespace: chain.namespace.clone(),
         request_id: worker.next_request_id(),
     };
     let lua = match vm.begin(head) {

@@ -17,6 +17,13 @@ pub(crate) struct RequestLabels {
     pub(crate) status: &'static str,
 }
 
+/// Labels of the shared dictionary gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct DictLabels {
+    pub(crate) namespace: String,
+    pub(crate) dict: String,
+}
+
 /// Labels of the Lua failure counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct LuaErrorLabels {
@@ -27,6 +34,9 @@ pub(crate) struct LuaErrorLabels {
 
 #[derive(Debug)]
 pub(crate) struct Metrics {
+    pub(crate) dict_used_bytes: Family<DictLabels, Gauge>,
+    pub(crate) dict_capacity_bytes: Family<DictLabels, Gauge>,
+    pub(crate) dict_evictions: Family<DictLabels, Gauge>,
     pub(crate) lua_errors: Family<LuaErrorLabels, Counter>,
     registry: Registry,
     pub(crate) requests: Family<RequestLabels, Counter>,
@@ -95,7 +105,28 @@ impl Metrics {
             "Lua handler failures, by route, phase and kind (error, timeout, memory)",
             lua_errors.clone(),
         );
+        let dict_used_bytes = Family::<DictLabels, Gauge>::default();
+        registry.register(
+            "shared_dict_used_bytes",
+            "Bytes held by each ngx.shared dictionary",
+            dict_used_bytes.clone(),
+        );
+        let dict_capacity_bytes = Family::<DictLabels, Gauge>::default();
+        registry.register(
+            "shared_dict_capacity_bytes",
+            "Size of each ngx.shared dictionary",
+            dict_capacity_bytes.clone(),
+        );
+        let dict_evictions = Family::<DictLabels, Gauge>::default();
+        registry.register(
+            "shared_dict_evictions",
+            "Live entries each ngx.shared dictionary evicted to make room, since it was declared",
+            dict_evictions.clone(),
+        );
         Metrics {
+            dict_used_bytes,
+            dict_capacity_bytes,
+            dict_evictions,
             lua_errors,
             registry,
             requests,
@@ -107,6 +138,20 @@ impl Metrics {
             config_apply_failures,
             rejected_objects,
             access_log_dropped,
+        }
+    }
+
+    /// Reads the dictionaries' figures into their gauges (at scrape time: the dictionaries keep
+    /// their own counters, so the request path pays nothing for these metrics).
+    pub(crate) fn observe_dicts(&self, stats: &[tidegate_lua::DictStats]) {
+        self.dict_used_bytes.clear();
+        self.dict_capacity_bytes.clear();
+        self.dict_evictions.clear();
+        for s in stats {
+            let labels = DictLabels { namespace: s.namespace.clone(), dict: s.name.clone() };
+            self.dict_used_bytes.get_or_create(&labels).set(i64::try_from(s.used_bytes).unwrap_or(i64::MAX));
+            self.dict_capacity_bytes.get_or_create(&labels).set(i64::try_from(s.capacity_bytes).unwrap_or(i64::MAX));
+            self.dict_evictions.get_or_create(&labels).set(i64::try_from(s.evictions).unwrap_or(i64::MAX));
         }
     }
 

@@ -38,6 +38,8 @@ pub struct Target {
 pub struct LuaChain {
     phases: [Vec<Arc<Script>>; 6],
     pub cpu_budget: Option<Duration>,
+    /// Whose `ngx.shared` dictionaries the handlers reach.
+    pub namespace: String,
 }
 
 impl LuaChain {
@@ -55,8 +57,11 @@ impl LuaChain {
             &handlers.body_filter,
             &handlers.log,
         ];
-        let mut chain =
-            LuaChain { cpu_budget: handlers.cpu_budget_ms.map(Duration::from_millis), ..LuaChain::default() };
+        let mut chain = LuaChain {
+            cpu_budget: handlers.cpu_budget_ms.map(Duration::from_millis),
+            namespace: handlers.namespace.clone(),
+            ..LuaChain::default()
+        };
         for (slot, ids) in chain.phases.iter_mut().zip(lists) {
             for id in ids {
                 slot.push(Arc::clone(

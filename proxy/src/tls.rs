@@ -145,6 +145,7 @@ mod tests {
             default_backend: None,
             certificates: certs,
             scripts: Vec::new(),
+            shared_dicts: Vec::new(),
         }
     }
 

@@ -52,7 +52,7 @@ fn attached_lua(
     status: &mut ObjectStatus,
 ) -> Result<Option<LuaHandlers>, ()> {
     let namespace = namespace_of(&ingress.metadata);
-    let mut handlers = LuaHandlers::default();
+    let mut handlers = LuaHandlers { namespace: namespace.to_owned(), ..LuaHandlers::default() };
     let mut any = false;
     if let Some(name) = &settings.lua_route {
         let field = "metadata.annotations[\"tidegate.dev/lua-route\"]";

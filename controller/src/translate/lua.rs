@@ -129,12 +129,10 @@ pub(super) fn translate(
         spec.hosts.iter().map(|h| host_match(Some(h))).collect()
     };
     let cpu_budget_ms = spec.cpu_budget.as_deref().and_then(|b| luaroute::parse_duration_ms(b).ok());
-    if !spec.shared_dicts.is_empty() {
-        status.warning(
-            Reason::Unsupported,
-            "spec.sharedDicts",
-            "ngx.shared dictionaries are not available yet; declared dictionaries are nil",
-        );
+    for (i, dict) in spec.shared_dicts.iter().enumerate() {
+        if let Ok(size) = luaroute::parse_quantity(&dict.size) {
+            out.offer_shared_dict(namespace, &dict.name, size, status.object.clone(), format!("spec.sharedDicts[{i}]"));
+        }
     }
 
     if let Some(tls) = &spec.tls {
@@ -156,7 +154,7 @@ pub(super) fn translate(
 
     for (r, rule) in spec.routes.iter().enumerate() {
         let field = format!("spec.routes[{r}]");
-        let mut lua = LuaHandlers { cpu_budget_ms, ..LuaHandlers::default() };
+        let mut lua = LuaHandlers { cpu_budget_ms, namespace: namespace.to_owned(), ..LuaHandlers::default() };
         let mut layers = Vec::new();
         if let Some(top) = &spec.lua {
             layers.push((script_name(namespace, name, "spec.lua"), top));

@@ -190,11 +190,30 @@ struct Builder {
     default_backend: Option<RouteAction>,
     conflicts: Vec<(ObjectRef, String, String)>,
     scripts: BTreeMap<String, LuaScript>,
+    /// `ngx.shared` dictionaries by (namespace, name): size and declaring object.
+    shared_dicts: BTreeMap<(String, String), (u64, ObjectRef)>,
     /// LuaRoutes by (namespace, name), as Ingresses may attach them.
     attachable: HashMap<(String, String), lua::Attachable>,
 }
 
 impl Builder {
+    /// The first declaration of a dictionary wins; a later one with another size is reported.
+    fn offer_shared_dict(&mut self, namespace: &str, name: &str, size: u64, owner: ObjectRef, field: String) {
+        let key = (namespace.to_owned(), name.to_owned());
+        match self.shared_dicts.get(&key) {
+            Some((first_size, first)) if *first_size != size && *first != owner => {
+                let message = format!(
+                    "ngx.shared.{name} is already declared by {first} with size {first_size}; that size is used"
+                );
+                self.conflicts.push((owner, field, message));
+            }
+            Some(_) => {}
+            None => {
+                self.shared_dicts.insert(key, (size, owner));
+            }
+        }
+    }
+
     /// Registers a Lua source under its name, returning its id.
     fn script(&mut self, name: &str, source: &str) -> String {
         let mut hasher = DefaultHasher::new();
@@ -296,7 +315,17 @@ impl Builder {
         let scripts = self.scripts.into_values().filter(|s| referenced.contains(&s.id)).collect();
         Snapshot {
             version: 0,
-            routing: Routing { virtual_hosts, default_backend: self.default_backend, certificates, scripts },
+            routing: Routing {
+                virtual_hosts,
+                default_backend: self.default_backend,
+                certificates,
+                scripts,
+                shared_dicts: self
+                    .shared_dicts
+                    .into_iter()
+                    .map(|((namespace, name), (size, _))| tidegate_snapshot::SharedDict { namespace, name, size })
+                    .collect(),
+            },
             endpoints: self.endpoints,
         }
     }

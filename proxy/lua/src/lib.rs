@@ -14,11 +14,13 @@ mod api;
 pub mod clock;
 mod compile;
 mod request;
+mod shdict;
 mod vm;
 
 pub use api::output::join_output;
 pub use compile::{CompileError, Script, check, compile};
 pub use request::{Phase, RequestHead, RequestState};
+pub use shdict::{DictStats, SharedDicts};
 pub use vm::{BodyReader, FailureKind, LuaConfig, LuaRequest, Outcome, Vm};
 
 #[cfg(test)]

@@ -59,6 +59,8 @@ pub struct RequestHead {
     pub host: String,
     /// Route name, for logs.
     pub route: String,
+    /// Namespace of the object the handlers come from: the `ngx.shared` dictionaries they see.
+    pub namespace: String,
     /// Request id, for logs (`ngx.var.request_id`).
     pub request_id: String,
 }

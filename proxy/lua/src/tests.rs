@@ -9,7 +9,7 @@ use http::{HeaderMap, Method, Version};
 use crate::{FailureKind, LuaConfig, LuaRequest, Outcome, Phase, RequestHead, Script, Vm, compile};
 
 fn vm_with(budget: Duration, memory: usize) -> Vm {
-    Vm::new(LuaConfig { cpu_budget: budget, memory_limit: memory, worker_id: 0, worker_count: 1 }).expect("vm")
+    Vm::new(LuaConfig { cpu_budget: budget, memory_limit: memory, ..LuaConfig::default() }).expect("vm")
 }
 
 fn vm() -> Vm {
@@ -31,6 +31,7 @@ fn head(uri: &str) -> RequestHead {
         https: false,
         host: "example.com".into(),
         route: "test".into(),
+        namespace: "ns".into(),
         request_id: "r1".into(),
     }
 }
@@ -361,4 +362,99 @@ fn sorting_millions_of_items_is_stopped_within_the_budget() {
         "local t = {} for i = 1, 3e6 do t[i] = (i * 7919) % 3e6 end table.sort(t, function(a, b) return a > b end)",
         budget,
     );
+}
+
+fn vm_with_dicts(dicts: &std::sync::Arc<crate::SharedDicts>) -> Vm {
+    Vm::new(LuaConfig { shared_dicts: std::sync::Arc::clone(dicts), ..LuaConfig::default() }).expect("vm")
+}
+
+#[test]
+fn shared_dicts_follow_openresty() {
+    let dicts = crate::SharedDicts::new();
+    dicts.configure(&[("ns".into(), "dogs".into(), 1 << 20)]);
+    let vm = vm_with_dicts(&dicts);
+    let out = say(
+        &vm,
+        r#"
+        local dogs = ngx.shared.dogs
+        ngx.say(dogs:set("foo", 32, 0, 199), " ", dogs:set("bar", "x"))
+        local v, flags = dogs:get("foo") ngx.say(v, " ", flags)
+        local v, flags = dogs:get("bar") ngx.say(v, " ", tostring(flags))
+        ngx.say(dogs:add("foo", 1))
+        ngx.say(dogs:replace("nope", 1))
+        ngx.say(dogs:incr("foo", 10), " ", dogs:incr("n", 1, 0), " ", dogs:incr("n", 1, 0))
+        ngx.say(dogs:incr("missing", 1))
+        ngx.say(dogs:incr("bar", 1))
+        ngx.say(dogs:lpush("l", "a"), dogs:rpush("l", 2), dogs:llen("l"), dogs:lpop("l"), dogs:rpop("l"), dogs:llen("l"))
+        ngx.say(dogs:lpush("foo", 1))
+        ngx.say(dogs:set("t", {}))
+        dogs:set("gone", 1, 0.001)
+        ngx.say(tostring(ngx.shared.cats), " ", dogs:capacity())
+        "#,
+    );
+    assert_eq!(
+        out,
+        "true truenilfalse\n32 199\nx nil\nfalseexistsfalse\nfalsenot foundfalse\n42 1 2nilfalse\nnilnot found\nnilnot a number\n122a20\nnilvalue not a list\nfalsebad value typefalse\nnil 1048576\n"
+    );
+}
+
+#[test]
+fn a_full_dict_evicts_least_recently_used_entries() {
+    let dicts = crate::SharedDicts::new();
+    dicts.configure(&[("ns".into(), "small".into(), 4096)]);
+    let vm = vm_with_dicts(&dicts);
+    let out = say(
+        &vm,
+        r#"
+        local d = ngx.shared.small
+        local forced
+        for i = 1, 100 do
+            local ok, err, forcible = d:set("k" .. i, string.rep("v", 100))
+            if forcible then forced = forced or i end
+        end
+        ngx.say(forced ~= nil, " ", tostring(d:get("k1")), " ", d:get("k100") ~= nil)
+        ngx.say(d:safe_set("big", string.rep("x", 10000)))
+        "#,
+    );
+    assert_eq!(out, "true nil true\nfalseno memoryfalse\n");
+    let stats = dicts.stats();
+    assert!(stats[0].evictions > 0 && stats[0].used_bytes <= 4096, "{stats:?}");
+}
+
+#[test]
+fn dicts_are_scoped_to_their_namespace_and_shared_across_vms() {
+    let dicts = crate::SharedDicts::new();
+    dicts.configure(&[("ns".into(), "hits".into(), 1 << 20)]);
+    let (a, b) = (vm_with_dicts(&dicts), vm_with_dicts(&dicts));
+    say(&a, "ngx.shared.hits:incr('n', 1, 0)");
+    assert_eq!(say(&b, "ngx.say((ngx.shared.hits:incr('n', 1, 0)))"), "2\n", "one store for all workers");
+    let request = b.begin(RequestHead { namespace: "other".into(), ..head("/") }).expect("request");
+    block_on(b.run(&request, Phase::Content, &[script("ngx.say(tostring(ngx.shared.hits))")]));
+    assert_eq!(output(&request), "nil\n", "another namespace does not see the dict");
+}
+
+#[test]
+fn sleeping_requests_interleave_on_one_worker() {
+    let vm = Rc::new(vm());
+    let started = Instant::now();
+    let outputs = block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..100 {
+            let vm = Rc::clone(&vm);
+            tasks.push(tokio::task::spawn_local(async move {
+                let request = vm.begin(head("/")).expect("request");
+                let outcome = vm.run(&request, Phase::Access, &[script(&format!("ngx.sleep(0.1) ngx.say({i})"))]).await;
+                (outcome, output(&request))
+            }));
+        }
+        let mut outputs = Vec::new();
+        for task in tasks {
+            outputs.push(task.await.expect("task"));
+        }
+        outputs
+    });
+    assert!(started.elapsed() < Duration::from_millis(600), "100 sleeps of 0.1 s overlapped: {:?}", started.elapsed());
+    for (i, (outcome, out)) in outputs.into_iter().enumerate() {
+        assert_eq!((outcome, out), (Outcome::Continue, format!("{i}\n")));
+    }
 }

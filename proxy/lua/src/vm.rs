@@ -46,11 +46,19 @@ pub struct LuaConfig {
     pub memory_limit: usize,
     pub worker_id: usize,
     pub worker_count: usize,
+    /// The proxy's `ngx.shared` dictionaries, shared by all workers.
+    pub shared_dicts: Arc<crate::shdict::SharedDicts>,
 }
 
 impl Default for LuaConfig {
     fn default() -> Self {
-        LuaConfig { cpu_budget: Duration::from_millis(100), memory_limit: 128 << 20, worker_id: 0, worker_count: 1 }
+        LuaConfig {
+            cpu_budget: Duration::from_millis(100),
+            memory_limit: 128 << 20,
+            worker_id: 0,
+            worker_count: 1,
+            shared_dicts: crate::shdict::SharedDicts::new(),
+        }
     }
 }
 

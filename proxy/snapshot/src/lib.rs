@@ -51,6 +51,19 @@ pub struct Routing {
     /// proxy, whatever number of routes use it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub scripts: Vec<LuaScript>,
+    /// `ngx.shared` dictionaries, sorted by namespace and name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared_dicts: Vec<SharedDict>,
+}
+
+/// A dictionary Lua of one namespace can reach as `ngx.shared.NAME`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SharedDict {
+    pub namespace: String,
+    pub name: String,
+    /// Capacity in bytes.
+    pub size: u64,
 }
 
 /// A host pattern with its routes.
@@ -171,6 +184,9 @@ pub struct LuaHandlers {
     /// Lua time allowed per request, overriding the proxy's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_budget_ms: Option<u64>,
+    /// Namespace the handlers belong to: the `ngx.shared` dictionaries they can reach.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
 }
 
 /// Lua source of one handler.
@@ -281,6 +297,7 @@ mod tests {
                     name: "LuaRoute shop/api spec.lua.access".into(),
                     source: "ngx.exit(403)".into(),
                 }],
+                shared_dicts: vec![SharedDict { namespace: "shop".into(), name: "cache".into(), size: 10 << 20 }],
             },
             endpoints: BTreeMap::from([(backend, vec![Endpoint { address: "::1".into(), port: 8080 }])]),
         };

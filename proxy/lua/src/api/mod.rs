@@ -281,6 +281,70 @@ fn constants(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
 }
 
 fn install_misc(lua: &Lua, ngx: &Table, config: &LuaConfig) -> mlua::Result<()> {
+    // ngx.shared.NAME: the dictionaries of the running request's namespace only. As in
+    // OpenResty the object is a table holding its zone; its methods check that they are called
+    // on it (`dict:get(k)`, not `dict.get(k)`).
+    const DICT_METHODS: &str = r#"
+        local names = {"get", "get_stale", "set", "safe_set", "add", "safe_add", "replace", "delete",
+            "incr", "lpush", "rpush", "lpop", "rpop", "llen", "flush_all", "flush_expired", "get_keys",
+            "ttl", "expire", "capacity", "free_space"}
+        local methods = {}
+        for _, name in ipairs(names) do
+            methods[name] = function(self, ...)
+                local zone = type(self) == "table" and rawget(self, "__zone")
+                if not zone then error('bad "zone" argument', 2) end
+                return zone[name](zone, ...)
+            end
+        end
+        return { __index = methods, __metatable = false }
+    "#;
+    let dict_meta: Table = lua.load(DICT_METHODS).set_name("=ngx.shared").call(())?;
+    let shared = lua.create_table()?;
+    let shared_meta = lua.create_table()?;
+    let dicts = std::sync::Arc::clone(&config.shared_dicts);
+    shared_meta.raw_set(
+        "__index",
+        lua.create_function(move |lua, (_, name): (Value, String)| {
+            let request = current("ngx.shared")?;
+            match dicts.get(&request.state.head.namespace, &name) {
+                Some(dict) => {
+                    let object = lua.create_table()?;
+                    object.raw_set("__zone", lua.create_userdata(crate::shdict::DictHandle(dict))?)?;
+                    object.set_metatable(Some(dict_meta.clone()))?;
+                    Ok(Value::Table(object))
+                }
+                None => Ok(Value::Nil),
+            }
+        })?,
+    )?;
+    shared.set_metatable(Some(shared_meta))?;
+    ngx.raw_set("shared", shared)?;
+
+    // ngx.sleep: the coroutine waits on the worker's timer; the worker serves others meanwhile.
+    ngx.raw_set(
+        "sleep",
+        lua.create_async_function(|_, seconds: f64| {
+            let allowed = current("ngx.sleep")
+                .and_then(|r| require_phase(&r, "ngx.sleep", &[Phase::Rewrite, Phase::Access, Phase::Content]))
+                .and_then(|()| {
+                    if seconds.is_finite() && seconds >= 0.0 {
+                        Ok(seconds)
+                    } else {
+                        Err(mlua::Error::runtime("bad argument #1 to 'sleep'"))
+                    }
+                });
+            async move {
+                let seconds = allowed?;
+                if seconds == 0.0 {
+                    tokio::task::yield_now().await;
+                } else {
+                    tokio::time::sleep(std::time::Duration::from_secs_f64(seconds)).await;
+                }
+                Ok(())
+            }
+        })?,
+    )?;
+
     ngx.raw_set(
         "log",
         lua.create_function(|lua, (level, args): (i64, Variadic<Value>)| {
