@@ -230,3 +230,41 @@ async fn lua_that_does_not_compile_is_reported_and_the_rest_serves() {
         lines[0]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_dict_counts_exactly_across_workers_and_stays_in_its_namespace() {
+    let counter = "---\napiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {name: counter, namespace: t}\nspec:\n  hosts: [count.test]\n  sharedDicts: [{name: hits, size: 1Mi}, {name: tiny, size: 8Ki}]\n  routes:\n  - name: incr\n    match: {path: {type: Exact, value: /incr}}\n    lua: {content: \"ngx.say((ngx.shared.hits:incr('n', 1, 0)))\"}\n  - name: read\n    match: {path: {type: Exact, value: /read}}\n    lua: {content: \"ngx.say(ngx.shared.hits:get('n'))\"}\n  - name: fill\n    match: {path: {type: Exact, value: /fill}}\n    lua: {content: \"for i = 1, 200 do ngx.shared.tiny:set('k' .. i, string.rep('v', 100)) end ngx.say(tostring(ngx.shared.tiny:get('k1')))\"}\n";
+    let stranger = "---\napiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {name: stranger, namespace: other}\nspec:\n  hosts: [other.test]\n  routes:\n  - name: peek\n    match: {path: {type: Prefix, value: /}}\n    lua: {content: \"ngx.say(tostring(ngx.shared.hits))\"}\n";
+    let (tidegate, _dir) = start(&format!("{counter}{stranger}")).await;
+    let http = tidegate.http;
+    // Two clients, 1,000 requests each, on keep-alive connections the kernel spreads over both workers.
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        clients.push(tokio::spawn(async move {
+            let mut conn = support::H1::connect(http).await.expect("connect");
+            for _ in 0..1000 {
+                let answer = conn.get("count.test", "/incr").await.expect("answer");
+                assert_eq!(answer.status, StatusCode::OK);
+            }
+        }));
+    }
+    for client in clients {
+        client.await.expect("client");
+    }
+    let total = get(http, "count.test", "/read").await.expect("answer");
+    assert_eq!(String::from_utf8_lossy(&total.body), "2000\n", "one store shared by all workers");
+    let peek = get(http, "other.test", "/").await.expect("answer");
+    assert_eq!(String::from_utf8_lossy(&peek.body), "nil\n", "another namespace does not see the dict");
+    let filled = get(http, "count.test", "/fill").await.expect("answer");
+    assert_eq!(String::from_utf8_lossy(&filled.body), "nil\n", "the oldest entries were evicted");
+    let metrics = support::admin_get(tidegate.admin, "/metrics").expect("metrics");
+    let evictions = metrics
+        .lines()
+        .find(|l| l.starts_with("tidegate_shared_dict_evictions{") && l.contains("dict=\"tiny\""))
+        .expect("evictions metric");
+    assert!(!evictions.ends_with(" 0"), "{evictions}");
+    assert!(
+        metrics.contains("tidegate_shared_dict_capacity_bytes{namespace=\"t\",dict=\"hits\"} 1048576"),
+        "{metrics}"
+    );
+}

@@ -530,7 +530,6 @@ fn unsupported_lua(source: &str) -> Option<&'static str> {
         ("ngx.socket", "cosockets"),
         ("ngx.timer", "timers"),
         ("ngx.thread", "light threads"),
-        ("ngx.re.", "ngx.re"),
         ("ngx.req.socket", "cosockets"),
         ("require \"resty.", "resty modules"),
         ("require(\"resty.", "resty modules"),

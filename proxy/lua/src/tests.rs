@@ -458,3 +458,36 @@ fn sleeping_requests_interleave_on_one_worker() {
         assert_eq!((outcome, out), (Outcome::Continue, format!("{i}\n")));
     }
 }
+
+#[test]
+fn ngx_re_follows_openresty() {
+    let vm = vm();
+    let out = say(
+        &vm,
+        r#"
+        local m = ngx.re.match("hello, 1234 world", "([0-9])([0-9]+)")
+        ngx.say(m[0], " ", m[1], " ", m[2])
+        local m = ngx.re.match("hello", "(?<greeting>hel)(x)?", "i")
+        ngx.say(m.greeting, " ", tostring(m[2]))
+        ngx.say(tostring(ngx.re.match("hello", "HELLO")), " ", ngx.re.match("hello", "HELLO", "i")[0])
+        local ctx = { pos = 2 }
+        ngx.say(ngx.re.match("1a2b3", "[0-9]", "", ctx)[0], " ", ctx.pos)
+        ngx.say(ngx.re.find("hello, 1234", "[0-9]+"))
+        local parts = {}
+        for m in ngx.re.gmatch("a1b22c333", "[0-9]+") do parts[#parts + 1] = m[0] end
+        ngx.say(table.concat(parts, ","))
+        ngx.say(ngx.re.sub("hello, world", "o", "0"))
+        ngx.say(ngx.re.gsub("hello, world", "([a-z])(o)", "$2$1"))
+        ngx.say(ngx.re.gsub("a1b2", "[0-9]", function(m) return "<" .. m[0] .. ">" end))
+        ngx.say(ngx.re.gsub("abc", "", "-"))
+        ngx.say(table.concat(ngx.re.split("a, b,c", ",\\s*"), "|"))
+        local m, err = ngx.re.match("x", "(?=x)")
+        ngx.say(tostring(m), " ", err ~= nil)
+        ngx.say(tostring(ngx.re.match("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa!", "(a+)+$")))
+        "#,
+    );
+    assert_eq!(
+        out,
+        "1234 1 234\nhel false\nnil hello\n2 4\n811\n1,22,333\nhell0, world1\nhelol, owrld2\na<1>b<2>2\n-a-b-c-4\na|b|c\nnil true\nnil\n"
+    );
+}

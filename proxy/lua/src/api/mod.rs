@@ -6,6 +6,7 @@ mod bit;
 mod codec;
 mod json;
 pub(crate) mod output;
+mod re;
 mod req;
 mod time;
 mod var;
@@ -139,6 +140,7 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
     req::install(lua, &ngx)?;
     time::install(lua, &ngx)?;
     codec::install(lua, &ngx)?;
+    re::install(lua, &ngx)?;
     install_misc(lua, &ngx, config)?;
 
     let print = lua.create_function(|_, args: Variadic<Value>| {
