@@ -41,6 +41,7 @@ async fn answer(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Respo
         }
         "/metrics" => {
             shared.metrics.observe_dicts(&shared.lua.shared_dicts.stats());
+            shared.metrics.observe_lua_memory(&shared.lua_memory);
             (StatusCode::OK, "text/plain; version=0.0.4", Bytes::from(shared.metrics.encode()))
         }
         "/status" => (StatusCode::OK, "application/json", (**shared.status.load()).clone()),

@@ -49,6 +49,13 @@ impl Worker {
         format!("{:08x}{:08x}{:016x}", std::process::id(), self.id, n)
     }
 
+    /// Publishes how much memory this worker's Lua VM holds (read by `/metrics`).
+    pub(crate) fn note_lua_memory(&self) {
+        if let Some(slot) = self.shared.lua_memory.get(self.id) {
+            slot.store(u64::try_from(self.vm.used_memory()).unwrap_or(u64::MAX), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// Drops loaded scripts that the current runtime no longer uses.
     fn trim_scripts(&self, runtime: &Runtime) {
         if self.scripts_version.replace(runtime.version) != runtime.version {

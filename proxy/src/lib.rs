@@ -81,6 +81,8 @@ pub(crate) struct Shared {
     pub(crate) open_connections: AtomicUsize,
     /// Limits of the workers' Lua VMs.
     pub(crate) lua: tidegate_lua::LuaConfig,
+    /// Bytes each worker's Lua VM holds, as last seen by that worker.
+    pub(crate) lua_memory: Vec<std::sync::atomic::AtomicU64>,
 }
 
 /// The addresses the proxy actually listens on (ports chosen when 0 was asked for).
@@ -161,6 +163,7 @@ impl Proxy {
                 worker_count: workers,
                 shared_dicts: tidegate_lua::SharedDicts::new(),
             },
+            lua_memory: (0..workers).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
         });
 
         let admin_shared = Arc::clone(&shared);

@@ -73,6 +73,7 @@ pub(crate) async fn serve(
     if let Some(budget) = chain.cpu_budget {
         lua.set_cpu_budget(budget);
     }
+    worker.note_lua_memory();
     let unread: Rc<RefCell<Option<Incoming>>> = Rc::new(RefCell::new(Some(body)));
     *lua.body_reader.borrow_mut() = Some(body_reader(Rc::clone(&unread)));
 
@@ -193,15 +194,16 @@ fn filtered(
         };
         *response.body_mut() = ResponseBody::new(filter);
     }
-    if !chain.phase(Phase::Log).is_empty() {
-        let (worker, lua, chain, route) = (Rc::clone(worker), Rc::clone(lua), Arc::clone(chain), target.name.clone());
-        outcome.after = Some(Box::new(move |bytes_sent| {
-            lua.state.bytes_sent.set(bytes_sent);
-            if let LuaOutcome::Failed { kind, message } = worker.vm.run_now(&lua, Phase::Log, chain.phase(Phase::Log)) {
-                report(&worker, &route, Phase::Log, kind, &message, Some(&lua));
-            }
-        }));
-    }
+    let (worker, lua, chain, route) = (Rc::clone(worker), Rc::clone(lua), Arc::clone(chain), target.name.clone());
+    outcome.after = Some(Box::new(move |bytes_sent| {
+        lua.state.bytes_sent.set(bytes_sent);
+        if !chain.phase(Phase::Log).is_empty()
+            && let LuaOutcome::Failed { kind, message } = worker.vm.run_now(&lua, Phase::Log, chain.phase(Phase::Log))
+        {
+            report(&worker, &route, Phase::Log, kind, &message, Some(&lua));
+        }
+        worker.note_lua_memory();
+    }));
     response
 }
 

@@ -24,6 +24,12 @@ pub(crate) struct DictLabels {
     pub(crate) dict: String,
 }
 
+/// Labels of per-worker gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct WorkerLabels {
+    pub(crate) worker: String,
+}
+
 /// Labels of the Lua failure counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct LuaErrorLabels {
@@ -34,6 +40,7 @@ pub(crate) struct LuaErrorLabels {
 
 #[derive(Debug)]
 pub(crate) struct Metrics {
+    pub(crate) lua_memory: Family<WorkerLabels, Gauge>,
     pub(crate) dict_used_bytes: Family<DictLabels, Gauge>,
     pub(crate) dict_capacity_bytes: Family<DictLabels, Gauge>,
     pub(crate) dict_evictions: Family<DictLabels, Gauge>,
@@ -123,7 +130,10 @@ impl Metrics {
             "Live entries each ngx.shared dictionary evicted to make room, since it was declared",
             dict_evictions.clone(),
         );
+        let lua_memory = Family::<WorkerLabels, Gauge>::default();
+        registry.register("lua_memory_bytes", "Bytes held by each worker's Lua VM", lua_memory.clone());
         Metrics {
+            lua_memory,
             dict_used_bytes,
             dict_capacity_bytes,
             dict_evictions,
@@ -152,6 +162,14 @@ impl Metrics {
             self.dict_used_bytes.get_or_create(&labels).set(i64::try_from(s.used_bytes).unwrap_or(i64::MAX));
             self.dict_capacity_bytes.get_or_create(&labels).set(i64::try_from(s.capacity_bytes).unwrap_or(i64::MAX));
             self.dict_evictions.get_or_create(&labels).set(i64::try_from(s.evictions).unwrap_or(i64::MAX));
+        }
+    }
+
+    pub(crate) fn observe_lua_memory(&self, per_worker: &[std::sync::atomic::AtomicU64]) {
+        for (worker, bytes) in per_worker.iter().enumerate() {
+            let labels = WorkerLabels { worker: worker.to_string() };
+            let bytes = bytes.load(std::sync::atomic::Ordering::Relaxed);
+            self.lua_memory.get_or_create(&labels).set(i64::try_from(bytes).unwrap_or(i64::MAX));
         }
     }
 

@@ -1,0 +1,96 @@
+//! Load client for `bench/sleep_concurrency.sh`: opens N connections to the proxy, then sends
+//! one request on each at once to a route whose access handler sleeps, and reports how long
+//! until every response is in, how many were 200, and the proxy's memory at the peak.
+//!
+//! Usage: sleep_concurrency ADDR HOST N PROXY_PID ADMIN_ADDR   (loopback only)
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn rss_kib(pid: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn lua_memory(admin: &str) -> u64 {
+    let Ok(mut s) = std::net::TcpStream::connect(admin) else { return 0 };
+    let _ = std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.0\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.lines()
+        .filter(|l| l.starts_with("tidegate_lua_memory_bytes{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+async fn exchange(mut stream: TcpStream, request: &'static [u8]) -> Option<u16> {
+    stream.write_all(request).await.ok()?;
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 512];
+    loop {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        // The Lua answer is chunked: it ends with the last-chunk marker.
+        if buf.ends_with(b"0\r\n\r\n")
+            || buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(8).any(|w| w.eq_ignore_ascii_case(b"chunked\r"))
+        {
+            break;
+        }
+    }
+    let line = std::str::from_utf8(&buf[..buf.iter().position(|b| *b == b'\r')?]).ok()?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, addr, host, n, pid, admin] = args.as_slice() else {
+        eprintln!("usage: sleep_concurrency ADDR HOST N PROXY_PID ADMIN_ADDR");
+        std::process::exit(2);
+    };
+    let addr: SocketAddr = addr.parse().expect("address");
+    let n: usize = n.parse().expect("count");
+    let request: &'static [u8] =
+        Box::leak(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").into_bytes().into_boxed_slice());
+
+    // Connections first, in batches the listen backlog can take.
+    let mut streams = Vec::with_capacity(n);
+    while streams.len() < n {
+        let batch = (n - streams.len()).min(1000);
+        let connects: Vec<_> = (0..batch).map(|_| tokio::spawn(TcpStream::connect(addr))).collect();
+        for c in connects {
+            streams.push(c.await.expect("task").expect("connect"));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (rss_idle, lua_idle) = (rss_kib(pid), lua_memory(admin));
+
+    let started = Instant::now();
+    let tasks: Vec<_> = streams.into_iter().map(|s| tokio::spawn(exchange(s, request))).collect();
+    // Every request is in flight (sleeping in Lua) well before 0.1 s.
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let (rss_peak, lua_peak) = (rss_kib(pid), lua_memory(admin));
+    let mut ok = 0;
+    for t in tasks {
+        if t.await.ok().flatten() == Some(200) {
+            ok += 1;
+        }
+    }
+    let wall = started.elapsed();
+    println!(
+        "{{\"requests\":{n},\"ok\":{ok},\"wall_ms\":{:.1},\"rss_idle_kib\":{rss_idle},\"rss_peak_kib\":{rss_peak},\"lua_idle_bytes\":{lua_idle},\"lua_peak_bytes\":{lua_peak}}}",
+        wall.as_secs_f64() * 1000.0
+    );
+}
