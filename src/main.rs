@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tidegate::{echo, standalone};
+use tidegate::{cluster, echo, standalone};
 use tidegate_controller::Options;
 use tidegate_controller::manifests::parse_file;
 use tidegate_proxy::ProxyConfig;
@@ -34,17 +34,17 @@ enum LogFormat {
 enum Command {
     /// Serve the Ingresses of a folder of manifests, applying every change live.
     Standalone(StandaloneArgs),
+    /// Translate objects into configurations and stream them to proxies (mutual TLS).
+    Controller(ControllerArgs),
+    /// Serve traffic with the configurations a controller streams; keep the last good one.
+    Proxy(ProxyCommandArgs),
     /// Check manifests offline: parse, validate and translate, and print every problem.
     Validate {
         /// Manifest files (YAML, multi-document).
         #[arg(required = true)]
         files: Vec<PathBuf>,
-        #[arg(long, default_value = "tidegate")]
-        ingress_class: String,
-        #[arg(long)]
-        watch_ingress_without_class: bool,
-        #[arg(long)]
-        allow_snippet_annotations: bool,
+        #[command(flatten)]
+        translation: TranslationArgs,
     },
     /// A small backend that answers every request with a JSON description of it.
     Echo {
@@ -58,11 +58,34 @@ enum Command {
     },
 }
 
-#[derive(clap::Args)]
-struct StandaloneArgs {
-    /// Folder of Kubernetes manifests (*.yaml, *.yml).
+/// How objects are read.
+#[derive(clap::Args, Clone)]
+struct TranslationArgs {
+    /// IngressClass name that is ours.
+    #[arg(long, default_value = "tidegate")]
+    ingress_class: String,
+    /// Also serve Ingresses that name no class.
     #[arg(long)]
-    manifests: PathBuf,
+    watch_ingress_without_class: bool,
+    /// Accept inline Lua in Ingress annotations (`tidegate.dev/access-by-lua` and the other
+    /// phases). Off by default: whoever may edit an Ingress could then run code in the proxy.
+    #[arg(long)]
+    allow_snippet_annotations: bool,
+}
+
+impl TranslationArgs {
+    fn options(&self) -> Options {
+        Options {
+            ingress_class: self.ingress_class.clone(),
+            watch_ingress_without_class: self.watch_ingress_without_class,
+            allow_snippet_annotations: self.allow_snippet_annotations,
+        }
+    }
+}
+
+/// How the proxy listens and behaves.
+#[derive(clap::Args, Clone)]
+struct ProxyArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     http_addr: SocketAddr,
     #[arg(long, default_value = "127.0.0.1:8443")]
@@ -72,12 +95,6 @@ struct StandaloneArgs {
     /// Worker threads (default: number of cores).
     #[arg(long)]
     workers: Option<usize>,
-    /// IngressClass name that is ours.
-    #[arg(long, default_value = "tidegate")]
-    ingress_class: String,
-    /// Also serve Ingresses that name no class.
-    #[arg(long)]
-    watch_ingress_without_class: bool,
     /// Strict-Transport-Security max-age on TLS responses; 0 disables HSTS.
     #[arg(long, default_value_t = 31_536_000)]
     hsts_max_age: u64,
@@ -87,10 +104,6 @@ struct StandaloneArgs {
     /// Turn off the JSON access log on stdout.
     #[arg(long)]
     no_access_log: bool,
-    /// Also run the built-in echo backend on this address (for trying tidegate out; the
-    /// shipped examples point their Service at 127.0.0.1:9000).
-    #[arg(long)]
-    echo_backend: Option<SocketAddr>,
     /// On SIGTERM or SIGINT, how long open connections may take to finish.
     #[arg(long, default_value_t = 30)]
     drain_timeout_seconds: u64,
@@ -100,80 +113,152 @@ struct StandaloneArgs {
     /// Memory allowed to each worker's Lua VM (MiB).
     #[arg(long, default_value_t = 128)]
     lua_memory_limit_mb: usize,
-    /// Accept inline Lua in Ingress annotations (`tidegate.dev/access-by-lua` and the other
-    /// phases). Off by default: whoever may edit an Ingress could then run code in the proxy.
+}
+
+impl ProxyArgs {
+    fn config(&self) -> ProxyConfig {
+        ProxyConfig {
+            http_addr: self.http_addr,
+            https_addr: self.https_addr,
+            admin_addr: self.admin_addr,
+            workers: self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from)),
+            hsts_max_age: self.hsts_max_age,
+            https_redirect_port: self.https_redirect_port,
+            access_log: !self.no_access_log,
+            lua_cpu_budget: std::time::Duration::from_millis(self.lua_cpu_budget_ms),
+            lua_memory_limit: self.lua_memory_limit_mb << 20,
+        }
+    }
+}
+
+/// Certificates for the config stream.
+#[derive(clap::Args, Clone)]
+struct TlsArgs {
+    /// This side's certificate chain (PEM).
     #[arg(long)]
-    allow_snippet_annotations: bool,
+    tls_cert: PathBuf,
+    /// This side's private key (PEM).
+    #[arg(long)]
+    tls_key: PathBuf,
+    /// CA that signed the other side's certificates (PEM).
+    #[arg(long)]
+    tls_ca: PathBuf,
+}
+
+impl TlsArgs {
+    fn files(&self) -> cluster::TlsFiles {
+        cluster::TlsFiles { cert: self.tls_cert.clone(), key: self.tls_key.clone(), ca: self.tls_ca.clone() }
+    }
+}
+
+#[derive(clap::Args)]
+struct StandaloneArgs {
+    /// Folder of Kubernetes manifests (*.yaml, *.yml).
+    #[arg(long)]
+    manifests: PathBuf,
+    #[command(flatten)]
+    proxy: ProxyArgs,
+    #[command(flatten)]
+    translation: TranslationArgs,
+    /// Also run the built-in echo backend on this address (for trying tidegate out; the
+    /// shipped examples point their Service at 127.0.0.1:9000).
+    #[arg(long)]
+    echo_backend: Option<SocketAddr>,
+}
+
+#[derive(clap::Args)]
+struct ControllerArgs {
+    /// Folder of Kubernetes manifests to serve (watching the API server comes next).
+    #[arg(long)]
+    manifests: PathBuf,
+    /// Where proxies subscribe.
+    #[arg(long, default_value = "127.0.0.1:9443")]
+    stream_addr: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:9902")]
+    admin_addr: SocketAddr,
+    /// Address Ingress statuses report as where they are exposed.
+    #[arg(long, default_value = "")]
+    publish_status_address: String,
+    #[command(flatten)]
+    tls: TlsArgs,
+    #[command(flatten)]
+    translation: TranslationArgs,
+}
+
+#[derive(clap::Args)]
+struct ProxyCommandArgs {
+    /// The controller's stream, `https://host:port`.
+    #[arg(long)]
+    controller: http::Uri,
+    /// This proxy's name in acknowledgements (its pod name in a cluster).
+    #[arg(long, env = "HOSTNAME", default_value = "proxy")]
+    name: String,
+    #[command(flatten)]
+    proxy: ProxyArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Held until exit: dropping it flushes the log lines still queued.
     let _log_writer = init_logging(cli.log_format);
-    match cli.command {
+    let outcome = match cli.command {
         Command::Standalone(args) => {
-            let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
-            let config = ProxyConfig {
-                http_addr: args.http_addr,
-                https_addr: args.https_addr,
-                admin_addr: args.admin_addr,
-                workers,
-                hsts_max_age: args.hsts_max_age,
-                https_redirect_port: args.https_redirect_port,
-                access_log: !args.no_access_log,
-                lua_cpu_budget: std::time::Duration::from_millis(args.lua_cpu_budget_ms),
-                lua_memory_limit: args.lua_memory_limit_mb << 20,
-            };
-            let options = Options {
-                ingress_class: args.ingress_class,
-                watch_ingress_without_class: args.watch_ingress_without_class,
-                allow_snippet_annotations: args.allow_snippet_annotations,
-            };
             if let Some(addr) = args.echo_backend
                 && let Err(e) = spawn_echo(addr)
             {
                 tracing::error!("cannot start the echo backend on {addr}: {e}");
                 return ExitCode::FAILURE;
             }
-            match standalone::run(
-                &args.manifests,
-                &config,
-                options,
-                std::time::Duration::from_secs(args.drain_timeout_seconds),
-            ) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e}");
-                    ExitCode::FAILURE
-                }
-            }
+            let drain = std::time::Duration::from_secs(args.proxy.drain_timeout_seconds);
+            standalone::run(&args.manifests, &args.proxy.config(), args.translation.options(), drain)
         }
-        Command::Validate { files, ingress_class, watch_ingress_without_class, allow_snippet_annotations } => {
-            validate(&files, Options { ingress_class, watch_ingress_without_class, allow_snippet_annotations })
+        Command::Controller(args) => cluster::run_controller(&cluster::ControllerConfig {
+            manifests: args.manifests,
+            stream_addr: args.stream_addr,
+            admin_addr: args.admin_addr,
+            tls: args.tls.files(),
+            status_address: args.publish_status_address,
+            options: args.translation.options(),
+        }),
+        Command::Proxy(args) => {
+            let drain = std::time::Duration::from_secs(args.proxy.drain_timeout_seconds);
+            cluster::run_proxy(&args.proxy.config(), args.controller, args.name, &args.tls.files(), drain)
         }
-        Command::Echo { listen, service, namespace } => {
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("cannot start: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            runtime.block_on(async {
-                let listener = match tokio::net::TcpListener::bind(listen).await {
-                    Ok(l) => l,
-                    Err(e) => {
-                        eprintln!("cannot listen on {listen}: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                };
-                tracing::info!(addr = %listener.local_addr().unwrap_or(listen), service, "echo backend listening");
-                let pod = format!("{service}-{}", std::process::id());
-                echo::serve(listener, echo::Identity { namespace, service, pod }).await;
-                ExitCode::SUCCESS
-            })
+        Command::Validate { files, translation } => return validate(&files, translation.options()),
+        Command::Echo { listen, service, namespace } => return run_echo(listen, service, namespace),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
         }
     }
+}
+
+fn run_echo(listen: SocketAddr, service: String, namespace: String) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let listener = match tokio::net::TcpListener::bind(listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("cannot listen on {listen}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(addr = %listener.local_addr().unwrap_or(listen), service, "echo backend listening");
+        let pod = format!("{service}-{}", std::process::id());
+        echo::serve(listener, echo::Identity { namespace, service, pod }).await;
+        ExitCode::SUCCESS
+    })
 }
 
 /// Runs the echo backend on its own thread.

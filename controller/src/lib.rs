@@ -9,6 +9,7 @@
 pub mod luaroute;
 pub mod manifests;
 pub mod objects;
+pub mod publish;
 pub mod status;
 pub mod translate;
 mod validate;

@@ -27,6 +27,7 @@ mod metrics;
 pub mod router;
 pub mod runtime;
 mod server;
+pub mod subscribe;
 pub mod tls;
 mod upstream;
 

@@ -31,41 +31,33 @@ pub struct Tidegate {
 impl Tidegate {
     /// Starts the binary on `dir` with ports chosen by the kernel and waits until it is ready.
     pub fn start(dir: &Path, extra: &[&str]) -> Tidegate {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tidegate"))
-            .args(["--log-format", "json", "standalone", "--manifests"])
-            .arg(dir)
-            .args([
-                "--http-addr",
-                "127.0.0.1:0",
-                "--https-addr",
-                "127.0.0.1:0",
-                "--admin-addr",
-                "127.0.0.1:0",
-                "--workers",
-                "2",
-                "--no-access-log",
-            ])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("tidegate binary starts");
-        let stderr = child.stderr.take().expect("stderr piped");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = Arc::clone(&logs);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("\"listening\"") {
-                    let _ = tx.send(line.clone());
-                }
-                sink.lock().expect("log lock").push(line);
-            }
-        });
-        let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) else {
-            std::thread::sleep(Duration::from_millis(100));
-            panic!("tidegate did not report its addresses; its output:\n{}", logs.lock().expect("log lock").join("\n"));
-        };
+        let mut args: Vec<String> = vec!["standalone".into(), "--manifests".into(), dir.display().to_string()];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        Tidegate::run(&args, dir)
+    }
+
+    /// `tidegate proxy` fed by a controller; waits until it serves a configuration.
+    pub fn proxy(controller: &str, name: &str, tls: &[String], dir: &Path) -> Tidegate {
+        let mut args: Vec<String> =
+            vec!["proxy".into(), "--controller".into(), controller.into(), "--name".into(), name.into()];
+        args.extend(tls.iter().cloned());
+        Tidegate::run(&args, dir)
+    }
+
+    fn run(args: &[String], dir: &Path) -> Tidegate {
+        let listen = [
+            "--http-addr",
+            "127.0.0.1:0",
+            "--https-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--no-access-log",
+        ];
+        let all: Vec<String> = args.iter().cloned().chain(listen.iter().map(|s| (*s).to_owned())).collect();
+        let (child, line, logs) = spawn_logged(&all, "listening");
         let v: serde_json::Value = serde_json::from_str(&line).expect("json log line");
         let field = |k: &str| v["fields"][k].as_str().expect("address field").parse().expect("socket address");
         let tidegate = Tidegate {
@@ -161,6 +153,36 @@ impl Drop for Tidegate {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts the binary with `args` (JSON logs) and waits for a log line whose message is
+/// `announce`; returns the child, that line, and every log line as it comes.
+pub fn spawn_logged(args: &[String], announce: &str) -> (Child, String, Arc<Mutex<Vec<String>>>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tidegate"))
+        .args(["--log-format", "json"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tidegate binary starts");
+    let stderr = child.stderr.take().expect("stderr piped");
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sink = Arc::clone(&logs);
+    let needle = format!("\"message\":\"{announce}\"");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains(&needle) {
+                let _ = tx.send(line.clone());
+            }
+            sink.lock().expect("log lock").push(line);
+        }
+    });
+    let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) else {
+        std::thread::sleep(Duration::from_millis(100));
+        panic!("tidegate did not announce {announce:?}; its output:\n{}", logs.lock().expect("log lock").join("\n"));
+    };
+    (child, line, logs)
 }
 
 /// A blocking GET on the admin port (plain HTTP/1.0, no client library needed).

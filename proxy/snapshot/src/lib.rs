@@ -21,6 +21,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub mod stream;
+
 /// The version of the snapshot format; bumped on incompatible changes.
 pub const FORMAT_VERSION: u32 = 1;
 

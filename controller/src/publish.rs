@@ -1,0 +1,167 @@
+//! The controller's side of the config stream: every replica serves its current snapshot to the
+//! proxies that subscribe, over HTTP/2 with mutual TLS (the stream carries TLS keys).
+//!
+//! # Guarantees
+//! - A proxy that subscribes gets the current snapshot at once, then every newer version; a
+//!   proxy that falls behind skips straight to the newest (versions are whole snapshots).
+//! - Nothing is sent before the first snapshot is published: a partial view never leaves.
+//! - What each proxy acknowledged (or why it refused a version) is kept, for `/proxies` and
+//!   statuses.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::Serialize;
+use tidegate_snapshot::Snapshot;
+use tidegate_snapshot::stream::{ACKS_PATH, Ack, PROXY_HEADER, SNAPSHOTS_PATH, encode};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+/// What the controller knows of one proxy.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ProxyState {
+    /// The last version the proxy acknowledged, applied or refused.
+    pub version: u64,
+    /// Why it refused that version.
+    pub error: Option<String>,
+    /// Open subscriptions from that proxy now.
+    pub connected: usize,
+}
+
+/// Holds the current snapshot and the proxies' states.
+#[derive(Debug)]
+pub struct Publisher {
+    current: watch::Sender<Option<Arc<Snapshot>>>,
+    proxies: Mutex<BTreeMap<String, ProxyState>>,
+}
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+impl Publisher {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Publisher { current: watch::Sender::new(None), proxies: Mutex::new(BTreeMap::new()) })
+    }
+
+    /// Makes `snapshot` the one every proxy gets.
+    pub fn publish(&self, snapshot: Snapshot) {
+        self.current.send_replace(Some(Arc::new(snapshot)));
+    }
+
+    /// The proxies seen so far, by name.
+    pub fn proxies(&self) -> BTreeMap<String, ProxyState> {
+        self.proxies.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    fn update(&self, name: &str, change: impl FnOnce(&mut ProxyState)) {
+        if let Ok(mut proxies) = self.proxies.lock() {
+            change(proxies.entry(name.to_owned()).or_default());
+        }
+    }
+
+    /// Serves subscriptions and acknowledgements until the task is dropped.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+        let acceptor = TlsAcceptor::from(tls);
+        loop {
+            let Ok((stream, remote)) = listener.accept().await else { continue };
+            let (publisher, acceptor) = (Arc::clone(&self), acceptor.clone());
+            tokio::spawn(async move {
+                let tls = match acceptor.accept(stream).await {
+                    Ok(tls) => tls,
+                    Err(e) => {
+                        tracing::warn!(%remote, error = %e, "config stream: TLS handshake refused");
+                        return;
+                    }
+                };
+                let service = service_fn(move |request| {
+                    let publisher = Arc::clone(&publisher);
+                    async move { Ok::<_, Infallible>(publisher.answer(request).await) }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    }
+
+    async fn answer(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+        let name = request.headers().get(PROXY_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("unnamed").to_owned();
+        match (request.method(), request.uri().path()) {
+            (&Method::GET, SNAPSHOTS_PATH) => self.subscribe(name),
+            (&Method::POST, ACKS_PATH) => {
+                let Ok(body) = Limited::new(request.into_body(), 64 << 10).collect().await else {
+                    return status(StatusCode::BAD_REQUEST);
+                };
+                match serde_json::from_slice::<Ack>(&body.to_bytes()) {
+                    Ok(ack) => {
+                        if let Some(error) = &ack.error {
+                            tracing::warn!(
+                                proxy = ack.proxy,
+                                version = ack.version,
+                                error,
+                                "proxy refused a configuration"
+                            );
+                        }
+                        self.update(&ack.proxy, |p| {
+                            p.version = ack.version;
+                            p.error = ack.error;
+                        });
+                        status(StatusCode::NO_CONTENT)
+                    }
+                    Err(_) => status(StatusCode::BAD_REQUEST),
+                }
+            }
+            _ => status(StatusCode::NOT_FOUND),
+        }
+    }
+
+    /// A response whose body is the stream of snapshot frames.
+    fn subscribe(self: Arc<Self>, name: String) -> Response<Body> {
+        self.update(&name, |p| p.connected += 1);
+        tracing::info!(proxy = name, "proxy subscribed");
+        let guard = Subscription { publisher: Arc::clone(&self), name };
+        let receiver = self.current.subscribe();
+        let frames = futures_util::stream::unfold((receiver, guard, true), |(mut receiver, guard, first)| async move {
+            // The first frame is the current snapshot, if there is one yet; then each change.
+            if !first || receiver.borrow().is_none() {
+                receiver.changed().await.ok()?;
+            }
+            let snapshot = receiver.borrow_and_update().clone()?;
+            let frame = encode(&snapshot).ok()?;
+            Some((Ok::<_, Infallible>(Frame::data(Bytes::from(frame))), (receiver, guard, false)))
+        });
+        let mut response = Response::new(BodyExt::boxed_unsync(StreamBody::new(frames.boxed())));
+        response
+            .headers_mut()
+            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-tidegate-snapshots"));
+        response
+    }
+}
+
+/// Counts a subscription as open until its stream is dropped.
+struct Subscription {
+    publisher: Arc<Publisher>,
+    name: String,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.publisher.update(&self.name, |p| p.connected = p.connected.saturating_sub(1));
+        tracing::info!(proxy = self.name, "proxy unsubscribed");
+    }
+}
+
+fn status(code: StatusCode) -> Response<Body> {
+    let mut response = Response::new(BodyExt::boxed_unsync(Full::new(Bytes::new())));
+    *response.status_mut() = code;
+    response
+}

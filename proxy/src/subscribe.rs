@@ -1,0 +1,134 @@
+//! The proxy's side of the config stream: subscribe to a controller, apply each snapshot,
+//! acknowledge it, and keep doing so whatever happens to the controller.
+//!
+//! # Guarantees
+//! - The runtime being served changes only when a snapshot builds; while the controller is away
+//!   (restarting, unreachable, replaced) the last good configuration keeps serving.
+//! - Reconnection backs off exponentially (100 ms to 10 s) with jitter, so a fleet of proxies
+//!   does not stampede a restarted controller.
+//! - `/readyz` turns 200 after the first snapshot is applied and stays so across reconnections.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::ServerName;
+use tidegate_snapshot::stream::{ACKS_PATH, Ack, Decoder, PROXY_HEADER, SNAPSHOTS_PATH};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::Proxy;
+
+/// Where and how to subscribe.
+#[derive(Clone, Debug)]
+pub struct Subscription {
+    /// `https://host:port` of a controller (a Service in a cluster).
+    pub controller: Uri,
+    /// This proxy's name in acknowledgements.
+    pub name: String,
+    /// Client configuration: the controller's CA, this proxy's certificate, ALPN `h2`.
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Subscribes forever (run it on its own thread's runtime).
+pub async fn run(proxy: Proxy, subscription: Subscription) {
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        match session(&proxy, &subscription).await {
+            Ok(applied) => {
+                tracing::warn!(controller = %subscription.controller, applied, "config stream ended; reconnecting");
+                if applied > 0 {
+                    backoff = MIN_BACKOFF;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(controller = %subscription.controller, error = %e, "config stream unavailable; serving the last good configuration");
+            }
+        }
+        tokio::time::sleep(backoff + jitter(backoff)).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Up to half of `backoff`, from the clock's nanoseconds (good enough to spread a fleet).
+fn jitter(backoff: Duration) -> Duration {
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let half = u32::try_from(backoff.as_millis() / 2).unwrap_or(u32::MAX).max(1);
+    Duration::from_millis(u64::from(nanos % half))
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One connection: returns how many snapshots it applied before the stream ended.
+async fn session(proxy: &Proxy, subscription: &Subscription) -> Result<usize, BoxError> {
+    let uri = &subscription.controller;
+    let host = uri.host().ok_or("controller URL has no host")?;
+    let port = uri.port_u16().unwrap_or(443);
+    let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect((host, port)))
+        .await
+        .map_err(|_| "connect timed out")??;
+    let _ = tcp.set_nodelay(true);
+    let server_name = ServerName::try_from(host.to_owned())?;
+    let tls = TlsConnector::from(Arc::clone(&subscription.tls)).connect(server_name, tcp).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(TokioExecutor::new()).handshake(TokioIo::new(tls)).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+
+    let request = Request::builder()
+        .method(Method::GET)
+        .uri(format!("https://{host}:{port}{SNAPSHOTS_PATH}"))
+        .header(PROXY_HEADER, &subscription.name)
+        .body(Full::new(Bytes::new()))?;
+    let response = sender.send_request(request).await?;
+    if response.status() != StatusCode::OK {
+        return Err(format!("controller answered {}", response.status()).into());
+    }
+    tracing::info!(controller = %uri, "subscribed to the config stream");
+    let mut body = response.into_body();
+    let mut decoder = Decoder::default();
+    let mut applied = 0;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else { continue };
+        decoder.push(&data);
+        while let Some(snapshot) = decoder.next_snapshot()? {
+            let version = snapshot.version;
+            let error = match proxy.apply(&snapshot) {
+                Ok(done) => {
+                    proxy.set_ready();
+                    applied += 1;
+                    for warning in &done.warnings {
+                        tracing::warn!(version, "{warning}");
+                    }
+                    tracing::info!(version, apply_ms = done.duration.as_secs_f64() * 1000.0, "configuration applied");
+                    None
+                }
+                Err(e) => {
+                    tracing::error!(version, error = %e, "configuration refused; the previous one keeps serving");
+                    Some(e.to_string())
+                }
+            };
+            let ack = Ack { proxy: subscription.name.clone(), version, error };
+            let request = Request::builder()
+                .method(Method::POST)
+                .uri(format!("https://{host}:{port}{ACKS_PATH}"))
+                .header(PROXY_HEADER, &subscription.name)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(serde_json::to_vec(&ack)?)))?;
+            let mut acks = sender.clone();
+            tokio::spawn(async move {
+                if let Err(e) = acks.send_request(request).await {
+                    tracing::debug!(error = %e, "acknowledgement not delivered");
+                }
+            });
+        }
+    }
+    Ok(applied)
+}

@@ -1,0 +1,245 @@
+//! Configuration from a folder of manifests, for standalone mode and for a controller without a
+//! cluster.
+//!
+//! The folder is watched (inotify through `notify`) and also rescanned every two seconds in case
+//! an event is lost (network filesystems, editors that replace files oddly). Each rescan reads
+//! only changed files, translates, and applies the snapshot when it differs from the one being
+//! served. Problems are logged once each, naming file, document, object and field; they never
+//! stop the process.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use serde::Serialize;
+use tidegate_controller::manifests::{LoadError, ManifestSet, Origin};
+use tidegate_controller::{ObjectRef, ObjectStatus, Options, Severity, translate};
+use tidegate_snapshot::Snapshot;
+
+/// Files written in one go (an editor's save, `cp -r`) arrive as bursts of events.
+const DEBOUNCE: Duration = Duration::from_millis(20);
+const RESCAN_EVERY: Duration = Duration::from_secs(2);
+
+/// Where configurations go: a local proxy, or the proxies subscribed to a controller.
+pub trait Sink {
+    /// Serves or passes on a stamped snapshot; `Err` says why it was refused.
+    ///
+    /// # Errors
+    /// When the snapshot does not build; what was served before keeps serving.
+    fn apply(&mut self, snapshot: &Snapshot) -> Result<Vec<String>, String>;
+    /// Publishes the per-object statuses (JSON) and the count of rejected objects.
+    fn set_status(&self, json: bytes::Bytes, rejected: usize);
+    /// Declares readiness: a configuration is served and its status published.
+    fn set_ready(&self);
+    /// The address Ingress statuses report.
+    fn address(&self) -> String;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0} is not a readable folder: {1}")]
+    Folder(PathBuf, std::io::Error),
+    #[error(transparent)]
+    Proxy(#[from] tidegate_proxy::StartError),
+    #[error("cannot start: {0}")]
+    Start(String),
+    #[error("cannot watch {0}: {1}")]
+    Watch(PathBuf, notify::Error),
+    #[error("cannot handle signals: {0}")]
+    Signals(std::io::Error),
+}
+
+/// What wakes the reload loop.
+enum Event {
+    Changed,
+    /// SIGTERM or SIGINT: drain and return.
+    Stop,
+}
+
+/// Reads the folder, feeds `sink`, and follows every change until SIGTERM or SIGINT; returns
+/// the sink then (standalone drains its proxy).
+///
+/// # Errors
+/// Only at start: the folder cannot be read or watched.
+pub fn run<S: Sink>(dir: &Path, options: Options, sink: S) -> Result<S, Error> {
+    std::fs::read_dir(dir).map_err(|e| Error::Folder(dir.to_owned(), e))?;
+    let (events, changes) = mpsc::channel();
+    watch_signals(events.clone()).map_err(Error::Signals)?;
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = events.send(Event::Changed);
+        }
+    })
+    .map_err(|e| Error::Watch(dir.to_owned(), e))?;
+    watcher.watch(dir, RecursiveMode::NonRecursive).map_err(|e| Error::Watch(dir.to_owned(), e))?;
+
+    let mut state =
+        State { sink, options, manifests: ManifestSet::default(), served: None, version: 0, reported: BTreeSet::new() };
+    state.reload(dir);
+    loop {
+        match changes.recv_timeout(RESCAN_EVERY) {
+            Ok(Event::Changed) => {
+                std::thread::sleep(DEBOUNCE);
+                let mut stop = false;
+                while let Ok(event) = changes.try_recv() {
+                    stop |= matches!(event, Event::Stop);
+                }
+                if stop {
+                    break;
+                }
+            }
+            Ok(Event::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        state.reload(dir);
+    }
+    Ok(state.sink)
+}
+
+/// Blocks until SIGTERM or SIGINT.
+///
+/// # Errors
+/// When signal handlers cannot be installed.
+pub fn wait_for_signal() -> std::io::Result<()> {
+    let (events, stop) = mpsc::channel();
+    watch_signals(events)?;
+    let _ = stop.recv();
+    Ok(())
+}
+
+/// Sends [`Event::Stop`] on SIGTERM or SIGINT.
+fn watch_signals(events: mpsc::Sender<Event>) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (mut term, mut int) = runtime.block_on(async {
+        Ok::<_, std::io::Error>((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
+    })?;
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        runtime.block_on(async {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        });
+        let _ = events.send(Event::Stop);
+    })?;
+    Ok(())
+}
+
+struct State<S> {
+    sink: S,
+    options: Options,
+    manifests: ManifestSet,
+    /// The snapshot being served, version left at 0 for comparison.
+    served: Option<Snapshot>,
+    version: u64,
+    /// Problems already logged; each is logged when it appears, not on every rescan.
+    reported: BTreeSet<String>,
+}
+
+fn report(line: &str, error: bool) {
+    if error {
+        tracing::error!("{line}");
+    } else {
+        tracing::warn!("{line}");
+    }
+}
+
+/// `/status` on the admin port: what is wrong with what, where it was read from.
+#[derive(Serialize)]
+struct StatusDocument<'a> {
+    version: u64,
+    objects: Vec<ObjectEntry<'a>>,
+    load_errors: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct ObjectEntry<'a> {
+    #[serde(flatten)]
+    status: &'a ObjectStatus,
+    source: Option<String>,
+    /// Where the object is exposed, as Ingress `status.loadBalancer` would say.
+    load_balancer: Vec<String>,
+}
+
+impl<S: Sink> State<S> {
+    fn reload(&mut self, dir: &Path) {
+        let scan = match self.manifests.rescan(dir) {
+            Ok(scan) => scan,
+            Err(e) => {
+                report(&format!("cannot list {}: {e}; serving the last good configuration", dir.display()), true);
+                return;
+            }
+        };
+        let (inputs, origins, duplicates) = self.manifests.inputs(self.options.clone());
+        let translation = translate(&inputs);
+        let mut problems = BTreeSet::new();
+        for error in scan.errors.iter().chain(&duplicates) {
+            problems.insert((true, error.to_string()));
+        }
+        for status in &translation.statuses {
+            for p in &status.problems {
+                let source = origins.get(&status.object).map_or_else(String::new, |o| format!("{o}: "));
+                let line = format!("{source}{}: field {}: {} ({:?})", status.object, p.field, p.message, p.reason);
+                problems.insert((p.severity == Severity::Error, line));
+            }
+        }
+
+        let snapshot = translation.snapshot;
+        if self.served.as_ref() != Some(&snapshot) {
+            self.version += 1;
+            let mut stamped = snapshot.clone();
+            stamped.version = self.version;
+            match self.sink.apply(&stamped) {
+                Ok(warnings) => {
+                    for warning in warnings {
+                        problems.insert((true, warning));
+                    }
+                    self.served = Some(snapshot);
+                }
+                Err(e) => {
+                    problems.insert((true, format!("configuration refused, the previous one keeps serving: {e}")));
+                }
+            }
+        }
+
+        let current: BTreeSet<String> = problems.iter().map(|(_, line)| line.clone()).collect();
+        for (error, line) in &problems {
+            if !self.reported.contains(line) {
+                report(line, *error);
+            }
+        }
+        self.reported = current;
+        self.publish_status(&translation.statuses, &origins, &scan.errors, &duplicates);
+        // Ready once a configuration is served and its status published, in that order.
+        if self.served.is_some() {
+            self.sink.set_ready();
+        }
+    }
+
+    fn publish_status(
+        &self,
+        statuses: &[ObjectStatus],
+        origins: &BTreeMap<ObjectRef, Origin>,
+        errors: &[LoadError],
+        duplicates: &[LoadError],
+    ) {
+        let address = self.sink.address();
+        let objects = statuses
+            .iter()
+            .map(|status| ObjectEntry {
+                status,
+                source: origins.get(&status.object).map(ToString::to_string),
+                load_balancer: if status.accepted && !address.is_empty() { vec![address.clone()] } else { Vec::new() },
+            })
+            .collect();
+        let load_errors = errors.iter().chain(duplicates).map(ToString::to_string).collect();
+        let document = StatusDocument { version: self.version, objects, load_errors };
+        let rejected = statuses.iter().filter(|s| !s.accepted).count() + errors.len() + duplicates.len();
+        if let Ok(json) = serde_json::to_vec(&document) {
+            self.sink.set_status(json.into(), rejected);
+        }
+    }
+}
