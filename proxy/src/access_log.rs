@@ -46,6 +46,10 @@ impl AccessLog {
         Ok(AccessLog { sender: Some(sender) })
     }
 
+    pub(crate) fn enabled(&self) -> bool {
+        self.sender.is_some()
+    }
+
     /// Queues an entry; returns false when it had to be dropped.
     pub(crate) fn record(&self, entry: &Entry) -> bool {
         let Some(sender) = &self.sender else { return true };

@@ -61,12 +61,14 @@ pub(crate) struct IdleTimeoutError(Duration);
 pub(crate) struct IdleTimeout<B> {
     inner: B,
     limit: Duration,
-    timer: Pin<Box<tokio::time::Sleep>>,
+    /// Armed only once the upstream makes us wait: a response that is already there (most
+    /// small ones) never touches the timer wheel.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<B> IdleTimeout<B> {
     pub(crate) fn new(inner: B, limit: Duration) -> Self {
-        IdleTimeout { inner, limit, timer: Box::pin(tokio::time::sleep(limit)) }
+        IdleTimeout { inner, limit, timer: None }
     }
 }
 
@@ -81,14 +83,18 @@ where
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                let deadline = tokio::time::Instant::now() + self.limit;
-                self.timer.as_mut().reset(deadline);
+                // The next wait starts from now.
+                self.timer = None;
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
-            Poll::Pending => match self.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(IdleTimeoutError(self.limit))))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                let limit = self.limit;
+                let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(IdleTimeoutError(limit))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 

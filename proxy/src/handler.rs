@@ -25,7 +25,6 @@ use crate::Shared;
 use crate::access_log::Entry;
 use crate::body::{IdleTimeout, Observed, ResponseBody, full};
 use crate::headers::{Forwarded, is_upgrade, set_forwarded, strip_hop_by_hop};
-use crate::metrics::{RequestLabels, status_class};
 use crate::router::{Match, RequestFacts, Target};
 use crate::runtime::Runtime;
 use crate::upstream::{Pool, RequestBody};
@@ -39,6 +38,10 @@ pub(crate) struct Worker {
     /// Runtime version whose scripts the VM's cache was last trimmed to.
     pub(crate) scripts_version: Cell<u64>,
     pub(crate) requests: Cell<u64>,
+    /// The runtime this worker serves with, refreshed when the shared one is swapped: requests
+    /// clone this `Rc` rather than the shared `Arc`, whose counter every worker would contend on.
+    #[allow(clippy::redundant_allocation)]
+    pub(crate) runtime: RefCell<Rc<Arc<Runtime>>>,
 }
 
 impl Worker {
@@ -56,6 +59,16 @@ impl Worker {
         }
     }
 
+    #[allow(clippy::redundant_allocation)]
+    fn current_runtime(&self) -> Rc<Arc<Runtime>> {
+        let latest = self.shared.runtime.load();
+        let mut cached = self.runtime.borrow_mut();
+        if !Arc::ptr_eq(&latest, &**cached) {
+            *cached = Rc::new(Arc::clone(&latest));
+        }
+        Rc::clone(&cached)
+    }
+
     /// Drops loaded scripts that the current runtime no longer uses.
     fn trim_scripts(&self, runtime: &Runtime) {
         if self.scripts_version.replace(runtime.version) != runtime.version {
@@ -66,9 +79,11 @@ impl Worker {
 }
 
 /// What a request knows about its connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Connection {
     pub(crate) remote: SocketAddr,
+    /// The client address as a header value, formatted once per connection.
+    pub(crate) client_ip: HeaderValue,
     pub(crate) local_port: u16,
     pub(crate) tls: bool,
 }
@@ -76,8 +91,7 @@ pub(crate) struct Connection {
 /// Filled in while the request is handled, written out when its body is done.
 #[derive(Default)]
 pub(crate) struct Outcome {
-    pub(crate) vhost: Option<String>,
-    pub(crate) route: Option<String>,
+    pub(crate) route: Option<Arc<str>>,
     pub(crate) upstream: Option<SocketAddr>,
     pub(crate) upstream_time: Option<Duration>,
     /// Runs once the response body is done, with the bytes sent (the Lua log phase).
@@ -90,16 +104,18 @@ pub(crate) async fn handle(
     request: Request<Incoming>,
 ) -> Result<Response<Observed>, Infallible> {
     let started = Instant::now();
-    let runtime = worker.shared.runtime.load_full();
+    let runtime = worker.current_runtime();
     worker.trim_scripts(&runtime);
+    let logging = worker.shared.access_log.enabled();
     let method = request.method().clone();
     let version = request.version();
-    let path = request.uri().path().to_owned();
+    let path = if logging { request.uri().path().to_owned() } else { String::new() };
     let host = request_host(&request).to_owned();
     let mut outcome = Outcome::default();
 
-    let mut response = route(&worker, &runtime, conn, &host, request, &mut outcome).await;
-    finish_headers(&worker.shared, conn, &mut response);
+    let remote = conn.remote;
+    let mut response = route(&worker, &runtime, &conn, &host, request, &mut outcome).await;
+    finish_headers(&worker.shared, conn.tls, &mut response);
     let status = response.status();
 
     let metrics = &worker.shared.metrics;
@@ -107,12 +123,6 @@ pub(crate) async fn handle(
     if let Some(t) = outcome.upstream_time {
         metrics.upstream_duration.observe(t.as_secs_f64());
     }
-    let labels = RequestLabels {
-        host: outcome.vhost.clone().unwrap_or_default(),
-        route: outcome.route.clone().unwrap_or_default(),
-        status: status_class(status.as_u16()),
-    };
-    metrics.requests.get_or_create(&labels).inc();
 
     let shared = Arc::clone(&worker.shared);
     let after = outcome.after.take();
@@ -120,9 +130,12 @@ pub(crate) async fn handle(
         if let Some(after) = after {
             after(bytes_sent);
         }
+        if !logging {
+            return;
+        }
         let entry = Entry {
             ts: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default(),
-            remote_addr: conn.remote.ip().to_canonical().to_string(),
+            remote_addr: remote.ip().to_canonical().to_string(),
             method: method.to_string(),
             host,
             path,
@@ -133,7 +146,7 @@ pub(crate) async fn handle(
             request_time_ms: started.elapsed().as_secs_f64() * 1000.0,
             upstream: outcome.upstream.map(|u| u.to_string()),
             upstream_time_ms: outcome.upstream_time.map(|t| t.as_secs_f64() * 1000.0),
-            route: outcome.route,
+            route: outcome.route.map(|r| r.to_string()),
         };
         if !shared.access_log.record(&entry) {
             shared.metrics.access_log_dropped.inc();
@@ -145,27 +158,40 @@ pub(crate) async fn handle(
 async fn route(
     worker: &Rc<Worker>,
     runtime: &Runtime,
-    conn: Connection,
+    conn: &Connection,
     host: &str,
     request: Request<Incoming>,
     outcome: &mut Outcome,
 ) -> Response<ResponseBody> {
     let facts = RequestFacts { method: request.method().as_str(), headers: request.headers() };
     let target = match runtime.routing.router.find(host, request.uri().path(), facts) {
-        Match::NotFound => return text(StatusCode::NOT_FOUND, "404 page not found\n"),
-        Match::Route { host: vhost, target } => {
-            outcome.vhost = Some(vhost.to_owned());
-            target
+        Match::NotFound => {
+            worker.shared.metrics.unmatched.count(404);
+            return text(StatusCode::NOT_FOUND, "404 page not found\n");
         }
-        Match::DefaultBackend(target) => target,
+        Match::Route(target) | Match::DefaultBackend(target) => target,
     };
-    outcome.route = Some(target.name.clone());
+    outcome.route = Some(Arc::clone(&target.name));
+    let response = serve_target(worker, runtime, conn, host, target, request, outcome).await;
+    target.counters.count(response.status().as_u16());
+    response
+}
+
+async fn serve_target(
+    worker: &Rc<Worker>,
+    runtime: &Runtime,
+    conn: &Connection,
+    host: &str,
+    target: &Target,
+    request: Request<Incoming>,
+    outcome: &mut Outcome,
+) -> Response<ResponseBody> {
     if target.ssl_redirect && !conn.tls {
         return redirect_to_https(&worker.shared, host, request.uri());
     }
     if let Some(why) = &target.action.misconfigured {
         // The controller reported the cause; here the route only has to stay closed.
-        tracing::debug!(route = target.name, reason = why, "misconfigured route answered 500");
+        tracing::debug!(route = &*target.name, reason = why, "misconfigured route answered 500");
         return crate::lua_flow::error_response(StatusCode::INTERNAL_SERVER_ERROR);
     }
     match &target.lua {
@@ -178,7 +204,7 @@ async fn route(
 async fn proxy(
     worker: &Rc<Worker>,
     runtime: &Runtime,
-    conn: Connection,
+    conn: &Connection,
     target: &Target,
     mut request: Request<Incoming>,
     outcome: &mut Outcome,
@@ -194,17 +220,16 @@ async fn proxy(
 
 /// Turns client request parts into what an upstream gets: origin-form URI over HTTP/1.1, a
 /// `Host`, no hop-by-hop headers, and the `X-Forwarded-*` headers.
-pub(crate) fn prepare_upstream(parts: &mut Parts, conn: Connection, upgrade: bool) {
-    let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
+pub(crate) fn prepare_upstream(parts: &mut Parts, conn: &Connection, upgrade: bool) {
     strip_hop_by_hop(&mut parts.headers, upgrade);
     if !parts.headers.contains_key(header::HOST)
-        && let Some(value) = authority.as_deref().and_then(|a| HeaderValue::from_str(a).ok())
+        && let Some(value) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     {
         parts.headers.insert(header::HOST, value);
     }
-    let forwarded_host = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
-    let forwarded = Forwarded { client: conn.remote, https: conn.tls, host: &forwarded_host, port: conn.local_port };
-    set_forwarded(&mut parts.headers, &forwarded);
+    let host = parts.headers.get(header::HOST).cloned();
+    let forwarded = Forwarded { client_ip: &conn.client_ip, https: conn.tls, host, port: conn.local_port };
+    set_forwarded(&mut parts.headers, forwarded);
     parts.uri = origin_form(&parts.uri);
     parts.version = Version::HTTP_11;
 }
@@ -306,11 +331,11 @@ pub(crate) fn text(status: StatusCode, body: &str) -> Response<ResponseBody> {
 }
 
 /// Headers every response carries: our `Server`, a fresh `Date`, and HSTS on TLS.
-fn finish_headers(shared: &Shared, conn: Connection, response: &mut Response<ResponseBody>) {
+fn finish_headers(shared: &Shared, tls: bool, response: &mut Response<ResponseBody>) {
     let headers = response.headers_mut();
     headers.insert(header::SERVER, HeaderValue::from_static("tidegate"));
     headers.insert(header::DATE, http_date());
-    if conn.tls
+    if tls
         && let Some(hsts) = &shared.hsts
         && !headers.contains_key(header::STRICT_TRANSPORT_SECURITY)
     {

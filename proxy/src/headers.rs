@@ -52,22 +52,27 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// What the upstream is told about the client. tidegate sits at the edge, so client-sent
 /// `X-Forwarded-*` and `X-Real-IP` headers are replaced, not trusted.
 pub(crate) struct Forwarded<'a> {
-    pub(crate) client: SocketAddr,
+    /// The client address, formatted once per connection.
+    pub(crate) client_ip: &'a HeaderValue,
     pub(crate) https: bool,
-    pub(crate) host: &'a str,
+    /// The `Host` the client asked for.
+    pub(crate) host: Option<HeaderValue>,
     pub(crate) port: u16,
 }
 
-pub(crate) fn set_forwarded(headers: &mut HeaderMap, f: &Forwarded<'_>) {
-    let ip = f.client.ip().to_canonical().to_string();
-    if let Ok(v) = HeaderValue::from_str(&ip) {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), v.clone());
-        headers.insert(HeaderName::from_static("x-real-ip"), v);
-    }
+/// The client address as a header value (IPv4-mapped IPv6 shown as IPv4).
+pub(crate) fn client_ip_value(client: SocketAddr) -> HeaderValue {
+    HeaderValue::from_str(&client.ip().to_canonical().to_string())
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+pub(crate) fn set_forwarded(headers: &mut HeaderMap, f: Forwarded<'_>) {
+    headers.insert(HeaderName::from_static("x-forwarded-for"), f.client_ip.clone());
+    headers.insert(HeaderName::from_static("x-real-ip"), f.client_ip.clone());
     let proto = if f.https { "https" } else { "http" };
     headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(proto));
-    if let Ok(v) = HeaderValue::from_str(f.host) {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), v);
+    if let Some(host) = f.host {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), host);
     }
     headers.insert(HeaderName::from_static("x-forwarded-port"), HeaderValue::from(f.port));
 }
@@ -112,7 +117,11 @@ mod tests {
     fn forwarded_headers_replace_client_values() {
         let mut h = map(&[("x-forwarded-for", "6.6.6.6")]);
         let client: SocketAddr = "[::ffff:127.0.0.9]:5000".parse().expect("addr");
-        set_forwarded(&mut h, &Forwarded { client, https: true, host: "a.com", port: 8443 });
+        let ip = client_ip_value(client);
+        set_forwarded(
+            &mut h,
+            Forwarded { client_ip: &ip, https: true, host: Some(HeaderValue::from_static("a.com")), port: 8443 },
+        );
         assert_eq!(h["x-forwarded-for"], "127.0.0.9");
         assert_eq!(h["x-real-ip"], "127.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "https");

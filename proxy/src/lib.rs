@@ -205,7 +205,8 @@ impl Proxy {
     pub fn apply(&self, snapshot: &Snapshot) -> Result<Applied, BuildError> {
         let started = Instant::now();
         let current = self.shared.runtime.load();
-        let built = match Runtime::build(snapshot, &current) {
+        let counters = |host: &str, route: &str| self.shared.metrics.route_counters(host, route);
+        let built = match Runtime::build(snapshot, &current, &counters) {
             Ok(b) => b,
             Err(e) => {
                 self.shared.metrics.config_apply_failures.inc();

@@ -42,7 +42,7 @@ const MAX_READ_BODY: usize = 16 << 20;
 pub(crate) async fn serve(
     worker: &Rc<Worker>,
     runtime: &Runtime,
-    conn: Connection,
+    conn: &Connection,
     target: &Target,
     chain: &Arc<LuaChain>,
     host: &str,
@@ -62,7 +62,7 @@ pub(crate) async fn serve(
         server_port: conn.local_port,
         https: conn.tls,
         host: host.to_owned(),
-        route: target.name.clone(),
+        route: target.name.to_string(),
         namespace: chain.namespace.clone(),
         request_id: worker.next_request_id(),
     };
@@ -189,12 +189,12 @@ fn filtered(
             worker: Rc::clone(worker),
             lua: Rc::clone(lua),
             chain: Arc::clone(chain),
-            route: target.name.clone(),
+            route: target.name.to_string(),
             finished: false,
         };
         *response.body_mut() = ResponseBody::new(filter);
     }
-    let (worker, lua, chain, route) = (Rc::clone(worker), Rc::clone(lua), Arc::clone(chain), target.name.clone());
+    let (worker, lua, chain, route) = (Rc::clone(worker), Rc::clone(lua), Arc::clone(chain), target.name.to_string());
     outcome.after = Some(Box::new(move |bytes_sent| {
         lua.state.bytes_sent.set(bytes_sent);
         if !chain.phase(Phase::Log).is_empty()

@@ -40,6 +40,8 @@ pub(crate) struct LuaErrorLabels {
 
 #[derive(Debug)]
 pub(crate) struct Metrics {
+    /// Requests no route matched (404).
+    pub(crate) unmatched: crate::router::RouteCounters,
     pub(crate) lua_memory: Family<WorkerLabels, Gauge>,
     pub(crate) dict_used_bytes: Family<DictLabels, Gauge>,
     pub(crate) dict_capacity_bytes: Family<DictLabels, Gauge>,
@@ -132,7 +134,18 @@ impl Metrics {
         );
         let lua_memory = Family::<WorkerLabels, Gauge>::default();
         registry.register("lua_memory_bytes", "Bytes held by each worker's Lua VM", lua_memory.clone());
+        let unmatched_class = |status: &'static str| {
+            requests.get_or_create(&RequestLabels { host: String::new(), route: String::new(), status }).clone()
+        };
+        let unmatched = crate::router::RouteCounters([
+            unmatched_class("1xx"),
+            unmatched_class("2xx"),
+            unmatched_class("3xx"),
+            unmatched_class("4xx"),
+            unmatched_class("5xx"),
+        ]);
         Metrics {
+            unmatched,
             lua_memory,
             dict_used_bytes,
             dict_capacity_bytes,
@@ -173,20 +186,20 @@ impl Metrics {
         }
     }
 
+    /// The counters of one route (created once per runtime build, shared by the workers).
+    pub(crate) fn route_counters(&self, host: &str, route: &str) -> crate::router::RouteCounters {
+        let make = |status: &'static str| {
+            self.requests
+                .get_or_create(&RequestLabels { host: host.to_owned(), route: route.to_owned(), status })
+                .clone()
+        };
+        crate::router::RouteCounters([make("1xx"), make("2xx"), make("3xx"), make("4xx"), make("5xx")])
+    }
+
     pub(crate) fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
-    }
-}
-
-pub(crate) fn status_class(status: u16) -> &'static str {
-    match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
     }
 }

@@ -23,11 +23,29 @@ pub struct Router {
     default_backend: Option<Target>,
 }
 
+/// The request counters of one route, by status class (1xx to 5xx), created once per runtime
+/// build so that counting a request allocates nothing.
+#[derive(Debug, Clone, Default)]
+pub struct RouteCounters(pub [prometheus_client::metrics::counter::Counter; 5]);
+
+impl RouteCounters {
+    /// Counts a response status.
+    pub fn count(&self, status: u16) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        if let Some(counter) = self.0.get(class) {
+            counter.inc();
+        }
+    }
+}
+
 /// A route's action with its Lua handlers resolved to compiled scripts.
 #[derive(Debug)]
 pub struct Target {
     /// Route name, for metrics and logs.
-    pub name: String,
+    pub name: Arc<str>,
+    /// Virtual host pattern, for metrics and logs (empty for the default backend).
+    pub host: Arc<str>,
+    pub counters: RouteCounters,
     pub action: RouteAction,
     pub lua: Option<Arc<LuaChain>>,
     pub ssl_redirect: bool,
@@ -77,8 +95,6 @@ impl LuaChain {
 
 #[derive(Debug)]
 struct VirtualHost {
-    /// The host pattern as written, for metrics and logs.
-    name: String,
     /// Exact routes by path, in precedence order.
     exact_paths: HashMap<String, Vec<usize>>,
     routes: Vec<Route>,
@@ -88,7 +104,7 @@ struct VirtualHost {
 /// What the router found for a request.
 #[derive(Debug, Clone, Copy)]
 pub enum Match<'r> {
-    Route { host: &'r str, target: &'r Target },
+    Route(&'r Target),
     DefaultBackend(&'r Target),
     NotFound,
 }
@@ -100,17 +116,29 @@ pub struct RequestFacts<'a> {
     pub headers: &'a HeaderMap,
 }
 
+/// Makes the counters of a (host, route) pair.
+pub type CounterFactory<'a> = &'a dyn Fn(&str, &str) -> RouteCounters;
+
 fn target(
+    host: &str,
     name: &str,
     action: &RouteAction,
     ssl_redirect: bool,
     scripts: &HashMap<String, Arc<Script>>,
+    counters: CounterFactory<'_>,
 ) -> Result<Target, String> {
     let lua = match &action.lua {
         Some(handlers) => Some(Arc::new(LuaChain::resolve(handlers, scripts)?)),
         None => None,
     };
-    Ok(Target { name: name.to_owned(), action: action.clone(), lua, ssl_redirect })
+    Ok(Target {
+        name: name.into(),
+        host: host.into(),
+        counters: counters(host, name),
+        action: action.clone(),
+        lua,
+        ssl_redirect,
+    })
 }
 
 impl Router {
@@ -118,9 +146,13 @@ impl Router {
     ///
     /// # Errors
     /// When a route names a script that is not in `scripts`.
-    pub fn new(routing: &Routing, scripts: &HashMap<String, Arc<Script>>) -> Result<Self, String> {
+    pub fn new(
+        routing: &Routing,
+        scripts: &HashMap<String, Arc<Script>>,
+        counters: CounterFactory<'_>,
+    ) -> Result<Self, String> {
         let default_backend = match &routing.default_backend {
-            Some(action) => Some(target("default-backend", action, false, scripts)?),
+            Some(action) => Some(target("", "default-backend", action, false, scripts, counters)?),
             None => None,
         };
         let mut router = Router { default_backend, ..Router::default() };
@@ -131,10 +163,10 @@ impl Router {
                 if route.path.kind == PathKind::Exact {
                     exact_paths.entry(route.path.value.clone()).or_default().push(i);
                 }
-                targets.push(target(&route.name, &route.action, route.ssl_redirect, scripts)?);
+                let host = vhost.host.to_string();
+                targets.push(target(&host, &route.name, &route.action, route.ssl_redirect, scripts, counters)?);
             }
-            let built =
-                VirtualHost { name: vhost.host.to_string(), exact_paths, routes: vhost.routes.clone(), targets };
+            let built = VirtualHost { exact_paths, routes: vhost.routes.clone(), targets };
             match &vhost.host {
                 HostMatch::Exact(h) => {
                     router.exact.insert(h.clone(), built);
@@ -161,7 +193,7 @@ impl Router {
         if let Some(vhost) = self.virtual_host(host)
             && let Some(target) = vhost.find(path, facts)
         {
-            return Match::Route { host: &vhost.name, target };
+            return Match::Route(target);
         }
         match &self.default_backend {
             Some(target) => Match::DefaultBackend(target),
@@ -244,7 +276,7 @@ mod tests {
     }
 
     fn build(routing: &Routing) -> Router {
-        Router::new(routing, &HashMap::new()).expect("router builds")
+        Router::new(routing, &HashMap::new(), &|_, _| RouteCounters::default()).expect("router builds")
     }
 
     fn get<'a>(headers: &'a HeaderMap) -> RequestFacts<'a> {
@@ -262,7 +294,7 @@ mod tests {
     fn found(router: &Router, host: &str, path: &str) -> Option<String> {
         let headers = HeaderMap::new();
         match router.find(host, path, get(&headers)) {
-            Match::Route { target, .. } => Some(backend(target)),
+            Match::Route(target) => Some(backend(target)),
             Match::DefaultBackend(t) => Some(format!("default:{}", backend(t))),
             Match::NotFound => None,
         }
@@ -376,7 +408,7 @@ mod tests {
             path,
             RequestFacts { method, headers },
         ) {
-            Match::Route { target, .. } => backend(target),
+            Match::Route(target) => backend(target),
             _ => String::new(),
         };
         let none = HeaderMap::new();

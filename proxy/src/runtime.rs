@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tidegate_snapshot::{BackendId, Routing, Snapshot};
 
-use crate::router::Router;
+use crate::router::{CounterFactory, Router};
 use crate::tls::CertStore;
 
 /// What requests are served with. Requests hold an `Arc<Runtime>` for their whole life, so a
@@ -87,7 +87,7 @@ impl Runtime {
     ///
     /// # Errors
     /// When the snapshot holds something no request could be served with.
-    pub fn build(snapshot: &Snapshot, current: &Runtime) -> Result<Built, BuildError> {
+    pub fn build(snapshot: &Snapshot, current: &Runtime, counters: CounterFactory<'_>) -> Result<Built, BuildError> {
         let upstreams = Arc::new(Upstreams::build(snapshot)?);
         if current.routing.source == snapshot.routing {
             let runtime = Runtime { version: snapshot.version, routing: Arc::clone(&current.routing), upstreams };
@@ -99,7 +99,7 @@ impl Runtime {
                 .map_err(|error| BuildError::Lua { name: script.name.clone(), error })?;
             scripts.insert(script.id.clone(), Arc::new(compiled));
         }
-        let router = Router::new(&snapshot.routing, &scripts).map_err(BuildError::Routing)?;
+        let router = Router::new(&snapshot.routing, &scripts, counters).map_err(BuildError::Routing)?;
         let script_ids = scripts.values().map(|s| s.id).collect();
         let (certificates, warnings) = CertStore::build(&snapshot.routing);
         let routing = RoutingState { router, certificates, script_ids, source: snapshot.routing.clone() };
@@ -149,6 +149,10 @@ mod tests {
 
     use super::*;
 
+    fn no_counters(_: &str, _: &str) -> crate::router::RouteCounters {
+        crate::router::RouteCounters::default()
+    }
+
     fn snapshot(version: u64, endpoints: &[(&str, u16)]) -> Snapshot {
         let list = endpoints.iter().map(|(a, p)| Endpoint { address: (*a).into(), port: *p }).collect();
         let routing = Routing {
@@ -165,9 +169,9 @@ mod tests {
 
     #[test]
     fn endpoint_only_changes_reuse_the_router() {
-        let first = Runtime::build(&snapshot(1, &[("127.0.0.1", 1)]), &Runtime::empty()).expect("builds");
+        let first = Runtime::build(&snapshot(1, &[("127.0.0.1", 1)]), &Runtime::empty(), &no_counters).expect("builds");
         assert!(first.routing_rebuilt);
-        let second = Runtime::build(&snapshot(2, &[("127.0.0.1", 2)]), &first.runtime).expect("builds");
+        let second = Runtime::build(&snapshot(2, &[("127.0.0.1", 2)]), &first.runtime, &no_counters).expect("builds");
         assert!(!second.routing_rebuilt);
         assert!(Arc::ptr_eq(&first.runtime.routing, &second.runtime.routing));
     }
@@ -175,7 +179,8 @@ mod tests {
     #[test]
     fn round_robin_over_endpoints() {
         let built =
-            Runtime::build(&snapshot(1, &[("127.0.0.1", 1), ("127.0.0.1", 2)]), &Runtime::empty()).expect("builds");
+            Runtime::build(&snapshot(1, &[("127.0.0.1", 1), ("127.0.0.1", 2)]), &Runtime::empty(), &no_counters)
+                .expect("builds");
         let backend = built.runtime.upstreams.get(&BackendId("b".into())).expect("backend");
         let ports: Vec<u16> = (0..4).filter_map(|_| backend.pick()).map(|a| a.port()).collect();
         assert_eq!(ports, vec![1, 2, 1, 2]);
@@ -189,12 +194,12 @@ mod tests {
             name: "bad".into(),
             source: "if then".into(),
         });
-        let error = Runtime::build(&broken, &Runtime::empty()).expect_err("refused");
+        let error = Runtime::build(&broken, &Runtime::empty(), &no_counters).expect_err("refused");
         assert!(error.to_string().starts_with("Lua bad: line 1"), "{error}");
     }
 
     #[test]
     fn a_bad_endpoint_refuses_the_snapshot() {
-        assert!(Runtime::build(&snapshot(1, &[("not-an-ip", 1)]), &Runtime::empty()).is_err());
+        assert!(Runtime::build(&snapshot(1, &[("not-an-ip", 1)]), &Runtime::empty(), &no_counters).is_err());
     }
 }

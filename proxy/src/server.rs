@@ -59,7 +59,9 @@ pub(crate) fn run_worker(
         let config = tidegate_lua::LuaConfig { worker_id: index, ..shared.lua.clone() };
         let vm = tidegate_lua::Vm::new(config)
             .map_err(|e| std::io::Error::other(format!("cannot create the Lua VM: {e}")))?;
+        let runtime = std::cell::RefCell::new(Rc::new(shared.runtime.load_full()));
         let worker = Rc::new(Worker {
+            runtime,
             shared,
             pool: Rc::new(Pool::default()),
             vm: Rc::new(vm),
@@ -120,9 +122,10 @@ async fn serve(worker: Rc<Worker>, stream: TcpStream, remote: SocketAddr, tls: O
     let _guard = ConnectionGuard::new(&worker.shared);
     let _ = stream.set_nodelay(true);
     let local_port = stream.local_addr().map(|a| a.port()).unwrap_or_default();
-    let conn = Connection { remote, local_port, tls: tls.is_some() };
+    let conn =
+        Connection { remote, client_ip: crate::headers::client_ip_value(remote), local_port, tls: tls.is_some() };
     let handler = Rc::clone(&worker);
-    let service = service_fn(move |request| handle(Rc::clone(&handler), conn, request));
+    let service = service_fn(move |request| handle(Rc::clone(&handler), conn.clone(), request));
 
     let mut builder = auto::Builder::new(LocalExec);
     builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
