@@ -163,6 +163,7 @@ impl Proxy {
                 worker_id: 0,
                 worker_count: workers,
                 shared_dicts: tidegate_lua::SharedDicts::new(),
+                max_pending_timers: 1024,
             },
             lua_memory: (0..workers).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
         });

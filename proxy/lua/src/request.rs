@@ -20,6 +20,8 @@ pub enum Phase {
     HeaderFilter,
     BodyFilter,
     Log,
+    /// A `ngx.timer` callback, outside any request.
+    Timer,
 }
 
 impl Phase {
@@ -35,6 +37,7 @@ impl Phase {
             Phase::HeaderFilter => "header_filter",
             Phase::BodyFilter => "body_filter",
             Phase::Log => "log",
+            Phase::Timer => "timer",
         }
     }
 

@@ -491,3 +491,61 @@ fn ngx_re_follows_openresty() {
         "1234 1 234\nhel false\nnil hello\n2 4\n811\n1,22,333\nhell0, world1\nhelol, owrld2\na<1>b<2>2\n-a-b-c-4\na|b|c\nnil true\nnil\n"
     );
 }
+
+#[test]
+fn timers_run_after_their_request_and_are_bounded() {
+    let dicts = crate::SharedDicts::new();
+    dicts.configure(&[("ns".into(), "t".into(), 1 << 20)]);
+    let config =
+        LuaConfig { shared_dicts: std::sync::Arc::clone(&dicts), max_pending_timers: 16, ..LuaConfig::default() };
+    let vm = Rc::new(Vm::new(config).expect("vm"));
+    block_on(async {
+        let every = script(
+            "local ok, err = ngx.timer.every(0.01, function(premature) ngx.shared.t:incr('every', 1, 0) end) ngx.say(ok)",
+        );
+        let request = vm.begin(head("/")).expect("request");
+        let at = script(
+            "local ok = ngx.timer.at(0.02, function(premature, a, b) ngx.shared.t:set('at', a + b .. ' ' .. ngx.get_phase() .. ' ' .. tostring(premature)) end, 40, 2) ngx.say(ok, ' ', ngx.timer.pending_count())",
+        );
+        assert_eq!(vm.run(&request, Phase::Content, &[Arc::clone(&at)]).await, Outcome::Continue);
+        assert_eq!(output(&request), "true 1\n", "scheduled, pending");
+        let request = vm.begin(head("/")).expect("request");
+        assert_eq!(vm.run(&request, Phase::Content, &[Arc::clone(&every)]).await, Outcome::Continue);
+        // A timer past its CPU budget is stopped; the VM goes on.
+        let request = vm.begin(head("/")).expect("request");
+        vm.run(&request, Phase::Content, &[script("ngx.timer.at(0, function() while true do end end)")]).await;
+        // The cap: creating more than max_pending fails with an error, not memory. (A debug
+        // build needs more than the default budget for 100,000 calls.)
+        let request = vm.begin(head("/")).expect("request");
+        request.set_cpu_budget(Duration::from_secs(5));
+        vm.run(&request, Phase::Content, &[script("local failed = 0 for i = 1, 100000 do local ok, err = ngx.timer.at(10, function() end) if not ok then failed = failed + 1 last = err end end ngx.say(failed, ' ', last)")]).await;
+        let capped = output(&request);
+        let failed: usize = capped.split(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        assert!(capped.ends_with("too many pending timers\n") && failed >= 100_000 - 16, "{capped}");
+
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let request = vm.begin(head("/")).expect("request");
+        vm.run(
+            &request,
+            Phase::Content,
+            &[script("ngx.say(ngx.shared.t:get('at'), ' ', ngx.shared.t:get('every') > 5)")],
+        )
+        .await;
+        assert_eq!(
+            output(&request),
+            "42 timer false true\n",
+            "the timers ran, with their arguments, in the timer phase"
+        );
+
+        // Once its script is no longer loaded, the every timer stops being scheduled.
+        vm.retain_scripts(|id| id != every.id);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let request = vm.begin(head("/")).expect("request");
+        vm.run(&request, Phase::Content, &[script("ngx.say(ngx.shared.t:get('every'))")]).await;
+        let first = output(&request);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let request = vm.begin(head("/")).expect("request");
+        vm.run(&request, Phase::Content, &[script("ngx.say(ngx.shared.t:get('every'))")]).await;
+        assert_eq!(output(&request), first, "no more runs after its script went");
+    });
+}

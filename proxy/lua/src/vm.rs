@@ -48,6 +48,8 @@ pub struct LuaConfig {
     pub worker_count: usize,
     /// The proxy's `ngx.shared` dictionaries, shared by all workers.
     pub shared_dicts: Arc<crate::shdict::SharedDicts>,
+    /// Timers a worker may have waiting at once (`lua_max_pending_timers`).
+    pub max_pending_timers: usize,
 }
 
 impl Default for LuaConfig {
@@ -58,6 +60,7 @@ impl Default for LuaConfig {
             worker_id: 0,
             worker_count: 1,
             shared_dicts: crate::shdict::SharedDicts::new(),
+            max_pending_timers: 1024,
         }
     }
 }
@@ -110,6 +113,8 @@ pub struct LuaRequest {
     cpu_budget: Cell<Option<Duration>>,
     /// Set by the proxy; taken by the first `ngx.req.read_body`.
     pub body_reader: RefCell<Option<BodyReader>>,
+    /// Id of the script running now (timers it creates belong to it).
+    pub(crate) script: Cell<u64>,
 }
 
 impl std::fmt::Debug for LuaRequest {
@@ -122,6 +127,19 @@ impl std::fmt::Debug for LuaRequest {
 }
 
 impl LuaRequest {
+    pub(crate) fn with_env(head: RequestHead, env: Table) -> Rc<LuaRequest> {
+        Rc::new(LuaRequest {
+            state: RequestState::new(head),
+            env,
+            ctx: RefCell::new(None),
+            ngx_fields: RefCell::new(None),
+            lua_time: Cell::new(Duration::ZERO),
+            cpu_budget: Cell::new(None),
+            body_reader: RefCell::new(None),
+            script: Cell::new(0),
+        })
+    }
+
     /// The request's own environment (what its handlers see as globals).
     pub(crate) fn env(&self) -> &Table {
         &self.env
@@ -168,15 +186,66 @@ impl Drop for Scope {
     }
 }
 
+/// Runs a coroutine to its end within its request's CPU budget, with the request current
+/// during every resume. Shared by request handlers and timers.
+pub(crate) struct Runner {
+    pub(crate) clock: Arc<WorkerClock>,
+    pub(crate) cpu_budget: Duration,
+}
+
+impl Runner {
+    pub(crate) async fn drive(&self, request: &Rc<LuaRequest>, task: mlua::thread::AsyncThread<()>) -> Outcome {
+        let mut task = std::pin::pin!(task);
+        std::future::poll_fn(|cx| {
+            let Some(budget) = request.remaining_budget(self.cpu_budget) else {
+                return Poll::Ready(timeout());
+            };
+            let polled = {
+                let _scope = Scope::enter(request);
+                let began = Instant::now();
+                self.clock.start(budget);
+                let polled = task.as_mut().poll(cx);
+                let expired = self.clock.expired();
+                self.clock.stop();
+                request.lua_time.set(request.lua_time.get() + began.elapsed());
+                if expired {
+                    return Poll::Ready(timeout());
+                }
+                polled
+            };
+            if let Some(status) = request.state.exit.get() {
+                return Poll::Ready(exit_outcome(request.state.phase.get(), status));
+            }
+            match polled {
+                Poll::Ready(Ok(())) => Poll::Ready(Outcome::Continue),
+                Poll::Ready(Err(e)) => Poll::Ready(failure(&e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+    }
+}
+
+/// What timers need from their worker's VM (kept in the Lua state's app data).
+pub(crate) struct TimerContext {
+    pub(crate) runner: Rc<Runner>,
+    pub(crate) env_meta: Table,
+    pub(crate) loaded: Rc<RefCell<HashMap<u64, Function>>>,
+    pub(crate) pending: Cell<usize>,
+    pub(crate) running: Cell<usize>,
+    pub(crate) max_pending: usize,
+}
+
 /// One worker's VM.
 pub struct Vm {
     lua: Lua,
+    runner: Rc<Runner>,
     clock: Arc<WorkerClock>,
     config: LuaConfig,
     /// `{__index = base}`, shared by every request environment.
     env_meta: Table,
     /// Loaded chunks by script id.
-    loaded: RefCell<HashMap<u64, Function>>,
+    loaded: Rc<RefCell<HashMap<u64, Function>>>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -231,7 +300,17 @@ impl Vm {
             if raise { Err(mlua::Error::runtime("CPU budget exceeded")) } else { Ok(VmState::Yield) }
         });
         lua.set_memory_limit(config.memory_limit)?;
-        Ok(Vm { lua, clock, config, env_meta, loaded: RefCell::new(HashMap::new()) })
+        let runner = Rc::new(Runner { clock: Arc::clone(&clock), cpu_budget: config.cpu_budget });
+        let loaded = Rc::new(RefCell::new(HashMap::new()));
+        lua.set_app_data(Rc::new(TimerContext {
+            runner: Rc::clone(&runner),
+            env_meta: env_meta.clone(),
+            loaded: Rc::clone(&loaded),
+            pending: Cell::new(0),
+            running: Cell::new(0),
+            max_pending: config.max_pending_timers,
+        }));
+        Ok(Vm { lua, runner, clock, config, env_meta, loaded })
     }
 
     pub fn config(&self) -> &LuaConfig {
@@ -250,15 +329,7 @@ impl Vm {
     pub fn begin(&self, head: RequestHead) -> mlua::Result<Rc<LuaRequest>> {
         let env = self.lua.create_table()?;
         env.set_metatable(Some(self.env_meta.clone()))?;
-        Ok(Rc::new(LuaRequest {
-            state: RequestState::new(head),
-            env,
-            ctx: RefCell::new(None),
-            ngx_fields: RefCell::new(None),
-            lua_time: Cell::new(Duration::ZERO),
-            cpu_budget: Cell::new(None),
-            body_reader: RefCell::new(None),
-        }))
+        Ok(LuaRequest::with_env(head, env))
     }
 
     /// Forgets loaded scripts that `keep` says are gone.
@@ -302,41 +373,15 @@ impl Vm {
 
     async fn run_one(&self, request: &Rc<LuaRequest>, script: &Script) -> Outcome {
         request.state.exit.set(None);
+        request.script.set(script.id);
         let started = {
             let _scope = Scope::enter(request);
             self.handler(request, script).and_then(|f| self.lua.create_thread(f)).and_then(|t| t.into_async::<()>(()))
         };
-        let mut task = match started {
-            Ok(task) => std::pin::pin!(task),
-            Err(e) => return failure(&e),
-        };
-        std::future::poll_fn(|cx| {
-            let Some(budget) = request.remaining_budget(self.config.cpu_budget) else {
-                return Poll::Ready(timeout());
-            };
-            let polled = {
-                let _scope = Scope::enter(request);
-                let began = Instant::now();
-                self.clock.start(budget);
-                let polled = task.as_mut().poll(cx);
-                let expired = self.clock.expired();
-                self.clock.stop();
-                request.lua_time.set(request.lua_time.get() + began.elapsed());
-                if expired {
-                    return Poll::Ready(timeout());
-                }
-                polled
-            };
-            if let Some(status) = request.state.exit.get() {
-                return Poll::Ready(exit_outcome(request.state.phase.get(), status));
-            }
-            match polled {
-                Poll::Ready(Ok(())) => Poll::Ready(Outcome::Continue),
-                Poll::Ready(Err(e)) => Poll::Ready(failure(&e)),
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await
+        match started {
+            Ok(task) => self.runner.drive(request, task).await,
+            Err(e) => failure(&e),
+        }
     }
 
     /// Runs a phase's handlers to completion without waiting: for header_filter, body_filter and

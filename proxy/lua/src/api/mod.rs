@@ -9,6 +9,7 @@ pub(crate) mod output;
 mod re;
 mod req;
 mod time;
+mod timer;
 mod var;
 
 use std::rc::Rc;
@@ -141,6 +142,7 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
     time::install(lua, &ngx)?;
     codec::install(lua, &ngx)?;
     re::install(lua, &ngx)?;
+    timer::install(lua, &ngx)?;
     install_misc(lua, &ngx, config)?;
 
     let print = lua.create_function(|_, args: Variadic<Value>| {
@@ -327,7 +329,9 @@ fn install_misc(lua: &Lua, ngx: &Table, config: &LuaConfig) -> mlua::Result<()> 
         "sleep",
         lua.create_async_function(|_, seconds: f64| {
             let allowed = current("ngx.sleep")
-                .and_then(|r| require_phase(&r, "ngx.sleep", &[Phase::Rewrite, Phase::Access, Phase::Content]))
+                .and_then(|r| {
+                    require_phase(&r, "ngx.sleep", &[Phase::Rewrite, Phase::Access, Phase::Content, Phase::Timer])
+                })
                 .and_then(|()| {
                     if seconds.is_finite() && seconds >= 0.0 {
                         Ok(seconds)

@@ -1,0 +1,131 @@
+//! `ngx.timer.at`, `ngx.timer.every`, `ngx.timer.pending_count`, `ngx.timer.running_count`.
+//!
+//! A timer runs on the worker that created it, in a coroutine of its own, with the same CPU
+//! budget as a request (per run) and in the same VM (so under its memory limit). It outlives the
+//! request that created it and reaches the `ngx.shared` dictionaries of that request's
+//! namespace.
+//!
+//! # Guarantees
+//! - At most `max_pending_timers` (default 1024) timers wait per worker; past that, creating one
+//!   returns `nil, "too many pending timers"` instead of consuming memory.
+//! - An `every` timer whose script was replaced (it is no longer loaded in this worker) finishes
+//!   its current run and is not scheduled again.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use http::{HeaderMap, Method, Version};
+use mlua::{Function, Lua, MultiValue, Table, Value, Variadic};
+
+use super::current;
+use crate::request::{Phase, RequestHead};
+use crate::vm::{LuaRequest, Outcome, TimerContext};
+
+pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
+    let timer = lua.create_table()?;
+    timer.raw_set(
+        "at",
+        lua.create_function(|lua, (delay, callback, args): (f64, Function, Variadic<Value>)| {
+            schedule(lua, delay, callback, args, false)
+        })?,
+    )?;
+    timer.raw_set(
+        "every",
+        lua.create_function(|lua, (delay, callback, args): (f64, Function, Variadic<Value>)| {
+            schedule(lua, delay, callback, args, true)
+        })?,
+    )?;
+    timer.raw_set("pending_count", lua.create_function(|lua, ()| Ok(context(lua)?.pending.get()))?)?;
+    timer.raw_set("running_count", lua.create_function(|lua, ()| Ok(context(lua)?.running.get()))?)?;
+    ngx.raw_set("timer", timer)
+}
+
+fn context(lua: &Lua) -> mlua::Result<Rc<TimerContext>> {
+    lua.app_data_ref::<Rc<TimerContext>>()
+        .map(|c| Rc::clone(&c))
+        .ok_or_else(|| mlua::Error::runtime("timers are not available in this VM"))
+}
+
+fn schedule(
+    lua: &Lua,
+    delay: f64,
+    callback: Function,
+    args: Variadic<Value>,
+    repeat: bool,
+) -> mlua::Result<(Value, Value)> {
+    if !delay.is_finite() || delay < 0.0 {
+        return Err(mlua::Error::runtime("bad argument #1 to 'at' (delay must be a non-negative number)"));
+    }
+    if repeat && delay == 0.0 {
+        return Err(mlua::Error::runtime("bad argument #1 to 'every' (delay cannot be zero)"));
+    }
+    let ctx = context(lua)?;
+    if ctx.pending.get() >= ctx.max_pending {
+        return Ok((Value::Nil, Value::String(lua.create_string("too many pending timers")?)));
+    }
+    let creator = current("ngx.timer.at")?;
+    let namespace = creator.state.head.namespace.clone();
+    let script = creator.script.get();
+    let args: Vec<Value> = args.into_iter().collect();
+    let lua = lua.clone();
+    ctx.pending.set(ctx.pending.get() + 1);
+    tokio::task::spawn_local(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs_f64(delay)).await;
+            ctx.pending.set(ctx.pending.get().saturating_sub(1));
+            if repeat && !ctx.loaded.borrow().contains_key(&script) {
+                tracing::debug!(namespace, "ngx.timer.every stopped: its script was replaced");
+                break;
+            }
+            ctx.running.set(ctx.running.get() + 1);
+            let outcome = run_callback(&lua, &ctx, &namespace, script, &callback, &args).await;
+            ctx.running.set(ctx.running.get() - 1);
+            if let Outcome::Failed { kind, message } = outcome {
+                tracing::error!(target: "lua", namespace, kind = kind.name(), phase = "timer", "Lua timer failed: {message}");
+            }
+            if !repeat {
+                break;
+            }
+            ctx.pending.set(ctx.pending.get() + 1);
+        }
+    });
+    Ok((Value::Boolean(true), Value::Nil))
+}
+
+/// One run of a timer callback: `callback(premature, ...)` in a fresh coroutine and environment.
+async fn run_callback(
+    lua: &Lua,
+    ctx: &TimerContext,
+    namespace: &str,
+    script: u64,
+    callback: &Function,
+    args: &[Value],
+) -> Outcome {
+    let head = RequestHead {
+        method: Method::GET,
+        request_uri: "/".into(),
+        version: Version::HTTP_11,
+        headers: HeaderMap::new(),
+        remote: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+        server_port: 0,
+        https: false,
+        host: String::new(),
+        route: "timer".into(),
+        namespace: namespace.to_owned(),
+        request_id: String::new(),
+    };
+    let started = (|| {
+        let env = lua.create_table()?;
+        env.set_metatable(Some(ctx.env_meta.clone()))?;
+        let request = LuaRequest::with_env(head, env);
+        request.state.phase.set(Phase::Timer);
+        request.script.set(script);
+        let arguments: MultiValue = std::iter::once(Value::Boolean(false)).chain(args.iter().cloned()).collect();
+        let task = lua.create_thread(callback.clone())?.into_async::<()>(arguments)?;
+        Ok::<_, mlua::Error>((request, task))
+    })();
+    match started {
+        Ok((request, task)) => ctx.runner.drive(&request, task).await,
+        Err(e) => Outcome::Failed { kind: crate::FailureKind::Error, message: e.to_string() },
+    }
+}
