@@ -549,3 +549,28 @@ fn timers_run_after_their_request_and_are_bounded() {
         assert_eq!(output(&request), first, "no more runs after its script went");
     });
 }
+
+#[test]
+fn waiting_inside_user_coroutines_suspends_the_request_not_the_coroutine() {
+    let vm = vm();
+    let started = Instant::now();
+    let out = say(
+        &vm,
+        r#"
+        local co = coroutine.create(function(a)
+            ngx.sleep(0.05)
+            local b = coroutine.yield(a + 1)
+            ngx.sleep(0.01)
+            return b * 2
+        end)
+        local ok, v = coroutine.resume(co, 1)
+        ngx.say(ok, " ", v, " ", coroutine.status(co))
+        ok, v = coroutine.resume(co, 21)
+        ngx.say(ok, " ", v, " ", coroutine.status(co))
+        local gen = coroutine.wrap(function() for i = 1, 3 do ngx.sleep(0) coroutine.yield(i) end end)
+        ngx.say(gen(), gen(), gen())
+        "#,
+    );
+    assert_eq!(out, "true 2 suspended\ntrue 42 dead\n123\n");
+    assert!(started.elapsed() >= Duration::from_millis(60), "the sleeps really waited");
+}

@@ -133,6 +133,7 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
 
     wrap_pcall(lua, base)?;
     interruptible_sort(lua, base)?;
+    wrap_coroutines(lua, base)?;
 
     let ngx = lua.create_table()?;
     constants(lua, &ngx)?;
@@ -200,6 +201,47 @@ fn wrap_pcall(lua: &Lua, base: &Table) -> mlua::Result<()> {
         wrap.call((base.raw_get::<mlua::Function>("pcall")?, base.raw_get::<mlua::Function>("xpcall")?, errstr))?;
     base.raw_set("pcall", pcall)?;
     base.raw_set("xpcall", xpcall)
+}
+
+/// User coroutines may call APIs that wait (`ngx.sleep`, later sockets). Such a call suspends
+/// the coroutine with mlua's "pending" marker; `coroutine.resume` and `coroutine.wrap` are
+/// wrapped (as OpenResty wraps them) so that the marker never reaches Lua code: the wrapper
+/// waits along with the coroutine, suspending the request, and resumes it when the wait is over.
+fn wrap_coroutines(lua: &Lua, base: &Table) -> mlua::Result<()> {
+    const WRAP: &str = r##"
+        local raw_create, raw_resume, raw_yield, raw_status, pending = ...
+        local select, error = select, error
+        local function settle(co, ok, ...)
+            if ok and select("#", ...) == 1 and (...) == pending and raw_status(co) == "suspended" then
+                raw_yield(pending)
+                return settle(co, raw_resume(co))
+            end
+            return ok, ...
+        end
+        local function resume(co, ...)
+            return settle(co, raw_resume(co, ...))
+        end
+        local function unwrap(ok, ...)
+            if not ok then error((...), 2) end
+            return ...
+        end
+        local function wrap(f)
+            local co = raw_create(f)
+            return function(...) return unwrap(resume(co, ...)) end
+        end
+        return resume, wrap
+    "##;
+    let coroutine: Table = base.raw_get("coroutine")?;
+    let (resume, wrap): (mlua::Function, mlua::Function) =
+        lua.load(WRAP).set_name("=coroutine").into_function()?.call((
+            coroutine.raw_get::<mlua::Function>("create")?,
+            coroutine.raw_get::<mlua::Function>("resume")?,
+            coroutine.raw_get::<mlua::Function>("yield")?,
+            coroutine.raw_get::<mlua::Function>("status")?,
+            Lua::poll_pending(),
+        ))?;
+    coroutine.raw_set("resume", resume)?;
+    coroutine.raw_set("wrap", wrap)
 }
 
 /// Luau's `table.sort` with its built-in comparison runs in C where the interrupt never fires
