@@ -528,7 +528,6 @@ fn unsupported_lua(source: &str) -> Option<&'static str> {
         ("ngx.location.capture", "subrequests (ngx.location.capture)"),
         ("ngx.exec", "internal redirects (ngx.exec)"),
         ("ngx.socket", "cosockets"),
-        ("ngx.thread", "light threads"),
         ("ngx.req.socket", "cosockets"),
         ("require \"resty.", "resty modules"),
         ("require(\"resty.", "resty modules"),

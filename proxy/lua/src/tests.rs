@@ -574,3 +574,89 @@ fn waiting_inside_user_coroutines_suspends_the_request_not_the_coroutine() {
     assert_eq!(out, "true 2 suspended\ntrue 42 dead\n123\n");
     assert!(started.elapsed() >= Duration::from_millis(60), "the sleeps really waited");
 }
+
+#[test]
+fn light_threads_run_alongside_their_handler() {
+    let vm = vm();
+    assert_eq!(
+        say(
+            &vm,
+            r#"ngx.say("before")
+            local t = ngx.thread.spawn(function(a) ngx.say("in ", a) ngx.sleep(0.01) ngx.say("woke") return "r1", 2 end, "x")
+            ngx.say("parent")
+            local ok, a, b = ngx.thread.wait(t)
+            ngx.say(ok, " ", a, " ", b, " ", type(t))"#
+        ),
+        "before\nin x\nparent\nwoke\ntrue r1 2 userdata\n",
+        "spawn runs the thread until it first waits, then returns"
+    );
+
+    let began = Instant::now();
+    assert_eq!(
+        say(
+            &vm,
+            r#"local function slow(s, v) ngx.sleep(s) return v end
+            local a = ngx.thread.spawn(slow, 0.1, "slow")
+            local b = ngx.thread.spawn(slow, 0.02, "fast")
+            ngx.say(select(2, ngx.thread.wait(a, b)))
+            ngx.say(select(2, ngx.thread.wait(a)))"#
+        ),
+        "fast\nslow\n",
+        "wait returns the first of its threads to end"
+    );
+    assert!(began.elapsed() < Duration::from_millis(180), "the threads slept at the same time: {:?}", began.elapsed());
+
+    assert_eq!(
+        say(&vm, r#"ngx.thread.spawn(function() ngx.sleep(0.01) ngx.say("late") end) ngx.say("entry done")"#),
+        "entry done\nlate\n",
+        "the handler is over only when its threads are"
+    );
+}
+
+#[test]
+fn light_thread_errors_kills_and_exits() {
+    let vm = vm();
+    let out = say(
+        &vm,
+        r#"local now = ngx.thread.spawn(function() error("boom") end)
+        local later = ngx.thread.spawn(function() ngx.sleep(0) error("late boom") end)
+        ngx.say(ngx.thread.wait(now))
+        ngx.say(ngx.thread.wait(later))
+        local t = ngx.thread.spawn(function() ngx.sleep(0.01) ngx.say("never") end)
+        ngx.say(ngx.thread.kill(t))
+        ngx.say(ngx.thread.kill(t))
+        ngx.sleep(0.03)
+        ngx.say(pcall(ngx.thread.wait, t))"#,
+    );
+    assert_eq!(
+        out,
+        "falsetest:1: boom\nfalsetest:2: late boom\n1\nnilalready waited or killed\nfalsengx.thread.wait: thread already waited or killed\n",
+        "errors go to wait, killed threads never run again"
+    );
+
+    let began = Instant::now();
+    let (outcome, _) = run(
+        &vm,
+        Phase::Access,
+        r#"ngx.thread.spawn(function() ngx.sleep(0.01) ngx.exit(403) end) ngx.sleep(2) error("not reached")"#,
+    );
+    assert_eq!(outcome, Outcome::Exit(403), "ngx.exit in a light thread ends the request");
+    assert!(began.elapsed() < Duration::from_secs(1), "the sleeping handler was not waited for");
+
+    let (outcome, _) =
+        run(&vm, Phase::Access, r#"ngx.thread.spawn(function() ngx.exit(401) end) error("not reached")"#);
+    assert_eq!(outcome, Outcome::Exit(401), "also before the thread first waits");
+
+    for source in [
+        "ngx.thread.spawn(function() while true do end end) ngx.say('not reached')",
+        "ngx.thread.spawn(function() ngx.sleep(0) while true do end end) ngx.sleep(5)",
+    ] {
+        let (outcome, _) = run(&vm, Phase::Content, source);
+        assert!(
+            matches!(outcome, Outcome::Failed { kind: FailureKind::Timeout, .. }),
+            "a light thread spends the request's CPU budget: {source}: {outcome:?}"
+        );
+    }
+    let (outcome, _) = run(&vm, Phase::HeaderFilter, "ngx.thread.spawn(function() end)");
+    assert!(matches!(outcome, Outcome::Failed { .. }), "no light threads while the response streams");
+}

@@ -33,6 +33,7 @@ use mlua::chunk::ChunkMode;
 use mlua::{Function, Lua, LuaOptions, StdLib, Table, Value, VmState};
 
 use crate::api;
+use crate::api::thread::LightThread;
 use crate::clock::WorkerClock;
 use crate::compile::Script;
 use crate::request::{Phase, RequestHead, RequestState};
@@ -115,6 +116,10 @@ pub struct LuaRequest {
     pub body_reader: RefCell<Option<BodyReader>>,
     /// Id of the script running now (timers it creates belong to it).
     pub(crate) script: Cell<u64>,
+    /// Light threads spawned by the running handler (`ngx.thread.spawn`).
+    pub(crate) threads: RefCell<Vec<Rc<LightThread>>>,
+    /// Notified whenever one of them ends.
+    pub(crate) thread_ended: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for LuaRequest {
@@ -137,6 +142,8 @@ impl LuaRequest {
             cpu_budget: Cell::new(None),
             body_reader: RefCell::new(None),
             script: Cell::new(0),
+            threads: RefCell::new(Vec::new()),
+            thread_ended: tokio::sync::Notify::new(),
         })
     }
 
@@ -195,8 +202,18 @@ pub(crate) struct Runner {
 
 impl Runner {
     pub(crate) async fn drive(&self, request: &Rc<LuaRequest>, task: mlua::thread::AsyncThread<()>) -> Outcome {
+        self.drive_values(request, task).await.0
+    }
+
+    /// Like [`Runner::drive`], keeping what the coroutine returned (light threads need it).
+    pub(crate) async fn drive_values<R>(
+        &self,
+        request: &Rc<LuaRequest>,
+        task: impl Future<Output = mlua::Result<R>>,
+    ) -> (Outcome, Option<R>) {
         let mut task = std::pin::pin!(task);
-        std::future::poll_fn(|cx| {
+        let mut values = None;
+        let outcome = std::future::poll_fn(|cx| {
             let Some(budget) = request.remaining_budget(self.cpu_budget) else {
                 return Poll::Ready(timeout());
             };
@@ -217,12 +234,16 @@ impl Runner {
                 return Poll::Ready(exit_outcome(request.state.phase.get(), status));
             }
             match polled {
-                Poll::Ready(Ok(())) => Poll::Ready(Outcome::Continue),
+                Poll::Ready(Ok(v)) => {
+                    values = Some(v);
+                    Poll::Ready(Outcome::Continue)
+                }
                 Poll::Ready(Err(e)) => Poll::Ready(failure(&e)),
                 Poll::Pending => Poll::Pending,
             }
         })
-        .await
+        .await;
+        (outcome, values)
     }
 }
 
@@ -378,9 +399,38 @@ impl Vm {
             let _scope = Scope::enter(request);
             self.handler(request, script).and_then(|f| self.lua.create_thread(f)).and_then(|t| t.into_async::<()>(()))
         };
-        match started {
-            Ok(task) => self.runner.drive(request, task).await,
-            Err(e) => failure(&e),
+        let _threads = KillThreadsOnDrop(request);
+        let outcome = match started {
+            Ok(task) => {
+                tokio::select! {
+                    biased;
+                    outcome = self.runner.drive(request, task) => outcome,
+                    outcome = self.watch_threads(request, false) => outcome,
+                }
+            }
+            Err(e) => return failure(&e),
+        };
+        if outcome != Outcome::Continue {
+            return outcome;
+        }
+        self.watch_threads(request, true).await
+    }
+
+    /// Follows the request's light threads: returns when one of them ends the request
+    /// (`ngx.exit`, CPU budget) or, with `until_all_ended`, once none runs.
+    async fn watch_threads(&self, request: &LuaRequest, until_all_ended: bool) -> Outcome {
+        loop {
+            let ended = request.thread_ended.notified();
+            if let Some(status) = request.state.exit.get() {
+                return exit_outcome(request.state.phase.get(), status);
+            }
+            if request.remaining_budget(self.config.cpu_budget).is_none() {
+                return timeout();
+            }
+            if until_all_ended && !request.threads.borrow().iter().any(|t| t.is_running()) {
+                return Outcome::Continue;
+            }
+            ended.await;
         }
     }
 
@@ -432,6 +482,18 @@ impl Vm {
     pub fn collect_if_needed(&self) {
         if self.lua.used_memory() > self.config.memory_limit / 2 {
             let _ = self.lua.gc_collect();
+        }
+    }
+}
+
+/// A handler's light threads do not outlive it: when it ends (or its request goes away),
+/// those still running are killed.
+struct KillThreadsOnDrop<'a>(&'a LuaRequest);
+
+impl Drop for KillThreadsOnDrop<'_> {
+    fn drop(&mut self) {
+        for thread in self.0.threads.take() {
+            thread.kill();
         }
     }
 }

@@ -8,6 +8,7 @@ mod json;
 pub(crate) mod output;
 mod re;
 mod req;
+pub(crate) mod thread;
 mod time;
 mod timer;
 mod var;
@@ -144,6 +145,7 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
     codec::install(lua, &ngx)?;
     re::install(lua, &ngx)?;
     timer::install(lua, &ngx)?;
+    thread::install(lua, &ngx)?;
     install_misc(lua, &ngx, config)?;
 
     let print = lua.create_function(|_, args: Variadic<Value>| {
