@@ -46,6 +46,8 @@ enum Command {
         #[command(flatten)]
         translation: TranslationArgs,
     },
+    /// Print the CustomResourceDefinitions tidegate serves (what `crds/` holds).
+    Crd,
     /// A small backend that answers every request with a JSON description of it.
     Echo {
         #[arg(long, default_value = "127.0.0.1:9000")]
@@ -228,6 +230,10 @@ fn main() -> ExitCode {
         }
         Command::Validate { files, translation } => return validate(&files, translation.options()),
         Command::Echo { listen, service, namespace } => return run_echo(listen, service, namespace),
+        Command::Crd => {
+            print!("{}", tidegate_controller::luaroute::crd_yaml());
+            return ExitCode::SUCCESS;
+        }
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

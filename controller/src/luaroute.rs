@@ -4,7 +4,10 @@
 //! run by the proxy's Lua runtime; until a LuaRoute's handlers can run, its routes are never
 //! served, because serving a route whose `access` handler is skipped would open what it guards.
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::CustomResource;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::status::{ObjectStatus, Reason};
@@ -26,8 +29,28 @@ pub struct LuaRoute {
     pub status: Option<serde_json::Value>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+// The CustomResourceDefinition is generated from this type (`tidegate crd`, checked against
+// `crds/` by a test): its schema rejects what a schema can, `validate` the rest. Doc comments
+// here are what `kubectl explain` shows.
+/// Routes with Lua handlers, and handlers that Ingresses attach with the
+/// `tidegate.dev/lua-route` annotation.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema, CustomResource)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[kube(
+    group = "tidegate.dev",
+    version = "v1alpha1",
+    kind = "LuaRoute",
+    root = "LuaRouteResource",
+    doc = "LuaRoute: routes with Lua handlers (OpenResty phases) served by tidegate.",
+    namespaced,
+    status = "LuaRouteStatus",
+    shortname = "lr",
+    category = "tidegate",
+    printcolumn = r#"{"name": "Hosts", "type": "string", "jsonPath": ".spec.hosts"}"#,
+    printcolumn = r#"{"name": "Accepted", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name": "Programmed", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Programmed\")].status"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+)]
 pub struct LuaRouteSpec {
     /// The IngressClass this LuaRoute belongs to; ours when absent.
     #[serde(default)]
@@ -45,6 +68,7 @@ pub struct LuaRouteSpec {
     pub lua: Option<LuaHandlers>,
     /// Lua time allowed per request (`50ms`, `1s`); the proxy's default when absent.
     #[serde(default)]
+    #[schemars(pattern(r"^[0-9]+(ms|s)?$"))]
     pub cpu_budget: Option<String>,
     /// Routes of its own; may be empty when the LuaRoute only provides `spec.lua` for
     /// Ingresses to attach.
@@ -52,23 +76,26 @@ pub struct LuaRouteSpec {
     pub routes: Vec<LuaRouteRule>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LuaRouteTls {
     /// A `kubernetes.io/tls` Secret in the LuaRoute's namespace.
     pub secret_name: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SharedDict {
+    /// The Lua name: `ngx.shared.NAME`.
+    #[schemars(pattern(r"^[A-Za-z_][A-Za-z0-9_]*$"))]
     pub name: String,
     /// A Kubernetes quantity: `10Mi`, `512k`, `1048576`.
+    #[schemars(pattern(r"^[0-9]+(Ki|Mi|Gi|k|M|G)?$"))]
     pub size: String,
 }
 
 /// Lua source for each OpenResty phase, in the order they run.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LuaHandlers {
     pub rewrite: Option<String>,
@@ -79,9 +106,11 @@ pub struct LuaHandlers {
     pub log: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LuaRouteRule {
+    /// Unique within the LuaRoute.
+    #[schemars(length(min = 1))]
     pub name: String,
     #[serde(rename = "match")]
     pub matches: RouteMatch,
@@ -91,7 +120,18 @@ pub struct LuaRouteRule {
     pub lua: Option<LuaHandlers>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+/// The status the controller writes.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LuaRouteStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Accepted` and `Programmed`, with the field and Lua line of each problem.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouteMatch {
     pub path: PathSpec,
@@ -101,44 +141,47 @@ pub struct RouteMatch {
     pub headers: Vec<HeaderMatch>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PathSpec {
     #[serde(rename = "type")]
     pub kind: LuaPathType,
+    /// Starts with `/`.
+    #[schemars(pattern(r"^/"))]
     pub value: String,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 pub enum LuaPathType {
     Exact,
     Prefix,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HeaderMatch {
     pub name: String,
     pub value: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LuaBackend {
     pub service: ServiceRef,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceRef {
     pub name: String,
     pub port: PortRef,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PortRef {
     #[serde(default)]
+    #[schemars(range(min = 1, max = 65535))]
     pub number: Option<i32>,
     #[serde(default)]
     pub name: Option<String>,
@@ -246,6 +289,14 @@ impl LuaHandlers {
             Phase::Log => self.log.as_deref(),
         }
     }
+}
+
+/// The `LuaRoute` CustomResourceDefinition as YAML, as `crds/` holds it.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    let crd = LuaRouteResource::crd();
+    let yaml = serde_saphyr::to_string(&crd).unwrap_or_else(|e| panic!("a CRD always serializes: {e}"));
+    format!("# Generated by `tidegate crd`; do not edit.\n{yaml}")
 }
 
 /// Parses a CPU budget: `50ms`, `1s`, `250` (milliseconds).
