@@ -268,3 +268,66 @@ async fn shared_dict_counts_exactly_across_workers_and_stays_in_its_namespace() 
         "{metrics}"
     );
 }
+
+/// A line server on loopback: answers each line with `echo: LINE` and keeps what it got.
+async fn line_server() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = std::sync::Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let record = std::sync::Arc::clone(&record);
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    record.lock().expect("lock").push(line.clone());
+                    if write.write_all(format!("echo: {line}\r\n").as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cosockets_work_in_content_header_filter_and_log() {
+    let (port, seen) = line_server().await;
+    let call = |what: &str| {
+        format!(
+            "local sock = ngx.socket.tcp()\n        sock:settimeout(2000)\n        assert(sock:connect('127.0.0.1', {port}))\n        assert(sock:send('{what}\\n'))\n        local line = assert(sock:receive())\n        local reused = sock:getreusedtimes()\n        assert(sock:setkeepalive())\n"
+        )
+    };
+    let routes = format!(
+        "---\napiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {{name: sockets, namespace: t}}\nspec:\n  hosts: [sockets.test]\n  routes:\n  - name: content\n    match: {{path: {{type: Prefix, value: /line}}}}\n    lua:\n      content: |\n        {}        ngx.say(line, ' reused ', reused)\n  - name: filtered\n    match: {{path: {{type: Prefix, value: /up}}}}\n    backend: {{service: {{name: web, port: {{number: 80}}}}}}\n    lua:\n      headerFilter: |\n        {}        ngx.header['X-Line'] = line\n      log: |\n        {}",
+        call("content"),
+        call("header"),
+        call("log ' .. ngx.var.status .. '"),
+    );
+    let (tidegate, _dir) = start(&routes).await;
+
+    let mut conn = support::H1::connect(tidegate.http).await.expect("connect");
+    let get = |path: &str| Request::get(path).header("host", "sockets.test").body(Body::default()).expect("request");
+    let first = conn.send(get("/line")).await.expect("answer");
+    assert_eq!(String::from_utf8_lossy(&first.body), "echo: content reused 0\n");
+    let second = conn.send(get("/line")).await.expect("answer");
+    assert_eq!(
+        String::from_utf8_lossy(&second.body),
+        "echo: content reused 1\n",
+        "the keep-alive pool of the worker gave the same connection back"
+    );
+
+    let filtered = conn.send(get("/up")).await.expect("answer");
+    assert_eq!(filtered.status, StatusCode::OK);
+    assert_eq!(filtered.headers["x-line"], "echo: header", "header_filter waited on its socket");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !seen.lock().expect("lock").iter().any(|l| l == "log 200") {
+        assert!(Instant::now() < deadline, "the log handler's line never arrived: {:?}", seen.lock().expect("lock"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(tidegate.problems_mentioning("Lua").is_empty(), "{:?}", tidegate.logs());
+}

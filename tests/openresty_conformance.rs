@@ -527,7 +527,6 @@ fn unsupported_lua(source: &str) -> Option<&'static str> {
     let uses = [
         ("ngx.location.capture", "subrequests (ngx.location.capture)"),
         ("ngx.exec", "internal redirects (ngx.exec)"),
-        ("ngx.socket", "cosockets"),
         ("ngx.req.socket", "cosockets"),
         ("require \"resty.", "resty modules"),
         ("require(\"resty.", "resty modules"),

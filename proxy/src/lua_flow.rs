@@ -86,7 +86,7 @@ pub(crate) async fn serve(
         match vm.run(&lua, phase, scripts).await {
             LuaOutcome::Continue => {}
             LuaOutcome::Exit(status) => {
-                return filtered(worker, target, chain, &lua, lua_response(&lua, Some(status)), outcome);
+                return filtered(worker, target, chain, &lua, lua_response(&lua, Some(status)), outcome).await;
             }
             LuaOutcome::Failed { kind, message } => {
                 return failed(worker, &target.name, phase, kind, &message, Some(&lua));
@@ -138,11 +138,12 @@ pub(crate) async fn serve(
             }
         }
     };
-    filtered(worker, target, chain, &lua, response, outcome)
+    filtered(worker, target, chain, &lua, response, outcome).await
 }
 
-/// Applies header_filter, installs body_filter and log around a response.
-fn filtered(
+/// Applies header_filter, installs body_filter and log around a response. header_filter and
+/// log handlers may wait (sleep, cosockets); body_filter runs inside body streaming and may not.
+async fn filtered(
     worker: &Rc<Worker>,
     target: &Target,
     chain: &Arc<LuaChain>,
@@ -155,7 +156,7 @@ fn filtered(
         lua.state.status.set(response.status().as_u16());
         *lua.state.response_headers.borrow_mut() = std::mem::take(response.headers_mut());
         lua.state.headers_sent.set(false);
-        let result = vm.run_now(lua, Phase::HeaderFilter, chain.phase(Phase::HeaderFilter));
+        let result = vm.run(lua, Phase::HeaderFilter, chain.phase(Phase::HeaderFilter)).await;
         lua.state.headers_sent.set(true);
         match result {
             LuaOutcome::Failed { kind, message } => {
@@ -197,12 +198,18 @@ fn filtered(
     let (worker, lua, chain, route) = (Rc::clone(worker), Rc::clone(lua), Arc::clone(chain), target.name.to_string());
     outcome.after = Some(Box::new(move |bytes_sent| {
         lua.state.bytes_sent.set(bytes_sent);
-        if !chain.phase(Phase::Log).is_empty()
-            && let LuaOutcome::Failed { kind, message } = worker.vm.run_now(&lua, Phase::Log, chain.phase(Phase::Log))
-        {
-            report(&worker, &route, Phase::Log, kind, &message, Some(&lua));
+        if chain.phase(Phase::Log).is_empty() {
+            worker.note_lua_memory();
+            return;
         }
-        worker.note_lua_memory();
+        // The response is over; log handlers run on their own and may wait (cosockets, sleep).
+        tokio::task::spawn_local(async move {
+            if let LuaOutcome::Failed { kind, message } = worker.vm.run(&lua, Phase::Log, chain.phase(Phase::Log)).await
+            {
+                report(&worker, &route, Phase::Log, kind, &message, Some(&lua));
+            }
+            worker.note_lua_memory();
+        });
     }));
     response
 }

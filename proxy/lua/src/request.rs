@@ -47,6 +47,11 @@ impl Phase {
     }
 }
 
+/// Phases whose handlers may wait (sleep, cosockets). Unlike OpenResty, that includes
+/// header_filter and log; body_filter runs inside response streaming and cannot.
+pub(crate) const WAITING_PHASES: &[Phase] =
+    &[Phase::Rewrite, Phase::Access, Phase::Content, Phase::HeaderFilter, Phase::Log, Phase::Timer];
+
 /// The client request as Lua first sees it.
 #[derive(Debug, Clone)]
 pub struct RequestHead {

@@ -660,3 +660,110 @@ fn light_thread_errors_kills_and_exits() {
     let (outcome, _) = run(&vm, Phase::HeaderFilter, "ngx.thread.spawn(function() end)");
     assert!(matches!(outcome, Outcome::Failed { .. }), "no light threads while the response streams");
 }
+
+/// A line server on loopback: answers each line with `echo: LINE`, `bye` closes, `silent`
+/// answers nothing, `blob` sends 10 bytes then closes.
+async fn line_server() -> std::net::SocketAddr {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::task::spawn_local(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::task::spawn_local(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    match line.as_str() {
+                        "bye" => return,
+                        "silent" => {}
+                        "blob" => {
+                            let _ = write.write_all(b"0123456789").await;
+                            return;
+                        }
+                        _ => {
+                            let _ = write.write_all(format!("echo: {line}\r\n").as_bytes()).await;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn cosockets_talk_to_a_real_server_and_reuse_connections() {
+    let vm = vm();
+    block_on(async {
+        let addr = line_server().await;
+        let port = addr.port();
+        let run_content = |source: String| {
+            let request = vm.begin(head("/")).expect("request");
+            let vm = &vm;
+            async move {
+                let outcome = vm.run(&request, Phase::Content, &[script(&source)]).await;
+                assert_eq!(outcome, Outcome::Continue, "{source}: {}", output(&request));
+                output(&request)
+            }
+        };
+        let out = run_content(format!(
+            r#"local sock = ngx.socket.tcp()
+            sock:settimeout(1000)
+            ngx.say(sock:connect("127.0.0.1", {port}))
+            ngx.say(sock:send({{"hello", " ", 42, "\n"}}))
+            ngx.say(sock:receive())
+            sock:send("abc\n")
+            ngx.say(sock:receive(5), "|", sock:receive("*l"))
+            sock:send("xyz\n")
+            ngx.say(sock:receiveany(3), "|", sock:receiveany(100))
+            ngx.say(sock:getreusedtimes(), " ", sock:setkeepalive())
+            local again = ngx.socket.tcp()
+            again:connect("127.0.0.1", {port})
+            ngx.say("reused ", again:getreusedtimes())
+            again:send("still there\n")
+            ngx.say(again:receive())
+            again:setkeepalive()"#
+        ))
+        .await;
+        assert_eq!(out, "1\n9\necho: hello 42\necho:| abc\nech|o: xyz\r\n\n0 1\nreused 1\necho: still there\n");
+
+        let out = run_content(format!(
+            r#"local sock = ngx.socket.tcp()
+            sock:connect("127.0.0.1", {port})
+            ngx.say("next request reuses: ", sock:getreusedtimes())
+            sock:settimeout(50)
+            sock:send("silent\n")
+            local data, err, partial = sock:receive()
+            ngx.say(data, " ", err, " [", partial, "]")
+            sock:send("blob\n")
+            ngx.say(sock:receive(4))
+            ngx.say(sock:receive(100))
+            ngx.say(sock:receive())
+            local all = ngx.socket.tcp()
+            all:connect("127.0.0.1", {port})
+            all:send("blob\n")
+            ngx.say(all:receive("*a"))
+            ngx.say(all:close())"#
+        ))
+        .await;
+        assert_eq!(
+            out, "next request reuses: 2\nnil timeout []\n0123\nnilclosed456789\nnilclosed\n0123456789\n1\n",
+            "timeouts keep the connection, the end of the stream gives the partial data"
+        );
+
+        let closed_port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").port()
+        };
+        let out = run_content(format!(
+            r#"local sock, err = ngx.socket.connect("127.0.0.1", {closed_port})
+            ngx.say(sock, " ", err)
+            local s = ngx.socket.tcp()
+            ngx.say(s:send("x"))
+            ngx.say(pcall(s.send, s, function() end))"#
+        ))
+        .await;
+        assert!(out.starts_with("nil connection refused\nnilclosed\nfalse"), "{out}");
+        assert!(out.contains("bad argument #1 to 'send'"), "{out}");
+    });
+}

@@ -8,6 +8,7 @@ mod json;
 pub(crate) mod output;
 mod re;
 mod req;
+mod socket;
 pub(crate) mod thread;
 mod time;
 mod timer;
@@ -146,6 +147,7 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
     re::install(lua, &ngx)?;
     timer::install(lua, &ngx)?;
     thread::install(lua, &ngx)?;
+    socket::install(lua, &ngx)?;
     install_misc(lua, &ngx, config)?;
 
     let print = lua.create_function(|_, args: Variadic<Value>| {
@@ -373,9 +375,7 @@ fn install_misc(lua: &Lua, ngx: &Table, config: &LuaConfig) -> mlua::Result<()> 
         "sleep",
         lua.create_async_function(|_, seconds: f64| {
             let allowed = current("ngx.sleep")
-                .and_then(|r| {
-                    require_phase(&r, "ngx.sleep", &[Phase::Rewrite, Phase::Access, Phase::Content, Phase::Timer])
-                })
+                .and_then(|r| require_phase(&r, "ngx.sleep", crate::request::WAITING_PHASES))
                 .and_then(|()| {
                     if seconds.is_finite() && seconds >= 0.0 {
                         Ok(seconds)

@@ -1,0 +1,422 @@
+//! Cosockets: `ngx.socket.tcp()` and `ngx.socket.connect(host, port)`.
+//!
+//! A socket belongs to the worker that created it. Every call that waits (connect, send,
+//! receive) suspends only the calling coroutine, bounded by the socket's timeouts; the worker
+//! serves others meanwhile. Names are resolved off the worker (tokio's resolver thread pool).
+//!
+//! Errors are returned as OpenResty returns them: `nil, "timeout"`, `nil, "closed"`,
+//! `nil, "connection refused"`, with the partial data read so far as a third value for
+//! `receive`. A read timeout leaves the connection usable; any other error closes it.
+//!
+//! `setkeepalive` puts the connection in this worker's pool, keyed by `host:port` (or the
+//! `pool` option of `connect`), for its idle timeout; a pool keeps at most `size` connections
+//! and closes the least recently used past that. A pooled connection that the peer closed, or
+//! that has unexpected bytes, is dropped instead of reused.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::io;
+use std::time::{Duration, Instant};
+
+use mlua::{Lua, MultiValue, Table, UserData, UserDataMethods, UserDataRef, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use super::{current, require_phase};
+use crate::request::WAITING_PHASES;
+
+/// `lua_socket_connect_timeout`, `lua_socket_send_timeout`, `lua_socket_read_timeout`.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// `lua_socket_pool_size`.
+const DEFAULT_POOL_SIZE: usize = 30;
+/// `lua_socket_keepalive_timeout`.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Connection {
+    stream: BufReader<TcpStream>,
+    /// How many times it was taken from a pool.
+    reused: u32,
+    pool: String,
+}
+
+struct Idle {
+    connection: Connection,
+    expires: Instant,
+}
+
+thread_local! {
+    /// This worker's keep-alive pools, by pool name; most recently used last.
+    static POOLS: RefCell<HashMap<String, Vec<Idle>>> = RefCell::new(HashMap::new());
+}
+
+/// A pooled connection still open and quiet, if there is one.
+fn take_pooled(pool: &str) -> Option<Connection> {
+    POOLS.with(|pools| {
+        let mut pools = pools.borrow_mut();
+        let idle = pools.get_mut(pool)?;
+        let now = Instant::now();
+        while let Some(Idle { mut connection, expires }) = idle.pop() {
+            let mut probe = [0u8; 1];
+            let quiet = matches!(connection.stream.get_ref().try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+            if expires > now && quiet {
+                connection.reused += 1;
+                return Some(connection);
+            }
+        }
+        None
+    })
+}
+
+fn put_pooled(connection: Connection, idle_timeout: Duration, size: usize) {
+    POOLS.with(|pools| {
+        let mut pools = pools.borrow_mut();
+        let idle = pools.entry(connection.pool.clone()).or_default();
+        let now = Instant::now();
+        idle.retain(|i| i.expires > now);
+        while idle.len() >= size.max(1) {
+            idle.remove(0);
+        }
+        idle.push(Idle { connection, expires: now + idle_timeout });
+    });
+}
+
+/// The object `ngx.socket.tcp()` returns.
+struct TcpSocket {
+    connection: RefCell<Option<Connection>>,
+    /// Set while a call waits on the connection (it is taken out meanwhile).
+    busy: Cell<bool>,
+    connect_timeout: Cell<Duration>,
+    send_timeout: Cell<Duration>,
+    read_timeout: Cell<Duration>,
+    reused: Cell<u32>,
+}
+
+impl TcpSocket {
+    fn new() -> TcpSocket {
+        TcpSocket {
+            connection: RefCell::new(None),
+            busy: Cell::new(false),
+            connect_timeout: Cell::new(DEFAULT_TIMEOUT),
+            send_timeout: Cell::new(DEFAULT_TIMEOUT),
+            read_timeout: Cell::new(DEFAULT_TIMEOUT),
+            reused: Cell::new(0),
+        }
+    }
+
+    /// Takes the connection for one call, or says why there is none.
+    fn take(&self) -> Result<Connection, &'static str> {
+        if self.busy.get() {
+            return Err("socket busy");
+        }
+        let connection = self.connection.borrow_mut().take().ok_or("closed")?;
+        self.busy.set(true);
+        Ok(connection)
+    }
+
+    /// Gives the connection back after a call (`None`: the call closed it).
+    fn give_back(&self, connection: Option<Connection>) {
+        self.busy.set(false);
+        *self.connection.borrow_mut() = connection;
+    }
+}
+
+/// `nil, err[, partial]`.
+fn failure(lua: &Lua, error: &str, partial: Option<&[u8]>) -> mlua::Result<MultiValue> {
+    let mut values = vec![Value::Nil, Value::String(lua.create_string(error)?)];
+    if let Some(partial) = partial {
+        values.push(Value::String(lua.create_string(partial)?));
+    }
+    Ok(values.into_iter().collect())
+}
+
+fn success(value: Value) -> MultiValue {
+    std::iter::once(value).collect()
+}
+
+fn io_error(error: &io::Error) -> String {
+    match error.kind() {
+        io::ErrorKind::ConnectionRefused => "connection refused".into(),
+        io::ErrorKind::TimedOut => "timeout".into(),
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::BrokenPipe => "closed".into(),
+        _ => error.to_string(),
+    }
+}
+
+fn milliseconds(ms: Option<f64>) -> Option<Duration> {
+    ms.filter(|ms| ms.is_finite() && *ms > 0.0).map(|ms| Duration::from_secs_f64(ms / 1000.0))
+}
+
+/// The bytes `send` writes: a string, a number, or an array of those (nested).
+fn flatten(value: &Value, out: &mut Vec<u8>, depth: usize) -> mlua::Result<()> {
+    match value {
+        Value::String(s) => out.extend_from_slice(&s.as_bytes()),
+        Value::Integer(i) => out.extend_from_slice(i.to_string().as_bytes()),
+        Value::Number(n) => out.extend_from_slice(crate::api::format_number(*n).as_bytes()),
+        Value::Table(t) if depth < 32 => {
+            for item in t.sequence_values::<Value>() {
+                flatten(&item?, out, depth + 1)?;
+            }
+        }
+        other => {
+            return Err(mlua::Error::runtime(format!(
+                "bad argument #1 to 'send' (string, number or array table expected, got {})",
+                other.type_name()
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn connect(
+    socket: &TcpSocket,
+    lua: &Lua,
+    host: String,
+    port: Option<u16>,
+    options: Option<Table>,
+) -> mlua::Result<MultiValue> {
+    let request = current("ngx.socket connect")?;
+    require_phase(&request, "ngx.socket connect", WAITING_PHASES)?;
+    if socket.busy.get() {
+        return failure(lua, "socket busy", None);
+    }
+    if host.starts_with("unix:") {
+        return failure(lua, "unix domain sockets are not supported", None);
+    }
+    let Some(port) = port else {
+        return Err(mlua::Error::runtime("bad argument #2 to 'connect' (port expected)"));
+    };
+    let pool = match options.as_ref().map(|o| o.get::<Option<String>>("pool")).transpose()?.flatten() {
+        Some(name) => name,
+        None => format!("{host}:{port}"),
+    };
+    // A connected socket is closed first, as in OpenResty.
+    socket.connection.borrow_mut().take();
+    if let Some(connection) = take_pooled(&pool) {
+        socket.reused.set(connection.reused);
+        socket.give_back(Some(connection));
+        return Ok(success(Value::Integer(1)));
+    }
+    socket.busy.set(true);
+    let connected = tokio::time::timeout(socket.connect_timeout.get(), TcpStream::connect((host.as_str(), port))).await;
+    socket.busy.set(false);
+    let stream = match connected {
+        Err(_) => return failure(lua, "timeout", None),
+        Ok(Err(e)) => return failure(lua, &io_error(&e), None),
+        Ok(Ok(stream)) => stream,
+    };
+    let _ = stream.set_nodelay(true);
+    socket.reused.set(0);
+    socket.give_back(Some(Connection { stream: BufReader::new(stream), reused: 0, pool }));
+    Ok(success(Value::Integer(1)))
+}
+
+enum Pattern {
+    Line,
+    All,
+    Bytes(usize),
+}
+
+fn pattern(value: Option<Value>) -> mlua::Result<Pattern> {
+    let bad = || mlua::Error::runtime("bad argument #1 to 'receive' (bad pattern argument)");
+    match value {
+        None | Some(Value::Nil) => Ok(Pattern::Line),
+        Some(Value::String(s)) => match &*s.as_bytes() {
+            b"*l" | b"l" => Ok(Pattern::Line),
+            b"*a" | b"a" => Ok(Pattern::All),
+            _ => Err(bad()),
+        },
+        Some(Value::Integer(n)) => usize::try_from(n).map(Pattern::Bytes).map_err(|_| bad()),
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        Some(Value::Number(n)) if n >= 0.0 && n.is_finite() => Ok(Pattern::Bytes(n as usize)),
+        Some(_) => Err(bad()),
+    }
+}
+
+/// How one read ended: the data, and the error if it did not complete.
+async fn read(stream: &mut BufReader<TcpStream>, pattern: &Pattern, timeout: Duration) -> (Vec<u8>, Option<String>) {
+    let mut data = Vec::new();
+    let outcome = tokio::time::timeout(timeout, async {
+        match pattern {
+            Pattern::Line => {
+                let n = stream.read_until(b'\n', &mut data).await?;
+                if n == 0 || data.last() != Some(&b'\n') {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                data.pop();
+                if data.last() == Some(&b'\r') {
+                    data.pop();
+                }
+                Ok(())
+            }
+            Pattern::All => stream.read_to_end(&mut data).await.map(drop),
+            Pattern::Bytes(n) => {
+                let n = *n;
+                while data.len() < n {
+                    let available = stream.fill_buf().await?;
+                    if available.is_empty() {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                    let take = available.len().min(n - data.len());
+                    data.extend_from_slice(&available[..take]);
+                    stream.consume(take);
+                }
+                Ok(())
+            }
+        }
+    })
+    .await;
+    match outcome {
+        Err(_) => (data, Some("timeout".into())),
+        Ok(Err(e)) => (data, Some(io_error(&e))),
+        Ok(Ok(())) => (data, None),
+    }
+}
+
+impl UserData for TcpSocket {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_async_method(
+            "connect",
+            |lua, this: UserDataRef<TcpSocket>, (host, port, options): (String, Option<u16>, Option<Table>)| async move {
+                connect(&this, &lua, host, port, options).await
+            },
+        );
+        methods.add_method("settimeout", |_, this, ms: Option<f64>| {
+            let timeout = milliseconds(ms).unwrap_or(DEFAULT_TIMEOUT);
+            this.connect_timeout.set(timeout);
+            this.send_timeout.set(timeout);
+            this.read_timeout.set(timeout);
+            Ok(())
+        });
+        methods.add_method("settimeouts", |_, this, (connect, send, read): (Option<f64>, Option<f64>, Option<f64>)| {
+            this.connect_timeout.set(milliseconds(connect).unwrap_or(DEFAULT_TIMEOUT));
+            this.send_timeout.set(milliseconds(send).unwrap_or(DEFAULT_TIMEOUT));
+            this.read_timeout.set(milliseconds(read).unwrap_or(DEFAULT_TIMEOUT));
+            Ok(())
+        });
+        methods.add_async_method("send", |lua, this: UserDataRef<TcpSocket>, data: Value| async move {
+            let mut bytes = Vec::new();
+            flatten(&data, &mut bytes, 0)?;
+            let mut connection = match this.take() {
+                Ok(c) => c,
+                Err(why) => return failure(&lua, why, None),
+            };
+            let written =
+                tokio::time::timeout(this.send_timeout.get(), connection.stream.get_mut().write_all(&bytes)).await;
+            match written {
+                Ok(Ok(())) => {
+                    this.give_back(Some(connection));
+                    Ok(success(Value::Integer(i64::try_from(bytes.len()).unwrap_or(i64::MAX))))
+                }
+                Err(_) => {
+                    this.give_back(None);
+                    failure(&lua, "timeout", None)
+                }
+                Ok(Err(e)) => {
+                    this.give_back(None);
+                    failure(&lua, &io_error(&e), None)
+                }
+            }
+        });
+        methods.add_async_method(
+            "receive",
+            |lua, this: UserDataRef<TcpSocket>, pattern_arg: Option<Value>| async move {
+                let pattern = pattern(pattern_arg)?;
+                let mut connection = match this.take() {
+                    Ok(c) => c,
+                    Err(why) => return failure(&lua, why, None),
+                };
+                let (data, error) = read(&mut connection.stream, &pattern, this.read_timeout.get()).await;
+                match error {
+                    None => {
+                        this.give_back(Some(connection));
+                        Ok(success(Value::String(lua.create_string(&data)?)))
+                    }
+                    // `*a` ends at end of stream: that is its success.
+                    Some(e) if e == "closed" && matches!(pattern, Pattern::All) => {
+                        this.give_back(None);
+                        Ok(success(Value::String(lua.create_string(&data)?)))
+                    }
+                    Some(e) => {
+                        this.give_back((e == "timeout").then_some(connection));
+                        failure(&lua, &e, Some(&data))
+                    }
+                }
+            },
+        );
+        methods.add_async_method("receiveany", |lua, this: UserDataRef<TcpSocket>, max: i64| async move {
+            let max = usize::try_from(max)
+                .ok()
+                .filter(|m| *m > 0)
+                .ok_or_else(|| mlua::Error::runtime("bad argument #2 to 'receiveany' (bad max argument)"))?;
+            let mut connection = match this.take() {
+                Ok(c) => c,
+                Err(why) => return failure(&lua, why, None),
+            };
+            let filled = tokio::time::timeout(this.read_timeout.get(), connection.stream.fill_buf()).await;
+            let data = match filled {
+                Err(_) => {
+                    this.give_back(Some(connection));
+                    return failure(&lua, "timeout", None);
+                }
+                Ok(Err(e)) => {
+                    this.give_back(None);
+                    return failure(&lua, &io_error(&e), None);
+                }
+                Ok(Ok([])) => {
+                    this.give_back(None);
+                    return failure(&lua, "closed", None);
+                }
+                Ok(Ok(available)) => available[..available.len().min(max)].to_vec(),
+            };
+            connection.stream.consume(data.len());
+            this.give_back(Some(connection));
+            Ok(success(Value::String(lua.create_string(&data)?)))
+        });
+        methods.add_method("setkeepalive", |lua, this, (timeout, size): (Option<f64>, Option<i64>)| {
+            let connection = match this.take() {
+                Ok(c) => c,
+                Err(why) => return failure(lua, why, None),
+            };
+            this.give_back(None);
+            if !connection.stream.buffer().is_empty() {
+                return failure(lua, "unread data in buffer", None);
+            }
+            let size = size.and_then(|s| usize::try_from(s).ok()).filter(|s| *s > 0).unwrap_or(DEFAULT_POOL_SIZE);
+            // 0 means no idle timeout: kept until the pool is full.
+            let idle = match timeout {
+                Some(0.0) => Duration::from_secs(u64::from(u32::MAX)),
+                other => milliseconds(other).unwrap_or(DEFAULT_IDLE_TIMEOUT),
+            };
+            put_pooled(connection, idle, size);
+            Ok(success(Value::Integer(1)))
+        });
+        methods.add_method("getreusedtimes", |_, this, ()| Ok(this.reused.get()));
+        methods.add_method("close", |lua, this, ()| match this.take() {
+            Ok(_) => {
+                this.give_back(None);
+                Ok(success(Value::Integer(1)))
+            }
+            Err(why) => failure(lua, why, None),
+        });
+    }
+}
+
+pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
+    let socket = lua.create_table()?;
+    socket.raw_set("tcp", lua.create_function(|_, ()| Ok(TcpSocket::new()))?)?;
+    socket.raw_set(
+        "connect",
+        lua.create_async_function(|lua, (host, port): (String, Option<u16>)| async move {
+            let socket = TcpSocket::new();
+            let connected = connect(&socket, &lua, host, port, None).await?;
+            match connected.front() {
+                Some(Value::Integer(1)) => Ok(success(Value::UserData(lua.create_userdata(socket)?))),
+                _ => Ok(connected),
+            }
+        })?,
+    )?;
+    ngx.raw_set("socket", socket)
+}
