@@ -3,7 +3,7 @@
 //!
 //! The JSON is the echo contract of the Ingress conformance suite:
 //! `{"path","host","method","proto","headers":{name:[values]},"namespace","ingress","service","pod"}`
-//! plus `body_length` (bytes of request body received). Query parameters steer it:
+//! plus `body_length` (bytes of request body received) and `query` (the raw query string). Query parameters steer it:
 //! `delay_ms=N` waits before answering; a WebSocket upgrade is accepted and echoes messages.
 
 use std::collections::BTreeMap;
@@ -43,6 +43,8 @@ struct Echo<'a> {
     service: &'a str,
     pod: &'a str,
     body_length: usize,
+    /// The raw query string, empty when there is none.
+    query: &'a str,
 }
 
 /// Serves until the task is dropped.
@@ -103,6 +105,7 @@ async fn answer(identity: Arc<Identity>, mut request: Request<Incoming>) -> Resu
         service: &identity.service,
         pod: &identity.pod,
         body_length,
+        query: parts.uri.query().unwrap_or(""),
     };
     let json = serde_json::to_vec(&echo).unwrap_or_default();
     let mut response = Response::new(Full::new(Bytes::from(json)));

@@ -331,3 +331,36 @@ async fn cosockets_work_in_content_header_filter_and_log() {
     }
     assert!(tidegate.problems_mentioning("Lua").is_empty(), "{:?}", tidegate.logs());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resty_http_calls_a_real_http_server_and_reuses_its_connection() {
+    let api = echo("t", "api").await;
+    let port = api.port();
+    let content = format!(
+        r#"local http = require "resty.http"
+        local httpc = http.new()
+        httpc:set_timeout(2000)
+        local res, err = httpc:request_uri("http://127.0.0.1:{port}/lookup?id=7", {{
+          method = "POST", body = "payload", headers = {{ ["X-From-Lua"] = "yes" }},
+        }})
+        if not res then ngx.status = 502 ngx.say(err) return end
+        local seen = require("cjson").decode(res.body)
+        local again = http.new()
+        assert(again:connect("127.0.0.1", {port}))
+        local res2 = assert(again:request({{ path = "/second", query = {{ a = "b c" }} }}))
+        local seen2 = require("cjson").decode(assert(res2:read_body()))
+        ngx.say(res.status, " ", res.headers["content-type"], " ", res.headers["Content-Type"])
+        ngx.say(seen.method, " ", seen.path, "?", seen.query, " ", seen.headers["X-From-Lua"][1], " ", seen.body_length)
+        ngx.say(seen2.path, "?", seen2.query, " reused ", again:get_reused_times())
+        again:set_keepalive()"#
+    );
+    let route = lua_route("client", "client.test", None, &[("call", "/call", "content", &content, false)]);
+    let (tidegate, _dir) = start(&route).await;
+    let answer = get(tidegate.http, "client.test", "/call").await.expect("answer");
+    let text = String::from_utf8_lossy(&answer.body).into_owned();
+    assert_eq!(answer.status, StatusCode::OK, "{text}");
+    assert_eq!(
+        text, "200 application/json application/json\nPOST /lookup?id=7 yes 7\n/second?a=b%20c reused 1\n",
+        "the request went out as written, the response came back parsed, the keep-alive pool gave the connection back"
+    );
+}

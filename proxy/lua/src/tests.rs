@@ -767,3 +767,75 @@ fn cosockets_talk_to_a_real_server_and_reuse_connections() {
         assert!(out.contains("bad argument #1 to 'send'"), "{out}");
     });
 }
+
+/// An HTTP/1.1 server on loopback that answers by path with the body framings `resty.http` must
+/// read: chunked (keeps the connection), until close (HTTP/1.0), and a 100 before a 204.
+async fn framing_server() -> u16 {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::task::spawn_local(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::task::spawn_local(async move {
+                let mut stream = BufReader::new(stream);
+                loop {
+                    let mut request_line = String::new();
+                    if stream.read_line(&mut request_line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut line = String::new();
+                    while stream.read_line(&mut line).await.unwrap_or(0) > 2 {
+                        line.clear();
+                    }
+                    let path = request_line.split(' ').nth(1).unwrap_or("/").to_owned();
+                    let (answer, close): (&[u8], bool) = match path.as_str() {
+                        "/chunked" => (
+                            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Multi: a\r\nX-Multi: b\r\n\r\n5\r\nhello\r\n7\r\n, world\r\n0\r\n\r\n",
+                            false,
+                        ),
+                        "/continue" => (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n", false),
+                        _ => (b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil close", true),
+                    };
+                    if stream.get_mut().write_all(answer).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn resty_http_reads_every_body_framing() {
+    let vm = vm();
+    block_on(async {
+        let port = framing_server().await;
+        let request = vm.begin(head("/")).expect("request");
+        let source = format!(
+            r#"local http = require "resty.http"
+            local c = http.new()
+            assert(c:connect("127.0.0.1", {port}))
+            local res = assert(c:request({{ path = "/chunked" }}))
+            ngx.say(res.status, " ", res:read_body(), " ", table.concat(res.headers["x-multi"], ","))
+            local res2 = assert(c:request({{ path = "/continue" }}))
+            ngx.say(res2.status, " ", tostring(res2.has_body), " ", res2:read_body() == "")
+            ngx.say(c:set_keepalive())
+            local d = http.new()
+            local res3 = assert(d:request_uri("http://127.0.0.1:{port}/close"))
+            ngx.say(res3.status, " ", res3.body, " ", res3.headers["content-type"], " reused ", d:get_reused_times())
+            local e = http.new()
+            assert(e:connect("127.0.0.1", {port}))
+            -- The until-close connection was not pooled: this one is new.
+            ngx.say("pooled ", e:get_reused_times())
+            ngx.say(pcall(getmetatable, e))
+            ngx.say(http.new():request_uri("ftp:/nope"))"#
+        );
+        let outcome = vm.run(&request, Phase::Content, &[script(&source)]).await;
+        assert_eq!(outcome, Outcome::Continue, "{}", output(&request));
+        assert_eq!(
+            output(&request),
+            "200 hello, world a,b\n204 false true\n1\n200 until close text/plain reused 1\npooled 0\ntruefalse\nnilbad uri: ftp:/nope\n"
+        );
+    });
+}

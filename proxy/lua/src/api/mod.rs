@@ -163,13 +163,18 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
     modules.raw_set("cjson.safe", json::module(lua, true)?)?;
     modules.raw_set("bit", bit::module(lua)?)?;
     modules.raw_set("ngx", ngx.clone())?;
+    // Written in Lua over the cosockets; loaded in the base environment, whose reads it needs.
+    base.raw_set("ngx", ngx.clone())?;
+    let resty_http: Table =
+        lua.load(include_str!("resty_http.lua")).set_name("=resty.http").set_environment(base.clone()).call(())?;
+    modules.raw_set("resty.http", resty_http)?;
     for (_, module) in modules.pairs::<Value, Table>().flatten() {
         module.set_readonly(true);
     }
     let require = lua.create_function(move |_, name: String| {
         modules.raw_get::<Option<Table>>(name.as_str())?.ok_or_else(|| {
             mlua::Error::runtime(format!(
-                "module '{name}' not found: only cjson, cjson.safe, bit and ngx can be required"
+                "module '{name}' not found: only cjson, cjson.safe, bit, ngx and resty.http can be required"
             ))
         })
     })?;
