@@ -5,3 +5,4 @@ pub mod cluster;
 pub mod echo;
 pub mod manifest_source;
 pub mod standalone;
+pub mod trust;

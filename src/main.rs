@@ -115,11 +115,17 @@ struct ProxyArgs {
     /// Memory allowed to each worker's Lua VM (MiB).
     #[arg(long, default_value_t = 128)]
     lua_memory_limit_mb: usize,
+    /// PEM bundle of certificate authorities that Lua cosockets trust in `sslhandshake`, in
+    /// addition to the system's.
+    #[arg(long)]
+    lua_ssl_trusted_certificate: Option<PathBuf>,
 }
 
 impl ProxyArgs {
-    fn config(&self) -> ProxyConfig {
-        ProxyConfig {
+    fn config(&self) -> Result<ProxyConfig, String> {
+        let roots = tidegate::trust::lua_trust_store(self.lua_ssl_trusted_certificate.as_deref())
+            .map_err(|e| format!("--lua-ssl-trusted-certificate: {e}"))?;
+        Ok(ProxyConfig {
             http_addr: self.http_addr,
             https_addr: self.https_addr,
             admin_addr: self.admin_addr,
@@ -129,7 +135,8 @@ impl ProxyArgs {
             access_log: !self.no_access_log,
             lua_cpu_budget: std::time::Duration::from_millis(self.lua_cpu_budget_ms),
             lua_memory_limit: self.lua_memory_limit_mb << 20,
-        }
+            lua_tls_roots: std::sync::Arc::new(roots),
+        })
     }
 }
 
@@ -201,6 +208,10 @@ struct ProxyCommandArgs {
     tls: TlsArgs,
 }
 
+fn proxy_config(args: &ProxyArgs) -> Option<ProxyConfig> {
+    args.config().map_err(|e| tracing::error!("{e}")).ok()
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Held until exit: dropping it flushes the log lines still queued.
@@ -214,7 +225,8 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
             let drain = std::time::Duration::from_secs(args.proxy.drain_timeout_seconds);
-            standalone::run(&args.manifests, &args.proxy.config(), args.translation.options(), drain)
+            let Some(config) = proxy_config(&args.proxy) else { return ExitCode::FAILURE };
+            standalone::run(&args.manifests, &config, args.translation.options(), drain)
         }
         Command::Controller(args) => cluster::run_controller(&cluster::ControllerConfig {
             manifests: args.manifests,
@@ -226,7 +238,8 @@ fn main() -> ExitCode {
         }),
         Command::Proxy(args) => {
             let drain = std::time::Duration::from_secs(args.proxy.drain_timeout_seconds);
-            cluster::run_proxy(&args.proxy.config(), args.controller, args.name, &args.tls.files(), drain)
+            let Some(config) = proxy_config(&args.proxy) else { return ExitCode::FAILURE };
+            cluster::run_proxy(&config, args.controller, args.name, &args.tls.files(), drain)
         }
         Command::Validate { files, translation } => return validate(&files, translation.options()),
         Command::Echo { listen, service, namespace } => return run_echo(listen, service, namespace),

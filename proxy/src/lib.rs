@@ -63,6 +63,8 @@ pub struct ProxyConfig {
     pub lua_cpu_budget: std::time::Duration,
     /// Memory allowed to each worker's Lua VM.
     pub lua_memory_limit: usize,
+    /// Certificate authorities Lua cosockets trust in `sslhandshake`.
+    pub lua_tls_roots: Arc<rustls::RootCertStore>,
 }
 
 /// State shared by all workers.
@@ -164,6 +166,7 @@ impl Proxy {
                 worker_count: workers,
                 shared_dicts: tidegate_lua::SharedDicts::new(),
                 max_pending_timers: 1024,
+                tls_roots: Arc::clone(&config.lua_tls_roots),
             },
             lua_memory: (0..workers).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
         });

@@ -839,3 +839,101 @@ fn resty_http_reads_every_body_framing() {
         );
     });
 }
+
+/// An HTTPS server on loopback with a self-signed certificate for `localhost`: every request
+/// gets `200 secure` and the connection stays open. Returns its port and certificate.
+async fn tls_server() -> (u16, rustls_pki_types::CertificateDer<'static>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+    let cert = generated.cert.der().clone();
+    let key = rustls_pki_types::PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into());
+    let config =
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::task::spawn_local(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::task::spawn_local(async move {
+                let Ok(tls) = acceptor.accept(stream).await else { return };
+                let mut tls = BufReader::new(tls);
+                loop {
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if tls.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    if tls.get_mut().write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecure").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, cert)
+}
+
+#[test]
+fn cosockets_speak_tls_and_verify_certificates() {
+    block_on(async {
+        let (port, cert) = tls_server().await;
+        let untrusting = vm();
+        let request = untrusting.begin(head("/")).expect("request");
+        let source = format!(
+            r#"local sock = ngx.socket.tcp()
+            assert(sock:connect("127.0.0.1", {port}))
+            local ok, err = sock:sslhandshake(nil, "localhost")
+            ngx.say(ok, " ", string.sub(err, 1, 25))
+            local sock2 = ngx.socket.tcp()
+            assert(sock2:connect("127.0.0.1", {port}))
+            ngx.say(sock2:sslhandshake(nil, "localhost", false))
+            sock2:send("GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            ngx.say(sock2:receive())
+            local res, err2 = require("resty.http").new():request_uri("https://127.0.0.1:{port}/")
+            ngx.say(res, " ", string.sub(err2, 1, 25))"#
+        );
+        let outcome = untrusting.run(&request, Phase::Content, &[script(&source)]).await;
+        assert_eq!(outcome, Outcome::Continue, "{}", output(&request));
+        assert_eq!(
+            output(&request),
+            "nil certificate verify failed\ntrue\nHTTP/1.1 200 OK\nnil certificate verify failed\n",
+            "an unknown authority is refused unless the Lua turns verification off"
+        );
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).expect("root");
+        let trusting =
+            Vm::new(LuaConfig { tls_roots: std::sync::Arc::new(roots), ..LuaConfig::default() }).expect("vm");
+        let request = trusting.begin(head("/")).expect("request");
+        let source = format!(
+            r#"local http = require "resty.http"
+            local c = http.new()
+            local res = assert(c:request_uri("https://127.0.0.1:{port}/a", {{ ssl_server_name = "localhost" }}))
+            ngx.say(res.status, " ", res.body)
+            local d = http.new()
+            local res2 = assert(d:request_uri("https://127.0.0.1:{port}/b", {{ ssl_server_name = "localhost" }}))
+            ngx.say(res2.body, " reused ", d:get_reused_times())
+            local plain = ngx.socket.tcp()
+            assert(plain:connect("127.0.0.1", {port}))
+            ngx.say("plain pool reused ", plain:getreusedtimes())"#
+        );
+        let outcome = trusting.run(&request, Phase::Content, &[script(&source)]).await;
+        assert_eq!(outcome, Outcome::Continue, "{}", output(&request));
+        assert_eq!(
+            output(&request),
+            "200 secure\nsecure reused 1\nplain pool reused 0\n",
+            "a trusted authority verifies; pooled TLS connections are reused, never handed to plain connects"
+        );
+    });
+}

@@ -51,6 +51,9 @@ pub struct LuaConfig {
     pub shared_dicts: Arc<crate::shdict::SharedDicts>,
     /// Timers a worker may have waiting at once (`lua_max_pending_timers`).
     pub max_pending_timers: usize,
+    /// Certificate authorities cosockets trust in `sslhandshake` (system roots plus
+    /// `lua_ssl_trusted_certificate`, as the proxy loads them at start).
+    pub tls_roots: Arc<rustls::RootCertStore>,
 }
 
 impl Default for LuaConfig {
@@ -62,6 +65,7 @@ impl Default for LuaConfig {
             worker_count: 1,
             shared_dicts: crate::shdict::SharedDicts::new(),
             max_pending_timers: 1024,
+            tls_roots: Arc::new(rustls::RootCertStore::empty()),
         }
     }
 }
@@ -323,6 +327,7 @@ impl Vm {
         lua.set_memory_limit(config.memory_limit)?;
         let runner = Rc::new(Runner { clock: Arc::clone(&clock), cpu_budget: config.cpu_budget });
         let loaded = Rc::new(RefCell::new(HashMap::new()));
+        lua.set_app_data(Rc::new(api::socket::TlsClients::new(&config.tls_roots)?));
         lua.set_app_data(Rc::new(TimerContext {
             runner: Rc::clone(&runner),
             env_meta: env_meta.clone(),

@@ -8,7 +8,7 @@ mod json;
 pub(crate) mod output;
 mod re;
 mod req;
-mod socket;
+pub(crate) mod socket;
 pub(crate) mod thread;
 mod time;
 mod timer;

@@ -1,7 +1,8 @@
 -- require "resty.http": an HTTP/1.1 client over cosockets, with the API of lua-resty-http for
 -- its common use: new, connect, set_timeout(s), request, request_uri, read_body, body_reader,
 -- set_keepalive, get_reused_times, close. Bodies may be sized, chunked or read until close.
--- TLS (https) waits for sslhandshake on cosockets.
+-- https goes through the cosockets' sslhandshake: the certificate is verified unless
+-- ssl_verify is false.
 
 local tcp = ngx.socket.tcp
 local encode_args = ngx.encode_args
@@ -64,24 +65,39 @@ function client:set_timeouts(connect, send, read)
     self.sock:settimeouts(connect, send, read)
 end
 
--- connect(host, port[, options]) or connect{ scheme = , host = , port = , pool = }
+-- connect(host, port[, options]) or
+-- connect{ scheme = , host = , port = , pool = , ssl_server_name = , ssl_verify = }
 function client:connect(host, port, options)
-    local scheme = "http"
+    local scheme, server_name, verify = "http", nil, true
     if type(host) == "table" then
         local o = host
-        scheme, host, port, options = o.scheme or "http", o.host, o.port, { pool = o.pool }
+        scheme, host, port = lower(o.scheme or "http"), o.host, o.port
+        server_name, verify = o.ssl_server_name, o.ssl_verify ~= false
+        options = { pool = o.pool }
     end
-    if scheme == "https" then
-        return nil, "https is not supported yet"
+    if scheme ~= "http" and scheme ~= "https" then
+        return nil, "unsupported scheme: " .. tostring(scheme)
     end
     if type(host) ~= "string" then
         return nil, "host expected"
     end
-    port = tonumber(port) or 80
-    self.host, self.port = host, port
+    local tls = scheme == "https"
+    port = tonumber(port) or (tls and 443 or 80)
+    server_name = server_name or host
+    if tls and not (options and options.pool) then
+        -- TLS connections never share a pool with plain ones, nor across names or verification.
+        options = { pool = format("%s:%d:%s:%s", host, port, server_name, tostring(verify)) }
+    end
+    self.host, self.port, self.scheme = host, port, scheme
     local ok, err = self.sock:connect(host, port, options)
     if not ok then
         return nil, err
+    end
+    if tls then
+        local done, err2 = self.sock:sslhandshake(nil, server_name, verify)
+        if not done then
+            return nil, err2
+        end
     end
     self.keepalive, self.unread = true, false
     return true
@@ -221,7 +237,8 @@ function client:request(params)
     end
     if not has_header(headers, "host") then
         local host = self.host or "localhost"
-        headers["Host"] = (self.port == nil or self.port == 80) and host or (host .. ":" .. self.port)
+        local default_port = self.scheme == "https" and 443 or 80
+        headers["Host"] = (self.port == nil or self.port == default_port) and host or (host .. ":" .. self.port)
     end
     if not has_header(headers, "user-agent") then
         headers["User-Agent"] = "tidegate-resty-http/" .. http._VERSION
@@ -327,7 +344,14 @@ function client:request_uri(uri, params)
         return nil, err
     end
     local scheme, host, port, path, query = parsed[1], parsed[2], parsed[3], parsed[4], parsed[5]
-    local ok, err2 = self:connect({ scheme = scheme, host = host, port = port, pool = params.keepalive_pool })
+    local ok, err2 = self:connect({
+        scheme = scheme,
+        host = host,
+        port = port,
+        pool = params.keepalive_pool,
+        ssl_server_name = params.ssl_server_name,
+        ssl_verify = params.ssl_verify,
+    })
     if not ok then
         return nil, err2
     end

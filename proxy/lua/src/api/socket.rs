@@ -8,6 +8,10 @@
 //! `nil, "connection refused"`, with the partial data read so far as a third value for
 //! `receive`. A read timeout leaves the connection usable; any other error closes it.
 //!
+//! `sslhandshake` turns the connection into TLS (rustls): SNI from `server_name` (else the host
+//! given to `connect`), and the server's certificate verified against the proxy's trusted
+//! authorities unless `ssl_verify` is `false`. A pooled TLS connection stays TLS.
+//!
 //! `setkeepalive` puts the connection in this worker's pool, keyed by `host:port` (or the
 //! `pool` option of `connect`), for its idle timeout; a pool keeps at most `size` connections
 //! and closes the least recently used past that. A pooled connection that the peer closed, or
@@ -16,10 +20,14 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use mlua::{Lua, MultiValue, Table, UserData, UserDataMethods, UserDataRef, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::{current, require_phase};
@@ -32,11 +40,123 @@ const DEFAULT_POOL_SIZE: usize = 30;
 /// `lua_socket_keepalive_timeout`.
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Plain TCP, or TLS over it after `sslhandshake`.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(tcp) => tcp,
+            Stream::Tls(tls) => tls.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 struct Connection {
-    stream: BufReader<TcpStream>,
+    stream: BufReader<Stream>,
     /// How many times it was taken from a pool.
     reused: u32,
     pool: String,
+    /// The host given to `connect` (SNI when `sslhandshake` names none).
+    host: String,
+}
+
+/// The TLS client settings of a worker's cosockets.
+pub(crate) struct TlsClients {
+    verified: Arc<rustls::ClientConfig>,
+    unverified: Arc<rustls::ClientConfig>,
+}
+
+impl TlsClients {
+    pub(crate) fn new(roots: &Arc<rustls::RootCertStore>) -> mlua::Result<TlsClients> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = || {
+            rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| mlua::Error::runtime(format!("TLS client settings: {e}")))
+        };
+        let verified = builder()?.with_root_certificates(Arc::clone(roots)).with_no_client_auth();
+        let unverified = builder()?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerification(Arc::clone(&provider))))
+            .with_no_client_auth();
+        Ok(TlsClients { verified: Arc::new(verified), unverified: Arc::new(unverified) })
+    }
+}
+
+/// `sslhandshake(nil, name, false)`: the Lua asked not to verify the server's certificate.
+/// Signatures are still checked, so the handshake itself is sound.
+#[derive(Debug)]
+struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 struct Idle {
@@ -57,7 +177,11 @@ fn take_pooled(pool: &str) -> Option<Connection> {
         let now = Instant::now();
         while let Some(Idle { mut connection, expires }) = idle.pop() {
             let mut probe = [0u8; 1];
-            let quiet = matches!(connection.stream.get_ref().try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+            let quiet = match connection.stream.get_ref().tcp().try_read(&mut probe) {
+                Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+                // TLS may get records (session tickets) while idle; only a closed peer disqualifies.
+                Ok(n) => n > 0 && matches!(connection.stream.get_ref(), Stream::Tls(_)),
+            };
             if expires > now && quiet {
                 connection.reused += 1;
                 return Some(connection);
@@ -209,7 +333,7 @@ async fn connect(
     };
     let _ = stream.set_nodelay(true);
     socket.reused.set(0);
-    socket.give_back(Some(Connection { stream: BufReader::new(stream), reused: 0, pool }));
+    socket.give_back(Some(Connection { stream: BufReader::new(Stream::Plain(stream)), reused: 0, pool, host }));
     Ok(success(Value::Integer(1)))
 }
 
@@ -236,7 +360,7 @@ fn pattern(value: Option<Value>) -> mlua::Result<Pattern> {
 }
 
 /// How one read ended: the data, and the error if it did not complete.
-async fn read(stream: &mut BufReader<TcpStream>, pattern: &Pattern, timeout: Duration) -> (Vec<u8>, Option<String>) {
+async fn read(stream: &mut BufReader<Stream>, pattern: &Pattern, timeout: Duration) -> (Vec<u8>, Option<String>) {
     let mut data = Vec::new();
     let outcome = tokio::time::timeout(timeout, async {
         match pattern {
@@ -303,8 +427,12 @@ impl UserData for TcpSocket {
                 Ok(c) => c,
                 Err(why) => return failure(&lua, why, None),
             };
-            let written =
-                tokio::time::timeout(this.send_timeout.get(), connection.stream.get_mut().write_all(&bytes)).await;
+            let stream = connection.stream.get_mut();
+            let written = tokio::time::timeout(this.send_timeout.get(), async {
+                stream.write_all(&bytes).await?;
+                stream.flush().await
+            })
+            .await;
             match written {
                 Ok(Ok(())) => {
                     this.give_back(Some(connection));
@@ -393,6 +521,12 @@ impl UserData for TcpSocket {
             put_pooled(connection, idle, size);
             Ok(success(Value::Integer(1)))
         });
+        methods.add_async_method(
+            "sslhandshake",
+            |lua, this: UserDataRef<TcpSocket>, (_session, name, verify): (Value, Option<String>, Option<bool>)| async move {
+                handshake(&this, &lua, name, verify.unwrap_or(true)).await
+            },
+        );
         methods.add_method("getreusedtimes", |_, this, ()| Ok(this.reused.get()));
         methods.add_method("close", |lua, this, ()| match this.take() {
             Ok(_) => {
@@ -401,6 +535,56 @@ impl UserData for TcpSocket {
             }
             Err(why) => failure(lua, why, None),
         });
+    }
+}
+
+async fn handshake(socket: &TcpSocket, lua: &Lua, name: Option<String>, verify: bool) -> mlua::Result<MultiValue> {
+    let clients = lua
+        .app_data_ref::<Rc<TlsClients>>()
+        .map(|c| Rc::clone(&c))
+        .ok_or_else(|| mlua::Error::runtime("TLS is not available in this VM"))?;
+    let connection = match socket.take() {
+        Ok(c) => c,
+        Err(why) => return failure(lua, why, None),
+    };
+    if matches!(connection.stream.get_ref(), Stream::Tls(_)) {
+        // A pooled TLS connection: already done.
+        socket.give_back(Some(connection));
+        return Ok(success(Value::Boolean(true)));
+    }
+    if !connection.stream.buffer().is_empty() {
+        socket.give_back(None);
+        return failure(lua, "unread data in buffer", None);
+    }
+    let name = name.unwrap_or_else(|| connection.host.clone());
+    let Ok(server_name) = rustls_pki_types::ServerName::try_from(name.clone()) else {
+        socket.give_back(Some(connection));
+        return Err(mlua::Error::runtime(format!("bad argument #2 to 'sslhandshake' (bad server name {name:?})")));
+    };
+    let Connection { stream, reused, pool, host } = connection;
+    let Stream::Plain(tcp) = stream.into_inner() else { unreachable!("checked above") };
+    let config = if verify { &clients.verified } else { &clients.unverified };
+    let connector = tokio_rustls::TlsConnector::from(Arc::clone(config));
+    match tokio::time::timeout(socket.connect_timeout.get(), connector.connect(server_name, tcp)).await {
+        Ok(Ok(tls)) => {
+            let stream = BufReader::new(Stream::Tls(Box::new(tls)));
+            socket.give_back(Some(Connection { stream, reused, pool, host }));
+            Ok(success(Value::Boolean(true)))
+        }
+        Ok(Err(e)) => {
+            socket.give_back(None);
+            let invalid = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)));
+            let why =
+                if invalid { format!("certificate verify failed: {e}") } else { format!("handshake failed: {e}") };
+            failure(lua, &why, None)
+        }
+        Err(_) => {
+            socket.give_back(None);
+            failure(lua, "timeout", None)
+        }
     }
 }
 
