@@ -662,7 +662,8 @@ fn light_thread_errors_kills_and_exits() {
 }
 
 /// A line server on loopback: answers each line with `echo: LINE`, `bye` closes, `silent`
-/// answers nothing, `blob` sends 10 bytes then closes.
+/// answers nothing, `parts` sends three parts split by `--xyz`, `blob` sends 10 bytes then
+/// closes.
 async fn line_server() -> std::net::SocketAddr {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -676,6 +677,9 @@ async fn line_server() -> std::net::SocketAddr {
                     match line.as_str() {
                         "bye" => return,
                         "silent" => {}
+                        "parts" => {
+                            let _ = write.write_all(b"preamble--xyzpart one--xyzpart two--xyz").await;
+                        }
                         "blob" => {
                             let _ = write.write_all(b"0123456789").await;
                             return;
@@ -935,5 +939,40 @@ fn cosockets_speak_tls_and_verify_certificates() {
             "200 secure\nsecure reused 1\nplain pool reused 0\n",
             "a trusted authority verifies; pooled TLS connections are reused, never handed to plain connects"
         );
+    });
+}
+
+#[test]
+fn receiveuntil_splits_a_stream_at_a_boundary() {
+    let vm = vm();
+    block_on(async {
+        let port = line_server().await.port();
+        let request = vm.begin(head("/")).expect("request");
+        let source = format!(
+            r#"local sock = ngx.socket.tcp()
+            sock:settimeout(100)
+            assert(sock:connect("127.0.0.1", {port}))
+            sock:send("parts\n")
+            local reader = sock:receiveuntil("--xyz")
+            ngx.say(reader())
+            ngx.say(sock:receiveuntil("--xyz", {{ inclusive = true }})())
+            local chunks = {{}}
+            while true do
+                local data, err = reader(3)
+                if not data then chunks[#chunks + 1] = tostring(err) break end
+                chunks[#chunks + 1] = data
+            end
+            ngx.say(table.concat(chunks, "|"))
+            ngx.say(reader())
+            ngx.say(pcall(sock.receiveuntil, sock, ""))"#
+        );
+        let outcome = vm.run(&request, Phase::Content, &[script(&source)]).await;
+        assert_eq!(outcome, Outcome::Continue, "{}", output(&request));
+        let out = output(&request);
+        assert!(
+            out.starts_with("preamble\npart one--xyz\npar|t t|wo|nil\nniltimeout\nfalse"),
+            "plain, inclusive and sized reads, then a timeout: {out}"
+        );
+        assert!(out.contains("pattern is empty"), "{out}");
     });
 }

@@ -27,7 +27,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use mlua::{Lua, MultiValue, Table, UserData, UserDataMethods, UserDataRef, Value};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::{current, require_phase};
@@ -88,7 +88,9 @@ impl AsyncWrite for Stream {
 }
 
 struct Connection {
-    stream: BufReader<Stream>,
+    stream: Stream,
+    /// Bytes received and not yet handed to Lua.
+    buffer: Vec<u8>,
     /// How many times it was taken from a pool.
     reused: u32,
     pool: String,
@@ -177,10 +179,10 @@ fn take_pooled(pool: &str) -> Option<Connection> {
         let now = Instant::now();
         while let Some(Idle { mut connection, expires }) = idle.pop() {
             let mut probe = [0u8; 1];
-            let quiet = match connection.stream.get_ref().tcp().try_read(&mut probe) {
+            let quiet = match connection.stream.tcp().try_read(&mut probe) {
                 Err(e) => e.kind() == io::ErrorKind::WouldBlock,
                 // TLS may get records (session tickets) while idle; only a closed peer disqualifies.
-                Ok(n) => n > 0 && matches!(connection.stream.get_ref(), Stream::Tls(_)),
+                Ok(n) => n > 0 && matches!(connection.stream, Stream::Tls(_)),
             };
             if expires > now && quiet {
                 connection.reused += 1;
@@ -333,7 +335,7 @@ async fn connect(
     };
     let _ = stream.set_nodelay(true);
     socket.reused.set(0);
-    socket.give_back(Some(Connection { stream: BufReader::new(Stream::Plain(stream)), reused: 0, pool, host }));
+    socket.give_back(Some(Connection { stream: Stream::Plain(stream), buffer: Vec::new(), reused: 0, pool, host }));
     Ok(success(Value::Integer(1)))
 }
 
@@ -359,44 +361,137 @@ fn pattern(value: Option<Value>) -> mlua::Result<Pattern> {
     }
 }
 
-/// How one read ended: the data, and the error if it did not complete.
-async fn read(stream: &mut BufReader<Stream>, pattern: &Pattern, timeout: Duration) -> (Vec<u8>, Option<String>) {
-    let mut data = Vec::new();
-    let outcome = tokio::time::timeout(timeout, async {
+impl Connection {
+    /// Reads more into the buffer; `false` at the end of the stream.
+    async fn fill(&mut self) -> io::Result<bool> {
+        self.buffer.reserve(8192);
+        Ok(self.stream.read_buf(&mut self.buffer).await? > 0)
+    }
+
+    /// Hands over the first `n` buffered bytes.
+    fn take(&mut self, n: usize) -> Vec<u8> {
+        let rest = self.buffer.split_off(n);
+        std::mem::replace(&mut self.buffer, rest)
+    }
+
+    /// What `pattern` can return from the buffer now, if anything.
+    fn complete(&mut self, pattern: &Pattern) -> Option<Vec<u8>> {
         match pattern {
             Pattern::Line => {
-                let n = stream.read_until(b'\n', &mut data).await?;
-                if n == 0 || data.last() != Some(&b'\n') {
-                    return Err(io::ErrorKind::UnexpectedEof.into());
+                let end = self.buffer.iter().position(|b| *b == b'\n')?;
+                let mut line = self.take(end + 1);
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
                 }
-                data.pop();
-                if data.last() == Some(&b'\r') {
-                    data.pop();
-                }
-                Ok(())
+                Some(line)
             }
-            Pattern::All => stream.read_to_end(&mut data).await.map(drop),
-            Pattern::Bytes(n) => {
-                let n = *n;
-                while data.len() < n {
-                    let available = stream.fill_buf().await?;
-                    if available.is_empty() {
-                        return Err(io::ErrorKind::UnexpectedEof.into());
-                    }
-                    let take = available.len().min(n - data.len());
-                    data.extend_from_slice(&available[..take]);
-                    stream.consume(take);
-                }
-                Ok(())
+            Pattern::Bytes(n) => (self.buffer.len() >= *n).then(|| self.take(*n)),
+            Pattern::All => None,
+        }
+    }
+}
+
+/// How one read ended: the data, and the error if it did not complete (with the partial data
+/// as the data).
+async fn read(connection: &mut Connection, pattern: &Pattern, timeout: Duration) -> (Vec<u8>, Option<String>) {
+    let outcome = tokio::time::timeout(timeout, async {
+        loop {
+            if let Some(data) = connection.complete(pattern) {
+                return Ok(data);
+            }
+            if !connection.fill().await? {
+                return match pattern {
+                    Pattern::All => Ok(connection.take(connection.buffer.len())),
+                    _ => Err(io::ErrorKind::UnexpectedEof.into()),
+                };
             }
         }
     })
     .await;
     match outcome {
-        Err(_) => (data, Some("timeout".into())),
-        Ok(Err(e)) => (data, Some(io_error(&e))),
-        Ok(Ok(())) => (data, None),
+        Ok(Ok(data)) => (data, None),
+        Err(_) => (connection.take(connection.buffer.len()), Some("timeout".into())),
+        Ok(Err(e)) => (connection.take(connection.buffer.len()), Some(io_error(&e))),
     }
+}
+
+/// The iterator `receiveuntil` returns: each call reads up to the next `boundary`.
+struct Until {
+    boundary: Vec<u8>,
+    inclusive: bool,
+    /// The boundary was returned as data (inclusive, sized reads): the next call says so.
+    reached: Cell<bool>,
+}
+
+impl Until {
+    /// Without `size`: everything before the boundary (and the boundary when inclusive). With
+    /// `size`: at most `size` bytes before the boundary per call, then `nil` once it is reached.
+    fn complete(&self, connection: &mut Connection, size: Option<usize>) -> Option<Option<Vec<u8>>> {
+        let boundary = &self.boundary[..];
+        let found = connection.buffer.windows(boundary.len()).position(|w| w == boundary);
+        match (found, size) {
+            (Some(at), None) => {
+                let mut data = connection.take(at);
+                let matched = connection.take(boundary.len());
+                if self.inclusive {
+                    data.extend_from_slice(&matched);
+                }
+                Some(Some(data))
+            }
+            (Some(0), Some(_)) => {
+                let matched = connection.take(boundary.len());
+                if self.inclusive {
+                    self.reached.set(true);
+                    Some(Some(matched))
+                } else {
+                    Some(None)
+                }
+            }
+            (Some(at), Some(n)) => Some(Some(connection.take(at.min(n)))),
+            (None, Some(n)) => {
+                // Bytes that cannot begin a boundary are safe to hand over.
+                let safe = connection.buffer.len().saturating_sub(boundary.len() - 1);
+                (safe >= n.max(1)).then(|| Some(connection.take(n)))
+            }
+            (None, None) => None,
+        }
+    }
+}
+
+async fn read_until(socket: &TcpSocket, lua: &Lua, until: &Until, size: Option<usize>) -> mlua::Result<MultiValue> {
+    if until.reached.replace(false) {
+        return Ok(success(Value::Nil));
+    }
+    let mut connection = match socket.take() {
+        Ok(c) => c,
+        Err(why) => return failure(lua, why, None),
+    };
+    let outcome = tokio::time::timeout(socket.read_timeout.get(), async {
+        loop {
+            if let Some(data) = until.complete(&mut connection, size) {
+                return Ok(data);
+            }
+            if !connection.fill().await? {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+            }
+        }
+    })
+    .await;
+    let error = match outcome {
+        Ok(Ok(data)) => {
+            socket.give_back(Some(connection));
+            return Ok(success(match data {
+                Some(bytes) => Value::String(lua.create_string(&bytes)?),
+                None => Value::Nil,
+            }));
+        }
+        Err(_) => "timeout".to_owned(),
+        Ok(Err(e)) => io_error(&e),
+    };
+    let partial = connection.take(connection.buffer.len());
+    socket.give_back((error == "timeout").then_some(connection));
+    failure(lua, &error, Some(&partial))
 }
 
 impl UserData for TcpSocket {
@@ -427,7 +522,7 @@ impl UserData for TcpSocket {
                 Ok(c) => c,
                 Err(why) => return failure(&lua, why, None),
             };
-            let stream = connection.stream.get_mut();
+            let stream = &mut connection.stream;
             let written = tokio::time::timeout(this.send_timeout.get(), async {
                 stream.write_all(&bytes).await?;
                 stream.flush().await
@@ -456,7 +551,7 @@ impl UserData for TcpSocket {
                     Ok(c) => c,
                     Err(why) => return failure(&lua, why, None),
                 };
-                let (data, error) = read(&mut connection.stream, &pattern, this.read_timeout.get()).await;
+                let (data, error) = read(&mut connection, &pattern, this.read_timeout.get()).await;
                 match error {
                     None => {
                         this.give_back(Some(connection));
@@ -483,23 +578,24 @@ impl UserData for TcpSocket {
                 Ok(c) => c,
                 Err(why) => return failure(&lua, why, None),
             };
-            let filled = tokio::time::timeout(this.read_timeout.get(), connection.stream.fill_buf()).await;
-            let data = match filled {
-                Err(_) => {
-                    this.give_back(Some(connection));
-                    return failure(&lua, "timeout", None);
+            if connection.buffer.is_empty() {
+                match tokio::time::timeout(this.read_timeout.get(), connection.fill()).await {
+                    Err(_) => {
+                        this.give_back(Some(connection));
+                        return failure(&lua, "timeout", None);
+                    }
+                    Ok(Err(e)) => {
+                        this.give_back(None);
+                        return failure(&lua, &io_error(&e), None);
+                    }
+                    Ok(Ok(false)) => {
+                        this.give_back(None);
+                        return failure(&lua, "closed", None);
+                    }
+                    Ok(Ok(true)) => {}
                 }
-                Ok(Err(e)) => {
-                    this.give_back(None);
-                    return failure(&lua, &io_error(&e), None);
-                }
-                Ok(Ok([])) => {
-                    this.give_back(None);
-                    return failure(&lua, "closed", None);
-                }
-                Ok(Ok(available)) => available[..available.len().min(max)].to_vec(),
-            };
-            connection.stream.consume(data.len());
+            }
+            let data = connection.take(connection.buffer.len().min(max));
             this.give_back(Some(connection));
             Ok(success(Value::String(lua.create_string(&data)?)))
         });
@@ -509,7 +605,7 @@ impl UserData for TcpSocket {
                 Err(why) => return failure(lua, why, None),
             };
             this.give_back(None);
-            if !connection.stream.buffer().is_empty() {
+            if !connection.buffer.is_empty() {
                 return failure(lua, "unread data in buffer", None);
             }
             let size = size.and_then(|s| usize::try_from(s).ok()).filter(|s| *s > 0).unwrap_or(DEFAULT_POOL_SIZE);
@@ -521,6 +617,34 @@ impl UserData for TcpSocket {
             put_pooled(connection, idle, size);
             Ok(success(Value::Integer(1)))
         });
+        methods.add_function(
+            "receiveuntil",
+            |lua, (socket, boundary, options): (mlua::AnyUserData, mlua::LuaString, Option<Table>)| {
+                if boundary.as_bytes().is_empty() {
+                    return Err(mlua::Error::runtime("bad argument #2 to 'receiveuntil' (pattern is empty)"));
+                }
+                let inclusive = options.map(|o| o.get::<Option<bool>>("inclusive")).transpose()?.flatten();
+                let until = Rc::new(Until {
+                    boundary: boundary.as_bytes().to_vec(),
+                    inclusive: inclusive.unwrap_or(false),
+                    reached: Cell::new(false),
+                });
+                lua.create_async_function(move |lua, size: Option<i64>| {
+                    let socket = socket.clone();
+                    let until = Rc::clone(&until);
+                    async move {
+                        let size = match size {
+                            None => None,
+                            Some(n) => Some(usize::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| {
+                                mlua::Error::runtime("bad argument #1 to iterator (size must be positive)")
+                            })?),
+                        };
+                        let this = socket.borrow::<TcpSocket>()?;
+                        read_until(&this, &lua, &until, size).await
+                    }
+                })
+            },
+        );
         methods.add_async_method(
             "sslhandshake",
             |lua, this: UserDataRef<TcpSocket>, (_session, name, verify): (Value, Option<String>, Option<bool>)| async move {
@@ -547,12 +671,12 @@ async fn handshake(socket: &TcpSocket, lua: &Lua, name: Option<String>, verify: 
         Ok(c) => c,
         Err(why) => return failure(lua, why, None),
     };
-    if matches!(connection.stream.get_ref(), Stream::Tls(_)) {
+    if matches!(connection.stream, Stream::Tls(_)) {
         // A pooled TLS connection: already done.
         socket.give_back(Some(connection));
         return Ok(success(Value::Boolean(true)));
     }
-    if !connection.stream.buffer().is_empty() {
+    if !connection.buffer.is_empty() {
         socket.give_back(None);
         return failure(lua, "unread data in buffer", None);
     }
@@ -561,14 +685,14 @@ async fn handshake(socket: &TcpSocket, lua: &Lua, name: Option<String>, verify: 
         socket.give_back(Some(connection));
         return Err(mlua::Error::runtime(format!("bad argument #2 to 'sslhandshake' (bad server name {name:?})")));
     };
-    let Connection { stream, reused, pool, host } = connection;
-    let Stream::Plain(tcp) = stream.into_inner() else { unreachable!("checked above") };
+    let Connection { stream, buffer, reused, pool, host } = connection;
+    let Stream::Plain(tcp) = stream else { unreachable!("checked above") };
     let config = if verify { &clients.verified } else { &clients.unverified };
     let connector = tokio_rustls::TlsConnector::from(Arc::clone(config));
     match tokio::time::timeout(socket.connect_timeout.get(), connector.connect(server_name, tcp)).await {
         Ok(Ok(tls)) => {
-            let stream = BufReader::new(Stream::Tls(Box::new(tls)));
-            socket.give_back(Some(Connection { stream, reused, pool, host }));
+            let stream = Stream::Tls(Box::new(tls));
+            socket.give_back(Some(Connection { stream, buffer, reused, pool, host }));
             Ok(success(Value::Boolean(true)))
         }
         Ok(Err(e)) => {
