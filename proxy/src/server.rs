@@ -73,7 +73,9 @@ pub(crate) fn run_worker(
         let https = TcpListener::from_std(https)?;
         tracing::debug!(worker = index, "worker started");
         tokio::task::spawn_local(accept_loop(Rc::clone(&worker), http, None));
-        accept_loop(worker, https, Some(TlsAcceptor::from(tls))).await;
+        accept_loop(Rc::clone(&worker), https, Some(TlsAcceptor::from(tls))).await;
+        // Lua timers still waiting run now, told they are premature.
+        worker.vm.stop_timers();
         // Draining: the listeners are closed, but this worker's connections are tasks of this
         // LocalSet and must keep running until they finish; the process exits after the drain.
         std::future::pending::<std::io::Result<()>>().await

@@ -976,3 +976,35 @@ fn receiveuntil_splits_a_stream_at_a_boundary() {
         assert!(out.contains("pattern is empty"), "{out}");
     });
 }
+
+#[test]
+fn waiting_timers_run_premature_when_the_worker_stops() {
+    let dicts = crate::SharedDicts::new();
+    dicts.configure(&[("ns".into(), "t".into(), 1 << 20)]);
+    let vm = Vm::new(LuaConfig { shared_dicts: std::sync::Arc::clone(&dicts), ..LuaConfig::default() }).expect("vm");
+    block_on(async {
+        let request = vm.begin(head("/")).expect("request");
+        let schedule = script(
+            "ngx.timer.at(60, function(premature, what) ngx.shared.t:set(what, tostring(premature)) end, 'at')
+             ngx.timer.every(60, function(premature) ngx.shared.t:incr('every', 1, 0) ngx.shared.t:set('every_premature', tostring(premature)) end)
+             ngx.say(ngx.timer.pending_count())",
+        );
+        assert_eq!(vm.run(&request, Phase::Content, &[schedule]).await, Outcome::Continue);
+        assert_eq!(output(&request), "2\n");
+        let began = Instant::now();
+        vm.stop_timers();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let request = vm.begin(head("/")).expect("request");
+        let check = script(
+            "ngx.say(ngx.shared.t:get('at'), ' ', ngx.shared.t:get('every'), ' ', ngx.shared.t:get('every_premature'), ' ', ngx.timer.pending_count())
+             ngx.say(ngx.timer.at(1, function() end))",
+        );
+        vm.run(&request, Phase::Content, &[check]).await;
+        assert_eq!(
+            output(&request),
+            "true 1 true 0\nnilprocess exiting\n",
+            "both ran once, premature, and nothing new is scheduled"
+        );
+        assert!(began.elapsed() < Duration::from_secs(1));
+    });
+}

@@ -259,6 +259,9 @@ pub(crate) struct TimerContext {
     pub(crate) pending: Cell<usize>,
     pub(crate) running: Cell<usize>,
     pub(crate) max_pending: usize,
+    /// Set when the worker stops: waiting timers run at once with `premature = true`.
+    pub(crate) stopping: Cell<bool>,
+    pub(crate) stop: tokio::sync::Notify,
 }
 
 /// One worker's VM.
@@ -335,6 +338,8 @@ impl Vm {
             pending: Cell::new(0),
             running: Cell::new(0),
             max_pending: config.max_pending_timers,
+            stopping: Cell::new(false),
+            stop: tokio::sync::Notify::new(),
         }));
         Ok(Vm { lua, runner, clock, config, env_meta, loaded })
     }
@@ -481,6 +486,15 @@ impl Vm {
             }
         }
         Outcome::Continue
+    }
+
+    /// The worker is stopping: every waiting timer runs now with `premature = true` (once, also
+    /// `every` timers), and new timers are refused with `"process exiting"`.
+    pub fn stop_timers(&self) {
+        if let Some(timers) = self.lua.app_data_ref::<Rc<TimerContext>>() {
+            timers.stopping.set(true);
+            timers.stop.notify_waiters();
+        }
     }
 
     /// Runs garbage collection steps between requests when the VM is near its memory limit.

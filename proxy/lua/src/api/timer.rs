@@ -8,6 +8,8 @@
 //! # Guarantees
 //! - At most `max_pending_timers` (default 1024) timers wait per worker; past that, creating one
 //!   returns `nil, "too many pending timers"` instead of consuming memory.
+//! - When the worker stops, waiting timers run at once with `premature = true` and are not
+//!   scheduled again; new ones get `nil, "process exiting"`.
 //! - An `every` timer whose script was replaced (it is no longer loaded in this worker) finishes
 //!   its current run and is not scheduled again.
 
@@ -60,6 +62,9 @@ fn schedule(
         return Err(mlua::Error::runtime("bad argument #1 to 'every' (delay cannot be zero)"));
     }
     let ctx = context(lua)?;
+    if ctx.stopping.get() {
+        return Ok((Value::Nil, Value::String(lua.create_string("process exiting")?)));
+    }
     if ctx.pending.get() >= ctx.max_pending {
         return Ok((Value::Nil, Value::String(lua.create_string("too many pending timers")?)));
     }
@@ -71,25 +76,39 @@ fn schedule(
     ctx.pending.set(ctx.pending.get() + 1);
     tokio::task::spawn_local(async move {
         loop {
-            tokio::time::sleep(Duration::from_secs_f64(delay)).await;
+            let premature = tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs_f64(delay)) => false,
+                () = stopped(&ctx) => true,
+            };
             ctx.pending.set(ctx.pending.get().saturating_sub(1));
             if repeat && !ctx.loaded.borrow().contains_key(&script) {
                 tracing::debug!(namespace, "ngx.timer.every stopped: its script was replaced");
                 break;
             }
             ctx.running.set(ctx.running.get() + 1);
-            let outcome = run_callback(&lua, &ctx, &namespace, script, &callback, &args).await;
+            let outcome = run_callback(&lua, &ctx, &namespace, script, &callback, &args, premature).await;
             ctx.running.set(ctx.running.get() - 1);
             if let Outcome::Failed { kind, message } = outcome {
                 tracing::error!(target: "lua", namespace, kind = kind.name(), phase = "timer", "Lua timer failed: {message}");
             }
-            if !repeat {
+            if !repeat || premature {
                 break;
             }
             ctx.pending.set(ctx.pending.get() + 1);
         }
     });
     Ok((Value::Boolean(true), Value::Nil))
+}
+
+/// Returns once the worker stops.
+async fn stopped(ctx: &TimerContext) {
+    loop {
+        let notified = ctx.stop.notified();
+        if ctx.stopping.get() {
+            return;
+        }
+        notified.await;
+    }
 }
 
 /// One run of a timer callback: `callback(premature, ...)` in a fresh coroutine and environment.
@@ -100,6 +119,7 @@ async fn run_callback(
     script: u64,
     callback: &Function,
     args: &[Value],
+    premature: bool,
 ) -> Outcome {
     let head = RequestHead {
         method: Method::GET,
@@ -120,7 +140,7 @@ async fn run_callback(
         let request = LuaRequest::with_env(head, env);
         request.state.phase.set(Phase::Timer);
         request.script.set(script);
-        let arguments: MultiValue = std::iter::once(Value::Boolean(false)).chain(args.iter().cloned()).collect();
+        let arguments: MultiValue = std::iter::once(Value::Boolean(premature)).chain(args.iter().cloned()).collect();
         let task = lua.create_thread(callback.clone())?.into_async::<()>(arguments)?;
         Ok::<_, mlua::Error>((request, task))
     })();
