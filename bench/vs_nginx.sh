@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# tidegate side by side with nginx (Debian's nginx + libnginx-mod-http-lua) on the same machine,
+# in the same run, alternating A B A B, medians reported with ratios.
+#
+# Scenarios: keep-alive GET (plain, and with Lua: access sets a request header and increments a
+# shared dict, header_filter sets a response header), and a new connection per request. Both
+# proxies run 2 workers and keep connections to the same fixed-response upstream (an nginx
+# `return 200`), which is also measured directly: the ceiling.
+#
+# Usage: bench/vs_nginx.sh [seconds-per-run] [rounds]   (loopback only; every run is bounded by time)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION="${1:-5}"
+ROUNDS="${2:-3}"
+CONNECTIONS=64
+
+need() { command -v "$1" >/dev/null || { apt-get update -qq && apt-get install -y -qq "${@:2}"; }; }
+need wrk wrk
+need nginx nginx libnginx-mod-http-lua
+[ -f /usr/lib/nginx/modules/ngx_http_lua_module.so ] || apt-get install -y -qq libnginx-mod-http-lua
+cargo build --release --quiet
+BIN=$PWD/target/release/tidegate
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  kill "${PIDS[@]}" 2>/dev/null || true
+  for conf in upstream proxy; do [ -f "$WORK/$conf.pid" ] && kill "$(cat "$WORK/$conf.pid")" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+UPSTREAM=127.0.0.1:19100
+TIDEGATE=127.0.0.1:18180
+NGINX=127.0.0.1:18181
+
+cat > "$WORK/upstream.conf" <<NGX
+worker_processes 1;
+pid $WORK/upstream.pid;
+error_log $WORK/upstream.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server { listen $UPSTREAM reuseport; location / { return 200 "ok\n"; } }
+}
+NGX
+
+cat > "$WORK/proxy.conf" <<NGX
+load_module /usr/lib/nginx/modules/ndk_http_module.so;
+load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
+worker_processes 2;
+pid $WORK/proxy.pid;
+error_log $WORK/proxy.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  lua_shared_dict hits 1m;
+  upstream backend { server $UPSTREAM; keepalive 64; keepalive_requests 1000000; }
+  server {
+    listen $NGINX reuseport;
+    server_name plain.bench;
+    location / {
+      proxy_pass http://backend; proxy_http_version 1.1;
+      proxy_set_header Connection ""; proxy_set_header Host \$host;
+    }
+  }
+  server {
+    listen $NGINX;
+    server_name lua.bench;
+    location / {
+      access_by_lua_block {
+        ngx.req.set_header("X-Bench", "1")
+        ngx.shared.hits:incr("n", 1, 0)
+      }
+      header_filter_by_lua_block { ngx.header["X-Lua"] = "1" }
+      proxy_pass http://backend; proxy_http_version 1.1;
+      proxy_set_header Connection ""; proxy_set_header Host \$host;
+    }
+  }
+}
+NGX
+
+mkdir "$WORK/manifests"
+cat > "$WORK/manifests/bench.yaml" <<YAML
+apiVersion: v1
+kind: Service
+metadata: {name: upstream, namespace: bench}
+spec:
+  ports: [{name: http, port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: upstream, namespace: bench, labels: {kubernetes.io/service-name: upstream}}
+addressType: IPv4
+ports: [{name: http, port: ${UPSTREAM#*:}}]
+endpoints: [{addresses: ["127.0.0.1"]}]
+---
+apiVersion: tidegate.dev/v1alpha1
+kind: LuaRoute
+metadata: {name: handlers, namespace: bench}
+spec:
+  sharedDicts: [{name: hits, size: 1Mi}]
+  lua:
+    access: |
+      ngx.req.set_header("X-Bench", "1")
+      ngx.shared.hits:incr("n", 1, 0)
+    headerFilter: ngx.header["X-Lua"] = "1"
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: plain, namespace: bench}
+spec:
+  ingressClassName: tidegate
+  rules:
+  - host: plain.bench
+    http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: upstream, port: {number: 80}}}}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: lua, namespace: bench, annotations: {tidegate.dev/lua-route: handlers}}
+spec:
+  ingressClassName: tidegate
+  rules:
+  - host: lua.bench
+    http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: upstream, port: {number: 80}}}}]}
+YAML
+
+nginx -p "$WORK" -c "$WORK/upstream.conf" -e "$WORK/upstream.err"
+nginx -p "$WORK" -c "$WORK/proxy.conf" -e "$WORK/proxy.err"
+"$BIN" standalone --manifests "$WORK/manifests" --workers 2 --no-access-log \
+  --http-addr $TIDEGATE --https-addr 127.0.0.1:18543 --admin-addr 127.0.0.1:19911 >/dev/null 2>"$WORK/tidegate.log" &
+PIDS+=($!)
+for _ in $(seq 100); do curl -fs 127.0.0.1:19911/readyz >/dev/null && break; sleep 0.1; done
+for target in $TIDEGATE $NGINX; do
+  curl -fs -H 'Host: lua.bench' "http://$target/" -o /dev/null -D - | grep -qi '^x-lua: 1' \
+    || { echo "the Lua route on $target is not answering" >&2; cat "$WORK"/*.err "$WORK/tidegate.log" >&2; exit 1; }
+done
+
+run() { # address host extra-header -> "requests_per_s p50_ms p99_ms"
+  local out
+  out=$(wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency -H "Host: $2" ${3:+-H "$3"} "http://$1/")
+  python3 - <<PY
+import re
+out = """$out"""
+def ms(label):
+    v, unit = re.search(label + r"\s+([\d.]+)(us|ms|s)", out).groups()
+    return float(v) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+print(float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), ms("50%"), ms("99%"))
+PY
+}
+
+echo "round,scenario,target,rps,p50_ms,p99_ms" > "$WORK/rows.csv"
+for round in $(seq "$ROUNDS"); do
+  read -r rps p50 p99 < <(run "$UPSTREAM" plain.bench "")
+  echo "$round,keepalive,ceiling,$rps,$p50,$p99" >> "$WORK/rows.csv"
+  for scenario in keepalive lua newconn; do
+    host=plain.bench; header=""
+    [ "$scenario" = lua ] && host=lua.bench
+    [ "$scenario" = newconn ] && header="Connection: close"
+    # A B A B: the order of the two proxies alternates between rounds.
+    order="tidegate nginx"; [ $((round % 2)) -eq 0 ] && order="nginx tidegate"
+    for target in $order; do
+      addr=$TIDEGATE; [ "$target" = nginx ] && addr=$NGINX
+      read -r rps p50 p99 < <(run "$addr" "$host" "$header")
+      echo "$round,$scenario,$target,$rps,$p50,$p99" >> "$WORK/rows.csv"
+    done
+  done
+done
+
+python3 - "$WORK/rows.csv" "$DURATION" "$ROUNDS" "$CONNECTIONS" <<'PY' | tee bench/results/vs-nginx.md
+import csv, statistics, sys, datetime, os
+rows = list(csv.DictReader(open(sys.argv[1])))
+duration, rounds, conns = sys.argv[2], sys.argv[3], sys.argv[4]
+def med(scenario, target, key):
+    return statistics.median(float(r[key]) for r in rows if r["scenario"] == scenario and r["target"] == target)
+ceiling = med("keepalive", "ceiling", "rps")
+print(f"tidegate vs nginx, {datetime.date.today()} (`bench/vs_nginx.sh {duration} {rounds}`): {os.cpu_count()} cores shared by")
+print(f"wrk (2 threads, {conns} connections), the proxy (2 workers each) and the upstream (an nginx `return 200`, 1 worker);")
+print(f"{rounds} rounds of {duration} s, tidegate and nginx alternating, medians. Upstream alone: {ceiling:,.0f} requests/s.\n")
+print("| scenario | tidegate req/s | nginx req/s | tidegate / nginx | tidegate / ceiling | p50 tidegate / nginx | p99 tidegate / nginx |")
+print("|---|---|---|---|---|---|---|")
+names = {"keepalive": "keep-alive GET", "lua": "keep-alive GET + Lua (access, shared dict, header_filter)", "newconn": "new connection per request"}
+for s in ("keepalive", "lua", "newconn"):
+    t, n = med(s, "tidegate", "rps"), med(s, "nginx", "rps")
+    print(f"| {names[s]} | {t:,.0f} | {n:,.0f} | **{t / n:.2f}×** | {t / ceiling:.2f} | "
+          f"{med(s, 'tidegate', 'p50_ms'):.2f} / {med(s, 'nginx', 'p50_ms'):.2f} ms | {med(s, 'tidegate', 'p99_ms'):.2f} / {med(s, 'nginx', 'p99_ms'):.2f} ms |")
+PY
