@@ -3,7 +3,8 @@
 # in the same run, alternating A B A B, medians reported with ratios.
 #
 # Scenarios: keep-alive GET (plain, and with Lua: access sets a request header and increments a
-# shared dict, header_filter sets a response header), and a new connection per request. Both
+# shared dict, header_filter sets a response header), a new connection per request, HTTP/2
+# (h2c with prior knowledge, h2load), and memory per idle keep-alive connection. Both
 # proxies run 2 workers and keep connections to the same fixed-response upstream (an nginx
 # `return 200`), which is also measured directly: the ceiling.
 #
@@ -16,6 +17,7 @@ CONNECTIONS=64
 
 need() { command -v "$1" >/dev/null || { apt-get update -qq && apt-get install -y -qq "${@:2}"; }; }
 need wrk wrk
+need h2load nghttp2-client
 need nginx nginx libnginx-mod-http-lua
 [ -f /usr/lib/nginx/modules/ngx_http_lua_module.so ] || apt-get install -y -qq libnginx-mod-http-lua
 cargo build --release --quiet
@@ -33,6 +35,8 @@ trap cleanup EXIT
 UPSTREAM=127.0.0.1:19100
 TIDEGATE=127.0.0.1:18180
 NGINX=127.0.0.1:18181
+NGINX_H2=127.0.0.1:18182
+IDLE=${IDLE:-5000}
 
 cat > "$WORK/upstream.conf" <<NGX
 worker_processes 1;
@@ -61,6 +65,13 @@ http {
   server {
     listen $NGINX reuseport;
     server_name plain.bench;
+    location / {
+      proxy_pass http://backend; proxy_http_version 1.1;
+      proxy_set_header Connection ""; proxy_set_header Host \$host;
+    }
+  }
+  server {
+    listen $NGINX_H2 http2;
     location / {
       proxy_pass http://backend; proxy_http_version 1.1;
       proxy_set_header Connection ""; proxy_set_header Host \$host;
@@ -131,7 +142,8 @@ nginx -p "$WORK" -c "$WORK/upstream.conf" -e "$WORK/upstream.err"
 nginx -p "$WORK" -c "$WORK/proxy.conf" -e "$WORK/proxy.err"
 "$BIN" standalone --manifests "$WORK/manifests" --workers 2 --no-access-log \
   --http-addr $TIDEGATE --https-addr 127.0.0.1:18543 --admin-addr 127.0.0.1:19911 >/dev/null 2>"$WORK/tidegate.log" &
-PIDS+=($!)
+TIDEGATE_PID=$!
+PIDS+=("$TIDEGATE_PID")
 for _ in $(seq 100); do curl -fs 127.0.0.1:19911/readyz >/dev/null && break; sleep 0.1; done
 for target in $TIDEGATE $NGINX; do
   curl -fs -H 'Host: lua.bench' "http://$target/" -o /dev/null -D - | grep -qi '^x-lua: 1' \
@@ -151,6 +163,59 @@ print(float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), ms("50%"), ms
 PY
 }
 
+h2() { # address -> "requests_per_s mean_ms"
+  local out
+  out=$(h2load -D "$DURATION" -c "$CONNECTIONS" -m 10 -t 2 -H ':authority: plain.bench' "http://$1/" 2>&1)
+  python3 - <<PY
+import re
+out = """$out"""
+rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+mean, unit = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", out).groups()
+failed = int(re.search(r"(\d+) failed", out).group(1))
+assert failed == 0, out
+print(rps, float(mean) * {"us": 0.001, "ms": 1, "s": 1000}[unit])
+PY
+}
+
+idle() { # address pids... -> KiB of proxy RSS per idle keep-alive connection
+  local addr=$1; shift
+  python3 - "$addr" "$IDLE" "$@" <<'PY'
+import resource, socket, sys, time
+addr, count, pids = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 1024), hard))
+def rss():
+    return sum(int(l.split()[1]) for p in pids for l in open(f"/proc/{p}/status") if l.startswith("VmRSS:"))
+host, port = addr.split(":")
+time.sleep(0.5)
+before = rss()
+conns = []
+for _ in range(count):
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"GET / HTTP/1.1\r\nHost: plain.bench\r\n\r\n")
+    data = b""
+    while b"ok\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            sys.exit("connection closed before the answer")
+        data += chunk
+    conns.append(s)
+time.sleep(1)
+after = rss()
+print(round((after - before) / count, 2))
+for s in conns:
+    s.close()
+PY
+}
+
+# Memory per idle keep-alive connection, measured first, on fresh processes (after load, freed
+# memory the allocator kept would hide the growth): RSS of the whole proxy (nginx: master and
+# workers).
+NGINX_PIDS=$(cat "$WORK/proxy.pid"; pgrep -P "$(cat "$WORK/proxy.pid")")
+echo "idle,tidegate,$(idle $TIDEGATE "$TIDEGATE_PID")" > "$WORK/idle.csv"
+# shellcheck disable=SC2086
+echo "idle,nginx,$(idle $NGINX $NGINX_PIDS)" >> "$WORK/idle.csv"
+
 echo "round,scenario,target,rps,p50_ms,p99_ms" > "$WORK/rows.csv"
 for round in $(seq "$ROUNDS"); do
   read -r rps p50 p99 < <(run "$UPSTREAM" plain.bench "")
@@ -167,9 +232,15 @@ for round in $(seq "$ROUNDS"); do
       echo "$round,$scenario,$target,$rps,$p50,$p99" >> "$WORK/rows.csv"
     done
   done
+  for target in $order; do
+    addr=$TIDEGATE; [ "$target" = nginx ] && addr=$NGINX_H2
+    read -r rps mean < <(h2 "$addr")
+    echo "$round,h2,$target,$rps,$mean,0" >> "$WORK/rows.csv"
+  done
 done
 
-python3 - "$WORK/rows.csv" "$DURATION" "$ROUNDS" "$CONNECTIONS" <<'PY' | tee bench/results/vs-nginx.md
+
+python3 - "$WORK/rows.csv" "$DURATION" "$ROUNDS" "$CONNECTIONS" "$WORK/idle.csv" "$IDLE" <<'PY' | tee bench/results/vs-nginx.md
 import csv, statistics, sys, datetime, os
 rows = list(csv.DictReader(open(sys.argv[1])))
 duration, rounds, conns = sys.argv[2], sys.argv[3], sys.argv[4]
@@ -186,4 +257,11 @@ for s in ("keepalive", "lua", "newconn"):
     t, n = med(s, "tidegate", "rps"), med(s, "nginx", "rps")
     print(f"| {names[s]} | {t:,.0f} | {n:,.0f} | **{t / n:.2f}×** | {t / ceiling:.2f} | "
           f"{med(s, 'tidegate', 'p50_ms'):.2f} / {med(s, 'nginx', 'p50_ms'):.2f} ms | {med(s, 'tidegate', 'p99_ms'):.2f} / {med(s, 'nginx', 'p99_ms'):.2f} ms |")
+t, n = med("h2", "tidegate", "rps"), med("h2", "nginx", "rps")
+print(f"| HTTP/2 (h2c, h2load, 10 streams per connection) | {t:,.0f} | {n:,.0f} | **{t / n:.2f}×** | – | "
+      f"mean {med('h2', 'tidegate', 'p50_ms'):.2f} / {med('h2', 'nginx', 'p50_ms'):.2f} ms | – |")
+idle = {row[1]: float(row[2]) for row in csv.reader(open(sys.argv[5]))}
+print(f"\nMemory per idle keep-alive connection ({sys.argv[6]} connections, growth of the whole proxy's RSS): "
+      f"tidegate {idle['tidegate']:.1f} KiB, nginx {idle['nginx']:.1f} KiB"
+      + (f" (**{idle['tidegate'] / idle['nginx']:.2f}×**)." if idle['nginx'] >= 0.1 else "."))
 PY
