@@ -364,3 +364,18 @@ async fn resty_http_calls_a_real_http_server_and_reuses_its_connection() {
         "the request went out as written, the response came back parsed, the keep-alive pool gave the connection back"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ngx_resp_set_status_sends_a_reason_phrase() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let content = "local resp = require \"ngx.resp\"\nresp.set_status(500, \"user defined reason\")\nngx.say(\"set\")";
+    let route = lua_route("reason", "reason.test", None, &[("r", "/", "content", content, false)]);
+    let (tidegate, _dir) = start(&route).await;
+    let mut stream = tokio::net::TcpStream::connect(tidegate.http).await.expect("connect");
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: reason.test\r\nConnection: close\r\n\r\n").await.expect("send");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 500 user defined reason\r\n"), "{answer}");
+    assert!(answer.contains("set\n"), "the body follows: {answer}");
+}

@@ -265,6 +265,11 @@ fn lua_response(lua: &LuaRequest, exit: Option<u16>) -> Response<ResponseBody> {
     let mut response = Response::new(body);
     *response.status_mut() = status;
     *response.headers_mut() = headers;
+    if let Some(reason) = state.reason.borrow().as_deref()
+        && let Ok(reason) = hyper::ext::ReasonPhrase::try_from(reason.as_bytes().to_vec())
+    {
+        response.extensions_mut().insert(reason);
+    }
     response
 }
 

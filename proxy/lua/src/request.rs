@@ -96,6 +96,8 @@ pub struct RequestState {
     // The response.
     /// `ngx.status`; 0 until set or until a response arrives.
     pub status: Cell<u16>,
+    /// A reason phrase for that status (`ngx.resp.set_status(status, reason)`), HTTP/1 only.
+    pub reason: RefCell<Option<String>>,
     pub response_headers: RefCell<HeaderMap>,
     /// Output of `ngx.say`/`ngx.print` not yet sent.
     pub output: RefCell<Vec<Bytes>>,
@@ -138,6 +140,7 @@ impl RequestState {
             body: RefCell::new(None),
             wants_body: Cell::new(false),
             status: Cell::new(0),
+            reason: RefCell::new(None),
             response_headers: RefCell::new(HeaderMap::new()),
             output: RefCell::new(Vec::new()),
             headers_sent: Cell::new(false),

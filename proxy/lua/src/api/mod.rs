@@ -163,6 +163,7 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
     modules.raw_set("cjson.safe", json::module(lua, true)?)?;
     modules.raw_set("bit", bit::module(lua)?)?;
     modules.raw_set("ngx", ngx.clone())?;
+    modules.raw_set("ngx.resp", ngx.raw_get::<Table>("resp")?)?;
     // Written in Lua over the cosockets; loaded in the base environment, whose reads it needs.
     base.raw_set("ngx", ngx.clone())?;
     let resty_http: Table =
@@ -174,7 +175,7 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
     let require = lua.create_function(move |_, name: String| {
         modules.raw_get::<Option<Table>>(name.as_str())?.ok_or_else(|| {
             mlua::Error::runtime(format!(
-                "module '{name}' not found: only cjson, cjson.safe, bit, ngx and resty.http can be required"
+                "module '{name}' not found: only cjson, cjson.safe, bit, ngx, ngx.resp and resty.http can be required"
             ))
         })
     })?;

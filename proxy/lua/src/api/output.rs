@@ -75,6 +75,27 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             headers_table(lua, &headers, max.unwrap_or(100), raw.unwrap_or(false))
         })?,
     )?;
+    // `require "ngx.resp"` (lua-resty-core) returns this table too.
+    resp.raw_set(
+        "set_status",
+        lua.create_function(|_, (status, reason): (i64, Option<String>)| {
+            let request = current("ngx.resp.set_status")?;
+            let state = &request.state;
+            if state.headers_sent.get() {
+                return Err(mlua::Error::runtime("attempt to set status after sending out response headers"));
+            }
+            let status = u16::try_from(status)
+                .ok()
+                .filter(|s| (100..=999).contains(s))
+                .ok_or_else(|| mlua::Error::runtime(format!("bad status {status}")))?;
+            if reason.as_deref().is_some_and(|r| r.bytes().any(|b| b == b'\r' || b == b'\n')) {
+                return Err(mlua::Error::runtime("bad reason: contains CR or LF"));
+            }
+            state.status.set(status);
+            *state.reason.borrow_mut() = reason;
+            Ok(())
+        })?,
+    )?;
     ngx.raw_set("resp", resp)?;
 
     // ngx.header: a proxy table over the response headers.
