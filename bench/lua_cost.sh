@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 DURATION="${1:-5}"
 ROUNDS=3
 
-command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+. bench/lib.sh
+need wrk wrk
 cargo build --release --quiet
 BIN=target/release/tidegate
 
@@ -68,20 +69,11 @@ curl -fs -H 'Host: lua.bench' 127.0.0.1:18080/ -o /dev/null -D - | grep -qi '^x-
 
 ticks() { awk '{print $14 + $15}' "/proc/$PROXY/stat"; }
 run() { # host -> "requests cpu_seconds p50_ms p99_ms"
-  local before after out
+  local before after reqs p50 p99
   before=$(ticks)
-  out=$(wrk -t1 -c16 -d"${DURATION}s" --latency -H "Host: $1" http://127.0.0.1:18080/)
+  read -r reqs _ p50 p99 < <(wrk -t1 -c16 -d"${DURATION}s" --latency -H "Host: $1" http://127.0.0.1:18080/ | wrk_stats)
   after=$(ticks)
-  python3 - "$before" "$after" "$(getconf CLK_TCK)" <<PY
-import re, sys
-out = """$out"""
-before, after, tck = map(int, sys.argv[1:])
-reqs = int(re.search(r"(\d+) requests in", out).group(1))
-def ms(label):
-    v, unit = re.search(label + r"\s+([\d.]+)(us|ms|s)", out).groups()
-    return float(v) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
-print(reqs, (after - before) / tck, ms("50%"), ms("99%"))
-PY
+  echo "$reqs $(python3 -c "print(($after - $before) / $(getconf CLK_TCK))") $p50 $p99"
 }
 
 echo "round,variant,requests,cpu_s,us_cpu_per_request,p50_ms,p99_ms" > "$WORK/rows.csv"

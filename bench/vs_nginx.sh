@@ -15,7 +15,7 @@ DURATION="${1:-5}"
 ROUNDS="${2:-3}"
 CONNECTIONS=64
 
-need() { command -v "$1" >/dev/null || { apt-get update -qq && apt-get install -y -qq "${@:2}"; }; }
+. bench/lib.sh
 need wrk wrk
 need h2load nghttp2-client
 need nginx nginx libnginx-mod-http-lua
@@ -151,16 +151,8 @@ for target in $TIDEGATE $NGINX; do
 done
 
 run() { # address host extra-header -> "requests_per_s p50_ms p99_ms"
-  local out
-  out=$(wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency -H "Host: $2" ${3:+-H "$3"} "http://$1/")
-  python3 - <<PY
-import re
-out = """$out"""
-def ms(label):
-    v, unit = re.search(label + r"\s+([\d.]+)(us|ms|s)", out).groups()
-    return float(v) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
-print(float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), ms("50%"), ms("99%"))
-PY
+  wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency -H "Host: $2" ${3:+-H "$3"} "http://$1/" \
+    | wrk_stats | awk '{print $2, $3, $4}'
 }
 
 h2() { # address -> "requests_per_s mean_ms"

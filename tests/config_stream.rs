@@ -160,18 +160,7 @@ async fn proxies_follow_the_controller_and_outlive_it() {
         let mut args: Vec<String> =
             vec!["proxy".into(), "--controller".into(), url2, "--name".into(), "stranger".into()];
         args.extend(stranger_tls);
-        args.extend(
-            [
-                "--http-addr",
-                "127.0.0.1:0",
-                "--https-addr",
-                "127.0.0.1:0",
-                "--admin-addr",
-                "127.0.0.1:0",
-                "--no-access-log",
-            ]
-            .map(String::from),
-        );
+        args.extend(support::EPHEMERAL_LISTENERS.map(String::from));
         let (mut child, _, logs) = spawn_logged(&args, "listening");
         std::thread::sleep(Duration::from_millis(800));
         let _ = child.kill();

@@ -18,6 +18,10 @@ use tokio::net::TcpStream;
 
 pub type Body = Full<Bytes>;
 
+/// Listener flags for a test instance: every port picked by the kernel, no access log.
+pub const EPHEMERAL_LISTENERS: [&str; 7] =
+    ["--http-addr", "127.0.0.1:0", "--https-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--no-access-log"];
+
 /// A running `tidegate standalone`, killed on drop.
 pub struct Tidegate {
     child: Child,
@@ -45,18 +49,12 @@ impl Tidegate {
     }
 
     fn run(args: &[String], dir: &Path) -> Tidegate {
-        let listen = [
-            "--http-addr",
-            "127.0.0.1:0",
-            "--https-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--workers",
-            "2",
-            "--no-access-log",
-        ];
-        let all: Vec<String> = args.iter().cloned().chain(listen.iter().map(|s| (*s).to_owned())).collect();
+        let all: Vec<String> = args
+            .iter()
+            .cloned()
+            .chain(EPHEMERAL_LISTENERS.iter().map(|s| (*s).to_owned()))
+            .chain(["--workers".to_owned(), "2".to_owned()])
+            .collect();
         let (child, line, logs) = spawn_logged(&all, "listening");
         let v: serde_json::Value = serde_json::from_str(&line).expect("json log line");
         let field = |k: &str| v["fields"][k].as_str().expect("address field").parse().expect("socket address");

@@ -170,19 +170,16 @@ fn report(request: &LuaRequest, error: &mlua::Error) -> String {
 async fn wait(lua: &Lua, request: &LuaRequest, threads: &[Rc<LightThread>]) -> mlua::Result<MultiValue> {
     loop {
         let ended = request.thread_ended.notified();
-        for thread in threads {
-            let state = std::mem::replace(&mut *thread.state.borrow_mut(), State::Collected);
-            match state {
-                State::Running => *thread.state.borrow_mut() = State::Running,
-                State::Ended(Ok(values)) => return Ok(std::iter::once(Value::Boolean(true)).chain(values).collect()),
+        if let Some(thread) = threads.iter().find(|t| !t.is_running()) {
+            // Waited on now: nothing is left to report after this.
+            return match std::mem::replace(&mut *thread.state.borrow_mut(), State::Collected) {
+                State::Running => unreachable!("filtered out above"),
+                State::Ended(Ok(values)) => Ok(std::iter::once(Value::Boolean(true)).chain(values).collect()),
                 State::Ended(Err(message)) => {
-                    let message = Value::String(lua.create_string(&message)?);
-                    return Ok(MultiValue::from_iter([Value::Boolean(false), message]));
+                    Ok(MultiValue::from_iter([Value::Boolean(false), Value::String(lua.create_string(&message)?)]))
                 }
-                State::Collected => {
-                    return Err(mlua::Error::runtime("ngx.thread.wait: thread already waited or killed"));
-                }
-            }
+                State::Collected => Err(mlua::Error::runtime("ngx.thread.wait: thread already waited or killed")),
+            };
         }
         ended.await;
     }
