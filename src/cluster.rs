@@ -1,8 +1,9 @@
 //! `tidegate controller` and `tidegate proxy`: the two halves in separate processes, joined by
 //! the config stream (HTTP/2, mutual TLS).
 //!
-//! The controller's objects come from a folder of manifests for now (`--manifests`); watching
-//! the Kubernetes API is the next step. Every controller replica serves the stream.
+//! The controller's objects come from the Kubernetes API server (the kubeconfig in `KUBECONFIG`
+//! or `~/.kube/config`, else the pod's service account), or from a folder of manifests with
+//! `--manifests`. Every controller replica serves the stream.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,6 +22,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tidegate_controller::Options;
 use tidegate_controller::publish::Publisher;
+use tidegate_controller::watch::WatchConfig;
 use tidegate_proxy::subscribe::Subscription;
 use tidegate_proxy::{Proxy, ProxyConfig};
 use tidegate_snapshot::Snapshot;
@@ -133,7 +135,10 @@ impl Sink for Published {
 /// Controller settings.
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
-    pub manifests: PathBuf,
+    /// Read objects from this folder instead of the API server.
+    pub manifests: Option<PathBuf>,
+    /// What to watch on the API server; carries `options` too.
+    pub watch: WatchConfig,
     pub stream_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub tls: TlsFiles,
@@ -165,11 +170,36 @@ pub fn run_controller(config: &ControllerConfig) -> Result<(), Error> {
         (stream.local_addr().unwrap_or(config.stream_addr), admin.local_addr().unwrap_or(config.admin_addr));
     runtime.spawn(Arc::clone(&publisher).serve(stream, tls));
     runtime.spawn(serve_admin(admin, Arc::clone(&publisher), Arc::clone(&status), Arc::clone(&ready)));
-    tracing::info!(stream = %stream_addr, admin = %admin_addr, manifests = %config.manifests.display(), "controller listening");
+    let source = config.manifests.as_ref().map_or_else(|| "API server".to_owned(), |m| m.display().to_string());
+    tracing::info!(stream = %stream_addr, admin = %admin_addr, source, "controller listening");
     let sink = Published { publisher, status, ready, address: config.status_address.clone() };
-    manifest_source::run(&config.manifests, config.options.clone(), sink)?;
+    if let Some(manifests) = &config.manifests {
+        manifest_source::run(manifests, config.options.clone(), sink)?;
+    } else {
+        let client = runtime
+            .block_on(kube::Client::try_default())
+            .map_err(|e| Error::Start(format!("no Kubernetes API server configuration: {e}")))?;
+        runtime.block_on(crate::api_source::run(client, &config.watch, sink, stop_signal()));
+    }
     tracing::info!("controller stopped");
     Ok(())
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!("cannot handle signals: {e}");
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 async fn serve_admin(

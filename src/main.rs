@@ -177,9 +177,15 @@ struct StandaloneArgs {
 
 #[derive(clap::Args)]
 struct ControllerArgs {
-    /// Folder of Kubernetes manifests to serve (watching the API server comes next).
+    /// Read objects from this folder of manifests instead of the Kubernetes API server.
     #[arg(long)]
-    manifests: PathBuf,
+    manifests: Option<PathBuf>,
+    /// Watch only this namespace (repeatable); every namespace when absent.
+    #[arg(long = "watch-namespace")]
+    watch_namespaces: Vec<String>,
+    /// Watch only the `kubernetes.io/tls` Secrets with these labels (`key=value,...`).
+    #[arg(long)]
+    secret_label_selector: Option<String>,
     /// Where proxies subscribe.
     #[arg(long, default_value = "127.0.0.1:9443")]
     stream_addr: SocketAddr,
@@ -230,6 +236,11 @@ fn main() -> ExitCode {
         }
         Command::Controller(args) => cluster::run_controller(&cluster::ControllerConfig {
             manifests: args.manifests,
+            watch: tidegate_controller::watch::WatchConfig {
+                namespaces: args.watch_namespaces,
+                secret_labels: args.secret_label_selector,
+                options: args.translation.options(),
+            },
             stream_addr: args.stream_addr,
             admin_addr: args.admin_addr,
             tls: args.tls.files(),

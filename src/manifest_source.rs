@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
 use serde::Serialize;
-use tidegate_controller::manifests::{LoadError, ManifestSet, Origin};
-use tidegate_controller::{ObjectRef, ObjectStatus, Options, Severity, translate};
+use tidegate_controller::manifests::{ManifestSet, Origin};
+use tidegate_controller::{ObjectRef, ObjectStatus, Options, Severity, Translation, translate};
 use tidegate_snapshot::Snapshot;
 
 /// Files written in one go (an editor's save, `cp -r`) arrive as bursts of events.
@@ -76,7 +76,7 @@ pub fn run<S: Sink>(dir: &Path, options: Options, sink: S) -> Result<S, Error> {
     watcher.watch(dir, RecursiveMode::NonRecursive).map_err(|e| Error::Watch(dir.to_owned(), e))?;
 
     let mut state =
-        State { sink, options, manifests: ManifestSet::default(), served: None, version: 0, reported: BTreeSet::new() };
+        State { options, manifests: ManifestSet::default(), publishing: Publishing::new(sink, Stamp::Counter) };
     state.reload(dir);
     loop {
         match changes.recv_timeout(RESCAN_EVERY) {
@@ -95,7 +95,7 @@ pub fn run<S: Sink>(dir: &Path, options: Options, sink: S) -> Result<S, Error> {
         }
         state.reload(dir);
     }
-    Ok(state.sink)
+    Ok(state.publishing.sink)
 }
 
 /// Blocks until SIGTERM or SIGINT.
@@ -129,9 +129,27 @@ fn watch_signals(events: mpsc::Sender<Event>) -> std::io::Result<()> {
 }
 
 struct State<S> {
-    sink: S,
     options: Options,
     manifests: ManifestSet,
+    publishing: Publishing<S>,
+}
+
+/// How versions are stamped.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Stamp {
+    /// 1, 2, 3…: one process is the only source.
+    Counter,
+    /// Milliseconds since the Unix epoch, strictly increasing: controller replicas publish
+    /// independently, and a proxy that moves from one to another still sees later versions as
+    /// larger.
+    Clock,
+}
+
+/// Offers translations to a sink: stamps and applies changed snapshots, logs each problem once
+/// when it appears, publishes statuses, declares readiness.
+pub(crate) struct Publishing<S> {
+    pub(crate) sink: S,
+    stamp: Stamp,
     /// The snapshot being served, version left at 0 for comparison.
     served: Option<Snapshot>,
     version: u64,
@@ -152,7 +170,7 @@ fn report(line: &str, error: bool) {
 struct StatusDocument<'a> {
     version: u64,
     objects: Vec<ObjectEntry<'a>>,
-    load_errors: Vec<String>,
+    load_errors: &'a [String],
 }
 
 #[derive(Serialize)]
@@ -174,10 +192,42 @@ impl<S: Sink> State<S> {
             }
         };
         let (inputs, origins, duplicates) = self.manifests.inputs(self.options.clone());
-        let translation = translate(&inputs);
+        let load_errors: Vec<String> = scan.errors.iter().chain(&duplicates).map(ToString::to_string).collect();
+        self.publishing.offer(&translate(&inputs), &origins, &load_errors);
+    }
+}
+
+impl<S: Sink> Publishing<S> {
+    pub(crate) fn new(sink: S, stamp: Stamp) -> Self {
+        Publishing { sink, stamp, served: None, version: 0, reported: BTreeSet::new() }
+    }
+
+    /// A snapshot has been applied.
+    pub(crate) fn serving(&self) -> bool {
+        self.served.is_some()
+    }
+
+    fn next_version(&self) -> u64 {
+        match self.stamp {
+            Stamp::Counter => self.version + 1,
+            Stamp::Clock => {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                (self.version + 1).max(u64::try_from(now.as_millis()).unwrap_or(u64::MAX))
+            }
+        }
+    }
+
+    /// Serves `translation` if its snapshot differs from the one served; `load_errors` are
+    /// objects that could not be read at all.
+    pub(crate) fn offer(
+        &mut self,
+        translation: &Translation,
+        origins: &BTreeMap<ObjectRef, Origin>,
+        load_errors: &[String],
+    ) {
         let mut problems = BTreeSet::new();
-        for error in scan.errors.iter().chain(&duplicates) {
-            problems.insert((true, error.to_string()));
+        for error in load_errors {
+            problems.insert((true, error.clone()));
         }
         for status in &translation.statuses {
             for p in &status.problems {
@@ -187,9 +237,9 @@ impl<S: Sink> State<S> {
             }
         }
 
-        let snapshot = translation.snapshot;
-        if self.served.as_ref() != Some(&snapshot) {
-            self.version += 1;
+        let snapshot = &translation.snapshot;
+        if self.served.as_ref() != Some(snapshot) {
+            self.version = self.next_version();
             let mut stamped = snapshot.clone();
             stamped.version = self.version;
             match self.sink.apply(&stamped) {
@@ -197,7 +247,7 @@ impl<S: Sink> State<S> {
                     for warning in warnings {
                         problems.insert((true, warning));
                     }
-                    self.served = Some(snapshot);
+                    self.served = Some(snapshot.clone());
                 }
                 Err(e) => {
                     problems.insert((true, format!("configuration refused, the previous one keeps serving: {e}")));
@@ -212,20 +262,14 @@ impl<S: Sink> State<S> {
             }
         }
         self.reported = current;
-        self.publish_status(&translation.statuses, &origins, &scan.errors, &duplicates);
+        self.publish_status(&translation.statuses, origins, load_errors);
         // Ready once a configuration is served and its status published, in that order.
         if self.served.is_some() {
             self.sink.set_ready();
         }
     }
 
-    fn publish_status(
-        &self,
-        statuses: &[ObjectStatus],
-        origins: &BTreeMap<ObjectRef, Origin>,
-        errors: &[LoadError],
-        duplicates: &[LoadError],
-    ) {
+    fn publish_status(&self, statuses: &[ObjectStatus], origins: &BTreeMap<ObjectRef, Origin>, load_errors: &[String]) {
         let address = self.sink.address();
         let objects = statuses
             .iter()
@@ -235,9 +279,8 @@ impl<S: Sink> State<S> {
                 load_balancer: if status.accepted && !address.is_empty() { vec![address.clone()] } else { Vec::new() },
             })
             .collect();
-        let load_errors = errors.iter().chain(duplicates).map(ToString::to_string).collect();
         let document = StatusDocument { version: self.version, objects, load_errors };
-        let rejected = statuses.iter().filter(|s| !s.accepted).count() + errors.len() + duplicates.len();
+        let rejected = statuses.iter().filter(|s| !s.accepted).count() + load_errors.len();
         if let Ok(json) = serde_json::to_vec(&document) {
             self.sink.set_status(json.into(), rejected);
         }

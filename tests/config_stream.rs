@@ -3,94 +3,15 @@
 
 mod support;
 
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Child;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use http::StatusCode;
-use support::{Tidegate, admin_get, echo, get, manifest_dir, service_yaml, spawn_logged, write_manifest};
-
-/// A CA and certificates it signs, written as PEM files into `dir`.
-struct Pki {
-    ca: rcgen::Issuer<'static, rcgen::KeyPair>,
-    ca_pem: String,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
-        let key = rcgen::KeyPair::generate().expect("key");
-        let cert = params.self_signed(&key).expect("CA");
-        Pki { ca_pem: cert.pem(), ca: rcgen::Issuer::new(params, key) }
-    }
-
-    /// Writes `<tag>.crt`, `<tag>.key` for `names` and `ca.crt`; returns the flags for them.
-    fn issue(&self, dir: &Path, tag: &str, names: &[&str], ca_for_peer: &str) -> Vec<String> {
-        let params =
-            rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).expect("params");
-        let key = rcgen::KeyPair::generate().expect("key");
-        let cert = params.signed_by(&key, &self.ca).expect("signed");
-        let (crt, key_path, ca) =
-            (dir.join(format!("{tag}.crt")), dir.join(format!("{tag}.key")), dir.join(format!("{tag}-peer-ca.crt")));
-        std::fs::write(&crt, cert.pem()).expect("write");
-        std::fs::write(&key_path, key.serialize_pem()).expect("write");
-        std::fs::write(&ca, ca_for_peer).expect("write");
-        vec![
-            "--tls-cert".into(),
-            crt.display().to_string(),
-            "--tls-key".into(),
-            key_path.display().to_string(),
-            "--tls-ca".into(),
-            ca.display().to_string(),
-        ]
-    }
-}
-
-struct Controller {
-    child: Child,
-    stream: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Controller {
-    fn start(manifests: &Path, tls: &[String], stream: &str) -> Controller {
-        let mut args: Vec<String> = vec!["controller".into(), "--manifests".into(), manifests.display().to_string()];
-        args.extend(["--stream-addr".into(), stream.into(), "--admin-addr".into(), "127.0.0.1:0".into()]);
-        args.extend(tls.iter().cloned());
-        let (child, line, _) = spawn_logged(&args, "controller listening");
-        let v: serde_json::Value = serde_json::from_str(&line).expect("json");
-        let field = |k: &str| v["fields"][k].as_str().expect("field").parse().expect("address");
-        Controller { child, stream: field("stream"), admin: field("admin") }
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use support::stream::{Controller, Pki, serves, until};
+use support::{Tidegate, admin_get, echo, manifest_dir, service_yaml, spawn_logged, write_manifest};
 
 fn ingress(name: &str, host: &str) -> String {
     format!(
         "---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: {name}, namespace: t}}\nspec:\n  ingressClassName: tidegate\n  rules:\n  - host: {host}\n    http:\n      paths:\n      - {{path: /, pathType: Prefix, backend: {{service: {{name: web, port: {{number: 80}}}}}}}}\n"
     )
-}
-
-async fn serves(proxy: &Tidegate, host: &str) -> bool {
-    get(proxy.http, host, "/").await.is_ok_and(|a| a.status == StatusCode::OK)
-}
-
-async fn until(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while !check().await {
-        assert!(started.elapsed() < limit, "not within {limit:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    started.elapsed()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

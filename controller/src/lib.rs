@@ -13,6 +13,7 @@ pub mod publish;
 pub mod status;
 pub mod translate;
 mod validate;
+pub mod watch;
 
 pub use objects::{Inputs, ObjectRef, Options};
 pub use status::{ObjectStatus, Problem, Reason, Severity};

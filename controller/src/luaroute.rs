@@ -15,6 +15,9 @@ use crate::validate::{check_host, check_path_value, check_port_number};
 
 pub const API_VERSION: &str = "tidegate.dev/v1alpha1";
 pub const KIND: &str = "LuaRoute";
+pub const GROUP: &str = "tidegate.dev";
+pub const VERSION: &str = "v1alpha1";
+pub const PLURAL: &str = "luaroutes";
 
 /// A LuaRoute object.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]

@@ -107,7 +107,12 @@ async fn session(proxy: &Proxy, subscription: &Subscription) -> Result<usize, Bo
                     for warning in &done.warnings {
                         tracing::warn!(version, "{warning}");
                     }
-                    tracing::info!(version, apply_ms = done.duration.as_secs_f64() * 1000.0, "configuration applied");
+                    tracing::info!(
+                        version,
+                        apply_ms = done.duration.as_secs_f64() * 1000.0,
+                        routing_rebuilt = done.routing_rebuilt,
+                        "configuration applied"
+                    );
                     None
                 }
                 Err(e) => {

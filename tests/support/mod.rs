@@ -2,6 +2,9 @@
 //! real HTTP/1.1, HTTP/2 and TLS clients.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod apiserver;
+pub mod stream;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -156,9 +159,19 @@ impl Drop for Tidegate {
 /// Starts the binary with `args` (JSON logs) and waits for a log line whose message is
 /// `announce`; returns the child, that line, and every log line as it comes.
 pub fn spawn_logged(args: &[String], announce: &str) -> (Child, String, Arc<Mutex<Vec<String>>>) {
+    spawn_logged_with(args, &[], announce)
+}
+
+/// [`spawn_logged`] with environment variables set for the child.
+pub fn spawn_logged_with(
+    args: &[String],
+    env: &[(&str, &Path)],
+    announce: &str,
+) -> (Child, String, Arc<Mutex<Vec<String>>>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tidegate"))
         .args(["--log-format", "json"])
         .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, *v)))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

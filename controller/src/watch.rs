@@ -1,0 +1,364 @@
+//! Objects from the Kubernetes API server, kept in caches that translation reads as [`Inputs`].
+//!
+//! One kube-rs watcher (list, then watch from the listed `resourceVersion`, with bookmarks and
+//! backoff) per kind, and per namespace with `--watch-namespace`.
+//!
+//! # Guarantees
+//! - [`Watched::synced`] is false until every watcher has finished its first list: the caller
+//!   never translates an empty or partial view.
+//! - A relist (after `410 Gone`, or a watch that cannot resume) is buffered and swapped in whole
+//!   when it ends: the cache never passes through a state with fewer objects than either side.
+//! - Secrets: only `kubernetes.io/tls` ones (a field selector), optionally narrowed by a label
+//!   selector, and only as metadata. The data of a Secret is fetched when an Ingress or
+//!   LuaRoute names it (again when its `resourceVersion` changes), so the keys of Secrets
+//!   nobody references are never held.
+//! - A LuaRoute that does not deserialize is kept as an error naming the field, for its
+//!   status; it does not stop the watch of the others.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use kube::api::{Api, DynamicObject, PartialObjectMeta};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::{WatchStreamExt, watcher as watch_stream};
+use kube::{Client, Resource};
+use tokio::sync::Notify;
+
+use crate::luaroute::{self, LuaRoute};
+use crate::objects::{Inputs, Options};
+
+/// What to watch.
+#[derive(Clone, Debug, Default)]
+pub struct WatchConfig {
+    /// Namespaces to watch; all of them when empty.
+    pub namespaces: Vec<String>,
+    /// Narrows the TLS Secrets watched (`--secret-label-selector`).
+    pub secret_labels: Option<String>,
+    pub options: Options,
+}
+
+/// `namespace/name` (namespace empty for cluster-scoped objects).
+pub type Key = (String, String);
+
+/// One watcher's objects.
+#[derive(Debug)]
+struct Cache<T> {
+    objects: BTreeMap<Key, T>,
+    /// Objects of a list in progress, swapped in when it ends.
+    relisting: Option<BTreeMap<Key, T>>,
+    listed: bool,
+}
+
+impl<T> Default for Cache<T> {
+    fn default() -> Self {
+        Cache { objects: BTreeMap::new(), relisting: None, listed: false }
+    }
+}
+
+type Shared<T> = Arc<Mutex<Cache<T>>>;
+
+/// A LuaRoute as read from the API server.
+#[derive(Clone, Debug)]
+pub enum WatchedLuaRoute {
+    Parsed(Box<LuaRoute>),
+    /// It does not deserialize: the field and why.
+    Invalid {
+        generation: Option<i64>,
+        error: String,
+    },
+}
+
+/// The caches of every watcher, and what wakes the rebuild loop.
+#[derive(Debug, Default)]
+pub struct Watched {
+    ingresses: Vec<Shared<Ingress>>,
+    classes: Vec<Shared<IngressClass>>,
+    services: Vec<Shared<Service>>,
+    slices: Vec<Shared<EndpointSlice>>,
+    lua_routes: Vec<Shared<WatchedLuaRoute>>,
+    /// TLS Secrets by key: their `resourceVersion`.
+    secrets: Vec<Shared<String>>,
+    changed: Arc<Notify>,
+    options: Options,
+}
+
+/// Data of the Secrets that are referenced, by key, with the version it was read at.
+#[derive(Debug, Default)]
+pub struct SecretData {
+    read: BTreeMap<Key, (String, Secret)>,
+}
+
+fn lock<T>(cache: &Shared<T>) -> MutexGuard<'_, Cache<T>> {
+    cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Key {
+    (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
+}
+
+/// Follows one watcher into its cache until the task is dropped.
+fn follow<K, T>(
+    stream: impl futures_util::Stream<Item = watcher::Result<Event<K>>> + Send + 'static,
+    kind: &'static str,
+    convert: fn(K) -> T,
+    changed: Arc<Notify>,
+) -> Shared<T>
+where
+    K: Resource + Send + 'static,
+    T: Send + 'static,
+{
+    let cache: Shared<T> = Arc::default();
+    let filled = Arc::clone(&cache);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream.default_backoff());
+        while let Some(event) = stream.next().await {
+            let event = match event {
+                Ok(event) => event,
+                Err(e) => {
+                    tracing::warn!(kind, error = %e, "watch failed; retrying with backoff, the last view keeps serving");
+                    continue;
+                }
+            };
+            let mut cache = lock(&filled);
+            match event {
+                Event::Init => cache.relisting = Some(BTreeMap::new()),
+                Event::InitApply(object) => {
+                    let key = key_of(object.meta());
+                    cache.relisting.get_or_insert_default().insert(key, convert(object));
+                }
+                Event::InitDone => {
+                    cache.objects = cache.relisting.take().unwrap_or_default();
+                    if !cache.listed {
+                        tracing::info!(kind, objects = cache.objects.len(), "listed");
+                    }
+                    cache.listed = true;
+                }
+                Event::Apply(object) => {
+                    let key = key_of(object.meta());
+                    cache.objects.insert(key, convert(object));
+                }
+                Event::Delete(object) => {
+                    cache.objects.remove(&key_of(object.meta()));
+                }
+            }
+            // Objects listed so far are not a view yet: wake the loop once the list is whole.
+            let listing = cache.relisting.is_some();
+            drop(cache);
+            if !listing {
+                changed.notify_one();
+            }
+        }
+    });
+    cache
+}
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+fn lua_route_resource() -> ApiResource {
+    let gvk = GroupVersionKind::gvk(luaroute::GROUP, luaroute::VERSION, luaroute::KIND);
+    ApiResource::from_gvk_with_plural(&gvk, luaroute::PLURAL)
+}
+
+fn parse_lua_route(object: DynamicObject) -> WatchedLuaRoute {
+    let generation = object.metadata.generation;
+    let value = match serde_json::to_value(object) {
+        Ok(value) => value,
+        Err(e) => return WatchedLuaRoute::Invalid { generation, error: e.to_string() },
+    };
+    match serde_path_to_error::deserialize::<_, LuaRoute>(value) {
+        Ok(route) => WatchedLuaRoute::Parsed(Box::new(route)),
+        Err(e) => WatchedLuaRoute::Invalid { generation, error: format!("field {}: {}", e.path(), e.inner()) },
+    }
+}
+
+impl Watched {
+    /// Starts every watcher on the current tokio runtime.
+    pub fn start(client: &Client, config: &WatchConfig) -> Arc<Watched> {
+        let changed = Arc::new(Notify::new());
+        let scopes: Vec<Option<&str>> = if config.namespaces.is_empty() {
+            vec![None]
+        } else {
+            config.namespaces.iter().map(|n| Some(n.as_str())).collect()
+        };
+        let mut watched =
+            Watched { changed: Arc::clone(&changed), options: config.options.clone(), ..Watched::default() };
+        let plain = watcher::Config::default;
+        watched.classes.push(follow(
+            watch_stream(Api::<IngressClass>::all(client.clone()), plain()),
+            "IngressClass",
+            std::convert::identity,
+            Arc::clone(&changed),
+        ));
+        let mut secret_config = plain().fields("type=kubernetes.io/tls");
+        if let Some(labels) = &config.secret_labels {
+            secret_config = secret_config.labels(labels);
+        }
+        for scope in scopes {
+            let c = || Arc::clone(&changed);
+            watched.ingresses.push(follow(
+                watch_stream(api(client, scope), plain()),
+                "Ingress",
+                std::convert::identity,
+                c(),
+            ));
+            watched.services.push(follow(
+                watch_stream(api(client, scope), plain()),
+                "Service",
+                std::convert::identity,
+                c(),
+            ));
+            watched.slices.push(follow(
+                watch_stream(api(client, scope), plain()),
+                "EndpointSlice",
+                std::convert::identity,
+                c(),
+            ));
+            let resource = lua_route_resource();
+            let lua_api: Api<DynamicObject> = match scope {
+                Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+                None => Api::all_with(client.clone(), &resource),
+            };
+            watched.lua_routes.push(follow(watch_stream(lua_api, plain()), luaroute::KIND, parse_lua_route, c()));
+            let secrets: Api<PartialObjectMeta<Secret>> = api(client, scope);
+            let version = |s: PartialObjectMeta<Secret>| s.metadata.resource_version.unwrap_or_default();
+            watched.secrets.push(follow(watch_stream(secrets, secret_config.clone()), "Secret", version, c()));
+        }
+        Arc::new(watched)
+    }
+
+    /// Waits until something changed since the last call.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    /// Every watcher has finished its first list.
+    pub fn synced(&self) -> bool {
+        fn all<T>(caches: &[Shared<T>]) -> bool {
+            caches.iter().all(|c| lock(c).listed)
+        }
+        all(&self.ingresses)
+            && all(&self.classes)
+            && all(&self.services)
+            && all(&self.slices)
+            && all(&self.lua_routes)
+            && all(&self.secrets)
+    }
+
+    /// Cached objects by kind, for metrics.
+    pub fn counts(&self) -> BTreeMap<&'static str, usize> {
+        fn count<T>(caches: &[Shared<T>]) -> usize {
+            caches.iter().map(|c| lock(c).objects.len()).sum()
+        }
+        BTreeMap::from([
+            ("Ingress", count(&self.ingresses)),
+            ("IngressClass", count(&self.classes)),
+            ("Service", count(&self.services)),
+            ("EndpointSlice", count(&self.slices)),
+            (luaroute::KIND, count(&self.lua_routes)),
+            ("Secret", count(&self.secrets)),
+        ])
+    }
+
+    /// The current view as translation input, with the referenced Secrets' data (read from
+    /// the API server when not already held at their current version). Also returns the
+    /// LuaRoutes that do not deserialize.
+    pub async fn inputs(&self, client: &Client, data: &mut SecretData) -> (Inputs, Vec<(Key, Option<i64>, String)>) {
+        fn objects<T: Clone>(caches: &[Shared<T>]) -> Vec<T> {
+            caches.iter().flat_map(|c| lock(c).objects.values().cloned().collect::<Vec<_>>()).collect()
+        }
+        let mut inputs = Inputs {
+            ingresses: objects(&self.ingresses),
+            ingress_classes: objects(&self.classes),
+            services: objects(&self.services),
+            endpoint_slices: objects(&self.slices),
+            options: self.options.clone(),
+            ..Inputs::default()
+        };
+        let mut invalid = Vec::new();
+        for cache in &self.lua_routes {
+            for (key, route) in &lock(cache).objects {
+                match route {
+                    WatchedLuaRoute::Parsed(route) => inputs.lua_routes.push((**route).clone()),
+                    WatchedLuaRoute::Invalid { generation, error } => {
+                        invalid.push((key.clone(), *generation, error.clone()));
+                    }
+                }
+            }
+        }
+        let versions: BTreeMap<Key, String> =
+            self.secrets.iter().flat_map(|c| lock(c).objects.clone().into_iter().collect::<Vec<_>>()).collect();
+        inputs.secrets = data.refresh(client, &referenced_secrets(&inputs), &versions).await;
+        (inputs, invalid)
+    }
+}
+
+/// The Secrets that Ingresses (`spec.tls[].secretName`) and LuaRoutes (`spec.tls.secretName`)
+/// name, in their own namespaces.
+pub fn referenced_secrets(inputs: &Inputs) -> BTreeSet<Key> {
+    let namespace = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        crate::objects::namespace_of(meta).to_owned()
+    };
+    let mut names = BTreeSet::new();
+    for ingress in &inputs.ingresses {
+        let tls = ingress.spec.as_ref().and_then(|s| s.tls.as_deref()).unwrap_or_default();
+        for secret in tls.iter().filter_map(|t| t.secret_name.clone()) {
+            names.insert((namespace(&ingress.metadata), secret));
+        }
+    }
+    for route in &inputs.lua_routes {
+        if let Some(tls) = &route.spec.tls {
+            names.insert((namespace(&route.metadata), tls.secret_name.clone()));
+        }
+    }
+    names
+}
+
+impl SecretData {
+    /// Brings the held data to `versions` for the `wanted` Secrets and drops the rest.
+    async fn refresh(
+        &mut self,
+        client: &Client,
+        wanted: &BTreeSet<Key>,
+        versions: &BTreeMap<Key, String>,
+    ) -> Vec<Secret> {
+        self.read.retain(|key, _| wanted.contains(key));
+        for key in wanted {
+            let Some(version) = versions.get(key) else {
+                // Not a TLS Secret we watch (or absent): translation reports it missing.
+                self.read.remove(key);
+                continue;
+            };
+            if self.read.get(key).is_some_and(|(held, _)| held == version) {
+                continue;
+            }
+            let secrets: Api<Secret> = Api::namespaced(client.clone(), &key.0);
+            match secrets.get_opt(&key.1).await {
+                Ok(Some(secret)) => {
+                    self.read.insert(key.clone(), (version.clone(), secret));
+                }
+                Ok(None) => {
+                    self.read.remove(key);
+                }
+                Err(e) => {
+                    // Keep what was held; the next change retries.
+                    tracing::warn!(secret = %format!("{}/{}", key.0, key.1), error = %e, "cannot read Secret");
+                }
+            }
+        }
+        self.read.values().map(|(_, secret)| secret.clone()).collect()
+    }
+}

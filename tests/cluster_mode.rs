@@ -1,0 +1,363 @@
+//! Cluster mode with the real binaries on loopback: the API server stand-in
+//! (`support/apiserver.rs`), `tidegate controller` watching it through kube-rs, two
+//! `tidegate proxy` processes fed over the config stream, echo upstreams.
+
+mod support;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use support::apiserver::ApiServer;
+use support::stream::{Controller, Pki, serves, until};
+use support::{
+    Tidegate, echo, get, get_request, self_signed, service_yaml, tls_connector, tls_request, tls_secret_yaml,
+};
+
+fn ingress(name: &str, host: &str, service: &str) -> String {
+    format!(
+        "---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: {name}, namespace: t}}\nspec:\n  ingressClassName: tidegate\n  rules:\n  - host: {host}\n    http:\n      paths:\n      - {{path: /, pathType: Prefix, backend: {{service: {{name: {service}, port: {{number: 80}}}}}}}}\n"
+    )
+}
+
+fn lua_route(name: &str, host: &str, content: &str) -> String {
+    let body: String = content.lines().map(|l| format!("          {l}\n")).collect();
+    format!(
+        "---\napiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {{name: {name}, namespace: t}}\nspec:\n  hosts: [{host}]\n  routes:\n    - name: main\n      match: {{path: {{type: Prefix, value: /}}}}\n      lua:\n        content: |\n{body}"
+    )
+}
+
+/// A stand-in API server, mutual-TLS material for the stream, and the processes started on it.
+struct Cluster {
+    api: ApiServer,
+    dir: tempfile::TempDir,
+    controller_tls: Vec<String>,
+    proxy_tls: Vec<String>,
+}
+
+impl Cluster {
+    fn new() -> Cluster {
+        let dir = tempfile::tempdir().expect("dir");
+        let pki = Pki::new("tidegate stream CA");
+        let controller_tls = pki.issue(dir.path(), "controller", &["localhost"], &pki.ca_pem);
+        let proxy_tls = pki.issue(dir.path(), "proxy", &["proxy"], &pki.ca_pem);
+        Cluster { api: ApiServer::start(), dir, controller_tls, proxy_tls }
+    }
+
+    fn kubeconfig(&self) -> std::path::PathBuf {
+        self.api.kubeconfig(self.dir.path())
+    }
+
+    fn controller(&self, extra: &[&str]) -> Controller {
+        Controller::on_api(&self.kubeconfig(), &self.controller_tls, "127.0.0.1:0", extra)
+    }
+
+    /// Two proxies subscribed to `controller`, once both serve a configuration.
+    async fn proxies(&self, controller: &Controller) -> (Tidegate, Tidegate) {
+        let url = format!("https://localhost:{}", controller.stream.port());
+        let (tls, dir) = (self.proxy_tls.clone(), self.dir.path().to_owned());
+        tokio::task::spawn_blocking(move || {
+            (Tidegate::proxy(&url, "p1", &tls, &dir), Tidegate::proxy(&url, "p2", &tls, &dir))
+        })
+        .await
+        .expect("start proxies")
+    }
+}
+
+async fn status_of(proxy: &Tidegate, host: &str, path: &str) -> Option<StatusCode> {
+    get(proxy.http, host, path).await.ok().map(|a| a.status)
+}
+
+async fn both(p1: &Tidegate, p2: &Tidegate, host: &str, expected: StatusCode) -> bool {
+    status_of(p1, host, "/").await == Some(expected) && status_of(p2, host, "/").await == Some(expected)
+}
+
+fn report(line: &str) {
+    let _ = writeln!(std::io::stderr(), "cluster mode: {line}");
+}
+
+/// Times an API write until both proxies show its effect.
+async fn timed(what: &str, write: impl FnOnce(), check: impl AsyncFnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    write();
+    until(what, Duration::from_secs(10), check).await;
+    let took = started.elapsed();
+    report(&format!("{what}: {took:?} from API write to served by both proxies"));
+    took
+}
+
+fn applied_lines(proxy: &Tidegate) -> Vec<serde_json::Value> {
+    proxy
+        .logs()
+        .iter()
+        .filter(|l| l.contains("\"configuration applied\""))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_serve_what_the_api_server_holds() {
+    let cluster = Cluster::new();
+    let api = &cluster.api;
+    let (web, other) = (echo("t", "web").await, echo("t", "web").await);
+    api.apply_yaml(&service_yaml("t", "web", 80, "http", &[web]));
+    api.apply_yaml(&ingress("a", "a.test", "web"));
+    let (cert, key) = self_signed(&["unreferenced.test"]);
+    api.apply_yaml(&tls_secret_yaml("t", "unreferenced", &cert, &key));
+    api.apply_yaml("apiVersion: v1\nkind: Secret\nmetadata: {name: opaque, namespace: t}\ntype: Opaque\nstringData: {password: hunter2}\n");
+
+    let controller = cluster.controller(&[]);
+    let (p1, p2) = cluster.proxies(&controller).await;
+    assert!(both(&p1, &p2, "a.test", StatusCode::OK).await, "the listed Ingress is served");
+
+    let mut latencies = Vec::new();
+    // Create, update, delete an Ingress.
+    latencies.push(
+        timed(
+            "Ingress created",
+            || api.apply_yaml(&ingress("b", "b.test", "web")),
+            async || both(&p1, &p2, "b.test", StatusCode::OK).await,
+        )
+        .await,
+    );
+    latencies.push(
+        timed(
+            "Ingress host changed",
+            || api.apply_yaml(&ingress("b", "b2.test", "web")),
+            async || {
+                both(&p1, &p2, "b2.test", StatusCode::OK).await && both(&p1, &p2, "b.test", StatusCode::NOT_FOUND).await
+            },
+        )
+        .await,
+    );
+    latencies.push(
+        timed(
+            "Ingress deleted",
+            || assert!(api.delete("networking.k8s.io/v1", "Ingress", "t", "b")),
+            async || both(&p1, &p2, "b2.test", StatusCode::NOT_FOUND).await,
+        )
+        .await,
+    );
+
+    // Endpoints move to another upstream: served without rebuilding routes on the proxies.
+    let before = applied_lines(&p1).len();
+    latencies.push(
+        timed(
+            "EndpointSlice changed",
+            || api.apply_yaml(&service_yaml("t", "web", 80, "http", &[other])),
+            async || {
+                let pod = format!("web-{}", other.port());
+                let (a, b) = (get(p1.http, "a.test", "/").await, get(p2.http, "a.test", "/").await);
+                a.is_ok_and(|a| a.json()["pod"] == pod.as_str()) && b.is_ok_and(|b| b.json()["pod"] == pod.as_str())
+            },
+        )
+        .await,
+    );
+    let lines = applied_lines(&p1);
+    assert!(lines.len() > before, "a new version was applied");
+    for line in &lines[before..] {
+        assert_eq!(line["fields"]["routing_rebuilt"], false, "endpoint-only change rebuilt routes: {line}");
+    }
+
+    // A Service deleted: its routes answer 503; created again: 200.
+    latencies.push(
+        timed(
+            "Service deleted",
+            || assert!(api.delete("v1", "Service", "t", "web")),
+            async || both(&p1, &p2, "a.test", StatusCode::SERVICE_UNAVAILABLE).await,
+        )
+        .await,
+    );
+    latencies.push(
+        timed(
+            "Service created",
+            || api.apply_yaml(&service_yaml("t", "web", 80, "http", &[other])),
+            async || both(&p1, &p2, "a.test", StatusCode::OK).await,
+        )
+        .await,
+    );
+
+    // A TLS Secret and the Ingress that names it; then the Secret rotated.
+    // A new client each time: a resumed TLS session would report the certificate of its first
+    // handshake.
+    let served_certificate = async |proxy: &Tidegate| {
+        let connector = tls_connector(None, &[b"http/1.1"]);
+        tls_request(&connector, proxy.https, "s.test", get_request("s.test", "/"))
+            .await
+            .ok()
+            .map(|a| a.peer_certificate)
+    };
+    let (cert1, key1) = self_signed(&["s.test"]);
+    let der = |pem: &str| {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).expect("pem").to_vec()
+    };
+    let tls_ingress = ingress("s", "s.test", "web") + "  tls: [{hosts: [s.test], secretName: s-cert}]\n";
+    latencies.push(
+        timed(
+            "TLS Secret and Ingress created",
+            || {
+                api.apply_yaml(&tls_secret_yaml("t", "s-cert", &cert1, &key1));
+                api.apply_yaml(&tls_ingress);
+            },
+            async || {
+                let want = Some(der(&cert1));
+                served_certificate(&p1).await == want && served_certificate(&p2).await == want
+            },
+        )
+        .await,
+    );
+    let (cert2, key2) = self_signed(&["s.test"]);
+    latencies.push(
+        timed(
+            "TLS Secret rotated",
+            || api.apply_yaml(&tls_secret_yaml("t", "s-cert", &cert2, &key2)),
+            async || {
+                let want = Some(der(&cert2));
+                served_certificate(&p1).await == want && served_certificate(&p2).await == want
+            },
+        )
+        .await,
+    );
+
+    // A LuaRoute; then one whose Lua does not compile, which leaves the others serving.
+    latencies.push(
+        timed(
+            "LuaRoute created",
+            || api.apply_yaml(&lua_route("hello", "lua.test", "ngx.say(\"hello from lua\")")),
+            async || {
+                let (a, b) = (get(p1.http, "lua.test", "/").await, get(p2.http, "lua.test", "/").await);
+                a.is_ok_and(|a| a.body == "hello from lua\n") && b.is_ok_and(|b| b.body == "hello from lua\n")
+            },
+        )
+        .await,
+    );
+    api.apply_yaml(&lua_route("broken", "broken.test", "ngx.say(\"line one\")\nlocal x = = 1"));
+    until("the broken LuaRoute reported", Duration::from_secs(10), async || {
+        controller.logs().iter().any(|l| l.contains("LuaRoute t/broken") && l.contains("LuaSyntaxError"))
+    })
+    .await;
+    assert!(both(&p1, &p2, "lua.test", StatusCode::OK).await && both(&p1, &p2, "a.test", StatusCode::OK).await);
+
+    // Secrets: only TLS ones are watched, as metadata; only the referenced one is read.
+    let requests = api.requests();
+    let secret_requests: Vec<&String> = requests.iter().filter(|r| r.contains("/secrets")).collect();
+    assert!(
+        secret_requests
+            .iter()
+            .filter(|r| !r.contains("/secrets/"))
+            .all(|r| r.contains("fieldSelector=type%3Dkubernetes.io%2Ftls")),
+        "{secret_requests:?}"
+    );
+    assert!(secret_requests.iter().any(|r| r.starts_with("GET /api/v1/namespaces/t/secrets/s-cert")));
+    assert!(!secret_requests.iter().any(|r| r.contains("/secrets/unreferenced") || r.contains("/secrets/opaque")));
+
+    latencies.sort();
+    report(&format!(
+        "{} changes, API write to served by both proxies: median {:?}, max {:?}",
+        latencies.len(),
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() - 1]
+    ));
+}
+
+/// Hosts `h0.test`… each with its own Ingress.
+fn many_ingresses(api: &ApiServer, count: usize) {
+    for i in 0..count {
+        api.apply_yaml(&ingress(&format!("h{i}"), &format!("h{i}.test"), "web"));
+    }
+}
+
+/// Requests to every host in turn until `stop`; returns (answered 200, failed) with the first
+/// failures.
+async fn steady_load(proxy: SocketAddr, hosts: usize, stop: tokio::sync::watch::Receiver<bool>) -> (u64, Vec<String>) {
+    let (mut ok, mut failed) = (0, Vec::new());
+    let mut i = 0;
+    while !*stop.borrow() {
+        let host = format!("h{}.test", i % hosts);
+        match get(proxy, &host, "/").await {
+            Ok(a) if a.status == StatusCode::OK => ok += 1,
+            Ok(a) => failed.push(format!("{host}: {}", a.status)),
+            Err(e) => failed.push(format!("{host}: {e}")),
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    (ok, failed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_expiry_relists_without_dropping_routes() {
+    let cluster = Cluster::new();
+    let api = &cluster.api;
+    let web = echo("t", "web").await;
+    api.apply_yaml(&service_yaml("t", "web", 80, "http", &[web]));
+    many_ingresses(api, 50);
+    let controller = cluster.controller(&[]);
+    let (p1, _p2) = cluster.proxies(&controller).await;
+    until("all 50 hosts", Duration::from_secs(10), async || serves(&p1, "h49.test").await).await;
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let load = tokio::spawn(steady_load(p1.http, 50, stopped));
+    let lists_before = api.requests().iter().filter(|r| r.contains("/ingresses") && !r.contains("watch=")).count();
+    // History is compacted past what the watchers saw: resuming gets 410 Gone, then a relist.
+    api.apply_yaml("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: bump, namespace: t}\ndata: {a: b}\n");
+    api.compact();
+    api.end_watches();
+    until("a relist of Ingresses", Duration::from_secs(15), async || {
+        api.requests().iter().filter(|r| r.contains("/ingresses") && !r.contains("watch=")).count() > lists_before
+    })
+    .await;
+    // A change after the relist is followed.
+    api.apply_yaml(&ingress("late", "late.test", "web"));
+    until("late.test after the relist", Duration::from_secs(10), async || serves(&p1, "late.test").await).await;
+    stop.send_replace(true);
+    let (ok, failed) = load.await.expect("load");
+    report(&format!("410 relist under load: {ok} requests answered 200, {} failed", failed.len()));
+    assert!(failed.is_empty(), "requests failed across the relist: {:?}", &failed[..failed.len().min(5)]);
+    assert!(
+        controller.logs().iter().any(|l| l.contains("410") || l.contains("Expired") || l.contains("too old")),
+        "the controller saw the expiry"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_outage_loses_nothing() {
+    let cluster = Cluster::new();
+    let api = &cluster.api;
+    let web = echo("t", "web").await;
+    api.apply_yaml(&service_yaml("t", "web", 80, "http", &[web]));
+    many_ingresses(api, 10);
+    let controller = cluster.controller(&[]);
+    let (p1, p2) = cluster.proxies(&controller).await;
+    until("all hosts", Duration::from_secs(10), async || serves(&p1, "h9.test").await && serves(&p2, "h9.test").await)
+        .await;
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let loads =
+        [tokio::spawn(steady_load(p1.http, 10, stopped.clone())), tokio::spawn(steady_load(p2.http, 10, stopped))];
+    let outage = Duration::from_secs(30);
+    api.stop();
+    // Written while the server is away (as if through another API server replica).
+    api.apply_yaml(&ingress("during", "during.test", "web"));
+    tokio::time::sleep(outage).await;
+    assert!(!serves(&p1, "during.test").await, "nothing new without the API server");
+    let resumed = Instant::now();
+    api.resume();
+    let recovered = until("the change written during the outage", Duration::from_secs(60), async || {
+        serves(&p1, "during.test").await && serves(&p2, "during.test").await
+    })
+    .await;
+    stop.send_replace(true);
+    let mut answered = 0;
+    for load in loads {
+        let (ok, failed) = load.await.expect("load");
+        assert!(failed.is_empty(), "requests failed during the outage: {:?}", &failed[..failed.len().min(5)]);
+        answered += ok;
+    }
+    report(&format!(
+        "API server away {outage:?}: {answered} requests answered 200, 0 failed; caught up {recovered:?} after it returned ({:?} since resume)",
+        resumed.elapsed()
+    ));
+}
