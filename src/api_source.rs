@@ -7,19 +7,99 @@
 //! before every watcher has listed once.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kube::Client;
+use tidegate_controller::election::{self, ElectionConfig};
+use tidegate_controller::metrics::{ControllerMetrics, KindLabels};
+use tidegate_controller::publish::Publisher;
+use tidegate_controller::replicas;
+use tidegate_controller::status_writer::{self, View, Writer, load_balancer_entries};
 use tidegate_controller::translate;
 use tidegate_controller::watch::{SecretData, WatchConfig, Watched};
+use tokio::sync::watch;
 
 use crate::manifest_source::{Publishing, Sink, Stamp};
 
 /// Changes that arrive within this time of the first one are translated together.
 pub const HOLD_OFF: Duration = Duration::from_millis(50);
 
-/// Follows the API server and feeds `sink` until `stop` completes.
-pub async fn run<S: Sink>(client: Client, config: &WatchConfig, sink: S, stop: impl std::future::Future<Output = ()>) {
+/// How statuses are written.
+#[derive(Clone, Debug)]
+pub struct StatusConfig {
+    pub election: ElectionConfig,
+    /// `--publish-service`: `namespace/name` of the Service whose addresses Ingresses report.
+    pub publish_service: Option<(String, String)>,
+    /// `--publish-status-address`: addresses Ingresses report (when no Service is named).
+    pub addresses: Vec<String>,
+}
+
+/// Follows the API server and feeds `sink` until `stop` completes; takes part in the leader
+/// election and, while leading, writes statuses.
+pub async fn run<S: Sink>(
+    client: Client,
+    config: &WatchConfig,
+    status: StatusConfig,
+    publisher: Arc<Publisher>,
+    metrics: Arc<ControllerMetrics>,
+    sink: S,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let (stopping, stopped) = watch::channel(false);
+    let (leading, is_leading) = watch::channel(false);
+    let mut leader_gauge = is_leading.clone();
+    let gauge = Arc::clone(&metrics);
+    tokio::spawn(async move {
+        while leader_gauge.changed().await.is_ok() {
+            gauge.leader.set(i64::from(*leader_gauge.borrow_and_update()));
+        }
+    });
+    let stop_signal = |mut stopped: watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    let election =
+        tokio::spawn(election::run(client.clone(), status.election.clone(), leading, stop_signal(stopped.clone())));
+    let (addresses, published_addresses) = watch::channel(load_balancer_entries(&status.addresses));
+    if let Some((namespace, name)) = status.publish_service.clone() {
+        tokio::spawn(status_writer::follow_service(client.clone(), namespace, name, addresses));
+    }
+    let e = &status.election;
+    let period = (e.lease_duration / 3).max(Duration::from_secs(1));
+    let (namespace, lease, identity) = (e.namespace.clone(), e.name.clone(), e.identity.clone());
+    let report = replicas::report(
+        client.clone(),
+        namespace.clone(),
+        lease.clone(),
+        identity.clone(),
+        period,
+        Arc::clone(&publisher),
+    );
+    let reporting = tokio::spawn(report);
+    let (reports, others) = watch::channel(replicas::Reports::new());
+    let following = tokio::spawn(replicas::follow(client.clone(), namespace, lease, identity, reports));
+    let (views, latest_view) = watch::channel(None);
+    let writer = Writer::new(client.clone(), &status.election.identity);
+    let writes = Arc::clone(&metrics);
+    tokio::spawn(status_writer::run(writer, latest_view, is_leading, published_addresses, others, publisher, writes));
+
+    serve(&client, config, sink, &views, &metrics, stop).await;
+    reporting.abort();
+    following.abort();
+    stopping.send_replace(true);
+    // Let the election release the Lease, so another replica takes over at once.
+    let _ = tokio::time::timeout(Duration::from_secs(3), election).await;
+}
+
+async fn serve<S: Sink>(
+    client: &Client,
+    config: &WatchConfig,
+    sink: S,
+    views: &watch::Sender<Option<Arc<View>>>,
+    metrics: &ControllerMetrics,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let client = client.clone();
     let watched = Watched::start(&client, config);
     let mut secrets = SecretData::default();
     let mut publishing = Publishing::new(sink, Stamp::Clock);
@@ -38,18 +118,36 @@ pub async fn run<S: Sink>(client: Client, config: &WatchConfig, sink: S, stop: i
                 continue;
             }
         }
+        let woke = Instant::now();
         tokio::time::sleep(HOLD_OFF).await;
         if !watched.synced() {
             continue;
         }
+        let reconcile = Instant::now();
         let (inputs, invalid) = watched.inputs(&client, &mut secrets).await;
-        let load_errors: Vec<String> = invalid
-            .iter()
-            .map(|((namespace, name), _, error)| format!("LuaRoute {namespace}/{name}: {error} (Invalid)"))
-            .collect();
+        let load_errors: Vec<String> =
+            invalid.iter().map(|i| format!("LuaRoute {}/{}: {} (Invalid)", i.namespace, i.name, i.error)).collect();
         let translation = translate(&inputs);
         let was_serving = publishing.serving();
+        let before = publishing.version();
         publishing.offer(&translation, &BTreeMap::new(), &load_errors);
+        metrics.reconciles.inc();
+        metrics.reconcile_duration.observe(reconcile.elapsed().as_secs_f64());
+        if publishing.version() != before {
+            metrics.change_to_publish.observe(woke.elapsed().as_secs_f64());
+        }
+        for (kind, count) in watched.counts() {
+            metrics
+                .objects
+                .get_or_create(&KindLabels { kind: kind.to_owned() })
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        views.send_replace(Some(Arc::new(View {
+            version: publishing.version(),
+            inputs,
+            statuses: translation.statuses,
+            invalid,
+        })));
         if !was_serving && publishing.serving() {
             tracing::info!(
                 after_ms = started.elapsed().as_millis(),

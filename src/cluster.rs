@@ -21,6 +21,8 @@ use hyper_util::rt::TokioIo;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tidegate_controller::Options;
+use tidegate_controller::election::ElectionConfig;
+use tidegate_controller::metrics::ControllerMetrics;
 use tidegate_controller::publish::Publisher;
 use tidegate_controller::watch::WatchConfig;
 use tidegate_proxy::subscribe::Subscription;
@@ -101,6 +103,7 @@ pub fn client_tls(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>, String>
 /// The publisher as the place configurations go.
 struct Published {
     publisher: Arc<Publisher>,
+    metrics: Arc<ControllerMetrics>,
     status: Arc<Mutex<Bytes>>,
     ready: Arc<AtomicBool>,
     address: String,
@@ -109,6 +112,7 @@ struct Published {
 impl Sink for Published {
     fn apply(&mut self, snapshot: &Snapshot) -> Result<Vec<String>, String> {
         self.publisher.publish(snapshot.clone());
+        self.metrics.snapshot_version.set(i64::try_from(snapshot.version).unwrap_or(i64::MAX));
         tracing::info!(
             version = snapshot.version,
             hosts = snapshot.routing.virtual_hosts.len(),
@@ -142,8 +146,12 @@ pub struct ControllerConfig {
     pub stream_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub tls: TlsFiles,
-    /// What Ingress statuses report (`--publish-status-address`).
+    /// What Ingress statuses report (`--publish-status-address`, comma-separated).
     pub status_address: String,
+    /// `--publish-service NAMESPACE/NAME`: Ingress statuses report this Service's addresses.
+    pub publish_service: Option<(String, String)>,
+    /// The Lease this replica competes for; only its holder writes statuses.
+    pub election: ElectionConfig,
     pub options: Options,
 }
 
@@ -169,17 +177,51 @@ pub fn run_controller(config: &ControllerConfig) -> Result<(), Error> {
     let (stream_addr, admin_addr) =
         (stream.local_addr().unwrap_or(config.stream_addr), admin.local_addr().unwrap_or(config.admin_addr));
     runtime.spawn(Arc::clone(&publisher).serve(stream, tls));
-    runtime.spawn(serve_admin(admin, Arc::clone(&publisher), Arc::clone(&status), Arc::clone(&ready)));
+    let metrics = Arc::new(ControllerMetrics::default());
+    runtime.spawn(serve_admin(
+        admin,
+        Arc::clone(&publisher),
+        Arc::clone(&metrics),
+        Arc::clone(&status),
+        Arc::clone(&ready),
+    ));
     let source = config.manifests.as_ref().map_or_else(|| "API server".to_owned(), |m| m.display().to_string());
     tracing::info!(stream = %stream_addr, admin = %admin_addr, source, "controller listening");
-    let sink = Published { publisher, status, ready, address: config.status_address.clone() };
+    let sink = Published {
+        publisher: Arc::clone(&publisher),
+        metrics: Arc::clone(&metrics),
+        status,
+        ready,
+        address: config.status_address.clone(),
+    };
+    if config.manifests.is_none() {
+        config.election.check().map_err(Error::Start)?;
+    }
     if let Some(manifests) = &config.manifests {
         manifest_source::run(manifests, config.options.clone(), sink)?;
     } else {
         let client = runtime
             .block_on(kube::Client::try_default())
             .map_err(|e| Error::Start(format!("no Kubernetes API server configuration: {e}")))?;
-        runtime.block_on(crate::api_source::run(client, &config.watch, sink, stop_signal()));
+        let status = crate::api_source::StatusConfig {
+            election: config.election.clone(),
+            publish_service: config.publish_service.clone(),
+            addresses: config
+                .status_address
+                .split(',')
+                .map(|a| a.trim().to_owned())
+                .filter(|a| !a.is_empty())
+                .collect(),
+        };
+        runtime.block_on(crate::api_source::run(
+            client,
+            &config.watch,
+            status,
+            publisher,
+            metrics,
+            sink,
+            stop_signal(),
+        ));
     }
     tracing::info!("controller stopped");
     Ok(())
@@ -205,12 +247,14 @@ async fn stop_signal() {
 async fn serve_admin(
     listener: tokio::net::TcpListener,
     publisher: Arc<Publisher>,
+    metrics: Arc<ControllerMetrics>,
     status: Arc<Mutex<Bytes>>,
     ready: Arc<AtomicBool>,
 ) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
         let (publisher, status, ready) = (Arc::clone(&publisher), Arc::clone(&status), Arc::clone(&ready));
+        let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
                 let (code, body) = match request.uri().path() {
@@ -220,6 +264,11 @@ async fn serve_admin(
                         (StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(b"no configuration published yet\n"))
                     }
                     "/status" => (StatusCode::OK, status.lock().map(|s| s.clone()).unwrap_or_default()),
+                    "/metrics" => {
+                        let connected = publisher.proxies().values().filter(|p| p.connected > 0).count();
+                        metrics.proxies_connected.set(i64::try_from(connected).unwrap_or(i64::MAX));
+                        (StatusCode::OK, Bytes::from(metrics.encode()))
+                    }
                     "/proxies" => {
                         (StatusCode::OK, Bytes::from(serde_json::to_vec(&publisher.proxies()).unwrap_or_default()))
                     }
@@ -240,7 +289,7 @@ async fn serve_admin(
 /// Only at start: TLS material, listeners.
 pub fn run_proxy(
     proxy_config: &ProxyConfig,
-    controller: http::Uri,
+    controllers: Vec<http::Uri>,
     name: String,
     tls: &TlsFiles,
     drain_timeout: Duration,
@@ -248,10 +297,11 @@ pub fn run_proxy(
     let client = client_tls(tls).map_err(Error::Start)?;
     let proxy = Proxy::start(proxy_config)?;
     let a = proxy.addresses();
-    tracing::info!(http = %a.http, https = %a.https, admin = %a.admin, controller = %controller, "listening");
+    let list = controllers.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+    tracing::info!(http = %a.http, https = %a.https, admin = %a.admin, controllers = %list, "listening");
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::Start(e.to_string()))?;
-    let subscription = Subscription { controller, name, tls: client };
+    let subscription = Subscription { controllers, name, tls: client };
     let subscriber = proxy.clone();
     std::thread::Builder::new()
         .name("config-stream".into())

@@ -191,9 +191,31 @@ struct ControllerArgs {
     stream_addr: SocketAddr,
     #[arg(long, default_value = "127.0.0.1:9902")]
     admin_addr: SocketAddr,
-    /// Address Ingress statuses report as where they are exposed.
+    /// Addresses (IPs or host names, comma-separated) Ingress statuses report as where they are
+    /// exposed.
     #[arg(long, default_value = "")]
     publish_status_address: String,
+    /// `NAMESPACE/NAME` of the proxies' Service: Ingress statuses report its load-balancer
+    /// addresses (instead of `--publish-status-address`).
+    #[arg(long, value_parser = parse_namespaced)]
+    publish_service: Option<(String, String)>,
+    /// This replica's name in the leader-election Lease (its pod name in a cluster).
+    #[arg(long, env = "HOSTNAME", default_value = "controller")]
+    name: String,
+    /// The Lease replicas compete for; only its holder writes statuses.
+    #[arg(long, default_value = "tidegate-controller")]
+    lease_name: String,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// How long the Lease holds without renewal.
+    #[arg(long, default_value_t = 15.0)]
+    lease_duration_seconds: f64,
+    /// A leader that could not renew for this long steps down.
+    #[arg(long, default_value_t = 10.0)]
+    lease_renew_deadline_seconds: f64,
+    /// How often the leader renews and the others try to acquire.
+    #[arg(long, default_value_t = 2.0)]
+    lease_retry_period_seconds: f64,
     #[command(flatten)]
     tls: TlsArgs,
     #[command(flatten)]
@@ -202,9 +224,10 @@ struct ControllerArgs {
 
 #[derive(clap::Args)]
 struct ProxyCommandArgs {
-    /// The controller's stream, `https://host:port`.
-    #[arg(long)]
-    controller: http::Uri,
+    /// The controller's stream, `https://host:port`; repeat for several replicas (tried in
+    /// turn when one goes away).
+    #[arg(long = "controller", required = true)]
+    controllers: Vec<http::Uri>,
     /// This proxy's name in acknowledgements (its pod name in a cluster).
     #[arg(long, env = "HOSTNAME", default_value = "proxy")]
     name: String,
@@ -212,6 +235,17 @@ struct ProxyCommandArgs {
     proxy: ProxyArgs,
     #[command(flatten)]
     tls: TlsArgs,
+}
+
+fn parse_namespaced(text: &str) -> Result<(String, String), String> {
+    match text.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => Ok((ns.into(), name.into())),
+        _ => Err(format!("{text:?} is not NAMESPACE/NAME")),
+    }
+}
+
+fn seconds(value: f64) -> std::time::Duration {
+    std::time::Duration::try_from_secs_f64(value).unwrap_or(std::time::Duration::ZERO)
 }
 
 fn proxy_config(args: &ProxyArgs) -> Option<ProxyConfig> {
@@ -245,12 +279,21 @@ fn main() -> ExitCode {
             admin_addr: args.admin_addr,
             tls: args.tls.files(),
             status_address: args.publish_status_address,
+            publish_service: args.publish_service,
+            election: tidegate_controller::election::ElectionConfig {
+                namespace: args.lease_namespace,
+                name: args.lease_name,
+                identity: args.name,
+                lease_duration: seconds(args.lease_duration_seconds),
+                renew_deadline: seconds(args.lease_renew_deadline_seconds),
+                retry_period: seconds(args.lease_retry_period_seconds),
+            },
             options: args.translation.options(),
         }),
         Command::Proxy(args) => {
             let drain = std::time::Duration::from_secs(args.proxy.drain_timeout_seconds);
             let Some(config) = proxy_config(&args.proxy) else { return ExitCode::FAILURE };
-            cluster::run_proxy(&config, args.controller, args.name, &args.tls.files(), drain)
+            cluster::run_proxy(&config, args.controllers, args.name, &args.tls.files(), drain)
         }
         Command::Validate { files, translation } => return validate(&files, translation.options()),
         Command::Echo { listen, service, namespace } => return run_echo(listen, service, namespace),

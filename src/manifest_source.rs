@@ -202,6 +202,11 @@ impl<S: Sink> Publishing<S> {
         Publishing { sink, stamp, served: None, version: 0, reported: BTreeSet::new() }
     }
 
+    /// The version last stamped.
+    pub(crate) fn version(&self) -> u64 {
+        self.version
+    }
+
     /// A snapshot has been applied.
     pub(crate) fn serving(&self) -> bool {
         self.served.is_some()

@@ -50,15 +50,24 @@ impl Cluster {
     }
 
     fn controller(&self, extra: &[&str]) -> Controller {
-        Controller::on_api(&self.kubeconfig(), &self.controller_tls, "127.0.0.1:0", extra)
+        self.controller_on("127.0.0.1:0", extra)
+    }
+
+    fn controller_on(&self, stream: &str, extra: &[&str]) -> Controller {
+        Controller::on_api(&self.kubeconfig(), &self.controller_tls, stream, extra)
     }
 
     /// Two proxies subscribed to `controller`, once both serve a configuration.
     async fn proxies(&self, controller: &Controller) -> (Tidegate, Tidegate) {
-        let url = format!("https://localhost:{}", controller.stream.port());
+        self.proxies_of(&[controller]).await
+    }
+
+    /// Two proxies that know every controller replica, once both serve a configuration.
+    async fn proxies_of(&self, controllers: &[&Controller]) -> (Tidegate, Tidegate) {
+        let urls: Vec<String> = controllers.iter().map(|c| format!("https://localhost:{}", c.stream.port())).collect();
         let (tls, dir) = (self.proxy_tls.clone(), self.dir.path().to_owned());
         tokio::task::spawn_blocking(move || {
-            (Tidegate::proxy(&url, "p1", &tls, &dir), Tidegate::proxy(&url, "p2", &tls, &dir))
+            (Tidegate::proxy_of(&urls, "p1", &tls, &dir), Tidegate::proxy_of(&urls, "p2", &tls, &dir))
         })
         .await
         .expect("start proxies")
@@ -253,6 +262,19 @@ async fn proxies_serve_what_the_api_server_holds() {
     assert!(secret_requests.iter().any(|r| r.starts_with("GET /api/v1/namespaces/t/secrets/s-cert")));
     assert!(!secret_requests.iter().any(|r| r.contains("/secrets/unreferenced") || r.contains("/secrets/opaque")));
 
+    // The controller's own endpoints.
+    let metrics = support::admin_get(controller.admin, "/metrics").expect("metrics");
+    for expected in [
+        "tidegate_controller_objects{kind=\"Ingress\"} 2",
+        "tidegate_controller_objects{kind=\"LuaRoute\"} 2",
+        "tidegate_controller_proxies_connected 2",
+        "tidegate_controller_change_to_publish_seconds_count",
+        "tidegate_controller_reconcile_duration_seconds_count",
+    ] {
+        assert!(metrics.contains(expected), "{expected} in\n{metrics}");
+    }
+    assert_eq!(support::admin_get(controller.admin, "/readyz").expect("readyz"), "ready\n");
+
     latencies.sort();
     report(&format!(
         "{} changes, API write to served by both proxies: median {:?}, max {:?}",
@@ -360,4 +382,119 @@ async fn api_server_outage_loses_nothing() {
         "API server away {outage:?}: {answered} requests answered 200, 0 failed; caught up {recovered:?} after it returned ({:?} since resume)",
         resumed.elapsed()
     ));
+}
+
+fn condition<'a>(object: &'a serde_json::Value, kind: &str) -> Option<&'a serde_json::Value> {
+    object["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == kind)
+}
+
+fn lease_holder(api: &ApiServer) -> Option<String> {
+    api.get("coordination.k8s.io/v1", "Lease", "default", "tidegate-controller")?["spec"]["holderIdentity"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+const FAST_LEASE: [&str; 6] =
+    ["--lease-duration-seconds", "3", "--lease-renew-deadline-seconds", "2", "--lease-retry-period-seconds", "0.5"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_writes_status_and_a_replica_takes_over() {
+    let cluster = Cluster::new();
+    let api = &cluster.api;
+    let web = echo("t", "web").await;
+    api.apply_yaml(&service_yaml("t", "web", 80, "http", &[web]));
+    api.apply_yaml(&ingress("a", "a.test", "web"));
+    api.apply_yaml(&lua_route("hello", "lua.test", "ngx.say(\"hello\")"));
+    api.apply_yaml(&lua_route("broken", "broken.test", "ngx.say(\"line one\")\nlocal x = = 1"));
+    let flags = |name: &'static str| {
+        let mut flags = vec!["--name", name, "--publish-status-address", "192.0.2.7,edge.example.com"];
+        flags.extend(FAST_LEASE);
+        flags
+    };
+    let c1 = cluster.controller(&flags("c1"));
+    until("c1 leads", Duration::from_secs(10), async || lease_holder(api).as_deref() == Some("c1")).await;
+    let c2 = cluster.controller(&flags("c2"));
+    // The proxies subscribe to c2, which does not lead: c1 learns of them through c2's Lease.
+    let (p1, p2) = cluster.proxies_of(&[&c2, &c1]).await;
+    assert!(both(&p1, &p2, "a.test", StatusCode::OK).await);
+    assert_eq!(c2.proxies()["p1"]["connected"], 1);
+
+    until("the Ingress status", Duration::from_secs(10), async || {
+        let ingress = api.get("networking.k8s.io/v1", "Ingress", "t", "a").unwrap_or_default();
+        ingress["status"]["loadBalancer"]["ingress"]
+            == serde_json::json!([{"ip": "192.0.2.7"}, {"hostname": "edge.example.com"}])
+    })
+    .await;
+    until("hello Accepted and Programmed", Duration::from_secs(10), async || {
+        let route = api.get("tidegate.dev/v1alpha1", "LuaRoute", "t", "hello").unwrap_or_default();
+        condition(&route, "Accepted").is_some_and(|c| c["status"] == "True" && c["observedGeneration"] == 1)
+            && condition(&route, "Programmed").is_some_and(|c| c["status"] == "True")
+    })
+    .await;
+    let broken = api.get("tidegate.dev/v1alpha1", "LuaRoute", "t", "broken").expect("broken");
+    let accepted = condition(&broken, "Accepted").expect("Accepted on the broken LuaRoute");
+    assert_eq!(accepted["status"], "False", "{broken}");
+    assert_eq!(accepted["reason"], "LuaSyntaxError", "{broken}");
+    let message = accepted["message"].as_str().unwrap_or("");
+    assert!(message.contains("line 2"), "the message names the Lua line: {message}");
+    assert_eq!(condition(&broken, "Programmed").expect("Programmed")["status"], "False");
+    let events = api.list("events.k8s.io/v1", "Event");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["regarding"]["name"] == "broken" && e["reason"] == "LuaSyntaxError" && e["type"] == "Warning"),
+        "an Event for the rejection: {events:?}"
+    );
+    // Other routes are fine.
+    assert!(both(&p1, &p2, "lua.test", StatusCode::OK).await);
+
+    // The leader dies without releasing the Lease: c2 takes it and writes status.
+    let c1_stream = c1.stream;
+    let killed = Instant::now();
+    c1.kill();
+    api.apply_yaml(&lua_route("hello", "lua.test", "ngx.say(\"hello again\")"));
+    let took_over = until("c2 writes status", Duration::from_secs(15), async || {
+        let route = api.get("tidegate.dev/v1alpha1", "LuaRoute", "t", "hello").unwrap_or_default();
+        condition(&route, "Accepted").is_some_and(|c| c["observedGeneration"] == 2)
+            && condition(&route, "Programmed").is_some_and(|c| c["status"] == "True" && c["observedGeneration"] == 2)
+    })
+    .await;
+    assert_eq!(lease_holder(api).as_deref(), Some("c2"), "the Lease moved");
+    report(&format!(
+        "leader killed: c2 took the Lease and wrote status {:?} later (lease 3 s, retry 0.5 s)",
+        killed.elapsed()
+    ));
+    assert!(
+        took_over < Duration::from_millis(3000 + 500 + 1500),
+        "within the lease duration plus retry: {took_over:?}"
+    );
+
+    // A replacement replica comes up where c1 was; then c2, serving the proxies, is killed: the
+    // proxies move to the replacement, which also takes the Lease.
+    let c3 = cluster.controller_on(&c1_stream.to_string(), &flags("c3"));
+    let killed = Instant::now();
+    c2.kill();
+    let moved = until("proxies on c3 serve a new Ingress", Duration::from_secs(15), async || {
+        api.apply_yaml(&ingress("b", "b.test", "web"));
+        both(&p1, &p2, "b.test", StatusCode::OK).await
+    })
+    .await;
+    report(&format!(
+        "controller serving the proxies killed: they follow changes through another replica {moved:?} later"
+    ));
+    until("c3 leads and writes status", Duration::from_secs(15), async || {
+        let ingress = api.get("networking.k8s.io/v1", "Ingress", "t", "b").unwrap_or_default();
+        lease_holder(api).as_deref() == Some("c3") && ingress["status"]["loadBalancer"]["ingress"].is_array()
+    })
+    .await;
+    report(&format!("c3 leads and wrote status {:?} after c2 was killed", killed.elapsed()));
+    let proxies = c3.proxies();
+    assert!(proxies["p1"]["connected"] == 1 && proxies["p2"]["connected"] == 1, "{proxies}");
+    // Requests kept being answered throughout.
+    assert!(both(&p1, &p2, "a.test", StatusCode::OK).await && both(&p1, &p2, "lua.test", StatusCode::OK).await);
+    let alive = c3;
+
+    // A clean stop releases the Lease at once.
+    alive.terminate();
+    until("the Lease released", Duration::from_secs(5), async || lease_holder(api).is_none()).await;
 }

@@ -6,11 +6,15 @@
 //! edges.
 #![forbid(unsafe_code)]
 
+pub mod election;
 pub mod luaroute;
 pub mod manifests;
+pub mod metrics;
 pub mod objects;
 pub mod publish;
+pub mod replicas;
 pub mod status;
+pub mod status_writer;
 pub mod translate;
 mod validate;
 pub mod watch;

@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 /// What the controller knows of one proxy.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ProxyState {
     /// The last version the proxy acknowledged, applied or refused.
     pub version: u64,
@@ -43,13 +43,19 @@ pub struct ProxyState {
 pub struct Publisher {
     current: watch::Sender<Option<Arc<Snapshot>>>,
     proxies: Mutex<BTreeMap<String, ProxyState>>,
+    /// Bumped on every acknowledgement, connection and disconnection.
+    proxies_changed: watch::Sender<u64>,
 }
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 impl Publisher {
     pub fn new() -> Arc<Self> {
-        Arc::new(Publisher { current: watch::Sender::new(None), proxies: Mutex::new(BTreeMap::new()) })
+        Arc::new(Publisher {
+            current: watch::Sender::new(None),
+            proxies: Mutex::new(BTreeMap::new()),
+            proxies_changed: watch::Sender::new(0),
+        })
     }
 
     /// Makes `snapshot` the one every proxy gets.
@@ -62,10 +68,16 @@ impl Publisher {
         self.proxies.lock().map(|p| p.clone()).unwrap_or_default()
     }
 
+    /// Changes whenever a proxy acknowledges, connects or disconnects.
+    pub fn proxies_changed(&self) -> watch::Receiver<u64> {
+        self.proxies_changed.subscribe()
+    }
+
     fn update(&self, name: &str, change: impl FnOnce(&mut ProxyState)) {
         if let Ok(mut proxies) = self.proxies.lock() {
             change(proxies.entry(name.to_owned()).or_default());
         }
+        self.proxies_changed.send_modify(|n| *n += 1);
     }
 
     /// Serves subscriptions and acknowledgements until the task is dropped.

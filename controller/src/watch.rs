@@ -31,6 +31,7 @@ use tokio::sync::Notify;
 
 use crate::luaroute::{self, LuaRoute};
 use crate::objects::{Inputs, Options};
+use crate::status_writer::InvalidObject;
 
 /// What to watch.
 #[derive(Clone, Debug, Default)]
@@ -67,10 +68,7 @@ type Shared<T> = Arc<Mutex<Cache<T>>>;
 pub enum WatchedLuaRoute {
     Parsed(Box<LuaRoute>),
     /// It does not deserialize: the field and why.
-    Invalid {
-        generation: Option<i64>,
-        error: String,
-    },
+    Invalid(InvalidObject),
 }
 
 /// The caches of every watcher, and what wakes the rebuild loop.
@@ -168,20 +166,30 @@ where
     }
 }
 
-fn lua_route_resource() -> ApiResource {
+/// How the API server names the LuaRoute resource.
+pub fn lua_route_resource() -> ApiResource {
     let gvk = GroupVersionKind::gvk(luaroute::GROUP, luaroute::VERSION, luaroute::KIND);
     ApiResource::from_gvk_with_plural(&gvk, luaroute::PLURAL)
 }
 
 fn parse_lua_route(object: DynamicObject) -> WatchedLuaRoute {
-    let generation = object.metadata.generation;
+    let meta = object.metadata.clone();
+    let invalid = |error: String| {
+        WatchedLuaRoute::Invalid(InvalidObject {
+            namespace: meta.namespace.clone().unwrap_or_default(),
+            name: meta.name.clone().unwrap_or_default(),
+            generation: meta.generation,
+            uid: meta.uid.clone(),
+            error,
+        })
+    };
     let value = match serde_json::to_value(object) {
         Ok(value) => value,
-        Err(e) => return WatchedLuaRoute::Invalid { generation, error: e.to_string() },
+        Err(e) => return invalid(e.to_string()),
     };
     match serde_path_to_error::deserialize::<_, LuaRoute>(value) {
         Ok(route) => WatchedLuaRoute::Parsed(Box::new(route)),
-        Err(e) => WatchedLuaRoute::Invalid { generation, error: format!("field {}: {}", e.path(), e.inner()) },
+        Err(e) => invalid(format!("field {}: {}", e.path(), e.inner())),
     }
 }
 
@@ -276,7 +284,7 @@ impl Watched {
     /// The current view as translation input, with the referenced Secrets' data (read from
     /// the API server when not already held at their current version). Also returns the
     /// LuaRoutes that do not deserialize.
-    pub async fn inputs(&self, client: &Client, data: &mut SecretData) -> (Inputs, Vec<(Key, Option<i64>, String)>) {
+    pub async fn inputs(&self, client: &Client, data: &mut SecretData) -> (Inputs, Vec<InvalidObject>) {
         fn objects<T: Clone>(caches: &[Shared<T>]) -> Vec<T> {
             caches.iter().flat_map(|c| lock(c).objects.values().cloned().collect::<Vec<_>>()).collect()
         }
@@ -290,12 +298,10 @@ impl Watched {
         };
         let mut invalid = Vec::new();
         for cache in &self.lua_routes {
-            for (key, route) in &lock(cache).objects {
+            for route in lock(cache).objects.values() {
                 match route {
                     WatchedLuaRoute::Parsed(route) => inputs.lua_routes.push((**route).clone()),
-                    WatchedLuaRoute::Invalid { generation, error } => {
-                        invalid.push((key.clone(), *generation, error.clone()));
-                    }
+                    WatchedLuaRoute::Invalid(object) => invalid.push(object.clone()),
                 }
             }
         }

@@ -5,7 +5,10 @@
 //! - The runtime being served changes only when a snapshot builds; while the controller is away
 //!   (restarting, unreachable, replaced) the last good configuration keeps serving.
 //! - Reconnection backs off exponentially (100 ms to 10 s) with jitter, so a fleet of proxies
-//!   does not stampede a restarted controller.
+//!   does not stampede a restarted controller. With several controller URLs, each attempt goes
+//!   to the next one: a proxy whose controller died moves to another replica.
+//! - A controller that stops answering (a partition, not a closed socket) is noticed by HTTP/2
+//!   pings within 15 s.
 //! - `/readyz` turns 200 after the first snapshot is applied and stays so across reconnections.
 
 use std::sync::Arc;
@@ -25,8 +28,8 @@ use crate::Proxy;
 /// Where and how to subscribe.
 #[derive(Clone, Debug)]
 pub struct Subscription {
-    /// `https://host:port` of a controller (a Service in a cluster).
-    pub controller: Uri,
+    /// `https://host:port` of each controller (in a cluster, usually one Service).
+    pub controllers: Vec<Uri>,
     /// This proxy's name in acknowledgements.
     pub name: String,
     /// Client configuration: the controller's CA, this proxy's certificate, ALPN `h2`.
@@ -39,16 +42,20 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Subscribes forever (run it on its own thread's runtime).
 pub async fn run(proxy: Proxy, subscription: Subscription) {
     let mut backoff = MIN_BACKOFF;
-    loop {
-        match session(&proxy, &subscription).await {
+    for attempt in 0usize.. {
+        let Some(controller) = subscription.controllers.get(attempt % subscription.controllers.len().max(1)) else {
+            tracing::error!("no controller URL to subscribe to");
+            return;
+        };
+        match session(&proxy, controller, &subscription).await {
             Ok(applied) => {
-                tracing::warn!(controller = %subscription.controller, applied, "config stream ended; reconnecting");
+                tracing::warn!(controller = %controller, applied, "config stream ended; reconnecting");
                 if applied > 0 {
                     backoff = MIN_BACKOFF;
                 }
             }
             Err(e) => {
-                tracing::warn!(controller = %subscription.controller, error = %e, "config stream unavailable; serving the last good configuration");
+                tracing::warn!(controller = %controller, error = %e, "config stream unavailable; serving the last good configuration");
             }
         }
         tokio::time::sleep(backoff + jitter(backoff)).await;
@@ -66,8 +73,7 @@ fn jitter(backoff: Duration) -> Duration {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One connection: returns how many snapshots it applied before the stream ended.
-async fn session(proxy: &Proxy, subscription: &Subscription) -> Result<usize, BoxError> {
-    let uri = &subscription.controller;
+async fn session(proxy: &Proxy, uri: &Uri, subscription: &Subscription) -> Result<usize, BoxError> {
     let host = uri.host().ok_or("controller URL has no host")?;
     let port = uri.port_u16().unwrap_or(443);
     let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect((host, port)))
@@ -76,8 +82,13 @@ async fn session(proxy: &Proxy, subscription: &Subscription) -> Result<usize, Bo
     let _ = tcp.set_nodelay(true);
     let server_name = ServerName::try_from(host.to_owned())?;
     let tls = TlsConnector::from(Arc::clone(&subscription.tls)).connect(server_name, tcp).await?;
-    let (mut sender, connection) =
-        hyper::client::conn::http2::Builder::new(TokioExecutor::new()).handshake(TokioIo::new(tls)).await?;
+    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .handshake(TokioIo::new(tls))
+        .await?;
     tokio::spawn(async move {
         let _ = connection.await;
     });

@@ -45,8 +45,15 @@ impl Tidegate {
 
     /// `tidegate proxy` fed by a controller; waits until it serves a configuration.
     pub fn proxy(controller: &str, name: &str, tls: &[String], dir: &Path) -> Tidegate {
-        let mut args: Vec<String> =
-            vec!["proxy".into(), "--controller".into(), controller.into(), "--name".into(), name.into()];
+        Tidegate::proxy_of(&[controller.to_owned()], name, tls, dir)
+    }
+
+    /// `tidegate proxy` with several controller replicas.
+    pub fn proxy_of(controllers: &[String], name: &str, tls: &[String], dir: &Path) -> Tidegate {
+        let mut args: Vec<String> = vec!["proxy".into(), "--name".into(), name.into()];
+        for controller in controllers {
+            args.extend(["--controller".into(), controller.clone()]);
+        }
         args.extend(tls.iter().cloned());
         Tidegate::run(&args, dir)
     }

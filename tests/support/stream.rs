@@ -83,6 +83,16 @@ impl Controller {
         self.logs.lock().expect("logs").clone()
     }
 
+    /// Sends SIGTERM, as Kubernetes does to a pod it stops.
+    pub fn terminate(&self) {
+        let status = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
     /// Stops it at once (SIGKILL), as a crashed pod would.
     pub fn kill(mut self) {
         let _ = self.child.kill();
