@@ -86,7 +86,7 @@ pub async fn follow(
 ) {
     let leases: Api<Lease> = Api::namespaced(client, &namespace);
     let config = watcher::Config::default().labels(&format!("{REPLICA_LABEL}={election_lease}"));
-    let mut events = std::pin::pin!(watcher(leases, config).default_backoff());
+    let mut events = std::pin::pin!(watcher(leases, config).backoff(crate::watch::RetryBackoff::default()));
     let mut seen: BTreeMap<String, Lease> = BTreeMap::new();
     let mut expiry = tokio::time::interval(Duration::from_secs(1));
     loop {

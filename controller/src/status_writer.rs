@@ -429,7 +429,7 @@ pub async fn follow_service(
 ) {
     let api: Api<Service> = Api::namespaced(client, &namespace);
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let mut events = std::pin::pin!(watcher(api, config).default_backoff());
+    let mut events = std::pin::pin!(watcher(api, config).backoff(crate::watch::RetryBackoff::default()));
     while let Some(event) = events.next().await {
         let service = match event {
             Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => Some(s),

@@ -113,7 +113,7 @@ where
     let cache: Shared<T> = Arc::default();
     let filled = Arc::clone(&cache);
     tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream.default_backoff());
+        let mut stream = std::pin::pin!(stream.backoff(RetryBackoff::default()));
         while let Some(event) = stream.next().await {
             let event = match event {
                 Ok(event) => event,
@@ -153,6 +153,42 @@ where
         }
     });
     cache
+}
+
+/// Delays between attempts after a watch fails: 250 ms doubling to 5 s, with up to a quarter
+/// of jitter; back to 250 ms once a watch works again. kube's default goes up to 30 s, which
+/// would keep a cluster's configuration stale that long after an API server outage.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryBackoff {
+    next: std::time::Duration,
+}
+
+impl RetryBackoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(250);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(5);
+}
+
+impl Default for RetryBackoff {
+    fn default() -> Self {
+        RetryBackoff { next: Self::FIRST }
+    }
+}
+
+impl Iterator for RetryBackoff {
+    type Item = std::time::Duration;
+
+    fn next(&mut self) -> Option<std::time::Duration> {
+        let delay = self.next;
+        self.next = (delay * 2).min(Self::MAX);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        Some(delay + delay / 4 * (nanos % 1000) / 1000)
+    }
+}
+
+impl kube::runtime::utils::Backoff for RetryBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
 }
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
