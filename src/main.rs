@@ -73,6 +73,24 @@ struct TranslationArgs {
     /// phases). Off by default: whoever may edit an Ingress could then run code in the proxy.
     #[arg(long)]
     allow_snippet_annotations: bool,
+    /// `NAMESPACE/NAME` of a TLS Secret served to names no Ingress or LuaRoute claims (instead
+    /// of the proxies' self-signed certificate).
+    #[arg(long, value_parser = parse_namespaced)]
+    default_ssl_certificate: Option<(String, String)>,
+    /// `NAME=SIZE` (e.g. `limits=10Mi`): an `ngx.shared` dictionary Lua of every namespace
+    /// reaches, unless its namespace declares one of the same name (repeatable).
+    #[arg(long = "shared-dict", value_parser = parse_shared_dict)]
+    shared_dicts: Vec<(String, u64)>,
+}
+
+fn parse_shared_dict(text: &str) -> Result<(String, u64), String> {
+    let (name, size) = text.split_once('=').ok_or_else(|| format!("{text:?} is not NAME=SIZE"))?;
+    let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        return Err(format!("{name:?} is not a Lua name"));
+    }
+    Ok((name.to_owned(), tidegate_controller::luaroute::parse_quantity(size)?))
 }
 
 impl TranslationArgs {
@@ -81,6 +99,8 @@ impl TranslationArgs {
             ingress_class: self.ingress_class.clone(),
             watch_ingress_without_class: self.watch_ingress_without_class,
             allow_snippet_annotations: self.allow_snippet_annotations,
+            default_certificate: self.default_ssl_certificate.clone(),
+            shared_dicts: self.shared_dicts.clone(),
         }
     }
 }

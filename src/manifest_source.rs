@@ -231,7 +231,7 @@ impl<S: Sink> Publishing<S> {
         load_errors: &[String],
     ) {
         let mut problems = BTreeSet::new();
-        for error in load_errors {
+        for error in load_errors.iter().chain(&translation.problems) {
             problems.insert((true, error.clone()));
         }
         for status in &translation.statuses {

@@ -115,8 +115,10 @@ async fn proxies_serve_what_the_api_server_holds() {
     let (cert, key) = self_signed(&["unreferenced.test"]);
     api.apply_yaml(&tls_secret_yaml("t", "unreferenced", &cert, &key));
     api.apply_yaml("apiVersion: v1\nkind: Secret\nmetadata: {name: opaque, namespace: t}\ntype: Opaque\nstringData: {password: hunter2}\n");
+    let (cert, key) = self_signed(&["fallback.example"]);
+    api.apply_yaml(&tls_secret_yaml("t", "fallback", &cert, &key));
 
-    let controller = cluster.controller(&[]);
+    let controller = cluster.controller(&["--default-ssl-certificate", "t/fallback"]);
     let (p1, p2) = cluster.proxies(&controller).await;
     assert!(both(&p1, &p2, "a.test", StatusCode::OK).await, "the listed Ingress is served");
 
@@ -249,7 +251,14 @@ async fn proxies_serve_what_the_api_server_holds() {
     .await;
     assert!(both(&p1, &p2, "lua.test", StatusCode::OK).await && both(&p1, &p2, "a.test", StatusCode::OK).await);
 
-    // Secrets: only TLS ones are watched, as metadata; only the referenced one is read.
+    // The default certificate comes from its Secret.
+    let fallback =
+        tls_request(&tls_connector(None, &[b"http/1.1"]), p1.https, "unknown.test", get_request("unknown.test", "/"))
+            .await
+            .expect("tls");
+    assert!(fallback.peer_certificate.windows(16).any(|w| w == b"fallback.example"));
+
+    // Secrets: only TLS ones are watched, as metadata; only the referenced ones are read.
     let requests = api.requests();
     let secret_requests: Vec<&String> = requests.iter().filter(|r| r.contains("/secrets")).collect();
     assert!(
@@ -497,4 +506,67 @@ async fn the_leader_writes_status_and_a_replica_takes_over() {
     // A clean stop releases the Lease at once.
     alive.terminate();
     until("the Lease released", Duration::from_secs(5), async || lease_holder(api).is_none()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_published_before_every_kind_is_listed() {
+    let cluster = Cluster::new();
+    let api = &cluster.api;
+    let web = echo("t", "web").await;
+    api.apply_yaml(&service_yaml("t", "web", 80, "http", &[web]));
+    api.apply_yaml(&ingress("a", "a.test", "web"));
+    // LuaRoutes cannot be listed: without them the view is partial (an Ingress might attach one).
+    api.fail("luaroutes", true);
+    let controller = cluster.controller(&[]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_ne!(
+        support::admin_get(controller.admin, "/readyz").expect("readyz"),
+        "ready\n",
+        "not ready on a partial view"
+    );
+    assert!(api.requests().iter().any(|r| r.contains("/luaroutes")), "the controller tried");
+    assert!(controller.proxies().as_object().is_none_or(serde_json::Map::is_empty));
+    assert!(!controller.logs().iter().any(|l| l.contains("configuration published")), "nothing published");
+
+    api.fail("luaroutes", false);
+    until("ready once every kind is listed", Duration::from_secs(15), async || {
+        support::admin_get(controller.admin, "/readyz").is_ok_and(|r| r == "ready\n")
+    })
+    .await;
+    let (p1, p2) = cluster.proxies(&controller).await;
+    assert!(both(&p1, &p2, "a.test", StatusCode::OK).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_resume_from_bookmarks() {
+    let cluster = Cluster::new();
+    let api = &cluster.api;
+    api.apply_yaml(&ingress("a", "a.test", "web"));
+    let controller = cluster.controller(&[]);
+    until("ready", Duration::from_secs(10), async || {
+        support::admin_get(controller.admin, "/readyz").is_ok_and(|r| r == "ready\n")
+    })
+    .await;
+    // Changes to other kinds move the version on; Ingress watches learn it only from bookmarks.
+    for i in 0..5 {
+        api.apply_yaml(&format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c{i}, namespace: t}}\n"));
+    }
+    let version = api.version();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let before = api.requests().len();
+    api.end_watches();
+    until("Ingress watch resumed", Duration::from_secs(10), async || {
+        api.requests()[before..].iter().any(|r| r.contains("/ingresses?") && r.contains("watch=true"))
+    })
+    .await;
+    let requests = api.requests();
+    let resumed =
+        requests[before..].iter().find(|r| r.contains("/ingresses?") && r.contains("watch=true")).expect("resumed");
+    let from: u64 = resumed
+        .split('&')
+        .find_map(|p| p.strip_prefix("resourceVersion="))
+        .and_then(|v| v.parse().ok())
+        .expect("resourceVersion");
+    assert!(from >= version, "resumed from {from}, before the bookmark's {version}: {resumed}");
+    assert!(requests.iter().all(|r| !r.contains("allowWatchBookmarks") || r.contains("allowWatchBookmarks=true")));
 }

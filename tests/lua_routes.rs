@@ -269,6 +269,35 @@ async fn shared_dict_counts_exactly_across_workers_and_stays_in_its_namespace() 
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_wide_dicts_reach_every_namespace_unless_shadowed() {
+    let route = |name: &str, namespace: &str, dicts: &str| {
+        format!(
+            "---\napiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  hosts: [{name}.test]\n  sharedDicts: [{dicts}]\n  routes:\n  - name: incr\n    match: {{path: {{type: Prefix, value: /}}}}\n    lua: {{content: \"ngx.say((ngx.shared.limits:incr('n', 1, 0)))\"}}\n"
+        )
+    };
+    let dir = manifest_dir();
+    let manifests =
+        route("a", "team-a", "") + &route("b", "team-b", "") + &route("own", "team-c", "{name: limits, size: 64Ki}");
+    write_manifest(dir.path(), "all.yaml", &manifests);
+    let path = dir.path().to_owned();
+    let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&path, &["--shared-dict", "limits=1Mi"]))
+        .await
+        .expect("start");
+    let body = async |host: &str| {
+        String::from_utf8_lossy(&get(tidegate.http, host, "/").await.expect("answer").body).into_owned()
+    };
+    assert_eq!(body("a.test").await, "1\n");
+    assert_eq!(body("b.test").await, "2\n", "one cluster-wide store for every namespace");
+    assert_eq!(body("own.test").await, "1\n", "a namespace's own dictionary shadows the cluster-wide one");
+    assert_eq!(body("a.test").await, "3\n");
+    let metrics = support::admin_get(tidegate.admin, "/metrics").expect("metrics");
+    assert!(
+        metrics.contains("tidegate_shared_dict_capacity_bytes{namespace=\"\",dict=\"limits\"} 1048576"),
+        "{metrics}"
+    );
+}
+
 /// A line server on loopback: answers each line with `echo: LINE` and keeps what it got.
 async fn line_server() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};

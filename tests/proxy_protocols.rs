@@ -110,6 +110,43 @@ async fn tls_picks_certificates_by_sni_and_falls_back_to_the_default() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_default_certificate_from_a_secret_replaces_the_self_signed_one() {
+    let dir = support::manifest_dir();
+    let (cert, key) = support::self_signed(&["fallback.example"]);
+    support::write_manifest(dir.path(), "secret.yaml", &support::tls_secret_yaml("t", "fallback", &cert, &key));
+    let path = dir.path().to_owned();
+    let tidegate = tokio::task::spawn_blocking(move || {
+        support::Tidegate::start(&path, &["--default-ssl-certificate", "t/fallback"])
+    })
+    .await
+    .expect("start");
+    let any = tls_connector(None, &[b"http/1.1"]);
+    let answer =
+        tls_request(&any, tidegate.https, "unknown.test", get_request("unknown.test", "/")).await.expect("tls");
+    let fallback = b"fallback.example";
+    assert!(
+        answer.peer_certificate.windows(fallback.len()).any(|w| w == fallback),
+        "the Secret's certificate is served"
+    );
+
+    // A flag naming a Secret that does not exist says so once, and the self-signed one serves.
+    let dir = support::manifest_dir();
+    let path = dir.path().to_owned();
+    let tidegate = tokio::task::spawn_blocking(move || {
+        support::Tidegate::start(&path, &["--default-ssl-certificate", "t/missing"])
+    })
+    .await
+    .expect("start");
+    let answer =
+        tls_request(&any, tidegate.https, "unknown.test", get_request("unknown.test", "/")).await.expect("tls");
+    let default_name = b"tidegate-default.invalid";
+    assert!(answer.peer_certificate.windows(default_name.len()).any(|w| w == default_name));
+    let problems = tidegate.problems_mentioning("--default-ssl-certificate");
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].contains("Secret t/missing not found"), "{problems:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_http_to_a_tls_host_is_redirected() {
     let s = setup().await;
     let answer = get(s.tidegate.http, "a.test", "/p?q=1").await.expect("redirect");

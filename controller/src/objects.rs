@@ -36,6 +36,11 @@ pub struct Options {
     /// anyone who may edit an Ingress could then run code in the proxy, while LuaRoutes are a
     /// separate kind that RBAC can grant to fewer people.
     pub allow_snippet_annotations: bool,
+    /// `--default-ssl-certificate NAMESPACE/NAME`: the TLS Secret served for names no Ingress
+    /// or LuaRoute claims.
+    pub default_certificate: Option<(String, String)>,
+    /// `--shared-dict NAME=SIZE`: dictionaries Lua of every namespace reaches.
+    pub shared_dicts: Vec<(String, u64)>,
 }
 
 impl Default for Options {
@@ -44,6 +49,8 @@ impl Default for Options {
             ingress_class: "tidegate".into(),
             watch_ingress_without_class: false,
             allow_snippet_annotations: false,
+            default_certificate: None,
+            shared_dicts: Vec::new(),
         }
     }
 }

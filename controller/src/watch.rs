@@ -349,12 +349,12 @@ impl Watched {
 }
 
 /// The Secrets that Ingresses (`spec.tls[].secretName`) and LuaRoutes (`spec.tls.secretName`)
-/// name, in their own namespaces.
+/// name, in their own namespaces, and the `--default-ssl-certificate`.
 pub fn referenced_secrets(inputs: &Inputs) -> BTreeSet<Key> {
     let namespace = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
         crate::objects::namespace_of(meta).to_owned()
     };
-    let mut names = BTreeSet::new();
+    let mut names: BTreeSet<Key> = inputs.options.default_certificate.iter().cloned().collect();
     for ingress in &inputs.ingresses {
         let tls = ingress.spec.as_ref().and_then(|s| s.tls.as_deref()).unwrap_or_default();
         for secret in tls.iter().filter_map(|t| t.secret_name.clone()) {

@@ -23,6 +23,8 @@ use crate::Shared;
 pub struct CertStore {
     exact: HashMap<String, Arc<CertifiedKey>>,
     wildcard: HashMap<String, Arc<CertifiedKey>>,
+    /// For names nothing claims (`--default-ssl-certificate`); the self-signed one when absent.
+    default: Option<Arc<CertifiedKey>>,
 }
 
 impl CertStore {
@@ -43,6 +45,9 @@ impl CertStore {
             parsed.insert(&certificate.id, key);
         }
         let mut store = CertStore::default();
+        if let Some(id) = routing.default_certificate.as_deref() {
+            store.default = parsed.get(id).cloned().flatten();
+        }
         for vhost in &routing.virtual_hosts {
             let Some(id) = vhost.tls.as_deref() else { continue };
             let Some(Some(key)) = parsed.get(id) else { continue };
@@ -57,6 +62,11 @@ impl CertStore {
             }
         }
         (store, warnings)
+    }
+
+    /// The configured default certificate, if any.
+    pub fn default_certificate(&self) -> Option<&Arc<CertifiedKey>> {
+        self.default.as_ref()
     }
 
     /// The certificate for a server name, if one is configured.
@@ -106,7 +116,8 @@ pub(crate) struct Resolver {
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let runtime = self.shared.runtime.load();
-        let found = hello.server_name().and_then(|name| runtime.routing.certificates.find(name));
+        let certificates = &runtime.routing.certificates;
+        let found = hello.server_name().and_then(|name| certificates.find(name)).or(certificates.default_certificate());
         Some(Arc::clone(found.unwrap_or(&self.shared.default_certificate)))
     }
 }
@@ -142,11 +153,21 @@ mod tests {
                 .into_iter()
                 .map(|(host, id)| VirtualHost { host, routes: vec![], tls: Some(id.into()) })
                 .collect(),
-            default_backend: None,
             certificates: certs,
-            scripts: Vec::new(),
-            shared_dicts: Vec::new(),
+            ..Routing::default()
         }
+    }
+
+    #[test]
+    fn a_configured_default_certificate_is_kept_apart() {
+        let (cert, key) = pem_pair("fallback.example");
+        let mut routing = routing(vec![Certificate { id: "ns/fallback".into(), cert_pem: cert, key_pem: key }], vec![]);
+        assert!(CertStore::build(&routing).0.default_certificate().is_none());
+        routing.default_certificate = Some("ns/fallback".into());
+        let (store, warnings) = CertStore::build(&routing);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert!(store.default_certificate().is_some());
+        assert!(store.find("fallback.example").is_none(), "the default is not a host's certificate");
     }
 
     #[test]

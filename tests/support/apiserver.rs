@@ -144,6 +144,8 @@ struct Shared {
     watch_epoch: watch::Sender<u64>,
     /// Bumped to drop every connection (the server going away).
     connection_epoch: watch::Sender<u64>,
+    /// Resources (by plural) answered `503` for now.
+    failing: Mutex<std::collections::BTreeSet<&'static str>>,
     bookmark_every: Duration,
 }
 
@@ -546,6 +548,7 @@ impl ApiServer {
             changes: broadcast::channel(4096).0,
             watch_epoch: watch::Sender::new(0),
             connection_epoch: watch::Sender::new(0),
+            failing: Mutex::new(std::collections::BTreeSet::new()),
             bookmark_every,
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -643,6 +646,16 @@ impl ApiServer {
         store.history.clear();
     }
 
+    /// Answers every request for `plural` with `503` (`true`) or normally again (`false`).
+    pub fn fail(&self, plural: &'static str, failing: bool) {
+        let mut set = self.shared.failing.lock().expect("lock");
+        if failing {
+            set.insert(plural);
+        } else {
+            set.remove(plural);
+        }
+    }
+
     /// Ends every open watch cleanly; clients resume from the version they last saw.
     pub fn end_watches(&self) {
         self.shared.watch_epoch.send_modify(|e| *e += 1);
@@ -693,6 +706,13 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Respo
             &format!("the server could not find the requested resource ({path})"),
         ));
     };
+    if shared.failing.lock().is_ok_and(|f| f.contains(target.kind.plural)) {
+        return Ok(failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            "the stand-in was told to fail this resource",
+        ));
+    }
     let q = query(&parts.uri);
     let accept = parts.headers.get(http::header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
     let content_type = parts.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");

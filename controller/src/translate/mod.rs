@@ -54,6 +54,8 @@ pub struct Translation {
     pub snapshot: Snapshot,
     /// One entry per object of ours (Ingresses and LuaRoutes), sorted by object.
     pub statuses: Vec<ObjectStatus>,
+    /// Problems with the settings rather than an object (`--default-ssl-certificate`).
+    pub problems: Vec<String>,
 }
 
 /// Translates objects into a snapshot. See the module documentation for the rules.
@@ -104,8 +106,28 @@ pub fn translate(inputs: &Inputs) -> Translation {
         }
     }
 
-    let snapshot = out.finish(&mut statuses);
-    Translation { snapshot, statuses: statuses.into_values().collect() }
+    let mut problems = Vec::new();
+    let default_certificate = inputs.options.default_certificate.as_ref().and_then(|(namespace, name)| {
+        match index.certificate(namespace, name) {
+            Ok(certificate) => {
+                let id = certificate.id.clone();
+                out.certificates.insert(id.clone(), certificate);
+                Some(id)
+            }
+            Err((_, message)) => {
+                problems.push(format!(
+                    "--default-ssl-certificate: {message}; the proxies' self-signed certificate is served instead"
+                ));
+                None
+            }
+        }
+    });
+    for (name, size) in &inputs.options.shared_dicts {
+        let owner = ObjectRef::cluster("Flag", "--shared-dict");
+        out.offer_shared_dict(tidegate_snapshot::CLUSTER_WIDE, name, *size, owner, String::new());
+    }
+    let snapshot = out.finish(&mut statuses, default_certificate);
+    Translation { snapshot, statuses: statuses.into_values().collect(), problems }
 }
 
 /// Older Ingresses win; objects without a creation time (manifests) sort after those with one,
@@ -266,7 +288,11 @@ impl Builder {
         self.tls.get(&HostMatch::Wildcard(suffix.to_owned())).map(|c| c.certificate.as_str())
     }
 
-    fn finish(mut self, statuses: &mut BTreeMap<ObjectRef, ObjectStatus>) -> Snapshot {
+    fn finish(
+        mut self,
+        statuses: &mut BTreeMap<ObjectRef, ObjectStatus>,
+        default_certificate: Option<String>,
+    ) -> Snapshot {
         self.routes.sort_by(|a, b| (&a.host, a.precedence()).cmp(&(&b.host, b.precedence())));
 
         let mut hosts: BTreeMap<HostMatch, Vec<Route>> = self.tls.keys().map(|h| (h.clone(), Vec::new())).collect();
@@ -301,7 +327,8 @@ impl Builder {
             .into_iter()
             .map(|(host, routes)| VirtualHost { tls: self.certificate_for(&host).map(str::to_owned), host, routes })
             .collect::<Vec<_>>();
-        let used: std::collections::BTreeSet<&str> = virtual_hosts.iter().filter_map(|v| v.tls.as_deref()).collect();
+        let used: std::collections::BTreeSet<&str> =
+            virtual_hosts.iter().filter_map(|v| v.tls.as_deref()).chain(default_certificate.as_deref()).collect();
         let certificates = self.certificates.values().filter(|c| used.contains(c.id.as_str())).cloned().collect();
         // Only scripts some served route uses (an Ingress refused after registering is not one).
         let mut referenced = std::collections::BTreeSet::new();
@@ -325,6 +352,7 @@ impl Builder {
                     .into_iter()
                     .map(|((namespace, name), (size, _))| tidegate_snapshot::SharedDict { namespace, name, size })
                     .collect(),
+                default_certificate,
             },
             endpoints: self.endpoints,
         }

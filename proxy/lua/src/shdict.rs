@@ -2,7 +2,9 @@
 //!
 //! One store per dictionary, behind a mutex held only for the duration of one operation (never
 //! across an await). Each dictionary belongs to the namespace of the LuaRoute that declares it;
-//! Lua running for another namespace does not see it.
+//! Lua running for another namespace does not see it. Cluster-wide dictionaries (namespace `""`,
+//! declared with the controller's `--shared-dict`) are seen from every namespace that does not
+//! declare one of the same name.
 //!
 //! # Guarantees
 //! - Bounded: a dictionary never holds more than its size in accounted bytes (key, value and a
@@ -212,9 +214,14 @@ impl SharedDicts {
         *dicts = next;
     }
 
+    /// The dictionary `name` as Lua of `namespace` sees it: its namespace's own, else the
+    /// cluster-wide one (namespace `""`).
     pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<Dict>> {
         let dicts = self.dicts.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        dicts.get(&(namespace.to_owned(), name.to_owned())).cloned()
+        dicts
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .or_else(|| dicts.get(&(String::new(), name.to_owned())))
+            .cloned()
     }
 
     pub fn stats(&self) -> Vec<DictStats> {

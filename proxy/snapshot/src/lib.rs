@@ -56,9 +56,17 @@ pub struct Routing {
     /// `ngx.shared` dictionaries, sorted by namespace and name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shared_dicts: Vec<SharedDict>,
+    /// The certificate (by [`Certificate::id`]) for names no virtual host claims; the proxy's
+    /// self-signed one when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_certificate: Option<String>,
 }
 
-/// A dictionary Lua of one namespace can reach as `ngx.shared.NAME`.
+/// The namespace of dictionaries every namespace's Lua reaches (`--shared-dict`).
+pub const CLUSTER_WIDE: &str = "";
+
+/// A dictionary Lua of one namespace can reach as `ngx.shared.NAME`; with namespace
+/// [`CLUSTER_WIDE`], Lua of every namespace can, unless its namespace declares the same name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SharedDict {
@@ -300,6 +308,7 @@ mod tests {
                     source: "ngx.exit(403)".into(),
                 }],
                 shared_dicts: vec![SharedDict { namespace: "shop".into(), name: "cache".into(), size: 10 << 20 }],
+                default_certificate: Some("shop/tls".into()),
             },
             endpoints: BTreeMap::from([(backend, vec![Endpoint { address: "::1".into(), port: 8080 }])]),
         };
