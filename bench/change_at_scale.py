@@ -1,0 +1,167 @@
+"""Applying a change at scale: tidegate vs nginx (run through bench/change_at_scale.sh).
+
+For each count N: N Ingresses, each its own host with two paths, all to one upstream.
+- tidegate (standalone, 2 workers): time from writing a manifest with a new Ingress to its host
+  answering 200, and the proxy's RSS.
+- nginx (2 workers): the equivalent N server blocks; time from writing the new server block,
+  through `nginx -t` and `nginx -s reload`, to the host answering 200, and RSS (master and
+  workers).
+Rounds alternate tidegate and nginx; medians are reported. Loopback only; every wait is bounded.
+"""
+
+import datetime
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+BIN, UPSTREAM = sys.argv[1], sys.argv[2]
+COUNTS = [int(n) for n in sys.argv[3:]] or [100, 1000, 10000]
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
+TIDEGATE, TIDEGATE_ADMIN, NGINX = ("127.0.0.1", 18280), ("127.0.0.1", 19920), ("127.0.0.1", 18281)
+
+
+def status(addr, host, path="/a", timeout=1.0):
+    try:
+        with socket.create_connection(addr, timeout=timeout) as s:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            head = s.recv(64).decode(errors="replace")
+            return int(head.split(" ")[1]) if head.startswith("HTTP/") else 0
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def until_200(addr, host, limit):
+    """Milliseconds until `host` answers 200, polling every millisecond; fails after `limit` s."""
+    started = time.monotonic()
+    while status(addr, host) != 200:
+        if time.monotonic() - started > limit:
+            raise SystemExit(f"{host} did not answer 200 on {addr} within {limit} s")
+        time.sleep(0.001)
+    return (time.monotonic() - started) * 1000
+
+
+def rss_mib(pids):
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/status") as f:
+            total += sum(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+    return total / 1024
+
+
+def ingress(name, host):
+    paths = "".join(
+        f"      - {{path: /{p}, pathType: Prefix, backend: {{service: {{name: upstream, port: {{number: 80}}}}}}}}\n"
+        for p in ("a", "b")
+    )
+    return (f"---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: {name}, namespace: bench}}\n"
+            f"spec:\n  ingressClassName: tidegate\n  rules:\n  - host: {host}\n    http:\n      paths:\n{paths}")
+
+
+def server(host):
+    return (f"server {{ listen {NGINX[0]}:{NGINX[1]}; server_name {host};\n"
+            f"  location /a {{ proxy_pass http://up; }} location /b {{ proxy_pass http://up; }} }}\n")
+
+
+def tidegate_run(work, n):
+    manifests = os.path.join(work, f"tidegate-{n}")
+    os.makedirs(manifests)
+    host, port = UPSTREAM.split(":")
+    with open(os.path.join(manifests, "upstream.yaml"), "w") as f:
+        f.write(f"apiVersion: v1\nkind: Service\nmetadata: {{name: upstream, namespace: bench}}\n"
+                f"spec: {{ports: [{{name: http, port: 80, targetPort: {port}}}]}}\n---\n"
+                f"apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: upstream-1\n  namespace: bench\n"
+                f"  labels: {{kubernetes.io/service-name: upstream}}\naddressType: IPv4\nports: [{{name: http, port: {port}}}]\n"
+                f"endpoints: [{{addresses: [\"{host}\"], conditions: {{ready: true}}}}]\n")
+    # Files of 500 Ingresses: the YAML reader refuses more than 1,024 documents per file.
+    for start in range(0, n, 500):
+        with open(os.path.join(manifests, f"ingresses-{start // 500:03}.yaml"), "w") as f:
+            f.write("".join(ingress(f"h{i}", f"h{i}.bench") for i in range(start, min(n, start + 500))))
+    log = open(os.path.join(work, f"tidegate-{n}.log"), "w")
+    proc = subprocess.Popen([BIN, "standalone", "--manifests", manifests, "--workers", "2", "--no-access-log",
+                             "--http-addr", "%s:%d" % TIDEGATE, "--https-addr", "127.0.0.1:18643",
+                             "--admin-addr", "%s:%d" % TIDEGATE_ADMIN], stdout=subprocess.DEVNULL, stderr=log)
+    return proc, manifests
+
+
+def nginx_run(work, n):
+    prefix = os.path.join(work, f"nginx-{n}")
+    os.makedirs(prefix)
+    with open(os.path.join(prefix, "servers.conf"), "w") as f:
+        f.write("".join(server(f"h{i}.bench") for i in range(n)))
+    open(os.path.join(prefix, "new.conf"), "w").close()
+    conf = os.path.join(prefix, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(f"worker_processes 2;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\n"
+                f"events {{ worker_connections 4096; }}\n"
+                f"http {{\n  access_log off;\n  server_names_hash_max_size 65536;\n  server_names_hash_bucket_size 128;\n"
+                f"  upstream up {{ server {UPSTREAM}; keepalive 32; }}\n"
+                f"  proxy_http_version 1.1; proxy_set_header Connection \"\";\n"
+                f"  include {prefix}/servers.conf;\n  include {prefix}/new.conf;\n}}\n")
+    subprocess.run(["nginx", "-p", prefix, "-c", conf, "-e", f"{prefix}/error.log"], check=True)
+    return prefix, conf
+
+
+def nginx_pids(prefix):
+    master = int(open(os.path.join(prefix, "nginx.pid")).read())
+    children = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
+    return [master] + [int(c) for c in children]
+
+
+def main():
+    rows = []
+    work = tempfile.mkdtemp(prefix="tidegate-scale-")
+    for n in COUNTS:
+        limit = 60 + n / 50
+        proc, manifests = tidegate_run(work, n)
+        try:
+            until_200(TIDEGATE, f"h{n - 1}.bench", limit)
+            time.sleep(1)
+            t_rss = rss_mib([proc.pid])
+            prefix, conf = nginx_run(work, n)
+            until_200(NGINX, f"h{n - 1}.bench", limit)
+            time.sleep(1)
+            n_rss = rss_mib(nginx_pids(prefix))
+            t_ms, n_ms = [], []
+            for r in range(ROUNDS):
+                order = ["tidegate", "nginx"] if r % 2 == 0 else ["nginx", "tidegate"]
+                for target in order:
+                    host = f"new-{target}-{r}.bench"
+                    if target == "tidegate":
+                        path = os.path.join(manifests, f"new-{r}.yaml")
+                        with open(path + ".tmp", "w") as f:
+                            f.write(ingress(f"new{r}", host))
+                        started = time.monotonic()
+                        os.rename(path + ".tmp", path)
+                        until_200(TIDEGATE, host, limit)
+                        t_ms.append((time.monotonic() - started) * 1000)
+                    else:
+                        with open(os.path.join(prefix, "new.conf"), "a") as f:
+                            f.write(server(host))
+                        started = time.monotonic()
+                        subprocess.run(["nginx", "-t", "-q", "-p", prefix, "-c", conf], check=True)
+                        subprocess.run(["nginx", "-s", "reload", "-p", prefix, "-c", conf], check=True)
+                        until_200(NGINX, host, limit)
+                        n_ms.append((time.monotonic() - started) * 1000)
+            rows.append((n, statistics.median(t_ms), statistics.median(n_ms), t_rss, n_rss))
+            print(f"{n} Ingresses: tidegate {t_ms} ms, {t_rss:.0f} MiB; nginx {n_ms} ms, {n_rss:.0f} MiB", file=sys.stderr)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+            pid = os.path.join(work, f"nginx-{n}", "nginx.pid")
+            if os.path.exists(pid):
+                subprocess.run(["nginx", "-s", "stop", "-p", os.path.dirname(pid), "-c", os.path.join(os.path.dirname(pid), "nginx.conf")])
+    print(f"Applying a change at scale, {datetime.date.today()} (`bench/change_at_scale.sh {' '.join(map(str, COUNTS))}`): "
+          f"{os.cpu_count()} cores shared by the proxies, the upstream and the poller; {ROUNDS} changes each, alternating, medians.")
+    print("tidegate: a new manifest file with one Ingress until its host answers 200. nginx: the new `server` block, "
+          "`nginx -t`, `nginx -s reload`, until its host answers 200. RSS with N Ingresses loaded (nginx: master and workers).\n")
+    print("| Ingresses | tidegate change | nginx change | tidegate / nginx | tidegate RSS | nginx RSS |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for n, t, g, tr, gr in rows:
+        print(f"| {n:,} | {t:.0f} ms | {g:.0f} ms | {t / g:.2f}× | {tr:.0f} MiB | {gr:.0f} MiB |")
+
+
+main()
