@@ -318,16 +318,27 @@ async fn steady_load(proxy: SocketAddr, hosts: usize, stop: tokio::sync::watch::
     (ok, failed)
 }
 
+/// The `web` echo Service and `hosts` Ingresses on a stand-in, with a controller and two
+/// proxies that serve every host.
+async fn serving(hosts: usize) -> (Cluster, Controller, Tidegate, Tidegate) {
+    let cluster = Cluster::new();
+    let web = echo("t", "web").await;
+    cluster.api.apply_yaml(&service_yaml("t", "web", 80, "http", &[web]));
+    many_ingresses(&cluster.api, hosts);
+    let controller = cluster.controller(&[]);
+    let (p1, p2) = cluster.proxies(&controller).await;
+    let last = format!("h{}.test", hosts - 1);
+    until("every host on both proxies", Duration::from_secs(10), async || {
+        serves(&p1, &last).await && serves(&p2, &last).await
+    })
+    .await;
+    (cluster, controller, p1, p2)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_expiry_relists_without_dropping_routes() {
-    let cluster = Cluster::new();
+    let (cluster, controller, p1, _p2) = serving(50).await;
     let api = &cluster.api;
-    let web = echo("t", "web").await;
-    api.apply_yaml(&service_yaml("t", "web", 80, "http", &[web]));
-    many_ingresses(api, 50);
-    let controller = cluster.controller(&[]);
-    let (p1, _p2) = cluster.proxies(&controller).await;
-    until("all 50 hosts", Duration::from_secs(10), async || serves(&p1, "h49.test").await).await;
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let load = tokio::spawn(steady_load(p1.http, 50, stopped));
@@ -355,15 +366,8 @@ async fn watch_expiry_relists_without_dropping_routes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_server_outage_loses_nothing() {
-    let cluster = Cluster::new();
+    let (cluster, _controller, p1, p2) = serving(10).await;
     let api = &cluster.api;
-    let web = echo("t", "web").await;
-    api.apply_yaml(&service_yaml("t", "web", 80, "http", &[web]));
-    many_ingresses(api, 10);
-    let controller = cluster.controller(&[]);
-    let (p1, p2) = cluster.proxies(&controller).await;
-    until("all hosts", Duration::from_secs(10), async || serves(&p1, "h9.test").await && serves(&p2, "h9.test").await)
-        .await;
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let loads =

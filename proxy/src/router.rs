@@ -17,9 +17,9 @@ use tidegate_snapshot::{HostMatch, LuaHandlers, PathKind, Route, RouteAction, Ro
 /// The router of one runtime, built once per routing change.
 #[derive(Debug, Default)]
 pub struct Router {
-    exact: HashMap<String, VirtualHost>,
-    wildcard: HashMap<String, VirtualHost>,
-    any: Option<VirtualHost>,
+    exact: HashMap<String, Arc<VirtualHost>>,
+    wildcard: HashMap<String, Arc<VirtualHost>>,
+    any: Option<Arc<VirtualHost>>,
     default_backend: Option<Target>,
 }
 
@@ -142,7 +142,10 @@ fn target(
 }
 
 impl Router {
-    /// Builds the router; `scripts` are the compiled Lua sources of the routing, by id.
+    /// Builds the router; `scripts` are the compiled Lua sources of the routing, by id. A
+    /// virtual host whose routes are the same in `previous` is taken from it as it is, so a
+    /// change costs what changed, not the whole configuration (scripts are named by content,
+    /// so the same routes mean the same scripts).
     ///
     /// # Errors
     /// When a route names a script that is not in `scripts`.
@@ -150,6 +153,7 @@ impl Router {
         routing: &Routing,
         scripts: &HashMap<String, Arc<Script>>,
         counters: CounterFactory<'_>,
+        previous: &Router,
     ) -> Result<Self, String> {
         let default_backend = match &routing.default_backend {
             Some(action) => Some(target("", "default-backend", action, false, scripts, counters)?),
@@ -157,16 +161,15 @@ impl Router {
         };
         let mut router = Router { default_backend, ..Router::default() };
         for vhost in &routing.virtual_hosts {
-            let mut exact_paths: HashMap<String, Vec<usize>> = HashMap::new();
-            let mut targets = Vec::with_capacity(vhost.routes.len());
-            for (i, route) in vhost.routes.iter().enumerate() {
-                if route.path.kind == PathKind::Exact {
-                    exact_paths.entry(route.path.value.clone()).or_default().push(i);
-                }
-                let host = vhost.host.to_string();
-                targets.push(target(&host, &route.name, &route.action, route.ssl_redirect, scripts, counters)?);
-            }
-            let built = VirtualHost { exact_paths, routes: vhost.routes.clone(), targets };
+            let before = match &vhost.host {
+                HostMatch::Exact(h) => previous.exact.get(h),
+                HostMatch::Wildcard(suffix) => previous.wildcard.get(suffix),
+                HostMatch::Any => previous.any.as_ref(),
+            };
+            let built = match before {
+                Some(built) if built.routes == vhost.routes => Arc::clone(built),
+                _ => Arc::new(VirtualHost::build(vhost, scripts, counters)?),
+            };
             match &vhost.host {
                 HostMatch::Exact(h) => {
                     router.exact.insert(h.clone(), built);
@@ -211,11 +214,28 @@ impl Router {
         {
             return Some(v);
         }
-        self.any.as_ref()
+        self.any.as_deref()
     }
 }
 
 impl VirtualHost {
+    fn build(
+        vhost: &tidegate_snapshot::VirtualHost,
+        scripts: &HashMap<String, Arc<Script>>,
+        counters: CounterFactory<'_>,
+    ) -> Result<Self, String> {
+        let host = vhost.host.to_string();
+        let mut exact_paths: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut targets = Vec::with_capacity(vhost.routes.len());
+        for (i, route) in vhost.routes.iter().enumerate() {
+            if route.path.kind == PathKind::Exact {
+                exact_paths.entry(route.path.value.clone()).or_default().push(i);
+            }
+            targets.push(target(&host, &route.name, &route.action, route.ssl_redirect, scripts, counters)?);
+        }
+        Ok(VirtualHost { exact_paths, routes: vhost.routes.clone(), targets })
+    }
+
     fn find(&self, path: &str, facts: RequestFacts<'_>) -> Option<&Target> {
         // Exact routes precede every Prefix route, so an exact hit is always the winner.
         if let Some(candidates) = self.exact_paths.get(path)
@@ -276,7 +296,25 @@ mod tests {
     }
 
     fn build(routing: &Routing) -> Router {
-        Router::new(routing, &HashMap::new(), &|_, _| RouteCounters::default()).expect("router builds")
+        Router::new(routing, &HashMap::new(), &|_, _| RouteCounters::default(), &Router::default())
+            .expect("router builds")
+    }
+
+    #[test]
+    fn a_rebuild_reuses_the_virtual_hosts_that_did_not_change() {
+        let a = host(HostMatch::Exact("a.test".into()), vec![route(PathKind::Prefix, "/", "a")]);
+        let b = host(HostMatch::Exact("b.test".into()), vec![route(PathKind::Prefix, "/", "b")]);
+        let first = build(&Routing { virtual_hosts: vec![a.clone(), b], ..Routing::default() });
+        let b2 = host(HostMatch::Exact("b.test".into()), vec![route(PathKind::Prefix, "/", "b2")]);
+        let routing = Routing { virtual_hosts: vec![a, b2], ..Routing::default() };
+        let second = Router::new(&routing, &HashMap::new(), &|_, _| RouteCounters::default(), &first).expect("builds");
+        assert!(Arc::ptr_eq(&first.exact["a.test"], &second.exact["a.test"]), "unchanged: reused");
+        assert!(!Arc::ptr_eq(&first.exact["b.test"], &second.exact["b.test"]), "changed: rebuilt");
+        let headers = HeaderMap::new();
+        match second.find("b.test", "/", get(&headers)) {
+            Match::Route(target) => assert_eq!(backend(target), "b2"),
+            _ => panic!("b.test routes"),
+        }
     }
 
     fn get<'a>(headers: &'a HeaderMap) -> RequestFacts<'a> {

@@ -33,6 +33,8 @@ pub(crate) struct RoutingState {
     pub(crate) certificates: CertStore,
     /// Ids (as workers cache them) of the compiled scripts this routing uses.
     pub(crate) script_ids: std::collections::HashSet<u64>,
+    /// The compiled scripts by snapshot id, for the next build to reuse.
+    scripts: HashMap<String, Arc<tidegate_lua::Script>>,
 }
 
 /// Ready endpoints of every backend.
@@ -78,6 +80,7 @@ impl Runtime {
                 router: Router::default(),
                 certificates: CertStore::default(),
                 script_ids: std::collections::HashSet::new(),
+                scripts: HashMap::new(),
             }),
             upstreams: Arc::new(Upstreams::default()),
         }
@@ -93,16 +96,23 @@ impl Runtime {
             let runtime = Runtime { version: snapshot.version, routing: Arc::clone(&current.routing), upstreams };
             return Ok(Built { runtime, warnings: Vec::new(), routing_rebuilt: false });
         }
+        // Ids are content hashes: a script the current routing compiled is reused as it is.
         let mut scripts = HashMap::with_capacity(snapshot.routing.scripts.len());
         for script in &snapshot.routing.scripts {
-            let compiled = tidegate_lua::compile(&script.name, &script.source)
-                .map_err(|error| BuildError::Lua { name: script.name.clone(), error })?;
-            scripts.insert(script.id.clone(), Arc::new(compiled));
+            let compiled = match current.routing.scripts.get(&script.id) {
+                Some(compiled) => Arc::clone(compiled),
+                None => Arc::new(
+                    tidegate_lua::compile(&script.name, &script.source)
+                        .map_err(|error| BuildError::Lua { name: script.name.clone(), error })?,
+                ),
+            };
+            scripts.insert(script.id.clone(), compiled);
         }
-        let router = Router::new(&snapshot.routing, &scripts, counters).map_err(BuildError::Routing)?;
+        let router =
+            Router::new(&snapshot.routing, &scripts, counters, &current.routing.router).map_err(BuildError::Routing)?;
         let script_ids = scripts.values().map(|s| s.id).collect();
-        let (certificates, warnings) = CertStore::build(&snapshot.routing);
-        let routing = RoutingState { router, certificates, script_ids, source: snapshot.routing.clone() };
+        let (certificates, warnings) = CertStore::build(&snapshot.routing, &current.routing.certificates);
+        let routing = RoutingState { router, certificates, script_ids, scripts, source: snapshot.routing.clone() };
         let runtime = Runtime { version: snapshot.version, routing: Arc::new(routing), upstreams };
         Ok(Built { runtime, warnings, routing_rebuilt: true })
     }

@@ -25,26 +25,38 @@ pub struct CertStore {
     wildcard: HashMap<String, Arc<CertifiedKey>>,
     /// For names nothing claims (`--default-ssl-certificate`); the self-signed one when absent.
     default: Option<Arc<CertifiedKey>>,
+    /// Every certificate parsed, by id, with a hash of its PEM text, for the next build to
+    /// reuse: parsing is the costly part, and most builds change few certificates.
+    parsed: HashMap<String, (u64, Result<Arc<CertifiedKey>, String>)>,
+}
+
+fn pem_hash(certificate: &Certificate) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (&certificate.cert_pem, &certificate.key_pem).hash(&mut hasher);
+    hasher.finish()
 }
 
 impl CertStore {
     /// Parses the certificates a routing uses. A certificate that does not parse, or whose key
     /// does not match, is left out (its hosts get the default certificate) and described in the
     /// returned warnings; nothing else is affected.
-    pub fn build(routing: &Routing) -> (CertStore, Vec<String>) {
+    pub fn build(routing: &Routing, previous: &CertStore) -> (CertStore, Vec<String>) {
         let mut warnings = Vec::new();
-        let mut parsed: HashMap<&str, Option<Arc<CertifiedKey>>> = HashMap::new();
-        for certificate in &routing.certificates {
-            let key = match certified_key(certificate) {
-                Ok(key) => Some(Arc::new(key)),
-                Err(why) => {
-                    warnings.push(format!("Secret {}: {why}; its hosts get the default certificate", certificate.id));
-                    None
-                }
-            };
-            parsed.insert(&certificate.id, key);
-        }
         let mut store = CertStore::default();
+        for certificate in &routing.certificates {
+            let hash = pem_hash(certificate);
+            let key = match previous.parsed.get(&certificate.id) {
+                Some((before, key)) if *before == hash => key.clone(),
+                _ => certified_key(certificate).map(Arc::new),
+            };
+            if let Err(why) = &key {
+                warnings.push(format!("Secret {}: {why}; its hosts get the default certificate", certificate.id));
+            }
+            store.parsed.insert(certificate.id.clone(), (hash, key));
+        }
+        let parsed: HashMap<&str, Option<Arc<CertifiedKey>>> =
+            store.parsed.iter().map(|(id, (_, key))| (id.as_str(), key.as_ref().ok().cloned())).collect();
         if let Some(id) = routing.default_certificate.as_deref() {
             store.default = parsed.get(id).cloned().flatten();
         }
@@ -142,6 +154,33 @@ mod tests {
 
     use super::*;
 
+    impl CertStore {
+        fn build_fresh(routing: &Routing) -> (CertStore, Vec<String>) {
+            CertStore::build(routing, &CertStore::default())
+        }
+    }
+
+    #[test]
+    fn a_rebuild_reuses_certificates_whose_pem_did_not_change() {
+        let (cert, key) = pem_pair("a.com");
+        let certs = vec![Certificate { id: "ns/a".into(), cert_pem: cert, key_pem: key }];
+        let routing = routing(certs, vec![(HostMatch::Exact("a.com".into()), "ns/a")]);
+        let (first, _) = CertStore::build_fresh(&routing);
+        let (second, _) = CertStore::build(&routing, &first);
+        assert!(Arc::ptr_eq(first.find("a.com").expect("a"), second.find("a.com").expect("a")));
+        let (other_cert, other_key) = pem_pair("a.com");
+        let rotated = routing_with(Certificate { id: "ns/a".into(), cert_pem: other_cert, key_pem: other_key });
+        let (third, _) = CertStore::build(&rotated, &second);
+        assert!(
+            !Arc::ptr_eq(second.find("a.com").expect("a"), third.find("a.com").expect("a")),
+            "rotated: parsed anew"
+        );
+    }
+
+    fn routing_with(certificate: Certificate) -> Routing {
+        routing(vec![certificate], vec![(HostMatch::Exact("a.com".into()), "ns/a")])
+    }
+
     fn pem_pair(name: &str) -> (String, String) {
         let c = rcgen::generate_simple_self_signed(vec![name.to_owned()]).expect("generate");
         (c.cert.pem(), c.signing_key.serialize_pem())
@@ -162,9 +201,9 @@ mod tests {
     fn a_configured_default_certificate_is_kept_apart() {
         let (cert, key) = pem_pair("fallback.example");
         let mut routing = routing(vec![Certificate { id: "ns/fallback".into(), cert_pem: cert, key_pem: key }], vec![]);
-        assert!(CertStore::build(&routing).0.default_certificate().is_none());
+        assert!(CertStore::build_fresh(&routing).0.default_certificate().is_none());
         routing.default_certificate = Some("ns/fallback".into());
-        let (store, warnings) = CertStore::build(&routing);
+        let (store, warnings) = CertStore::build_fresh(&routing);
         assert!(warnings.is_empty(), "{warnings:?}");
         assert!(store.default_certificate().is_some());
         assert!(store.find("fallback.example").is_none(), "the default is not a host's certificate");
@@ -178,7 +217,7 @@ mod tests {
             Certificate { id: "ns/a".into(), cert_pem: a_cert, key_pem: a_key },
             Certificate { id: "ns/w".into(), cert_pem: w_cert, key_pem: w_key },
         ];
-        let (store, warnings) = CertStore::build(&routing(
+        let (store, warnings) = CertStore::build_fresh(&routing(
             certs,
             vec![(HostMatch::Exact("a.com".into()), "ns/a"), (HostMatch::Wildcard("w.com".into()), "ns/w")],
         ));
@@ -203,7 +242,7 @@ mod tests {
                 key_pem: "x".into(),
             },
         ];
-        let (store, warnings) = CertStore::build(&routing(
+        let (store, warnings) = CertStore::build_fresh(&routing(
             certs,
             vec![(HostMatch::Exact("a.com".into()), "ns/mismatch"), (HostMatch::Exact("g.com".into()), "ns/garbage")],
         ));

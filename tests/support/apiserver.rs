@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -159,20 +159,10 @@ pub struct ApiServer {
     accepting: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-fn now_rfc3339() -> String {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-    let (days, rest) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rest / 3600, rest % 3600 / 60, rest % 60)
+/// Now, as `metadata.creationTimestamp` holds it.
+fn now() -> Value {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    serde_json::to_value(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)).unwrap_or(Value::Null)
 }
 
 fn status_body(code: StatusCode, reason: &str, message: &str) -> Value {
@@ -301,53 +291,7 @@ fn parse_path(path: &str) -> Option<Target> {
 }
 
 fn query(uri: &http::Uri) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    for pair in uri.query().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        out.insert(decode(k), decode(v));
-    }
-    out
-}
-
-fn decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
-                match hex {
-                    Some(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()).into_owned().collect()
 }
 
 /// Only the metadata, as `as=PartialObjectMetadata` asks.
@@ -434,7 +378,7 @@ impl Store {
             None => {
                 self.next_uid += 1;
                 object["metadata"]["uid"] = json!(format!("00000000-0000-4000-8000-{:012}", self.next_uid));
-                object["metadata"]["creationTimestamp"] = json!(now_rfc3339());
+                object["metadata"]["creationTimestamp"] = now();
                 object["metadata"]["generation"] = json!(1);
                 if kind.status && object.get("status").is_some() {
                     object.as_object_mut().map(|o| o.remove("status"));
@@ -447,7 +391,8 @@ impl Store {
         {
             // As the real server does: `stringData` is folded into `data`, base64-encoded.
             for (key, value) in strings {
-                object["data"][key] = json!(base64(value.as_str().unwrap_or("").as_bytes()));
+                let bytes = k8s_openapi::ByteString(value.as_str().unwrap_or("").as_bytes().to_vec());
+                object["data"][key] = serde_json::to_value(bytes).unwrap_or(Value::Null);
             }
         }
         if object.get("status").is_some_and(Value::is_null) {
