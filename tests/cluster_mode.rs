@@ -251,6 +251,39 @@ async fn proxies_serve_what_the_api_server_holds() {
     .await;
     assert!(both(&p1, &p2, "lua.test", StatusCode::OK).await && both(&p1, &p2, "a.test", StatusCode::OK).await);
 
+    // Deletes of the other kinds.
+    latencies.push(
+        timed(
+            "EndpointSlice deleted",
+            || assert!(api.delete("discovery.k8s.io/v1", "EndpointSlice", "t", "web-0")),
+            async || both(&p1, &p2, "a.test", StatusCode::SERVICE_UNAVAILABLE).await,
+        )
+        .await,
+    );
+    api.apply_yaml(&service_yaml("t", "web", 80, "http", &[other]));
+    latencies.push(
+        timed(
+            "LuaRoute deleted",
+            || assert!(api.delete("tidegate.dev/v1alpha1", "LuaRoute", "t", "hello")),
+            async || both(&p1, &p2, "lua.test", StatusCode::NOT_FOUND).await,
+        )
+        .await,
+    );
+    let fallback_served = async |proxy: &Tidegate, host: &str| {
+        let connector = tls_connector(None, &[b"http/1.1"]);
+        tls_request(&connector, proxy.https, host, get_request(host, "/"))
+            .await
+            .is_ok_and(|a| a.peer_certificate.windows(16).any(|w| w == b"fallback.example"))
+    };
+    latencies.push(
+        timed(
+            "TLS Secret deleted",
+            || assert!(api.delete("v1", "Secret", "t", "s-cert")),
+            async || fallback_served(&p1, "s.test").await && fallback_served(&p2, "s.test").await,
+        )
+        .await,
+    );
+
     // The default certificate comes from its Secret.
     let fallback =
         tls_request(&tls_connector(None, &[b"http/1.1"]), p1.https, "unknown.test", get_request("unknown.test", "/"))
@@ -275,7 +308,7 @@ async fn proxies_serve_what_the_api_server_holds() {
     let metrics = support::admin_get(controller.admin, "/metrics").expect("metrics");
     for expected in [
         "tidegate_controller_objects{kind=\"Ingress\"} 2",
-        "tidegate_controller_objects{kind=\"LuaRoute\"} 2",
+        "tidegate_controller_objects{kind=\"LuaRoute\"} 1",
         "tidegate_controller_proxies_connected 2",
         "tidegate_controller_change_to_publish_seconds_count",
         "tidegate_controller_reconcile_duration_seconds_count",
@@ -573,4 +606,23 @@ async fn watches_resume_from_bookmarks() {
         .expect("resourceVersion");
     assert!(from >= version, "resumed from {from}, before the bookmark's {version}: {resumed}");
     assert!(requests.iter().all(|r| !r.contains("allowWatchBookmarks") || r.contains("allowWatchBookmarks=true")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_namespace_narrows_what_is_read() {
+    let cluster = Cluster::new();
+    let api = &cluster.api;
+    let web = echo("t", "web").await;
+    api.apply_yaml(&service_yaml("t", "web", 80, "http", &[web]));
+    api.apply_yaml(&ingress("a", "a.test", "web"));
+    let elsewhere = ingress("x", "x.test", "web").replace("namespace: t}", "namespace: other}");
+    api.apply_yaml(&service_yaml("other", "web", 80, "http", &[web]));
+    api.apply_yaml(&elsewhere);
+    let controller = cluster.controller(&["--watch-namespace", "t"]);
+    let (p1, p2) = cluster.proxies(&controller).await;
+    assert!(both(&p1, &p2, "a.test", StatusCode::OK).await);
+    assert!(both(&p1, &p2, "x.test", StatusCode::NOT_FOUND).await, "another namespace's Ingress is not served");
+    let requests = api.requests();
+    let lists: Vec<&String> = requests.iter().filter(|r| r.contains("/ingresses") || r.contains("/services")).collect();
+    assert!(!lists.is_empty() && lists.iter().all(|r| r.contains("/namespaces/t/")), "{lists:?}");
 }

@@ -105,6 +105,27 @@ fn condition(
     }
 }
 
+/// The `Programmed` condition of an object first served in version `since`: status, reason
+/// and message.
+fn programmed(accepted: bool, since: u64, proxies: &BTreeMap<String, ProxyState>) -> (bool, &'static str, String) {
+    let connected: Vec<(&String, &ProxyState)> = proxies.iter().filter(|(_, p)| p.connected > 0).collect();
+    let refused = connected.iter().find(|(_, p)| p.version >= since && p.error.is_some());
+    let pending: Vec<&str> = connected.iter().filter(|(_, p)| p.version < since).map(|(n, _)| n.as_str()).collect();
+    if !accepted {
+        (false, "NotAccepted", "not served: see Accepted".into())
+    } else if let Some((proxy, state)) = refused {
+        let error = state.error.clone().unwrap_or_default();
+        (false, "Refused", format!("proxy {proxy} refused version {}: {error}", state.version))
+    } else if connected.is_empty() {
+        (false, "Pending", "no proxy is connected".into())
+    } else if !pending.is_empty() {
+        (false, "Pending", format!("waiting for {} to apply version {since}", pending.join(", ")))
+    } else {
+        let proxies = if connected.len() == 1 { "proxy" } else { "proxies" };
+        (true, "Programmed", format!("served by {} {proxies} from version {since}", connected.len()))
+    }
+}
+
 /// Cuts `text` to at most `max` bytes (plus an ellipsis), on a character boundary: the API
 /// server limits condition messages (32 KiB) and Event notes (1 KiB).
 fn truncate(text: &mut String, max: usize) {
@@ -240,35 +261,8 @@ impl Writer {
             .served_since
             .entry((namespace.to_owned(), name.to_owned(), generation.unwrap_or(0)))
             .or_insert(version);
-        let connected: Vec<(&String, &ProxyState)> = proxies.iter().filter(|(_, p)| p.connected > 0).collect();
-        let refused = connected.iter().find(|(_, p)| p.version >= since && p.error.is_some());
-        let pending: Vec<&str> = connected.iter().filter(|(_, p)| p.version < since).map(|(n, _)| n.as_str()).collect();
-        let programmed = if !status.accepted {
-            condition(
-                "Programmed",
-                false,
-                "NotAccepted",
-                "not served: see Accepted".into(),
-                generation,
-                &previous.conditions,
-            )
-        } else if let Some((proxy, state)) = refused {
-            let why =
-                format!("proxy {proxy} refused version {}: {}", state.version, state.error.clone().unwrap_or_default());
-            condition("Programmed", false, "Refused", why, generation, &previous.conditions)
-        } else if connected.is_empty() {
-            condition("Programmed", false, "Pending", "no proxy is connected".into(), generation, &previous.conditions)
-        } else if !pending.is_empty() {
-            let why = format!("waiting for {} to apply version {since}", pending.join(", "));
-            condition("Programmed", false, "Pending", why, generation, &previous.conditions)
-        } else {
-            let why = format!(
-                "served by {} prox{} from version {since}",
-                connected.len(),
-                if connected.len() == 1 { "y" } else { "ies" }
-            );
-            condition("Programmed", true, "Programmed", why, generation, &previous.conditions)
-        };
+        let (ok, reason, why) = programmed(status.accepted, since, proxies);
+        let programmed = condition("Programmed", ok, reason, why, generation, &previous.conditions);
         self.announce(status, &route.metadata, luaroute::API_VERSION, luaroute::KIND).await;
         let wanted = vec![accepted, programmed];
         if same(&wanted, &previous.conditions) && previous.observed_generation == generation {
@@ -453,5 +447,46 @@ pub async fn follow_service(
             *current = entries;
             changed
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn proxy(version: u64, error: Option<&str>, connected: usize) -> ProxyState {
+        ProxyState { version, error: error.map(str::to_owned), connected }
+    }
+
+    #[test]
+    fn programmed_follows_what_the_connected_proxies_acknowledged() {
+        let fleet = |entries: &[(&str, ProxyState)]| -> BTreeMap<String, ProxyState> {
+            entries.iter().map(|(n, p)| ((*n).to_owned(), p.clone())).collect()
+        };
+        assert_eq!(programmed(false, 5, &BTreeMap::new()).1, "NotAccepted");
+        assert_eq!(programmed(true, 5, &BTreeMap::new()), (false, "Pending", "no proxy is connected".into()));
+        let waiting = fleet(&[("p1", proxy(5, None, 1)), ("p2", proxy(4, None, 1))]);
+        assert_eq!(programmed(true, 5, &waiting), (false, "Pending", "waiting for p2 to apply version 5".into()));
+        // A proxy that went away does not hold the condition back.
+        let served = fleet(&[("p1", proxy(6, None, 1)), ("p2", proxy(4, None, 0))]);
+        assert_eq!(programmed(true, 5, &served), (true, "Programmed", "served by 1 proxy from version 5".into()));
+        let refused = fleet(&[("p1", proxy(6, None, 1)), ("p2", proxy(5, Some("Lua x: bad"), 1))]);
+        assert_eq!(programmed(true, 5, &refused), (false, "Refused", "proxy p2 refused version 5: Lua x: bad".into()));
+        // A refusal of an older version says nothing about this object's.
+        let older = fleet(&[("p1", proxy(6, None, 1)), ("p2", proxy(4, Some("old"), 1))]);
+        assert_eq!(programmed(true, 5, &older).1, "Pending");
+    }
+
+    #[test]
+    fn the_fleet_counts_every_replica_and_a_moved_proxy_once() {
+        let own = BTreeMap::from([("p1".to_owned(), proxy(7, None, 1))]);
+        let others = BTreeMap::from([(
+            "c2".to_owned(),
+            BTreeMap::from([("p1".to_owned(), proxy(5, None, 1)), ("p2".to_owned(), proxy(6, None, 1))]),
+        )]);
+        let all = fleet(&own, &others);
+        assert_eq!(all.len(), 2);
+        assert_eq!(all["p1"].version, 7, "the latest report of a proxy that moved");
+        assert_eq!(all["p2"].version, 6);
     }
 }
