@@ -76,7 +76,7 @@ def tidegate_run(work, n):
                 f"apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: upstream-1\n  namespace: bench\n"
                 f"  labels: {{kubernetes.io/service-name: upstream}}\naddressType: IPv4\nports: [{{name: http, port: {port}}}]\n"
                 f"endpoints: [{{addresses: [\"{host}\"], conditions: {{ready: true}}}}]\n")
-    # Files of 500 Ingresses: the YAML reader refuses more than 1,024 documents per file.
+    # Files of 500 Ingresses, as a generated folder might hold them.
     for start in range(0, n, 500):
         with open(os.path.join(manifests, f"ingresses-{start // 500:03}.yaml"), "w") as f:
             f.write("".join(ingress(f"h{i}", f"h{i}.bench") for i in range(start, min(n, start + 500))))

@@ -232,7 +232,17 @@ fn read_file(path: &Path, bytes: &[u8], previous: &[(ObjectRef, Object, Origin)]
             return FileState { hash: None, objects: previous.to_vec(), errors: vec![error] };
         }
     };
-    let documents: Vec<Value> = match serde_saphyr::from_multiple(text) {
+    // A manifest folder is the operator's own, and a generated one can be large: 10,000
+    // Ingresses in a file are about 10,000 documents and 400,000 nodes. The limits still stop
+    // runaway input (alias expansion keeps its own limits).
+    let options = serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_documents: 100_000,
+            max_nodes: 10_000_000,
+            max_events: 50_000_000,
+        },
+    };
+    let documents: Vec<Value> = match serde_saphyr::from_multiple_with_options(text, options) {
         Ok(d) => d,
         Err(e) => {
             let error = file_error(path, format!("not valid YAML: {e}"), !previous.is_empty());
@@ -372,6 +382,19 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
         dir
+    }
+
+    #[test]
+    fn a_file_of_thousands_of_documents_is_read() {
+        let ingress = |i: usize| {
+            format!(
+                "---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: h{i}}}\nspec:\n  rules:\n  - host: h{i}.test\n    http: {{paths: [{{path: /, pathType: Prefix, backend: {{service: {{name: web, port: {{number: 80}}}}}}}}]}}\n"
+            )
+        };
+        let text: String = (0..5000).map(ingress).collect();
+        let (objects, errors) = parse_str(&text);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(objects.len(), 5000);
     }
 
     #[test]
