@@ -618,11 +618,32 @@ async fn watch_namespace_narrows_what_is_read() {
     let elsewhere = ingress("x", "x.test", "web").replace("namespace: t}", "namespace: other}");
     api.apply_yaml(&service_yaml("other", "web", 80, "http", &[web]));
     api.apply_yaml(&elsewhere);
-    let controller = cluster.controller(&["--watch-namespace", "t"]);
+    // The proxies' Service, whose load-balancer addresses Ingress statuses report.
+    let lb = "apiVersion: v1\nkind: Service\nmetadata: {name: edge, namespace: ingress}\nspec: {type: LoadBalancer, ports: [{port: 80}]}\nstatus: {loadBalancer: {ingress: [{ip: 198.51.100.4}]}}\n";
+    api.apply_yaml(lb);
+    let controller = cluster.controller(&["--watch-namespace", "t", "--publish-service", "ingress/edge"]);
     let (p1, p2) = cluster.proxies(&controller).await;
     assert!(both(&p1, &p2, "a.test", StatusCode::OK).await);
     assert!(both(&p1, &p2, "x.test", StatusCode::NOT_FOUND).await, "another namespace's Ingress is not served");
+    let status = |name: &str, ns: &str| {
+        api.get("networking.k8s.io/v1", "Ingress", ns, name).unwrap_or_default()["status"]["loadBalancer"]["ingress"]
+            .clone()
+    };
+    until("the Ingress reports the Service's address", Duration::from_secs(10), async || {
+        status("a", "t") == serde_json::json!([{"ip": "198.51.100.4"}])
+    })
+    .await;
+    // The Service's address changes: so do the statuses.
+    api.apply_yaml(&lb.replace("198.51.100.4", "edge.example.net").replace("ip:", "hostname:"));
+    until("the new address", Duration::from_secs(10), async || {
+        status("a", "t") == serde_json::json!([{"hostname": "edge.example.net"}])
+    })
+    .await;
+    assert!(status("x", "other").is_null(), "an Ingress outside the watched namespaces is left alone");
     let requests = api.requests();
-    let lists: Vec<&String> = requests.iter().filter(|r| r.contains("/ingresses") || r.contains("/services")).collect();
+    let lists: Vec<&String> = requests
+        .iter()
+        .filter(|r| r.contains("/ingresses") || (r.contains("/services") && !r.contains("metadata.name%3Dedge")))
+        .collect();
     assert!(!lists.is_empty() && lists.iter().all(|r| r.contains("/namespaces/t/")), "{lists:?}");
 }
