@@ -146,6 +146,12 @@ def main():
                         subprocess.run(["nginx", "-s", "reload", "-p", prefix, "-c", conf], check=True)
                         until_200(NGINX, host, limit)
                         n_ms.append((time.monotonic() - started) * 1000)
+                        # The old workers finish and exit before the next measurement, so they
+                        # do not take CPU from it.
+                        settle = time.monotonic()
+                        while len(nginx_pids(prefix)) > 3 and time.monotonic() - settle < 30:
+                            time.sleep(0.05)
+                    time.sleep(1)
             rows.append((n, statistics.median(t_ms), statistics.median(n_ms), t_rss, n_rss))
             print(f"{n} Ingresses: tidegate {t_ms} ms, {t_rss:.0f} MiB; nginx {n_ms} ms, {n_rss:.0f} MiB", file=sys.stderr)
         finally:

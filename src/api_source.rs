@@ -127,10 +127,10 @@ async fn serve<S: Sink>(
         let (inputs, invalid) = watched.inputs(&client, &mut secrets).await;
         let load_errors: Vec<String> =
             invalid.iter().map(|i| format!("LuaRoute {}/{}: {} (Invalid)", i.namespace, i.name, i.error)).collect();
-        let translation = translate(&inputs);
+        let mut translation = translate(&inputs);
         let was_serving = publishing.serving();
         let before = publishing.version();
-        publishing.offer(&translation, &BTreeMap::new(), &load_errors);
+        publishing.offer(&mut translation, &BTreeMap::new(), &load_errors);
         metrics.reconciles.inc();
         metrics.reconcile_duration.observe(reconcile.elapsed().as_secs_f64());
         if publishing.version() != before {
