@@ -88,9 +88,35 @@ impl fmt::Display for LoadError {
 /// The objects of one file as last read successfully.
 #[derive(Default)]
 struct FileState {
+    /// Inode, length, and modification and change times when last read: a file whose stamp did
+    /// not move is not read again (at 10,000 Ingresses, reading and hashing every file on each
+    /// rescan cost more than translating). The change time moves on every write, even one that
+    /// restores the modification time. Only a stamp at least a second old is kept: file times
+    /// are as coarse as the kernel's tick, so two writes within one tick can share a stamp
+    /// (git's "racy clean" problem), and a recent file is read every time until it settles.
+    stamp: Option<Stamp>,
     hash: Option<u64>,
     objects: Vec<(ObjectRef, Object, Origin)>,
     errors: Vec<LoadError>,
+}
+
+type Stamp = (u64, u64, i64, i64, i64, i64);
+
+/// The file's stamp, if its last change is at least a second old.
+fn settled_stamp(metadata: &std::fs::Metadata) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+    let changed = u64::try_from(metadata.ctime().max(metadata.mtime())).ok()?;
+    (now > changed + 1).then(|| {
+        (
+            metadata.ino(),
+            metadata.len(),
+            metadata.mtime(),
+            metadata.mtime_nsec(),
+            metadata.ctime(),
+            metadata.ctime_nsec(),
+        )
+    })
 }
 
 /// The objects of a folder, re-read on demand.
@@ -117,6 +143,15 @@ impl ManifestSet {
         let mut seen = HashSet::new();
         let mut changed = false;
         for path in manifest_files(dir)? {
+            let stamp = std::fs::metadata(&path).ok().and_then(|m| settled_stamp(&m));
+            if let Some(state) = self.files.get(&path)
+                && stamp.is_some()
+                && state.stamp == stamp
+                && state.hash.is_some()
+            {
+                seen.insert(path);
+                continue;
+            }
             let text = match std::fs::read(&path) {
                 Ok(bytes) => bytes,
                 // Vanished between listing and reading: the next event rescans.
@@ -136,11 +171,12 @@ impl ManifestSet {
             };
             let state = self.files.entry(path.clone()).or_default();
             if state.hash == Some(hash) {
+                state.stamp = stamp;
                 continue;
             }
             let updated = read_file(&path, &text, &state.objects);
             changed |= updated.objects != state.objects;
-            *state = FileState { hash: Some(hash), ..updated };
+            *state = FileState { stamp, hash: Some(hash), ..updated };
         }
         self.files.retain(|path, state| {
             let keep = seen.contains(path);
@@ -229,7 +265,7 @@ fn read_file(path: &Path, bytes: &[u8], previous: &[(ObjectRef, Object, Origin)]
         Ok(t) => t,
         Err(e) => {
             let error = file_error(path, format!("not UTF-8: {e}"), !previous.is_empty());
-            return FileState { hash: None, objects: previous.to_vec(), errors: vec![error] };
+            return FileState { stamp: None, hash: None, objects: previous.to_vec(), errors: vec![error] };
         }
     };
     // A manifest folder is the operator's own, and a generated one can be large: 10,000
@@ -246,7 +282,7 @@ fn read_file(path: &Path, bytes: &[u8], previous: &[(ObjectRef, Object, Origin)]
         Ok(d) => d,
         Err(e) => {
             let error = file_error(path, format!("not valid YAML: {e}"), !previous.is_empty());
-            return FileState { hash: None, objects: previous.to_vec(), errors: vec![error] };
+            return FileState { stamp: None, hash: None, objects: previous.to_vec(), errors: vec![error] };
         }
     };
     let mut state = FileState::default();
@@ -382,6 +418,23 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
         dir
+    }
+
+    #[test]
+    fn a_rewrite_within_one_clock_tick_is_still_seen() {
+        let dir = tempdir("racy");
+        let service = |port: u16| {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  ports: [{{port: {port}}}]\n")
+        };
+        let mut set = ManifestSet::default();
+        write(&dir, "a.yaml", &service(8080));
+        assert!(set.rescan(&dir).expect("scan").changed);
+        // Same length, same tick: only the content tells them apart.
+        write(&dir, "a.yaml", &service(9090));
+        assert!(set.rescan(&dir).expect("scan").changed, "the second write is read");
+        let (inputs, _, _) = set.inputs(Options::default());
+        let ports = inputs.services[0].spec.as_ref().and_then(|s| s.ports.clone()).unwrap_or_default();
+        assert_eq!(ports[0].port, 9090);
     }
 
     #[test]
