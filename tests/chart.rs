@@ -8,7 +8,7 @@
 //!   preStop pause and drain.
 //!
 //! helm comes from `TIDEGATE_HELM`, `target/tools/helm` (where `.ci/chart-checks` installs it)
-//! or `PATH`; without it these tests skip with a one-line message.
+//! or `PATH`; without it these tests skip with a one-line message (and fail when `CI` is set).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -63,6 +63,7 @@ fn renders(helm: &Path) -> Vec<(String, Vec<Value>)> {
 
 fn with_renders(mut test: impl FnMut(&str, &[Value])) {
     let Some(helm) = helm() else {
+        assert!(std::env::var_os("CI").is_none(), "CI must have helm (.ci/chart-checks installs it)");
         eprintln!("skipped: no helm (set TIDEGATE_HELM or run .ci/chart-checks, which installs it)");
         return;
     };
