@@ -46,20 +46,12 @@ pub async fn run<S: Sink>(
     sink: S,
     stop: impl std::future::Future<Output = ()>,
 ) {
-    let (stopping, stopped) = watch::channel(false);
+    let (stopping, mut stopped) = watch::channel(false);
     let (leading, is_leading) = watch::channel(false);
-    let mut leader_gauge = is_leading.clone();
-    let gauge = Arc::clone(&metrics);
-    tokio::spawn(async move {
-        while leader_gauge.changed().await.is_ok() {
-            gauge.leader.set(i64::from(*leader_gauge.borrow_and_update()));
-        }
-    });
-    let stop_signal = |mut stopped: watch::Receiver<bool>| async move {
+    let election_stop = async move {
         let _ = stopped.wait_for(|s| *s).await;
     };
-    let election =
-        tokio::spawn(election::run(client.clone(), status.election.clone(), leading, stop_signal(stopped.clone())));
+    let election = tokio::spawn(election::run(client.clone(), status.election.clone(), leading, election_stop));
     let (addresses, published_addresses) = watch::channel(load_balancer_entries(&status.addresses));
     if let Some((namespace, name)) = status.publish_service.clone() {
         tokio::spawn(status_writer::follow_service(client.clone(), namespace, name, addresses));
@@ -99,8 +91,7 @@ async fn serve<S: Sink>(
     metrics: &ControllerMetrics,
     stop: impl std::future::Future<Output = ()>,
 ) {
-    let client = client.clone();
-    let watched = Watched::start(&client, config);
+    let watched = Watched::start(client, config);
     let mut secrets = SecretData::default();
     let mut publishing = Publishing::new(sink, Stamp::Clock);
     let started = Instant::now();
@@ -124,7 +115,7 @@ async fn serve<S: Sink>(
             continue;
         }
         let reconcile = Instant::now();
-        let (inputs, invalid) = watched.inputs(&client, &mut secrets).await;
+        let (inputs, invalid) = watched.inputs(client, &mut secrets).await;
         let load_errors: Vec<String> =
             invalid.iter().map(|i| format!("LuaRoute {}/{}: {} (Invalid)", i.namespace, i.name, i.error)).collect();
         let mut translation = translate(&inputs);

@@ -213,35 +213,11 @@ pub fn run_controller(config: &ControllerConfig) -> Result<(), Error> {
                 .filter(|a| !a.is_empty())
                 .collect(),
         };
-        runtime.block_on(crate::api_source::run(
-            client,
-            &config.watch,
-            status,
-            publisher,
-            metrics,
-            sink,
-            stop_signal(),
-        ));
+        let stop = runtime.block_on(async { manifest_source::stop_signals() }).map_err(Error::Signals)?;
+        runtime.block_on(crate::api_source::run(client, &config.watch, status, publisher, metrics, sink, stop));
     }
     tracing::info!("controller stopped");
     Ok(())
-}
-
-/// Completes on SIGTERM or SIGINT.
-async fn stop_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::error!("cannot handle signals: {e}");
-            std::future::pending::<()>().await;
-        }
-    }
 }
 
 async fn serve_admin(

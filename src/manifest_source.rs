@@ -113,20 +113,28 @@ pub fn wait_for_signal() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Handles SIGTERM and SIGINT from now on; the future completes on the first of them. Call it
+/// within a tokio runtime.
+///
+/// # Errors
+/// When the handlers cannot be installed.
+pub fn stop_signals() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
 /// Sends [`Event::Stop`] on SIGTERM or SIGINT.
 fn watch_signals(events: mpsc::Sender<Event>) -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let (mut term, mut int) = runtime.block_on(async {
-        Ok::<_, std::io::Error>((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
-    })?;
+    let stop = runtime.block_on(async { stop_signals() })?;
     std::thread::Builder::new().name("signals".into()).spawn(move || {
-        runtime.block_on(async {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        });
+        runtime.block_on(stop);
         let _ = events.send(Event::Stop);
     })?;
     Ok(())

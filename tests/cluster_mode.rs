@@ -244,6 +244,17 @@ async fn proxies_serve_what_the_api_server_holds() {
         )
         .await,
     );
+    latencies.push(
+        timed(
+            "LuaRoute changed",
+            || api.apply_yaml(&lua_route("hello", "lua.test", "ngx.say(\"hello again\")")),
+            async || {
+                let (a, b) = (get(p1.http, "lua.test", "/").await, get(p2.http, "lua.test", "/").await);
+                a.is_ok_and(|a| a.body == "hello again\n") && b.is_ok_and(|b| b.body == "hello again\n")
+            },
+        )
+        .await,
+    );
     api.apply_yaml(&lua_route("broken", "broken.test", "ngx.say(\"line one\")\nlocal x = = 1"));
     until("the broken LuaRoute reported", Duration::from_secs(10), async || {
         controller.logs().iter().any(|l| l.contains("LuaRoute t/broken") && l.contains("LuaSyntaxError"))

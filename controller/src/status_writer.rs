@@ -386,7 +386,9 @@ pub async fn run(
             _ = reports.changed() => {}
             _ = retry.tick() => {}
         }
-        if !*leading.borrow_and_update() {
+        let leads = *leading.borrow_and_update();
+        metrics.leader.set(i64::from(leads));
+        if !leads {
             continue;
         }
         let Some(view) = views.borrow_and_update().clone() else { continue };

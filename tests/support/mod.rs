@@ -97,10 +97,9 @@ impl Tidegate {
         self.child.id()
     }
 
-    /// Sends SIGTERM (through kill(1): no unsafe code here).
+    /// Sends SIGTERM.
     pub fn terminate(&self) {
-        let status = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status().expect("kill runs");
-        assert!(status.success());
+        sigterm(self.pid());
     }
 
     /// Waits for the process to exit, returning its exit status.
@@ -161,6 +160,12 @@ impl Drop for Tidegate {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Sends SIGTERM to `pid` (through kill(1): no unsafe code here).
+pub fn sigterm(pid: u32) {
+    let status = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().expect("kill runs");
+    assert!(status.success());
 }
 
 /// Starts the binary with `args` (JSON logs) and waits for a log line whose message is

@@ -85,12 +85,7 @@ impl Controller {
 
     /// Sends SIGTERM, as Kubernetes does to a pod it stops.
     pub fn terminate(&self) {
-        let status = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill runs");
-        assert!(status.success());
+        super::sigterm(self.child.id());
     }
 
     /// Stops it at once (SIGKILL), as a crashed pod would.
