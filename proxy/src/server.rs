@@ -72,6 +72,7 @@ pub(crate) fn run_worker(
         let http = TcpListener::from_std(http)?;
         let https = TcpListener::from_std(https)?;
         tracing::debug!(worker = index, "worker started");
+        tokio::task::spawn_local(crate::upkeep::run(Rc::clone(&worker)));
         tokio::task::spawn_local(accept_loop(Rc::clone(&worker), http, None));
         accept_loop(Rc::clone(&worker), https, Some(TlsAcceptor::from(tls))).await;
         // Lua timers still waiting run now, told they are premature.

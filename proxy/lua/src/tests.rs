@@ -1008,3 +1008,36 @@ fn waiting_timers_run_premature_when_the_worker_stops() {
         assert!(began.elapsed() < Duration::from_secs(1));
     });
 }
+
+#[test]
+fn collect_garbage_gives_back_what_a_burst_left() {
+    let vm = Rc::new(vm());
+    let sleeper = script("local t = {} for i = 1, 20 do t[i] = tostring(i) end ngx.sleep(0.01)");
+    let _ = run(&vm, Phase::Access, "ngx.sleep(0)");
+    block_on(vm.collect_garbage());
+    let baseline = vm.used_memory();
+    let burst = Rc::clone(&vm);
+    block_on(async move {
+        let tasks: Vec<_> = (0..4000)
+            .map(|_| {
+                let (vm, sleeper) = (Rc::clone(&burst), Arc::clone(&sleeper));
+                tokio::task::spawn_local(async move {
+                    let request = vm.begin(head("/")).expect("request");
+                    vm.run(&request, Phase::Access, &[sleeper]).await
+                })
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(task.await.expect("task"), Outcome::Continue);
+        }
+    });
+    let left = vm.used_memory();
+    assert!(left > baseline + (2 << 20), "the burst left garbage: {left} bytes, {baseline} before");
+    block_on(vm.collect_garbage());
+    let after = vm.used_memory();
+    // What stays: the pool of finished coroutines and the grown reference stack.
+    assert!(
+        after < baseline + (1 << 20),
+        "collected down to {after} bytes ({baseline} before the burst, {left} after)"
+    );
+}

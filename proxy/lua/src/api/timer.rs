@@ -141,7 +141,7 @@ async fn run_callback(
         request.state.phase.set(Phase::Timer);
         request.script.set(script);
         let arguments: MultiValue = std::iter::once(Value::Boolean(premature)).chain(args.iter().cloned()).collect();
-        let task = lua.create_thread(callback.clone())?.into_async::<()>(arguments)?;
+        let task = callback.call_async::<()>(arguments);
         Ok::<_, mlua::Error>((request, task))
     })();
     match started {

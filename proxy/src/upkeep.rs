@@ -1,0 +1,66 @@
+//! Giving memory back once a burst is over.
+//!
+//! A burst of requests leaves two kinds of memory behind. Lua garbage is collected only as Lua
+//! allocates, so a worker that goes quiet keeps its heap at the burst's size; and glibc keeps
+//! freed memory inside its arenas, where a single live block near the top pins everything
+//! below it. Both stay until the next burst, which makes an idle proxy look (and be, for the
+//! node) as large as its busiest moment.
+//!
+//! Neither costs anything while the worker is busy: the checks run once a second and act only
+//! when the worker has started no Lua request for a whole second.
+
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::handler::Worker;
+
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// The Lua heap is collected when it has grown past twice what the last collection left, plus
+/// this much.
+const LUA_GROWTH: usize = 1 << 20;
+
+/// Free memory is returned to the system when the open connections have fallen by this many
+/// from their peak since the last time.
+const CONNECTIONS_FALL: usize = 1000;
+
+/// Runs on each worker for as long as it lives.
+pub(crate) async fn run(worker: Rc<Worker>) {
+    let mut after_collection = worker.vm.used_memory();
+    let mut requests_seen = worker.requests.get();
+    let mut connections_peak = 0;
+    loop {
+        tokio::time::sleep(CHECK_EVERY).await;
+        let open = worker.shared.open_connections.load(Ordering::Acquire);
+        connections_peak = connections_peak.max(open);
+        let requests = worker.requests.get();
+        let quiet = std::mem::replace(&mut requests_seen, requests) == requests;
+        if !quiet {
+            continue;
+        }
+        let used = worker.vm.used_memory();
+        if used > after_collection.saturating_mul(2).saturating_add(LUA_GROWTH) {
+            worker.vm.collect_garbage().await;
+            after_collection = worker.vm.used_memory();
+            worker.note_lua_memory();
+            tracing::debug!(worker = worker.id, before = used, after = after_collection, "Lua heap collected");
+            trim().await;
+        } else if worker.id == 0 && connections_peak.saturating_sub(open) >= CONNECTIONS_FALL {
+            // Connections are process-wide: one worker watching them is enough.
+            connections_peak = open;
+            trim().await;
+        }
+    }
+}
+
+/// Returns the allocator's free pages to the system (glibc's `malloc_trim`), on a blocking
+/// thread: it walks every arena, which takes milliseconds after a large burst.
+#[allow(unsafe_code)]
+async fn trim() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim has no preconditions; it takes each arena's lock while it works.
+        let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
+    }
+}
