@@ -324,7 +324,7 @@ async fn line_server() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cosockets_work_in_content_header_filter_and_log() {
+async fn cosockets_work_in_content_header_filter_body_filter_and_log() {
     let (port, seen) = line_server().await;
     let call = |what: &str| {
         format!(
@@ -332,9 +332,10 @@ async fn cosockets_work_in_content_header_filter_and_log() {
         )
     };
     let routes = format!(
-        "---\napiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {{name: sockets, namespace: t}}\nspec:\n  hosts: [sockets.test]\n  routes:\n  - name: content\n    match: {{path: {{type: Prefix, value: /line}}}}\n    lua:\n      content: |\n        {}        ngx.say(line, ' reused ', reused)\n  - name: filtered\n    match: {{path: {{type: Prefix, value: /up}}}}\n    backend: {{service: {{name: web, port: {{number: 80}}}}}}\n    lua:\n      headerFilter: |\n        {}        ngx.header['X-Line'] = line\n      log: |\n        {}",
+        "---\napiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {{name: sockets, namespace: t}}\nspec:\n  hosts: [sockets.test]\n  routes:\n  - name: content\n    match: {{path: {{type: Prefix, value: /line}}}}\n    lua:\n      content: |\n        {}        ngx.say(line, ' reused ', reused)\n  - name: filtered\n    match: {{path: {{type: Prefix, value: /up}}}}\n    backend: {{service: {{name: web, port: {{number: 80}}}}}}\n    lua:\n      headerFilter: |\n        {}        ngx.header['X-Line'] = line\n      bodyFilter: |\n        if ngx.arg[2] then\n          ngx.sleep(0.01)\n          {}          ngx.arg[1] = ngx.arg[1] .. line .. ' reused ' .. reused\n        end\n      log: |\n        {}",
         call("content"),
         call("header"),
+        call("body"),
         call("log ' .. ngx.var.status .. '"),
     );
     let (tidegate, _dir) = start(&routes).await;
@@ -353,6 +354,9 @@ async fn cosockets_work_in_content_header_filter_and_log() {
     let filtered = conn.send(get("/up")).await.expect("answer");
     assert_eq!(filtered.status, StatusCode::OK);
     assert_eq!(filtered.headers["x-line"], "echo: header", "header_filter waited on its socket");
+    let body = String::from_utf8_lossy(&filtered.body);
+    let reused = body.rsplit_once("echo: body reused ").and_then(|(_, n)| n.parse::<u32>().ok());
+    assert!(reused.is_some_and(|n| n > 0), "body_filter slept, then used a pooled socket at the end: {body}");
     let deadline = Instant::now() + Duration::from_secs(5);
     while !seen.lock().expect("lock").iter().any(|l| l == "log 200") {
         assert!(Instant::now() < deadline, "the log handler's line never arrived: {:?}", seen.lock().expect("lock"));

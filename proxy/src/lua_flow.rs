@@ -6,16 +6,17 @@
 //!    └─ ngx.exit(status ≥ 200), ngx.redirect: answer now, skip the rest but the filters and log
 //! ```
 //!
-//! - rewrite, access and content may wait (read the body, later sleep and sockets); the worker
-//!   serves other requests meanwhile.
+//! - rewrite, access and content may wait (read the body, sleep, sockets); the worker serves
+//!   other requests meanwhile.
 //! - header_filter runs on the response head (from the upstream or from content) before it is
 //!   sent; body_filter on each chunk as it streams (`ngx.arg[1]`, `ngx.arg[2]`); log after the
-//!   last byte, unable to change anything.
+//!   last byte, unable to change anything. Unlike OpenResty, all three may wait too.
 //! - A Lua failure (error, CPU budget, memory) answers 500 when nothing was sent yet and cuts the
 //!   response otherwise; it is logged once with route, phase and Lua line, and counted. A
 //!   failure before the upstream is reached never lets the request through.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -141,8 +142,8 @@ pub(crate) async fn serve(
     filtered(worker, target, chain, &lua, response, outcome).await
 }
 
-/// Applies header_filter, installs body_filter and log around a response. header_filter and
-/// log handlers may wait (sleep, cosockets); body_filter runs inside body streaming and may not.
+/// Applies header_filter, installs body_filter and log around a response. Handlers of all three
+/// may wait (sleep, cosockets).
 async fn filtered(
     worker: &Rc<Worker>,
     target: &Target,
@@ -191,6 +192,8 @@ async fn filtered(
             lua: Rc::clone(lua),
             chain: Arc::clone(chain),
             route: target.name.to_string(),
+            running: None,
+            input_ended: false,
             finished: false,
         };
         *response.body_mut() = ResponseBody::new(filter);
@@ -350,28 +353,30 @@ fn body_reader(unread: Rc<RefCell<Option<Incoming>>>) -> tidegate_lua::BodyReade
     })
 }
 
-/// Runs body_filter handlers on each chunk as it streams, and once more at the end.
+/// Runs body_filter handlers on each chunk as it streams, and once more at the end. A handler
+/// may wait (sleep, cosockets): the body waits with it while the worker serves others.
 struct BodyFilter {
     inner: ResponseBody,
     worker: Rc<Worker>,
     lua: Rc<LuaRequest>,
     chain: Arc<LuaChain>,
     route: String,
+    /// The handlers running over the current chunk.
+    running: Option<Pin<Box<dyn Future<Output = LuaOutcome>>>>,
+    /// The upstream body has ended (the last run was told `ngx.arg[2] == true`).
+    input_ended: bool,
+    /// Nothing more goes out: the input ended, a handler set `ngx.arg[2] = true`, or one failed.
     finished: bool,
 }
 
 impl BodyFilter {
-    /// Runs the filter over one chunk; `None` when it failed (the response is cut).
-    fn filter(&mut self, chunk: Bytes, eof: bool) -> Result<(Bytes, bool), BoxError> {
+    /// Starts the handlers over one chunk.
+    fn start(&mut self, chunk: Bytes, eof: bool) {
         *self.lua.state.arg_chunk.borrow_mut() = Some(chunk);
         self.lua.state.arg_eof.set(eof);
-        match self.worker.vm.run_now(&self.lua, Phase::BodyFilter, self.chain.phase(Phase::BodyFilter)) {
-            LuaOutcome::Failed { kind, message } => {
-                report(&self.worker, &self.route, Phase::BodyFilter, kind, &message, Some(&self.lua));
-                Err(format!("Lua body_filter failed: {message}").into())
-            }
-            _ => Ok((self.lua.state.arg_chunk.borrow_mut().take().unwrap_or_default(), self.lua.state.arg_eof.get())),
-        }
+        let (worker, lua, chain) = (Rc::clone(&self.worker), Rc::clone(&self.lua), Arc::clone(&self.chain));
+        self.running =
+            Some(Box::pin(async move { worker.vm.run(&lua, Phase::BodyFilter, chain.phase(Phase::BodyFilter)).await }));
     }
 }
 
@@ -381,37 +386,41 @@ impl Body for BodyFilter {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         loop {
+            if let Some(running) = self.running.as_mut() {
+                let outcome = std::task::ready!(running.as_mut().poll(cx));
+                self.running = None;
+                if let LuaOutcome::Failed { kind, message } = outcome {
+                    self.finished = true;
+                    report(&self.worker, &self.route, Phase::BodyFilter, kind, &message, Some(&self.lua));
+                    return Poll::Ready(Some(Err(format!("Lua body_filter failed: {message}").into())));
+                }
+                let chunk = self.lua.state.arg_chunk.borrow_mut().take().unwrap_or_default();
+                // Setting ngx.arg[2] = true ends the body here.
+                self.finished = self.input_ended || self.lua.state.arg_eof.get();
+                if !chunk.is_empty() {
+                    return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                }
+                continue;
+            }
             if self.finished {
                 return Poll::Ready(None);
             }
-            let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
-                Poll::Ready(Some(Ok(frame))) => frame,
-                Poll::Ready(None) => {
-                    self.finished = true;
-                    return match self.filter(Bytes::new(), true) {
-                        Err(e) => Poll::Ready(Some(Err(e))),
-                        Ok((chunk, _)) if chunk.is_empty() => Poll::Ready(None),
-                        Ok((chunk, _)) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
-                    };
+            match std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => {
+                    self.input_ended = true;
+                    self.start(Bytes::new(), true);
                 }
-            };
-            let data = match frame.into_data() {
-                Ok(data) => data,
-                Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
-            };
-            match self.filter(data, false) {
-                Err(e) => return Poll::Ready(Some(Err(e))),
-                Ok((chunk, eof)) => {
-                    // Setting ngx.arg[2] = true ends the body here.
-                    self.finished = eof;
-                    if !chunk.is_empty() {
-                        return Poll::Ready(Some(Ok(Frame::data(chunk))));
-                    }
-                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => self.start(data, false),
+                    Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                },
             }
         }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished && self.running.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -4,8 +4,7 @@
 //! - [`compile()`] turns handler source into a [`Script`] (bytecode), or a [`CompileError`] with
 //!   the Lua line; [`check`] only validates (what the controller and `tidegate validate` use).
 //! - [`Vm`] is a worker's VM: [`Vm::begin`] starts a request, [`Vm::run`] runs a phase's
-//!   handlers (they may wait on asynchronous calls), [`Vm::run_now`] runs handlers that must not
-//!   wait (header and body filters, log).
+//!   handlers, which may wait on asynchronous calls in every phase.
 //!
 //! See `vm.rs` for how environments, coroutines and limits work.
 #![forbid(unsafe_code)]

@@ -48,9 +48,9 @@ impl Phase {
 }
 
 /// Phases whose handlers may wait (sleep, cosockets). Unlike OpenResty, that includes
-/// header_filter and log; body_filter runs inside response streaming and cannot.
+/// header_filter, body_filter and log.
 pub(crate) const WAITING_PHASES: &[Phase] =
-    &[Phase::Rewrite, Phase::Access, Phase::Content, Phase::HeaderFilter, Phase::Log, Phase::Timer];
+    &[Phase::Rewrite, Phase::Access, Phase::Content, Phase::HeaderFilter, Phase::BodyFilter, Phase::Log, Phase::Timer];
 
 /// The client request as Lua first sees it.
 #[derive(Debug, Clone)]

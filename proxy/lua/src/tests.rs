@@ -89,10 +89,10 @@ fn exit_replaces_the_response_in_header_filter_only() {
     let vm = vm();
     let request = vm.begin(head("/")).expect("request");
     assert_eq!(
-        vm.run_now(&request, Phase::HeaderFilter, &[script("ngx.exit(403) error('not reached')")]),
+        block_on(vm.run(&request, Phase::HeaderFilter, &[script("ngx.exit(403) error('not reached')")])),
         Outcome::Exit(403)
     );
-    let outcome = vm.run_now(&request, Phase::Log, &[script("ngx.exit(500)")]);
+    let outcome = block_on(vm.run(&request, Phase::Log, &[script("ngx.exit(500)")]));
     assert!(
         matches!(outcome, Outcome::Failed { kind: FailureKind::Error, ref message } if message.contains("API disabled")),
         "{outcome:?}"

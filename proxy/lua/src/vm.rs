@@ -276,7 +276,6 @@ const THREAD_POOL: usize = 256;
 pub struct Vm {
     lua: Lua,
     runner: Rc<Runner>,
-    clock: Arc<WorkerClock>,
     config: LuaConfig,
     /// `{__index = base}`, shared by every request environment.
     env_meta: Table,
@@ -336,7 +335,7 @@ impl Vm {
             if raise { Err(mlua::Error::runtime("CPU budget exceeded")) } else { Ok(VmState::Yield) }
         });
         lua.set_memory_limit(config.memory_limit)?;
-        let runner = Rc::new(Runner { clock: Arc::clone(&clock), cpu_budget: config.cpu_budget });
+        let runner = Rc::new(Runner { clock, cpu_budget: config.cpu_budget });
         let loaded = Rc::new(RefCell::new(HashMap::new()));
         lua.set_app_data(Rc::new(api::socket::TlsClients::new(&config.tls_roots)?));
         lua.set_app_data(Rc::new(TimerContext {
@@ -349,7 +348,7 @@ impl Vm {
             stopping: Cell::new(false),
             stop: tokio::sync::Notify::new(),
         }));
-        Ok(Vm { lua, runner, clock, config, env_meta, loaded })
+        Ok(Vm { lua, runner, config, env_meta, loaded })
     }
 
     pub fn config(&self) -> &LuaConfig {
@@ -452,50 +451,6 @@ impl Vm {
             }
             ended.await;
         }
-    }
-
-    /// Runs a phase's handlers to completion without waiting: for header_filter, body_filter and
-    /// log, which run inside response streaming. A handler that tries to wait fails.
-    pub fn run_now(&self, request: &Rc<LuaRequest>, phase: Phase, scripts: &[Arc<Script>]) -> Outcome {
-        request.state.phase.set(phase);
-        for script in scripts {
-            request.state.exit.set(None);
-            let _scope = Scope::enter(request);
-            let Some(budget) = request.remaining_budget(self.config.cpu_budget) else {
-                return timeout();
-            };
-            let thread = match self.handler(request, script).and_then(|f| self.lua.create_thread(f)) {
-                Ok(t) => t,
-                Err(e) => return failure(&e),
-            };
-            let began = Instant::now();
-            self.clock.start(budget);
-            let resumed = thread.resume::<mlua::MultiValue>(());
-            let expired = self.clock.expired();
-            self.clock.stop();
-            request.lua_time.set(request.lua_time.get() + began.elapsed());
-            if expired {
-                return timeout();
-            }
-            if let Some(status) = request.state.exit.get() {
-                let outcome = exit_outcome(phase, status);
-                if outcome != Outcome::Continue {
-                    return outcome;
-                }
-                continue;
-            }
-            match resumed {
-                Err(e) => return failure(&e),
-                Ok(_) if thread.status() == mlua::thread::ThreadStatus::Resumable => {
-                    return Outcome::Failed {
-                        kind: FailureKind::Error,
-                        message: format!("{}: cannot wait (sleep, sockets) in the {} phase", script.name, phase.name()),
-                    };
-                }
-                Ok(_) => {}
-            }
-        }
-        Outcome::Continue
     }
 
     /// The worker is stopping: every waiting timer runs now with `premature = true` (once, also
