@@ -160,7 +160,7 @@ def main():
             pid = os.path.join(work, f"nginx-{n}", "nginx.pid")
             if os.path.exists(pid):
                 subprocess.run(["nginx", "-s", "stop", "-p", os.path.dirname(pid), "-c", os.path.join(os.path.dirname(pid), "nginx.conf")])
-    print(f"Applying a change at scale, {datetime.date.today()} (`bench/change_at_scale.sh {' '.join(map(str, COUNTS))}`): "
+    print(f"Applying a change at scale, {datetime.date.today()} (`ROUNDS={ROUNDS} bench/change_at_scale.sh {' '.join(map(str, COUNTS))}`): "
           f"{os.cpu_count()} cores shared by the proxies, the upstream and the poller; {ROUNDS} changes each, alternating, medians.")
     print("tidegate: a new manifest file with one Ingress until its host answers 200. nginx: the new `server` block, "
           "`nginx -t`, `nginx -s reload`, until its host answers 200. RSS with N Ingresses loaded (nginx: master and workers).\n")

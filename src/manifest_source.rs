@@ -18,7 +18,9 @@ use tidegate_controller::manifests::{ManifestSet, Origin};
 use tidegate_controller::{ObjectRef, ObjectStatus, Options, Severity, Translation, translate};
 use tidegate_snapshot::Snapshot;
 
-/// Files written in one go (an editor's save, `cp -r`) arrive as bursts of events.
+/// How long a write in progress (a file created or modified, not yet closed) is given to finish
+/// before the folder is read. A settled change (a file closed after writing, renamed into place
+/// or removed) is read at once.
 const DEBOUNCE: Duration = Duration::from_millis(20);
 const RESCAN_EVERY: Duration = Duration::from_secs(2);
 
@@ -53,7 +55,8 @@ pub enum Error {
 
 /// What wakes the reload loop.
 enum Event {
-    Changed,
+    /// Something in the folder changed; `settled` when no write is left in progress.
+    Changed { settled: bool },
     /// SIGTERM or SIGINT: drain and return.
     Stop,
 }
@@ -68,8 +71,8 @@ pub fn run<S: Sink>(dir: &Path, options: Options, sink: S) -> Result<S, Error> {
     let (events, changes) = mpsc::channel();
     watch_signals(events.clone()).map_err(Error::Signals)?;
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            let _ = events.send(Event::Changed);
+        if let Ok(event) = event {
+            let _ = events.send(Event::Changed { settled: settled(&event.kind) });
         }
     })
     .map_err(|e| Error::Watch(dir.to_owned(), e))?;
@@ -84,13 +87,8 @@ pub fn run<S: Sink>(dir: &Path, options: Options, sink: S) -> Result<S, Error> {
     state.reload(dir);
     loop {
         match changes.recv_timeout(RESCAN_EVERY) {
-            Ok(Event::Changed) => {
-                std::thread::sleep(DEBOUNCE);
-                let mut stop = false;
-                while let Ok(event) = changes.try_recv() {
-                    stop |= matches!(event, Event::Stop);
-                }
-                if stop {
+            Ok(Event::Changed { settled }) => {
+                if wait_until_settled(&changes, settled) {
                     break;
                 }
             }
@@ -100,6 +98,36 @@ pub fn run<S: Sink>(dir: &Path, options: Options, sink: S) -> Result<S, Error> {
         state.reload(dir);
     }
     Ok(state.publishing.sink)
+}
+
+/// Whether an event leaves its file complete: closed after writing, renamed (an atomic
+/// replacement: editors, `kubectl`-style tools and ConfigMap volumes work this way) or removed.
+fn settled(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    matches!(
+        kind,
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Modify(ModifyKind::Name(_))
+            | EventKind::Remove(_)
+    )
+}
+
+/// After a change: waits for writes in progress to settle (at most [`DEBOUNCE`]), then takes
+/// every event already queued, since one read of the folder covers them. True on a stop.
+fn wait_until_settled(changes: &mpsc::Receiver<Event>, mut settled: bool) -> bool {
+    let deadline = std::time::Instant::now() + DEBOUNCE;
+    while !settled {
+        match changes.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+            Ok(Event::Changed { settled: now }) => settled = now,
+            Ok(Event::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return true,
+            Err(mpsc::RecvTimeoutError::Timeout) => break,
+        }
+    }
+    let mut stop = false;
+    while let Ok(event) = changes.try_recv() {
+        stop |= matches!(event, Event::Stop);
+    }
+    stop
 }
 
 /// Blocks until SIGTERM or SIGINT.
@@ -217,8 +245,12 @@ impl<S: Sink> State<S> {
         self.publishing.offer(&mut translation, &origins, &load_errors);
         self.offered = Some(scan_errors);
         // Freeing 10,000 objects takes tens of milliseconds: not on this thread's way to the
-        // next change.
-        std::thread::spawn(move || drop((inputs, origins, translation)));
+        // next change, nor is merging the freed blocks, which the next large allocation would
+        // otherwise do.
+        std::thread::spawn(move || {
+            drop((inputs, origins, translation));
+            tidegate_proxy::release_free_memory();
+        });
     }
 }
 

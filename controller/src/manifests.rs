@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -26,21 +27,23 @@ use serde_json::Value;
 use crate::luaroute::{self, LuaRoute};
 use crate::objects::{Inputs, ObjectRef, Options};
 
-/// One object of a kind tidegate reads.
+/// One object of a kind tidegate reads. Shared: translation inputs hold the same objects as
+/// the file cache, so a change does not copy 10,000 of them.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Object {
-    Ingress(Box<Ingress>),
-    IngressClass(Box<IngressClass>),
-    Service(Box<Service>),
-    EndpointSlice(Box<EndpointSlice>),
-    Secret(Box<Secret>),
-    LuaRoute(Box<LuaRoute>),
+    Ingress(Arc<Ingress>),
+    IngressClass(Arc<IngressClass>),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+    Secret(Arc<Secret>),
+    LuaRoute(Arc<LuaRoute>),
 }
 
 /// Where an object was read from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Origin {
-    pub file: PathBuf,
+    /// Shared by the file's objects: every change copies the origin of each object.
+    pub file: Arc<Path>,
     /// 1-based index among the file's non-empty documents.
     pub document: usize,
 }
@@ -196,7 +199,7 @@ impl ManifestSet {
         for (object_ref, object, origin) in self.files.values().flat_map(|s| s.objects.iter()) {
             if let Some(first) = origins.get(object_ref) {
                 duplicates.push(LoadError {
-                    file: origin.file.clone(),
+                    file: origin.file.to_path_buf(),
                     document: Some(origin.document),
                     object: Some(object_ref.to_string()),
                     field: Some("metadata.name".into()),
@@ -229,12 +232,12 @@ pub fn into_inputs(objects: impl IntoIterator<Item = Object>, options: Options) 
     let mut inputs = Inputs { options, ..Inputs::default() };
     for object in objects {
         match object {
-            Object::Ingress(o) => inputs.ingresses.push(*o),
-            Object::IngressClass(o) => inputs.ingress_classes.push(*o),
-            Object::Service(o) => inputs.services.push(*o),
-            Object::EndpointSlice(o) => inputs.endpoint_slices.push(*o),
-            Object::Secret(o) => inputs.secrets.push(*o),
-            Object::LuaRoute(o) => inputs.lua_routes.push(*o),
+            Object::Ingress(o) => inputs.ingresses.push(o),
+            Object::IngressClass(o) => inputs.ingress_classes.push(o),
+            Object::Service(o) => inputs.services.push(o),
+            Object::EndpointSlice(o) => inputs.endpoint_slices.push(o),
+            Object::Secret(o) => inputs.secrets.push(o),
+            Object::LuaRoute(o) => inputs.lua_routes.push(o),
         }
     }
     inputs
@@ -286,8 +289,9 @@ fn read_file(path: &Path, bytes: &[u8], previous: &[(ObjectRef, Object, Origin)]
         }
     };
     let mut state = FileState::default();
+    let file: Arc<Path> = Arc::from(path);
     for (i, document) in documents.into_iter().enumerate() {
-        let origin = Origin { file: path.to_owned(), document: i + 1 };
+        let origin = Origin { file: Arc::clone(&file), document: i + 1 };
         let items = match list_items(document) {
             Ok(items) => items,
             Err(message) => {
@@ -389,12 +393,12 @@ fn parse_object(document: Value) -> Result<Option<(ObjectRef, Object)>, LoadErro
         error(identity.clone(), Some(path), e.into_inner().to_string())
     };
     let object = match kind.as_str() {
-        "Ingress" => Object::Ingress(Box::new(typed_from(document).map_err(typed)?)),
-        "IngressClass" => Object::IngressClass(Box::new(typed_from(document).map_err(typed)?)),
-        "Service" => Object::Service(Box::new(typed_from(document).map_err(typed)?)),
-        "EndpointSlice" => Object::EndpointSlice(Box::new(typed_from(document).map_err(typed)?)),
-        "Secret" => Object::Secret(Box::new(typed_from(document).map_err(typed)?)),
-        _ => Object::LuaRoute(Box::new(typed_from(document).map_err(typed)?)),
+        "Ingress" => Object::Ingress(Arc::new(typed_from(document).map_err(typed)?)),
+        "IngressClass" => Object::IngressClass(Arc::new(typed_from(document).map_err(typed)?)),
+        "Service" => Object::Service(Arc::new(typed_from(document).map_err(typed)?)),
+        "EndpointSlice" => Object::EndpointSlice(Arc::new(typed_from(document).map_err(typed)?)),
+        "Secret" => Object::Secret(Arc::new(typed_from(document).map_err(typed)?)),
+        _ => Object::LuaRoute(Arc::new(typed_from(document).map_err(typed)?)),
     };
     Ok(Some((object_ref, object)))
 }

@@ -1,6 +1,7 @@
 //! The Kubernetes objects translation reads, and how statuses refer to them.
 
 use std::fmt;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -16,12 +17,12 @@ pub const CONTROLLER_NAME: &str = "tidegate.dev/ingress-controller";
 /// the API server; order does not matter, translation sorts.
 #[derive(Clone, Debug, Default)]
 pub struct Inputs {
-    pub ingresses: Vec<Ingress>,
-    pub ingress_classes: Vec<IngressClass>,
-    pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
-    pub secrets: Vec<Secret>,
-    pub lua_routes: Vec<LuaRoute>,
+    pub ingresses: Vec<Arc<Ingress>>,
+    pub ingress_classes: Vec<Arc<IngressClass>>,
+    pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pub secrets: Vec<Arc<Secret>>,
+    pub lua_routes: Vec<Arc<LuaRoute>>,
     pub options: Options,
 }
 

@@ -66,7 +66,7 @@ type Shared<T> = Arc<Mutex<Cache<T>>>;
 /// A LuaRoute as read from the API server.
 #[derive(Clone, Debug)]
 pub enum WatchedLuaRoute {
-    Parsed(Box<LuaRoute>),
+    Parsed(Arc<LuaRoute>),
     /// It does not deserialize: the field and why.
     Invalid(InvalidObject),
 }
@@ -74,10 +74,10 @@ pub enum WatchedLuaRoute {
 /// The caches of every watcher, and what wakes the rebuild loop.
 #[derive(Debug, Default)]
 pub struct Watched {
-    ingresses: Vec<Shared<Ingress>>,
-    classes: Vec<Shared<IngressClass>>,
-    services: Vec<Shared<Service>>,
-    slices: Vec<Shared<EndpointSlice>>,
+    ingresses: Vec<Shared<Arc<Ingress>>>,
+    classes: Vec<Shared<Arc<IngressClass>>>,
+    services: Vec<Shared<Arc<Service>>>,
+    slices: Vec<Shared<Arc<EndpointSlice>>>,
     lua_routes: Vec<Shared<WatchedLuaRoute>>,
     /// TLS Secrets by key: their `resourceVersion`.
     secrets: Vec<Shared<String>>,
@@ -88,7 +88,7 @@ pub struct Watched {
 /// Data of the Secrets that are referenced, by key, with the version it was read at.
 #[derive(Debug, Default)]
 pub struct SecretData {
-    read: BTreeMap<Key, (String, Secret)>,
+    read: BTreeMap<Key, (String, Arc<Secret>)>,
 }
 
 fn lock<T>(cache: &Shared<T>) -> MutexGuard<'_, Cache<T>> {
@@ -224,7 +224,7 @@ fn parse_lua_route(object: DynamicObject) -> WatchedLuaRoute {
         Err(e) => return invalid(e.to_string()),
     };
     match serde_path_to_error::deserialize::<_, LuaRoute>(value) {
-        Ok(route) => WatchedLuaRoute::Parsed(Box::new(route)),
+        Ok(route) => WatchedLuaRoute::Parsed(Arc::new(route)),
         Err(e) => invalid(format!("field {}: {}", e.path(), e.inner())),
     }
 }
@@ -244,7 +244,7 @@ impl Watched {
         watched.classes.push(follow(
             watch_stream(Api::<IngressClass>::all(client.clone()), plain()),
             "IngressClass",
-            std::convert::identity,
+            Arc::new,
             Arc::clone(&changed),
         ));
         let mut secret_config = plain().fields("type=kubernetes.io/tls");
@@ -253,24 +253,9 @@ impl Watched {
         }
         for scope in scopes {
             let c = || Arc::clone(&changed);
-            watched.ingresses.push(follow(
-                watch_stream(api(client, scope), plain()),
-                "Ingress",
-                std::convert::identity,
-                c(),
-            ));
-            watched.services.push(follow(
-                watch_stream(api(client, scope), plain()),
-                "Service",
-                std::convert::identity,
-                c(),
-            ));
-            watched.slices.push(follow(
-                watch_stream(api(client, scope), plain()),
-                "EndpointSlice",
-                std::convert::identity,
-                c(),
-            ));
+            watched.ingresses.push(follow(watch_stream(api(client, scope), plain()), "Ingress", Arc::new, c()));
+            watched.services.push(follow(watch_stream(api(client, scope), plain()), "Service", Arc::new, c()));
+            watched.slices.push(follow(watch_stream(api(client, scope), plain()), "EndpointSlice", Arc::new, c()));
             let resource = lua_route_resource();
             let lua_api: Api<DynamicObject> = match scope {
                 Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
@@ -336,7 +321,7 @@ impl Watched {
         for cache in &self.lua_routes {
             for route in lock(cache).objects.values() {
                 match route {
-                    WatchedLuaRoute::Parsed(route) => inputs.lua_routes.push((**route).clone()),
+                    WatchedLuaRoute::Parsed(route) => inputs.lua_routes.push(Arc::clone(route)),
                     WatchedLuaRoute::Invalid(object) => invalid.push(object.clone()),
                 }
             }
@@ -376,7 +361,7 @@ impl SecretData {
         client: &Client,
         wanted: &BTreeSet<Key>,
         versions: &BTreeMap<Key, String>,
-    ) -> Vec<Secret> {
+    ) -> Vec<Arc<Secret>> {
         self.read.retain(|key, _| wanted.contains(key));
         for key in wanted {
             let Some(version) = versions.get(key) else {
@@ -390,7 +375,7 @@ impl SecretData {
             let secrets: Api<Secret> = Api::namespaced(client.clone(), &key.0);
             match secrets.get_opt(&key.1).await {
                 Ok(Some(secret)) => {
-                    self.read.insert(key.clone(), (version.clone(), secret));
+                    self.read.insert(key.clone(), (version.clone(), Arc::new(secret)));
                 }
                 Ok(None) => {
                     self.read.remove(key);
@@ -401,6 +386,6 @@ impl SecretData {
                 }
             }
         }
-        self.read.values().map(|(_, secret)| secret.clone()).collect()
+        self.read.values().map(|(_, secret)| Arc::clone(secret)).collect()
     }
 }

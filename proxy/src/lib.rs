@@ -45,6 +45,7 @@ use rustls::sign::CertifiedKey;
 use tidegate_snapshot::Snapshot;
 
 pub use runtime::{BuildError, Built, Runtime};
+pub use upkeep::release_free_memory;
 
 /// How the proxy listens and behaves.
 #[derive(Clone, Debug)]

@@ -54,13 +54,22 @@ pub(crate) async fn run(worker: Rc<Worker>) {
     }
 }
 
-/// Returns the allocator's free pages to the system (glibc's `malloc_trim`), on a blocking
-/// thread: it walks every arena, which takes milliseconds after a large burst.
-#[allow(unsafe_code)]
+/// [`release_free_memory`] on a blocking thread: it walks every arena, which takes milliseconds
+/// after a large burst.
 async fn trim() {
+    let _ = tokio::task::spawn_blocking(release_free_memory).await;
+}
+
+/// Returns the allocator's free pages to the system and merges its small free blocks (glibc's
+/// `malloc_trim`). Blocks for milliseconds after large frees: call it off the request path.
+///
+/// Also for whoever just freed a large structure: otherwise the next large allocation on that
+/// arena pays for merging the small blocks (at 10,000 Ingresses, 9 ms of the next change).
+#[allow(unsafe_code)]
+pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: malloc_trim has no preconditions; it takes each arena's lock while it works.
-        let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
+        unsafe { libc::malloc_trim(0) };
     }
 }

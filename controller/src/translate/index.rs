@@ -21,6 +21,14 @@ pub(super) struct Index<'a> {
     secrets: HashMap<Key<'a>, &'a Secret>,
 }
 
+/// `namespace/service:port`, the port as written (number or name).
+pub(super) fn backend_id(namespace: &str, service: &str, port: PortRef<'_>) -> BackendId {
+    match port {
+        PortRef::Number(n) => BackendId(format!("{namespace}/{service}:{n}")),
+        PortRef::Name(n) => BackendId(format!("{namespace}/{service}:{n}")),
+    }
+}
+
 /// A Service port as an Ingress names it: by number or by name.
 #[derive(Clone, Copy, Debug)]
 pub(super) enum PortRef<'a> {
@@ -38,15 +46,17 @@ pub(super) struct Resolved {
 
 impl<'a> Index<'a> {
     pub(super) fn new(inputs: &'a Inputs) -> Self {
-        let services = inputs.services.iter().map(|s| ((namespace_of(&s.metadata), name_of(&s.metadata)), s)).collect();
+        let services =
+            inputs.services.iter().map(|s| ((namespace_of(&s.metadata), name_of(&s.metadata)), &**s)).collect();
         let mut slices: HashMap<Key<'a>, Vec<&'a EndpointSlice>> = HashMap::new();
         for slice in &inputs.endpoint_slices {
             let service = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL));
             if let Some(service) = service {
-                slices.entry((namespace_of(&slice.metadata), service.as_str())).or_default().push(slice);
+                slices.entry((namespace_of(&slice.metadata), service.as_str())).or_default().push(&**slice);
             }
         }
-        let secrets = inputs.secrets.iter().map(|s| ((namespace_of(&s.metadata), name_of(&s.metadata)), s)).collect();
+        let secrets =
+            inputs.secrets.iter().map(|s| ((namespace_of(&s.metadata), name_of(&s.metadata)), &**s)).collect();
         Index { services, slices, secrets }
     }
 
@@ -56,7 +66,7 @@ impl<'a> Index<'a> {
             PortRef::Number(n) => n.to_string(),
             PortRef::Name(n) => n.to_owned(),
         };
-        let id = BackendId(format!("{namespace}/{service}:{written}"));
+        let id = backend_id(namespace, service, port);
         let unresolved = |reason, message: String| Resolved {
             id: id.clone(),
             endpoints: Vec::new(),

@@ -174,12 +174,11 @@ pub(super) fn translate(
                     (None, None) => None,
                 };
                 let Some(port) = port else { continue };
-                let resolved = index.resolve(namespace, &backend.service.name, port);
-                if let Some((reason, message)) = resolved.problem {
+                let (id, problem) = out.backend(index, namespace, &backend.service.name, port);
+                if let Some((reason, message)) = problem {
                     status.error(reason, format!("{field}.backend.service"), format!("{message}; requests get 503"));
                 }
-                out.endpoints.insert(resolved.id.clone(), resolved.endpoints);
-                Some(resolved.id)
+                Some(id)
             }
             None => None,
         };

@@ -66,7 +66,7 @@ pub fn translate(inputs: &Inputs) -> Translation {
     let mut statuses = BTreeMap::new();
 
     // LuaRoutes first: Ingresses may attach them, so their validity must be known.
-    let mut lua_routes: Vec<&LuaRoute> = inputs.lua_routes.iter().collect();
+    let mut lua_routes: Vec<&LuaRoute> = inputs.lua_routes.iter().map(|r| &**r).collect();
     lua_routes.sort_by(|a, b| lua_age_key(a).cmp(&lua_age_key(b)));
     let mut servable_lua_routes = Vec::new();
     for route in lua_routes {
@@ -87,7 +87,7 @@ pub fn translate(inputs: &Inputs) -> Translation {
         }
     }
 
-    let mut ours: Vec<&Ingress> = inputs.ingresses.iter().filter(|i| classes.is_ours(i)).collect();
+    let mut ours: Vec<&Ingress> = inputs.ingresses.iter().map(|i| &**i).filter(|i| classes.is_ours(i)).collect();
     ours.sort_by(|a, b| age_key(a).cmp(&age_key(b)));
     let ingress_count = ours.len();
     for (rank, ingress) in ours.into_iter().enumerate() {
@@ -165,13 +165,8 @@ struct Candidate {
 }
 
 impl Candidate {
-    /// The path with an insignificant trailing `/` removed, so `/a/` and `/a` compare equal.
     fn normalized_path(&self) -> &str {
-        let value = self.route.path.value.as_str();
-        match self.route.path.kind {
-            PathKind::Prefix if value.len() > 1 => value.trim_end_matches('/'),
-            _ => value,
-        }
+        normalized_path(&self.route)
     }
 
     /// Precedence within a host: Exact first, longer paths first, then routes with more method
@@ -186,15 +181,23 @@ impl Candidate {
             self.rank,
         )
     }
+}
 
-    /// Two candidates with the same key match exactly the same requests.
-    fn same_match(&self, other: &Candidate) -> bool {
-        self.host == other.host
-            && self.route.path.kind == other.route.path.kind
-            && self.normalized_path() == other.normalized_path()
-            && self.route.methods == other.route.methods
-            && self.route.headers == other.route.headers
+/// The path with an insignificant trailing `/` removed, so `/a/` and `/a` compare equal.
+fn normalized_path(route: &Route) -> &str {
+    let value = route.path.value.as_str();
+    match route.path.kind {
+        PathKind::Prefix if value.len() > 1 => value.trim_end_matches('/'),
+        _ => value,
     }
+}
+
+/// Two routes of one host that match exactly the same requests.
+fn same_match(a: &Route, b: &Route) -> bool {
+    a.path.kind == b.path.kind
+        && normalized_path(a) == normalized_path(b)
+        && a.methods == b.methods
+        && a.headers == b.headers
 }
 
 struct TlsClaim {
@@ -216,9 +219,30 @@ struct Builder {
     shared_dicts: BTreeMap<(String, String), (u64, ObjectRef)>,
     /// LuaRoutes by (namespace, name), as Ingresses may attach them.
     attachable: HashMap<(String, String), lua::Attachable>,
+    /// Backends resolved so far, with their problem: many routes name the same Service port.
+    resolved: HashMap<BackendId, Option<(Reason, String)>>,
 }
 
 impl Builder {
+    /// Resolves a backend (once per translation) and adds its endpoints; returns its id and
+    /// what is wrong with it.
+    fn backend(
+        &mut self,
+        index: &index::Index<'_>,
+        namespace: &str,
+        service: &str,
+        port: index::PortRef<'_>,
+    ) -> (BackendId, Option<(Reason, String)>) {
+        let id = index::backend_id(namespace, service, port);
+        if let Some(problem) = self.resolved.get(&id) {
+            return (id, problem.clone());
+        }
+        let resolved = index.resolve(namespace, service, port);
+        self.endpoints.insert(resolved.id.clone(), resolved.endpoints);
+        self.resolved.insert(resolved.id.clone(), resolved.problem.clone());
+        (resolved.id, resolved.problem)
+    }
+
     /// The first declaration of a dictionary wins; a later one with another size is reported.
     fn offer_shared_dict(&mut self, namespace: &str, name: &str, size: u64, owner: ObjectRef, field: String) {
         let key = (namespace.to_owned(), name.to_owned());
@@ -285,6 +309,9 @@ impl Builder {
         }
         let HostMatch::Exact(name) = host else { return None };
         let (_, suffix) = name.split_once('.')?;
+        // Wildcards sort after every exact host: without any, no lookup (nor its allocation).
+        let first_wildcard = HostMatch::Wildcard(String::new());
+        self.tls.range(&first_wildcard..).next().filter(|(h, _)| matches!(h, HostMatch::Wildcard(_)))?;
         self.tls.get(&HostMatch::Wildcard(suffix.to_owned())).map(|c| c.certificate.as_str())
     }
 
@@ -296,25 +323,47 @@ impl Builder {
         self.routes.sort_by(|a, b| (&a.host, a.precedence()).cmp(&(&b.host, b.precedence())));
 
         let mut hosts: BTreeMap<HostMatch, Vec<Route>> = self.tls.keys().map(|h| (h.clone(), Vec::new())).collect();
-        let mut previous: Option<Candidate> = None;
+        // Candidates come grouped by host, best first: each joins its host's routes unless the
+        // last one there (its winner) matches the same requests. Routes are moved, not copied.
+        struct Group {
+            host: HostMatch,
+            secured: bool,
+            routes: Vec<Route>,
+            winner: Option<ObjectRef>,
+        }
+        let mut group: Option<Group> = None;
         for candidate in std::mem::take(&mut self.routes) {
-            if let Some(winner) = &previous
-                && winner.same_match(&candidate)
+            let current = match &mut group {
+                Some(g) if g.host == candidate.host => g,
+                _ => {
+                    if let Some(done) = group.take() {
+                        hosts.insert(done.host, done.routes);
+                    }
+                    let routes = hosts.remove(&candidate.host).unwrap_or_default();
+                    let secured = self.certificate_for(&candidate.host).is_some();
+                    group.insert(Group { host: candidate.host.clone(), secured, routes, winner: None })
+                }
+            };
+            if let Some(last) = current.routes.last()
+                && same_match(last, &candidate.route)
             {
+                let winner = current.winner.as_ref().map(ToString::to_string).unwrap_or_default();
                 let message = format!(
-                    "{:?} path {} on host {} is already routed by {}; shadowed",
+                    "{:?} path {} on host {} is already routed by {winner}; shadowed",
                     candidate.route.path.kind,
                     candidate.normalized_path(),
                     candidate.host,
-                    winner.owner
                 );
-                self.conflicts.push((candidate.owner.clone(), candidate.field.clone(), message));
+                self.conflicts.push((candidate.owner, candidate.field, message));
                 continue;
             }
-            let mut route = candidate.route.clone();
-            route.ssl_redirect = candidate.wants_ssl_redirect && self.certificate_for(&candidate.host).is_some();
-            hosts.entry(candidate.host.clone()).or_default().push(route);
-            previous = Some(candidate);
+            let Candidate { mut route, wants_ssl_redirect, owner, .. } = candidate;
+            route.ssl_redirect = wants_ssl_redirect && current.secured;
+            current.routes.push(route);
+            current.winner = Some(owner);
+        }
+        if let Some(done) = group {
+            hosts.insert(done.host, done.routes);
         }
 
         for (owner, field, message) in self.conflicts.drain(..) {

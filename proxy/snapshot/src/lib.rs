@@ -40,7 +40,7 @@ pub struct Snapshot {
 }
 
 /// Hosts, routes and certificates.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Routing {
     /// Virtual hosts sorted by host; at most one per host pattern.
@@ -67,7 +67,7 @@ pub const CLUSTER_WIDE: &str = "";
 
 /// A dictionary Lua of one namespace can reach as `ngx.shared.NAME`; with namespace
 /// [`CLUSTER_WIDE`], Lua of every namespace can, unless its namespace declares the same name.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SharedDict {
     pub namespace: String,
@@ -77,7 +77,7 @@ pub struct SharedDict {
 }
 
 /// A host pattern with its routes.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualHost {
     pub host: HostMatch,
@@ -111,7 +111,7 @@ impl fmt::Display for HostMatch {
 }
 
 /// One route: a request match and what to do with it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Route {
     /// Stable, human-readable name used in metrics and logs: `namespace/name/rule/path`.
@@ -129,7 +129,7 @@ pub struct Route {
 }
 
 /// How a route matches the request path.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PathMatch {
     pub kind: PathKind,
@@ -157,7 +157,7 @@ pub struct HeaderMatch {
 }
 
 /// What a route does with a matched request.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RouteAction {
     /// The backend to proxy to; `None` when a Lua `content` handler answers.
@@ -176,7 +176,7 @@ pub struct RouteAction {
 
 /// The Lua handlers of a route, by phase, each list in the order its handlers run (those of a
 /// whole LuaRoute before those of one of its routes). Entries are [`LuaScript::id`]s.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LuaHandlers {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -200,7 +200,7 @@ pub struct LuaHandlers {
 }
 
 /// Lua source of one handler.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LuaScript {
     /// Content hash of `name` and `source`.
@@ -212,7 +212,7 @@ pub struct LuaScript {
 }
 
 /// Upstream timeouts of one route, in milliseconds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Timeouts {
     /// Time allowed to open a connection to an endpoint.
@@ -249,7 +249,7 @@ pub struct Endpoint {
 }
 
 /// A TLS certificate chain and its private key, PEM-encoded.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Certificate {
     /// `namespace/secret-name`.
