@@ -139,6 +139,11 @@ struct ProxyArgs {
     /// addition to the system's.
     #[arg(long)]
     lua_ssl_trusted_certificate: Option<PathBuf>,
+    /// Address range (CIDR, or one address) that Lua cosockets may not connect to; repeatable.
+    /// Giving it replaces the default, link-local (where cloud metadata services answer). Add
+    /// the Kubernetes API server's and the nodes' ranges when tenants write Lua.
+    #[arg(long, value_name = "CIDR", default_values = ["169.254.0.0/16", "fe80::/10"])]
+    lua_socket_deny: Vec<tidegate_proxy::Network>,
 }
 
 impl ProxyArgs {
@@ -156,6 +161,7 @@ impl ProxyArgs {
             lua_cpu_budget: std::time::Duration::from_millis(self.lua_cpu_budget_ms),
             lua_memory_limit: self.lua_memory_limit_mb << 20,
             lua_tls_roots: std::sync::Arc::new(roots),
+            lua_socket_deny: std::sync::Arc::new(self.lua_socket_deny.clone()),
         })
     }
 }

@@ -45,6 +45,7 @@ use rustls::sign::CertifiedKey;
 use tidegate_snapshot::Snapshot;
 
 pub use runtime::{BuildError, Built, Runtime};
+pub use tidegate_lua::network::Network;
 pub use upkeep::release_free_memory;
 
 /// How the proxy listens and behaves.
@@ -68,6 +69,8 @@ pub struct ProxyConfig {
     pub lua_memory_limit: usize,
     /// Certificate authorities Lua cosockets trust in `sslhandshake`.
     pub lua_tls_roots: Arc<rustls::RootCertStore>,
+    /// Address ranges Lua cosockets may not connect to.
+    pub lua_socket_deny: Arc<Vec<tidegate_lua::network::Network>>,
 }
 
 /// State shared by all workers.
@@ -170,6 +173,7 @@ impl Proxy {
                 shared_dicts: tidegate_lua::SharedDicts::new(),
                 max_pending_timers: 1024,
                 tls_roots: Arc::clone(&config.lua_tls_roots),
+                socket_deny: Arc::clone(&config.lua_socket_deny),
             },
             lua_memory: (0..workers).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
         });

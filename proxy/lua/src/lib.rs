@@ -12,6 +12,7 @@
 mod api;
 pub mod clock;
 mod compile;
+pub mod network;
 mod request;
 mod shdict;
 mod vm;

@@ -1041,3 +1041,56 @@ fn collect_garbage_gives_back_what_a_burst_left() {
         "collected down to {after} bytes ({baseline} before the burst, {left} after)"
     );
 }
+
+#[test]
+fn cosockets_refuse_denied_ranges_after_resolving_names() {
+    // The default refuses link-local (cloud metadata) without sending a packet.
+    let vm = vm();
+    let (outcome, request) = run(
+        &vm,
+        Phase::Content,
+        r#"local sock = ngx.socket.tcp()
+        sock:settimeout(5000)
+        ngx.say(sock:connect("169.254.169.254", 80))
+        ngx.say(sock:connect("::ffff:169.254.169.254", 80))"#,
+    );
+    assert_eq!(outcome, Outcome::Continue);
+    assert_eq!(output(&request), "nildestination not allowed\nnildestination not allowed\n");
+
+    // A range of the operator's: loopback, reached by address or by name.
+    let deny = Arc::new(vec!["127.0.0.0/8".parse().expect("range"), "::1".parse().expect("range")]);
+    let vm = Vm::new(LuaConfig { socket_deny: deny, ..LuaConfig::default() }).expect("vm");
+    block_on(async {
+        let port = line_server().await.port();
+        let request = vm.begin(head("/")).expect("request");
+        let source = format!(
+            r#"ngx.say(ngx.socket.tcp():connect("127.0.0.1", {port}))
+            ngx.say(ngx.socket.tcp():connect("localhost", {port}))"#
+        );
+        assert_eq!(vm.run(&request, Phase::Content, &[script(&source)]).await, Outcome::Continue);
+        assert_eq!(output(&request), "nildestination not allowed\nnildestination not allowed\n");
+    });
+}
+
+#[test]
+fn cosocket_pools_are_per_namespace() {
+    let vm = vm();
+    block_on(async {
+        let port = line_server().await.port();
+        let source = format!(
+            r#"local sock = ngx.socket.tcp()
+            assert(sock:connect("127.0.0.1", {port}, {{ pool = "shared" }}))
+            ngx.say(sock:getreusedtimes())
+            assert(sock:setkeepalive())"#
+        );
+        let mut seen = Vec::new();
+        for namespace in ["a", "b", "a"] {
+            let mut h = head("/");
+            h.namespace = namespace.into();
+            let request = vm.begin(h).expect("request");
+            assert_eq!(vm.run(&request, Phase::Content, &[script(&source)]).await, Outcome::Continue);
+            seen.push(output(&request));
+        }
+        assert_eq!(seen, ["0\n", "0\n", "1\n"], "namespace b did not get a's pooled connection; a did");
+    });
+}

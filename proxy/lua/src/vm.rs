@@ -54,6 +54,8 @@ pub struct LuaConfig {
     /// Certificate authorities cosockets trust in `sslhandshake` (system roots plus
     /// `lua_ssl_trusted_certificate`, as the proxy loads them at start).
     pub tls_roots: Arc<rustls::RootCertStore>,
+    /// Addresses cosockets refuse to connect to (see [`crate::network`]).
+    pub socket_deny: Arc<Vec<crate::network::Network>>,
 }
 
 impl Default for LuaConfig {
@@ -66,6 +68,7 @@ impl Default for LuaConfig {
             shared_dicts: crate::shdict::SharedDicts::new(),
             max_pending_timers: 1024,
             tls_roots: Arc::new(rustls::RootCertStore::empty()),
+            socket_deny: Arc::new(crate::network::Network::default_denied()),
         }
     }
 }
@@ -338,6 +341,7 @@ impl Vm {
         let runner = Rc::new(Runner { clock, cpu_budget: config.cpu_budget });
         let loaded = Rc::new(RefCell::new(HashMap::new()));
         lua.set_app_data(Rc::new(api::socket::TlsClients::new(&config.tls_roots)?));
+        lua.set_app_data(api::socket::Denied(Arc::clone(&config.socket_deny)));
         lua.set_app_data(Rc::new(TimerContext {
             runner: Rc::clone(&runner),
             env_meta: env_meta.clone(),

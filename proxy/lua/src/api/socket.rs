@@ -4,6 +4,10 @@
 //! receive) suspends only the calling coroutine, bounded by the socket's timeouts; the worker
 //! serves others meanwhile. Names are resolved off the worker (tokio's resolver thread pool).
 //!
+//! Tenant Lua must not reach what the proxy's network position exposes: an address in a range
+//! of `--lua-socket-deny` (by default link-local, where cloud metadata services answer) is
+//! refused with `nil, "destination not allowed"` after resolution and before any packet.
+//!
 //! Errors are returned as OpenResty returns them: `nil, "timeout"`, `nil, "closed"`,
 //! `nil, "connection refused"`, with the partial data read so far as a third value for
 //! `receive`. A read timeout leaves the connection usable; any other error closes it.
@@ -12,14 +16,15 @@
 //! given to `connect`), and the server's certificate verified against the proxy's trusted
 //! authorities unless `ssl_verify` is `false`. A pooled TLS connection stays TLS.
 //!
-//! `setkeepalive` puts the connection in this worker's pool, keyed by `host:port` (or the
-//! `pool` option of `connect`), for its idle timeout; a pool keeps at most `size` connections
+//! `setkeepalive` puts the connection in this worker's pool, keyed by the namespace of the Lua
+//! and `host:port` (or the `pool` option of `connect`), for its idle timeout; a pool keeps at most `size` connections
 //! and closes the least recently used past that. A pooled connection that the peer closed, or
 //! that has unexpected bytes, is dropped instead of reused.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -97,6 +102,9 @@ struct Connection {
     /// The host given to `connect` (SNI when `sslhandshake` names none).
     host: String,
 }
+
+/// The VM's `--lua-socket-deny` ranges.
+pub(crate) struct Denied(pub(crate) Arc<Vec<crate::network::Network>>);
 
 /// The TLS client settings of a worker's cosockets.
 pub(crate) struct TlsClients {
@@ -314,9 +322,10 @@ async fn connect(
     let Some(port) = port else {
         return Err(mlua::Error::runtime("bad argument #2 to 'connect' (port expected)"));
     };
+    // Pools are per namespace: Lua of one namespace never gets another's connections.
     let pool = match options.as_ref().map(|o| o.get::<Option<String>>("pool")).transpose()?.flatten() {
-        Some(name) => name,
-        None => format!("{host}:{port}"),
+        Some(name) => format!("{}\0{name}", request.state.head.namespace),
+        None => format!("{}\0{host}:{port}", request.state.head.namespace),
     };
     // A connected socket is closed first, as in OpenResty.
     socket.connection.borrow_mut().take();
@@ -326,10 +335,29 @@ async fn connect(
         return Ok(success(Value::Integer(1)));
     }
     socket.busy.set(true);
-    let connected = tokio::time::timeout(socket.connect_timeout.get(), TcpStream::connect((host.as_str(), port))).await;
+    let denied = lua.app_data_ref::<Denied>().map(|d| Arc::clone(&d.0)).unwrap_or_default();
+    let connected = tokio::time::timeout(socket.connect_timeout.get(), async {
+        let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port)).await?.collect();
+        let allowed: Vec<SocketAddr> =
+            resolved.iter().copied().filter(|a| !denied.iter().any(|n| n.contains(a.ip()))).collect();
+        if allowed.is_empty() && !resolved.is_empty() {
+            tracing::warn!(
+                route = %request.state.head.route,
+                namespace = %request.state.head.namespace,
+                destination = %format!("{host}:{port}"),
+                "Lua cosocket refused: the destination is in a range --lua-socket-deny lists"
+            );
+            return Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "destination not allowed"));
+        }
+        TcpStream::connect(allowed.as_slice()).await
+    })
+    .await;
     socket.busy.set(false);
     let stream = match connected {
         Err(_) => return failure(lua, "timeout", None),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return failure(lua, "destination not allowed", None);
+        }
         Ok(Err(e)) => return failure(lua, &io_error(&e), None),
         Ok(Ok(stream)) => stream,
     };
