@@ -228,8 +228,10 @@ impl Proxy {
         let dicts: Vec<(String, String, u64)> =
             snapshot.routing.shared_dicts.iter().map(|d| (d.namespace.clone(), d.name.clone(), d.size)).collect();
         self.shared.lua.shared_dicts.configure(&dicts);
-        self.shared.runtime.store(Arc::new(built.runtime));
+        let runtime = Arc::new(built.runtime);
+        self.shared.runtime.store(Arc::clone(&runtime));
         let duration = started.elapsed();
+        runtime.settle(&snapshot.routing);
         let metrics = &self.shared.metrics;
         metrics.config_apply_duration.observe(duration.as_secs_f64());
         metrics.config_version.set(i64::try_from(snapshot.version).unwrap_or(i64::MAX));

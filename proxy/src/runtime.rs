@@ -29,8 +29,11 @@ pub struct Runtime {
 /// The parts built from [`Routing`].
 #[derive(Debug)]
 pub(crate) struct RoutingState {
-    /// What it was built from, as [`fingerprint`] tells.
-    fingerprint: u64,
+    /// What it was built from, as [`fingerprint`] tells. Computed during the build when the
+    /// routing before had as many virtual hosts (otherwise the two differ anyway), else right
+    /// after the swap ([`Runtime::settle`]), off the way of the change.
+    fingerprint: OnceLock<u64>,
+    virtual_hosts: usize,
     pub(crate) router: Router,
     pub(crate) certificates: CertStore,
     /// Ids (as workers cache them) of the compiled scripts this routing uses.
@@ -78,7 +81,8 @@ impl Runtime {
         Runtime {
             version: 0,
             routing: Arc::new(RoutingState {
-                fingerprint: fingerprint(&Routing::default()),
+                fingerprint: OnceLock::from(fingerprint(&Routing::default())),
+                virtual_hosts: 0,
                 router: Router::default(),
                 certificates: CertStore::default(),
                 script_ids: std::collections::HashSet::new(),
@@ -94,8 +98,9 @@ impl Runtime {
     /// When the snapshot holds something no request could be served with.
     pub fn build(snapshot: &Snapshot, current: &Runtime, counters: CounterFactory<'_>) -> Result<Built, BuildError> {
         let upstreams = Arc::new(Upstreams::build(snapshot)?);
-        let fingerprint = fingerprint(&snapshot.routing);
-        if current.routing.fingerprint == fingerprint {
+        let virtual_hosts = snapshot.routing.virtual_hosts.len();
+        let fingerprint = (virtual_hosts == current.routing.virtual_hosts).then(|| fingerprint(&snapshot.routing));
+        if fingerprint.is_some() && current.routing.fingerprint.get() == fingerprint.as_ref() {
             let runtime = Runtime { version: snapshot.version, routing: Arc::clone(&current.routing), upstreams };
             return Ok(Built { runtime, warnings: Vec::new(), routing_rebuilt: false });
         }
@@ -115,9 +120,18 @@ impl Runtime {
             Router::new(&snapshot.routing, &scripts, counters, &current.routing.router).map_err(BuildError::Routing)?;
         let script_ids = scripts.values().map(|s| s.id).collect();
         let (certificates, warnings) = CertStore::build(&snapshot.routing, &current.routing.certificates);
-        let routing = RoutingState { router, certificates, script_ids, scripts, fingerprint };
+        let fingerprint = fingerprint.map_or_else(OnceLock::new, OnceLock::from);
+        let routing = RoutingState { router, certificates, script_ids, scripts, fingerprint, virtual_hosts };
         let runtime = Runtime { version: snapshot.version, routing: Arc::new(routing), upstreams };
         Ok(Built { runtime, warnings, routing_rebuilt: true })
+    }
+}
+
+impl Runtime {
+    /// Completes what the build left for after the swap: the fingerprint of `routing`, the one
+    /// this runtime was built from.
+    pub(crate) fn settle(&self, routing: &Routing) {
+        self.routing.fingerprint.get_or_init(|| fingerprint(routing));
     }
 }
 
@@ -193,6 +207,29 @@ mod tests {
         let first = Runtime::build(&snapshot(1, &[("127.0.0.1", 1)]), &Runtime::empty(), &no_counters).expect("builds");
         assert!(first.routing_rebuilt);
         let second = Runtime::build(&snapshot(2, &[("127.0.0.1", 2)]), &first.runtime, &no_counters).expect("builds");
+        assert!(!second.routing_rebuilt);
+        assert!(Arc::ptr_eq(&first.runtime.routing, &second.runtime.routing));
+    }
+
+    /// A routing with a new number of virtual hosts is fingerprinted after the swap: the next
+    /// endpoint-only change still reuses it.
+    #[test]
+    fn endpoint_only_changes_reuse_a_router_fingerprinted_after_the_swap() {
+        let with_host = |version, port| {
+            let mut s = snapshot(version, &[("127.0.0.1", port)]);
+            s.routing.virtual_hosts.push(tidegate_snapshot::VirtualHost {
+                host: tidegate_snapshot::HostMatch::Exact("a.test".into()),
+                routes: Vec::new(),
+                tls: None,
+            });
+            s
+        };
+        let (one, two) = (with_host(1, 1), with_host(2, 2));
+        let first = Runtime::build(&one, &Runtime::empty(), &no_counters).expect("builds");
+        let unsettled = Runtime::build(&two, &first.runtime, &no_counters).expect("builds");
+        assert!(unsettled.routing_rebuilt, "no fingerprint yet: rebuilt rather than guessed");
+        first.runtime.settle(&one.routing);
+        let second = Runtime::build(&two, &first.runtime, &no_counters).expect("builds");
         assert!(!second.routing_rebuilt);
         assert!(Arc::ptr_eq(&first.runtime.routing, &second.runtime.routing));
     }

@@ -90,6 +90,14 @@ pub fn translate(inputs: &Inputs) -> Translation {
     let mut ours: Vec<&Ingress> = inputs.ingresses.iter().map(|i| &**i).filter(|i| classes.is_ours(i)).collect();
     ours.sort_by(|a, b| age_key(a).cmp(&age_key(b)));
     let ingress_count = ours.len();
+    out.routes.reserve(
+        ours.iter()
+            .filter_map(|i| i.spec.as_ref()?.rules.as_ref())
+            .flatten()
+            .filter_map(|r| r.http.as_ref())
+            .map(|h| h.paths.len())
+            .sum(),
+    );
     for (rank, ingress) in ours.into_iter().enumerate() {
         let object = ObjectRef::namespaced("Ingress", namespace_of(&ingress.metadata), name_of(&ingress.metadata));
         let mut status = ObjectStatus::new(object.clone());
