@@ -23,10 +23,7 @@ pub(super) struct Index<'a> {
 
 /// `namespace/service:port`, the port as written (number or name).
 pub(super) fn backend_id(namespace: &str, service: &str, port: PortRef<'_>) -> BackendId {
-    match port {
-        PortRef::Number(n) => BackendId(format!("{namespace}/{service}:{n}")),
-        PortRef::Name(n) => BackendId(format!("{namespace}/{service}:{n}")),
-    }
+    BackendId(format!("{namespace}/{service}:{port}"))
 }
 
 /// A Service port as an Ingress names it: by number or by name.
@@ -36,12 +33,13 @@ pub(super) enum PortRef<'a> {
     Name(&'a str),
 }
 
-/// A backend resolved as far as it goes. The id is always set so the route exists and answers
-/// 503 while the Service or its endpoints are missing.
-pub(super) struct Resolved {
-    pub(super) id: BackendId,
-    pub(super) endpoints: Vec<Endpoint>,
-    pub(super) problem: Option<(Reason, String)>,
+impl std::fmt::Display for PortRef<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PortRef::Number(n) => write!(f, "{n}"),
+            PortRef::Name(n) => f.write_str(n),
+        }
+    }
 }
 
 impl<'a> Index<'a> {
@@ -60,28 +58,23 @@ impl<'a> Index<'a> {
         Index { services, slices, secrets }
     }
 
-    /// Resolves `namespace/service:port` to the ready endpoints serving it.
-    pub(super) fn resolve(&self, namespace: &str, service: &str, port: PortRef<'_>) -> Resolved {
-        let written = match port {
-            PortRef::Number(n) => n.to_string(),
-            PortRef::Name(n) => n.to_owned(),
-        };
-        let id = backend_id(namespace, service, port);
-        let unresolved = |reason, message: String| Resolved {
-            id: id.clone(),
-            endpoints: Vec::new(),
-            problem: Some((reason, message)),
-        };
-
+    /// Resolves `namespace/service:port` to the ready endpoints serving it, or says why it
+    /// cannot (the route still exists and answers 503).
+    pub(super) fn resolve(
+        &self,
+        namespace: &str,
+        service: &str,
+        port: PortRef<'_>,
+    ) -> Result<Vec<Endpoint>, (Reason, String)> {
         let Some(svc) = self.services.get(&(namespace, service)) else {
-            return unresolved(Reason::BackendNotFound, format!("Service {namespace}/{service} not found"));
+            return Err((Reason::BackendNotFound, format!("Service {namespace}/{service} not found")));
         };
         let spec = svc.spec.as_ref();
         if spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
-            return unresolved(
+            return Err((
                 Reason::Unsupported,
                 format!("Service {namespace}/{service} is of type ExternalName, which tidegate does not proxy to"),
-            );
+            ));
         }
         let ports = spec.and_then(|s| s.ports.as_deref()).unwrap_or_default();
         let found = ports.iter().find(|p| match port {
@@ -89,12 +82,12 @@ impl<'a> Index<'a> {
             PortRef::Name(n) => p.name.as_deref() == Some(n),
         });
         let Some(service_port) = found else {
-            return unresolved(Reason::BackendNotFound, format!("Service {namespace}/{service} has no port {written}"));
+            return Err((Reason::BackendNotFound, format!("Service {namespace}/{service} has no port {port}")));
         };
         let mut endpoints = self.ready_endpoints(namespace, service, service_port);
         endpoints.sort();
         endpoints.dedup();
-        Resolved { id, endpoints, problem: None }
+        Ok(endpoints)
     }
 
     /// Ready endpoints of the EndpointSlices of a Service for one of its ports. A nil `ready`

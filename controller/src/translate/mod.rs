@@ -245,10 +245,13 @@ impl Builder {
         if let Some(problem) = self.resolved.get(&id) {
             return (id, problem.clone());
         }
-        let resolved = index.resolve(namespace, service, port);
-        self.endpoints.insert(resolved.id.clone(), resolved.endpoints);
-        self.resolved.insert(resolved.id.clone(), resolved.problem.clone());
-        (resolved.id, resolved.problem)
+        let (endpoints, problem) = match index.resolve(namespace, service, port) {
+            Ok(endpoints) => (endpoints, None),
+            Err(problem) => (Vec::new(), Some(problem)),
+        };
+        self.endpoints.insert(id.clone(), endpoints);
+        self.resolved.insert(id.clone(), problem.clone());
+        (id, problem)
     }
 
     /// The first declaration of a dictionary wins; a later one with another size is reported.
