@@ -44,7 +44,19 @@ struct Traffic {
     failed: AtomicU64,
 }
 
+/// Requests that must complete between two edits.
+const PER_EDIT: u64 = 5;
+
 impl Traffic {
+    /// Waits until `n` more requests have completed (at most 10 s: the clients report failures).
+    async fn wait_for_more(&self, n: u64) {
+        let target = self.sent.load(Ordering::Relaxed) + n;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.sent.load(Ordering::Relaxed) < target && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     fn record(&self, ok: bool, what: &str, detail: &str) {
         self.sent.fetch_add(1, Ordering::Relaxed);
         if !ok {
@@ -115,6 +127,8 @@ async fn twenty_edits_under_traffic_lose_no_request() {
 
     let mut latencies = Vec::new();
     for i in 0..20 {
+        // Every edit lands among requests: some go through before the next one is made.
+        traffic.wait_for_more(PER_EDIT).await;
         let host = format!("r{i}.test");
         let latency = match i % 4 {
             // Add a host.
@@ -185,7 +199,7 @@ async fn twenty_edits_under_traffic_lose_no_request() {
         latencies[latencies.len() - 1]
     );
     assert_eq!(failed, 0, "no request may fail while the configuration changes");
-    assert!(sent > 100, "traffic flowed throughout ({sent} requests)");
+    assert!(sent >= 20 * PER_EDIT, "traffic flowed throughout ({sent} requests)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,7 @@
-//! Response bodies: every response is streamed through [`Observed`], which counts the bytes
-//! sent and reports once when the body ends or is dropped (the client went away). Upstream
-//! bodies also pass through [`IdleTimeout`], so an upstream that stops sending mid-body cannot
-//! hold a client forever.
+//! Bodies. A client's request body is a [`ClientBody`], whichever protocol it came over.
+//! Every response is streamed through [`Observed`], which counts the bytes sent and reports once
+//! when the body ends or is dropped (the client went away). Upstream bodies also pass through
+//! [`IdleTimeout`], so an upstream that stops sending mid-body cannot hold a client forever.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -9,27 +9,63 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Body, Frame, SizeHint};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use std::future::Future;
+
+use crate::http1::RequestStream;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The body type of responses before observation: upstream bodies, our own, and Lua-filtered
-/// ones. Not `Send`: a body filter holds its worker's Lua VM, and responses never leave the
-/// worker thread.
-pub(crate) struct ResponseBody(Pin<Box<dyn Body<Data = Bytes, Error = BoxError>>>);
+/// A request body from the client: read off an HTTP/1 connection by our own loop, or an HTTP/2
+/// stream's from hyper.
+pub(crate) enum ClientBody {
+    Http1(RequestStream),
+    Http2(Incoming),
+}
 
-impl ResponseBody {
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            ClientBody::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Http1(body) => body.is_end_stream(),
+            ClientBody::Http2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Http1(body) => body.size_hint(),
+            ClientBody::Http2(body) => body.size_hint(),
+        }
+    }
+}
+
+/// A boxed body that stays on its worker thread: requests sent upstream (a client's body,
+/// Lua's replacement) and responses before observation (upstream bodies, our own, Lua-filtered
+/// ones). Not `Send`: a client's HTTP/1 body reads from its connection and a body filter holds
+/// the worker's Lua VM, and neither leaves the worker.
+pub(crate) struct LocalBody(Pin<Box<dyn Body<Data = Bytes, Error = BoxError>>>);
+
+impl LocalBody {
     pub(crate) fn new<B>(body: B) -> Self
     where
         B: Body<Data = Bytes> + 'static,
         B::Error: Into<BoxError>,
     {
-        ResponseBody(Box::pin(body.map_err(Into::into)))
+        LocalBody(Box::pin(body.map_err(Into::into)))
     }
 }
 
-impl Body for ResponseBody {
+impl Body for LocalBody {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -47,8 +83,8 @@ impl Body for ResponseBody {
 }
 
 /// A complete body from bytes we generate.
-pub(crate) fn full(bytes: impl Into<Bytes>) -> ResponseBody {
-    ResponseBody::new(Full::new(bytes.into()))
+pub(crate) fn full(bytes: impl Into<Bytes>) -> LocalBody {
+    LocalBody::new(Full::new(bytes.into()))
 }
 
 /// An upstream stopped sending for longer than the read timeout.
@@ -111,13 +147,13 @@ where
 pub(crate) type OnDone = Box<dyn FnOnce(u64, bool)>;
 
 pub(crate) struct Observed {
-    inner: ResponseBody,
+    inner: LocalBody,
     bytes: u64,
     on_done: Option<OnDone>,
 }
 
 impl Observed {
-    pub(crate) fn new(inner: ResponseBody, on_done: OnDone) -> Self {
+    pub(crate) fn new(inner: LocalBody, on_done: OnDone) -> Self {
         Observed { inner, bytes: 0, on_done: Some(on_done) }
     }
 

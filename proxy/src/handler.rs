@@ -6,7 +6,6 @@
 //! connection.
 
 use std::cell::{Cell, RefCell};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -15,16 +14,15 @@ use std::time::{Duration, Instant, SystemTime};
 use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tidegate_lua::Vm;
 use tidegate_snapshot::{BackendId, Timeouts};
 
 use crate::Shared;
 use crate::access_log::Entry;
-use crate::body::{IdleTimeout, Observed, ResponseBody, full};
+use crate::body::{ClientBody, IdleTimeout, LocalBody, Observed, full};
 use crate::headers::{Forwarded, is_upgrade, set_forwarded, strip_hop_by_hop};
+use crate::http1::OnUpgrade;
 use crate::router::{Match, RequestFacts, Target};
 use crate::runtime::Runtime;
 use crate::upstream::{Pool, RequestBody};
@@ -98,11 +96,7 @@ pub(crate) struct Outcome {
     pub(crate) after: Option<Box<dyn FnOnce(u64)>>,
 }
 
-pub(crate) async fn handle(
-    worker: Rc<Worker>,
-    conn: Connection,
-    request: Request<Incoming>,
-) -> Result<Response<Observed>, Infallible> {
+pub(crate) async fn handle(worker: Rc<Worker>, conn: Connection, request: Request<ClientBody>) -> Response<Observed> {
     let started = Instant::now();
     let runtime = worker.current_runtime();
     worker.trim_scripts(&runtime);
@@ -152,7 +146,7 @@ pub(crate) async fn handle(
             shared.metrics.access_log_dropped.inc();
         }
     });
-    Ok(response.map(|body| Observed::new(body, on_done)))
+    response.map(|body| Observed::new(body, on_done))
 }
 
 async fn route(
@@ -160,9 +154,9 @@ async fn route(
     runtime: &Runtime,
     conn: &Connection,
     host: &str,
-    request: Request<Incoming>,
+    request: Request<ClientBody>,
     outcome: &mut Outcome,
-) -> Response<ResponseBody> {
+) -> Response<LocalBody> {
     let facts = RequestFacts { method: request.method().as_str(), headers: request.headers() };
     let target = match runtime.routing.router.find(host, request.uri().path(), facts) {
         Match::NotFound => {
@@ -183,9 +177,9 @@ async fn serve_target(
     conn: &Connection,
     host: &str,
     target: &Target,
-    request: Request<Incoming>,
+    request: Request<ClientBody>,
     outcome: &mut Outcome,
-) -> Response<ResponseBody> {
+) -> Response<LocalBody> {
     if target.ssl_redirect && !conn.tls {
         return redirect_to_https(&worker.shared, host, request.uri());
     }
@@ -206,14 +200,14 @@ async fn proxy(
     runtime: &Runtime,
     conn: &Connection,
     target: &Target,
-    mut request: Request<Incoming>,
+    mut request: Request<ClientBody>,
     outcome: &mut Outcome,
-) -> Response<ResponseBody> {
+) -> Response<LocalBody> {
     let upgrade = request.version() == Version::HTTP_11 && is_upgrade(request.headers());
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    let client_upgrade = if upgrade { crate::http1::on_upgrade(&mut request) } else { None };
     let (mut parts, body) = request.into_parts();
     prepare_upstream(&mut parts, conn, upgrade);
-    let upstream_request = Request::from_parts(parts, body.boxed_unsync());
+    let upstream_request = Request::from_parts(parts, LocalBody::new(body));
     let backend = target.action.backend.as_ref();
     forward(worker, runtime, backend, target.action.timeouts, upstream_request, client_upgrade, outcome).await
 }
@@ -242,9 +236,9 @@ pub(crate) async fn forward(
     backend: Option<&BackendId>,
     timeouts: Timeouts,
     upstream_request: Request<RequestBody>,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    client_upgrade: Option<OnUpgrade>,
     outcome: &mut Outcome,
-) -> Response<ResponseBody> {
+) -> Response<LocalBody> {
     let Some(endpoint) = backend.and_then(|b| runtime.upstreams.get(b)).and_then(|b| b.pick()) else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "503 no ready endpoint for this backend\n");
     };
@@ -267,19 +261,23 @@ pub(crate) async fn forward(
         tokio::task::spawn_local(tunnel(client_upgrade, upstream_upgrade));
     }
     let read_timeout = Duration::from_millis(timeouts.read_ms);
-    response.map(|body| ResponseBody::new(IdleTimeout::new(body, read_timeout)))
+    response.map(|body| LocalBody::new(IdleTimeout::new(body, read_timeout)))
 }
 
 /// Copies bytes both ways between an upgraded client and upstream connection until either ends.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    let (client, upstream) = match tokio::join!(client, upstream) {
-        (Ok(c), Ok(u)) => (c, u),
-        (Err(e), _) | (_, Err(e)) => {
+async fn tunnel(client: OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (mut client, upstream) = match tokio::join!(client.wait(), upstream) {
+        (Some(c), Ok(u)) => (c, u),
+        (None, _) => {
+            tracing::debug!("protocol switch did not complete: the client connection ended");
+            return;
+        }
+        (_, Err(e)) => {
             tracing::debug!(error = %e, "protocol switch did not complete");
             return;
         }
     };
-    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+    let mut upstream = TokioIo::new(upstream);
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         tracing::debug!(error = %e, "tunnel closed with an error");
     }
@@ -287,7 +285,7 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
 
 /// The host a request is for, without port: the URI authority (HTTP/2, absolute-form) or the
 /// `Host` header.
-fn request_host(request: &Request<Incoming>) -> &str {
+fn request_host(request: &Request<ClientBody>) -> &str {
     let raw = match request.uri().authority() {
         Some(a) => a.as_str(),
         None => request.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or(""),
@@ -308,7 +306,7 @@ fn origin_form(uri: &Uri) -> Uri {
     path.parse().unwrap_or_else(|_| Uri::from_static("/"))
 }
 
-fn redirect_to_https(shared: &Shared, host: &str, uri: &Uri) -> Response<ResponseBody> {
+fn redirect_to_https(shared: &Shared, host: &str, uri: &Uri) -> Response<LocalBody> {
     let port = match shared.https_port {
         443 => String::new(),
         p => format!(":{p}"),
@@ -322,7 +320,7 @@ fn redirect_to_https(shared: &Shared, host: &str, uri: &Uri) -> Response<Respons
     response
 }
 
-pub(crate) fn text(status: StatusCode, body: &str) -> Response<ResponseBody> {
+pub(crate) fn text(status: StatusCode, body: &str) -> Response<LocalBody> {
     let mut response = Response::new(full(body.to_owned()));
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
@@ -331,7 +329,7 @@ pub(crate) fn text(status: StatusCode, body: &str) -> Response<ResponseBody> {
 }
 
 /// Headers every response carries: our `Server`, a fresh `Date`, and HSTS on TLS.
-fn finish_headers(shared: &Shared, tls: bool, response: &mut Response<ResponseBody>) {
+fn finish_headers(shared: &Shared, tls: bool, response: &mut Response<LocalBody>) {
     let headers = response.headers_mut();
     headers.insert(header::SERVER, HeaderValue::from_static("tidegate"));
     headers.insert(header::DATE, http_date());

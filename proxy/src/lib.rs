@@ -5,7 +5,7 @@
 //!                            request path) ──> one ArcSwap<Runtime> swap
 //!
 //! worker 1..N (OS thread, current-thread tokio runtime, own SO_REUSEPORT listeners)
-//!   accept ─> TLS (SNI from the current runtime) ─> HTTP/1.1 | HTTP/2
+//!   accept ─> TLS (SNI from the current runtime) ─> HTTP/1.x (http1, our own loop) | HTTP/2 (hyper)
 //!     request ─> load runtime ─> router.find(host, path)
 //!       ├─ no route, no default backend ─> 404
 //!       ├─ plain HTTP on a TLS host ─> 308 to https
@@ -23,6 +23,7 @@ mod admin;
 mod body;
 mod handler;
 mod headers;
+mod http1;
 mod lua_flow;
 mod metrics;
 pub mod router;

@@ -26,10 +26,10 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use tidegate_lua::{FailureKind, LuaRequest, Outcome as LuaOutcome, Phase, RequestHead, join_output};
 
-use crate::body::{BoxError, ResponseBody, full};
+use crate::body::{BoxError, ClientBody, LocalBody, full};
 use crate::handler::{Connection, Outcome, Worker, forward, prepare_upstream};
 use crate::headers::is_upgrade;
 use crate::metrics::LuaErrorLabels;
@@ -47,12 +47,12 @@ pub(crate) async fn serve(
     target: &Target,
     chain: &Arc<LuaChain>,
     host: &str,
-    mut request: Request<Incoming>,
+    mut request: Request<ClientBody>,
     outcome: &mut Outcome,
-) -> Response<ResponseBody> {
+) -> Response<LocalBody> {
     let vm = &worker.vm;
     let upgrade = request.version() == Version::HTTP_11 && is_upgrade(request.headers());
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    let client_upgrade = if upgrade { crate::http1::on_upgrade(&mut request) } else { None };
     let (mut parts, body) = request.into_parts();
     let head = RequestHead {
         method: parts.method.clone(),
@@ -75,7 +75,7 @@ pub(crate) async fn serve(
         lua.set_cpu_budget(budget);
     }
     worker.note_lua_memory();
-    let unread: Rc<RefCell<Option<Incoming>>> = Rc::new(RefCell::new(Some(body)));
+    let unread: Rc<RefCell<Option<ClientBody>>> = Rc::new(RefCell::new(Some(body)));
     *lua.body_reader.borrow_mut() = Some(body_reader(Rc::clone(&unread)));
 
     // rewrite, access
@@ -108,11 +108,11 @@ pub(crate) async fn serve(
         let body = match set_body {
             Some(bytes) => {
                 parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-                Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+                LocalBody::new(Full::new(bytes))
             }
             None => match unread.borrow_mut().take() {
-                Some(incoming) => incoming.boxed_unsync(),
-                None => Full::new(Bytes::new()).map_err(|never| match never {}).boxed_unsync(),
+                Some(incoming) => LocalBody::new(incoming),
+                None => full(Bytes::new()),
             },
         };
         let backend = target.action.backend.as_ref();
@@ -149,9 +149,9 @@ async fn filtered(
     target: &Target,
     chain: &Arc<LuaChain>,
     lua: &Rc<LuaRequest>,
-    mut response: Response<ResponseBody>,
+    mut response: Response<LocalBody>,
     outcome: &mut Outcome,
-) -> Response<ResponseBody> {
+) -> Response<LocalBody> {
     let vm = &worker.vm;
     if !chain.phase(Phase::HeaderFilter).is_empty() {
         lua.state.status.set(response.status().as_u16());
@@ -196,7 +196,7 @@ async fn filtered(
             input_ended: false,
             finished: false,
         };
-        *response.body_mut() = ResponseBody::new(filter);
+        *response.body_mut() = LocalBody::new(filter);
     }
     let (worker, lua, chain, route) = (Rc::clone(worker), Rc::clone(lua), Arc::clone(chain), target.name.to_string());
     outcome.after = Some(Box::new(move |bytes_sent| {
@@ -221,7 +221,7 @@ async fn filtered(
 /// `ngx.exit` ends the request with an error status and nothing was written, `Content-Length`
 /// only when Lua set it (the body is cut to it), the default type unless Lua set or cleared
 /// one, and 304 when the client's `If-Modified-Since` equals the `Last-Modified` Lua set.
-fn lua_response(lua: &LuaRequest, exit: Option<u16>) -> Response<ResponseBody> {
+fn lua_response(lua: &LuaRequest, exit: Option<u16>) -> Response<LocalBody> {
     let state = &lua.state;
     let mut output = join_output(state.take_output());
     let sent = state.headers_sent.get();
@@ -263,7 +263,7 @@ fn lua_response(lua: &LuaRequest, exit: Option<u16>) -> Response<ResponseBody> {
             full(output)
         }
         // Like nginx, Lua output goes out without a length (chunked) unless Lua declares one.
-        None => ResponseBody::new(Streamed(Some(output))),
+        None => LocalBody::new(Streamed(Some(output))),
     };
     let mut response = Response::new(body);
     *response.status_mut() = status;
@@ -293,7 +293,7 @@ impl Body for Streamed {
 }
 
 /// An nginx-style error page response.
-pub(crate) fn error_response(status: StatusCode) -> Response<ResponseBody> {
+pub(crate) fn error_response(status: StatusCode) -> Response<LocalBody> {
     let page = error_page(status);
     let mut response = Response::new(full(page.clone()));
     *response.status_mut() = status;
@@ -318,7 +318,7 @@ fn failed(
     kind: FailureKind,
     message: &str,
     lua: Option<&LuaRequest>,
-) -> Response<ResponseBody> {
+) -> Response<LocalBody> {
     report(worker, route, phase, kind, message, lua);
     error_response(StatusCode::INTERNAL_SERVER_ERROR)
 }
@@ -341,7 +341,7 @@ fn report(worker: &Worker, route: &str, phase: Phase, kind: FailureKind, message
 }
 
 /// Reads the client body whole when Lua asks (bounded by [`MAX_READ_BODY`]).
-fn body_reader(unread: Rc<RefCell<Option<Incoming>>>) -> tidegate_lua::BodyReader {
+fn body_reader(unread: Rc<RefCell<Option<ClientBody>>>) -> tidegate_lua::BodyReader {
     Box::new(move || {
         Box::pin(async move {
             let Some(incoming) = unread.borrow_mut().take() else { return Ok(Bytes::new()) };
@@ -356,7 +356,7 @@ fn body_reader(unread: Rc<RefCell<Option<Incoming>>>) -> tidegate_lua::BodyReade
 /// Runs body_filter handlers on each chunk as it streams, and once more at the end. A handler
 /// may wait (sleep, cosockets): the body waits with it while the worker serves others.
 struct BodyFilter {
-    inner: ResponseBody,
+    inner: LocalBody,
     worker: Rc<Worker>,
     lua: Rc<LuaRequest>,
     chain: Arc<LuaChain>,

@@ -1,6 +1,7 @@
 //! Workers: N OS threads, each with a current-thread tokio runtime and its own listeners
-//! (SO_REUSEPORT, so the kernel spreads connections), serving HTTP/1.1 and HTTP/2 (h2 by ALPN on
-//! TLS, h2c with prior knowledge on plain) on their own thread from accept to response.
+//! (SO_REUSEPORT, so the kernel spreads connections), serving HTTP/1.1 (our own loop,
+//! [`crate::http1`]) and HTTP/2 (hyper; h2 by ALPN on TLS, h2c with prior knowledge on plain) on
+//! their own thread from accept to response.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -9,16 +10,16 @@ use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::Shared;
+use crate::body::ClientBody;
 use crate::handler::{Connection, Worker, handle};
+use crate::http1::{Detached, Ended, Io};
 use crate::upstream::Pool;
 
-/// Time allowed for a client to send its request headers, and for a TLS handshake.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time allowed for a TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Binds a listener that shares its port with the other workers' listeners.
@@ -127,17 +128,13 @@ async fn serve(worker: Rc<Worker>, stream: TcpStream, remote: SocketAddr, tls: O
     let local_port = stream.local_addr().map(|a| a.port()).unwrap_or_default();
     let conn =
         Connection { remote, client_ip: crate::headers::client_ip_value(remote), local_port, tls: tls.is_some() };
-    let handler = Rc::clone(&worker);
-    let service = service_fn(move |request| handle(Rc::clone(&handler), conn.clone(), request));
-
-    let mut builder = auto::Builder::new(LocalExec);
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-    builder.http2().timer(TokioTimer::new());
-
-    let io: Box<dyn Io> = match tls {
-        None => Box::new(stream),
+    let (io, alpn_h2): (Box<dyn Io>, bool) = match tls {
+        None => (Box::new(stream), false),
         Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-            Ok(Ok(tls_stream)) => Box::new(tls_stream),
+            Ok(Ok(tls_stream)) => {
+                let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                (Box::new(tls_stream), h2)
+            }
             Ok(Err(e)) => {
                 tracing::debug!(%remote, error = %e, "TLS handshake failed");
                 return;
@@ -148,9 +145,36 @@ async fn serve(worker: Rc<Worker>, stream: TcpStream, remote: SocketAddr, tls: O
             }
         },
     };
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    let shutdown = worker.shared.shutdown.subscribe();
+    let io = if alpn_h2 {
+        Detached::new(io)
+    } else {
+        let (handler, conn) = (Rc::clone(&worker), conn.clone());
+        let service =
+            move |request: http::Request<_>| handle(Rc::clone(&handler), conn.clone(), request.map(ClientBody::Http1));
+        match crate::http1::serve(io, service, shutdown.clone()).await {
+            Ended::Closed => return,
+            Ended::Http2(io) => io,
+        }
+    };
+    serve_http2(worker, conn, io, shutdown).await;
+}
+
+async fn serve_http2(
+    worker: Rc<Worker>,
+    conn: Connection,
+    io: Detached,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let remote = conn.remote;
+    let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+        let response = handle(Rc::clone(&worker), conn.clone(), request.map(ClientBody::Http2));
+        async move { Ok::<_, std::convert::Infallible>(response.await) }
+    });
+    let connection = hyper::server::conn::http2::Builder::new(LocalExec)
+        .timer(TokioTimer::new())
+        .serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
-    let mut shutdown = worker.shared.shutdown.subscribe();
     // Once a drain starts, the connection finishes what it is doing and closes.
     let result = tokio::select! {
         result = connection.as_mut() => result,
@@ -163,10 +187,6 @@ async fn serve(worker: Rc<Worker>, stream: TcpStream, remote: SocketAddr, tls: O
         tracing::debug!(%remote, error = %e, "connection ended with an error");
     }
 }
-
-/// A client stream, plain or TLS.
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 /// Runs hyper's per-stream HTTP/2 tasks on this worker's thread, so handlers need not be `Send`
 /// (each worker will own a Lua VM).

@@ -15,9 +15,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -26,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 /// The body type of requests sent upstream.
-pub(crate) type RequestBody = UnsyncBoxBody<Bytes, hyper::Error>;
+pub(crate) type RequestBody = crate::body::LocalBody;
 
 /// Idle connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 128;

@@ -1,0 +1,226 @@
+//! Request heads: parsed with `httparse` from the connection's buffer into `http` types whose
+//! header values share the bytes read (no copy), plus what the connection needs to know: how the
+//! body is framed, whether the connection may be kept, whether the client waits for
+//! `100 Continue` and whether it asks to switch protocols.
+//!
+//! Framing follows RFC 9112 §6: `Transfer-Encoding` must end in `chunked`; differing or
+//! malformed `Content-Length` values, and both headers at once, are refused (the ambiguities
+//! request smuggling lives on).
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Uri, Version};
+
+/// Header lines a request may have.
+const MAX_HEADERS: usize = 128;
+/// Bytes a request line and its headers may take.
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
+
+/// How a request body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    Length(u64),
+    Chunked,
+}
+
+/// A parsed request head.
+#[derive(Debug)]
+pub(crate) struct Head {
+    pub(crate) parts: Parts,
+    pub(crate) framing: Framing,
+    pub(crate) keep_alive: bool,
+    pub(crate) expect_continue: bool,
+    pub(crate) upgrade: bool,
+}
+
+/// Why a head was refused; each becomes a status and the connection closes.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// 400, with what was wrong.
+    Malformed(&'static str),
+    /// 431: more than [`MAX_HEAD`] bytes or [`MAX_HEADERS`] lines.
+    TooLarge,
+    /// Not HTTP/1 at all but the HTTP/2 connection preface (h2c with prior knowledge).
+    Http2Preface,
+}
+
+const HTTP2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0\r\n";
+
+/// Parses a head from the front of `buf`, removing its bytes; `Ok(None)` when more are needed.
+pub(crate) fn parse(buf: &mut BytesMut) -> Result<Option<Head>, Refused> {
+    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut lines);
+    let length = match request.parse(buf) {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err(Refused::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(Refused::TooLarge),
+        Err(httparse::Error::Version) if buf.starts_with(HTTP2_PREFACE_START) => return Err(Refused::Http2Preface),
+        Err(e) => return Err(Refused::Malformed(reason(e))),
+    };
+    if length > MAX_HEAD {
+        return Err(Refused::TooLarge);
+    }
+    // Where each piece lies in the buffer, so that the values can share the frozen bytes.
+    let base = buf.as_ptr() as usize;
+    let span = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
+    let method = Method::from_bytes(request.method.unwrap_or_default().as_bytes())
+        .map_err(|_| Refused::Malformed("invalid method"))?;
+    let target = span(request.path.unwrap_or_default().as_bytes());
+    let version = if request.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    let mut spans = [((0, 0), (0, 0)); MAX_HEADERS];
+    let count = request.headers.len();
+    for (slot, line) in spans.iter_mut().zip(request.headers.iter()) {
+        *slot = (span(line.name.as_bytes()), span(line.value));
+    }
+
+    let bytes: Bytes = buf.split_to(length).freeze();
+    let slice = |(start, len): (usize, usize)| bytes.slice(start..start + len);
+    let uri = Uri::from_maybe_shared(slice(target)).map_err(|_| Refused::Malformed("invalid request target"))?;
+    let mut headers = HeaderMap::with_capacity(count);
+    for &(name, value) in &spans[..count] {
+        let name = HeaderName::from_bytes(&slice(name)).map_err(|_| Refused::Malformed("invalid header name"))?;
+        let value =
+            HeaderValue::from_maybe_shared(slice(value)).map_err(|_| Refused::Malformed("invalid header value"))?;
+        headers.append(name, value);
+    }
+
+    let framing = framing(&headers, version)?;
+    let keep_alive = match connection_says(&headers) {
+        (true, _) => false,
+        (false, keep) => version == Version::HTTP_11 || keep,
+    };
+    let http11 = version == Version::HTTP_11;
+    let expect_continue =
+        http11 && headers.get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let upgrade = http11 && crate::headers::is_upgrade(&headers);
+    let (mut parts, ()) = Request::new(()).into_parts();
+    parts.method = method;
+    parts.uri = uri;
+    parts.version = version;
+    parts.headers = headers;
+    Ok(Some(Head { parts, framing, keep_alive, expect_continue, upgrade }))
+}
+
+/// The body's framing (RFC 9112 §6.3).
+fn framing(headers: &HeaderMap, version: Version) -> Result<Framing, Refused> {
+    let encodings = headers.get_all(header::TRANSFER_ENCODING);
+    if encodings.iter().next().is_some() {
+        if headers.contains_key(header::CONTENT_LENGTH) {
+            return Err(Refused::Malformed("both Transfer-Encoding and Content-Length"));
+        }
+        if version == Version::HTTP_10 {
+            return Err(Refused::Malformed("Transfer-Encoding in an HTTP/1.0 request"));
+        }
+        let last = encodings.iter().next_back().and_then(|v| v.to_str().ok()).and_then(|v| v.rsplit(',').next());
+        return match last {
+            Some(coding) if coding.trim().eq_ignore_ascii_case("chunked") => Ok(Framing::Chunked),
+            _ => Err(Refused::Malformed("Transfer-Encoding does not end in chunked")),
+        };
+    }
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        let text = value.to_str().map_err(|_| Refused::Malformed("invalid Content-Length"))?;
+        for item in text.split(',') {
+            let item = item.trim();
+            if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(Refused::Malformed("invalid Content-Length"));
+            }
+            let n: u64 = item.parse().map_err(|_| Refused::Malformed("invalid Content-Length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(Refused::Malformed("differing Content-Length values"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(Framing::Length(length.unwrap_or(0)))
+}
+
+/// Whether the `Connection` header says `close`, and whether it says `keep-alive`.
+fn connection_says(headers: &HeaderMap) -> (bool, bool) {
+    let mut said = (false, false);
+    for token in headers.get_all(header::CONNECTION).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')) {
+        let token = token.trim();
+        said.0 |= token.eq_ignore_ascii_case("close");
+        said.1 |= token.eq_ignore_ascii_case("keep-alive");
+    }
+    said
+}
+
+fn reason(error: httparse::Error) -> &'static str {
+    match error {
+        httparse::Error::HeaderName => "invalid header name",
+        httparse::Error::HeaderValue => "invalid header value",
+        httparse::Error::NewLine => "invalid line ending",
+        httparse::Error::Status | httparse::Error::Token => "invalid request line",
+        httparse::Error::Version => "unsupported HTTP version",
+        httparse::Error::TooManyHeaders => "too many headers",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(text: &str) -> Result<Option<Head>, Refused> {
+        parse(&mut BytesMut::from(text))
+    }
+
+    fn head(text: &str) -> Head {
+        parsed(text).expect("accepted").expect("complete")
+    }
+
+    #[test]
+    fn parses_a_request_and_leaves_what_follows() {
+        let mut buf = BytesMut::from("GET /a?b=c HTTP/1.1\r\nHost: x\r\nX-Two: 1\r\nx-two: 2\r\n\r\nNEXT");
+        let head = parse(&mut buf).expect("accepted").expect("complete");
+        assert_eq!(head.parts.method, Method::GET);
+        assert_eq!(head.parts.uri.path_and_query().expect("a path").as_str(), "/a?b=c");
+        assert_eq!(head.parts.headers.get_all("x-two").iter().count(), 2);
+        assert_eq!(head.framing, Framing::Length(0));
+        assert!(head.keep_alive && !head.expect_continue && !head.upgrade);
+        assert_eq!(&buf[..], b"NEXT");
+    }
+
+    #[test]
+    fn waits_for_the_rest_of_a_head_and_refuses_one_too_large() {
+        assert!(parsed("GET / HTTP/1.1\r\nHost: x\r\n").expect("accepted").is_none());
+        let huge = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(MAX_HEAD));
+        assert_eq!(parsed(&huge).expect_err("refused"), Refused::TooLarge);
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: 1\r\n")).collect();
+        assert_eq!(parsed(&format!("GET / HTTP/1.1\r\n{many}\r\n")).expect_err("refused"), Refused::TooLarge);
+    }
+
+    #[test]
+    fn keep_alive_follows_version_and_connection() {
+        assert!(!head("GET / HTTP/1.0\r\n\r\n").keep_alive);
+        assert!(head("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
+        assert!(!head("GET / HTTP/1.1\r\nConnection: foo, close\r\n\r\n").keep_alive);
+    }
+
+    #[test]
+    fn framing_refuses_what_smuggling_needs() {
+        assert_eq!(head("POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n").framing, Framing::Length(5));
+        assert_eq!(head("POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n").framing, Framing::Length(5));
+        assert_eq!(head("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").framing, Framing::Chunked);
+        for bad in [
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+        ] {
+            assert!(matches!(parsed(bad), Err(Refused::Malformed(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn recognises_continue_upgrade_and_the_http2_preface() {
+        assert!(head("PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n").expect_continue);
+        assert!(head("GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").upgrade);
+        assert!(!head("GET / HTTP/1.0\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").upgrade);
+        assert_eq!(parsed("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").expect_err("refused"), Refused::Http2Preface);
+    }
+}

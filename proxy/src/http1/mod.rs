@@ -1,0 +1,458 @@
+//! HTTP/1.1 (and 1.0) from the client side: our own connection loop rather than hyper's, so
+//! that a connection waiting for its next request holds no buffers, as nginx's do.
+//!
+//! ```text
+//! idle ─(readable: read into a fresh buffer)─> head (httparse) ─> service(request) ─> response
+//!   ^                                              │                    │
+//!   └──── keep-alive, rest of the body discarded ──┴── 101: the stream leaves with what was read
+//! ```
+//!
+//! - While idle the connection is a small task and a socket; the request's work (parsing,
+//!   the service's future, the response) lives in a box that is freed when it ends.
+//! - Request bodies stream from the connection as the service polls them (Content-Length or
+//!   chunked); `Expect: 100-continue` is answered before the service runs.
+//! - Responses are framed by their `Content-Length`, by the body's exact size, chunked for
+//!   HTTP/1.1 or delimited by the close for HTTP/1.0. The status line is `HTTP/1.1` whatever the
+//!   client spoke, as nginx does.
+//! - The HTTP/2 preface on a fresh connection (h2c with prior knowledge) hands the connection
+//!   to the caller; so does a `101 Switching Protocols` answer to an upgrade request, through
+//!   the [`OnUpgrade`] the request carries.
+//! - Malformed heads get 400, oversized ones 431, and the connection closes.
+
+mod chunked;
+mod head;
+mod stream;
+
+use std::cell::RefCell;
+use std::future::{Future, poll_fn};
+use std::io;
+use std::rc::Rc;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Body;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use head::{Framing, Head, Refused};
+use stream::{BodyState, Conn};
+pub(crate) use stream::{Detached, Io, OnUpgrade, RequestStream};
+
+/// Time a client has to send a request head once it started one, or the first head of a new
+/// connection.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time an idle keep-alive connection is kept (nginx's `keepalive_timeout`).
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(75);
+/// What is read and dropped of a body the service left unread before the connection is reused;
+/// beyond either bound it closes instead.
+const MAX_DISCARD: usize = 1 << 20;
+const DISCARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Body data at most this large is copied into the output buffer; larger goes out on its own.
+const COPY_LIMIT: usize = 16 * 1024;
+
+/// How a connection left the loop.
+pub(crate) enum Ended {
+    Closed,
+    /// The client opened with the HTTP/2 preface.
+    Http2(Detached),
+}
+
+/// The upgrade a request carries when it asked to switch protocols (HTTP/1.1 `Upgrade`).
+pub(crate) fn on_upgrade<B>(request: &mut Request<B>) -> Option<OnUpgrade> {
+    request.extensions_mut().remove::<OnUpgrade>()
+}
+
+/// Serves requests on one connection until it closes, fails, switches protocols or a drain
+/// starts (`shutdown` turns true: an idle connection closes at once, a busy one after its
+/// response).
+pub(crate) async fn serve<S, F, B>(io: Box<dyn Io>, mut service: S, mut shutdown: watch::Receiver<bool>) -> Ended
+where
+    S: FnMut(Request<RequestStream>) -> F,
+    F: Future<Output = Response<B>>,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let conn = Rc::new(RefCell::new(Conn::new(io)));
+    let mut served = 0u64;
+    loop {
+        let head = match next_head(&conn, served == 0, &mut shutdown).await {
+            Next::Head(head) => head,
+            Next::Closed => return Ended::Closed,
+            Next::Refused(Refused::Http2Preface) if served == 0 => {
+                return conn.borrow_mut().detach().map_or(Ended::Closed, Ended::Http2);
+            }
+            Next::Refused(why) => {
+                refuse(&conn, &why).await;
+                return Ended::Closed;
+            }
+        };
+        served += 1;
+        match Box::pin(exchange(&conn, head, served, &mut service, &shutdown)).await {
+            After::Next => {}
+            After::Close => {
+                let _ = poll_fn(|cx| conn.borrow_mut().poll_shutdown(cx)).await;
+                return Ended::Closed;
+            }
+            After::Switched => return Ended::Closed,
+        }
+    }
+}
+
+// Returned once per request and moved straight into the request's box: boxing the head here
+// would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    Head(Head),
+    Refused(Refused),
+    Closed,
+}
+
+/// Waits for the next request head: without a buffer while nothing has arrived, closing on
+/// timeouts, the end of the stream, or a drain while idle.
+async fn next_head(conn: &RefCell<Conn>, first: bool, shutdown: &mut watch::Receiver<bool>) -> Next {
+    let mut deadline = Instant::now() + if first { HEADER_READ_TIMEOUT } else { KEEP_ALIVE_TIMEOUT };
+    let mut started = false;
+    loop {
+        let idle = {
+            let mut c = conn.borrow_mut();
+            if !c.buf.is_empty() {
+                match head::parse(&mut c.buf) {
+                    Ok(Some(head)) => return Next::Head(head),
+                    Ok(None) => {}
+                    Err(why) => return Next::Refused(why),
+                }
+            }
+            c.buf.is_empty()
+        };
+        if !idle && !started {
+            started = true;
+            deadline = Instant::now() + HEADER_READ_TIMEOUT;
+        }
+        let read = poll_fn(|cx| conn.borrow_mut().poll_fill_head(cx));
+        let read = tokio::select! {
+            read = read => read,
+            () = tokio::time::sleep_until(deadline) => return Next::Closed,
+            _ = shutdown.wait_for(|stop| *stop), if idle => return Next::Closed,
+        };
+        match read {
+            Ok(0) | Err(_) => return Next::Closed,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Answers a head that cannot be served, and the connection closes.
+async fn refuse(conn: &RefCell<Conn>, why: &Refused) {
+    let (status, detail) = match why {
+        Refused::Malformed(what) => (StatusCode::BAD_REQUEST, *what),
+        Refused::TooLarge => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large"),
+        Refused::Http2Preface => (StatusCode::BAD_REQUEST, "HTTP/2 preface after an HTTP/1 request"),
+    };
+    tracing::debug!(status = status.as_u16(), detail, "request refused");
+    let text = format!("{} {}: {detail}\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
+    let mut out = Vec::with_capacity(256);
+    status_line(&mut out, status, None);
+    out.extend_from_slice(b"server: tidegate\r\ncontent-type: text/plain\r\nconnection: close\r\ncontent-length: ");
+    out.extend_from_slice(text.len().to_string().as_bytes());
+    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(text.as_bytes());
+    if write_all(conn, &out).await.is_ok() {
+        let _ = poll_fn(|cx| conn.borrow_mut().poll_shutdown(cx)).await;
+    }
+}
+
+enum After {
+    Next,
+    Close,
+    Switched,
+}
+
+/// One request and its response.
+async fn exchange<S, F, B>(
+    conn: &Rc<RefCell<Conn>>,
+    head: Head,
+    id: u64,
+    service: &mut S,
+    shutdown: &watch::Receiver<bool>,
+) -> After
+where
+    S: FnMut(Request<RequestStream>) -> F,
+    F: Future<Output = Response<B>>,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let Head { parts, framing, keep_alive, expect_continue, upgrade } = head;
+    let waiting_body = {
+        let mut c = conn.borrow_mut();
+        c.request = id;
+        c.body = match framing {
+            Framing::Length(n) => BodyState::Length(n),
+            Framing::Chunked => BodyState::Chunked(chunked::Decoder::new()),
+        };
+        framing != Framing::Length(0) && c.buf.is_empty()
+    };
+    if expect_continue && waiting_body && write_all(conn, b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+        return After::Close;
+    }
+    let is_head = parts.method == Method::HEAD;
+    let version = parts.version;
+    let mut request = Request::from_parts(parts, RequestStream { conn: Rc::clone(conn), request: id });
+    let switch = upgrade.then(|| {
+        let (sender, on_upgrade) = OnUpgrade::new();
+        request.extensions_mut().insert(on_upgrade);
+        sender
+    });
+    let response = service(request).await;
+    let keep_alive = keep_alive && !*shutdown.borrow();
+
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(switch) = switch
+    {
+        let mut out = Vec::with_capacity(256);
+        status_line(&mut out, response.status(), None);
+        encode_head(&mut out, response.headers(), Out::Switch, version);
+        if write_all(conn, &out).await.is_err() || poll_fn(|cx| conn.borrow_mut().poll_flush(cx)).await.is_err() {
+            return After::Close;
+        }
+        let detached = conn.borrow_mut().detach();
+        if let Some(detached) = detached {
+            let _ = switch.send(detached);
+        }
+        return After::Switched;
+    }
+
+    if !write_response(conn, response, is_head, version, keep_alive).await || !keep_alive {
+        return After::Close;
+    }
+    if discard_body(conn).await { After::Next } else { After::Close }
+}
+
+/// Reads and drops what the service left of the request body, so the next request can start;
+/// false when that is too much or takes too long.
+async fn discard_body(conn: &RefCell<Conn>) -> bool {
+    // A body stream the service still holds gets an error from now on.
+    conn.borrow_mut().request = 0;
+    let deadline = tokio::time::sleep(DISCARD_TIMEOUT);
+    tokio::pin!(deadline);
+    let mut discarded = 0;
+    loop {
+        let piece = tokio::select! {
+            piece = poll_fn(|cx| conn.borrow_mut().poll_body(cx)) => piece,
+            () = &mut deadline => return false,
+        };
+        match piece {
+            None => return true,
+            Some(Ok(data)) => {
+                discarded += data.len();
+                if discarded > MAX_DISCARD {
+                    return false;
+                }
+            }
+            Some(Err(_)) => return false,
+        }
+    }
+}
+
+/// How a response body goes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Out {
+    /// No body (HEAD, 1xx, 204, 304); the headers stay as they are.
+    None {
+        keep_alive: bool,
+    },
+    Length {
+        length: u64,
+        keep_alive: bool,
+        add_header: bool,
+    },
+    Chunked {
+        keep_alive: bool,
+    },
+    /// HTTP/1.0 and no length known: the body ends when the connection closes.
+    UntilClose,
+    /// The head of a `101`: its headers as they are.
+    Switch,
+}
+
+/// Writes a response; true when it went out whole and framed, so the connection can continue.
+async fn write_response<B>(
+    conn: &RefCell<Conn>,
+    response: Response<B>,
+    is_head: bool,
+    version: Version,
+    keep_alive: bool,
+) -> bool
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let (parts, mut body) = response.into_parts();
+    let status = parts.status;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let no_length = status.is_informational() || status == StatusCode::NO_CONTENT;
+    let exact = if declared.is_none() && !no_length && status != StatusCode::NOT_MODIFIED {
+        body.size_hint().exact()
+    } else {
+        None
+    };
+    let out = if is_head || no_length || status == StatusCode::NOT_MODIFIED {
+        Out::None { keep_alive }
+    } else if let Some(length) = declared.or(exact) {
+        Out::Length { length, keep_alive, add_header: declared.is_none() }
+    } else if version == Version::HTTP_11 {
+        Out::Chunked { keep_alive }
+    } else {
+        Out::UntilClose
+    };
+    let mut buf = stream::spare::take_write(256 + parts.headers.len() * 48);
+    let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>().map(hyper::ext::ReasonPhrase::as_bytes);
+    status_line(&mut buf, status, reason);
+    encode_head(&mut buf, &parts.headers, out, version);
+    if let Out::None { .. } = out {
+        drop(body);
+        let sent = write_all(conn, &buf).await.is_ok() && poll_fn(|cx| conn.borrow_mut().poll_flush(cx)).await.is_ok();
+        stream::spare::keep_write(buf);
+        return sent;
+    }
+
+    let mut sent: u64 = 0;
+    let mut whole = true;
+    loop {
+        // Whatever is ready goes out together with the head; a body that makes us wait gets
+        // what is buffered sent first.
+        let frame = match poll_fn(|cx| Poll::Ready(std::pin::Pin::new(&mut body).poll_frame(cx))).await {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                if send(conn, &mut buf).await.is_err() {
+                    return false;
+                }
+                poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+            }
+        };
+        let mut data = match frame {
+            None => break,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "response body failed; closing the connection");
+                let _ = send(conn, &mut buf).await;
+                return false;
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if !data.is_empty() => data,
+                _ => continue,
+            },
+        };
+        match out {
+            Out::Length { length, .. } => {
+                let room = length - sent;
+                if data.len() as u64 > room {
+                    data.truncate(usize::try_from(room).unwrap_or(usize::MAX));
+                    whole = false;
+                }
+                sent += data.len() as u64;
+            }
+            Out::Chunked { .. } => buf.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes()),
+            _ => {}
+        }
+        if data.len() <= COPY_LIMIT {
+            buf.extend_from_slice(&data);
+        } else if send(conn, &mut buf).await.is_err() || write_all(conn, &data).await.is_err() {
+            return false;
+        }
+        if let Out::Chunked { .. } = out {
+            buf.extend_from_slice(b"\r\n");
+        }
+        if buf.len() >= COPY_LIMIT && send(conn, &mut buf).await.is_err() {
+            return false;
+        }
+        if !whole {
+            break;
+        }
+    }
+    match out {
+        Out::Chunked { .. } => buf.extend_from_slice(b"0\r\n\r\n"),
+        Out::Length { length, .. } => whole &= sent == length,
+        _ => {}
+    }
+    let sent = send(conn, &mut buf).await.is_ok() && poll_fn(|cx| conn.borrow_mut().poll_flush(cx)).await.is_ok();
+    stream::spare::keep_write(buf);
+    sent && whole
+}
+
+/// `HTTP/1.1`, the code and the reason: the handler's (`hyper::ext::ReasonPhrase`, which Lua's
+/// `ngx.resp.set_status` sets) or the standard one.
+fn status_line(out: &mut Vec<u8>, status: StatusCode, reason: Option<&[u8]>) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(reason.unwrap_or_else(|| status.canonical_reason().unwrap_or("Unknown").as_bytes()));
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The headers after the status line, with the framing and connection headers `out` calls for
+/// (`Connection: keep-alive` only to HTTP/1.0 clients, for which it is not the default).
+fn encode_head(buf: &mut Vec<u8>, headers: &HeaderMap, out: Out, version: Version) {
+    let (keep_alive, length) = match out {
+        Out::None { keep_alive } | Out::Chunked { keep_alive } => (keep_alive, None),
+        Out::Length { length, keep_alive, add_header } => (keep_alive, add_header.then_some(length)),
+        Out::UntilClose => (false, None),
+        Out::Switch => (true, None),
+    };
+    for (name, value) in headers {
+        let ours = name == header::TRANSFER_ENCODING
+            || (name == header::CONNECTION && out != Out::Switch)
+            || (name == header::CONTENT_LENGTH && length.is_some());
+        if !ours {
+            buf.extend_from_slice(name.as_str().as_bytes());
+            buf.extend_from_slice(b": ");
+            buf.extend_from_slice(value.as_bytes());
+            buf.extend_from_slice(b"\r\n");
+        }
+    }
+    if let Some(length) = length {
+        buf.extend_from_slice(b"content-length: ");
+        buf.extend_from_slice(length.to_string().as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
+    if let Out::Chunked { .. } = out {
+        buf.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if out != Out::Switch {
+        if !keep_alive {
+            buf.extend_from_slice(b"connection: close\r\n");
+        } else if version == Version::HTTP_10 {
+            buf.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+    }
+    buf.extend_from_slice(b"\r\n");
+}
+
+/// Writes and clears the buffer.
+async fn send(conn: &RefCell<Conn>, buf: &mut Vec<u8>) -> io::Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    write_all(conn, buf).await?;
+    buf.clear();
+    Ok(())
+}
+
+async fn write_all(conn: &RefCell<Conn>, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        let n = poll_fn(|cx| conn.borrow_mut().poll_write(cx, bytes)).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        bytes = &bytes[n..];
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
