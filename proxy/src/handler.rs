@@ -77,7 +77,7 @@ impl Worker {
 }
 
 /// What a request knows about its connection.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Connection {
     pub(crate) remote: SocketAddr,
     /// The client address as a header value, formatted once per connection.
@@ -96,7 +96,11 @@ pub(crate) struct Outcome {
     pub(crate) after: Option<Box<dyn FnOnce(u64)>>,
 }
 
-pub(crate) async fn handle(worker: Rc<Worker>, conn: Connection, request: Request<ClientBody>) -> Response<Observed> {
+pub(crate) async fn handle(
+    worker: Rc<Worker>,
+    conn: Rc<Connection>,
+    request: Request<ClientBody>,
+) -> Response<Observed> {
     let started = Instant::now();
     let runtime = worker.current_runtime();
     worker.trim_scripts(&runtime);

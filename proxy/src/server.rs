@@ -126,49 +126,65 @@ async fn serve(worker: Rc<Worker>, stream: TcpStream, remote: SocketAddr, tls: O
     let _guard = ConnectionGuard::new(&worker.shared);
     let _ = stream.set_nodelay(true);
     let local_port = stream.local_addr().map(|a| a.port()).unwrap_or_default();
-    let conn =
-        Connection { remote, client_ip: crate::headers::client_ip_value(remote), local_port, tls: tls.is_some() };
+    // Shared by the connection's requests (and small in the connection's task).
+    let conn = Rc::new(Connection {
+        remote,
+        client_ip: crate::headers::client_ip_value(remote),
+        local_port,
+        tls: tls.is_some(),
+    });
     let (io, alpn_h2): (Box<dyn Io>, bool) = match tls {
         None => (Box::new(stream), false),
-        Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-            Ok(Ok(tls_stream)) => {
-                let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                (Box::new(tls_stream), h2)
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(%remote, error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(%remote, "TLS handshake timed out");
-                return;
-            }
+        // Boxed, like HTTP/2 below: a task is as large as its largest state, and a plain HTTP/1
+        // connection waiting for its next request should not carry a TLS handshake's.
+        Some(acceptor) => match Box::pin(handshake(acceptor, stream, remote)).await {
+            Some(accepted) => accepted,
+            None => return,
         },
     };
     let shutdown = worker.shared.shutdown.subscribe();
     let io = if alpn_h2 {
         Detached::new(io)
     } else {
-        let (handler, conn) = (Rc::clone(&worker), conn.clone());
-        let service =
-            move |request: http::Request<_>| handle(Rc::clone(&handler), conn.clone(), request.map(ClientBody::Http1));
+        let (handler, conn) = (Rc::clone(&worker), Rc::clone(&conn));
+        let service = move |request: http::Request<_>| {
+            handle(Rc::clone(&handler), Rc::clone(&conn), request.map(ClientBody::Http1))
+        };
         match crate::http1::serve(io, service, shutdown.clone()).await {
             Ended::Closed => return,
             Ended::Http2(io) => io,
         }
     };
-    serve_http2(worker, conn, io, shutdown).await;
+    Box::pin(serve_http2(worker, conn, io, shutdown)).await;
+}
+
+/// The TLS handshake, within its time limit: the stream and whether ALPN chose HTTP/2.
+async fn handshake(acceptor: TlsAcceptor, stream: TcpStream, remote: SocketAddr) -> Option<(Box<dyn Io>, bool)> {
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls_stream)) => {
+            let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            Some((Box::new(tls_stream), h2))
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%remote, "TLS handshake timed out");
+            None
+        }
+    }
 }
 
 async fn serve_http2(
     worker: Rc<Worker>,
-    conn: Connection,
+    conn: Rc<Connection>,
     io: Detached,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let remote = conn.remote;
     let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
-        let response = handle(Rc::clone(&worker), conn.clone(), request.map(ClientBody::Http2));
+        let response = handle(Rc::clone(&worker), Rc::clone(&conn), request.map(ClientBody::Http2));
         async move { Ok::<_, std::convert::Infallible>(response.await) }
     });
     let connection = hyper::server::conn::http2::Builder::new(LocalExec)
