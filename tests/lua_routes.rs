@@ -6,7 +6,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use http::{Request, StatusCode};
-use support::{Body, Tidegate, echo, echoed_headers, get, manifest_dir, service_yaml, write_manifest};
+use support::{
+    Body, Tidegate, echo, echoed_headers, get, get_request, h2c, manifest_dir, service_yaml, write_manifest,
+};
 
 /// A LuaRoute on `host` with one route per (name, path, lua phase, source); `backend` names the
 /// Service `web` when true.
@@ -411,4 +413,34 @@ async fn ngx_resp_set_status_sends_a_reason_phrase() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 500 user defined reason\r\n"), "{answer}");
     assert!(answer.contains("set\n"), "the body follows: {answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ngx_exit_error_and_444_close_the_connection_without_a_response() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let route = lua_route(
+        "closing",
+        "closing.test",
+        None,
+        &[
+            ("error", "/error", "access", "ngx.exit(ngx.ERROR)", true),
+            ("nothing", "/444", "content", "ngx.say(\"never sent\")\nngx.exit(444)", false),
+            ("fine", "/fine", "content", "ngx.say(\"fine\")", false),
+        ],
+    );
+    let (tidegate, _dir) = start(&route).await;
+    for path in ["/error", "/444"] {
+        let mut stream = tokio::net::TcpStream::connect(tidegate.http).await.expect("connect");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: closing.test\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("send");
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "{path}: the connection was closed");
+        assert!(answer.is_empty(), "{path}: nothing is answered, got {:?}", String::from_utf8_lossy(&answer));
+    }
+    // Over HTTP/2 the stream is reset; the connection carries on.
+    let reset = h2c(tidegate.http, get_request("closing.test", "/444")).await;
+    assert!(reset.is_err(), "HTTP/2: the stream is reset, got {reset:?}");
+    let fine = get(tidegate.http, "closing.test", "/fine").await.expect("a route that answers");
+    assert_eq!((fine.status, &fine.body[..]), (StatusCode::OK, &b"fine\n"[..]), "other requests are served");
 }

@@ -32,6 +32,7 @@ use tidegate_lua::{FailureKind, LuaRequest, Outcome as LuaOutcome, Phase, Reques
 use crate::body::{BoxError, ClientBody, LocalBody, full};
 use crate::handler::{Connection, Outcome, Worker, forward, prepare_upstream};
 use crate::headers::is_upgrade;
+use crate::http1::CloseConnection;
 use crate::metrics::LuaErrorLabels;
 use crate::router::{LuaChain, Target};
 use crate::runtime::Runtime;
@@ -153,7 +154,9 @@ async fn filtered(
     outcome: &mut Outcome,
 ) -> Response<LocalBody> {
     let vm = &worker.vm;
-    if !chain.phase(Phase::HeaderFilter).is_empty() {
+    // A request closed without a response runs no filters, only the log phase.
+    let closing = response.extensions().get::<CloseConnection>().is_some();
+    if !closing && !chain.phase(Phase::HeaderFilter).is_empty() {
         lua.state.status.set(response.status().as_u16());
         *lua.state.response_headers.borrow_mut() = std::mem::take(response.headers_mut());
         lua.state.headers_sent.set(false);
@@ -166,8 +169,11 @@ async fn filtered(
             // ngx.exit in header_filter replaces the response: nginx's page for an error status,
             // an empty body otherwise.
             LuaOutcome::Exit(status) => {
+                if lua.state.abort.get() {
+                    return close_connection(status);
+                }
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                if status.as_u16() >= 300 && status.as_u16() != 444 {
+                if status.as_u16() >= 300 {
                     return error_response(status);
                 }
                 let mut empty = Response::new(full(Bytes::new()));
@@ -183,7 +189,7 @@ async fn filtered(
     } else {
         lua.state.status.set(response.status().as_u16());
     }
-    if !chain.phase(Phase::BodyFilter).is_empty() {
+    if !closing && !chain.phase(Phase::BodyFilter).is_empty() {
         // The filter may change the length.
         response.headers_mut().remove(header::CONTENT_LENGTH);
         let filter = BodyFilter {
@@ -223,6 +229,9 @@ async fn filtered(
 /// one, and 304 when the client's `If-Modified-Since` equals the `Last-Modified` Lua set.
 fn lua_response(lua: &LuaRequest, exit: Option<u16>) -> Response<LocalBody> {
     let state = &lua.state;
+    if state.abort.get() {
+        return close_connection(exit.unwrap_or_default());
+    }
     let mut output = join_output(state.take_output());
     let sent = state.headers_sent.get();
     let status = match (exit, state.status.get()) {
@@ -290,6 +299,15 @@ impl Body for Streamed {
     fn is_end_stream(&self) -> bool {
         self.0.as_ref().is_none_or(Bytes::is_empty)
     }
+}
+
+/// No response, and the connection closes: `ngx.exit(ngx.ERROR)`, 408, 444 or 499. The status
+/// is what metrics and the access log record (444 for `ngx.ERROR`).
+fn close_connection(status: u16) -> Response<LocalBody> {
+    let mut response = Response::new(full(Bytes::new()));
+    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+    response.extensions_mut().insert(CloseConnection);
+    response
 }
 
 /// An nginx-style error page response.

@@ -16,7 +16,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::Shared;
 use crate::body::ClientBody;
 use crate::handler::{Connection, Worker, handle};
-use crate::http1::{Detached, Ended, Io};
+use crate::http1::{CloseConnection, Detached, Ended, Io};
 use crate::upstream::Pool;
 
 /// Time allowed for a TLS handshake.
@@ -185,7 +185,14 @@ async fn serve_http2(
     let remote = conn.remote;
     let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
         let response = handle(Rc::clone(&worker), Rc::clone(&conn), request.map(ClientBody::Http2));
-        async move { Ok::<_, std::convert::Infallible>(response.await) }
+        async move {
+            let response = response.await;
+            if response.extensions().get::<CloseConnection>().is_some() {
+                // hyper resets the stream when the service fails.
+                return Err(crate::body::BoxError::from("the handler closed the request without a response"));
+            }
+            Ok(response)
+        }
     });
     let connection = hyper::server::conn::http2::Builder::new(LocalExec)
         .timer(TokioTimer::new())

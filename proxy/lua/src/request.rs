@@ -106,6 +106,9 @@ pub struct RequestState {
     /// `ngx.exit(status)` was called: the current handler stops and so does the request when the
     /// status is ≥ 200 (or anything in the content phase).
     pub exit: Cell<Option<u16>>,
+    /// The exit was `ngx.exit(ngx.ERROR)` or a status that only closes the connection (408, 444,
+    /// 499): the client gets no response, as from nginx.
+    pub abort: Cell<bool>,
     /// `ngx.eof()` was called: no more output.
     pub eof: Cell<bool>,
     /// Lua assigned `ngx.header.content_type` (even to nil): no default type is added.
@@ -145,6 +148,7 @@ impl RequestState {
             output: RefCell::new(Vec::new()),
             headers_sent: Cell::new(false),
             exit: Cell::new(None),
+            abort: Cell::new(false),
             eof: Cell::new(false),
             content_type_touched: Cell::new(false),
             arg_chunk: RefCell::new(None),

@@ -53,6 +53,11 @@ const DISCARD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Body data at most this large is copied into the output buffer; larger goes out on its own.
 const COPY_LIMIT: usize = 16 * 1024;
 
+/// A response extension: send nothing and close the connection (nginx's `444`, Lua's
+/// `ngx.exit(ngx.ERROR)`). Over HTTP/2 the stream is reset instead.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CloseConnection;
+
 /// How a connection left the loop.
 pub(crate) enum Ended {
     Closed,
@@ -206,6 +211,9 @@ where
         sender
     });
     let response = service(request).await;
+    if response.extensions().get::<CloseConnection>().is_some() {
+        return After::Close;
+    }
     let keep_alive = keep_alive && !*shutdown.borrow();
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS

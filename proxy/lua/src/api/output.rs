@@ -278,20 +278,28 @@ fn flatten(value: &Value, out: &mut BytesMut, position: usize, api: &str) -> mlu
     Ok(())
 }
 
+/// Statuses for which nginx sends nothing and closes the connection: request timeout, "no
+/// response" and client closed request.
+const CLOSING: [u16; 3] = [408, 444, 499];
+
 fn prepare_exit(status: i64) -> mlua::Result<()> {
     let request = current("ngx.exit")?;
     require_phase(&request, "ngx.exit", &[Phase::Rewrite, Phase::Access, Phase::Content, Phase::HeaderFilter])?;
     if status == -2 || status == -4 {
         return Err(mlua::Error::runtime("bad argument to 'ngx.exit': does not accept NGX_AGAIN or NGX_DONE"));
     }
+    // ngx.ERROR ends the request like 444 (and is recorded as such).
+    let abort = status == -1;
+    let status = if abort { 444 } else { status };
     let status =
         u16::try_from(status.max(0)).map_err(|_| mlua::Error::runtime(format!("ngx.exit: bad status {status}")))?;
     let state = &request.state;
+    state.abort.set(abort || CLOSING.contains(&status));
     // As nginx: a special response status once headers are out is an error, except the ones
-    // that only close the connection (408, 444, 499).
+    // that only close the connection.
     if state.headers_sent.get()
         && status >= 300
-        && ![408, 444, 499].contains(&status)
+        && !CLOSING.contains(&status)
         && state.phase.get() != Phase::HeaderFilter
     {
         let sent = match state.status.get() {
