@@ -83,16 +83,11 @@ where
     let conn = Rc::new(RefCell::new(Conn::new(io)));
     let mut served = 0u64;
     loop {
+        // No await inside this match: the matched value would be kept in the task's state.
         let head = match next_head(&conn, served == 0, &mut shutdown).await {
             Next::Head(head) => head,
             Next::Closed => return Ended::Closed,
-            Next::Refused(Refused::Http2Preface) if served == 0 => {
-                return conn.borrow_mut().detach().map_or(Ended::Closed, Ended::Http2);
-            }
-            Next::Refused(why) => {
-                refuse(&conn, &why).await;
-                return Ended::Closed;
-            }
+            Next::Http2 => return conn.borrow_mut().detach().map_or(Ended::Closed, Ended::Http2),
         };
         served += 1;
         match Box::pin(exchange(&conn, head, served, &mut service, &shutdown)).await {
@@ -111,27 +106,37 @@ where
 #[allow(clippy::large_enum_variant)]
 enum Next {
     Head(Head),
-    Refused(Refused),
+    /// The connection opened with the HTTP/2 preface.
+    Http2,
     Closed,
 }
 
 /// Waits for the next request head: without a buffer while nothing has arrived, closing on
-/// timeouts, the end of the stream, or a drain while idle.
+/// timeouts, the end of the stream, or a drain while idle. A head that cannot be served is
+/// answered here, and the connection closes.
 async fn next_head(conn: &RefCell<Conn>, first: bool, shutdown: &mut watch::Receiver<bool>) -> Next {
     let mut deadline = Instant::now() + if first { HEADER_READ_TIMEOUT } else { KEEP_ALIVE_TIMEOUT };
     let mut started = false;
     loop {
-        let idle = {
+        let (idle, refused) = {
             let mut c = conn.borrow_mut();
+            let mut refused = None;
             if !c.buf.is_empty() {
                 match head::parse(&mut c.buf) {
                     Ok(Some(head)) => return Next::Head(head),
                     Ok(None) => {}
-                    Err(why) => return Next::Refused(why),
+                    Err(why) => refused = Some(why),
                 }
             }
-            c.buf.is_empty()
+            (c.buf.is_empty(), refused)
         };
+        if let Some(why) = refused {
+            if first && why == Refused::Http2Preface {
+                return Next::Http2;
+            }
+            refuse(conn, &why).await;
+            return Next::Closed;
+        }
         if !idle && !started {
             started = true;
             deadline = Instant::now() + HEADER_READ_TIMEOUT;
