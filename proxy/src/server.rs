@@ -29,6 +29,9 @@ pub(crate) fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpL
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
+    // Accepted connections inherit it (Linux), which spares a system call per connection.
+    // Small responses must not wait for Nagle.
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     Ok(socket.into())
@@ -86,6 +89,8 @@ pub(crate) fn run_worker(
 
 async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, tls: Option<TlsAcceptor>) {
     let mut shutdown = worker.shared.shutdown.subscribe();
+    // Every connection of a listener has its port: no getsockname per connection.
+    let local_port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -93,7 +98,7 @@ async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, tls: Option<TlsA
         };
         match accepted {
             Ok((stream, remote)) => {
-                tokio::task::spawn_local(serve(Rc::clone(&worker), stream, remote, tls.clone()));
+                tokio::task::spawn_local(serve(Rc::clone(&worker), stream, remote, local_port, tls.clone()));
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -122,10 +127,8 @@ impl Drop for ConnectionGuard {
     }
 }
 
-async fn serve(worker: Rc<Worker>, stream: TcpStream, remote: SocketAddr, tls: Option<TlsAcceptor>) {
+async fn serve(worker: Rc<Worker>, stream: TcpStream, remote: SocketAddr, local_port: u16, tls: Option<TlsAcceptor>) {
     let _guard = ConnectionGuard::new(&worker.shared);
-    let _ = stream.set_nodelay(true);
-    let local_port = stream.local_addr().map(|a| a.port()).unwrap_or_default();
     // Shared by the connection's requests (and small in the connection's task).
     let conn = Rc::new(Connection {
         remote,
