@@ -194,8 +194,8 @@ impl Body for Observed {
 
 impl Drop for Observed {
     fn drop(&mut self) {
-        // A body hyper never polled to the end: an empty body (is_end_stream) is complete, any
-        // other was cut short by the client.
+        // A body never polled to the end (a HEAD answer, or the client went away): an empty
+        // body (is_end_stream) is complete, any other was cut short.
         let complete = self.inner.is_end_stream();
         self.finish(complete);
     }
