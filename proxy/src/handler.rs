@@ -21,7 +21,7 @@ use tidegate_snapshot::{BackendId, Timeouts};
 use crate::Shared;
 use crate::access_log::Entry;
 use crate::body::{ClientBody, IdleTimeout, LocalBody, Observed, full};
-use crate::headers::{Forwarded, is_upgrade, set_forwarded, strip_hop_by_hop};
+use crate::headers::{Forwarded, set_forwarded, strip_hop_by_hop};
 use crate::http1::OnUpgrade;
 use crate::router::{Match, RequestFacts, Target};
 use crate::runtime::Runtime;
@@ -207,8 +207,9 @@ async fn proxy(
     mut request: Request<ClientBody>,
     outcome: &mut Outcome,
 ) -> Response<LocalBody> {
-    let upgrade = request.version() == Version::HTTP_11 && is_upgrade(request.headers());
-    let client_upgrade = if upgrade { crate::http1::on_upgrade(&mut request) } else { None };
+    // The HTTP/1 loop gives an upgrade request (and only one) the means to switch.
+    let client_upgrade = crate::http1::on_upgrade(&mut request);
+    let upgrade = client_upgrade.is_some();
     let (mut parts, body) = request.into_parts();
     prepare_upstream(&mut parts, conn, upgrade);
     let upstream_request = Request::from_parts(parts, LocalBody::new(body));

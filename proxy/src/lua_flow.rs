@@ -24,14 +24,13 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Version};
+use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Frame, SizeHint};
 use tidegate_lua::{FailureKind, LuaRequest, Outcome as LuaOutcome, Phase, RequestHead, join_output};
 
 use crate::body::{BoxError, ClientBody, LocalBody, full};
 use crate::handler::{Connection, Outcome, Worker, forward, prepare_upstream};
-use crate::headers::is_upgrade;
 use crate::http1::CloseConnection;
 use crate::metrics::LuaErrorLabels;
 use crate::router::{LuaChain, Target};
@@ -52,8 +51,9 @@ pub(crate) async fn serve(
     outcome: &mut Outcome,
 ) -> Response<LocalBody> {
     let vm = &worker.vm;
-    let upgrade = request.version() == Version::HTTP_11 && is_upgrade(request.headers());
-    let client_upgrade = if upgrade { crate::http1::on_upgrade(&mut request) } else { None };
+    // The HTTP/1 loop gives an upgrade request (and only one) the means to switch.
+    let client_upgrade = crate::http1::on_upgrade(&mut request);
+    let upgrade = client_upgrade.is_some();
     let (mut parts, body) = request.into_parts();
     let head = RequestHead {
         method: parts.method.clone(),

@@ -25,7 +25,7 @@ mod stream;
 
 use std::cell::RefCell;
 use std::future::{Future, poll_fn};
-use std::io;
+use std::io::{self, Write as _};
 use std::rc::Rc;
 use std::task::Poll;
 use std::time::Duration;
@@ -226,7 +226,7 @@ where
     {
         let mut out = Vec::with_capacity(256);
         status_line(&mut out, response.status(), None);
-        encode_head(&mut out, response.headers(), Out::Switch, version);
+        encode_head(&mut out, response.headers(), Out::Switch, version, true);
         if write_all(conn, &out).await.is_err() || poll_fn(|cx| conn.borrow_mut().poll_flush(cx)).await.is_err() {
             return After::Close;
         }
@@ -237,7 +237,7 @@ where
         return After::Switched;
     }
 
-    if !write_response(conn, response, is_head, version, keep_alive).await || !keep_alive {
+    if !write_response(conn, response, is_head, version, keep_alive).await {
         return After::Close;
     }
     if discard_body(conn).await { After::Next } else { After::Close }
@@ -273,24 +273,21 @@ async fn discard_body(conn: &RefCell<Conn>) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Out {
     /// No body (HEAD, 1xx, 204, 304); the headers stay as they are.
-    None {
-        keep_alive: bool,
-    },
+    None,
+    /// `add_header` when the length comes from the body, not from a `Content-Length` header.
     Length {
         length: u64,
-        keep_alive: bool,
         add_header: bool,
     },
-    Chunked {
-        keep_alive: bool,
-    },
+    Chunked,
     /// HTTP/1.0 and no length known: the body ends when the connection closes.
     UntilClose,
     /// The head of a `101`: its headers as they are.
     Switch,
 }
 
-/// Writes a response; true when it went out whole and framed, so the connection can continue.
+/// Writes a response; true when it went out whole and the connection carries on (the client
+/// keeps it and the body's end did not need the close).
 async fn write_response<B>(
     conn: &RefCell<Conn>,
     response: Response<B>,
@@ -316,23 +313,24 @@ where
         None
     };
     let out = if is_head || no_length || status == StatusCode::NOT_MODIFIED {
-        Out::None { keep_alive }
+        Out::None
     } else if let Some(length) = declared.or(exact) {
-        Out::Length { length, keep_alive, add_header: declared.is_none() }
+        Out::Length { length, add_header: declared.is_none() }
     } else if version == Version::HTTP_11 {
-        Out::Chunked { keep_alive }
+        Out::Chunked
     } else {
         Out::UntilClose
     };
+    let keep_alive = keep_alive && out != Out::UntilClose;
     let mut buf = stream::spare::take_write(256 + parts.headers.len() * 48);
     let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>().map(hyper::ext::ReasonPhrase::as_bytes);
     status_line(&mut buf, status, reason);
-    encode_head(&mut buf, &parts.headers, out, version);
-    if let Out::None { .. } = out {
+    encode_head(&mut buf, &parts.headers, out, version, keep_alive);
+    if out == Out::None {
         drop(body);
         let sent = write_all(conn, &buf).await.is_ok() && poll_fn(|cx| conn.borrow_mut().poll_flush(cx)).await.is_ok();
         stream::spare::keep_write(buf);
-        return sent;
+        return sent && keep_alive;
     }
 
     let mut sent: u64 = 0;
@@ -370,7 +368,10 @@ where
                 }
                 sent += data.len() as u64;
             }
-            Out::Chunked { .. } => buf.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes()),
+            // Into the buffer directly: no string per chunk.
+            Out::Chunked => {
+                let _ = write!(buf, "{:x}\r\n", data.len());
+            }
             _ => {}
         }
         if data.len() <= COPY_LIMIT {
@@ -378,7 +379,7 @@ where
         } else if send(conn, &mut buf).await.is_err() || write_all(conn, &data).await.is_err() {
             return false;
         }
-        if let Out::Chunked { .. } = out {
+        if out == Out::Chunked {
             buf.extend_from_slice(b"\r\n");
         }
         if buf.len() >= COPY_LIMIT && send(conn, &mut buf).await.is_err() {
@@ -389,13 +390,13 @@ where
         }
     }
     match out {
-        Out::Chunked { .. } => buf.extend_from_slice(b"0\r\n\r\n"),
+        Out::Chunked => buf.extend_from_slice(b"0\r\n\r\n"),
         Out::Length { length, .. } => whole &= sent == length,
         _ => {}
     }
     let sent = send(conn, &mut buf).await.is_ok() && poll_fn(|cx| conn.borrow_mut().poll_flush(cx)).await.is_ok();
     stream::spare::keep_write(buf);
-    sent && whole
+    sent && whole && keep_alive
 }
 
 /// `HTTP/1.1`, the code and the reason: the handler's (`hyper::ext::ReasonPhrase`, which Lua's
@@ -410,12 +411,10 @@ fn status_line(out: &mut Vec<u8>, status: StatusCode, reason: Option<&[u8]>) {
 
 /// The headers after the status line, with the framing and connection headers `out` calls for
 /// (`Connection: keep-alive` only to HTTP/1.0 clients, for which it is not the default).
-fn encode_head(buf: &mut Vec<u8>, headers: &HeaderMap, out: Out, version: Version) {
-    let (keep_alive, length) = match out {
-        Out::None { keep_alive } | Out::Chunked { keep_alive } => (keep_alive, None),
-        Out::Length { length, keep_alive, add_header } => (keep_alive, add_header.then_some(length)),
-        Out::UntilClose => (false, None),
-        Out::Switch => (true, None),
+fn encode_head(buf: &mut Vec<u8>, headers: &HeaderMap, out: Out, version: Version, keep_alive: bool) {
+    let length = match out {
+        Out::Length { length, add_header: true } => Some(length),
+        _ => None,
     };
     for (name, value) in headers {
         let ours = name == header::TRANSFER_ENCODING
@@ -433,7 +432,7 @@ fn encode_head(buf: &mut Vec<u8>, headers: &HeaderMap, out: Out, version: Versio
         buf.extend_from_slice(length.to_string().as_bytes());
         buf.extend_from_slice(b"\r\n");
     }
-    if let Out::Chunked { .. } = out {
+    if out == Out::Chunked {
         buf.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     if out != Out::Switch {

@@ -157,6 +157,12 @@ async fn http10_closes_unless_asked_and_gets_an_http11_status_line() {
         assert!(answer.contains("connection: keep-alive\r\n"), "{answer}");
         client.write_all(b"GET /x HTTP/1.0\r\n\r\n").await.expect("write");
         assert!(read_until(&mut client, |_| false).await.ends_with("ignored"));
+
+        // Kept alive, but a body of unknown length can only end with the connection.
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        client.write_all(b"GET /stream HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").await.expect("write");
+        let answer = read_until(&mut client, |_| false).await;
+        assert!(answer.contains("connection: close\r\n") && answer.ends_with("one,two,three"), "{answer}");
     })
     .await;
 }

@@ -17,8 +17,8 @@
 //! authorities unless `ssl_verify` is `false`. A pooled TLS connection stays TLS.
 //!
 //! `setkeepalive` puts the connection in this worker's pool, keyed by the namespace of the Lua
-//! and `host:port` (or the `pool` option of `connect`), for its idle timeout; a pool keeps at most `size` connections
-//! and closes the least recently used past that. A pooled connection that the peer closed, or
+//! and `host:port` (or the `pool` option of `connect`), for its idle timeout; a pool keeps at
+//! most `size` connections and closes the least recently used past that. A pooled connection that the peer closed, or
 //! that has unexpected bytes, is dropped instead of reused.
 
 use std::cell::{Cell, RefCell};
