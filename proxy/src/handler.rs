@@ -14,7 +14,6 @@ use std::time::{Duration, Instant, SystemTime};
 use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Request, Response, StatusCode, Uri, Version};
-use hyper_util::rt::TokioIo;
 use tidegate_lua::Vm;
 use tidegate_snapshot::{BackendId, Timeouts};
 
@@ -22,7 +21,7 @@ use crate::Shared;
 use crate::access_log::Entry;
 use crate::body::{ClientBody, IdleTimeout, LocalBody, Observed, full};
 use crate::headers::{Forwarded, set_forwarded, strip_hop_by_hop};
-use crate::http1::OnUpgrade;
+use crate::http1::{Detached, OnUpgrade};
 use crate::router::{Match, RequestFacts, Target};
 use crate::runtime::Runtime;
 use crate::upstream::{Pool, RequestBody};
@@ -261,28 +260,22 @@ pub(crate) async fn forward(
     };
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(response.headers_mut(), switching);
-    if switching && let Some(client_upgrade) = client_upgrade {
-        let upstream_upgrade = hyper::upgrade::on(&mut response);
-        tokio::task::spawn_local(tunnel(client_upgrade, upstream_upgrade));
+    if switching
+        && let Some(client_upgrade) = client_upgrade
+        && let Some(upstream) = response.body_mut().take_switched()
+    {
+        tokio::task::spawn_local(tunnel(client_upgrade, upstream));
     }
     let read_timeout = Duration::from_millis(timeouts.read_ms);
     response.map(|body| LocalBody::new(IdleTimeout::new(body, read_timeout)))
 }
 
 /// Copies bytes both ways between an upgraded client and upstream connection until either ends.
-async fn tunnel(client: OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    let (mut client, upstream) = match tokio::join!(client.wait(), upstream) {
-        (Some(c), Ok(u)) => (c, u),
-        (None, _) => {
-            tracing::debug!("protocol switch did not complete: the client connection ended");
-            return;
-        }
-        (_, Err(e)) => {
-            tracing::debug!(error = %e, "protocol switch did not complete");
-            return;
-        }
+async fn tunnel(client: OnUpgrade, mut upstream: Detached) {
+    let Some(mut client) = client.wait().await else {
+        tracing::debug!("protocol switch did not complete: the client connection ended");
+        return;
     };
-    let mut upstream = TokioIo::new(upstream);
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         tracing::debug!(error = %e, "tunnel closed with an error");
     }

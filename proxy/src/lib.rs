@@ -9,7 +9,7 @@
 //!     request ─> load runtime ─> router.find(host, path)
 //!       ├─ no route, no default backend ─> 404
 //!       ├─ plain HTTP on a TLS host ─> 308 to https
-//!       └─ backend ─> pick endpoint (round robin) ─> per-worker keep-alive pool ─> upstream
+//!       └─ backend ─> pick endpoint (round robin) ─> upstream (our HTTP/1 client, per-worker pool)
 //!     response ─> Server, Date, HSTS ─> streamed body ─> metrics + access log at its end
 //! ```
 //!

@@ -7,7 +7,8 @@
 //! node) as large as its busiest moment.
 //!
 //! Neither costs anything while the worker is busy: the checks run once a second and act only
-//! when the worker has started no Lua request for a whole second.
+//! when the worker has started no Lua request for a whole second. The same tick closes idle
+//! upstream connections that expired or that their upstream closed.
 
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -32,6 +33,7 @@ pub(crate) async fn run(worker: Rc<Worker>) {
     let mut connections_peak = 0;
     loop {
         tokio::time::sleep(CHECK_EVERY).await;
+        worker.pool.sweep();
         let open = worker.shared.open_connections.load(Ordering::Acquire);
         connections_peak = connections_peak.max(open);
         let requests = worker.requests.get();

@@ -1,4 +1,4 @@
-//! Incremental decoding of a chunked request body (RFC 9112 §7.1): chunk sizes in hex, chunk
+//! Incremental decoding of a chunked body (RFC 9112 §7.1): chunk sizes in hex, chunk
 //! extensions skipped, trailer fields read and dropped. Lines and trailers are bounded, so a
 //! client cannot make the decoder buffer without end.
 

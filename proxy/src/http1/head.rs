@@ -119,26 +119,32 @@ fn framing(headers: &HeaderMap, version: Version) -> Result<Framing, Refused> {
             _ => Err(Refused::Malformed("Transfer-Encoding does not end in chunked")),
         };
     }
+    Ok(Framing::Length(content_length(headers).map_err(Refused::Malformed)?.unwrap_or(0)))
+}
+
+/// What the `Content-Length` headers say: `None` without one. Malformed values and differing
+/// ones (in one header or several) are errors; repeats of one value are not.
+pub(crate) fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        let text = value.to_str().map_err(|_| Refused::Malformed("invalid Content-Length"))?;
+        let text = value.to_str().map_err(|_| "invalid Content-Length")?;
         for item in text.split(',') {
             let item = item.trim();
             if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(Refused::Malformed("invalid Content-Length"));
+                return Err("invalid Content-Length");
             }
-            let n: u64 = item.parse().map_err(|_| Refused::Malformed("invalid Content-Length"))?;
+            let n: u64 = item.parse().map_err(|_| "invalid Content-Length")?;
             if length.is_some_and(|l| l != n) {
-                return Err(Refused::Malformed("differing Content-Length values"));
+                return Err("differing Content-Length values");
             }
             length = Some(n);
         }
     }
-    Ok(Framing::Length(length.unwrap_or(0)))
+    Ok(length)
 }
 
 /// Whether the `Connection` header says `close`, and whether it says `keep-alive`.
-fn connection_says(headers: &HeaderMap) -> (bool, bool) {
+pub(crate) fn connection_says(headers: &HeaderMap) -> (bool, bool) {
     let mut said = (false, false);
     for token in headers.get_all(header::CONNECTION).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')) {
         let token = token.trim();

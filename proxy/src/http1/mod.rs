@@ -19,8 +19,8 @@
 //!   the [`OnUpgrade`] the request carries.
 //! - Malformed heads get 400, oversized ones 431, and the connection closes.
 
-mod chunked;
-mod head;
+pub(crate) mod chunked;
+pub(crate) mod head;
 mod stream;
 
 use std::cell::RefCell;
@@ -39,7 +39,7 @@ use tokio::time::Instant;
 
 use head::{Framing, Head, Refused};
 use stream::{BodyState, Conn};
-pub(crate) use stream::{Detached, Io, OnUpgrade, RequestStream};
+pub(crate) use stream::{Detached, Io, OnUpgrade, RequestStream, spare};
 
 /// Time a client has to send a request head once it started one, or the first head of a new
 /// connection.

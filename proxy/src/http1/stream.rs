@@ -240,6 +240,11 @@ impl Detached {
     pub(crate) fn new(io: Box<dyn Io>) -> Self {
         Detached { io, read: Bytes::new() }
     }
+
+    /// A stream whose first reads give `read`.
+    pub(crate) fn with_read(io: Box<dyn Io>, read: Bytes) -> Self {
+        Detached { io, read }
+    }
 }
 
 impl AsyncRead for Detached {

@@ -1,0 +1,243 @@
+//! The bytes of an upstream exchange: a request head written from `http` parts, and a response
+//! head parsed with `httparse` into `http` types whose header values share the bytes read.
+//!
+//! Response framing follows RFC 9112 §6.3: no body for `HEAD`, 1xx, 204 and 304; chunked when
+//! `Transfer-Encoding` ends in it; otherwise `Content-Length`; otherwise (or with another
+//! transfer coding) the body ends when the upstream closes. Differing or malformed lengths are
+//! refused, since an upstream that frames ambiguously cannot be trusted with the next request.
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::response::Parts as ResponseParts;
+use http::{Method, Response, StatusCode, Version};
+
+use crate::http1::head::{connection_says, content_length};
+
+/// Header lines a response may have.
+const MAX_HEADERS: usize = 128;
+/// Bytes a status line and its headers may take.
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
+
+/// How a request body goes upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RequestFraming {
+    /// No body, and the headers say none.
+    Empty,
+    Length(u64),
+    Chunked,
+}
+
+impl RequestFraming {
+    /// From what is known of the body: its exact size when known, or none at all. Methods whose
+    /// requests usually carry a body say `Content-Length: 0` when theirs is empty.
+    pub(crate) fn of(method: &Method, end_of_stream: bool, exact: Option<u64>) -> Self {
+        let says_length = !matches!(
+            *method,
+            Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE | Method::CONNECT
+        );
+        match (end_of_stream, exact) {
+            (true, _) | (false, Some(0)) if !says_length => RequestFraming::Empty,
+            (true, _) => RequestFraming::Length(0),
+            (false, Some(n)) => RequestFraming::Length(n),
+            (false, None) => RequestFraming::Chunked,
+        }
+    }
+}
+
+/// Writes a request head: the request line in origin form, the headers except the framing
+/// ones, then the framing `framing` calls for.
+pub(crate) fn encode_request(buf: &mut Vec<u8>, parts: &Parts, framing: RequestFraming) {
+    buf.extend_from_slice(parts.method.as_str().as_bytes());
+    buf.push(b' ');
+    buf.extend_from_slice(parts.uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
+    buf.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_LENGTH && name != header::TRANSFER_ENCODING {
+            buf.extend_from_slice(name.as_str().as_bytes());
+            buf.extend_from_slice(b": ");
+            buf.extend_from_slice(value.as_bytes());
+            buf.extend_from_slice(b"\r\n");
+        }
+    }
+    match framing {
+        RequestFraming::Empty => {}
+        RequestFraming::Length(n) => {
+            buf.extend_from_slice(b"content-length: ");
+            buf.extend_from_slice(n.to_string().as_bytes());
+            buf.extend_from_slice(b"\r\n");
+        }
+        RequestFraming::Chunked => buf.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    buf.extend_from_slice(b"\r\n");
+}
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ResponseFraming {
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes: the connection cannot be reused.
+    UntilClose,
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub(crate) struct ResponseHead {
+    pub(crate) parts: ResponseParts,
+    pub(crate) framing: ResponseFraming,
+    /// The upstream will take another request on this connection.
+    pub(crate) keep_alive: bool,
+}
+
+/// Parses a response head from the front of `buf`, removing its bytes; `Ok(None)` when more
+/// are needed. `head_request`: the request was `HEAD`, so no body follows whatever the headers
+/// say.
+pub(crate) fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseHead>, &'static str> {
+    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut lines);
+    let length = match response.parse(buf) {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err("response head too large"),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err("too many response headers"),
+        Err(_) => return Err("malformed response head"),
+    };
+    if length > MAX_HEAD {
+        return Err("response head too large");
+    }
+    let status = StatusCode::from_u16(response.code.unwrap_or_default()).map_err(|_| "invalid status code")?;
+    let version = if response.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    let reason = response.reason.unwrap_or_default();
+    let reason = (Some(reason) != status.canonical_reason() && !reason.is_empty()).then(|| reason.as_bytes().to_vec());
+    let base = buf.as_ptr() as usize;
+    let span = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
+    let mut spans = [((0, 0), (0, 0)); MAX_HEADERS];
+    let count = response.headers.len();
+    for (slot, line) in spans.iter_mut().zip(response.headers.iter()) {
+        *slot = (span(line.name.as_bytes()), span(line.value));
+    }
+
+    let bytes: Bytes = buf.split_to(length).freeze();
+    let slice = |(start, len): (usize, usize)| bytes.slice(start..start + len);
+    let mut headers = HeaderMap::with_capacity(count);
+    for &(name, value) in &spans[..count] {
+        let name = HeaderName::from_bytes(&slice(name)).map_err(|_| "invalid response header name")?;
+        let value = HeaderValue::from_maybe_shared(slice(value)).map_err(|_| "invalid response header value")?;
+        headers.append(name, value);
+    }
+
+    let no_body = head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = if no_body { ResponseFraming::Length(0) } else { framing(&headers)? };
+    let (close, keep) = connection_says(&headers);
+    let keep_alive = framing != ResponseFraming::UntilClose && !close && (version == Version::HTTP_11 || keep);
+
+    let (mut parts, ()) = Response::new(()).into_parts();
+    parts.status = status;
+    parts.version = version;
+    parts.headers = headers;
+    if let Some(reason) = reason
+        && let Ok(reason) = hyper::ext::ReasonPhrase::try_from(reason)
+    {
+        parts.extensions.insert(reason);
+    }
+    Ok(Some(ResponseHead { parts, framing, keep_alive }))
+}
+
+fn framing(headers: &HeaderMap) -> Result<ResponseFraming, &'static str> {
+    let encodings = headers.get_all(header::TRANSFER_ENCODING);
+    if encodings.iter().next().is_some() {
+        let last = encodings.iter().next_back().and_then(|v| v.to_str().ok()).and_then(|v| v.rsplit(',').next());
+        return Ok(match last {
+            Some(coding) if coding.trim().eq_ignore_ascii_case("chunked") => ResponseFraming::Chunked,
+            _ => ResponseFraming::UntilClose,
+        });
+    }
+    Ok(content_length(headers)?.map_or(ResponseFraming::UntilClose, ResponseFraming::Length))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Request;
+
+    fn parsed(text: &str, head_request: bool) -> Result<Option<ResponseHead>, &'static str> {
+        parse_response(&mut BytesMut::from(text), head_request)
+    }
+
+    fn head(text: &str) -> ResponseHead {
+        parsed(text, false).expect("accepted").expect("complete")
+    }
+
+    #[test]
+    fn encodes_the_request_line_headers_and_framing() {
+        let request = Request::post("http://a.test/p?q=1")
+            .header("host", "a.test")
+            .header("content-length", "99")
+            .header("x-two", "1")
+            .header("x-two", "2")
+            .body(())
+            .expect("request");
+        let (parts, ()) = request.into_parts();
+        let mut buf = Vec::new();
+        encode_request(&mut buf, &parts, RequestFraming::Length(3));
+        assert_eq!(
+            String::from_utf8_lossy(&buf),
+            "POST /p?q=1 HTTP/1.1\r\nhost: a.test\r\nx-two: 1\r\nx-two: 2\r\ncontent-length: 3\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn request_framing_follows_the_body_and_the_method() {
+        assert_eq!(RequestFraming::of(&Method::GET, true, Some(0)), RequestFraming::Empty);
+        assert_eq!(RequestFraming::of(&Method::POST, true, Some(0)), RequestFraming::Length(0));
+        assert_eq!(RequestFraming::of(&Method::GET, false, Some(4)), RequestFraming::Length(4));
+        assert_eq!(RequestFraming::of(&Method::PUT, false, None), RequestFraming::Chunked);
+    }
+
+    #[test]
+    fn parses_status_headers_and_keeps_what_follows() {
+        let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\nContent-Length: 4\r\nX-A: b\r\n\r\nbody");
+        let head = parse_response(&mut buf, false).expect("accepted").expect("complete");
+        assert_eq!(head.parts.status, StatusCode::OK);
+        assert_eq!(head.parts.headers["x-a"], "b");
+        assert_eq!(head.framing, ResponseFraming::Length(4));
+        assert!(head.keep_alive);
+        assert!(head.parts.extensions.get::<hyper::ext::ReasonPhrase>().is_none());
+        assert_eq!(&buf[..], b"body");
+    }
+
+    #[test]
+    fn framing_and_reuse_follow_rfc_9112() {
+        assert_eq!(head("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").framing, ResponseFraming::Chunked);
+        let until_close = head("HTTP/1.1 200 OK\r\n\r\n");
+        assert_eq!(until_close.framing, ResponseFraming::UntilClose);
+        assert!(!until_close.keep_alive);
+        assert_eq!(head("HTTP/1.1 204 No Content\r\n\r\n").framing, ResponseFraming::Length(0));
+        assert_eq!(head("HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n").framing, ResponseFraming::Length(0));
+        let to_head = parsed("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true).expect("ok").expect("complete");
+        assert_eq!(to_head.framing, ResponseFraming::Length(0));
+        assert!(!head("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n").keep_alive);
+        assert!(!head("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n").keep_alive);
+        assert!(head("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n").keep_alive);
+    }
+
+    #[test]
+    fn keeps_an_unusual_reason_and_refuses_ambiguous_heads() {
+        let head = head("HTTP/1.1 200 Fine Thanks\r\nContent-Length: 0\r\n\r\n");
+        let reason = head.parts.extensions.get::<hyper::ext::ReasonPhrase>().expect("reason kept");
+        assert_eq!(reason.as_bytes(), b"Fine Thanks");
+        assert!(parsed("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n", false).expect("ok").is_none());
+        for bad in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            "HTTP/1.1 2000 OK\r\n\r\n",
+            "SSH-2.0-OpenSSH\r\n\r\n",
+        ] {
+            assert!(parsed(bad, false).is_err(), "{bad:?}");
+        }
+    }
+}
