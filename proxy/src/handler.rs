@@ -22,14 +22,18 @@ use crate::access_log::Entry;
 use crate::body::{ClientBody, IdleTimeout, LocalBody, Observed, full};
 use crate::headers::{Forwarded, set_forwarded, strip_hop_by_hop};
 use crate::http1::{Detached, OnUpgrade};
+use crate::parked::ParkingLot;
 use crate::router::{Match, RequestFacts, Target};
 use crate::runtime::Runtime;
+use crate::server::ConnectionGuard;
 use crate::upstream::{Pool, RequestBody};
 
 /// State of one worker thread, shared by its connections; never crosses threads.
 pub(crate) struct Worker {
     pub(crate) shared: Arc<Shared>,
     pub(crate) pool: Rc<Pool>,
+    /// HTTP/1 connections waiting for a request without a task.
+    pub(crate) parked: ParkingLot<ConnectionGuard>,
     pub(crate) vm: Rc<Vm>,
     pub(crate) id: usize,
     /// Runtime version whose scripts the VM's cache was last trimmed to.

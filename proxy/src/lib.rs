@@ -26,6 +26,7 @@ mod headers;
 mod http1;
 mod lua_flow;
 mod metrics;
+mod parked;
 pub mod router;
 pub mod runtime;
 mod server;

@@ -17,6 +17,7 @@ use crate::Shared;
 use crate::body::ClientBody;
 use crate::handler::{Connection, Worker, handle};
 use crate::http1::{CloseConnection, Detached, Ended, Io};
+use crate::parked::{Parked, ParkingLot};
 use crate::upstream::Pool;
 
 /// Time allowed for a TLS handshake.
@@ -68,6 +69,7 @@ pub(crate) fn run_worker(
             runtime,
             shared,
             pool: Rc::new(Pool::default()),
+            parked: ParkingLot::default(),
             vm: Rc::new(vm),
             id: index,
             scripts_version: std::cell::Cell::new(0),
@@ -77,6 +79,7 @@ pub(crate) fn run_worker(
         let https = TcpListener::from_std(https)?;
         tracing::debug!(worker = index, "worker started");
         tokio::task::spawn_local(crate::upkeep::run(Rc::clone(&worker)));
+        tokio::task::spawn_local(crate::parked::run(Rc::clone(&worker), serve_parked));
         tokio::task::spawn_local(accept_loop(Rc::clone(&worker), http, None));
         accept_loop(Rc::clone(&worker), https, Some(TlsAcceptor::from(tls))).await;
         // Lua timers still waiting run now, told they are premature.
@@ -110,7 +113,7 @@ async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, tls: Option<TlsA
 }
 
 /// Counts a connection as open until it ends, however it ends.
-struct ConnectionGuard(Arc<Shared>);
+pub(crate) struct ConnectionGuard(Arc<Shared>);
 
 impl ConnectionGuard {
     fn new(shared: &Arc<Shared>) -> Self {
@@ -128,7 +131,7 @@ impl Drop for ConnectionGuard {
 }
 
 async fn serve(worker: Rc<Worker>, stream: TcpStream, remote: SocketAddr, local_port: u16, tls: Option<TlsAcceptor>) {
-    let _guard = ConnectionGuard::new(&worker.shared);
+    let guard = ConnectionGuard::new(&worker.shared);
     // Shared by the connection's requests (and small in the connection's task).
     let conn = Rc::new(Connection {
         remote,
@@ -145,20 +148,48 @@ async fn serve(worker: Rc<Worker>, stream: TcpStream, remote: SocketAddr, local_
             None => return,
         },
     };
-    let shutdown = worker.shared.shutdown.subscribe();
-    let io = if alpn_h2 {
-        Detached::new(io)
+    if alpn_h2 {
+        let shutdown = worker.shared.shutdown.subscribe();
+        Box::pin(serve_http2(worker, conn, Detached::new(io), shutdown)).await;
     } else {
-        let (handler, conn) = (Rc::clone(&worker), Rc::clone(&conn));
+        serve_http1(worker, io, 0, conn, guard).await;
+    }
+}
+
+/// A parked connection whose socket turned readable.
+async fn serve_parked(worker: Rc<Worker>, parked: Parked<ConnectionGuard>) {
+    let Parked { idle, conn, guard } = parked;
+    serve_http1(worker, idle.io, idle.served, conn, guard).await;
+}
+
+/// Serves HTTP/1 until the connection closes, switches to HTTP/2, or idles and is parked.
+async fn serve_http1(
+    worker: Rc<Worker>,
+    mut io: Box<dyn Io>,
+    mut served: u64,
+    conn: Rc<Connection>,
+    mut guard: ConnectionGuard,
+) {
+    let shutdown = worker.shared.shutdown.subscribe();
+    loop {
+        let (handler, facts) = (Rc::clone(&worker), Rc::clone(&conn));
         let service = move |request: http::Request<_>| {
-            handle(Rc::clone(&handler), Rc::clone(&conn), request.map(ClientBody::Http1))
+            handle(Rc::clone(&handler), Rc::clone(&facts), request.map(ClientBody::Http1))
         };
-        match crate::http1::serve(io, service, shutdown.clone()).await {
+        match crate::http1::serve(io, served, service, shutdown.clone()).await {
             Ended::Closed => return,
-            Ended::Http2(io) => io,
+            Ended::Http2(io) => {
+                Box::pin(serve_http2(worker, conn, io, shutdown)).await;
+                return;
+            }
+            Ended::Idle(idle) => match worker.parked.park(Parked { idle, conn: Rc::clone(&conn), guard }) {
+                // The task ends; the connection waits in the worker.
+                Ok(()) => return,
+                // Readable already.
+                Err(back) => (io, served, guard) = (back.idle.io, back.idle.served, back.guard),
+            },
         }
-    };
-    Box::pin(serve_http2(worker, conn, io, shutdown)).await;
+    }
 }
 
 /// The TLS handshake, within its time limit: the stream and whether ALPN chose HTTP/2.

@@ -46,6 +46,9 @@ pub(crate) use stream::{Detached, Io, OnUpgrade, RequestStream, spare};
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time an idle keep-alive connection is kept (nginx's `keepalive_timeout`).
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(75);
+/// A connection that has had nothing to read for this long leaves the loop ([`Ended::Idle`]),
+/// to wait without a task; one busy with requests never does.
+pub(crate) const PARK_AFTER: Duration = Duration::from_millis(200);
 /// What is read and dropped of a body the service left unread before the connection is reused;
 /// beyond either bound it closes instead.
 const MAX_DISCARD: usize = 1 << 20;
@@ -63,6 +66,19 @@ pub(crate) enum Ended {
     Closed,
     /// The client opened with the HTTP/2 preface.
     Http2(Detached),
+    /// Nothing to read for [`PARK_AFTER`]: the caller keeps the connection until it is
+    /// readable, then serves it again (or closes it at `deadline`).
+    Idle(Idle),
+}
+
+/// A connection waiting for its next request, between two runs of [`serve`]. It holds no
+/// buffer and nothing was left unread.
+pub(crate) struct Idle {
+    pub(crate) io: Box<dyn Io>,
+    /// Requests served so far (none: the next head is the connection's first).
+    pub(crate) served: u64,
+    /// When the connection closes if no request has started.
+    pub(crate) deadline: Instant,
 }
 
 /// The upgrade a request carries when it asked to switch protocols (HTTP/1.1 `Upgrade`).
@@ -70,10 +86,15 @@ pub(crate) fn on_upgrade<B>(request: &mut Request<B>) -> Option<OnUpgrade> {
     request.extensions_mut().remove::<OnUpgrade>()
 }
 
-/// Serves requests on one connection until it closes, fails, switches protocols or a drain
-/// starts (`shutdown` turns true: an idle connection closes at once, a busy one after its
-/// response).
-pub(crate) async fn serve<S, F, B>(io: Box<dyn Io>, mut service: S, mut shutdown: watch::Receiver<bool>) -> Ended
+/// Serves requests on one connection until it closes, fails, switches protocols, idles or a
+/// drain starts (`shutdown` turns true: an idle connection closes at once, a busy one after its
+/// response). `served`: requests served on it before (by earlier runs).
+pub(crate) async fn serve<S, F, B>(
+    io: Box<dyn Io>,
+    mut served: u64,
+    mut service: S,
+    mut shutdown: watch::Receiver<bool>,
+) -> Ended
 where
     S: FnMut(Request<RequestStream>) -> F,
     F: Future<Output = Response<B>>,
@@ -81,13 +102,16 @@ where
     B::Error: std::fmt::Display,
 {
     let conn = Rc::new(RefCell::new(Conn::new(io)));
-    let mut served = 0u64;
     loop {
         // No await inside this match: the matched value would be kept in the task's state.
         let head = match next_head(&conn, served == 0, &mut shutdown).await {
             Next::Head(head) => head,
             Next::Closed => return Ended::Closed,
             Next::Http2 => return conn.borrow_mut().detach().map_or(Ended::Closed, Ended::Http2),
+            Next::Idle(deadline) => {
+                let io = conn.borrow_mut().io.take();
+                return io.map_or(Ended::Closed, |io| Ended::Idle(Idle { io, served, deadline }));
+            }
         };
         served += 1;
         match Box::pin(exchange(&conn, head, served, &mut service, &shutdown)).await {
@@ -109,13 +133,17 @@ enum Next {
     /// The connection opened with the HTTP/2 preface.
     Http2,
     Closed,
+    /// Nothing arrived for [`PARK_AFTER`]; the connection closes at this deadline.
+    Idle(Instant),
 }
 
 /// Waits for the next request head: without a buffer while nothing has arrived, closing on
-/// timeouts, the end of the stream, or a drain while idle. A head that cannot be served is
-/// answered here, and the connection closes.
+/// timeouts, the end of the stream, or a drain while idle, and leaving the loop once idle for
+/// [`PARK_AFTER`]. A head that cannot be served is answered here, and the connection closes.
 async fn next_head(conn: &RefCell<Conn>, first: bool, shutdown: &mut watch::Receiver<bool>) -> Next {
-    let mut deadline = Instant::now() + if first { HEADER_READ_TIMEOUT } else { KEEP_ALIVE_TIMEOUT };
+    let now = Instant::now();
+    let mut deadline = now + if first { HEADER_READ_TIMEOUT } else { KEEP_ALIVE_TIMEOUT };
+    let park_at = now + PARK_AFTER;
     let mut started = false;
     loop {
         let (idle, refused) = {
@@ -142,9 +170,13 @@ async fn next_head(conn: &RefCell<Conn>, first: bool, shutdown: &mut watch::Rece
             deadline = Instant::now() + HEADER_READ_TIMEOUT;
         }
         let read = poll_fn(|cx| conn.borrow_mut().poll_fill_head(cx));
+        // Idle, it parks first: the last read found nothing, so nothing waits unread.
+        let parks = idle && park_at < deadline;
         let read = tokio::select! {
             read = read => read,
-            () = tokio::time::sleep_until(deadline) => return Next::Closed,
+            () = tokio::time::sleep_until(if parks { park_at } else { deadline }) => {
+                return if parks { Next::Idle(deadline) } else { Next::Closed };
+            }
             _ = shutdown.wait_for(|stop| *stop), if idle => return Next::Closed,
         };
         match read {

@@ -51,8 +51,9 @@ async fn service(mut request: Request<RequestStream>) -> Response<TestBody> {
     }
 }
 
-/// Serves connections with [`service`] on a loopback port; returns the address and whether a
-/// connection opened with the HTTP/2 preface.
+/// Serves connections with [`service`] on a loopback port; returns the address and a channel
+/// that gets the first bytes of a connection that opened with the HTTP/2 preface, and `parked`
+/// each time a connection idles out of the loop (it is served again once readable).
 async fn server() -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Bytes>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address");
@@ -63,10 +64,22 @@ async fn server() -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver
             let (stream, _) = listener.accept().await.expect("accept");
             let (shutdown, handed) = (shutdown.clone(), handed.clone());
             tokio::task::spawn_local(async move {
-                if let Ended::Http2(mut detached) = serve(Box::new(stream), service, shutdown).await {
-                    let mut start = [0u8; 24];
-                    detached.read_exact(&mut start).await.expect("write");
-                    let _ = handed.send(Bytes::copy_from_slice(&start));
+                let (mut io, mut served): (Box<dyn Io>, u64) = (Box::new(stream), 0);
+                loop {
+                    match serve(io, served, service, shutdown.clone()).await {
+                        Ended::Closed => return,
+                        Ended::Http2(mut detached) => {
+                            let mut start = [0u8; 24];
+                            detached.read_exact(&mut start).await.expect("write");
+                            let _ = handed.send(Bytes::copy_from_slice(&start));
+                            return;
+                        }
+                        Ended::Idle(idle) => {
+                            let _ = handed.send(Bytes::from_static(b"parked"));
+                            poll_fn(|cx| idle.io.poll_readable(cx)).await.expect("readable");
+                            (io, served) = (idle.io, idle.served);
+                        }
+                    }
                 }
             });
         }
@@ -97,6 +110,28 @@ fn ends_with(suffix: &'static str) -> impl Fn(&str) -> bool {
 
 async fn local<F: Future>(test: F) -> F::Output {
     tokio::task::LocalSet::new().run_until(test).await
+}
+
+#[tokio::test]
+async fn an_idle_connection_leaves_the_loop_and_is_served_again_when_it_speaks() {
+    local(async {
+        let (addr, mut events) = server().await;
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        for round in 0..2 {
+            client.write_all(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi").await.expect("write");
+            let answer = read_until(&mut client, ends_with("hi")).await;
+            assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "round {round}: {answer}");
+            let parked = tokio::time::timeout(PARK_AFTER * 3, events.recv()).await.expect("parked in time");
+            assert_eq!(parked.as_deref(), Some(&b"parked"[..]));
+        }
+        // A request that comes before the connection parks is served by the same run.
+        client.write_all(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n").await.expect("write");
+        read_until(&mut client, ends_with("ignored")).await;
+        client.write_all(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n").await.expect("write");
+        read_until(&mut client, ends_with("ignored")).await;
+        assert!(events.try_recv().is_err(), "no park while busy");
+    })
+    .await;
 }
 
 #[tokio::test]
