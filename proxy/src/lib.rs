@@ -15,7 +15,8 @@
 //!
 //! Requests in flight keep the runtime they started with; a swap affects only new requests. A
 //! snapshot that fails to build is refused and the current runtime keeps serving.
-// One exception, `upkeep::trim`, calls the C allocator.
+// Two exceptions: `upkeep::release_free_memory` calls the C allocator, and
+// `parked::watched_epoll_set` registers an owned descriptor with tokio.
 #![deny(unsafe_code)]
 
 mod access_log;

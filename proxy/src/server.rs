@@ -17,7 +17,7 @@ use crate::Shared;
 use crate::body::ClientBody;
 use crate::handler::{Connection, Worker, handle};
 use crate::http1::{CloseConnection, Detached, Ended, Io};
-use crate::parked::{Parked, ParkingLot};
+use crate::parked::{ParkingLot, Resumed};
 use crate::upstream::Pool;
 
 /// Time allowed for a TLS handshake.
@@ -69,7 +69,7 @@ pub(crate) fn run_worker(
             runtime,
             shared,
             pool: Rc::new(Pool::default()),
-            parked: ParkingLot::default(),
+            parked: ParkingLot::new()?,
             vm: Rc::new(vm),
             id: index,
             scripts_version: std::cell::Cell::new(0),
@@ -157,9 +157,9 @@ async fn serve(worker: Rc<Worker>, stream: TcpStream, remote: SocketAddr, local_
 }
 
 /// A parked connection whose socket turned readable.
-async fn serve_parked(worker: Rc<Worker>, parked: Parked<ConnectionGuard>) {
-    let Parked { idle, conn, guard } = parked;
-    serve_http1(worker, idle.io, idle.served, conn, guard).await;
+async fn serve_parked(worker: Rc<Worker>, parked: Resumed<ConnectionGuard>) {
+    let Resumed { io, served, conn, guard } = parked;
+    serve_http1(worker, io, served, conn, guard).await;
 }
 
 /// Serves HTTP/1 until the connection closes, switches to HTTP/2, or idles and is parked.
@@ -182,11 +182,11 @@ async fn serve_http1(
                 Box::pin(serve_http2(worker, conn, io, shutdown)).await;
                 return;
             }
-            Ended::Idle(idle) => match worker.parked.park(Parked { idle, conn: Rc::clone(&conn), guard }) {
+            Ended::Idle(idle) => match worker.parked.park(idle, Rc::clone(&conn), guard) {
                 // The task ends; the connection waits in the worker.
                 Ok(()) => return,
                 // Readable already.
-                Err(back) => (io, served, guard) = (back.idle.io, back.idle.served, back.guard),
+                Err(back) => (io, served, guard) = (back.io, back.served, back.guard),
             },
         }
     }

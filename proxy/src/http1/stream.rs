@@ -26,17 +26,28 @@ pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {
     /// when it does. For TLS this is the TCP socket's readiness, so ask only after a read found
     /// nothing (no plaintext then waits inside TLS).
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// The plain TCP stream, if that is all this is.
+    fn into_tcp(self: Box<Self>) -> Result<TcpStream, Box<dyn Io>>;
 }
 
 impl Io for TcpStream {
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.poll_read_ready(cx)
     }
+
+    fn into_tcp(self: Box<Self>) -> Result<TcpStream, Box<dyn Io>> {
+        Ok(*self)
+    }
 }
 
 impl Io for tokio_rustls::server::TlsStream<TcpStream> {
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.get_ref().0.poll_read_ready(cx)
+    }
+
+    fn into_tcp(self: Box<Self>) -> Result<TcpStream, Box<dyn Io>> {
+        Err(self)
     }
 }
 
