@@ -20,13 +20,14 @@
 //! ```
 
 use std::cell::{Cell, RefCell};
-use std::io;
+use std::io::{self, Read as _};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll, Wake, Waker, ready};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use mio::unix::SourceFd;
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
@@ -34,17 +35,21 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::handler::{Connection, Worker};
-use crate::http1::{Idle, Io};
+use crate::http1::{Idle, Io, spare};
 use crate::server::ConnectionGuard;
 
 /// How often connections past their deadline are closed.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Readiness events taken from the lot's epoll set at once.
 const EVENTS: usize = 256;
+/// Bytes read from a plain socket as it comes back (a request head, usually whole).
+const FIRST_READ: usize = 4096;
 
-/// A connection back from the lot, to be served.
+/// A connection to be served: back from the lot, or new.
 pub(crate) struct Resumed<G> {
     pub(crate) io: Box<dyn Io>,
+    /// What was read from it on the way back.
+    pub(crate) read: BytesMut,
     pub(crate) served: u64,
     pub(crate) conn: Rc<Connection>,
     pub(crate) guard: G,
@@ -179,7 +184,7 @@ impl<G> ParkingLot<G> {
                 let waker = Waker::from(Arc::new(SlotWaker { index, generation, woken: Arc::clone(&self.woken) }));
                 if io.poll_readable(&mut Context::from_waker(&waker)).is_ready() {
                     self.vacant.borrow_mut().push(index);
-                    return Err(Resumed { io, served, conn, guard });
+                    return Err(Resumed { io, read: BytesMut::new(), served, conn, guard });
                 }
                 Waiting::Driver(io)
             }
@@ -198,14 +203,25 @@ impl<G> ParkingLot<G> {
         Some(held)
     }
 
-    /// A connection taken from its slot, its socket back in tokio's driver.
+    /// A connection taken from its slot, its socket back in tokio's driver. A plain socket is
+    /// read first: the new task starts with the request in hand (tokio would otherwise wait for
+    /// its driver to report the socket again), and one that was closed goes without a task.
     fn resume(&self, held: Held<G>) -> Option<Resumed<G>> {
         let Held { waiting, served, conn, guard, .. } = held;
+        let mut read = BytesMut::new();
         let io: Box<dyn Io> = match waiting {
             Waiting::Driver(io) => io,
-            Waiting::Plain(std) => {
+            Waiting::Plain(mut std) => {
                 let fd = std.as_raw_fd();
                 let _ = self.epoll.borrow().get_ref().registry().deregister(&mut SourceFd(&fd));
+                read = spare::take_read();
+                read.resize(FIRST_READ, 0);
+                match std.read(&mut read) {
+                    Ok(0) => return None,
+                    Ok(n) => read.truncate(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => read.clear(),
+                    Err(_) => return None,
+                }
                 match TcpStream::from_std(std) {
                     Ok(tcp) => Box::new(tcp),
                     Err(e) => {
@@ -215,7 +231,7 @@ impl<G> ParkingLot<G> {
                 }
             }
         };
-        Some(Resumed { io, served, conn, guard })
+        Some(Resumed { io, read, served, conn, guard })
     }
 
     /// Takes the TLS connections whose streams turned readable.
@@ -226,27 +242,37 @@ impl<G> ParkingLot<G> {
 
     /// The plain connections the epoll set reports readable, once it reports some.
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<Vec<Resumed<G>>> {
-        let keys: Vec<(u32, u32)> = {
-            let mut epoll = self.epoll.borrow_mut();
-            let mut events = self.events.borrow_mut();
-            loop {
-                let mut ready = match epoll.poll_read_ready_mut(cx) {
-                    // An error: the runtime is shutting down.
-                    Poll::Pending | Poll::Ready(Err(_)) => return Poll::Pending,
-                    Poll::Ready(Ok(ready)) => ready,
-                };
-                if let Err(e) = ready.get_inner_mut().poll(&mut events, Some(Duration::ZERO)) {
-                    tracing::debug!(error = %e, "polling idle connections failed");
-                }
-                if !events.is_empty() {
-                    break events.iter().map(|event| slot_of(event.token())).collect();
-                }
-                // Cleared only if nothing new was reported since it was seen; then the next
-                // round registers the waker.
-                ready.clear_ready();
+        loop {
+            let keys = ready!(self.poll_events(cx));
+            let resumed: Vec<_> =
+                keys.into_iter().filter_map(|(i, g)| self.take(i, g)).filter_map(|h| self.resume(h)).collect();
+            // None when every one reported had closed (or was stale).
+            if !resumed.is_empty() {
+                return Poll::Ready(resumed);
             }
-        };
-        Poll::Ready(keys.into_iter().filter_map(|(i, g)| self.take(i, g)).filter_map(|h| self.resume(h)).collect())
+        }
+    }
+
+    /// The slots of the sockets the epoll set reports readable, once it reports some.
+    fn poll_events(&self, cx: &mut Context<'_>) -> Poll<Vec<(u32, u32)>> {
+        let mut epoll = self.epoll.borrow_mut();
+        let mut events = self.events.borrow_mut();
+        loop {
+            let mut ready = match epoll.poll_read_ready_mut(cx) {
+                // An error: the runtime is shutting down.
+                Poll::Pending | Poll::Ready(Err(_)) => return Poll::Pending,
+                Poll::Ready(Ok(ready)) => ready,
+            };
+            if let Err(e) = ready.get_inner_mut().poll(&mut events, Some(Duration::ZERO)) {
+                tracing::debug!(error = %e, "polling idle connections failed");
+            }
+            if !events.is_empty() {
+                return Poll::Ready(events.iter().map(|event| slot_of(event.token())).collect());
+            }
+            // Cleared only if nothing new was reported since it was seen; then the next round
+            // registers the waker.
+            ready.clear_ready();
+        }
     }
 
     /// Closes the connections that match, returning how many.
@@ -400,15 +426,25 @@ mod tests {
         }
         assert_eq!(lot.len(), 0);
 
-        // Back in tokio's driver, the plain socket reads what was sent while it was parked.
-        let (_client, plain) = pair().await;
+        // A plain socket comes back with what was sent while it was parked, and back in tokio's
+        // driver for what follows.
+        let (mut plain_client, plain) = pair().await;
         assert!(lot.park(idle(Box::new(plain), far), facts(), Rc::new(())).is_ok());
-        let mut plain_client = _client;
         plain_client.write_all(b"hello").await.expect("write");
         let mut back = next(&lot).await.pop().expect("one");
+        assert_eq!(&back.read[..], b"hello");
+        plain_client.write_all(b"again").await.expect("write");
         let mut got = [0u8; 5];
         tokio::io::AsyncReadExt::read_exact(&mut back.io, &mut got).await.expect("read");
-        assert_eq!(&got, b"hello");
+        assert_eq!(&got, b"again");
+
+        // One the client closed while parked goes without being served.
+        let (plain_client, plain) = pair().await;
+        assert!(lot.park(idle(Box::new(plain), far), facts(), Rc::new(())).is_ok());
+        drop(plain_client);
+        let waited = tokio::time::timeout(Duration::from_millis(300), next(&lot)).await;
+        assert!(waited.is_err(), "a closed connection is not handed back");
+        assert_eq!(lot.len(), 0);
 
         // Readable already: a stream in the driver is given straight back.
         let (mut client, tls) = pair().await;

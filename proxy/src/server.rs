@@ -8,6 +8,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -79,7 +80,7 @@ pub(crate) fn run_worker(
         let https = TcpListener::from_std(https)?;
         tracing::debug!(worker = index, "worker started");
         tokio::task::spawn_local(crate::upkeep::run(Rc::clone(&worker)));
-        tokio::task::spawn_local(crate::parked::run(Rc::clone(&worker), serve_parked));
+        tokio::task::spawn_local(crate::parked::run(Rc::clone(&worker), serve_http1));
         tokio::task::spawn_local(accept_loop(Rc::clone(&worker), http, None));
         accept_loop(Rc::clone(&worker), https, Some(TlsAcceptor::from(tls))).await;
         // Lua timers still waiting run now, told they are premature.
@@ -152,41 +153,31 @@ async fn serve(worker: Rc<Worker>, stream: TcpStream, remote: SocketAddr, local_
         let shutdown = worker.shared.shutdown.subscribe();
         Box::pin(serve_http2(worker, conn, Detached::new(io), shutdown)).await;
     } else {
-        serve_http1(worker, io, 0, conn, guard).await;
+        serve_http1(worker, Resumed { io, read: BytesMut::new(), served: 0, conn, guard }).await;
     }
 }
 
-/// A parked connection whose socket turned readable.
-async fn serve_parked(worker: Rc<Worker>, parked: Resumed<ConnectionGuard>) {
-    let Resumed { io, served, conn, guard } = parked;
-    serve_http1(worker, io, served, conn, guard).await;
-}
-
-/// Serves HTTP/1 until the connection closes, switches to HTTP/2, or idles and is parked.
-async fn serve_http1(
-    worker: Rc<Worker>,
-    mut io: Box<dyn Io>,
-    mut served: u64,
-    conn: Rc<Connection>,
-    mut guard: ConnectionGuard,
-) {
+/// Serves HTTP/1 (on a new connection, or one back from the parking lot) until the
+/// connection closes, switches to HTTP/2, or idles and is parked.
+async fn serve_http1(worker: Rc<Worker>, mut connection: Resumed<ConnectionGuard>) {
     let shutdown = worker.shared.shutdown.subscribe();
     loop {
+        let Resumed { io, read, served, conn, guard } = connection;
         let (handler, facts) = (Rc::clone(&worker), Rc::clone(&conn));
         let service = move |request: http::Request<_>| {
             handle(Rc::clone(&handler), Rc::clone(&facts), request.map(ClientBody::Http1))
         };
-        match crate::http1::serve(io, served, service, shutdown.clone()).await {
+        match crate::http1::serve(io, read, served, service, shutdown.clone()).await {
             Ended::Closed => return,
             Ended::Http2(io) => {
                 Box::pin(serve_http2(worker, conn, io, shutdown)).await;
                 return;
             }
-            Ended::Idle(idle) => match worker.parked.park(idle, Rc::clone(&conn), guard) {
+            Ended::Idle(idle) => match worker.parked.park(idle, conn, guard) {
                 // The task ends; the connection waits in the worker.
                 Ok(()) => return,
                 // Readable already.
-                Err(back) => (io, served, guard) = (back.io, back.served, back.guard),
+                Err(back) => connection = back,
             },
         }
     }
