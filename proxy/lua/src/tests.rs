@@ -551,6 +551,45 @@ fn timers_run_after_their_request_and_are_bounded() {
 }
 
 #[test]
+fn a_timer_runs_until_its_light_threads_end() {
+    let dicts = crate::SharedDicts::new();
+    dicts.configure(&[("ns".into(), "t".into(), 1 << 20)]);
+    let vm = Rc::new(
+        Vm::new(LuaConfig { shared_dicts: std::sync::Arc::clone(&dicts), ..LuaConfig::default() }).expect("vm"),
+    );
+    block_on(async {
+        let request = vm.begin(head("/")).expect("request");
+        let timer = script(
+            "ngx.timer.at(0, function()
+                ngx.thread.spawn(function() ngx.sleep(0.05) ngx.shared.t:set('thread', 'done') end)
+                ngx.shared.t:set('timer', 'returned')
+            end)
+            ngx.timer.at(0, function()
+                ngx.thread.spawn(function() ngx.sleep(0.05) ngx.exit(200) end)
+                ngx.thread.spawn(function() ngx.sleep(0.2) ngx.shared.t:set('killed', 'no') end)
+            end)",
+        );
+        assert_eq!(vm.run(&request, Phase::Content, &[timer]).await, Outcome::Continue);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let request = vm.begin(head("/")).expect("request");
+        let probe = script("ngx.say(ngx.shared.t:get('timer'), ' ', ngx.timer.running_count())");
+        vm.run(&request, Phase::Content, &[Arc::clone(&probe)]).await;
+        assert_eq!(output(&request), "returned 2\n", "both timers still run: their threads sleep");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let request = vm.begin(head("/")).expect("request");
+        let probe = script(
+            "ngx.say(ngx.shared.t:get('thread'), ' ', tostring(ngx.shared.t:get('killed')), ' ', ngx.timer.running_count())",
+        );
+        vm.run(&request, Phase::Content, &[probe]).await;
+        assert_eq!(
+            output(&request),
+            "done nil 0\n",
+            "joined; ngx.exit in a thread ended its timer and its other thread"
+        );
+    });
+}
+
+#[test]
 fn waiting_inside_user_coroutines_suspends_the_request_not_the_coroutine() {
     let vm = vm();
     let started = Instant::now();

@@ -208,6 +208,44 @@ pub(crate) struct Runner {
 }
 
 impl Runner {
+    /// Runs a handler (or timer callback) and then its light threads to their end: the handler
+    /// is over when all of them are, or as soon as one ends the request (`ngx.exit`, CPU
+    /// budget). Those still running then are killed.
+    pub(crate) async fn drive_with_threads(
+        &self,
+        request: &Rc<LuaRequest>,
+        task: impl Future<Output = mlua::Result<()>>,
+    ) -> Outcome {
+        let _threads = KillThreadsOnDrop(request);
+        let outcome = tokio::select! {
+            biased;
+            outcome = self.drive(request, task) => outcome,
+            outcome = self.watch_threads(request, false) => outcome,
+        };
+        if outcome != Outcome::Continue {
+            return outcome;
+        }
+        self.watch_threads(request, true).await
+    }
+
+    /// Follows the request's light threads: returns when one of them ends the request
+    /// (`ngx.exit`, CPU budget) or, with `until_all_ended`, once none runs.
+    async fn watch_threads(&self, request: &LuaRequest, until_all_ended: bool) -> Outcome {
+        loop {
+            let ended = request.thread_ended.notified();
+            if let Some(status) = request.state.exit.get() {
+                return exit_outcome(request.state.phase.get(), status);
+            }
+            if request.remaining_budget(self.cpu_budget).is_none() {
+                return timeout();
+            }
+            if until_all_ended && !request.threads.borrow().iter().any(|t| t.is_running()) {
+                return Outcome::Continue;
+            }
+            ended.await;
+        }
+    }
+
     pub(crate) async fn drive(
         &self,
         request: &Rc<LuaRequest>,
@@ -422,38 +460,9 @@ impl Vm {
             // the pool is empty) and returns it there afterwards.
             self.handler(request, script).map(|f| f.call_async::<()>(()))
         };
-        let _threads = KillThreadsOnDrop(request);
-        let outcome = match started {
-            Ok(task) => {
-                tokio::select! {
-                    biased;
-                    outcome = self.runner.drive(request, task) => outcome,
-                    outcome = self.watch_threads(request, false) => outcome,
-                }
-            }
-            Err(e) => return failure(&e),
-        };
-        if outcome != Outcome::Continue {
-            return outcome;
-        }
-        self.watch_threads(request, true).await
-    }
-
-    /// Follows the request's light threads: returns when one of them ends the request
-    /// (`ngx.exit`, CPU budget) or, with `until_all_ended`, once none runs.
-    async fn watch_threads(&self, request: &LuaRequest, until_all_ended: bool) -> Outcome {
-        loop {
-            let ended = request.thread_ended.notified();
-            if let Some(status) = request.state.exit.get() {
-                return exit_outcome(request.state.phase.get(), status);
-            }
-            if request.remaining_budget(self.config.cpu_budget).is_none() {
-                return timeout();
-            }
-            if until_all_ended && !request.threads.borrow().iter().any(|t| t.is_running()) {
-                return Outcome::Continue;
-            }
-            ended.await;
+        match started {
+            Ok(task) => self.runner.drive_with_threads(request, task).await,
+            Err(e) => failure(&e),
         }
     }
 

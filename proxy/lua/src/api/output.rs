@@ -284,7 +284,12 @@ const CLOSING: [u16; 3] = [408, 444, 499];
 
 fn prepare_exit(status: i64) -> mlua::Result<()> {
     let request = current("ngx.exit")?;
-    require_phase(&request, "ngx.exit", &[Phase::Rewrite, Phase::Access, Phase::Content, Phase::HeaderFilter])?;
+    // In a timer it ends the timer, light threads included, as in OpenResty.
+    require_phase(
+        &request,
+        "ngx.exit",
+        &[Phase::Rewrite, Phase::Access, Phase::Content, Phase::HeaderFilter, Phase::Timer],
+    )?;
     if status == -2 || status == -4 {
         return Err(mlua::Error::runtime("bad argument to 'ngx.exit': does not accept NGX_AGAIN or NGX_DONE"));
     }

@@ -145,7 +145,8 @@ async fn run_callback(
         Ok::<_, mlua::Error>((request, task))
     })();
     match started {
-        Ok((request, task)) => ctx.runner.drive(&request, task).await,
+        // Its light threads are joined as a handler's are: the timer runs until they end.
+        Ok((request, task)) => ctx.runner.drive_with_threads(&request, task).await,
         Err(e) => Outcome::Failed { kind: crate::FailureKind::Error, message: e.to_string() },
     }
 }
