@@ -31,12 +31,15 @@ pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
 /// Removes hop-by-hop headers and those the `Connection` header names. With `keep_upgrade`,
 /// `Upgrade` and `Connection: upgrade` survive so a protocol switch can pass through.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // `close` and `keep-alive`, the usual tokens, name nothing left to remove: no list then.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .filter(|n| !(keep_upgrade && n == header::UPGRADE))
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
@@ -66,6 +69,28 @@ pub(crate) fn client_ip_value(client: SocketAddr) -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
+/// A port as a header value, formatted once per port and worker: a worker listens on a few
+/// ports, and cloning a static value costs nothing where formatting one allocates.
+fn port_value(port: u16) -> HeaderValue {
+    thread_local! {
+        static PORTS: std::cell::RefCell<Vec<(u16, HeaderValue)>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    PORTS.with(|ports| {
+        let mut ports = ports.borrow_mut();
+        if let Some((_, value)) = ports.iter().find(|(p, _)| *p == port) {
+            return value.clone();
+        }
+        // Leaked once per port, and only for the first few: the listening ports.
+        let value = if ports.len() < 16 {
+            HeaderValue::from_static(Box::leak(port.to_string().into_boxed_str()))
+        } else {
+            return HeaderValue::from(port);
+        };
+        ports.push((port, value.clone()));
+        value
+    })
+}
+
 pub(crate) fn set_forwarded(headers: &mut HeaderMap, f: Forwarded<'_>) {
     headers.insert(HeaderName::from_static("x-forwarded-for"), f.client_ip.clone());
     headers.insert(HeaderName::from_static("x-real-ip"), f.client_ip.clone());
@@ -74,7 +99,7 @@ pub(crate) fn set_forwarded(headers: &mut HeaderMap, f: Forwarded<'_>) {
     if let Some(host) = f.host {
         headers.insert(HeaderName::from_static("x-forwarded-host"), host);
     }
-    headers.insert(HeaderName::from_static("x-forwarded-port"), HeaderValue::from(f.port));
+    headers.insert(HeaderName::from_static("x-forwarded-port"), port_value(f.port));
 }
 
 #[cfg(test)]

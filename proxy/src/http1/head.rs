@@ -78,7 +78,9 @@ pub(crate) fn parse(buf: &mut BytesMut) -> Result<Option<Head>, Refused> {
     let bytes: Bytes = buf.split_to(length).freeze();
     let slice = |(start, len): (usize, usize)| bytes.slice(start..start + len);
     let uri = Uri::from_maybe_shared(slice(target)).map_err(|_| Refused::Malformed("invalid request target"))?;
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for what the proxy adds on the way upstream (the `X-Forwarded-*` set), so that
+    // adding it does not grow the map.
+    let mut headers = HeaderMap::with_capacity(count + 6);
     for &(name, value) in &spans[..count] {
         let name = HeaderName::from_bytes(&slice(name)).map_err(|_| Refused::Malformed("invalid header name"))?;
         let value =

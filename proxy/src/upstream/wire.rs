@@ -120,7 +120,8 @@ pub(crate) fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<O
 
     let bytes: Bytes = buf.split_to(length).freeze();
     let slice = |(start, len): (usize, usize)| bytes.slice(start..start + len);
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for what every response gets added (`Server`, `Date`, HSTS).
+    let mut headers = HeaderMap::with_capacity(count + 3);
     for &(name, value) in &spans[..count] {
         let name = HeaderName::from_bytes(&slice(name)).map_err(|_| "invalid response header name")?;
         let value = HeaderValue::from_maybe_shared(slice(value)).map_err(|_| "invalid response header value")?;
