@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION="${1:-5}"
 ROUNDS="${2:-3}"
-CONNECTIONS=64
+CONNECTIONS=${CONNECTIONS:-64}
 
 . bench/lib.sh
 need wrk wrk

@@ -255,6 +255,32 @@ async fn admin_reports_health_readiness_and_metrics() {
         assert!(metrics.contains(name), "metrics lack {name}:\n{metrics}");
     }
     assert_eq!(support::admin_get(s.tidegate.admin, "/healthz").expect("healthz"), "ok\n");
+
+    // An idle keep-alive connection parks; a malformed head is refused and counted.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut idle = tokio::net::TcpStream::connect(s.tidegate.http).await.expect("connect");
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: plain.test\r\n\r\n").await.expect("write");
+    let mut answer = [0u8; 1024];
+    let n = idle.read(&mut answer).await.expect("read");
+    assert!(answer[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer[..n]));
+    let mut bad = tokio::net::TcpStream::connect(s.tidegate.http).await.expect("connect");
+    bad.write_all(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n").await.expect("write");
+    let mut refused = Vec::new();
+    bad.read_to_end(&mut refused).await.expect("read");
+    assert!(refused.starts_with(b"HTTP/1.1 400"), "{}", String::from_utf8_lossy(&refused));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let metrics = support::admin_get(s.tidegate.admin, "/metrics").expect("metrics");
+    assert!(metrics.contains("tidegate_refused_requests_total{status=\"400\"} 1"), "{metrics}");
+    let parked: i64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tidegate_parked_connections "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("parked connections reported");
+    assert!(parked >= 1, "the idle connection is parked: {metrics}");
+    // Parked, it still answers.
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: plain.test\r\n\r\n").await.expect("write");
+    let n = idle.read(&mut answer).await.expect("read");
+    assert!(answer[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer[..n]));
 }
 
 /// A loopback listener that never accepts, with its backlog filled: further connection attempts

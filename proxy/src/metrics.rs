@@ -30,6 +30,12 @@ pub(crate) struct WorkerLabels {
     pub(crate) worker: String,
 }
 
+/// Labels of counters by status code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct StatusLabels {
+    pub(crate) status: String,
+}
+
 /// Labels of the Lua failure counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct LuaErrorLabels {
@@ -52,6 +58,8 @@ pub(crate) struct Metrics {
     pub(crate) request_duration: Histogram,
     pub(crate) upstream_duration: Histogram,
     pub(crate) active_connections: Gauge,
+    pub(crate) parked_connections: Gauge,
+    pub(crate) refused_requests: Family<StatusLabels, Counter>,
     pub(crate) config_version: Gauge,
     pub(crate) config_apply_duration: Histogram,
     pub(crate) config_apply_failures: Counter,
@@ -82,6 +90,18 @@ impl Metrics {
         );
         let active_connections = Gauge::default();
         registry.register("active_connections", "Client connections open now", active_connections.clone());
+        let parked_connections = Gauge::default();
+        registry.register(
+            "parked_connections",
+            "Idle HTTP/1 client connections waiting in their worker without a task (part of active_connections)",
+            parked_connections.clone(),
+        );
+        let refused_requests = Family::<StatusLabels, Counter>::default();
+        registry.register(
+            "refused_requests",
+            "HTTP/1 request heads refused before routing, by status (400 malformed or ambiguous framing, 431 too large)",
+            refused_requests.clone(),
+        );
         let config_version = Gauge::default();
         registry.register("config_version", "Version of the snapshot being served", config_version.clone());
         let config_apply_duration = Histogram::new(seconds_buckets());
@@ -156,6 +176,8 @@ impl Metrics {
             request_duration,
             upstream_duration,
             active_connections,
+            parked_connections,
+            refused_requests,
             config_version,
             config_apply_duration,
             config_apply_failures,

@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use mio::unix::SourceFd;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -133,11 +134,13 @@ pub(crate) struct ParkingLot<G> {
     events: RefCell<mio::Events>,
     /// Set once a drain starts: nothing parks any more.
     closed: Cell<bool>,
+    /// Connections parked now (shared by the workers' lots).
+    count: Gauge,
 }
 
 impl<G> ParkingLot<G> {
-    /// A lot for the current worker (inside its runtime).
-    pub(crate) fn new() -> io::Result<Self> {
+    /// A lot for the current worker (inside its runtime), counting its connections in `count`.
+    pub(crate) fn new(count: Gauge) -> io::Result<Self> {
         Ok(ParkingLot {
             slots: RefCell::default(),
             vacant: RefCell::default(),
@@ -145,6 +148,7 @@ impl<G> ParkingLot<G> {
             epoll: RefCell::new(watched_epoll_set()?),
             events: RefCell::new(mio::Events::with_capacity(EVENTS)),
             closed: Cell::new(false),
+            count,
         })
     }
 
@@ -190,6 +194,7 @@ impl<G> ParkingLot<G> {
             }
         };
         self.slots.borrow_mut()[index as usize].held = Some(Held { waiting, served, deadline, conn, guard });
+        self.count.inc();
         Ok(())
     }
 
@@ -200,6 +205,7 @@ impl<G> ParkingLot<G> {
         let held = slot.held.take()?;
         slot.generation = slot.generation.wrapping_add(1);
         self.vacant.borrow_mut().push(index);
+        self.count.dec();
         Some(held)
     }
 
@@ -290,6 +296,7 @@ impl<G> ParkingLot<G> {
             }
         }
         // Dropped outside the borrows (a closed socket leaves the epoll set by itself).
+        self.count.dec_by(i64::try_from(closed.len()).unwrap_or(i64::MAX));
         closed.len()
     }
 
@@ -407,7 +414,7 @@ mod tests {
 
     #[tokio::test]
     async fn parked_connections_come_back_when_readable_and_not_before() {
-        let lot = ParkingLot::new().expect("lot");
+        let lot = ParkingLot::new(Gauge::default()).expect("lot");
         let far = Instant::now() + Duration::from_secs(60);
         let (mut plain_client, plain) = pair().await;
         let (mut tls_client, tls) = pair().await;
@@ -455,7 +462,7 @@ mod tests {
 
     #[tokio::test]
     async fn deadlines_and_drains_close_parked_connections() {
-        let lot = ParkingLot::new().expect("lot");
+        let lot = ParkingLot::new(Gauge::default()).expect("lot");
         let guard = Rc::new(());
         let now = Instant::now();
         let mut clients = Vec::new();
@@ -464,8 +471,9 @@ mod tests {
             clients.push(client);
             assert!(lot.park(idle(Box::new(server), deadline), facts(), Rc::clone(&guard)).is_ok());
         }
-        assert_eq!(Rc::strong_count(&guard), 3);
+        assert_eq!((Rc::strong_count(&guard), lot.count.get()), (3, 2));
         assert_eq!(lot.close_where(|held| held.deadline <= now), 1);
+        assert_eq!(lot.count.get(), 1, "the gauge follows");
         assert_eq!(Rc::strong_count(&guard), 2, "the expired one is dropped");
         let mut closed = [0u8; 1];
         let n = tokio::io::AsyncReadExt::read(&mut clients[0], &mut closed).await.expect("read");
@@ -474,6 +482,6 @@ mod tests {
         assert_eq!(lot.close_where(|_| true), 1);
         let (_client, server) = pair().await;
         assert!(lot.park(idle(Box::new(server), now), facts(), Rc::clone(&guard)).is_ok());
-        assert_eq!((lot.len(), Rc::strong_count(&guard)), (0, 1), "after a drain nothing parks");
+        assert_eq!((lot.len(), Rc::strong_count(&guard), lot.count.get()), (0, 1, 0), "after a drain nothing parks");
     }
 }

@@ -18,6 +18,7 @@ use crate::Shared;
 use crate::body::ClientBody;
 use crate::handler::{Connection, Worker, handle};
 use crate::http1::{CloseConnection, Detached, Ended, Io};
+use crate::metrics::StatusLabels;
 use crate::parked::{ParkingLot, Resumed};
 use crate::upstream::Pool;
 
@@ -66,11 +67,12 @@ pub(crate) fn run_worker(
         let vm = tidegate_lua::Vm::new(config)
             .map_err(|e| std::io::Error::other(format!("cannot create the Lua VM: {e}")))?;
         let runtime = std::cell::RefCell::new(Rc::new(shared.runtime.load_full()));
+        let parked = ParkingLot::new(shared.metrics.parked_connections.clone())?;
         let worker = Rc::new(Worker {
             runtime,
             shared,
             pool: Rc::new(Pool::default()),
-            parked: ParkingLot::new()?,
+            parked,
             vm: Rc::new(vm),
             id: index,
             scripts_version: std::cell::Cell::new(0),
@@ -169,6 +171,11 @@ async fn serve_http1(worker: Rc<Worker>, mut connection: Resumed<ConnectionGuard
         };
         match crate::http1::serve(io, read, served, service, shutdown.clone()).await {
             Ended::Closed => return,
+            Ended::Refused(status) => {
+                let labels = StatusLabels { status: status.as_u16().to_string() };
+                worker.shared.metrics.refused_requests.get_or_create(&labels).inc();
+                return;
+            }
             Ended::Http2(io) => {
                 Box::pin(serve_http2(worker, conn, io, shutdown)).await;
                 return;

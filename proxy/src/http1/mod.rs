@@ -72,6 +72,8 @@ pub(crate) enum Ended {
     /// Nothing to read for [`PARK_AFTER`]: the caller keeps the connection until it is
     /// readable, then serves it again (or closes it at `deadline`).
     Idle(Idle),
+    /// A request head was answered with this status (400, 431) and the connection closed.
+    Refused(StatusCode),
 }
 
 /// A connection waiting for its next request, between two runs of [`serve`]. It holds no
@@ -112,6 +114,7 @@ where
         let head = match next_head(&conn, served == 0, &mut shutdown).await {
             Next::Head(head) => head,
             Next::Closed => return Ended::Closed,
+            Next::Refused(status) => return Ended::Refused(status),
             Next::Http2 => return conn.borrow_mut().detach().map_or(Ended::Closed, Ended::Http2),
             Next::Idle(deadline) => {
                 let io = conn.borrow_mut().io.take();
@@ -140,6 +143,8 @@ enum Next {
     Closed,
     /// Nothing arrived for [`PARK_AFTER`]; the connection closes at this deadline.
     Idle(Instant),
+    /// The head was refused with this status; the connection is closed.
+    Refused(StatusCode),
 }
 
 /// Waits for the next request head: without a buffer while nothing has arrived, closing on
@@ -167,8 +172,7 @@ async fn next_head(conn: &RefCell<Conn>, first: bool, shutdown: &mut watch::Rece
             if first && why == Refused::Http2Preface {
                 return Next::Http2;
             }
-            refuse(conn, &why).await;
-            return Next::Closed;
+            return Next::Refused(refuse(conn, &why).await);
         }
         if !idle && !started {
             started = true;
@@ -191,8 +195,8 @@ async fn next_head(conn: &RefCell<Conn>, first: bool, shutdown: &mut watch::Rece
     }
 }
 
-/// Answers a head that cannot be served, and the connection closes.
-async fn refuse(conn: &RefCell<Conn>, why: &Refused) {
+/// Answers a head that cannot be served, and the connection closes; the status it got.
+async fn refuse(conn: &RefCell<Conn>, why: &Refused) -> StatusCode {
     let (status, detail) = match why {
         Refused::Malformed(what) => (StatusCode::BAD_REQUEST, *what),
         Refused::TooLarge => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large"),
@@ -209,6 +213,7 @@ async fn refuse(conn: &RefCell<Conn>, why: &Refused) {
     if write_all(conn, &out).await.is_ok() {
         let _ = poll_fn(|cx| conn.borrow_mut().poll_shutdown(cx)).await;
     }
+    status
 }
 
 enum After {

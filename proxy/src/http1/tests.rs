@@ -67,7 +67,7 @@ async fn server() -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver
                 let (mut io, mut served): (Box<dyn Io>, u64) = (Box::new(stream), 0);
                 loop {
                     match serve(io, BytesMut::new(), served, service, shutdown.clone()).await {
-                        Ended::Closed => return,
+                        Ended::Closed | Ended::Refused(_) => return,
                         Ended::Http2(mut detached) => {
                             let mut start = [0u8; 24];
                             detached.read_exact(&mut start).await.expect("write");
