@@ -19,6 +19,7 @@ CONNECTIONS=${CONNECTIONS:-64}
 need wrk wrk
 need h2load nghttp2-client
 need nginx nginx libnginx-mod-http-lua
+need openssl openssl
 [ -f /usr/lib/nginx/modules/ngx_http_lua_module.so ] || apt-get install -y -qq libnginx-mod-http-lua
 cargo build --release --quiet
 BIN=$PWD/target/release/tidegate
@@ -36,7 +37,10 @@ UPSTREAM=127.0.0.1:19100
 TIDEGATE=127.0.0.1:18180
 NGINX=127.0.0.1:18181
 NGINX_H2=127.0.0.1:18182
+NGINX_TLS=127.0.0.1:18183
+TIDEGATE_TLS=127.0.0.1:18543
 IDLE=${IDLE:-5000}
+IDLE_TLS=${IDLE_TLS:-2000}
 
 cat > "$WORK/upstream.conf" <<NGX
 worker_processes 1;
@@ -49,6 +53,10 @@ http {
   server { listen $UPSTREAM reuseport; location / { return 200 "ok\n"; } }
 }
 NGX
+
+# nginx's certificate is of the kind tidegate generates for itself (ECDSA P-256).
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=plain.bench \
+  -keyout "$WORK/tls.key" -out "$WORK/tls.crt" 2>/dev/null
 
 cat > "$WORK/proxy.conf" <<NGX
 load_module /usr/lib/nginx/modules/ndk_http_module.so;
@@ -65,6 +73,15 @@ http {
   server {
     listen $NGINX reuseport;
     server_name plain.bench;
+    location / {
+      proxy_pass http://backend; proxy_http_version 1.1;
+      proxy_set_header Connection ""; proxy_set_header Host \$host;
+    }
+  }
+  server {
+    listen $NGINX_TLS ssl;
+    ssl_certificate $WORK/tls.crt;
+    ssl_certificate_key $WORK/tls.key;
     location / {
       proxy_pass http://backend; proxy_http_version 1.1;
       proxy_set_header Connection ""; proxy_set_header Host \$host;
@@ -141,7 +158,7 @@ YAML
 nginx -p "$WORK" -c "$WORK/upstream.conf" -e "$WORK/upstream.err"
 nginx -p "$WORK" -c "$WORK/proxy.conf" -e "$WORK/proxy.err"
 "$BIN" standalone --manifests "$WORK/manifests" --workers 2 --no-access-log \
-  --http-addr $TIDEGATE --https-addr 127.0.0.1:18543 --admin-addr 127.0.0.1:19911 >/dev/null 2>"$WORK/tidegate.log" &
+  --http-addr $TIDEGATE --https-addr $TIDEGATE_TLS --admin-addr 127.0.0.1:19911 >/dev/null 2>"$WORK/tidegate.log" &
 TIDEGATE_PID=$!
 PIDS+=("$TIDEGATE_PID")
 for _ in $(seq 100); do curl -fs 127.0.0.1:19911/readyz >/dev/null && break; sleep 0.1; done
@@ -169,11 +186,17 @@ print(rps, float(mean) * {"us": 0.001, "ms": 1, "s": 1000}[unit])
 PY
 }
 
-idle() { # address pids... -> KiB of proxy RSS per idle keep-alive connection
-  local addr=$1; shift
-  python3 - "$addr" "$IDLE" "$@" <<'PY'
-import resource, socket, sys, time
+idle() { # [tls:]address count pids... -> KiB of proxy RSS per idle keep-alive connection
+  local addr=$1 count=$2; shift 2
+  python3 - "$addr" "$count" "$@" <<'PY'
+import resource, socket, ssl, sys, time
 addr, count, pids = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+tls = addr.startswith("tls:")
+addr = addr.removeprefix("tls:")
+context = ssl.create_default_context()
+context.check_hostname = False
+context.verify_mode = ssl.CERT_NONE
+context.set_alpn_protocols(["http/1.1"])
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 1024), hard))
 def rss():
@@ -184,6 +207,8 @@ before = rss()
 conns = []
 for _ in range(count):
     s = socket.create_connection((host, int(port)))
+    if tls:
+        s = context.wrap_socket(s, server_hostname="plain.bench")
     s.sendall(b"GET / HTTP/1.1\r\nHost: plain.bench\r\n\r\n")
     data = b""
     while b"ok\n" not in data:
@@ -204,9 +229,12 @@ PY
 # memory the allocator kept would hide the growth): RSS of the whole proxy (nginx: master and
 # workers).
 NGINX_PIDS=$(cat "$WORK/proxy.pid"; pgrep -P "$(cat "$WORK/proxy.pid")")
-echo "idle,tidegate,$(idle $TIDEGATE "$TIDEGATE_PID")" > "$WORK/idle.csv"
+echo "idle,tidegate,$(idle $TIDEGATE "$IDLE" "$TIDEGATE_PID")" > "$WORK/idle.csv"
 # shellcheck disable=SC2086
-echo "idle,nginx,$(idle $NGINX $NGINX_PIDS)" >> "$WORK/idle.csv"
+echo "idle,nginx,$(idle $NGINX "$IDLE" $NGINX_PIDS)" >> "$WORK/idle.csv"
+echo "idle_tls,tidegate,$(idle "tls:$TIDEGATE_TLS" "$IDLE_TLS" "$TIDEGATE_PID")" >> "$WORK/idle.csv"
+# shellcheck disable=SC2086
+echo "idle_tls,nginx,$(idle "tls:$NGINX_TLS" "$IDLE_TLS" $NGINX_PIDS)" >> "$WORK/idle.csv"
 
 echo "round,scenario,target,rps,p50_ms,p99_ms" > "$WORK/rows.csv"
 for round in $(seq "$ROUNDS"); do
@@ -232,7 +260,7 @@ for round in $(seq "$ROUNDS"); do
 done
 
 
-python3 - "$WORK/rows.csv" "$DURATION" "$ROUNDS" "$CONNECTIONS" "$WORK/idle.csv" "$IDLE" <<'PY' | tee bench/results/vs-nginx.md
+python3 - "$WORK/rows.csv" "$DURATION" "$ROUNDS" "$CONNECTIONS" "$WORK/idle.csv" "$IDLE" "$IDLE_TLS" <<'PY' | tee bench/results/vs-nginx.md
 import csv, statistics, sys, datetime, os
 rows = list(csv.DictReader(open(sys.argv[1])))
 duration, rounds, conns = sys.argv[2], sys.argv[3], sys.argv[4]
@@ -252,8 +280,9 @@ for s in ("keepalive", "lua", "newconn"):
 t, n = med("h2", "tidegate", "rps"), med("h2", "nginx", "rps")
 print(f"| HTTP/2 (h2c, h2load, 10 streams per connection) | {t:,.0f} | {n:,.0f} | **{t / n:.2f}×** | – | "
       f"mean {med('h2', 'tidegate', 'p50_ms'):.2f} / {med('h2', 'nginx', 'p50_ms'):.2f} ms | – |")
-idle = {row[1]: float(row[2]) for row in csv.reader(open(sys.argv[5]))}
-print(f"\nMemory per idle keep-alive connection ({sys.argv[6]} connections, growth of the whole proxy's RSS): "
-      f"tidegate {idle['tidegate']:.1f} KiB, nginx {idle['nginx']:.1f} KiB"
-      + (f" (**{idle['tidegate'] / idle['nginx']:.2f}×**)." if idle['nginx'] >= 0.1 else "."))
+idle = {(row[0], row[1]): float(row[2]) for row in csv.reader(open(sys.argv[5]))}
+for kind, label, count in (("idle", "", sys.argv[6]), ("idle_tls", " TLS (HTTP/1.1)", sys.argv[7])):
+    t, n = idle[(kind, "tidegate")], idle[(kind, "nginx")]
+    print(f"\nMemory per idle{label} keep-alive connection ({count} connections, growth of the whole proxy's RSS): "
+          f"tidegate {t:.1f} KiB, nginx {n:.1f} KiB" + (f" (**{t / n:.2f}×**)." if n >= 0.1 else "."))
 PY

@@ -11,6 +11,7 @@
 //!       ├─ plain HTTP on a TLS host ─> 308 to https
 //!       └─ backend ─> pick endpoint (round robin) ─> upstream (our HTTP/1 client, per-worker pool)
 //!     response ─> Server, Date, HSTS ─> streamed body ─> metrics + access log at its end
+//!   HTTP/1 idle 20 ms ─> parked in the worker (parked), no task ─(readable)─> new task, loop again
 //! ```
 //!
 //! Requests in flight keep the runtime they started with; a swap affects only new requests. A
