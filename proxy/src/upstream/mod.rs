@@ -23,7 +23,7 @@
 mod body;
 mod wire;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
 use std::io::{self, Write as _};
@@ -68,7 +68,7 @@ pub(crate) enum UpstreamError {
     Connect(SocketAddr, io::Error),
     #[error("connect to {0} timed out")]
     ConnectTimeout(SocketAddr),
-    #[error("no response from {0} within the read timeout")]
+    #[error("no response from {0} within the read timeout of the request's last progress")]
     ReadTimeout(SocketAddr),
     #[error("exchange with {0} failed: {1}")]
     Io(SocketAddr, io::Error),
@@ -142,6 +142,8 @@ enum Failure {
     Io(io::Error),
     Malformed(&'static str),
     ClientBody(BoxError),
+    /// Nothing moved for the read timeout: no request data went out and no answer came.
+    Stalled,
 }
 
 impl Failure {
@@ -150,6 +152,7 @@ impl Failure {
             Failure::NoAnswer(e) | Failure::Io(e) => UpstreamError::Io(endpoint, e),
             Failure::Malformed(why) => UpstreamError::Malformed(endpoint, why),
             Failure::ClientBody(e) => UpstreamError::ClientBody(endpoint, e),
+            Failure::Stalled => UpstreamError::ReadTimeout(endpoint),
         }
     }
 }
@@ -182,13 +185,12 @@ impl Pool {
                     Err(e) => break Err(e),
                 },
             };
-            match timeout(read, exchange(&mut conn, &head, &mut body, framing, head_request)).await {
-                Err(_) => break Err(UpstreamError::ReadTimeout(endpoint)),
-                Ok(Err(Failure::NoAnswer(e))) if reused && repeatable => {
+            match exchange(&mut conn, &head, &mut body, framing, head_request, read).await {
+                Err(Failure::NoAnswer(e)) if reused && repeatable => {
                     tracing::debug!(%endpoint, error = %e, "reused upstream connection was closed; sending again");
                 }
-                Ok(Err(failure)) => break Err(failure.into_error(endpoint)),
-                Ok(Ok((response, sent_whole))) => break Ok((conn, response, sent_whole)),
+                Err(failure) => break Err(failure.into_error(endpoint)),
+                Ok((response, sent_whole)) => break Ok((conn, response, sent_whole)),
             }
         };
         spare::keep_write(head);
@@ -263,17 +265,25 @@ async fn connect(endpoint: SocketAddr, limit: Duration) -> Result<UpstreamConn, 
 
 /// Writes the request and reads the response head, both at once: the head, and whether the
 /// request went out whole.
+///
+/// `limit` runs from the last progress (nginx's `proxy_read_timeout` is likewise between two
+/// operations): while the request body goes out each piece renews it, so an upload of any
+/// length passes as long as it moves; once the request is out, the answer must start within
+/// it.
 async fn exchange(
     conn: &mut UpstreamConn,
     head: &[u8],
     body: &mut RequestBody,
     framing: RequestFraming,
     head_request: bool,
+    limit: Duration,
 ) -> Result<(ResponseHead, bool), Failure> {
+    let progress = Cell::new(Instant::now());
     let (mut reader, mut writer) = conn.io.split();
-    let sending = send_request(&mut writer, head, body, framing);
+    let sending = send_request(&mut writer, head, body, framing, &progress);
     let receiving = receive_head(&mut reader, &mut conn.buf, head_request);
-    tokio::pin!(sending, receiving);
+    let stall = tokio::time::sleep(limit);
+    tokio::pin!(sending, receiving, stall);
     let mut sent = None;
     loop {
         tokio::select! {
@@ -285,6 +295,13 @@ async fn exchange(
                 Err(_) => sent = Some(false),
             },
             response = &mut receiving => return response.map(|head| (head, sent == Some(true))),
+            () = &mut stall => {
+                let due = progress.get() + limit;
+                if Instant::now() >= due {
+                    return Err(Failure::Stalled);
+                }
+                stall.as_mut().reset(due.into());
+            }
         }
     }
 }
@@ -294,34 +311,40 @@ async fn send_request(
     head: &[u8],
     body: &mut RequestBody,
     framing: RequestFraming,
+    progress: &Cell<Instant>,
 ) -> Result<(), Failure> {
     if matches!(framing, RequestFraming::Empty | RequestFraming::Length(0)) {
-        return writer.write_all(head).await.map_err(Failure::Io);
+        writer.write_all(head).await.map_err(Failure::Io)?;
+        progress.set(Instant::now());
+        return Ok(());
     }
     let mut out = spare::take_write(head.len() + COPY_LIMIT);
     out.extend_from_slice(head);
-    let result = send_body(writer, &mut out, body, framing).await;
+    let result = send_body(writer, &mut out, body, framing, progress).await;
     spare::keep_write(out);
     result
 }
 
 /// The body after the head already in `out`: frames that are ready go out together, and what
-/// is buffered goes out whenever the client makes us wait.
+/// is buffered goes out whenever the client makes us wait. Each piece taken from the client
+/// and each write is progress.
 async fn send_body(
     writer: &mut WriteHalf<'_>,
     out: &mut Vec<u8>,
     body: &mut RequestBody,
     framing: RequestFraming,
+    progress: &Cell<Instant>,
 ) -> Result<(), Failure> {
     let mut sent: u64 = 0;
     loop {
         let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await {
             Poll::Ready(frame) => frame,
             Poll::Pending => {
-                flush(writer, out).await?;
+                flush(writer, out, progress).await?;
                 poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
             }
         };
+        progress.set(Instant::now());
         let data = match frame {
             None => break,
             Some(Err(e)) => return Err(Failure::ClientBody(e)),
@@ -343,14 +366,15 @@ async fn send_body(
         if data.len() <= COPY_LIMIT {
             out.extend_from_slice(&data);
         } else {
-            flush(writer, out).await?;
+            flush(writer, out, progress).await?;
             writer.write_all(&data).await.map_err(Failure::Io)?;
+            progress.set(Instant::now());
         }
         if framing == RequestFraming::Chunked {
             out.extend_from_slice(b"\r\n");
         }
         if out.len() >= COPY_LIMIT {
-            flush(writer, out).await?;
+            flush(writer, out, progress).await?;
         }
     }
     match framing {
@@ -360,13 +384,14 @@ async fn send_body(
         }
         _ => {}
     }
-    flush(writer, out).await
+    flush(writer, out, progress).await
 }
 
-async fn flush(writer: &mut WriteHalf<'_>, out: &mut Vec<u8>) -> Result<(), Failure> {
+async fn flush(writer: &mut WriteHalf<'_>, out: &mut Vec<u8>, progress: &Cell<Instant>) -> Result<(), Failure> {
     if !out.is_empty() {
         writer.write_all(out).await.map_err(Failure::Io)?;
         out.clear();
+        progress.set(Instant::now());
     }
     Ok(())
 }

@@ -266,3 +266,39 @@ async fn a_switched_connection_is_handed_over_with_what_followed_the_head() {
     switched.read_exact(&mut first).await.expect("read");
     assert_eq!(&first, b"first");
 }
+
+/// A body that sends `pieces` pieces `every` apart, then stops for `then_stall` (if any) before
+/// its end.
+fn trickle(pieces: usize, every: Duration, then_stall: Option<Duration>) -> RequestBody {
+    let stream = futures_util::stream::unfold(0, move |i| async move {
+        if i == pieces {
+            if let Some(stall) = then_stall {
+                tokio::time::sleep(stall).await;
+            }
+            return None;
+        }
+        tokio::time::sleep(every).await;
+        Some((Ok::<_, io::Error>(Frame::data(Bytes::from_static(b"piece"))), i + 1))
+    });
+    LocalBody::new(StreamBody::new(stream))
+}
+
+#[tokio::test]
+async fn the_read_timeout_runs_from_the_last_progress_of_an_upload() {
+    let (address, _) = upstream(Script::Echo).await;
+    let pool = Rc::new(Pool::default());
+    let short = Timeouts { connect_ms: 1_000, read_ms: 300 };
+
+    // Ten pieces 100 ms apart: a second in all, three times the timeout, always moving.
+    let request = Request::post("/up").header("host", "up.test").body(trickle(10, Duration::from_millis(100), None));
+    let response = pool.send(address, request.expect("request"), short).await.expect("a moving upload passes");
+    assert!(text(response).await.ends_with("5\r\npiece\r\n0\r\n\r\n"));
+
+    // Two pieces, then nothing for longer than the timeout.
+    let stalled = trickle(2, Duration::from_millis(50), Some(Duration::from_secs(5)));
+    let request = Request::post("/up").header("host", "up.test").body(stalled).expect("request");
+    let started = std::time::Instant::now();
+    let error = pool.send(address, request, short).await.expect_err("a stalled upload fails");
+    assert!(matches!(error, UpstreamError::ReadTimeout(_)) && error.status() == StatusCode::GATEWAY_TIMEOUT);
+    assert!(started.elapsed() < Duration::from_secs(2), "cut after the timeout: {:?}", started.elapsed());
+}
