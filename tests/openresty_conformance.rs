@@ -936,6 +936,16 @@ async fn run_file(path: &Path) -> FileReport {
                         let _ = e;
                         Verdict::Pass
                     }
+                    // `--- error_code:` with nothing after it: Test::Nginx compares the status of no
+                    // response at all (a connection closed without one) with the empty string.
+                    Err(_) if case.block.get("error_code").is_some_and(|s| s.value.trim().is_empty()) => {
+                        tokio::time::sleep(Duration::from_millis(30)).await;
+                        match check_logs(&case.block, &route_logs(&tidegate, &route_prefix)) {
+                            Ok(()) => Verdict::Pass,
+                            Err(CheckError::Fail(e)) => Verdict::Fail(e),
+                            Err(CheckError::NotApplicable(why)) => Verdict::NotApplicable(why),
+                        }
+                    }
                     Err(e) => Verdict::Fail(format!("request failed: {e}")),
                     Ok(answer) => {
                         // Let the log phase and log lines land.

@@ -166,14 +166,14 @@ async fn filtered(
             LuaOutcome::Failed { kind, message } => {
                 return failed(worker, &target.name, Phase::HeaderFilter, kind, &message, Some(lua));
             }
-            // ngx.exit in header_filter replaces the response: nginx's page for an error status,
-            // an empty body otherwise.
+            // ngx.exit in header_filter replaces the response: nginx's page for an error status
+            // it has one for, an empty body otherwise (444 and 499 included).
             LuaOutcome::Exit(status) => {
                 if lua.state.abort.get() {
                     return close_connection(status);
                 }
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                if status.as_u16() >= 300 {
+                if status.as_u16() >= 300 && status.canonical_reason().is_some() {
                     return error_response(status);
                 }
                 let mut empty = Response::new(full(Bytes::new()));

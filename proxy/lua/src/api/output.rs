@@ -299,7 +299,10 @@ fn prepare_exit(status: i64) -> mlua::Result<()> {
     let status =
         u16::try_from(status.max(0)).map_err(|_| mlua::Error::runtime(format!("ngx.exit: bad status {status}")))?;
     let state = &request.state;
-    state.abort.set(abort || CLOSING.contains(&status));
+    // In header_filter the status line is already on its way: 444 and the like go out as a
+    // status there (as in nginx), and only ngx.ERROR closes the connection.
+    let filtering = state.phase.get() == Phase::HeaderFilter;
+    state.abort.set(abort || (CLOSING.contains(&status) && !filtering));
     // As nginx: a special response status once headers are out is an error, except the ones
     // that only close the connection.
     if state.headers_sent.get()
