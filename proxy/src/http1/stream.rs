@@ -90,12 +90,7 @@ impl Conn {
     /// waiting connection holds no memory.
     pub(crate) fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
         let Some(io) = self.io.as_mut() else { return Poll::Ready(Err(closed())) };
-        if self.buf.capacity() - self.buf.len() < want.min(1024) {
-            if self.buf.capacity() == 0 {
-                self.buf = spare::take_read();
-            }
-            self.buf.reserve(want);
-        }
+        spare::make_room(&mut self.buf, want);
         let polled = tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut self.buf);
         if polled.is_pending() && self.buf.is_empty() {
             spare::keep_read(std::mem::take(&mut self.buf));
@@ -198,6 +193,17 @@ pub(crate) mod spare {
     thread_local! {
         static READ: Cell<Option<BytesMut>> = const { Cell::new(None) };
         static WRITE: Cell<Option<Vec<u8>>> = const { Cell::new(None) };
+    }
+
+    /// Room for at least `want.min(1024)` more bytes, up to `want`: a buffer without an
+    /// allocation starts from the spare.
+    pub(crate) fn make_room(buf: &mut BytesMut, want: usize) {
+        if buf.capacity() - buf.len() < want.min(1024) {
+            if buf.capacity() == 0 {
+                *buf = take_read();
+            }
+            buf.reserve(want);
+        }
     }
 
     pub(crate) fn take_read() -> BytesMut {

@@ -128,12 +128,7 @@ impl Body for UpstreamBody {
                     BODY_READ
                 }
             };
-            if conn.buf.capacity() - conn.buf.len() < want.min(1024) {
-                if conn.buf.capacity() == 0 {
-                    conn.buf = spare::take_read();
-                }
-                conn.buf.reserve(want);
-            }
+            spare::make_room(&mut conn.buf, want);
             match ready!(tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf)) {
                 Ok(0) if matches!(this.state, State::UntilClose) => {
                     this.finish();

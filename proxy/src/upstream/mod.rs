@@ -412,12 +412,7 @@ async fn receive_head(
                 Err(why) => return Err(Failure::Malformed(why)),
             }
         }
-        if buf.capacity() - buf.len() < 1024 {
-            if buf.capacity() == 0 {
-                *buf = spare::take_read();
-            }
-            buf.reserve(HEAD_READ);
-        }
+        spare::make_room(buf, HEAD_READ);
         match reader.read_buf(buf).await {
             Ok(0) if !answered => {
                 return Err(Failure::NoAnswer(io::Error::new(
