@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Request, Response, StatusCode, Uri, Version};
-use tidegate_lua::Vm;
+use tidegate_lua::{RequestId, Vm};
 use tidegate_snapshot::{BackendId, Timeouts};
 
 use crate::Shared;
@@ -46,11 +46,16 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
-    /// A request id unique in this process (32 hex digits, like nginx's `$request_id`).
-    pub(crate) fn next_request_id(&self) -> String {
-        let n = self.requests.get().wrapping_add(1);
-        self.requests.set(n);
-        format!("{:08x}{:08x}{:016x}", std::process::id(), self.id, n)
+    /// A request id unique in this process.
+    pub(crate) fn next_request_id(&self) -> RequestId {
+        static PROCESS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+        let sequence = self.requests.get().wrapping_add(1);
+        self.requests.set(sequence);
+        RequestId {
+            process: *PROCESS.get_or_init(std::process::id),
+            worker: u32::try_from(self.id).unwrap_or(u32::MAX),
+            sequence,
+        }
     }
 
     /// Publishes how much memory this worker's Lua VM holds (read by `/metrics`).

@@ -59,16 +59,15 @@ pub(crate) async fn serve(
         method: parts.method.clone(),
         request_uri: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
         version: parts.version,
-        headers: parts.headers.clone(),
         remote: conn.remote,
         server_port: conn.local_port,
         https: conn.tls,
         host: host.to_owned(),
         route: target.name.to_string(),
         namespace: chain.namespace.clone(),
-        request_id: worker.next_request_id(),
+        request_id: Some(worker.next_request_id()),
     };
-    let lua = match vm.begin(head) {
+    let lua = match vm.begin(head, std::mem::take(&mut parts.headers)) {
         Ok(r) => r,
         Err(e) => return failed(worker, &target.name, Phase::Rewrite, FailureKind::Memory, &e.to_string(), None),
     };
@@ -127,7 +126,7 @@ pub(crate) async fn serve(
             outcome,
         )
         .await;
-        *lua.state.upstream_addr.borrow_mut() = outcome.upstream.map(|a| a.to_string());
+        lua.state.upstream_addr.set(outcome.upstream);
         lua.state.upstream_status.set(outcome.upstream.map(|_| response.status().as_u16()));
         lua.state.upstream_response_time.set(outcome.upstream_time.map(|t| t.as_secs_f64()));
         response
@@ -252,8 +251,8 @@ fn lua_response(lua: &LuaRequest, exit: Option<u16>) -> Response<LocalBody> {
     let mut headers = std::mem::take(&mut *state.response_headers.borrow_mut());
     if status == StatusCode::OK
         && let (Some(since), Some(modified)) =
-            (state.head.headers.get(header::IF_MODIFIED_SINCE), headers.get(header::LAST_MODIFIED))
-        && since == modified
+            (state.headers.borrow().get(header::IF_MODIFIED_SINCE).cloned(), headers.get(header::LAST_MODIFIED))
+        && since == *modified
     {
         headers.remove(header::CONTENT_LENGTH);
         let mut response = Response::new(full(Bytes::new()));
@@ -342,12 +341,12 @@ fn failed(
 }
 
 fn report(worker: &Worker, route: &str, phase: Phase, kind: FailureKind, message: &str, lua: Option<&LuaRequest>) {
-    let request_id = lua.map_or("", |l| l.state.head.request_id.as_str());
+    let request_id = lua.map(|l| l.state.head.request_id_text()).unwrap_or_default();
     tracing::error!(
         route,
         phase = phase.name(),
         kind = kind.name(),
-        request_id,
+        request_id = %request_id,
         "Lua {} handler failed: {message}",
         phase.name()
     );

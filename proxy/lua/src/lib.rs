@@ -19,7 +19,7 @@ mod vm;
 
 pub use api::output::join_output;
 pub use compile::{CompileError, Script, check, compile};
-pub use request::{Phase, RequestHead, RequestState};
+pub use request::{Phase, RequestHead, RequestId, RequestState};
 pub use shdict::{DictStats, SharedDicts};
 pub use vm::{BodyReader, FailureKind, LuaConfig, LuaRequest, Outcome, Vm};
 

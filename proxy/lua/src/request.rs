@@ -59,7 +59,6 @@ pub struct RequestHead {
     /// Path and query as received (`ngx.var.request_uri`).
     pub request_uri: String,
     pub version: Version,
-    pub headers: HeaderMap,
     pub remote: SocketAddr,
     pub server_port: u16,
     pub https: bool,
@@ -69,8 +68,31 @@ pub struct RequestHead {
     pub route: String,
     /// Namespace of the object the handlers come from: the `ngx.shared` dictionaries they see.
     pub namespace: String,
-    /// Request id, for logs (`ngx.var.request_id`).
-    pub request_id: String,
+    /// Request id, for logs (`ngx.var.request_id`); none for timers.
+    pub request_id: Option<RequestId>,
+}
+
+/// A request's id, unique in the proxy: written out (32 hex digits, like nginx's
+/// `$request_id`) only when Lua or a log asks for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestId {
+    pub process: u32,
+    pub worker: u32,
+    /// The worker's request count.
+    pub sequence: u64,
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:08x}{:08x}{:016x}", self.process, self.worker, self.sequence)
+    }
+}
+
+impl RequestHead {
+    /// The request id as text; empty outside a request.
+    pub fn request_id_text(&self) -> String {
+        self.request_id.map(|id| id.to_string()).unwrap_or_default()
+    }
 }
 
 /// One request's state, read and written by the ngx API.
@@ -87,6 +109,7 @@ pub struct RequestState {
     pub uri: RefCell<String>,
     /// `ngx.var.args`: the query string, without `?`.
     pub args: RefCell<Option<String>>,
+    /// The request headers as they go upstream: the client's, with what Lua changed.
     pub headers: RefCell<HeaderMap>,
     /// The body once read (`ngx.req.read_body`) or set (`ngx.req.set_body_data`).
     pub body: RefCell<Option<Bytes>>,
@@ -120,14 +143,15 @@ pub struct RequestState {
 
     /// Variables set by Lua (`ngx.var.foo = ...`).
     pub vars: RefCell<HashMap<String, String>>,
-    pub upstream_addr: RefCell<Option<String>>,
+    pub upstream_addr: Cell<Option<SocketAddr>>,
     pub upstream_status: Cell<Option<u16>>,
     pub upstream_response_time: Cell<Option<f64>>,
     pub bytes_sent: Cell<u64>,
 }
 
 impl RequestState {
-    pub fn new(head: RequestHead) -> Self {
+    /// The state of a request with this head and these headers (taken, not copied).
+    pub fn new(head: RequestHead, headers: HeaderMap) -> Self {
         let (path, query) = match head.request_uri.split_once('?') {
             Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
             None => (head.request_uri.clone(), None),
@@ -139,7 +163,7 @@ impl RequestState {
             method: RefCell::new(head.method.clone()),
             uri: RefCell::new(path),
             args: RefCell::new(query),
-            headers: RefCell::new(head.headers.clone()),
+            headers: RefCell::new(headers),
             body: RefCell::new(None),
             wants_body: Cell::new(false),
             status: Cell::new(0),
@@ -154,7 +178,7 @@ impl RequestState {
             arg_chunk: RefCell::new(None),
             arg_eof: Cell::new(false),
             vars: RefCell::new(HashMap::new()),
-            upstream_addr: RefCell::new(None),
+            upstream_addr: Cell::new(None),
             upstream_status: Cell::new(None),
             upstream_response_time: Cell::new(None),
             bytes_sent: Cell::new(0),

@@ -178,6 +178,9 @@ impl Dict {
 #[derive(Debug, Default)]
 pub struct SharedDicts {
     dicts: RwLock<HashMap<(String, String), Arc<Dict>>>,
+    /// Changes whenever the set of dictionaries does: what workers check before using the
+    /// dictionary objects they keep.
+    generation: AtomicU64,
 }
 
 /// What the metrics report of one dictionary.
@@ -212,6 +215,12 @@ impl SharedDicts {
             next.insert(key, dict);
         }
         *dicts = next;
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// A number that changes whenever [`SharedDicts::configure`] runs.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The dictionary `name` as Lua of `namespace` sees it: its namespace's own, else the

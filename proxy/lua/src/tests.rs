@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderMap, Method, Version};
 
-use crate::{FailureKind, LuaConfig, LuaRequest, Outcome, Phase, RequestHead, Script, Vm, compile};
+use crate::{FailureKind, LuaConfig, LuaRequest, Outcome, Phase, RequestHead, RequestId, Script, Vm, compile};
 
 fn vm_with(budget: Duration, memory: usize) -> Vm {
     Vm::new(LuaConfig { cpu_budget: budget, memory_limit: memory, ..LuaConfig::default() }).expect("vm")
@@ -16,23 +16,26 @@ fn vm() -> Vm {
     vm_with(Duration::from_millis(100), 64 << 20)
 }
 
-fn head(uri: &str) -> RequestHead {
+fn headers() -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert("host", "example.com".parse().expect("header"));
     headers.insert("x-api-key", "secret".parse().expect("header"));
     headers.insert("cookie", "a=1; session=abc".parse().expect("header"));
+    headers
+}
+
+fn head(uri: &str) -> RequestHead {
     RequestHead {
         method: Method::GET,
         request_uri: uri.into(),
         version: Version::HTTP_11,
-        headers,
         remote: "127.0.0.9:5555".parse().expect("addr"),
         server_port: 8080,
         https: false,
         host: "example.com".into(),
         route: "test".into(),
         namespace: "ns".into(),
-        request_id: "r1".into(),
+        request_id: Some(RequestId { process: 1, worker: 0, sequence: 1 }),
     }
 }
 
@@ -42,7 +45,7 @@ fn script(source: &str) -> Arc<Script> {
 
 /// Runs one phase of one handler on a fresh request.
 fn run(vm: &Vm, phase: Phase, source: &str) -> (Outcome, Rc<LuaRequest>) {
-    let request = vm.begin(head("/p?a=1&b=x%20y&b=2&flag")).expect("request");
+    let request = vm.begin(head("/p?a=1&b=x%20y&b=2&flag"), headers()).expect("request");
     let outcome = block_on(vm.run(&request, phase, &[script(source)]));
     (outcome, request)
 }
@@ -87,7 +90,7 @@ fn exit_in_access_ends_the_request_even_inside_pcall() {
 #[test]
 fn exit_replaces_the_response_in_header_filter_only() {
     let vm = vm();
-    let request = vm.begin(head("/")).expect("request");
+    let request = vm.begin(head("/"), headers()).expect("request");
     assert_eq!(
         block_on(vm.run(&request, Phase::HeaderFilter, &[script("ngx.exit(403) error('not reached')")])),
         Outcome::Exit(403)
@@ -131,7 +134,7 @@ fn variables_and_request_api() {
 #[test]
 fn ctx_is_shared_across_phases_of_one_request_only() {
     let vm = vm();
-    let request = vm.begin(head("/")).expect("request");
+    let request = vm.begin(head("/"), headers()).expect("request");
     let set = block_on(vm.run(&request, Phase::Access, &[script("ngx.ctx.user = 'alice'")]));
     assert_eq!(set, Outcome::Continue);
     block_on(vm.run(&request, Phase::Content, &[script("ngx.say(ngx.ctx.user)")]));
@@ -334,7 +337,7 @@ fn bit_module_matches_luajit() {
 #[test]
 fn read_body_waits_for_the_body() {
     let vm = vm();
-    let request = vm.begin(head("/")).expect("request");
+    let request = vm.begin(head("/"), headers()).expect("request");
     *request.body_reader.borrow_mut() = Some(Box::new(|| {
         Box::pin(async {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -428,9 +431,28 @@ fn dicts_are_scoped_to_their_namespace_and_shared_across_vms() {
     let (a, b) = (vm_with_dicts(&dicts), vm_with_dicts(&dicts));
     say(&a, "ngx.shared.hits:incr('n', 1, 0)");
     assert_eq!(say(&b, "ngx.say((ngx.shared.hits:incr('n', 1, 0)))"), "2\n", "one store for all workers");
-    let request = b.begin(RequestHead { namespace: "other".into(), ..head("/") }).expect("request");
+    let request = b.begin(RequestHead { namespace: "other".into(), ..head("/") }, headers()).expect("request");
     block_on(b.run(&request, Phase::Content, &[script("ngx.say(tostring(ngx.shared.hits))")]));
     assert_eq!(output(&request), "nil\n", "another namespace does not see the dict");
+}
+
+/// A worker keeps each dictionary's object between requests, until the declared set changes.
+#[test]
+fn a_worker_forgets_dicts_no_longer_declared_and_kept_ones_are_read_only() {
+    let dicts = crate::SharedDicts::new();
+    dicts.configure(&[("ns".into(), "hits".into(), 1 << 20)]);
+    let vm = vm_with_dicts(&dicts);
+    assert_eq!(
+        say(&vm, "ngx.say(ngx.shared.hits:incr('n', 1, 0), ' ', ngx.shared.hits == ngx.shared.hits)"),
+        "1 true\n"
+    );
+    dicts.configure(&[("ns".into(), "other".into(), 1 << 20)]);
+    assert_eq!(say(&vm, "ngx.say(tostring(ngx.shared.hits), ' ', (ngx.shared.other:incr('n', 5, 0)))"), "nil 5\n");
+    assert_eq!(
+        say(&vm, "ngx.say((pcall(function() ngx.shared.other.incr = nil end)), ' ', (ngx.shared.other:incr('n', 1)))"),
+        "false 6\n",
+        "a request cannot change the object the next one gets"
+    );
 }
 
 #[test]
@@ -442,7 +464,7 @@ fn sleeping_requests_interleave_on_one_worker() {
         for i in 0..100 {
             let vm = Rc::clone(&vm);
             tasks.push(tokio::task::spawn_local(async move {
-                let request = vm.begin(head("/")).expect("request");
+                let request = vm.begin(head("/"), headers()).expect("request");
                 let outcome = vm.run(&request, Phase::Access, &[script(&format!("ngx.sleep(0.1) ngx.say({i})"))]).await;
                 (outcome, output(&request))
             }));
@@ -503,20 +525,20 @@ fn timers_run_after_their_request_and_are_bounded() {
         let every = script(
             "local ok, err = ngx.timer.every(0.01, function(premature) ngx.shared.t:incr('every', 1, 0) end) ngx.say(ok)",
         );
-        let request = vm.begin(head("/")).expect("request");
+        let request = vm.begin(head("/"), headers()).expect("request");
         let at = script(
             "local ok = ngx.timer.at(0.02, function(premature, a, b) ngx.shared.t:set('at', a + b .. ' ' .. ngx.get_phase() .. ' ' .. tostring(premature)) end, 40, 2) ngx.say(ok, ' ', ngx.timer.pending_count())",
         );
         assert_eq!(vm.run(&request, Phase::Content, &[Arc::clone(&at)]).await, Outcome::Continue);
         assert_eq!(output(&request), "true 1\n", "scheduled, pending");
-        let request = vm.begin(head("/")).expect("request");
+        let request = vm.begin(head("/"), headers()).expect("request");
         assert_eq!(vm.run(&request, Phase::Content, &[Arc::clone(&every)]).await, Outcome::Continue);
         // A timer past its CPU budget is stopped; the VM goes on.
-        let request = vm.begin(head("/")).expect("request");
+        let request = vm.begin(head("/"), headers()).expect("request");
         vm.run(&request, Phase::Content, &[script("ngx.timer.at(0, function() while true do end end)")]).await;
         // The cap: creating more than max_pending fails with an error, not memory. (A debug
         // build needs more than the default budget for 100,000 calls.)
-        let request = vm.begin(head("/")).expect("request");
+        let request = vm.begin(head("/"), headers()).expect("request");
         request.set_cpu_budget(Duration::from_secs(5));
         vm.run(&request, Phase::Content, &[script("local failed = 0 for i = 1, 100000 do local ok, err = ngx.timer.at(10, function() end) if not ok then failed = failed + 1 last = err end end ngx.say(failed, ' ', last)")]).await;
         let capped = output(&request);
@@ -524,7 +546,7 @@ fn timers_run_after_their_request_and_are_bounded() {
         assert!(capped.ends_with("too many pending timers\n") && failed >= 100_000 - 16, "{capped}");
 
         tokio::time::sleep(Duration::from_millis(400)).await;
-        let request = vm.begin(head("/")).expect("request");
+        let request = vm.begin(head("/"), headers()).expect("request");
         vm.run(
             &request,
             Phase::Content,
@@ -540,11 +562,11 @@ fn timers_run_after_their_request_and_are_bounded() {
         // Once its script is no longer loaded, the every timer stops being scheduled.
         vm.retain_scripts(|id| id != every.id);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let request = vm.begin(head("/")).expect("request");
+        let request = vm.begin(head("/"), headers()).expect("request");
         vm.run(&request, Phase::Content, &[script("ngx.say(ngx.shared.t:get('every'))")]).await;
         let first = output(&request);
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let request = vm.begin(head("/")).expect("request");
+        let request = vm.begin(head("/"), headers()).expect("request");
         vm.run(&request, Phase::Content, &[script("ngx.say(ngx.shared.t:get('every'))")]).await;
         assert_eq!(output(&request), first, "no more runs after its script went");
     });
@@ -558,7 +580,7 @@ fn a_timer_runs_until_its_light_threads_end() {
         Vm::new(LuaConfig { shared_dicts: std::sync::Arc::clone(&dicts), ..LuaConfig::default() }).expect("vm"),
     );
     block_on(async {
-        let request = vm.begin(head("/")).expect("request");
+        let request = vm.begin(head("/"), headers()).expect("request");
         let timer = script(
             "ngx.timer.at(0, function()
                 ngx.thread.spawn(function() ngx.sleep(0.05) ngx.shared.t:set('thread', 'done') end)
@@ -571,12 +593,12 @@ fn a_timer_runs_until_its_light_threads_end() {
         );
         assert_eq!(vm.run(&request, Phase::Content, &[timer]).await, Outcome::Continue);
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let request = vm.begin(head("/")).expect("request");
+        let request = vm.begin(head("/"), headers()).expect("request");
         let probe = script("ngx.say(ngx.shared.t:get('timer'), ' ', ngx.timer.running_count())");
         vm.run(&request, Phase::Content, &[Arc::clone(&probe)]).await;
         assert_eq!(output(&request), "returned 2\n", "both timers still run: their threads sleep");
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let request = vm.begin(head("/")).expect("request");
+        let request = vm.begin(head("/"), headers()).expect("request");
         let probe = script(
             "ngx.say(ngx.shared.t:get('thread'), ' ', tostring(ngx.shared.t:get('killed')), ' ', ngx.timer.running_count())",
         );
@@ -741,7 +763,7 @@ fn cosockets_talk_to_a_real_server_and_reuse_connections() {
         let addr = line_server().await;
         let port = addr.port();
         let run_content = |source: String| {
-            let request = vm.begin(head("/")).expect("request");
+            let request = vm.begin(head("/"), headers()).expect("request");
             let vm = &vm;
             async move {
                 let outcome = vm.run(&request, Phase::Content, &[script(&source)]).await;
@@ -854,7 +876,7 @@ fn resty_http_reads_every_body_framing() {
     let vm = vm();
     block_on(async {
         let port = framing_server().await;
-        let request = vm.begin(head("/")).expect("request");
+        let request = vm.begin(head("/"), headers()).expect("request");
         let source = format!(
             r#"local http = require "resty.http"
             local c = http.new()
@@ -932,7 +954,7 @@ fn cosockets_speak_tls_and_verify_certificates() {
     block_on(async {
         let (port, cert) = tls_server().await;
         let untrusting = vm();
-        let request = untrusting.begin(head("/")).expect("request");
+        let request = untrusting.begin(head("/"), headers()).expect("request");
         let source = format!(
             r#"local sock = ngx.socket.tcp()
             assert(sock:connect("127.0.0.1", {port}))
@@ -958,7 +980,7 @@ fn cosockets_speak_tls_and_verify_certificates() {
         roots.add(cert).expect("root");
         let trusting =
             Vm::new(LuaConfig { tls_roots: std::sync::Arc::new(roots), ..LuaConfig::default() }).expect("vm");
-        let request = trusting.begin(head("/")).expect("request");
+        let request = trusting.begin(head("/"), headers()).expect("request");
         let source = format!(
             r#"local http = require "resty.http"
             local c = http.new()
@@ -986,7 +1008,7 @@ fn receiveuntil_splits_a_stream_at_a_boundary() {
     let vm = vm();
     block_on(async {
         let port = line_server().await.port();
-        let request = vm.begin(head("/")).expect("request");
+        let request = vm.begin(head("/"), headers()).expect("request");
         let source = format!(
             r#"local sock = ngx.socket.tcp()
             sock:settimeout(100)
@@ -1022,7 +1044,7 @@ fn waiting_timers_run_premature_when_the_worker_stops() {
     dicts.configure(&[("ns".into(), "t".into(), 1 << 20)]);
     let vm = Vm::new(LuaConfig { shared_dicts: std::sync::Arc::clone(&dicts), ..LuaConfig::default() }).expect("vm");
     block_on(async {
-        let request = vm.begin(head("/")).expect("request");
+        let request = vm.begin(head("/"), headers()).expect("request");
         let schedule = script(
             "ngx.timer.at(60, function(premature, what) ngx.shared.t:set(what, tostring(premature)) end, 'at')
              ngx.timer.every(60, function(premature) ngx.shared.t:incr('every', 1, 0) ngx.shared.t:set('every_premature', tostring(premature)) end)
@@ -1033,7 +1055,7 @@ fn waiting_timers_run_premature_when_the_worker_stops() {
         let began = Instant::now();
         vm.stop_timers();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let request = vm.begin(head("/")).expect("request");
+        let request = vm.begin(head("/"), headers()).expect("request");
         let check = script(
             "ngx.say(ngx.shared.t:get('at'), ' ', ngx.shared.t:get('every'), ' ', ngx.shared.t:get('every_premature'), ' ', ngx.timer.pending_count())
              ngx.say(ngx.timer.at(1, function() end))",
@@ -1061,7 +1083,7 @@ fn collect_garbage_gives_back_what_a_burst_left() {
             .map(|_| {
                 let (vm, sleeper) = (Rc::clone(&burst), Arc::clone(&sleeper));
                 tokio::task::spawn_local(async move {
-                    let request = vm.begin(head("/")).expect("request");
+                    let request = vm.begin(head("/"), headers()).expect("request");
                     vm.run(&request, Phase::Access, &[sleeper]).await
                 })
             })
@@ -1101,7 +1123,7 @@ fn cosockets_refuse_denied_ranges_after_resolving_names() {
     let vm = Vm::new(LuaConfig { socket_deny: deny, ..LuaConfig::default() }).expect("vm");
     block_on(async {
         let port = line_server().await.port();
-        let request = vm.begin(head("/")).expect("request");
+        let request = vm.begin(head("/"), headers()).expect("request");
         let source = format!(
             r#"ngx.say(ngx.socket.tcp():connect("127.0.0.1", {port}))
             ngx.say(ngx.socket.tcp():connect("localhost", {port}))"#
@@ -1126,7 +1148,7 @@ fn cosocket_pools_are_per_namespace() {
         for namespace in ["a", "b", "a"] {
             let mut h = head("/");
             h.namespace = namespace.into();
-            let request = vm.begin(h).expect("request");
+            let request = vm.begin(h, headers()).expect("request");
             assert_eq!(vm.run(&request, Phase::Content, &[script(&source)]).await, Outcome::Continue);
             seen.push(output(&request));
         }

@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use http::HeaderMap;
 use mlua::chunk::ChunkMode;
 use mlua::{Function, Lua, LuaOptions, StdLib, Table, Value, VmState};
 
@@ -139,9 +140,9 @@ impl std::fmt::Debug for LuaRequest {
 }
 
 impl LuaRequest {
-    pub(crate) fn with_env(head: RequestHead, env: Table) -> Rc<LuaRequest> {
+    pub(crate) fn with_env(head: RequestHead, headers: HeaderMap, env: Table) -> Rc<LuaRequest> {
         Rc::new(LuaRequest {
-            state: RequestState::new(head),
+            state: RequestState::new(head, headers),
             env,
             ctx: RefCell::new(None),
             ngx_fields: RefCell::new(None),
@@ -402,14 +403,15 @@ impl Vm {
         self.lua.used_memory()
     }
 
-    /// Starts a request: its state, environment and (lazily) `ngx.ctx`.
+    /// Starts a request with its head and headers: its state, environment and (lazily)
+    /// `ngx.ctx`.
     ///
     /// # Errors
     /// Only when the VM is out of memory.
-    pub fn begin(&self, head: RequestHead) -> mlua::Result<Rc<LuaRequest>> {
+    pub fn begin(&self, head: RequestHead, headers: HeaderMap) -> mlua::Result<Rc<LuaRequest>> {
         let env = self.lua.create_table()?;
         env.set_metatable(Some(self.env_meta.clone()))?;
-        Ok(LuaRequest::with_env(head, env))
+        Ok(LuaRequest::with_env(head, headers, env))
     }
 
     /// Forgets loaded scripts that `keep` says are gone.

@@ -125,19 +125,18 @@ async fn run_callback(
         method: Method::GET,
         request_uri: "/".into(),
         version: Version::HTTP_11,
-        headers: HeaderMap::new(),
         remote: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
         server_port: 0,
         https: false,
         host: String::new(),
         route: "timer".into(),
         namespace: namespace.to_owned(),
-        request_id: String::new(),
+        request_id: None,
     };
     let started = (|| {
         let env = lua.create_table()?;
         env.set_metatable(Some(ctx.env_meta.clone()))?;
-        let request = LuaRequest::with_env(head, env);
+        let request = LuaRequest::with_env(head, HeaderMap::new(), env);
         request.state.phase.set(Phase::Timer);
         request.script.set(script);
         let arguments: MultiValue = std::iter::once(Value::Boolean(premature)).chain(args.iter().cloned()).collect();

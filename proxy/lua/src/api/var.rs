@@ -132,11 +132,11 @@ pub(crate) fn lookup(request: &LuaRequest, name: &str) -> Option<String> {
         "content_type" => state.headers.borrow().get(http::header::CONTENT_TYPE)?.to_str().ok()?.to_owned(),
         "content_length" => state.headers.borrow().get(http::header::CONTENT_LENGTH)?.to_str().ok()?.to_owned(),
         "request_body" => String::from_utf8_lossy(state.body.borrow().as_ref()?).into_owned(),
-        "upstream_addr" => state.upstream_addr.borrow().clone()?,
+        "upstream_addr" => state.upstream_addr.get()?.to_string(),
         "upstream_status" => state.upstream_status.get()?.to_string(),
         "upstream_response_time" => format!("{:.3}", state.upstream_response_time.get()?),
         "bytes_sent" | "body_bytes_sent" => state.bytes_sent.get().to_string(),
-        "request_id" => head.request_id.clone(),
+        "request_id" => head.request_id_text(),
         "pid" => std::process::id().to_string(),
         _ => return None,
     };
