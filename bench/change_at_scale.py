@@ -83,7 +83,9 @@ def tidegate_run(work, n):
     log = open(os.path.join(work, f"tidegate-{n}.log"), "w")
     proc = subprocess.Popen([BIN, "standalone", "--manifests", manifests, "--workers", "2", "--no-access-log",
                              "--http-addr", "%s:%d" % TIDEGATE, "--https-addr", "127.0.0.1:18643",
-                             "--admin-addr", "%s:%d" % TIDEGATE_ADMIN], stdout=subprocess.DEVNULL, stderr=log)
+                             "--admin-addr", "%s:%d" % TIDEGATE_ADMIN], stdout=subprocess.DEVNULL, stderr=log,
+                            # A session of its own, as nginx daemonized has (see bench/lib.sh).
+                            start_new_session=True)
     return proc, manifests
 
 

@@ -60,8 +60,8 @@ spec:
     http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: upstream, port: {number: 80}}}}]}
 YAML
 
-"$BIN" echo --listen 127.0.0.1:19000 --service upstream >/dev/null 2>&1 & PIDS+=($!)
-"$BIN" standalone --manifests "$WORK" --workers 1 --no-access-log \
+setsid "$BIN" echo --listen 127.0.0.1:19000 --service upstream >/dev/null 2>&1 & PIDS+=($!)
+setsid "$BIN" standalone --manifests "$WORK" --workers 1 --no-access-log \
   --http-addr 127.0.0.1:18080 --https-addr 127.0.0.1:18443 --admin-addr 127.0.0.1:19901 >/dev/null 2>"$WORK/proxy.log" & PROXY=$!
 PIDS+=("$PROXY")
 for _ in $(seq 100); do curl -fs 127.0.0.1:19901/readyz >/dev/null && break; sleep 0.1; done

@@ -69,7 +69,7 @@ http {
 }
 NGX
 
-target/release/tidegate standalone --manifests "$WORK/manifests" --workers 1 --no-access-log \
+setsid target/release/tidegate standalone --manifests "$WORK/manifests" --workers 1 --no-access-log \
   --http-addr 127.0.0.1:18080 --https-addr 127.0.0.1:18443 --admin-addr 127.0.0.1:19901 >/dev/null 2>"$WORK/proxy.log" &
 TIDEGATE=$!
 PIDS+=("$TIDEGATE")

@@ -6,7 +6,8 @@
 # shared dict, header_filter sets a response header), a new connection per request, HTTP/2
 # (h2c with prior knowledge, h2load), and memory per idle keep-alive connection. Both
 # proxies run 2 workers and keep connections to the same fixed-response upstream (an nginx
-# `return 200`), which is also measured directly: the ceiling.
+# `return 200`), which is also measured directly: the ceiling. Both send it the same request:
+# nginx sets the X-Forwarded-* and X-Real-IP headers tidegate adds, as ingress-nginx does.
 #
 # Usage: bench/vs_nginx.sh [seconds-per-run] [rounds]   (loopback only; every run is bounded by time)
 set -euo pipefail
@@ -58,6 +59,11 @@ NGX
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=plain.bench \
   -keyout "$WORK/tls.key" -out "$WORK/tls.crt" 2>/dev/null
 
+# The request headers tidegate adds upstream, as ingress-nginx's generated configuration sets
+# them too: both proxies send the upstream the same request.
+FORWARDED='proxy_set_header X-Forwarded-For $remote_addr; proxy_set_header X-Real-IP $remote_addr;
+      proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header X-Forwarded-Host $host;
+      proxy_set_header X-Forwarded-Port $server_port;'
 cat > "$WORK/proxy.conf" <<NGX
 load_module /usr/lib/nginx/modules/ndk_http_module.so;
 load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
@@ -76,6 +82,7 @@ http {
     location / {
       proxy_pass http://backend; proxy_http_version 1.1;
       proxy_set_header Connection ""; proxy_set_header Host \$host;
+      $FORWARDED
     }
   }
   server {
@@ -85,6 +92,7 @@ http {
     location / {
       proxy_pass http://backend; proxy_http_version 1.1;
       proxy_set_header Connection ""; proxy_set_header Host \$host;
+      $FORWARDED
     }
   }
   server {
@@ -92,6 +100,7 @@ http {
     location / {
       proxy_pass http://backend; proxy_http_version 1.1;
       proxy_set_header Connection ""; proxy_set_header Host \$host;
+      $FORWARDED
     }
   }
   server {
@@ -105,6 +114,7 @@ http {
       header_filter_by_lua_block { ngx.header["X-Lua"] = "1" }
       proxy_pass http://backend; proxy_http_version 1.1;
       proxy_set_header Connection ""; proxy_set_header Host \$host;
+      $FORWARDED
     }
   }
 }
@@ -157,7 +167,7 @@ YAML
 
 nginx -p "$WORK" -c "$WORK/upstream.conf" -e "$WORK/upstream.err"
 nginx -p "$WORK" -c "$WORK/proxy.conf" -e "$WORK/proxy.err"
-"$BIN" standalone --manifests "$WORK/manifests" --workers 2 --no-access-log \
+setsid "$BIN" standalone --manifests "$WORK/manifests" --workers 2 --no-access-log \
   --http-addr $TIDEGATE --https-addr $TIDEGATE_TLS --admin-addr 127.0.0.1:19911 >/dev/null 2>"$WORK/tidegate.log" &
 TIDEGATE_PID=$!
 PIDS+=("$TIDEGATE_PID")

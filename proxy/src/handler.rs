@@ -125,9 +125,9 @@ pub(crate) async fn handle(
     let status = response.status();
 
     let metrics = &worker.shared.metrics;
-    metrics.request_duration.observe(started.elapsed().as_secs_f64());
+    metrics.request_duration.observe(worker.id, started.elapsed().as_secs_f64());
     if let Some(t) = outcome.upstream_time {
-        metrics.upstream_duration.observe(t.as_secs_f64());
+        metrics.upstream_duration.observe(worker.id, t.as_secs_f64());
     }
 
     let shared = Arc::clone(&worker.shared);

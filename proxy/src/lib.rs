@@ -159,7 +159,7 @@ impl Proxy {
         let shared = Arc::new(Shared {
             runtime: ArcSwap::from_pointee(Runtime::empty()),
             default_certificate: tls::default_certificate().map_err(StartError::DefaultCertificate)?,
-            metrics: metrics::Metrics::new(),
+            metrics: metrics::Metrics::new(workers),
             access_log: access_log::AccessLog::start(config.access_log).map_err(StartError::Thread)?,
             ready: AtomicBool::new(false),
             status: ArcSwap::from_pointee(Bytes::from_static(b"[]")),

@@ -1,6 +1,10 @@
 //! Prometheus metrics, served as text on the admin port.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -55,8 +59,8 @@ pub(crate) struct Metrics {
     pub(crate) lua_errors: Family<LuaErrorLabels, Counter>,
     registry: Registry,
     pub(crate) requests: Family<RequestLabels, Counter>,
-    pub(crate) request_duration: Histogram,
-    pub(crate) upstream_duration: Histogram,
+    pub(crate) request_duration: WorkerHistogram,
+    pub(crate) upstream_duration: WorkerHistogram,
     pub(crate) active_connections: Gauge,
     pub(crate) parked_connections: Gauge,
     pub(crate) refused_requests: Family<StatusLabels, Counter>,
@@ -72,17 +76,18 @@ fn seconds_buckets() -> impl Iterator<Item = f64> {
 }
 
 impl Metrics {
-    pub(crate) fn new() -> Self {
+    /// Metrics of a proxy with `workers` workers.
+    pub(crate) fn new(workers: usize) -> Self {
         let mut registry = Registry::with_prefix("tidegate");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register("requests", "Requests answered, by virtual host, route and status class", requests.clone());
-        let request_duration = Histogram::new(seconds_buckets());
+        let request_duration = WorkerHistogram::new(workers, seconds_buckets());
         registry.register(
             "request_duration_seconds",
             "Time from request to response headers",
             request_duration.clone(),
         );
-        let upstream_duration = Histogram::new(seconds_buckets());
+        let upstream_duration = WorkerHistogram::new(workers, seconds_buckets());
         registry.register(
             "upstream_duration_seconds",
             "Time from sending upstream to its response headers",
@@ -223,5 +228,103 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// A histogram every worker observes into its own shard: no lock and no cache line shared with
+/// another worker on the request path (prometheus-client's `Histogram` takes a mutex per
+/// observation, which two workers contend on; when the holder is preempted, the other waits a
+/// scheduler slice). A scrape adds the shards up into one histogram.
+#[derive(Clone, Debug)]
+pub(crate) struct WorkerHistogram(Arc<Shards>);
+
+#[derive(Debug)]
+struct Shards {
+    /// Upper bounds, finite and ascending; an overflow bucket follows them.
+    bounds: Box<[f64]>,
+    shards: Box<[Shard]>,
+}
+
+/// One worker's observations, on cache lines of its own.
+#[derive(Debug)]
+#[repr(align(128))]
+struct Shard {
+    count: AtomicU64,
+    /// The sum, as `f64` bits: only the shard's worker writes it.
+    sum: AtomicU64,
+    /// Per bucket (not cumulative), the overflow bucket last.
+    buckets: Box<[AtomicU64]>,
+}
+
+impl WorkerHistogram {
+    pub(crate) fn new(workers: usize, bounds: impl Iterator<Item = f64>) -> Self {
+        let bounds: Box<[f64]> = bounds.filter(|b| b.is_finite()).collect();
+        let shards = (0..workers.max(1))
+            .map(|_| Shard {
+                count: AtomicU64::new(0),
+                sum: AtomicU64::new(0f64.to_bits()),
+                buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            })
+            .collect();
+        WorkerHistogram(Arc::new(Shards { bounds, shards }))
+    }
+
+    /// Records `value` in `worker`'s shard. Each shard has one writer, its worker.
+    pub(crate) fn observe(&self, worker: usize, value: f64) {
+        let Shards { bounds, shards } = &*self.0;
+        let shard = &shards[worker % shards.len()];
+        let bucket = bounds.partition_point(|bound| *bound < value);
+        shard.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        let sum = f64::from_bits(shard.sum.load(Ordering::Relaxed)) + value;
+        shard.sum.store(sum.to_bits(), Ordering::Relaxed);
+        shard.count.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl EncodeMetric for WorkerHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let Shards { bounds, shards } = &*self.0;
+        let mut buckets: Vec<(f64, u64)> = bounds.iter().chain([&f64::INFINITY]).map(|b| (*b, 0)).collect();
+        let (mut sum, mut count) = (0.0, 0);
+        for shard in shards {
+            for (total, bucket) in buckets.iter_mut().zip(&shard.buckets) {
+                total.1 += bucket.load(Ordering::Relaxed);
+            }
+            sum += f64::from_bits(shard.sum.load(Ordering::Relaxed));
+            count += shard.count.load(Ordering::Relaxed);
+        }
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(metric: impl prometheus_client::registry::Metric) -> String {
+        let mut registry = Registry::default();
+        registry.register("d", "durations", metric);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encodes");
+        out
+    }
+
+    /// Shards add up into the text prometheus-client writes for one histogram fed the same values.
+    #[test]
+    fn worker_shards_encode_as_one_histogram() {
+        let bounds = || [0.001, 0.01, 0.1].into_iter();
+        let sharded = WorkerHistogram::new(3, bounds());
+        let single = Histogram::new(bounds());
+        for (worker, value) in [(0, 0.0005), (1, 0.001), (2, 0.05), (0, 0.5), (1, 0.01), (2, 7.0)] {
+            sharded.observe(worker, value);
+            single.observe(value);
+        }
+        let expected = text(single);
+        assert!(expected.contains("d_bucket{le=\"+Inf\"} 6"), "{expected}");
+        assert_eq!(text(sharded), expected);
     }
 }
