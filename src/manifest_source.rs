@@ -71,7 +71,9 @@ pub fn run<S: Sink>(dir: &Path, options: Options, sink: S) -> Result<S, Error> {
     let (events, changes) = mpsc::channel();
     watch_signals(events.clone()).map_err(Error::Signals)?;
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event {
+        if let Ok(event) = event
+            && may_change_content(&event.kind)
+        {
             let _ = events.send(Event::Changed { settled: settled(&event.kind) });
         }
     })
@@ -98,6 +100,18 @@ pub fn run<S: Sink>(dir: &Path, options: Options, sink: S) -> Result<S, Error> {
         state.reload(dir);
     }
     Ok(state.publishing.sink)
+}
+
+/// Whether an event can mean a changed folder. Opening and reading do not: reading the folder
+/// for a change made those events, so following them rescanned the folder about fifty times a
+/// second, forever.
+fn may_change_content(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
 }
 
 /// Whether an event leaves its file complete: closed after writing, renamed (an atomic
@@ -351,6 +365,33 @@ impl<S: Sink> Publishing<S> {
         let rejected = statuses.iter().filter(|s| !s.accepted).count() + load_errors.len();
         if let Ok(json) = serde_json::to_vec(&document) {
             self.sink.set_status(json.into(), rejected);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use notify::event::{AccessKind, AccessMode, CreateKind, DataChange, EventKind, ModifyKind, RemoveKind};
+
+    use super::*;
+
+    #[test]
+    fn reading_the_folder_is_no_change_and_writing_is() {
+        for quiet in [
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+            EventKind::Access(AccessKind::Read),
+        ] {
+            assert!(!may_change_content(&quiet), "{quiet:?}");
+        }
+        for change in [
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+            EventKind::Remove(RemoveKind::File),
+            EventKind::Any,
+        ] {
+            assert!(may_change_content(&change), "{change:?}");
         }
     }
 }
