@@ -94,6 +94,12 @@ pub(crate) struct Connection {
     pub(crate) tls: bool,
 }
 
+impl Connection {
+    pub(crate) fn new(remote: SocketAddr, local_port: u16, tls: bool) -> Connection {
+        Connection { remote, client_ip: crate::headers::client_ip_value(remote), local_port, tls }
+    }
+}
+
 /// Filled in while the request is handled, written out when its body is done.
 #[derive(Default)]
 pub(crate) struct Outcome {

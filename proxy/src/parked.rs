@@ -21,6 +21,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::io::{self, Read as _};
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
@@ -67,7 +68,12 @@ struct Held<G> {
     waiting: Waiting,
     served: u64,
     deadline: Instant,
-    conn: Rc<Connection>,
+    /// What the connection's [`Connection`] is made of again when it comes back: a parked
+    /// connection keeps no allocation of its own besides its socket, since long-lived small
+    /// ones scattered among the freed buffers of its requests pin the allocator's pages.
+    remote: SocketAddr,
+    local_port: u16,
+    tls: bool,
     /// Kept for as long as the connection is open (it counts open connections).
     guard: G,
 }
@@ -193,7 +199,10 @@ impl<G> ParkingLot<G> {
                 Waiting::Driver(io)
             }
         };
-        self.slots.borrow_mut()[index as usize].held = Some(Held { waiting, served, deadline, conn, guard });
+        let (remote, local_port, tls) = (conn.remote, conn.local_port, conn.tls);
+        drop(conn);
+        self.slots.borrow_mut()[index as usize].held =
+            Some(Held { waiting, served, deadline, remote, local_port, tls, guard });
         self.count.inc();
         Ok(())
     }
@@ -213,21 +222,23 @@ impl<G> ParkingLot<G> {
     /// read first: the new task starts with the request in hand (tokio would otherwise wait for
     /// its driver to report the socket again), and one that was closed goes without a task.
     fn resume(&self, held: Held<G>) -> Option<Resumed<G>> {
-        let Held { waiting, served, conn, guard, .. } = held;
+        let Held { waiting, served, remote, local_port, tls, guard, .. } = held;
         let mut read = BytesMut::new();
         let io: Box<dyn Io> = match waiting {
             Waiting::Driver(io) => io,
             Waiting::Plain(mut std) => {
-                let fd = std.as_raw_fd();
-                let _ = self.epoll.borrow().get_ref().registry().deregister(&mut SourceFd(&fd));
                 read = spare::take_read();
                 read.resize(FIRST_READ, 0);
+                // A socket closed here leaves the epoll set with its last descriptor: only one
+                // that stays needs taking out.
                 match std.read(&mut read) {
                     Ok(0) => return None,
                     Ok(n) => read.truncate(n),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => read.clear(),
                     Err(_) => return None,
                 }
+                let fd = std.as_raw_fd();
+                let _ = self.epoll.borrow().get_ref().registry().deregister(&mut SourceFd(&fd));
                 match TcpStream::from_std(std) {
                     Ok(tcp) => Box::new(tcp),
                     Err(e) => {
@@ -237,6 +248,7 @@ impl<G> ParkingLot<G> {
                 }
             }
         };
+        let conn = Rc::new(Connection::new(remote, local_port, tls));
         Some(Resumed { io, read, served, conn, guard })
     }
 
@@ -398,7 +410,7 @@ mod tests {
 
     fn facts() -> Rc<Connection> {
         let remote = "127.0.0.1:1".parse().expect("address");
-        Rc::new(Connection { remote, client_ip: crate::headers::client_ip_value(remote), local_port: 0, tls: false })
+        Rc::new(Connection::new(remote, 0, false))
     }
 
     /// Waits until the lot has something to give back.

@@ -136,12 +136,7 @@ impl Drop for ConnectionGuard {
 async fn serve(worker: Rc<Worker>, stream: TcpStream, remote: SocketAddr, local_port: u16, tls: Option<TlsAcceptor>) {
     let guard = ConnectionGuard::new(&worker.shared);
     // Shared by the connection's requests (and small in the connection's task).
-    let conn = Rc::new(Connection {
-        remote,
-        client_ip: crate::headers::client_ip_value(remote),
-        local_port,
-        tls: tls.is_some(),
-    });
+    let conn = Rc::new(Connection::new(remote, local_port, tls.is_some()));
     let (io, alpn_h2): (Box<dyn Io>, bool) = match tls {
         None => (Box::new(stream), false),
         // Boxed, like HTTP/2 below: a task is as large as its largest state, and a plain HTTP/1
