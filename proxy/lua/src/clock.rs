@@ -2,33 +2,43 @@
 //! only reads that mark.
 //!
 //! The interrupt fires at every function call and loop back-edge (and inside pattern matching),
-//! so it must be cheap: it compares two atomics. The watchdog ticks every millisecond while a
-//! run is in progress, which is the precision of the budget; when no Lua runs it sleeps until a
-//! run starts (an idle proxy does not wake a thousand times a second).
+//! so it must be cheap: it compares two atomics. The watchdog sleeps until the earliest deadline
+//! of the runs in progress, and runs are short: under load it looks every [`HORIZON`] or so,
+//! not on a fixed tick (a 1 ms tick woke it a thousand times a second, each time taking a core
+//! from a worker on a busy machine). A run whose deadline comes before the watchdog's next look
+//! wakes it; when no Lua runs it sleeps until a run starts.
 //!
 //! # Guarantees
 //! A mark set for one run never affects a later run: each run has a generation number, and the
 //! watchdog marks the generation it saw, not "whatever runs now".
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-const TICK: Duration = Duration::from_millis(1);
-
-/// Ticks without any run before the watchdog sleeps: a busy worker never has to wake it.
-const QUIET_TICKS: u32 = 100;
+/// When runs come and go but none is in progress, the watchdog looks again this much later.
+/// A run with less budget than this left wakes it at start.
+const HORIZON: Duration = Duration::from_millis(10);
 
 /// How long the idle watchdog sleeps at most: a safety net, runs wake it when they start.
 const IDLE_SLEEP: Duration = Duration::from_secs(1);
 
+/// Nanoseconds since the process's first clock: the time base every clock and the watchdog share.
+fn now_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// One worker's Lua clock.
 #[derive(Debug)]
 pub struct WorkerClock {
-    epoch: Instant,
     /// Generation of the run in progress (odd while running, even when idle).
     generation: AtomicU64,
-    /// Nanoseconds since `epoch` at which the current run is over budget.
+    /// When (see [`now_ns`]) the current run is over budget.
     deadline: AtomicU64,
     /// The generation the watchdog found over budget.
     expired: AtomicU64,
@@ -38,7 +48,6 @@ impl WorkerClock {
     /// A clock registered with the process-wide watchdog.
     pub fn new() -> Arc<WorkerClock> {
         let clock = Arc::new(WorkerClock {
-            epoch: Instant::now(),
             generation: AtomicU64::new(0),
             deadline: AtomicU64::new(0),
             expired: AtomicU64::new(u64::MAX),
@@ -47,16 +56,12 @@ impl WorkerClock {
         clock
     }
 
-    fn now_ns(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
-
     /// Starts a run allowed to take `budget`.
     pub fn start(&self, budget: Duration) {
-        let deadline = self.now_ns().saturating_add(u64::try_from(budget.as_nanos()).unwrap_or(u64::MAX));
+        let deadline = now_ns().saturating_add(nanos(budget));
         self.deadline.store(deadline, Ordering::Relaxed);
         self.generation.fetch_add(1, Ordering::SeqCst);
-        watchdog().wake();
+        watchdog().wake_before(deadline);
     }
 
     /// Ends the run.
@@ -69,21 +74,27 @@ impl WorkerClock {
         self.expired.load(Ordering::Relaxed) == self.generation.load(Ordering::Relaxed)
     }
 
-    /// Marks the run in progress if it is over budget; true while a run is in progress.
-    fn check(&self) -> bool {
+    /// Marks the run in progress if it is over budget at `now`; the deadline of a run in
+    /// progress that is not, if any.
+    fn check(&self, now: u64) -> Option<u64> {
         let generation = self.generation.load(Ordering::SeqCst);
-        if generation % 2 == 1 && self.now_ns() >= self.deadline.load(Ordering::Relaxed) {
-            self.expired.store(generation, Ordering::Relaxed);
+        if generation.is_multiple_of(2) {
+            return None;
         }
-        generation % 2 == 1
+        let deadline = self.deadline.load(Ordering::Relaxed);
+        if now >= deadline {
+            self.expired.store(generation, Ordering::Relaxed);
+            return None;
+        }
+        Some(deadline)
     }
 }
 
 struct Watchdog {
     clocks: Mutex<Vec<Weak<WorkerClock>>>,
     thread: OnceLock<std::thread::Thread>,
-    /// The watchdog sleeps until a run starts.
-    parked: AtomicBool,
+    /// When the watchdog looks next (`u64::MAX`: when a run starts).
+    next_look: AtomicU64,
 }
 
 fn watchdog() -> &'static Watchdog {
@@ -91,23 +102,26 @@ fn watchdog() -> &'static Watchdog {
     WATCHDOG.get_or_init(|| {
         let spawned = std::thread::Builder::new().name("lua-watchdog".into()).spawn(|| {
             let watchdog = watchdog();
-            let (mut quiet, mut last) = (0, 0);
+            let mut last_runs = 0;
             loop {
-                let (running, runs) = watchdog.check_all();
-                quiet = if running || runs != last { 0 } else { quiet + 1 };
-                last = runs;
-                if quiet < QUIET_TICKS {
-                    std::thread::sleep(TICK);
+                let now = now_ns();
+                let (earliest, runs) = watchdog.check_all(now);
+                let next = match earliest {
+                    Some(deadline) => deadline,
+                    // Nothing started since the last look: sleep until something does.
+                    None if runs == last_runs => u64::MAX,
+                    None => now.saturating_add(nanos(HORIZON)),
+                };
+                last_runs = runs;
+                // Announce the next look, then check again: a run that started in between
+                // either sees it (and wakes us if its deadline is earlier) or is seen here.
+                watchdog.next_look.store(next, Ordering::SeqCst);
+                if watchdog.check_all(now_ns()).0.is_some_and(|deadline| deadline < next) {
                     continue;
                 }
-                // Announce the sleep, then look again: a run that started in between either
-                // sees `parked` (and wakes us) or is seen here.
-                watchdog.parked.store(true, Ordering::SeqCst);
-                if watchdog.check_all() == (false, last) {
-                    std::thread::park_timeout(IDLE_SLEEP);
-                }
-                // Still quiet after the timeout: the next look parks again at once.
-                watchdog.parked.store(false, Ordering::SeqCst);
+                let sleep =
+                    if next == u64::MAX { IDLE_SLEEP } else { Duration::from_nanos(next.saturating_sub(now_ns())) };
+                std::thread::park_timeout(sleep);
             }
         });
         let thread = match spawned {
@@ -118,7 +132,7 @@ fn watchdog() -> &'static Watchdog {
             }
         };
         let watchdog =
-            Watchdog { clocks: Mutex::new(Vec::new()), thread: OnceLock::new(), parked: AtomicBool::new(false) };
+            Watchdog { clocks: Mutex::new(Vec::new()), thread: OnceLock::new(), next_look: AtomicU64::new(0) };
         if let Some(thread) = thread {
             let _ = watchdog.thread.set(thread);
         }
@@ -127,21 +141,23 @@ fn watchdog() -> &'static Watchdog {
 }
 
 impl Watchdog {
-    /// Checks every clock: whether some run is in progress, and a number that changes whenever
-    /// a run starts or ends.
-    fn check_all(&self) -> (bool, u64) {
+    /// Checks every clock at `now`: the earliest deadline of the runs in progress, and a number
+    /// that changes whenever a run starts or ends.
+    fn check_all(&self, now: u64) -> (Option<u64>, u64) {
         let clocks = self.clocks.lock().map(|c| c.clone()).unwrap_or_default();
-        let (mut running, mut runs) = (false, 0u64);
+        let (mut earliest, mut runs) = (None::<u64>, 0u64);
         for clock in clocks.iter().filter_map(Weak::upgrade) {
-            running |= clock.check();
+            if let Some(deadline) = clock.check(now) {
+                earliest = Some(earliest.map_or(deadline, |e| e.min(deadline)));
+            }
             runs = runs.wrapping_add(clock.generation.load(Ordering::SeqCst));
         }
-        (running, runs)
+        (earliest, runs)
     }
 
-    /// A run started: the watchdog ticks again if it was asleep.
-    fn wake(&self) {
-        if self.parked.load(Ordering::SeqCst)
+    /// A run with this deadline started: the watchdog looks earlier if it would look later.
+    fn wake_before(&self, deadline: u64) {
+        if deadline < self.next_look.load(Ordering::SeqCst)
             && let Some(thread) = self.thread.get()
         {
             thread.unpark();
@@ -165,7 +181,7 @@ mod tests {
     #[test]
     fn a_run_after_a_quiet_spell_is_still_caught() {
         let clock = WorkerClock::new();
-        std::thread::sleep(TICK * (QUIET_TICKS + 50));
+        std::thread::sleep(HORIZON * 3 + Duration::from_millis(50));
         clock.start(Duration::from_millis(5));
         let started = Instant::now();
         while !clock.expired() {
@@ -174,6 +190,25 @@ mod tests {
         }
         assert!(started.elapsed() < Duration::from_millis(100), "caught late: {:?}", started.elapsed());
         clock.stop();
+    }
+
+    /// While the watchdog sleeps until a long run's deadline, a run with a shorter budget that
+    /// starts on another worker wakes it and is caught at its own deadline.
+    #[test]
+    fn a_shorter_run_is_caught_while_the_watchdog_waits_for_a_longer_one() {
+        let (long, short) = (WorkerClock::new(), WorkerClock::new());
+        long.start(Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+        short.start(Duration::from_millis(5));
+        let started = Instant::now();
+        while !short.expired() {
+            assert!(started.elapsed() < Duration::from_secs(2), "not caught");
+            std::thread::yield_now();
+        }
+        assert!(started.elapsed() < Duration::from_millis(100), "caught late: {:?}", started.elapsed());
+        assert!(!long.expired(), "the longer run is within its budget");
+        short.stop();
+        long.stop();
     }
 
     #[test]
