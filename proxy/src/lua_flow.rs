@@ -63,8 +63,8 @@ pub(crate) async fn serve(
         server_port: conn.local_port,
         https: conn.tls,
         host: host.to_owned(),
-        route: target.name.to_string(),
-        namespace: chain.namespace.clone(),
+        route: Arc::clone(&target.name),
+        namespace: Arc::clone(&chain.namespace),
         request_id: Some(worker.next_request_id()),
     };
     let lua = match vm.begin(head, std::mem::take(&mut parts.headers)) {
@@ -196,20 +196,20 @@ async fn filtered(
             worker: Rc::clone(worker),
             lua: Rc::clone(lua),
             chain: Arc::clone(chain),
-            route: target.name.to_string(),
+            route: Arc::clone(&target.name),
             running: None,
             input_ended: false,
             finished: false,
         };
         *response.body_mut() = LocalBody::new(filter);
     }
-    let (worker, lua, chain, route) = (Rc::clone(worker), Rc::clone(lua), Arc::clone(chain), target.name.to_string());
+    if chain.phase(Phase::Log).is_empty() {
+        worker.note_lua_memory();
+        return response;
+    }
+    let (worker, lua, chain, route) = (Rc::clone(worker), Rc::clone(lua), Arc::clone(chain), Arc::clone(&target.name));
     outcome.after = Some(Box::new(move |bytes_sent| {
         lua.state.bytes_sent.set(bytes_sent);
-        if chain.phase(Phase::Log).is_empty() {
-            worker.note_lua_memory();
-            return;
-        }
         // The response is over; log handlers run on their own and may wait (cosockets, sleep).
         tokio::task::spawn_local(async move {
             if let LuaOutcome::Failed { kind, message } = worker.vm.run(&lua, Phase::Log, chain.phase(Phase::Log)).await
@@ -377,7 +377,7 @@ struct BodyFilter {
     worker: Rc<Worker>,
     lua: Rc<LuaRequest>,
     chain: Arc<LuaChain>,
-    route: String,
+    route: Arc<str>,
     /// The handlers running over the current chunk.
     running: Option<Pin<Box<dyn Future<Output = LuaOutcome>>>>,
     /// The upstream body has ended (the last run was told `ngx.arg[2] == true`).

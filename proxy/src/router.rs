@@ -57,7 +57,7 @@ pub struct LuaChain {
     phases: [Vec<Arc<Script>>; 6],
     pub cpu_budget: Option<Duration>,
     /// Whose `ngx.shared` dictionaries the handlers reach.
-    pub namespace: String,
+    pub namespace: Arc<str>,
 }
 
 impl LuaChain {
@@ -77,7 +77,7 @@ impl LuaChain {
         ];
         let mut chain = LuaChain {
             cpu_budget: handlers.cpu_budget_ms.map(Duration::from_millis),
-            namespace: handlers.namespace.clone(),
+            namespace: handlers.namespace.as_str().into(),
             ..LuaChain::default()
         };
         for (slot, ids) in chain.phases.iter_mut().zip(lists) {

@@ -6,6 +6,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
@@ -65,9 +66,9 @@ pub struct RequestHead {
     /// The host the request was routed by, without port.
     pub host: String,
     /// Route name, for logs.
-    pub route: String,
+    pub route: Arc<str>,
     /// Namespace of the object the handlers come from: the `ngx.shared` dictionaries they see.
-    pub namespace: String,
+    pub namespace: Arc<str>,
     /// Request id, for logs (`ngx.var.request_id`); none for timers.
     pub request_id: Option<RequestId>,
 }

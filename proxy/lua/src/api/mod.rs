@@ -375,7 +375,7 @@ fn install_misc(lua: &Lua, ngx: &Table, config: &LuaConfig) -> mlua::Result<()> 
         "__index",
         lua.create_function(move |lua, (_, name): (Value, mlua::LuaString)| {
             let request = current("ngx.shared")?;
-            let namespace = request.state.head.namespace.as_str();
+            let namespace = &*request.state.head.namespace;
             let name = name.to_str()?;
             let mut kept = kept.borrow_mut();
             let generation = dicts.generation();
@@ -482,7 +482,7 @@ fn display_with_tostring(lua: &Lua, value: &Value) -> String {
 fn log_line(level: i64, text: &str) {
     with_current(|request| {
         let (route, request_id, phase) = request.map_or(("", String::new(), "init"), |r| {
-            (r.state.head.route.as_str(), r.state.head.request_id_text(), r.state.phase.get().name())
+            (&*r.state.head.route, r.state.head.request_id_text(), r.state.phase.get().name())
         });
         match level {
             ..=4 => tracing::error!(target: "lua", route, request_id, phase, "{text}"),

@@ -181,7 +181,7 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             match key.as_str() {
                 "status" => {
                     if request.state.headers_sent.get() {
-                        tracing::error!(target: "lua", route = request.state.head.route, "attempt to set ngx.status after sending out response headers");
+                        tracing::error!(target: "lua", route = &*request.state.head.route, "attempt to set ngx.status after sending out response headers");
                         return Ok(());
                     }
                     let number = match value {
@@ -315,7 +315,7 @@ fn prepare_exit(status: i64) -> mlua::Result<()> {
             s => s,
         };
         if status != sent {
-            tracing::error!(target: "lua", route = state.head.route, "attempt to set status {status} via ngx.exit after sending out the response status {sent}");
+            tracing::error!(target: "lua", route = &*state.head.route, "attempt to set status {status} via ngx.exit after sending out the response status {sent}");
         }
     }
     state.exit.set(Some(status));
@@ -419,7 +419,7 @@ fn set_header(name: &str, value: &Value) -> mlua::Result<()> {
     let request = current("ngx.header")?;
     let header = normalize_header_name(name)?;
     if request.state.headers_sent.get() {
-        tracing::error!(target: "lua", route = request.state.head.route, header = name, "attempt to set ngx.header.HEADER after sending out response headers");
+        tracing::error!(target: "lua", route = &*request.state.head.route, header = name, "attempt to set ngx.header.HEADER after sending out response headers");
         return Ok(());
     }
     if header == http::header::CONTENT_TYPE {

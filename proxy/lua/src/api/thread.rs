@@ -153,7 +153,7 @@ async fn drive(runner: Rc<Runner>, request: Rc<LuaRequest>, thread: Rc<LightThre
         // The request's runner sees the exit and ends the request.
         Outcome::Exit(status) => Err(format!("exited with {status}")),
         Outcome::Failed { kind, message } => {
-            tracing::error!(target: "lua", route = request.state.head.route, kind = kind.name(), "Lua light thread failed: {message}");
+            tracing::error!(target: "lua", route = &*request.state.head.route, kind = kind.name(), "Lua light thread failed: {message}");
             Err(message)
         }
     };
@@ -162,7 +162,7 @@ async fn drive(runner: Rc<Runner>, request: Rc<LuaRequest>, thread: Rc<LightThre
 
 fn report(request: &LuaRequest, error: &mlua::Error) -> String {
     let message = error_message(error);
-    tracing::error!(target: "lua", route = request.state.head.route, kind = "error", "Lua light thread failed: {message}");
+    tracing::error!(target: "lua", route = &*request.state.head.route, kind = "error", "Lua light thread failed: {message}");
     message
 }
 

@@ -82,14 +82,14 @@ fn schedule(
             };
             ctx.pending.set(ctx.pending.get().saturating_sub(1));
             if repeat && !ctx.loaded.borrow().contains_key(&script) {
-                tracing::debug!(namespace, "ngx.timer.every stopped: its script was replaced");
+                tracing::debug!(namespace = &*namespace, "ngx.timer.every stopped: its script was replaced");
                 break;
             }
             ctx.running.set(ctx.running.get() + 1);
             let outcome = run_callback(&lua, &ctx, &namespace, script, &callback, &args, premature).await;
             ctx.running.set(ctx.running.get() - 1);
             if let Outcome::Failed { kind, message } = outcome {
-                tracing::error!(target: "lua", namespace, kind = kind.name(), phase = "timer", "Lua timer failed: {message}");
+                tracing::error!(target: "lua", namespace = &*namespace, kind = kind.name(), phase = "timer", "Lua timer failed: {message}");
             }
             if !repeat || premature {
                 break;
@@ -130,7 +130,7 @@ async fn run_callback(
         https: false,
         host: String::new(),
         route: "timer".into(),
-        namespace: namespace.to_owned(),
+        namespace: namespace.into(),
         request_id: None,
     };
     let started = (|| {
