@@ -16,7 +16,7 @@ pub(super) const NGINX: &str = "nginx.ingress.kubernetes.io/";
 pub(super) struct Settings {
     /// Redirect plain HTTP to HTTPS on hosts with TLS (`ssl-redirect`, default true).
     pub(super) ssl_redirect: bool,
-    /// `proxy-connect-timeout` and `proxy-read-timeout`, in seconds.
+    /// `proxy-connect-timeout`, `proxy-read-timeout` and `proxy-send-timeout`, in seconds.
     pub(super) timeouts: Timeouts,
     /// `tidegate.dev/lua-route`: the LuaRoute whose handlers run on this Ingress's paths.
     pub(super) lua_route: Option<String>,
@@ -97,6 +97,10 @@ pub(super) fn read(annotations: Option<&BTreeMap<String, String>>, status: &mut 
                 Ok(ms) => settings.timeouts.read_ms = ms,
                 Err(why) => status.warning(Reason::Invalid, field, why),
             },
+            "proxy-send-timeout" => match seconds(value) {
+                Ok(ms) => settings.timeouts.send_ms = ms,
+                Err(why) => status.warning(Reason::Invalid, field, why),
+            },
             "lua-route" if prefix == OURS => settings.lua_route = Some(value.clone()),
             snippet if prefix == OURS && Phase::ALL.iter().any(|p| p.annotation() == snippet) => {
                 let phase = Phase::ALL.into_iter().find(|p| p.annotation() == snippet).unwrap_or(Phase::Access);
@@ -142,6 +146,8 @@ mod tests {
 
     #[test]
     fn timeouts_are_seconds() {
+        let (s, _) = read_one("nginx.ingress.kubernetes.io/proxy-send-timeout", "7s");
+        assert_eq!(s.timeouts.send_ms, 7000);
         let (s, status) = read_one("nginx.ingress.kubernetes.io/proxy-read-timeout", "3");
         assert_eq!(s.timeouts.read_ms, 3000);
         assert!(status.problems.is_empty());

@@ -219,12 +219,20 @@ pub struct Timeouts {
     pub connect_ms: u64,
     /// Time allowed between sending the request and receiving the response headers.
     pub read_ms: u64,
+    /// Time allowed between two steps of sending the request (its head, each piece of its
+    /// body) before the upstream has all of it.
+    #[serde(default = "default_send_ms")]
+    pub send_ms: u64,
+}
+
+fn default_send_ms() -> u64 {
+    Timeouts::default().send_ms
 }
 
 impl Default for Timeouts {
-    /// ingress-nginx's defaults: 5 s to connect, 60 s to read.
+    /// ingress-nginx's defaults: 5 s to connect, 60 s to read, 60 s to send.
     fn default() -> Self {
-        Timeouts { connect_ms: 5_000, read_ms: 60_000 }
+        Timeouts { connect_ms: 5_000, read_ms: 60_000, send_ms: 60_000 }
     }
 }
 

@@ -68,8 +68,10 @@ pub(crate) enum UpstreamError {
     Connect(SocketAddr, io::Error),
     #[error("connect to {0} timed out")]
     ConnectTimeout(SocketAddr),
-    #[error("no response from {0} within the read timeout of the request's last progress")]
+    #[error("no response from {0} within the read timeout after the request was sent")]
     ReadTimeout(SocketAddr),
+    #[error("the request to {0} made no progress within the send timeout")]
+    SendTimeout(SocketAddr),
     #[error("exchange with {0} failed: {1}")]
     Io(SocketAddr, io::Error),
     #[error("{0} answered with a malformed response: {1}")]
@@ -84,7 +86,9 @@ impl UpstreamError {
             UpstreamError::Connect(..) | UpstreamError::Io(..) | UpstreamError::Malformed(..) => {
                 StatusCode::BAD_GATEWAY
             }
-            UpstreamError::ConnectTimeout(_) | UpstreamError::ReadTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamError::ConnectTimeout(_) | UpstreamError::ReadTimeout(_) | UpstreamError::SendTimeout(_) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             UpstreamError::ClientBody(..) => StatusCode::BAD_REQUEST,
         }
     }
@@ -142,8 +146,11 @@ enum Failure {
     Io(io::Error),
     Malformed(&'static str),
     ClientBody(BoxError),
-    /// Nothing moved for the read timeout: no request data went out and no answer came.
-    Stalled,
+    /// The request did not move for the send timeout: nothing taken from the client, nothing
+    /// written to the upstream.
+    SendStalled,
+    /// No answer for the read timeout after the request was sent.
+    ReadStalled,
 }
 
 impl Failure {
@@ -152,7 +159,8 @@ impl Failure {
             Failure::NoAnswer(e) | Failure::Io(e) => UpstreamError::Io(endpoint, e),
             Failure::Malformed(why) => UpstreamError::Malformed(endpoint, why),
             Failure::ClientBody(e) => UpstreamError::ClientBody(endpoint, e),
-            Failure::Stalled => UpstreamError::ReadTimeout(endpoint),
+            Failure::SendStalled => UpstreamError::SendTimeout(endpoint),
+            Failure::ReadStalled => UpstreamError::ReadTimeout(endpoint),
         }
     }
 }
@@ -175,7 +183,8 @@ impl Pool {
             matches!(framing, RequestFraming::Empty | RequestFraming::Length(0)) && parts.method.is_idempotent();
         let mut head = spare::take_write(256 + parts.headers.len() * 48);
         wire::encode_request(&mut head, &parts, framing);
-        let read = Duration::from_millis(timeouts.read_ms);
+        let limits =
+            Limits { send: Duration::from_millis(timeouts.send_ms), read: Duration::from_millis(timeouts.read_ms) };
 
         let exchanged = loop {
             let (mut conn, reused) = match self.checkout(endpoint) {
@@ -185,7 +194,7 @@ impl Pool {
                     Err(e) => break Err(e),
                 },
             };
-            match exchange(&mut conn, &head, &mut body, framing, head_request, read).await {
+            match exchange(&mut conn, &head, &mut body, framing, head_request, limits).await {
                 Err(Failure::NoAnswer(e)) if reused && repeatable => {
                     tracing::debug!(%endpoint, error = %e, "reused upstream connection was closed; sending again");
                 }
@@ -270,35 +279,52 @@ async fn connect(endpoint: SocketAddr, limit: Duration) -> Result<UpstreamConn, 
 /// operations): while the request body goes out each piece renews it, so an upload of any
 /// length passes as long as it moves; once the request is out, the answer must start within
 /// it.
+/// How long an exchange may stand still: while the request goes out, and after.
+#[derive(Clone, Copy)]
+struct Limits {
+    send: Duration,
+    read: Duration,
+}
+
+/// Sends the request and reads the response head. As with nginx, the send timeout bounds each
+/// gap while the request goes out (a piece taken from the client or written to the upstream
+/// is progress), and the read timeout runs from when it has all gone out; an answer that comes
+/// earlier is taken at once.
 async fn exchange(
     conn: &mut UpstreamConn,
     head: &[u8],
     body: &mut RequestBody,
     framing: RequestFraming,
     head_request: bool,
-    limit: Duration,
+    limits: Limits,
 ) -> Result<(ResponseHead, bool), Failure> {
     let progress = Cell::new(Instant::now());
     let (mut reader, mut writer) = conn.io.split();
     let sending = send_request(&mut writer, head, body, framing, &progress);
     let receiving = receive_head(&mut reader, &mut conn.buf, head_request);
-    let stall = tokio::time::sleep(limit);
+    let stall = tokio::time::sleep(limits.send);
     tokio::pin!(sending, receiving, stall);
     let mut sent = None;
     loop {
         tokio::select! {
             biased;
-            outcome = &mut sending, if sent.is_none() => match outcome {
-                Ok(()) => sent = Some(true),
-                Err(Failure::ClientBody(e)) => return Err(Failure::ClientBody(e)),
-                // The upstream may have answered before it stopped reading: listen on.
-                Err(_) => sent = Some(false),
-            },
+            outcome = &mut sending, if sent.is_none() => {
+                match outcome {
+                    Ok(()) => sent = Some(true),
+                    Err(Failure::ClientBody(e)) => return Err(Failure::ClientBody(e)),
+                    // The upstream may have answered before it stopped reading: listen on.
+                    Err(_) => sent = Some(false),
+                }
+                progress.set(Instant::now());
+                stall.as_mut().reset((progress.get() + limits.read).into());
+            }
             response = &mut receiving => return response.map(|head| (head, sent == Some(true))),
             () = &mut stall => {
+                let (limit, failure) =
+                    if sent.is_none() { (limits.send, Failure::SendStalled) } else { (limits.read, Failure::ReadStalled) };
                 let due = progress.get() + limit;
                 if Instant::now() >= due {
-                    return Err(Failure::Stalled);
+                    return Err(failure);
                 }
                 stall.as_mut().reset(due.into());
             }

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use super::*;
 use crate::body::LocalBody;
 
-const TIMEOUTS: Timeouts = Timeouts { connect_ms: 1_000, read_ms: 2_000 };
+const TIMEOUTS: Timeouts = Timeouts { connect_ms: 1_000, read_ms: 2_000, send_ms: 2_000 };
 
 /// What a scripted upstream does with each request head it reads.
 #[derive(Clone, Copy)]
@@ -239,7 +239,7 @@ async fn interim_answers_are_skipped_and_surprises_are_errors() {
 async fn timeouts_and_refusals_have_their_status() {
     let (address, _) = upstream(Script::Silent).await;
     let pool = Rc::new(Pool::default());
-    let quick = Timeouts { connect_ms: 1_000, read_ms: 100 };
+    let quick = Timeouts { read_ms: 100, ..TIMEOUTS };
     let error = pool.send(address, get("/"), quick).await.expect_err("no answer");
     assert!(matches!(error, UpstreamError::ReadTimeout(_)) && error.status() == StatusCode::GATEWAY_TIMEOUT);
 
@@ -284,14 +284,22 @@ fn trickle(pieces: usize, every: Duration, then_stall: Option<Duration>) -> Requ
 }
 
 #[tokio::test]
-async fn the_read_timeout_runs_from_the_last_progress_of_an_upload() {
+async fn the_send_timeout_runs_from_the_last_progress_of_an_upload() {
     let (address, _) = upstream(Script::Echo).await;
     let pool = Rc::new(Pool::default());
-    let short = Timeouts { connect_ms: 1_000, read_ms: 300 };
+    // The read timeout is long: while the request goes out, only the send timeout counts.
+    let short = Timeouts { connect_ms: 1_000, read_ms: 30_000, send_ms: 300 };
 
     // Ten pieces 100 ms apart: a second in all, three times the timeout, always moving.
     let request = Request::post("/up").header("host", "up.test").body(trickle(10, Duration::from_millis(100), None));
     let response = pool.send(address, request.expect("request"), short).await.expect("a moving upload passes");
+    assert!(text(response).await.ends_with("5\r\npiece\r\n0\r\n\r\n"));
+
+    // Pieces further apart than a short read timeout, within a long send timeout: the read
+    // timeout only starts once the request has gone out.
+    let patient = Timeouts { connect_ms: 1_000, read_ms: 300, send_ms: 30_000 };
+    let request = Request::post("/up").header("host", "up.test").body(trickle(3, Duration::from_millis(400), None));
+    let response = pool.send(address, request.expect("request"), patient).await.expect("the read timeout waits");
     assert!(text(response).await.ends_with("5\r\npiece\r\n0\r\n\r\n"));
 
     // Two pieces, then nothing for longer than the timeout.
@@ -299,6 +307,6 @@ async fn the_read_timeout_runs_from_the_last_progress_of_an_upload() {
     let request = Request::post("/up").header("host", "up.test").body(stalled).expect("request");
     let started = std::time::Instant::now();
     let error = pool.send(address, request, short).await.expect_err("a stalled upload fails");
-    assert!(matches!(error, UpstreamError::ReadTimeout(_)) && error.status() == StatusCode::GATEWAY_TIMEOUT);
+    assert!(matches!(error, UpstreamError::SendTimeout(_)) && error.status() == StatusCode::GATEWAY_TIMEOUT);
     assert!(started.elapsed() < Duration::from_secs(2), "cut after the timeout: {:?}", started.elapsed());
 }
