@@ -744,6 +744,14 @@ enum CheckError {
     NotApplicable(String),
 }
 
+fn verdict(checked: Result<(), CheckError>) -> Verdict {
+    match checked {
+        Ok(()) => Verdict::Pass,
+        Err(CheckError::Fail(e)) => Verdict::Fail(e),
+        Err(CheckError::NotApplicable(why)) => Verdict::NotApplicable(why),
+    }
+}
+
 impl From<String> for CheckError {
     fn from(message: String) -> Self {
         CheckError::Fail(message)
@@ -940,11 +948,7 @@ async fn run_file(path: &Path) -> FileReport {
                     // response at all (a connection closed without one) with the empty string.
                     Err(_) if case.block.get("error_code").is_some_and(|s| s.value.trim().is_empty()) => {
                         tokio::time::sleep(Duration::from_millis(30)).await;
-                        match check_logs(&case.block, &route_logs(&tidegate, &route_prefix)) {
-                            Ok(()) => Verdict::Pass,
-                            Err(CheckError::Fail(e)) => Verdict::Fail(e),
-                            Err(CheckError::NotApplicable(why)) => Verdict::NotApplicable(why),
-                        }
+                        verdict(check_logs(&case.block, &route_logs(&tidegate, &route_prefix)))
                     }
                     Err(e) => Verdict::Fail(format!("request failed: {e}")),
                     Ok(answer) => {
@@ -960,11 +964,7 @@ async fn run_file(path: &Path) -> FileReport {
                             tokio::time::sleep(Duration::from_millis(30)).await;
                             result = check(&case, &answer, &route_logs(&tidegate, &route_prefix));
                         }
-                        match result {
-                            Ok(()) => Verdict::Pass,
-                            Err(CheckError::Fail(e)) => Verdict::Fail(e),
-                            Err(CheckError::NotApplicable(why)) => Verdict::NotApplicable(why),
-                        }
+                        verdict(result)
                     }
                 }
             }

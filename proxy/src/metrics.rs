@@ -245,25 +245,31 @@ struct Shards {
     shards: Box<[Shard]>,
 }
 
-/// One worker's observations, on cache lines of its own.
+/// Buckets a [`WorkerHistogram`] can have, the overflow bucket included.
+const MAX_BUCKETS: usize = 24;
+
+/// One worker's observations, inline on cache lines of its own (separately allocated buckets
+/// could share a line with the next worker's).
 #[derive(Debug)]
 #[repr(align(128))]
 struct Shard {
     count: AtomicU64,
     /// The sum, as `f64` bits: only the shard's worker writes it.
     sum: AtomicU64,
-    /// Per bucket (not cumulative), the overflow bucket last.
-    buckets: Box<[AtomicU64]>,
+    /// Per bucket (not cumulative): one per bound, then the overflow bucket.
+    buckets: [AtomicU64; MAX_BUCKETS],
 }
 
 impl WorkerHistogram {
+    /// A histogram with these upper bounds (finite ones, at most `MAX_BUCKETS - 1`) for
+    /// `workers` workers.
     pub(crate) fn new(workers: usize, bounds: impl Iterator<Item = f64>) -> Self {
-        let bounds: Box<[f64]> = bounds.filter(|b| b.is_finite()).collect();
+        let bounds: Box<[f64]> = bounds.filter(|b| b.is_finite()).take(MAX_BUCKETS - 1).collect();
         let shards = (0..workers.max(1))
             .map(|_| Shard {
                 count: AtomicU64::new(0),
                 sum: AtomicU64::new(0f64.to_bits()),
-                buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+                buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             })
             .collect();
         WorkerHistogram(Arc::new(Shards { bounds, shards }))

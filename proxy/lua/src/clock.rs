@@ -182,14 +182,19 @@ mod tests {
     fn a_run_after_a_quiet_spell_is_still_caught() {
         let clock = WorkerClock::new();
         std::thread::sleep(HORIZON * 3 + Duration::from_millis(50));
+        a_5_ms_run_is_caught_in_time(&clock);
+        clock.stop();
+    }
+
+    /// Starts a 5 ms run on `clock` and waits for the watchdog to mark it.
+    fn a_5_ms_run_is_caught_in_time(clock: &WorkerClock) {
         clock.start(Duration::from_millis(5));
         let started = Instant::now();
         while !clock.expired() {
-            assert!(started.elapsed() < Duration::from_millis(200), "not caught");
+            assert!(started.elapsed() < Duration::from_secs(2), "not caught");
             std::thread::yield_now();
         }
         assert!(started.elapsed() < Duration::from_millis(100), "caught late: {:?}", started.elapsed());
-        clock.stop();
     }
 
     /// While the watchdog sleeps until a long run's deadline, a run with a shorter budget that
@@ -199,13 +204,7 @@ mod tests {
         let (long, short) = (WorkerClock::new(), WorkerClock::new());
         long.start(Duration::from_secs(10));
         std::thread::sleep(Duration::from_millis(20));
-        short.start(Duration::from_millis(5));
-        let started = Instant::now();
-        while !short.expired() {
-            assert!(started.elapsed() < Duration::from_secs(2), "not caught");
-            std::thread::yield_now();
-        }
-        assert!(started.elapsed() < Duration::from_millis(100), "caught late: {:?}", started.elapsed());
+        a_5_ms_run_is_caught_in_time(&short);
         assert!(!long.expired(), "the longer run is within its budget");
         short.stop();
         long.stop();

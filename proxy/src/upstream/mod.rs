@@ -272,13 +272,6 @@ async fn connect(endpoint: SocketAddr, limit: Duration) -> Result<UpstreamConn, 
     Ok(UpstreamConn { io, buf: BytesMut::new(), endpoint })
 }
 
-/// Writes the request and reads the response head, both at once: the head, and whether the
-/// request went out whole.
-///
-/// `limit` runs from the last progress (nginx's `proxy_read_timeout` is likewise between two
-/// operations): while the request body goes out each piece renews it, so an upload of any
-/// length passes as long as it moves; once the request is out, the answer must start within
-/// it.
 /// How long an exchange may stand still: while the request goes out, and after.
 #[derive(Clone, Copy)]
 struct Limits {
@@ -286,10 +279,11 @@ struct Limits {
     read: Duration,
 }
 
-/// Sends the request and reads the response head. As with nginx, the send timeout bounds each
-/// gap while the request goes out (a piece taken from the client or written to the upstream
-/// is progress), and the read timeout runs from when it has all gone out; an answer that comes
-/// earlier is taken at once.
+/// Writes the request and reads the response head, both at once: the head, and whether the
+/// request went out whole. As with nginx, the send timeout bounds each gap while the request
+/// goes out (a piece taken from the client or written to the upstream is progress), so an
+/// upload of any length passes as long as it moves; the read timeout runs from when it has all
+/// gone out. An answer that comes earlier is taken at once.
 async fn exchange(
     conn: &mut UpstreamConn,
     head: &[u8],
