@@ -244,7 +244,13 @@ where
             Framing::Length(n) => BodyState::Length(n),
             Framing::Chunked => BodyState::Chunked(chunked::Decoder::new()),
         };
-        framing != Framing::Length(0) && c.buf.is_empty()
+        let waiting = framing != Framing::Length(0) && c.buf.is_empty();
+        // The head is out of the buffer: an empty one goes back to the worker's spare rather
+        // than stay with the request for as long as it takes (a body read takes it again).
+        if c.buf.is_empty() {
+            stream::spare::keep_read(std::mem::take(&mut c.buf));
+        }
+        waiting
     };
     if expect_continue && waiting_body && write_all(conn, b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
         return After::Close;

@@ -86,13 +86,15 @@ impl Conn {
     }
 
     /// Reads more into the buffer: `Ok(0)` at the end of the stream. A buffer that is still
-    /// empty when nothing can be read is given back (to the worker's spare, see [`spare`]), so a
-    /// waiting connection holds no memory.
+    /// empty when nothing can be read (or the stream ended) is given back (to the worker's
+    /// spare, see [`spare`]), so a waiting connection holds no memory and a closing one frees
+    /// none.
     pub(crate) fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
         let Some(io) = self.io.as_mut() else { return Poll::Ready(Err(closed())) };
         spare::make_room(&mut self.buf, want);
         let polled = tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut self.buf);
-        if polled.is_pending() && self.buf.is_empty() {
+        // Nothing read (yet, or ever: the end of the stream or an error) leaves nothing to keep.
+        if self.buf.is_empty() && !matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
             spare::keep_read(std::mem::take(&mut self.buf));
         }
         polled
