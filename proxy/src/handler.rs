@@ -126,7 +126,33 @@ pub(crate) async fn handle(
     let mut outcome = Outcome::default();
 
     let remote = conn.remote;
-    let mut response = route(&worker, &runtime, &conn, &host, request, &mut outcome).await;
+    let mut response = match route(&worker, &runtime, &conn, &host, &request, &mut outcome) {
+        Routed::Answer(response) => response,
+        Routed::Target(target) => {
+            // Each way of serving keeps its state in a box of its own, for as long as it runs:
+            // inline, every request would carry the largest of them (the upstream exchange's)
+            // whichever it takes, and a Lua route answering by itself would hold the upstream
+            // state it never uses for as long as it sleeps.
+            let response = match &target.lua {
+                Some(chain) => {
+                    Box::pin(crate::lua_flow::serve(
+                        &worker,
+                        &runtime,
+                        &conn,
+                        target,
+                        chain,
+                        &host,
+                        request,
+                        &mut outcome,
+                    ))
+                    .await
+                }
+                None => Box::pin(proxy(&worker, &runtime, &conn, target, request, &mut outcome)).await,
+            };
+            target.counters.count(response.status().as_u16());
+            response
+        }
+    };
     finish_headers(&worker.shared, conn.tls, &mut response);
     let status = response.status();
 
@@ -167,49 +193,44 @@ pub(crate) async fn handle(
     response.map(|body| Observed::new(body, on_done))
 }
 
-async fn route(
-    worker: &Rc<Worker>,
-    runtime: &Runtime,
+/// Where routing sent a request: a target to serve, or an answer already.
+enum Routed<'a> {
+    Target(&'a Target),
+    Answer(Response<LocalBody>),
+}
+
+/// Finds the request's route, and answers what needs no serving: no route (404), plain HTTP
+/// to a TLS host (308) and a route the controller found misconfigured (500).
+fn route<'a>(
+    worker: &Worker,
+    runtime: &'a Runtime,
     conn: &Connection,
     host: &str,
-    request: Request<ClientBody>,
+    request: &Request<ClientBody>,
     outcome: &mut Outcome,
-) -> Response<LocalBody> {
+) -> Routed<'a> {
     let facts = RequestFacts { method: request.method().as_str(), headers: request.headers() };
     let target = match runtime.routing.router.find(host, request.uri().path(), facts) {
         Match::NotFound => {
             worker.shared.metrics.unmatched.count(404);
-            return text(StatusCode::NOT_FOUND, "404 page not found\n");
+            return Routed::Answer(text(StatusCode::NOT_FOUND, "404 page not found\n"));
         }
         Match::Route(target) | Match::DefaultBackend(target) => target,
     };
     outcome.route = Some(Arc::clone(&target.name));
-    let response = serve_target(worker, runtime, conn, host, target, request, outcome).await;
-    target.counters.count(response.status().as_u16());
-    response
-}
-
-async fn serve_target(
-    worker: &Rc<Worker>,
-    runtime: &Runtime,
-    conn: &Connection,
-    host: &str,
-    target: &Target,
-    request: Request<ClientBody>,
-    outcome: &mut Outcome,
-) -> Response<LocalBody> {
     if target.ssl_redirect && !conn.tls {
-        return redirect_to_https(&worker.shared, host, request.uri());
+        let response = redirect_to_https(&worker.shared, host, request.uri());
+        target.counters.count(response.status().as_u16());
+        return Routed::Answer(response);
     }
     if let Some(why) = &target.action.misconfigured {
         // The controller reported the cause; here the route only has to stay closed.
         tracing::debug!(route = &*target.name, reason = why, "misconfigured route answered 500");
-        return crate::lua_flow::error_response(StatusCode::INTERNAL_SERVER_ERROR);
+        let response = crate::lua_flow::error_response(StatusCode::INTERNAL_SERVER_ERROR);
+        target.counters.count(response.status().as_u16());
+        return Routed::Answer(response);
     }
-    match &target.lua {
-        Some(chain) => crate::lua_flow::serve(worker, runtime, conn, target, chain, host, request, outcome).await,
-        None => proxy(worker, runtime, conn, target, request, outcome).await,
-    }
+    Routed::Target(target)
 }
 
 /// Proxies a request as it came.

@@ -116,7 +116,9 @@ pub(crate) async fn serve(
             },
         };
         let backend = target.action.backend.as_ref();
-        let response = forward(
+        // Boxed: a request that Lua answers (or that sleeps first) does not carry the upstream
+        // exchange's state.
+        let response = Box::pin(forward(
             worker,
             runtime,
             backend,
@@ -124,7 +126,7 @@ pub(crate) async fn serve(
             Request::from_parts(parts, body),
             client_upgrade,
             outcome,
-        )
+        ))
         .await;
         lua.state.upstream_addr.set(outcome.upstream);
         lua.state.upstream_status.set(outcome.upstream.map(|_| response.status().as_u16()));
