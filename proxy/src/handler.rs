@@ -22,7 +22,7 @@ use crate::access_log::Entry;
 use crate::body::{ClientBody, IdleTimeout, LocalBody, Observed, full};
 use crate::headers::{Forwarded, set_forwarded, strip_hop_by_hop};
 use crate::http1::{Detached, OnUpgrade};
-use crate::parked::ParkingLot;
+use crate::reactor::Reactor;
 use crate::router::{Match, RequestFacts, Target};
 use crate::runtime::Runtime;
 use crate::server::ConnectionGuard;
@@ -32,8 +32,8 @@ use crate::upstream::{Pool, RequestBody};
 pub(crate) struct Worker {
     pub(crate) shared: Arc<Shared>,
     pub(crate) pool: Rc<Pool>,
-    /// HTTP/1 connections waiting for a request without a task.
-    pub(crate) parked: ParkingLot<ConnectionGuard>,
+    /// The worker's client sockets, and its HTTP/1 connections waiting without a task.
+    pub(crate) reactor: Reactor<ConnectionGuard>,
     pub(crate) vm: Rc<Vm>,
     pub(crate) id: usize,
     /// Runtime version whose scripts the VM's cache was last trimmed to.

@@ -4,20 +4,22 @@
 //! Snapshot ──Proxy::apply──> Runtime::build (router, certificates, endpoints; fallible, off the
 //!                            request path) ──> one ArcSwap<Runtime> swap
 //!
-//! worker 1..N (OS thread, current-thread tokio runtime, own SO_REUSEPORT listeners)
+//! worker 1..N (OS thread, current-thread tokio runtime, own SO_REUSEPORT listeners, own epoll
+//!   set of client sockets: reactor)
 //!   accept ─> TLS (SNI from the current runtime) ─> HTTP/1.x (http1, our own loop) | HTTP/2 (hyper)
 //!     request ─> load runtime ─> router.find(host, path)
 //!       ├─ no route, no default backend ─> 404
 //!       ├─ plain HTTP on a TLS host ─> 308 to https
 //!       └─ backend ─> pick endpoint (round robin) ─> upstream (our HTTP/1 client, per-worker pool)
 //!     response ─> Server, Date, HSTS ─> streamed body ─> metrics + access log at its end
-//!   HTTP/1 idle 20 ms ─> parked in the worker (parked), no task ─(readable)─> new task, loop again
+//!   HTTP/1 idle 20 ms ─> parked in its socket's slot (reactor), no task ─(readable)─> new task, loop again
 //! ```
 //!
 //! Requests in flight keep the runtime they started with; a swap affects only new requests. A
 //! snapshot that fails to build is refused and the current runtime keeps serving.
-// Two exceptions: `upkeep::release_free_memory` calls the C allocator, and
-// `parked::watched_epoll_set` registers an owned descriptor with tokio.
+// Three exceptions: `upkeep::release_free_memory` calls the C allocator,
+// `reactor::watched_epoll_set` registers an owned descriptor with tokio, and `reactor::recv_into`
+// reads into a buffer's uninitialized part (as tokio's own sockets do).
 #![deny(unsafe_code)]
 
 mod access_log;
@@ -28,7 +30,7 @@ mod headers;
 mod http1;
 mod lua_flow;
 mod metrics;
-mod parked;
+mod reactor;
 pub mod router;
 pub mod runtime;
 mod server;

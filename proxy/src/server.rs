@@ -11,7 +11,6 @@ use std::time::Duration;
 use bytes::BytesMut;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::Shared;
@@ -19,7 +18,7 @@ use crate::body::ClientBody;
 use crate::handler::{Connection, Worker, handle};
 use crate::http1::{CloseConnection, Detached, Ended, Io};
 use crate::metrics::StatusLabels;
-use crate::parked::{ParkingLot, Resumed};
+use crate::reactor::{ClientListener, ClientStream, Reactor, Resumed};
 use crate::upstream::Pool;
 
 /// Time allowed for a TLS handshake.
@@ -67,22 +66,22 @@ pub(crate) fn run_worker(
         let vm = tidegate_lua::Vm::new(config)
             .map_err(|e| std::io::Error::other(format!("cannot create the Lua VM: {e}")))?;
         let runtime = std::cell::RefCell::new(Rc::new(shared.runtime.load_full()));
-        let parked = ParkingLot::new(shared.metrics.parked_connections.clone())?;
+        let reactor = Reactor::new(shared.metrics.parked_connections.clone())?;
+        let http = reactor.listen(http)?;
+        let https = reactor.listen(https)?;
         let worker = Rc::new(Worker {
             runtime,
             shared,
             pool: Rc::new(Pool::default()),
-            parked,
+            reactor,
             vm: Rc::new(vm),
             id: index,
             scripts_version: std::cell::Cell::new(0),
             requests: std::cell::Cell::new(0),
         });
-        let http = TcpListener::from_std(http)?;
-        let https = TcpListener::from_std(https)?;
         tracing::debug!(worker = index, "worker started");
         tokio::task::spawn_local(crate::upkeep::run(Rc::clone(&worker)));
-        tokio::task::spawn_local(crate::parked::run(Rc::clone(&worker), serve_http1));
+        tokio::task::spawn_local(crate::reactor::run(Rc::clone(&worker), serve_http1));
         tokio::task::spawn_local(accept_loop(Rc::clone(&worker), http, None));
         accept_loop(Rc::clone(&worker), https, Some(TlsAcceptor::from(tls))).await;
         // Lua timers still waiting run now, told they are premature.
@@ -93,18 +92,28 @@ pub(crate) fn run_worker(
     })
 }
 
-async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, tls: Option<TlsAcceptor>) {
+/// Connections a listener accepts before it lets the worker's other tasks run.
+const ACCEPTS_PER_TURN: usize = 64;
+
+async fn accept_loop(worker: Rc<Worker>, listener: ClientListener, tls: Option<TlsAcceptor>) {
     let mut shutdown = worker.shared.shutdown.subscribe();
     // Every connection of a listener has its port: no getsockname per connection.
-    let local_port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+    let local_port = listener.local_port();
+    let mut accepted_in_turn = 0;
     loop {
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+            accepted = listener.accept(&worker.reactor) => accepted,
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
         match accepted {
             Ok((stream, remote)) => {
                 tokio::task::spawn_local(serve(Rc::clone(&worker), stream, remote, local_port, tls.clone()));
+                accepted_in_turn += 1;
+                // A burst of connections must not keep everything else waiting.
+                if accepted_in_turn == ACCEPTS_PER_TURN {
+                    accepted_in_turn = 0;
+                    tokio::task::yield_now().await;
+                }
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -133,7 +142,13 @@ impl Drop for ConnectionGuard {
     }
 }
 
-async fn serve(worker: Rc<Worker>, stream: TcpStream, remote: SocketAddr, local_port: u16, tls: Option<TlsAcceptor>) {
+async fn serve(
+    worker: Rc<Worker>,
+    stream: ClientStream,
+    remote: SocketAddr,
+    local_port: u16,
+    tls: Option<TlsAcceptor>,
+) {
     let guard = ConnectionGuard::new(&worker.shared);
     // Shared by the connection's requests (and small in the connection's task).
     let conn = Rc::new(Connection::new(remote, local_port, tls.is_some()));
@@ -150,7 +165,7 @@ async fn serve(worker: Rc<Worker>, stream: TcpStream, remote: SocketAddr, local_
         let shutdown = worker.shared.shutdown.subscribe();
         Box::pin(serve_http2(worker, conn, Detached::new(io), shutdown)).await;
     } else {
-        serve_http1(worker, Resumed { io, read: BytesMut::new(), served: 0, conn, guard }).await;
+        serve_http1(worker, Resumed { io, served: 0, conn, guard }).await;
     }
 }
 
@@ -159,12 +174,12 @@ async fn serve(worker: Rc<Worker>, stream: TcpStream, remote: SocketAddr, local_
 async fn serve_http1(worker: Rc<Worker>, mut connection: Resumed<ConnectionGuard>) {
     let shutdown = worker.shared.shutdown.subscribe();
     loop {
-        let Resumed { io, read, served, conn, guard } = connection;
+        let Resumed { io, served, conn, guard } = connection;
         let (handler, facts) = (Rc::clone(&worker), Rc::clone(&conn));
         let service = move |request: http::Request<_>| {
             handle(Rc::clone(&handler), Rc::clone(&facts), request.map(ClientBody::Http1))
         };
-        match crate::http1::serve(io, read, served, service, shutdown.clone()).await {
+        match crate::http1::serve(io, BytesMut::new(), served, service, shutdown.clone()).await {
             Ended::Closed => return,
             Ended::Refused(status) => {
                 let labels = StatusLabels { status: status.as_u16().to_string() };
@@ -175,7 +190,7 @@ async fn serve_http1(worker: Rc<Worker>, mut connection: Resumed<ConnectionGuard
                 Box::pin(serve_http2(worker, conn, io, shutdown)).await;
                 return;
             }
-            Ended::Idle(idle) => match worker.parked.park(idle, conn, guard) {
+            Ended::Idle(idle) => match worker.reactor.park(idle, conn, guard) {
                 // The task ends; the connection waits in the worker.
                 Ok(()) => return,
                 // Readable already.
@@ -186,7 +201,7 @@ async fn serve_http1(worker: Rc<Worker>, mut connection: Resumed<ConnectionGuard
 }
 
 /// The TLS handshake, within its time limit: the stream and whether ALPN chose HTTP/2.
-async fn handshake(acceptor: TlsAcceptor, stream: TcpStream, remote: SocketAddr) -> Option<(Box<dyn Io>, bool)> {
+async fn handshake(acceptor: TlsAcceptor, stream: ClientStream, remote: SocketAddr) -> Option<(Box<dyn Io>, bool)> {
     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(tls_stream)) => {
             let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");

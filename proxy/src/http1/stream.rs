@@ -15,38 +15,39 @@ use std::task::{Context, Poll, ready};
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::chunked::{Decoded, Decoder};
+use crate::reactor::{ClientStream, Key};
 
 /// A client stream, plain or TLS.
 pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {
     /// Ready once the socket underneath has bytes to read or has ended; otherwise `cx` is woken
-    /// when it does. For TLS this is the TCP socket's readiness, so ask only after a read found
-    /// nothing (no plaintext then waits inside TLS).
+    /// when it does. (The worker parks its connections in the epoll set instead.)
+    #[cfg(test)]
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 
-    /// The plain TCP stream, if that is all this is.
-    fn into_tcp(self: Box<Self>) -> Result<TcpStream, Box<dyn Io>>;
+    /// The socket's place in its worker's epoll set (`None`: it is not in one, and cannot wait
+    /// there without a task).
+    fn key(&self) -> Option<Key>;
+
+    /// The plain socket, if that is all this is.
+    fn into_client(self: Box<Self>) -> Result<ClientStream, Box<dyn Io>>;
 }
 
-impl Io for TcpStream {
+/// A stream outside the worker's set: an upstream connection switched to another protocol (the
+/// far side of a WebSocket tunnel), and the loop's own tests.
+impl Io for tokio::net::TcpStream {
+    #[cfg(test)]
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.poll_read_ready(cx)
     }
 
-    fn into_tcp(self: Box<Self>) -> Result<TcpStream, Box<dyn Io>> {
-        Ok(*self)
-    }
-}
-
-impl Io for tokio_rustls::server::TlsStream<TcpStream> {
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_ref().0.poll_read_ready(cx)
+    fn key(&self) -> Option<Key> {
+        None
     }
 
-    fn into_tcp(self: Box<Self>) -> Result<TcpStream, Box<dyn Io>> {
+    fn into_client(self: Box<Self>) -> Result<ClientStream, Box<dyn Io>> {
         Err(self)
     }
 }
