@@ -38,7 +38,10 @@ pub(crate) struct Worker {
     pub(crate) id: usize,
     /// Runtime version whose scripts the VM's cache was last trimmed to.
     pub(crate) scripts_version: Cell<u64>,
+    /// Lua requests started (the sequence of their ids).
     pub(crate) requests: Cell<u64>,
+    /// Requests started, of every kind (what tells the worker's upkeep it is quiet).
+    pub(crate) started: Cell<u64>,
     /// The runtime this worker serves with, refreshed when the shared one is swapped: requests
     /// clone this `Rc` rather than the shared `Arc`, whose counter every worker would contend on.
     #[allow(clippy::redundant_allocation)]
@@ -116,6 +119,7 @@ pub(crate) async fn handle(
     request: Request<ClientBody>,
 ) -> Response<Observed> {
     let started = Instant::now();
+    worker.started.set(worker.started.get().wrapping_add(1));
     let runtime = worker.current_runtime();
     worker.trim_scripts(&runtime);
     let logging = worker.shared.access_log.enabled();

@@ -78,6 +78,7 @@ pub(crate) fn run_worker(
             id: index,
             scripts_version: std::cell::Cell::new(0),
             requests: std::cell::Cell::new(0),
+            started: std::cell::Cell::new(0),
         });
         tracing::debug!(worker = index, "worker started");
         tokio::task::spawn_local(crate::upkeep::run(Rc::clone(&worker)));

@@ -6,9 +6,11 @@
 //! below it. Both stay until the next burst, which makes an idle proxy look (and be, for the
 //! node) as large as its busiest moment.
 //!
-//! Neither costs anything while the worker is busy: the checks run once a second and act only
-//! when the worker has started no Lua request for a whole second. The same tick closes idle
-//! upstream connections that expired or that their upstream closed.
+//! Neither costs anything while the worker is busy: the checks run once a second. The Lua heap
+//! is collected once the worker has started no request for a whole second; freed memory goes
+//! back to the system once it has started none for [`TRIM_AFTER`], so that a burst that soon
+//! follows another reuses its memory instead of faulting every page in again. The same tick
+//! closes idle upstream connections that expired or that their upstream closed.
 
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -17,6 +19,11 @@ use std::time::Duration;
 use crate::handler::Worker;
 
 const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Quiet time after which freed memory goes back to the system: jemalloc's default decay time.
+/// Sooner, each burst of a bursty load would pay to fault its pages in again (at 10,000
+/// concurrent requests, a tenth of the burst's CPU).
+const TRIM_AFTER: Duration = Duration::from_secs(10);
 
 /// The Lua heap is collected when it has grown past twice what the last collection left, plus
 /// this much.
@@ -29,28 +36,35 @@ const CONNECTIONS_FALL: usize = 1000;
 /// Runs on each worker for as long as it lives.
 pub(crate) async fn run(worker: Rc<Worker>) {
     let mut after_collection = worker.vm.used_memory();
-    let mut requests_seen = worker.requests.get();
+    let mut requests_seen = worker.started.get();
     let mut connections_peak = 0;
+    let mut quiet_for = Duration::ZERO;
+    let mut trim_due = false;
     loop {
         tokio::time::sleep(CHECK_EVERY).await;
         worker.pool.sweep();
         let open = worker.shared.open_connections.load(Ordering::Acquire);
         connections_peak = connections_peak.max(open);
-        let requests = worker.requests.get();
-        let quiet = std::mem::replace(&mut requests_seen, requests) == requests;
-        if !quiet {
+        let requests = worker.started.get();
+        if std::mem::replace(&mut requests_seen, requests) != requests {
+            quiet_for = Duration::ZERO;
             continue;
         }
+        quiet_for += CHECK_EVERY;
         let used = worker.vm.used_memory();
         if used > after_collection.saturating_mul(2).saturating_add(LUA_GROWTH) {
             worker.vm.collect_garbage().await;
             after_collection = worker.vm.used_memory();
             worker.note_lua_memory();
             tracing::debug!(worker = worker.id, before = used, after = after_collection, "Lua heap collected");
-            trim().await;
+            trim_due = true;
         } else if worker.id == 0 && connections_peak.saturating_sub(open) >= CONNECTIONS_FALL {
             // Connections are process-wide: one worker watching them is enough.
             connections_peak = open;
+            trim_due = true;
+        }
+        if trim_due && quiet_for >= TRIM_AFTER {
+            trim_due = false;
             trim().await;
         }
     }
