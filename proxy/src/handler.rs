@@ -91,15 +91,21 @@ impl Worker {
 #[derive(Debug)]
 pub(crate) struct Connection {
     pub(crate) remote: SocketAddr,
-    /// The client address as a header value, formatted once per connection.
-    pub(crate) client_ip: HeaderValue,
+    /// The client address as a header value, formatted once per connection, when a request
+    /// first needs it (one going upstream).
+    client_ip: std::cell::OnceCell<HeaderValue>,
     pub(crate) local_port: u16,
     pub(crate) tls: bool,
 }
 
 impl Connection {
     pub(crate) fn new(remote: SocketAddr, local_port: u16, tls: bool) -> Connection {
-        Connection { remote, client_ip: crate::headers::client_ip_value(remote), local_port, tls }
+        Connection { remote, client_ip: std::cell::OnceCell::new(), local_port, tls }
+    }
+
+    /// The client address for `X-Forwarded-For` and `X-Real-IP`.
+    pub(crate) fn client_ip(&self) -> &HeaderValue {
+        self.client_ip.get_or_init(|| crate::headers::client_ip_value(self.remote))
     }
 }
 
@@ -266,7 +272,7 @@ pub(crate) fn prepare_upstream(parts: &mut Parts, conn: &Connection, upgrade: bo
         parts.headers.insert(header::HOST, value);
     }
     let host = parts.headers.get(header::HOST).cloned();
-    let forwarded = Forwarded { client_ip: &conn.client_ip, https: conn.tls, host, port: conn.local_port };
+    let forwarded = Forwarded { client_ip: conn.client_ip(), https: conn.tls, host, port: conn.local_port };
     set_forwarded(&mut parts.headers, forwarded);
     parts.uri = origin_form(&parts.uri);
     parts.version = Version::HTTP_11;

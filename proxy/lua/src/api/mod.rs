@@ -24,7 +24,12 @@ use crate::vm::{LuaConfig, LuaRequest, display, with_current};
 
 /// The request whose Lua is running, or an error naming the API used outside one.
 pub(crate) fn current(api: &str) -> mlua::Result<Rc<LuaRequest>> {
-    with_current(|r| r.cloned()).ok_or_else(|| mlua::Error::runtime(format!("{api}: no request found")))
+    current_with(|| api.to_owned())
+}
+
+/// [`current`], with the API's name made only when it is needed (for the error).
+pub(crate) fn current_with(api: impl FnOnce() -> String) -> mlua::Result<Rc<LuaRequest>> {
+    with_current(|r| r.cloned()).ok_or_else(|| mlua::Error::runtime(format!("{}: no request found", api())))
 }
 
 /// Raises OpenResty's error for an API used in a phase that does not allow it.

@@ -6,7 +6,7 @@ use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
 use mlua::{Lua, Table, Value, Variadic};
 
-use super::{current, format_number, require_phase};
+use super::{current, current_with, format_number, require_phase};
 use crate::request::Phase;
 
 const RESPONDING: &[Phase] = &[Phase::Rewrite, Phase::Access, Phase::Content];
@@ -177,7 +177,7 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     ngx_meta.raw_set(
         "__newindex",
         lua.create_function(|lua, (_, key, value): (Value, String, Value)| {
-            let request = current(&format!("ngx.{key}"))?;
+            let request = current_with(|| format!("ngx.{key}"))?;
             match key.as_str() {
                 "status" => {
                     if request.state.headers_sent.get() {
@@ -220,8 +220,8 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
 }
 
 fn emit(api: &str, args: &Variadic<Value>, newline: bool) -> mlua::Result<(Option<i64>, Option<String>)> {
-    let request = current(&format!("ngx.{api}"))?;
-    require_phase(&request, &format!("ngx.{api}"), RESPONDING)?;
+    let request = current_with(|| format!("ngx.{api}"))?;
+    require_phase(&request, api, RESPONDING)?;
     if request.state.eof.get() {
         return Ok((None, Some("seen eof".into())));
     }
