@@ -274,7 +274,7 @@ pub(crate) fn prepare_upstream(parts: &mut Parts, conn: &Connection, upgrade: bo
     let host = parts.headers.get(header::HOST).cloned();
     let forwarded = Forwarded { client_ip: conn.client_ip(), https: conn.tls, host, port: conn.local_port };
     set_forwarded(&mut parts.headers, forwarded);
-    parts.uri = origin_form(&parts.uri);
+    parts.uri = origin_form(std::mem::take(&mut parts.uri));
     parts.version = Version::HTTP_11;
 }
 
@@ -345,7 +345,11 @@ fn strip_port(authority: &str) -> &str {
 }
 
 /// `/path?query`, as an HTTP/1.1 origin server expects it.
-fn origin_form(uri: &Uri) -> Uri {
+fn origin_form(uri: Uri) -> Uri {
+    // What an HTTP/1 client sends, usually: nothing to take off.
+    if uri.scheme().is_none() && uri.authority().is_none() && uri.path().starts_with('/') {
+        return uri;
+    }
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     path.parse().unwrap_or_else(|_| Uri::from_static("/"))
 }
@@ -427,7 +431,8 @@ mod tests {
     #[test]
     fn origin_form_keeps_path_and_query() {
         let uri: Uri = "http://a.com:80/x/y?z=1".parse().expect("uri");
-        assert_eq!(origin_form(&uri), "/x/y?z=1");
-        assert_eq!(origin_form(&Uri::from_static("http://a.com")), "/");
+        assert_eq!(origin_form(uri), "/x/y?z=1");
+        assert_eq!(origin_form(Uri::from_static("http://a.com")), "/");
+        assert_eq!(origin_form(Uri::from_static("/a?b")), "/a?b");
     }
 }

@@ -31,6 +31,16 @@ pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
 /// Removes hop-by-hop headers and those the `Connection` header names. With `keep_upgrade`,
 /// `Upgrade` and `Connection: upgrade` survive so a protocol switch can pass through.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // One look at the few names present, rather than a lookup of every hop-by-hop name. Names
+    // are distinct, so at most the eight hop-by-hop ones and `Upgrade` are found.
+    let mut found: [Option<HeaderName>; 9] = Default::default();
+    let mut count = 0;
+    for name in headers.keys() {
+        if HOP_BY_HOP.contains(name) || (!keep_upgrade && name == header::UPGRADE) {
+            found[count] = Some(name.clone());
+            count += 1;
+        }
+    }
     // `close` and `keep-alive`, the usual tokens, name nothing left to remove: no list then.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -42,13 +52,11 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .filter(|n| !(keep_upgrade && n == header::UPGRADE))
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    for name in named.iter().chain(found.iter().flatten()) {
         headers.remove(name);
     }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
     }
 }
 
@@ -91,15 +99,21 @@ fn port_value(port: u16) -> HeaderValue {
     })
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+
 pub(crate) fn set_forwarded(headers: &mut HeaderMap, f: Forwarded<'_>) {
-    headers.insert(HeaderName::from_static("x-forwarded-for"), f.client_ip.clone());
-    headers.insert(HeaderName::from_static("x-real-ip"), f.client_ip.clone());
+    headers.insert(X_FORWARDED_FOR, f.client_ip.clone());
+    headers.insert(X_REAL_IP, f.client_ip.clone());
     let proto = if f.https { "https" } else { "http" };
-    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(proto));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     if let Some(host) = f.host {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), host);
+        headers.insert(X_FORWARDED_HOST, host);
     }
-    headers.insert(HeaderName::from_static("x-forwarded-port"), port_value(f.port));
+    headers.insert(X_FORWARDED_PORT, port_value(f.port));
 }
 
 #[cfg(test)]

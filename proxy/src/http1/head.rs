@@ -12,8 +12,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Uri, Version};
 
-/// Header lines a request may have.
-const MAX_HEADERS: usize = 128;
+/// Header lines a request (or a response) may have.
+pub(crate) const MAX_HEADERS: usize = 128;
 /// Bytes a request line and its headers may take.
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
 
@@ -35,7 +35,7 @@ pub(crate) struct Head {
 }
 
 /// Why a head was refused; each becomes a status and the connection closes.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refused {
     /// 400, with what was wrong.
     Malformed(&'static str),
@@ -47,8 +47,7 @@ pub(crate) enum Refused {
 
 const HTTP2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0\r\n";
 
-/// Where a head's header names and values lie in its bytes (offset, length): a head's lines
-/// borrow the read buffer, which the head's bytes are taken from before the map is built.
+/// Where a piece of a head lies in its bytes (offset, length).
 type Span = (usize, usize);
 
 thread_local! {
@@ -56,13 +55,60 @@ thread_local! {
     static SPANS: std::cell::RefCell<Vec<(Span, Span)>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Header lines just parsed from the front of a read buffer, remembered by position: the lines
+/// borrow the buffer, which the head's bytes are taken from before the map is built, so that
+/// the values can share those bytes.
+pub(crate) struct Lines {
+    base: usize,
+}
+
+impl Lines {
+    /// Remembers where `lines` lie in `buf`.
+    pub(crate) fn record(buf: &[u8], lines: &[httparse::Header<'_>]) -> Lines {
+        let lines_of = Lines { base: buf.as_ptr() as usize };
+        SPANS.with_borrow_mut(|spans| {
+            spans.clear();
+            spans.extend(lines.iter().map(|line| (lines_of.span(line.name.as_bytes()), lines_of.span(line.value))));
+        });
+        lines_of
+    }
+
+    /// Where `piece` (a slice of the same buffer) lies.
+    pub(crate) fn span(&self, piece: &[u8]) -> Span {
+        (piece.as_ptr() as usize - self.base, piece.len())
+    }
+
+    /// The header map of the head whose bytes are `bytes`, with room for `extra` more headers;
+    /// `invalid` is the error for a name or a value `http` refuses.
+    pub(crate) fn headers<E: Copy>(&self, bytes: &Bytes, extra: usize, invalid: (E, E)) -> Result<HeaderMap, E> {
+        SPANS.with_borrow(|spans| {
+            let mut headers = HeaderMap::with_capacity(spans.len() + extra);
+            for &(name, value) in spans {
+                let name = HeaderName::from_bytes(&slice(bytes, name)).map_err(|_| invalid.0)?;
+                let value = HeaderValue::from_maybe_shared(slice(bytes, value)).map_err(|_| invalid.1)?;
+                headers.append(name, value);
+            }
+            Ok(headers)
+        })
+    }
+}
+
+/// The bytes at `span` of a head, sharing its allocation.
+pub(crate) fn slice(bytes: &Bytes, (start, len): Span) -> Bytes {
+    bytes.slice(start..start + len)
+}
+
+/// Uninitialized header slots for httparse: 128 of them are 4 KiB, and setting them all took a
+/// tenth of a small head's parsing.
+pub(crate) fn header_slots<'b>() -> [std::mem::MaybeUninit<httparse::Header<'b>>; MAX_HEADERS] {
+    [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS]
+}
+
 /// Parses a head from the front of `buf`, removing its bytes; `Ok(None)` when more are needed.
 pub(crate) fn parse(buf: &mut BytesMut) -> Result<Option<Head>, Refused> {
-    // Uninitialized: 128 headers are 4 KiB, and setting them all took a tenth of a small
-    // request's parsing.
-    let mut lines = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut slots = header_slots();
     let mut request = httparse::Request::new(&mut []);
-    let length = match request.parse_with_uninit_headers(buf, &mut lines) {
+    let length = match request.parse_with_uninit_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete(length)) => length,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err(Refused::TooLarge),
         Ok(httparse::Status::Partial) => return Ok(None),
@@ -73,34 +119,19 @@ pub(crate) fn parse(buf: &mut BytesMut) -> Result<Option<Head>, Refused> {
     if length > MAX_HEAD {
         return Err(Refused::TooLarge);
     }
-    // Where each piece lies in the buffer, so that the values can share the frozen bytes.
-    let base = buf.as_ptr() as usize;
-    let span = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
     let method = Method::from_bytes(request.method.unwrap_or_default().as_bytes())
         .map_err(|_| Refused::Malformed("invalid method"))?;
-    let target = span(request.path.unwrap_or_default().as_bytes());
     let version = if request.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-    let count = request.headers.len();
-    SPANS.with_borrow_mut(|spans| {
-        spans.clear();
-        spans.extend(request.headers.iter().map(|line| (span(line.name.as_bytes()), span(line.value))));
-    });
+    let lines = Lines::record(buf, request.headers);
+    let target = lines.span(request.path.unwrap_or_default().as_bytes());
 
     let bytes = take_head(buf, length);
-    let slice = |(start, len): (usize, usize)| bytes.slice(start..start + len);
-    let uri = Uri::from_maybe_shared(slice(target)).map_err(|_| Refused::Malformed("invalid request target"))?;
+    let uri =
+        Uri::from_maybe_shared(slice(&bytes, target)).map_err(|_| Refused::Malformed("invalid request target"))?;
     // Room for what the proxy adds on the way upstream (the `X-Forwarded-*` set), so that
     // adding it does not grow the map.
-    let mut headers = HeaderMap::with_capacity(count + 6);
-    SPANS.with_borrow(|spans| {
-        for &(name, value) in spans {
-            let name = HeaderName::from_bytes(&slice(name)).map_err(|_| Refused::Malformed("invalid header name"))?;
-            let value =
-                HeaderValue::from_maybe_shared(slice(value)).map_err(|_| Refused::Malformed("invalid header value"))?;
-            headers.append(name, value);
-        }
-        Ok(())
-    })?;
+    let invalid = (Refused::Malformed("invalid header name"), Refused::Malformed("invalid header value"));
+    let headers = lines.headers(&bytes, 6, invalid)?;
 
     let framing = framing(&headers, version)?;
     let keep_alive = match connection_says(&headers) {
@@ -120,14 +151,14 @@ pub(crate) fn parse(buf: &mut BytesMut) -> Result<Option<Head>, Refused> {
 }
 
 /// Bytes left in a read buffer past its head beyond which the head is copied out rather than
-/// shared: the header values live as long as the request, and should not keep a whole read
+/// shared: the header values live as long as the message, and should not keep a whole read
 /// buffer alive with them (10,000 slow requests would hold 40 MiB of mostly empty buffers).
 const SHARE_SLACK: usize = 512;
 
 /// The head's bytes, taken from the front of `buf`: shared when they are (nearly) all of its
 /// allocation, copied when the allocation is a larger read buffer, which then stays free for
 /// what comes next.
-fn take_head(buf: &mut BytesMut, length: usize) -> Bytes {
+pub(crate) fn take_head(buf: &mut BytesMut, length: usize) -> Bytes {
     if buf.capacity() - length <= SHARE_SLACK {
         return buf.split_to(length).freeze();
     }

@@ -1,21 +1,19 @@
 //! The bytes of an upstream exchange: a request head written from `http` parts, and a response
-//! head parsed with `httparse` into `http` types whose header values share the bytes read.
+//! head parsed with `httparse` into `http` types whose header values share the head's bytes.
 //!
 //! Response framing follows RFC 9112 §6.3: no body for `HEAD`, 1xx, 204 and 304; chunked when
 //! `Transfer-Encoding` ends in it; otherwise `Content-Length`; otherwise (or with another
 //! transfer coding) the body ends when the upstream closes. Differing or malformed lengths are
 //! refused, since an upstream that frames ambiguously cannot be trusted with the next request.
 
-use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use bytes::BytesMut;
+use http::header::{self, HeaderMap};
 use http::request::Parts;
 use http::response::Parts as ResponseParts;
 use http::{Method, Response, StatusCode, Version};
 
-use crate::http1::head::{connection_says, content_length};
+use crate::http1::head::{Lines, connection_says, content_length, header_slots, take_head};
 
-/// Header lines a response may have.
-const MAX_HEADERS: usize = 128;
 /// Bytes a status line and its headers may take.
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
 
@@ -94,15 +92,16 @@ pub(crate) struct ResponseHead {
 /// are needed. `head_request`: the request was `HEAD`, so no body follows whatever the headers
 /// say.
 pub(crate) fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseHead>, &'static str> {
-    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut lines);
-    let length = match response.parse(buf) {
-        Ok(httparse::Status::Complete(length)) => length,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err("response head too large"),
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err("too many response headers"),
-        Err(_) => return Err("malformed response head"),
-    };
+    let mut slots = header_slots();
+    let mut response = httparse::Response::new(&mut []);
+    let length =
+        match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut response, buf, &mut slots) {
+            Ok(httparse::Status::Complete(length)) => length,
+            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err("response head too large"),
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => return Err("too many response headers"),
+            Err(_) => return Err("malformed response head"),
+        };
     if length > MAX_HEAD {
         return Err("response head too large");
     }
@@ -110,23 +109,13 @@ pub(crate) fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<O
     let version = if response.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
     let reason = response.reason.unwrap_or_default();
     let reason = (Some(reason) != status.canonical_reason() && !reason.is_empty()).then(|| reason.as_bytes().to_vec());
-    let base = buf.as_ptr() as usize;
-    let span = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
-    let mut spans = [((0, 0), (0, 0)); MAX_HEADERS];
-    let count = response.headers.len();
-    for (slot, line) in spans.iter_mut().zip(response.headers.iter()) {
-        *slot = (span(line.name.as_bytes()), span(line.value));
-    }
+    let lines = Lines::record(buf, response.headers);
 
-    let bytes: Bytes = buf.split_to(length).freeze();
-    let slice = |(start, len): (usize, usize)| bytes.slice(start..start + len);
+    // Copied out of the connection's read buffer (unless it is nearly all of it), which then
+    // serves the next response instead of living as long as this one's headers.
+    let bytes = take_head(buf, length);
     // Room for what every response gets added (`Server`, `Date`, HSTS).
-    let mut headers = HeaderMap::with_capacity(count + 3);
-    for &(name, value) in &spans[..count] {
-        let name = HeaderName::from_bytes(&slice(name)).map_err(|_| "invalid response header name")?;
-        let value = HeaderValue::from_maybe_shared(slice(value)).map_err(|_| "invalid response header value")?;
-        headers.append(name, value);
-    }
+    let headers = lines.headers(&bytes, 3, ("invalid response header name", "invalid response header value"))?;
 
     let no_body = head_request
         || status.is_informational()
