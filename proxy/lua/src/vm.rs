@@ -409,9 +409,23 @@ impl Vm {
     /// # Errors
     /// Only when the VM is out of memory.
     pub fn begin(&self, head: RequestHead, headers: HeaderMap) -> mlua::Result<Rc<LuaRequest>> {
+        let _setup = self.unlimited();
         let env = self.lua.create_table()?;
         env.set_metatable(Some(self.env_meta.clone()))?;
         Ok(LuaRequest::with_env(head, headers, env))
+    }
+
+    /// Lifts the memory limit until the guard drops, for the VM's own bookkeeping between
+    /// handlers (a request's environment, a handler's closure and coroutine).
+    ///
+    /// While a limit is set, mlua wraps every call that allocates in a protected call, since an
+    /// allocation may fail: that was a fifth of the cost of starting a handler. The bookkeeping
+    /// is small and bounded, so it runs without the limit; Lua code, and the API it calls,
+    /// always runs under it, and a VM over its limit fails the next allocation Lua makes.
+    fn unlimited(&self) -> Unlimited<'_> {
+        // Only fails for a Lua state without memory control, which ours has.
+        let _ = self.lua.set_memory_limit(0);
+        Unlimited(&self.lua, self.config.memory_limit)
     }
 
     /// Forgets loaded scripts that `keep` says are gone.
@@ -458,6 +472,7 @@ impl Vm {
         request.script.set(script.id);
         let started = {
             let _scope = Scope::enter(request);
+            let _setup = self.unlimited();
             // `call_async` runs the handler on a coroutine from the VM's pool (a new one only when
             // the pool is empty) and returns it there afterwards.
             self.handler(request, script).map(|f| f.call_async::<()>(()))
@@ -504,6 +519,15 @@ impl Vm {
         if self.lua.used_memory() > self.config.memory_limit / 2 {
             let _ = self.lua.gc_collect();
         }
+    }
+}
+
+/// Puts the VM's memory limit back when dropped (see [`Vm::unlimited`]).
+struct Unlimited<'a>(&'a Lua, usize);
+
+impl Drop for Unlimited<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.set_memory_limit(self.1);
     }
 }
 

@@ -362,9 +362,13 @@ fn escape_for_log(bytes: &[u8]) -> String {
 /// Response and request headers that hold one value: setting several keeps the last.
 const SINGLE_VALUED: &[&str] = &["content-type", "content-length", "location", "last-modified", "etag", "expires"];
 
-/// CR and LF would split a header; OpenResty percent-escapes them instead of failing.
-fn escape_header_bytes(bytes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(bytes.len());
+/// CR and LF would split a header; OpenResty percent-escapes them instead of failing. A value
+/// without them (the usual case) is used as it is.
+fn escape_header_bytes(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if !bytes.iter().any(|&b| b == b'\r' || b == b'\n') {
+        return std::borrow::Cow::Borrowed(bytes);
+    }
+    let mut out = Vec::with_capacity(bytes.len() + 4);
     for &b in bytes {
         match b {
             b'\r' => out.extend_from_slice(b"%0D"),
@@ -372,12 +376,19 @@ fn escape_header_bytes(bytes: &[u8]) -> Vec<u8> {
             b => out.push(b),
         }
     }
-    out
+    std::borrow::Cow::Owned(out)
 }
 
 /// `content_type` and `Content-Type` name the same header. Bytes a header name cannot hold are
 /// percent-escaped, as OpenResty does.
 pub(super) fn normalize_header_name(name: &str) -> mlua::Result<HeaderName> {
+    // Token bytes with no `_`: `http` lowercases them itself, with no copy of ours.
+    if !name.is_empty()
+        && name.bytes().all(|b| b != b'_' && (b.is_ascii_alphanumeric() || b"!#$&'*+-.^`|~".contains(&b)))
+    {
+        return HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| mlua::Error::runtime(format!("invalid header name {name:?}")));
+    }
     let name = name.replace('_', "-").to_ascii_lowercase();
     let mut escaped = Vec::with_capacity(name.len());
     for &b in name.as_bytes() {
@@ -440,15 +451,14 @@ fn set_header(name: &str, value: &Value) -> mlua::Result<()> {
 pub(super) fn set_header_values(headers: &mut HeaderMap, name: &HeaderName, value: &Value) -> mlua::Result<()> {
     headers.remove(name);
     let mut put = |v: &Value| -> mlua::Result<()> {
-        let text = match v {
-            Value::String(s) => s.as_bytes().to_vec(),
-            Value::Integer(i) => i.to_string().into_bytes(),
-            Value::Number(n) => format_number(*n).into_bytes(),
-            Value::Boolean(b) => b.to_string().into_bytes(),
+        let invalid = || mlua::Error::runtime(format!("invalid value for header {name}"));
+        let value = match v {
+            Value::String(s) => HeaderValue::from_bytes(&escape_header_bytes(&s.as_bytes())).map_err(|_| invalid())?,
+            Value::Integer(i) => HeaderValue::from(*i),
+            Value::Number(n) => HeaderValue::from_str(&format_number(*n)).map_err(|_| invalid())?,
+            Value::Boolean(b) => HeaderValue::from_static(if *b { "true" } else { "false" }),
             other => return Err(mlua::Error::runtime(format!("bad header value for {name}: {}", other.type_name()))),
         };
-        let value = HeaderValue::from_bytes(&escape_header_bytes(&text))
-            .map_err(|_| mlua::Error::runtime(format!("invalid value for header {name}")))?;
         headers.append(name.clone(), value);
         Ok(())
     };
