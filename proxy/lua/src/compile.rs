@@ -81,11 +81,9 @@ pub(crate) fn compile_chunk(source: &str) -> Result<Vec<u8>, String> {
 /// # Errors
 /// The first syntax error, with its line in `source`.
 pub fn compile(name: &str, source: &str) -> Result<Script, CompileError> {
-    check(source)?;
-    // The handler is the body of a function the worker instantiates per request (see
-    // `vm`): `return function(...)` on the first line keeps line numbers as in the source.
-    let wrapped = format!("return function(...) {}\nend", without_shebang(source));
-    let bytecode = compiler().compile(&wrapped).map_err(|e| syntax_error(&e))?;
+    // The chunk is the handler: the worker clones it per request with the request's
+    // environment (see `vm`).
+    let bytecode = compiler().compile(without_shebang(source).as_ref()).map_err(|e| syntax_error(&e))?;
     let mut hasher = DefaultHasher::new();
     (name, source).hash(&mut hasher);
     Ok(Script { id: hasher.finish(), name: name.to_owned(), bytecode: bytecode.into() })

@@ -6,9 +6,9 @@
 //! table whose reads fall through to the base (`__index`), so a global one request writes is
 //! never seen by another.
 //!
-//! A script is compiled as `return function(...) <source>\nend` (same line numbers as the
-//! source). The worker loads that bytecode once; per request, the loaded chunk is given the
-//! request's environment and called, which creates the handler closure bound to it.
+//! A script is compiled as a chunk, which is the handler. The worker loads that bytecode once;
+//! per request, the loaded chunk is cloned (a new closure of the same prototype) and the clone
+//! is given the request's environment.
 //!
 //! # Phases and coroutines
 //! Each handler runs as an entry coroutine of its request, as in OpenResty: all of a request's
@@ -449,9 +449,9 @@ impl Vm {
 
     /// The handler closure of `script`, bound to the request's environment.
     fn handler(&self, request: &LuaRequest, script: &Script) -> mlua::Result<Function> {
-        let chunk = self.chunk(script)?;
-        chunk.set_environment(request.env.clone())?;
-        chunk.call::<Function>(())
+        let handler = self.chunk(script)?.deep_clone()?;
+        handler.set_environment(request.env.clone())?;
+        Ok(handler)
     }
 
     /// Runs a phase's handlers in order, each in its own entry coroutine. Handlers may wait on
