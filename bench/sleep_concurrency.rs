@@ -1,6 +1,8 @@
 //! Load client for `bench/sleep_concurrency.sh`: opens N connections to the proxy, then sends
 //! one request on each at once to a route whose access handler sleeps, and reports how long
-//! until every response is in, how many were 200, and the proxy's memory at the peak.
+//! until every response is in, how many were 200, and the proxy's memory at the peak (the most
+//! its RSS and its Lua heap reached while the requests were in flight, sampled every 2 and 20
+//! ms).
 //!
 //! Usage: sleep_concurrency ADDR HOST N PROXY_PID ADMIN_ADDR   (loopback only)
 
@@ -77,11 +79,28 @@ async fn main() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (rss_idle, lua_idle) = (rss_kib(pid), lua_memory(admin));
 
+    // The peaks are sampled from another thread for as long as requests are in flight: when
+    // every request is in at once depends on how fast the proxy takes them.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (done, pid, admin) = (std::sync::Arc::clone(&done), pid.clone(), admin.clone());
+        std::thread::spawn(move || {
+            let (mut rss, mut lua) = (0, 0);
+            let mut round = 0u32;
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                rss = rss.max(rss_kib(&pid));
+                // The Lua heap is read over the admin port, less often.
+                if round.is_multiple_of(10) {
+                    lua = lua.max(lua_memory(&admin));
+                }
+                round += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (rss, lua)
+        })
+    };
     let started = Instant::now();
     let tasks: Vec<_> = streams.into_iter().map(|s| tokio::spawn(exchange(s, request))).collect();
-    // Every request is in flight (sleeping in Lua) well before 0.1 s.
-    tokio::time::sleep(Duration::from_millis(60)).await;
-    let (rss_peak, lua_peak) = (rss_kib(pid), lua_memory(admin));
     let mut ok = 0;
     for t in tasks {
         if t.await.ok().flatten() == Some(200) {
@@ -89,6 +108,8 @@ async fn main() {
         }
     }
     let wall = started.elapsed();
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let (rss_peak, lua_peak) = sampler.join().unwrap_or_default();
     println!(
         "{{\"requests\":{n},\"ok\":{ok},\"wall_ms\":{:.1},\"rss_idle_kib\":{rss_idle},\"rss_peak_kib\":{rss_peak},\"lua_idle_bytes\":{lua_idle},\"lua_peak_bytes\":{lua_peak}}}",
         wall.as_secs_f64() * 1000.0

@@ -5,7 +5,8 @@
 # reported with ratios:
 #   - HTTP/1.1: 10,000 connections opened first, then one request on each at once
 #     (bench/sleep_concurrency.rs): wall time until every answer is in, and proxy memory per
-#     in-flight request (RSS at the peak minus RSS before, and tidegate's Lua heap);
+#     in-flight request (RSS at its peak minus RSS before, and tidegate's Lua heap, sampled while
+#     the requests are in flight);
 #   - HTTP/2 (h2c): h2load, 100 connections x 100 concurrent streams = 10,000 requests in flight.
 # Each proxy serves every round from the same process, as a long-running proxy would. Loopback
 # only; bounded by the request count.
@@ -105,7 +106,8 @@ for round in $(seq "$ROUNDS"); do
   echo "nginx h2 $(h2 127.0.0.1:18191)" >> "$WORK/results"
   sleep 1
 done
-sleep 2
+# tidegate gives freed memory back after 10 s without requests (nginx keeps it).
+sleep 12
 rss() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 echo "idle tidegate $(rss "$TIDEGATE")" >> "$WORK/results"
 echo "idle nginx $(rss "$NGINX_WORKER")" >> "$WORK/results"
@@ -140,6 +142,6 @@ print(f"| proxy memory per in-flight request (HTTP/1.1, first round) | {t1[1]:.1
 print(f"| of which the Lua heap | {t1[2]:.2f} KiB | | |")
 idle = dict(l.split()[1:] for l in open(sys.argv[1]).read().splitlines() if l.startswith("idle "))
 t, g = int(idle["tidegate"]) / 1024, int(idle["nginx"]) / 1024
-print(f"| RSS once idle again, after the last round | {t:.0f} MiB | {g:.0f} MiB | {t / g:.2f}x |")
+print(f"| RSS once idle again, 12 s after the last round | {t:.0f} MiB | {g:.0f} MiB | {t / g:.2f}x |")
 print(f"\nAll {n:,} requests answered 200 in every run.")
 PY
