@@ -1,7 +1,8 @@
-//! Workers: N OS threads, each with a current-thread tokio runtime and its own listeners
-//! (SO_REUSEPORT, so the kernel spreads connections), serving HTTP/1.1 (our own loop,
-//! [`crate::http1`]) and HTTP/2 (hyper; h2 by ALPN on TLS, h2c with prior knowledge on plain) on
-//! their own thread from accept to response.
+//! Workers: N OS threads, each with a current-thread tokio runtime, its own listeners
+//! (SO_REUSEPORT, so the kernel spreads connections) and its own epoll set of client sockets
+//! ([`crate::reactor`]), serving HTTP/1.1 (our own loop, [`crate::http1`]) and HTTP/2 (hyper;
+//! h2 by ALPN on TLS, h2c with prior knowledge on plain) on their own thread from accept to
+//! response.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -170,7 +171,7 @@ async fn serve(
     }
 }
 
-/// Serves HTTP/1 (on a new connection, or one back from the parking lot) until the
+/// Serves HTTP/1 (on a new connection, or one back from waiting in its socket's slot) until the
 /// connection closes, switches to HTTP/2, or idles and is parked.
 async fn serve_http1(worker: Rc<Worker>, mut connection: Resumed<ConnectionGuard>) {
     let shutdown = worker.shared.shutdown.subscribe();

@@ -48,8 +48,8 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(75);
 /// A connection that has had nothing to read for this long leaves the loop ([`Ended::Idle`]),
 /// to wait without a task. A busy client's next request (a round trip) comes well within it,
-/// so only connections that really idle pay for leaving and coming back (a few system calls
-/// and a task), and a burst of new connections that go quiet does not leave a burst of freed
+/// so only connections that really idle pay for leaving and coming back (a task freed and a
+/// new one spawned), and a burst of new connections that go quiet does not leave a burst of freed
 /// tasks behind.
 pub(crate) const PARK_AFTER: Duration = Duration::from_millis(20);
 /// What is read and dropped of a body the service left unread before the connection is reused;
