@@ -8,7 +8,7 @@ use tidegate_snapshot::{HostMatch, LuaHandlers, PathKind, PathMatch, Route, Rout
 use super::annotations::{self, Settings};
 use super::index::{Index, PortRef};
 use super::lua::{self, Attachable};
-use super::{Builder, Candidate, host_match};
+use super::{Builder, Candidate, FieldAt, host_match};
 use crate::objects::{ObjectRef, Options, name_of, namespace_of};
 use crate::status::{ObjectStatus, Reason};
 use crate::validate::{check_host, check_path_value, check_port_number};
@@ -150,13 +150,13 @@ impl Context<'_, '_> {
 
     fn rules(&mut self, rank: usize) {
         let ingress = self.ingress;
+        let owner = std::rc::Rc::new(self.owner());
         let rules = ingress.spec.as_ref().and_then(|s| s.rules.as_deref()).unwrap_or_default();
         for (r, rule) in rules.iter().enumerate() {
             let host = host_match(rule.host.as_deref());
             let paths = rule.http.as_ref().map(|h| h.paths.as_slice()).unwrap_or_default();
             for (p, path) in paths.iter().enumerate() {
                 let Some(action) = self.action(&path.backend, &Field(&PathAt(r, p), ".backend")) else { continue };
-                let field = PathAt(r, p).to_string();
                 let kind = if path.path_type == "Exact" { PathKind::Exact } else { PathKind::Prefix };
                 let value = path.path.clone().unwrap_or_else(|| "/".to_owned());
                 let route = Route {
@@ -172,8 +172,8 @@ impl Context<'_, '_> {
                     route,
                     wants_ssl_redirect: self.settings.ssl_redirect,
                     rank: (rank, r, p),
-                    owner: self.owner(),
-                    field,
+                    owner: std::rc::Rc::clone(&owner),
+                    field: FieldAt::IngressPath(r, p),
                 });
             }
         }

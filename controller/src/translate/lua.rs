@@ -11,7 +11,7 @@
 use tidegate_snapshot::{HeaderMatch, HostMatch, LuaHandlers, PathKind, PathMatch, Route, RouteAction, Timeouts};
 
 use super::index::{Index, PortRef};
-use super::{Builder, Candidate, Phase, host_match};
+use super::{Builder, Candidate, FieldAt, Phase, host_match};
 use crate::luaroute::{self, LuaPathType, LuaRoute};
 use crate::objects::{name_of, namespace_of};
 use crate::status::{ObjectStatus, Reason};
@@ -152,6 +152,7 @@ pub(super) fn translate(
         }
     }
 
+    let owner = std::rc::Rc::new(status.object.clone());
     for (r, rule) in spec.routes.iter().enumerate() {
         let field = format!("spec.routes[{r}]");
         let mut lua = LuaHandlers { cpu_budget_ms, namespace: namespace.to_owned(), ..LuaHandlers::default() };
@@ -214,8 +215,8 @@ pub(super) fn translate(
                 },
                 wants_ssl_redirect: true,
                 rank: (rank, r, 0),
-                owner: status.object.clone(),
-                field: field.clone(),
+                owner: std::rc::Rc::clone(&owner),
+                field: FieldAt::Text(field.clone()),
             });
         }
     }

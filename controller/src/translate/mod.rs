@@ -34,6 +34,7 @@ mod tests;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::rc::Rc;
 
 use k8s_openapi::api::networking::v1::Ingress;
 use tidegate_snapshot::{
@@ -168,8 +169,26 @@ struct Candidate {
     wants_ssl_redirect: bool,
     /// (Ingress rank, rule index, path index): the tie-breakers after type and length.
     rank: (usize, usize, usize),
-    owner: ObjectRef,
-    field: String,
+    /// Shared by the object's candidates: 20,000 routes were 20,000 copies of their owners.
+    owner: Rc<ObjectRef>,
+    field: FieldAt,
+}
+
+/// Where a candidate route was declared: written out only when it is shadowed, which few are.
+#[derive(Clone, Debug)]
+enum FieldAt {
+    /// An Ingress rule's path (`spec.rules[r].http.paths[p]`).
+    IngressPath(usize, usize),
+    Text(String),
+}
+
+impl std::fmt::Display for FieldAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FieldAt::IngressPath(r, p) => write!(f, "spec.rules[{r}].http.paths[{p}]"),
+            FieldAt::Text(text) => f.write_str(text),
+        }
+    }
 }
 
 impl Candidate {
@@ -331,7 +350,15 @@ impl Builder {
         statuses: &mut BTreeMap<ObjectRef, ObjectStatus>,
         default_certificate: Option<String>,
     ) -> Snapshot {
-        self.routes.sort_by(|a, b| (&a.host, a.precedence()).cmp(&(&b.host, b.precedence())));
+        // The order is sorted, not the candidates: moving 20,000 candidates of a few hundred
+        // bytes around was a fifth of translating 10,000 Ingresses.
+        let mut order: Vec<usize> = (0..self.routes.len()).collect();
+        let routes = &self.routes;
+        order.sort_by(|&a, &b| {
+            let (a, b) = (&routes[a], &routes[b]);
+            (&a.host, a.precedence()).cmp(&(&b.host, b.precedence()))
+        });
+        let mut candidates: Vec<Option<Candidate>> = std::mem::take(&mut self.routes).into_iter().map(Some).collect();
 
         let mut hosts: BTreeMap<HostMatch, Vec<Route>> = self.tls.keys().map(|h| (h.clone(), Vec::new())).collect();
         // Candidates come grouped by host, best first: each joins its host's routes unless the
@@ -340,10 +367,10 @@ impl Builder {
             host: HostMatch,
             secured: bool,
             routes: Vec<Route>,
-            winner: Option<ObjectRef>,
+            winner: Option<Rc<ObjectRef>>,
         }
         let mut group: Option<Group> = None;
-        for candidate in std::mem::take(&mut self.routes) {
+        for candidate in order.into_iter().filter_map(|i| candidates[i].take()) {
             let current = match &mut group {
                 Some(g) if g.host == candidate.host => g,
                 _ => {
@@ -365,7 +392,7 @@ impl Builder {
                     candidate.normalized_path(),
                     candidate.host,
                 );
-                self.conflicts.push((candidate.owner, candidate.field, message));
+                self.conflicts.push(((*candidate.owner).clone(), candidate.field.to_string(), message));
                 continue;
             }
             let Candidate { mut route, wants_ssl_redirect, owner, .. } = candidate;
