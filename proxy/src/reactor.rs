@@ -101,12 +101,15 @@ thread_local! {
     static TABLE: RefCell<Table> = RefCell::default();
 }
 
+impl Table {
+    /// The slot `key` names, while its occupant is the one the key was given to.
+    fn slot(&mut self, key: Key) -> Option<&mut Slot> {
+        self.slots.get_mut(key.index as usize).filter(|s| s.occupied && s.generation == key.generation)
+    }
+}
+
 fn with_slot<R>(key: Key, f: impl FnOnce(&mut Slot) -> R) -> Option<R> {
-    TABLE.with(|table| {
-        let mut table = table.borrow_mut();
-        let slot = table.slots.get_mut(key.index as usize).filter(|s| s.occupied && s.generation == key.generation)?;
-        Some(f(slot))
-    })
+    TABLE.with(|table| table.borrow_mut().slot(key).map(f))
 }
 
 /// A new slot, taken to be readable and writable until a system call says otherwise: a client
@@ -132,7 +135,7 @@ fn vacate(key: Key) {
     // come back here.
     let wakers = TABLE.with(|table| {
         let mut table = table.borrow_mut();
-        let slot = table.slots.get_mut(key.index as usize).filter(|s| s.occupied && s.generation == key.generation)?;
+        let slot = table.slot(key)?;
         let wakers = (slot.reader.take(), slot.writer.take());
         *slot = Slot { generation: slot.generation.wrapping_add(1), ..Slot::default() };
         table.vacant.push(key.index);
@@ -164,31 +167,29 @@ fn clear(key: Key, direction: Direction) {
     });
 }
 
+/// Runs a non-blocking operation on the socket at `key` when its slot claims `direction`;
+/// `WouldBlock` withdraws the claim and waits for the set's next report.
+fn poll_io<R>(
+    key: Key,
+    direction: Direction,
+    cx: &mut Context<'_>,
+    mut op: impl FnMut() -> io::Result<R>,
+) -> Poll<io::Result<R>> {
+    loop {
+        ready!(poll_ready(key, direction, cx));
+        match op() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => clear(key, direction),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            result => return Poll::Ready(result),
+        }
+    }
+}
+
 /// A client connection's socket, registered in its worker's epoll set.
 #[derive(Debug)]
 pub(crate) struct ClientStream {
     socket: mio::net::TcpStream,
     key: Key,
-}
-
-impl ClientStream {
-    /// Runs a non-blocking operation when the slot claims `direction`; `WouldBlock` withdraws the
-    /// claim and waits for the set's next report.
-    fn poll_io<R>(
-        &self,
-        direction: Direction,
-        cx: &mut Context<'_>,
-        mut op: impl FnMut(&mio::net::TcpStream) -> io::Result<R>,
-    ) -> Poll<io::Result<R>> {
-        loop {
-            ready!(poll_ready(self.key, direction, cx));
-            match op(&self.socket) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => clear(self.key, direction),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                result => return Poll::Ready(result),
-            }
-        }
-    }
 }
 
 impl Drop for ClientStream {
@@ -216,7 +217,7 @@ impl AsyncRead for ClientStream {
         if offered == 0 {
             return Poll::Ready(Ok(()));
         }
-        let n = ready!(self.poll_io(Direction::Read, cx, |socket| recv_into(socket, buf)))?;
+        let n = ready!(poll_io(self.key, Direction::Read, cx, || recv_into(&self.socket, buf)))?;
         buf.advance(n);
         if n > 0 && n < offered {
             clear(self.key, Direction::Read);
@@ -227,7 +228,7 @@ impl AsyncRead for ClientStream {
 
 impl AsyncWrite for ClientStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let n = ready!(self.poll_io(Direction::Write, cx, |mut socket| socket.write(buf)))?;
+        let n = ready!(poll_io(self.key, Direction::Write, cx, || (&self.socket).write(buf)))?;
         if n < buf.len() {
             clear(self.key, Direction::Write);
         }
@@ -240,7 +241,7 @@ impl AsyncWrite for ClientStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let offered: usize = bufs.iter().map(|b| b.len()).sum();
-        let n = ready!(self.poll_io(Direction::Write, cx, |mut socket| socket.write_vectored(bufs)))?;
+        let n = ready!(poll_io(self.key, Direction::Write, cx, || (&self.socket).write_vectored(bufs)))?;
         if n < offered {
             clear(self.key, Direction::Write);
         }
@@ -308,19 +309,9 @@ impl ClientListener {
 
     /// The next connection, registered in the same set.
     pub(crate) async fn accept(&self, reactor: &Reactor<impl Sized>) -> io::Result<(ClientStream, SocketAddr)> {
-        let (socket, remote) = std::future::poll_fn(|cx| self.poll_accept(cx)).await?;
+        let accept = |cx: &mut Context<'_>| poll_io(self.key, Direction::Read, cx, || self.listener.accept());
+        let (socket, remote) = std::future::poll_fn(accept).await?;
         Ok((reactor.register(socket)?, remote))
-    }
-
-    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(mio::net::TcpStream, SocketAddr)>> {
-        loop {
-            ready!(poll_ready(self.key, Direction::Read, cx));
-            match self.listener.accept() {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => clear(self.key, Direction::Read),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                result => return Poll::Ready(result),
-            }
-        }
     }
 }
 
@@ -402,25 +393,26 @@ impl<G> Reactor<G> {
     pub(crate) fn listen(&self, listener: std::net::TcpListener) -> io::Result<ClientListener> {
         let local_port = listener.local_addr()?.port();
         let mut listener = mio::net::TcpListener::from_std(listener);
-        let key = occupy();
-        if let Err(e) =
-            self.epoll.borrow().get_ref().registry().register(&mut listener, key.token(), mio::Interest::READABLE)
-        {
-            vacate(key);
-            return Err(e);
-        }
+        let key = self.add(&mut listener, mio::Interest::READABLE)?;
         Ok(ClientListener { listener, key, local_port })
     }
 
     /// Puts an accepted socket in the set.
     pub(crate) fn register(&self, mut socket: mio::net::TcpStream) -> io::Result<ClientStream> {
-        let key = occupy();
-        let interest = mio::Interest::READABLE | mio::Interest::WRITABLE;
-        if let Err(e) = self.epoll.borrow().get_ref().registry().register(&mut socket, key.token(), interest) {
-            vacate(key);
-            return Err(e);
-        }
+        let key = self.add(&mut socket, mio::Interest::READABLE | mio::Interest::WRITABLE)?;
         Ok(ClientStream { socket, key })
+    }
+
+    /// A slot for `source`, registered in the set under it.
+    fn add(&self, source: &mut impl mio::event::Source, interest: mio::Interest) -> io::Result<Key> {
+        let key = occupy();
+        match self.epoll.borrow().get_ref().registry().register(source, key.token(), interest) {
+            Ok(()) => Ok(key),
+            Err(e) => {
+                vacate(key);
+                Err(e)
+            }
+        }
     }
 
     /// Parks a connection until its socket reports something to read. Gives it back when the
@@ -540,11 +532,7 @@ enum Woken {
 fn claim(table: &mut Table, events: &mio::Events, wake: &mut Vec<Woken>) {
     for event in events {
         let key = Key::of(event.token());
-        let Some(slot) =
-            table.slots.get_mut(key.index as usize).filter(|s| s.occupied && s.generation == key.generation)
-        else {
-            continue;
-        };
+        let Some(slot) = table.slot(key) else { continue };
         if event.is_readable() || event.is_read_closed() || event.is_error() {
             slot.readable = true;
             if slot.parked {

@@ -9,7 +9,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_rustls::TlsAcceptor;
@@ -181,7 +180,7 @@ async fn serve_http1(worker: Rc<Worker>, mut connection: Resumed<ConnectionGuard
         let service = move |request: http::Request<_>| {
             handle(Rc::clone(&handler), Rc::clone(&facts), request.map(ClientBody::Http1))
         };
-        match crate::http1::serve(io, BytesMut::new(), served, service, shutdown.clone()).await {
+        match crate::http1::serve(io, served, service, shutdown.clone()).await {
             Ended::Closed => return,
             Ended::Refused(status) => {
                 let labels = StatusLabels { status: status.as_u16().to_string() };

@@ -30,7 +30,7 @@ use std::rc::Rc;
 use std::task::Poll;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Body;
@@ -93,11 +93,9 @@ pub(crate) fn on_upgrade<B>(request: &mut Request<B>) -> Option<OnUpgrade> {
 
 /// Serves requests on one connection until it closes, fails, switches protocols, idles or a
 /// drain starts (`shutdown` turns true: an idle connection closes at once, a busy one after its
-/// response). `read`: bytes already read from it; `served`: requests served on it before (by
-/// earlier runs).
+/// response). `served`: requests served on it before (by earlier runs).
 pub(crate) async fn serve<S, F, B>(
     io: Box<dyn Io>,
-    read: BytesMut,
     mut served: u64,
     mut service: S,
     mut shutdown: watch::Receiver<bool>,
@@ -108,7 +106,7 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    let conn = Rc::new(RefCell::new(Conn::new(io, read)));
+    let conn = Rc::new(RefCell::new(Conn::new(io)));
     loop {
         // No await inside this match: the matched value would be kept in the task's state.
         let head = match next_head(&conn, served == 0, &mut shutdown).await {

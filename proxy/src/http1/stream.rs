@@ -81,9 +81,8 @@ fn closed() -> io::Error {
 }
 
 impl Conn {
-    /// A connection whose first bytes, `read`, were read before it came here.
-    pub(crate) fn new(io: Box<dyn Io>, read: BytesMut) -> Self {
-        Conn { io: Some(io), buf: read, request: 0, body: BodyState::Done }
+    pub(crate) fn new(io: Box<dyn Io>) -> Self {
+        Conn { io: Some(io), buf: BytesMut::new(), request: 0, body: BodyState::Done }
     }
 
     /// Reads more into the buffer: `Ok(0)` at the end of the stream. A buffer that is still

@@ -66,7 +66,7 @@ async fn server() -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver
             tokio::task::spawn_local(async move {
                 let (mut io, mut served): (Box<dyn Io>, u64) = (Box::new(stream), 0);
                 loop {
-                    match serve(io, BytesMut::new(), served, service, shutdown.clone()).await {
+                    match serve(io, served, service, shutdown.clone()).await {
                         Ended::Closed | Ended::Refused(_) => return,
                         Ended::Http2(mut detached) => {
                             let mut start = [0u8; 24];
@@ -277,7 +277,7 @@ async fn an_idle_connection_holds_no_read_buffer() {
         let addr = listener.local_addr().expect("address");
         let mut client = TcpStream::connect(addr).await.expect("connect");
         let (stream, _) = listener.accept().await.expect("accept");
-        let conn = RefCell::new(Conn::new(Box::new(stream), BytesMut::new()));
+        let conn = RefCell::new(Conn::new(Box::new(stream)));
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         assert!(conn.borrow_mut().poll_fill_head(&mut cx).is_pending());
         assert_eq!(conn.borrow().buf.capacity(), 0, "waiting kept a buffer");
