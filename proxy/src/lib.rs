@@ -17,9 +17,9 @@
 //!
 //! Requests in flight keep the runtime they started with; a swap affects only new requests. A
 //! snapshot that fails to build is refused and the current runtime keeps serving.
-// Three exceptions: `upkeep::release_free_memory` calls the C allocator,
-// `reactor::watched_epoll_set` registers an owned descriptor with tokio, and `reactor::recv_into`
-// reads into a buffer's uninitialized part (as tokio's own sockets do).
+// Four exceptions: `upkeep::configure_allocator` and `upkeep::release_free_memory` call the
+// allocator, `reactor::watched_epoll_set` registers an owned descriptor with tokio, and
+// `reactor::recv_into` reads into a buffer's uninitialized part (as tokio's own sockets do).
 #![deny(unsafe_code)]
 
 mod access_log;
@@ -142,6 +142,7 @@ impl Proxy {
     /// # Errors
     /// When a listener cannot be bound or a thread cannot start.
     pub fn start(config: &ProxyConfig) -> Result<Proxy, StartError> {
+        upkeep::configure_allocator();
         let workers = config.workers.max(1);
         let bind = |addr: SocketAddr, count| {
             server::bind_group(addr, count).map_err(|source| StartError::Bind { addr, source })
