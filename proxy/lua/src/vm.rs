@@ -178,6 +178,54 @@ impl LuaRequest {
 thread_local! {
     /// The request whose Lua is running on this thread right now.
     static CURRENT: RefCell<Option<Rc<LuaRequest>>> = const { RefCell::new(None) };
+    /// How long the coroutine being resumed asked to sleep, set by `ngx.sleep` just before it
+    /// yields; taken by whoever resumed it.
+    static SLEEP: Cell<Option<Duration>> = const { Cell::new(None) };
+}
+
+/// `ngx.sleep`: the running coroutine, which yields next, is to stay suspended this long.
+pub(crate) fn sleep_after_yield(duration: Duration) {
+    SLEEP.set(Some(duration));
+}
+
+/// What the coroutine just resumed asked for with [`sleep_after_yield`], if it did.
+pub(crate) fn take_sleep() -> Option<Duration> {
+    SLEEP.take()
+}
+
+/// A coroutine's `ngx.sleep`, kept by the runner that resumes it, as OpenResty's coroutine
+/// yields to nginx: until it is over, the coroutine is not resumed. Going through an mlua async
+/// function instead (a boxed future in a userdata, polled through two more callbacks) was a
+/// tenth of a sleeping request's instructions.
+#[derive(Default)]
+pub(crate) struct Sleeping(Option<std::pin::Pin<Box<tokio::time::Sleep>>>);
+
+impl Sleeping {
+    /// Starts a sleep; 0 only lets the worker serve what else is ready first.
+    pub(crate) fn start(&mut self, duration: Duration, cx: &mut std::task::Context<'_>) {
+        if !duration.is_zero() {
+            let deadline = tokio::time::Instant::now() + duration;
+            let sleep = match &mut self.0 {
+                Some(sleep) => {
+                    sleep.as_mut().reset(deadline);
+                    sleep
+                }
+                None => self.0.insert(Box::pin(tokio::time::sleep_until(deadline))),
+            };
+            if sleep.as_mut().poll(cx).is_pending() {
+                return;
+            }
+        }
+        cx.waker().wake_by_ref();
+    }
+
+    /// Ready once the last sleep is over (at once when there was none).
+    fn poll(&mut self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        match &mut self.0 {
+            Some(sleep) => sleep.as_mut().poll(cx),
+            None => Poll::Ready(()),
+        }
+    }
 }
 
 /// Runs `f` with the request whose Lua is running; `None` outside any request.
@@ -218,11 +266,19 @@ impl Runner {
         task: impl Future<Output = mlua::Result<()>>,
     ) -> Outcome {
         let _threads = KillThreadsOnDrop(request);
-        let outcome = tokio::select! {
-            biased;
-            outcome = self.drive(request, task) => outcome,
-            outcome = self.watch_threads(request, false) => outcome,
-        };
+        let mut handler = std::pin::pin!(self.drive(request, task));
+        // Followed only once the handler has spawned a thread: most never do.
+        let mut threads = None;
+        let outcome = std::future::poll_fn(|cx| {
+            if let Poll::Ready(outcome) = handler.as_mut().poll(cx) {
+                return Poll::Ready(outcome);
+            }
+            if threads.is_none() && request.threads.borrow().is_empty() {
+                return Poll::Pending;
+            }
+            threads.get_or_insert_with(|| Box::pin(self.watch_threads(request, false))).as_mut().poll(cx)
+        })
+        .await;
         if outcome != Outcome::Continue {
             return outcome;
         }
@@ -252,22 +308,33 @@ impl Runner {
         request: &Rc<LuaRequest>,
         task: impl Future<Output = mlua::Result<()>>,
     ) -> Outcome {
-        self.drive_values(request, task).await.0
+        self.drive_values(request, task, None).await.0
     }
 
     /// Like [`Runner::drive`], keeping what the coroutine returned (light threads need it).
+    /// `asleep`: the coroutine has already been resumed once, and went to sleep this long.
     pub(crate) async fn drive_values<R>(
         &self,
         request: &Rc<LuaRequest>,
         task: impl Future<Output = mlua::Result<R>>,
+        mut asleep: Option<Duration>,
     ) -> (Outcome, Option<R>) {
         let mut task = std::pin::pin!(task);
         let mut values = None;
+        let mut sleeping = Sleeping::default();
         let outcome = std::future::poll_fn(|cx| {
+            if let Some(duration) = asleep.take() {
+                sleeping.start(duration, cx);
+                return Poll::Pending;
+            }
+            if sleeping.poll(cx).is_pending() {
+                return Poll::Pending;
+            }
             let Some(budget) = request.remaining_budget(self.cpu_budget) else {
                 return Poll::Ready(timeout());
             };
             let polled = {
+                SLEEP.set(None);
                 let _scope = Scope::enter(request);
                 let began = Instant::now();
                 self.clock.start(budget);
@@ -289,7 +356,12 @@ impl Runner {
                     Poll::Ready(Outcome::Continue)
                 }
                 Poll::Ready(Err(e)) => Poll::Ready(failure(&e)),
-                Poll::Pending => Poll::Pending,
+                Poll::Pending => {
+                    if let Some(duration) = take_sleep() {
+                        sleeping.start(duration, cx);
+                    }
+                    Poll::Pending
+                }
             }
         })
         .await;

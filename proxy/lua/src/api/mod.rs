@@ -402,30 +402,43 @@ fn install_misc(lua: &Lua, ngx: &Table, config: &LuaConfig) -> mlua::Result<()> 
     shared.set_metatable(Some(shared_meta))?;
     ngx.raw_set("shared", shared)?;
 
-    // ngx.sleep: the coroutine waits on the worker's timer; the worker serves others meanwhile.
-    ngx.raw_set(
-        "sleep",
-        lua.create_async_function(|_, seconds: f64| {
-            let allowed = current("ngx.sleep")
-                .and_then(|r| require_phase(&r, "ngx.sleep", crate::request::WAITING_PHASES))
-                .and_then(|()| {
-                    if seconds.is_finite() && seconds >= 0.0 {
-                        Ok(seconds)
-                    } else {
-                        Err(mlua::Error::runtime("bad argument #1 to 'sleep'"))
-                    }
-                });
-            async move {
-                let seconds = allowed?;
-                if seconds == 0.0 {
-                    tokio::task::yield_now().await;
-                } else {
-                    tokio::time::sleep(std::time::Duration::from_secs_f64(seconds)).await;
-                }
-                Ok(())
+    // ngx.sleep: the coroutine yields to the runner that resumed it, which keeps it suspended on
+    // the worker's timer (see `vm::Sleeping`) while the worker serves others. It yields mlua's
+    // "pending" marker, as a waiting API does, so that user coroutines pass it on.
+    const SLEEP: &str = r#"
+        local sleep_after_yield, yield, pending = ...
+        return function(seconds)
+            sleep_after_yield(seconds)
+            yield(pending)
+        end
+    "#;
+    let sleep_after_yield = lua.create_function(|_, seconds: Value| {
+        let request = current("ngx.sleep")?;
+        require_phase(&request, "ngx.sleep", crate::request::WAITING_PHASES)?;
+        let seconds = match seconds {
+            Value::Integer(i) => i as f64,
+            Value::Number(n) => n,
+            Value::String(s) => s.to_str().ok().and_then(|s| s.trim().parse().ok()).unwrap_or(f64::NAN),
+            other => {
+                return Err(mlua::Error::runtime(format!(
+                    "bad argument #1 to 'sleep' (number expected, got {})",
+                    lua_type(&other)
+                )));
             }
-        })?,
-    )?;
+        };
+        if !(seconds.is_finite() && seconds >= 0.0) {
+            return Err(mlua::Error::runtime("bad argument #1 to 'sleep'"));
+        }
+        crate::vm::sleep_after_yield(std::time::Duration::from_secs_f64(seconds));
+        Ok(())
+    })?;
+    let coroutine: Table = lua.globals().raw_get("coroutine")?;
+    let sleep: mlua::Function = lua.load(SLEEP).set_name("=ngx.sleep").call((
+        sleep_after_yield,
+        coroutine.raw_get::<mlua::Function>("yield")?,
+        Lua::poll_pending(),
+    ))?;
+    ngx.raw_set("sleep", sleep)?;
 
     ngx.raw_set(
         "log",

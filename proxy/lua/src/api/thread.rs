@@ -13,6 +13,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::Poll;
+use std::time::Duration;
 
 use mlua::{Function, Lua, MultiValue, UserData, UserDataRef, Value, Variadic};
 
@@ -130,6 +131,7 @@ async fn spawn(lua: &Lua, request: Rc<LuaRequest>, mut task: Task) -> mlua::Resu
     request.threads.borrow_mut().push(Rc::clone(&thread));
     // Inside the caller's resume: the caller's request is current and its CPU clock runs.
     let first = std::future::poll_fn(|cx| Poll::Ready(task.as_mut().poll(cx))).await;
+    let asleep = crate::vm::take_sleep();
     if runner.clock.expired() || request.state.exit.get().is_some() {
         // Out of CPU budget, or the thread called ngx.exit: the runner ends the request as soon
         // as the caller yields here.
@@ -139,15 +141,21 @@ async fn spawn(lua: &Lua, request: Rc<LuaRequest>, mut task: Task) -> mlua::Resu
     match first {
         Poll::Ready(result) => thread.end(&request, result.map_err(|e| report(&request, &e))),
         Poll::Pending => {
-            let driver = tokio::task::spawn_local(drive(runner, Rc::clone(&request), Rc::clone(&thread), task));
+            let driver = tokio::task::spawn_local(drive(runner, Rc::clone(&request), Rc::clone(&thread), task, asleep));
             *thread.driver.borrow_mut() = Some(driver);
         }
     }
     Ok(Value::UserData(lua.create_userdata(Handle(thread))?))
 }
 
-async fn drive(runner: Rc<Runner>, request: Rc<LuaRequest>, thread: Rc<LightThread>, task: Task) {
-    let (outcome, values) = runner.drive_values(&request, task).await;
+async fn drive(
+    runner: Rc<Runner>,
+    request: Rc<LuaRequest>,
+    thread: Rc<LightThread>,
+    task: Task,
+    asleep: Option<Duration>,
+) {
+    let (outcome, values) = runner.drive_values(&request, task, asleep).await;
     let result = match outcome {
         Outcome::Continue => Ok(values.unwrap_or_default()),
         // The request's runner sees the exit and ends the request.
