@@ -559,7 +559,7 @@ where
 {
     let shutdown = worker.shared.shutdown.subscribe();
     dispatch(&worker.reactor, worker.id, shutdown, |connection| {
-        tokio::task::spawn_local(serve(Rc::clone(&worker), connection));
+        crate::server::spawn_boxed(serve(Rc::clone(&worker), connection));
     })
     .await;
 }

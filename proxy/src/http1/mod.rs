@@ -179,7 +179,9 @@ async fn next_head(conn: &RefCell<Conn>, first: bool, shutdown: &mut watch::Rece
         let read = poll_fn(|cx| conn.borrow_mut().poll_fill_head(cx));
         // Idle, it parks first: the last read found nothing, so nothing waits unread.
         let parks = idle && park_at < deadline;
+        // The read first: when the bytes are there, no timer and no shutdown watch is set up.
         let read = tokio::select! {
+            biased;
             read = read => read,
             () = tokio::time::sleep_until(if parks { park_at } else { deadline }) => {
                 return if parks { Next::Idle(deadline) } else { Next::Closed };
