@@ -274,6 +274,7 @@ where
     F: std::future::Future + 'static,
 {
     fn execute(&self, future: F) {
-        tokio::task::spawn_local(future);
+        // A stream's future is large: boxed, as connections' are (see `spawn_boxed`).
+        tokio::task::spawn_local(Box::pin(future));
     }
 }
