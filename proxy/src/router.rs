@@ -17,8 +17,9 @@ use tidegate_snapshot::{HostMatch, LuaHandlers, PathKind, Route, RouteAction, Ro
 /// The router of one runtime, built once per routing change.
 #[derive(Debug, Default)]
 pub struct Router {
-    exact: HashMap<String, Arc<VirtualHost>>,
-    wildcard: HashMap<String, Arc<VirtualHost>>,
+    // Hosts are looked up on every request: foldhash, not SipHash (the keys are configuration).
+    exact: foldhash::HashMap<String, Arc<VirtualHost>>,
+    wildcard: foldhash::HashMap<String, Arc<VirtualHost>>,
     any: Option<Arc<VirtualHost>>,
     default_backend: Option<Target>,
 }
@@ -96,7 +97,7 @@ impl LuaChain {
 #[derive(Debug)]
 struct VirtualHost {
     /// Exact routes by path, in precedence order.
-    exact_paths: HashMap<String, Vec<usize>>,
+    exact_paths: foldhash::HashMap<String, Vec<usize>>,
     routes: Vec<Route>,
     targets: Vec<Target>,
 }
@@ -225,7 +226,7 @@ impl VirtualHost {
         counters: CounterFactory<'_>,
     ) -> Result<Self, String> {
         let host = vhost.host.to_string();
-        let mut exact_paths: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut exact_paths: foldhash::HashMap<String, Vec<usize>> = foldhash::HashMap::default();
         let mut targets = Vec::with_capacity(vhost.routes.len());
         for (i, route) in vhost.routes.iter().enumerate() {
             if route.path.kind == PathKind::Exact {

@@ -45,7 +45,8 @@ pub(crate) struct RoutingState {
 /// Ready endpoints of every backend.
 #[derive(Debug, Default)]
 pub(crate) struct Upstreams {
-    backends: HashMap<BackendId, Backend>,
+    /// Looked up on every proxied request: foldhash, not SipHash (the keys are configuration).
+    backends: foldhash::HashMap<BackendId, Backend>,
 }
 
 #[derive(Debug)]
@@ -145,7 +146,10 @@ fn fingerprint(routing: &Routing) -> u64 {
 
 impl Upstreams {
     fn build(snapshot: &Snapshot) -> Result<Self, BuildError> {
-        let mut backends = HashMap::with_capacity(snapshot.endpoints.len());
+        let mut backends = foldhash::HashMap::with_capacity_and_hasher(
+            snapshot.endpoints.len(),
+            foldhash::fast::RandomState::default(),
+        );
         for (id, endpoints) in &snapshot.endpoints {
             let mut addresses = Vec::with_capacity(endpoints.len());
             for endpoint in endpoints {

@@ -14,11 +14,12 @@
 //! - Values: strings, numbers, booleans (and lists of strings and numbers), with flags and TTLs.
 //! - Data survives configuration changes for as long as the dictionary stays declared.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
+use foldhash::HashMap;
 use mlua::{Lua, MultiValue, UserData, UserDataMethods, Value};
 
 /// Accounted bytes of an entry besides its key and value (what nginx's slab spends per node).
@@ -202,7 +203,7 @@ impl SharedDicts {
     /// data (with the new size), and ones no longer declared are dropped.
     pub fn configure(&self, declared: &[(String, String, u64)]) {
         let mut dicts = self.dicts.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut next = HashMap::with_capacity(declared.len());
+        let mut next = HashMap::with_capacity_and_hasher(declared.len(), foldhash::fast::RandomState::default());
         for (namespace, name, size) in declared {
             let key = (namespace.clone(), name.clone());
             let dict = match dicts.remove(&key) {

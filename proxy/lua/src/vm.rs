@@ -22,7 +22,6 @@
 //! - Memory: the whole VM is capped; an allocation past the cap fails the request that made it.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -373,7 +372,7 @@ impl Runner {
 pub(crate) struct TimerContext {
     pub(crate) runner: Rc<Runner>,
     pub(crate) env_meta: Table,
-    pub(crate) loaded: Rc<RefCell<HashMap<u64, Function>>>,
+    pub(crate) loaded: Rc<RefCell<foldhash::HashMap<u64, Function>>>,
     pub(crate) pending: Cell<usize>,
     pub(crate) running: Cell<usize>,
     pub(crate) max_pending: usize,
@@ -394,7 +393,7 @@ pub struct Vm {
     /// `{__index = base}`, shared by every request environment.
     env_meta: Table,
     /// Loaded chunks by script id.
-    loaded: Rc<RefCell<HashMap<u64, Function>>>,
+    loaded: Rc<RefCell<foldhash::HashMap<u64, Function>>>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -450,7 +449,7 @@ impl Vm {
         });
         lua.set_memory_limit(config.memory_limit)?;
         let runner = Rc::new(Runner { clock, cpu_budget: config.cpu_budget });
-        let loaded = Rc::new(RefCell::new(HashMap::new()));
+        let loaded = Rc::new(RefCell::new(foldhash::HashMap::default()));
         lua.set_app_data(Rc::new(api::socket::TlsClients::new(&config.tls_roots)?));
         lua.set_app_data(api::socket::Denied(Arc::clone(&config.socket_deny)));
         lua.set_app_data(Rc::new(TimerContext {

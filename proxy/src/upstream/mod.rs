@@ -24,7 +24,7 @@ mod body;
 mod wire;
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io::{self, Write as _};
 use std::net::SocketAddr;
@@ -135,7 +135,7 @@ struct Idle {
 #[derive(Default)]
 pub(crate) struct Pool {
     /// Per endpoint, the oldest first.
-    idle: RefCell<HashMap<SocketAddr, VecDeque<Idle>>>,
+    idle: RefCell<foldhash::HashMap<SocketAddr, VecDeque<Idle>>>,
 }
 
 /// How an exchange failed.

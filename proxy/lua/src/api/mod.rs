@@ -14,9 +14,9 @@ mod time;
 mod timer;
 mod var;
 
-use std::collections::HashMap;
 use std::rc::Rc;
 
+use foldhash::HashMap;
 use mlua::{LightUserData, Lua, Table, Value, Variadic};
 
 use crate::request::Phase;
@@ -385,7 +385,7 @@ fn install_misc(lua: &Lua, ngx: &Table, config: &LuaConfig) -> mlua::Result<()> 
             let mut kept = kept.borrow_mut();
             let generation = dicts.generation();
             if kept.generation != generation {
-                *kept = KeptDicts { generation, objects: HashMap::new() };
+                *kept = KeptDicts { generation, objects: HashMap::default() };
             }
             if let Some(object) = kept.objects.get(namespace).and_then(|names| names.get(&*name)) {
                 return Ok(Value::Table(object.clone()));
