@@ -637,6 +637,25 @@ fn waiting_inside_user_coroutines_suspends_the_request_not_the_coroutine() {
 }
 
 #[test]
+fn a_sleep_that_cannot_yield_fails_and_leaves_no_wait_behind() {
+    let vm = vm();
+    let started = Instant::now();
+    // gsub calls back from C: the callback cannot yield. Its failed sleep must not delay the
+    // handler's next wait.
+    let out = say(
+        &vm,
+        r#"
+        local th = ngx.thread.spawn(function() ngx.sleep(0.01) return "woke" end)
+        local ok, err = pcall(string.gsub, "a", "a", function() ngx.sleep(0.5) end)
+        ngx.say(ok, " ", err:find("yield") ~= nil)
+        ngx.say(select(2, ngx.thread.wait(th)))
+        "#,
+    );
+    assert_eq!(out, "false true\nwoke\n");
+    assert!(started.elapsed() < Duration::from_millis(300), "waited {:?}", started.elapsed());
+}
+
+#[test]
 fn light_threads_run_alongside_their_handler() {
     let vm = vm();
     assert_eq!(

@@ -405,10 +405,14 @@ fn install_misc(lua: &Lua, ngx: &Table, config: &LuaConfig) -> mlua::Result<()> 
     // ngx.sleep: the coroutine yields to the runner that resumed it, which keeps it suspended on
     // the worker's timer (see `vm::Sleeping`) while the worker serves others. It yields mlua's
     // "pending" marker, as a waiting API does, so that user coroutines pass it on.
+    // Where the coroutine cannot yield (inside a callback from C), the yield raises Luau's
+    // error before the sleep is armed: an armed sleep would delay the coroutine's next wait.
     const SLEEP: &str = r#"
-        local sleep_after_yield, yield, pending = ...
+        local sleep_after_yield, yield, isyieldable, pending = ...
         return function(seconds)
-            sleep_after_yield(seconds)
+            if isyieldable() then
+                sleep_after_yield(seconds)
+            end
             yield(pending)
         end
     "#;
@@ -436,6 +440,7 @@ fn install_misc(lua: &Lua, ngx: &Table, config: &LuaConfig) -> mlua::Result<()> 
     let sleep: mlua::Function = lua.load(SLEEP).set_name("=ngx.sleep").call((
         sleep_after_yield,
         coroutine.raw_get::<mlua::Function>("yield")?,
+        coroutine.raw_get::<mlua::Function>("isyieldable")?,
         Lua::poll_pending(),
     ))?;
     ngx.raw_set("sleep", sleep)?;
