@@ -82,9 +82,10 @@ impl Inner {
         self.tick += 1;
         let tick = self.tick;
         if let Some(entry) = self.map.get_mut(key) {
-            self.lru.remove(&entry.tick);
+            // The key's copy moves to its new place in the order.
+            let copy = self.lru.remove(&entry.tick).unwrap_or_else(|| key.to_vec());
             entry.tick = tick;
-            self.lru.insert(tick, key.to_vec());
+            self.lru.insert(tick, copy);
         }
     }
 
@@ -424,6 +425,19 @@ impl DictHandle {
         let now = Instant::now();
         let dict = &self.0;
         let mut inner = dict.lock();
+        // A live number changes in place: same size, flags and expiry; only its recency moves.
+        if let Some(entry) = inner.map.get_mut(&key).filter(|e| !e.expired(now))
+            && let Stored::Num(n) = &mut entry.value
+        {
+            *n += delta;
+            let value = *n;
+            inner.touch(&key);
+            return Ok(if init.is_some() {
+                multi([Value::Number(value), Value::Nil, Value::Boolean(false)])
+            } else {
+                multi([Value::Number(value)])
+            });
+        }
         let current = inner.map.get(&key).filter(|e| !e.expired(now)).map(|e| (e.value.clone(), e.flags, e.expires));
         let (base, flags, expires) = match current {
             Some((Stored::Num(n), flags, expires)) => (n, flags, expires),
