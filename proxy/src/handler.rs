@@ -228,17 +228,17 @@ fn route<'a>(
         Match::Route(target) | Match::DefaultBackend(target) => target,
     };
     outcome.route = Some(Arc::clone(&target.name));
-    if target.ssl_redirect && !conn.tls {
-        let response = redirect_to_https(&worker.shared, host, request.uri());
+    let answer = |response: Response<LocalBody>| {
         target.counters.count(response.status().as_u16());
-        return Routed::Answer(response);
+        Routed::Answer(response)
+    };
+    if target.ssl_redirect && !conn.tls {
+        return answer(redirect_to_https(&worker.shared, host, request.uri()));
     }
     if let Some(why) = &target.action.misconfigured {
         // The controller reported the cause; here the route only has to stay closed.
         tracing::debug!(route = &*target.name, reason = why, "misconfigured route answered 500");
-        let response = crate::lua_flow::error_response(StatusCode::INTERNAL_SERVER_ERROR);
-        target.counters.count(response.status().as_u16());
-        return Routed::Answer(response);
+        return answer(crate::lua_flow::error_response(StatusCode::INTERNAL_SERVER_ERROR));
     }
     Routed::Target(target)
 }

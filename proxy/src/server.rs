@@ -271,10 +271,10 @@ struct LocalExec;
 
 impl<F> hyper::rt::Executor<F> for LocalExec
 where
-    F: std::future::Future + 'static,
+    F: std::future::Future<Output = ()> + 'static,
 {
     fn execute(&self, future: F) {
-        // A stream's future is large: boxed, as connections' are (see `spawn_boxed`).
-        tokio::task::spawn_local(Box::pin(future));
+        // A stream's future is large too.
+        spawn_boxed(future);
     }
 }

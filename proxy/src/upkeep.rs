@@ -20,9 +20,9 @@ use crate::handler::Worker;
 
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
-/// Quiet time after which freed memory goes back to the system: jemalloc's default decay time.
-/// Sooner, each burst of a bursty load would pay to fault its pages in again (at 10,000
-/// concurrent requests, a tenth of the burst's CPU).
+/// Quiet time after which freed memory goes back to the system, and how long the allocator keeps
+/// what is freed (see [`configure_allocator`]). Sooner, each burst of a bursty load would pay to
+/// fault its pages in again (at 10,000 concurrent requests, a tenth of the burst's CPU).
 const TRIM_AFTER: Duration = Duration::from_secs(10);
 
 /// The Lua heap is collected when it has grown past twice what the last collection left, plus
@@ -82,9 +82,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// not name it.
 const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Freed memory stays with the allocator for [`TRIM_AFTER`] before it goes back to the system,
-/// as upkeep's trim does. mimalloc's own delay is 10 ms, after which every burst of a bursty
-/// load faulted its pages in again (19,000 page faults per burst of 10,000 requests).
+/// Freed memory stays with the allocator for [`TRIM_AFTER`] before it goes back to the system.
+/// mimalloc's own delay is 10 ms, after which every burst of a bursty load faulted its pages in
+/// again (19,000 page faults per burst of 10,000 requests).
 #[allow(unsafe_code)]
 pub(crate) fn configure_allocator() {
     let delay = std::ffi::c_long::try_from(TRIM_AFTER.as_millis()).unwrap_or(std::ffi::c_long::MAX);
