@@ -24,6 +24,7 @@
 
 mod access_log;
 mod admin;
+mod alarm;
 mod body;
 mod handler;
 mod headers;

@@ -37,6 +37,7 @@ use hyper::body::Body;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::alarm::Alarm;
 use head::{Framing, Head, Refused};
 use stream::{BodyState, Conn};
 pub(crate) use stream::{Detached, Io, OnUpgrade, RequestStream, spare};
@@ -107,9 +108,10 @@ where
     B::Error: std::fmt::Display,
 {
     let conn = Rc::new(RefCell::new(Conn::new(io)));
+    let mut alarm = Alarm::default();
     loop {
         // No await inside this match: the matched value would be kept in the task's state.
-        let head = match next_head(&conn, served == 0, &mut shutdown).await {
+        let head = match next_head(&conn, served == 0, &mut shutdown, &mut alarm).await {
             Next::Head(head) => head,
             Next::Closed => return Ended::Closed,
             Next::Refused(status) => return Ended::Refused(status),
@@ -148,7 +150,7 @@ enum Next {
 /// Waits for the next request head: without a buffer while nothing has arrived, closing on
 /// timeouts, the end of the stream, or a drain while idle, and leaving the loop once idle for
 /// [`PARK_AFTER`]. A head that cannot be served is answered here, and the connection closes.
-async fn next_head(conn: &RefCell<Conn>, first: bool, shutdown: &mut watch::Receiver<bool>) -> Next {
+async fn next_head(conn: &RefCell<Conn>, first: bool, shutdown: &mut watch::Receiver<bool>, alarm: &mut Alarm) -> Next {
     let now = Instant::now();
     let mut deadline = now + if first { HEADER_READ_TIMEOUT } else { KEEP_ALIVE_TIMEOUT };
     let park_at = now + PARK_AFTER;
@@ -183,7 +185,7 @@ async fn next_head(conn: &RefCell<Conn>, first: bool, shutdown: &mut watch::Rece
         let read = tokio::select! {
             biased;
             read = read => read,
-            () = tokio::time::sleep_until(if parks { park_at } else { deadline }) => {
+            () = alarm.ring_at(if parks { park_at } else { deadline }) => {
                 return if parks { Next::Idle(deadline) } else { Next::Closed };
             }
             _ = shutdown.wait_for(|stop| *stop), if idle => return Next::Closed,
@@ -296,11 +298,13 @@ where
 async fn discard_body(conn: &RefCell<Conn>) -> bool {
     // A body stream the service still holds gets an error from now on.
     conn.borrow_mut().request = 0;
-    let deadline = tokio::time::sleep(DISCARD_TIMEOUT);
+    // Timed from the first wait: a body already read to its end (the usual case) sets no timer.
+    let deadline = async { tokio::time::sleep(DISCARD_TIMEOUT).await };
     tokio::pin!(deadline);
     let mut discarded = 0;
     loop {
         let piece = tokio::select! {
+            biased;
             piece = poll_fn(|cx| conn.borrow_mut().poll_body(cx)) => piece,
             () = &mut deadline => return false,
         };

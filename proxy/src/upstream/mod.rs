@@ -45,6 +45,7 @@ use tokio::time::timeout;
 pub(crate) use body::UpstreamBody;
 use wire::{RequestFraming, ResponseHead};
 
+use crate::alarm::Alarm;
 use crate::body::BoxError;
 use crate::http1::spare;
 
@@ -100,6 +101,9 @@ pub(crate) struct UpstreamConn {
     /// Read and not yet consumed; without an allocation while the connection idles.
     buf: BytesMut,
     endpoint: SocketAddr,
+    /// Bounds each wait of an exchange; kept with the connection, so that a reused one moves
+    /// its deadline instead of filing a new timer.
+    stall: Alarm,
 }
 
 impl UpstreamConn {
@@ -269,7 +273,7 @@ async fn connect(endpoint: SocketAddr, limit: Duration) -> Result<UpstreamConn, 
     };
     // Small requests must not wait for Nagle.
     let _ = io.set_nodelay(true);
-    Ok(UpstreamConn { io, buf: BytesMut::new(), endpoint })
+    Ok(UpstreamConn { io, buf: BytesMut::new(), endpoint, stall: Alarm::default() })
 }
 
 /// How long an exchange may stand still: while the request goes out, and after.
@@ -293,11 +297,12 @@ async fn exchange(
     limits: Limits,
 ) -> Result<(ResponseHead, bool), Failure> {
     let progress = Cell::new(Instant::now());
-    let (mut reader, mut writer) = conn.io.split();
+    let UpstreamConn { io, buf, stall, .. } = conn;
+    let (mut reader, mut writer) = io.split();
     let sending = send_request(&mut writer, head, body, framing, &progress);
-    let receiving = receive_head(&mut reader, &mut conn.buf, head_request);
-    let stall = tokio::time::sleep(limits.send);
-    tokio::pin!(sending, receiving, stall);
+    let receiving = receive_head(&mut reader, buf, head_request);
+    let mut stall = stall.at((progress.get() + limits.send).into());
+    tokio::pin!(sending, receiving);
     let mut sent = None;
     loop {
         tokio::select! {
