@@ -1174,3 +1174,34 @@ fn cosocket_pools_are_per_namespace() {
         assert_eq!(seen, ["0\n", "0\n", "1\n"], "namespace b did not get a's pooled connection; a did");
     });
 }
+
+/// Tables every request shares hide their metatables, and what they hand out does too: a
+/// request that could reach one could change the API for every later request on its worker,
+/// other tenants' included.
+#[test]
+fn no_request_reaches_a_shared_metatable() {
+    let dicts = crate::SharedDicts::new();
+    dicts.configure(&[("ns".into(), "hits".into(), 1 << 20)]);
+    let vm = vm_with_dicts(&dicts);
+    let out = say(
+        &vm,
+        r#"
+        local http = require("resty.http")
+        local reachable = {}
+        for name, value in pairs({
+            ngx = ngx, header = ngx.header, var = ngx.var, arg = ngx.arg, shared = ngx.shared,
+            dict = ngx.shared.hits, zone = rawget(ngx.shared.hits, "__zone"), req = ngx.req,
+            socket = ngx.socket.tcp(), client = http.new(), cjson = require("cjson"),
+            thread = ngx.thread.spawn(function() end), string = "",
+        }) do
+            local meta = getmetatable(value)
+            if type(meta) == "table" and pcall(function() meta.__index = nil end) then
+                reachable[#reachable + 1] = name
+            end
+        end
+        table.sort(reachable)
+        ngx.say("writable: ", table.concat(reachable, " "))
+        "#,
+    );
+    assert_eq!(out, "writable: \n");
+}

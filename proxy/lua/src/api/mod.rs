@@ -42,6 +42,15 @@ pub(crate) fn require_phase(request: &LuaRequest, _api: &str, allowed: &[Phase])
     }
 }
 
+/// Makes the metatable of a table every request shares safe to hand to tenants: hidden from
+/// `getmetatable` and read-only, so that no request can change what the API does for the next.
+/// (The sandbox makes the tables themselves read-only, not their metatables.)
+pub(crate) fn seal(meta: &Table) -> mlua::Result<()> {
+    meta.raw_set("__metatable", false)?;
+    meta.set_readonly(true);
+    Ok(())
+}
+
 /// A value's type as Lua code sees it (Luau has one number type, whatever mlua calls it).
 pub(crate) fn lua_type(value: &Value) -> &'static str {
     match value {
@@ -399,6 +408,7 @@ fn install_misc(lua: &Lua, ngx: &Table, config: &LuaConfig) -> mlua::Result<()> 
             Ok(Value::Table(object))
         })?,
     )?;
+    seal(&shared_meta)?;
     shared.set_metatable(Some(shared_meta))?;
     ngx.raw_set("shared", shared)?;
 

@@ -106,6 +106,7 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         "__newindex",
         lua.create_function(|_, (_, name, value): (Value, String, Value)| set_header(&name, &value))?,
     )?;
+    super::seal(&header_meta)?;
     header.set_metatable(Some(header_meta))?;
     ngx.raw_set("header", header)?;
 
@@ -145,6 +146,7 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             Ok(())
         })?,
     )?;
+    super::seal(&arg_meta)?;
     arg.set_metatable(Some(arg_meta))?;
     ngx.raw_set("arg", arg)?;
 
@@ -215,6 +217,7 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             }
         })?,
     )?;
+    super::seal(&ngx_meta)?;
     ngx.set_metatable(Some(ngx_meta))?;
     Ok(())
 }

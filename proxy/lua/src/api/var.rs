@@ -41,6 +41,7 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             assign(&request, &name, text)
         })?,
     )?;
+    super::seal(&meta)?;
     var.set_metatable(Some(meta))?;
     ngx.raw_set("var", var)
 }
