@@ -235,6 +235,16 @@ impl SharedDicts {
             .cloned()
     }
 
+    /// The names Lua of `namespace` finds dictionaries under: its own and the cluster-wide ones.
+    pub fn names_seen_from(&self, namespace: &str) -> Vec<String> {
+        let dicts = self.dicts.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut names: Vec<String> =
+            dicts.keys().filter(|(ns, _)| ns.is_empty() || ns == namespace).map(|(_, name)| name.clone()).collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
     pub fn stats(&self) -> Vec<DictStats> {
         let dicts = self.dicts.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut stats: Vec<DictStats> = dicts

@@ -1205,3 +1205,29 @@ fn no_request_reaches_a_shared_metatable() {
     );
     assert_eq!(out, "writable: \n");
 }
+
+/// A request's `ngx` is its namespace's own, for `ngx.shared`; everything else reads and writes
+/// through to the VM's.
+#[test]
+fn a_namespace_ngx_reads_and_writes_through_to_the_vms() {
+    let dicts = crate::SharedDicts::new();
+    dicts.configure(&[("ns".into(), "hits".into(), 1 << 20), (String::new(), "global".into(), 1 << 20)]);
+    let vm = vm_with_dicts(&dicts);
+    let out = say(
+        &vm,
+        r#"
+        ngx.status = 418
+        ngx.ctx.a = 1
+        ngx.custom = "c"
+        local replaced = pcall(function() ngx.shared = {} end)
+        local set = pcall(function() ngx.shared.hits = 1 end)
+        local added = pcall(function() ngx.shared.new = 1 end)
+        ngx.say(ngx.status, " ", ngx.ctx.a, " ", ngx.custom, " ", replaced, set, added)
+        ngx.say(ngx.shared.global:incr("n", 1, 0), " ", tostring(ngx.shared.nope), " ", ngx.HTTP_OK)
+        ngx.say(type(ngx.shared.hits.incr), " ", ngx.shared.hits == ngx.shared.hits)
+        "#,
+    );
+    assert_eq!(out, "418 1 c falsefalsefalse\n1 nil 200\nfunction true\n");
+    // The next request starts from the VM's state, not this one's.
+    assert_eq!(say(&vm, "ngx.say(tostring(ngx.custom), ' ', ngx.status)"), "nil 0\n");
+}

@@ -390,10 +390,19 @@ pub struct Vm {
     lua: Lua,
     runner: Rc<Runner>,
     config: LuaConfig,
-    /// `{__index = base}`, shared by every request environment.
-    env_meta: Table,
+    /// The shared base environment: the global table as `api::install` filled it.
+    base: Table,
+    /// What requests' environments fall back to, per namespace (see [`api::shared`]), for one
+    /// generation of the dictionaries.
+    namespaces: RefCell<Namespaces>,
     /// Loaded chunks by script id.
     loaded: Rc<RefCell<foldhash::HashMap<u64, Function>>>,
+}
+
+#[derive(Default)]
+struct Namespaces {
+    generation: u64,
+    env_metas: foldhash::HashMap<Arc<str>, Table>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -430,7 +439,7 @@ impl Vm {
         lua.sandbox(true)?;
 
         let env_meta = lua.create_table()?;
-        env_meta.raw_set("__index", base)?;
+        env_meta.raw_set("__index", &base)?;
         env_meta.raw_set("__metatable", false)?;
         env_meta.set_readonly(true);
 
@@ -454,7 +463,7 @@ impl Vm {
         lua.set_app_data(api::socket::Denied(Arc::clone(&config.socket_deny)));
         lua.set_app_data(Rc::new(TimerContext {
             runner: Rc::clone(&runner),
-            env_meta: env_meta.clone(),
+            env_meta,
             loaded: Rc::clone(&loaded),
             pending: Cell::new(0),
             running: Cell::new(0),
@@ -462,7 +471,7 @@ impl Vm {
             stopping: Cell::new(false),
             stop: tokio::sync::Notify::new(),
         }));
-        Ok(Vm { lua, runner, config, env_meta, loaded })
+        Ok(Vm { lua, runner, config, base, namespaces: RefCell::default(), loaded })
     }
 
     pub fn config(&self) -> &LuaConfig {
@@ -482,8 +491,24 @@ impl Vm {
     pub fn begin(&self, head: RequestHead, headers: HeaderMap) -> mlua::Result<Rc<LuaRequest>> {
         let _setup = self.unlimited();
         let env = self.lua.create_table()?;
-        env.set_metatable(Some(self.env_meta.clone()))?;
+        env.set_metatable(Some(self.env_meta_of(&head.namespace)?))?;
         Ok(LuaRequest::with_env(head, headers, env))
+    }
+
+    /// The metatable of the environments of `namespace`'s requests, made on its first request
+    /// and again once the dictionaries change.
+    fn env_meta_of(&self, namespace: &Arc<str>) -> mlua::Result<Table> {
+        let mut namespaces = self.namespaces.borrow_mut();
+        let generation = self.config.shared_dicts.generation();
+        if namespaces.generation != generation {
+            *namespaces = Namespaces { generation, env_metas: foldhash::HashMap::default() };
+        }
+        if let Some(meta) = namespaces.env_metas.get(namespace) {
+            return Ok(meta.clone());
+        }
+        let meta = api::shared::namespace_env_meta(&self.lua, &self.base, namespace)?;
+        namespaces.env_metas.insert(Arc::clone(namespace), meta.clone());
+        Ok(meta)
     }
 
     /// Lifts the memory limit until the guard drops, for the VM's own bookkeeping between

@@ -8,6 +8,7 @@ mod json;
 pub(crate) mod output;
 mod re;
 mod req;
+pub(crate) mod shared;
 pub(crate) mod socket;
 pub(crate) mod thread;
 mod time;
@@ -16,7 +17,6 @@ mod var;
 
 use std::rc::Rc;
 
-use foldhash::HashMap;
 use mlua::{LightUserData, Lua, Table, Value, Variadic};
 
 use crate::request::Phase;
@@ -351,66 +351,8 @@ fn constants(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     Ok(())
 }
 
-/// The `ngx.shared` objects a worker made, by namespace and name, for one generation of the
-/// proxy's dictionaries.
-#[derive(Default)]
-struct KeptDicts {
-    generation: u64,
-    objects: HashMap<String, HashMap<String, Table>>,
-}
-
 fn install_misc(lua: &Lua, ngx: &Table, config: &LuaConfig) -> mlua::Result<()> {
-    // ngx.shared.NAME: the dictionaries of the running request's namespace only. As in
-    // OpenResty the object is a table holding its zone; its methods check that they are called
-    // on it (`dict:get(k)`, not `dict.get(k)`).
-    const DICT_METHODS: &str = r#"
-        local names = {"get", "get_stale", "set", "safe_set", "add", "safe_add", "replace", "delete",
-            "incr", "lpush", "rpush", "lpop", "rpop", "llen", "flush_all", "flush_expired", "get_keys",
-            "ttl", "expire", "capacity", "free_space"}
-        local methods = {}
-        for _, name in ipairs(names) do
-            methods[name] = function(self, ...)
-                local zone = type(self) == "table" and rawget(self, "__zone")
-                if not zone then error('bad "zone" argument', 2) end
-                return zone[name](zone, ...)
-            end
-        end
-        return { __index = methods, __metatable = false }
-    "#;
-    let dict_meta: Table = lua.load(DICT_METHODS).set_name("=ngx.shared").call(())?;
-    let shared = lua.create_table()?;
-    let shared_meta = lua.create_table()?;
-    let dicts = std::sync::Arc::clone(&config.shared_dicts);
-    // Each worker makes a dictionary's object once per namespace and keeps it until the set of
-    // dictionaries changes: making it on every lookup was a tenth of a small handler's time.
-    // Kept objects are read-only, so one request cannot change what the next one finds.
-    let kept = std::cell::RefCell::new(KeptDicts::default());
-    shared_meta.raw_set(
-        "__index",
-        lua.create_function(move |lua, (_, name): (Value, mlua::LuaString)| {
-            let request = current("ngx.shared")?;
-            let namespace = &*request.state.head.namespace;
-            let name = name.to_str()?;
-            let mut kept = kept.borrow_mut();
-            let generation = dicts.generation();
-            if kept.generation != generation {
-                *kept = KeptDicts { generation, objects: HashMap::default() };
-            }
-            if let Some(object) = kept.objects.get(namespace).and_then(|names| names.get(&*name)) {
-                return Ok(Value::Table(object.clone()));
-            }
-            let Some(dict) = dicts.get(namespace, &name) else { return Ok(Value::Nil) };
-            let object = lua.create_table()?;
-            object.raw_set("__zone", lua.create_userdata(crate::shdict::DictHandle(dict))?)?;
-            object.set_metatable(Some(dict_meta.clone()))?;
-            object.set_readonly(true);
-            kept.objects.entry(namespace.to_owned()).or_default().insert(name.to_owned(), object.clone());
-            Ok(Value::Table(object))
-        })?,
-    )?;
-    seal(&shared_meta)?;
-    shared.set_metatable(Some(shared_meta))?;
-    ngx.raw_set("shared", shared)?;
+    shared::install(lua, ngx, &config.shared_dicts)?;
 
     // ngx.sleep: the coroutine yields to the runner that resumed it, which keeps it suspended on
     // the worker's timer (see `vm::Sleeping`) while the worker serves others. It yields mlua's
