@@ -246,6 +246,7 @@ async fn serve_http2(
     tokio::pin!(connection);
     // Once a drain starts, the connection finishes what it is doing and closes.
     let result = tokio::select! {
+        biased;
         result = connection.as_mut() => result,
         _ = shutdown.wait_for(|stop| *stop) => {
             connection.as_mut().graceful_shutdown();
