@@ -304,8 +304,12 @@ pub(crate) async fn forward(
             return text(status, &format!("{} {}\n", status.as_u16(), status.canonical_reason().unwrap_or("")));
         }
     };
+    // The upstream's hop-by-hop headers stayed out of the response (`wire::parse_response`),
+    // but for a protocol switch's.
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-    strip_hop_by_hop(response.headers_mut(), switching);
+    if switching {
+        strip_hop_by_hop(response.headers_mut(), true);
+    }
     if switching
         && let Some(client_upgrade) = client_upgrade
         && let Some(upstream) = response.body_mut().take_switched()

@@ -78,15 +78,24 @@ impl Lines {
         (piece.as_ptr() as usize - self.base, piece.len())
     }
 
-    /// The header map of the head whose bytes are `bytes`, with room for `extra` more headers;
-    /// `invalid` is the error for a name or a value `http` refuses.
-    pub(crate) fn headers<E: Copy>(&self, bytes: &Bytes, extra: usize, invalid: (E, E)) -> Result<HeaderMap, E> {
+    /// The header map of the head whose bytes are `bytes`, with room for `extra` more headers,
+    /// of the lines whose names `keep` accepts; `invalid` is the error for a name or a value
+    /// `http` refuses.
+    pub(crate) fn headers<E: Copy>(
+        &self,
+        bytes: &Bytes,
+        extra: usize,
+        invalid: (E, E),
+        keep: impl Fn(&HeaderName) -> bool,
+    ) -> Result<HeaderMap, E> {
         SPANS.with_borrow(|spans| {
             let mut headers = HeaderMap::with_capacity(spans.len() + extra);
             for &(name, value) in spans {
                 let name = HeaderName::from_bytes(&slice(bytes, name)).map_err(|_| invalid.0)?;
                 let value = HeaderValue::from_maybe_shared(slice(bytes, value)).map_err(|_| invalid.1)?;
-                headers.append(name, value);
+                if keep(&name) {
+                    headers.append(name, value);
+                }
             }
             Ok(headers)
         })
@@ -131,7 +140,7 @@ pub(crate) fn parse(buf: &mut BytesMut) -> Result<Option<Head>, Refused> {
     // Room for what the proxy adds on the way upstream (the `X-Forwarded-*` set), so that
     // adding it does not grow the map.
     let invalid = (Refused::Malformed("invalid header name"), Refused::Malformed("invalid header value"));
-    let headers = lines.headers(&bytes, 6, invalid)?;
+    let headers = lines.headers(&bytes, 6, invalid, |_| true)?;
 
     let framing = framing(&headers, version)?;
     let keep_alive = match connection_says(&headers) {

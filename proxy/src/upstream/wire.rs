@@ -7,12 +7,13 @@
 //! refused, since an upstream that frames ambiguously cannot be trusted with the next request.
 
 use bytes::BytesMut;
-use http::header::{self, HeaderMap};
+use http::header::{self, HeaderName};
 use http::request::Parts;
 use http::response::Parts as ResponseParts;
 use http::{Method, Response, StatusCode, Version};
 
-use crate::http1::head::{Lines, connection_says, content_length, header_slots, take_head};
+use crate::headers::is_hop_by_hop;
+use crate::http1::head::{Lines, content_length, header_slots, take_head};
 
 /// Bytes a status line and its headers may take.
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
@@ -79,7 +80,9 @@ pub(crate) enum ResponseFraming {
     UntilClose,
 }
 
-/// A parsed response head.
+/// A parsed response head. Its headers are the end-to-end ones: the hop-by-hop headers, and
+/// those `Connection` names, were read for framing and reuse and left out. A `101` keeps them
+/// all, for the protocol switch to sort out.
 #[derive(Debug)]
 pub(crate) struct ResponseHead {
     pub(crate) parts: ResponseParts,
@@ -109,21 +112,35 @@ pub(crate) fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<O
     let version = if response.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
     let reason = response.reason.unwrap_or_default();
     let reason = (Some(reason) != status.canonical_reason() && !reason.is_empty()).then(|| reason.as_bytes().to_vec());
+    let hop = HopByHop::read(response.headers);
     let lines = Lines::record(buf, response.headers);
 
     // Copied out of the connection's read buffer (unless it is nearly all of it), which then
     // serves the next response instead of living as long as this one's headers.
     let bytes = take_head(buf, length);
     // Room for what every response gets added (`Server`, `Date`, HSTS).
-    let headers = lines.headers(&bytes, 3, ("invalid response header name", "invalid response header value"))?;
+    let invalid = ("invalid response header name", "invalid response header value");
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+    let headers =
+        lines.headers(&bytes, 3, invalid, |name| switching || !(is_hop_by_hop(name) || hop.named.contains(name)))?;
+    // Framed two ways at once: refused, as nginx does (RFC 9112 §6.3 lets the coding win, but
+    // such an upstream may be reading requests differently too).
+    if hop.last_coding_chunked.is_some() && headers.contains_key(header::CONTENT_LENGTH) {
+        return Err("both Transfer-Encoding and Content-Length");
+    }
 
     let no_body = head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let framing = if no_body { ResponseFraming::Length(0) } else { framing(&headers)? };
-    let (close, keep) = connection_says(&headers);
-    let keep_alive = framing != ResponseFraming::UntilClose && !close && (version == Version::HTTP_11 || keep);
+    let framing = match hop.last_coding_chunked {
+        _ if no_body => ResponseFraming::Length(0),
+        Some(true) => ResponseFraming::Chunked,
+        Some(false) => ResponseFraming::UntilClose,
+        None => content_length(&headers)?.map_or(ResponseFraming::UntilClose, ResponseFraming::Length),
+    };
+    let keep_alive =
+        framing != ResponseFraming::UntilClose && !hop.close && (version == Version::HTTP_11 || hop.keep_alive);
 
     let (mut parts, ()) = Response::new(()).into_parts();
     parts.status = status;
@@ -137,16 +154,41 @@ pub(crate) fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<O
     Ok(Some(ResponseHead { parts, framing, keep_alive }))
 }
 
-fn framing(headers: &HeaderMap) -> Result<ResponseFraming, &'static str> {
-    let encodings = headers.get_all(header::TRANSFER_ENCODING);
-    if encodings.iter().next().is_some() {
-        let last = encodings.iter().next_back().and_then(|v| v.to_str().ok()).and_then(|v| v.rsplit(',').next());
-        return Ok(match last {
-            Some(coding) if coding.trim().eq_ignore_ascii_case("chunked") => ResponseFraming::Chunked,
-            _ => ResponseFraming::UntilClose,
-        });
+/// What a response's `Connection` and `Transfer-Encoding` lines say, read from the lines as
+/// parsed, before the header map is built.
+#[derive(Debug, Default)]
+struct HopByHop {
+    close: bool,
+    keep_alive: bool,
+    /// Whether the last coding of the last `Transfer-Encoding` line is `chunked`; `None`
+    /// without one.
+    last_coding_chunked: Option<bool>,
+    /// Headers the `Connection` header names (other than `close` and `keep-alive`): they
+    /// describe this hop only.
+    named: Vec<HeaderName>,
+}
+
+impl HopByHop {
+    fn read(lines: &[httparse::Header<'_>]) -> HopByHop {
+        let mut hop = HopByHop::default();
+        for line in lines {
+            if line.name.eq_ignore_ascii_case("connection") {
+                for token in line.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        hop.close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        hop.keep_alive = true;
+                    } else if let Ok(name) = HeaderName::from_bytes(token) {
+                        hop.named.push(name);
+                    }
+                }
+            } else if line.name.eq_ignore_ascii_case("transfer-encoding") {
+                let last = line.value.rsplit(|b| *b == b',').next().unwrap_or_default().trim_ascii();
+                hop.last_coding_chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
+            }
+        }
+        hop
     }
-    Ok(content_length(headers)?.map_or(ResponseFraming::UntilClose, ResponseFraming::Length))
 }
 
 #[cfg(test)]
@@ -216,6 +258,24 @@ mod tests {
     }
 
     #[test]
+    fn hop_by_hop_headers_stay_on_their_hop_but_in_a_protocol_switch() {
+        let text = "Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nUpgrade: h2c\r\n\
+                    Proxy-Connection: x\r\nTrailer: x-t\r\nX-Kept: 2\r\n";
+        let ok = head(&format!("HTTP/1.1 200 OK\r\n{text}Transfer-Encoding: gzip, chunked\r\n\r\n"));
+        let names: Vec<&str> = ok.parts.headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-kept"]);
+        assert_eq!(ok.framing, ResponseFraming::Chunked);
+        assert!(ok.keep_alive);
+        let switched = head(&format!("HTTP/1.1 101 Switching Protocols\r\n{text}\r\n"));
+        assert_eq!(switched.parts.headers.len(), 7, "the switch sorts them out: {:?}", switched.parts.headers);
+        // The last coding of the last Transfer-Encoding line decides.
+        let until_close = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n");
+        assert_eq!(until_close.framing, ResponseFraming::UntilClose);
+        assert!(!until_close.keep_alive);
+        assert!(until_close.parts.headers.is_empty(), "{:?}", until_close.parts.headers);
+    }
+
+    #[test]
     fn keeps_an_unusual_reason_and_refuses_ambiguous_heads() {
         let head = head("HTTP/1.1 200 Fine Thanks\r\nContent-Length: 0\r\n\r\n");
         let reason = head.parts.extensions.get::<hyper::ext::ReasonPhrase>().expect("reason kept");
@@ -224,6 +284,7 @@ mod tests {
         for bad in [
             "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
             "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
             "HTTP/1.1 2000 OK\r\n\r\n",
             "SSH-2.0-OpenSSH\r\n\r\n",
         ] {
