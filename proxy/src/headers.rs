@@ -20,7 +20,18 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Whether `name` is a hop-by-hop header (`Upgrade` included).
 pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name) || name == header::UPGRADE
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
 }
 
 /// Whether a request asks to switch protocols (WebSocket) over HTTP/1.1.
@@ -146,6 +157,16 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn hop_by_hop_names_are_the_listed_ones_and_upgrade() {
+        for name in HOP_BY_HOP.iter().chain([&header::UPGRADE]) {
+            assert!(is_hop_by_hop(name), "{name}");
+        }
+        for name in [header::HOST, header::CONTENT_LENGTH, HeaderName::from_static("x-te")] {
+            assert!(!is_hop_by_hop(&name), "{name}");
+        }
     }
 
     #[test]

@@ -89,7 +89,7 @@ impl Lines {
         keep: impl Fn(&HeaderName) -> bool,
     ) -> Result<HeaderMap, E> {
         SPANS.with_borrow(|spans| {
-            let mut headers = HeaderMap::with_capacity(spans.len() + extra);
+            let mut headers = super::spare::take_headers(spans.len() + extra);
             for &(name, value) in spans {
                 let name = HeaderName::from_bytes(&slice(bytes, name)).map_err(|_| invalid.0)?;
                 let value = HeaderValue::from_maybe_shared(slice(bytes, value)).map_err(|_| invalid.1)?;

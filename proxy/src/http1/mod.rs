@@ -378,6 +378,7 @@ where
     let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>().map(hyper::ext::ReasonPhrase::as_bytes);
     status_line(&mut buf, status, reason);
     encode_head(&mut buf, &parts.headers, out, version, keep_alive);
+    stream::spare::keep_headers(parts.headers);
     if out == Out::None {
         drop(body);
         let sent = write_all(conn, &buf).await.is_ok() && poll_fn(|cx| conn.borrow_mut().poll_flush(cx)).await.is_ok();

@@ -178,7 +178,7 @@ impl Pool {
         request: Request<RequestBody>,
         timeouts: Timeouts,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let (parts, mut body) = request.into_parts();
+        let (mut parts, mut body) = request.into_parts();
         let framing = RequestFraming::of(&parts.method, body.is_end_stream(), body.size_hint().exact());
         let upgrade = crate::headers::is_upgrade(&parts.headers);
         let head_request = parts.method == Method::HEAD;
@@ -187,6 +187,7 @@ impl Pool {
             matches!(framing, RequestFraming::Empty | RequestFraming::Length(0)) && parts.method.is_idempotent();
         let mut head = spare::take_write(256 + parts.headers.len() * 48);
         wire::encode_request(&mut head, &parts, framing);
+        spare::keep_headers(std::mem::take(&mut parts.headers));
         let limits =
             Limits { send: Duration::from_millis(timeouts.send_ms), read: Duration::from_millis(timeouts.read_ms) };
 
