@@ -101,15 +101,10 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     // ngx.header: a proxy table over the response headers.
     let header = lua.create_table()?;
     let header_meta = lua.create_table()?;
-    header_meta.raw_set(
-        "__index",
-        lua.create_function(|lua, (_, name): (Value, mlua::LuaString)| get_header(lua, &name.to_str()?))?,
-    )?;
+    header_meta.raw_set("__index", lua.create_function(|lua, (_, name): (Value, String)| get_header(lua, &name))?)?;
     header_meta.raw_set(
         "__newindex",
-        lua.create_function(|_, (_, name, value): (Value, mlua::LuaString, Value)| {
-            set_header(&name.to_str()?, &value)
-        })?,
+        lua.create_function(|_, (_, name, value): (Value, String, Value)| set_header(&name, &value))?,
     )?;
     super::seal(&header_meta)?;
     header.set_metatable(Some(header_meta))?;
@@ -159,9 +154,9 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     let ngx_meta = lua.create_table()?;
     ngx_meta.raw_set(
         "__index",
-        lua.create_function(|lua, (_, key): (Value, mlua::LuaString)| {
+        lua.create_function(|lua, (_, key): (Value, String)| {
             let Some(request) = crate::vm::with_current(|r| r.cloned()) else { return Ok(Value::Nil) };
-            match &*key.to_str()? {
+            match key.as_str() {
                 "status" => Ok(Value::Integer(match request.state.status.get() {
                     0 if request.state.headers_sent.get() => 200,
                     status => i64::from(status),
@@ -175,7 +170,7 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                     Ok(ctx.clone().map_or(Value::Nil, Value::Table))
                 }
                 _ => match request.ngx_fields.borrow().as_ref() {
-                    Some(fields) => fields.raw_get(&key),
+                    Some(fields) => fields.raw_get(key),
                     None => Ok(Value::Nil),
                 },
             }

@@ -44,9 +44,9 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     )?;
     req.raw_set(
         "set_header",
-        lua.create_function(|_, (name, value): (mlua::LuaString, Value)| {
+        lua.create_function(|_, (name, value): (String, Value)| {
             let request = current("ngx.req.set_header")?;
-            let header = normalize_header_name(&name.to_str()?)?;
+            let header = normalize_header_name(&name)?;
             set_header_values(&mut request.state.headers.borrow_mut(), &header, &value)
         })?,
     )?;

@@ -14,9 +14,9 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     let meta = lua.create_table()?;
     meta.raw_set(
         "__index",
-        lua.create_function(|lua, (_, name): (Value, mlua::LuaString)| {
+        lua.create_function(|lua, (_, name): (Value, String)| {
             let request = current("ngx.var")?;
-            match lookup(&request, &name.to_str()?) {
+            match lookup(&request, &name) {
                 Some(value) => Ok(Value::String(lua.create_string(value)?)),
                 None => Ok(Value::Nil),
             }
