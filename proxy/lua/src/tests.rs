@@ -371,11 +371,17 @@ fn vm_with_dicts(dicts: &std::sync::Arc<crate::SharedDicts>) -> Vm {
     Vm::new(LuaConfig { shared_dicts: std::sync::Arc::clone(dicts), ..LuaConfig::default() }).expect("vm")
 }
 
+/// A VM with these dictionaries (namespace, name, size) declared.
+fn vm_with_declared(declared: &[(String, String, u64)]) -> (std::sync::Arc<crate::SharedDicts>, Vm) {
+    let dicts = crate::SharedDicts::new();
+    dicts.configure(declared);
+    let vm = vm_with_dicts(&dicts);
+    (dicts, vm)
+}
+
 #[test]
 fn shared_dicts_follow_openresty() {
-    let dicts = crate::SharedDicts::new();
-    dicts.configure(&[("ns".into(), "dogs".into(), 1 << 20)]);
-    let vm = vm_with_dicts(&dicts);
+    let (_, vm) = vm_with_declared(&[("ns".into(), "dogs".into(), 1 << 20)]);
     let out = say(
         &vm,
         r#"
@@ -403,9 +409,7 @@ fn shared_dicts_follow_openresty() {
 
 #[test]
 fn a_full_dict_evicts_least_recently_used_entries() {
-    let dicts = crate::SharedDicts::new();
-    dicts.configure(&[("ns".into(), "small".into(), 4096)]);
-    let vm = vm_with_dicts(&dicts);
+    let (dicts, vm) = vm_with_declared(&[("ns".into(), "small".into(), 4096)]);
     let out = say(
         &vm,
         r#"
@@ -439,9 +443,7 @@ fn dicts_are_scoped_to_their_namespace_and_shared_across_vms() {
 /// A worker keeps each dictionary's object between requests, until the declared set changes.
 #[test]
 fn a_worker_forgets_dicts_no_longer_declared_and_kept_ones_are_read_only() {
-    let dicts = crate::SharedDicts::new();
-    dicts.configure(&[("ns".into(), "hits".into(), 1 << 20)]);
-    let vm = vm_with_dicts(&dicts);
+    let (dicts, vm) = vm_with_declared(&[("ns".into(), "hits".into(), 1 << 20)]);
     assert_eq!(
         say(&vm, "ngx.say(ngx.shared.hits:incr('n', 1, 0), ' ', ngx.shared.hits == ngx.shared.hits)"),
         "1 true\n"
@@ -1180,9 +1182,7 @@ fn cosocket_pools_are_per_namespace() {
 /// other tenants' included.
 #[test]
 fn no_request_reaches_a_shared_metatable() {
-    let dicts = crate::SharedDicts::new();
-    dicts.configure(&[("ns".into(), "hits".into(), 1 << 20)]);
-    let vm = vm_with_dicts(&dicts);
+    let (_, vm) = vm_with_declared(&[("ns".into(), "hits".into(), 1 << 20)]);
     let out = say(
         &vm,
         r#"
@@ -1210,9 +1210,7 @@ fn no_request_reaches_a_shared_metatable() {
 /// through to the VM's.
 #[test]
 fn a_namespace_ngx_reads_and_writes_through_to_the_vms() {
-    let dicts = crate::SharedDicts::new();
-    dicts.configure(&[("ns".into(), "hits".into(), 1 << 20), (String::new(), "global".into(), 1 << 20)]);
-    let vm = vm_with_dicts(&dicts);
+    let (_, vm) = vm_with_declared(&[("ns".into(), "hits".into(), 1 << 20), (String::new(), "global".into(), 1 << 20)]);
     let out = say(
         &vm,
         r#"
