@@ -173,6 +173,14 @@ fn shared_tables_are_read_only() {
         "ngx.var = {}",
         "table.insert = nil",
         "cjson = require('cjson') cjson.encode = nil",
+        "ngx.req.get_method = function() return 'PWNED' end",
+        "ngx.re.match = nil",
+        "ngx.socket.tcp = nil",
+        "ngx.thread.spawn = nil",
+        "ngx.timer.at = nil",
+        "ngx.worker.id = nil",
+        "ngx.config.debug = true",
+        "ngx.resp.get_headers = nil",
     ] {
         let (outcome, _) = run(&vm, Phase::Content, attempt);
         assert!(matches!(outcome, Outcome::Failed { .. }), "{attempt} must fail: {outcome:?}");

@@ -42,6 +42,22 @@ pub(crate) fn require_phase(request: &LuaRequest, _api: &str, allowed: &[Phase])
     }
 }
 
+/// Makes `table` and every table reachable from its fields read-only. The sandbox does that
+/// only for the tables directly in the global table, which left `ngx.req`, `ngx.re` and the
+/// like open: one request could have replaced `ngx.req.get_headers` for every later request on
+/// its worker.
+fn freeze(table: &Table) -> mlua::Result<()> {
+    table.set_readonly(true);
+    for pair in table.pairs::<Value, Value>() {
+        if let (_, Value::Table(inner)) = pair?
+            && !inner.is_readonly()
+        {
+            freeze(&inner)?;
+        }
+    }
+    Ok(())
+}
+
 /// Makes the metatable of a table every request shares safe to hand to tenants: hidden from
 /// `getmetatable` and read-only, so that no request can change what the API does for the next.
 /// (The sandbox makes the tables themselves read-only, not their metatables.)
@@ -185,7 +201,7 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
         lua.load(include_str!("resty_http.lua")).set_name("=resty.http").set_environment(base.clone()).call(())?;
     modules.raw_set("resty.http", resty_http)?;
     for (_, module) in modules.pairs::<Value, Table>().flatten() {
-        module.set_readonly(true);
+        freeze(&module)?;
     }
     let require = lua.create_function(move |_, name: String| {
         modules.raw_get::<Option<Table>>(name.as_str())?.ok_or_else(|| {
