@@ -3,8 +3,9 @@
 //!
 //! Response framing follows RFC 9112 §6.3: no body for `HEAD`, 1xx, 204 and 304; chunked when
 //! `Transfer-Encoding` ends in it; otherwise `Content-Length`; otherwise (or with another
-//! transfer coding) the body ends when the upstream closes. Differing or malformed lengths are
-//! refused, since an upstream that frames ambiguously cannot be trusted with the next request.
+//! transfer coding) the body ends when the upstream closes. Differing or malformed lengths, and
+//! a length alongside a transfer coding, are refused, since an upstream that frames ambiguously
+//! cannot be trusted with the next request.
 
 use bytes::BytesMut;
 use http::header::{self, HeaderName};
