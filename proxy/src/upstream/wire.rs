@@ -172,8 +172,11 @@ struct HopByHop {
 impl HopByHop {
     fn read(lines: &[httparse::Header<'_>]) -> HopByHop {
         let mut hop = HopByHop::default();
+        // A value with other than visible ASCII says nothing, as `HeaderValue::to_str` has it:
+        // its codings and tokens are not read.
+        let text = |value: &[u8]| value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
         for line in lines {
-            if line.name.eq_ignore_ascii_case("connection") {
+            if line.name.eq_ignore_ascii_case("connection") && text(line.value) {
                 for token in line.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
                     if token.eq_ignore_ascii_case(b"close") {
                         hop.close = true;
@@ -185,7 +188,7 @@ impl HopByHop {
                 }
             } else if line.name.eq_ignore_ascii_case("transfer-encoding") {
                 let last = line.value.rsplit(|b| *b == b',').next().unwrap_or_default().trim_ascii();
-                hop.last_coding_chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
+                hop.last_coding_chunked = Some(text(line.value) && last.eq_ignore_ascii_case(b"chunked"));
             }
         }
         hop
@@ -274,6 +277,12 @@ mod tests {
         assert_eq!(until_close.framing, ResponseFraming::UntilClose);
         assert!(!until_close.keep_alive);
         assert!(until_close.parts.headers.is_empty(), "{:?}", until_close.parts.headers);
+        // Values with other than visible ASCII are not read for codings or tokens.
+        let mut odd = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nConnection: close\xff\r\nTransfer-Encoding: x\xff, chunked\r\n\r\n"[..],
+        );
+        let odd = parse_response(&mut odd, false).expect("accepted").expect("complete");
+        assert_eq!(odd.framing, ResponseFraming::UntilClose);
     }
 
     #[test]
