@@ -306,15 +306,13 @@ pub(crate) async fn forward(
     };
     // The upstream's hop-by-hop headers stayed out of the response (`wire::parse_response`),
     // but for a protocol switch's.
-    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-    if switching {
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         strip_hop_by_hop(response.headers_mut(), true);
-    }
-    if switching
-        && let Some(client_upgrade) = client_upgrade
-        && let Some(upstream) = response.body_mut().take_switched()
-    {
-        tokio::task::spawn_local(tunnel(client_upgrade, upstream));
+        if let Some(client_upgrade) = client_upgrade
+            && let Some(upstream) = response.body_mut().take_switched()
+        {
+            tokio::task::spawn_local(tunnel(client_upgrade, upstream));
+        }
     }
     let read_timeout = Duration::from_millis(timeouts.read_ms);
     response.map(|body| LocalBody::new(IdleTimeout::new(body, read_timeout)))

@@ -18,6 +18,13 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// Whether a map's `Connection` headers say `close`, and whether they say `keep-alive`.
+pub(crate) fn connection_says(headers: &HeaderMap) -> (bool, bool) {
+    connection_tokens(headers).fold((false, false), |(close, keep), token| {
+        (close || token.eq_ignore_ascii_case(b"close"), keep || token.eq_ignore_ascii_case(b"keep-alive"))
+    })
+}
+
 /// Whether `name` is a hop-by-hop header (`Upgrade` included).
 pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
@@ -34,14 +41,27 @@ pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
+/// The comma-separated items of a list-valued header (`Connection`, `Transfer-Encoding`),
+/// trimmed. A value with other than visible ASCII has none: `HeaderValue::to_str` refuses it,
+/// and no token or coding is read from it.
+pub(crate) fn list_items(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+    let text = value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
+    value.split(|b| *b == b',').filter(move |_| text).map(<[u8]>::trim_ascii)
+}
+
+/// Whether a `Transfer-Encoding` value's last coding is `chunked`.
+pub(crate) fn ends_in_chunked(value: &[u8]) -> bool {
+    list_items(value).next_back().is_some_and(|coding| coding.eq_ignore_ascii_case(b"chunked"))
+}
+
+/// The tokens of a map's `Connection` headers.
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    headers.get_all(header::CONNECTION).into_iter().flat_map(|v| list_items(v.as_bytes()))
+}
+
 /// Whether a request asks to switch protocols (WebSocket) over HTTP/1.1.
 pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+    headers.contains_key(header::UPGRADE) && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(b"upgrade"))
 }
 
 /// Removes hop-by-hop headers and those the `Connection` header names. With `keep_upgrade`,
@@ -58,14 +78,9 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
     }
     // `close` and `keep-alive`, the usual tokens, name nothing left to remove: no list then.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+    let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter(|t| !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive"))
+        .filter_map(|t| HeaderName::from_bytes(t).ok())
         .filter(|n| !(keep_upgrade && n == header::UPGRADE))
         .collect();
     for name in named.iter().chain(found.iter().flatten()) {
@@ -157,6 +172,14 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn list_items_are_trimmed_and_read_only_from_visible_ascii() {
+        assert_eq!(list_items(b" keep-alive ,\tX-A,").collect::<Vec<_>>(), [&b"keep-alive"[..], b"X-A", b""]);
+        assert_eq!(list_items(b"close\xff").count(), 0);
+        assert!(ends_in_chunked(b"gzip, Chunked "));
+        assert!(!ends_in_chunked(b"chunked, gzip") && !ends_in_chunked(b"") && !ends_in_chunked(b"x\xff, chunked"));
     }
 
     #[test]

@@ -12,6 +12,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Uri, Version};
 
+use crate::headers::{connection_says, ends_in_chunked};
+
 /// Header lines a request (or a response) may have.
 pub(crate) const MAX_HEADERS: usize = 128;
 /// Bytes a request line and its headers may take.
@@ -186,9 +188,8 @@ fn framing(headers: &HeaderMap, version: Version) -> Result<Framing, Refused> {
         if version == Version::HTTP_10 {
             return Err(Refused::Malformed("Transfer-Encoding in an HTTP/1.0 request"));
         }
-        let last = encodings.iter().next_back().and_then(|v| v.to_str().ok()).and_then(|v| v.rsplit(',').next());
-        return match last {
-            Some(coding) if coding.trim().eq_ignore_ascii_case("chunked") => Ok(Framing::Chunked),
+        return match encodings.iter().next_back() {
+            Some(last) if ends_in_chunked(last.as_bytes()) => Ok(Framing::Chunked),
             _ => Err(Refused::Malformed("Transfer-Encoding does not end in chunked")),
         };
     }
@@ -214,17 +215,6 @@ pub(crate) fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'stati
         }
     }
     Ok(length)
-}
-
-/// Whether the `Connection` header says `close`, and whether it says `keep-alive`.
-pub(crate) fn connection_says(headers: &HeaderMap) -> (bool, bool) {
-    let mut said = (false, false);
-    for token in headers.get_all(header::CONNECTION).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')) {
-        let token = token.trim();
-        said.0 |= token.eq_ignore_ascii_case("close");
-        said.1 |= token.eq_ignore_ascii_case("keep-alive");
-    }
-    said
 }
 
 fn reason(error: httparse::Error) -> &'static str {

@@ -13,7 +13,7 @@ use http::request::Parts;
 use http::response::Parts as ResponseParts;
 use http::{Method, Response, StatusCode, Version};
 
-use crate::headers::is_hop_by_hop;
+use crate::headers::{ends_in_chunked, is_hop_by_hop, list_items};
 use crate::http1::head::{Lines, content_length, header_slots, take_head};
 
 /// Bytes a status line and its headers may take.
@@ -172,12 +172,9 @@ struct HopByHop {
 impl HopByHop {
     fn read(lines: &[httparse::Header<'_>]) -> HopByHop {
         let mut hop = HopByHop::default();
-        // A value with other than visible ASCII says nothing, as `HeaderValue::to_str` has it:
-        // its codings and tokens are not read.
-        let text = |value: &[u8]| value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
         for line in lines {
-            if line.name.eq_ignore_ascii_case("connection") && text(line.value) {
-                for token in line.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+            if line.name.eq_ignore_ascii_case("connection") {
+                for token in list_items(line.value) {
                     if token.eq_ignore_ascii_case(b"close") {
                         hop.close = true;
                     } else if token.eq_ignore_ascii_case(b"keep-alive") {
@@ -187,8 +184,7 @@ impl HopByHop {
                     }
                 }
             } else if line.name.eq_ignore_ascii_case("transfer-encoding") {
-                let last = line.value.rsplit(|b| *b == b',').next().unwrap_or_default().trim_ascii();
-                hop.last_coding_chunked = Some(text(line.value) && last.eq_ignore_ascii_case(b"chunked"));
+                hop.last_coding_chunked = Some(ends_in_chunked(line.value));
             }
         }
         hop
