@@ -392,17 +392,10 @@ pub struct Vm {
     config: LuaConfig,
     /// The shared base environment: the global table as `api::install` filled it.
     base: Table,
-    /// What requests' environments fall back to, per namespace (see [`api::shared`]), for one
-    /// generation of the dictionaries.
-    namespaces: RefCell<Namespaces>,
+    /// Makes what requests' environments fall back to, per namespace (see [`api::shared`]).
+    dict_objects: Rc<api::shared::DictObjects>,
     /// Loaded chunks by script id.
     loaded: Rc<RefCell<foldhash::HashMap<u64, Function>>>,
-}
-
-#[derive(Default)]
-struct Namespaces {
-    generation: u64,
-    env_metas: foldhash::HashMap<Arc<str>, Table>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -435,7 +428,7 @@ impl Vm {
     pub fn new(config: LuaConfig) -> mlua::Result<Vm> {
         let lua = Lua::new_with(allowed_libraries(), LuaOptions::new().thread_pool_size(THREAD_POOL))?;
         let base = lua.globals();
-        api::install(&lua, &base, &config)?;
+        let dict_objects = api::install(&lua, &base, &config)?;
         lua.sandbox(true)?;
 
         let env_meta = lua.create_table()?;
@@ -471,7 +464,7 @@ impl Vm {
             stopping: Cell::new(false),
             stop: tokio::sync::Notify::new(),
         }));
-        Ok(Vm { lua, runner, config, base, namespaces: RefCell::default(), loaded })
+        Ok(Vm { lua, runner, config, base, dict_objects, loaded })
     }
 
     pub fn config(&self) -> &LuaConfig {
@@ -491,24 +484,8 @@ impl Vm {
     pub fn begin(&self, head: RequestHead, headers: HeaderMap) -> mlua::Result<Rc<LuaRequest>> {
         let _setup = self.unlimited();
         let env = self.lua.create_table()?;
-        env.set_metatable(Some(self.env_meta_of(&head.namespace)?))?;
+        env.set_metatable(Some(self.dict_objects.env_meta(&self.lua, &self.base, &head.namespace)?))?;
         Ok(LuaRequest::with_env(head, headers, env))
-    }
-
-    /// The metatable of the environments of `namespace`'s requests, made on its first request
-    /// and again once the dictionaries change.
-    fn env_meta_of(&self, namespace: &Arc<str>) -> mlua::Result<Table> {
-        let mut namespaces = self.namespaces.borrow_mut();
-        let generation = self.config.shared_dicts.generation();
-        if namespaces.generation != generation {
-            *namespaces = Namespaces { generation, env_metas: foldhash::HashMap::default() };
-        }
-        if let Some(meta) = namespaces.env_metas.get(namespace) {
-            return Ok(meta.clone());
-        }
-        let meta = api::shared::namespace_env_meta(&self.lua, &self.base, namespace)?;
-        namespaces.env_metas.insert(Arc::clone(namespace), meta.clone());
-        Ok(meta)
     }
 
     /// Lifts the memory limit until the guard drops, for the VM's own bookkeeping between

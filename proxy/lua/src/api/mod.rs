@@ -113,8 +113,9 @@ pub(crate) fn null() -> Value {
     Value::LightUserData(LightUserData(std::ptr::null_mut()))
 }
 
-/// Installs `ngx`, the modules, and the sandbox's replacements for removed globals.
-pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Result<()> {
+/// Installs `ngx`, the modules, and the sandbox's replacements for removed globals; returns
+/// what makes the requests' environments.
+pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Result<Rc<shared::DictObjects>> {
     // Removed: no environment tampering, no loading code at run time, no GC control.
     for name in [
         "getfenv",
@@ -179,6 +180,7 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
     timer::install(lua, &ngx)?;
     thread::install(lua, &ngx)?;
     socket::install(lua, &ngx)?;
+    let dict_objects = shared::install(lua, &ngx, &config.shared_dicts)?;
     install_misc(lua, &ngx, config)?;
 
     let print = lua.create_function(|_, args: Variadic<Value>| {
@@ -212,7 +214,7 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
     })?;
     base.raw_set("require", require)?;
     base.raw_set("ngx", ngx)?;
-    Ok(())
+    Ok(dict_objects)
 }
 
 /// Errors raised by API functions reach Lua as error objects; OpenResty code expects strings
@@ -368,8 +370,6 @@ fn constants(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
 }
 
 fn install_misc(lua: &Lua, ngx: &Table, config: &LuaConfig) -> mlua::Result<()> {
-    shared::install(lua, ngx, &config.shared_dicts)?;
-
     // ngx.sleep: the coroutine yields to the runner that resumed it, which keeps it suspended on
     // the worker's timer (see `vm::Sleeping`) while the worker serves others. It yields mlua's
     // "pending" marker, as a waiting API does, so that user coroutines pass it on.

@@ -15,6 +15,7 @@
 //!   of the code running, through a Rust `__index`: about 2,200 instructions a lookup.
 
 use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use foldhash::HashMap;
@@ -39,8 +40,8 @@ const DICT_METHODS: &str = r#"
     return { __index = methods, __metatable = false }
 "#;
 
-/// The `ngx.shared` objects a worker made, by namespace and name, for one generation of the
-/// proxy's dictionaries.
+/// What a worker made of the proxy's dictionaries, for one generation of them: the `ngx.shared`
+/// objects, and the environments' metatables that hold them.
 pub(crate) struct DictObjects {
     dicts: Arc<SharedDicts>,
     /// The metatable of every object (its methods).
@@ -51,17 +52,26 @@ pub(crate) struct DictObjects {
 #[derive(Default)]
 struct Kept {
     generation: u64,
+    /// By namespace and name.
     objects: HashMap<String, HashMap<String, Table>>,
+    /// By namespace (see [`DictObjects::env_meta`]).
+    env_metas: HashMap<String, Table>,
 }
 
 impl DictObjects {
-    /// The object of dictionary `name` as `namespace` sees it; `None` when there is none.
-    fn object(&self, lua: &Lua, namespace: &str, name: &str) -> mlua::Result<Option<Table>> {
+    /// What is kept, forgotten first when the dictionaries have changed since it was made.
+    fn kept(&self) -> std::cell::RefMut<'_, Kept> {
         let mut kept = self.kept.borrow_mut();
         let generation = self.dicts.generation();
         if kept.generation != generation {
-            *kept = Kept { generation, objects: HashMap::default() };
+            *kept = Kept { generation, ..Kept::default() };
         }
+        kept
+    }
+
+    /// The object of dictionary `name` as `namespace` sees it; `None` when there is none.
+    fn object(&self, lua: &Lua, namespace: &str, name: &str) -> mlua::Result<Option<Table>> {
+        let mut kept = self.kept();
         if let Some(object) = kept.objects.get(namespace).and_then(|names| names.get(name)) {
             return Ok(Some(object.clone()));
         }
@@ -75,13 +85,13 @@ impl DictObjects {
     }
 }
 
-/// Installs the VM's `ngx.shared`.
-pub(super) fn install(lua: &Lua, ngx: &Table, dicts: &Arc<SharedDicts>) -> mlua::Result<()> {
+/// Installs the VM's `ngx.shared`; what it returns makes the requests' environments.
+pub(super) fn install(lua: &Lua, ngx: &Table, dicts: &Arc<SharedDicts>) -> mlua::Result<Rc<DictObjects>> {
     let meta: Table = lua.load(DICT_METHODS).set_name("=ngx.shared").call(())?;
-    let objects = std::rc::Rc::new(DictObjects { dicts: Arc::clone(dicts), meta, kept: RefCell::default() });
+    let objects = Rc::new(DictObjects { dicts: Arc::clone(dicts), meta, kept: RefCell::default() });
     let shared = lua.create_table()?;
     let shared_meta = lua.create_table()?;
-    let lookup = std::rc::Rc::clone(&objects);
+    let lookup = Rc::clone(&objects);
     shared_meta.raw_set(
         "__index",
         lua.create_function(move |lua, (_, name): (Value, mlua::LuaString)| {
@@ -92,32 +102,34 @@ pub(super) fn install(lua: &Lua, ngx: &Table, dicts: &Arc<SharedDicts>) -> mlua:
     super::seal(&shared_meta)?;
     shared.set_metatable(Some(shared_meta))?;
     ngx.raw_set("shared", shared)?;
-    lua.set_app_data(objects);
-    Ok(())
+    Ok(objects)
 }
 
-/// The metatable of the environments of `namespace`'s requests: globals come from `base`,
-/// except `ngx`, which is the namespace's own (see the module's documentation). It holds the
-/// dictionaries there are now; a new one is needed once [`SharedDicts::generation`] changes.
-pub(crate) fn namespace_env_meta(lua: &Lua, base: &Table, namespace: &str) -> mlua::Result<Table> {
-    let Some(objects) = lua.app_data_ref::<std::rc::Rc<DictObjects>>().map(|o| std::rc::Rc::clone(&o)) else {
-        return Err(mlua::Error::runtime("ngx.shared is not installed"));
-    };
-    let shared = lua.create_table()?;
-    for name in objects.dicts.names_seen_from(namespace) {
-        if let Some(object) = objects.object(lua, namespace, &name)? {
-            shared.raw_set(name, object)?;
+impl DictObjects {
+    /// The metatable of the environments of `namespace`'s requests: globals come from `base`,
+    /// except `ngx`, which is the namespace's own (see the module's documentation). Made on the
+    /// namespace's first request, and again once the dictionaries change.
+    pub(crate) fn env_meta(&self, lua: &Lua, base: &Table, namespace: &str) -> mlua::Result<Table> {
+        if let Some(meta) = self.kept().env_metas.get(namespace) {
+            return Ok(meta.clone());
         }
-    }
-    shared.set_readonly(true);
+        let shared = lua.create_table()?;
+        for name in self.dicts.names_seen_from(namespace) {
+            if let Some(object) = self.object(lua, namespace, &name)? {
+                shared.raw_set(name, object)?;
+            }
+        }
+        shared.set_readonly(true);
 
-    let vm_ngx: Table = base.raw_get("ngx")?;
-    let ngx = copy_over(lua, &vm_ngx, [("shared", shared)], true)?;
-    let globals = copy_over(lua, base, [("ngx", ngx)], false)?;
-    let meta = lua.create_table()?;
-    meta.raw_set("__index", globals)?;
-    super::seal(&meta)?;
-    Ok(meta)
+        let vm_ngx: Table = base.raw_get("ngx")?;
+        let ngx = copy_over(lua, &vm_ngx, [("shared", shared)], true)?;
+        let globals = copy_over(lua, base, [("ngx", ngx)], false)?;
+        let meta = lua.create_table()?;
+        meta.raw_set("__index", globals)?;
+        super::seal(&meta)?;
+        self.kept().env_metas.insert(namespace.to_owned(), meta.clone());
+        Ok(meta)
+    }
 }
 
 /// A read-only copy of `under`'s fields with `own` in place of some, reading what it lacks from
