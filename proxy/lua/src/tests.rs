@@ -59,6 +59,13 @@ fn output(request: &LuaRequest) -> String {
     String::from_utf8_lossy(&crate::join_output(request.state.take_output())).into_owned()
 }
 
+/// [`say`], and how long the handler took (its waits included).
+fn say_timed(vm: &Vm, source: &str) -> (String, Duration) {
+    let started = Instant::now();
+    let out = say(vm, source);
+    (out, started.elapsed())
+}
+
 fn say(vm: &Vm, source: &str) -> String {
     let (outcome, request) = run(vm, Phase::Content, source);
     assert_eq!(outcome, Outcome::Continue, "handler ran: {source}\noutput so far: {}", output(&request));
@@ -624,8 +631,7 @@ fn a_timer_runs_until_its_light_threads_end() {
 #[test]
 fn waiting_inside_user_coroutines_suspends_the_request_not_the_coroutine() {
     let vm = vm();
-    let started = Instant::now();
-    let out = say(
+    let (out, took) = say_timed(
         &vm,
         r#"
         local co = coroutine.create(function(a)
@@ -643,16 +649,15 @@ fn waiting_inside_user_coroutines_suspends_the_request_not_the_coroutine() {
         "#,
     );
     assert_eq!(out, "true 2 suspended\ntrue 42 dead\n123\n");
-    assert!(started.elapsed() >= Duration::from_millis(60), "the sleeps really waited");
+    assert!(took >= Duration::from_millis(60), "the sleeps really waited: {took:?}");
 }
 
 #[test]
 fn a_sleep_that_cannot_yield_fails_and_leaves_no_wait_behind() {
     let vm = vm();
-    let started = Instant::now();
     // gsub calls back from C: the callback cannot yield. Its failed sleep must not delay the
     // handler's next wait.
-    let out = say(
+    let (out, took) = say_timed(
         &vm,
         r#"
         local th = ngx.thread.spawn(function() ngx.sleep(0.01) return "woke" end)
@@ -662,7 +667,7 @@ fn a_sleep_that_cannot_yield_fails_and_leaves_no_wait_behind() {
         "#,
     );
     assert_eq!(out, "false true\nwoke\n");
-    assert!(started.elapsed() < Duration::from_millis(300), "waited {:?}", started.elapsed());
+    assert!(took < Duration::from_millis(300), "waited {took:?}");
 }
 
 #[test]
