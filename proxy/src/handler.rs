@@ -15,12 +15,11 @@ use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Request, Response, StatusCode, Uri, Version};
 use tidegate_lua::{RequestId, Vm};
-use tidegate_snapshot::{BackendId, Timeouts};
 
 use crate::Shared;
 use crate::access_log::Entry;
 use crate::body::{ClientBody, IdleTimeout, LocalBody, Observed, full};
-use crate::headers::{Forwarded, set_forwarded, strip_hop_by_hop};
+use crate::headers::{Forwarded, strip_hop_by_hop};
 use crate::http1::{Detached, OnUpgrade};
 use crate::reactor::Reactor;
 use crate::router::{Match, RequestFacts, Target};
@@ -103,9 +102,10 @@ impl Connection {
         Connection { remote, client_ip: std::cell::OnceCell::new(), local_port, tls }
     }
 
-    /// The client address for `X-Forwarded-For` and `X-Real-IP`.
-    pub(crate) fn client_ip(&self) -> &HeaderValue {
-        self.client_ip.get_or_init(|| crate::headers::client_ip_value(self.remote))
+    /// What the upstream is told of the client (`X-Forwarded-*`).
+    pub(crate) fn forwarded(&self) -> Forwarded<'_> {
+        let client_ip = self.client_ip.get_or_init(|| crate::headers::client_ip_value(self.remote));
+        Forwarded { client_ip, https: self.tls, port: self.local_port }
     }
 }
 
@@ -256,24 +256,21 @@ async fn proxy(
     let client_upgrade = crate::http1::on_upgrade(&mut request);
     let upgrade = client_upgrade.is_some();
     let (mut parts, body) = request.into_parts();
-    prepare_upstream(&mut parts, conn, upgrade);
+    prepare_upstream(&mut parts, upgrade);
     let upstream_request = Request::from_parts(parts, LocalBody::new(body));
-    let backend = target.action.backend.as_ref();
-    forward(worker, runtime, backend, target.action.timeouts, upstream_request, client_upgrade, outcome).await
+    forward(worker, runtime, conn, target, upstream_request, client_upgrade, outcome).await
 }
 
 /// Turns client request parts into what an upstream gets: origin-form URI over HTTP/1.1, a
-/// `Host`, no hop-by-hop headers, and the `X-Forwarded-*` headers.
-pub(crate) fn prepare_upstream(parts: &mut Parts, conn: &Connection, upgrade: bool) {
+/// `Host`, and no hop-by-hop headers. The `X-Forwarded-*` headers are written on the way out
+/// ([`Connection::forwarded`]).
+pub(crate) fn prepare_upstream(parts: &mut Parts, upgrade: bool) {
     strip_hop_by_hop(&mut parts.headers, upgrade);
     if !parts.headers.contains_key(header::HOST)
         && let Some(value) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     {
         parts.headers.insert(header::HOST, value);
     }
-    let host = parts.headers.get(header::HOST).cloned();
-    let forwarded = Forwarded { client_ip: conn.client_ip(), https: conn.tls, host, port: conn.local_port };
-    set_forwarded(&mut parts.headers, forwarded);
     parts.uri = origin_form(std::mem::take(&mut parts.uri));
     parts.version = Version::HTTP_11;
 }
@@ -283,18 +280,19 @@ pub(crate) fn prepare_upstream(parts: &mut Parts, conn: &Connection, upgrade: bo
 pub(crate) async fn forward(
     worker: &Rc<Worker>,
     runtime: &Runtime,
-    backend: Option<&BackendId>,
-    timeouts: Timeouts,
+    conn: &Connection,
+    target: &Target,
     upstream_request: Request<RequestBody>,
     client_upgrade: Option<OnUpgrade>,
     outcome: &mut Outcome,
 ) -> Response<LocalBody> {
+    let (backend, timeouts) = (target.action.backend.as_ref(), target.action.timeouts);
     let Some(endpoint) = backend.and_then(|b| runtime.upstreams.get(b)).and_then(|b| b.pick()) else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "503 no ready endpoint for this backend\n");
     };
     outcome.upstream = Some(endpoint);
     let sent = Instant::now();
-    let result = worker.pool.send(endpoint, upstream_request, timeouts).await;
+    let result = worker.pool.send(endpoint, upstream_request, Some(conn.forwarded()), timeouts).await;
     outcome.upstream_time = Some(sent.elapsed());
     let mut response = match result {
         Ok(r) => r,

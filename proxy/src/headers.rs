@@ -18,13 +18,6 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
-/// Whether a map's `Connection` headers say `close`, and whether they say `keep-alive`.
-pub(crate) fn connection_says(headers: &HeaderMap) -> (bool, bool) {
-    connection_tokens(headers).fold((false, false), |(close, keep), token| {
-        (close || token.eq_ignore_ascii_case(b"close"), keep || token.eq_ignore_ascii_case(b"keep-alive"))
-    })
-}
-
 /// Whether `name` is a hop-by-hop header (`Upgrade` included).
 pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
@@ -45,8 +38,13 @@ pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// trimmed. A value with other than visible ASCII has none: `HeaderValue::to_str` refuses it,
 /// and no token or coding is read from it.
 pub(crate) fn list_items(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
-    let text = value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
+    let text = is_text(value);
     value.split(|b| *b == b',').filter(move |_| text).map(<[u8]>::trim_ascii)
+}
+
+/// Whether a value is visible ASCII, spaces and tabs: what `HeaderValue::to_str` accepts.
+pub(crate) fn is_text(value: &[u8]) -> bool {
+    value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
 }
 
 /// Whether a `Transfer-Encoding` value's last coding is `chunked`.
@@ -93,13 +91,50 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 
 /// What the upstream is told about the client. tidegate sits at the edge, so client-sent
 /// `X-Forwarded-*` and `X-Real-IP` headers are replaced, not trusted.
+///
+/// Written by the upstream request's encoder (`upstream::wire::encode_request`), as nginx's
+/// `proxy_set_header` is applied: they never enter the request's header map, so Lua in any
+/// phase sees the headers the client sent, and setting them costs no map insertions.
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct Forwarded<'a> {
     /// The client address, formatted once per connection.
     pub(crate) client_ip: &'a HeaderValue,
     pub(crate) https: bool,
-    /// The `Host` the client asked for.
-    pub(crate) host: Option<HeaderValue>,
+    /// The port the client connected to.
     pub(crate) port: u16,
+}
+
+impl Forwarded<'_> {
+    /// Whether `name` is one of the headers this replaces.
+    pub(crate) fn replaces(name: &HeaderName) -> bool {
+        // Standard names are none of them; a custom name is compared only when it could be.
+        let name = name.as_str();
+        name.len() >= 9
+            && name.starts_with("x-")
+            && matches!(
+                name,
+                "x-forwarded-for" | "x-real-ip" | "x-forwarded-proto" | "x-forwarded-host" | "x-forwarded-port"
+            )
+    }
+
+    /// Writes the header lines, with `host` (the request's `Host`) as `X-Forwarded-Host`.
+    pub(crate) fn write(&self, buf: &mut Vec<u8>, host: Option<&HeaderValue>) {
+        let ip = self.client_ip.as_bytes();
+        for (name, value) in [("x-forwarded-for: ", ip), ("x-real-ip: ", ip)] {
+            line(buf, name, value);
+        }
+        line(buf, "x-forwarded-proto: ", if self.https { b"https" } else { b"http" });
+        if let Some(host) = host {
+            line(buf, "x-forwarded-host: ", host.as_bytes());
+        }
+        line(buf, "x-forwarded-port: ", port_text(self.port, &mut [0; 5]));
+    }
+}
+
+fn line(buf: &mut Vec<u8>, name: &str, value: &[u8]) {
+    buf.extend_from_slice(name.as_bytes());
+    buf.extend_from_slice(value);
+    buf.extend_from_slice(b"\r\n");
 }
 
 /// The client address as a header value (IPv4-mapped IPv6 shown as IPv4).
@@ -108,43 +143,19 @@ pub(crate) fn client_ip_value(client: SocketAddr) -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
-/// A port as a header value, formatted once per port and worker: a worker listens on a few
-/// ports, and cloning a static value costs nothing where formatting one allocates.
-fn port_value(port: u16) -> HeaderValue {
-    thread_local! {
-        static PORTS: std::cell::RefCell<Vec<(u16, HeaderValue)>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    PORTS.with(|ports| {
-        let mut ports = ports.borrow_mut();
-        if let Some((_, value)) = ports.iter().find(|(p, _)| *p == port) {
-            return value.clone();
+/// A port's decimal digits, written into `digits`.
+fn port_text(port: u16, digits: &mut [u8; 5]) -> &[u8] {
+    let mut at = digits.len();
+    let mut rest = port;
+    loop {
+        at -= 1;
+        // A digit: `rest % 10` is below 10.
+        digits[at] = b'0' + u8::try_from(rest % 10).unwrap_or(0);
+        rest /= 10;
+        if rest == 0 {
+            return &digits[at..];
         }
-        // Leaked once per port, and only for the first few: the listening ports.
-        let value = if ports.len() < 16 {
-            HeaderValue::from_static(Box::leak(port.to_string().into_boxed_str()))
-        } else {
-            return HeaderValue::from(port);
-        };
-        ports.push((port, value.clone()));
-        value
-    })
-}
-
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
-
-pub(crate) fn set_forwarded(headers: &mut HeaderMap, f: Forwarded<'_>) {
-    headers.insert(X_FORWARDED_FOR, f.client_ip.clone());
-    headers.insert(X_REAL_IP, f.client_ip.clone());
-    let proto = if f.https { "https" } else { "http" };
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    if let Some(host) = f.host {
-        headers.insert(X_FORWARDED_HOST, host);
     }
-    headers.insert(X_FORWARDED_PORT, port_value(f.port));
 }
 
 #[cfg(test)]
@@ -202,18 +213,24 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_headers_replace_client_values() {
-        let mut h = map(&[("x-forwarded-for", "6.6.6.6")]);
+    fn forwarded_lines_name_the_client_and_what_it_asked_for() {
         let client: SocketAddr = "[::ffff:127.0.0.9]:5000".parse().expect("addr");
         let ip = client_ip_value(client);
-        set_forwarded(
-            &mut h,
-            Forwarded { client_ip: &ip, https: true, host: Some(HeaderValue::from_static("a.com")), port: 8443 },
+        let mut buf = Vec::new();
+        Forwarded { client_ip: &ip, https: true, port: 8443 }.write(&mut buf, Some(&HeaderValue::from_static("a.com")));
+        assert_eq!(
+            String::from_utf8_lossy(&buf),
+            "x-forwarded-for: 127.0.0.9\r\nx-real-ip: 127.0.0.9\r\nx-forwarded-proto: https\r\n\
+             x-forwarded-host: a.com\r\nx-forwarded-port: 8443\r\n"
         );
-        assert_eq!(h["x-forwarded-for"], "127.0.0.9");
-        assert_eq!(h["x-real-ip"], "127.0.0.9");
-        assert_eq!(h["x-forwarded-proto"], "https");
-        assert_eq!(h["x-forwarded-host"], "a.com");
-        assert_eq!(h["x-forwarded-port"], "8443");
+        for port in [0, 7, 80, 65535] {
+            assert_eq!(port_text(port, &mut [0; 5]), port.to_string().as_bytes());
+        }
+        for name in ["x-forwarded-for", "X-Real-IP", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port"] {
+            assert!(Forwarded::replaces(&HeaderName::from_bytes(name.as_bytes()).expect("name")), "{name}");
+        }
+        for name in ["x-forwarded", "forwarded", "host", "x-forwarded-fo"] {
+            assert!(!Forwarded::replaces(&HeaderName::from_bytes(name.as_bytes()).expect("name")), "{name}");
+        }
     }
 }

@@ -104,7 +104,7 @@ pub(crate) async fn serve(
         if set_body.is_some() {
             parts.headers.remove(header::TRANSFER_ENCODING);
         }
-        prepare_upstream(&mut parts, conn, upgrade);
+        prepare_upstream(&mut parts, upgrade);
         let body = match set_body {
             Some(bytes) => {
                 parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
@@ -115,19 +115,11 @@ pub(crate) async fn serve(
                 None => full(Bytes::new()),
             },
         };
-        let backend = target.action.backend.as_ref();
         // Boxed: a request that Lua answers (or that sleeps first) does not carry the upstream
         // exchange's state.
-        let response = Box::pin(forward(
-            worker,
-            runtime,
-            backend,
-            target.action.timeouts,
-            Request::from_parts(parts, body),
-            client_upgrade,
-            outcome,
-        ))
-        .await;
+        let upstream_request = Request::from_parts(parts, body);
+        let response =
+            Box::pin(forward(worker, runtime, conn, target, upstream_request, client_upgrade, outcome)).await;
         lua.state.upstream_addr.set(outcome.upstream);
         lua.state.upstream_status.set(outcome.upstream.map(|_| response.status().as_u16()));
         lua.state.upstream_response_time.set(outcome.upstream_time.map(|t| t.as_secs_f64()));

@@ -8,11 +8,11 @@
 //! request smuggling lives on).
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Uri, Version};
 
-use crate::headers::{connection_says, ends_in_chunked};
+use crate::headers::{ends_in_chunked, is_text, list_items};
 
 /// Header lines a request (or a response) may have.
 pub(crate) const MAX_HEADERS: usize = 128;
@@ -81,8 +81,8 @@ impl Lines {
     }
 
     /// The header map of the head whose bytes are `bytes`, with room for `extra` more headers,
-    /// of the lines whose names `keep` accepts; `invalid` is the error for a name or a value
-    /// `http` refuses.
+    /// of the lines whose names `keep` accepts; `invalid` is the error for a name, or a kept
+    /// line's value, that `http` refuses.
     pub(crate) fn headers<E: Copy>(
         &self,
         bytes: &Bytes,
@@ -94,8 +94,8 @@ impl Lines {
             let mut headers = super::spare::take_headers(spans.len() + extra);
             for &(name, value) in spans {
                 let name = HeaderName::from_bytes(&slice(bytes, name)).map_err(|_| invalid.0)?;
-                let value = HeaderValue::from_maybe_shared(slice(bytes, value)).map_err(|_| invalid.1)?;
                 if keep(&name) {
+                    let value = HeaderValue::from_maybe_shared(slice(bytes, value)).map_err(|_| invalid.1)?;
                     headers.append(name, value);
                 }
             }
@@ -133,26 +133,22 @@ pub(crate) fn parse(buf: &mut BytesMut) -> Result<Option<Head>, Refused> {
     let method = Method::from_bytes(request.method.unwrap_or_default().as_bytes())
         .map_err(|_| Refused::Malformed("invalid method"))?;
     let version = if request.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    let said = Said::read(request.headers);
     let lines = Lines::record(buf, request.headers);
     let target = lines.span(request.path.unwrap_or_default().as_bytes());
 
     let bytes = take_head(buf, length);
     let uri =
         Uri::from_maybe_shared(slice(&bytes, target)).map_err(|_| Refused::Malformed("invalid request target"))?;
-    // Room for what the proxy adds on the way upstream (the `X-Forwarded-*` set), so that
-    // adding it does not grow the map.
+    // Room for a header or two that Lua may add.
     let invalid = (Refused::Malformed("invalid header name"), Refused::Malformed("invalid header value"));
-    let headers = lines.headers(&bytes, 6, invalid, |_| true)?;
+    let headers = lines.headers(&bytes, 2, invalid, |_| true)?;
 
-    let framing = framing(&headers, version)?;
-    let keep_alive = match connection_says(&headers) {
-        (true, _) => false,
-        (false, keep) => version == Version::HTTP_11 || keep,
-    };
+    let framing = said.framing(version)?;
+    let keep_alive = !said.close && (version == Version::HTTP_11 || said.keep_alive);
     let http11 = version == Version::HTTP_11;
-    let expect_continue =
-        http11 && headers.get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    let upgrade = http11 && crate::headers::is_upgrade(&headers);
+    let expect_continue = http11 && said.expect_continue == Some(true);
+    let upgrade = http11 && said.upgrade && said.connection_upgrade;
     let (mut parts, ()) = Request::new(()).into_parts();
     parts.method = method;
     parts.uri = uri;
@@ -178,43 +174,115 @@ pub(crate) fn take_head(buf: &mut BytesMut, length: usize) -> Bytes {
     head
 }
 
-/// The body's framing (RFC 9112 §6.3).
-fn framing(headers: &HeaderMap, version: Version) -> Result<Framing, Refused> {
-    let encodings = headers.get_all(header::TRANSFER_ENCODING);
-    if encodings.iter().next().is_some() {
-        if headers.contains_key(header::CONTENT_LENGTH) {
+/// What a request's framing and connection headers say, read from its lines as parsed, before
+/// the header map is built. Values are read as the map would give them: one with other than
+/// visible ASCII says no token or coding (`headers::list_items`), nor a length.
+#[derive(Debug, Default)]
+struct Said {
+    /// Whether there is a `Transfer-Encoding` line, and whether the last one ends in `chunked`.
+    last_coding_chunked: Option<bool>,
+    content_length: ContentLength,
+    /// `Connection` tokens.
+    close: bool,
+    keep_alive: bool,
+    connection_upgrade: bool,
+    /// An `Upgrade` line.
+    upgrade: bool,
+    /// Whether the first `Expect` line says `100-continue`; `None` without one.
+    expect_continue: Option<bool>,
+}
+
+impl Said {
+    fn read(lines: &[httparse::Header<'_>]) -> Said {
+        let mut said = Said::default();
+        for line in lines {
+            let (name, value) = (line.name, line.value);
+            if name.eq_ignore_ascii_case("content-length") {
+                said.content_length.add(value);
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                said.last_coding_chunked = Some(ends_in_chunked(value));
+            } else if name.eq_ignore_ascii_case("connection") {
+                for token in list_items(value) {
+                    said.close |= token.eq_ignore_ascii_case(b"close");
+                    said.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                    said.connection_upgrade |= token.eq_ignore_ascii_case(b"upgrade");
+                }
+            } else if name.eq_ignore_ascii_case("upgrade") {
+                said.upgrade = true;
+            } else if name.eq_ignore_ascii_case("expect") && said.expect_continue.is_none() {
+                said.expect_continue = Some(value.eq_ignore_ascii_case(b"100-continue"));
+            }
+        }
+        said
+    }
+
+    /// The body's framing (RFC 9112 §6.3).
+    fn framing(&self, version: Version) -> Result<Framing, Refused> {
+        let Some(chunked) = self.last_coding_chunked else {
+            return Ok(Framing::Length(self.content_length.value().map_err(Refused::Malformed)?.unwrap_or(0)));
+        };
+        if self.content_length.seen() {
             return Err(Refused::Malformed("both Transfer-Encoding and Content-Length"));
         }
         if version == Version::HTTP_10 {
             return Err(Refused::Malformed("Transfer-Encoding in an HTTP/1.0 request"));
         }
-        return match encodings.iter().next_back() {
-            Some(last) if ends_in_chunked(last.as_bytes()) => Ok(Framing::Chunked),
-            _ => Err(Refused::Malformed("Transfer-Encoding does not end in chunked")),
-        };
-    }
-    Ok(Framing::Length(content_length(headers).map_err(Refused::Malformed)?.unwrap_or(0)))
-}
-
-/// What the `Content-Length` headers say: `None` without one. Malformed values and differing
-/// ones (in one header or several) are errors; repeats of one value are not.
-pub(crate) fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        let text = value.to_str().map_err(|_| "invalid Content-Length")?;
-        for item in text.split(',') {
-            let item = item.trim();
-            if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
-                return Err("invalid Content-Length");
-            }
-            let n: u64 = item.parse().map_err(|_| "invalid Content-Length")?;
-            if length.is_some_and(|l| l != n) {
-                return Err("differing Content-Length values");
-            }
-            length = Some(n);
+        if chunked {
+            Ok(Framing::Chunked)
+        } else {
+            Err(Refused::Malformed("Transfer-Encoding does not end in chunked"))
         }
     }
-    Ok(length)
+}
+
+/// What `Content-Length` lines say, added up one line at a time. Malformed values and differing
+/// ones (in one line or several) are errors; repeats of one value are not.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ContentLength(Result<Option<u64>, &'static str>);
+
+impl Default for ContentLength {
+    fn default() -> Self {
+        ContentLength(Ok(None))
+    }
+}
+
+impl ContentLength {
+    pub(crate) fn add(&mut self, value: &[u8]) {
+        if let Ok(length) = &mut self.0
+            && let Err(e) = add_length(length, value)
+        {
+            self.0 = Err(e);
+        }
+    }
+
+    /// The length; `None` without a line.
+    pub(crate) fn value(self) -> Result<Option<u64>, &'static str> {
+        self.0
+    }
+
+    /// Whether there was a line, valid or not.
+    pub(crate) fn seen(self) -> bool {
+        !matches!(self.0, Ok(None))
+    }
+}
+
+fn add_length(length: &mut Option<u64>, value: &[u8]) -> Result<(), &'static str> {
+    const INVALID: &str = "invalid Content-Length";
+    if !is_text(value) {
+        return Err(INVALID);
+    }
+    for item in value.split(|b| *b == b',') {
+        let item = item.trim_ascii();
+        if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
+            return Err(INVALID);
+        }
+        let n: u64 = std::str::from_utf8(item).ok().and_then(|s| s.parse().ok()).ok_or(INVALID)?;
+        if length.is_some_and(|l| l != n) {
+            return Err("differing Content-Length values");
+        }
+        *length = Some(n);
+    }
+    Ok(())
 }
 
 fn reason(error: httparse::Error) -> &'static str {
@@ -280,9 +348,13 @@ mod tests {
             "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
             "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
             "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: x\r\nTransfer-Encoding: chunked\r\n\r\n",
         ] {
             assert!(matches!(parsed(bad), Err(Refused::Malformed(_))), "{bad:?}");
         }
+        // A length is read only from visible ASCII, as `HeaderValue::to_str` reads it.
+        let mut odd = BytesMut::from(&b"POST / HTTP/1.1\r\nContent-Length: 5\xff\r\n\r\n"[..]);
+        assert_eq!(parse(&mut odd).expect_err("refused"), Refused::Malformed("invalid Content-Length"));
     }
 
     #[test]
@@ -290,6 +362,12 @@ mod tests {
         assert!(head("PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n").expect_continue);
         assert!(head("GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").upgrade);
         assert!(!head("GET / HTTP/1.0\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").upgrade);
+        assert!(!head("GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n").upgrade, "Connection must say upgrade");
+        assert!(!head("GET / HTTP/1.1\r\nConnection: Upgrade\r\n\r\n").upgrade, "and Upgrade name a protocol");
+        // The first `Expect` line decides, as a map lookup would.
+        assert!(
+            !head("PUT / HTTP/1.1\r\nExpect: x\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n").expect_continue
+        );
         assert_eq!(parsed("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").expect_err("refused"), Refused::Http2Preface);
     }
 }

@@ -47,6 +47,7 @@ use wire::{RequestFraming, ResponseHead};
 
 use crate::alarm::Alarm;
 use crate::body::BoxError;
+use crate::headers::Forwarded;
 use crate::http1::spare;
 
 /// The body type of requests sent upstream.
@@ -171,11 +172,13 @@ impl Failure {
 
 impl Pool {
     /// Sends a request to `endpoint`, on a pooled connection when one is open, and returns the
-    /// response with its body still to be read from the connection.
+    /// response with its body still to be read from the connection. `forwarded`: the
+    /// `X-Forwarded-*` headers it carries in place of the client's.
     pub(crate) async fn send(
         self: &Rc<Self>,
         endpoint: SocketAddr,
         request: Request<RequestBody>,
+        forwarded: Option<Forwarded<'_>>,
         timeouts: Timeouts,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let (mut parts, mut body) = request.into_parts();
@@ -186,7 +189,7 @@ impl Pool {
         let repeatable =
             matches!(framing, RequestFraming::Empty | RequestFraming::Length(0)) && parts.method.is_idempotent();
         let mut head = spare::take_write(256 + parts.headers.len() * 48);
-        wire::encode_request(&mut head, &parts, framing);
+        wire::encode_request(&mut head, &parts, forwarded.as_ref(), framing);
         spare::keep_headers(std::mem::take(&mut parts.headers));
         let limits =
             Limits { send: Duration::from_millis(timeouts.send_ms), read: Duration::from_millis(timeouts.read_ms) };

@@ -13,8 +13,8 @@ use http::request::Parts;
 use http::response::Parts as ResponseParts;
 use http::{Method, Response, StatusCode, Version};
 
-use crate::headers::{ends_in_chunked, is_hop_by_hop, list_items};
-use crate::http1::head::{Lines, content_length, header_slots, take_head};
+use crate::headers::{Forwarded, ends_in_chunked, is_hop_by_hop, list_items};
+use crate::http1::head::{ContentLength, Lines, header_slots, take_head};
 
 /// Bytes a status line and its headers may take.
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
@@ -46,19 +46,35 @@ impl RequestFraming {
 }
 
 /// Writes a request head: the request line in origin form, the headers except the framing
-/// ones, then the framing `framing` calls for.
-pub(crate) fn encode_request(buf: &mut Vec<u8>, parts: &Parts, framing: RequestFraming) {
+/// ones, what `forwarded` says in place of any the client sent of those, then the framing
+/// `framing` calls for.
+pub(crate) fn encode_request(
+    buf: &mut Vec<u8>,
+    parts: &Parts,
+    forwarded: Option<&Forwarded<'_>>,
+    framing: RequestFraming,
+) {
     buf.extend_from_slice(parts.method.as_str().as_bytes());
     buf.push(b' ');
     buf.extend_from_slice(parts.uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
     buf.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut host = None;
     for (name, value) in &parts.headers {
-        if name != header::CONTENT_LENGTH && name != header::TRANSFER_ENCODING {
-            buf.extend_from_slice(name.as_str().as_bytes());
-            buf.extend_from_slice(b": ");
-            buf.extend_from_slice(value.as_bytes());
-            buf.extend_from_slice(b"\r\n");
+        if name == header::HOST {
+            host = Some(value);
+        } else if name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || forwarded.is_some() && Forwarded::replaces(name)
+        {
+            continue;
         }
+        buf.extend_from_slice(name.as_str().as_bytes());
+        buf.extend_from_slice(b": ");
+        buf.extend_from_slice(value.as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
+    if let Some(forwarded) = forwarded {
+        forwarded.write(buf, host);
     }
     match framing {
         RequestFraming::Empty => {}
@@ -83,7 +99,7 @@ pub(crate) enum ResponseFraming {
 
 /// A parsed response head. Its headers are the end-to-end ones: the hop-by-hop headers, and
 /// those `Connection` names, were read for framing and reuse and left out. A `101` keeps them
-/// all, for the protocol switch to sort out.
+/// all, for the protocol switch to sort out. `Server` and `Date` are always left out.
 #[derive(Debug)]
 pub(crate) struct ResponseHead {
     pub(crate) parts: ResponseParts,
@@ -122,11 +138,17 @@ pub(crate) fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<O
     // Room for what every response gets added (`Server`, `Date`, HSTS).
     let invalid = ("invalid response header name", "invalid response header value");
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
-    let headers =
-        lines.headers(&bytes, 3, invalid, |name| switching || !(is_hop_by_hop(name) || hop.named.contains(name)))?;
+    // The upstream's `Server` and `Date` are left out, as nginx's `proxy_hide_header` does by
+    // default: every response gets tidegate's (`handler::finish_headers`).
+    let keep = |name: &HeaderName| {
+        name != header::SERVER
+            && name != header::DATE
+            && (switching || !(is_hop_by_hop(name) || hop.named.contains(name)))
+    };
+    let headers = lines.headers(&bytes, 3, invalid, keep)?;
     // Framed two ways at once: refused, as nginx does (RFC 9112 §6.3 lets the coding win, but
     // such an upstream may be reading requests differently too).
-    if hop.last_coding_chunked.is_some() && headers.contains_key(header::CONTENT_LENGTH) {
+    if hop.last_coding_chunked.is_some() && hop.content_length.seen() {
         return Err("both Transfer-Encoding and Content-Length");
     }
 
@@ -138,7 +160,7 @@ pub(crate) fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<O
         _ if no_body => ResponseFraming::Length(0),
         Some(true) => ResponseFraming::Chunked,
         Some(false) => ResponseFraming::UntilClose,
-        None => content_length(&headers)?.map_or(ResponseFraming::UntilClose, ResponseFraming::Length),
+        None => hop.content_length.value()?.map_or(ResponseFraming::UntilClose, ResponseFraming::Length),
     };
     let keep_alive =
         framing != ResponseFraming::UntilClose && !hop.close && (version == Version::HTTP_11 || hop.keep_alive);
@@ -164,6 +186,7 @@ struct HopByHop {
     /// Whether the last coding of the last `Transfer-Encoding` line is `chunked`; `None`
     /// without one.
     last_coding_chunked: Option<bool>,
+    content_length: ContentLength,
     /// Headers the `Connection` header names (other than `close` and `keep-alive`): they
     /// describe this hop only.
     named: Vec<HeaderName>,
@@ -185,6 +208,8 @@ impl HopByHop {
                 }
             } else if line.name.eq_ignore_ascii_case("transfer-encoding") {
                 hop.last_coding_chunked = Some(ends_in_chunked(line.value));
+            } else if line.name.eq_ignore_ascii_case("content-length") {
+                hop.content_length.add(line.value);
             }
         }
         hop
@@ -215,7 +240,7 @@ mod tests {
             .expect("request");
         let (parts, ()) = request.into_parts();
         let mut buf = Vec::new();
-        encode_request(&mut buf, &parts, RequestFraming::Length(3));
+        encode_request(&mut buf, &parts, None, RequestFraming::Length(3));
         assert_eq!(
             String::from_utf8_lossy(&buf),
             "POST /p?q=1 HTTP/1.1\r\nhost: a.test\r\nx-two: 1\r\nx-two: 2\r\ncontent-length: 3\r\n\r\n"
@@ -232,10 +257,14 @@ mod tests {
 
     #[test]
     fn parses_status_headers_and_keeps_what_follows() {
-        let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\nContent-Length: 4\r\nX-A: b\r\n\r\nbody");
+        let mut buf = BytesMut::from(
+            "HTTP/1.1 200 OK\r\nServer: up/1\r\nContent-Length: 4\r\nX-A: b\r\nDate: Sun, 06 Dec 2026 04:00:00 GMT\r\n\r\nbody",
+        );
         let head = parse_response(&mut buf, false).expect("accepted").expect("complete");
         assert_eq!(head.parts.status, StatusCode::OK);
         assert_eq!(head.parts.headers["x-a"], "b");
+        let names: Vec<&str> = head.parts.headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["content-length", "x-a"], "the upstream's Server and Date are left out");
         assert_eq!(head.framing, ResponseFraming::Length(4));
         assert!(head.keep_alive);
         assert!(head.parts.extensions.get::<hyper::ext::ReasonPhrase>().is_none());
