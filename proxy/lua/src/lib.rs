@@ -7,7 +7,7 @@
 //!   handlers, which may wait on asynchronous calls in every phase.
 //!
 //! See `vm.rs` for how environments, coroutines and limits work.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 mod api;
 pub mod clock;

@@ -287,6 +287,33 @@ fn status_and_headers() {
 }
 
 #[test]
+fn header_values_of_every_kind() {
+    let vm = vm();
+    let (outcome, request) = run(
+        &vm,
+        Phase::Content,
+        r#"ngx.header.x_int = 42 ngx.header.x_float = 1.5 ngx.header.x_bool = true
+           ngx.header.x_gone = "a" ngx.header.x_gone = nil ngx.header.x_line = "a\nb"
+           ngx.header.content_length = "12" ngx.req.set_header("X-Req", 7)
+           local ok, err = pcall(function() ngx.header.content_length = "twelve" end)
+           local ok_fn, err_fn = pcall(function() ngx.header.x_fn = function() end end)
+           -- Output sends the headers: set no more after this.
+           ngx.say(ok, " ", err:match("invalid Content%-Length") ~= nil, " ", ngx.header.x_int)
+           ngx.say(ok_fn, " ", err_fn:match("bad header value") ~= nil, " ", ngx.req.get_headers()["x-req"])"#,
+    );
+    assert_eq!(outcome, Outcome::Continue);
+    let headers = request.state.response_headers.borrow();
+    assert_eq!(headers["x-int"], "42");
+    assert_eq!(headers["x-float"], "1.5");
+    assert_eq!(headers["x-bool"], "true");
+    assert!(!headers.contains_key("x-gone"));
+    assert_eq!(headers["x-line"], "a%0Ab");
+    assert_eq!(headers["content-length"], "12", "a refused value changes nothing");
+    drop(headers);
+    assert_eq!(output(&request), "false true 42\nfalse true 7\n");
+}
+
+#[test]
 fn redirect_sets_location_and_exits() {
     let vm = vm();
     let (outcome, request) = run(&vm, Phase::Rewrite, r#"ngx.redirect("/new", ngx.HTTP_MOVED_PERMANENTLY)"#);

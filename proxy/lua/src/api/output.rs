@@ -6,6 +6,7 @@ use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
 use mlua::{Lua, Table, Value, Variadic};
 
+use super::args::{HeaderInput, Ignored};
 use super::{current, current_with, format_number, require_phase};
 use crate::request::Phase;
 
@@ -101,10 +102,10 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     // ngx.header: a proxy table over the response headers.
     let header = lua.create_table()?;
     let header_meta = lua.create_table()?;
-    header_meta.raw_set("__index", lua.create_function(|lua, (_, name): (Value, String)| get_header(lua, &name))?)?;
+    header_meta.raw_set("__index", lua.create_function(|lua, (_, name): (Ignored, String)| get_header(lua, &name))?)?;
     header_meta.raw_set(
         "__newindex",
-        lua.create_function(|_, (_, name, value): (Value, String, Value)| set_header(&name, &value))?,
+        lua.create_function(|_, (_, name, value): (Ignored, String, HeaderInput)| set_header(&name, value))?,
     )?;
     super::seal(&header_meta)?;
     header.set_metatable(Some(header_meta))?;
@@ -115,7 +116,7 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     let arg_meta = lua.create_table()?;
     arg_meta.raw_set(
         "__index",
-        lua.create_function(|lua, (_, index): (Value, i64)| {
+        lua.create_function(|lua, (_, index): (Ignored, i64)| {
             let request = current("ngx.arg")?;
             match index {
                 1 => Ok(match request.state.arg_chunk.borrow().as_ref() {
@@ -129,7 +130,7 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     )?;
     arg_meta.raw_set(
         "__newindex",
-        lua.create_function(|_, (_, index, value): (Value, i64, Value)| {
+        lua.create_function(|_, (_, index, value): (Ignored, i64, Value)| {
             let request = current("ngx.arg")?;
             require_phase(&request, "ngx.arg", &[Phase::BodyFilter])?;
             match index {
@@ -154,7 +155,7 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     let ngx_meta = lua.create_table()?;
     ngx_meta.raw_set(
         "__index",
-        lua.create_function(|lua, (_, key): (Value, String)| {
+        lua.create_function(|lua, (_, key): (Ignored, String)| {
             let Some(request) = crate::vm::with_current(|r| r.cloned()) else { return Ok(Value::Nil) };
             match key.as_str() {
                 "status" => Ok(Value::Integer(match request.state.status.get() {
@@ -178,7 +179,7 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     )?;
     ngx_meta.raw_set(
         "__newindex",
-        lua.create_function(|lua, (_, key, value): (Value, String, Value)| {
+        lua.create_function(|lua, (_, key, value): (Ignored, String, Value)| {
             let request = current_with(|| format!("ngx.{key}"))?;
             match key.as_str() {
                 "status" => {
@@ -367,7 +368,7 @@ const SINGLE_VALUED: &[&str] = &["content-type", "content-length", "location", "
 
 /// CR and LF would split a header; OpenResty percent-escapes them instead of failing. A value
 /// without them (the usual case) is used as it is.
-fn escape_header_bytes(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+pub(super) fn escape_header_bytes(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     if !bytes.iter().any(|&b| b == b'\r' || b == b'\n') {
         return std::borrow::Cow::Borrowed(bytes);
     }
@@ -429,7 +430,7 @@ pub(super) fn header_value(lua: &Lua, headers: &HeaderMap, name: &HeaderName) ->
     Ok(Value::Table(table))
 }
 
-fn set_header(name: &str, value: &Value) -> mlua::Result<()> {
+fn set_header(name: &str, value: HeaderInput) -> mlua::Result<()> {
     let request = current("ngx.header")?;
     let header = normalize_header_name(name)?;
     if request.state.headers_sent.get() {
@@ -440,14 +441,28 @@ fn set_header(name: &str, value: &Value) -> mlua::Result<()> {
         request.state.content_type_touched.set(true);
     }
     if header == http::header::CONTENT_LENGTH
-        && !value.is_nil()
-        && !matches!(value, Value::Integer(_) | Value::Number(_))
-        && !matches!(value, Value::String(s) if s.to_str().is_ok_and(|s| s.trim().parse::<u64>().is_ok()))
+        && !matches!(value, HeaderInput::Nil | HeaderInput::One { numeric: true, .. })
     {
         return Err(mlua::Error::runtime("attempt to set invalid Content-Length"));
     }
     let mut headers = request.state.response_headers.borrow_mut();
-    set_header_values(&mut headers, &header, value)
+    set_header_input(&mut headers, &header, value)
+}
+
+/// Replaces a header with what Lua gave (see [`set_header_values`]).
+pub(super) fn set_header_input(headers: &mut HeaderMap, name: &HeaderName, value: HeaderInput) -> mlua::Result<()> {
+    match value {
+        HeaderInput::Nil => {
+            headers.remove(name);
+            Ok(())
+        }
+        HeaderInput::One { value: Some(value), .. } => {
+            headers.insert(name.clone(), value);
+            Ok(())
+        }
+        HeaderInput::One { value: None, .. } => Err(mlua::Error::runtime(format!("invalid value for header {name}"))),
+        HeaderInput::Other(value) => set_header_values(headers, name, &value),
+    }
 }
 
 /// Replaces a header: nil (or an empty table) clears it, a table sets several values.

@@ -6,8 +6,9 @@ use bytes::Bytes;
 use http::Method;
 use mlua::{Lua, Table, Value};
 
+use super::args::HeaderInput;
 use super::codec::{encode_args, unescape};
-use super::output::{headers_table, normalize_header_name, set_header_values};
+use super::output::{headers_table, normalize_header_name, set_header_input};
 use super::{current, require_phase};
 use crate::request::Phase;
 
@@ -44,10 +45,10 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     )?;
     req.raw_set(
         "set_header",
-        lua.create_function(|_, (name, value): (String, Value)| {
+        lua.create_function(|_, (name, value): (String, HeaderInput)| {
             let request = current("ngx.req.set_header")?;
             let header = normalize_header_name(&name)?;
-            set_header_values(&mut request.state.headers.borrow_mut(), &header, &value)
+            set_header_input(&mut request.state.headers.borrow_mut(), &header, value)
         })?,
     )?;
     req.raw_set(

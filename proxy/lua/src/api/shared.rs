@@ -94,7 +94,7 @@ pub(super) fn install(lua: &Lua, ngx: &Table, dicts: &Arc<SharedDicts>) -> mlua:
     let lookup = Rc::clone(&objects);
     shared_meta.raw_set(
         "__index",
-        lua.create_function(move |lua, (_, name): (Value, mlua::LuaString)| {
+        lua.create_function(move |lua, (_, name): (super::args::Ignored, mlua::LuaString)| {
             let request = current("ngx.shared")?;
             Ok(lookup.object(lua, &request.state.head.namespace, &name.to_str()?)?.map_or(Value::Nil, Value::Table))
         })?,

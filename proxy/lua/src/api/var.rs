@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 use http::Version;
 use mlua::{Lua, Table, Value};
 
+use super::args::Ignored;
 use super::{current, format_number};
 use crate::vm::LuaRequest;
 
@@ -14,7 +15,7 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     let meta = lua.create_table()?;
     meta.raw_set(
         "__index",
-        lua.create_function(|lua, (_, name): (Value, String)| {
+        lua.create_function(|lua, (_, name): (Ignored, String)| {
             let request = current("ngx.var")?;
             match lookup(&request, &name) {
                 Some(value) => Ok(Value::String(lua.create_string(value)?)),
@@ -24,7 +25,7 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     )?;
     meta.raw_set(
         "__newindex",
-        lua.create_function(|_, (_, name, value): (Value, String, Value)| {
+        lua.create_function(|_, (_, name, value): (Ignored, String, Value)| {
             let request = current("ngx.var")?;
             let text = match &value {
                 Value::Nil => None,

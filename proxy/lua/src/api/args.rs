@@ -1,0 +1,96 @@
+//! Arguments of the hot callbacks, read straight off the Lua stack. mlua's own conversions keep
+//! every table or string argument in a slot of its reference thread, filled and emptied again:
+//! about 400 instructions each, more than some of these callbacks cost otherwise.
+
+use std::ffi::c_int;
+
+use http::HeaderValue;
+use mlua::state::RawLua;
+use mlua::{FromLua, Lua, Value, ffi};
+
+use super::format_number;
+use super::output::escape_header_bytes;
+
+/// An argument the callback does not use, such as a metamethod's own table.
+pub(crate) struct Ignored;
+
+// Implementing `from_stack`, an `unsafe fn` of mlua's: nothing is read.
+#[allow(unsafe_code)]
+impl FromLua for Ignored {
+    fn from_lua(_: Value, _: &Lua) -> mlua::Result<Self> {
+        Ok(Ignored)
+    }
+
+    unsafe fn from_stack(_: c_int, _: &RawLua) -> mlua::Result<Self> {
+        Ok(Ignored)
+    }
+}
+
+/// A header value as Lua gives it to `ngx.header.NAME = v` or `ngx.req.set_header(name, v)`.
+pub(crate) enum HeaderInput {
+    /// `nil`: the header goes.
+    Nil,
+    /// A string, number or boolean: one value, `None` when it cannot be one (control bytes).
+    /// `numeric` for a number or a string that reads as one.
+    One { value: Option<HeaderValue>, numeric: bool },
+    /// A table of values, or a value of another type (an error to report with the name).
+    Other(Value),
+}
+
+impl HeaderInput {
+    fn text(bytes: &[u8]) -> HeaderInput {
+        let numeric = std::str::from_utf8(bytes).is_ok_and(|s| s.trim().parse::<u64>().is_ok());
+        HeaderInput::One { value: HeaderValue::from_bytes(&escape_header_bytes(bytes)).ok(), numeric }
+    }
+
+    fn integer(i: i64) -> HeaderInput {
+        HeaderInput::One { value: Some(HeaderValue::from(i)), numeric: true }
+    }
+
+    fn number(n: f64) -> HeaderInput {
+        HeaderInput::One { value: HeaderValue::from_str(&format_number(n)).ok(), numeric: true }
+    }
+
+    fn boolean(b: bool) -> HeaderInput {
+        HeaderInput::One { value: Some(HeaderValue::from_static(if b { "true" } else { "false" })), numeric: false }
+    }
+}
+
+// Reads the argument at `idx` with Luau's C API: its type, and a string's bytes or a number or
+// boolean where they lie on the stack.
+#[allow(unsafe_code)]
+impl FromLua for HeaderInput {
+    fn from_lua(value: Value, _: &Lua) -> mlua::Result<Self> {
+        Ok(match value {
+            Value::Nil => HeaderInput::Nil,
+            Value::String(s) => HeaderInput::text(&s.as_bytes()),
+            Value::Integer(i) => HeaderInput::integer(i),
+            Value::Number(n) => HeaderInput::number(n),
+            Value::Boolean(b) => HeaderInput::boolean(b),
+            other => HeaderInput::Other(other),
+        })
+    }
+
+    unsafe fn from_stack(idx: c_int, lua: &RawLua) -> mlua::Result<Self> {
+        let state = lua.state();
+        // SAFETY: `idx` is a valid index of the callback's arguments (mlua's contract for
+        // `from_stack`); a string is read where it lies, and nothing is pushed or converted.
+        unsafe {
+            match ffi::lua_type(state, idx) {
+                ffi::LUA_TNIL | ffi::LUA_TNONE => Ok(HeaderInput::Nil),
+                ffi::LUA_TSTRING => {
+                    let mut len = 0;
+                    let data = ffi::lua_tolstring(state, idx, &raw mut len);
+                    Ok(HeaderInput::text(std::slice::from_raw_parts(data.cast::<u8>(), len)))
+                }
+                // As mlua reads a number: an integer when it is one exactly.
+                ffi::LUA_TNUMBER if ffi::lua_isinteger(state, idx) != 0 => {
+                    Ok(HeaderInput::integer(ffi::lua_tointeger(state, idx)))
+                }
+                ffi::LUA_TNUMBER => Ok(HeaderInput::number(ffi::lua_tonumber(state, idx))),
+                ffi::LUA_TBOOLEAN => Ok(HeaderInput::boolean(ffi::lua_toboolean(state, idx) != 0)),
+                _ => Ok(HeaderInput::Other(Value::from_stack(idx, lua)?)),
+            }
+        }
+    }
+}
