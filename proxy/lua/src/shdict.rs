@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use foldhash::HashMap;
-use mlua::{Lua, MultiValue, UserData, UserDataMethods, Value};
+use mlua::{Lua, UserData, UserDataMethods, Value};
+
+use crate::api::args::{Returns, Scalar};
 
 /// Accounted bytes of an entry besides its key and value (what nginx's slab spends per node).
 const ENTRY_OVERHEAD: usize = 64;
@@ -79,14 +81,16 @@ struct Inner {
 
 impl Inner {
     fn touch(&mut self, key: &[u8]) {
-        self.tick += 1;
-        let tick = self.tick;
-        if let Some(entry) = self.map.get_mut(key) {
-            // The key's copy moves to its new place in the order.
-            let copy = self.lru.remove(&entry.tick).unwrap_or_else(|| key.to_vec());
-            entry.tick = tick;
-            self.lru.insert(tick, copy);
+        let Some(entry) = self.map.get_mut(key) else { return };
+        // The most recently used already (a counter bumped again and again): nothing moves.
+        if entry.tick == self.tick {
+            return;
         }
+        self.tick += 1;
+        // The key's copy moves to its new place in the order.
+        let copy = self.lru.remove(&entry.tick).unwrap_or_else(|| key.to_vec());
+        entry.tick = self.tick;
+        self.lru.insert(self.tick, copy);
     }
 
     fn remove(&mut self, key: &[u8]) -> Option<Entry> {
@@ -265,14 +269,14 @@ impl SharedDicts {
 /// The Lua face of a dictionary: `ngx.shared.NAME`.
 pub(crate) struct DictHandle(pub(crate) Arc<Dict>);
 
-fn key_of(value: &Value) -> Result<Vec<u8>, &'static str> {
+fn key_of(value: Scalar) -> Result<Vec<u8>, &'static str> {
     let key = match value {
-        Value::String(s) => s.as_bytes().to_vec(),
+        Scalar::Str(s) => s,
         #[allow(clippy::cast_precision_loss)]
-        Value::Integer(i) => crate::api::format_number(*i as f64).into_bytes(),
-        Value::Number(n) => crate::api::format_number(*n).into_bytes(),
-        Value::Nil => return Err("nil key"),
-        _ => return Err("bad key type"),
+        Scalar::Int(i) => crate::api::format_number(i as f64).into_bytes(),
+        Scalar::Num(n) => crate::api::format_number(n).into_bytes(),
+        Scalar::Nil => return Err("nil key"),
+        Scalar::Bool(_) | Scalar::Other => return Err("bad key type"),
     };
     if key.is_empty() {
         return Err("empty key");
@@ -283,15 +287,15 @@ fn key_of(value: &Value) -> Result<Vec<u8>, &'static str> {
     Ok(key)
 }
 
-fn stored_of(value: &Value) -> Result<Option<Stored>, &'static str> {
+fn stored_of(value: Scalar) -> Result<Option<Stored>, &'static str> {
     Ok(Some(match value {
-        Value::Nil => return Ok(None),
-        Value::String(s) => Stored::Str(s.as_bytes().to_vec()),
+        Scalar::Nil => return Ok(None),
+        Scalar::Str(s) => Stored::Str(s),
         #[allow(clippy::cast_precision_loss)]
-        Value::Integer(i) => Stored::Num(*i as f64),
-        Value::Number(n) => Stored::Num(*n),
-        Value::Boolean(b) => Stored::Bool(*b),
-        _ => return Err("bad value type"),
+        Scalar::Int(i) => Stored::Num(i as f64),
+        Scalar::Num(n) => Stored::Num(n),
+        Scalar::Bool(b) => Stored::Bool(b),
+        Scalar::Other => return Err("bad value type"),
     }))
 }
 
@@ -320,8 +324,8 @@ fn expiry(exptime: Option<f64>) -> Result<Option<Instant>, &'static str> {
     }
 }
 
-fn multi(values: impl IntoIterator<Item = Value>) -> MultiValue {
-    values.into_iter().collect()
+fn multi<const N: usize>(values: [Value; N]) -> Returns {
+    Returns::of(values)
 }
 
 fn text(lua: &Lua, s: &str) -> mlua::Result<Value> {
@@ -343,16 +347,16 @@ impl DictHandle {
         &self,
         lua: &Lua,
         mode: Mode,
-        (key, value, exptime, flags): (Value, Value, Option<f64>, Option<u32>),
-    ) -> mlua::Result<MultiValue> {
-        let fail = |message: &str, forcible: bool| -> mlua::Result<MultiValue> {
+        (key, value, exptime, flags): (Scalar, Scalar, Option<f64>, Option<u32>),
+    ) -> mlua::Result<Returns> {
+        let fail = |message: &str, forcible: bool| -> mlua::Result<Returns> {
             Ok(multi([Value::Boolean(false), text(lua, message)?, Value::Boolean(forcible)]))
         };
-        let key = match key_of(&key) {
+        let key = match key_of(key) {
             Ok(k) => k,
             Err(message) => return Ok(multi([Value::Nil, text(lua, message)?])),
         };
-        let stored = match stored_of(&value) {
+        let stored = match stored_of(value) {
             Ok(None) if matches!(mode, Mode::Add | Mode::SafeAdd | Mode::Replace) => {
                 return fail("attempt to add or replace nil values", false);
             }
@@ -386,7 +390,7 @@ impl DictHandle {
         Ok(multi([Value::Boolean(true), Value::Nil, Value::Boolean(forcible)]))
     }
 
-    fn get(&self, lua: &Lua, key: &Value, stale: bool) -> mlua::Result<MultiValue> {
+    fn get(&self, lua: &Lua, key: Scalar, stale: bool) -> mlua::Result<Returns> {
         let key = match key_of(key) {
             Ok(k) => k,
             Err(message) => return Ok(multi([Value::Nil, text(lua, message)?])),
@@ -417,19 +421,18 @@ impl DictHandle {
     fn incr(
         &self,
         lua: &Lua,
-        (key, delta, init, init_ttl): (Value, Value, Option<f64>, Option<f64>),
-    ) -> mlua::Result<MultiValue> {
-        let key = match key_of(&key) {
+        (key, delta, init, init_ttl): (Scalar, Scalar, Option<f64>, Option<f64>),
+    ) -> mlua::Result<Returns> {
+        let key = match key_of(key) {
             Ok(k) => k,
             Err(message) => return Ok(multi([Value::Nil, text(lua, message)?])),
         };
+        let number = |s: &[u8]| std::str::from_utf8(s).ok().and_then(|s| s.trim().parse::<f64>().ok());
         let delta = match delta {
             #[allow(clippy::cast_precision_loss)]
-            Value::Integer(i) => i as f64,
-            Value::Number(n) => n,
-            Value::String(s) if s.to_str().is_ok_and(|s| s.trim().parse::<f64>().is_ok()) => {
-                s.to_str()?.trim().parse().unwrap_or(0.0)
-            }
+            Scalar::Int(i) => i as f64,
+            Scalar::Num(n) => n,
+            Scalar::Str(s) if number(&s).is_some() => number(&s).unwrap_or(0.0),
             _ => return Ok(multi([Value::Nil, text(lua, "value not a number")?])),
         };
         let now = Instant::now();
@@ -475,16 +478,16 @@ impl DictHandle {
         }
     }
 
-    fn push(&self, lua: &Lua, key: &Value, value: &Value, front: bool) -> mlua::Result<MultiValue> {
+    fn push(&self, lua: &Lua, key: Scalar, value: Scalar, front: bool) -> mlua::Result<Returns> {
         let key = match key_of(key) {
             Ok(k) => k,
             Err(message) => return Ok(multi([Value::Nil, text(lua, message)?])),
         };
         let item = match value {
-            Value::String(s) => Item::Str(s.as_bytes().to_vec()),
+            Scalar::Str(s) => Item::Str(s),
             #[allow(clippy::cast_precision_loss)]
-            Value::Integer(i) => Item::Num(*i as f64),
-            Value::Number(n) => Item::Num(*n),
+            Scalar::Int(i) => Item::Num(i as f64),
+            Scalar::Num(n) => Item::Num(n),
             _ => return Ok(multi([Value::Nil, text(lua, "bad value type")?])),
         };
         let now = Instant::now();
@@ -524,7 +527,7 @@ impl DictHandle {
         Ok(multi([Value::Number(items.len() as f64)]))
     }
 
-    fn pop(&self, lua: &Lua, key: &Value, front: bool) -> mlua::Result<MultiValue> {
+    fn pop(&self, lua: &Lua, key: Scalar, front: bool) -> mlua::Result<Returns> {
         let key = match key_of(key) {
             Ok(k) => k,
             Err(message) => return Ok(multi([Value::Nil, text(lua, message)?])),
@@ -562,31 +565,32 @@ impl DictHandle {
 
 impl UserData for DictHandle {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_method("get", |lua, this, key: Value| this.get(lua, &key, false));
-        methods.add_method("get_stale", |lua, this, key: Value| this.get(lua, &key, true));
-        methods.add_method("set", |lua, this, args: (Value, Value, Option<f64>, Option<u32>)| {
+        methods.add_method("get", |lua, this, key: Scalar| this.get(lua, key, false));
+        methods.add_method("get_stale", |lua, this, key: Scalar| this.get(lua, key, true));
+        methods.add_method("set", |lua, this, args: (Scalar, Scalar, Option<f64>, Option<u32>)| {
             this.store(lua, Mode::Set, args)
         });
-        methods.add_method("safe_set", |lua, this, args: (Value, Value, Option<f64>, Option<u32>)| {
+        methods.add_method("safe_set", |lua, this, args: (Scalar, Scalar, Option<f64>, Option<u32>)| {
             this.store(lua, Mode::SafeSet, args)
         });
-        methods.add_method("add", |lua, this, args: (Value, Value, Option<f64>, Option<u32>)| {
+        methods.add_method("add", |lua, this, args: (Scalar, Scalar, Option<f64>, Option<u32>)| {
             this.store(lua, Mode::Add, args)
         });
-        methods.add_method("safe_add", |lua, this, args: (Value, Value, Option<f64>, Option<u32>)| {
+        methods.add_method("safe_add", |lua, this, args: (Scalar, Scalar, Option<f64>, Option<u32>)| {
             this.store(lua, Mode::SafeAdd, args)
         });
-        methods.add_method("replace", |lua, this, args: (Value, Value, Option<f64>, Option<u32>)| {
+        methods.add_method("replace", |lua, this, args: (Scalar, Scalar, Option<f64>, Option<u32>)| {
             this.store(lua, Mode::Replace, args)
         });
-        methods.add_method("delete", |lua, this, key: Value| this.store(lua, Mode::Set, (key, Value::Nil, None, None)));
-        methods.add_method("incr", |lua, this, args: (Value, Value, Option<f64>, Option<f64>)| this.incr(lua, args));
-        methods.add_method("lpush", |lua, this, (key, value): (Value, Value)| this.push(lua, &key, &value, true));
-        methods.add_method("rpush", |lua, this, (key, value): (Value, Value)| this.push(lua, &key, &value, false));
-        methods.add_method("lpop", |lua, this, key: Value| this.pop(lua, &key, true));
-        methods.add_method("rpop", |lua, this, key: Value| this.pop(lua, &key, false));
-        methods.add_method("llen", |lua, this, key: Value| {
-            let key = match key_of(&key) {
+        methods
+            .add_method("delete", |lua, this, key: Scalar| this.store(lua, Mode::Set, (key, Scalar::Nil, None, None)));
+        methods.add_method("incr", |lua, this, args: (Scalar, Scalar, Option<f64>, Option<f64>)| this.incr(lua, args));
+        methods.add_method("lpush", |lua, this, (key, value): (Scalar, Scalar)| this.push(lua, key, value, true));
+        methods.add_method("rpush", |lua, this, (key, value): (Scalar, Scalar)| this.push(lua, key, value, false));
+        methods.add_method("lpop", |lua, this, key: Scalar| this.pop(lua, key, true));
+        methods.add_method("rpop", |lua, this, key: Scalar| this.pop(lua, key, false));
+        methods.add_method("llen", |lua, this, key: Scalar| {
+            let key = match key_of(key) {
                 Ok(k) => k,
                 Err(message) => return Ok(multi([Value::Nil, text(lua, message)?])),
             };
@@ -632,8 +636,8 @@ impl UserData for DictHandle {
             }
             Ok(keys)
         });
-        methods.add_method("ttl", |lua, this, key: Value| {
-            let key = match key_of(&key) {
+        methods.add_method("ttl", |lua, this, key: Scalar| {
+            let key = match key_of(key) {
                 Ok(k) => k,
                 Err(message) => return Ok(multi([Value::Nil, text(lua, message)?])),
             };
@@ -644,8 +648,8 @@ impl UserData for DictHandle {
                 Some(e) => Ok(multi([Value::Number(e.expires.map_or(0.0, |t| t.duration_since(now).as_secs_f64()))])),
             }
         });
-        methods.add_method("expire", |lua, this, (key, exptime): (Value, f64)| {
-            let key = match key_of(&key) {
+        methods.add_method("expire", |lua, this, (key, exptime): (Scalar, f64)| {
+            let key = match key_of(key) {
                 Ok(k) => k,
                 Err(message) => return Ok(multi([Value::Nil, text(lua, message)?])),
             };

@@ -6,7 +6,7 @@ use std::ffi::c_int;
 
 use http::HeaderValue;
 use mlua::state::RawLua;
-use mlua::{FromLua, Lua, Value, ffi};
+use mlua::{FromLua, IntoLuaMulti, Lua, MultiValue, Value, ffi};
 
 use super::format_number;
 use super::output::escape_header_bytes;
@@ -90,6 +90,90 @@ impl FromLua for HeaderInput {
                 ffi::LUA_TNUMBER => Ok(HeaderInput::number(ffi::lua_tonumber(state, idx))),
                 ffi::LUA_TBOOLEAN => Ok(HeaderInput::boolean(ffi::lua_toboolean(state, idx) != 0)),
                 _ => Ok(HeaderInput::Other(Value::from_stack(idx, lua)?)),
+            }
+        }
+    }
+}
+
+/// A string, number, boolean or nil argument, read off the stack (a string's bytes copied out);
+/// of any other type, only that it is one.
+pub(crate) enum Scalar {
+    Nil,
+    Bool(bool),
+    Int(i64),
+    Num(f64),
+    Str(Vec<u8>),
+    Other,
+}
+
+// Reads the argument at `idx` with Luau's C API, as `HeaderInput` does.
+#[allow(unsafe_code)]
+impl FromLua for Scalar {
+    fn from_lua(value: Value, _: &Lua) -> mlua::Result<Self> {
+        Ok(match value {
+            Value::Nil => Scalar::Nil,
+            Value::Boolean(b) => Scalar::Bool(b),
+            Value::Integer(i) => Scalar::Int(i),
+            Value::Number(n) => Scalar::Num(n),
+            Value::String(s) => Scalar::Str(s.as_bytes().to_vec()),
+            _ => Scalar::Other,
+        })
+    }
+
+    unsafe fn from_stack(idx: c_int, lua: &RawLua) -> mlua::Result<Self> {
+        let state = lua.state();
+        // SAFETY: as for `HeaderInput::from_stack`.
+        unsafe {
+            match ffi::lua_type(state, idx) {
+                ffi::LUA_TNIL | ffi::LUA_TNONE => Ok(Scalar::Nil),
+                ffi::LUA_TBOOLEAN => Ok(Scalar::Bool(ffi::lua_toboolean(state, idx) != 0)),
+                ffi::LUA_TNUMBER if ffi::lua_isinteger(state, idx) != 0 => {
+                    Ok(Scalar::Int(ffi::lua_tointeger(state, idx)))
+                }
+                ffi::LUA_TNUMBER => Ok(Scalar::Num(ffi::lua_tonumber(state, idx))),
+                ffi::LUA_TSTRING => {
+                    let mut len = 0;
+                    let data = ffi::lua_tolstring(state, idx, &raw mut len);
+                    Ok(Scalar::Str(std::slice::from_raw_parts(data.cast::<u8>(), len).to_vec()))
+                }
+                _ => Ok(Scalar::Other),
+            }
+        }
+    }
+}
+
+/// Up to three values for Lua, pushed straight onto its stack: a `MultiValue` is a `VecDeque`
+/// allocated for each call.
+pub(crate) struct Returns([Value; 3], usize);
+
+impl Returns {
+    pub(crate) fn of<const N: usize>(values: [Value; N]) -> Returns {
+        const { assert!(N <= 3, "at most three values") };
+        let mut all = [Value::Nil, Value::Nil, Value::Nil];
+        for (slot, value) in all.iter_mut().zip(values) {
+            *slot = value;
+        }
+        Returns(all, N)
+    }
+}
+
+// Pushes the values with mlua's own tuple pushes.
+#[allow(unsafe_code)]
+impl IntoLuaMulti for Returns {
+    fn into_lua_multi(self, _: &Lua) -> mlua::Result<MultiValue> {
+        let Returns(values, len) = self;
+        Ok(values.into_iter().take(len).collect())
+    }
+
+    unsafe fn push_into_stack_multi(self, lua: &RawLua) -> mlua::Result<c_int> {
+        let Returns([a, b, c], len) = self;
+        // SAFETY: mlua's contract for `push_into_stack_multi`, passed on as it is.
+        unsafe {
+            match len {
+                0 => Ok(0),
+                1 => (a,).push_into_stack_multi(lua),
+                2 => (a, b).push_into_stack_multi(lua),
+                _ => (a, b, c).push_into_stack_multi(lua),
             }
         }
     }

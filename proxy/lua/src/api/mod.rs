@@ -2,7 +2,7 @@
 //! environment. Functions that act on a request find it through [`crate::vm::with_current`];
 //! outside a request they raise an error.
 
-mod args;
+pub(crate) mod args;
 mod bit;
 mod codec;
 mod json;
