@@ -81,16 +81,22 @@ struct Inner {
 
 impl Inner {
     fn touch(&mut self, key: &[u8]) {
-        let Some(entry) = self.map.get_mut(key) else { return };
-        // The most recently used already (a counter bumped again and again): nothing moves.
-        if entry.tick == self.tick {
-            return;
+        let Inner { map, lru, tick, .. } = self;
+        if let Some(entry) = map.get_mut(key) {
+            most_recent(lru, tick, entry, key);
         }
-        self.tick += 1;
-        // The key's copy moves to its new place in the order.
-        let copy = self.lru.remove(&entry.tick).unwrap_or_else(|| key.to_vec());
-        entry.tick = self.tick;
-        self.lru.insert(self.tick, copy);
+    }
+
+    /// Adds `delta` to a live number, which becomes the most recently used; its new value, or
+    /// `None` when `key` holds no live number. One lookup, as `incr` is the hot path.
+    fn bump(&mut self, key: &[u8], delta: f64, now: Instant) -> Option<f64> {
+        let Inner { map, lru, tick, .. } = self;
+        let entry = map.get_mut(key).filter(|e| !e.expired(now))?;
+        let Stored::Num(n) = &mut entry.value else { return None };
+        *n += delta;
+        let value = *n;
+        most_recent(lru, tick, entry, key);
+        Some(value)
     }
 
     fn remove(&mut self, key: &[u8]) -> Option<Entry> {
@@ -138,6 +144,18 @@ impl Inner {
         self.used += size;
         self.map.insert(key.to_vec(), Entry { value, flags, expires, tick: self.tick, size });
     }
+}
+
+/// Makes `entry` (of `key`) the most recently used, unless it is already (a counter bumped again
+/// and again): the key's copy moves to its new place in the order.
+fn most_recent(lru: &mut BTreeMap<u64, Vec<u8>>, tick: &mut u64, entry: &mut Entry, key: &[u8]) {
+    if entry.tick == *tick {
+        return;
+    }
+    *tick += 1;
+    let copy = lru.remove(&entry.tick).unwrap_or_else(|| key.to_vec());
+    entry.tick = *tick;
+    lru.insert(*tick, copy);
 }
 
 /// One dictionary.
@@ -439,12 +457,7 @@ impl DictHandle {
         let dict = &self.0;
         let mut inner = dict.lock();
         // A live number changes in place: same size, flags and expiry; only its recency moves.
-        if let Some(entry) = inner.map.get_mut(&key).filter(|e| !e.expired(now))
-            && let Stored::Num(n) = &mut entry.value
-        {
-            *n += delta;
-            let value = *n;
-            inner.touch(&key);
+        if let Some(value) = inner.bump(&key, delta, now) {
             return Ok(if init.is_some() {
                 multi([Value::Number(value), Value::Nil, Value::Boolean(false)])
             } else {

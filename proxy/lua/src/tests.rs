@@ -466,6 +466,23 @@ fn a_full_dict_evicts_least_recently_used_entries() {
         "#,
     );
     assert_eq!(out, "true nil true\nfalseno memoryfalse\n");
+    // What `incr` and `get` touch is used: the entry left untouched goes first.
+    let out = say(
+        &vm,
+        r#"
+        local d = ngx.shared.small
+        d:flush_all() d:flush_expired()
+        d:set("old", 1) d:set("counter", 1) d:set("read", "x")
+        d:incr("old", 1) d:incr("old", 1) d:get("read")
+        -- Room for about 24 such entries (169 bytes accounted each): evictions come before the 30th.
+        for i = 1, 30 do
+            d:set("fill" .. i, string.rep("v", 100))
+            d:incr("old", 0) d:get("read")
+        end
+        ngx.say(tostring(d:get("counter")), " ", d:get("old"), " ", d:get("read"))
+        "#,
+    );
+    assert_eq!(out, "nil 3 x\n");
     let stats = dicts.stats();
     assert!(stats[0].evictions > 0 && stats[0].used_bytes <= 4096, "{stats:?}");
 }

@@ -31,28 +31,38 @@ pub(crate) enum HeaderInput {
     /// `nil`: the header goes.
     Nil,
     /// A string, number or boolean: one value, `None` when it cannot be one (control bytes).
-    /// `numeric` for a number or a string that reads as one.
-    One { value: Option<HeaderValue>, numeric: bool },
+    /// `number`: given as a Lua number.
+    One { value: Option<HeaderValue>, number: bool },
     /// A table of values, or a value of another type (an error to report with the name).
     Other(Value),
 }
 
 impl HeaderInput {
     fn text(bytes: &[u8]) -> HeaderInput {
-        let numeric = std::str::from_utf8(bytes).is_ok_and(|s| s.trim().parse::<u64>().is_ok());
-        HeaderInput::One { value: HeaderValue::from_bytes(&escape_header_bytes(bytes)).ok(), numeric }
+        HeaderInput::One { value: HeaderValue::from_bytes(&escape_header_bytes(bytes)).ok(), number: false }
+    }
+
+    /// Whether this may be a `Content-Length`: nil, a number, or a string of digits.
+    pub(crate) fn is_length(&self) -> bool {
+        match self {
+            HeaderInput::Nil | HeaderInput::One { number: true, .. } => true,
+            HeaderInput::One { value: Some(v), number: false } => {
+                v.to_str().is_ok_and(|s| s.trim().parse::<u64>().is_ok())
+            }
+            HeaderInput::One { value: None, .. } | HeaderInput::Other(_) => false,
+        }
     }
 
     fn integer(i: i64) -> HeaderInput {
-        HeaderInput::One { value: Some(HeaderValue::from(i)), numeric: true }
+        HeaderInput::One { value: Some(HeaderValue::from(i)), number: true }
     }
 
     fn number(n: f64) -> HeaderInput {
-        HeaderInput::One { value: HeaderValue::from_str(&format_number(n)).ok(), numeric: true }
+        HeaderInput::One { value: HeaderValue::from_str(&format_number(n)).ok(), number: true }
     }
 
     fn boolean(b: bool) -> HeaderInput {
-        HeaderInput::One { value: Some(HeaderValue::from_static(if b { "true" } else { "false" })), numeric: false }
+        HeaderInput::One { value: Some(HeaderValue::from_static(if b { "true" } else { "false" })), number: false }
     }
 }
 

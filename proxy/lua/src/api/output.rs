@@ -440,9 +440,7 @@ fn set_header(name: &str, value: HeaderInput) -> mlua::Result<()> {
     if header == http::header::CONTENT_TYPE {
         request.state.content_type_touched.set(true);
     }
-    if header == http::header::CONTENT_LENGTH
-        && !matches!(value, HeaderInput::Nil | HeaderInput::One { numeric: true, .. })
-    {
+    if header == http::header::CONTENT_LENGTH && !value.is_length() {
         return Err(mlua::Error::runtime("attempt to set invalid Content-Length"));
     }
     let mut headers = request.state.response_headers.borrow_mut();
