@@ -444,3 +444,36 @@ async fn ngx_exit_error_and_444_close_the_connection_without_a_response() {
     let fine = get(tidegate.http, "closing.test", "/fine").await.expect("a route that answers");
     assert_eq!((fine.status, &fine.body[..]), (StatusCode::OK, &b"fine\n"[..]), "other requests are served");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_and_date_are_tidegates_unless_lua_sets_them() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let own = "ngx.header.Server = \"custom\"\nngx.header.Date = \"Sun, 06 Dec 2026 00:00:00 GMT\"\nngx.say(\"own\")";
+    let route = lua_route(
+        "names",
+        "names.test",
+        None,
+        &[("own", "/own", "content", own, false), ("plain", "/", "content", "ngx.say(\"plain\")", false)],
+    );
+    let (tidegate, _dir) = start(&route).await;
+    for (path, server, date) in
+        [("/own", Some("custom"), Some("Sun, 06 Dec 2026 00:00:00 GMT")), ("/", Some("tidegate"), None)]
+    {
+        let mut stream = tokio::net::TcpStream::connect(tidegate.http).await.expect("connect");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: names.test\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("send");
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.expect("read");
+        let answer = String::from_utf8_lossy(&answer).to_lowercase();
+        let lines = |name: &str| answer.lines().filter(|l| l.starts_with(name)).map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(lines("server:"), [format!("server: {}", server.expect("server"))], "{answer}");
+        let dates = lines("date:");
+        assert_eq!(dates.len(), 1, "one Date: {answer}");
+        if let Some(date) = date {
+            assert_eq!(dates[0], format!("date: {}", date.to_lowercase()));
+        }
+        let h2 = h2c(tidegate.http, get_request("names.test", path)).await.expect("h2c");
+        assert_eq!(h2.headers.get_all("server").iter().collect::<Vec<_>>(), [server.expect("server")], "HTTP/2 {path}");
+        assert_eq!(h2.headers.get_all("date").iter().count(), 1, "HTTP/2 {path}");
+    }
+}

@@ -163,7 +163,7 @@ pub(crate) async fn handle(
             response
         }
     };
-    finish_headers(&worker.shared, conn.tls, &mut response);
+    finish_headers(&worker.shared, conn.tls, version, &mut response);
     let status = response.status();
 
     let metrics = &worker.shared.metrics;
@@ -376,34 +376,26 @@ pub(crate) fn text(status: StatusCode, body: &str) -> Response<LocalBody> {
     response
 }
 
-/// Headers every response carries: our `Server`, a fresh `Date`, and HSTS on TLS.
-fn finish_headers(shared: &Shared, tls: bool, response: &mut Response<LocalBody>) {
+/// Headers every response carries: our `Server` and a fresh `Date` unless set (nginx lets Lua
+/// set them too), and HSTS on TLS. The HTTP/1 encoder writes `Server` and `Date` itself
+/// (`http1::encode_head`), so that they never enter the map; hyper writes HTTP/2 responses
+/// from the map, which then gets them here.
+fn finish_headers(shared: &Shared, tls: bool, version: Version, response: &mut Response<LocalBody>) {
     let headers = response.headers_mut();
-    headers.insert(header::SERVER, HeaderValue::from_static("tidegate"));
-    headers.insert(header::DATE, http_date());
+    if version == Version::HTTP_2 {
+        if !headers.contains_key(header::SERVER) {
+            headers.insert(header::SERVER, HeaderValue::from_static(crate::headers::SERVER_NAME));
+        }
+        if !headers.contains_key(header::DATE) {
+            headers.insert(header::DATE, crate::headers::http_date());
+        }
+    }
     if tls
         && let Some(hsts) = &shared.hsts
         && !headers.contains_key(header::STRICT_TRANSPORT_SECURITY)
     {
         headers.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
     }
-}
-
-/// The `Date` header value, formatted once per second per worker.
-fn http_date() -> HeaderValue {
-    thread_local! {
-        static CACHE: RefCell<(u64, HeaderValue)> = const { RefCell::new((0, HeaderValue::from_static(""))) };
-    }
-    let now = SystemTime::now();
-    let second = now.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
-    CACHE.with(|cache| {
-        let mut cache = cache.borrow_mut();
-        if cache.0 != second {
-            let formatted = httpdate::fmt_http_date(now);
-            *cache = (second, HeaderValue::from_str(&formatted).unwrap_or_else(|_| HeaderValue::from_static("")));
-        }
-        cache.1.clone()
-    })
 }
 
 fn protocol_name(version: Version) -> &'static str {

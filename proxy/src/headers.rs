@@ -18,6 +18,27 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// What the `Server` header says.
+pub(crate) const SERVER_NAME: &str = "tidegate";
+
+/// The `Date` header value, formatted once per second per worker.
+pub(crate) fn http_date() -> HeaderValue {
+    thread_local! {
+        static CACHE: std::cell::RefCell<(u64, HeaderValue)> =
+            const { std::cell::RefCell::new((0, HeaderValue::from_static(""))) };
+    }
+    let now = std::time::SystemTime::now();
+    let second = now.duration_since(std::time::SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
+    CACHE.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if cache.0 != second {
+            let formatted = httpdate::fmt_http_date(now);
+            *cache = (second, HeaderValue::from_str(&formatted).unwrap_or_else(|_| HeaderValue::from_static("")));
+        }
+        cache.1.clone()
+    })
+}
+
 /// Whether `name` is a hop-by-hop header (`Upgrade` included).
 pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(

@@ -463,22 +463,36 @@ fn status_line(out: &mut Vec<u8>, status: StatusCode, reason: Option<&[u8]>) {
 }
 
 /// The headers after the status line, with the framing and connection headers `out` calls for
-/// (`Connection: keep-alive` only to HTTP/1.0 clients, for which it is not the default).
+/// (`Connection: keep-alive` only to HTTP/1.0 clients, for which it is not the default), and
+/// `Server` and `Date` unless the map has them (`handler::finish_headers`).
 fn encode_head(buf: &mut Vec<u8>, headers: &HeaderMap, out: Out, version: Version, keep_alive: bool) {
     let length = match out {
         Out::Length { length, add_header: true } => Some(length),
         _ => None,
     };
+    let (mut server, mut date) = (false, false);
     for (name, value) in headers {
         let ours = name == header::TRANSFER_ENCODING
             || (name == header::CONNECTION && out != Out::Switch)
             || (name == header::CONTENT_LENGTH && length.is_some());
         if !ours {
+            server |= name == header::SERVER;
+            date |= name == header::DATE;
             buf.extend_from_slice(name.as_str().as_bytes());
             buf.extend_from_slice(b": ");
             buf.extend_from_slice(value.as_bytes());
             buf.extend_from_slice(b"\r\n");
         }
+    }
+    if !server {
+        buf.extend_from_slice(b"server: ");
+        buf.extend_from_slice(crate::headers::SERVER_NAME.as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
+    if !date {
+        buf.extend_from_slice(b"date: ");
+        buf.extend_from_slice(crate::headers::http_date().as_bytes());
+        buf.extend_from_slice(b"\r\n");
     }
     if let Some(length) = length {
         buf.extend_from_slice(b"content-length: ");
