@@ -73,6 +73,108 @@ pub(crate) fn ends_in_chunked(value: &[u8]) -> bool {
     list_items(value).next_back().is_some_and(|coding| coding.eq_ignore_ascii_case(b"chunked"))
 }
 
+/// What a message's framing and connection headers say, read from its lines as parsed, before
+/// its header map is built (requests in `http1::head`, responses in `upstream::wire`). Values
+/// are read as the map would give them: one with other than visible ASCII says no token or
+/// coding (`list_items`), nor a length.
+#[derive(Debug, Default)]
+pub(crate) struct Said {
+    /// Whether there is a `Transfer-Encoding` line, and whether the last one ends in `chunked`.
+    pub(crate) last_coding_chunked: Option<bool>,
+    pub(crate) content_length: ContentLength,
+    /// `Connection` tokens.
+    pub(crate) close: bool,
+    pub(crate) keep_alive: bool,
+    pub(crate) connection_upgrade: bool,
+    /// Headers the `Connection` header names (other than `close` and `keep-alive`): they
+    /// describe this hop only.
+    pub(crate) named: Vec<HeaderName>,
+    /// An `Upgrade` line.
+    pub(crate) upgrade: bool,
+    /// Whether the first `Expect` line says `100-continue`; `None` without one.
+    pub(crate) expect_continue: Option<bool>,
+}
+
+impl Said {
+    pub(crate) fn read(lines: &[httparse::Header<'_>]) -> Said {
+        let mut said = Said::default();
+        for line in lines {
+            let (name, value) = (line.name, line.value);
+            if name.eq_ignore_ascii_case("content-length") {
+                said.content_length.add(value);
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                said.last_coding_chunked = Some(ends_in_chunked(value));
+            } else if name.eq_ignore_ascii_case("connection") {
+                for token in list_items(value) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        said.close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        said.keep_alive = true;
+                    } else if let Ok(name) = HeaderName::from_bytes(token) {
+                        said.connection_upgrade |= name == header::UPGRADE;
+                        said.named.push(name);
+                    }
+                }
+            } else if name.eq_ignore_ascii_case("upgrade") {
+                said.upgrade = true;
+            } else if name.eq_ignore_ascii_case("expect") && said.expect_continue.is_none() {
+                said.expect_continue = Some(value.eq_ignore_ascii_case(b"100-continue"));
+            }
+        }
+        said
+    }
+}
+
+/// What `Content-Length` lines say, added up one line at a time. Malformed values and differing
+/// ones (in one line or several) are errors; repeats of one value are not.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ContentLength(Result<Option<u64>, &'static str>);
+
+impl Default for ContentLength {
+    fn default() -> Self {
+        ContentLength(Ok(None))
+    }
+}
+
+impl ContentLength {
+    pub(crate) fn add(&mut self, value: &[u8]) {
+        if let Ok(length) = &mut self.0
+            && let Err(e) = add_length(length, value)
+        {
+            self.0 = Err(e);
+        }
+    }
+
+    /// The length; `None` without a line.
+    pub(crate) fn value(self) -> Result<Option<u64>, &'static str> {
+        self.0
+    }
+
+    /// Whether there was a line, valid or not.
+    pub(crate) fn seen(self) -> bool {
+        !matches!(self.0, Ok(None))
+    }
+}
+
+fn add_length(length: &mut Option<u64>, value: &[u8]) -> Result<(), &'static str> {
+    const INVALID: &str = "invalid Content-Length";
+    if !is_text(value) {
+        return Err(INVALID);
+    }
+    for item in value.split(|b| *b == b',') {
+        let item = item.trim_ascii();
+        if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
+            return Err(INVALID);
+        }
+        let n: u64 = std::str::from_utf8(item).ok().and_then(|s| s.parse().ok()).ok_or(INVALID)?;
+        if length.is_some_and(|l| l != n) {
+            return Err("differing Content-Length values");
+        }
+        *length = Some(n);
+    }
+    Ok(())
+}
+
 /// The tokens of a map's `Connection` headers.
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
     headers.get_all(header::CONNECTION).into_iter().flat_map(|v| list_items(v.as_bytes()))

@@ -12,7 +12,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Uri, Version};
 
-use crate::headers::{ends_in_chunked, is_text, list_items};
+use crate::headers::Said;
 
 /// Header lines a request (or a response) may have.
 pub(crate) const MAX_HEADERS: usize = 128;
@@ -144,7 +144,7 @@ pub(crate) fn parse(buf: &mut BytesMut) -> Result<Option<Head>, Refused> {
     let invalid = (Refused::Malformed("invalid header name"), Refused::Malformed("invalid header value"));
     let headers = lines.headers(&bytes, 2, invalid, |_| true)?;
 
-    let framing = said.framing(version)?;
+    let framing = framing(&said, version)?;
     let keep_alive = !said.close && (version == Version::HTTP_11 || said.keep_alive);
     let http11 = version == Version::HTTP_11;
     let expect_continue = http11 && said.expect_continue == Some(true);
@@ -174,115 +174,18 @@ pub(crate) fn take_head(buf: &mut BytesMut, length: usize) -> Bytes {
     head
 }
 
-/// What a request's framing and connection headers say, read from its lines as parsed, before
-/// the header map is built. Values are read as the map would give them: one with other than
-/// visible ASCII says no token or coding (`headers::list_items`), nor a length.
-#[derive(Debug, Default)]
-struct Said {
-    /// Whether there is a `Transfer-Encoding` line, and whether the last one ends in `chunked`.
-    last_coding_chunked: Option<bool>,
-    content_length: ContentLength,
-    /// `Connection` tokens.
-    close: bool,
-    keep_alive: bool,
-    connection_upgrade: bool,
-    /// An `Upgrade` line.
-    upgrade: bool,
-    /// Whether the first `Expect` line says `100-continue`; `None` without one.
-    expect_continue: Option<bool>,
-}
-
-impl Said {
-    fn read(lines: &[httparse::Header<'_>]) -> Said {
-        let mut said = Said::default();
-        for line in lines {
-            let (name, value) = (line.name, line.value);
-            if name.eq_ignore_ascii_case("content-length") {
-                said.content_length.add(value);
-            } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                said.last_coding_chunked = Some(ends_in_chunked(value));
-            } else if name.eq_ignore_ascii_case("connection") {
-                for token in list_items(value) {
-                    said.close |= token.eq_ignore_ascii_case(b"close");
-                    said.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
-                    said.connection_upgrade |= token.eq_ignore_ascii_case(b"upgrade");
-                }
-            } else if name.eq_ignore_ascii_case("upgrade") {
-                said.upgrade = true;
-            } else if name.eq_ignore_ascii_case("expect") && said.expect_continue.is_none() {
-                said.expect_continue = Some(value.eq_ignore_ascii_case(b"100-continue"));
-            }
-        }
-        said
+/// A request body's framing (RFC 9112 §6.3), from what its lines say.
+fn framing(said: &Said, version: Version) -> Result<Framing, Refused> {
+    let Some(chunked) = said.last_coding_chunked else {
+        return Ok(Framing::Length(said.content_length.value().map_err(Refused::Malformed)?.unwrap_or(0)));
+    };
+    if said.content_length.seen() {
+        return Err(Refused::Malformed("both Transfer-Encoding and Content-Length"));
     }
-
-    /// The body's framing (RFC 9112 §6.3).
-    fn framing(&self, version: Version) -> Result<Framing, Refused> {
-        let Some(chunked) = self.last_coding_chunked else {
-            return Ok(Framing::Length(self.content_length.value().map_err(Refused::Malformed)?.unwrap_or(0)));
-        };
-        if self.content_length.seen() {
-            return Err(Refused::Malformed("both Transfer-Encoding and Content-Length"));
-        }
-        if version == Version::HTTP_10 {
-            return Err(Refused::Malformed("Transfer-Encoding in an HTTP/1.0 request"));
-        }
-        if chunked {
-            Ok(Framing::Chunked)
-        } else {
-            Err(Refused::Malformed("Transfer-Encoding does not end in chunked"))
-        }
+    if version == Version::HTTP_10 {
+        return Err(Refused::Malformed("Transfer-Encoding in an HTTP/1.0 request"));
     }
-}
-
-/// What `Content-Length` lines say, added up one line at a time. Malformed values and differing
-/// ones (in one line or several) are errors; repeats of one value are not.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ContentLength(Result<Option<u64>, &'static str>);
-
-impl Default for ContentLength {
-    fn default() -> Self {
-        ContentLength(Ok(None))
-    }
-}
-
-impl ContentLength {
-    pub(crate) fn add(&mut self, value: &[u8]) {
-        if let Ok(length) = &mut self.0
-            && let Err(e) = add_length(length, value)
-        {
-            self.0 = Err(e);
-        }
-    }
-
-    /// The length; `None` without a line.
-    pub(crate) fn value(self) -> Result<Option<u64>, &'static str> {
-        self.0
-    }
-
-    /// Whether there was a line, valid or not.
-    pub(crate) fn seen(self) -> bool {
-        !matches!(self.0, Ok(None))
-    }
-}
-
-fn add_length(length: &mut Option<u64>, value: &[u8]) -> Result<(), &'static str> {
-    const INVALID: &str = "invalid Content-Length";
-    if !is_text(value) {
-        return Err(INVALID);
-    }
-    for item in value.split(|b| *b == b',') {
-        let item = item.trim_ascii();
-        if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
-            return Err(INVALID);
-        }
-        let n: u64 = std::str::from_utf8(item).ok().and_then(|s| s.parse().ok()).ok_or(INVALID)?;
-        if length.is_some_and(|l| l != n) {
-            return Err("differing Content-Length values");
-        }
-        *length = Some(n);
-    }
-    Ok(())
+    if chunked { Ok(Framing::Chunked) } else { Err(Refused::Malformed("Transfer-Encoding does not end in chunked")) }
 }
 
 fn reason(error: httparse::Error) -> &'static str {

@@ -13,8 +13,8 @@ use http::request::Parts;
 use http::response::Parts as ResponseParts;
 use http::{Method, Response, StatusCode, Version};
 
-use crate::headers::{Forwarded, ends_in_chunked, is_hop_by_hop, list_items};
-use crate::http1::head::{ContentLength, Lines, header_slots, take_head};
+use crate::headers::{Forwarded, Said, is_hop_by_hop};
+use crate::http1::head::{Lines, header_slots, take_head};
 
 /// Bytes a status line and its headers may take.
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
@@ -129,7 +129,7 @@ pub(crate) fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<O
     let version = if response.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
     let reason = response.reason.unwrap_or_default();
     let reason = (Some(reason) != status.canonical_reason() && !reason.is_empty()).then(|| reason.as_bytes().to_vec());
-    let hop = HopByHop::read(response.headers);
+    let said = Said::read(response.headers);
     let lines = Lines::record(buf, response.headers);
 
     // Copied out of the connection's read buffer (unless it is nearly all of it), which then
@@ -143,12 +143,12 @@ pub(crate) fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<O
     let keep = |name: &HeaderName| {
         name != header::SERVER
             && name != header::DATE
-            && (switching || !(is_hop_by_hop(name) || hop.named.contains(name)))
+            && (switching || !(is_hop_by_hop(name) || said.named.contains(name)))
     };
     let headers = lines.headers(&bytes, 3, invalid, keep)?;
     // Framed two ways at once: refused, as nginx does (RFC 9112 §6.3 lets the coding win, but
     // such an upstream may be reading requests differently too).
-    if hop.last_coding_chunked.is_some() && hop.content_length.seen() {
+    if said.last_coding_chunked.is_some() && said.content_length.seen() {
         return Err("both Transfer-Encoding and Content-Length");
     }
 
@@ -156,14 +156,14 @@ pub(crate) fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<O
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let framing = match hop.last_coding_chunked {
+    let framing = match said.last_coding_chunked {
         _ if no_body => ResponseFraming::Length(0),
         Some(true) => ResponseFraming::Chunked,
         Some(false) => ResponseFraming::UntilClose,
-        None => hop.content_length.value()?.map_or(ResponseFraming::UntilClose, ResponseFraming::Length),
+        None => said.content_length.value()?.map_or(ResponseFraming::UntilClose, ResponseFraming::Length),
     };
     let keep_alive =
-        framing != ResponseFraming::UntilClose && !hop.close && (version == Version::HTTP_11 || hop.keep_alive);
+        framing != ResponseFraming::UntilClose && !said.close && (version == Version::HTTP_11 || said.keep_alive);
 
     let (mut parts, ()) = Response::new(()).into_parts();
     parts.status = status;
@@ -175,45 +175,6 @@ pub(crate) fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<O
         parts.extensions.insert(reason);
     }
     Ok(Some(ResponseHead { parts, framing, keep_alive }))
-}
-
-/// What a response's `Connection` and `Transfer-Encoding` lines say, read from the lines as
-/// parsed, before the header map is built.
-#[derive(Debug, Default)]
-struct HopByHop {
-    close: bool,
-    keep_alive: bool,
-    /// Whether the last coding of the last `Transfer-Encoding` line is `chunked`; `None`
-    /// without one.
-    last_coding_chunked: Option<bool>,
-    content_length: ContentLength,
-    /// Headers the `Connection` header names (other than `close` and `keep-alive`): they
-    /// describe this hop only.
-    named: Vec<HeaderName>,
-}
-
-impl HopByHop {
-    fn read(lines: &[httparse::Header<'_>]) -> HopByHop {
-        let mut hop = HopByHop::default();
-        for line in lines {
-            if line.name.eq_ignore_ascii_case("connection") {
-                for token in list_items(line.value) {
-                    if token.eq_ignore_ascii_case(b"close") {
-                        hop.close = true;
-                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                        hop.keep_alive = true;
-                    } else if let Ok(name) = HeaderName::from_bytes(token) {
-                        hop.named.push(name);
-                    }
-                }
-            } else if line.name.eq_ignore_ascii_case("transfer-encoding") {
-                hop.last_coding_chunked = Some(ends_in_chunked(line.value));
-            } else if line.name.eq_ignore_ascii_case("content-length") {
-                hop.content_length.add(line.value);
-            }
-        }
-        hop
-    }
 }
 
 #[cfg(test)]
