@@ -82,6 +82,27 @@ fn say_and_print_write_output() {
 }
 
 #[test]
+fn what_a_handler_reads_is_its_own_request_s_on_every_run() {
+    // Request environments are `safeenv`: a handler's imports come from what the loader
+    // resolved when the chunk was first loaded, during the first request. Nothing of that
+    // request may be among them.
+    let vm = vm();
+    let source = r#"local before = ngx.ctx.mine
+        ngx.ctx.mine = ngx.var.request_uri
+        local f = loadstring("return ngx.var.request_uri, ngx.status")
+        ngx.status = 201
+        local uri, status = f()
+        ngx.say(tostring(before), " ", ngx.var.request_uri, " ", uri, " ", status, " ", type(ngx.shared))"#;
+    let script = script(source);
+    for uri in ["/first", "/second", "/third"] {
+        let request = vm.begin(head(uri), headers()).expect("request");
+        let outcome = block_on(vm.run(&request, Phase::Content, std::slice::from_ref(&script)));
+        assert_eq!(outcome, Outcome::Continue, "{}", output(&request));
+        assert_eq!(output(&request), format!("nil {uri} {uri} 201 table\n"));
+    }
+}
+
+#[test]
 fn exit_in_access_ends_the_request_even_inside_pcall() {
     let vm = vm();
     let (outcome, _) = run(&vm, Phase::Access, "pcall(function() ngx.exit(403) end) error('not reached')");

@@ -232,6 +232,18 @@ pub(crate) fn with_current<R>(f: impl FnOnce(Option<&Rc<LuaRequest>>) -> R) -> R
     CURRENT.with(|c| f(c.borrow().as_ref()))
 }
 
+/// Runs `load` with no request current. Luau's loader resolves a chunk's imports
+/// (`ngx.req.get_method`, `string.format`) as it loads it, in the base environment, and the
+/// chunk then uses that resolution in every request (request environments are `safeenv`, see
+/// [`Vm::begin`]). An import such as `ngx.var.uri`, `ngx.status` or `ngx.ctx` must therefore
+/// find no request then, and stay unresolved, to be looked up again each time it runs.
+pub(crate) fn without_request<R>(load: impl FnOnce() -> R) -> R {
+    let outer = CURRENT.with(|c| c.borrow_mut().take());
+    let loaded = load();
+    CURRENT.with(|c| *c.borrow_mut() = outer);
+    loaded
+}
+
 /// Makes a request current for the duration of one resume.
 struct Scope;
 
@@ -485,6 +497,12 @@ impl Vm {
         let _setup = self.unlimited();
         let env = self.lua.create_table()?;
         env.set_metatable(Some(self.dict_objects.env_meta(&self.lua, &self.base, &head.namespace)?))?;
+        // `safeenv`, as Luau's own sandbox makes each script's environment: the handlers' imports
+        // come from their load-time resolution (`without_request`), and built-ins such as `type` or
+        // `string.sub` take the interpreter's fast path. A global the request writes stays in
+        // its environment; one that shadows a built-in is seen by the chunk that wrote it, not
+        // by the request's other handlers.
+        env.set_safeenv(true);
         Ok(LuaRequest::with_env(head, headers, env))
     }
 
@@ -510,12 +528,13 @@ impl Vm {
         if let Some(f) = self.loaded.borrow().get(&script.id) {
             return Ok(f.clone());
         }
-        let chunk = self
-            .lua
-            .load(&script.bytecode[..])
-            .set_name(format!("={}", script.name))
-            .set_mode(ChunkMode::Binary)
-            .into_function()?;
+        let chunk = without_request(|| {
+            self.lua
+                .load(&script.bytecode[..])
+                .set_name(format!("={}", script.name))
+                .set_mode(ChunkMode::Binary)
+                .into_function()
+        })?;
         self.loaded.borrow_mut().insert(script.id, chunk.clone());
         Ok(chunk)
     }

@@ -153,12 +153,13 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
         match crate::compile::compile_chunk(&source.to_string_lossy()) {
             Err(message) => Ok((Value::Nil, Value::String(lua.create_string(&message)?))),
             Ok(bytecode) => {
-                let chunk = lua
-                    .load(&bytecode[..])
-                    .set_mode(mlua::chunk::ChunkMode::Binary)
-                    .set_name(format!("={}", name.as_deref().unwrap_or("loadstring")))
-                    .set_environment(request.env().clone())
-                    .into_function()?;
+                let chunk = crate::vm::without_request(|| {
+                    lua.load(&bytecode[..])
+                        .set_mode(mlua::chunk::ChunkMode::Binary)
+                        .set_name(format!("={}", name.as_deref().unwrap_or("loadstring")))
+                        .set_environment(request.env().clone())
+                        .into_function()
+                })?;
                 Ok((Value::Function(chunk), Value::Nil))
             }
         }
