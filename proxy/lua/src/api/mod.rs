@@ -505,4 +505,23 @@ mod tests {
             assert_eq!(format_number(n), s, "{n}");
         }
     }
+
+    #[test]
+    fn header_names_normalize_the_same_kept_or_not() {
+        use super::output::normalize_header_name;
+        let expect = |name: &str, header: &str| {
+            assert_eq!(normalize_header_name(name).expect("a name").as_str(), header, "{name}");
+        };
+        // More names than are kept, twice over: the second pass finds some kept, some not.
+        for _ in 0..2 {
+            for i in 0..40 {
+                expect(&format!("X_Name_{i}"), &format!("x-name-{i}"));
+            }
+            expect("Content_Type", "content-type");
+            expect("X-Lua", "x-lua");
+            expect("x y", "x%20y");
+            expect(&"A".repeat(100), &"a".repeat(100));
+        }
+        assert!(normalize_header_name("").is_err());
+    }
 }

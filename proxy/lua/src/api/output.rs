@@ -383,9 +383,36 @@ pub(super) fn escape_header_bytes(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     std::borrow::Cow::Owned(out)
 }
 
+/// Names a worker keeps normalized: handlers name the same few headers request after request.
+const KEPT_NAMES: usize = 32;
+/// Longer names are normalized each time.
+const KEPT_NAME_LEN: usize = 64;
+
 /// `content_type` and `Content-Type` name the same header. Bytes a header name cannot hold are
-/// percent-escaped, as OpenResty does.
+/// percent-escaped, as OpenResty does. The last [`KEPT_NAMES`] names a worker normalized are
+/// kept as they were written: for `X-Custom`, normalizing is an allocation and a copy, where a
+/// kept name is a reference count.
 pub(super) fn normalize_header_name(name: &str) -> mlua::Result<HeaderName> {
+    thread_local! {
+        static NAMES: std::cell::RefCell<Vec<(Box<str>, HeaderName)>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let kept = NAMES.with_borrow(|names| names.iter().find(|(n, _)| **n == *name).map(|(_, h)| h.clone()));
+    if let Some(header) = kept {
+        return Ok(header);
+    }
+    let header = normalize_uncached(name)?;
+    if name.len() <= KEPT_NAME_LEN {
+        NAMES.with_borrow_mut(|names| {
+            if names.len() == KEPT_NAMES {
+                names.remove(0);
+            }
+            names.push((name.into(), header.clone()));
+        });
+    }
+    Ok(header)
+}
+
+fn normalize_uncached(name: &str) -> mlua::Result<HeaderName> {
     // Token bytes with no `_`: `http` lowercases them itself, with no copy of ours.
     if !name.is_empty()
         && name.bytes().all(|b| b != b'_' && (b.is_ascii_alphanumeric() || b"!#$&'*+-.^`|~".contains(&b)))
