@@ -5,19 +5,6 @@ use std::net::SocketAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1), plus the
-/// non-standard `Proxy-Connection` and `Keep-Alive`.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
-
 /// What the `Server` header says.
 pub(crate) const SERVER_NAME: &str = "tidegate";
 
@@ -39,7 +26,8 @@ pub(crate) fn http_date() -> HeaderValue {
     })
 }
 
-/// Whether `name` is a hop-by-hop header (`Upgrade` included).
+/// Whether `name` is a hop-by-hop header: one that describes one connection, never forwarded
+/// (RFC 9110 §7.6.1), the non-standard `Proxy-Connection` and `Keep-Alive`, and `Upgrade`.
 pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
@@ -189,11 +177,11 @@ pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
 /// `Upgrade` and `Connection: upgrade` survive so a protocol switch can pass through.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // One look at the few names present, rather than a lookup of every hop-by-hop name. Names
-    // are distinct, so at most the eight hop-by-hop ones and `Upgrade` are found.
+    // are distinct, so at most the nine hop-by-hop ones are found.
     let mut found: [Option<HeaderName>; 9] = Default::default();
     let mut count = 0;
     for name in headers.keys() {
-        if HOP_BY_HOP.contains(name) || (!keep_upgrade && name == header::UPGRADE) {
+        if is_hop_by_hop(name) && !(keep_upgrade && name == header::UPGRADE) {
             found[count] = Some(name.clone());
             count += 1;
         }
@@ -243,19 +231,20 @@ impl Forwarded<'_> {
     /// Writes the header lines, with `host` (the request's `Host`) as `X-Forwarded-Host`.
     pub(crate) fn write(&self, buf: &mut Vec<u8>, host: Option<&HeaderValue>) {
         let ip = self.client_ip.as_bytes();
-        for (name, value) in [("x-forwarded-for: ", ip), ("x-real-ip: ", ip)] {
-            line(buf, name, value);
-        }
-        line(buf, "x-forwarded-proto: ", if self.https { b"https" } else { b"http" });
+        write_line(buf, b"x-forwarded-for", ip);
+        write_line(buf, b"x-real-ip", ip);
+        write_line(buf, b"x-forwarded-proto", if self.https { b"https" } else { b"http" });
         if let Some(host) = host {
-            line(buf, "x-forwarded-host: ", host.as_bytes());
+            write_line(buf, b"x-forwarded-host", host.as_bytes());
         }
-        line(buf, "x-forwarded-port: ", port_text(self.port, &mut [0; 5]));
+        write_line(buf, b"x-forwarded-port", port_text(self.port, &mut [0; 5]));
     }
 }
 
-fn line(buf: &mut Vec<u8>, name: &str, value: &[u8]) {
-    buf.extend_from_slice(name.as_bytes());
+/// Writes one header line of a head: `name: value` and its line end.
+pub(crate) fn write_line(buf: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    buf.extend_from_slice(name);
+    buf.extend_from_slice(b": ");
     buf.extend_from_slice(value);
     buf.extend_from_slice(b"\r\n");
 }
@@ -318,7 +307,17 @@ mod tests {
 
     #[test]
     fn hop_by_hop_names_are_the_listed_ones_and_upgrade() {
-        for name in HOP_BY_HOP.iter().chain([&header::UPGRADE]) {
+        let listed = [
+            header::CONNECTION,
+            HeaderName::from_static("keep-alive"),
+            HeaderName::from_static("proxy-connection"),
+            header::PROXY_AUTHENTICATE,
+            header::PROXY_AUTHORIZATION,
+            header::TE,
+            header::TRAILER,
+            header::TRANSFER_ENCODING,
+        ];
+        for name in listed.iter().chain([&header::UPGRADE]) {
             assert!(is_hop_by_hop(name), "{name}");
         }
         for name in [header::HOST, header::CONTENT_LENGTH, HeaderName::from_static("x-te")] {

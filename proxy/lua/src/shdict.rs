@@ -445,14 +445,14 @@ impl DictHandle {
             Ok(k) => k,
             Err(message) => return Ok(multi([Value::Nil, text(lua, message)?])),
         };
-        let number = |s: &[u8]| std::str::from_utf8(s).ok().and_then(|s| s.trim().parse::<f64>().ok());
         let delta = match delta {
             #[allow(clippy::cast_precision_loss)]
-            Scalar::Int(i) => i as f64,
-            Scalar::Num(n) => n,
-            Scalar::Str(s) if number(&s).is_some() => number(&s).unwrap_or(0.0),
-            _ => return Ok(multi([Value::Nil, text(lua, "value not a number")?])),
+            Scalar::Int(i) => Some(i as f64),
+            Scalar::Num(n) => Some(n),
+            Scalar::Str(s) => std::str::from_utf8(&s).ok().and_then(|s| s.trim().parse::<f64>().ok()),
+            _ => None,
         };
+        let Some(delta) = delta else { return Ok(multi([Value::Nil, text(lua, "value not a number")?])) };
         let now = Instant::now();
         let dict = &self.0;
         let mut inner = dict.lock();

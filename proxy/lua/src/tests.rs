@@ -318,6 +318,9 @@ fn header_values_of_every_kind() {
            ngx.header.content_length = "12" ngx.req.set_header("X-Req", 7)
            local ok, err = pcall(function() ngx.header.content_length = "twelve" end)
            local ok_fn, err_fn = pcall(function() ngx.header.x_fn = function() end end)
+           ngx.header.x_multi = {"a", "b"}
+           pcall(function() ngx.header.x_multi = {"c", "bad\0"} end)
+           ngx.header.content_type = {"text/a", "text/b"}
            -- Output sends the headers: set no more after this.
            ngx.say(ok, " ", err:match("invalid Content%-Length") ~= nil, " ", ngx.header.x_int)
            ngx.say(ok_fn, " ", err_fn:match("bad header value") ~= nil, " ", ngx.req.get_headers()["x-req"])"#,
@@ -330,6 +333,9 @@ fn header_values_of_every_kind() {
     assert!(!headers.contains_key("x-gone"));
     assert_eq!(headers["x-line"], "a%0Ab");
     assert_eq!(headers["content-length"], "12", "a refused value changes nothing");
+    let multi: Vec<_> = headers.get_all("x-multi").iter().collect();
+    assert_eq!(multi, ["a", "b"], "nor does a table with one refused value");
+    assert_eq!(headers["content-type"], "text/b", "a single-valued header takes a table's last");
     drop(headers);
     assert_eq!(output(&request), "false true 42\nfalse true 7\n");
 }

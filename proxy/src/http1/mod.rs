@@ -38,6 +38,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::alarm::Alarm;
+use crate::headers::write_line;
 use head::{Framing, Head, Refused};
 use stream::{BodyState, Conn};
 pub(crate) use stream::{Detached, Io, OnUpgrade, RequestStream, spare};
@@ -478,26 +479,17 @@ fn encode_head(buf: &mut Vec<u8>, headers: &HeaderMap, out: Out, version: Versio
         if !ours {
             server |= name == header::SERVER;
             date |= name == header::DATE;
-            buf.extend_from_slice(name.as_str().as_bytes());
-            buf.extend_from_slice(b": ");
-            buf.extend_from_slice(value.as_bytes());
-            buf.extend_from_slice(b"\r\n");
+            write_line(buf, name.as_str().as_bytes(), value.as_bytes());
         }
     }
     if !server {
-        buf.extend_from_slice(b"server: ");
-        buf.extend_from_slice(crate::headers::SERVER_NAME.as_bytes());
-        buf.extend_from_slice(b"\r\n");
+        write_line(buf, b"server", crate::headers::SERVER_NAME.as_bytes());
     }
     if !date {
-        buf.extend_from_slice(b"date: ");
-        buf.extend_from_slice(crate::headers::http_date().as_bytes());
-        buf.extend_from_slice(b"\r\n");
+        write_line(buf, b"date", crate::headers::http_date().as_bytes());
     }
     if let Some(length) = length {
-        buf.extend_from_slice(b"content-length: ");
-        buf.extend_from_slice(length.to_string().as_bytes());
-        buf.extend_from_slice(b"\r\n");
+        write_line(buf, b"content-length", length.to_string().as_bytes());
     }
     if out == Out::Chunked {
         buf.extend_from_slice(b"transfer-encoding: chunked\r\n");

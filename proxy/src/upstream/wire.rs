@@ -13,7 +13,7 @@ use http::request::Parts;
 use http::response::Parts as ResponseParts;
 use http::{Method, Response, StatusCode, Version};
 
-use crate::headers::{Forwarded, Said, is_hop_by_hop};
+use crate::headers::{Forwarded, Said, is_hop_by_hop, write_line};
 use crate::http1::head::{Lines, header_slots, take_head};
 
 /// Bytes a status line and its headers may take.
@@ -68,22 +68,15 @@ pub(crate) fn encode_request(
         {
             continue;
         }
-        buf.extend_from_slice(name.as_str().as_bytes());
-        buf.extend_from_slice(b": ");
-        buf.extend_from_slice(value.as_bytes());
-        buf.extend_from_slice(b"\r\n");
+        write_line(buf, name.as_str().as_bytes(), value.as_bytes());
     }
     if let Some(forwarded) = forwarded {
         forwarded.write(buf, host);
     }
     match framing {
         RequestFraming::Empty => {}
-        RequestFraming::Length(n) => {
-            buf.extend_from_slice(b"content-length: ");
-            buf.extend_from_slice(n.to_string().as_bytes());
-            buf.extend_from_slice(b"\r\n");
-        }
-        RequestFraming::Chunked => buf.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        RequestFraming::Length(n) => write_line(buf, b"content-length", n.to_string().as_bytes()),
+        RequestFraming::Chunked => write_line(buf, b"transfer-encoding", b"chunked"),
     }
     buf.extend_from_slice(b"\r\n");
 }

@@ -38,6 +38,18 @@ pub(crate) enum HeaderInput {
 }
 
 impl HeaderInput {
+    /// What a Lua value gives, read the way `from_stack` reads one.
+    pub(crate) fn of(value: Value) -> HeaderInput {
+        match value {
+            Value::Nil => HeaderInput::Nil,
+            Value::String(s) => HeaderInput::text(&s.as_bytes()),
+            Value::Integer(i) => HeaderInput::integer(i),
+            Value::Number(n) => HeaderInput::number(n),
+            Value::Boolean(b) => HeaderInput::boolean(b),
+            other => HeaderInput::Other(other),
+        }
+    }
+
     fn text(bytes: &[u8]) -> HeaderInput {
         HeaderInput::One { value: HeaderValue::from_bytes(&escape_header_bytes(bytes)).ok(), number: false }
     }
@@ -71,14 +83,7 @@ impl HeaderInput {
 #[allow(unsafe_code)]
 impl FromLua for HeaderInput {
     fn from_lua(value: Value, _: &Lua) -> mlua::Result<Self> {
-        Ok(match value {
-            Value::Nil => HeaderInput::Nil,
-            Value::String(s) => HeaderInput::text(&s.as_bytes()),
-            Value::Integer(i) => HeaderInput::integer(i),
-            Value::Number(n) => HeaderInput::number(n),
-            Value::Boolean(b) => HeaderInput::boolean(b),
-            other => HeaderInput::Other(other),
-        })
+        Ok(HeaderInput::of(value))
     }
 
     unsafe fn from_stack(idx: c_int, lua: &RawLua) -> mlua::Result<Self> {

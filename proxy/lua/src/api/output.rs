@@ -474,51 +474,40 @@ fn set_header(name: &str, value: HeaderInput) -> mlua::Result<()> {
     set_header_input(&mut headers, &header, value)
 }
 
-/// Replaces a header with what Lua gave (see [`set_header_values`]).
+/// Replaces a header with what Lua gave: nil (or an empty table) clears it, a table sets several
+/// values (the last one for a single-valued header), anything else one. A value refused leaves
+/// the header as it was.
 pub(super) fn set_header_input(headers: &mut HeaderMap, name: &HeaderName, value: HeaderInput) -> mlua::Result<()> {
+    let one = |input: HeaderInput| match input {
+        HeaderInput::One { value: Some(value), .. } => Ok(value),
+        HeaderInput::One { value: None, .. } => Err(mlua::Error::runtime(format!("invalid value for header {name}"))),
+        HeaderInput::Nil => Err(mlua::Error::runtime(format!("bad header value for {name}: nil"))),
+        HeaderInput::Other(other) => {
+            Err(mlua::Error::runtime(format!("bad header value for {name}: {}", other.type_name())))
+        }
+    };
     match value {
         HeaderInput::Nil => {
             headers.remove(name);
-            Ok(())
         }
-        HeaderInput::One { value: Some(value), .. } => {
-            headers.insert(name.clone(), value);
-            Ok(())
-        }
-        HeaderInput::One { value: None, .. } => Err(mlua::Error::runtime(format!("invalid value for header {name}"))),
-        HeaderInput::Other(value) => set_header_values(headers, name, &value),
-    }
-}
-
-/// Replaces a header: nil (or an empty table) clears it, a table sets several values.
-pub(super) fn set_header_values(headers: &mut HeaderMap, name: &HeaderName, value: &Value) -> mlua::Result<()> {
-    headers.remove(name);
-    let mut put = |v: &Value| -> mlua::Result<()> {
-        let invalid = || mlua::Error::runtime(format!("invalid value for header {name}"));
-        let value = match v {
-            Value::String(s) => HeaderValue::from_bytes(&escape_header_bytes(&s.as_bytes())).map_err(|_| invalid())?,
-            Value::Integer(i) => HeaderValue::from(*i),
-            Value::Number(n) => HeaderValue::from_str(&format_number(*n)).map_err(|_| invalid())?,
-            Value::Boolean(b) => HeaderValue::from_static(if *b { "true" } else { "false" }),
-            other => return Err(mlua::Error::runtime(format!("bad header value for {name}: {}", other.type_name()))),
-        };
-        headers.append(name.clone(), value);
-        Ok(())
-    };
-    match value {
-        Value::Nil => Ok(()),
-        Value::Table(t) if SINGLE_VALUED.contains(&name.as_str()) => match t.sequence_values::<Value>().last() {
-            Some(last) => put(&last?),
-            None => Ok(()),
-        },
-        Value::Table(t) => {
-            for v in t.sequence_values::<Value>() {
-                put(&v?)?;
+        HeaderInput::Other(Value::Table(t)) => {
+            let items = t.sequence_values::<Value>().map(|v| v.map(HeaderInput::of));
+            let values: Vec<HeaderValue> = if SINGLE_VALUED.contains(&name.as_str()) {
+                items.last().transpose()?.map(one).transpose()?.into_iter().collect()
+            } else {
+                items.map(|item| one(item?)).collect::<mlua::Result<_>>()?
+            };
+            headers.remove(name);
+            for value in values {
+                headers.append(name.clone(), value);
             }
-            Ok(())
         }
-        other => put(other),
+        // The usual case: one value, set with no list made.
+        single => {
+            headers.insert(name.clone(), one(single)?);
+        }
     }
+    Ok(())
 }
 
 /// A header table as `ngx.req.get_headers` and `ngx.resp.get_headers` return it: lower-case
