@@ -177,9 +177,12 @@ for target in $TIDEGATE $NGINX; do
     || { echo "the Lua route on $target is not answering" >&2; cat "$WORK"/*.err "$WORK/tidegate.log" >&2; exit 1; }
 done
 
-run() { # address host extra-header -> "requests_per_s p50_ms p99_ms"
-  wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency -H "Host: $2" ${3:+-H "$3"} "http://$1/" \
-    | wrk_stats | awk '{print $2, $3, $4}'
+# run address host extra-header proxy-pids
+#   -> "requests requests_per_s p50_ms p99_ms wrk_us upstream_us proxy_user_us proxy_kernel_us"
+# (the CPU each spent over the run, see `cpu_split`; pids comma-separated)
+run() {
+  cpu_split "$4" "$UPSTREAM_PIDS" -- \
+    wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency -H "Host: $2" ${3:+-H "$3"} "http://$1/" | wrk_stats
 }
 
 h2() { # address -> "requests_per_s mean_ms"
@@ -239,6 +242,7 @@ PY
 # memory the allocator kept would hide the growth): RSS of the whole proxy (nginx: master and
 # workers).
 NGINX_PIDS=$(cat "$WORK/proxy.pid"; pgrep -P "$(cat "$WORK/proxy.pid")")
+UPSTREAM_PIDS=$( (cat "$WORK/upstream.pid"; pgrep -P "$(cat "$WORK/upstream.pid")") | paste -sd,)
 echo "idle,tidegate,$(idle $TIDEGATE "$IDLE" "$TIDEGATE_PID")" > "$WORK/idle.csv"
 # shellcheck disable=SC2086
 echo "idle,nginx,$(idle $NGINX "$IDLE" $NGINX_PIDS)" >> "$WORK/idle.csv"
@@ -246,10 +250,10 @@ echo "idle_tls,tidegate,$(idle "tls:$TIDEGATE_TLS" "$IDLE_TLS" "$TIDEGATE_PID")"
 # shellcheck disable=SC2086
 echo "idle_tls,nginx,$(idle "tls:$NGINX_TLS" "$IDLE_TLS" $NGINX_PIDS)" >> "$WORK/idle.csv"
 
-echo "round,scenario,target,rps,p50_ms,p99_ms" > "$WORK/rows.csv"
+echo "round,scenario,target,rps,p50_ms,p99_ms,requests,wrk_us,upstream_us,user_us,kernel_us" > "$WORK/rows.csv"
 for round in $(seq "$ROUNDS"); do
-  read -r rps p50 p99 < <(run "$UPSTREAM" plain.bench "")
-  echo "$round,keepalive,ceiling,$rps,$p50,$p99" >> "$WORK/rows.csv"
+  read -r requests rps p50 p99 cpu < <(run "$UPSTREAM" plain.bench "" "")
+  echo "$round,keepalive,ceiling,$rps,$p50,$p99,$requests,${cpu// /,}" >> "$WORK/rows.csv"
   for scenario in keepalive lua newconn; do
     host=plain.bench; header=""
     [ "$scenario" = lua ] && host=lua.bench
@@ -257,15 +261,16 @@ for round in $(seq "$ROUNDS"); do
     # A B A B: the order of the two proxies alternates between rounds.
     order="tidegate nginx"; [ $((round % 2)) -eq 0 ] && order="nginx tidegate"
     for target in $order; do
-      addr=$TIDEGATE; [ "$target" = nginx ] && addr=$NGINX
-      read -r rps p50 p99 < <(run "$addr" "$host" "$header")
-      echo "$round,$scenario,$target,$rps,$p50,$p99" >> "$WORK/rows.csv"
+      addr=$TIDEGATE; pids=$TIDEGATE_PID
+      [ "$target" = nginx ] && addr=$NGINX && pids=$(echo "$NGINX_PIDS" | paste -sd,)
+      read -r requests rps p50 p99 cpu < <(run "$addr" "$host" "$header" "$pids")
+      echo "$round,$scenario,$target,$rps,$p50,$p99,$requests,${cpu// /,}" >> "$WORK/rows.csv"
     done
   done
   for target in $order; do
     addr=$TIDEGATE; [ "$target" = nginx ] && addr=$NGINX_H2
     read -r rps mean < <(h2 "$addr")
-    echo "$round,h2,$target,$rps,$mean,0" >> "$WORK/rows.csv"
+    echo "$round,h2,$target,$rps,$mean,0,,,,," >> "$WORK/rows.csv"
   done
 done
 
@@ -290,6 +295,19 @@ for s in ("keepalive", "lua", "newconn"):
 t, n = med("h2", "tidegate", "rps"), med("h2", "nginx", "rps")
 print(f"| HTTP/2 (h2c, h2load, 10 streams per connection) | {t:,.0f} | {n:,.0f} | **{t / n:.2f}×** | – | "
       f"mean {med('h2', 'tidegate', 'p50_ms'):.2f} / {med('h2', 'nginx', 'p50_ms'):.2f} ms | – |")
+def per_request(scenario, target, key):
+    return statistics.median(float(r[key]) / int(r["requests"]) for r in rows if r["scenario"] == scenario and r["target"] == target)
+print("\nWhere the time goes: CPU per request in µs (medians), of wrk, the upstream, and the proxy in user")
+print("space and in the kernel (`/proc/PID/stat`; wrk's own resource usage). The last column is what a proxy")
+print("that spent no user time at all, and nginx's kernel time, would serve relative to nginx here:")
+print("nginx's total over that total without nginx's user time.\n")
+print("| scenario | proxy | wrk | upstream | proxy user | proxy kernel | total | zero-user bound |")
+print("|---|---|---|---|---|---|---|---|")
+for s in ("keepalive", "lua", "newconn"):
+    for target in ("tidegate", "nginx"):
+        parts = [per_request(s, target, k) for k in ("wrk_us", "upstream_us", "user_us", "kernel_us")]
+        bound = f"{sum(parts) / (sum(parts) - parts[2]):.2f}× nginx" if target == "nginx" else ""
+        print(f"| {names[s]} | {target} | " + " | ".join(f"{p:.2f}" for p in parts) + f" | {sum(parts):.2f} | {bound} |")
 idle = {(row[0], row[1]): float(row[2]) for row in csv.reader(open(sys.argv[5]))}
 for kind, label, count in (("idle", "", sys.argv[6]), ("idle_tls", " TLS (HTTP/1.1)", sys.argv[7])):
     t, n = idle[(kind, "tidegate")], idle[(kind, "nginx")]
