@@ -137,10 +137,21 @@ struct Idle {
 }
 
 /// One worker's upstream connections.
-#[derive(Default)]
 pub(crate) struct Pool {
     /// Per endpoint, the oldest first.
     idle: RefCell<foldhash::HashMap<SocketAddr, VecDeque<Idle>>>,
+    /// The time of the last sweep, which the worker's upkeep makes once a second: how idle
+    /// connections are dated and aged, read from the clock once a second rather than twice per
+    /// request. A connection so dated is up to a second older than its date says, and one
+    /// reused is idle for at most [`IDLE_TIMEOUT`] and that second (upstreams commonly wait
+    /// 60 s and more).
+    swept: Cell<Instant>,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool { idle: RefCell::default(), swept: Cell::new(Instant::now()) }
+    }
 }
 
 /// How an exchange failed.
@@ -232,7 +243,7 @@ impl Pool {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&endpoint)?;
         while let Some(entry) = list.pop_back() {
-            if entry.since.elapsed() < IDLE_TIMEOUT && entry.conn.still_open() {
+            if self.swept.get().duration_since(entry.since) < IDLE_TIMEOUT && entry.conn.still_open() {
                 return Some(entry.conn);
             }
         }
@@ -242,7 +253,7 @@ impl Pool {
     /// Keeps a connection whose exchange ended cleanly for the next request to its endpoint.
     fn checkin(&self, mut conn: UpstreamConn) {
         conn.release_buffer();
-        let now = Instant::now();
+        let now = self.swept.get();
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(conn.endpoint).or_default();
         while list.front().is_some_and(|e| now.duration_since(e.since) >= IDLE_TIMEOUT) {
@@ -257,6 +268,7 @@ impl Pool {
     /// endpoints with none left (called by the worker's upkeep).
     pub(crate) fn sweep(&self) {
         let now = Instant::now();
+        self.swept.set(now);
         self.idle.borrow_mut().retain(|_, list| {
             list.retain(|e| now.duration_since(e.since) < IDLE_TIMEOUT && e.conn.still_open());
             !list.is_empty()
@@ -343,8 +355,8 @@ async fn send_request(
     progress: &Cell<Instant>,
 ) -> Result<(), Failure> {
     if matches!(framing, RequestFraming::Empty | RequestFraming::Length(0)) {
+        // Progress, too, but `exchange` marks it once this is done.
         writer.write_all(head).await.map_err(Failure::Io)?;
-        progress.set(Instant::now());
         return Ok(());
     }
     let mut out = spare::take_write(head.len() + COPY_LIMIT);
