@@ -1274,7 +1274,7 @@ fn no_request_reaches_a_shared_metatable() {
         local reachable = {}
         for name, value in pairs({
             ngx = ngx, header = ngx.header, var = ngx.var, arg = ngx.arg, shared = ngx.shared,
-            dict = ngx.shared.hits, zone = rawget(ngx.shared.hits, "__zone"), req = ngx.req,
+            dict = ngx.shared.hits, req = ngx.req,
             socket = ngx.socket.tcp(), client = http.new(), cjson = require("cjson"),
             thread = ngx.thread.spawn(function() end), string = "",
         }) do

@@ -26,6 +26,24 @@ impl FromLua for Ignored {
     }
 }
 
+/// The address of an argument that is a table, userdata or function, 0 for one of another type:
+/// what a method compares with its object's, to check that it is called on it.
+pub(crate) struct Address(pub(crate) usize);
+
+// Reads the argument's address with `lua_topointer`, which converts nothing.
+#[allow(unsafe_code)]
+impl FromLua for Address {
+    fn from_lua(value: Value, _: &Lua) -> mlua::Result<Self> {
+        Ok(Address(value.to_pointer() as usize))
+    }
+
+    unsafe fn from_stack(idx: c_int, lua: &RawLua) -> mlua::Result<Self> {
+        // SAFETY: `idx` is a valid index of the callback's arguments (mlua's contract for
+        // `from_stack`); `lua_topointer` only reads the value there.
+        Ok(Address(unsafe { ffi::lua_topointer(lua.state(), idx) } as usize))
+    }
+}
+
 /// A header value as Lua gives it to `ngx.header.NAME = v` or `ngx.req.set_header(name, v)`.
 pub(crate) enum HeaderInput {
     /// `nil`: the header goes.

@@ -1,7 +1,8 @@
 //! `ngx.shared.NAME`: the dictionaries of the running code's namespace only.
 //!
-//! As in OpenResty, a dictionary's object is a table holding its zone, whose methods check that
-//! they are called on it (`dict:get(k)`, not `dict.get(k)`). A worker makes each object once per
+//! As in OpenResty, a dictionary's object is a table whose methods check that they are called on
+//! it (`dict:get(k)`, not `dict.get(k)`). Each object has methods of its own, Rust functions
+//! holding its dictionary ([`install_methods`]). A worker makes each object once per
 //! namespace and keeps it until the set of dictionaries changes (making it on every lookup was a
 //! tenth of a small handler's time); kept objects are read-only, so one request cannot change
 //! what the next one finds.
@@ -22,30 +23,12 @@ use foldhash::HashMap;
 use mlua::{Lua, Table, Value};
 
 use super::current;
-use crate::shdict::{DictHandle, SharedDicts};
-
-/// Methods of a dictionary's object: each checks it is called on one, then calls its zone.
-const DICT_METHODS: &str = r#"
-    local names = {"get", "get_stale", "set", "safe_set", "add", "safe_add", "replace", "delete",
-        "incr", "lpush", "rpush", "lpop", "rpop", "llen", "flush_all", "flush_expired", "get_keys",
-        "ttl", "expire", "capacity", "free_space"}
-    local methods = {}
-    for _, name in ipairs(names) do
-        methods[name] = function(self, ...)
-            local zone = type(self) == "table" and rawget(self, "__zone")
-            if not zone then error('bad "zone" argument', 2) end
-            return zone[name](zone, ...)
-        end
-    end
-    return { __index = methods, __metatable = false }
-"#;
+use crate::shdict::{SharedDicts, install_methods};
 
 /// What a worker made of the proxy's dictionaries, for one generation of them: the `ngx.shared`
 /// objects, and the environments' metatables that hold them.
 pub(crate) struct DictObjects {
     dicts: Arc<SharedDicts>,
-    /// The metatable of every object (its methods).
-    meta: Table,
     kept: RefCell<Kept>,
 }
 
@@ -77,8 +60,13 @@ impl DictObjects {
         }
         let Some(dict) = self.dicts.get(namespace, name) else { return Ok(None) };
         let object = lua.create_table()?;
-        object.raw_set("__zone", lua.create_userdata(DictHandle(dict))?)?;
-        object.set_metatable(Some(self.meta.clone()))?;
+        let methods = lua.create_table()?;
+        install_methods(lua, &methods, &dict, object.to_pointer() as usize)?;
+        methods.set_readonly(true);
+        let meta = lua.create_table()?;
+        meta.raw_set("__index", methods)?;
+        super::seal(&meta)?;
+        object.set_metatable(Some(meta))?;
         object.set_readonly(true);
         kept.objects.entry(namespace.to_owned()).or_default().insert(name.to_owned(), object.clone());
         Ok(Some(object))
@@ -87,8 +75,7 @@ impl DictObjects {
 
 /// Installs the VM's `ngx.shared`; what it returns makes the requests' environments.
 pub(super) fn install(lua: &Lua, ngx: &Table, dicts: &Arc<SharedDicts>) -> mlua::Result<Rc<DictObjects>> {
-    let meta: Table = lua.load(DICT_METHODS).set_name("=ngx.shared").call(())?;
-    let objects = Rc::new(DictObjects { dicts: Arc::clone(dicts), meta, kept: RefCell::default() });
+    let objects = Rc::new(DictObjects { dicts: Arc::clone(dicts), kept: RefCell::default() });
     let shared = lua.create_table()?;
     let shared_meta = lua.create_table()?;
     let lookup = Rc::clone(&objects);
