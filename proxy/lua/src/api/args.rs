@@ -4,12 +4,12 @@
 
 use std::ffi::c_int;
 
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use mlua::state::RawLua;
 use mlua::{FromLua, IntoLuaMulti, Lua, MultiValue, Value, ffi};
 
 use super::format_number;
-use super::output::escape_header_bytes;
+use super::output::{escape_header_bytes, normalize_header_name};
 
 /// An argument the callback does not use, such as a metamethod's own table.
 pub(crate) struct Ignored;
@@ -41,6 +41,37 @@ impl FromLua for Address {
         // SAFETY: `idx` is a valid index of the callback's arguments (mlua's contract for
         // `from_stack`); `lua_topointer` only reads the value there.
         Ok(Address(unsafe { ffi::lua_topointer(lua.state(), idx) } as usize))
+    }
+}
+
+/// A header name as Lua gives it to `ngx.header.NAME`, `ngx.req.set_header(name, v)` and the
+/// like, normalized (see [`normalize_header_name`]); `Err` when it cannot be one. A string is
+/// read where it lies, not copied into a `String` first.
+pub(crate) struct HeaderNameArg(pub(crate) mlua::Result<HeaderName>);
+
+// Reads a string argument's bytes with Luau's C API; any other value (a number, or a type that
+// is an error) goes through mlua's `String` conversion, as before.
+#[allow(unsafe_code)]
+impl FromLua for HeaderNameArg {
+    fn from_lua(value: Value, lua: &Lua) -> mlua::Result<Self> {
+        let name = String::from_lua(value, lua)?;
+        Ok(HeaderNameArg(normalize_header_name(&name)))
+    }
+
+    unsafe fn from_stack(idx: c_int, lua: &RawLua) -> mlua::Result<Self> {
+        let state = lua.state();
+        // SAFETY: as for `HeaderInput::from_stack`.
+        unsafe {
+            if ffi::lua_type(state, idx) == ffi::LUA_TSTRING {
+                let mut len = 0;
+                let data = ffi::lua_tolstring(state, idx, &raw mut len);
+                if let Ok(name) = std::str::from_utf8(std::slice::from_raw_parts(data.cast::<u8>(), len)) {
+                    return Ok(HeaderNameArg(normalize_header_name(name)));
+                }
+            }
+            let name = String::from_stack(idx, lua)?;
+            Ok(HeaderNameArg(normalize_header_name(&name)))
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
 use mlua::{Lua, Table, Value, Variadic};
 
-use super::args::{HeaderInput, Ignored};
+use super::args::{HeaderInput, HeaderNameArg, Ignored};
 use super::{current, current_with, format_number, require_phase};
 use crate::request::Phase;
 
@@ -102,10 +102,11 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     // ngx.header: a proxy table over the response headers.
     let header = lua.create_table()?;
     let header_meta = lua.create_table()?;
-    header_meta.raw_set("__index", lua.create_function(|lua, (_, name): (Ignored, String)| get_header(lua, &name))?)?;
+    header_meta
+        .raw_set("__index", lua.create_function(|lua, (_, name): (Ignored, HeaderNameArg)| get_header(lua, name))?)?;
     header_meta.raw_set(
         "__newindex",
-        lua.create_function(|_, (_, name, value): (Ignored, String, HeaderInput)| set_header(&name, value))?,
+        lua.create_function(|_, (_, name, value): (Ignored, HeaderNameArg, HeaderInput)| set_header(name, value))?,
     )?;
     super::seal(&header_meta)?;
     header.set_metatable(Some(header_meta))?;
@@ -434,9 +435,9 @@ fn normalize_uncached(name: &str) -> mlua::Result<HeaderName> {
         .map_err(|_| mlua::Error::runtime(format!("invalid header name {:?}", String::from_utf8_lossy(&name))))
 }
 
-fn get_header(lua: &Lua, name: &str) -> mlua::Result<Value> {
+fn get_header(lua: &Lua, name: HeaderNameArg) -> mlua::Result<Value> {
     let request = current("ngx.header")?;
-    let name = normalize_header_name(name)?;
+    let name = name.0?;
     let headers = request.state.response_headers.borrow();
     header_value(lua, &headers, &name)
 }
@@ -457,11 +458,11 @@ pub(super) fn header_value(lua: &Lua, headers: &HeaderMap, name: &HeaderName) ->
     Ok(Value::Table(table))
 }
 
-fn set_header(name: &str, value: HeaderInput) -> mlua::Result<()> {
+fn set_header(name: HeaderNameArg, value: HeaderInput) -> mlua::Result<()> {
     let request = current("ngx.header")?;
-    let header = normalize_header_name(name)?;
+    let header = name.0?;
     if request.state.headers_sent.get() {
-        tracing::error!(target: "lua", route = &*request.state.head.route, header = name, "attempt to set ngx.header.HEADER after sending out response headers");
+        tracing::error!(target: "lua", route = &*request.state.head.route, header = header.as_str(), "attempt to set ngx.header.HEADER after sending out response headers");
         return Ok(());
     }
     if header == http::header::CONTENT_TYPE {

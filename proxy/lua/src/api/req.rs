@@ -6,9 +6,9 @@ use bytes::Bytes;
 use http::Method;
 use mlua::{Lua, Table, Value};
 
-use super::args::HeaderInput;
+use super::args::{HeaderInput, HeaderNameArg};
 use super::codec::{encode_args, unescape};
-use super::output::{headers_table, normalize_header_name, set_header_input};
+use super::output::{headers_table, set_header_input};
 use super::{current, require_phase};
 use crate::request::Phase;
 
@@ -45,17 +45,17 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     )?;
     req.raw_set(
         "set_header",
-        lua.create_function(|_, (name, value): (String, HeaderInput)| {
+        lua.create_function(|_, (name, value): (HeaderNameArg, HeaderInput)| {
             let request = current("ngx.req.set_header")?;
-            let header = normalize_header_name(&name)?;
+            let header = name.0?;
             set_header_input(&mut request.state.headers.borrow_mut(), &header, value)
         })?,
     )?;
     req.raw_set(
         "clear_header",
-        lua.create_function(|_, name: String| {
+        lua.create_function(|_, name: HeaderNameArg| {
             let request = current("ngx.req.clear_header")?;
-            request.state.headers.borrow_mut().remove(normalize_header_name(&name)?);
+            request.state.headers.borrow_mut().remove(name.0?);
             Ok(())
         })?,
     )?;
