@@ -154,7 +154,11 @@ fn add_length(length: &mut Option<u64>, value: &[u8]) -> Result<(), &'static str
         if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
             return Err(INVALID);
         }
-        let n: u64 = std::str::from_utf8(item).ok().and_then(|s| s.parse().ok()).ok_or(INVALID)?;
+        // Digits only (checked above); too many for a u64 is as invalid as a letter.
+        let n = item
+            .iter()
+            .try_fold(0u64, |n, &digit| n.checked_mul(10)?.checked_add(u64::from(digit - b'0')))
+            .ok_or(INVALID)?;
         if length.is_some_and(|l| l != n) {
             return Err("differing Content-Length values");
         }
@@ -280,6 +284,28 @@ mod tests {
             h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn content_lengths_are_digits_that_fit_and_agree() {
+        let read = |lines: &[&str]| {
+            let mut length = ContentLength::default();
+            for line in lines {
+                length.add(line.as_bytes());
+            }
+            length.value()
+        };
+        assert_eq!(read(&[]), Ok(None));
+        assert_eq!(read(&["0"]), Ok(Some(0)));
+        assert_eq!(read(&[" 42 "]), Ok(Some(42)));
+        assert_eq!(read(&["7, 7", "7"]), Ok(Some(7)));
+        assert_eq!(read(&["18446744073709551615"]), Ok(Some(u64::MAX)));
+        assert_eq!(read(&["18446744073709551616"]), Err("invalid Content-Length"));
+        assert_eq!(read(&["99999999999999999999999"]), Err("invalid Content-Length"));
+        for bad in ["", "+1", "-1", "1a", "0x10", "1 2", "1,", "\u{661}"] {
+            assert_eq!(read(&[bad]), Err("invalid Content-Length"), "{bad:?}");
+        }
+        assert_eq!(read(&["1", "2"]), Err("differing Content-Length values"));
     }
 
     #[test]

@@ -82,18 +82,24 @@ impl Lines {
 
     /// The header map of the head whose bytes are `bytes`, with room for `extra` more headers,
     /// of the lines whose names `keep` accepts; `invalid` is the error for a name, or a kept
-    /// line's value, that `http` refuses.
+    /// line's value, that `http` refuses. Lines named in `left_out` (lowercase) are left out
+    /// before their names are parsed.
     pub(crate) fn headers<E: Copy>(
         &self,
         bytes: &Bytes,
         extra: usize,
         invalid: (E, E),
+        left_out: &[&str],
         keep: impl Fn(&HeaderName) -> bool,
     ) -> Result<HeaderMap, E> {
         SPANS.with_borrow(|spans| {
             let mut headers = super::spare::take_headers(spans.len() + extra);
             for &(name, value) in spans {
-                let name = HeaderName::from_bytes(&slice(bytes, name)).map_err(|_| invalid.0)?;
+                let name = &bytes[name.0..name.0 + name.1];
+                if left_out.iter().any(|out| name.eq_ignore_ascii_case(out.as_bytes())) {
+                    continue;
+                }
+                let name = HeaderName::from_bytes(name).map_err(|_| invalid.0)?;
                 if keep(&name) {
                     let value = HeaderValue::from_maybe_shared(slice(bytes, value)).map_err(|_| invalid.1)?;
                     headers.append(name, value);
@@ -142,7 +148,7 @@ pub(crate) fn parse(buf: &mut BytesMut) -> Result<Option<Head>, Refused> {
         Uri::from_maybe_shared(slice(&bytes, target)).map_err(|_| Refused::Malformed("invalid request target"))?;
     // Room for a header or two that Lua may add.
     let invalid = (Refused::Malformed("invalid header name"), Refused::Malformed("invalid header value"));
-    let headers = lines.headers(&bytes, 2, invalid, |_| true)?;
+    let headers = lines.headers(&bytes, 2, invalid, &[], |_| true)?;
 
     let framing = framing(&said, version)?;
     let keep_alive = !said.close && (version == Version::HTTP_11 || said.keep_alive);

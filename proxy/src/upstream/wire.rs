@@ -131,14 +131,10 @@ pub(crate) fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<O
     // Room for what every response gets added (`Server`, `Date`, HSTS).
     let invalid = ("invalid response header name", "invalid response header value");
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+    let keep = |name: &HeaderName| switching || !(is_hop_by_hop(name) || said.named.contains(name));
     // The upstream's `Server` and `Date` are left out, as nginx's `proxy_hide_header` does by
     // default: every response gets tidegate's (`handler::finish_headers`).
-    let keep = |name: &HeaderName| {
-        name != header::SERVER
-            && name != header::DATE
-            && (switching || !(is_hop_by_hop(name) || said.named.contains(name)))
-    };
-    let headers = lines.headers(&bytes, 3, invalid, keep)?;
+    let headers = lines.headers(&bytes, 3, invalid, &["server", "date"], keep)?;
     // Framed two ways at once: refused, as nginx does (RFC 9112 §6.3 lets the coding win, but
     // such an upstream may be reading requests differently too).
     if said.last_coding_chunked.is_some() && said.content_length.seen() {
