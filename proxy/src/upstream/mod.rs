@@ -317,10 +317,14 @@ async fn exchange(
     let (mut reader, mut writer) = io.split();
     let sending = send_request(&mut writer, head, body, framing, &progress);
     let receiving = receive_head(&mut reader, buf, head_request);
-    let mut stall = stall.at((progress.get() + limits.send).into());
     tokio::pin!(sending, receiving);
     let mut sent = None;
     loop {
+        let (limit, failure) =
+            if sent.is_none() { (limits.send, Failure::SendStalled) } else { (limits.read, Failure::ReadStalled) };
+        let due = progress.get() + limit;
+        // The alarm is set only when the exchange has to wait: a request that goes out at once
+        // (most do) moves it once, to the read timeout, not first to the send timeout.
         tokio::select! {
             biased;
             outcome = &mut sending, if sent.is_none() => {
@@ -331,17 +335,13 @@ async fn exchange(
                     Err(_) => sent = Some(false),
                 }
                 progress.set(Instant::now());
-                stall.as_mut().reset((progress.get() + limits.read).into());
             }
             response = &mut receiving => return response.map(|head| (head, sent == Some(true))),
-            () = &mut stall => {
-                let (limit, failure) =
-                    if sent.is_none() { (limits.send, Failure::SendStalled) } else { (limits.read, Failure::ReadStalled) };
-                let due = progress.get() + limit;
-                if Instant::now() >= due {
+            () = stall.ring_at(due.into()) => {
+                // Progress since the alarm was set moved the deadline: wait on.
+                if Instant::now() >= progress.get() + limit {
                     return Err(failure);
                 }
-                stall.as_mut().reset(due.into());
             }
         }
     }
