@@ -94,13 +94,13 @@ pub(crate) fn on_upgrade<B>(request: &mut Request<B>) -> Option<OnUpgrade> {
 }
 
 /// Serves requests on one connection until it closes, fails, switches protocols, idles or a
-/// drain starts (`shutdown` turns true: an idle connection closes at once, a busy one after its
-/// response). `served`: requests served on it before (by earlier runs).
+/// drain starts (`shutdown` turns true: an idle connection closes within [`PARK_AFTER`], a busy
+/// one after its response). `served`: requests served on it before (by earlier runs).
 pub(crate) async fn serve<S, F, B>(
     io: Box<dyn Io>,
     mut served: u64,
     mut service: S,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Ended
 where
     S: FnMut(Request<RequestStream>) -> F,
@@ -112,7 +112,7 @@ where
     let mut alarm = Alarm::default();
     loop {
         // No await inside this match: the matched value would be kept in the task's state.
-        let head = match next_head(&conn, served == 0, &mut shutdown, &mut alarm).await {
+        let head = match next_head(&conn, served == 0, &shutdown, &mut alarm).await {
             Next::Head(head) => head,
             Next::Closed => return Ended::Closed,
             Next::Refused(status) => return Ended::Refused(status),
@@ -149,9 +149,10 @@ enum Next {
 }
 
 /// Waits for the next request head: without a buffer while nothing has arrived, closing on
-/// timeouts, the end of the stream, or a drain while idle, and leaving the loop once idle for
-/// [`PARK_AFTER`]. A head that cannot be served is answered here, and the connection closes.
-async fn next_head(conn: &RefCell<Conn>, first: bool, shutdown: &mut watch::Receiver<bool>, alarm: &mut Alarm) -> Next {
+/// timeouts or the end of the stream, and leaving the loop once idle for [`PARK_AFTER`], or
+/// closing then if a drain has started. A head that cannot be served is answered here, and the
+/// connection closes.
+async fn next_head(conn: &RefCell<Conn>, first: bool, shutdown: &watch::Receiver<bool>, alarm: &mut Alarm) -> Next {
     let now = Instant::now();
     let mut deadline = now + if first { HEADER_READ_TIMEOUT } else { KEEP_ALIVE_TIMEOUT };
     let park_at = now + PARK_AFTER;
@@ -182,14 +183,15 @@ async fn next_head(conn: &RefCell<Conn>, first: bool, shutdown: &mut watch::Rece
         let read = poll_fn(|cx| conn.borrow_mut().poll_fill_head(cx));
         // Idle, it parks first: the last read found nothing, so nothing waits unread.
         let parks = idle && park_at < deadline;
-        // The read first: when the bytes are there, no timer and no shutdown watch is set up.
+        // The read first: when the bytes are there, no timer is set. A drain is not watched
+        // for: an idle connection learns of it when it would park, within [`PARK_AFTER`]
+        // (watching took a `Notified` made and dropped per request).
         let read = tokio::select! {
             biased;
             read = read => read,
             () = alarm.ring_at(if parks { park_at } else { deadline }) => {
-                return if parks { Next::Idle(deadline) } else { Next::Closed };
+                return if parks && !*shutdown.borrow() { Next::Idle(deadline) } else { Next::Closed };
             }
-            _ = shutdown.wait_for(|stop| *stop), if idle => return Next::Closed,
         };
         match read {
             Ok(0) | Err(_) => return Next::Closed,

@@ -287,3 +287,29 @@ async fn an_idle_connection_holds_no_read_buffer() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_idle_connection_closes_soon_after_a_drain_starts() {
+    local(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (stop, shutdown) = watch::channel(false);
+        let serving = tokio::task::spawn_local(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            serve(Box::new(stream), 0, service, shutdown).await
+        });
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        client.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await.expect("write");
+        let first = read_until(&mut client, ends_with("ignored")).await;
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+
+        // Idle when the drain starts: closed by the time it would have parked, not kept.
+        let drained = std::time::Instant::now();
+        stop.send(true).expect("the connection is listening");
+        let ended = tokio::time::timeout(Duration::from_secs(1), serving).await.expect("closed in time");
+        assert!(matches!(ended.expect("served"), Ended::Closed));
+        assert!(drained.elapsed() < PARK_AFTER * 10, "closed after {:?}", drained.elapsed());
+        assert_eq!(read_until(&mut client, |_| false).await, "", "nothing more was sent");
+    })
+    .await;
+}
