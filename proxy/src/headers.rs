@@ -87,30 +87,40 @@ impl Said {
     pub(crate) fn read(lines: &[httparse::Header<'_>]) -> Said {
         let mut said = Said::default();
         for line in lines {
-            let (name, value) = (line.name, line.value);
-            if name.eq_ignore_ascii_case("content-length") {
+            let (name, value) = (line.name.as_bytes(), line.value);
+            if is_named(name, b"content-length") {
                 said.content_length.add(value);
-            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            } else if is_named(name, b"transfer-encoding") {
                 said.last_coding_chunked = Some(ends_in_chunked(value));
-            } else if name.eq_ignore_ascii_case("connection") {
+            } else if is_named(name, b"connection") {
                 for token in list_items(value) {
-                    if token.eq_ignore_ascii_case(b"close") {
+                    if is_named(token, b"close") {
                         said.close = true;
-                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    } else if is_named(token, b"keep-alive") {
                         said.keep_alive = true;
                     } else if let Ok(name) = HeaderName::from_bytes(token) {
                         said.connection_upgrade |= name == header::UPGRADE;
                         said.named.push(name);
                     }
                 }
-            } else if name.eq_ignore_ascii_case("upgrade") {
+            } else if is_named(name, b"upgrade") {
                 said.upgrade = true;
-            } else if name.eq_ignore_ascii_case("expect") && said.expect_continue.is_none() {
+            } else if is_named(name, b"expect") && said.expect_continue.is_none() {
                 said.expect_continue = Some(value.eq_ignore_ascii_case(b"100-continue"));
             }
         }
         said
     }
+}
+
+/// Whether `text`, a header name or an item of a list value (no control bytes), is `lower`, a
+/// lowercase word of letters and `-`, in any case. Setting a byte's 0x20 bit lowercases a
+/// letter and leaves `-` alone, and turns nothing else but control bytes into either: one pass
+/// without branches, where comparing case-insensitively byte by byte took a fifth of reading a
+/// response's lines.
+fn is_named(text: &[u8], lower: &[u8]) -> bool {
+    debug_assert!(lower.iter().all(|b| b.is_ascii_lowercase() || *b == b'-'));
+    text.len() == lower.len() && text.iter().zip(lower).fold(0, |differ, (t, l)| differ | ((t | 0x20) ^ l)) == 0
 }
 
 /// What `Content-Length` lines say, added up one line at a time. Malformed values and differing
@@ -284,6 +294,31 @@ mod tests {
             h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn names_match_in_any_case_and_nothing_else() {
+        for (text, lower, same) in [
+            ("Content-Length", "content-length", true),
+            ("CONNECTION", "connection", true),
+            ("keep-alive", "keep-alive", true),
+            ("Keep-Alive ", "keep-alive", false),
+            ("keep_alive", "keep-alive", false),
+            ("keep\talive", "keep-alive", false),
+            ("close", "closed", false),
+            ("clos@", "close", false),
+            ("", "close", false),
+        ] {
+            assert_eq!(is_named(text.as_bytes(), lower.as_bytes()), same, "{text:?}");
+            assert_eq!(text.eq_ignore_ascii_case(lower), same, "{text:?}");
+        }
+        // Every byte that is neither a letter nor `-` nor a control byte (but a tab, which list
+        // values may hold) differs from all of them.
+        for b in (0x20..=0xffu8).chain([b'\t']).filter(|b| !b.is_ascii_alphabetic() && *b != b'-') {
+            for l in b"abcdefghijklmnopqrstuvwxyz-" {
+                assert!(!is_named(&[b], &[*l]), "{b:#x} taken for {}", *l as char);
+            }
+        }
     }
 
     #[test]
