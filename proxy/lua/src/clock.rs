@@ -25,8 +25,14 @@ const IDLE_SLEEP: Duration = Duration::from_secs(1);
 
 /// Nanoseconds since the process's first clock: the time base every clock and the watchdog share.
 fn now_ns() -> u64 {
+    ns_at(Instant::now())
+}
+
+/// [`now_ns`] at `instant`.
+fn ns_at(instant: Instant) -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
+    let epoch = *EPOCH.get_or_init(|| instant);
+    u64::try_from(instant.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX)
 }
 
 fn nanos(duration: Duration) -> u64 {
@@ -56,9 +62,9 @@ impl WorkerClock {
         clock
     }
 
-    /// Starts a run allowed to take `budget`.
-    pub fn start(&self, budget: Duration) {
-        let deadline = now_ns().saturating_add(nanos(budget));
+    /// Starts a run, at `now` (the time just read), allowed to take `budget`.
+    pub fn start(&self, now: Instant, budget: Duration) {
+        let deadline = ns_at(now).saturating_add(nanos(budget));
         self.deadline.store(deadline, Ordering::Relaxed);
         self.generation.fetch_add(1, Ordering::SeqCst);
         watchdog().wake_before(deadline);
@@ -188,7 +194,7 @@ mod tests {
 
     /// Starts a 5 ms run on `clock` and waits for the watchdog to mark it.
     fn a_5_ms_run_is_caught_in_time(clock: &WorkerClock) {
-        clock.start(Duration::from_millis(5));
+        clock.start(Instant::now(), Duration::from_millis(5));
         let started = Instant::now();
         while !clock.expired() {
             assert!(started.elapsed() < Duration::from_secs(2), "not caught");
@@ -202,7 +208,7 @@ mod tests {
     #[test]
     fn a_shorter_run_is_caught_while_the_watchdog_waits_for_a_longer_one() {
         let (long, short) = (WorkerClock::new(), WorkerClock::new());
-        long.start(Duration::from_secs(10));
+        long.start(Instant::now(), Duration::from_secs(10));
         std::thread::sleep(Duration::from_millis(20));
         a_5_ms_run_is_caught_in_time(&short);
         assert!(!long.expired(), "the longer run is within its budget");
@@ -213,12 +219,12 @@ mod tests {
     #[test]
     fn a_run_past_its_budget_is_marked_and_the_next_run_is_not() {
         let clock = WorkerClock::new();
-        clock.start(Duration::from_millis(5));
+        clock.start(Instant::now(), Duration::from_millis(5));
         std::thread::sleep(Duration::from_millis(30));
         assert!(clock.expired());
         clock.stop();
         assert!(!clock.expired(), "an idle clock is never expired");
-        clock.start(Duration::from_secs(10));
+        clock.start(Instant::now(), Duration::from_secs(10));
         assert!(!clock.expired(), "a new run starts fresh");
         clock.stop();
     }

@@ -58,6 +58,11 @@ impl Entry {
     fn expired(&self, now: Instant) -> bool {
         self.expires.is_some_and(|e| e <= now)
     }
+
+    /// Whether it has not expired, reading the clock only when it can (most entries never do).
+    fn live(&self) -> bool {
+        self.expires.is_none_or(|e| e > Instant::now())
+    }
 }
 
 fn size_of(key: &[u8], value: &Stored) -> usize {
@@ -89,9 +94,9 @@ impl Inner {
 
     /// Adds `delta` to a live number, which becomes the most recently used; its new value, or
     /// `None` when `key` holds no live number. One lookup, as `incr` is the hot path.
-    fn bump(&mut self, key: &[u8], delta: f64, now: Instant) -> Option<f64> {
+    fn bump(&mut self, key: &[u8], delta: f64) -> Option<f64> {
         let Inner { map, lru, tick, .. } = self;
-        let entry = map.get_mut(key).filter(|e| !e.expired(now))?;
+        let entry = map.get_mut(key).filter(|e| e.live())?;
         let Stored::Num(n) = &mut entry.value else { return None };
         *n += delta;
         let value = *n;
@@ -453,18 +458,17 @@ impl DictHandle {
             _ => None,
         };
         let Some(delta) = delta else { return Ok(multi([Value::Nil, text(lua, "value not a number")?])) };
-        let now = Instant::now();
         let dict = &self.0;
         let mut inner = dict.lock();
         // A live number changes in place: same size, flags and expiry; only its recency moves.
-        if let Some(value) = inner.bump(&key, delta, now) {
+        if let Some(value) = inner.bump(&key, delta) {
             return Ok(if init.is_some() {
                 multi([Value::Number(value), Value::Nil, Value::Boolean(false)])
             } else {
                 multi([Value::Number(value)])
             });
         }
-        let current = inner.map.get(&key).filter(|e| !e.expired(now)).map(|e| (e.value.clone(), e.flags, e.expires));
+        let current = inner.map.get(&key).filter(|e| e.live()).map(|e| (e.value.clone(), e.flags, e.expires));
         let (base, flags, expires) = match current {
             Some((Stored::Num(n), flags, expires)) => (n, flags, expires),
             Some(_) => return Ok(multi([Value::Nil, text(lua, "not a number")?])),

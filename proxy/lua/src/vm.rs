@@ -348,7 +348,7 @@ impl Runner {
                 SLEEP.set(None);
                 let _scope = Scope::enter(request);
                 let began = Instant::now();
-                self.clock.start(budget);
+                self.clock.start(began, budget);
                 let polled = task.as_mut().poll(cx);
                 let expired = self.clock.expired();
                 self.clock.stop();
