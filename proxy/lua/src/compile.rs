@@ -15,6 +15,9 @@ pub struct Script {
     /// messages start with it.
     pub name: String,
     pub bytecode: Arc<[u8]>,
+    /// The names the chunk's imports start at, when it uses no global by name: such a chunk
+    /// needs no environment of the request's own (see `bytecode`). `None` when it does.
+    pub import_roots: Option<Arc<[String]>>,
 }
 
 impl fmt::Debug for Script {
@@ -81,12 +84,13 @@ pub(crate) fn compile_chunk(source: &str) -> Result<Vec<u8>, String> {
 /// # Errors
 /// The first syntax error, with its line in `source`.
 pub fn compile(name: &str, source: &str) -> Result<Script, CompileError> {
-    // The chunk is the handler: the worker clones it per request with the request's
-    // environment (see `vm`).
+    // The chunk is the handler: the worker runs it in the request's environment, or as it
+    // is when it needs none (see `vm`).
     let bytecode = compiler().compile(without_shebang(source).as_ref()).map_err(|e| syntax_error(&e))?;
     let mut hasher = DefaultHasher::new();
     (name, source).hash(&mut hasher);
-    Ok(Script { id: hasher.finish(), name: name.to_owned(), bytecode: bytecode.into() })
+    let import_roots = crate::bytecode::import_roots(&bytecode).map(Into::into);
+    Ok(Script { id: hasher.finish(), name: name.to_owned(), bytecode: bytecode.into(), import_roots })
 }
 
 /// Luau reports `N: message`.

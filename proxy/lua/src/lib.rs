@@ -10,6 +10,7 @@
 #![deny(unsafe_code)]
 
 mod api;
+mod bytecode;
 pub mod clock;
 mod compile;
 pub mod network;

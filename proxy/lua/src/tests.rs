@@ -1313,3 +1313,43 @@ fn a_namespace_ngx_reads_and_writes_through_to_the_vms() {
     // The next request starts from the VM's state, not this one's.
     assert_eq!(say(&vm, "ngx.say(tostring(ngx.custom), ' ', ngx.status)"), "nil 0\n");
 }
+
+/// A handler that uses no global by name runs as one closure per namespace; one that does gets
+/// its own per request. Either way each request sees its own state, the globals a request
+/// writes stay in it, and `ngx.shared` is its namespace's.
+#[test]
+fn handlers_without_globals_of_their_own_share_a_closure_per_namespace() {
+    let (dicts, vm) = vm_with_declared(&[("ns".into(), "hits".into(), 1 << 20)]);
+    let in_namespace = |namespace: &str, phase: Phase, scripts: &[Arc<Script>]| {
+        let mut h = head("/p");
+        h.namespace = namespace.into();
+        let request = vm.begin(h, headers()).expect("request");
+        assert_eq!(block_on(vm.run(&request, phase, scripts)), Outcome::Continue);
+        output(&request)
+    };
+    let counting = script(r#"ngx.say(ngx.shared.hits:incr("n", 1, 0), " ", ngx.var.request_uri)"#);
+    for n in 1..=3 {
+        assert_eq!(in_namespace("ns", Phase::Content, std::slice::from_ref(&counting)), format!("{n} /p\n"));
+    }
+    assert!(matches!(vm.shared.borrow().get(&counting.id), Some(Some(_))), "shared");
+
+    // The same script from another namespace gets a closure in that namespace's globals.
+    let has_hits = script("ngx.say(ngx.shared.hits ~= nil)");
+    assert_eq!(in_namespace("ns", Phase::Content, std::slice::from_ref(&has_hits)), "true\n");
+    assert_eq!(in_namespace("other", Phase::Content, std::slice::from_ref(&has_hits)), "false\n");
+    assert_eq!(in_namespace("ns", Phase::Content, std::slice::from_ref(&has_hits)), "true\n");
+    // And another once the dictionaries change.
+    dicts.configure(&[("ns".into(), "hits".into(), 1 << 20), ("ns".into(), "more".into(), 1 << 20)]);
+    let has_more = script("ngx.say(ngx.shared.more ~= nil, ngx.shared.hits ~= nil)");
+    assert_eq!(in_namespace("ns", Phase::Content, std::slice::from_ref(&has_more)), "truetrue\n");
+
+    // A global written, and one read that an earlier handler of the request wrote: their own.
+    let writes = script("counter = (counter or 0) + 1\nfrom_access = counter");
+    let reads = script("ngx.say(from_access)");
+    for _ in 0..2 {
+        assert_eq!(in_namespace("ns", Phase::Content, &[Arc::clone(&writes), Arc::clone(&reads)]), "1\n");
+    }
+    assert!(vm.shared.borrow().get(&writes.id).is_none(), "writes globals: never shared");
+    assert!(matches!(vm.shared.borrow().get(&reads.id), Some(None)), "reads a global that is no built-in");
+    assert_eq!(in_namespace("ns", Phase::Content, std::slice::from_ref(&reads)), "nil\n");
+}

@@ -38,7 +38,7 @@ struct Kept {
     /// By namespace and name.
     objects: HashMap<String, HashMap<String, Table>>,
     /// By namespace (see [`DictObjects::env_meta`]).
-    env_metas: HashMap<String, Table>,
+    env_metas: HashMap<String, NamespaceEnv>,
 }
 
 impl DictObjects {
@@ -93,12 +93,13 @@ pub(super) fn install(lua: &Lua, ngx: &Table, dicts: &Arc<SharedDicts>) -> mlua:
 }
 
 impl DictObjects {
-    /// The metatable of the environments of `namespace`'s requests: globals come from `base`,
-    /// except `ngx`, which is the namespace's own (see the module's documentation). Made on the
-    /// namespace's first request, and again once the dictionaries change.
-    pub(crate) fn env_meta(&self, lua: &Lua, base: &Table, namespace: &str) -> mlua::Result<Table> {
-        if let Some(meta) = self.kept().env_metas.get(namespace) {
-            return Ok(meta.clone());
+    /// The metatable of the environments of `namespace`'s requests, and the globals it reads
+    /// from: those of `base`, except `ngx`, which is the namespace's own (see the module's
+    /// documentation). Made on the namespace's first request, and again once the dictionaries
+    /// change.
+    pub(crate) fn env_meta(&self, lua: &Lua, base: &Table, namespace: &str) -> mlua::Result<NamespaceEnv> {
+        if let Some(env) = self.kept().env_metas.get(namespace) {
+            return Ok(env.clone());
         }
         let shared = lua.create_table()?;
         for name in self.dicts.names_seen_from(namespace) {
@@ -111,12 +112,25 @@ impl DictObjects {
         let vm_ngx: Table = base.raw_get("ngx")?;
         let ngx = copy_over(lua, &vm_ngx, [("shared", shared)], true)?;
         let globals = copy_over(lua, base, [("ngx", ngx)], false)?;
+        // Its built-ins are the base's: a handler that runs in it as its environment (see
+        // `Vm::handler`) takes the interpreter's fast paths.
+        globals.set_safeenv(true);
         let meta = lua.create_table()?;
-        meta.raw_set("__index", globals)?;
+        meta.raw_set("__index", &globals)?;
         super::seal(&meta)?;
-        self.kept().env_metas.insert(namespace.to_owned(), meta.clone());
-        Ok(meta)
+        let env = NamespaceEnv { meta, globals };
+        self.kept().env_metas.insert(namespace.to_owned(), env.clone());
+        Ok(env)
     }
+}
+
+/// What the environments of a namespace's requests are made of.
+#[derive(Clone)]
+pub(crate) struct NamespaceEnv {
+    /// Their metatable.
+    pub(crate) meta: Table,
+    /// The globals they read: the VM's, with the namespace's `ngx`.
+    pub(crate) globals: Table,
 }
 
 /// A read-only copy of `under`'s fields with `own` in place of some, reading what it lacks from
