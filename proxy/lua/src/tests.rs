@@ -1352,4 +1352,14 @@ fn handlers_without_globals_of_their_own_share_a_closure_per_namespace() {
     assert!(vm.shared.borrow().get(&writes.id).is_none(), "writes globals: never shared");
     assert!(matches!(vm.shared.borrow().get(&reads.id), Some(None)), "reads a global that is no built-in");
     assert_eq!(in_namespace("ns", Phase::Content, std::slice::from_ref(&reads)), "nil\n");
+
+    // A shared handler's `loadstring` writes into the request's environment, made then, which
+    // the request's later handlers read.
+    let loads = script(r#"loadstring("from_access = 'loaded'")()"#);
+    assert_eq!(in_namespace("ns", Phase::Content, &[Arc::clone(&loads), Arc::clone(&reads)]), "loaded\n");
+    assert!(matches!(vm.shared.borrow().get(&loads.id), Some(Some(_))));
+    // A request whose handlers are all shared never makes an environment.
+    let request = vm.begin(head("/p"), headers()).expect("request");
+    assert_eq!(block_on(vm.run(&request, Phase::Content, std::slice::from_ref(&counting))), Outcome::Continue);
+    assert!(request.env.borrow().is_none(), "no environment made");
 }

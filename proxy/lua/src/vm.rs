@@ -36,6 +36,7 @@ use mlua::chunk::ChunkMode;
 use mlua::{Function, Lua, LuaOptions, StdLib, Table, Value, VmState};
 
 use crate::api;
+use crate::api::shared::NamespaceEnv;
 use crate::api::thread::LightThread;
 use crate::clock::WorkerClock;
 use crate::compile::Script;
@@ -115,10 +116,12 @@ pub type BodyReader = Box<dyn FnOnce() -> std::pin::Pin<Box<dyn Future<Output = 
 /// A request as the VM knows it: its state, its environment, its `ngx.ctx`.
 pub struct LuaRequest {
     pub state: RequestState,
-    pub(crate) env: Table,
-    /// The globals of the request's namespace, which its environment reads: the environment
-    /// of the handlers that need none of their own (see [`Vm::handler`]). `None` for a timer.
-    globals: Option<Table>,
+    /// Its environment, made when first needed: handlers that need none of their own (see
+    /// [`Vm::handler`]) run without one.
+    pub(crate) env: RefCell<Option<Table>>,
+    /// What the environments of the request's namespace are made of; `None` for a timer, which
+    /// has its environment from the start.
+    namespace: Option<NamespaceEnv>,
     pub(crate) ctx: RefCell<Option<Table>>,
     /// Fields a request adds to `ngx` (OpenResty lets code do that); kept per request.
     pub(crate) ngx_fields: RefCell<Option<Table>>,
@@ -145,16 +148,21 @@ impl std::fmt::Debug for LuaRequest {
 }
 
 impl LuaRequest {
-    pub(crate) fn with_env(
+    /// A request with its environment already made (a timer's).
+    pub(crate) fn with_env(head: RequestHead, headers: HeaderMap, env: Table) -> Rc<LuaRequest> {
+        LuaRequest::new(head, headers, Some(env), None)
+    }
+
+    fn new(
         head: RequestHead,
         headers: HeaderMap,
-        env: Table,
-        globals: Option<Table>,
+        env: Option<Table>,
+        namespace: Option<NamespaceEnv>,
     ) -> Rc<LuaRequest> {
         Rc::new(LuaRequest {
             state: RequestState::new(head, headers),
-            env,
-            globals,
+            env: RefCell::new(env),
+            namespace,
             ctx: RefCell::new(None),
             ngx_fields: RefCell::new(None),
             lua_time: Cell::new(Duration::ZERO),
@@ -166,9 +174,30 @@ impl LuaRequest {
         })
     }
 
-    /// The request's own environment (what its handlers see as globals).
-    pub(crate) fn env(&self) -> &Table {
-        &self.env
+    /// The request's own environment (what its handlers see as globals), made on first use:
+    /// an empty table that reads the namespace's globals. `safeenv`, as Luau's own sandbox
+    /// makes each script's environment: the handlers' imports come from their load-time
+    /// resolution (`without_request`), and built-ins such as `type` or `string.sub` take the
+    /// interpreter's fast path. A global the request writes stays in its environment; one that
+    /// shadows a built-in is seen by the chunk that wrote it, not by the request's other
+    /// handlers.
+    pub(crate) fn env(&self, lua: &Lua) -> mlua::Result<Table> {
+        if let Some(env) = &*self.env.borrow() {
+            return Ok(env.clone());
+        }
+        let env = lua.create_table()?;
+        if let Some(namespace) = &self.namespace {
+            env.set_metatable(Some(namespace.meta.clone()))?;
+        }
+        env.set_safeenv(true);
+        *self.env.borrow_mut() = Some(env.clone());
+        Ok(env)
+    }
+
+    /// The globals of the request's namespace, which its environment reads: the environment of
+    /// the handlers that need none of their own. `None` for a timer.
+    fn globals(&self) -> Option<&Table> {
+        self.namespace.as_ref().map(|n| &n.globals)
     }
 
     /// Lua time this request has used so far.
@@ -516,16 +545,8 @@ impl Vm {
     /// Only when the VM is out of memory.
     pub fn begin(&self, head: RequestHead, headers: HeaderMap) -> mlua::Result<Rc<LuaRequest>> {
         let _setup = self.unlimited();
-        let env = self.lua.create_table()?;
         let namespace = self.dict_objects.env_meta(&self.lua, &self.base, &head.namespace)?;
-        env.set_metatable(Some(namespace.meta))?;
-        // `safeenv`, as Luau's own sandbox makes each script's environment: the handlers' imports
-        // come from their load-time resolution (`without_request`), and built-ins such as `type` or
-        // `string.sub` take the interpreter's fast path. A global the request writes stays in
-        // its environment; one that shadows a built-in is seen by the chunk that wrote it, not
-        // by the request's other handlers.
-        env.set_safeenv(true);
-        Ok(LuaRequest::with_env(head, headers, env, Some(namespace.globals)))
+        Ok(LuaRequest::new(head, headers, None, Some(namespace)))
     }
 
     /// Lifts the memory limit until the guard drops, for the VM's own bookkeeping between
@@ -569,7 +590,7 @@ impl Vm {
             return Ok(shared);
         }
         let handler = self.chunk(script)?.deep_clone()?;
-        handler.set_environment(request.env.clone())?;
+        handler.set_environment(request.env(&self.lua)?)?;
         Ok(handler)
     }
 
@@ -579,7 +600,7 @@ impl Vm {
     /// writes none, so the closure and environment made for each request (a fifth of a small
     /// handler's cost) buy nothing. Its environment is the namespace's read-only globals.
     fn shared_handler(&self, request: &LuaRequest, script: &Script) -> mlua::Result<Option<Function>> {
-        let (Some(roots), Some(globals)) = (&script.import_roots, &request.globals) else {
+        let (Some(roots), Some(globals)) = (&script.import_roots, request.globals()) else {
             return Ok(None);
         };
         match self.shared.borrow().get(&script.id) {

@@ -157,7 +157,7 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
                     lua.load(&bytecode[..])
                         .set_mode(mlua::chunk::ChunkMode::Binary)
                         .set_name(format!("={}", name.as_deref().unwrap_or("loadstring")))
-                        .set_environment(request.env().clone())
+                        .set_environment(request.env(lua)?)
                         .into_function()
                 })?;
                 Ok((Value::Function(chunk), Value::Nil))

@@ -136,7 +136,7 @@ async fn run_callback(
     let started = (|| {
         let env = lua.create_table()?;
         env.set_metatable(Some(ctx.env_meta.clone()))?;
-        let request = LuaRequest::with_env(head, HeaderMap::new(), env, None);
+        let request = LuaRequest::with_env(head, HeaderMap::new(), env);
         request.state.phase.set(Phase::Timer);
         request.script.set(script);
         let arguments: MultiValue = std::iter::once(Value::Boolean(premature)).chain(args.iter().cloned()).collect();
