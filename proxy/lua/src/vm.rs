@@ -194,12 +194,6 @@ impl LuaRequest {
         Ok(env)
     }
 
-    /// The globals of the request's namespace, which its environment reads: the environment of
-    /// the handlers that need none of their own. `None` for a timer.
-    fn globals(&self) -> Option<&Table> {
-        self.namespace.as_ref().map(|n| &n.globals)
-    }
-
     /// Lua time this request has used so far.
     pub fn lua_time(&self) -> Duration {
         self.lua_time.get()
@@ -456,7 +450,8 @@ pub struct Vm {
 
 /// A script's closure in the globals of a namespace (see [`Vm::shared_handler`]).
 pub(crate) struct SharedHandler {
-    globals: Table,
+    /// Kept, so that its globals stay the ones its id names.
+    namespace: NamespaceEnv,
     closure: Function,
 }
 
@@ -600,21 +595,19 @@ impl Vm {
     /// writes none, so the closure and environment made for each request (a fifth of a small
     /// handler's cost) buy nothing. Its environment is the namespace's read-only globals.
     fn shared_handler(&self, request: &LuaRequest, script: &Script) -> mlua::Result<Option<Function>> {
-        let (Some(roots), Some(globals)) = (&script.import_roots, request.globals()) else {
+        let (Some(roots), Some(namespace)) = (&script.import_roots, &request.namespace) else {
             return Ok(None);
         };
         match self.shared.borrow().get(&script.id) {
             Some(None) => return Ok(None),
-            Some(Some(shared)) if shared.globals.to_pointer() == globals.to_pointer() => {
-                return Ok(Some(shared.closure.clone()));
-            }
+            Some(Some(shared)) if shared.namespace.id == namespace.id => return Ok(Some(shared.closure.clone())),
             _ => {}
         }
         let built_in = |root: &String| self.base.raw_get::<Value>(root.as_str()).is_ok_and(|v| !v.is_nil());
         let shared = if roots.iter().all(built_in) {
             let closure = self.chunk(script)?.deep_clone()?;
-            closure.set_environment(globals.clone())?;
-            Some(SharedHandler { globals: globals.clone(), closure })
+            closure.set_environment(namespace.globals.clone())?;
+            Some(SharedHandler { namespace: namespace.clone(), closure })
         } else {
             None
         };

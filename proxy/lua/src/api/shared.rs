@@ -118,7 +118,7 @@ impl DictObjects {
         let meta = lua.create_table()?;
         meta.raw_set("__index", &globals)?;
         super::seal(&meta)?;
-        let env = NamespaceEnv { meta, globals };
+        let env = NamespaceEnv { id: globals.to_pointer() as usize, meta, globals };
         self.kept().env_metas.insert(namespace.to_owned(), env.clone());
         Ok(env)
     }
@@ -127,6 +127,9 @@ impl DictObjects {
 /// What the environments of a namespace's requests are made of.
 #[derive(Clone)]
 pub(crate) struct NamespaceEnv {
+    /// The address of `globals`: they are these and no others as long as a holder of this
+    /// keeps them alive.
+    pub(crate) id: usize,
     /// Their metatable.
     pub(crate) meta: Table,
     /// The globals they read: the VM's, with the namespace's `ngx`.
