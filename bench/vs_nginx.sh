@@ -298,16 +298,20 @@ print(f"| HTTP/2 (h2c, h2load, 10 streams per connection) | {t:,.0f} | {n:,.0f} 
 def per_request(scenario, target, key):
     return statistics.median(float(r[key]) / int(r["requests"]) for r in rows if r["scenario"] == scenario and r["target"] == target)
 print("\nWhere the time goes: CPU per request in µs (medians), of wrk, the upstream, and the proxy in user")
-print("space and in the kernel (`/proc/PID/stat`; wrk's own resource usage). The last column is what a proxy")
-print("that spent no user time at all, and nginx's kernel time, would serve relative to nginx here:")
-print("nginx's total over that total without nginx's user time.\n")
-print("| scenario | proxy | wrk | upstream | proxy user | proxy kernel | total | zero-user bound |")
-print("|---|---|---|---|---|---|---|---|")
+print("space and in the kernel (`/proc/PID/stat`; wrk's own resource usage). The proxy's own CPU per request")
+print("moves less with the machine's load than throughput does; its ratio is tidegate's over nginx's. The last")
+print("column is what a proxy that spent no user time at all, and nginx's kernel time, would serve relative to")
+print("nginx here: nginx's total over that total without nginx's user time.\n")
+print("| scenario | proxy | wrk | upstream | proxy user | proxy kernel | proxy CPU (vs nginx) | total | zero-user bound |")
+print("|---|---|---|---|---|---|---|---|---|")
 for s in ("keepalive", "lua", "newconn"):
+    cpu = {t: per_request(s, t, "user_us") + per_request(s, t, "kernel_us") for t in ("tidegate", "nginx")}
     for target in ("tidegate", "nginx"):
         parts = [per_request(s, target, k) for k in ("wrk_us", "upstream_us", "user_us", "kernel_us")]
         bound = f"{sum(parts) / (sum(parts) - parts[2]):.2f}× nginx" if target == "nginx" else ""
-        print(f"| {names[s]} | {target} | " + " | ".join(f"{p:.2f}" for p in parts) + f" | {sum(parts):.2f} | {bound} |")
+        ratio = f" ({cpu['tidegate'] / cpu['nginx']:.2f}×)" if target == "tidegate" else ""
+        print(f"| {names[s]} | {target} | " + " | ".join(f"{p:.2f}" for p in parts)
+              + f" | {cpu[target]:.2f}{ratio} | {sum(parts):.2f} | {bound} |")
 idle = {(row[0], row[1]): float(row[2]) for row in csv.reader(open(sys.argv[5]))}
 for kind, label, count in (("idle", "", sys.argv[6]), ("idle_tls", " TLS (HTTP/1.1)", sys.argv[7])):
     t, n = idle[(kind, "tidegate")], idle[(kind, "nginx")]
