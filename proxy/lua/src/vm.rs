@@ -533,8 +533,8 @@ impl Vm {
         self.lua.used_memory()
     }
 
-    /// Starts a request with its head and headers: its state, environment and (lazily)
-    /// `ngx.ctx`.
+    /// Starts a request with its head and headers: its state and, when first needed, its
+    /// environment and `ngx.ctx`.
     ///
     /// # Errors
     /// Only when the VM is out of memory.
