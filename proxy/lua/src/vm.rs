@@ -121,7 +121,7 @@ pub struct LuaRequest {
     pub(crate) env: RefCell<Option<Table>>,
     /// What the environments of the request's namespace are made of; `None` for a timer, which
     /// has its environment from the start.
-    namespace: Option<NamespaceEnv>,
+    namespace: Option<Rc<NamespaceEnv>>,
     pub(crate) ctx: RefCell<Option<Table>>,
     /// Fields a request adds to `ngx` (OpenResty lets code do that); kept per request.
     pub(crate) ngx_fields: RefCell<Option<Table>>,
@@ -157,7 +157,7 @@ impl LuaRequest {
         head: RequestHead,
         headers: HeaderMap,
         env: Option<Table>,
-        namespace: Option<NamespaceEnv>,
+        namespace: Option<Rc<NamespaceEnv>>,
     ) -> Rc<LuaRequest> {
         Rc::new(LuaRequest {
             state: RequestState::new(head, headers),
@@ -450,8 +450,8 @@ pub struct Vm {
 
 /// A script's closure in the globals of a namespace (see [`Vm::shared_handler`]).
 pub(crate) struct SharedHandler {
-    /// Kept, so that its globals stay the ones its id names.
-    namespace: NamespaceEnv,
+    /// The namespace environment its closure runs in.
+    namespace: Rc<NamespaceEnv>,
     closure: Function,
 }
 
@@ -600,14 +600,14 @@ impl Vm {
         };
         match self.shared.borrow().get(&script.id) {
             Some(None) => return Ok(None),
-            Some(Some(shared)) if shared.namespace.id == namespace.id => return Ok(Some(shared.closure.clone())),
+            Some(Some(shared)) if Rc::ptr_eq(&shared.namespace, namespace) => return Ok(Some(shared.closure.clone())),
             _ => {}
         }
         let built_in = |root: &String| self.base.raw_get::<Value>(root.as_str()).is_ok_and(|v| !v.is_nil());
         let shared = if roots.iter().all(built_in) {
             let closure = self.chunk(script)?.deep_clone()?;
             closure.set_environment(namespace.globals.clone())?;
-            Some(SharedHandler { namespace: namespace.clone(), closure })
+            Some(SharedHandler { namespace: Rc::clone(namespace), closure })
         } else {
             None
         };

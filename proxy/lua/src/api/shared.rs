@@ -38,7 +38,7 @@ struct Kept {
     /// By namespace and name.
     objects: HashMap<String, HashMap<String, Table>>,
     /// By namespace (see [`DictObjects::env_meta`]).
-    env_metas: HashMap<String, NamespaceEnv>,
+    env_metas: HashMap<String, Rc<NamespaceEnv>>,
 }
 
 impl DictObjects {
@@ -97,9 +97,9 @@ impl DictObjects {
     /// from: those of `base`, except `ngx`, which is the namespace's own (see the module's
     /// documentation). Made on the namespace's first request, and again once the dictionaries
     /// change.
-    pub(crate) fn env_meta(&self, lua: &Lua, base: &Table, namespace: &str) -> mlua::Result<NamespaceEnv> {
+    pub(crate) fn env_meta(&self, lua: &Lua, base: &Table, namespace: &str) -> mlua::Result<Rc<NamespaceEnv>> {
         if let Some(env) = self.kept().env_metas.get(namespace) {
-            return Ok(env.clone());
+            return Ok(Rc::clone(env));
         }
         let shared = lua.create_table()?;
         for name in self.dicts.names_seen_from(namespace) {
@@ -118,18 +118,16 @@ impl DictObjects {
         let meta = lua.create_table()?;
         meta.raw_set("__index", &globals)?;
         super::seal(&meta)?;
-        let env = NamespaceEnv { id: globals.to_pointer() as usize, meta, globals };
-        self.kept().env_metas.insert(namespace.to_owned(), env.clone());
+        let env = Rc::new(NamespaceEnv { meta, globals });
+        self.kept().env_metas.insert(namespace.to_owned(), Rc::clone(&env));
         Ok(env)
     }
 }
 
-/// What the environments of a namespace's requests are made of.
-#[derive(Clone)]
+/// What the environments of a namespace's requests are made of, for one generation of the
+/// dictionaries: shared by the namespace's requests (one reference count each), and the same
+/// object (`Rc::ptr_eq`) for as long as that generation lasts.
 pub(crate) struct NamespaceEnv {
-    /// The address of `globals`: they are these and no others as long as a holder of this
-    /// keeps them alive.
-    pub(crate) id: usize,
     /// Their metatable.
     pub(crate) meta: Table,
     /// The globals they read: the VM's, with the namespace's `ngx`.
