@@ -118,7 +118,7 @@ impl Said {
 /// letter and leaves `-` alone, and turns nothing else but control bytes into either: one pass
 /// without branches, where comparing case-insensitively byte by byte took a fifth of reading a
 /// response's lines.
-fn is_named(text: &[u8], lower: &[u8]) -> bool {
+pub(crate) fn is_named(text: &[u8], lower: &[u8]) -> bool {
     debug_assert!(lower.iter().all(|b| b.is_ascii_lowercase() || *b == b'-'));
     text.len() == lower.len() && text.iter().zip(lower).fold(0, |differ, (t, l)| differ | ((t | 0x20) ^ l)) == 0
 }

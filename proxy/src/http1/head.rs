@@ -96,7 +96,7 @@ impl Lines {
             let mut headers = super::spare::take_headers(spans.len() + extra);
             for &(name, value) in spans {
                 let name = &bytes[name.0..name.0 + name.1];
-                if left_out.iter().any(|out| name.eq_ignore_ascii_case(out.as_bytes())) {
+                if left_out.iter().any(|out| crate::headers::is_named(name, out.as_bytes())) {
                     continue;
                 }
                 let name = HeaderName::from_bytes(name).map_err(|_| invalid.0)?;
