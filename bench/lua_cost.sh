@@ -67,13 +67,11 @@ PIDS+=("$PROXY")
 for _ in $(seq 100); do curl -fs 127.0.0.1:19901/readyz >/dev/null && break; sleep 0.1; done
 curl -fs -H 'Host: lua.bench' 127.0.0.1:18080/ -o /dev/null -D - | grep -qi '^x-lua: 1' || { echo "Lua route not answering" >&2; exit 1; }
 
-ticks() { awk '{print $14 + $15}' "/proc/$PROXY/stat"; }
 run() { # host -> "requests cpu_seconds p50_ms p99_ms"
-  local before after reqs p50 p99
-  before=$(ticks)
-  read -r reqs _ p50 p99 < <(wrk -t1 -c16 -d"${DURATION}s" --latency -H "Host: $1" http://127.0.0.1:18080/ | wrk_stats)
-  after=$(ticks)
-  echo "$reqs $(python3 -c "print(($after - $before) / $(getconf CLK_TCK))") $p50 $p99"
+  local reqs p50 p99 user kernel
+  read -r reqs _ p50 p99 _ _ user kernel < <(cpu_split "$PROXY" "" -- \
+    wrk -t1 -c16 -d"${DURATION}s" --latency -H "Host: $1" http://127.0.0.1:18080/ | wrk_stats)
+  echo "$reqs $(python3 -c "print(($user + $kernel) / 1e6)") $p50 $p99"
 }
 
 echo "round,variant,requests,cpu_s,us_cpu_per_request,p50_ms,p99_ms" > "$WORK/rows.csv"
