@@ -1,8 +1,9 @@
 //! Load client for `bench/sleep_concurrency.sh`: opens N connections to the proxy, then sends
 //! one request on each at once to a route whose access handler sleeps, and reports how long
-//! until every response is in, how many were 200, and the proxy's memory at the peak (the most
+//! until every response is in, how many were 200, the proxy's memory at the peak (the most
 //! its RSS and its Lua heap reached while the requests were in flight, sampled every 2 and 20
-//! ms).
+//! ms), and the CPU time the proxy spent from the first request to the last answer (user and
+//! kernel, in clock ticks: accepting the connections is not counted).
 //!
 //! Usage: sleep_concurrency ADDR HOST N PROXY_PID ADMIN_ADDR   (loopback only)
 
@@ -21,6 +22,14 @@ fn rss_kib(pid: &str) -> u64 {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// The process's user and kernel CPU time so far, all threads, in clock ticks.
+fn cpu_ticks(pid: &str) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse().ok()).unwrap_or(0);
+    (field(11), field(12))
 }
 
 fn lua_memory(admin: &str) -> u64 {
@@ -99,6 +108,7 @@ async fn main() {
             (rss, lua)
         })
     };
+    let cpu_before = cpu_ticks(pid);
     let started = Instant::now();
     let tasks: Vec<_> = streams.into_iter().map(|s| tokio::spawn(exchange(s, request))).collect();
     let mut ok = 0;
@@ -108,10 +118,13 @@ async fn main() {
         }
     }
     let wall = started.elapsed();
+    let cpu_after = cpu_ticks(pid);
     done.store(true, std::sync::atomic::Ordering::Release);
     let (rss_peak, lua_peak) = sampler.join().unwrap_or_default();
     println!(
-        "{{\"requests\":{n},\"ok\":{ok},\"wall_ms\":{:.1},\"rss_idle_kib\":{rss_idle},\"rss_peak_kib\":{rss_peak},\"lua_idle_bytes\":{lua_idle},\"lua_peak_bytes\":{lua_peak}}}",
-        wall.as_secs_f64() * 1000.0
+        "{{\"requests\":{n},\"ok\":{ok},\"wall_ms\":{:.1},\"rss_idle_kib\":{rss_idle},\"rss_peak_kib\":{rss_peak},\"lua_idle_bytes\":{lua_idle},\"lua_peak_bytes\":{lua_peak},\"user_ticks\":{},\"kernel_ticks\":{}}}",
+        wall.as_secs_f64() * 1000.0,
+        cpu_after.0 - cpu_before.0,
+        cpu_after.1 - cpu_before.1,
     );
 }

@@ -7,7 +7,9 @@
 #     (bench/sleep_concurrency.rs): wall time until every answer is in, and proxy memory per
 #     in-flight request (RSS at its peak minus RSS before, and tidegate's Lua heap, sampled while
 #     the requests are in flight);
-#   - HTTP/2 (h2c): h2load, 100 connections x 100 concurrent streams = 10,000 requests in flight.
+#   - HTTP/2 (h2c): h2load, 100 connections x 100 concurrent streams = 10,000 requests in flight;
+#   - for both, the CPU time each proxy spent per request, user and kernel, over all rounds (for
+#     HTTP/1.1 from the first request to the last answer, without accepting the connections).
 # Each proxy serves every round from the same process, as a long-running proxy would. Loopback
 # only; bounded by the request count.
 #
@@ -82,15 +84,16 @@ for addr in 127.0.0.1:18080 127.0.0.1:18190; do
   [ "$(curl -fs -H 'Host: sleep.bench' "http://$addr/")" = ok ] || { echo "no answer from $addr" >&2; cat "$WORK"/*.err "$WORK/proxy.log" >&2; exit 1; }
 done
 
-h2() { # address -> wall milliseconds for N requests, 100 connections x N/100 streams each
+h2() { # address proxy_pid -> "wall_ms user_us kernel_us" for N requests, 100 connections x N/100 streams each
   local out
-  out=$(h2load -c 100 -m $((N / 100)) -n "$N" -H ':authority: sleep.bench' "http://$1/" 2>&1)
+  out=$(cpu_split "$2" "" -- h2load -c 100 -m $((N / 100)) -n "$N" -H ':authority: sleep.bench' "http://$1/" 2>&1)
   python3 - "$out" "$N" <<'PY'
 import re, sys
 out, n = sys.argv[1], int(sys.argv[2])
 assert re.search(rf"{n} succeeded", out) and re.search(rf"status codes: {n} 2xx", out), out
 value, unit = re.search(r"finished in ([\d.]+)(us|ms|s),", out).groups()
-print(float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit])
+user, kernel = re.search(r"^cpu \d+ \d+ (\d+) (\d+)$", out, re.M).groups()
+print(float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit], user, kernel)
 PY
 }
 
@@ -101,9 +104,9 @@ for round in $(seq "$ROUNDS"); do
   sleep 1
   echo "nginx h1 $($CLIENT 127.0.0.1:18190 sleep.bench "$N" "$NGINX_WORKER" -)" >> "$WORK/results"
   sleep 1
-  echo "tidegate h2 $(h2 127.0.0.1:18080)" >> "$WORK/results"
+  echo "tidegate h2 $(h2 127.0.0.1:18080 "$TIDEGATE")" >> "$WORK/results"
   sleep 1
-  echo "nginx h2 $(h2 127.0.0.1:18191)" >> "$WORK/results"
+  echo "nginx h2 $(h2 127.0.0.1:18191 "$NGINX_WORKER")" >> "$WORK/results"
   sleep 1
 done
 # tidegate gives freed memory back after 10 s without requests (nginx keeps it).
@@ -118,17 +121,21 @@ lines = [l.split(" ", 2) for l in open(sys.argv[1]).read().splitlines() if not l
 n, rounds = int(sys.argv[2]), int(sys.argv[3])
 def runs(proxy, proto):
     return [v for p, k, v in lines if p == proxy and k == proto]
+tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
 def h1(proxy):
     rs = [json.loads(v) for v in runs(proxy, "h1")]
     assert all(r["ok"] == n for r in rs), rs
     wall = statistics.median(r["wall_ms"] for r in rs)
+    # CPU over all rounds together: a round's CPU time is a few dozen clock ticks.
+    cpu = [sum(r[k] for r in rs) * tick_us / (n * len(rs)) for k in ("user_ticks", "kernel_ticks")]
     # Memory from the first round, when both processes are fresh: later rounds reuse what the
     # first one allocated.
     rss = (rs[0]["rss_peak_kib"] - rs[0]["rss_idle_kib"]) / n
     lua = (rs[0]["lua_peak_bytes"] - rs[0]["lua_idle_bytes"]) / n / 1024
-    return wall, rss, lua
+    return wall, rss, lua, cpu
 def h2(proxy):
-    return statistics.median(float(v) for v in runs(proxy, "h2"))
+    rs = [[float(x) for x in v.split()] for v in runs(proxy, "h2")]
+    return statistics.median(r[0] for r in rs), [sum(r[i] for r in rs) / (n * len(rs)) for i in (1, 2)]
 t1, n1 = h1("tidegate"), h1("nginx")
 t2, n2 = h2("tidegate"), h2("nginx")
 print(f"Concurrent sleeping requests, {datetime.date.today()} (`bench/sleep_concurrency.sh {n} {rounds}`): medians of {rounds} rounds,")
@@ -137,7 +144,12 @@ print("generator and the proxy. Each request sleeps 100 ms in its access handler
 print("| | tidegate | nginx + Lua | tidegate / nginx |")
 print("|---|---|---|---|")
 print(f"| HTTP/1.1, {n:,} connections, one request each: wall time | {t1[0]:.0f} ms | {n1[0]:.0f} ms | {t1[0] / n1[0]:.2f}x |")
-print(f"| HTTP/2, 100 connections x {n // 100} streams: wall time | {t2:.0f} ms | {n2:.0f} ms | {t2 / n2:.2f}x |")
+print(f"| HTTP/2, 100 connections x {n // 100} streams: wall time | {t2[0]:.0f} ms | {n2[0]:.0f} ms | {t2[0] / n2[0]:.2f}x |")
+def cpu(t, g, label):
+    ts, gs = sum(t), sum(g)
+    print(f"| {label}: proxy CPU per request, user + kernel | {ts:.1f} µs ({t[0]:.1f} + {t[1]:.1f}) | {gs:.1f} µs ({g[0]:.1f} + {g[1]:.1f}) | {ts / gs:.2f}x |")
+cpu(t1[3], n1[3], "HTTP/1.1")
+cpu(t2[1], n2[1], "HTTP/2")
 print(f"| proxy memory per in-flight request (HTTP/1.1, first round) | {t1[1]:.1f} KiB | {n1[1]:.1f} KiB | {t1[1] / n1[1]:.2f}x |")
 print(f"| of which the Lua heap | {t1[2]:.2f} KiB | | |")
 idle = dict(l.split()[1:] for l in open(sys.argv[1]).read().splitlines() if l.startswith("idle "))
