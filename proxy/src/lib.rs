@@ -17,14 +17,16 @@
 //!
 //! Requests in flight keep the runtime they started with; a swap affects only new requests. A
 //! snapshot that fails to build is refused and the current runtime keeps serving.
-// Four exceptions: `upkeep::configure_allocator` and `upkeep::release_free_memory` call the
-// allocator, `reactor::watched_epoll_set` registers an owned descriptor with tokio, and
-// `reactor::recv_into` reads into a buffer's uninitialized part (as tokio's own sockets do).
+// The exceptions: `allocator` is the process's allocator (mimalloc behind `GlobalAlloc`, its
+// options, returning free memory), `reactor::watched_epoll_set` registers an owned descriptor
+// with tokio, and `reactor::recv_into` reads into a buffer's uninitialized part (as tokio's own
+// sockets do).
 #![deny(unsafe_code)]
 
 mod access_log;
 mod admin;
 mod alarm;
+mod allocator;
 mod body;
 mod handler;
 mod headers;
@@ -51,9 +53,9 @@ use http::HeaderValue;
 use rustls::sign::CertifiedKey;
 use tidegate_snapshot::Snapshot;
 
+pub use allocator::release_free_memory;
 pub use runtime::{BuildError, Built, Runtime};
 pub use tidegate_lua::network::Network;
-pub use upkeep::release_free_memory;
 
 /// How the proxy listens and behaves.
 #[derive(Clone, Debug)]
@@ -143,7 +145,7 @@ impl Proxy {
     /// # Errors
     /// When a listener cannot be bound or a thread cannot start.
     pub fn start(config: &ProxyConfig) -> Result<Proxy, StartError> {
-        upkeep::configure_allocator();
+        allocator::configure();
         let workers = config.workers.max(1);
         let bind = |addr: SocketAddr, count| {
             server::bind_group(addr, count).map_err(|source| StartError::Bind { addr, source })

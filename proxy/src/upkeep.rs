@@ -21,7 +21,7 @@ use crate::handler::Worker;
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Quiet time after which freed memory goes back to the system (the allocator keeps it longer on
-/// its own, see [`ALLOCATOR_PURGE_EVERY`]). Sooner, each burst of a bursty load would pay to
+/// its own, see [`crate::allocator::configure`]). Sooner, each burst of a bursty load would pay to
 /// fault its pages in again (at 10,000 concurrent requests, a tenth of the burst's CPU).
 const TRIM_AFTER: Duration = Duration::from_secs(10);
 
@@ -66,49 +66,8 @@ pub(crate) async fn run(worker: Rc<Worker>) {
         if trim_due && quiet_for >= TRIM_AFTER {
             trim_due = false;
             let began = std::time::Instant::now();
-            release_free_memory();
+            crate::allocator::release_free_memory();
             tracing::debug!(worker = worker.id, took = ?began.elapsed(), "free memory returned");
         }
     }
-}
-
-/// The proxy's allocator. mimalloc keeps free blocks per thread and size class, so taking and
-/// giving back a block is a few dozen instructions; glibc's malloc and free took about 350 per
-/// pair, a fifth of a sleeping Lua request's instructions.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// `mi_option_purge_delay` in `mimalloc.h` (the same in its versions 2 and 3); the bindings do
-/// not name it.
-const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// How often, at most, the allocator returns free memory to the system on its own while the
-/// worker never goes quiet for [`TRIM_AFTER`].
-///
-/// mimalloc's delay is not per block: the first free after a purge sets a deadline, and at that
-/// deadline everything free is returned, also what was freed a moment ago. With its default of
-/// one second, and with the ten seconds this replaced, the next burst faulted its pages in
-/// again: 22,000 page faults in the second of two bursts of 10,000 sleeping HTTP/2 requests a
-/// second apart, 3,500 now. The upkeep returns free memory itself once the worker is quiet.
-const ALLOCATOR_PURGE_EVERY: Duration = Duration::from_secs(300);
-
-/// Sets the allocator's purge delay ([`ALLOCATOR_PURGE_EVERY`]) and returns what is free now: a
-/// deadline set before, under mimalloc's default, would otherwise still come due in the first
-/// burst.
-#[allow(unsafe_code)]
-pub(crate) fn configure_allocator() {
-    let delay = std::ffi::c_long::try_from(ALLOCATOR_PURGE_EVERY.as_millis()).unwrap_or(std::ffi::c_long::MAX);
-    // SAFETY: mimalloc's options may be set from any thread at any time; the value is a plain
-    // number of milliseconds.
-    unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, delay) };
-    release_free_memory();
-}
-
-/// Returns the calling thread's free memory, and the freed memory waiting in the shared arenas,
-/// to the system now. A worker calls it for itself: each thread's heap is its own.
-#[allow(unsafe_code)]
-pub fn release_free_memory() {
-    // SAFETY: mi_collect has no preconditions; it works on the calling thread's heap and takes
-    // the arenas' locks for the shared part.
-    unsafe { libmimalloc_sys::mi_collect(true) };
 }
