@@ -230,7 +230,9 @@ fn emit(api: &str, args: &Variadic<Value>, newline: bool) -> mlua::Result<(Optio
     if request.state.eof.get() {
         return Ok((None, Some("seen eof".into())));
     }
-    let mut out = BytesMut::new();
+    // Room for the usual short line and its newline at once: grown from empty, "ok\n" took two
+    // allocations.
+    let mut out = BytesMut::with_capacity(64);
     for (i, value) in args.iter().enumerate() {
         flatten(value, &mut out, i + 1, api)?;
     }
