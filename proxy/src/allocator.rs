@@ -144,23 +144,20 @@ mod tests {
     use super::*;
 
     /// What `MAX_ALIGN` relies on: mimalloc's blocks of a multiple of 16 bytes are aligned to 16,
-    /// whatever the size class and however many are taken (else every such request would take
+    /// whatever the size class and wherever in its page (else every such request would take
     /// the aligned way, correct but slow).
     #[test]
     #[allow(unsafe_code)]
     fn blocks_of_a_multiple_of_16_bytes_are_aligned_to_16() {
-        let mut blocks = Vec::new();
         for size in (16..=70_000).step_by(16) {
-            for _ in 0..3 {
-                // SAFETY: plain allocations, all freed below.
-                let block = unsafe { mi::mi_malloc(size) };
+            // Several at once, so that they sit at different places in their page.
+            // SAFETY: plain allocations, freed below.
+            let blocks: Vec<_> = (0..8).map(|_| unsafe { mi::mi_malloc(size) }).collect();
+            for block in blocks {
                 assert_eq!(block.addr() % 16, 0, "a block of {size} bytes");
-                blocks.push(block);
+                // SAFETY: each block was allocated above and is freed once.
+                unsafe { mi::mi_free(block) };
             }
-        }
-        for block in blocks {
-            // SAFETY: each block was allocated above and is freed once.
-            unsafe { mi::mi_free(block) };
         }
     }
 
