@@ -556,6 +556,54 @@ async fn the_leader_writes_status_and_a_replica_takes_over() {
     until("the Lease released", Duration::from_secs(5), async || lease_holder(api).is_none()).await;
 }
 
+/// An Ingress asking for an IP allowlist tidegate does not honour answers 503 on every proxy,
+/// and gets a Warning Event naming the key; one whose only unsupported key changes behaviour,
+/// not access, is served and gets a Warning Event too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn annotations_not_honoured_close_routes_and_raise_events() {
+    let cluster = Cluster::new();
+    let api = &cluster.api;
+    let web = echo("t", "web").await;
+    api.apply_yaml(&service_yaml("t", "web", 80, "http", &[web]));
+    let annotate = |yaml: String, key: &str, value: &str| {
+        yaml.replace("namespace: t}", &format!("namespace: t, annotations: {{{key}: {value:?}}}}}"))
+    };
+    let allowlist = "nginx.ingress.kubernetes.io/whitelist-source-range";
+    let buffering = "nginx.ingress.kubernetes.io/proxy-buffering";
+    api.apply_yaml(&annotate(ingress("guarded", "guarded.test", "web"), allowlist, "10.0.0.0/8"));
+    api.apply_yaml(&annotate(ingress("buffered", "buffered.test", "web"), buffering, "on"));
+    let mut flags = vec!["--name", "c1"];
+    flags.extend(FAST_LEASE);
+    let controller = cluster.controller(&flags);
+    let (p1, p2) = cluster.proxies(&controller).await;
+    assert!(both(&p1, &p2, "guarded.test", StatusCode::SERVICE_UNAVAILABLE).await, "never served open");
+    assert!(both(&p1, &p2, "buffered.test", StatusCode::OK).await);
+
+    let event_for = |name: &str, key: &str| {
+        api.list("events.k8s.io/v1", "Event").into_iter().find(|e| {
+            e["regarding"]["name"] == name
+                && e["regarding"]["kind"] == "Ingress"
+                && e["type"] == "Warning"
+                && e["reason"] == "UnsupportedAnnotation"
+                && e["note"].as_str().is_some_and(|n| n.contains(key))
+        })
+    };
+    until("Warning Events for both Ingresses", Duration::from_secs(10), async || {
+        event_for("guarded", allowlist).is_some() && event_for("buffered", buffering).is_some()
+    })
+    .await;
+    // Passes that find the same problems announce nothing new.
+    let count =
+        || api.list("events.k8s.io/v1", "Event").iter().filter(|e| e["reason"] == "UnsupportedAnnotation").count();
+    let before = count();
+    api.apply_yaml(&ingress("other", "other.test", "web"));
+    until("the new Ingress served", Duration::from_secs(10), async || {
+        both(&p1, &p2, "other.test", StatusCode::OK).await
+    })
+    .await;
+    assert_eq!(count(), before, "no Event repeated for problems already announced");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_published_before_every_kind_is_listed() {
     let cluster = Cluster::new();

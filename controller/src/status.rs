@@ -19,6 +19,9 @@ pub enum Reason {
     Conflict,
     /// The object asks for something tidegate does not do; that part is ignored.
     Unsupported,
+    /// An annotation tidegate does not honour: an error when it restricts access (the routes
+    /// answer 503 rather than be served open), a warning otherwise (ignored).
+    UnsupportedAnnotation,
     /// Lua source does not compile; the message carries the Lua line.
     LuaSyntaxError,
 }

@@ -1,4 +1,5 @@
-//! Writes what translation found into the objects' `status`, and an Event for each rejection.
+//! Writes what translation found into the objects' `status`, and a Warning Event for each kind of
+//! problem an object has (errors and ignored settings alike).
 //! Only the leader writes (see [`crate::election`]).
 //!
 //! - Ingress: `status.loadBalancer.ingress` lists where it is exposed (`--publish-status-address`,
@@ -216,15 +217,15 @@ impl Writer {
             .and_then(|s| s.load_balancer.as_ref())
             .and_then(|l| l.ingress.clone())
             .unwrap_or_default();
+        if let Some(status) = status {
+            self.announce(status, &ingress.metadata, "networking.k8s.io/v1", "Ingress").await;
+        }
         let wanted = match status {
             Some(s) if s.accepted => addresses.to_vec(),
             // Not ours (or not served): leave others' addresses alone, take back ours.
             _ if !current.is_empty() && current == addresses => Vec::new(),
             _ => return false,
         };
-        if let Some(status) = status {
-            self.announce(status, &ingress.metadata, "networking.k8s.io/v1", "Ingress").await;
-        }
         if wanted == current {
             return false;
         }
@@ -330,37 +331,53 @@ impl Writer {
         }
     }
 
-    /// A Warning Event for an object rejected (in whole or in part), once per generation and
-    /// reason.
+    /// A Warning Event for each reason an object has problems (rejected in whole or in part,
+    /// or served with something ignored), once per generation and reason. Errors come first;
+    /// the note lists the problems of that reason. kube's [`Recorder`] aggregates repeats of an
+    /// Event into a series, and `announced` keeps a pass from repeating one at all.
     async fn announce(&mut self, status: &ObjectStatus, meta: &ObjectMeta, api_version: &str, kind: &str) {
-        let Some(problem) = status.problems.iter().find(|p| p.severity == Severity::Error) else { return };
-        let reason = format!("{:?}", problem.reason);
-        let key = (status.object.clone(), meta.generation.unwrap_or(0), reason.clone());
-        if self.announced.contains(&key) {
-            return;
-        }
-        let mut note = problems_text(status);
-        if note.is_empty() {
-            note.clone_from(&problem.message);
-        }
-        truncate(&mut note, 990);
-        let reference = ObjectReference {
-            api_version: Some(api_version.to_owned()),
-            kind: Some(kind.to_owned()),
-            name: meta.name.clone(),
-            namespace: meta.namespace.clone(),
-            uid: meta.uid.clone(),
-            ..ObjectReference::default()
-        };
-        let event =
-            Event { type_: EventType::Warning, reason, note: Some(note), action: "Translate".into(), secondary: None };
-        match self.recorder.publish(&event, &reference).await {
-            Ok(()) => {
-                self.announced.insert(key);
+        let mut reasons: Vec<(Severity, crate::status::Reason)> =
+            status.problems.iter().map(|p| (p.severity, p.reason)).collect();
+        reasons.sort();
+        reasons.dedup_by_key(|(_, reason)| *reason);
+        for (_, reason) in reasons {
+            let name = format!("{reason:?}");
+            let key = (status.object.clone(), meta.generation.unwrap_or(0), name.clone());
+            if self.announced.contains(&key) {
+                continue;
             }
-            Err(e) => tracing::warn!(object = %status.object, error = %e, "cannot record an Event"),
+            let mut note = problems_of(status, reason);
+            truncate(&mut note, 990);
+            let reference = ObjectReference {
+                api_version: Some(api_version.to_owned()),
+                kind: Some(kind.to_owned()),
+                name: meta.name.clone(),
+                namespace: meta.namespace.clone(),
+                uid: meta.uid.clone(),
+                ..ObjectReference::default()
+            };
+            let event = Event {
+                type_: EventType::Warning,
+                reason: name,
+                note: Some(note),
+                action: "Translate".into(),
+                secondary: None,
+            };
+            match self.recorder.publish(&event, &reference).await {
+                Ok(()) => {
+                    self.announced.insert(key);
+                }
+                Err(e) => tracing::warn!(object = %status.object, error = %e, "cannot record an Event"),
+            }
         }
     }
+}
+
+/// The problems of one reason, errors first: `field: message; field: message`.
+fn problems_of(status: &ObjectStatus, reason: crate::status::Reason) -> String {
+    let mut problems: Vec<&crate::status::Problem> = status.problems.iter().filter(|p| p.reason == reason).collect();
+    problems.sort_by_key(|p| p.severity);
+    problems.iter().map(|p| format!("{}: {}", p.field, p.message)).collect::<Vec<_>>().join("; ")
 }
 
 /// Writes statuses whenever this replica leads and something changed: a new view, the

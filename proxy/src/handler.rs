@@ -210,7 +210,8 @@ enum Routed<'a> {
 }
 
 /// Finds the request's route, and answers what needs no serving: no route (404), plain HTTP
-/// to a TLS host (308) and a route the controller found misconfigured (500).
+/// to a TLS host (308) and a route the controller refused (500 misconfigured, 503 asking for a
+/// protection tidegate does not honour).
 fn route<'a>(
     worker: &Worker,
     runtime: &'a Runtime,
@@ -235,10 +236,11 @@ fn route<'a>(
     if target.ssl_redirect && !conn.tls {
         return answer(redirect_to_https(&worker.shared, host, request.uri()));
     }
-    if let Some(why) = &target.action.misconfigured {
+    if let Some(refusal) = &target.action.refusal {
         // The controller reported the cause; here the route only has to stay closed.
-        tracing::debug!(route = &*target.name, reason = why, "misconfigured route answered 500");
-        return answer(crate::lua_flow::error_response(StatusCode::INTERNAL_SERVER_ERROR));
+        tracing::debug!(route = &*target.name, reason = refusal.reason, status = refusal.status, "route refused");
+        let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return answer(crate::lua_flow::error_response(status));
     }
     Routed::Target(target)
 }

@@ -290,7 +290,7 @@ mod tests {
                 backend: Some(BackendId(backend.into())),
                 timeouts: Timeouts::default(),
                 lua: None,
-                misconfigured: None,
+                refusal: None,
             },
             ssl_redirect: false,
         }
@@ -421,7 +421,7 @@ mod tests {
                 backend: Some(BackendId("fallback".into())),
                 timeouts: Timeouts::default(),
                 lua: None,
-                misconfigured: None,
+                refusal: None,
             }),
             ..Routing::default()
         };

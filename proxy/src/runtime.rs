@@ -199,7 +199,7 @@ mod tests {
                 backend: Some(BackendId("b".into())),
                 timeouts: tidegate_snapshot::Timeouts::default(),
                 lua: None,
-                misconfigured: None,
+                refusal: None,
             }),
             ..Routing::default()
         };

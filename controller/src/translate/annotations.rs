@@ -1,6 +1,15 @@
 //! Ingress annotations tidegate understands, under its own prefix and under ingress-nginx's so
-//! that existing Ingresses keep their meaning. Annotations under either prefix that tidegate does
-//! not implement are reported, never silently ignored.
+//! that existing Ingresses keep their meaning.
+//!
+//! One table, [`KEYS`], says what happens to each key under either prefix:
+//! - **parsed**: read into the Ingress's [`Settings`]; a value that does not parse is a field
+//!   error naming the key, and the key keeps its default.
+//! - **restricts**: the key limits who may reach a route, or how much, and tidegate does not
+//!   honour it yet. Serving the route without it would open what it guards, so the Ingress's
+//!   routes answer 503 and the Ingress gets an `UnsupportedAnnotation` error naming the key.
+//!
+//! Any other key under either prefix is ignored with an `UnsupportedAnnotation` warning (and a
+//! Warning Event): it changes how a route behaves, never who may reach it.
 
 use std::collections::BTreeMap;
 
@@ -22,11 +31,109 @@ pub(super) struct Settings {
     pub(super) lua_route: Option<String>,
     /// `tidegate.dev/<phase>-by-lua` inline handlers: (phase, annotation key, source).
     pub(super) snippets: Vec<(Phase, String, String)>,
+    /// Keys that restrict access and that tidegate does not honour: while any is set, the
+    /// Ingress's routes answer 503.
+    pub(super) unhonoured: Vec<String>,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { ssl_redirect: true, timeouts: Timeouts::default(), lua_route: None, snippets: Vec::new() }
+        Settings {
+            ssl_redirect: true,
+            timeouts: Timeouts::default(),
+            lua_route: None,
+            snippets: Vec::new(),
+            unhonoured: Vec::new(),
+        }
+    }
+}
+
+/// Which keys an entry of [`KEYS`] covers (the name after the prefix).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Pattern {
+    Exact(&'static str),
+    /// Every key starting with this: `auth-`.
+    Prefix(&'static str),
+    /// Every key ending with this: `-source-range`.
+    Suffix(&'static str),
+}
+
+impl Pattern {
+    fn covers(self, name: &str) -> bool {
+        match self {
+            Pattern::Exact(key) => name == key,
+            Pattern::Prefix(prefix) => name.starts_with(prefix),
+            Pattern::Suffix(suffix) => name.ends_with(suffix),
+        }
+    }
+}
+
+/// Reads a value into the settings; `Err` says what is wrong with it.
+type Parser = fn(&str, &mut Settings) -> Result<(), String>;
+
+/// What tidegate does with the keys of one entry of [`KEYS`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Handling {
+    /// Honoured: read by this parser; the key's default applies when the value does not parse.
+    Parsed(Parser),
+    /// Restricts who may reach a route, or how much, and is not honoured yet: the routes of an
+    /// Ingress that sets it answer 503.
+    Restricts,
+}
+
+/// One row of the annotation table.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Key {
+    pub(crate) pattern: Pattern,
+    pub(crate) handling: Handling,
+    /// Only under `tidegate.dev/`.
+    pub(crate) ours_only: bool,
+}
+
+const fn parsed(name: &'static str, parser: Parser) -> Key {
+    Key { pattern: Pattern::Exact(name), handling: Handling::Parsed(parser), ours_only: false }
+}
+
+const fn restricts(pattern: Pattern) -> Key {
+    Key { pattern, handling: Handling::Restricts, ours_only: false }
+}
+
+/// Every key tidegate knows, under either prefix; the first row that covers a key decides.
+pub(crate) const KEYS: &[Key] = &[
+    parsed("ssl-redirect", |v, s| boolean(v).map(|b| s.ssl_redirect = b)),
+    parsed("proxy-connect-timeout", |v, s| seconds(v).map(|ms| s.timeouts.connect_ms = ms)),
+    parsed("proxy-read-timeout", |v, s| seconds(v).map(|ms| s.timeouts.read_ms = ms)),
+    parsed("proxy-send-timeout", |v, s| seconds(v).map(|ms| s.timeouts.send_ms = ms)),
+    Key {
+        pattern: Pattern::Exact("lua-route"),
+        handling: Handling::Parsed(|v, s| {
+            s.lua_route = Some(v.to_owned());
+            Ok(())
+        }),
+        ours_only: true,
+    },
+    // Who may reach a route: IP rules, every kind of authentication, global auth, WAF rules.
+    restricts(Pattern::Suffix("-source-range")),
+    restricts(Pattern::Prefix("denylist-")),
+    restricts(Pattern::Prefix("auth-")),
+    restricts(Pattern::Exact("satisfy")),
+    restricts(Pattern::Exact("enable-global-auth")),
+    restricts(Pattern::Exact("enable-modsecurity")),
+    restricts(Pattern::Exact("enable-owasp-core-rules")),
+    restricts(Pattern::Prefix("modsecurity-")),
+    // How much: request and connection rates, bandwidth.
+    restricts(Pattern::Prefix("limit-")),
+    restricts(Pattern::Prefix("global-rate-limit")),
+    // nginx configuration that may hold any of the above (allow, deny, auth_basic, return).
+    restricts(Pattern::Exact("configuration-snippet")),
+    restricts(Pattern::Exact("server-snippet")),
+];
+
+fn boolean(value: &str) -> Result<bool, String> {
+    match value {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(format!("{value:?} is not \"true\" or \"false\"")),
     }
 }
 
@@ -70,8 +177,9 @@ impl Phase {
     }
 }
 
-/// Reads the annotations, recording a problem for each value that does not parse and each
-/// annotation under our prefixes that tidegate does not implement.
+/// Reads the annotations, recording a problem for each value that does not parse, each key
+/// that restricts access and is not honoured (an error: the Ingress is not served), and each
+/// other key under our prefixes that tidegate does not know (a warning).
 pub(super) fn read(annotations: Option<&BTreeMap<String, String>>, status: &mut ObjectStatus) -> Settings {
     let mut settings = Settings::default();
     for (key, value) in annotations.into_iter().flatten() {
@@ -83,32 +191,31 @@ pub(super) fn read(annotations: Option<&BTreeMap<String, String>>, status: &mut 
             continue;
         };
         let field = format!("metadata.annotations[{key:?}]");
-        match name {
-            "ssl-redirect" => match value.as_str() {
-                "true" => settings.ssl_redirect = true,
-                "false" => settings.ssl_redirect = false,
-                _ => status.warning(Reason::Invalid, field, format!("{value:?} is not \"true\" or \"false\"; ignored")),
-            },
-            "proxy-connect-timeout" => match seconds(value) {
-                Ok(ms) => settings.timeouts.connect_ms = ms,
-                Err(why) => status.warning(Reason::Invalid, field, why),
-            },
-            "proxy-read-timeout" => match seconds(value) {
-                Ok(ms) => settings.timeouts.read_ms = ms,
-                Err(why) => status.warning(Reason::Invalid, field, why),
-            },
-            "proxy-send-timeout" => match seconds(value) {
-                Ok(ms) => settings.timeouts.send_ms = ms,
-                Err(why) => status.warning(Reason::Invalid, field, why),
-            },
-            "lua-route" if prefix == OURS => settings.lua_route = Some(value.clone()),
-            snippet if prefix == OURS && Phase::ALL.iter().any(|p| p.annotation() == snippet) => {
-                let phase = Phase::ALL.into_iter().find(|p| p.annotation() == snippet).unwrap_or(Phase::Access);
-                settings.snippets.push((phase, key.clone(), value.clone()));
+        if prefix == OURS
+            && let Some(phase) = Phase::ALL.into_iter().find(|p| p.annotation() == name)
+        {
+            settings.snippets.push((phase, key.clone(), value.clone()));
+            continue;
+        }
+        let row = KEYS.iter().find(|k| k.pattern.covers(name) && (prefix == OURS || !k.ours_only));
+        match row.map(|k| k.handling) {
+            Some(Handling::Parsed(parse)) => {
+                if let Err(why) = parse(value, &mut settings) {
+                    status.warning(Reason::Invalid, field, format!("{why}; the default applies"));
+                }
             }
-            _ if prefix == OURS => status.warning(Reason::Invalid, field, "unknown tidegate annotation; ignored"),
-            _ => status.warning(
-                Reason::Unsupported,
+            Some(Handling::Restricts) => {
+                status.error(
+                    Reason::UnsupportedAnnotation,
+                    field,
+                    "restricts access to the routes and is not supported by tidegate; they answer 503 \
+                     rather than be served without it",
+                );
+                settings.unhonoured.push(key.clone());
+            }
+            None if prefix == OURS => status.warning(Reason::Invalid, field, "unknown tidegate annotation; ignored"),
+            None => status.warning(
+                Reason::UnsupportedAnnotation,
                 field,
                 "ingress-nginx annotation not supported by tidegate; ignored",
             ),
@@ -122,7 +229,7 @@ fn seconds(value: &str) -> Result<u64, String> {
     let digits = value.strip_suffix('s').unwrap_or(value);
     match digits.parse::<u64>() {
         Ok(s) if (1..=86_400).contains(&s) => Ok(s * 1000),
-        _ => Err(format!("{value:?} is not a number of seconds between 1 and 86400; ignored")),
+        _ => Err(format!("{value:?} is not a number of seconds between 1 and 86400")),
     }
 }
 
@@ -158,11 +265,55 @@ mod tests {
 
     #[test]
     fn unknown_annotations_are_reported_and_others_ignored() {
-        let (_, status) = read_one("nginx.ingress.kubernetes.io/rewrite-target", "/");
-        assert_eq!(status.problems[0].reason, Reason::Unsupported);
+        let (settings, status) = read_one("nginx.ingress.kubernetes.io/rewrite-target", "/");
+        assert_eq!(status.problems[0].reason, Reason::UnsupportedAnnotation);
+        assert_eq!(status.problems[0].severity, crate::status::Severity::Warning);
+        assert!(settings.unhonoured.is_empty(), "does not restrict access: served");
         let (_, status) = read_one("tidegate.dev/frobnicate", "1");
         assert_eq!(status.problems[0].reason, Reason::Invalid);
         let (_, status) = read_one("kubectl.kubernetes.io/last-applied-configuration", "{}");
         assert!(status.problems.is_empty());
+        let (_, status) = read_one("nginx.ingress.kubernetes.io/lua-route", "x");
+        assert_eq!(status.problems[0].reason, Reason::UnsupportedAnnotation, "lua-route is ours only");
+    }
+
+    /// Keys that restrict who may reach a route, or how much, under either prefix: an error
+    /// naming the key, and the Ingress is marked unhonoured (its routes answer 503).
+    #[test]
+    fn access_keys_not_honoured_fail_closed() {
+        let keys = [
+            ("whitelist-source-range", "10.0.0.0/8"),
+            ("allowlist-source-range", "10.0.0.0/8"),
+            ("denylist-source-range", "10.0.0.0/8"),
+            ("auth-type", "basic"),
+            ("auth-secret", "users"),
+            ("auth-url", "http://auth.example/check"),
+            ("auth-tls-verify-client", "on"),
+            ("auth-tls-secret", "ns/ca"),
+            ("satisfy", "any"),
+            ("enable-global-auth", "false"),
+            ("limit-rps", "5"),
+            ("limit-connections", "5"),
+            ("limit-rate", "1024"),
+            ("global-rate-limit", "10"),
+            ("enable-modsecurity", "true"),
+            ("modsecurity-snippet", "SecRuleEngine On"),
+            ("configuration-snippet", "deny all;"),
+            ("server-snippet", "allow 10.0.0.0/8;"),
+        ];
+        for prefix in [NGINX, OURS] {
+            for (name, value) in keys {
+                let key = format!("{prefix}{name}");
+                let (settings, status) = read_one(&key, value);
+                assert_eq!(settings.unhonoured, vec![key.clone()], "{key} fails closed");
+                let problem = &status.problems[0];
+                assert_eq!(
+                    (problem.severity, problem.reason),
+                    (crate::status::Severity::Error, Reason::UnsupportedAnnotation),
+                    "{key}"
+                );
+                assert_eq!(problem.field, format!("metadata.annotations[{key:?}]"), "the field names the key");
+            }
+        }
     }
 }

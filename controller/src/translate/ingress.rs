@@ -3,7 +3,7 @@
 use std::fmt::{self, Display};
 
 use k8s_openapi::api::networking::v1::{Ingress, IngressBackend};
-use tidegate_snapshot::{HostMatch, LuaHandlers, PathKind, PathMatch, Route, RouteAction};
+use tidegate_snapshot::{HostMatch, LuaHandlers, PathKind, PathMatch, Refusal, Route, RouteAction};
 
 use super::annotations::{self, Settings};
 use super::index::{Index, PortRef};
@@ -28,17 +28,23 @@ pub(super) fn translate(
         return;
     }
     let settings = annotations::read(ingress.metadata.annotations.as_ref(), status);
-    // When the Lua it asks for cannot run, its paths still match but answer 500: serving them
-    // without the Lua could skip an access check, and dropping them would let requests fall
-    // through to a less specific route.
-    let (lua, misconfigured) = match attached_lua(ingress, &settings, options, out, status) {
+    // When the Lua it asks for cannot run, or it asks for a protection tidegate does not
+    // honour, its paths still match but answer 500 or 503: serving them without it could skip
+    // an access check, and dropping them would let requests fall through to a less specific
+    // route.
+    let (lua, mut refusal) = match attached_lua(ingress, &settings, options, out, status) {
         Ok(lua) => (lua, None),
-        Err(()) => {
-            status.accepted = false;
-            (None, Some(format!("{} asks for Lua that cannot run", status.object)))
-        }
+        Err(()) => (None, Some(Refusal::misconfigured(format!("{} asks for Lua that cannot run", status.object)))),
     };
-    let mut ctx = Context { ingress, index, settings, lua, misconfigured, out, status };
+    if refusal.is_none() && !settings.unhonoured.is_empty() {
+        let keys = settings.unhonoured.join(", ");
+        refusal =
+            Some(Refusal::unhonoured(format!("{} asks for {keys}, which tidegate does not honour", status.object)));
+    }
+    if refusal.is_some() {
+        status.accepted = false;
+    }
+    let mut ctx = Context { ingress, index, settings, lua, refusal, out, status };
     ctx.default_backend();
     ctx.rules(rank);
     ctx.tls();
@@ -127,7 +133,7 @@ struct Context<'i, 'o> {
     index: &'i Index<'i>,
     settings: Settings,
     lua: Option<LuaHandlers>,
-    misconfigured: Option<String>,
+    refusal: Option<Refusal>,
     out: &'o mut Builder,
     status: &'o mut ObjectStatus,
 }
@@ -237,7 +243,7 @@ impl Context<'_, '_> {
             backend: Some(id),
             timeouts: self.settings.timeouts,
             lua: self.lua.clone(),
-            misconfigured: self.misconfigured.clone(),
+            refusal: self.refusal.clone(),
         })
     }
 }

@@ -8,7 +8,9 @@
 //!   handlers on all its paths; if the LuaRoute is missing or invalid the Ingress is not served
 //!   (fail closed: the handler may be an access check).
 
-use tidegate_snapshot::{HeaderMatch, HostMatch, LuaHandlers, PathKind, PathMatch, Route, RouteAction, Timeouts};
+use tidegate_snapshot::{
+    HeaderMatch, HostMatch, LuaHandlers, PathKind, PathMatch, Refusal, Route, RouteAction, Timeouts,
+};
 
 use super::index::{Index, PortRef};
 use super::{Builder, Candidate, FieldAt, Phase, host_match};
@@ -209,7 +211,7 @@ pub(super) fn translate(
                         backend: backend.clone(),
                         timeouts: Timeouts::default(),
                         lua: misconfigured.is_none().then(|| lua.clone()),
-                        misconfigured: misconfigured.map(str::to_owned),
+                        refusal: misconfigured.map(Refusal::misconfigured),
                     },
                     ssl_redirect: false,
                 },

@@ -367,7 +367,11 @@ fn assert_fails_closed(t: &Translation, host: &HostMatch) {
     let vhost = t.snapshot.routing.virtual_hosts.iter().find(|v| &v.host == host).expect("the host still matches");
     assert!(!vhost.routes.is_empty());
     for route in &vhost.routes {
-        assert!(route.action.misconfigured.is_some(), "{} is marked misconfigured", route.name);
+        assert!(
+            route.action.refusal.as_ref().is_some_and(|r| r.status == 500),
+            "{} is marked misconfigured",
+            route.name
+        );
         assert!(route.action.lua.is_none());
     }
 }
@@ -532,7 +536,7 @@ fn lua_syntax_errors_name_field_and_line() {
     assert_fails_closed(&t, &exact("api.example.com"));
     assert!(t.snapshot.routing.scripts.is_empty(), "no Lua of the broken LuaRoute is shipped");
     let site = t.snapshot.routing.virtual_hosts.iter().find(|v| v.host == exact("www.example.com")).expect("served");
-    assert!(site.routes[0].action.misconfigured.is_none(), "other objects are not affected");
+    assert!(site.routes[0].action.refusal.is_none(), "other objects are not affected");
 }
 
 fn attaching(name: &str, annotations: &str) -> String {

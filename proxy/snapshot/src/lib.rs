@@ -24,7 +24,12 @@ use serde::{Deserialize, Serialize};
 pub mod stream;
 
 /// The version of the snapshot format; bumped on incompatible changes.
-pub const FORMAT_VERSION: u32 = 1;
+///
+/// Version 2 replaced `misconfigured` with [`RouteAction::refusal`]. From version 2 on, what a
+/// route asks for ([`Route`], [`RouteAction`], [`LuaHandlers`]) is read with unknown fields
+/// denied: a proxy older than its controller refuses a snapshot holding a route setting it does
+/// not know, and keeps serving the last one it could, rather than serve that route without it.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// A complete, self-contained proxy configuration.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,7 +117,7 @@ impl fmt::Display for HostMatch {
 
 /// One route: a request match and what to do with it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Route {
     /// Stable, human-readable name used in metrics and logs: `namespace/name/rule/path`.
     pub name: String,
@@ -158,7 +163,7 @@ pub struct HeaderMatch {
 
 /// What a route does with a matched request.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouteAction {
     /// The backend to proxy to; `None` when a Lua `content` handler answers.
     pub backend: Option<BackendId>,
@@ -166,18 +171,45 @@ pub struct RouteAction {
     /// Lua handlers that run on matched requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lua: Option<LuaHandlers>,
-    /// Set when the object behind the route is invalid in a way that could open what it guards
-    /// (Lua that does not compile, a missing LuaRoute): the route still matches, so requests do
-    /// not fall through to a less specific route, and they get 500 without reaching the backend.
-    /// The text says why, for logs.
+    /// Set when the route must not be served as written: the route still matches, so requests
+    /// do not fall through to a less specific route, and they get the refusal's status without
+    /// reaching the backend or running any handler.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub misconfigured: Option<String>,
+    pub refusal: Option<Refusal>,
+}
+
+/// Why a route answers every request with an error instead of serving it: what it asks for
+/// could open what it guards if it were served without it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Refusal {
+    /// The status every request gets: [`Refusal::MISCONFIGURED`] or [`Refusal::UNHONOURED`].
+    pub status: u16,
+    /// Why, for logs: the object and what is wrong with it.
+    pub reason: String,
+}
+
+impl Refusal {
+    /// The object behind the route is invalid (Lua that does not compile, a missing LuaRoute):
+    /// 500, as nginx answers a location whose configuration fails.
+    pub const MISCONFIGURED: u16 = 500;
+    /// The route asks for a protection tidegate does not honour (an access or limit annotation
+    /// it does not implement): 503, the route is unavailable rather than open.
+    pub const UNHONOURED: u16 = 503;
+
+    pub fn misconfigured(reason: impl Into<String>) -> Self {
+        Refusal { status: Self::MISCONFIGURED, reason: reason.into() }
+    }
+
+    pub fn unhonoured(reason: impl Into<String>) -> Self {
+        Refusal { status: Self::UNHONOURED, reason: reason.into() }
+    }
 }
 
 /// The Lua handlers of a route, by phase, each list in the order its handlers run (those of a
 /// whole LuaRoute before those of one of its routes). Entries are [`LuaScript::id`]s.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LuaHandlers {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rewrite: Vec<String>,
@@ -298,7 +330,7 @@ mod tests {
                             backend: Some(backend.clone()),
                             timeouts: Timeouts::default(),
                             lua: Some(LuaHandlers { access: vec!["abc".into()], ..LuaHandlers::default() }),
-                            misconfigured: None,
+                            refusal: None,
                         },
                         ssl_redirect: true,
                     }],
@@ -323,6 +355,18 @@ mod tests {
         let json = serde_json::to_string(&snapshot).expect("serializes");
         let back: Snapshot = serde_json::from_str(&json).expect("deserializes");
         assert_eq!(back, snapshot);
+    }
+
+    /// A route setting this proxy does not know refuses the snapshot: never served without it.
+    #[test]
+    fn unknown_route_settings_are_refused() {
+        let action = r#"{"backend":"a/b:80","timeouts":{"connectMs":1,"readMs":1},"futurePolicy":{}}"#;
+        let error = serde_json::from_str::<RouteAction>(action).expect_err("refused");
+        assert!(error.to_string().contains("futurePolicy"), "{error}");
+        let known =
+            r#"{"backend":"a/b:80","timeouts":{"connectMs":1,"readMs":1},"refusal":{"status":503,"reason":"r"}}"#;
+        let action: RouteAction = serde_json::from_str(known).expect("known fields");
+        assert_eq!(action.refusal, Some(Refusal::unhonoured("r")));
     }
 
     #[test]
