@@ -41,13 +41,13 @@ fn problems(tidegate: &Tidegate, name: &str) -> Vec<serde_json::Value> {
 }
 
 /// Each key that restricts who may reach a route, or how much, and that tidegate does not
-/// honour, under either prefix: the Ingress's routes answer 503 and `/status` names the key as
-/// an `UnsupportedAnnotation` error. An Ingress beside it keeps serving.
+/// honour (or whose value it cannot read), under either prefix: the Ingress's routes answer 503
+/// and `/status` names the key as an error. An Ingress beside it keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restrictive_annotations_not_honoured_answer_503() {
     let restrictive = [
-        ("nginx.ingress.kubernetes.io/whitelist-source-range", "10.0.0.0/8"),
-        ("nginx.ingress.kubernetes.io/denylist-source-range", "127.0.0.0/8"),
+        ("nginx.ingress.kubernetes.io/whitelist-source-range", "10.0.0.0/33"),
+        ("nginx.ingress.kubernetes.io/denylist-source-range", "not-an-address"),
         ("nginx.ingress.kubernetes.io/auth-type", "basic"),
         ("nginx.ingress.kubernetes.io/auth-url", "http://127.0.0.1:1/auth"),
         ("nginx.ingress.kubernetes.io/auth-tls-verify-client", "on"),
@@ -55,7 +55,7 @@ async fn restrictive_annotations_not_honoured_answer_503() {
         ("nginx.ingress.kubernetes.io/limit-rps", "1"),
         ("nginx.ingress.kubernetes.io/limit-connections", "1"),
         ("nginx.ingress.kubernetes.io/enable-global-auth", "false"),
-        ("tidegate.dev/allowlist-source-range", "10.0.0.0/8"),
+        ("tidegate.dev/auth-type", "basic"),
         ("tidegate.dev/configuration-snippet", "deny all;"),
     ];
     let mut manifests = ingress("open", "open.test", &[]);
@@ -73,7 +73,7 @@ async fn restrictive_annotations_not_honoured_answer_503() {
         assert!(String::from_utf8_lossy(&answer.body).contains("503"), "an error page, not the backend");
         let problems = problems(&tidegate, &format!("guarded-{i}"));
         assert!(
-            problems.iter().any(|p| p["reason"] == "UnsupportedAnnotation"
+            problems.iter().any(|p| (p["reason"] == "UnsupportedAnnotation" || p["reason"] == "Invalid")
                 && p["severity"] == "error"
                 && p["field"] == format!("metadata.annotations[{key:?}]")),
             "{key} is named in /status: {problems:?}"
@@ -97,4 +97,106 @@ async fn other_annotations_not_honoured_serve_with_a_warning() {
         "{problems:?}"
     );
     assert!(!tidegate.problems_mentioning(key).is_empty(), "logged as a warning");
+}
+
+/// An Ingress name, its annotations, and the status its host answers.
+type Case = (&'static str, &'static [(&'static str, &'static str)], StatusCode);
+
+/// IP rules (`whitelist-source-range`, `allowlist-source-range`, `denylist-source-range`, under
+/// either prefix): the test client is 127.0.0.1, so an allowlist without it and a denylist with
+/// it answer 403, and an allowlist with it serves. On a route with Lua, the rules run before
+/// the Lua access handler, which never sees a refused client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_rules_admit_and_refuse_clients() {
+    let lua_route = "---\napiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {name: teapot, namespace: t}\nspec:\n  lua:\n    access: |\n      ngx.exit(418)\n  routes: []\n";
+    let cases: &[Case] = &[
+        (
+            "other-net",
+            &[("nginx.ingress.kubernetes.io/whitelist-source-range", "10.0.0.0/8, 192.168.0.0/16")],
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "loopback",
+            &[("nginx.ingress.kubernetes.io/whitelist-source-range", "10.0.0.0/8, 127.0.0.0/8")],
+            StatusCode::OK,
+        ),
+        ("v6-only", &[("tidegate.dev/allowlist-source-range", "::1/128")], StatusCode::FORBIDDEN),
+        ("single", &[("nginx.ingress.kubernetes.io/allowlist-source-range", "127.0.0.1")], StatusCode::OK),
+        ("denied", &[("nginx.ingress.kubernetes.io/denylist-source-range", "127.0.0.1/32")], StatusCode::FORBIDDEN),
+        ("deny-other", &[("nginx.ingress.kubernetes.io/denylist-source-range", "10.0.0.0/8")], StatusCode::OK),
+        (
+            "deny-wins",
+            &[
+                ("nginx.ingress.kubernetes.io/whitelist-source-range", "127.0.0.0/8"),
+                ("nginx.ingress.kubernetes.io/denylist-source-range", "127.0.0.1"),
+            ],
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "lua-refused",
+            &[
+                ("nginx.ingress.kubernetes.io/whitelist-source-range", "10.0.0.0/8"),
+                ("tidegate.dev/lua-route", "teapot"),
+            ],
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "lua-admitted",
+            &[
+                ("nginx.ingress.kubernetes.io/whitelist-source-range", "127.0.0.1"),
+                ("tidegate.dev/lua-route", "teapot"),
+            ],
+            StatusCode::IM_A_TEAPOT,
+        ),
+    ];
+    let mut manifests = lua_route.to_owned();
+    for (name, annotations, _) in cases {
+        manifests.push_str(&ingress(name, &format!("{name}.test"), annotations));
+    }
+    let (tidegate, _dir) = start(&manifests).await;
+    for (name, _, expected) in cases {
+        let host = format!("{name}.test");
+        let answer = get(tidegate.http, &host, "/").await.expect("answered");
+        assert_eq!(answer.status, *expected, "{name}");
+        if *expected == StatusCode::OK {
+            assert_eq!(answer.json()["host"], host, "{name}: the backend answered");
+        }
+        assert!(problems(&tidegate, name).is_empty(), "{name}: honoured, nothing to report");
+    }
+}
+
+/// The same IP rules as typed LuaRoute fields: `spec.policies` for every route, a route's own
+/// `policies` replacing them field by field, and a network that does not read closing the
+/// routes (500) with the field named in `/status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_rules_as_lua_route_fields() {
+    let lua_route = |name: &str, policies: &str, route_policies: &str| {
+        format!(
+            "---\napiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {{name: {name}, namespace: t}}\nspec:\n  hosts: [{name}.test]\n  policies: {policies}\n  routes:\n  - name: main\n    match: {{path: {{type: Prefix, value: /}}}}\n    lua: {{content: \"ngx.say('hello')\"}}\n  - name: own\n    match: {{path: {{type: Prefix, value: /own}}}}\n    lua: {{content: \"ngx.say('own')\"}}\n    policies: {route_policies}\n"
+        )
+    };
+    let manifests = [
+        lua_route("elsewhere", "{ipAllowlist: [10.0.0.0/8]}", "{ipAllowlist: [127.0.0.0/8]}"),
+        lua_route("denied", "{ipDenylist: [\"127.0.0.1\"]}", "{ipDenylist: [\"::1\"]}"),
+        lua_route("broken", "{ipAllowlist: [10.0.0.0/99]}", "{}"),
+    ]
+    .concat();
+    let (tidegate, _dir) = start(&manifests).await;
+    let status = |host: &str, path: &str| {
+        let host = host.to_owned();
+        let path = path.to_owned();
+        let addr = tidegate.http;
+        async move { get(addr, &host, &path).await.expect("answered").status }
+    };
+    assert_eq!(status("elsewhere.test", "/").await, StatusCode::FORBIDDEN, "spec.policies applies");
+    assert_eq!(status("elsewhere.test", "/own").await, StatusCode::OK, "the route's own allowlist replaces it");
+    assert_eq!(status("denied.test", "/").await, StatusCode::FORBIDDEN);
+    assert_eq!(status("denied.test", "/own").await, StatusCode::OK, "the route's denylist replaces it");
+    assert_eq!(status("broken.test", "/").await, StatusCode::INTERNAL_SERVER_ERROR, "never served open");
+    let objects = tidegate.status()["objects"].as_array().cloned().unwrap_or_default();
+    let broken = objects.iter().find(|o| o["object"]["name"] == "broken").expect("broken in /status");
+    assert!(
+        broken["problems"].as_array().into_iter().flatten().any(|p| p["field"] == "spec.policies.ipAllowlist[0]"),
+        "{broken}"
+    );
 }

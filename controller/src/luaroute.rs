@@ -73,6 +73,10 @@ pub struct LuaRouteSpec {
     #[serde(default)]
     #[schemars(pattern(r"^[0-9]+(ms|s)?$"))]
     pub cpu_budget: Option<String>,
+    /// What every request to this LuaRoute's own routes must pass before its Lua runs; a
+    /// route's own `policies` replace these field by field.
+    #[serde(default)]
+    pub policies: Option<RoutePolicies>,
     /// Routes of its own; may be empty when the LuaRoute only provides `spec.lua` for
     /// Ingresses to attach.
     #[serde(default)]
@@ -121,6 +125,57 @@ pub struct LuaRouteRule {
     pub backend: Option<LuaBackend>,
     #[serde(default)]
     pub lua: Option<LuaHandlers>,
+    /// This route's policies; each field set here replaces the LuaRoute's.
+    #[serde(default)]
+    pub policies: Option<RoutePolicies>,
+}
+
+/// Built-in checks that run before the route's Lua, with the semantics of ingress-nginx's
+/// annotations of the same purpose.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RoutePolicies {
+    /// Client networks (`10.0.0.0/8`, `2001:db8::/32`, or an address) that may reach the
+    /// routes; others get 403 (`whitelist-source-range`). Any client when absent.
+    #[serde(default)]
+    pub ip_allowlist: Option<Vec<String>>,
+    /// Client networks that get 403 even when the allowlist holds them
+    /// (`denylist-source-range`).
+    #[serde(default)]
+    pub ip_denylist: Option<Vec<String>>,
+}
+
+impl RoutePolicies {
+    /// These, with each field `over` sets replacing ours.
+    pub(crate) fn overlaid(&self, over: Option<&RoutePolicies>) -> RoutePolicies {
+        let Some(over) = over else { return self.clone() };
+        RoutePolicies {
+            ip_allowlist: over.ip_allowlist.clone().or_else(|| self.ip_allowlist.clone()),
+            ip_denylist: over.ip_denylist.clone().or_else(|| self.ip_denylist.clone()),
+        }
+    }
+
+    /// The typed policies; `Err` names the field (below `at`) and what is wrong with it.
+    pub(crate) fn typed(&self, at: &str) -> Result<tidegate_snapshot::Policies, (String, String)> {
+        let list = |name: &str,
+                    values: &Option<Vec<String>>|
+         -> Result<Vec<tidegate_snapshot::Cidr>, (String, String)> {
+            let mut out = Vec::new();
+            for (i, value) in values.iter().flatten().enumerate() {
+                out.push(value.parse().map_err(|e| (format!("{at}.{name}[{i}]"), e))?);
+            }
+            if values.as_ref().is_some_and(Vec::is_empty) {
+                return Err((format!("{at}.{name}"), "lists no network; leave it out to admit every client".into()));
+            }
+            Ok(out)
+        };
+        let ip = tidegate_snapshot::IpRules {
+            allow: list("ipAllowlist", &self.ip_allowlist)?,
+            deny: list("ipDenylist", &self.ip_denylist)?,
+        };
+        let any = !ip.allow.is_empty() || !ip.deny.is_empty();
+        Ok(tidegate_snapshot::Policies { ip: any.then_some(ip) })
+    }
 }
 
 /// The status the controller writes.

@@ -7,10 +7,10 @@
 //! worker 1..N (OS thread, current-thread tokio runtime, own SO_REUSEPORT listeners, own epoll
 //!   set of client sockets: reactor)
 //!   accept ─> TLS (SNI from the current runtime) ─> HTTP/1.x (http1, our own loop) | HTTP/2 (hyper)
-//!     request ─> load runtime ─> router.find(host, path)
-//!       ├─ no route, no default backend ─> 404
-//!       ├─ plain HTTP on a TLS host ─> 308 to https
-//!       └─ backend ─> pick endpoint (round robin) ─> upstream (our HTTP/1 client, per-worker pool)
+//!     request ─> load runtime ─> the request pipeline (`request`):
+//!       route ─> rewrite ─> access (policy filters, then Lua) ─> content | upstream
+//!         ─> header_filter ─> body_filter ─> log
+//!       upstream: pick endpoint (round robin) ─> our HTTP/1 client, per-worker pool
 //!     response ─> Server, Date, HSTS ─> streamed body ─> metrics + access log at its end
 //!   HTTP/1 idle 20 ms ─> parked in its socket's slot (reactor), no task ─(readable)─> new task, loop again
 //! ```
@@ -28,12 +28,14 @@ mod admin;
 mod alarm;
 mod allocator;
 mod body;
-mod handler;
+mod connection;
 mod headers;
 mod http1;
-mod lua_flow;
 mod metrics;
+mod policy;
 mod reactor;
+mod request;
+mod respond;
 pub mod router;
 pub mod runtime;
 mod server;
@@ -41,6 +43,7 @@ pub mod subscribe;
 pub mod tls;
 mod upkeep;
 mod upstream;
+mod worker;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

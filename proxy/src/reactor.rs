@@ -37,9 +37,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-use crate::handler::{Connection, Worker};
+use crate::connection::Connection;
 use crate::http1::{Idle, Io};
-use crate::server::ConnectionGuard;
 
 /// How often parked connections past their deadline are closed.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -550,22 +549,8 @@ fn claim(table: &mut Table, events: &mio::Events, wake: &mut Vec<Woken>) {
     }
 }
 
-/// Dispatches the worker's socket events, serves parked connections as they turn readable,
-/// closes those past their deadline, and all of them when a drain starts. Runs for as long as
-/// the worker does.
-pub(crate) async fn run<F>(worker: Rc<Worker>, serve: impl Fn(Rc<Worker>, Resumed<ConnectionGuard>) -> F)
-where
-    F: Future<Output = ()> + 'static,
-{
-    let shutdown = worker.shared.shutdown.subscribe();
-    dispatch(&worker.reactor, worker.id, shutdown, |connection| {
-        crate::server::spawn_boxed(serve(Rc::clone(&worker), connection));
-    })
-    .await;
-}
-
 /// The reactor's loop: `resume` gets each parked connection that turned readable.
-async fn dispatch<G>(
+pub(crate) async fn dispatch<G>(
     reactor: &Reactor<G>,
     worker: usize,
     mut shutdown: tokio::sync::watch::Receiver<bool>,

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use http::HeaderMap;
 use tidegate_lua::{Phase, Script};
+
+use crate::policy::Filters;
 use tidegate_snapshot::{HostMatch, LuaHandlers, PathKind, Route, RouteAction, Routing};
 
 /// The router of one runtime, built once per routing change.
@@ -49,6 +51,8 @@ pub struct Target {
     pub counters: RouteCounters,
     pub action: RouteAction,
     pub lua: Option<Arc<LuaChain>>,
+    /// The route's policies, compiled.
+    pub(crate) filters: Filters,
     pub ssl_redirect: bool,
 }
 
@@ -138,6 +142,7 @@ fn target(
         counters: counters(host, name),
         action: action.clone(),
         lua,
+        filters: Filters::compile(&action.policies),
         ssl_redirect,
     })
 }
@@ -290,6 +295,7 @@ mod tests {
                 backend: Some(BackendId(backend.into())),
                 timeouts: Timeouts::default(),
                 lua: None,
+                policies: tidegate_snapshot::Policies::default(),
                 refusal: None,
             },
             ssl_redirect: false,
@@ -421,6 +427,7 @@ mod tests {
                 backend: Some(BackendId("fallback".into())),
                 timeouts: Timeouts::default(),
                 lua: None,
+                policies: tidegate_snapshot::Policies::default(),
                 refusal: None,
             }),
             ..Routing::default()

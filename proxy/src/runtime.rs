@@ -199,6 +199,7 @@ mod tests {
                 backend: Some(BackendId("b".into())),
                 timeouts: tidegate_snapshot::Timeouts::default(),
                 lua: None,
+                policies: tidegate_snapshot::Policies::default(),
                 refusal: None,
             }),
             ..Routing::default()

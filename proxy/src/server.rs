@@ -15,11 +15,13 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::Shared;
 use crate::body::ClientBody;
-use crate::handler::{Connection, Worker, handle};
+use crate::connection::{Connection, ConnectionGuard};
 use crate::http1::{CloseConnection, Detached, Ended, Io};
 use crate::metrics::StatusLabels;
 use crate::reactor::{ClientListener, ClientStream, Reactor, Resumed};
+use crate::request::handle;
 use crate::upstream::Pool;
+use crate::worker::Worker;
 
 /// Time allowed for a TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -82,7 +84,7 @@ pub(crate) fn run_worker(
         });
         tracing::debug!(worker = index, "worker started");
         tokio::task::spawn_local(crate::upkeep::run(Rc::clone(&worker)));
-        tokio::task::spawn_local(crate::reactor::run(Rc::clone(&worker), serve_http1));
+        tokio::task::spawn_local(serve_parked(Rc::clone(&worker), serve_http1));
         tokio::task::spawn_local(accept_loop(Rc::clone(&worker), http, None));
         accept_loop(Rc::clone(&worker), https, Some(TlsAcceptor::from(tls))).await;
         // Lua timers still waiting run now, told they are premature.
@@ -125,24 +127,6 @@ async fn accept_loop(worker: Rc<Worker>, listener: ClientListener, tls: Option<T
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-    }
-}
-
-/// Counts a connection as open until it ends, however it ends.
-pub(crate) struct ConnectionGuard(Arc<Shared>);
-
-impl ConnectionGuard {
-    fn new(shared: &Arc<Shared>) -> Self {
-        shared.metrics.active_connections.inc();
-        shared.open_connections.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        ConnectionGuard(Arc::clone(shared))
-    }
-}
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        self.0.metrics.active_connections.dec();
-        self.0.open_connections.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -278,4 +262,18 @@ where
         // A stream's future is large too.
         spawn_boxed(future);
     }
+}
+
+/// Dispatches the worker's socket events, serves parked connections as they turn readable,
+/// closes those past their deadline, and all of them when a drain starts. Runs for as long as
+/// the worker does.
+async fn serve_parked<F>(worker: Rc<Worker>, serve: impl Fn(Rc<Worker>, Resumed<ConnectionGuard>) -> F)
+where
+    F: Future<Output = ()> + 'static,
+{
+    let shutdown = worker.shared.shutdown.subscribe();
+    crate::reactor::dispatch(&worker.reactor, worker.id, shutdown, |connection| {
+        spawn_boxed(serve(Rc::clone(&worker), connection));
+    })
+    .await;
 }

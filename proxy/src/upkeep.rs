@@ -16,7 +16,7 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::handler::Worker;
+use crate::worker::Worker;
 
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 

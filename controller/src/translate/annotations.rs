@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 
-use tidegate_snapshot::Timeouts;
+use tidegate_snapshot::{Cidr, IpRules, Phase, Timeouts};
 
 use crate::status::{ObjectStatus, Reason};
 
@@ -31,8 +31,10 @@ pub(super) struct Settings {
     pub(super) lua_route: Option<String>,
     /// `tidegate.dev/<phase>-by-lua` inline handlers: (phase, annotation key, source).
     pub(super) snippets: Vec<(Phase, String, String)>,
-    /// Keys that restrict access and that tidegate does not honour: while any is set, the
-    /// Ingress's routes answer 503.
+    /// `whitelist-source-range` / `allowlist-source-range` and `denylist-source-range`.
+    pub(super) ip: IpRules,
+    /// Keys that restrict access and that tidegate does not honour (or whose value it cannot
+    /// read): while any is set, the Ingress's routes answer 503.
     pub(super) unhonoured: Vec<String>,
 }
 
@@ -43,6 +45,7 @@ impl Default for Settings {
             timeouts: Timeouts::default(),
             lua_route: None,
             snippets: Vec::new(),
+            ip: IpRules::default(),
             unhonoured: Vec::new(),
         }
     }
@@ -76,6 +79,9 @@ type Parser = fn(&str, &mut Settings) -> Result<(), String>;
 pub(crate) enum Handling {
     /// Honoured: read by this parser; the key's default applies when the value does not parse.
     Parsed(Parser),
+    /// Honoured, and restricts access: a value that does not parse refuses the Ingress's routes
+    /// (503), as its default would serve them open.
+    Guards(Parser),
     /// Restricts who may reach a route, or how much, and is not honoured yet: the routes of an
     /// Ingress that sets it answer 503.
     Restricts,
@@ -92,6 +98,10 @@ pub(crate) struct Key {
 
 const fn parsed(name: &'static str, parser: Parser) -> Key {
     Key { pattern: Pattern::Exact(name), handling: Handling::Parsed(parser), ours_only: false }
+}
+
+const fn guards(name: &'static str, parser: Parser) -> Key {
+    Key { pattern: Pattern::Exact(name), handling: Handling::Guards(parser), ours_only: false }
 }
 
 const fn restricts(pattern: Pattern) -> Key {
@@ -112,6 +122,9 @@ pub(crate) const KEYS: &[Key] = &[
         }),
         ours_only: true,
     },
+    guards("whitelist-source-range", |v, s| allow(v, "allowlist-source-range", &mut s.ip.allow)),
+    guards("allowlist-source-range", |v, s| allow(v, "whitelist-source-range", &mut s.ip.allow)),
+    guards("denylist-source-range", |v, s| cidrs(v).map(|list| s.ip.deny = list)),
     // Who may reach a route: IP rules, every kind of authentication, global auth, WAF rules.
     restricts(Pattern::Suffix("-source-range")),
     restricts(Pattern::Prefix("denylist-")),
@@ -129,6 +142,25 @@ pub(crate) const KEYS: &[Key] = &[
     restricts(Pattern::Exact("server-snippet")),
 ];
 
+/// A comma-separated list of CIDR ranges or addresses, spaces allowed; at least one.
+fn cidrs(value: &str) -> Result<Vec<Cidr>, String> {
+    let list = value.split(',').filter(|c| !c.trim().is_empty()).map(str::parse).collect::<Result<Vec<Cidr>, _>>()?;
+    if list.is_empty() {
+        return Err("lists no CIDR range".into());
+    }
+    Ok(list)
+}
+
+/// The allowlist, under its two names: both may be set only to the same list.
+fn allow(value: &str, other: &str, allow: &mut Vec<Cidr>) -> Result<(), String> {
+    let list = cidrs(value)?;
+    if !allow.is_empty() && *allow != list {
+        return Err(format!("differs from {other}, which is also set; set one of them"));
+    }
+    *allow = list;
+    Ok(())
+}
+
 fn boolean(value: &str) -> Result<bool, String> {
     match value {
         "true" => Ok(true),
@@ -137,43 +169,15 @@ fn boolean(value: &str) -> Result<bool, String> {
     }
 }
 
-/// Lua phases as the snippet annotations name them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum Phase {
-    Rewrite,
-    Access,
-    Content,
-    HeaderFilter,
-    BodyFilter,
-    Log,
-}
-
-impl Phase {
-    pub(crate) const ALL: [Phase; 6] =
-        [Phase::Rewrite, Phase::Access, Phase::Content, Phase::HeaderFilter, Phase::BodyFilter, Phase::Log];
-
-    /// The annotation name: `access-by-lua`.
-    fn annotation(self) -> &'static str {
-        match self {
-            Phase::Rewrite => "rewrite-by-lua",
-            Phase::Access => "access-by-lua",
-            Phase::Content => "content-by-lua",
-            Phase::HeaderFilter => "header-filter-by-lua",
-            Phase::BodyFilter => "body-filter-by-lua",
-            Phase::Log => "log-by-lua",
-        }
-    }
-
-    /// The field name in a LuaRoute: `headerFilter`.
-    pub(crate) fn field(self) -> &'static str {
-        match self {
-            Phase::Rewrite => "rewrite",
-            Phase::Access => "access",
-            Phase::Content => "content",
-            Phase::HeaderFilter => "headerFilter",
-            Phase::BodyFilter => "bodyFilter",
-            Phase::Log => "log",
-        }
+/// The annotation naming a phase's inline handler: `access-by-lua`.
+fn lua_annotation(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Rewrite => "rewrite-by-lua",
+        Phase::Access => "access-by-lua",
+        Phase::Content => "content-by-lua",
+        Phase::HeaderFilter => "header-filter-by-lua",
+        Phase::BodyFilter => "body-filter-by-lua",
+        Phase::Log => "log-by-lua",
     }
 }
 
@@ -192,7 +196,7 @@ pub(super) fn read(annotations: Option<&BTreeMap<String, String>>, status: &mut 
         };
         let field = format!("metadata.annotations[{key:?}]");
         if prefix == OURS
-            && let Some(phase) = Phase::ALL.into_iter().find(|p| p.annotation() == name)
+            && let Some(phase) = Phase::ALL.into_iter().find(|p| lua_annotation(*p) == name)
         {
             settings.snippets.push((phase, key.clone(), value.clone()));
             continue;
@@ -202,6 +206,12 @@ pub(super) fn read(annotations: Option<&BTreeMap<String, String>>, status: &mut 
             Some(Handling::Parsed(parse)) => {
                 if let Err(why) = parse(value, &mut settings) {
                     status.warning(Reason::Invalid, field, format!("{why}; the default applies"));
+                }
+            }
+            Some(Handling::Guards(parse)) => {
+                if let Err(why) = parse(value, &mut settings) {
+                    status.error(Reason::Invalid, field, format!("{why}; the routes answer 503"));
+                    settings.unhonoured.push(key.clone());
                 }
             }
             Some(Handling::Restricts) => {
@@ -282,9 +292,9 @@ mod tests {
     #[test]
     fn access_keys_not_honoured_fail_closed() {
         let keys = [
-            ("whitelist-source-range", "10.0.0.0/8"),
-            ("allowlist-source-range", "10.0.0.0/8"),
-            ("denylist-source-range", "10.0.0.0/8"),
+            ("whitelist-source-range", "10.0.0.0/33"),
+            ("allowlist-source-range", ""),
+            ("denylist-source-range", "localhost"),
             ("auth-type", "basic"),
             ("auth-secret", "users"),
             ("auth-url", "http://auth.example/check"),
@@ -307,13 +317,37 @@ mod tests {
                 let (settings, status) = read_one(&key, value);
                 assert_eq!(settings.unhonoured, vec![key.clone()], "{key} fails closed");
                 let problem = &status.problems[0];
-                assert_eq!(
-                    (problem.severity, problem.reason),
-                    (crate::status::Severity::Error, Reason::UnsupportedAnnotation),
-                    "{key}"
-                );
+                let reason =
+                    if name.ends_with("-source-range") { Reason::Invalid } else { Reason::UnsupportedAnnotation };
+                assert_eq!((problem.severity, problem.reason), (crate::status::Severity::Error, reason), "{key}");
                 assert_eq!(problem.field, format!("metadata.annotations[{key:?}]"), "the field names the key");
             }
         }
+    }
+
+    /// IP rules: CIDR lists with spaces, IPv4 and IPv6, under both names of the allowlist.
+    #[test]
+    fn source_ranges_are_cidr_lists() {
+        let (s, status) =
+            read_one("nginx.ingress.kubernetes.io/whitelist-source-range", "10.0.0.0/8, 192.168.1.7 ,::1/128");
+        assert!(status.problems.is_empty(), "{:?}", status.problems);
+        let text: Vec<String> = s.ip.allow.iter().map(ToString::to_string).collect();
+        assert_eq!(text, ["10.0.0.0/8", "192.168.1.7/32", "::1/128"]);
+        assert!(s.unhonoured.is_empty(), "honoured");
+        let (s, _) = read_one("tidegate.dev/allowlist-source-range", "2001:db8::/32");
+        assert_eq!(s.ip.allow.len(), 1);
+        let (s, _) = read_one("nginx.ingress.kubernetes.io/denylist-source-range", "203.0.113.0/24");
+        assert_eq!(s.ip.deny.len(), 1);
+        assert!(s.ip.allow.is_empty());
+        assert_eq!(Settings::default().ip, IpRules::default(), "no rules by default");
+
+        let mut status = ObjectStatus::new(ObjectRef::namespaced("Ingress", "ns", "x"));
+        let both = BTreeMap::from([
+            ("nginx.ingress.kubernetes.io/allowlist-source-range".to_owned(), "10.0.0.0/8".to_owned()),
+            ("nginx.ingress.kubernetes.io/whitelist-source-range".to_owned(), "11.0.0.0/8".to_owned()),
+        ]);
+        let s = read(Some(&both), &mut status);
+        assert_eq!(s.unhonoured.len(), 1, "two different allowlists: refused");
+        assert!(status.problems[0].message.contains("allowlist-source-range"), "{:?}", status.problems);
     }
 }

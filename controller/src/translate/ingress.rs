@@ -3,7 +3,7 @@
 use std::fmt::{self, Display};
 
 use k8s_openapi::api::networking::v1::{Ingress, IngressBackend};
-use tidegate_snapshot::{HostMatch, LuaHandlers, PathKind, PathMatch, Refusal, Route, RouteAction};
+use tidegate_snapshot::{HostMatch, LuaHandlers, PathKind, PathMatch, Policies, Refusal, Route, RouteAction};
 
 use super::annotations::{self, Settings};
 use super::index::{Index, PortRef};
@@ -122,7 +122,7 @@ fn attached_lua(
             continue;
         }
         let id = out.script(&format!("Ingress {namespace}/{} {field}", name_of(&ingress.metadata)), source);
-        lua::phase_list(&mut handlers, *phase).push(id);
+        handlers.phase_mut(*phase).push(id);
         any = true;
     }
     if failed { Err(()) } else { Ok(any.then_some(handlers)) }
@@ -217,6 +217,12 @@ impl Context<'_, '_> {
         }
     }
 
+    /// What the annotations ask of every request to this Ingress's routes.
+    fn policies(&self) -> Policies {
+        let ip = &self.settings.ip;
+        Policies { ip: (!ip.allow.is_empty() || !ip.deny.is_empty()).then(|| ip.clone()) }
+    }
+
     /// Resolves a backend. The route exists even when the Service is missing (it answers 503), so
     /// only a backend kind tidegate cannot proxy to gives `None`.
     fn action(&mut self, backend: &IngressBackend, field: &dyn Display) -> Option<RouteAction> {
@@ -243,6 +249,7 @@ impl Context<'_, '_> {
             backend: Some(id),
             timeouts: self.settings.timeouts,
             lua: self.lua.clone(),
+            policies: self.policies(),
             refusal: self.refusal.clone(),
         })
     }

@@ -27,11 +27,24 @@ pub(super) enum Attachable {
 }
 
 /// What validation found: whether the routes can be built at all (`schema`), and whether all
-/// of the Lua compiles (`lua`).
+/// of the Lua compiles and every policy reads (`lua`): without either, the routes still match
+/// but answer 500.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Validity {
     pub(super) schema: bool,
     pub(super) lua: bool,
+}
+
+/// Records a problem for each route whose policies (the spec's, overlaid with the route's
+/// own) do not read.
+fn check_policies(route: &LuaRoute, status: &mut ObjectStatus) {
+    let top = route.spec.policies.clone().unwrap_or_default();
+    for (i, rule) in route.spec.routes.iter().enumerate() {
+        let at = if rule.policies.is_some() { format!("spec.routes[{i}].policies") } else { "spec.policies".into() };
+        if let Err((field, why)) = top.overlaid(rule.policies.as_ref()).typed(&at) {
+            status.error(Reason::Invalid, field, format!("{why}; the routes answer 500"));
+        }
+    }
 }
 
 fn error_count(status: &ObjectStatus) -> usize {
@@ -61,6 +74,7 @@ pub(super) fn validate(route: &LuaRoute, status: &mut ObjectStatus) -> Validity 
             }
         }
     }
+    check_policies(route, status);
     Validity { schema, lua: error_count(status) == before || !schema && lua_errors_only(status, before) }
 }
 
@@ -95,20 +109,9 @@ pub(super) fn add_layers(out: &mut Builder, handlers: &mut LuaHandlers, layers: 
         for (prefix, layer) in layers {
             if let Some(source) = layer.get(phase) {
                 let id = out.script(&format!("{prefix}.{}", phase.field()), source);
-                phase_list(handlers, phase).push(id);
+                handlers.phase_mut(phase).push(id);
             }
         }
-    }
-}
-
-pub(super) fn phase_list(handlers: &mut LuaHandlers, phase: Phase) -> &mut Vec<String> {
-    match phase {
-        Phase::Rewrite => &mut handlers.rewrite,
-        Phase::Access => &mut handlers.access,
-        Phase::Content => &mut handlers.content,
-        Phase::HeaderFilter => &mut handlers.header_filter,
-        Phase::BodyFilter => &mut handlers.body_filter,
-        Phase::Log => &mut handlers.log,
     }
 }
 
@@ -168,6 +171,9 @@ pub(super) fn translate(
         if misconfigured.is_none() {
             add_layers(out, &mut lua, &layers);
         }
+        // Policies that do not read made the LuaRoute misconfigured (see `check_policies`).
+        let policies =
+            spec.policies.clone().unwrap_or_default().overlaid(rule.policies.as_ref()).typed("").unwrap_or_default();
 
         let backend = match &rule.backend {
             Some(backend) => {
@@ -211,6 +217,7 @@ pub(super) fn translate(
                         backend: backend.clone(),
                         timeouts: Timeouts::default(),
                         lua: misconfigured.is_none().then(|| lua.clone()),
+                        policies: policies.clone(),
                         refusal: misconfigured.map(Refusal::misconfigured),
                     },
                     ssl_redirect: false,

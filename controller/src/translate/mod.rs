@@ -42,7 +42,7 @@ use tidegate_snapshot::{
     VirtualHost,
 };
 
-pub(crate) use annotations::Phase;
+pub(crate) use tidegate_snapshot::Phase;
 
 use crate::luaroute::{self, LuaRoute};
 use crate::objects::{Inputs, ObjectRef, name_of, namespace_of};
@@ -109,7 +109,8 @@ pub fn translate(inputs: &Inputs) -> Translation {
     // LuaRoutes rank after Ingresses for contested paths.
     for (i, (route, lua_ok)) in servable_lua_routes.into_iter().enumerate() {
         let object = ObjectRef::namespaced(luaroute::KIND, namespace_of(&route.metadata), name_of(&route.metadata));
-        let misconfigured = (!lua_ok).then(|| format!("{object} has Lua that does not compile"));
+        let misconfigured =
+            (!lua_ok).then(|| format!("{object} has Lua that does not compile or policies that do not read"));
         if let Some(status) = statuses.get_mut(&object) {
             lua::translate(route, ingress_count + i, misconfigured.as_deref(), &index, &mut out, status);
         }

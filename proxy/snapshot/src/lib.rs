@@ -18,10 +18,56 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
 pub mod stream;
+
+/// The steps of a request that route settings attach to, in the order a proxy runs them (see
+/// the proxy's `request` module for each step's contract). Content and the upstream are
+/// alternatives: a route answered by Lua `content` handlers never reaches its backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Phase {
+    Rewrite,
+    Access,
+    Content,
+    HeaderFilter,
+    BodyFilter,
+    Log,
+}
+
+impl Phase {
+    /// Every phase, in the order they run.
+    pub const ALL: [Phase; 6] =
+        [Phase::Rewrite, Phase::Access, Phase::Content, Phase::HeaderFilter, Phase::BodyFilter, Phase::Log];
+
+    /// OpenResty's name: `header_filter`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Rewrite => "rewrite",
+            Phase::Access => "access",
+            Phase::Content => "content",
+            Phase::HeaderFilter => "header_filter",
+            Phase::BodyFilter => "body_filter",
+            Phase::Log => "log",
+        }
+    }
+
+    /// The field name in a LuaRoute: `headerFilter`.
+    pub fn field(self) -> &'static str {
+        match self {
+            Phase::Rewrite => "rewrite",
+            Phase::Access => "access",
+            Phase::Content => "content",
+            Phase::HeaderFilter => "headerFilter",
+            Phase::BodyFilter => "bodyFilter",
+            Phase::Log => "log",
+        }
+    }
+}
 
 /// The version of the snapshot format; bumped on incompatible changes.
 ///
@@ -171,11 +217,126 @@ pub struct RouteAction {
     /// Lua handlers that run on matched requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lua: Option<LuaHandlers>,
+    /// What each request must pass before it is served: built-in filters, which run in their
+    /// phase before the route's Lua.
+    #[serde(default, skip_serializing_if = "Policies::is_empty")]
+    pub policies: Policies,
     /// Set when the route must not be served as written: the route still matches, so requests
     /// do not fall through to a less specific route, and they get the refusal's status without
     /// reaching the backend or running any handler.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refusal: Option<Refusal>,
+}
+
+/// A route's policies: typed settings the proxy compiles into filters once per route, never per
+/// request. A route without any pays nothing for them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Policies {
+    /// Client address rules: the first check of the access phase, as nginx's `allow`/`deny`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<IpRules>,
+}
+
+impl Policies {
+    pub fn is_empty(&self) -> bool {
+        self == &Policies::default()
+    }
+}
+
+/// Which client addresses may reach a route (ingress-nginx's `whitelist-source-range` /
+/// `allowlist-source-range` and `denylist-source-range`). A client in `deny` is refused; else,
+/// when `allow` is not empty, a client outside it is refused; refused requests get 403.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IpRules {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<Cidr>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<Cidr>,
+}
+
+/// An IPv4 or IPv6 network: `10.0.0.0/8`, `2001:db8::/32`; a bare address is a network of one.
+/// Written and read as that text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Cidr {
+    /// The network's address, with the host bits cleared.
+    pub network: IpAddr,
+    /// Leading bits that must match: at most 32 for IPv4, 128 for IPv6.
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `address` is in the network. IPv4-mapped IPv6 addresses (`::ffff:10.1.2.3`, as
+    /// a dual-stack listener reports IPv4 clients) count as their IPv4 address.
+    pub fn contains(&self, address: IpAddr) -> bool {
+        match (self.network, address.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(a) & mask == u32::from(net)
+            }
+            (IpAddr::V6(net), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(a) & mask == u128::from(net)
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    /// `address/prefix` or a bare address; host bits set below the prefix are cleared, as
+    /// nginx's `allow` accepts `10.1.2.3/8` for `10.0.0.0/8`.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let text = text.trim();
+        let (address, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let address: IpAddr = address.parse().map_err(|_| format!("{text:?} is not an IP address or CIDR range"))?;
+        let max = if address.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => match p.parse::<u8>() {
+                Ok(n) if n <= max => n,
+                _ => return Err(format!("{text:?}: the prefix length must be a number from 0 to {max}")),
+            },
+        };
+        let network = match address {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+        };
+        Ok(Cidr { network, prefix })
+    }
+}
+
+impl TryFrom<String> for Cidr {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        text.parse()
+    }
+}
+
+impl From<Cidr> for String {
+    fn from(cidr: Cidr) -> String {
+        cidr.to_string()
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
 }
 
 /// Why a route answers every request with an error instead of serving it: what it asks for
@@ -229,6 +390,31 @@ pub struct LuaHandlers {
     /// Namespace the handlers belong to: the `ngx.shared` dictionaries they can reach.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub namespace: String,
+}
+
+impl LuaHandlers {
+    /// The handlers of one phase, in the order they run.
+    pub fn phase(&self, phase: Phase) -> &[String] {
+        match phase {
+            Phase::Rewrite => &self.rewrite,
+            Phase::Access => &self.access,
+            Phase::Content => &self.content,
+            Phase::HeaderFilter => &self.header_filter,
+            Phase::BodyFilter => &self.body_filter,
+            Phase::Log => &self.log,
+        }
+    }
+
+    pub fn phase_mut(&mut self, phase: Phase) -> &mut Vec<String> {
+        match phase {
+            Phase::Rewrite => &mut self.rewrite,
+            Phase::Access => &mut self.access,
+            Phase::Content => &mut self.content,
+            Phase::HeaderFilter => &mut self.header_filter,
+            Phase::BodyFilter => &mut self.body_filter,
+            Phase::Log => &mut self.log,
+        }
+    }
 }
 
 /// Lua source of one handler.
@@ -330,6 +516,12 @@ mod tests {
                             backend: Some(backend.clone()),
                             timeouts: Timeouts::default(),
                             lua: Some(LuaHandlers { access: vec!["abc".into()], ..LuaHandlers::default() }),
+                            policies: Policies {
+                                ip: Some(IpRules {
+                                    allow: vec!["10.0.0.0/8".parse().expect("cidr")],
+                                    deny: vec!["2001:db8::/32".parse().expect("cidr")],
+                                }),
+                            },
                             refusal: None,
                         },
                         ssl_redirect: true,
@@ -367,6 +559,24 @@ mod tests {
             r#"{"backend":"a/b:80","timeouts":{"connectMs":1,"readMs":1},"refusal":{"status":503,"reason":"r"}}"#;
         let action: RouteAction = serde_json::from_str(known).expect("known fields");
         assert_eq!(action.refusal, Some(Refusal::unhonoured("r")));
+    }
+
+    #[test]
+    fn cidrs_match_their_networks() {
+        let cidr = |s: &str| s.parse::<Cidr>().unwrap_or_else(|e| panic!("{s}: {e}"));
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert!(cidr("10.0.0.0/8").contains(ip("10.255.1.2")));
+        assert!(!cidr("10.0.0.0/8").contains(ip("11.0.0.1")));
+        assert!(cidr("10.0.0.0/8").contains(ip("::ffff:10.1.2.3")), "IPv4-mapped counts as IPv4");
+        assert!(cidr("0.0.0.0/0").contains(ip("203.0.113.9")));
+        assert!(!cidr("0.0.0.0/0").contains(ip("2001:db8::1")), "IPv4 ranges never match IPv6");
+        assert!(cidr("192.168.1.7").contains(ip("192.168.1.7")) && !cidr("192.168.1.7").contains(ip("192.168.1.8")));
+        assert!(cidr("2001:db8::/32").contains(ip("2001:db8:ffff::1")));
+        assert!(!cidr("2001:db8::/32").contains(ip("2001:db9::1")));
+        assert_eq!(cidr(" 10.1.2.3/8 ").to_string(), "10.0.0.0/8", "host bits cleared, spaces trimmed");
+        for bad in ["10.0.0.0/33", "::/129", "10.0.0/8", "x", "10.0.0.0/", ""] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad:?} is refused");
+        }
     }
 
     #[test]

@@ -467,7 +467,7 @@ fn status_line(out: &mut Vec<u8>, status: StatusCode, reason: Option<&[u8]>) {
 
 /// The headers after the status line, with the framing and connection headers `out` calls for
 /// (`Connection: keep-alive` only to HTTP/1.0 clients, for which it is not the default), and
-/// `Server` and `Date` unless the map has them (`handler::finish_headers`).
+/// `Server` and `Date` unless the map has them (`respond::finish_headers`).
 fn encode_head(buf: &mut Vec<u8>, headers: &HeaderMap, out: Out, version: Version, keep_alive: bool) {
     let length = match out {
         Out::Length { length, add_header: true } => Some(length),

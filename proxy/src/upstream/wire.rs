@@ -133,7 +133,7 @@ pub(crate) fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<O
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
     let keep = |name: &HeaderName| switching || !(is_hop_by_hop(name) || said.named.contains(name));
     // The upstream's `Server` and `Date` are left out, as nginx's `proxy_hide_header` does by
-    // default: every response gets tidegate's (`handler::finish_headers`).
+    // default: every response gets tidegate's (`respond::finish_headers`).
     let headers = lines.headers(&bytes, 3, invalid, &["server", "date"], keep)?;
     // Framed two ways at once: refused, as nginx does (RFC 9112 §6.3 lets the coding win, but
     // such an upstream may be reading requests differently too).

@@ -1,4 +1,5 @@
-//! Requests on routes with Lua handlers, in OpenResty's phase order:
+//! The pipeline's steps for routes with Lua handlers, in OpenResty's phase order; in each phase
+//! the route's built-in filters ([`crate::policy`]) run before its Lua:
 //!
 //! ```text
 //! rewrite ─> access ─> content (Lua answers) | upstream ─> header_filter ─> body_filter ─> log
@@ -28,19 +29,25 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Frame, SizeHint};
 use tidegate_lua::{FailureKind, LuaRequest, Outcome as LuaOutcome, Phase, RequestHead, join_output};
+use tidegate_snapshot::Phase as Step;
 
+use super::context::Outcome;
+use super::upstream::{forward, prepare_upstream};
 use crate::body::{BoxError, ClientBody, LocalBody, full};
-use crate::handler::{Connection, Outcome, Worker, forward, prepare_upstream};
+use crate::connection::Connection;
 use crate::http1::CloseConnection;
 use crate::metrics::LuaErrorLabels;
+use crate::policy::Facts;
+use crate::respond::error_response;
 use crate::router::{LuaChain, Target};
 use crate::runtime::Runtime;
+use crate::worker::Worker;
 
 /// Bodies Lua reads whole (`ngx.req.read_body`) may be at most this large.
 const MAX_READ_BODY: usize = 16 << 20;
 
 #[allow(clippy::too_many_arguments)]
-pub(crate) async fn serve(
+pub(super) async fn serve(
     worker: &Rc<Worker>,
     runtime: &Runtime,
     conn: &Connection,
@@ -78,8 +85,13 @@ pub(crate) async fn serve(
     let unread: Rc<RefCell<Option<ClientBody>>> = Rc::new(RefCell::new(Some(body)));
     *lua.body_reader.borrow_mut() = Some(body_reader(Rc::clone(&unread)));
 
-    // rewrite, access
-    for phase in [Phase::Rewrite, Phase::Access] {
+    // rewrite, access: the phase's built-in filters, then its Lua
+    for (step, phase) in [(Step::Rewrite, Phase::Rewrite), (Step::Access, Phase::Access)] {
+        if target.filters.has(step)
+            && let Some(answer) = target.filters.run(step, &Facts::of(conn))
+        {
+            return filtered(worker, target, chain, &lua, answer, outcome).await;
+        }
         let scripts = chain.phase(phase);
         if scripts.is_empty() {
             continue;
@@ -301,24 +313,6 @@ fn close_connection(status: u16) -> Response<LocalBody> {
     *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
     response.extensions_mut().insert(CloseConnection);
     response
-}
-
-/// An nginx-style error page response.
-pub(crate) fn error_response(status: StatusCode) -> Response<LocalBody> {
-    let page = error_page(status);
-    let mut response = Response::new(full(page.clone()));
-    *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
-    response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(page.len()));
-    response
-}
-
-/// nginx's page for a status, so clients and tests that look for it find it.
-fn error_page(status: StatusCode) -> String {
-    let title = format!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or(""));
-    format!(
-        "<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n<hr><center>tidegate</center>\r\n</body>\r\n</html>\r\n"
-    )
 }
 
 /// Logs and counts a Lua failure and answers 500.

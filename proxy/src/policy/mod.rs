@@ -1,0 +1,100 @@
+//! A route's policies compiled into filters, once per route when a runtime is built, never per
+//! request.
+//!
+//! The snapshot says what a route asks of each request ([`tidegate_snapshot::Policies`]); here
+//! each policy becomes a filter of the phase it runs in, and the filters of a phase run in a
+//! fixed order, before the route's Lua handlers of that phase (as nginx's access phase runs
+//! `allow`/`deny` and `auth_*` before `access_by_lua`):
+//!
+//! | phase  | built-in filters, in order       | then              |
+//! |--------|----------------------------------|-------------------|
+//! | access | IP rules (`*-source-range`): 403 | Lua `access`      |
+//!
+//! A filter either lets the request go on or answers it; an answer ends the request's way to
+//! the content or upstream step, but the header_filter, body_filter and log steps still run on
+//! it (as nginx runs `header_filter_by_lua` on its own error pages). A route with no policies
+//! has no filters, and the pipeline skips them with one length check.
+
+mod ip;
+
+use std::net::IpAddr;
+
+use http::{Response, StatusCode};
+use tidegate_snapshot::{Phase, Policies};
+
+use crate::body::LocalBody;
+use crate::connection::Connection;
+use crate::respond::error_response;
+
+/// What a filter sees of a request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Facts {
+    /// The client's address: the connection's peer.
+    pub(crate) client: IpAddr,
+}
+
+impl Facts {
+    pub(crate) fn of(conn: &Connection) -> Facts {
+        Facts { client: conn.remote.ip() }
+    }
+}
+
+/// One compiled policy.
+#[derive(Debug)]
+enum Filter {
+    Ip(ip::IpFilter),
+}
+
+/// What a filter decided.
+enum Verdict {
+    Continue,
+    Answer(StatusCode),
+}
+
+impl Filter {
+    fn check(&self, facts: &Facts) -> Verdict {
+        match self {
+            Filter::Ip(rules) => rules.check(facts.client),
+        }
+    }
+}
+
+/// The filters of one route, by phase, in the order they run.
+#[derive(Debug, Default)]
+pub(crate) struct Filters {
+    access: Vec<Filter>,
+}
+
+impl Filters {
+    /// Compiles a route's policies.
+    pub(crate) fn compile(policies: &Policies) -> Filters {
+        let mut access = Vec::new();
+        if let Some(rules) = &policies.ip {
+            access.push(Filter::Ip(ip::IpFilter::new(rules)));
+        }
+        Filters { access }
+    }
+
+    /// Whether `phase` has built-in filters.
+    pub(crate) fn has(&self, phase: Phase) -> bool {
+        !self.of(phase).is_empty()
+    }
+
+    fn of(&self, phase: Phase) -> &[Filter] {
+        match phase {
+            Phase::Access => &self.access,
+            _ => &[],
+        }
+    }
+
+    /// Runs the built-in filters of `phase` in order; a response ends the request's way to its
+    /// content or upstream.
+    pub(crate) fn run(&self, phase: Phase, facts: &Facts) -> Option<Response<LocalBody>> {
+        for filter in self.of(phase) {
+            if let Verdict::Answer(status) = filter.check(facts) {
+                return Some(error_response(status));
+            }
+        }
+        None
+    }
+}

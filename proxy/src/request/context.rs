@@ -1,0 +1,16 @@
+//! What one request carries through the pipeline besides the request itself and its
+//! connection: what the steps found out that the log step writes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Filled in while the request is handled, written out when its body is done.
+#[derive(Default)]
+pub(crate) struct Outcome {
+    pub(crate) route: Option<Arc<str>>,
+    pub(crate) upstream: Option<SocketAddr>,
+    pub(crate) upstream_time: Option<Duration>,
+    /// Runs once the response body is done, with the bytes sent (the Lua log phase).
+    pub(crate) after: Option<Box<dyn FnOnce(u64)>>,
+}

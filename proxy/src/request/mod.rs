@@ -1,0 +1,225 @@
+//! The request pipeline: one request, start to finish, as a fixed sequence of steps over one
+//! context (the request, its [`Connection`] and a [`context::Outcome`]).
+//!
+//! ```text
+//! accept ─> route ─> rewrite ─> access ─> content | upstream ─> header_filter ─> body_filter ─> log
+//!            │                    │           │         │
+//!            │                    │           │         └─ backend: endpoint, pool, our HTTP/1 client
+//!            │                    │           └─ Lua content handlers answer instead of a backend
+//!            │                    └─ built-in filters (IP rules), then Lua access
+//!            └─ host, path, method, headers; 404, 308 to https, a refused route's 500/503
+//! ```
+//!
+//! Each step's contract:
+//! - **route** reads the host, path, method and headers, and picks the route (or the default
+//!   backend). It ends the request with 404 when nothing matches, a 308 to HTTPS for plain HTTP
+//!   to a TLS host, and the refusal's status for a route the controller closed. Nothing of the
+//!   route runs before it.
+//! - **rewrite** (Lua `rewrite`) may change the method, URI, headers and body that go upstream,
+//!   and may answer (`ngx.exit`, `ngx.redirect`).
+//! - **access** runs the route's built-in filters ([`crate::policy`]: IP rules first) and then
+//!   Lua `access`. Any of them may answer; an answer skips content and upstream.
+//! - **content | upstream**: Lua `content` handlers produce the response, or the request goes to
+//!   the route's backend ([`upstream`]). Failures become statuses here (502 refused or broken,
+//!   503 no ready endpoint, 504 timeout), never a dropped connection.
+//! - **header_filter** (Lua) may change the response status and headers before they are sent,
+//!   answers made by earlier steps included.
+//! - **body_filter** (Lua) sees each chunk as it streams, and may change or end it.
+//! - **log** runs once the last byte is sent (or the client went away): metrics, the access log
+//!   and Lua `log` handlers, which can change nothing.
+//!
+//! Every response leaves with `Server`, `Date` and (on TLS) HSTS ([`crate::respond`]). A route
+//! without Lua and without policies goes from route straight to upstream, paying nothing for
+//! the steps it does not use.
+
+mod context;
+mod lua;
+mod upstream;
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use http::header;
+use http::{Request, Response, StatusCode, Version};
+use tidegate_snapshot::Phase;
+
+use crate::connection::Connection;
+use context::Outcome;
+
+use crate::access_log::Entry;
+use crate::body::{ClientBody, LocalBody, Observed};
+use crate::policy::Facts;
+use crate::respond::{error_response, finish_headers, redirect_to_https, text};
+use crate::router::{Match, RequestFacts, Target};
+use crate::runtime::Runtime;
+use crate::worker::Worker;
+
+pub(crate) async fn handle(
+    worker: Rc<Worker>,
+    conn: Rc<Connection>,
+    request: Request<ClientBody>,
+) -> Response<Observed> {
+    let started = Instant::now();
+    worker.started.set(worker.started.get().wrapping_add(1));
+    let runtime = worker.current_runtime();
+    worker.trim_scripts(&runtime);
+    let logging = worker.shared.access_log.enabled();
+    let method = request.method().clone();
+    let version = request.version();
+    let path = if logging { request.uri().path().to_owned() } else { String::new() };
+    let host = request_host(&request).to_owned();
+    let mut outcome = Outcome::default();
+
+    let remote = conn.remote;
+    let mut response = match route(&worker, &runtime, &conn, &host, &request, &mut outcome) {
+        Routed::Answer(response) => response,
+        Routed::Target(target) => {
+            // Each way of serving keeps its state in a box of its own, for as long as it runs:
+            // inline, every request would carry the largest of them (the upstream exchange's)
+            // whichever it takes, and a Lua route answering by itself would hold the upstream
+            // state it never uses for as long as it sleeps.
+            let response = match &target.lua {
+                // The Lua steps run the built-in filters of each phase before its handlers.
+                Some(chain) => {
+                    Box::pin(lua::serve(&worker, &runtime, &conn, target, chain, &host, request, &mut outcome)).await
+                }
+                None => match access(target, &conn) {
+                    Some(answer) => answer,
+                    None => Box::pin(upstream::proxy(&worker, &runtime, &conn, target, request, &mut outcome)).await,
+                },
+            };
+            target.counters.count(response.status().as_u16());
+            response
+        }
+    };
+    finish_headers(&worker.shared, conn.tls, version, &mut response);
+    let status = response.status();
+
+    let metrics = &worker.shared.metrics;
+    metrics.request_duration.observe(worker.id, started.elapsed().as_secs_f64());
+    if let Some(t) = outcome.upstream_time {
+        metrics.upstream_duration.observe(worker.id, t.as_secs_f64());
+    }
+
+    let shared = Arc::clone(&worker.shared);
+    let after = outcome.after.take();
+    let on_done = Box::new(move |bytes_sent: u64, completed: bool| {
+        if let Some(after) = after {
+            after(bytes_sent);
+        }
+        if !logging {
+            return;
+        }
+        let entry = Entry {
+            ts: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default(),
+            remote_addr: remote.ip().to_canonical().to_string(),
+            method: method.to_string(),
+            host,
+            path,
+            protocol: protocol_name(version),
+            status: status.as_u16(),
+            bytes_sent,
+            completed,
+            request_time_ms: started.elapsed().as_secs_f64() * 1000.0,
+            upstream: outcome.upstream.map(|u| u.to_string()),
+            upstream_time_ms: outcome.upstream_time.map(|t| t.as_secs_f64() * 1000.0),
+            route: outcome.route.map(|r| r.to_string()),
+        };
+        if !shared.access_log.record(&entry) {
+            shared.metrics.access_log_dropped.inc();
+        }
+    });
+    response.map(|body| Observed::new(body, on_done))
+}
+
+/// Where routing sent a request: a target to serve, or an answer already.
+enum Routed<'a> {
+    Target(&'a Target),
+    Answer(Response<LocalBody>),
+}
+
+/// Finds the request's route, and answers what needs no serving: no route (404), plain HTTP
+/// to a TLS host (308) and a route the controller refused (500 misconfigured, 503 asking for a
+/// protection tidegate does not honour).
+fn route<'a>(
+    worker: &Worker,
+    runtime: &'a Runtime,
+    conn: &Connection,
+    host: &str,
+    request: &Request<ClientBody>,
+    outcome: &mut Outcome,
+) -> Routed<'a> {
+    let facts = RequestFacts { method: request.method().as_str(), headers: request.headers() };
+    let target = match runtime.routing.router.find(host, request.uri().path(), facts) {
+        Match::NotFound => {
+            worker.shared.metrics.unmatched.count(404);
+            return Routed::Answer(text(StatusCode::NOT_FOUND, "404 page not found\n"));
+        }
+        Match::Route(target) | Match::DefaultBackend(target) => target,
+    };
+    outcome.route = Some(Arc::clone(&target.name));
+    let answer = |response: Response<LocalBody>| {
+        target.counters.count(response.status().as_u16());
+        Routed::Answer(response)
+    };
+    if target.ssl_redirect && !conn.tls {
+        return answer(redirect_to_https(&worker.shared, host, request.uri()));
+    }
+    if let Some(refusal) = &target.action.refusal {
+        // The controller reported the cause; here the route only has to stay closed.
+        tracing::debug!(route = &*target.name, reason = refusal.reason, status = refusal.status, "route refused");
+        let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return answer(error_response(status));
+    }
+    Routed::Target(target)
+}
+
+/// The access step of a route without Lua: its built-in filters, skipped with one check when it
+/// has none.
+fn access(target: &Target, conn: &Connection) -> Option<Response<LocalBody>> {
+    if !target.filters.has(Phase::Access) {
+        return None;
+    }
+    target.filters.run(Phase::Access, &Facts::of(conn))
+}
+
+/// The host a request is for, without port: the URI authority (HTTP/2, absolute-form) or the
+/// `Host` header.
+fn request_host(request: &Request<ClientBody>) -> &str {
+    let raw = match request.uri().authority() {
+        Some(a) => a.as_str(),
+        None => request.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or(""),
+    };
+    strip_port(raw)
+}
+
+fn strip_port(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return authority.split_once(']').map_or(authority, |(h, _)| &authority[..=h.len()]);
+    }
+    authority.split_once(':').map_or(authority, |(h, _)| h)
+}
+
+fn protocol_name(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_stripped_from_hosts() {
+        assert_eq!(strip_port("a.com:8080"), "a.com");
+        assert_eq!(strip_port("a.com"), "a.com");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+}

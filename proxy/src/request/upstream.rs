@@ -1,0 +1,127 @@
+//! The upstream step: a request made ready for its backend, sent through the worker's pool, and
+//! the answer (or the failure, as a status) turned into the response the filters see.
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::{Request, Response, StatusCode, Uri, Version};
+
+use super::context::Outcome;
+use crate::body::{ClientBody, IdleTimeout, LocalBody};
+use crate::connection::Connection;
+use crate::headers::strip_hop_by_hop;
+use crate::http1::{Detached, OnUpgrade};
+use crate::respond::text;
+use crate::router::Target;
+use crate::runtime::Runtime;
+use crate::upstream::RequestBody;
+use crate::worker::Worker;
+
+/// Proxies a request as it came.
+pub(super) async fn proxy(
+    worker: &Rc<Worker>,
+    runtime: &Runtime,
+    conn: &Connection,
+    target: &Target,
+    mut request: Request<ClientBody>,
+    outcome: &mut Outcome,
+) -> Response<LocalBody> {
+    // The HTTP/1 loop gives an upgrade request (and only one) the means to switch.
+    let client_upgrade = crate::http1::on_upgrade(&mut request);
+    let upgrade = client_upgrade.is_some();
+    let (mut parts, body) = request.into_parts();
+    prepare_upstream(&mut parts, upgrade);
+    let upstream_request = Request::from_parts(parts, LocalBody::new(body));
+    forward(worker, runtime, conn, target, upstream_request, client_upgrade, outcome).await
+}
+
+/// Turns client request parts into what an upstream gets: origin-form URI over HTTP/1.1, a
+/// `Host`, and no hop-by-hop headers. The `X-Forwarded-*` headers are written on the way out
+/// ([`Connection::forwarded`]).
+pub(super) fn prepare_upstream(parts: &mut Parts, upgrade: bool) {
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(value) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        parts.headers.insert(header::HOST, value);
+    }
+    parts.uri = origin_form(std::mem::take(&mut parts.uri));
+    parts.version = Version::HTTP_11;
+}
+
+/// Sends a prepared request to the backend and turns the answer, or the failure, into a
+/// response.
+pub(super) async fn forward(
+    worker: &Rc<Worker>,
+    runtime: &Runtime,
+    conn: &Connection,
+    target: &Target,
+    upstream_request: Request<RequestBody>,
+    client_upgrade: Option<OnUpgrade>,
+    outcome: &mut Outcome,
+) -> Response<LocalBody> {
+    let (backend, timeouts) = (target.action.backend.as_ref(), target.action.timeouts);
+    let Some(endpoint) = backend.and_then(|b| runtime.upstreams.get(b)).and_then(|b| b.pick()) else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "503 no ready endpoint for this backend\n");
+    };
+    outcome.upstream = Some(endpoint);
+    let sent = Instant::now();
+    let result = worker.pool.send(endpoint, upstream_request, Some(conn.forwarded()), timeouts).await;
+    outcome.upstream_time = Some(sent.elapsed());
+    let mut response = match result {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(backend = %backend.map(ToString::to_string).unwrap_or_default(), error = %e, "upstream request failed");
+            let status = e.status();
+            return text(status, &format!("{} {}\n", status.as_u16(), status.canonical_reason().unwrap_or("")));
+        }
+    };
+    // The upstream's hop-by-hop headers stayed out of the response (`wire::parse_response`),
+    // but for a protocol switch's.
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        strip_hop_by_hop(response.headers_mut(), true);
+        if let Some(client_upgrade) = client_upgrade
+            && let Some(upstream) = response.body_mut().take_switched()
+        {
+            tokio::task::spawn_local(tunnel(client_upgrade, upstream));
+        }
+    }
+    let read_timeout = Duration::from_millis(timeouts.read_ms);
+    response.map(|body| LocalBody::new(IdleTimeout::new(body, read_timeout)))
+}
+
+/// Copies bytes both ways between an upgraded client and upstream connection until either ends.
+async fn tunnel(client: OnUpgrade, mut upstream: Detached) {
+    let Some(mut client) = client.wait().await else {
+        tracing::debug!("protocol switch did not complete: the client connection ended");
+        return;
+    };
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(error = %e, "tunnel closed with an error");
+    }
+}
+
+/// `/path?query`, as an HTTP/1.1 origin server expects it.
+fn origin_form(uri: Uri) -> Uri {
+    // What an HTTP/1 client sends, usually: nothing to take off.
+    if uri.scheme().is_none() && uri.authority().is_none() && uri.path().starts_with('/') {
+        return uri;
+    }
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    path.parse().unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_form_keeps_path_and_query() {
+        let uri: Uri = "http://a.com:80/x/y?z=1".parse().expect("uri");
+        assert_eq!(origin_form(uri), "/x/y?z=1");
+        assert_eq!(origin_form(Uri::from_static("http://a.com")), "/");
+        assert_eq!(origin_form(Uri::from_static("/a?b")), "/a?b");
+    }
+}

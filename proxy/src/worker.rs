@@ -1,0 +1,73 @@
+//! A worker thread's state, shared by its connections and requests: the runtime it serves
+//! with, its upstream pool, its Lua VM and its reactor of client sockets. Never crosses threads.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use tidegate_lua::{RequestId, Vm};
+
+use crate::Shared;
+use crate::connection::ConnectionGuard;
+use crate::reactor::Reactor;
+use crate::runtime::Runtime;
+use crate::upstream::Pool;
+
+/// State of one worker thread, shared by its connections; never crosses threads.
+pub(crate) struct Worker {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) pool: Rc<Pool>,
+    /// The worker's client sockets, and its HTTP/1 connections waiting without a task.
+    pub(crate) reactor: Reactor<ConnectionGuard>,
+    pub(crate) vm: Rc<Vm>,
+    pub(crate) id: usize,
+    /// Runtime version whose scripts the VM's cache was last trimmed to.
+    pub(crate) scripts_version: Cell<u64>,
+    /// Lua requests started (the sequence of their ids).
+    pub(crate) requests: Cell<u64>,
+    /// Requests started, of every kind (what tells the worker's upkeep it is quiet).
+    pub(crate) started: Cell<u64>,
+    /// The runtime this worker serves with, refreshed when the shared one is swapped: requests
+    /// clone this `Rc` rather than the shared `Arc`, whose counter every worker would contend on.
+    #[allow(clippy::redundant_allocation)]
+    pub(crate) runtime: RefCell<Rc<Arc<Runtime>>>,
+}
+
+impl Worker {
+    /// A request id unique in this process.
+    pub(crate) fn next_request_id(&self) -> RequestId {
+        static PROCESS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+        let sequence = self.requests.get().wrapping_add(1);
+        self.requests.set(sequence);
+        RequestId {
+            process: *PROCESS.get_or_init(std::process::id),
+            worker: u32::try_from(self.id).unwrap_or(u32::MAX),
+            sequence,
+        }
+    }
+
+    /// Publishes how much memory this worker's Lua VM holds (read by `/metrics`).
+    pub(crate) fn note_lua_memory(&self) {
+        if let Some(slot) = self.shared.lua_memory.get(self.id) {
+            slot.store(u64::try_from(self.vm.used_memory()).unwrap_or(u64::MAX), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    #[allow(clippy::redundant_allocation)]
+    pub(crate) fn current_runtime(&self) -> Rc<Arc<Runtime>> {
+        let latest = self.shared.runtime.load();
+        let mut cached = self.runtime.borrow_mut();
+        if !Arc::ptr_eq(&latest, &**cached) {
+            *cached = Rc::new(Arc::clone(&latest));
+        }
+        Rc::clone(&cached)
+    }
+
+    /// Drops loaded scripts that the current runtime no longer uses.
+    pub(crate) fn trim_scripts(&self, runtime: &Runtime) {
+        if self.scripts_version.replace(runtime.version) != runtime.version {
+            let keep = &runtime.routing.script_ids;
+            self.vm.retain_scripts(|id| keep.contains(&id));
+        }
+    }
+}
