@@ -302,14 +302,14 @@ async fn proxies_serve_what_the_api_server_holds() {
             .expect("tls");
     assert!(fallback.peer_certificate.windows(16).any(|w| w == b"fallback.example"));
 
-    // Secrets: only TLS ones are watched, as metadata; only the referenced ones are read.
+    // Secrets: only TLS and Opaque ones are watched, as metadata; only the referenced ones are
+    // read (an Opaque one when a policy names it).
     let requests = api.requests();
     let secret_requests: Vec<&String> = requests.iter().filter(|r| r.contains("/secrets")).collect();
     assert!(
-        secret_requests
-            .iter()
-            .filter(|r| !r.contains("/secrets/"))
-            .all(|r| r.contains("fieldSelector=type%3Dkubernetes.io%2Ftls")),
+        secret_requests.iter().filter(|r| !r.contains("/secrets/")).all(|r| r
+            .contains("fieldSelector=type%3Dkubernetes.io%2Ftls")
+            || r.contains("fieldSelector=type%3DOpaque")),
         "{secret_requests:?}"
     );
     assert!(secret_requests.iter().any(|r| r.starts_with("GET /api/v1/namespaces/t/secrets/s-cert")));
@@ -602,6 +602,55 @@ async fn annotations_not_honoured_close_routes_and_raise_events() {
     })
     .await;
     assert_eq!(count(), before, "no Event repeated for problems already announced");
+}
+
+/// Basic auth in cluster mode: the controller reads the Opaque Secret an Ingress names (and no
+/// other), and a change to it reaches both proxies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_auth_secret_changes_apply_live() {
+    let cluster = Cluster::new();
+    let api = &cluster.api;
+    let web = echo("t", "web").await;
+    api.apply_yaml(&service_yaml("t", "web", 80, "http", &[web]));
+    let secret = |users: &str| {
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: users, namespace: t}}\ntype: Opaque\nstringData: {{auth: {users:?}}}\n"
+        )
+    };
+    // htpasswd -s: ann's password is "secret", bob's "other".
+    let ann = "ann:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=\n";
+    let bob = "bob:{SHA}0JQeaNqPOBUf+Gph/Fn3xc+fyqI=\n";
+    api.apply_yaml(&secret(&format!("{ann}{bob}")));
+    api.apply_yaml(&ingress("guarded", "guarded.test", "web").replace(
+        "namespace: t}",
+        "namespace: t, annotations: {nginx.ingress.kubernetes.io/auth-type: basic, nginx.ingress.kubernetes.io/auth-secret: users}}",
+    ));
+    let controller = cluster.controller(&[]);
+    let (p1, p2) = cluster.proxies(&controller).await;
+    let status_with = async |proxy: &Tidegate, credentials: &str| {
+        use base64::Engine;
+        let mut request = get_request("guarded.test", "/");
+        let value = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(credentials));
+        request.headers_mut().insert(http::header::AUTHORIZATION, value.parse().expect("header"));
+        let mut h1 = support::H1::connect(proxy.http).await.expect("connect");
+        h1.send(request).await.expect("answered").status
+    };
+    for proxy in [&p1, &p2] {
+        assert_eq!(status_with(proxy, "ann:secret").await, StatusCode::OK);
+        assert_eq!(status_with(proxy, "bob:other").await, StatusCode::OK);
+        assert_eq!(status_with(proxy, "ann:wrong").await, StatusCode::UNAUTHORIZED);
+    }
+    assert!(both(&p1, &p2, "guarded.test", StatusCode::UNAUTHORIZED).await, "no credentials");
+    timed(
+        "auth Secret edited",
+        || api.apply_yaml(&secret(ann)),
+        async || {
+            status_with(&p1, "bob:other").await == StatusCode::UNAUTHORIZED
+                && status_with(&p2, "bob:other").await == StatusCode::UNAUTHORIZED
+        },
+    )
+    .await;
+    assert_eq!(status_with(&p1, "ann:secret").await, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,9 +21,17 @@ fn ingress(name: &str, host: &str, annotations: &[(&str, &str)]) -> String {
 }
 
 async fn start(manifests: &str) -> (Tidegate, tempfile::TempDir) {
+    start_with(manifests, &[]).await
+}
+
+/// Starts on `manifests` in one file and each of `files` (name, text) beside it.
+async fn start_with(manifests: &str, files: &[(&str, &str)]) -> (Tidegate, tempfile::TempDir) {
     let dir = manifest_dir();
     let web = echo("t", "web").await;
     write_manifest(dir.path(), "all.yaml", &format!("{}{manifests}", service_yaml("t", "web", 80, "http", &[web])));
+    for (name, text) in files {
+        write_manifest(dir.path(), name, text);
+    }
     let path = dir.path().to_owned();
     let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&path, &[])).await.expect("start");
     (tidegate, dir)
@@ -48,7 +56,8 @@ async fn restrictive_annotations_not_honoured_answer_503() {
     let restrictive = [
         ("nginx.ingress.kubernetes.io/whitelist-source-range", "10.0.0.0/33"),
         ("nginx.ingress.kubernetes.io/denylist-source-range", "not-an-address"),
-        ("nginx.ingress.kubernetes.io/auth-type", "basic"),
+        ("nginx.ingress.kubernetes.io/auth-type", "digest"),
+        ("nginx.ingress.kubernetes.io/auth-secret", "users"),
         ("nginx.ingress.kubernetes.io/auth-url", "http://127.0.0.1:1/auth"),
         ("nginx.ingress.kubernetes.io/auth-tls-verify-client", "on"),
         ("nginx.ingress.kubernetes.io/satisfy", "any"),
@@ -56,6 +65,7 @@ async fn restrictive_annotations_not_honoured_answer_503() {
         ("nginx.ingress.kubernetes.io/limit-connections", "1"),
         ("nginx.ingress.kubernetes.io/enable-global-auth", "false"),
         ("tidegate.dev/auth-type", "basic"),
+        ("tidegate.dev/auth-signin", "https://login.example/"),
         ("tidegate.dev/configuration-snippet", "deny all;"),
     ];
     let mut manifests = ingress("open", "open.test", &[]);
@@ -199,4 +209,102 @@ async fn ip_rules_as_lua_route_fields() {
         broken["problems"].as_array().into_iter().flatten().any(|p| p["field"] == "spec.policies.ipAllowlist[0]"),
         "{broken}"
     );
+}
+
+/// Runs a hashing tool and returns its last output line.
+fn tool(program: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} is needed (Debian's apache2-utils, openssl): {e}"));
+    assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or_default().to_owned()
+}
+
+fn opaque_secret(name: &str, entries: &[(&str, &str)]) -> String {
+    let mut yaml = format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: t}}\ntype: Opaque\nstringData:\n"
+    );
+    for (key, value) in entries {
+        yaml.push_str(&format!("  {key}: {value:?}\n"));
+    }
+    yaml
+}
+
+fn basic(user_password: &str) -> String {
+    use base64::Engine;
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(user_password))
+}
+
+async fn get_with(tidegate: &Tidegate, host: &str, authorization: Option<&str>) -> support::Answer {
+    let mut request = support::get_request(host, "/");
+    if let Some(value) = authorization {
+        request.headers_mut().insert(http::header::AUTHORIZATION, value.parse().expect("header"));
+    }
+    let mut h1 = support::H1::connect(tidegate.http).await.expect("connect");
+    h1.send(request).await.expect("answered")
+}
+
+/// Basic auth with hashes made by the real tools (`htpasswd -B/-m/-s`, `openssl passwd
+/// -1/-5/-6`), from an htpasswd file (`auth-file`) and from one key per user (`auth-map`): the
+/// right password passes to the backend, anything else gets 401 with the realm, a missing
+/// Secret closes the routes (503), and a change to the Secret applies live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_auth_with_hashes_from_real_tools() {
+    let users = [
+        ("bcrypt", tool("htpasswd", &["-nbB", "bcrypt", "pw-bcrypt"])),
+        ("apr1", tool("htpasswd", &["-nbm", "apr1", "pw-apr1"])),
+        ("sha", tool("htpasswd", &["-nbs", "sha", "pw-sha"])),
+        ("md5", format!("md5:{}", tool("openssl", &["passwd", "-1", "pw-md5"]))),
+        ("sha256", format!("sha256:{}", tool("openssl", &["passwd", "-5", "pw-sha256"]))),
+        ("sha512", format!("sha512:{}", tool("openssl", &["passwd", "-6", "pw-sha512"]))),
+    ];
+    let file: String = users.iter().map(|(_, line)| format!("{line}\n")).collect();
+    let map: Vec<(&str, &str)> =
+        users.iter().map(|(user, line)| (*user, line.split_once(':').map_or("", |(_, h)| h))).collect();
+    fn auth(secret: &str) -> Vec<(&'static str, &str)> {
+        vec![
+            ("nginx.ingress.kubernetes.io/auth-type", "basic"),
+            ("nginx.ingress.kubernetes.io/auth-secret", secret),
+            ("nginx.ingress.kubernetes.io/auth-realm", "Staff only"),
+        ]
+    }
+    let mut map_auth = auth("t/users-map");
+    map_auth.push(("nginx.ingress.kubernetes.io/auth-secret-type", "auth-map"));
+    let manifests = [
+        opaque_secret("users-map", &map),
+        ingress("file", "file.test", &auth("users")),
+        ingress("map", "map.test", &map_auth),
+        ingress("missing", "missing.test", &auth("nobody")),
+    ]
+    .concat();
+    let (tidegate, dir) = start_with(&manifests, &[("users.yaml", &opaque_secret("users", &[("auth", &file)]))]).await;
+
+    for host in ["file.test", "map.test"] {
+        for (user, _) in &users {
+            let answer = get_with(&tidegate, host, Some(&basic(&format!("{user}:pw-{user}")))).await;
+            assert_eq!(answer.status, StatusCode::OK, "{host}: {user} with the right password");
+            assert_eq!(answer.json()["host"], host, "the backend answered");
+            let wrong = get_with(&tidegate, host, Some(&basic(&format!("{user}:pw-other")))).await;
+            assert_eq!(wrong.status, StatusCode::UNAUTHORIZED, "{host}: {user} with a wrong password");
+        }
+        let none = get_with(&tidegate, host, None).await;
+        assert_eq!(none.status, StatusCode::UNAUTHORIZED, "{host}: no credentials");
+        assert_eq!(none.headers[http::header::WWW_AUTHENTICATE], "Basic realm=\"Staff only\"");
+        let stranger = get_with(&tidegate, host, Some(&basic("mallory:pw-bcrypt"))).await;
+        assert_eq!(stranger.status, StatusCode::UNAUTHORIZED, "{host}: an unknown user");
+    }
+    let missing = get_with(&tidegate, "missing.test", Some(&basic("bcrypt:pw-bcrypt"))).await;
+    assert_eq!(missing.status, StatusCode::SERVICE_UNAVAILABLE, "a missing Secret never serves open");
+    assert!(problems(&tidegate, "missing").iter().any(|p| p["reason"] == "SecretNotFound"));
+
+    // The Secret loses a user: that user is refused from the next configuration on.
+    let version = tidegate.version();
+    let fewer: String = users.iter().filter(|(u, _)| *u != "apr1").map(|(_, line)| format!("{line}\n")).collect();
+    write_manifest(dir.path(), "users.yaml", &opaque_secret("users", &[("auth", &fewer)]));
+    tidegate.wait_version_after(version);
+    let gone = get_with(&tidegate, "file.test", Some(&basic("apr1:pw-apr1"))).await;
+    assert_eq!(gone.status, StatusCode::UNAUTHORIZED, "a user removed from the Secret is refused");
+    let kept = get_with(&tidegate, "file.test", Some(&basic("sha:pw-sha"))).await;
+    assert_eq!(kept.status, StatusCode::OK);
 }

@@ -174,7 +174,7 @@ impl RoutePolicies {
             deny: list("ipDenylist", &self.ip_denylist)?,
         };
         let any = !ip.allow.is_empty() || !ip.deny.is_empty();
-        Ok(tidegate_snapshot::Policies { ip: any.then_some(ip) })
+        Ok(tidegate_snapshot::Policies { ip: any.then_some(ip), basic_auth: None })
     }
 }
 

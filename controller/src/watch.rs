@@ -8,8 +8,8 @@
 //!   never translates an empty or partial view.
 //! - A relist (after `410 Gone`, or a watch that cannot resume) is buffered and swapped in whole
 //!   when it ends: the cache never passes through a state with fewer objects than either side.
-//! - Secrets: only `kubernetes.io/tls` ones (a field selector), optionally narrowed by a label
-//!   selector, and only as metadata. The data of a Secret is fetched when an Ingress or
+//! - Secrets: only `kubernetes.io/tls` and `Opaque` ones (field selectors), optionally narrowed
+//!   by a label selector, and only as metadata. The data of a Secret is fetched when an Ingress or
 //!   LuaRoute names it (again when its `resourceVersion` changes), so the keys of Secrets
 //!   nobody references are never held.
 //! - A LuaRoute that does not deserialize is kept as an error naming the field, for its
@@ -248,8 +248,10 @@ impl Watched {
             Arc::clone(&changed),
         ));
         let mut secret_config = plain().fields("type=kubernetes.io/tls");
+        let mut opaque_config = plain().fields("type=Opaque");
         if let Some(labels) = &config.secret_labels {
             secret_config = secret_config.labels(labels);
+            opaque_config = opaque_config.labels(labels);
         }
         for scope in scopes {
             let c = || Arc::clone(&changed);
@@ -262,9 +264,12 @@ impl Watched {
                 None => Api::all_with(client.clone(), &resource),
             };
             watched.lua_routes.push(follow(watch_stream(lua_api, plain()), luaroute::KIND, parse_lua_route, c()));
-            let secrets: Api<PartialObjectMeta<Secret>> = api(client, scope);
             let version = |s: PartialObjectMeta<Secret>| s.metadata.resource_version.unwrap_or_default();
-            watched.secrets.push(follow(watch_stream(secrets, secret_config.clone()), "Secret", version, c()));
+            // TLS Secrets for certificates, Opaque ones for what policies name (auth-secret).
+            for config in [secret_config.clone(), opaque_config.clone()] {
+                let secrets: Api<PartialObjectMeta<Secret>> = api(client, scope);
+                watched.secrets.push(follow(watch_stream(secrets, config), "Secret", version, c()));
+            }
         }
         Arc::new(watched)
     }
@@ -349,6 +354,20 @@ pub fn referenced_secrets(inputs: &Inputs) -> BTreeSet<Key> {
     for route in &inputs.lua_routes {
         if let Some(tls) = &route.spec.tls {
             names.insert((namespace(&route.metadata), tls.secret_name.clone()));
+        }
+    }
+    // auth-secret (either prefix), in the Ingress's own namespace: translation refuses others.
+    for ingress in &inputs.ingresses {
+        let annotations = ingress.metadata.annotations.iter().flatten();
+        for (key, value) in annotations.filter(|(k, _)| k.ends_with("/auth-secret")) {
+            if key.starts_with("tidegate.dev/") || key.starts_with("nginx.ingress.kubernetes.io/") {
+                let own = namespace(&ingress.metadata);
+                match value.trim().split_once('/') {
+                    Some((ns, name)) if ns == own => names.insert((own, name.to_owned())),
+                    Some(_) => false,
+                    None => names.insert((own, value.trim().to_owned())),
+                };
+            }
         }
     }
     names

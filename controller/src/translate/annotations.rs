@@ -33,9 +33,23 @@ pub(super) struct Settings {
     pub(super) snippets: Vec<(Phase, String, String)>,
     /// `whitelist-source-range` / `allowlist-source-range` and `denylist-source-range`.
     pub(super) ip: IpRules,
+    /// `auth-type`, `auth-secret`, `auth-secret-type` and `auth-realm`: resolved against the
+    /// Secret by [`super::ingress`].
+    pub(super) basic_auth: BasicAuthKeys,
+    /// The keys as written (with their prefix), by name: problems found later name them.
+    pub(super) written: BTreeMap<String, String>,
     /// Keys that restrict access and that tidegate does not honour (or whose value it cannot
     /// read): while any is set, the Ingress's routes answer 503.
     pub(super) unhonoured: Vec<String>,
+}
+
+impl Settings {
+    /// The field of annotation `name` as the Ingress wrote it (ingress-nginx's prefix when it
+    /// did not write it).
+    pub(super) fn field(&self, name: &str) -> String {
+        let key = self.written.get(name).cloned().unwrap_or_else(|| format!("{NGINX}{name}"));
+        format!("metadata.annotations[{key:?}]")
+    }
 }
 
 impl Default for Settings {
@@ -46,9 +60,25 @@ impl Default for Settings {
             lua_route: None,
             snippets: Vec::new(),
             ip: IpRules::default(),
+            basic_auth: BasicAuthKeys::default(),
+            written: BTreeMap::new(),
             unhonoured: Vec::new(),
         }
     }
+}
+
+/// The basic-auth keys as written; `auth-type: basic` turns them on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct BasicAuthKeys {
+    /// `auth-type: basic` was set (`digest` is refused when read).
+    pub(super) enabled: bool,
+    /// `auth-secret`: `name` or `namespace/name`.
+    pub(super) secret: Option<String>,
+    /// `auth-secret-type`: the Secret holds an htpasswd file under key `auth` (false, the
+    /// default), or one key per user (`auth-map`).
+    pub(super) map: bool,
+    /// `auth-realm`.
+    pub(super) realm: String,
 }
 
 /// Which keys an entry of [`KEYS`] covers (the name after the prefix).
@@ -125,6 +155,37 @@ pub(crate) const KEYS: &[Key] = &[
     guards("whitelist-source-range", |v, s| allow(v, "allowlist-source-range", &mut s.ip.allow)),
     guards("allowlist-source-range", |v, s| allow(v, "whitelist-source-range", &mut s.ip.allow)),
     guards("denylist-source-range", |v, s| cidrs(v).map(|list| s.ip.deny = list)),
+    guards("auth-type", |v, s| match v.trim() {
+        "basic" => {
+            s.basic_auth.enabled = true;
+            Ok(())
+        }
+        "digest" => Err("digest authentication is not supported".into()),
+        other => Err(format!("{other:?} is not \"basic\"")),
+    }),
+    guards("auth-secret", |v, s| {
+        let v = v.trim();
+        if v.is_empty() || v.split('/').count() > 2 {
+            return Err(format!("{v:?} is not a Secret name or namespace/name"));
+        }
+        s.basic_auth.secret = Some(v.to_owned());
+        Ok(())
+    }),
+    guards("auth-secret-type", |v, s| match v.trim() {
+        "auth-file" => {
+            s.basic_auth.map = false;
+            Ok(())
+        }
+        "auth-map" => {
+            s.basic_auth.map = true;
+            Ok(())
+        }
+        other => Err(format!("{other:?} is not auth-file or auth-map")),
+    }),
+    parsed("auth-realm", |v, s| {
+        s.basic_auth.realm = v.to_owned();
+        Ok(())
+    }),
     // Who may reach a route: IP rules, every kind of authentication, global auth, WAF rules.
     restricts(Pattern::Suffix("-source-range")),
     restricts(Pattern::Prefix("denylist-")),
@@ -202,6 +263,7 @@ pub(super) fn read(annotations: Option<&BTreeMap<String, String>>, status: &mut 
             continue;
         }
         let row = KEYS.iter().find(|k| k.pattern.covers(name) && (prefix == OURS || !k.ours_only));
+        settings.written.insert(name.to_owned(), key.clone());
         match row.map(|k| k.handling) {
             Some(Handling::Parsed(parse)) => {
                 if let Err(why) = parse(value, &mut settings) {
@@ -295,8 +357,8 @@ mod tests {
             ("whitelist-source-range", "10.0.0.0/33"),
             ("allowlist-source-range", ""),
             ("denylist-source-range", "localhost"),
-            ("auth-type", "basic"),
-            ("auth-secret", "users"),
+            ("auth-type", "digest"),
+            ("auth-secret", "a/b/c"),
             ("auth-url", "http://auth.example/check"),
             ("auth-tls-verify-client", "on"),
             ("auth-tls-secret", "ns/ca"),
@@ -317,8 +379,8 @@ mod tests {
                 let (settings, status) = read_one(&key, value);
                 assert_eq!(settings.unhonoured, vec![key.clone()], "{key} fails closed");
                 let problem = &status.problems[0];
-                let reason =
-                    if name.ends_with("-source-range") { Reason::Invalid } else { Reason::UnsupportedAnnotation };
+                let guarded = name.ends_with("-source-range") || ["auth-type", "auth-secret"].contains(&name);
+                let reason = if guarded { Reason::Invalid } else { Reason::UnsupportedAnnotation };
                 assert_eq!((problem.severity, problem.reason), (crate::status::Severity::Error, reason), "{key}");
                 assert_eq!(problem.field, format!("metadata.annotations[{key:?}]"), "the field names the key");
             }

@@ -123,6 +123,26 @@ impl<'a> Index<'a> {
         endpoints
     }
 
+    /// The text entries of a Secret (`stringData` over `data`), by key; entries that are not
+    /// UTF-8 are left out.
+    pub(super) fn secret_text(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<std::collections::BTreeMap<String, String>, (Reason, String)> {
+        let Some(secret) = self.secrets.get(&(namespace, name)) else {
+            return Err((Reason::SecretNotFound, format!("Secret {namespace}/{name} not found")));
+        };
+        let mut entries: std::collections::BTreeMap<String, String> = secret
+            .data
+            .iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k.clone(), String::from_utf8(v.0.clone()).ok()?)))
+            .collect();
+        entries.extend(secret.string_data.iter().flatten().map(|(k, v)| (k.clone(), v.clone())));
+        Ok(entries)
+    }
+
     /// Reads a TLS Secret into a certificate. The proxy parses the PEM and checks that the key
     /// matches; here we check what can be seen without cryptography.
     pub(super) fn certificate(&self, namespace: &str, name: &str) -> Result<Certificate, (Reason, String)> {

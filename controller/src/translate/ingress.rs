@@ -3,7 +3,9 @@
 use std::fmt::{self, Display};
 
 use k8s_openapi::api::networking::v1::{Ingress, IngressBackend};
-use tidegate_snapshot::{HostMatch, LuaHandlers, PathKind, PathMatch, Policies, Refusal, Route, RouteAction};
+use tidegate_snapshot::{
+    BasicAuth, Credential, HostMatch, LuaHandlers, PathKind, PathMatch, Policies, Refusal, Route, RouteAction,
+};
 
 use super::annotations::{self, Settings};
 use super::index::{Index, PortRef};
@@ -36,18 +38,104 @@ pub(super) fn translate(
         Ok(lua) => (lua, None),
         Err(()) => (None, Some(Refusal::misconfigured(format!("{} asks for Lua that cannot run", status.object)))),
     };
+    let basic_auth = match basic_auth(&settings, namespace_of(&ingress.metadata), index, status) {
+        Ok(auth) => auth,
+        Err(()) => {
+            refusal.get_or_insert_with(|| {
+                Refusal::unhonoured(format!("{} asks for Basic authentication that cannot be read", status.object))
+            });
+            None
+        }
+    };
     if refusal.is_none() && !settings.unhonoured.is_empty() {
         let keys = settings.unhonoured.join(", ");
         refusal =
             Some(Refusal::unhonoured(format!("{} asks for {keys}, which tidegate does not honour", status.object)));
     }
+    let ip = &settings.ip;
+    let policies = Policies { ip: (!ip.allow.is_empty() || !ip.deny.is_empty()).then(|| ip.clone()), basic_auth };
     if refusal.is_some() {
         status.accepted = false;
     }
-    let mut ctx = Context { ingress, index, settings, lua, refusal, out, status };
+    let mut ctx = Context { ingress, index, settings, lua, policies, refusal, out, status };
     ctx.default_backend();
     ctx.rules(rank);
     ctx.tls();
+}
+
+/// The users of `auth-type: basic`, read from the Secret `auth-secret` names (an htpasswd file
+/// under key `auth`, or with `auth-secret-type: auth-map` one key per user). `Err` when the
+/// Ingress must not be served: the Secret is missing, in another namespace, or holds a line that
+/// does not read; each is recorded naming the key.
+fn basic_auth(
+    settings: &Settings,
+    namespace: &str,
+    index: &Index<'_>,
+    status: &mut ObjectStatus,
+) -> Result<Option<BasicAuth>, ()> {
+    let keys = &settings.basic_auth;
+    let field = |key: &str| settings.field(key);
+    let refuse = |status: &mut ObjectStatus, reason: Reason, key: &str, why: String| {
+        status.error(reason, field(key), format!("{why}; the routes answer 503"));
+        Err(())
+    };
+    let Some(secret) = &keys.secret else {
+        if keys.enabled {
+            return refuse(status, Reason::Invalid, "auth-type", "auth-type basic needs auth-secret".into());
+        }
+        return Ok(None);
+    };
+    if !keys.enabled {
+        let why = "auth-secret is set without auth-type: basic, and would otherwise be served open";
+        return refuse(status, Reason::Invalid, "auth-secret", why.into());
+    }
+    let (secret_namespace, name) = secret.split_once('/').unwrap_or((namespace, secret));
+    if secret_namespace != namespace {
+        let why = format!("Secret {secret} is in another namespace, which tidegate does not read");
+        return refuse(status, Reason::Invalid, "auth-secret", why);
+    }
+    let entries = match index.secret_text(namespace, name) {
+        Ok(entries) => entries,
+        Err((reason, message)) => return refuse(status, reason, "auth-secret", message),
+    };
+    let mut lines: Vec<(String, String, String)> = Vec::new();
+    if keys.map {
+        lines.extend(entries.iter().map(|(user, hash)| (format!("key {user:?}"), user.clone(), hash.clone())));
+    } else {
+        let Some(file) = entries.get("auth") else {
+            let why = format!("Secret {namespace}/{name} has no key \"auth\" (an htpasswd file)");
+            return refuse(status, Reason::Invalid, "auth-secret", why);
+        };
+        for (n, line) in file.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (user, hash) = line.split_once(':').unwrap_or((line, ""));
+            lines.push((format!("line {}", n + 1), user.to_owned(), hash.to_owned()));
+        }
+    }
+    let mut users: Vec<Credential> = Vec::new();
+    for (at, user, hash) in lines {
+        match hash.parse() {
+            Ok(hash) if !user.is_empty() => users.push(Credential { user, hash }),
+            Ok(_) => {
+                let why = format!("Secret {namespace}/{name} {at}: no user name");
+                return refuse(status, Reason::Invalid, "auth-secret", why);
+            }
+            Err(why) => {
+                let why = format!("Secret {namespace}/{name} {at}: {why}");
+                return refuse(status, Reason::Invalid, "auth-secret", why);
+            }
+        }
+    }
+    if users.is_empty() {
+        return refuse(status, Reason::Invalid, "auth-secret", format!("Secret {namespace}/{name} lists no user"));
+    }
+    // nginx takes a user's first line; so does this (the sort is stable).
+    users.sort_by(|a, b| a.user.cmp(&b.user));
+    users.dedup_by(|later, first| later.user == first.user);
+    Ok(Some(BasicAuth { realm: keys.realm.clone(), users }))
 }
 
 /// The Lua handlers an Ingress runs: its LuaRoute's `spec.lua`, then inline snippets (only with
@@ -133,6 +221,7 @@ struct Context<'i, 'o> {
     index: &'i Index<'i>,
     settings: Settings,
     lua: Option<LuaHandlers>,
+    policies: Policies,
     refusal: Option<Refusal>,
     out: &'o mut Builder,
     status: &'o mut ObjectStatus,
@@ -217,12 +306,6 @@ impl Context<'_, '_> {
         }
     }
 
-    /// What the annotations ask of every request to this Ingress's routes.
-    fn policies(&self) -> Policies {
-        let ip = &self.settings.ip;
-        Policies { ip: (!ip.allow.is_empty() || !ip.deny.is_empty()).then(|| ip.clone()) }
-    }
-
     /// Resolves a backend. The route exists even when the Service is missing (it answers 503), so
     /// only a backend kind tidegate cannot proxy to gives `None`.
     fn action(&mut self, backend: &IngressBackend, field: &dyn Display) -> Option<RouteAction> {
@@ -249,7 +332,7 @@ impl Context<'_, '_> {
             backend: Some(id),
             timeouts: self.settings.timeouts,
             lua: self.lua.clone(),
-            policies: self.policies(),
+            policies: self.policies.clone(),
             refusal: self.refusal.clone(),
         })
     }

@@ -628,3 +628,79 @@ fn tls_secret_from_base64_data() {
     assert!(certificate.cert_pem.starts_with("-----BEGIN CERTIFICATE-----\nMIIB"));
     assert!(certificate.key_pem.starts_with("-----BEGIN PRIVATE KEY-----"));
 }
+
+/// An Ingress with annotations, one rule for `host` to Service `web`.
+fn annotated(name: &str, host: &str, annotations: &[(&str, &str)]) -> String {
+    let list: String = annotations.iter().map(|(k, v)| format!("    {k}: {v:?}\n")).collect();
+    format!(
+        "---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata:\n  name: {name}\n  namespace: ns\n  annotations:\n{list}spec:\n  ingressClassName: tidegate\n{}\n",
+        rules(&[rule(Some(host), &[("Prefix", "/", "web")])])
+    )
+}
+
+fn opaque(name: &str, entries: &[(&str, &str)]) -> String {
+    let data: String = entries.iter().map(|(k, v)| format!("  {k}: {v:?}\n")).collect();
+    format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: ns}}\ntype: Opaque\nstringData:\n{data}"
+    )
+}
+
+/// Basic auth: the htpasswd file under `auth` (comments, blank lines and a repeated user, whose
+/// first line counts, as nginx reads it) or one key per user becomes typed users on every
+/// route; what cannot be read closes the routes (503) with the field named.
+#[test]
+fn basic_auth_reads_the_secret_and_fails_closed() {
+    let sha = "{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=";
+    let file = format!("# staff\nann:{sha}\n\nbob:$apr1$lZL6V/ci$PR6QJXkRFUzdUuaYcwrI//\nann:$1$x$y\n");
+    fn auth(secret: &str) -> Vec<(&'static str, &str)> {
+        vec![
+            ("nginx.ingress.kubernetes.io/auth-type", "basic"),
+            ("nginx.ingress.kubernetes.io/auth-secret", secret),
+            ("nginx.ingress.kubernetes.io/auth-realm", "Staff"),
+        ]
+    }
+    let mut map = auth("users-map");
+    map.push(("tidegate.dev/auth-secret-type", "auth-map"));
+    let yaml = [
+        service("ns", "web", 8080),
+        opaque("users", &[("auth", &file)]),
+        opaque("users-map", &[("cy", sha)]),
+        opaque("bad", &[("auth", "ann:plaintext\n")]),
+        annotated("file", "file.test", &auth("ns/users")),
+        annotated("map", "map.test", &map),
+        annotated("bad", "bad.test", &auth("bad")),
+        annotated("missing", "missing.test", &auth("nobody")),
+        annotated("elsewhere", "elsewhere.test", &auth("other/users")),
+        annotated("half", "half.test", &[("nginx.ingress.kubernetes.io/auth-secret", "users")]),
+    ]
+    .concat();
+    let t = run(&yaml);
+    let action = |host: &str| {
+        let vhost = t.snapshot.routing.virtual_hosts.iter().find(|v| v.host == exact(host)).expect("host");
+        vhost.routes[0].action.clone()
+    };
+    let users = |host: &str| -> Vec<String> {
+        let auth = action(host).policies.basic_auth.unwrap_or_else(|| panic!("{host} has basic auth"));
+        assert_eq!(auth.realm, "Staff");
+        auth.users.iter().map(|c| format!("{}:{}", c.user, c.hash.as_str())).collect()
+    };
+    assert_eq!(users("file.test"), [format!("ann:{sha}"), "bob:$apr1$lZL6V/ci$PR6QJXkRFUzdUuaYcwrI//".into()]);
+    assert_eq!(users("map.test"), [format!("cy:{sha}")]);
+    assert!(status(&t, "Ingress", "ns", "file").problems.is_empty());
+    for (name, reason, field) in [
+        ("bad", Reason::Invalid, "nginx.ingress.kubernetes.io/auth-secret"),
+        ("missing", Reason::SecretNotFound, "nginx.ingress.kubernetes.io/auth-secret"),
+        ("elsewhere", Reason::Invalid, "nginx.ingress.kubernetes.io/auth-secret"),
+        ("half", Reason::Invalid, "nginx.ingress.kubernetes.io/auth-secret"),
+    ] {
+        let refusal = action(&format!("{name}.test")).refusal.unwrap_or_else(|| panic!("{name} is refused"));
+        assert_eq!(refusal.status, 503, "{name}");
+        assert_eq!(
+            problem_fields(status(&t, "Ingress", "ns", name), reason),
+            [format!("metadata.annotations[{field:?}]")],
+            "{name}"
+        );
+    }
+    let bad = status(&t, "Ingress", "ns", "bad");
+    assert!(bad.problems[0].message.contains("line 1"), "the line is named: {:?}", bad.problems);
+}

@@ -236,6 +236,124 @@ pub struct Policies {
     /// Client address rules: the first check of the access phase, as nginx's `allow`/`deny`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<IpRules>,
+    /// HTTP Basic authentication against a list of users (`auth-type: basic`), after the IP
+    /// rules, as nginx's `auth_basic`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basic_auth: Option<BasicAuth>,
+}
+
+/// Users who may reach a route with HTTP Basic authentication; others get 401 with
+/// `WWW-Authenticate: Basic realm="<realm>"`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BasicAuth {
+    /// `auth-realm`.
+    #[serde(default)]
+    pub realm: String,
+    /// Sorted by user; at most one entry per user.
+    pub users: Vec<Credential>,
+}
+
+/// One user and the hash of their password.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Credential {
+    pub user: String,
+    pub hash: PasswordHash,
+}
+
+impl fmt::Debug for Credential {
+    /// Never prints the hash.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credential").field("user", &self.user).finish_non_exhaustive()
+    }
+}
+
+/// A password hash in one of the formats `htpasswd` and `openssl passwd` write, as nginx's
+/// `auth_basic_user_file` reads them. Written and read as the hash text.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum PasswordHash {
+    /// `$2a$`, `$2b$`, `$2y$` (`htpasswd -B`).
+    Bcrypt(String),
+    /// MD5-crypt: `$apr1$salt$hash` (`htpasswd -m`, `openssl passwd -apr1`) and
+    /// `$1$salt$hash` (`openssl passwd -1`).
+    Md5Crypt(String),
+    /// `{SHA}` and the base64 of the password's SHA-1 (`htpasswd -s`).
+    Sha1(String),
+    /// `$5$` (SHA-256-crypt, `openssl passwd -5`).
+    Sha256Crypt(String),
+    /// `$6$` (SHA-512-crypt, `openssl passwd -6`).
+    Sha512Crypt(String),
+}
+
+impl fmt::Debug for PasswordHash {
+    /// Names the format, never the hash.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let format = match self {
+            PasswordHash::Bcrypt(_) => "bcrypt",
+            PasswordHash::Md5Crypt(_) => "md5-crypt",
+            PasswordHash::Sha1(_) => "sha1",
+            PasswordHash::Sha256Crypt(_) => "sha256-crypt",
+            PasswordHash::Sha512Crypt(_) => "sha512-crypt",
+        };
+        write!(f, "PasswordHash({format})")
+    }
+}
+
+impl PasswordHash {
+    /// The hash as written.
+    pub fn as_str(&self) -> &str {
+        match self {
+            PasswordHash::Bcrypt(h)
+            | PasswordHash::Md5Crypt(h)
+            | PasswordHash::Sha1(h)
+            | PasswordHash::Sha256Crypt(h)
+            | PasswordHash::Sha512Crypt(h) => h,
+        }
+    }
+}
+
+impl FromStr for PasswordHash {
+    type Err = String;
+
+    /// Recognizes the format by its prefix; the rest is checked when a password is verified.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let text = text.trim();
+        let hash = text.to_owned();
+        if ["$2a$", "$2b$", "$2y$"].iter().any(|p| text.starts_with(p)) {
+            Ok(PasswordHash::Bcrypt(hash))
+        } else if (text.starts_with("$apr1$") || text.starts_with("$1$")) && text.matches('$').count() == 3 {
+            Ok(PasswordHash::Md5Crypt(hash))
+        } else if let Some(digest) = text.strip_prefix("{SHA}") {
+            if digest.len() != 28 {
+                return Err("a {SHA} hash is 28 characters of base64".into());
+            }
+            Ok(PasswordHash::Sha1(hash))
+        } else if text.starts_with("$5$") {
+            Ok(PasswordHash::Sha256Crypt(hash))
+        } else if text.starts_with("$6$") {
+            Ok(PasswordHash::Sha512Crypt(hash))
+        } else {
+            Err("not a password hash tidegate reads (bcrypt $2y$/$2b$/$2a$, $apr1$, $1$, {SHA}, $5$ or $6$); \
+                 crypt(3) DES hashes and plain text are refused"
+                .into())
+        }
+    }
+}
+
+impl TryFrom<String> for PasswordHash {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        text.parse()
+    }
+}
+
+impl From<PasswordHash> for String {
+    fn from(hash: PasswordHash) -> String {
+        hash.as_str().to_owned()
+    }
 }
 
 impl Policies {
@@ -521,6 +639,13 @@ mod tests {
                                     allow: vec!["10.0.0.0/8".parse().expect("cidr")],
                                     deny: vec!["2001:db8::/32".parse().expect("cidr")],
                                 }),
+                                basic_auth: Some(BasicAuth {
+                                    realm: "shop".into(),
+                                    users: vec![Credential {
+                                        user: "ann".into(),
+                                        hash: "{SHA}qUqP5cyxm6YcTAhz05Hph5gvu9M=".parse().expect("hash"),
+                                    }],
+                                }),
                             },
                             refusal: None,
                         },
@@ -577,6 +702,23 @@ mod tests {
         for bad in ["10.0.0.0/33", "::/129", "10.0.0/8", "x", "10.0.0.0/", ""] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad:?} is refused");
         }
+    }
+
+    #[test]
+    fn password_hashes_are_recognized_by_format() {
+        let kind = |s: &str| s.parse::<PasswordHash>().map(|h| format!("{:?}", std::mem::discriminant(&h)));
+        assert!(matches!("$2y$05$abcdefghijklmnopqrstuu".parse(), Ok(PasswordHash::Bcrypt(_))));
+        assert!(matches!("$apr1$salt$hash".parse(), Ok(PasswordHash::Md5Crypt(_))));
+        assert!(matches!("$1$salt$hash".parse(), Ok(PasswordHash::Md5Crypt(_))));
+        assert!(matches!("{SHA}qUqP5cyxm6YcTAhz05Hph5gvu9M=".parse(), Ok(PasswordHash::Sha1(_))));
+        assert!(matches!("$5$salt$hash".parse(), Ok(PasswordHash::Sha256Crypt(_))));
+        assert!(matches!("$6$rounds=5000$salt$hash".parse(), Ok(PasswordHash::Sha512Crypt(_))));
+        for refused in ["plaintext", "abJnggxhB/yWI", "{SHA}short", "$1$salt", ""] {
+            assert!(kind(refused).is_err(), "{refused:?} is refused");
+        }
+        let credential =
+            Credential { user: "ann".into(), hash: "{SHA}qUqP5cyxm6YcTAhz05Hph5gvu9M=".parse().expect("hash") };
+        assert!(!format!("{credential:?}").contains("qUqP"), "Debug never prints a hash");
     }
 
     #[test]

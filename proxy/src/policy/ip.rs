@@ -8,6 +8,7 @@ use http::StatusCode;
 use tidegate_snapshot::{Cidr, IpRules};
 
 use super::Verdict;
+use crate::respond::error_response;
 
 #[derive(Debug)]
 pub(super) struct IpFilter {
@@ -23,7 +24,7 @@ impl IpFilter {
     pub(super) fn check(&self, client: IpAddr) -> Verdict {
         let denied = self.deny.iter().any(|c| c.contains(client))
             || (!self.allow.is_empty() && !self.allow.iter().any(|c| c.contains(client)));
-        if denied { Verdict::Answer(StatusCode::FORBIDDEN) } else { Verdict::Continue }
+        if denied { Verdict::Answer(error_response(StatusCode::FORBIDDEN)) } else { Verdict::Continue }
     }
 }
 

@@ -6,36 +6,38 @@
 //! fixed order, before the route's Lua handlers of that phase (as nginx's access phase runs
 //! `allow`/`deny` and `auth_*` before `access_by_lua`):
 //!
-//! | phase  | built-in filters, in order       | then              |
-//! |--------|----------------------------------|-------------------|
-//! | access | IP rules (`*-source-range`): 403 | Lua `access`      |
+//! | phase  | built-in filters, in order                                   | then         |
+//! |--------|--------------------------------------------------------------|--------------|
+//! | access | IP rules (`*-source-range`): 403; Basic auth (`auth-type`): 401 | Lua `access` |
 //!
 //! A filter either lets the request go on or answers it; an answer ends the request's way to
 //! the content or upstream step, but the header_filter, body_filter and log steps still run on
 //! it (as nginx runs `header_filter_by_lua` on its own error pages). A route with no policies
 //! has no filters, and the pipeline skips them with one length check.
 
+mod basic_auth;
 mod ip;
+mod password;
 
 use std::net::IpAddr;
 
-use http::{Response, StatusCode};
+use http::{HeaderMap, Response};
 use tidegate_snapshot::{Phase, Policies};
 
 use crate::body::LocalBody;
 use crate::connection::Connection;
-use crate::respond::error_response;
 
-/// What a filter sees of a request.
+/// What a filter sees of a request: the client and the request head as earlier steps left it.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Facts {
+pub(crate) struct Facts<'a> {
     /// The client's address: the connection's peer.
     pub(crate) client: IpAddr,
+    pub(crate) headers: &'a HeaderMap,
 }
 
-impl Facts {
-    pub(crate) fn of(conn: &Connection) -> Facts {
-        Facts { client: conn.remote.ip() }
+impl<'a> Facts<'a> {
+    pub(crate) fn of(conn: &Connection, headers: &'a HeaderMap) -> Facts<'a> {
+        Facts { client: conn.remote.ip(), headers }
     }
 }
 
@@ -43,18 +45,20 @@ impl Facts {
 #[derive(Debug)]
 enum Filter {
     Ip(ip::IpFilter),
+    BasicAuth(basic_auth::BasicAuthFilter),
 }
 
 /// What a filter decided.
 enum Verdict {
     Continue,
-    Answer(StatusCode),
+    Answer(Response<LocalBody>),
 }
 
 impl Filter {
-    fn check(&self, facts: &Facts) -> Verdict {
+    async fn check(&self, facts: &Facts<'_>) -> Verdict {
         match self {
             Filter::Ip(rules) => rules.check(facts.client),
+            Filter::BasicAuth(auth) => auth.check(facts.headers).await,
         }
     }
 }
@@ -71,6 +75,9 @@ impl Filters {
         let mut access = Vec::new();
         if let Some(rules) = &policies.ip {
             access.push(Filter::Ip(ip::IpFilter::new(rules)));
+        }
+        if let Some(auth) = &policies.basic_auth {
+            access.push(Filter::BasicAuth(basic_auth::BasicAuthFilter::new(auth)));
         }
         Filters { access }
     }
@@ -89,10 +96,10 @@ impl Filters {
 
     /// Runs the built-in filters of `phase` in order; a response ends the request's way to its
     /// content or upstream.
-    pub(crate) fn run(&self, phase: Phase, facts: &Facts) -> Option<Response<LocalBody>> {
+    pub(crate) async fn run(&self, phase: Phase, facts: &Facts<'_>) -> Option<Response<LocalBody>> {
         for filter in self.of(phase) {
-            if let Verdict::Answer(status) = filter.check(facts) {
-                return Some(error_response(status));
+            if let Verdict::Answer(response) = filter.check(facts).await {
+                return Some(response);
             }
         }
         None

@@ -87,10 +87,12 @@ pub(super) async fn serve(
 
     // rewrite, access: the phase's built-in filters, then its Lua
     for (step, phase) in [(Step::Rewrite, Phase::Rewrite), (Step::Access, Phase::Access)] {
-        if target.filters.has(step)
-            && let Some(answer) = target.filters.run(step, &Facts::of(conn))
-        {
-            return filtered(worker, target, chain, &lua, answer, outcome).await;
+        if target.filters.has(step) {
+            // The head as the Lua before left it; a copy, as filters may wait.
+            let headers = lua.state.headers.borrow().clone();
+            if let Some(answer) = target.filters.run(step, &Facts::of(conn, &headers)).await {
+                return filtered(worker, target, chain, &lua, answer, outcome).await;
+            }
         }
         let scripts = chain.phase(phase);
         if scripts.is_empty() {

@@ -84,7 +84,7 @@ pub(crate) async fn handle(
                 Some(chain) => {
                     Box::pin(lua::serve(&worker, &runtime, &conn, target, chain, &host, request, &mut outcome)).await
                 }
-                None => match access(target, &conn) {
+                None => match access(target, &conn, &request).await {
                     Some(answer) => answer,
                     None => Box::pin(upstream::proxy(&worker, &runtime, &conn, target, request, &mut outcome)).await,
                 },
@@ -177,11 +177,11 @@ fn route<'a>(
 
 /// The access step of a route without Lua: its built-in filters, skipped with one check when it
 /// has none.
-fn access(target: &Target, conn: &Connection) -> Option<Response<LocalBody>> {
+async fn access(target: &Target, conn: &Connection, request: &Request<ClientBody>) -> Option<Response<LocalBody>> {
     if !target.filters.has(Phase::Access) {
         return None;
     }
-    target.filters.run(Phase::Access, &Facts::of(conn))
+    target.filters.run(Phase::Access, &Facts::of(conn, request.headers())).await
 }
 
 /// The host a request is for, without port: the URI authority (HTTP/2, absolute-form) or the
