@@ -9,6 +9,8 @@
 # Scenarios:
 #   plain       no policy                    (nginx: proxy_pass)
 #   ip-allow    allowlist with the client    (nginx: allow 127.0.0.0/8; deny all;)
+#   basic-auth  Basic auth, an htpasswd -m (apr1) user, right password on every request
+#               (nginx: auth_basic with auth_basic_user_file)
 #
 # Usage: BEFORE=path/to/earlier/tidegate bench/policies.sh [seconds-per-run] [rounds]
 # (BEFORE is optional: without it the "plain, before" row is left out; loopback only; every run
@@ -22,6 +24,7 @@ CONNECTIONS=${CONNECTIONS:-64}
 . bench/lib.sh
 need wrk wrk
 need nginx nginx
+need htpasswd apache2-utils
 cargo build --release --quiet
 BIN=$PWD/target/release/tidegate
 
@@ -51,6 +54,11 @@ http {
 }
 NGX
 
+htpasswd -cbm "$WORK/htpasswd" bench bench-password 2>/dev/null
+# nginx's workers run as an unprivileged user: they must reach the file.
+chmod 755 "$WORK" && chmod 644 "$WORK/htpasswd"
+AUTHORIZATION="Authorization: Basic $(printf 'bench:bench-password' | base64)"
+
 FORWARDED='proxy_set_header X-Forwarded-For $remote_addr; proxy_set_header X-Real-IP $remote_addr;
       proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header X-Forwarded-Host $host;
       proxy_set_header X-Forwarded-Port $server_port;'
@@ -66,13 +74,14 @@ http {
   upstream backend { server $UPSTREAM; keepalive 64; keepalive_requests 1000000; }
   server { listen $NGINX reuseport; server_name plain.bench; location / { $PASS } }
   server { listen $NGINX; server_name ip-allow.bench; location / { allow 127.0.0.0/8; deny all; $PASS } }
+  server { listen $NGINX; server_name basic-auth.bench; location / { auth_basic "bench"; auth_basic_user_file $WORK/htpasswd; $PASS } }
 }
 NGX
 
 mkdir "$WORK/manifests" "$WORK/before"
-ingress() { # name [annotation-key annotation-value]
+ingress() { # name [annotations, as YAML flow-mapping entries]
   local meta="{name: $1, namespace: bench}"
-  [ -n "${2:-}" ] && meta="{name: $1, namespace: bench, annotations: {$2: \"$3\"}}"
+  [ -n "${2:-}" ] && meta="{name: $1, namespace: bench, annotations: {$2}}"
   cat <<YAML
 ---
 apiVersion: networking.k8s.io/v1
@@ -99,13 +108,20 @@ addressType: IPv4
 ports: [{name: http, port: ${UPSTREAM#*:}}]
 endpoints: [{addresses: ["127.0.0.1"]}]
 $(ingress plain)
-$(ingress ip-allow nginx.ingress.kubernetes.io/whitelist-source-range 127.0.0.0/8)
+$(ingress ip-allow 'nginx.ingress.kubernetes.io/whitelist-source-range: "127.0.0.0/8"')
+$(ingress basic-auth 'nginx.ingress.kubernetes.io/auth-type: basic, nginx.ingress.kubernetes.io/auth-secret: users')
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: users, namespace: bench}
+type: Opaque
+stringData: {auth: "$(cat "$WORK/htpasswd")"}
 YAML
 # The earlier binary gets only the plain route: it may not know the policies.
 python3 - "$WORK/manifests/bench.yaml" "$WORK/before/bench.yaml" <<'PY'
 import sys
 docs = open(sys.argv[1]).read().split("\n---\n")
-open(sys.argv[2], "w").write("\n---\n".join(d for d in docs if "annotations" not in d))
+open(sys.argv[2], "w").write("\n---\n".join(d for d in docs if "annotations" not in d and "kind: Secret" not in d))
 PY
 
 start_tidegate() { # binary manifests address admin-port -> pid
@@ -131,19 +147,26 @@ UPSTREAM_PIDS=$( (cat "$WORK/upstream.pid"; pgrep -P "$(cat "$WORK/upstream.pid"
 # Each target answers each scenario as expected before anything is measured.
 check() { # address host status
   local got
-  got=$(curl -s -o /dev/null -w '%{http_code}' -H "Host: $2" "http://$1/")
+  got=$(curl -s -o /dev/null -w '%{http_code}' -H "Host: $2" -H "$(header "$2")" "http://$1/")
   [ "$got" = "$3" ] || { echo "$2 on $1 answered $got, not $3" >&2; cat "$WORK"/*.err "$WORK"/*.log >&2; exit 1; }
 }
-for target in $TIDEGATE $NGINX; do check "$target" plain.bench 200; check "$target" ip-allow.bench 200; done
+header() { # host -> the extra request header its scenario sends
+  case $1 in basic-auth.bench) echo "$AUTHORIZATION" ;; *) echo "X-Bench: 1" ;; esac
+}
+for target in $TIDEGATE $NGINX; do
+  for scenario in plain ip-allow basic-auth; do check "$target" "$scenario.bench" 200; done
+  [ "$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: basic-auth.bench' "http://$target/")" = 401 ] \
+    || { echo "basic-auth.bench on $target does not ask for credentials" >&2; exit 1; }
+done
 [ -n "$BEFORE_PID" ] && check $BEFORE_ADDR plain.bench 200
 
 run() { # address host proxy-pids -> "requests rps p50 p99 wrk_us upstream_us user_us kernel_us"
-  cpu_split "$3" "$UPSTREAM_PIDS" -- wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency -H "Host: $2" "http://$1/" | wrk_stats
+  cpu_split "$3" "$UPSTREAM_PIDS" -- wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency -H "Host: $2" -H "$(header "$2")" "http://$1/" | wrk_stats
 }
 
 echo "round,scenario,target,rps,p99_ms,requests,user_us,kernel_us" > "$WORK/rows.csv"
 for round in $(seq "$ROUNDS"); do
-  for scenario in plain ip-allow; do
+  for scenario in plain ip-allow basic-auth; do
     targets="tidegate nginx"
     [ "$scenario" = plain ] && [ -n "$BEFORE_PID" ] && targets="before tidegate nginx"
     for target in $targets; do
@@ -169,7 +192,7 @@ print(f"Route policies, `bench/policies.sh {sys.argv[2]} {sys.argv[3]}`: keep-al
 print("each proxy 2 workers; medians of the rounds. CPU is the proxy's (user + kernel) per request.\n")
 print("| scenario | proxy | req/s | p99 ms | proxy CPU µs/request | CPU vs nginx | CPU vs tidegate before |")
 print("|---|---|---|---|---|---|---|")
-for scenario in ["plain", "ip-allow"]:
+for scenario in ["plain", "ip-allow", "basic-auth"]:
     base = med(scenario, "nginx", cpu)
     before = med(scenario, "before", cpu)
     for target in ["before", "tidegate", "nginx"]:

@@ -49,7 +49,8 @@ async fn setup() -> Setup {
     text.push_str(&tls_secret_yaml("t", "b-tls", &b_cert, &b_key));
     text.push_str(&ingress("a", "a.test", "web", "", "  tls: [{hosts: [a.test], secretName: a-tls}]\n"));
     text.push_str(&ingress("b", "b.test", "web", "", "  tls: [{hosts: [b.test], secretName: b-tls}]\n"));
-    text.push_str(&ingress("plain", "plain.test", "web", "", ""));
+    // Uploads here are larger than the default 1m body limit.
+    text.push_str(&ingress("plain", "plain.test", "web", "nginx.ingress.kubernetes.io/proxy-body-size: 16m", ""));
     text.push_str(&ingress("refused", "refused.test", "refused", "", ""));
     text.push_str(&ingress("empty", "empty.test", "empty", "", ""));
     text.push_str(&ingress("slow", "slow.test", "web", "nginx.ingress.kubernetes.io/proxy-read-timeout: \"1\"", ""));

@@ -143,6 +143,11 @@ pub struct RoutePolicies {
     /// (`denylist-source-range`).
     #[serde(default)]
     pub ip_denylist: Option<Vec<String>>,
+    /// The largest request body accepted (`proxy-body-size`): bytes, or with `k`, `m` or `g`;
+    /// `0` or absent for no limit. A larger one gets 413.
+    #[serde(default)]
+    #[schemars(pattern(r"^[0-9]+[kKmMgG]?$"))]
+    pub max_body_size: Option<String>,
 }
 
 impl RoutePolicies {
@@ -152,6 +157,7 @@ impl RoutePolicies {
         RoutePolicies {
             ip_allowlist: over.ip_allowlist.clone().or_else(|| self.ip_allowlist.clone()),
             ip_denylist: over.ip_denylist.clone().or_else(|| self.ip_denylist.clone()),
+            max_body_size: over.max_body_size.clone().or_else(|| self.max_body_size.clone()),
         }
     }
 
@@ -174,7 +180,15 @@ impl RoutePolicies {
             deny: list("ipDenylist", &self.ip_denylist)?,
         };
         let any = !ip.allow.is_empty() || !ip.deny.is_empty();
-        Ok(tidegate_snapshot::Policies { ip: any.then_some(ip), basic_auth: None })
+        let max_body_bytes = match &self.max_body_size {
+            Some(size) => crate::validate::parse_size(size).map_err(|e| (format!("{at}.maxBodySize"), e))?,
+            None => 0,
+        };
+        Ok(tidegate_snapshot::Policies {
+            ip: any.then_some(ip),
+            max_body_bytes: (max_body_bytes > 0).then_some(max_body_bytes),
+            basic_auth: None,
+        })
     }
 }
 
@@ -336,8 +350,8 @@ fn http_header_name_invalid(name: &str) -> bool {
 
 impl LuaHandlers {
     /// The source of one phase.
-    pub(crate) fn get(&self, phase: crate::translate::Phase) -> Option<&str> {
-        use crate::translate::Phase;
+    pub(crate) fn get(&self, phase: tidegate_snapshot::Phase) -> Option<&str> {
+        use tidegate_snapshot::Phase;
         match phase {
             Phase::Rewrite => self.rewrite.as_deref(),
             Phase::Access => self.access.as_deref(),

@@ -43,6 +43,27 @@ pub(crate) fn check_port_number(port: i32) -> Result<u16, String> {
     u16::try_from(port).ok().filter(|p| *p != 0).ok_or_else(|| format!("{port} is not a port number (1-65535)"))
 }
 
+/// An nginx size: bytes, or a number with `k`, `m` or `g` (either case).
+pub(crate) fn parse_size(value: &str) -> Result<u64, String> {
+    let value = value.trim();
+    let (digits, unit) = match value.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&value[..i], c.to_ascii_lowercase()),
+        _ => (value, 'b'),
+    };
+    let scale: u64 = match unit {
+        'b' => 1,
+        'k' => 1 << 10,
+        'm' => 1 << 20,
+        'g' => 1 << 30,
+        _ => return Err(format!("{value:?} is not a size (a number of bytes, or with k, m or g)")),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("{value:?} is not a size (a number of bytes, or with k, m or g)"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

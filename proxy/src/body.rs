@@ -200,3 +200,48 @@ impl Drop for Observed {
         self.finish(complete);
     }
 }
+
+/// A request body cut off once it exceeds the route's limit (`proxy-body-size`).
+pub(crate) struct Capped<B> {
+    inner: B,
+    limit: u64,
+    seen: u64,
+}
+
+/// The error a [`Capped`] body ends with: the upstream step answers 413 for it.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body is larger than the route's limit of {0} bytes")]
+pub(crate) struct TooLarge(pub(crate) u64);
+
+impl<B> Capped<B> {
+    pub(crate) fn new(inner: B, limit: u64) -> Self {
+        Capped { inner, limit, seen: 0 }
+    }
+}
+
+impl<B> Body for Capped<B>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
+            self.seen += data.map_or(0, |d| d.len() as u64);
+            if self.seen > self.limit {
+                return Poll::Ready(Some(Err(Box::new(TooLarge(self.limit)))));
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -16,9 +16,10 @@ use std::collections::BTreeMap;
 use tidegate_snapshot::{Cidr, IpRules, Phase, Timeouts};
 
 use crate::status::{ObjectStatus, Reason};
+use crate::validate::parse_size;
 
-pub(super) const OURS: &str = "tidegate.dev/";
-pub(super) const NGINX: &str = "nginx.ingress.kubernetes.io/";
+pub(crate) const OURS: &str = "tidegate.dev/";
+pub(crate) const NGINX: &str = "nginx.ingress.kubernetes.io/";
 
 /// The settings an Ingress's annotations select.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,6 +34,9 @@ pub(super) struct Settings {
     pub(super) snippets: Vec<(Phase, String, String)>,
     /// `whitelist-source-range` / `allowlist-source-range` and `denylist-source-range`.
     pub(super) ip: IpRules,
+    /// `proxy-body-size`, in bytes: 1 MiB (ingress-nginx's default) unless set; `0` (`None`)
+    /// for no limit.
+    pub(super) max_body_bytes: Option<u64>,
     /// `auth-type`, `auth-secret`, `auth-secret-type` and `auth-realm`: resolved against the
     /// Secret by [`super::ingress`].
     pub(super) basic_auth: BasicAuthKeys,
@@ -60,12 +64,16 @@ impl Default for Settings {
             lua_route: None,
             snippets: Vec::new(),
             ip: IpRules::default(),
+            max_body_bytes: Some(DEFAULT_MAX_BODY),
             basic_auth: BasicAuthKeys::default(),
             written: BTreeMap::new(),
             unhonoured: Vec::new(),
         }
     }
 }
+
+/// ingress-nginx's `proxy-body-size` when an Ingress does not set it: 1m.
+pub(crate) const DEFAULT_MAX_BODY: u64 = 1 << 20;
 
 /// The basic-auth keys as written; `auth-type: basic` turns them on.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -92,7 +100,7 @@ pub(crate) enum Pattern {
 }
 
 impl Pattern {
-    fn covers(self, name: &str) -> bool {
+    pub(crate) fn covers(self, name: &str) -> bool {
         match self {
             Pattern::Exact(key) => name == key,
             Pattern::Prefix(prefix) => name.starts_with(prefix),
@@ -122,40 +130,51 @@ pub(crate) enum Handling {
 pub(crate) struct Key {
     pub(crate) pattern: Pattern,
     pub(crate) handling: Handling,
+    /// What applies when the key is absent, as ingress-nginx documents it (empty: nothing).
+    pub(crate) default: &'static str,
     /// Only under `tidegate.dev/`.
     pub(crate) ours_only: bool,
 }
 
-const fn parsed(name: &'static str, parser: Parser) -> Key {
-    Key { pattern: Pattern::Exact(name), handling: Handling::Parsed(parser), ours_only: false }
+const fn parsed(name: &'static str, default: &'static str, parser: Parser) -> Key {
+    Key { pattern: Pattern::Exact(name), handling: Handling::Parsed(parser), default, ours_only: false }
 }
 
-const fn guards(name: &'static str, parser: Parser) -> Key {
-    Key { pattern: Pattern::Exact(name), handling: Handling::Guards(parser), ours_only: false }
+const fn guards(name: &'static str, default: &'static str, parser: Parser) -> Key {
+    Key { pattern: Pattern::Exact(name), handling: Handling::Guards(parser), default, ours_only: false }
 }
 
 const fn restricts(pattern: Pattern) -> Key {
-    Key { pattern, handling: Handling::Restricts, ours_only: false }
+    Key { pattern, handling: Handling::Restricts, default: "", ours_only: false }
 }
 
 /// Every key tidegate knows, under either prefix; the first row that covers a key decides.
 pub(crate) const KEYS: &[Key] = &[
-    parsed("ssl-redirect", |v, s| boolean(v).map(|b| s.ssl_redirect = b)),
-    parsed("proxy-connect-timeout", |v, s| seconds(v).map(|ms| s.timeouts.connect_ms = ms)),
-    parsed("proxy-read-timeout", |v, s| seconds(v).map(|ms| s.timeouts.read_ms = ms)),
-    parsed("proxy-send-timeout", |v, s| seconds(v).map(|ms| s.timeouts.send_ms = ms)),
+    parsed("ssl-redirect", "true", |v, s| boolean(v).map(|b| s.ssl_redirect = b)),
+    parsed("proxy-connect-timeout", "5", |v, s| seconds(v).map(|ms| s.timeouts.connect_ms = ms)),
+    parsed("proxy-read-timeout", "60", |v, s| seconds(v).map(|ms| s.timeouts.read_ms = ms)),
+    parsed("proxy-send-timeout", "60", |v, s| seconds(v).map(|ms| s.timeouts.send_ms = ms)),
     Key {
         pattern: Pattern::Exact("lua-route"),
         handling: Handling::Parsed(|v, s| {
             s.lua_route = Some(v.to_owned());
             Ok(())
         }),
+        default: "",
         ours_only: true,
     },
-    guards("whitelist-source-range", |v, s| allow(v, "allowlist-source-range", &mut s.ip.allow)),
-    guards("allowlist-source-range", |v, s| allow(v, "whitelist-source-range", &mut s.ip.allow)),
-    guards("denylist-source-range", |v, s| cidrs(v).map(|list| s.ip.deny = list)),
-    guards("auth-type", |v, s| match v.trim() {
+    parsed("proxy-body-size", "1m", |v, s| parse_size(v).map(|n| s.max_body_bytes = (n > 0).then_some(n))),
+    // tidegate streams request bodies to the upstream as they arrive and holds no body buffer
+    // to size; these are read, so that a typo is reported, and change nothing.
+    parsed("client-body-buffer-size", "", |v, _| parse_size(v).map(drop)),
+    parsed("proxy-request-buffering", "on", |v, _| match v.trim() {
+        "on" | "off" => Ok(()),
+        other => Err(format!("{other:?} is not on or off")),
+    }),
+    guards("whitelist-source-range", "", |v, s| allow(v, "allowlist-source-range", &mut s.ip.allow)),
+    guards("allowlist-source-range", "", |v, s| allow(v, "whitelist-source-range", &mut s.ip.allow)),
+    guards("denylist-source-range", "", |v, s| cidrs(v).map(|list| s.ip.deny = list)),
+    guards("auth-type", "", |v, s| match v.trim() {
         "basic" => {
             s.basic_auth.enabled = true;
             Ok(())
@@ -163,7 +182,7 @@ pub(crate) const KEYS: &[Key] = &[
         "digest" => Err("digest authentication is not supported".into()),
         other => Err(format!("{other:?} is not \"basic\"")),
     }),
-    guards("auth-secret", |v, s| {
+    guards("auth-secret", "", |v, s| {
         let v = v.trim();
         if v.is_empty() || v.split('/').count() > 2 {
             return Err(format!("{v:?} is not a Secret name or namespace/name"));
@@ -171,7 +190,7 @@ pub(crate) const KEYS: &[Key] = &[
         s.basic_auth.secret = Some(v.to_owned());
         Ok(())
     }),
-    guards("auth-secret-type", |v, s| match v.trim() {
+    guards("auth-secret-type", "auth-file", |v, s| match v.trim() {
         "auth-file" => {
             s.basic_auth.map = false;
             Ok(())
@@ -182,7 +201,7 @@ pub(crate) const KEYS: &[Key] = &[
         }
         other => Err(format!("{other:?} is not auth-file or auth-map")),
     }),
-    parsed("auth-realm", |v, s| {
+    parsed("auth-realm", "", |v, s| {
         s.basic_auth.realm = v.to_owned();
         Ok(())
     }),
@@ -411,5 +430,28 @@ mod tests {
         let s = read(Some(&both), &mut status);
         assert_eq!(s.unhonoured.len(), 1, "two different allowlists: refused");
         assert!(status.problems[0].message.contains("allowlist-source-range"), "{:?}", status.problems);
+    }
+
+    /// `proxy-body-size`: nginx sizes, 1m when unset, `0` for no limit; a value that does not
+    /// read keeps the default limit (never none).
+    #[test]
+    fn body_size_is_an_nginx_size() {
+        assert_eq!(Settings::default().max_body_bytes, Some(1 << 20), "ingress-nginx's default");
+        for (value, expected) in
+            [("8m", Some(8 << 20)), ("512K", Some(512 << 10)), ("2g", Some(2 << 30)), ("100", Some(100)), ("0", None)]
+        {
+            let (s, status) = read_one("nginx.ingress.kubernetes.io/proxy-body-size", value);
+            assert_eq!(s.max_body_bytes, expected, "{value}");
+            assert!(status.problems.is_empty(), "{value}");
+        }
+        for bad in ["8mb", "-1", "m", "1.5m", ""] {
+            let (s, status) = read_one("nginx.ingress.kubernetes.io/proxy-body-size", bad);
+            assert_eq!(s.max_body_bytes, Some(1 << 20), "{bad:?}: the default limit stays");
+            assert_eq!(status.problems[0].reason, Reason::Invalid, "{bad:?}");
+        }
+        let (_, status) = read_one("nginx.ingress.kubernetes.io/client-body-buffer-size", "16k");
+        assert!(status.problems.is_empty());
+        let (_, status) = read_one("nginx.ingress.kubernetes.io/proxy-request-buffering", "sometimes");
+        assert_eq!(status.problems[0].reason, Reason::Invalid);
     }
 }

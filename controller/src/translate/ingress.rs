@@ -53,7 +53,11 @@ pub(super) fn translate(
             Some(Refusal::unhonoured(format!("{} asks for {keys}, which tidegate does not honour", status.object)));
     }
     let ip = &settings.ip;
-    let policies = Policies { ip: (!ip.allow.is_empty() || !ip.deny.is_empty()).then(|| ip.clone()), basic_auth };
+    let policies = Policies {
+        ip: (!ip.allow.is_empty() || !ip.deny.is_empty()).then(|| ip.clone()),
+        max_body_bytes: settings.max_body_bytes,
+        basic_auth,
+    };
     if refusal.is_some() {
         status.accepted = false;
     }

@@ -23,6 +23,7 @@
 //! - **TLS**: `spec.tls` Secrets bind certificates to hosts (the first Ingress wins a host);
 //!   hosts with a certificate redirect plain HTTP to HTTPS unless `ssl-redirect: "false"`.
 
+mod annotation_table;
 mod annotations;
 mod class;
 mod index;
@@ -42,6 +43,7 @@ use tidegate_snapshot::{
     VirtualHost,
 };
 
+pub use annotation_table::annotation_table;
 pub(crate) use tidegate_snapshot::Phase;
 
 use crate::luaroute::{self, LuaRoute};

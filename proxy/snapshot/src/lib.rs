@@ -236,6 +236,11 @@ pub struct Policies {
     /// Client address rules: the first check of the access phase, as nginx's `allow`/`deny`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<IpRules>,
+    /// The largest request body the route accepts, in bytes (`proxy-body-size`); unlimited
+    /// when absent. A request declaring more gets 413 before anything else runs, as nginx's
+    /// `client_max_body_size`; one that sends more without declaring it is cut there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<u64>,
     /// HTTP Basic authentication against a list of users (`auth-type: basic`), after the IP
     /// rules, as nginx's `auth_basic`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -639,6 +644,7 @@ mod tests {
                                     allow: vec!["10.0.0.0/8".parse().expect("cidr")],
                                     deny: vec!["2001:db8::/32".parse().expect("cidr")],
                                 }),
+                                max_body_bytes: Some(1 << 20),
                                 basic_auth: Some(BasicAuth {
                                     realm: "shop".into(),
                                     users: vec![Credential {

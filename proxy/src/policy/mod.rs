@@ -6,9 +6,12 @@
 //! fixed order, before the route's Lua handlers of that phase (as nginx's access phase runs
 //! `allow`/`deny` and `auth_*` before `access_by_lua`):
 //!
-//! | phase  | built-in filters, in order                                   | then         |
-//! |--------|--------------------------------------------------------------|--------------|
-//! | access | IP rules (`*-source-range`): 403; Basic auth (`auth-type`): 401 | Lua `access` |
+//! | phase   | built-in filters, in order                                      | then          |
+//! |---------|-----------------------------------------------------------------|---------------|
+//! | rewrite | body limit (`proxy-body-size`): 413                             | Lua `rewrite` |
+//! | access  | IP rules (`*-source-range`): 403; Basic auth (`auth-type`): 401 | Lua `access`  |
+//!
+//! The body limit also caps the body as it streams to the upstream ([`Filters::max_body`]).
 //!
 //! A filter either lets the request go on or answers it; an answer ends the request's way to
 //! the content or upstream step, but the header_filter, body_filter and log steps still run on
@@ -16,6 +19,7 @@
 //! has no filters, and the pipeline skips them with one length check.
 
 mod basic_auth;
+mod body_size;
 mod ip;
 mod password;
 
@@ -44,6 +48,7 @@ impl<'a> Facts<'a> {
 /// One compiled policy.
 #[derive(Debug)]
 enum Filter {
+    BodySize(body_size::BodySize),
     Ip(ip::IpFilter),
     BasicAuth(basic_auth::BasicAuthFilter),
 }
@@ -57,6 +62,7 @@ enum Verdict {
 impl Filter {
     async fn check(&self, facts: &Facts<'_>) -> Verdict {
         match self {
+            Filter::BodySize(limit) => limit.check(facts.headers),
             Filter::Ip(rules) => rules.check(facts.client),
             Filter::BasicAuth(auth) => auth.check(facts.headers).await,
         }
@@ -66,12 +72,16 @@ impl Filter {
 /// The filters of one route, by phase, in the order they run.
 #[derive(Debug, Default)]
 pub(crate) struct Filters {
+    rewrite: Vec<Filter>,
     access: Vec<Filter>,
+    max_body: Option<u64>,
 }
 
 impl Filters {
     /// Compiles a route's policies.
     pub(crate) fn compile(policies: &Policies) -> Filters {
+        let rewrite: Vec<Filter> =
+            policies.max_body_bytes.map(|limit| Filter::BodySize(body_size::BodySize { limit })).into_iter().collect();
         let mut access = Vec::new();
         if let Some(rules) = &policies.ip {
             access.push(Filter::Ip(ip::IpFilter::new(rules)));
@@ -79,7 +89,12 @@ impl Filters {
         if let Some(auth) = &policies.basic_auth {
             access.push(Filter::BasicAuth(basic_auth::BasicAuthFilter::new(auth)));
         }
-        Filters { access }
+        Filters { rewrite, access, max_body: policies.max_body_bytes }
+    }
+
+    /// The most body bytes a request may send, when the route limits it.
+    pub(crate) fn max_body(&self) -> Option<u64> {
+        self.max_body
     }
 
     /// Whether `phase` has built-in filters.
@@ -89,6 +104,7 @@ impl Filters {
 
     fn of(&self, phase: Phase) -> &[Filter] {
         match phase {
+            Phase::Rewrite => &self.rewrite,
             Phase::Access => &self.access,
             _ => &[],
         }

@@ -32,7 +32,7 @@ use tidegate_lua::{FailureKind, LuaRequest, Outcome as LuaOutcome, Phase, Reques
 use tidegate_snapshot::Phase as Step;
 
 use super::context::Outcome;
-use super::upstream::{forward, prepare_upstream};
+use super::upstream::{forward, prepare_upstream, upstream_body};
 use crate::body::{BoxError, ClientBody, LocalBody, full};
 use crate::connection::Connection;
 use crate::http1::CloseConnection;
@@ -125,7 +125,7 @@ pub(super) async fn serve(
                 LocalBody::new(Full::new(bytes))
             }
             None => match unread.borrow_mut().take() {
-                Some(incoming) => LocalBody::new(incoming),
+                Some(incoming) => upstream_body(target, &parts.headers, incoming),
                 None => full(Bytes::new()),
             },
         };

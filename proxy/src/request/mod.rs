@@ -6,7 +6,7 @@
 //!            │                    │           │         │
 //!            │                    │           │         └─ backend: endpoint, pool, our HTTP/1 client
 //!            │                    │           └─ Lua content handlers answer instead of a backend
-//!            │                    └─ built-in filters (IP rules), then Lua access
+//!            │                    └─ built-in filters (IP rules, Basic auth), then Lua access
 //!            └─ host, path, method, headers; 404, 308 to https, a refused route's 500/503
 //! ```
 //!
@@ -15,10 +15,12 @@
 //!   backend). It ends the request with 404 when nothing matches, a 308 to HTTPS for plain HTTP
 //!   to a TLS host, and the refusal's status for a route the controller closed. Nothing of the
 //!   route runs before it.
-//! - **rewrite** (Lua `rewrite`) may change the method, URI, headers and body that go upstream,
-//!   and may answer (`ngx.exit`, `ngx.redirect`).
-//! - **access** runs the route's built-in filters ([`crate::policy`]: IP rules first) and then
-//!   Lua `access`. Any of them may answer; an answer skips content and upstream.
+//! - **rewrite** runs the route's built-in rewrite filters (the body limit: 413) and then Lua
+//!   `rewrite`, which may change the method, URI, headers and body that go upstream, and may
+//!   answer (`ngx.exit`, `ngx.redirect`).
+//! - **access** runs the route's built-in access filters ([`crate::policy`]: IP rules, then
+//!   Basic auth) and then Lua `access`. Any of them may answer; an answer skips content and
+//!   upstream.
 //! - **content | upstream**: Lua `content` handlers produce the response, or the request goes to
 //!   the route's backend ([`upstream`]). Failures become statuses here (502 refused or broken,
 //!   503 no ready endpoint, 504 timeout), never a dropped connection.
@@ -84,7 +86,7 @@ pub(crate) async fn handle(
                 Some(chain) => {
                     Box::pin(lua::serve(&worker, &runtime, &conn, target, chain, &host, request, &mut outcome)).await
                 }
-                None => match access(target, &conn, &request).await {
+                None => match filters(target, &conn, &request).await {
                     Some(answer) => answer,
                     None => Box::pin(upstream::proxy(&worker, &runtime, &conn, target, request, &mut outcome)).await,
                 },
@@ -175,13 +177,17 @@ fn route<'a>(
     Routed::Target(target)
 }
 
-/// The access step of a route without Lua: its built-in filters, skipped with one check when it
-/// has none.
-async fn access(target: &Target, conn: &Connection, request: &Request<ClientBody>) -> Option<Response<LocalBody>> {
-    if !target.filters.has(Phase::Access) {
-        return None;
+/// The rewrite and access steps of a route without Lua: its built-in filters, skipped with one
+/// check when it has none.
+async fn filters(target: &Target, conn: &Connection, request: &Request<ClientBody>) -> Option<Response<LocalBody>> {
+    for phase in [Phase::Rewrite, Phase::Access] {
+        if target.filters.has(phase)
+            && let Some(answer) = target.filters.run(phase, &Facts::of(conn, request.headers())).await
+        {
+            return Some(answer);
+        }
     }
-    target.filters.run(Phase::Access, &Facts::of(conn, request.headers())).await
+    None
 }
 
 /// The host a request is for, without port: the URI authority (HTTP/2, absolute-form) or the

@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Body;
 
 use super::context::Outcome;
-use crate::body::{ClientBody, IdleTimeout, LocalBody};
+use crate::body::{Capped, ClientBody, IdleTimeout, LocalBody};
 use crate::connection::Connection;
 use crate::headers::strip_hop_by_hop;
 use crate::http1::{Detached, OnUpgrade};
@@ -32,9 +33,21 @@ pub(super) async fn proxy(
     let client_upgrade = crate::http1::on_upgrade(&mut request);
     let upgrade = client_upgrade.is_some();
     let (mut parts, body) = request.into_parts();
+    let body = upstream_body(target, &parts.headers, body);
     prepare_upstream(&mut parts, upgrade);
-    let upstream_request = Request::from_parts(parts, LocalBody::new(body));
+    let upstream_request = Request::from_parts(parts, body);
     forward(worker, runtime, conn, target, upstream_request, client_upgrade, outcome).await
+}
+
+/// The client's body as it goes upstream: capped at the route's limit when its length was not
+/// declared (a declared one was checked in the rewrite step, and the framing holds it to it).
+pub(super) fn upstream_body(target: &Target, headers: &http::HeaderMap, body: ClientBody) -> LocalBody {
+    match target.filters.max_body() {
+        Some(limit) if !body.is_end_stream() && !headers.contains_key(header::CONTENT_LENGTH) => {
+            LocalBody::new(Capped::new(body, limit))
+        }
+        _ => LocalBody::new(body),
+    }
 }
 
 /// Turns client request parts into what an upstream gets: origin-form URI over HTTP/1.1, a

@@ -91,6 +91,7 @@ impl UpstreamError {
             UpstreamError::ConnectTimeout(_) | UpstreamError::ReadTimeout(_) | UpstreamError::SendTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
+            UpstreamError::ClientBody(_, e) if e.is::<crate::body::TooLarge>() => StatusCode::PAYLOAD_TOO_LARGE,
             UpstreamError::ClientBody(..) => StatusCode::BAD_REQUEST,
         }
     }
