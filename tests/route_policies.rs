@@ -369,3 +369,83 @@ async fn body_size_limits_requests() {
     let (status, json) = raw_exchange(tidegate.http, &post("unlimited.test", big), &vec![b'x'; big]).await;
     assert_eq!((status, json.expect("echo")["body_length"].as_u64()), (200, Some(big as u64)), "0: no limit");
 }
+
+async fn send(tidegate: &Tidegate, method: &str, host: &str, headers: &[(&str, &str)]) -> support::Answer {
+    let mut request = http::Request::builder().method(method).uri("/").header("host", host);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(support::Body::default()).expect("request");
+    let mut h1 = support::H1::connect(tidegate.http).await.expect("connect");
+    h1.send(request).await.expect("answered")
+}
+
+/// CORS as a browser meets it: a preflight (`OPTIONS` with `Origin` and the
+/// `Access-Control-Request-*` headers, no credentials) is answered 204 by the proxy even on a
+/// route behind Basic auth; the actual request's response carries the headers, its 401 too; with
+/// an origin list, an allowed origin (a wildcard one included) is sent back, and another origin
+/// gets no CORS header while its `OPTIONS` goes to the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_preflights_and_headers() {
+    let users = opaque_secret("users", &[("auth", "ann:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=\n")]);
+    let open = [
+        ("nginx.ingress.kubernetes.io/enable-cors", "true"),
+        ("nginx.ingress.kubernetes.io/auth-type", "basic"),
+        ("nginx.ingress.kubernetes.io/auth-secret", "users"),
+    ];
+    let listed = [
+        ("nginx.ingress.kubernetes.io/enable-cors", "true"),
+        ("nginx.ingress.kubernetes.io/cors-allow-origin", "https://app.example.com, https://*.example.org"),
+        ("nginx.ingress.kubernetes.io/cors-allow-methods", "GET, POST"),
+        ("nginx.ingress.kubernetes.io/cors-allow-credentials", "false"),
+        ("nginx.ingress.kubernetes.io/cors-expose-headers", "X-Total"),
+        ("nginx.ingress.kubernetes.io/cors-max-age", "600"),
+    ];
+    let manifests = [users, ingress("open", "open.test", &open), ingress("listed", "listed.test", &listed)].concat();
+    let (tidegate, _dir) = start(&manifests).await;
+    let preflight = [
+        ("origin", "https://app.example.com"),
+        ("access-control-request-method", "POST"),
+        ("access-control-request-headers", "content-type"),
+    ];
+
+    let answer = send(&tidegate, "OPTIONS", "open.test", &preflight).await;
+    assert_eq!(answer.status, StatusCode::NO_CONTENT, "answered by the proxy, before auth");
+    let h = &answer.headers;
+    assert_eq!(h["access-control-allow-origin"], "*");
+    assert_eq!(h["access-control-allow-methods"], "GET, PUT, POST, DELETE, PATCH, OPTIONS");
+    assert_eq!(h["access-control-allow-credentials"], "true");
+    assert_eq!(h["access-control-max-age"], "1728000");
+    assert!(h["access-control-allow-headers"].to_str().expect("text").contains("Content-Type"));
+    assert_eq!(h["content-length"], "0");
+    let refused = send(&tidegate, "GET", "open.test", &[("origin", "https://app.example.com")]).await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(refused.headers["access-control-allow-origin"], "*", "an error response carries them too");
+    let allowed =
+        send(&tidegate, "GET", "open.test", &[("origin", "https://x.test"), ("authorization", &basic("ann:secret"))])
+            .await;
+    assert_eq!(allowed.status, StatusCode::OK);
+    assert_eq!(allowed.headers["access-control-allow-origin"], "*");
+
+    for origin in ["https://app.example.com", "https://shop.example.org"] {
+        let answer =
+            send(&tidegate, "OPTIONS", "listed.test", &[("origin", origin), ("access-control-request-method", "POST")])
+                .await;
+        assert_eq!(answer.status, StatusCode::NO_CONTENT, "{origin}");
+        assert_eq!(answer.headers["access-control-allow-origin"], origin, "the request's own origin");
+        assert_eq!(answer.headers["access-control-allow-methods"], "GET, POST");
+        assert_eq!(answer.headers["access-control-max-age"], "600");
+        assert!(!answer.headers.contains_key("access-control-allow-credentials"));
+        let get = send(&tidegate, "GET", "listed.test", &[("origin", origin)]).await;
+        assert_eq!(get.headers["access-control-allow-origin"], origin);
+        assert_eq!(get.headers["access-control-expose-headers"], "X-Total");
+    }
+    for origin in ["https://evil.test", "https://a.b.example.org", "http://app.example.com"] {
+        let answer =
+            send(&tidegate, "OPTIONS", "listed.test", &[("origin", origin), ("access-control-request-method", "POST")])
+                .await;
+        assert_eq!(answer.status, StatusCode::OK, "{origin}: not a preflight of ours, the backend answers");
+        assert_eq!(answer.json()["method"], "OPTIONS");
+        assert!(!answer.headers.contains_key("access-control-allow-origin"), "{origin}");
+    }
+}

@@ -37,6 +37,8 @@ pub(super) struct Settings {
     /// `proxy-body-size`, in bytes: 1 MiB (ingress-nginx's default) unless set; `0` (`None`)
     /// for no limit.
     pub(super) max_body_bytes: Option<u64>,
+    /// `enable-cors` and the `cors-*` keys.
+    pub(super) cors: CorsKeys,
     /// `auth-type`, `auth-secret`, `auth-secret-type` and `auth-realm`: resolved against the
     /// Secret by [`super::ingress`].
     pub(super) basic_auth: BasicAuthKeys,
@@ -66,6 +68,7 @@ impl Default for Settings {
             ip: IpRules::default(),
             max_body_bytes: Some(DEFAULT_MAX_BODY),
             basic_auth: BasicAuthKeys::default(),
+            cors: CorsKeys::default(),
             written: BTreeMap::new(),
             unhonoured: Vec::new(),
         }
@@ -74,6 +77,29 @@ impl Default for Settings {
 
 /// ingress-nginx's `proxy-body-size` when an Ingress does not set it: 1m.
 pub(crate) const DEFAULT_MAX_BODY: u64 = 1 << 20;
+
+/// The CORS keys, with ingress-nginx's defaults; `enable-cors: "true"` turns them on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct CorsKeys {
+    pub(super) enabled: bool,
+    pub(super) cors: tidegate_snapshot::Cors,
+}
+
+impl Default for CorsKeys {
+    fn default() -> Self {
+        CorsKeys {
+            enabled: false,
+            cors: tidegate_snapshot::Cors {
+                allow_origins: Vec::new(),
+                allow_methods: "GET, PUT, POST, DELETE, PATCH, OPTIONS".into(),
+                allow_headers: "DNT,X-CustomHeader,Keep-Alive,User-Agent,X-Requested-With,If-Modified-Since,Cache-Control,Content-Type,Authorization".into(),
+                expose_headers: String::new(),
+                allow_credentials: true,
+                max_age: 1_728_000,
+            },
+        }
+    }
+}
 
 /// The basic-auth keys as written; `auth-type: basic` turns them on.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -171,6 +197,28 @@ pub(crate) const KEYS: &[Key] = &[
         "on" | "off" => Ok(()),
         other => Err(format!("{other:?} is not on or off")),
     }),
+    parsed("enable-cors", "false", |v, s| boolean(v).map(|b| s.cors.enabled = b)),
+    parsed("cors-allow-origin", "*", |v, s| origins(v).map(|list| s.cors.cors.allow_origins = list)),
+    parsed("cors-allow-methods", "GET, PUT, POST, DELETE, PATCH, OPTIONS", |v, s| {
+        token_list(v, |c| c.is_ascii_alphabetic()).map(|list| s.cors.cors.allow_methods = list)
+    }),
+    parsed(
+        "cors-allow-headers",
+        "DNT,X-CustomHeader,Keep-Alive,User-Agent,X-Requested-With,If-Modified-Since,Cache-Control,Content-Type,Authorization",
+        |v, s| {
+            token_list(v, |c| c.is_ascii_alphanumeric() || c == '_' || c == '-').map(|l| s.cors.cors.allow_headers = l)
+        },
+    ),
+    parsed("cors-expose-headers", "", |v, s| {
+        token_list(v, |c| c.is_ascii_alphanumeric() || "_-*".contains(c)).map(|l| s.cors.cors.expose_headers = l)
+    }),
+    parsed("cors-allow-credentials", "true", |v, s| boolean(v).map(|b| s.cors.cors.allow_credentials = b)),
+    parsed("cors-max-age", "1728000", |v, s| {
+        v.trim()
+            .parse::<u64>()
+            .map(|n| s.cors.cors.max_age = n)
+            .map_err(|_| format!("{v:?} is not a number of seconds"))
+    }),
     guards("whitelist-source-range", "", |v, s| allow(v, "allowlist-source-range", &mut s.ip.allow)),
     guards("allowlist-source-range", "", |v, s| allow(v, "whitelist-source-range", &mut s.ip.allow)),
     guards("denylist-source-range", "", |v, s| cidrs(v).map(|list| s.ip.deny = list)),
@@ -239,6 +287,39 @@ fn allow(value: &str, other: &str, allow: &mut Vec<Cidr>) -> Result<(), String> 
     }
     *allow = list;
     Ok(())
+}
+
+/// A comma-separated list whose items are made of `allowed` characters; kept as written.
+fn token_list(value: &str, allowed: fn(char) -> bool) -> Result<String, String> {
+    let items: Vec<&str> = value.split(',').map(str::trim).filter(|i| !i.is_empty()).collect();
+    match items.iter().find(|i| !i.chars().all(allowed)) {
+        Some(bad) => Err(format!("{bad:?} is not allowed in this list")),
+        None if items.is_empty() => Err("lists nothing".into()),
+        None => Ok(items.join(", ")),
+    }
+}
+
+/// CORS origins: `*`, or `http(s)://host[:port]` with an optional single-label `*.` wildcard.
+fn origins(value: &str) -> Result<Vec<String>, String> {
+    let mut list = Vec::new();
+    for origin in value.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+        if origin == "*" {
+            return Ok(Vec::new());
+        }
+        let rest = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"));
+        let host = rest.map(|r| r.strip_prefix("*.").unwrap_or(r));
+        let host = host.map(|h| h.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map_or(h, |(h, _)| h));
+        match host {
+            Some(h) if !h.is_empty() && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-') => {
+                list.push(origin.to_owned());
+            }
+            _ => return Err(format!("{origin:?} is not * or http(s)://host[:port]")),
+        }
+    }
+    if list.is_empty() {
+        return Err("lists no origin".into());
+    }
+    Ok(list)
 }
 
 fn boolean(value: &str) -> Result<bool, String> {
@@ -453,5 +534,28 @@ mod tests {
         assert!(status.problems.is_empty());
         let (_, status) = read_one("nginx.ingress.kubernetes.io/proxy-request-buffering", "sometimes");
         assert_eq!(status.problems[0].reason, Reason::Invalid);
+    }
+
+    /// CORS: ingress-nginx's defaults, origin lists with wildcards, and values that do not read
+    /// keeping the default.
+    #[test]
+    fn cors_keys() {
+        assert!(!Settings::default().cors.enabled);
+        let (s, status) = read_one("nginx.ingress.kubernetes.io/enable-cors", "true");
+        assert!(s.cors.enabled && status.problems.is_empty());
+        assert!(s.cors.cors.allow_origins.is_empty(), "* by default");
+        let (s, _) = read_one(
+            "nginx.ingress.kubernetes.io/cors-allow-origin",
+            "https://origin-site.com:4443, http://*.origin-site.com,https://example.org",
+        );
+        assert_eq!(s.cors.cors.allow_origins.len(), 3);
+        let (s, status) = read_one("nginx.ingress.kubernetes.io/cors-allow-origin", "origin-site.com");
+        assert!(s.cors.cors.allow_origins.is_empty() && status.problems[0].reason == Reason::Invalid);
+        let (s, _) = read_one("nginx.ingress.kubernetes.io/cors-allow-methods", "PUT,GET");
+        assert_eq!(s.cors.cors.allow_methods, "PUT, GET");
+        let (s, status) = read_one("nginx.ingress.kubernetes.io/cors-allow-headers", "X-Ok, Bad Header");
+        assert!(s.cors.cors.allow_headers.starts_with("DNT") && !status.problems.is_empty());
+        let (s, _) = read_one("nginx.ingress.kubernetes.io/cors-max-age", "600");
+        assert_eq!(s.cors.cors.max_age, 600);
     }
 }

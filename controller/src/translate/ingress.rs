@@ -56,6 +56,7 @@ pub(super) fn translate(
     let policies = Policies {
         ip: (!ip.allow.is_empty() || !ip.deny.is_empty()).then(|| ip.clone()),
         max_body_bytes: settings.max_body_bytes,
+        cors: settings.cors.enabled.then(|| settings.cors.cors.clone()),
         basic_auth,
     };
     if refusal.is_some() {

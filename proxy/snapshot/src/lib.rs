@@ -241,10 +241,37 @@ pub struct Policies {
     /// `client_max_body_size`; one that sends more without declaring it is cut there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_body_bytes: Option<u64>,
+    /// Cross-origin resource sharing (`enable-cors`): preflights answered by the proxy, and the
+    /// `Access-Control-*` headers on responses to allowed origins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cors: Option<Cors>,
     /// HTTP Basic authentication against a list of users (`auth-type: basic`), after the IP
     /// rules, as nginx's `auth_basic`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub basic_auth: Option<BasicAuth>,
+}
+
+/// CORS as ingress-nginx configures it. A request from an allowed origin gets the
+/// `Access-Control-*` headers on its response; an `OPTIONS` request from one (a preflight) is
+/// answered 204 by the proxy, before authentication (browsers send no credentials with it).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Cors {
+    /// Allowed origins (`https://a.example`, `https://a.example:8443`, `https://*.example`);
+    /// empty: any origin, answered `Access-Control-Allow-Origin: *`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_origins: Vec<String>,
+    /// `Access-Control-Allow-Methods`, as written.
+    pub allow_methods: String,
+    /// `Access-Control-Allow-Headers`, as written.
+    pub allow_headers: String,
+    /// `Access-Control-Expose-Headers`, as written; not sent when empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub expose_headers: String,
+    /// `Access-Control-Allow-Credentials: true` is sent.
+    pub allow_credentials: bool,
+    /// `Access-Control-Max-Age`, in seconds.
+    pub max_age: u64,
 }
 
 /// Users who may reach a route with HTTP Basic authentication; others get 401 with
@@ -645,6 +672,14 @@ mod tests {
                                     deny: vec!["2001:db8::/32".parse().expect("cidr")],
                                 }),
                                 max_body_bytes: Some(1 << 20),
+                                cors: Some(Cors {
+                                    allow_origins: vec!["https://*.example.com".into()],
+                                    allow_methods: "GET, POST".into(),
+                                    allow_headers: "Authorization".into(),
+                                    expose_headers: String::new(),
+                                    allow_credentials: true,
+                                    max_age: 600,
+                                }),
                                 basic_auth: Some(BasicAuth {
                                     realm: "shop".into(),
                                     users: vec![Credential {

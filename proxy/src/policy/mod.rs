@@ -8,10 +8,12 @@
 //!
 //! | phase   | built-in filters, in order                                      | then          |
 //! |---------|-----------------------------------------------------------------|---------------|
-//! | rewrite | body limit (`proxy-body-size`): 413                             | Lua `rewrite` |
+//! | rewrite | body limit (`proxy-body-size`): 413; CORS (`enable-cors`): 204 | Lua `rewrite` |
 //! | access  | IP rules (`*-source-range`): 403; Basic auth (`auth-type`): 401 | Lua `access`  |
 //!
-//! The body limit also caps the body as it streams to the upstream ([`Filters::max_body`]).
+//! The body limit also caps the body as it streams to the upstream ([`Filters::max_body`]). A
+//! filter that lets a request go on may name headers its response must carry (CORS): the
+//! pipeline adds them to whatever response leaves, as nginx's `more_set_headers` does.
 //!
 //! A filter either lets the request go on or answers it; an answer ends the request's way to
 //! the content or upstream step, but the header_filter, body_filter and log steps still run on
@@ -20,12 +22,14 @@
 
 mod basic_auth;
 mod body_size;
+mod cors;
 mod ip;
 mod password;
 
 use std::net::IpAddr;
 
-use http::{HeaderMap, Response};
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Response};
 use tidegate_snapshot::{Phase, Policies};
 
 use crate::body::LocalBody;
@@ -36,19 +40,24 @@ use crate::connection::Connection;
 pub(crate) struct Facts<'a> {
     /// The client's address: the connection's peer.
     pub(crate) client: IpAddr,
+    pub(crate) method: &'a Method,
     pub(crate) headers: &'a HeaderMap,
 }
 
 impl<'a> Facts<'a> {
-    pub(crate) fn of(conn: &Connection, headers: &'a HeaderMap) -> Facts<'a> {
-        Facts { client: conn.remote.ip(), headers }
+    pub(crate) fn of(conn: &Connection, method: &'a Method, headers: &'a HeaderMap) -> Facts<'a> {
+        Facts { client: conn.remote.ip(), method, headers }
     }
 }
+
+/// Headers the filters decided the response must carry.
+pub(crate) type ResponseHeaders = Vec<(HeaderName, HeaderValue)>;
 
 /// One compiled policy.
 #[derive(Debug)]
 enum Filter {
     BodySize(body_size::BodySize),
+    Cors(cors::CorsFilter),
     Ip(ip::IpFilter),
     BasicAuth(basic_auth::BasicAuthFilter),
 }
@@ -60,9 +69,10 @@ enum Verdict {
 }
 
 impl Filter {
-    async fn check(&self, facts: &Facts<'_>) -> Verdict {
+    async fn check(&self, facts: &Facts<'_>, add: &mut ResponseHeaders) -> Verdict {
         match self {
             Filter::BodySize(limit) => limit.check(facts.headers),
+            Filter::Cors(cors) => cors.check(facts.method, facts.headers, add),
             Filter::Ip(rules) => rules.check(facts.client),
             Filter::BasicAuth(auth) => auth.check(facts.headers).await,
         }
@@ -80,8 +90,13 @@ pub(crate) struct Filters {
 impl Filters {
     /// Compiles a route's policies.
     pub(crate) fn compile(policies: &Policies) -> Filters {
-        let rewrite: Vec<Filter> =
-            policies.max_body_bytes.map(|limit| Filter::BodySize(body_size::BodySize { limit })).into_iter().collect();
+        let mut rewrite = Vec::new();
+        if let Some(limit) = policies.max_body_bytes {
+            rewrite.push(Filter::BodySize(body_size::BodySize { limit }));
+        }
+        if let Some(cors) = &policies.cors {
+            rewrite.push(Filter::Cors(cors::CorsFilter::new(cors)));
+        }
         let mut access = Vec::new();
         if let Some(rules) = &policies.ip {
             access.push(Filter::Ip(ip::IpFilter::new(rules)));
@@ -111,10 +126,15 @@ impl Filters {
     }
 
     /// Runs the built-in filters of `phase` in order; a response ends the request's way to its
-    /// content or upstream.
-    pub(crate) async fn run(&self, phase: Phase, facts: &Facts<'_>) -> Option<Response<LocalBody>> {
+    /// content or upstream. Headers the response must carry are added to `add`.
+    pub(crate) async fn run(
+        &self,
+        phase: Phase,
+        facts: &Facts<'_>,
+        add: &mut ResponseHeaders,
+    ) -> Option<Response<LocalBody>> {
         for filter in self.of(phase) {
-            if let Verdict::Answer(response) = filter.check(facts).await {
+            if let Verdict::Answer(response) = filter.check(facts, add).await {
                 return Some(response);
             }
         }

@@ -90,7 +90,9 @@ pub(super) async fn serve(
         if target.filters.has(step) {
             // The head as the Lua before left it; a copy, as filters may wait.
             let headers = lua.state.headers.borrow().clone();
-            if let Some(answer) = target.filters.run(step, &Facts::of(conn, &headers)).await {
+            let method = lua.state.method.borrow().clone();
+            let facts = Facts::of(conn, &method, &headers);
+            if let Some(answer) = target.filters.run(step, &facts, &mut outcome.response_headers).await {
                 return filtered(worker, target, chain, &lua, answer, outcome).await;
             }
         }

@@ -86,7 +86,7 @@ pub(crate) async fn handle(
                 Some(chain) => {
                     Box::pin(lua::serve(&worker, &runtime, &conn, target, chain, &host, request, &mut outcome)).await
                 }
-                None => match filters(target, &conn, &request).await {
+                None => match filters(target, &conn, &request, &mut outcome).await {
                     Some(answer) => answer,
                     None => Box::pin(upstream::proxy(&worker, &runtime, &conn, target, request, &mut outcome)).await,
                 },
@@ -95,6 +95,9 @@ pub(crate) async fn handle(
             response
         }
     };
+    for (name, value) in outcome.response_headers.drain(..) {
+        response.headers_mut().insert(name, value);
+    }
     finish_headers(&worker.shared, conn.tls, version, &mut response);
     let status = response.status();
 
@@ -179,11 +182,18 @@ fn route<'a>(
 
 /// The rewrite and access steps of a route without Lua: its built-in filters, skipped with one
 /// check when it has none.
-async fn filters(target: &Target, conn: &Connection, request: &Request<ClientBody>) -> Option<Response<LocalBody>> {
+async fn filters(
+    target: &Target,
+    conn: &Connection,
+    request: &Request<ClientBody>,
+    outcome: &mut Outcome,
+) -> Option<Response<LocalBody>> {
     for phase in [Phase::Rewrite, Phase::Access] {
-        if target.filters.has(phase)
-            && let Some(answer) = target.filters.run(phase, &Facts::of(conn, request.headers())).await
-        {
+        if !target.filters.has(phase) {
+            continue;
+        }
+        let facts = Facts::of(conn, request.method(), request.headers());
+        if let Some(answer) = target.filters.run(phase, &facts, &mut outcome.response_headers).await {
             return Some(answer);
         }
     }
