@@ -11,6 +11,8 @@
 #   ip-allow    allowlist with the client    (nginx: allow 127.0.0.0/8; deny all;)
 #   basic-auth  Basic auth, an htpasswd -m (apr1) user, right password on every request
 #               (nginx: auth_basic with auth_basic_user_file)
+#   limit-req   a per-client request rate high enough to refuse nothing: the cost of counting
+#               (nginx: limit_req_zone $binary_remote_addr ... limit_req ... nodelay)
 #
 # Usage: BEFORE=path/to/earlier/tidegate bench/policies.sh [seconds-per-run] [rounds]
 # (BEFORE is optional: without it the "plain, before" row is left out; loopback only; every run
@@ -72,9 +74,11 @@ http {
   access_log off;
   keepalive_requests 1000000;
   upstream backend { server $UPSTREAM; keepalive 64; keepalive_requests 1000000; }
+  limit_req_zone \$binary_remote_addr zone=bench:10m rate=1000000r/s;
   server { listen $NGINX reuseport; server_name plain.bench; location / { $PASS } }
   server { listen $NGINX; server_name ip-allow.bench; location / { allow 127.0.0.0/8; deny all; $PASS } }
   server { listen $NGINX; server_name basic-auth.bench; location / { auth_basic "bench"; auth_basic_user_file $WORK/htpasswd; $PASS } }
+  server { listen $NGINX; server_name limit-req.bench; location / { limit_req zone=bench burst=5000000 nodelay; $PASS } }
 }
 NGX
 
@@ -110,6 +114,7 @@ endpoints: [{addresses: ["127.0.0.1"]}]
 $(ingress plain)
 $(ingress ip-allow 'nginx.ingress.kubernetes.io/whitelist-source-range: "127.0.0.0/8"')
 $(ingress basic-auth 'nginx.ingress.kubernetes.io/auth-type: basic, nginx.ingress.kubernetes.io/auth-secret: users')
+$(ingress limit-req 'nginx.ingress.kubernetes.io/limit-rps: "1000000"')
 ---
 apiVersion: v1
 kind: Secret
@@ -154,7 +159,7 @@ header() { # host -> the extra request header its scenario sends
   case $1 in basic-auth.bench) echo "$AUTHORIZATION" ;; *) echo "X-Bench: 1" ;; esac
 }
 for target in $TIDEGATE $NGINX; do
-  for scenario in plain ip-allow basic-auth; do check "$target" "$scenario.bench" 200; done
+  for scenario in plain ip-allow basic-auth limit-req; do check "$target" "$scenario.bench" 200; done
   [ "$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: basic-auth.bench' "http://$target/")" = 401 ] \
     || { echo "basic-auth.bench on $target does not ask for credentials" >&2; exit 1; }
 done
@@ -166,7 +171,7 @@ run() { # address host proxy-pids -> "requests rps p50 p99 wrk_us upstream_us us
 
 echo "round,scenario,target,rps,p99_ms,requests,user_us,kernel_us" > "$WORK/rows.csv"
 for round in $(seq "$ROUNDS"); do
-  for scenario in plain ip-allow basic-auth; do
+  for scenario in plain ip-allow basic-auth limit-req; do
     targets="tidegate nginx"
     [ "$scenario" = plain ] && [ -n "$BEFORE_PID" ] && targets="before tidegate nginx"
     for target in $targets; do
@@ -192,7 +197,7 @@ print(f"Route policies, `bench/policies.sh {sys.argv[2]} {sys.argv[3]}`: keep-al
 print("each proxy 2 workers; medians of the rounds. CPU is the proxy's (user + kernel) per request.\n")
 print("| scenario | proxy | req/s | p99 ms | proxy CPU µs/request | CPU vs nginx | CPU vs tidegate before |")
 print("|---|---|---|---|---|---|---|")
-for scenario in ["plain", "ip-allow", "basic-auth"]:
+for scenario in ["plain", "ip-allow", "basic-auth", "limit-req"]:
     base = med(scenario, "nginx", cpu)
     before = med(scenario, "before", cpu)
     for target in ["before", "tidegate", "nginx"]:

@@ -61,8 +61,9 @@ async fn restrictive_annotations_not_honoured_answer_503() {
         ("nginx.ingress.kubernetes.io/auth-url", "http://127.0.0.1:1/auth"),
         ("nginx.ingress.kubernetes.io/auth-tls-verify-client", "on"),
         ("nginx.ingress.kubernetes.io/satisfy", "any"),
-        ("nginx.ingress.kubernetes.io/limit-rps", "1"),
-        ("nginx.ingress.kubernetes.io/limit-connections", "1"),
+        ("nginx.ingress.kubernetes.io/limit-rps", "1.5"),
+        ("nginx.ingress.kubernetes.io/limit-connections", "none"),
+        ("nginx.ingress.kubernetes.io/global-rate-limit", "100"),
         ("nginx.ingress.kubernetes.io/enable-global-auth", "false"),
         ("tidegate.dev/auth-type", "basic"),
         ("tidegate.dev/auth-signin", "https://login.example/"),
@@ -447,5 +448,99 @@ async fn cors_preflights_and_headers() {
         assert_eq!(answer.status, StatusCode::OK, "{origin}: not a preflight of ours, the backend answers");
         assert_eq!(answer.json()["method"], "OPTIONS");
         assert!(!answer.headers.contains_key("access-control-allow-origin"), "{origin}");
+    }
+}
+
+/// Limits per client, shared by the proxy's two workers (each request on a new connection, so
+/// that both take some): `limit-rps 5` with the default burst multiplier (5) admits a burst of
+/// 26 at once and then 5 a second, 503 beyond; `limit-whitelist` exempts the client;
+/// `limit-connections 2` refuses a third request in progress at once and admits again once
+/// one is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_and_concurrency_limits() {
+    let manifests = [
+        ingress("rps", "rps.test", &[("nginx.ingress.kubernetes.io/limit-rps", "5")]),
+        ingress(
+            "exempt",
+            "exempt.test",
+            &[
+                ("nginx.ingress.kubernetes.io/limit-rps", "1"),
+                ("nginx.ingress.kubernetes.io/limit-whitelist", "127.0.0.0/8"),
+            ],
+        ),
+        ingress("conn", "conn.test", &[("nginx.ingress.kubernetes.io/limit-connections", "2")]),
+    ]
+    .concat();
+    let (tidegate, _dir) = start(&manifests).await;
+    let burst = |host: &'static str, count: usize| {
+        let addr = tidegate.http;
+        async move {
+            let mut statuses = Vec::new();
+            for _ in 0..count {
+                statuses.push(get(addr, host, "/").await.expect("answered").status);
+            }
+            statuses
+        }
+    };
+    let started = std::time::Instant::now();
+    let statuses = burst("rps.test", 40).await;
+    let elapsed = started.elapsed();
+    let admitted = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    let refused = statuses.iter().filter(|s| **s == StatusCode::SERVICE_UNAVAILABLE).count();
+    assert_eq!(admitted + refused, 40, "only 200 and 503: {statuses:?}");
+    // 26 at once, and 5 a second more for the time the burst took.
+    let drained = (elapsed.as_secs_f64() * 5.0).floor() as usize;
+    assert!((26..=26 + drained + 1).contains(&admitted), "{admitted} admitted in {elapsed:?}");
+    assert_eq!(statuses[..26].iter().filter(|s| **s == StatusCode::OK).count(), 26, "the burst passes first");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let again = burst("rps.test", 10).await.iter().filter(|s| **s == StatusCode::OK).count();
+    assert!((5..=7).contains(&again), "about 5 a second later: {again}");
+
+    let exempt = burst("exempt.test", 20).await;
+    assert!(exempt.iter().all(|s| *s == StatusCode::OK), "an exempt client is not limited: {exempt:?}");
+
+    let slow = |i: usize| {
+        let addr = tidegate.http;
+        async move {
+            tokio::time::sleep(std::time::Duration::from_millis(50 * i as u64)).await;
+            get(addr, "conn.test", "/?delay_ms=600").await.expect("answered").status
+        }
+    };
+    let (a, b, c) = tokio::join!(slow(0), slow(1), slow(2));
+    assert_eq!(
+        (a, b, c),
+        (StatusCode::OK, StatusCode::OK, StatusCode::SERVICE_UNAVAILABLE),
+        "a third at once is refused"
+    );
+    assert_eq!(get(tidegate.http, "conn.test", "/").await.expect("answered").status, StatusCode::OK, "freed when done");
+}
+
+/// `limit-rate` (KB/s) after `limit-rate-after` (KB): a 200,000-byte response with 50 KB free
+/// and 100 KB/s after takes about 1.45 s, where the same response without a pace takes a
+/// fraction of that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_rate_paces_responses() {
+    let big = "---\napiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {name: big, namespace: t}\nspec:\n  lua:\n    content: ngx.print(string.rep('x', 200000))\n  routes: []\n";
+    let manifests = [
+        big.to_owned(),
+        ingress(
+            "paced",
+            "paced.test",
+            &[
+                ("tidegate.dev/lua-route", "big"),
+                ("nginx.ingress.kubernetes.io/limit-rate", "100"),
+                ("nginx.ingress.kubernetes.io/limit-rate-after", "50"),
+            ],
+        ),
+        ingress("free", "free.test", &[("tidegate.dev/lua-route", "big")]),
+    ]
+    .concat();
+    let (tidegate, _dir) = start(&manifests).await;
+    for (host, range) in [("free.test", 0.0..0.5), ("paced.test", 1.3..3.0)] {
+        let started = std::time::Instant::now();
+        let answer = get(tidegate.http, host, "/").await.expect("answered");
+        let took = started.elapsed().as_secs_f64();
+        assert_eq!((answer.status, answer.body.len()), (StatusCode::OK, 200_000), "{host}");
+        assert!(range.contains(&took), "{host} took {took:.2} s, expected {range:?}");
     }
 }

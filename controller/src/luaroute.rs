@@ -187,6 +187,8 @@ impl RoutePolicies {
         Ok(tidegate_snapshot::Policies {
             ip: any.then_some(ip),
             max_body_bytes: (max_body_bytes > 0).then_some(max_body_bytes),
+            limits: None,
+            response_rate: None,
             cors: None,
             basic_auth: None,
         })

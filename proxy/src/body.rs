@@ -245,3 +245,60 @@ where
         self.inner.size_hint()
     }
 }
+
+/// A response body sent no faster than `rate` bytes a second once `free` bytes have gone
+/// (`limit-rate`, `limit-rate-after`; nginx's `limit_rate`, `limit_rate_after`): each chunk
+/// waits, before it goes, until the bytes sent so far are within the rate since the first one.
+pub(crate) struct Throttled {
+    inner: LocalBody,
+    rate: u64,
+    free: u64,
+    sent: u64,
+    started: Option<tokio::time::Instant>,
+    /// A chunk held back until its time.
+    held: Option<(Frame<Bytes>, Pin<Box<tokio::time::Sleep>>)>,
+}
+
+impl Throttled {
+    pub(crate) fn new(inner: LocalBody, rate: u64, free: u64) -> Self {
+        Throttled { inner, rate: rate.max(1), free, sent: 0, started: None, held: None }
+    }
+}
+
+impl Body for Throttled {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some((_, sleep)) = self.held.as_mut() {
+            std::task::ready!(sleep.as_mut().poll(cx));
+            let (frame, _) = self.held.take().unzip();
+            return Poll::Ready(frame.map(Ok));
+        }
+        let frame = match std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => frame,
+            other => return Poll::Ready(other),
+        };
+        let started = *self.started.get_or_insert_with(tokio::time::Instant::now);
+        self.sent += frame.data_ref().map_or(0, |d| d.len() as u64);
+        let limited = self.sent.saturating_sub(self.free);
+        let due = started + Duration::from_secs_f64(limited as f64 / self.rate as f64);
+        if limited == 0 || due <= tokio::time::Instant::now() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        let mut sleep = Box::pin(tokio::time::sleep_until(due));
+        if sleep.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        self.held = Some((frame, sleep));
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.held.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -37,6 +37,9 @@ pub(super) struct Settings {
     /// `proxy-body-size`, in bytes: 1 MiB (ingress-nginx's default) unless set; `0` (`None`)
     /// for no limit.
     pub(super) max_body_bytes: Option<u64>,
+    /// `limit-rps`, `limit-rpm`, `limit-burst-multiplier`, `limit-connections`, and the clients
+    /// exempt from them.
+    pub(super) limits: LimitKeys,
     /// `enable-cors` and the `cors-*` keys.
     pub(super) cors: CorsKeys,
     /// `auth-type`, `auth-secret`, `auth-secret-type` and `auth-realm`: resolved against the
@@ -69,6 +72,7 @@ impl Default for Settings {
             max_body_bytes: Some(DEFAULT_MAX_BODY),
             basic_auth: BasicAuthKeys::default(),
             cors: CorsKeys::default(),
+            limits: LimitKeys::default(),
             written: BTreeMap::new(),
             unhonoured: Vec::new(),
         }
@@ -77,6 +81,80 @@ impl Default for Settings {
 
 /// ingress-nginx's `proxy-body-size` when an Ingress does not set it: 1m.
 pub(crate) const DEFAULT_MAX_BODY: u64 = 1 << 20;
+
+/// The limit keys as written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct LimitKeys {
+    pub(super) rps: Option<u32>,
+    pub(super) rpm: Option<u32>,
+    /// `limit-burst-multiplier`: the burst is the rate times this (5 by default).
+    pub(super) burst_multiplier: u32,
+    pub(super) connections: Option<u32>,
+    /// `limit-whitelist` / `limit-allowlist`.
+    pub(super) exempt: Vec<Cidr>,
+    /// `limit-rate` and `limit-rate-after`, in kilobytes (per second): 0 for no pace.
+    pub(super) rate_kb: u64,
+    pub(super) rate_after_kb: u64,
+}
+
+impl Default for LimitKeys {
+    fn default() -> Self {
+        LimitKeys {
+            rps: None,
+            rpm: None,
+            burst_multiplier: 5,
+            connections: None,
+            exempt: Vec::new(),
+            rate_kb: 0,
+            rate_after_kb: 0,
+        }
+    }
+}
+
+impl LimitKeys {
+    /// The typed limits; `None` when no limit is set.
+    pub(super) fn typed(&self) -> Option<tidegate_snapshot::Limits> {
+        let rate = |requests: u32, per_seconds| tidegate_snapshot::RateLimit {
+            requests,
+            per_seconds,
+            burst: requests.saturating_mul(self.burst_multiplier),
+        };
+        let rates: Vec<_> =
+            [self.rps.map(|r| rate(r, 1)), self.rpm.map(|r| rate(r, 60))].into_iter().flatten().collect();
+        if rates.is_empty() && self.connections.is_none() {
+            return None;
+        }
+        Some(tidegate_snapshot::Limits {
+            rates,
+            concurrent: self.connections,
+            exempt: self.exempt.clone(),
+            status: 503,
+        })
+    }
+}
+
+impl LimitKeys {
+    /// The response pace, when `limit-rate` is set.
+    pub(super) fn response_rate(&self) -> Option<tidegate_snapshot::ResponseRate> {
+        (self.rate_kb > 0).then(|| tidegate_snapshot::ResponseRate {
+            bytes_per_second: self.rate_kb.saturating_mul(1024),
+            after_bytes: self.rate_after_kb.saturating_mul(1024),
+        })
+    }
+}
+
+/// A whole number of kilobytes (0 allowed).
+fn kilobytes(value: &str) -> Result<u64, String> {
+    value.trim().parse::<u64>().map_err(|_| format!("{value:?} is not a whole number of kilobytes"))
+}
+
+/// A positive whole number.
+fn count(value: &str) -> Result<u32, String> {
+    match value.trim().parse::<u32>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{value:?} is not a whole number above 0")),
+    }
+}
 
 /// The CORS keys, with ingress-nginx's defaults; `enable-cors: "true"` turns them on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -219,6 +297,14 @@ pub(crate) const KEYS: &[Key] = &[
             .map(|n| s.cors.cors.max_age = n)
             .map_err(|_| format!("{v:?} is not a number of seconds"))
     }),
+    guards("limit-rps", "", |v, s| count(v).map(|n| s.limits.rps = Some(n))),
+    guards("limit-rpm", "", |v, s| count(v).map(|n| s.limits.rpm = Some(n))),
+    guards("limit-burst-multiplier", "5", |v, s| count(v).map(|n| s.limits.burst_multiplier = n)),
+    guards("limit-connections", "", |v, s| count(v).map(|n| s.limits.connections = Some(n))),
+    guards("limit-whitelist", "", |v, s| cidrs(v).map(|list| s.limits.exempt = list)),
+    guards("limit-allowlist", "", |v, s| cidrs(v).map(|list| s.limits.exempt = list)),
+    guards("limit-rate", "0", |v, s| kilobytes(v).map(|n| s.limits.rate_kb = n)),
+    guards("limit-rate-after", "0", |v, s| kilobytes(v).map(|n| s.limits.rate_after_kb = n)),
     guards("whitelist-source-range", "", |v, s| allow(v, "allowlist-source-range", &mut s.ip.allow)),
     guards("allowlist-source-range", "", |v, s| allow(v, "whitelist-source-range", &mut s.ip.allow)),
     guards("denylist-source-range", "", |v, s| cidrs(v).map(|list| s.ip.deny = list)),
@@ -464,9 +550,9 @@ mod tests {
             ("auth-tls-secret", "ns/ca"),
             ("satisfy", "any"),
             ("enable-global-auth", "false"),
-            ("limit-rps", "5"),
-            ("limit-connections", "5"),
-            ("limit-rate", "1024"),
+            ("limit-rps", "five"),
+            ("limit-connections", "0"),
+            ("limit-rate", "fast"),
             ("global-rate-limit", "10"),
             ("enable-modsecurity", "true"),
             ("modsecurity-snippet", "SecRuleEngine On"),
@@ -479,7 +565,8 @@ mod tests {
                 let (settings, status) = read_one(&key, value);
                 assert_eq!(settings.unhonoured, vec![key.clone()], "{key} fails closed");
                 let problem = &status.problems[0];
-                let guarded = name.ends_with("-source-range") || ["auth-type", "auth-secret"].contains(&name);
+                let guarded = name.ends_with("-source-range")
+                    || ["auth-type", "auth-secret", "limit-rps", "limit-connections", "limit-rate"].contains(&name);
                 let reason = if guarded { Reason::Invalid } else { Reason::UnsupportedAnnotation };
                 assert_eq!((problem.severity, problem.reason), (crate::status::Severity::Error, reason), "{key}");
                 assert_eq!(problem.field, format!("metadata.annotations[{key:?}]"), "the field names the key");
@@ -557,5 +644,30 @@ mod tests {
         assert!(s.cors.cors.allow_headers.starts_with("DNT") && !status.problems.is_empty());
         let (s, _) = read_one("nginx.ingress.kubernetes.io/cors-max-age", "600");
         assert_eq!(s.cors.cors.max_age, 600);
+    }
+
+    /// Limits: the burst is the rate times the multiplier; exempt networks; nothing when unset.
+    #[test]
+    fn limit_keys() {
+        assert_eq!(Settings::default().limits.typed(), None);
+        let mut status = ObjectStatus::new(ObjectRef::namespaced("Ingress", "ns", "x"));
+        let keys = BTreeMap::from([
+            ("nginx.ingress.kubernetes.io/limit-rps".to_owned(), "5".to_owned()),
+            ("nginx.ingress.kubernetes.io/limit-rpm".to_owned(), "100".to_owned()),
+            ("nginx.ingress.kubernetes.io/limit-burst-multiplier".to_owned(), "2".to_owned()),
+            ("nginx.ingress.kubernetes.io/limit-connections".to_owned(), "3".to_owned()),
+            ("nginx.ingress.kubernetes.io/limit-whitelist".to_owned(), "10.0.0.0/8".to_owned()),
+        ]);
+        let limits = read(Some(&keys), &mut status).limits.typed().expect("limits");
+        assert!(status.problems.is_empty(), "{:?}", status.problems);
+        let rates: Vec<(u32, u32, u32)> = limits.rates.iter().map(|r| (r.requests, r.per_seconds, r.burst)).collect();
+        assert_eq!(rates, [(5, 1, 10), (100, 60, 200)]);
+        assert_eq!((limits.concurrent, limits.exempt.len(), limits.status), (Some(3), 1, 503));
+        let (s, status) = read_one("nginx.ingress.kubernetes.io/limit-rpm", "-1");
+        assert_eq!(
+            (s.unhonoured.len(), status.problems[0].reason),
+            (1, Reason::Invalid),
+            "a limit that does not read closes the routes"
+        );
     }
 }

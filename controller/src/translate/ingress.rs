@@ -56,6 +56,8 @@ pub(super) fn translate(
     let policies = Policies {
         ip: (!ip.allow.is_empty() || !ip.deny.is_empty()).then(|| ip.clone()),
         max_body_bytes: settings.max_body_bytes,
+        limits: settings.limits.typed(),
+        response_rate: settings.limits.response_rate(),
         cors: settings.cors.enabled.then(|| settings.cors.cors.clone()),
         basic_auth,
     };

@@ -233,6 +233,15 @@ pub struct RouteAction {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Policies {
+    /// Request-rate and concurrency limits per client address (`limit-rps`, `limit-rpm`,
+    /// `limit-connections`), checked before the IP rules, as nginx's preaccess phase runs
+    /// `limit_req` and `limit_conn` before its access phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+    /// The pace of the response body (`limit-rate`, `limit-rate-after`), as nginx's
+    /// `limit_rate`: no faster than this once the first bytes have gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_rate: Option<ResponseRate>,
     /// Client address rules: the first check of the access phase, as nginx's `allow`/`deny`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<IpRules>,
@@ -249,6 +258,44 @@ pub struct Policies {
     /// rules, as nginx's `auth_basic`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub basic_auth: Option<BasicAuth>,
+}
+
+/// Limits per client address, shared by all of a proxy's workers. A request over a limit gets
+/// `status`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Limits {
+    /// Request rates, each a leaky bucket as nginx's `limit_req ... nodelay`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rates: Vec<RateLimit>,
+    /// Requests of one client in progress at once (`limit-connections`, nginx's `limit_conn`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrent: Option<u32>,
+    /// Clients the limits do not apply to (`limit-whitelist` / `limit-allowlist`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exempt: Vec<Cidr>,
+    /// The status of a refused request: 503 unless configured (`limit-req-status-code`).
+    pub status: u16,
+}
+
+/// A response body's pace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ResponseRate {
+    pub bytes_per_second: u64,
+    /// Bytes sent before the pace applies.
+    #[serde(default)]
+    pub after_bytes: u64,
+}
+
+/// A request rate: on average `requests` per `per_seconds`, and up to `burst` more at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimit {
+    pub requests: u32,
+    /// 1 for `limit-rps`, 60 for `limit-rpm`.
+    pub per_seconds: u32,
+    pub burst: u32,
 }
 
 /// CORS as ingress-nginx configures it. A request from an allowed origin gets the
@@ -672,6 +719,13 @@ mod tests {
                                     deny: vec!["2001:db8::/32".parse().expect("cidr")],
                                 }),
                                 max_body_bytes: Some(1 << 20),
+                                limits: Some(Limits {
+                                    rates: vec![RateLimit { requests: 5, per_seconds: 1, burst: 25 }],
+                                    concurrent: Some(10),
+                                    exempt: vec!["10.0.0.0/8".parse().expect("cidr")],
+                                    status: 503,
+                                }),
+                                response_rate: Some(ResponseRate { bytes_per_second: 1024, after_bytes: 0 }),
                                 cors: Some(Cors {
                                     allow_origins: vec!["https://*.example.com".into()],
                                     allow_methods: "GET, POST".into(),

@@ -9,11 +9,16 @@
 //! | phase   | built-in filters, in order                                      | then          |
 //! |---------|-----------------------------------------------------------------|---------------|
 //! | rewrite | body limit (`proxy-body-size`): 413; CORS (`enable-cors`): 204 | Lua `rewrite` |
-//! | access  | IP rules (`*-source-range`): 403; Basic auth (`auth-type`): 401 | Lua `access`  |
+//! | access  | limits (`limit-rps`, `-rpm`, `-connections`): 503; IP rules    | Lua `access`  |
+//! |         | (`*-source-range`): 403; Basic auth (`auth-type`): 401          |               |
 //!
+//! In the body_filter step, `limit-rate` paces the response body ([`Filters::body_filter`]).
 //! The body limit also caps the body as it streams to the upstream ([`Filters::max_body`]). A
-//! filter that lets a request go on may name headers its response must carry (CORS): the
-//! pipeline adds them to whatever response leaves, as nginx's `more_set_headers` does.
+//! filter that lets a request go on may leave [`Effects`]: headers its response must carry
+//! (CORS), which the pipeline adds to whatever response leaves, as nginx's `more_set_headers`
+//! does; and places it holds (a client's requests in progress) until the response is done.
+//! The limits run first in the access step, as nginx's preaccess phase runs `limit_req` and
+//! `limit_conn` before its access phase.
 //!
 //! A filter either lets the request go on or answers it; an answer ends the request's way to
 //! the content or upstream step, but the header_filter, body_filter and log steps still run on
@@ -24,6 +29,7 @@ mod basic_auth;
 mod body_size;
 mod cors;
 mod ip;
+mod limit;
 mod password;
 
 use std::net::IpAddr;
@@ -50,14 +56,21 @@ impl<'a> Facts<'a> {
     }
 }
 
-/// Headers the filters decided the response must carry.
-pub(crate) type ResponseHeaders = Vec<(HeaderName, HeaderValue)>;
+/// What filters that let a request go on leave for the rest of it.
+#[derive(Default)]
+pub(crate) struct Effects {
+    /// Headers its response carries, whoever makes it.
+    pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
+    /// Places the request holds until its response is done (dropping them frees them).
+    pub(crate) holds: Vec<limit::InProgress>,
+}
 
 /// One compiled policy.
 #[derive(Debug)]
 enum Filter {
     BodySize(body_size::BodySize),
     Cors(cors::CorsFilter),
+    Limit(limit::LimitFilter),
     Ip(ip::IpFilter),
     BasicAuth(basic_auth::BasicAuthFilter),
 }
@@ -69,10 +82,11 @@ enum Verdict {
 }
 
 impl Filter {
-    async fn check(&self, facts: &Facts<'_>, add: &mut ResponseHeaders) -> Verdict {
+    async fn check(&self, facts: &Facts<'_>, effects: &mut Effects) -> Verdict {
         match self {
             Filter::BodySize(limit) => limit.check(facts.headers),
-            Filter::Cors(cors) => cors.check(facts.method, facts.headers, add),
+            Filter::Cors(cors) => cors.check(facts.method, facts.headers, &mut effects.headers),
+            Filter::Limit(limits) => limits.check(facts.client, &mut effects.holds),
             Filter::Ip(rules) => rules.check(facts.client),
             Filter::BasicAuth(auth) => auth.check(facts.headers).await,
         }
@@ -85,6 +99,7 @@ pub(crate) struct Filters {
     rewrite: Vec<Filter>,
     access: Vec<Filter>,
     max_body: Option<u64>,
+    response_rate: Option<tidegate_snapshot::ResponseRate>,
 }
 
 impl Filters {
@@ -98,13 +113,25 @@ impl Filters {
             rewrite.push(Filter::Cors(cors::CorsFilter::new(cors)));
         }
         let mut access = Vec::new();
+        if let Some(limits) = &policies.limits {
+            access.push(Filter::Limit(limit::LimitFilter::new(limits)));
+        }
         if let Some(rules) = &policies.ip {
             access.push(Filter::Ip(ip::IpFilter::new(rules)));
         }
         if let Some(auth) = &policies.basic_auth {
             access.push(Filter::BasicAuth(basic_auth::BasicAuthFilter::new(auth)));
         }
-        Filters { rewrite, access, max_body: policies.max_body_bytes }
+        Filters { rewrite, access, max_body: policies.max_body_bytes, response_rate: policies.response_rate }
+    }
+
+    /// The body_filter step's built-in part: paces the response body (`limit-rate`).
+    pub(crate) fn body_filter(&self, response: Response<LocalBody>) -> Response<LocalBody> {
+        match self.response_rate {
+            Some(rate) => response
+                .map(|body| LocalBody::new(crate::body::Throttled::new(body, rate.bytes_per_second, rate.after_bytes))),
+            None => response,
+        }
     }
 
     /// The most body bytes a request may send, when the route limits it.
@@ -126,15 +153,15 @@ impl Filters {
     }
 
     /// Runs the built-in filters of `phase` in order; a response ends the request's way to its
-    /// content or upstream. Headers the response must carry are added to `add`.
+    /// content or upstream. What the others leave for the rest of the request goes to `effects`.
     pub(crate) async fn run(
         &self,
         phase: Phase,
         facts: &Facts<'_>,
-        add: &mut ResponseHeaders,
+        effects: &mut Effects,
     ) -> Option<Response<LocalBody>> {
         for filter in self.of(phase) {
-            if let Verdict::Answer(response) = filter.check(facts, add).await {
+            if let Verdict::Answer(response) = filter.check(facts, effects).await {
                 return Some(response);
             }
         }

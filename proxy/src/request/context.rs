@@ -13,6 +13,6 @@ pub(crate) struct Outcome {
     pub(crate) upstream_time: Option<Duration>,
     /// Runs once the response body is done, with the bytes sent (the Lua log phase).
     pub(crate) after: Option<Box<dyn FnOnce(u64)>>,
-    /// Headers the route's filters decided its response carries, whoever makes it.
-    pub(crate) response_headers: crate::policy::ResponseHeaders,
+    /// What the route's filters left for the rest of the request.
+    pub(crate) effects: crate::policy::Effects,
 }

@@ -92,7 +92,7 @@ pub(super) async fn serve(
             let headers = lua.state.headers.borrow().clone();
             let method = lua.state.method.borrow().clone();
             let facts = Facts::of(conn, &method, &headers);
-            if let Some(answer) = target.filters.run(step, &facts, &mut outcome.response_headers).await {
+            if let Some(answer) = target.filters.run(step, &facts, &mut outcome.effects).await {
                 return filtered(worker, target, chain, &lua, answer, outcome).await;
             }
         }

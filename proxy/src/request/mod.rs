@@ -92,10 +92,10 @@ pub(crate) async fn handle(
                 },
             };
             target.counters.count(response.status().as_u16());
-            response
+            target.filters.body_filter(response)
         }
     };
-    for (name, value) in outcome.response_headers.drain(..) {
+    for (name, value) in outcome.effects.headers.drain(..) {
         response.headers_mut().insert(name, value);
     }
     finish_headers(&worker.shared, conn.tls, version, &mut response);
@@ -109,7 +109,10 @@ pub(crate) async fn handle(
 
     let shared = Arc::clone(&worker.shared);
     let after = outcome.after.take();
+    // Held until the response is done: a client's request in progress (limit-connections).
+    let holds = std::mem::take(&mut outcome.effects.holds);
     let on_done = Box::new(move |bytes_sent: u64, completed: bool| {
+        drop(holds);
         if let Some(after) = after {
             after(bytes_sent);
         }
@@ -193,7 +196,7 @@ async fn filters(
             continue;
         }
         let facts = Facts::of(conn, request.method(), request.headers());
-        if let Some(answer) = target.filters.run(phase, &facts, &mut outcome.response_headers).await {
+        if let Some(answer) = target.filters.run(phase, &facts, &mut outcome.effects).await {
             return Some(answer);
         }
     }

@@ -1,0 +1,205 @@
+//! Limits per client address (`limit-rps`, `limit-rpm`, `limit-burst-multiplier`,
+//! `limit-connections`, `limit-whitelist`), shared by all of the proxy's workers as nginx's
+//! zones are shared by its workers.
+//!
+//! A rate is nginx's `limit_req ... burst=B nodelay` leaky bucket: each request adds one to the
+//! client's excess, which drains at the rate; a request that would take the excess past the
+//! burst is refused, and one within it passes at once. So a quiet client may send `burst + 1`
+//! requests at once, then `rate` per second. The concurrency limit counts a client's requests in
+//! progress, from the access step until the response's last byte (nginx's `limit_conn` counts
+//! requests being processed, in HTTP/2 each stream). Accuracy: exact within one proxy (one
+//! lock per shard of clients, held for a few arithmetic operations, never across a wait);
+//! proxies do not share counts, so N proxies admit up to N times the rate, as N ingress-nginx
+//! pods do.
+//!
+//! Memory is bounded: a shard drops clients whose bucket has drained (they are as good as new)
+//! once it holds [`SHARD_CLIENTS`], and refuses no one for want of room.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use http::StatusCode;
+use tidegate_snapshot::{Cidr, Limits};
+
+use super::Verdict;
+use crate::respond::error_response;
+
+const SHARDS: usize = 16;
+/// Clients a shard holds before it sweeps out drained ones.
+const SHARD_CLIENTS: usize = 4096;
+
+#[derive(Debug)]
+pub(super) struct LimitFilter {
+    rates: Vec<Rate>,
+    concurrent: Option<Arc<Concurrent>>,
+    exempt: Vec<Cidr>,
+    status: StatusCode,
+}
+
+/// One leaky bucket per client, in milli-requests.
+#[derive(Debug)]
+struct Rate {
+    /// Milli-requests drained per second.
+    per_second_milli: u64,
+    burst_milli: u64,
+    shards: Shards<Bucket>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    excess_milli: u64,
+    at: Instant,
+}
+
+#[derive(Debug)]
+struct Concurrent {
+    limit: u32,
+    shards: Shards<u32>,
+}
+
+#[derive(Debug)]
+struct Shards<T> {
+    hasher: RandomState,
+    shards: Vec<Mutex<HashMap<IpAddr, T>>>,
+}
+
+impl<T> Shards<T> {
+    fn new() -> Self {
+        Shards { hasher: RandomState::new(), shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect() }
+    }
+
+    fn shard(&self, client: IpAddr) -> &Mutex<HashMap<IpAddr, T>> {
+        let index = usize::try_from(self.hasher.hash_one(client)).unwrap_or(0) % SHARDS;
+        &self.shards[index]
+    }
+}
+
+impl Rate {
+    /// Counts a request of `client` at `now`; false when it is over the limit.
+    fn admit(&self, client: IpAddr, now: Instant) -> bool {
+        let Ok(mut shard) = self.shard_of(client).lock() else { return true };
+        let drained = |bucket: &Bucket| {
+            let elapsed_milli = u64::try_from(now.saturating_duration_since(bucket.at).as_millis()).unwrap_or(u64::MAX);
+            bucket.excess_milli.saturating_sub(elapsed_milli.saturating_mul(self.per_second_milli) / 1000)
+        };
+        if shard.len() >= SHARD_CLIENTS && !shard.contains_key(&client) {
+            shard.retain(|_, bucket| drained(bucket) > 0);
+        }
+        let excess = shard.get(&client).map_or(0, drained) + 1000;
+        if excess > self.burst_milli + 1000 {
+            return false;
+        }
+        shard.insert(client, Bucket { excess_milli: excess, at: now });
+        true
+    }
+
+    fn shard_of(&self, client: IpAddr) -> &Mutex<HashMap<IpAddr, Bucket>> {
+        self.shards.shard(client)
+    }
+}
+
+/// A client's request in progress, counted until dropped (when its response is done).
+pub(crate) struct InProgress {
+    concurrent: Arc<Concurrent>,
+    client: IpAddr,
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        if let Ok(mut shard) = self.concurrent.shards.shard(self.client).lock()
+            && let Some(count) = shard.get_mut(&self.client)
+        {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                shard.remove(&self.client);
+            }
+        }
+    }
+}
+
+impl Concurrent {
+    fn enter(self: &Arc<Self>, client: IpAddr) -> Option<InProgress> {
+        let Ok(mut shard) = self.shards.shard(client).lock() else { return None };
+        let count = shard.entry(client).or_insert(0);
+        if *count >= self.limit {
+            return None;
+        }
+        *count += 1;
+        Some(InProgress { concurrent: Arc::clone(self), client })
+    }
+}
+
+impl LimitFilter {
+    pub(super) fn new(limits: &Limits) -> LimitFilter {
+        let rates = limits
+            .rates
+            .iter()
+            .map(|r| Rate {
+                per_second_milli: u64::from(r.requests) * 1000 / u64::from(r.per_seconds.max(1)),
+                burst_milli: u64::from(r.burst) * 1000,
+                shards: Shards::new(),
+            })
+            .collect();
+        let concurrent = limits.concurrent.map(|limit| Arc::new(Concurrent { limit, shards: Shards::new() }));
+        let status = StatusCode::from_u16(limits.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        LimitFilter { rates, concurrent, exempt: limits.exempt.clone(), status }
+    }
+
+    /// Admits a request or refuses it; an admitted one holds its place among the client's
+    /// requests in progress through `hold`, until the response is done.
+    pub(super) fn check(&self, client: IpAddr, hold: &mut Vec<InProgress>) -> Verdict {
+        if self.exempt.iter().any(|c| c.contains(client)) {
+            return Verdict::Continue;
+        }
+        let client = client.to_canonical();
+        let now = Instant::now();
+        // Every rate counts the request, as nginx's limit_req lines each do.
+        let mut admitted = true;
+        for rate in &self.rates {
+            admitted &= rate.admit(client, now);
+        }
+        if !admitted {
+            return Verdict::Answer(error_response(self.status));
+        }
+        if let Some(concurrent) = &self.concurrent {
+            match concurrent.enter(client) {
+                Some(in_progress) => hold.push(in_progress),
+                None => return Verdict::Answer(error_response(self.status)),
+            }
+        }
+        Verdict::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_rate_admits_the_burst_then_the_rate() {
+        let rate = Rate { per_second_milli: 5000, burst_milli: 10_000, shards: Shards::new() };
+        let client: IpAddr = "192.0.2.1".parse().expect("ip");
+        let start = Instant::now();
+        let admitted = (0..20).filter(|_| rate.admit(client, start)).count();
+        assert_eq!(admitted, 11, "burst + 1 at once");
+        assert!(!rate.admit(client, start + Duration::from_millis(100)), "half a request drained: still full");
+        assert!(rate.admit(client, start + Duration::from_millis(200)), "one request drained");
+        assert!(rate.admit("192.0.2.2".parse().expect("ip"), start), "another client has its own bucket");
+    }
+
+    #[test]
+    fn concurrency_is_counted_until_the_request_is_done() {
+        let concurrent = Arc::new(Concurrent { limit: 2, shards: Shards::new() });
+        let client: IpAddr = "192.0.2.1".parse().expect("ip");
+        let first = concurrent.enter(client).expect("first");
+        let _second = concurrent.enter(client).expect("second");
+        assert!(concurrent.enter(client).is_none(), "a third at once is refused");
+        drop(first);
+        assert!(concurrent.enter(client).is_some(), "a place freed");
+    }
+}
