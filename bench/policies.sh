@@ -14,7 +14,7 @@
 #   limit-req   a per-client request rate high enough to refuse nothing: the cost of counting
 #               (nginx: limit_req_zone $binary_remote_addr ... limit_req ... nodelay)
 #
-# Usage: BEFORE=path/to/earlier/tidegate bench/policies.sh [seconds-per-run] [rounds]
+# Usage: BEFORE=path/to/earlier/tidegate [TIDEGATE_BIN=path] bench/policies.sh [seconds-per-run] [rounds]
 # (BEFORE is optional: without it the "plain, before" row is left out; loopback only; every run
 # is bounded by time)
 set -euo pipefail
@@ -27,8 +27,9 @@ CONNECTIONS=${CONNECTIONS:-64}
 need wrk wrk
 need nginx nginx
 need htpasswd apache2-utils
-cargo build --release --quiet
-BIN=$PWD/target/release/tidegate
+# TIDEGATE_BIN: a tidegate binary to measure instead of this tree's release build.
+[ -n "${TIDEGATE_BIN:-}" ] || cargo build --release --quiet
+BIN=${TIDEGATE_BIN:-$PWD/target/release/tidegate}
 
 WORK=$(mktemp -d)
 PIDS=()

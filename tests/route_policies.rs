@@ -58,7 +58,8 @@ async fn restrictive_annotations_not_honoured_answer_503() {
         ("nginx.ingress.kubernetes.io/denylist-source-range", "not-an-address"),
         ("nginx.ingress.kubernetes.io/auth-type", "digest"),
         ("nginx.ingress.kubernetes.io/auth-secret", "users"),
-        ("nginx.ingress.kubernetes.io/auth-url", "http://127.0.0.1:1/auth"),
+        ("nginx.ingress.kubernetes.io/auth-url", "https://auth.example/check"),
+        ("nginx.ingress.kubernetes.io/auth-cache-key", "$remote_user"),
         ("nginx.ingress.kubernetes.io/auth-tls-verify-client", "on"),
         ("nginx.ingress.kubernetes.io/satisfy", "any"),
         ("nginx.ingress.kubernetes.io/limit-rps", "1.5"),
@@ -66,7 +67,7 @@ async fn restrictive_annotations_not_honoured_answer_503() {
         ("nginx.ingress.kubernetes.io/global-rate-limit", "100"),
         ("nginx.ingress.kubernetes.io/enable-global-auth", "false"),
         ("tidegate.dev/auth-type", "basic"),
-        ("tidegate.dev/auth-signin", "https://login.example/"),
+        ("tidegate.dev/auth-tls-secret", "t/ca"),
         ("tidegate.dev/configuration-snippet", "deny all;"),
     ];
     let mut manifests = ingress("open", "open.test", &[]);
@@ -543,4 +544,182 @@ async fn limit_rate_paces_responses() {
         assert_eq!((answer.status, answer.body.len()), (StatusCode::OK, 200_000), "{host}");
         assert!(range.contains(&took), "{host} took {took:.2} s, expected {range:?}");
     }
+}
+
+/// What the auth server saw of one auth request.
+#[derive(Clone, Debug)]
+struct Seen {
+    method: String,
+    uri: String,
+    headers: http::HeaderMap,
+}
+
+/// A real HTTP auth service on loopback, in the manner of oauth2-proxy: `Authorization: Bearer
+/// good` passes (200, with user headers and a cookie), `forbidden` gets 403, `broken` 502,
+/// nothing 401 with a challenge; `/slow` takes a second. It records every request.
+async fn auth_server() -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<Seen>>>) {
+    use hyper::service::service_fn;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = std::sync::Arc::clone(&seen);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let log = std::sync::Arc::clone(&log);
+            tokio::spawn(async move {
+                let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                    let log = std::sync::Arc::clone(&log);
+                    async move {
+                        log.lock().expect("log").push(Seen {
+                            method: request.method().to_string(),
+                            uri: request.uri().to_string(),
+                            headers: request.headers().clone(),
+                        });
+                        if request.uri().path() == "/slow" {
+                            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        }
+                        let token = request.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+                        let response = http::Response::builder();
+                        let response = match token {
+                            "Bearer good" => response
+                                .status(200)
+                                .header("x-auth-user", "ann")
+                                .header("x-auth-email", "ann@example.com")
+                                .header("set-cookie", "session=abc; Path=/"),
+                            "Bearer forbidden" => response.status(403),
+                            "Bearer broken" => response.status(502),
+                            _ if request.uri().path() == "/slow" => response.status(200),
+                            _ => response.status(401).header("www-authenticate", "Bearer realm=\"test\""),
+                        };
+                        Ok::<_, std::convert::Infallible>(response.body(support::Body::default()).expect("response"))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// External auth against a real auth service: 2xx lets the request through with the named
+/// headers added and the service's cookie set; 401 is passed with its challenge, or redirected
+/// to the sign-in page with the original URL; 403 is passed; anything else, and a service that
+/// is down, is 500. The service gets the headers ingress-nginx sends. While it takes a second
+/// over one HTTP/2 connection (one worker), that worker answers other requests at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_auth_against_a_real_service() {
+    let (auth, seen) = auth_server().await;
+    let down = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr")
+    };
+    let url = format!("http://{auth}/auth?uri=$escaped_request_uri");
+    let manifests = [
+        ingress(
+            "ext",
+            "ext.test",
+            &[
+                ("nginx.ingress.kubernetes.io/auth-url", &url),
+                ("nginx.ingress.kubernetes.io/auth-response-headers", "X-Auth-User, X-Auth-Email"),
+            ],
+        ),
+        ingress(
+            "signin",
+            "signin.test",
+            &[
+                ("nginx.ingress.kubernetes.io/auth-url", &url),
+                ("nginx.ingress.kubernetes.io/auth-signin", "https://login.example/start"),
+            ],
+        ),
+        ingress("slow", "slow.test", &[("nginx.ingress.kubernetes.io/auth-url", &format!("http://{auth}/slow"))]),
+        ingress("down", "down.test", &[("nginx.ingress.kubernetes.io/auth-url", &format!("http://{down}/auth"))]),
+        ingress("fast", "fast.test", &[]),
+    ]
+    .concat();
+    let (tidegate, _dir) = start(&manifests).await;
+    let bearer = |token: &str| format!("Bearer {token}");
+    let with = |host: &'static str, token: Option<String>| {
+        let addr = tidegate.http;
+        async move {
+            let mut request = support::get_request(host, "/some/path?x=1");
+            if let Some(token) = token {
+                request.headers_mut().insert("authorization", token.parse().expect("header"));
+            }
+            let mut h1 = support::H1::connect(addr).await.expect("connect");
+            h1.send(request).await.expect("answered")
+        }
+    };
+
+    let none = with("ext.test", None).await;
+    assert_eq!(none.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(none.headers["www-authenticate"], "Bearer realm=\"test\"", "the service's challenge");
+    let good = with("ext.test", Some(bearer("good"))).await;
+    assert_eq!(good.status, StatusCode::OK, "the backend answered");
+    let upstream = support::echoed_headers(&good);
+    assert_eq!(upstream.get("X-Auth-User"), Some(&vec!["ann".to_owned()]), "{upstream:?}");
+    assert_eq!(upstream.get("X-Auth-Email"), Some(&vec!["ann@example.com".to_owned()]));
+    assert_eq!(good.headers["set-cookie"], "session=abc; Path=/", "the service's cookie reaches the client");
+    assert_eq!(with("ext.test", Some(bearer("forbidden"))).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(with("ext.test", Some(bearer("broken"))).await.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(with("down.test", Some(bearer("good"))).await.status, StatusCode::INTERNAL_SERVER_ERROR, "service down");
+
+    let asked = seen
+        .lock()
+        .expect("log")
+        .iter()
+        .find(|s| s.headers.get("authorization").is_some_and(|v| v == "Bearer good"))
+        .cloned()
+        .expect("asked");
+    assert_eq!(asked.method, "GET");
+    assert_eq!(asked.uri, "/auth?uri=%2Fsome%2Fpath%3Fx%3D1", "$escaped_request_uri expanded");
+    for (name, value) in [
+        ("x-original-url", "http://ext.test/some/path?x=1"),
+        ("x-original-method", "GET"),
+        ("x-original-uri", "/some/path?x=1"),
+        ("x-sent-from", "nginx-ingress-controller"),
+        ("x-auth-request-redirect", "/some/path?x=1"),
+        ("x-forwarded-for", "127.0.0.1"),
+        ("x-real-ip", "127.0.0.1"),
+        ("host", &auth.to_string()),
+    ] {
+        assert_eq!(asked.headers.get(name).and_then(|v| v.to_str().ok()), Some(value), "{name}");
+    }
+
+    let redirected = with("signin.test", None).await;
+    assert_eq!(redirected.status, StatusCode::FOUND);
+    assert_eq!(
+        redirected.headers["location"],
+        "https://login.example/start?rd=http%3A%2F%2Fsignin.test%2Fsome%2Fpath%3Fx%3D1"
+    );
+
+    // One HTTP/2 connection: both requests on one worker.
+    let stream = tokio::net::TcpStream::connect(tidegate.http).await.expect("connect");
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2c");
+    tokio::spawn(conn);
+    let h2 = |host: &str| {
+        let mut sender = sender.clone();
+        let request = http::Request::get(format!("http://{host}/")).body(support::Body::default()).expect("request");
+        async move { sender.send_request(request).await.expect("answered").status() }
+    };
+    let slow = tokio::spawn(h2("slow.test"));
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut took = Vec::new();
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        assert_eq!(h2("fast.test").await, StatusCode::OK);
+        took.push(started.elapsed());
+    }
+    assert!(!slow.is_finished(), "the auth service is still thinking");
+    took.sort();
+    eprintln!("route policies: while the auth service takes 1 s, the same worker answers in {took:?}");
+    assert!(took[2] < std::time::Duration::from_millis(10), "median under 10 ms: {took:?}");
+    assert_eq!(slow.await.expect("slow"), StatusCode::OK);
 }

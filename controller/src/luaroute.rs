@@ -191,6 +191,7 @@ impl RoutePolicies {
             response_rate: None,
             cors: None,
             basic_auth: None,
+            external_auth: None,
         })
     }
 }

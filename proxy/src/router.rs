@@ -142,7 +142,7 @@ fn target(
         counters: counters(host, name),
         action: action.clone(),
         lua,
-        filters: Filters::compile(&action.policies),
+        filters: Filters::compile(&action.policies, action.timeouts),
         ssl_redirect,
     })
 }

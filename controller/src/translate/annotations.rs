@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 
-use tidegate_snapshot::{Cidr, IpRules, Phase, Timeouts};
+use tidegate_snapshot::{Cidr, IpRules, Phase, Template, Timeouts};
 
 use crate::status::{ObjectStatus, Reason};
 use crate::validate::parse_size;
@@ -42,6 +42,8 @@ pub(super) struct Settings {
     pub(super) limits: LimitKeys,
     /// `enable-cors` and the `cors-*` keys.
     pub(super) cors: CorsKeys,
+    /// `auth-url` and the keys of external auth.
+    pub(super) external_auth: ExternalAuthKeys,
     /// `auth-type`, `auth-secret`, `auth-secret-type` and `auth-realm`: resolved against the
     /// Secret by [`super::ingress`].
     pub(super) basic_auth: BasicAuthKeys,
@@ -73,6 +75,7 @@ impl Default for Settings {
             basic_auth: BasicAuthKeys::default(),
             cors: CorsKeys::default(),
             limits: LimitKeys::default(),
+            external_auth: ExternalAuthKeys::default(),
             written: BTreeMap::new(),
             unhonoured: Vec::new(),
         }
@@ -81,6 +84,58 @@ impl Default for Settings {
 
 /// ingress-nginx's `proxy-body-size` when an Ingress does not set it: 1m.
 pub(crate) const DEFAULT_MAX_BODY: u64 = 1 << 20;
+
+/// The external-auth keys; `auth-url` turns them on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct ExternalAuthKeys {
+    pub(super) url: Option<Template>,
+    pub(super) method: Option<String>,
+    pub(super) signin: Option<Template>,
+    pub(super) signin_redirect_param: String,
+    pub(super) response_headers: Vec<String>,
+    pub(super) request_redirect: Option<String>,
+    pub(super) always_set_cookie: bool,
+}
+
+impl Default for ExternalAuthKeys {
+    fn default() -> Self {
+        ExternalAuthKeys {
+            url: None,
+            method: None,
+            signin: None,
+            signin_redirect_param: "rd".into(),
+            response_headers: Vec::new(),
+            request_redirect: None,
+            always_set_cookie: false,
+        }
+    }
+}
+
+impl ExternalAuthKeys {
+    pub(super) fn typed(&self) -> Option<tidegate_snapshot::ExternalAuth> {
+        Some(tidegate_snapshot::ExternalAuth {
+            url: self.url.clone()?,
+            method: self.method.clone(),
+            signin: self.signin.clone(),
+            signin_redirect_param: self.signin_redirect_param.clone(),
+            response_headers: self.response_headers.clone(),
+            request_redirect: self.request_redirect.clone(),
+            always_set_cookie: self.always_set_cookie,
+        })
+    }
+}
+
+/// An auth URL: `http://`, with nginx variables; `https://` is refused until upstream TLS.
+fn auth_url(value: &str) -> Result<Template, String> {
+    let value = value.trim();
+    if value.starts_with("https://") {
+        return Err("https auth URLs are not supported yet (no TLS to upstreams)".into());
+    }
+    if !value.starts_with("http://") {
+        return Err(format!("{value:?} is not an http:// URL"));
+    }
+    value.parse()
+}
 
 /// The limit keys as written.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -297,6 +352,41 @@ pub(crate) const KEYS: &[Key] = &[
             .map(|n| s.cors.cors.max_age = n)
             .map_err(|_| format!("{v:?} is not a number of seconds"))
     }),
+    guards("auth-url", "", |v, s| auth_url(v).map(|t| s.external_auth.url = Some(t))),
+    guards("auth-method", "", |v, s| {
+        let v = v.trim();
+        if v.is_empty() || !v.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(format!("{v:?} is not an HTTP method"));
+        }
+        s.external_auth.method = Some(v.to_owned());
+        Ok(())
+    }),
+    guards("auth-signin", "", |v, s| v.trim().parse().map(|t| s.external_auth.signin = Some(t))),
+    parsed("auth-signin-redirect-param", "rd", |v, s| {
+        token_list(v, |c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            .map(|p| s.external_auth.signin_redirect_param = p)
+    }),
+    guards("auth-response-headers", "", |v, s| {
+        token_list(v, |c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            .map(|l| s.external_auth.response_headers = l.split(", ").map(str::to_ascii_lowercase).collect())
+    }),
+    parsed("auth-request-redirect", "", |v, s| {
+        s.external_auth.request_redirect = Some(v.trim().to_owned()).filter(|r| !r.is_empty());
+        Ok(())
+    }),
+    guards("auth-always-set-cookie", "false", |v, s| boolean(v).map(|b| s.external_auth.always_set_cookie = b)),
+    // Connections to the auth service are pooled per worker like every upstream's; these are
+    // read, so that a typo is reported, and change nothing.
+    parsed("auth-keepalive", "0", |v, _| {
+        v.trim().parse::<u32>().map(drop).map_err(|_| format!("{v:?} is not a number"))
+    }),
+    parsed("auth-keepalive-requests", "1000", |v, _| {
+        v.trim().parse::<u32>().map(drop).map_err(|_| format!("{v:?} is not a number"))
+    }),
+    parsed("auth-keepalive-timeout", "60", |v, _| {
+        v.trim().parse::<u32>().map(drop).map_err(|_| format!("{v:?} is not a number"))
+    }),
+    parsed("auth-keepalive-share-vars", "false", |v, _| boolean(v).map(drop)),
     guards("limit-rps", "", |v, s| count(v).map(|n| s.limits.rps = Some(n))),
     guards("limit-rpm", "", |v, s| count(v).map(|n| s.limits.rpm = Some(n))),
     guards("limit-burst-multiplier", "5", |v, s| count(v).map(|n| s.limits.burst_multiplier = n)),
@@ -545,7 +635,7 @@ mod tests {
             ("denylist-source-range", "localhost"),
             ("auth-type", "digest"),
             ("auth-secret", "a/b/c"),
-            ("auth-url", "http://auth.example/check"),
+            ("auth-url", "https://auth.example/check"),
             ("auth-tls-verify-client", "on"),
             ("auth-tls-secret", "ns/ca"),
             ("satisfy", "any"),
@@ -566,7 +656,8 @@ mod tests {
                 assert_eq!(settings.unhonoured, vec![key.clone()], "{key} fails closed");
                 let problem = &status.problems[0];
                 let guarded = name.ends_with("-source-range")
-                    || ["auth-type", "auth-secret", "limit-rps", "limit-connections", "limit-rate"].contains(&name);
+                    || ["auth-type", "auth-secret", "auth-url", "limit-rps", "limit-connections", "limit-rate"]
+                        .contains(&name);
                 let reason = if guarded { Reason::Invalid } else { Reason::UnsupportedAnnotation };
                 assert_eq!((problem.severity, problem.reason), (crate::status::Severity::Error, reason), "{key}");
                 assert_eq!(problem.field, format!("metadata.annotations[{key:?}]"), "the field names the key");

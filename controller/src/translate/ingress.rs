@@ -60,6 +60,7 @@ pub(super) fn translate(
         response_rate: settings.limits.response_rate(),
         cors: settings.cors.enabled.then(|| settings.cors.cors.clone()),
         basic_auth,
+        external_auth: settings.external_auth.typed(),
     };
     if refusal.is_some() {
         status.accepted = false;

@@ -258,6 +258,129 @@ pub struct Policies {
     /// rules, as nginx's `auth_basic`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub basic_auth: Option<BasicAuth>,
+    /// An external service that decides each request (`auth-url`), after Basic auth, as
+    /// nginx's `auth_request`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_auth: Option<ExternalAuth>,
+}
+
+/// Each request is first sent, without its body, to an external service: 2xx lets it go on
+/// (with headers the service names copied into it), 401 and 403 are passed to the client (401
+/// redirected to a sign-in page when one is set), anything else is 500.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExternalAuth {
+    /// `http://host[:port]/path?query`, with nginx variables expanded per request.
+    pub url: Template,
+    /// The method of the auth request; the client's when absent (`auth-method`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Where a 401 redirects (`auth-signin`), with nginx variables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signin: Option<Template>,
+    /// The query parameter of the sign-in URL that carries the original URL (`rd`).
+    pub signin_redirect_param: String,
+    /// Headers of the auth response copied into the request to the upstream (lower case).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub response_headers: Vec<String>,
+    /// `X-Auth-Request-Redirect`; the request's URI when absent (`auth-request-redirect`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_redirect: Option<String>,
+    /// The auth response's `Set-Cookie` goes to the client whatever the status of the final
+    /// response; otherwise only with a 2xx or 3xx one (`auth-always-set-cookie`).
+    #[serde(default)]
+    pub always_set_cookie: bool,
+}
+
+/// Text with nginx variables (`$host`, `${request_uri}`), expanded per request. Written and read
+/// as that text; only the variables [`Template::VARIABLES`] names, and `$http_NAME`,
+/// `$cookie_NAME` and `$arg_NAME`, are accepted.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Template {
+    text: String,
+    parts: Vec<TemplatePart>,
+}
+
+/// A piece of a [`Template`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum TemplatePart {
+    Text(String),
+    /// A variable by name, without the `$`.
+    Variable(String),
+}
+
+impl Template {
+    /// The variables a template may use besides `http_*`, `cookie_*` and `arg_*`.
+    pub const VARIABLES: &'static [&'static str] = &[
+        "host",
+        "scheme",
+        "request_uri",
+        "escaped_request_uri",
+        "uri",
+        "args",
+        "request_method",
+        "remote_addr",
+        "server_port",
+    ];
+
+    pub fn parts(&self) -> &[TemplatePart] {
+        &self.parts
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl FromStr for Template {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let mut parts = Vec::new();
+        let mut literal = String::new();
+        let mut rest = text;
+        while let Some(at) = rest.find('$') {
+            literal.push_str(&rest[..at]);
+            let after = &rest[at + 1..];
+            let (name, next) = if let Some(braced) = after.strip_prefix('{') {
+                let end = braced.find('}').ok_or_else(|| format!("{text:?}: an unclosed ${{"))?;
+                (&braced[..end], &braced[end + 1..])
+            } else {
+                let end = after.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(after.len());
+                (&after[..end], &after[end..])
+            };
+            let known = Template::VARIABLES.contains(&name)
+                || ["http_", "cookie_", "arg_"].iter().any(|p| name.strip_prefix(p).is_some_and(|n| !n.is_empty()));
+            if !known {
+                return Err(format!("{text:?}: ${name} is not a variable tidegate knows"));
+            }
+            if !literal.is_empty() {
+                parts.push(TemplatePart::Text(std::mem::take(&mut literal)));
+            }
+            parts.push(TemplatePart::Variable(name.to_owned()));
+            rest = next;
+        }
+        literal.push_str(rest);
+        if !literal.is_empty() {
+            parts.push(TemplatePart::Text(literal));
+        }
+        Ok(Template { text: text.to_owned(), parts })
+    }
+}
+
+impl TryFrom<String> for Template {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        text.parse()
+    }
+}
+
+impl From<Template> for String {
+    fn from(template: Template) -> String {
+        template.text
+    }
 }
 
 /// Limits per client address, shared by all of a proxy's workers. A request over a limit gets
@@ -726,6 +849,15 @@ mod tests {
                                     status: 503,
                                 }),
                                 response_rate: Some(ResponseRate { bytes_per_second: 1024, after_bytes: 0 }),
+                                external_auth: Some(ExternalAuth {
+                                    url: "http://auth.shop/check?u=$escaped_request_uri".parse().expect("template"),
+                                    method: None,
+                                    signin: None,
+                                    signin_redirect_param: "rd".into(),
+                                    response_headers: vec!["x-auth-user".into()],
+                                    request_redirect: None,
+                                    always_set_cookie: false,
+                                }),
                                 cors: Some(Cors {
                                     allow_origins: vec!["https://*.example.com".into()],
                                     allow_methods: "GET, POST".into(),
@@ -814,6 +946,25 @@ mod tests {
         let credential =
             Credential { user: "ann".into(), hash: "{SHA}qUqP5cyxm6YcTAhz05Hph5gvu9M=".parse().expect("hash") };
         assert!(!format!("{credential:?}").contains("qUqP"), "Debug never prints a hash");
+    }
+
+    #[test]
+    fn templates_split_into_text_and_known_variables() {
+        let t: Template =
+            "http://auth.svc/check?u=$escaped_request_uri&h=${host}x&c=$cookie_sid".parse().expect("parses");
+        let names: Vec<&str> = t
+            .parts()
+            .iter()
+            .filter_map(|p| match p {
+                TemplatePart::Variable(v) => Some(v.as_str()),
+                TemplatePart::Text(_) => None,
+            })
+            .collect();
+        assert_eq!(names, ["escaped_request_uri", "host", "cookie_sid"]);
+        assert_eq!(t.as_str(), "http://auth.svc/check?u=$escaped_request_uri&h=${host}x&c=$cookie_sid");
+        for bad in ["http://a/$nope", "http://a/${host", "http://a/$http_"] {
+            assert!(bad.parse::<Template>().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! |---------|-----------------------------------------------------------------|---------------|
 //! | rewrite | body limit (`proxy-body-size`): 413; CORS (`enable-cors`): 204 | Lua `rewrite` |
 //! | access  | limits (`limit-rps`, `-rpm`, `-connections`): 503; IP rules    | Lua `access`  |
-//! |         | (`*-source-range`): 403; Basic auth (`auth-type`): 401          |               |
+//! |         | (`*-source-range`): 403; Basic auth (`auth-type`): 401;         |               |
+//! |         | external auth (`auth-url`): 401, 302 to sign in, 403, 500        |               |
 //!
 //! In the body_filter step, `limit-rate` paces the response body ([`Filters::body_filter`]).
 //! The body limit also caps the body as it streams to the upstream ([`Filters::max_body`]). A
@@ -28,31 +29,70 @@
 mod basic_auth;
 mod body_size;
 mod cors;
+mod external_auth;
 mod ip;
 mod limit;
 mod password;
 
 use std::net::IpAddr;
 
+use std::rc::Rc;
+
 use http::header::{HeaderName, HeaderValue};
-use http::{HeaderMap, Method, Response};
-use tidegate_snapshot::{Phase, Policies};
+use http::{HeaderMap, Method, Response, Uri};
+use tidegate_snapshot::{Phase, Policies, Timeouts};
 
 use crate::body::LocalBody;
 use crate::connection::Connection;
+use crate::upstream::Pool;
 
 /// What a filter sees of a request: the client and the request head as earlier steps left it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub(crate) struct Facts<'a> {
     /// The client's address: the connection's peer.
     pub(crate) client: IpAddr,
+    /// The port the client connected to, and whether over TLS.
+    pub(crate) port: u16,
+    pub(crate) tls: bool,
     pub(crate) method: &'a Method,
+    pub(crate) uri: &'a Uri,
+    /// The request's host, without port.
+    pub(crate) host: &'a str,
+    pub(crate) headers: &'a HeaderMap,
+    /// The worker's upstream pool, for filters that ask other services.
+    pub(crate) pool: &'a Rc<Pool>,
+}
+
+/// The parts of a request a filter sees.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Head<'a> {
+    pub(crate) method: &'a Method,
+    pub(crate) uri: &'a Uri,
+    pub(crate) host: &'a str,
     pub(crate) headers: &'a HeaderMap,
 }
 
 impl<'a> Facts<'a> {
-    pub(crate) fn of(conn: &Connection, method: &'a Method, headers: &'a HeaderMap) -> Facts<'a> {
-        Facts { client: conn.remote.ip(), method, headers }
+    pub(crate) fn of(conn: &Connection, head: Head<'a>, pool: &'a Rc<Pool>) -> Facts<'a> {
+        Facts {
+            client: conn.remote.ip(),
+            port: conn.local_port,
+            tls: conn.tls,
+            method: head.method,
+            uri: head.uri,
+            host: head.host,
+            headers: head.headers,
+            pool,
+        }
+    }
+
+    pub(crate) fn scheme(&self) -> &'static str {
+        if self.tls { "https" } else { "http" }
+    }
+
+    /// The path and query as the client sent them.
+    pub(crate) fn request_uri(&self) -> &'a str {
+        self.uri.path_and_query().map_or("/", |p| p.as_str())
     }
 }
 
@@ -63,6 +103,20 @@ pub(crate) struct Effects {
     pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
     /// Places the request holds until its response is done (dropping them frees them).
     pub(crate) holds: Vec<limit::InProgress>,
+    /// Headers the request to the upstream carries (an auth service's `auth-response-headers`).
+    pub(crate) upstream_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Cookies an auth service set, for the client: with a 2xx or 3xx final response, or with
+    /// any when `cookies_always`.
+    pub(crate) cookies: Vec<HeaderValue>,
+    pub(crate) cookies_always: bool,
+}
+
+impl Effects {
+    /// Whether the auth service's cookies go out with a response of `status`
+    /// (ingress-nginx's list).
+    pub(crate) fn cookies_for(&self, status: http::StatusCode) -> bool {
+        self.cookies_always || [200, 201, 204, 206, 301, 302, 303, 304, 307, 308].contains(&status.as_u16())
+    }
 }
 
 /// One compiled policy.
@@ -73,6 +127,7 @@ enum Filter {
     Limit(limit::LimitFilter),
     Ip(ip::IpFilter),
     BasicAuth(basic_auth::BasicAuthFilter),
+    ExternalAuth(external_auth::ExternalAuthFilter),
 }
 
 /// What a filter decided.
@@ -89,6 +144,7 @@ impl Filter {
             Filter::Limit(limits) => limits.check(facts.client, &mut effects.holds),
             Filter::Ip(rules) => rules.check(facts.client),
             Filter::BasicAuth(auth) => auth.check(facts.headers).await,
+            Filter::ExternalAuth(auth) => auth.check(facts, effects).await,
         }
     }
 }
@@ -104,7 +160,8 @@ pub(crate) struct Filters {
 
 impl Filters {
     /// Compiles a route's policies.
-    pub(crate) fn compile(policies: &Policies) -> Filters {
+    /// `timeouts`: the route's, which calls to other services (external auth) keep too.
+    pub(crate) fn compile(policies: &Policies, timeouts: Timeouts) -> Filters {
         let mut rewrite = Vec::new();
         if let Some(limit) = policies.max_body_bytes {
             rewrite.push(Filter::BodySize(body_size::BodySize { limit }));
@@ -121,6 +178,9 @@ impl Filters {
         }
         if let Some(auth) = &policies.basic_auth {
             access.push(Filter::BasicAuth(basic_auth::BasicAuthFilter::new(auth)));
+        }
+        if let Some(auth) = &policies.external_auth {
+            access.push(Filter::ExternalAuth(external_auth::ExternalAuthFilter::new(auth, timeouts)));
         }
         Filters { rewrite, access, max_body: policies.max_body_bytes, response_rate: policies.response_rate }
     }

@@ -37,7 +37,7 @@ use crate::body::{BoxError, ClientBody, LocalBody, full};
 use crate::connection::Connection;
 use crate::http1::CloseConnection;
 use crate::metrics::LuaErrorLabels;
-use crate::policy::Facts;
+use crate::policy::{Facts, Head};
 use crate::respond::error_response;
 use crate::router::{LuaChain, Target};
 use crate::runtime::Runtime;
@@ -91,9 +91,17 @@ pub(super) async fn serve(
             // The head as the Lua before left it; a copy, as filters may wait.
             let headers = lua.state.headers.borrow().clone();
             let method = lua.state.method.borrow().clone();
-            let facts = Facts::of(conn, &method, &headers);
+            let uri: http::Uri = lua.state.upstream_uri().parse().unwrap_or_else(|_| parts.uri.clone());
+            let head = Head { method: &method, uri: &uri, host, headers: &headers };
+            let facts = Facts::of(conn, head, &worker.pool);
             if let Some(answer) = target.filters.run(step, &facts, &mut outcome.effects).await {
                 return filtered(worker, target, chain, &lua, answer, outcome).await;
+            }
+            // Headers the filters add to the upstream request (auth-response-headers), where
+            // the Lua after them and the upstream step read the request.
+            let mut lua_headers = lua.state.headers.borrow_mut();
+            for (name, value) in outcome.effects.upstream_headers.drain(..) {
+                lua_headers.insert(name, value);
             }
         }
         let scripts = chain.phase(phase);

@@ -51,7 +51,7 @@ use context::Outcome;
 
 use crate::access_log::Entry;
 use crate::body::{ClientBody, LocalBody, Observed};
-use crate::policy::Facts;
+use crate::policy::{Facts, Head};
 use crate::respond::{error_response, finish_headers, redirect_to_https, text};
 use crate::router::{Match, RequestFacts, Target};
 use crate::runtime::Runtime;
@@ -86,7 +86,7 @@ pub(crate) async fn handle(
                 Some(chain) => {
                     Box::pin(lua::serve(&worker, &runtime, &conn, target, chain, &host, request, &mut outcome)).await
                 }
-                None => match filters(target, &conn, &request, &mut outcome).await {
+                None => match filters(&worker, target, &conn, &host, &request, &mut outcome).await {
                     Some(answer) => answer,
                     None => Box::pin(upstream::proxy(&worker, &runtime, &conn, target, request, &mut outcome)).await,
                 },
@@ -97,6 +97,11 @@ pub(crate) async fn handle(
     };
     for (name, value) in outcome.effects.headers.drain(..) {
         response.headers_mut().insert(name, value);
+    }
+    if outcome.effects.cookies_for(response.status()) {
+        for cookie in outcome.effects.cookies.drain(..) {
+            response.headers_mut().append(http::header::SET_COOKIE, cookie);
+        }
     }
     finish_headers(&worker.shared, conn.tls, version, &mut response);
     let status = response.status();
@@ -186,8 +191,10 @@ fn route<'a>(
 /// The rewrite and access steps of a route without Lua: its built-in filters, skipped with one
 /// check when it has none.
 async fn filters(
+    worker: &Worker,
     target: &Target,
     conn: &Connection,
+    host: &str,
     request: &Request<ClientBody>,
     outcome: &mut Outcome,
 ) -> Option<Response<LocalBody>> {
@@ -195,7 +202,8 @@ async fn filters(
         if !target.filters.has(phase) {
             continue;
         }
-        let facts = Facts::of(conn, request.method(), request.headers());
+        let head = Head { method: request.method(), uri: request.uri(), host, headers: request.headers() };
+        let facts = Facts::of(conn, head, &worker.pool);
         if let Some(answer) = target.filters.run(phase, &facts, &mut outcome.effects).await {
             return Some(answer);
         }

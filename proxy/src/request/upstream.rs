@@ -33,6 +33,9 @@ pub(super) async fn proxy(
     let client_upgrade = crate::http1::on_upgrade(&mut request);
     let upgrade = client_upgrade.is_some();
     let (mut parts, body) = request.into_parts();
+    for (name, value) in outcome.effects.upstream_headers.drain(..) {
+        parts.headers.insert(name, value);
+    }
     let body = upstream_body(target, &parts.headers, body);
     prepare_upstream(&mut parts, upgrade);
     let upstream_request = Request::from_parts(parts, body);

@@ -1,0 +1,271 @@
+//! External authentication (`auth-url` and its keys), as nginx's `auth_request` in
+//! ingress-nginx's configuration: each request is first sent, without its body, to the auth
+//! service, through the worker's own upstream pool (so the call waits without blocking the
+//! worker, and its connections are kept alive). The service's answer decides:
+//! - 2xx: the request goes on, carrying the headers `auth-response-headers` names from the
+//!   answer;
+//! - 401: passed to the client with the service's `WWW-Authenticate`, or, with `auth-signin`,
+//!   a 302 to the sign-in page with the original URL in its `rd` parameter;
+//! - 403: passed to the client;
+//! - anything else, or no answer: 500.
+//!
+//! The auth request carries the client's headers and `X-Original-URL`, `X-Original-URI`,
+//! `X-Original-Method`, `X-Sent-From`, `X-Real-IP`, `X-Forwarded-For`, `X-Forwarded-Host`,
+//! `X-Scheme` and `X-Auth-Request-Redirect`, as ingress-nginx sends them.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use tidegate_snapshot::{ExternalAuth, Template, TemplatePart, Timeouts};
+
+use super::{Effects, Facts, Verdict};
+use crate::body::{LocalBody, full};
+use crate::respond::error_response;
+
+/// How long a resolved auth host name is trusted.
+const RESOLVED_FOR: Duration = Duration::from_secs(30);
+/// Auth answers are read whole up to this; a larger one is no answer.
+const MAX_ANSWER: usize = 64 << 10;
+
+#[derive(Debug)]
+pub(super) struct ExternalAuthFilter {
+    auth: ExternalAuth,
+    method: Option<Method>,
+    response_headers: Vec<HeaderName>,
+    timeouts: Timeouts,
+    resolved: Mutex<HashMap<String, (SocketAddr, Instant)>>,
+}
+
+impl ExternalAuthFilter {
+    pub(super) fn new(auth: &ExternalAuth, timeouts: Timeouts) -> ExternalAuthFilter {
+        ExternalAuthFilter {
+            method: auth.method.as_deref().and_then(|m| Method::from_bytes(m.as_bytes()).ok()),
+            response_headers: auth
+                .response_headers
+                .iter()
+                .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
+                .collect(),
+            auth: auth.clone(),
+            timeouts,
+            resolved: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(super) async fn check(&self, facts: &Facts<'_>, effects: &mut Effects) -> Verdict {
+        let url = expand(&self.auth.url, facts);
+        let answer = match self.ask(&url, facts).await {
+            Ok(answer) => answer,
+            Err(why) => {
+                tracing::warn!(auth_url = %url, error = %why, "external auth failed; answering 500");
+                return Verdict::Answer(error_response(StatusCode::INTERNAL_SERVER_ERROR));
+            }
+        };
+        let cookies: Vec<HeaderValue> = answer.headers().get_all(header::SET_COOKIE).iter().cloned().collect();
+        let status = answer.status();
+        if status.is_success() {
+            for name in &self.response_headers {
+                if let Some(value) = answer.headers().get(name) {
+                    effects.upstream_headers.push((name.clone(), value.clone()));
+                }
+            }
+            effects.cookies.extend(cookies);
+            effects.cookies_always |= self.auth.always_set_cookie;
+            return Verdict::Continue;
+        }
+        let mut response = match status {
+            StatusCode::UNAUTHORIZED => match &self.auth.signin {
+                Some(signin) => self.signin(signin, facts),
+                None => {
+                    let mut response = error_response(StatusCode::UNAUTHORIZED);
+                    if let Some(challenge) = answer.headers().get(header::WWW_AUTHENTICATE) {
+                        response.headers_mut().insert(header::WWW_AUTHENTICATE, challenge.clone());
+                    }
+                    response
+                }
+            },
+            StatusCode::FORBIDDEN => error_response(StatusCode::FORBIDDEN),
+            other => {
+                tracing::warn!(auth_url = %url, status = other.as_u16(), "external auth answered neither 2xx, 401 nor 403; answering 500");
+                error_response(StatusCode::INTERNAL_SERVER_ERROR)
+            }
+        };
+        if self.auth.always_set_cookie {
+            for cookie in cookies {
+                response.headers_mut().append(header::SET_COOKIE, cookie);
+            }
+        }
+        Verdict::Answer(response)
+    }
+
+    /// A 302 to the sign-in page, with the original URL in the redirect parameter unless the
+    /// page's URL already sets it.
+    fn signin(&self, signin: &Template, facts: &Facts<'_>) -> Response<LocalBody> {
+        let mut location = expand(signin, facts);
+        let param = &self.auth.signin_redirect_param;
+        let has_param = location
+            .split_once('?')
+            .is_some_and(|(_, query)| query.split('&').any(|pair| pair.split('=').next() == Some(param.as_str())));
+        if !has_param {
+            let original = format!("{}://{}{}", facts.scheme(), facts.host, facts.request_uri());
+            let separator = if location.contains('?') { '&' } else { '?' };
+            location = format!("{location}{separator}{param}={}", escape(&original));
+        }
+        let mut response: Response<LocalBody> = Response::new(full(bytes::Bytes::new()));
+        *response.status_mut() = StatusCode::FOUND;
+        if let Ok(value) = HeaderValue::from_str(&location) {
+            response.headers_mut().insert(header::LOCATION, value);
+        }
+        response
+    }
+
+    /// Sends the auth request and reads the answer whole.
+    async fn ask(&self, url: &str, facts: &Facts<'_>) -> Result<Response<bytes::Bytes>, String> {
+        let rest = url.strip_prefix("http://").ok_or("only http:// auth URLs are supported")?;
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let path = if path.is_empty() { "/" } else { path };
+        let endpoint = self.resolve(authority).await?;
+        let mut headers = HeaderMap::with_capacity(facts.headers.len() + 12);
+        for (name, value) in facts.headers {
+            if name != header::CONTENT_LENGTH && name != header::TRANSFER_ENCODING && name != header::HOST {
+                headers.append(name, value.clone());
+            }
+        }
+        crate::headers::strip_hop_by_hop(&mut headers, false);
+        let request_uri = facts.request_uri();
+        let scheme = facts.scheme();
+        let client = facts.client.to_canonical().to_string();
+        let set = |headers: &mut HeaderMap, name: &'static str, value: &str| {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                headers.insert(HeaderName::from_static(name), value);
+            }
+        };
+        set(&mut headers, "host", authority);
+        set(&mut headers, "x-original-url", &format!("{scheme}://{}{request_uri}", facts.host));
+        set(&mut headers, "x-original-uri", request_uri);
+        set(&mut headers, "x-original-method", facts.method.as_str());
+        set(&mut headers, "x-sent-from", "nginx-ingress-controller");
+        set(&mut headers, "x-real-ip", &client);
+        set(&mut headers, "x-forwarded-for", &client);
+        set(&mut headers, "x-forwarded-host", facts.host);
+        set(&mut headers, "x-scheme", scheme);
+        set(&mut headers, "x-auth-request-redirect", self.auth.request_redirect.as_deref().unwrap_or(request_uri));
+        let mut request = Request::new(full(bytes::Bytes::new()));
+        *request.method_mut() = self.method.clone().unwrap_or_else(|| facts.method.clone());
+        *request.uri_mut() = path.parse().map_err(|e| format!("{url}: {e}"))?;
+        *request.headers_mut() = headers;
+        let answer = facts.pool.send(endpoint, request, None, self.timeouts).await.map_err(|e| e.to_string())?;
+        let (parts, body) = answer.into_parts();
+        let body = http_body_util::Limited::new(body, MAX_ANSWER).collect().await.map_err(|e| e.to_string())?;
+        Ok(Response::from_parts(parts, body.to_bytes()))
+    }
+
+    /// The address of `authority` (`host[:port]`, port 80 when absent): an IP address as it is,
+    /// a name through the resolver (on tokio's blocking pool), remembered for a while.
+    async fn resolve(&self, authority: &str) -> Result<SocketAddr, String> {
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
+                (h, p.parse::<u16>().map_err(|_| format!("{authority}: not a port"))?)
+            }
+            _ => (authority, 80),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(SocketAddr::new(ip, port));
+        }
+        if let Ok(cache) = self.resolved.lock()
+            && let Some((addr, at)) = cache.get(authority)
+            && at.elapsed() < RESOLVED_FOR
+        {
+            return Ok(*addr);
+        }
+        let addr = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| format!("{host}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{host}: no address"))?;
+        if let Ok(mut cache) = self.resolved.lock() {
+            cache.insert(authority.to_owned(), (addr, Instant::now()));
+        }
+        Ok(addr)
+    }
+}
+
+/// A template's text with the request's variables put in.
+fn expand(template: &Template, facts: &Facts<'_>) -> String {
+    let mut out = String::new();
+    for part in template.parts() {
+        match part {
+            TemplatePart::Text(text) => out.push_str(text),
+            TemplatePart::Variable(name) => out.push_str(&variable(name, facts)),
+        }
+    }
+    out
+}
+
+fn variable(name: &str, facts: &Facts<'_>) -> String {
+    let query = facts.uri.query().unwrap_or("");
+    match name {
+        "host" => facts.host.to_owned(),
+        "scheme" => facts.scheme().to_owned(),
+        "request_uri" => facts.request_uri().to_owned(),
+        "escaped_request_uri" => escape(facts.request_uri()),
+        "uri" => facts.uri.path().to_owned(),
+        "args" => query.to_owned(),
+        "request_method" => facts.method.as_str().to_owned(),
+        "remote_addr" => facts.client.to_canonical().to_string(),
+        "server_port" => facts.port.to_string(),
+        _ => {
+            if let Some(header_name) = name.strip_prefix("http_") {
+                let header_name = header_name.replace('_', "-");
+                return facts.headers.get(header_name.as_str()).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+            }
+            if let Some(cookie) = name.strip_prefix("cookie_") {
+                return facts
+                    .headers
+                    .get_all(header::COOKIE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(';'))
+                    .find_map(|pair| pair.trim().strip_prefix(cookie).and_then(|r| r.strip_prefix('=')))
+                    .unwrap_or("")
+                    .to_owned();
+            }
+            if let Some(arg) = name.strip_prefix("arg_") {
+                return query
+                    .split('&')
+                    .find_map(|p| p.strip_prefix(arg).and_then(|r| r.strip_prefix('=')))
+                    .unwrap_or("")
+                    .to_owned();
+            }
+            String::new()
+        }
+    }
+}
+
+/// Percent-encodes all but the unreserved characters (nginx's `set_escape_uri`).
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() * 3);
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_keeps_only_unreserved() {
+        assert_eq!(escape("/a b?x=1&y=é"), "%2Fa%20b%3Fx%3D1%26y%3D%C3%A9");
+    }
+}
