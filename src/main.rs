@@ -81,6 +81,24 @@ struct TranslationArgs {
     /// reaches, unless its namespace declares one of the same name (repeatable).
     #[arg(long = "shared-dict", value_parser = parse_shared_dict)]
     shared_dicts: Vec<(String, u64)>,
+    /// External auth for every Ingress without an `auth-url` of its own, unless it sets
+    /// `enable-global-auth: "false"`: an `http://` URL, nginx variables allowed (ingress-nginx's
+    /// `global-auth-url`). The other `--global-auth-*` flags are the `auth-*` annotations of the
+    /// same names.
+    #[arg(long)]
+    global_auth_url: Option<String>,
+    #[arg(long)]
+    global_auth_method: Option<String>,
+    #[arg(long)]
+    global_auth_signin: Option<String>,
+    #[arg(long)]
+    global_auth_signin_redirect_param: Option<String>,
+    #[arg(long)]
+    global_auth_response_headers: Option<String>,
+    #[arg(long)]
+    global_auth_request_redirect: Option<String>,
+    #[arg(long)]
+    global_auth_always_set_cookie: bool,
 }
 
 fn parse_shared_dict(text: &str) -> Result<(String, u64), String> {
@@ -94,14 +112,30 @@ fn parse_shared_dict(text: &str) -> Result<(String, u64), String> {
 }
 
 impl TranslationArgs {
-    fn options(&self) -> Options {
-        Options {
+    /// The options; `Err` when a `--global-auth-*` flag does not read.
+    fn options(&self) -> Result<Options, String> {
+        let always = self.global_auth_always_set_cookie.then_some("true");
+        let flags = [
+            ("auth-url", self.global_auth_url.as_deref()),
+            ("auth-method", self.global_auth_method.as_deref()),
+            ("auth-signin", self.global_auth_signin.as_deref()),
+            ("auth-signin-redirect-param", self.global_auth_signin_redirect_param.as_deref()),
+            ("auth-response-headers", self.global_auth_response_headers.as_deref()),
+            ("auth-request-redirect", self.global_auth_request_redirect.as_deref()),
+            ("auth-always-set-cookie", always),
+        ];
+        let set: Vec<(&str, &str)> = flags.iter().filter_map(|(k, v)| Some((*k, (*v)?))).collect();
+        if self.global_auth_url.is_none() && !set.is_empty() {
+            return Err("the --global-auth-* flags need --global-auth-url".into());
+        }
+        Ok(Options {
             ingress_class: self.ingress_class.clone(),
             watch_ingress_without_class: self.watch_ingress_without_class,
             allow_snippet_annotations: self.allow_snippet_annotations,
             default_certificate: self.default_ssl_certificate.clone(),
             shared_dicts: self.shared_dicts.clone(),
-        }
+            global_auth: tidegate_controller::translate::global_auth(&set)?,
+        })
     }
 }
 
@@ -282,6 +316,19 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Held until exit: dropping it flushes the log lines still queued.
     let _log_writer = init_logging(cli.log_format);
+    let options = match &cli.command {
+        Command::Standalone(StandaloneArgs { translation, .. })
+        | Command::Controller(ControllerArgs { translation, .. })
+        | Command::Validate { translation, .. } => match translation.options() {
+            Ok(options) => Some(options),
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    }
+    .unwrap_or_default();
     let outcome = match cli.command {
         Command::Standalone(args) => {
             if let Some(addr) = args.echo_backend
@@ -292,14 +339,14 @@ fn main() -> ExitCode {
             }
             let drain = std::time::Duration::from_secs(args.proxy.drain_timeout_seconds);
             let Some(config) = proxy_config(&args.proxy) else { return ExitCode::FAILURE };
-            standalone::run(&args.manifests, &config, args.translation.options(), drain)
+            standalone::run(&args.manifests, &config, options, drain)
         }
         Command::Controller(args) => cluster::run_controller(&cluster::ControllerConfig {
             manifests: args.manifests,
             watch: tidegate_controller::watch::WatchConfig {
                 namespaces: args.watch_namespaces,
                 secret_labels: args.secret_label_selector,
-                options: args.translation.options(),
+                options: options.clone(),
             },
             stream_addr: args.stream_addr,
             admin_addr: args.admin_addr,
@@ -314,14 +361,14 @@ fn main() -> ExitCode {
                 renew_deadline: seconds(args.lease_renew_deadline_seconds),
                 retry_period: seconds(args.lease_retry_period_seconds),
             },
-            options: args.translation.options(),
+            options,
         }),
         Command::Proxy(args) => {
             let drain = std::time::Duration::from_secs(args.proxy.drain_timeout_seconds);
             let Some(config) = proxy_config(&args.proxy) else { return ExitCode::FAILURE };
             cluster::run_proxy(&config, args.controllers, args.name, &args.tls.files(), drain)
         }
-        Command::Validate { files, translation } => return validate(&files, translation.options()),
+        Command::Validate { files, .. } => return validate(&files, options),
         Command::Echo { listen, service, namespace } => return run_echo(listen, service, namespace),
         Command::Crd => {
             print!("{}", tidegate_controller::luaroute::crd_yaml());

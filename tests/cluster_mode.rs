@@ -556,7 +556,7 @@ async fn the_leader_writes_status_and_a_replica_takes_over() {
     until("the Lease released", Duration::from_secs(5), async || lease_holder(api).is_none()).await;
 }
 
-/// An Ingress asking for `satisfy`, which tidegate does not honour yet, answers 503 on every proxy,
+/// An Ingress with an `auth-snippet`, which tidegate does not honour yet, answers 503 on every proxy,
 /// and gets a Warning Event naming the key; one whose only unsupported key changes behaviour,
 /// not access, is served and gets a Warning Event too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -568,9 +568,9 @@ async fn annotations_not_honoured_close_routes_and_raise_events() {
     let annotate = |yaml: String, key: &str, value: &str| {
         yaml.replace("namespace: t}", &format!("namespace: t, annotations: {{{key}: {value:?}}}}}"))
     };
-    let satisfy = "nginx.ingress.kubernetes.io/satisfy";
+    let snippet = "nginx.ingress.kubernetes.io/auth-snippet";
     let buffering = "nginx.ingress.kubernetes.io/proxy-buffering";
-    api.apply_yaml(&annotate(ingress("guarded", "guarded.test", "web"), satisfy, "any"));
+    api.apply_yaml(&annotate(ingress("guarded", "guarded.test", "web"), snippet, "return 401;"));
     api.apply_yaml(&annotate(ingress("buffered", "buffered.test", "web"), buffering, "on"));
     let mut flags = vec!["--name", "c1"];
     flags.extend(FAST_LEASE);
@@ -589,7 +589,7 @@ async fn annotations_not_honoured_close_routes_and_raise_events() {
         })
     };
     until("Warning Events for both Ingresses", Duration::from_secs(10), async || {
-        event_for("guarded", satisfy).is_some() && event_for("buffered", buffering).is_some()
+        event_for("guarded", snippet).is_some() && event_for("buffered", buffering).is_some()
     })
     .await;
     // Passes that find the same problems announce nothing new.

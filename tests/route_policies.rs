@@ -26,6 +26,11 @@ async fn start(manifests: &str) -> (Tidegate, tempfile::TempDir) {
 
 /// Starts on `manifests` in one file and each of `files` (name, text) beside it.
 async fn start_with(manifests: &str, files: &[(&str, &str)]) -> (Tidegate, tempfile::TempDir) {
+    start_flags(manifests, files, &[]).await
+}
+
+/// The same, with command-line flags.
+async fn start_flags(manifests: &str, files: &[(&str, &str)], flags: &[&str]) -> (Tidegate, tempfile::TempDir) {
     let dir = manifest_dir();
     let web = echo("t", "web").await;
     write_manifest(dir.path(), "all.yaml", &format!("{}{manifests}", service_yaml("t", "web", 80, "http", &[web])));
@@ -33,7 +38,13 @@ async fn start_with(manifests: &str, files: &[(&str, &str)]) -> (Tidegate, tempf
         write_manifest(dir.path(), name, text);
     }
     let path = dir.path().to_owned();
-    let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&path, &[])).await.expect("start");
+    let flags: Vec<String> = flags.iter().map(|f| (*f).to_owned()).collect();
+    let tidegate = tokio::task::spawn_blocking(move || {
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        Tidegate::start(&path, &flags)
+    })
+    .await
+    .expect("start");
     (tidegate, dir)
 }
 
@@ -61,11 +72,10 @@ async fn restrictive_annotations_not_honoured_answer_503() {
         ("nginx.ingress.kubernetes.io/auth-url", "https://auth.example/check"),
         ("nginx.ingress.kubernetes.io/auth-cache-key", "$remote_user"),
         ("nginx.ingress.kubernetes.io/auth-tls-verify-client", "on"),
-        ("nginx.ingress.kubernetes.io/satisfy", "any"),
+        ("nginx.ingress.kubernetes.io/satisfy", "maybe"),
         ("nginx.ingress.kubernetes.io/limit-rps", "1.5"),
         ("nginx.ingress.kubernetes.io/limit-connections", "none"),
         ("nginx.ingress.kubernetes.io/global-rate-limit", "100"),
-        ("nginx.ingress.kubernetes.io/enable-global-auth", "false"),
         ("tidegate.dev/auth-type", "basic"),
         ("tidegate.dev/auth-tls-secret", "t/ca"),
         ("tidegate.dev/configuration-snippet", "deny all;"),
@@ -722,4 +732,93 @@ async fn external_auth_against_a_real_service() {
     eprintln!("route policies: while the auth service takes 1 s, the same worker answers in {took:?}");
     assert!(took[2] < std::time::Duration::from_millis(10), "median under 10 ms: {took:?}");
     assert_eq!(slow.await.expect("slow"), StatusCode::OK);
+}
+
+/// `satisfy`: with `any`, a client the IP rules admit needs no password, and one they refuse
+/// may still pass Basic auth (a 401 with its challenge, not a 403, when it has none); with
+/// `all` (the default), it must pass both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn satisfy_any_or_all() {
+    let users = opaque_secret("users", &[("auth", "ann:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=\n")]);
+    let with = |allow: &'static str, satisfy: &'static str| {
+        vec![
+            ("nginx.ingress.kubernetes.io/whitelist-source-range", allow),
+            ("nginx.ingress.kubernetes.io/auth-type", "basic"),
+            ("nginx.ingress.kubernetes.io/auth-secret", "users"),
+            ("nginx.ingress.kubernetes.io/satisfy", satisfy),
+        ]
+    };
+    let manifests = [
+        users,
+        ingress("any-in", "any-in.test", &with("127.0.0.1", "any")),
+        ingress("any-out", "any-out.test", &with("10.0.0.0/8", "any")),
+        ingress("all-in", "all-in.test", &with("127.0.0.1", "all")),
+    ]
+    .concat();
+    let (tidegate, _dir) = start(&manifests).await;
+    let ann = basic("ann:secret");
+    for (host, credentials, expected) in [
+        ("any-in.test", None, StatusCode::OK),
+        ("any-out.test", None, StatusCode::UNAUTHORIZED),
+        ("any-out.test", Some(ann.as_str()), StatusCode::OK),
+        ("all-in.test", None, StatusCode::UNAUTHORIZED),
+        ("all-in.test", Some(ann.as_str()), StatusCode::OK),
+    ] {
+        let answer = get_with(&tidegate, host, credentials).await;
+        assert_eq!(answer.status, expected, "{host} with {credentials:?}");
+        if expected == StatusCode::UNAUTHORIZED {
+            assert!(answer.headers.contains_key("www-authenticate"), "{host}: the challenge");
+        }
+    }
+}
+
+/// `upstream-vhost` replaces the `Host` the backend gets, while `X-Forwarded-Host` keeps the
+/// client's; `x-forwarded-prefix` adds `X-Forwarded-Prefix`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_vhost_and_forwarded_prefix() {
+    let manifests = ingress(
+        "vhost",
+        "vhost.test",
+        &[
+            ("nginx.ingress.kubernetes.io/upstream-vhost", "internal.example"),
+            ("nginx.ingress.kubernetes.io/x-forwarded-prefix", "/shop"),
+        ],
+    );
+    let (tidegate, _dir) = start(&manifests).await;
+    let answer = get(tidegate.http, "vhost.test", "/").await.expect("answered");
+    assert_eq!(answer.status, StatusCode::OK);
+    let headers = support::echoed_headers(&answer);
+    assert_eq!(answer.json()["host"], "internal.example", "the backend's Host");
+    assert_eq!(headers.get("X-Forwarded-Host"), Some(&vec!["vhost.test".to_owned()]), "{headers:?}");
+    assert_eq!(headers.get("X-Forwarded-Prefix"), Some(&vec!["/shop".to_owned()]));
+}
+
+/// Global external auth (`--global-auth-url`): every Ingress without its own `auth-url` asks it,
+/// but one that sets `enable-global-auth: "false"`; an Ingress's own `auth-url` takes its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_auth_applies_unless_turned_off() {
+    let (auth, seen) = auth_server().await;
+    let global = format!("http://{auth}/global");
+    let manifests = [
+        ingress("plain", "plain.test", &[]),
+        ingress("turned-off", "off.test", &[("nginx.ingress.kubernetes.io/enable-global-auth", "false")]),
+        ingress("own", "own.test", &[("nginx.ingress.kubernetes.io/auth-url", &format!("http://{auth}/own"))]),
+    ]
+    .concat();
+    let flags = ["--global-auth-url", global.as_str(), "--global-auth-response-headers", "X-Auth-User"];
+    let (tidegate, _dir) = start_flags(&manifests, &[], &flags).await;
+    let good = "Bearer good";
+    assert_eq!(get_with(&tidegate, "plain.test", None).await.status, StatusCode::UNAUTHORIZED, "global auth applies");
+    let passed = get_with(&tidegate, "plain.test", Some(good)).await;
+    assert_eq!(passed.status, StatusCode::OK);
+    assert_eq!(support::echoed_headers(&passed).get("X-Auth-User"), Some(&vec!["ann".to_owned()]));
+    assert_eq!(get_with(&tidegate, "off.test", None).await.status, StatusCode::OK, "enable-global-auth: false");
+    assert_eq!(get_with(&tidegate, "own.test", Some(good)).await.status, StatusCode::OK);
+    let paths: Vec<String> = seen.lock().expect("log").iter().map(|s| s.uri.clone()).collect();
+    assert!(paths.contains(&"/own".to_owned()) && paths.iter().filter(|p| *p == "/own").count() == 1, "{paths:?}");
+    assert_eq!(
+        paths.iter().filter(|p| *p == "/global").count(),
+        2,
+        "only plain.test asked the global service: {paths:?}"
+    );
 }

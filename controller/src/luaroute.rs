@@ -192,6 +192,9 @@ impl RoutePolicies {
             cors: None,
             basic_auth: None,
             external_auth: None,
+            satisfy_any: false,
+            upstream_host: None,
+            forwarded_prefix: None,
         })
     }
 }

@@ -42,6 +42,9 @@ pub struct Options {
     pub default_certificate: Option<(String, String)>,
     /// `--shared-dict NAME=SIZE`: dictionaries Lua of every namespace reaches.
     pub shared_dicts: Vec<(String, u64)>,
+    /// `--global-auth-url` and its options: external auth for every Ingress that has none of
+    /// its own and does not set `enable-global-auth: "false"` (see [`crate::translate::global_auth`]).
+    pub global_auth: Option<tidegate_snapshot::ExternalAuth>,
 }
 
 impl Default for Options {
@@ -52,6 +55,7 @@ impl Default for Options {
             allow_snippet_annotations: false,
             default_certificate: None,
             shared_dicts: Vec::new(),
+            global_auth: None,
         }
     }
 }

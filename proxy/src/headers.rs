@@ -227,6 +227,9 @@ pub(crate) struct Forwarded<'a> {
     pub(crate) https: bool,
     /// The port the client connected to.
     pub(crate) port: u16,
+    /// The host the client asked for, when the request's `Host` was replaced on its way
+    /// (`upstream-vhost`): `X-Forwarded-Host` tells the client's.
+    pub(crate) host: Option<&'a HeaderValue>,
 }
 
 impl Forwarded<'_> {
@@ -242,8 +245,10 @@ impl Forwarded<'_> {
             )
     }
 
-    /// Writes the header lines, with `host` (the request's `Host`) as `X-Forwarded-Host`.
+    /// Writes the header lines, with the client's host, or else `host` (the request's `Host`),
+    /// as `X-Forwarded-Host`.
     pub(crate) fn write(&self, buf: &mut Vec<u8>, host: Option<&HeaderValue>) {
+        let host = self.host.or(host);
         let ip = self.client_ip.as_bytes();
         write_line(buf, b"x-forwarded-for", ip);
         write_line(buf, b"x-real-ip", ip);
@@ -400,7 +405,8 @@ mod tests {
         let client: SocketAddr = "[::ffff:127.0.0.9]:5000".parse().expect("addr");
         let ip = client_ip_value(client);
         let mut buf = Vec::new();
-        Forwarded { client_ip: &ip, https: true, port: 8443 }.write(&mut buf, Some(&HeaderValue::from_static("a.com")));
+        Forwarded { client_ip: &ip, https: true, port: 8443, host: None }
+            .write(&mut buf, Some(&HeaderValue::from_static("a.com")));
         assert_eq!(
             String::from_utf8_lossy(&buf),
             "x-forwarded-for: 127.0.0.9\r\nx-real-ip: 127.0.0.9\r\nx-forwarded-proto: https\r\n\

@@ -44,6 +44,14 @@ pub(super) struct Settings {
     pub(super) cors: CorsKeys,
     /// `auth-url` and the keys of external auth.
     pub(super) external_auth: ExternalAuthKeys,
+    /// `satisfy: any`.
+    pub(super) satisfy_any: bool,
+    /// `enable-global-auth` (true by default): the controller's global external auth applies
+    /// to this Ingress when it has no `auth-url` of its own.
+    pub(super) global_auth: bool,
+    /// `upstream-vhost` and `x-forwarded-prefix`.
+    pub(super) upstream_host: Option<String>,
+    pub(super) forwarded_prefix: Option<String>,
     /// `auth-type`, `auth-secret`, `auth-secret-type` and `auth-realm`: resolved against the
     /// Secret by [`super::ingress`].
     pub(super) basic_auth: BasicAuthKeys,
@@ -76,6 +84,10 @@ impl Default for Settings {
             cors: CorsKeys::default(),
             limits: LimitKeys::default(),
             external_auth: ExternalAuthKeys::default(),
+            satisfy_any: false,
+            global_auth: true,
+            upstream_host: None,
+            forwarded_prefix: None,
             written: BTreeMap::new(),
             unhonoured: Vec::new(),
         }
@@ -122,6 +134,24 @@ impl ExternalAuthKeys {
             request_redirect: self.request_redirect.clone(),
             always_set_cookie: self.always_set_cookie,
         })
+    }
+}
+
+/// The controller's global external auth (`--global-auth-url` and the other `--global-auth-*`
+/// flags, ingress-nginx's `global-auth-*` ConfigMap keys), read by the same parsers as the
+/// annotations of the same names. `Err` names the first flag that does not read.
+pub fn global_auth(settings: &[(&str, &str)]) -> Result<Option<tidegate_snapshot::ExternalAuth>, String> {
+    let annotations: BTreeMap<String, String> =
+        settings.iter().map(|(name, value)| (format!("{NGINX}{name}"), (*value).to_owned())).collect();
+    let mut status = ObjectStatus::new(crate::objects::ObjectRef::cluster("Flag", "--global-auth-url"));
+    let read = read(Some(&annotations), &mut status);
+    match status.problems.first() {
+        Some(problem) => Err(format!(
+            "--global-{}: {}",
+            problem.field.trim_start_matches(&format!("metadata.annotations[\"{NGINX}")).trim_end_matches("\"]"),
+            problem.message
+        )),
+        None => Ok(read.external_auth.typed()),
     }
 }
 
@@ -352,6 +382,20 @@ pub(crate) const KEYS: &[Key] = &[
             .map(|n| s.cors.cors.max_age = n)
             .map_err(|_| format!("{v:?} is not a number of seconds"))
     }),
+    parsed("upstream-vhost", "", |v, s| header_text(v).map(|t| s.upstream_host = Some(t))),
+    parsed("x-forwarded-prefix", "", |v, s| header_text(v).map(|t| s.forwarded_prefix = Some(t))),
+    parsed("enable-global-auth", "true", |v, s| boolean(v).map(|b| s.global_auth = b)),
+    guards("satisfy", "all", |v, s| match v.trim() {
+        "any" => {
+            s.satisfy_any = true;
+            Ok(())
+        }
+        "all" => {
+            s.satisfy_any = false;
+            Ok(())
+        }
+        other => Err(format!("{other:?} is not any or all")),
+    }),
     guards("auth-url", "", |v, s| auth_url(v).map(|t| s.external_auth.url = Some(t))),
     guards("auth-method", "", |v, s| {
         let v = v.trim();
@@ -433,8 +477,6 @@ pub(crate) const KEYS: &[Key] = &[
     restricts(Pattern::Suffix("-source-range")),
     restricts(Pattern::Prefix("denylist-")),
     restricts(Pattern::Prefix("auth-")),
-    restricts(Pattern::Exact("satisfy")),
-    restricts(Pattern::Exact("enable-global-auth")),
     restricts(Pattern::Exact("enable-modsecurity")),
     restricts(Pattern::Exact("enable-owasp-core-rules")),
     restricts(Pattern::Prefix("modsecurity-")),
@@ -463,6 +505,15 @@ fn allow(value: &str, other: &str, allow: &mut Vec<Cidr>) -> Result<(), String> 
     }
     *allow = list;
     Ok(())
+}
+
+/// Text that can go in a header value: visible ASCII and spaces, not empty.
+fn header_text(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    if value.is_empty() || !value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(format!("{value:?} cannot be a header value"));
+    }
+    Ok(value.to_owned())
 }
 
 /// A comma-separated list whose items are made of `allowed` characters; kept as written.
@@ -638,8 +689,7 @@ mod tests {
             ("auth-url", "https://auth.example/check"),
             ("auth-tls-verify-client", "on"),
             ("auth-tls-secret", "ns/ca"),
-            ("satisfy", "any"),
-            ("enable-global-auth", "false"),
+            ("satisfy", "some"),
             ("limit-rps", "five"),
             ("limit-connections", "0"),
             ("limit-rate", "fast"),
@@ -655,9 +705,10 @@ mod tests {
                 let (settings, status) = read_one(&key, value);
                 assert_eq!(settings.unhonoured, vec![key.clone()], "{key} fails closed");
                 let problem = &status.problems[0];
-                let guarded = name.ends_with("-source-range")
-                    || ["auth-type", "auth-secret", "auth-url", "limit-rps", "limit-connections", "limit-rate"]
-                        .contains(&name);
+                // A key honoured with a value that does not read is Invalid; one not honoured
+                // at all is UnsupportedAnnotation.
+                let row = KEYS.iter().find(|k| k.pattern.covers(name)).expect("a row");
+                let guarded = matches!(row.handling, Handling::Guards(_));
                 let reason = if guarded { Reason::Invalid } else { Reason::UnsupportedAnnotation };
                 assert_eq!((problem.severity, problem.reason), (crate::status::Severity::Error, reason), "{key}");
                 assert_eq!(problem.field, format!("metadata.annotations[{key:?}]"), "the field names the key");

@@ -60,7 +60,14 @@ pub(super) fn translate(
         response_rate: settings.limits.response_rate(),
         cors: settings.cors.enabled.then(|| settings.cors.cors.clone()),
         basic_auth,
-        external_auth: settings.external_auth.typed(),
+        // An Ingress's own auth-url takes the place of the global one.
+        external_auth: settings
+            .external_auth
+            .typed()
+            .or_else(|| options.global_auth.clone().filter(|_| settings.global_auth)),
+        satisfy_any: settings.satisfy_any,
+        upstream_host: settings.upstream_host.clone(),
+        forwarded_prefix: settings.forwarded_prefix.clone(),
     };
     if refusal.is_some() {
         status.accepted = false;

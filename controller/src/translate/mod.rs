@@ -44,6 +44,7 @@ use tidegate_snapshot::{
 };
 
 pub use annotation_table::annotation_table;
+pub use annotations::global_auth;
 pub(crate) use tidegate_snapshot::Phase;
 
 use crate::luaroute::{self, LuaRoute};

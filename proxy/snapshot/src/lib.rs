@@ -262,6 +262,17 @@ pub struct Policies {
     /// nginx's `auth_request`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_auth: Option<ExternalAuth>,
+    /// The `Host` the upstream gets instead of the client's (`upstream-vhost`); the client's
+    /// still goes as `X-Forwarded-Host`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_host: Option<String>,
+    /// `X-Forwarded-Prefix` for the upstream (`x-forwarded-prefix`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forwarded_prefix: Option<String>,
+    /// `satisfy: any`: a request that passes the IP rules or either authentication goes on
+    /// (nginx's `satisfy any`); otherwise it must pass them all.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub satisfy_any: bool,
 }
 
 /// Each request is first sent, without its body, to an external service: 2xx lets it go on
@@ -858,6 +869,9 @@ mod tests {
                                     request_redirect: None,
                                     always_set_cookie: false,
                                 }),
+                                satisfy_any: true,
+                                upstream_host: Some("api.internal".into()),
+                                forwarded_prefix: Some("/shop".into()),
                                 cors: Some(Cors {
                                     allow_origins: vec!["https://*.example.com".into()],
                                     allow_methods: "GET, POST".into(),

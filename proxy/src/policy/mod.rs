@@ -19,7 +19,9 @@
 //! (CORS), which the pipeline adds to whatever response leaves, as nginx's `more_set_headers`
 //! does; and places it holds (a client's requests in progress) until the response is done.
 //! The limits run first in the access step, as nginx's preaccess phase runs `limit_req` and
-//! `limit_conn` before its access phase.
+//! `limit_conn` before its access phase. With `satisfy: any`, the checks after them (IP rules,
+//! Basic auth, external auth) let a request on as soon as one of them does, as nginx's
+//! `satisfy any`.
 //!
 //! A filter either lets the request go on or answers it; an answer ends the request's way to
 //! the content or upstream step, but the header_filter, body_filter and log steps still run on
@@ -109,6 +111,8 @@ pub(crate) struct Effects {
     /// any when `cookies_always`.
     pub(crate) cookies: Vec<HeaderValue>,
     pub(crate) cookies_always: bool,
+    /// The client's `Host`, when the route sent the upstream another (`upstream-vhost`).
+    pub(crate) client_host: Option<HeaderValue>,
 }
 
 impl Effects {
@@ -153,9 +157,18 @@ impl Filter {
 #[derive(Debug, Default)]
 pub(crate) struct Filters {
     rewrite: Vec<Filter>,
+    /// The access step's filters: the limits (nginx's preaccess phase), then the checks of
+    /// who the client is (IP rules, Basic auth, external auth), which `satisfy_any` lets any
+    /// one of pass the request.
     access: Vec<Filter>,
+    /// How many of `access` are limits, which always all apply.
+    limits: usize,
+    satisfy_any: bool,
     max_body: Option<u64>,
     response_rate: Option<tidegate_snapshot::ResponseRate>,
+    /// Headers the upstream request carries, set by the route (`upstream-vhost`,
+    /// `x-forwarded-prefix`).
+    upstream_headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Filters {
@@ -173,6 +186,7 @@ impl Filters {
         if let Some(limits) = &policies.limits {
             access.push(Filter::Limit(limit::LimitFilter::new(limits)));
         }
+        let limits = access.len();
         if let Some(rules) = &policies.ip {
             access.push(Filter::Ip(ip::IpFilter::new(rules)));
         }
@@ -182,7 +196,23 @@ impl Filters {
         if let Some(auth) = &policies.external_auth {
             access.push(Filter::ExternalAuth(external_auth::ExternalAuthFilter::new(auth, timeouts)));
         }
-        Filters { rewrite, access, max_body: policies.max_body_bytes, response_rate: policies.response_rate }
+        let mut upstream_headers = Vec::new();
+        let mut set = |name: HeaderName, value: &Option<String>| {
+            if let Some(value) = value.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+                upstream_headers.push((name, value));
+            }
+        };
+        set(http::header::HOST, &policies.upstream_host);
+        set(HeaderName::from_static("x-forwarded-prefix"), &policies.forwarded_prefix);
+        Filters {
+            upstream_headers,
+            rewrite,
+            access,
+            limits,
+            satisfy_any: policies.satisfy_any,
+            max_body: policies.max_body_bytes,
+            response_rate: policies.response_rate,
+        }
     }
 
     /// The body_filter step's built-in part: paces the response body (`limit-rate`).
@@ -192,6 +222,11 @@ impl Filters {
                 .map(|body| LocalBody::new(crate::body::Throttled::new(body, rate.bytes_per_second, rate.after_bytes))),
             None => response,
         }
+    }
+
+    /// Headers the route sets on its upstream requests.
+    pub(crate) fn upstream_headers(&self) -> &[(HeaderName, HeaderValue)] {
+        &self.upstream_headers
     }
 
     /// The most body bytes a request may send, when the route limits it.
@@ -220,11 +255,34 @@ impl Filters {
         facts: &Facts<'_>,
         effects: &mut Effects,
     ) -> Option<Response<LocalBody>> {
-        for filter in self.of(phase) {
+        let filters = self.of(phase);
+        let (always, checks) = match phase {
+            Phase::Access if self.satisfy_any => filters.split_at(self.limits.min(filters.len())),
+            _ => (filters, &[][..]),
+        };
+        for filter in always {
             if let Verdict::Answer(response) = filter.check(facts, effects).await {
                 return Some(response);
             }
         }
-        None
+        if checks.is_empty() {
+            return None;
+        }
+        // satisfy any, as nginx: the first check that passes lets the request on; when none
+        // does, a 401 (with its challenge) wins over a 403; any other answer ends it at once.
+        let mut refusal: Option<Response<LocalBody>> = None;
+        for filter in checks {
+            match filter.check(facts, effects).await {
+                Verdict::Continue => return None,
+                Verdict::Answer(response) => match response.status() {
+                    http::StatusCode::UNAUTHORIZED => refusal = Some(response),
+                    http::StatusCode::FORBIDDEN => {
+                        refusal.get_or_insert(response);
+                    }
+                    _ => return Some(response),
+                },
+            }
+        }
+        refusal
     }
 }

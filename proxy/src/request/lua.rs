@@ -32,7 +32,7 @@ use tidegate_lua::{FailureKind, LuaRequest, Outcome as LuaOutcome, Phase, Reques
 use tidegate_snapshot::Phase as Step;
 
 use super::context::Outcome;
-use super::upstream::{forward, prepare_upstream, upstream_body};
+use super::upstream::{forward, prepare_upstream, upstream_body, upstream_headers};
 use crate::body::{BoxError, ClientBody, LocalBody, full};
 use crate::connection::Connection;
 use crate::http1::CloseConnection;
@@ -97,12 +97,6 @@ pub(super) async fn serve(
             if let Some(answer) = target.filters.run(step, &facts, &mut outcome.effects).await {
                 return filtered(worker, target, chain, &lua, answer, outcome).await;
             }
-            // Headers the filters add to the upstream request (auth-response-headers), where
-            // the Lua after them and the upstream step read the request.
-            let mut lua_headers = lua.state.headers.borrow_mut();
-            for (name, value) in outcome.effects.upstream_headers.drain(..) {
-                lua_headers.insert(name, value);
-            }
         }
         let scripts = chain.phase(phase);
         if scripts.is_empty() {
@@ -123,6 +117,7 @@ pub(super) async fn serve(
     let response = if chain.phase(Phase::Content).is_empty() {
         parts.method = lua.state.method.borrow().clone();
         parts.headers = lua.state.headers.borrow().clone();
+        upstream_headers(target, outcome, &mut parts.headers);
         parts.uri = lua.state.upstream_uri().parse().unwrap_or_else(|_| parts.uri.clone());
         let set_body = lua.state.body.borrow().clone();
         if set_body.is_some() {

@@ -33,13 +33,27 @@ pub(super) async fn proxy(
     let client_upgrade = crate::http1::on_upgrade(&mut request);
     let upgrade = client_upgrade.is_some();
     let (mut parts, body) = request.into_parts();
-    for (name, value) in outcome.effects.upstream_headers.drain(..) {
-        parts.headers.insert(name, value);
-    }
+    upstream_headers(target, outcome, &mut parts.headers);
     let body = upstream_body(target, &parts.headers, body);
     prepare_upstream(&mut parts, upgrade);
     let upstream_request = Request::from_parts(parts, body);
     forward(worker, runtime, conn, target, upstream_request, client_upgrade, outcome).await
+}
+
+/// Puts the headers the route and its filters set into the upstream request: those the
+/// filters found (`auth-response-headers`), then the route's own (`upstream-vhost`,
+/// `x-forwarded-prefix`). The client's `Host`, when the route replaces it, is kept for
+/// `X-Forwarded-Host`.
+pub(super) fn upstream_headers(target: &Target, outcome: &mut Outcome, headers: &mut http::HeaderMap) {
+    for (name, value) in outcome.effects.upstream_headers.drain(..) {
+        headers.insert(name, value);
+    }
+    for (name, value) in target.filters.upstream_headers() {
+        let before = headers.insert(name, value.clone());
+        if name == header::HOST {
+            outcome.effects.client_host = before;
+        }
+    }
 }
 
 /// The client's body as it goes upstream: capped at the route's limit when its length was not
@@ -84,7 +98,8 @@ pub(super) async fn forward(
     };
     outcome.upstream = Some(endpoint);
     let sent = Instant::now();
-    let result = worker.pool.send(endpoint, upstream_request, Some(conn.forwarded()), timeouts).await;
+    let forwarded = crate::headers::Forwarded { host: outcome.effects.client_host.as_ref(), ..conn.forwarded() };
+    let result = worker.pool.send(endpoint, upstream_request, Some(forwarded), timeouts).await;
     outcome.upstream_time = Some(sent.elapsed());
     let mut response = match result {
         Ok(r) => r,
