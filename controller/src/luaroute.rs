@@ -193,6 +193,7 @@ impl RoutePolicies {
             basic_auth: None,
             external_auth: None,
             satisfy_any: false,
+            client_certificate: None,
             upstream_host: None,
             forwarded_prefix: None,
         })

@@ -1,7 +1,9 @@
 //! A client connection: the facts its requests share (peer, port, TLS), and the guard that counts
 //! it as open for as long as it lives, whether served by a task or parked in the reactor.
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use http::header::HeaderValue;
@@ -18,11 +20,38 @@ pub(crate) struct Connection {
     client_ip: std::cell::OnceCell<HeaderValue>,
     pub(crate) local_port: u16,
     pub(crate) tls: bool,
+    /// The certificates the client sent in the TLS handshake, end entity first.
+    pub(crate) client_certificates: Option<crate::tls::ClientCertificates>,
+    /// What they proved against the last CA a request asked about (by the CA's key): a
+    /// keep-alive connection verifies once, not per request.
+    pub(crate) certificate_check: RefCell<Option<(u64, Rc<CertificateCheck>)>>,
+}
+
+/// What a client certificate proved against one CA.
+#[derive(Debug)]
+pub(crate) struct CertificateCheck {
+    /// `Err` says why it does not verify.
+    pub(crate) verified: Result<(), String>,
+    /// Subject and issuer, RFC 2253 (`CN=client,O=Example`), as nginx's `$ssl_client_s_dn`.
+    pub(crate) subject: String,
+    pub(crate) issuer: String,
 }
 
 impl Connection {
-    pub(crate) fn new(remote: SocketAddr, local_port: u16, tls: bool) -> Connection {
-        Connection { remote, client_ip: std::cell::OnceCell::new(), local_port, tls }
+    pub(crate) fn new(
+        remote: SocketAddr,
+        local_port: u16,
+        tls: bool,
+        client_certificates: Option<crate::tls::ClientCertificates>,
+    ) -> Connection {
+        Connection {
+            remote,
+            client_ip: std::cell::OnceCell::new(),
+            local_port,
+            tls,
+            client_certificates,
+            certificate_check: RefCell::new(None),
+        }
     }
 
     /// What the upstream is told of the client (`X-Forwarded-*`).

@@ -201,10 +201,10 @@ impl Proxy {
             })
             .map_err(StartError::Thread)?;
 
-        let tls_config = tls::server_config(Arc::clone(&shared));
+        let tls_config = tls::server_configs(Arc::clone(&shared));
         for (index, (http, https)) in http.into_iter().zip(https).enumerate() {
             let shared = Arc::clone(&shared);
-            let tls_config = Arc::clone(&tls_config);
+            let tls_config = tls_config.clone();
             std::thread::Builder::new()
                 .name(format!("worker-{index}"))
                 .spawn(move || {

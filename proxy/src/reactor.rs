@@ -338,6 +338,7 @@ struct Parked<G> {
     remote: SocketAddr,
     local_port: u16,
     tls: bool,
+    client_certificates: Option<crate::tls::ClientCertificates>,
     /// Kept for as long as the connection is open (it counts open connections).
     guard: G,
 }
@@ -441,13 +442,15 @@ impl<G> Reactor<G> {
             Err(io) => Waiting::Tls(io),
         };
         let (remote, local_port, tls) = (conn.remote, conn.local_port, conn.tls);
+        let client_certificates = conn.client_certificates.clone();
         drop(conn);
         let mut all = self.parked.borrow_mut();
         let index = key.index as usize;
         if all.len() <= index {
             all.resize_with(index + 1, || None);
         }
-        all[index] = Some(Parked { waiting, key, served, deadline, remote, local_port, tls, guard });
+        all[index] =
+            Some(Parked { waiting, key, served, deadline, remote, local_port, tls, client_certificates, guard });
         self.count.inc();
         Ok(())
     }
@@ -457,12 +460,13 @@ impl<G> Reactor<G> {
         let parked = self.parked.borrow_mut().get_mut(key.index as usize)?.take_if(|p| p.key == key)?;
         with_slot(key, |slot| slot.parked = false);
         self.count.dec();
-        let Parked { waiting, served, remote, local_port, tls, guard, .. } = parked;
+        let Parked { waiting, served, remote, local_port, tls, client_certificates, guard, .. } = parked;
         let io: Box<dyn Io> = match waiting {
             Waiting::Plain(stream) => Box::new(stream),
             Waiting::Tls(io) => io,
         };
-        Some(Resumed { io, served, conn: Rc::new(Connection::new(remote, local_port, tls)), guard })
+        let conn = Rc::new(Connection::new(remote, local_port, tls, client_certificates));
+        Some(Resumed { io, served, conn, guard })
     }
 
     /// Hands each event of the set to its slot: readiness claimed, waiters woken, parked
@@ -637,7 +641,7 @@ mod tests {
     }
 
     fn facts(tls: bool) -> Rc<Connection> {
-        Rc::new(Connection::new("127.0.0.1:1".parse().expect("address"), 80, tls))
+        Rc::new(Connection::new("127.0.0.1:1".parse().expect("address"), 80, tls, None))
     }
 
     async fn next(resumed: &mut Back) -> Resumed<Rc<()>> {

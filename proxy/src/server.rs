@@ -9,9 +9,9 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::tls::{ClientCertificates, ServerConfigs};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio_rustls::TlsAcceptor;
 
 use crate::Shared;
 use crate::body::ClientBody;
@@ -59,7 +59,7 @@ pub(crate) fn run_worker(
     shared: Arc<Shared>,
     http: std::net::TcpListener,
     https: std::net::TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: ServerConfigs,
 ) -> std::io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
@@ -86,7 +86,7 @@ pub(crate) fn run_worker(
         tokio::task::spawn_local(crate::upkeep::run(Rc::clone(&worker)));
         tokio::task::spawn_local(serve_parked(Rc::clone(&worker), serve_http1));
         tokio::task::spawn_local(accept_loop(Rc::clone(&worker), http, None));
-        accept_loop(Rc::clone(&worker), https, Some(TlsAcceptor::from(tls))).await;
+        accept_loop(Rc::clone(&worker), https, Some(tls)).await;
         // Lua timers still waiting run now, told they are premature.
         worker.vm.stop_timers();
         // Draining: the listeners are closed, but this worker's connections are tasks of this
@@ -98,7 +98,7 @@ pub(crate) fn run_worker(
 /// Connections a listener accepts before it lets the worker's other tasks run.
 const ACCEPTS_PER_TURN: usize = 64;
 
-async fn accept_loop(worker: Rc<Worker>, listener: ClientListener, tls: Option<TlsAcceptor>) {
+async fn accept_loop(worker: Rc<Worker>, listener: ClientListener, tls: Option<ServerConfigs>) {
     let mut shutdown = worker.shared.shutdown.subscribe();
     // Made once, not polled and dropped anew for every accept.
     let mut stopping = std::pin::pin!(shutdown.wait_for(|stop| *stop));
@@ -135,20 +135,21 @@ async fn serve(
     stream: ClientStream,
     remote: SocketAddr,
     local_port: u16,
-    tls: Option<TlsAcceptor>,
+    tls: Option<ServerConfigs>,
 ) {
     let guard = ConnectionGuard::new(&worker.shared);
-    // Shared by the connection's requests (and small in the connection's task).
-    let conn = Rc::new(Connection::new(remote, local_port, tls.is_some()));
-    let (io, alpn_h2): (Box<dyn Io>, bool) = match tls {
-        None => (Box::new(stream), false),
+    let tls_connection = tls.is_some();
+    let (io, alpn_h2, client_certificates): (Box<dyn Io>, bool, _) = match tls {
+        None => (Box::new(stream), false, None),
         // Boxed, like HTTP/2 below: a task is as large as its largest state, and a plain HTTP/1
         // connection waiting for its next request should not carry a TLS handshake's.
-        Some(acceptor) => match Box::pin(handshake(acceptor, stream, remote)).await {
+        Some(configs) => match Box::pin(handshake(configs, stream, remote)).await {
             Some(accepted) => accepted,
             None => return,
         },
     };
+    // Shared by the connection's requests (and small in the connection's task).
+    let conn = Rc::new(Connection::new(remote, local_port, tls_connection, client_certificates));
     if alpn_h2 {
         let shutdown = worker.shared.shutdown.subscribe();
         Box::pin(serve_http2(worker, conn, Detached::new(io), shutdown)).await;
@@ -188,12 +189,17 @@ async fn serve_http1(worker: Rc<Worker>, mut connection: Resumed<ConnectionGuard
     }
 }
 
-/// The TLS handshake, within its time limit: the stream and whether ALPN chose HTTP/2.
-async fn handshake(acceptor: TlsAcceptor, stream: ClientStream, remote: SocketAddr) -> Option<(Box<dyn Io>, bool)> {
-    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-        Ok(Ok(tls_stream)) => {
+/// The TLS handshake, within its time limit: the stream, whether ALPN chose HTTP/2, and the
+/// client's certificates.
+async fn handshake(
+    configs: ServerConfigs,
+    stream: ClientStream,
+    remote: SocketAddr,
+) -> Option<(Box<dyn Io>, bool, Option<ClientCertificates>)> {
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, crate::tls::accept(&configs, stream)).await {
+        Ok(Ok((tls_stream, certificates))) => {
             let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-            Some((Box::new(tls_stream), h2))
+            Some((Box::new(tls_stream), h2, certificates))
         }
         Ok(Err(e)) => {
             tracing::debug!(%remote, error = %e, "TLS handshake failed");

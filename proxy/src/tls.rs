@@ -5,11 +5,19 @@
 //! so a new certificate is served from the next handshake on, without touching listeners.
 //! Unknown names, and hosts whose Secret does not hold a usable certificate, get a self-signed
 //! default certificate generated at start.
+//!
+//! Client certificates: the handshake of a name whose routes verify them (`auth-tls-*`) asks
+//! the client for one, without requiring it, and checks only that the client holds its key;
+//! each request's route then verifies the chain against its own CA
+//! (`crate::policy`), so that a certificate that does not verify gets nginx's 400, and a
+//! request for one host over a handshake made for another proves nothing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::ring::sign::any_supported_type;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
@@ -28,6 +36,11 @@ pub struct CertStore {
     /// Every certificate parsed, by id, with a hash of its PEM text, for the next build to
     /// reuse: parsing is the costly part, and most builds change few certificates.
     parsed: HashMap<String, (u64, Result<Arc<CertifiedKey>, String>)>,
+    /// Hosts whose handshake asks for a client certificate: exact names, wildcard suffixes,
+    /// and whether the routes without a host do (then every name does).
+    ask_exact: HashSet<String>,
+    ask_wildcard: HashSet<String>,
+    ask_any: bool,
 }
 
 fn pem_hash(certificate: &Certificate) -> u64 {
@@ -61,6 +74,19 @@ impl CertStore {
             store.default = parsed.get(id).cloned().flatten();
         }
         for vhost in &routing.virtual_hosts {
+            if vhost.routes.iter().any(|r| r.action.policies.client_certificate.is_some()) {
+                match &vhost.host {
+                    HostMatch::Exact(h) => {
+                        store.ask_exact.insert(h.clone());
+                    }
+                    HostMatch::Wildcard(s) => {
+                        store.ask_wildcard.insert(s.clone());
+                    }
+                    HostMatch::Any => store.ask_any = true,
+                }
+            }
+        }
+        for vhost in &routing.virtual_hosts {
             let Some(id) = vhost.tls.as_deref() else { continue };
             let Some(Some(key)) = parsed.get(id) else { continue };
             match &vhost.host {
@@ -79,6 +105,17 @@ impl CertStore {
     /// The configured default certificate, if any.
     pub fn default_certificate(&self) -> Option<&Arc<CertifiedKey>> {
         self.default.as_ref()
+    }
+
+    /// Whether the handshake for `server_name` asks for a client certificate.
+    pub(crate) fn asks_client_certificate(&self, server_name: Option<&str>) -> bool {
+        if self.ask_any {
+            return true;
+        }
+        let Some(name) = server_name else { return false };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        self.ask_exact.contains(&name)
+            || name.split_once('.').is_some_and(|(_, suffix)| self.ask_wildcard.contains(suffix))
     }
 
     /// The certificate for a server name, if one is configured.
@@ -134,18 +171,114 @@ impl ResolvesServerCert for Resolver {
     }
 }
 
-/// The server configuration every worker's TLS listener uses: SNI resolution, h2 and http/1.1
-/// by ALPN.
-pub(crate) fn server_config(shared: Arc<Shared>) -> Arc<rustls::ServerConfig> {
+/// The two server configurations of the TLS listeners: SNI resolution, h2 and http/1.1 by ALPN;
+/// `asking` also asks the client for a certificate.
+#[derive(Debug, Clone)]
+pub(crate) struct ServerConfigs {
+    plain: Arc<rustls::ServerConfig>,
+    asking: Arc<rustls::ServerConfig>,
+    shared: Arc<Shared>,
+}
+
+pub(crate) fn server_configs(shared: Arc<Shared>) -> ServerConfigs {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    // The ring provider supports every protocol version rustls has, so this cannot fail.
-    let builder = match rustls::ServerConfig::builder_with_provider(provider).with_safe_default_protocol_versions() {
-        Ok(b) => b,
-        Err(e) => unreachable!("ring supports the default protocol versions: {e}"),
+    let build = |verifier: Option<Arc<dyn ClientCertVerifier>>| {
+        // The ring provider supports every protocol version rustls has, so this cannot fail.
+        let builder = match rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+        {
+            Ok(b) => b,
+            Err(e) => unreachable!("ring supports the default protocol versions: {e}"),
+        };
+        let builder = match verifier {
+            Some(verifier) => builder.with_client_cert_verifier(verifier),
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_cert_resolver(Arc::new(Resolver { shared: Arc::clone(&shared) }));
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Arc::new(config)
     };
-    let mut config = builder.with_no_client_auth().with_cert_resolver(Arc::new(Resolver { shared }));
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Arc::new(config)
+    let asking = build(Some(Arc::new(AskForCertificate { provider: Arc::clone(&provider) })));
+    ServerConfigs { plain: build(None), asking, shared }
+}
+
+/// The client certificate chain a handshake received, end entity first.
+pub(crate) type ClientCertificates = Arc<Vec<CertificateDer<'static>>>;
+
+/// Reads the ClientHello, picks the configuration for its server name, and completes the
+/// handshake; returns the stream and the client's certificates, when it sent any.
+pub(crate) async fn accept<IO>(
+    configs: &ServerConfigs,
+    io: IO,
+) -> std::io::Result<(tokio_rustls::server::TlsStream<IO>, Option<ClientCertificates>)>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
+    let runtime = configs.shared.runtime.load();
+    let asks = runtime.routing.certificates.asks_client_certificate(start.client_hello().server_name());
+    let config = if asks { &configs.asking } else { &configs.plain };
+    let stream = start.into_stream(Arc::clone(config)).await?;
+    let certificates = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .filter(|c| !c.is_empty())
+        .map(|c| Arc::new(c.iter().map(|d| d.clone().into_owned()).collect()));
+    Ok((stream, certificates))
+}
+
+/// Asks for a client certificate without requiring one, and checks only the handshake's
+/// signature (the client holds the certificate's key); which CA it must chain to is the
+/// route's to say, per request.
+#[derive(Debug)]
+struct AskForCertificate {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ClientCertVerifier for AskForCertificate {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 #[cfg(test)]

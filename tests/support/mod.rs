@@ -394,6 +394,29 @@ pub fn tls_connector(trusted: Option<&[&str]>, alpn: &[&[u8]]) -> tokio_rustls::
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
+/// A TLS client that accepts any server certificate and presents `client` (certificate chain
+/// PEM, key PEM) when the server asks for one.
+pub fn tls_connector_with_client(client: Option<(&str, &str)>, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+    use rustls_pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)));
+    let mut config = match client {
+        Some((chain, key)) => {
+            let chain =
+                rustls_pki_types::CertificateDer::pem_slice_iter(chain.as_bytes()).collect::<Result<Vec<_>, _>>();
+            let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key");
+            builder.with_client_auth_cert(chain.expect("chain"), key).expect("client certificate")
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
 /// One request over TLS to `addr` with SNI `server_name`; HTTP/2 when ALPN picks h2.
 pub async fn tls_request(
     connector: &tokio_rustls::TlsConnector,

@@ -46,6 +46,8 @@ pub(super) struct Settings {
     pub(super) external_auth: ExternalAuthKeys,
     /// `satisfy: any`.
     pub(super) satisfy_any: bool,
+    /// The `auth-tls-*` keys.
+    pub(super) client_cert: ClientCertKeys,
     /// `enable-global-auth` (true by default): the controller's global external auth applies
     /// to this Ingress when it has no `auth-url` of its own.
     pub(super) global_auth: bool,
@@ -85,6 +87,7 @@ impl Default for Settings {
             limits: LimitKeys::default(),
             external_auth: ExternalAuthKeys::default(),
             satisfy_any: false,
+            client_cert: ClientCertKeys::default(),
             global_auth: true,
             upstream_host: None,
             forwarded_prefix: None,
@@ -96,6 +99,32 @@ impl Default for Settings {
 
 /// ingress-nginx's `proxy-body-size` when an Ingress does not set it: 1m.
 pub(crate) const DEFAULT_MAX_BODY: u64 = 1 << 20;
+
+/// The client-certificate keys; `auth-tls-secret` turns them on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct ClientCertKeys {
+    /// `namespace/name` or `name` of a Secret with `ca.crt`.
+    pub(super) secret: Option<String>,
+    /// `None` for `off`.
+    pub(super) verify: Option<tidegate_snapshot::ClientVerify>,
+    pub(super) depth: u8,
+    pub(super) error_page: Option<String>,
+    pub(super) pass_to_upstream: bool,
+    pub(super) match_subject: Option<String>,
+}
+
+impl Default for ClientCertKeys {
+    fn default() -> Self {
+        ClientCertKeys {
+            secret: None,
+            verify: Some(tidegate_snapshot::ClientVerify::On),
+            depth: 1,
+            error_page: None,
+            pass_to_upstream: false,
+            match_subject: None,
+        }
+    }
+}
 
 /// The external-auth keys; `auth-url` turns them on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -396,6 +425,41 @@ pub(crate) const KEYS: &[Key] = &[
         }
         other => Err(format!("{other:?} is not any or all")),
     }),
+    guards("auth-tls-secret", "", |v, s| {
+        let v = v.trim();
+        if v.is_empty() || v.split('/').count() > 2 {
+            return Err(format!("{v:?} is not a Secret namespace/name"));
+        }
+        s.client_cert.secret = Some(v.to_owned());
+        Ok(())
+    }),
+    guards("auth-tls-verify-client", "on", |v, s| {
+        use tidegate_snapshot::ClientVerify;
+        s.client_cert.verify = match v.trim() {
+            "on" => Some(ClientVerify::On),
+            "optional" => Some(ClientVerify::Optional),
+            "optional_no_ca" => Some(ClientVerify::OptionalNoCa),
+            "off" => None,
+            other => return Err(format!("{other:?} is not on, off, optional or optional_no_ca")),
+        };
+        Ok(())
+    }),
+    parsed("auth-tls-verify-depth", "1", |v, s| match v.trim().parse::<u8>() {
+        Ok(n) if n > 0 => {
+            s.client_cert.depth = n;
+            Ok(())
+        }
+        _ => Err(format!("{v:?} is not a depth from 1 to 255")),
+    }),
+    parsed("auth-tls-error-page", "", |v, s| header_text(v).map(|p| s.client_cert.error_page = Some(p))),
+    parsed("auth-tls-pass-certificate-to-upstream", "false", |v, s| {
+        boolean(v).map(|b| s.client_cert.pass_to_upstream = b)
+    }),
+    guards("auth-tls-match-cn", "", |v, s| {
+        regex::Regex::new(v.trim()).map_err(|e| format!("not a regular expression: {e}"))?;
+        s.client_cert.match_subject = Some(v.trim().to_owned());
+        Ok(())
+    }),
     guards("auth-url", "", |v, s| auth_url(v).map(|t| s.external_auth.url = Some(t))),
     guards("auth-method", "", |v, s| {
         let v = v.trim();
@@ -687,8 +751,9 @@ mod tests {
             ("auth-type", "digest"),
             ("auth-secret", "a/b/c"),
             ("auth-url", "https://auth.example/check"),
-            ("auth-tls-verify-client", "on"),
-            ("auth-tls-secret", "ns/ca"),
+            ("auth-tls-verify-client", "always"),
+            ("auth-tls-secret", "a/b/c"),
+            ("auth-tls-match-cn", "CN=(unclosed"),
             ("satisfy", "some"),
             ("limit-rps", "five"),
             ("limit-connections", "0"),

@@ -4,7 +4,8 @@ use std::fmt::{self, Display};
 
 use k8s_openapi::api::networking::v1::{Ingress, IngressBackend};
 use tidegate_snapshot::{
-    BasicAuth, Credential, HostMatch, LuaHandlers, PathKind, PathMatch, Policies, Refusal, Route, RouteAction,
+    BasicAuth, ClientCertificate, Credential, HostMatch, LuaHandlers, PathKind, PathMatch, Policies, Refusal, Route,
+    RouteAction,
 };
 
 use super::annotations::{self, Settings};
@@ -47,6 +48,15 @@ pub(super) fn translate(
             None
         }
     };
+    let client_certificate = match client_certificate(&settings, namespace_of(&ingress.metadata), index, status) {
+        Ok(certificate) => certificate,
+        Err(()) => {
+            refusal.get_or_insert_with(|| {
+                Refusal::unhonoured(format!("{} asks for client certificates that cannot be checked", status.object))
+            });
+            None
+        }
+    };
     if refusal.is_none() && !settings.unhonoured.is_empty() {
         let keys = settings.unhonoured.join(", ");
         refusal =
@@ -66,6 +76,7 @@ pub(super) fn translate(
             .typed()
             .or_else(|| options.global_auth.clone().filter(|_| settings.global_auth)),
         satisfy_any: settings.satisfy_any,
+        client_certificate,
         upstream_host: settings.upstream_host.clone(),
         forwarded_prefix: settings.forwarded_prefix.clone(),
     };
@@ -151,6 +162,52 @@ fn basic_auth(
     users.sort_by(|a, b| a.user.cmp(&b.user));
     users.dedup_by(|later, first| later.user == first.user);
     Ok(Some(BasicAuth { realm: keys.realm.clone(), users }))
+}
+
+/// Client certificates (`auth-tls-secret` and the `auth-tls-*` keys): the CA bundle under
+/// `ca.crt` of the Secret, in the Ingress's namespace. `Err` when the Ingress must not be served:
+/// the Secret is missing or holds no certificate, or verification is asked without a Secret.
+fn client_certificate(
+    settings: &Settings,
+    namespace: &str,
+    index: &Index<'_>,
+    status: &mut ObjectStatus,
+) -> Result<Option<ClientCertificate>, ()> {
+    let keys = &settings.client_cert;
+    let refuse = |status: &mut ObjectStatus, reason: Reason, key: &str, why: String| {
+        status.error(reason, settings.field(key), format!("{why}; the routes answer 503"));
+        Err(())
+    };
+    let Some(verify) = keys.verify else { return Ok(None) };
+    let Some(secret) = &keys.secret else {
+        if settings.written.contains_key("auth-tls-verify-client") {
+            let why = "auth-tls-verify-client needs auth-tls-secret".to_owned();
+            return refuse(status, Reason::Invalid, "auth-tls-verify-client", why);
+        }
+        return Ok(None);
+    };
+    let (secret_namespace, name) = secret.split_once('/').unwrap_or((namespace, secret));
+    if secret_namespace != namespace {
+        let why = format!("Secret {secret} is in another namespace, which tidegate does not read");
+        return refuse(status, Reason::Invalid, "auth-tls-secret", why);
+    }
+    let entries = match index.secret_text(namespace, name) {
+        Ok(entries) => entries,
+        Err((reason, message)) => return refuse(status, reason, "auth-tls-secret", message),
+    };
+    let Some(ca_pem) = entries.get("ca.crt").filter(|pem| pem.contains("-----BEGIN CERTIFICATE-----")) else {
+        let why = format!("Secret {namespace}/{name} has no PEM certificate under ca.crt");
+        return refuse(status, Reason::Invalid, "auth-tls-secret", why);
+    };
+    Ok(Some(ClientCertificate {
+        ca_id: format!("{namespace}/{name}"),
+        ca_pem: ca_pem.clone(),
+        verify,
+        depth: keys.depth,
+        error_page: keys.error_page.clone(),
+        pass_to_upstream: keys.pass_to_upstream,
+        match_subject: keys.match_subject.clone(),
+    }))
 }
 
 /// The Lua handlers an Ingress runs: its LuaRoute's `spec.lua`, then inline snippets (only with

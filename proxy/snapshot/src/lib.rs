@@ -245,6 +245,10 @@ pub struct Policies {
     /// Client address rules: the first check of the access phase, as nginx's `allow`/`deny`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<IpRules>,
+    /// Client certificates (`auth-tls-*`): checked before any other step, as nginx checks
+    /// them when it reads the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<ClientCertificate>,
     /// The largest request body the route accepts, in bytes (`proxy-body-size`); unlimited
     /// when absent. A request declaring more gets 413 before anything else runs, as nginx's
     /// `client_max_body_size`; one that sends more without declaring it is cut there.
@@ -410,6 +414,45 @@ pub struct Limits {
     pub exempt: Vec<Cidr>,
     /// The status of a refused request: 503 unless configured (`limit-req-status-code`).
     pub status: u16,
+}
+
+/// Client certificate verification, as ingress-nginx configures nginx's `ssl_verify_client`.
+/// The proxy asks for a certificate during the TLS handshake of the hosts whose routes have
+/// this, and verifies it against `ca_pem` for each request.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientCertificate {
+    /// `Secret namespace/name`, for logs and to tell CA bundles apart.
+    pub ca_id: String,
+    /// The certificate authorities client certificates must chain to, PEM.
+    pub ca_pem: String,
+    pub verify: ClientVerify,
+    /// Intermediate certificates allowed between the client's and the CA (`auth-tls-verify-depth`,
+    /// 1 by default: the CA signed the client's certificate).
+    pub depth: u8,
+    /// Where a request whose certificate fails goes (302) instead of getting 400
+    /// (`auth-tls-error-page`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_page: Option<String>,
+    /// Send the certificate to the upstream as `ssl-client-cert`, URL-escaped PEM.
+    #[serde(default)]
+    pub pass_to_upstream: bool,
+    /// A regular expression the certificate's subject must match (`auth-tls-match-cn`), or
+    /// the request gets 403.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_subject: Option<String>,
+}
+
+/// `auth-tls-verify-client`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ClientVerify {
+    /// A certificate the CA signed is required: 400 without one, or with another.
+    On,
+    /// Not required; one that is presented must verify (400 otherwise).
+    Optional,
+    /// Not required, and not required to verify; the upstream is told the result.
+    OptionalNoCa,
 }
 
 /// A response body's pace.
@@ -870,6 +913,15 @@ mod tests {
                                     always_set_cookie: false,
                                 }),
                                 satisfy_any: true,
+                                client_certificate: Some(ClientCertificate {
+                                    ca_id: "shop/ca".into(),
+                                    ca_pem: "C".into(),
+                                    verify: ClientVerify::On,
+                                    depth: 1,
+                                    error_page: None,
+                                    pass_to_upstream: true,
+                                    match_subject: Some("CN=shop".into()),
+                                }),
                                 upstream_host: Some("api.internal".into()),
                                 forwarded_prefix: Some("/shop".into()),
                                 cors: Some(Cors {

@@ -8,7 +8,8 @@
 //!
 //! | phase   | built-in filters, in order                                      | then          |
 //! |---------|-----------------------------------------------------------------|---------------|
-//! | rewrite | body limit (`proxy-body-size`): 413; CORS (`enable-cors`): 204 | Lua `rewrite` |
+//! | rewrite | client certificate (`auth-tls-*`): 400; body limit            | Lua `rewrite` |
+//! |         | (`proxy-body-size`): 413; CORS (`enable-cors`): 204             |               |
 //! | access  | limits (`limit-rps`, `-rpm`, `-connections`): 503; IP rules    | Lua `access`  |
 //! |         | (`*-source-range`): 403; Basic auth (`auth-type`): 401;         |               |
 //! |         | external auth (`auth-url`): 401, 302 to sign in, 403, 500        |               |
@@ -30,6 +31,7 @@
 
 mod basic_auth;
 mod body_size;
+mod client_cert;
 mod cors;
 mod external_auth;
 mod ip;
@@ -63,6 +65,8 @@ pub(crate) struct Facts<'a> {
     pub(crate) headers: &'a HeaderMap,
     /// The worker's upstream pool, for filters that ask other services.
     pub(crate) pool: &'a Rc<Pool>,
+    /// The connection: its client certificate, and what it proved.
+    pub(crate) conn: &'a Connection,
 }
 
 /// The parts of a request a filter sees.
@@ -75,7 +79,7 @@ pub(crate) struct Head<'a> {
 }
 
 impl<'a> Facts<'a> {
-    pub(crate) fn of(conn: &Connection, head: Head<'a>, pool: &'a Rc<Pool>) -> Facts<'a> {
+    pub(crate) fn of(conn: &'a Connection, head: Head<'a>, pool: &'a Rc<Pool>) -> Facts<'a> {
         Facts {
             client: conn.remote.ip(),
             port: conn.local_port,
@@ -85,6 +89,7 @@ impl<'a> Facts<'a> {
             host: head.host,
             headers: head.headers,
             pool,
+            conn,
         }
     }
 
@@ -126,6 +131,7 @@ impl Effects {
 /// One compiled policy.
 #[derive(Debug)]
 enum Filter {
+    ClientCert(client_cert::ClientCertFilter),
     BodySize(body_size::BodySize),
     Cors(cors::CorsFilter),
     Limit(limit::LimitFilter),
@@ -143,6 +149,7 @@ enum Verdict {
 impl Filter {
     async fn check(&self, facts: &Facts<'_>, effects: &mut Effects) -> Verdict {
         match self {
+            Filter::ClientCert(certificate) => certificate.check(facts, effects),
             Filter::BodySize(limit) => limit.check(facts.headers),
             Filter::Cors(cors) => cors.check(facts.method, facts.headers, &mut effects.headers),
             Filter::Limit(limits) => limits.check(facts.client, &mut effects.holds),
@@ -176,6 +183,9 @@ impl Filters {
     /// `timeouts`: the route's, which calls to other services (external auth) keep too.
     pub(crate) fn compile(policies: &Policies, timeouts: Timeouts) -> Filters {
         let mut rewrite = Vec::new();
+        if let Some(certificate) = &policies.client_certificate {
+            rewrite.push(Filter::ClientCert(client_cert::ClientCertFilter::new(certificate)));
+        }
         if let Some(limit) = policies.max_body_bytes {
             rewrite.push(Filter::BodySize(body_size::BodySize { limit }));
         }
