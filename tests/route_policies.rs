@@ -187,7 +187,7 @@ async fn ip_rules_admit_and_refuse_clients() {
 
 /// The same IP rules as typed LuaRoute fields: `spec.policies` for every route, a route's own
 /// `policies` replacing them field by field, and a network that does not read closing the
-/// routes (500) with the field named in `/status`.
+/// routes (503) with the field named in `/status`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ip_rules_as_lua_route_fields() {
     let lua_route = |name: &str, policies: &str, route_policies: &str| {
@@ -212,11 +212,11 @@ async fn ip_rules_as_lua_route_fields() {
     assert_eq!(status("elsewhere.test", "/own").await, StatusCode::OK, "the route's own allowlist replaces it");
     assert_eq!(status("denied.test", "/").await, StatusCode::FORBIDDEN);
     assert_eq!(status("denied.test", "/own").await, StatusCode::OK, "the route's denylist replaces it");
-    assert_eq!(status("broken.test", "/").await, StatusCode::INTERNAL_SERVER_ERROR, "never served open");
+    assert_eq!(status("broken.test", "/").await, StatusCode::SERVICE_UNAVAILABLE, "never served open");
     let objects = tidegate.status()["objects"].as_array().cloned().unwrap_or_default();
     let broken = objects.iter().find(|o| o["object"]["name"] == "broken").expect("broken in /status");
     assert!(
-        broken["problems"].as_array().into_iter().flatten().any(|p| p["field"] == "spec.policies.ipAllowlist[0]"),
+        broken["problems"].as_array().into_iter().flatten().any(|p| p["field"] == "spec.policies.ipAllowlist"),
         "{broken}"
     );
 }
@@ -934,4 +934,50 @@ async fn client_certificates_over_real_tls() {
     assert!(!support::echoed_headers(&plain).contains_key("Ssl-Client-Verify"));
     // A handshake for plain.test asked for nothing: on.test over it has no certificate.
     assert_eq!(ask(Some(&good), "plain.test", "on.test").await.status, StatusCode::BAD_REQUEST);
+}
+
+/// The other policies as typed LuaRoute fields, read by the annotations' own parsers: Basic auth
+/// from a Secret, a request rate, CORS and the upstream Host, on a route with Lua content and on
+/// one with a backend; a Secret that is missing closes its route (503) and names the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_as_lua_route_fields() {
+    let users = opaque_secret("users", &[("auth", "ann:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=\n")]);
+    let lua_route = "---\napiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {name: typed, namespace: t}\nspec:\n  hosts: [typed.test]\n  policies:\n    basicAuth: {secretName: users, realm: Typed}\n    limits: {rps: 1, burstMultiplier: 2}\n    cors: {allowOrigins: [\"https://app.example.com\"]}\n  routes:\n  - name: hello\n    match: {path: {type: Prefix, value: /hello}}\n    lua: {content: \"ngx.say('hello')\"}\n  - name: proxied\n    match: {path: {type: Prefix, value: /proxied}}\n    backend: {service: {name: web, port: {number: 80}}}\n    policies: {upstreamHost: internal.example, basicAuth: {secretName: users}}\n  - name: missing\n    match: {path: {type: Prefix, value: /missing}}\n    lua: {content: \"ngx.say('never')\"}\n    policies: {basicAuth: {secretName: nobody}}\n";
+    let (tidegate, _dir) = start(&[users, lua_route.to_owned()].concat()).await;
+    let ann = basic("ann:secret");
+    let send_to = |path: &'static str, credentials: Option<&str>| {
+        let mut request = support::get_request("typed.test", path);
+        request.headers_mut().insert("origin", "https://app.example.com".parse().expect("origin"));
+        if let Some(value) = credentials {
+            request.headers_mut().insert("authorization", value.parse().expect("header"));
+        }
+        let addr = tidegate.http;
+        async move { support::H1::connect(addr).await.expect("connect").send(request).await.expect("answered") }
+    };
+    let refused = send_to("/hello", None).await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(refused.headers["www-authenticate"], "Basic realm=\"Typed\"");
+    assert_eq!(refused.headers["access-control-allow-origin"], "https://app.example.com", "CORS from spec.policies");
+    let hello = send_to("/hello", Some(&ann)).await;
+    assert_eq!((hello.status, hello.body.as_ref()), (StatusCode::OK, b"hello\n".as_ref()));
+    let proxied = send_to("/proxied", Some(&ann)).await;
+    assert_eq!(proxied.status, StatusCode::OK);
+    assert_eq!(proxied.json()["host"], "internal.example", "the route's own upstreamHost");
+    // rps 1 with a burst of 2, counted per route: five quick requests cannot all pass.
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(send_to("/hello", Some(&ann)).await.status);
+    }
+    assert!(statuses.contains(&StatusCode::SERVICE_UNAVAILABLE), "the rate applies: {statuses:?}");
+    assert_eq!(send_to("/missing", Some(&ann)).await.status, StatusCode::SERVICE_UNAVAILABLE);
+    let objects = tidegate.status()["objects"].as_array().cloned().unwrap_or_default();
+    let typed = objects.iter().find(|o| o["object"]["name"] == "typed").expect("typed in /status");
+    assert!(
+        typed["problems"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["field"] == "spec.routes[2].policies.basicAuth.secretName" && p["reason"] == "SecretNotFound"),
+        "{typed}"
+    );
 }

@@ -131,7 +131,7 @@ pub struct LuaRouteRule {
 }
 
 /// Built-in checks that run before the route's Lua, with the semantics of ingress-nginx's
-/// annotations of the same purpose.
+/// annotations of the same purpose (each field says which).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RoutePolicies {
@@ -148,55 +148,264 @@ pub struct RoutePolicies {
     #[serde(default)]
     #[schemars(pattern(r"^[0-9]+[kKmMgG]?$"))]
     pub max_body_size: Option<String>,
+    /// HTTP Basic authentication (`auth-type: basic`).
+    #[serde(default)]
+    pub basic_auth: Option<BasicAuthPolicy>,
+    /// An external service that decides each request (`auth-url`).
+    #[serde(default)]
+    pub external_auth: Option<ExternalAuthPolicy>,
+    /// Client certificates (`auth-tls-*`).
+    #[serde(default)]
+    pub client_certificate: Option<ClientCertificatePolicy>,
+    /// `any`: passing the IP rules or either authentication is enough (`satisfy`).
+    #[serde(default)]
+    pub satisfy: Option<Satisfy>,
+    /// Request rates and concurrency per client, and the response pace (`limit-*`).
+    #[serde(default)]
+    pub limits: Option<LimitsPolicy>,
+    /// Cross-origin resource sharing (`enable-cors`, `cors-*`).
+    #[serde(default)]
+    pub cors: Option<CorsPolicy>,
+    /// The `Host` the backend gets (`upstream-vhost`).
+    #[serde(default)]
+    pub upstream_host: Option<String>,
+    /// `X-Forwarded-Prefix` for the backend (`x-forwarded-prefix`).
+    #[serde(default)]
+    pub forwarded_prefix: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BasicAuthPolicy {
+    /// A Secret in the LuaRoute's namespace: an htpasswd file under `auth`, or one key per user.
+    pub secret_name: String,
+    /// `auth-file` (default) or `auth-map`.
+    #[serde(default)]
+    #[schemars(pattern(r"^(auth-file|auth-map)$"))]
+    pub secret_type: Option<String>,
+    #[serde(default)]
+    pub realm: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExternalAuthPolicy {
+    /// `http://...`, nginx variables allowed.
+    pub url: String,
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub signin: Option<String>,
+    #[serde(default)]
+    pub signin_redirect_param: Option<String>,
+    #[serde(default)]
+    pub response_headers: Vec<String>,
+    #[serde(default)]
+    pub request_redirect: Option<String>,
+    #[serde(default)]
+    pub always_set_cookie: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientCertificatePolicy {
+    /// A Secret in the LuaRoute's namespace with the CA bundle under `ca.crt`.
+    pub secret_name: String,
+    /// `on` (default), `optional` or `optional_no_ca`.
+    #[serde(default)]
+    #[schemars(pattern(r"^(on|optional|optional_no_ca)$"))]
+    pub verify: Option<String>,
+    #[serde(default)]
+    pub error_page: Option<String>,
+    #[serde(default)]
+    pub pass_to_upstream: bool,
+    /// A regular expression the subject must match, or 403.
+    #[serde(default)]
+    pub match_subject: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Satisfy {
+    All,
+    Any,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LimitsPolicy {
+    #[serde(default)]
+    #[schemars(range(min = 1))]
+    pub rps: Option<u32>,
+    #[serde(default)]
+    #[schemars(range(min = 1))]
+    pub rpm: Option<u32>,
+    /// The burst is the rate times this (5 by default).
+    #[serde(default)]
+    #[schemars(range(min = 1))]
+    pub burst_multiplier: Option<u32>,
+    /// A client's requests in progress at once.
+    #[serde(default)]
+    #[schemars(range(min = 1))]
+    pub connections: Option<u32>,
+    /// Networks the limits do not apply to.
+    #[serde(default)]
+    pub exempt: Vec<String>,
+    /// The response pace, in kilobytes a second, after `rateAfterKilobytes`.
+    #[serde(default)]
+    pub rate_kilobytes: Option<u64>,
+    #[serde(default)]
+    pub rate_after_kilobytes: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CorsPolicy {
+    /// `*` when empty.
+    #[serde(default)]
+    pub allow_origins: Vec<String>,
+    #[serde(default)]
+    pub allow_methods: Vec<String>,
+    #[serde(default)]
+    pub allow_headers: Vec<String>,
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    #[serde(default)]
+    pub allow_credentials: Option<bool>,
+    #[serde(default)]
+    pub max_age: Option<u64>,
 }
 
 impl RoutePolicies {
     /// These, with each field `over` sets replacing ours.
     pub(crate) fn overlaid(&self, over: Option<&RoutePolicies>) -> RoutePolicies {
         let Some(over) = over else { return self.clone() };
+        fn pick<T: Clone>(over: &Option<T>, base: &Option<T>) -> Option<T> {
+            over.clone().or_else(|| base.clone())
+        }
         RoutePolicies {
-            ip_allowlist: over.ip_allowlist.clone().or_else(|| self.ip_allowlist.clone()),
-            ip_denylist: over.ip_denylist.clone().or_else(|| self.ip_denylist.clone()),
-            max_body_size: over.max_body_size.clone().or_else(|| self.max_body_size.clone()),
+            ip_allowlist: pick(&over.ip_allowlist, &self.ip_allowlist),
+            ip_denylist: pick(&over.ip_denylist, &self.ip_denylist),
+            max_body_size: pick(&over.max_body_size, &self.max_body_size),
+            basic_auth: pick(&over.basic_auth, &self.basic_auth),
+            external_auth: pick(&over.external_auth, &self.external_auth),
+            client_certificate: pick(&over.client_certificate, &self.client_certificate),
+            satisfy: pick(&over.satisfy, &self.satisfy),
+            limits: pick(&over.limits, &self.limits),
+            cors: pick(&over.cors, &self.cors),
+            upstream_host: pick(&over.upstream_host, &self.upstream_host),
+            forwarded_prefix: pick(&over.forwarded_prefix, &self.forwarded_prefix),
         }
     }
 
-    /// The typed policies; `Err` names the field (below `at`) and what is wrong with it.
-    pub(crate) fn typed(&self, at: &str) -> Result<tidegate_snapshot::Policies, (String, String)> {
-        let list = |name: &str,
-                    values: &Option<Vec<String>>|
-         -> Result<Vec<tidegate_snapshot::Cidr>, (String, String)> {
-            let mut out = Vec::new();
-            for (i, value) in values.iter().flatten().enumerate() {
-                out.push(value.parse().map_err(|e| (format!("{at}.{name}[{i}]"), e))?);
+    /// The ingress-nginx annotations (without prefix) these fields stand for, each with its
+    /// value and the field (below `at`) it came from: translation reads them with the parsers
+    /// of the annotations themselves, so both mean exactly the same.
+    pub(crate) fn annotations(&self, at: &str) -> Vec<(&'static str, String, String)> {
+        let mut out: Vec<(&'static str, String, String)> = Vec::new();
+        let mut put = |key: &'static str, value: String, field: String| out.push((key, value, field));
+        let list = |values: &[String]| values.join(",");
+        if let Some(allow) = &self.ip_allowlist {
+            put("whitelist-source-range", list(allow), format!("{at}.ipAllowlist"));
+        }
+        if let Some(deny) = &self.ip_denylist {
+            put("denylist-source-range", list(deny), format!("{at}.ipDenylist"));
+        }
+        // A LuaRoute has no body limit unless it sets one.
+        put("proxy-body-size", self.max_body_size.clone().unwrap_or_else(|| "0".into()), format!("{at}.maxBodySize"));
+        if let Some(auth) = &self.basic_auth {
+            let f = |name: &str| format!("{at}.basicAuth.{name}");
+            put("auth-type", "basic".into(), f("secretName"));
+            put("auth-secret", auth.secret_name.clone(), f("secretName"));
+            if let Some(kind) = &auth.secret_type {
+                put("auth-secret-type", kind.clone(), f("secretType"));
             }
-            if values.as_ref().is_some_and(Vec::is_empty) {
-                return Err((format!("{at}.{name}"), "lists no network; leave it out to admit every client".into()));
+            if let Some(realm) = &auth.realm {
+                put("auth-realm", realm.clone(), f("realm"));
             }
-            Ok(out)
-        };
-        let ip = tidegate_snapshot::IpRules {
-            allow: list("ipAllowlist", &self.ip_allowlist)?,
-            deny: list("ipDenylist", &self.ip_denylist)?,
-        };
-        let any = !ip.allow.is_empty() || !ip.deny.is_empty();
-        let max_body_bytes = match &self.max_body_size {
-            Some(size) => crate::validate::parse_size(size).map_err(|e| (format!("{at}.maxBodySize"), e))?,
-            None => 0,
-        };
-        Ok(tidegate_snapshot::Policies {
-            ip: any.then_some(ip),
-            max_body_bytes: (max_body_bytes > 0).then_some(max_body_bytes),
-            limits: None,
-            response_rate: None,
-            cors: None,
-            basic_auth: None,
-            external_auth: None,
-            satisfy_any: false,
-            client_certificate: None,
-            upstream_host: None,
-            forwarded_prefix: None,
-        })
+        }
+        if let Some(auth) = &self.external_auth {
+            let f = |name: &str| format!("{at}.externalAuth.{name}");
+            put("auth-url", auth.url.clone(), f("url"));
+            let optional = [
+                ("auth-method", &auth.method, "method"),
+                ("auth-signin", &auth.signin, "signin"),
+                ("auth-signin-redirect-param", &auth.signin_redirect_param, "signinRedirectParam"),
+                ("auth-request-redirect", &auth.request_redirect, "requestRedirect"),
+            ];
+            for (key, value, name) in optional {
+                if let Some(value) = value {
+                    put(key, value.clone(), f(name));
+                }
+            }
+            if !auth.response_headers.is_empty() {
+                put("auth-response-headers", list(&auth.response_headers), f("responseHeaders"));
+            }
+            put("auth-always-set-cookie", auth.always_set_cookie.to_string(), f("alwaysSetCookie"));
+        }
+        if let Some(certificate) = &self.client_certificate {
+            let f = |name: &str| format!("{at}.clientCertificate.{name}");
+            put("auth-tls-secret", certificate.secret_name.clone(), f("secretName"));
+            put("auth-tls-verify-client", certificate.verify.clone().unwrap_or_else(|| "on".into()), f("verify"));
+            if let Some(page) = &certificate.error_page {
+                put("auth-tls-error-page", page.clone(), f("errorPage"));
+            }
+            put("auth-tls-pass-certificate-to-upstream", certificate.pass_to_upstream.to_string(), f("passToUpstream"));
+            if let Some(pattern) = &certificate.match_subject {
+                put("auth-tls-match-cn", pattern.clone(), f("matchSubject"));
+            }
+        }
+        if let Some(satisfy) = self.satisfy {
+            let value = if satisfy == Satisfy::Any { "any" } else { "all" };
+            put("satisfy", value.into(), format!("{at}.satisfy"));
+        }
+        if let Some(limits) = &self.limits {
+            let f = |name: &str| format!("{at}.limits.{name}");
+            let numbers = [
+                ("limit-rps", limits.rps.map(u64::from), "rps"),
+                ("limit-rpm", limits.rpm.map(u64::from), "rpm"),
+                ("limit-burst-multiplier", limits.burst_multiplier.map(u64::from), "burstMultiplier"),
+                ("limit-connections", limits.connections.map(u64::from), "connections"),
+                ("limit-rate", limits.rate_kilobytes, "rateKilobytes"),
+                ("limit-rate-after", limits.rate_after_kilobytes, "rateAfterKilobytes"),
+            ];
+            for (key, value, name) in numbers {
+                if let Some(value) = value {
+                    put(key, value.to_string(), f(name));
+                }
+            }
+            if !limits.exempt.is_empty() {
+                put("limit-whitelist", list(&limits.exempt), f("exempt"));
+            }
+        }
+        if let Some(cors) = &self.cors {
+            let f = |name: &str| format!("{at}.cors.{name}");
+            put("enable-cors", "true".into(), format!("{at}.cors"));
+            let lists = [
+                ("cors-allow-origin", &cors.allow_origins, "allowOrigins"),
+                ("cors-allow-methods", &cors.allow_methods, "allowMethods"),
+                ("cors-allow-headers", &cors.allow_headers, "allowHeaders"),
+                ("cors-expose-headers", &cors.expose_headers, "exposeHeaders"),
+            ];
+            for (key, values, name) in lists {
+                if !values.is_empty() {
+                    put(key, list(values), f(name));
+                }
+            }
+            if let Some(credentials) = cors.allow_credentials {
+                put("cors-allow-credentials", credentials.to_string(), f("allowCredentials"));
+            }
+            if let Some(age) = cors.max_age {
+                put("cors-max-age", age.to_string(), f("maxAge"));
+            }
+        }
+        if let Some(host) = &self.upstream_host {
+            put("upstream-vhost", host.clone(), format!("{at}.upstreamHost"));
+        }
+        if let Some(prefix) = &self.forwarded_prefix {
+            put("x-forwarded-prefix", prefix.clone(), format!("{at}.forwardedPrefix"));
+        }
+        out
     }
 }
 

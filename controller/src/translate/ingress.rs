@@ -3,14 +3,12 @@
 use std::fmt::{self, Display};
 
 use k8s_openapi::api::networking::v1::{Ingress, IngressBackend};
-use tidegate_snapshot::{
-    BasicAuth, ClientCertificate, Credential, HostMatch, LuaHandlers, PathKind, PathMatch, Policies, Refusal, Route,
-    RouteAction,
-};
+use tidegate_snapshot::{HostMatch, LuaHandlers, PathKind, PathMatch, Policies, Refusal, Route, RouteAction};
 
 use super::annotations::{self, Settings};
 use super::index::{Index, PortRef};
 use super::lua::{self, Attachable};
+use super::policies;
 use super::{Builder, Candidate, FieldAt, host_match};
 use crate::objects::{ObjectRef, Options, name_of, namespace_of};
 use crate::status::{ObjectStatus, Reason};
@@ -39,47 +37,11 @@ pub(super) fn translate(
         Ok(lua) => (lua, None),
         Err(()) => (None, Some(Refusal::misconfigured(format!("{} asks for Lua that cannot run", status.object)))),
     };
-    let basic_auth = match basic_auth(&settings, namespace_of(&ingress.metadata), index, status) {
-        Ok(auth) => auth,
-        Err(()) => {
-            refusal.get_or_insert_with(|| {
-                Refusal::unhonoured(format!("{} asks for Basic authentication that cannot be read", status.object))
-            });
-            None
-        }
-    };
-    let client_certificate = match client_certificate(&settings, namespace_of(&ingress.metadata), index, status) {
-        Ok(certificate) => certificate,
-        Err(()) => {
-            refusal.get_or_insert_with(|| {
-                Refusal::unhonoured(format!("{} asks for client certificates that cannot be checked", status.object))
-            });
-            None
-        }
-    };
-    if refusal.is_none() && !settings.unhonoured.is_empty() {
-        let keys = settings.unhonoured.join(", ");
-        refusal =
-            Some(Refusal::unhonoured(format!("{} asks for {keys}, which tidegate does not honour", status.object)));
+    let (policies, unhonoured) =
+        policies::resolve(&settings, namespace_of(&ingress.metadata), index, options.global_auth.as_ref(), status);
+    if refusal.is_none() {
+        refusal = unhonoured;
     }
-    let ip = &settings.ip;
-    let policies = Policies {
-        ip: (!ip.allow.is_empty() || !ip.deny.is_empty()).then(|| ip.clone()),
-        max_body_bytes: settings.max_body_bytes,
-        limits: settings.limits.typed(),
-        response_rate: settings.limits.response_rate(),
-        cors: settings.cors.enabled.then(|| settings.cors.cors.clone()),
-        basic_auth,
-        // An Ingress's own auth-url takes the place of the global one.
-        external_auth: settings
-            .external_auth
-            .typed()
-            .or_else(|| options.global_auth.clone().filter(|_| settings.global_auth)),
-        satisfy_any: settings.satisfy_any,
-        client_certificate,
-        upstream_host: settings.upstream_host.clone(),
-        forwarded_prefix: settings.forwarded_prefix.clone(),
-    };
     if refusal.is_some() {
         status.accepted = false;
     }
@@ -87,127 +49,6 @@ pub(super) fn translate(
     ctx.default_backend();
     ctx.rules(rank);
     ctx.tls();
-}
-
-/// The users of `auth-type: basic`, read from the Secret `auth-secret` names (an htpasswd file
-/// under key `auth`, or with `auth-secret-type: auth-map` one key per user). `Err` when the
-/// Ingress must not be served: the Secret is missing, in another namespace, or holds a line that
-/// does not read; each is recorded naming the key.
-fn basic_auth(
-    settings: &Settings,
-    namespace: &str,
-    index: &Index<'_>,
-    status: &mut ObjectStatus,
-) -> Result<Option<BasicAuth>, ()> {
-    let keys = &settings.basic_auth;
-    let field = |key: &str| settings.field(key);
-    let refuse = |status: &mut ObjectStatus, reason: Reason, key: &str, why: String| {
-        status.error(reason, field(key), format!("{why}; the routes answer 503"));
-        Err(())
-    };
-    let Some(secret) = &keys.secret else {
-        if keys.enabled {
-            return refuse(status, Reason::Invalid, "auth-type", "auth-type basic needs auth-secret".into());
-        }
-        return Ok(None);
-    };
-    if !keys.enabled {
-        let why = "auth-secret is set without auth-type: basic, and would otherwise be served open";
-        return refuse(status, Reason::Invalid, "auth-secret", why.into());
-    }
-    let (secret_namespace, name) = secret.split_once('/').unwrap_or((namespace, secret));
-    if secret_namespace != namespace {
-        let why = format!("Secret {secret} is in another namespace, which tidegate does not read");
-        return refuse(status, Reason::Invalid, "auth-secret", why);
-    }
-    let entries = match index.secret_text(namespace, name) {
-        Ok(entries) => entries,
-        Err((reason, message)) => return refuse(status, reason, "auth-secret", message),
-    };
-    let mut lines: Vec<(String, String, String)> = Vec::new();
-    if keys.map {
-        lines.extend(entries.iter().map(|(user, hash)| (format!("key {user:?}"), user.clone(), hash.clone())));
-    } else {
-        let Some(file) = entries.get("auth") else {
-            let why = format!("Secret {namespace}/{name} has no key \"auth\" (an htpasswd file)");
-            return refuse(status, Reason::Invalid, "auth-secret", why);
-        };
-        for (n, line) in file.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let (user, hash) = line.split_once(':').unwrap_or((line, ""));
-            lines.push((format!("line {}", n + 1), user.to_owned(), hash.to_owned()));
-        }
-    }
-    let mut users: Vec<Credential> = Vec::new();
-    for (at, user, hash) in lines {
-        match hash.parse() {
-            Ok(hash) if !user.is_empty() => users.push(Credential { user, hash }),
-            Ok(_) => {
-                let why = format!("Secret {namespace}/{name} {at}: no user name");
-                return refuse(status, Reason::Invalid, "auth-secret", why);
-            }
-            Err(why) => {
-                let why = format!("Secret {namespace}/{name} {at}: {why}");
-                return refuse(status, Reason::Invalid, "auth-secret", why);
-            }
-        }
-    }
-    if users.is_empty() {
-        return refuse(status, Reason::Invalid, "auth-secret", format!("Secret {namespace}/{name} lists no user"));
-    }
-    // nginx takes a user's first line; so does this (the sort is stable).
-    users.sort_by(|a, b| a.user.cmp(&b.user));
-    users.dedup_by(|later, first| later.user == first.user);
-    Ok(Some(BasicAuth { realm: keys.realm.clone(), users }))
-}
-
-/// Client certificates (`auth-tls-secret` and the `auth-tls-*` keys): the CA bundle under
-/// `ca.crt` of the Secret, in the Ingress's namespace. `Err` when the Ingress must not be served:
-/// the Secret is missing or holds no certificate, or verification is asked without a Secret.
-fn client_certificate(
-    settings: &Settings,
-    namespace: &str,
-    index: &Index<'_>,
-    status: &mut ObjectStatus,
-) -> Result<Option<ClientCertificate>, ()> {
-    let keys = &settings.client_cert;
-    let refuse = |status: &mut ObjectStatus, reason: Reason, key: &str, why: String| {
-        status.error(reason, settings.field(key), format!("{why}; the routes answer 503"));
-        Err(())
-    };
-    let Some(verify) = keys.verify else { return Ok(None) };
-    let Some(secret) = &keys.secret else {
-        if settings.written.contains_key("auth-tls-verify-client") {
-            let why = "auth-tls-verify-client needs auth-tls-secret".to_owned();
-            return refuse(status, Reason::Invalid, "auth-tls-verify-client", why);
-        }
-        return Ok(None);
-    };
-    let (secret_namespace, name) = secret.split_once('/').unwrap_or((namespace, secret));
-    if secret_namespace != namespace {
-        let why = format!("Secret {secret} is in another namespace, which tidegate does not read");
-        return refuse(status, Reason::Invalid, "auth-tls-secret", why);
-    }
-    let entries = match index.secret_text(namespace, name) {
-        Ok(entries) => entries,
-        Err((reason, message)) => return refuse(status, reason, "auth-tls-secret", message),
-    };
-    let Some(ca_pem) = entries.get("ca.crt").filter(|pem| pem.contains("-----BEGIN CERTIFICATE-----")) else {
-        let why = format!("Secret {namespace}/{name} has no PEM certificate under ca.crt");
-        return refuse(status, Reason::Invalid, "auth-tls-secret", why);
-    };
-    Ok(Some(ClientCertificate {
-        ca_id: format!("{namespace}/{name}"),
-        ca_pem: ca_pem.clone(),
-        verify,
-        depth: keys.depth,
-        error_page: keys.error_page.clone(),
-        pass_to_upstream: keys.pass_to_upstream,
-        match_subject: keys.match_subject.clone(),
-    }))
 }
 
 /// The Lua handlers an Ingress runs: its LuaRoute's `spec.lua`, then inline snippets (only with

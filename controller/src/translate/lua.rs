@@ -9,10 +9,14 @@
 //!   (fail closed: the handler may be an access check).
 
 use tidegate_snapshot::{
-    HeaderMatch, HostMatch, LuaHandlers, PathKind, PathMatch, Refusal, Route, RouteAction, Timeouts,
+    HeaderMatch, HostMatch, LuaHandlers, PathKind, PathMatch, Policies, Refusal, Route, RouteAction, Timeouts,
 };
 
+use std::collections::BTreeMap;
+
+use super::annotations::{self, NGINX};
 use super::index::{Index, PortRef};
+use super::policies;
 use super::{Builder, Candidate, FieldAt, Phase, host_match};
 use crate::luaroute::{self, LuaPathType, LuaRoute};
 use crate::objects::{name_of, namespace_of};
@@ -33,18 +37,6 @@ pub(super) enum Attachable {
 pub(super) struct Validity {
     pub(super) schema: bool,
     pub(super) lua: bool,
-}
-
-/// Records a problem for each route whose policies (the spec's, overlaid with the route's
-/// own) do not read.
-fn check_policies(route: &LuaRoute, status: &mut ObjectStatus) {
-    let top = route.spec.policies.clone().unwrap_or_default();
-    for (i, rule) in route.spec.routes.iter().enumerate() {
-        let at = if rule.policies.is_some() { format!("spec.routes[{i}].policies") } else { "spec.policies".into() };
-        if let Err((field, why)) = top.overlaid(rule.policies.as_ref()).typed(&at) {
-            status.error(Reason::Invalid, field, format!("{why}; the routes answer 500"));
-        }
-    }
 }
 
 fn error_count(status: &ObjectStatus) -> usize {
@@ -74,7 +66,6 @@ pub(super) fn validate(route: &LuaRoute, status: &mut ObjectStatus) -> Validity 
             }
         }
     }
-    check_policies(route, status);
     Validity { schema, lua: error_count(status) == before || !schema && lua_errors_only(status, before) }
 }
 
@@ -113,6 +104,39 @@ pub(super) fn add_layers(out: &mut Builder, handlers: &mut LuaHandlers, layers: 
             }
         }
     }
+}
+
+/// The policies of one route of a LuaRoute: `spec.policies` overlaid with the route's own,
+/// read as the annotations they stand for, by the same parsers, so that both mean the same;
+/// a problem names the LuaRoute's field. The refusal is set when something that protects the
+/// route cannot be honoured (503).
+fn route_policies(
+    spec: &luaroute::LuaRouteSpec,
+    rule: &luaroute::LuaRouteRule,
+    r: usize,
+    index: &Index<'_>,
+    status: &mut ObjectStatus,
+) -> (Policies, Option<Refusal>) {
+    let at = if rule.policies.is_some() { format!("spec.routes[{r}].policies") } else { "spec.policies".into() };
+    let fields = spec.policies.clone().unwrap_or_default().overlaid(rule.policies.as_ref()).annotations(&at);
+    let annotations: BTreeMap<String, String> =
+        fields.iter().map(|(key, value, _)| (format!("{NGINX}{key}"), value.clone())).collect();
+    let mut found = ObjectStatus::new(status.object.clone());
+    let settings = annotations::read(Some(&annotations), &mut found);
+    let namespace = status.object.namespace.clone().unwrap_or_default();
+    let resolved = policies::resolve(&settings, &namespace, index, None, &mut found);
+    for mut problem in found.problems {
+        if let Some((_, _, field)) =
+            fields.iter().find(|(key, _, _)| problem.field == format!("metadata.annotations[\"{NGINX}{key}\"]"))
+        {
+            problem.field.clone_from(field);
+        }
+        // Routes of one LuaRoute often share their policies: each problem is told once.
+        if !status.problems.contains(&problem) {
+            status.problems.push(problem);
+        }
+    }
+    resolved
 }
 
 /// Adds the routes of a LuaRoute of ours to `out`. `rank` orders it after Ingresses. With
@@ -171,9 +195,10 @@ pub(super) fn translate(
         if misconfigured.is_none() {
             add_layers(out, &mut lua, &layers);
         }
-        // Policies that do not read made the LuaRoute misconfigured (see `check_policies`).
-        let policies =
-            spec.policies.clone().unwrap_or_default().overlaid(rule.policies.as_ref()).typed("").unwrap_or_default();
+        let (policies, unhonoured) = route_policies(spec, rule, r, index, status);
+        if unhonoured.is_some() {
+            status.accepted = false;
+        }
 
         let backend = match &rule.backend {
             Some(backend) => {
@@ -218,7 +243,7 @@ pub(super) fn translate(
                         timeouts: Timeouts::default(),
                         lua: misconfigured.is_none().then(|| lua.clone()),
                         policies: policies.clone(),
-                        refusal: misconfigured.map(Refusal::misconfigured),
+                        refusal: misconfigured.map(Refusal::misconfigured).or_else(|| unhonoured.clone()),
                     },
                     ssl_redirect: false,
                 },

@@ -29,6 +29,7 @@ mod class;
 mod index;
 mod ingress;
 mod lua;
+mod policies;
 #[cfg(test)]
 mod tests;
 
@@ -112,8 +113,7 @@ pub fn translate(inputs: &Inputs) -> Translation {
     // LuaRoutes rank after Ingresses for contested paths.
     for (i, (route, lua_ok)) in servable_lua_routes.into_iter().enumerate() {
         let object = ObjectRef::namespaced(luaroute::KIND, namespace_of(&route.metadata), name_of(&route.metadata));
-        let misconfigured =
-            (!lua_ok).then(|| format!("{object} has Lua that does not compile or policies that do not read"));
+        let misconfigured = (!lua_ok).then(|| format!("{object} has Lua that does not compile"));
         if let Some(status) = statuses.get_mut(&object) {
             lua::translate(route, ingress_count + i, misconfigured.as_deref(), &index, &mut out, status);
         }

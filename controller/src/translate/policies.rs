@@ -1,0 +1,172 @@
+//! What an object's route settings ask of each request, as the snapshot's typed [`Policies`]:
+//! the Ingress annotations (and a LuaRoute's policy fields, read as the same annotations) with
+//! the Secrets they name. Anything that cannot be honoured refuses the routes (503): never
+//! served with less protection than asked.
+
+use tidegate_snapshot::{BasicAuth, ClientCertificate, Credential, ExternalAuth, Policies, Refusal};
+
+use super::annotations::Settings;
+use super::index::Index;
+use crate::status::{ObjectStatus, Reason};
+
+/// The typed policies `settings` ask for, reading the Secrets they name; `global_auth` applies
+/// when they name no external auth of their own and do not turn it off. The refusal is set
+/// when something that protects the routes cannot be honoured; its cause is in `status`.
+pub(super) fn resolve(
+    settings: &Settings,
+    namespace: &str,
+    index: &Index<'_>,
+    global_auth: Option<&ExternalAuth>,
+    status: &mut ObjectStatus,
+) -> (Policies, Option<Refusal>) {
+    let mut refusal = None;
+    let basic_auth = basic_auth(settings, namespace, index, status).unwrap_or_else(|()| {
+        refusal = Some(format!("{} asks for Basic authentication that cannot be read", status.object));
+        None
+    });
+    let client_certificate = client_certificate(settings, namespace, index, status).unwrap_or_else(|()| {
+        refusal.get_or_insert_with(|| format!("{} asks for client certificates that cannot be checked", status.object));
+        None
+    });
+    if refusal.is_none() && !settings.unhonoured.is_empty() {
+        let keys = settings.unhonoured.join(", ");
+        refusal = Some(format!("{} asks for {keys}, which tidegate does not honour", status.object));
+    }
+    let ip = &settings.ip;
+    let policies = Policies {
+        ip: (!ip.allow.is_empty() || !ip.deny.is_empty()).then(|| ip.clone()),
+        max_body_bytes: settings.max_body_bytes,
+        limits: settings.limits.typed(),
+        response_rate: settings.limits.response_rate(),
+        cors: settings.cors.enabled.then(|| settings.cors.cors.clone()),
+        basic_auth,
+        // An object's own auth-url takes the place of the global one.
+        external_auth: settings.external_auth.typed().or_else(|| global_auth.cloned().filter(|_| settings.global_auth)),
+        satisfy_any: settings.satisfy_any,
+        client_certificate,
+        upstream_host: settings.upstream_host.clone(),
+        forwarded_prefix: settings.forwarded_prefix.clone(),
+    };
+    (policies, refusal.map(Refusal::unhonoured))
+}
+
+/// The users of `auth-type: basic`, read from the Secret `auth-secret` names (an htpasswd file
+/// under key `auth`, or with `auth-secret-type: auth-map` one key per user). `Err` when the
+/// Ingress must not be served: the Secret is missing, in another namespace, or holds a line that
+/// does not read; each is recorded naming the key.
+fn basic_auth(
+    settings: &Settings,
+    namespace: &str,
+    index: &Index<'_>,
+    status: &mut ObjectStatus,
+) -> Result<Option<BasicAuth>, ()> {
+    let keys = &settings.basic_auth;
+    let field = |key: &str| settings.field(key);
+    let refuse = |status: &mut ObjectStatus, reason: Reason, key: &str, why: String| {
+        status.error(reason, field(key), format!("{why}; the routes answer 503"));
+        Err(())
+    };
+    let Some(secret) = &keys.secret else {
+        if keys.enabled {
+            return refuse(status, Reason::Invalid, "auth-type", "auth-type basic needs auth-secret".into());
+        }
+        return Ok(None);
+    };
+    if !keys.enabled {
+        let why = "auth-secret is set without auth-type: basic, and would otherwise be served open";
+        return refuse(status, Reason::Invalid, "auth-secret", why.into());
+    }
+    let (secret_namespace, name) = secret.split_once('/').unwrap_or((namespace, secret));
+    if secret_namespace != namespace {
+        let why = format!("Secret {secret} is in another namespace, which tidegate does not read");
+        return refuse(status, Reason::Invalid, "auth-secret", why);
+    }
+    let entries = match index.secret_text(namespace, name) {
+        Ok(entries) => entries,
+        Err((reason, message)) => return refuse(status, reason, "auth-secret", message),
+    };
+    let mut lines: Vec<(String, String, String)> = Vec::new();
+    if keys.map {
+        lines.extend(entries.iter().map(|(user, hash)| (format!("key {user:?}"), user.clone(), hash.clone())));
+    } else {
+        let Some(file) = entries.get("auth") else {
+            let why = format!("Secret {namespace}/{name} has no key \"auth\" (an htpasswd file)");
+            return refuse(status, Reason::Invalid, "auth-secret", why);
+        };
+        for (n, line) in file.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (user, hash) = line.split_once(':').unwrap_or((line, ""));
+            lines.push((format!("line {}", n + 1), user.to_owned(), hash.to_owned()));
+        }
+    }
+    let mut users: Vec<Credential> = Vec::new();
+    for (at, user, hash) in lines {
+        match hash.parse() {
+            Ok(hash) if !user.is_empty() => users.push(Credential { user, hash }),
+            Ok(_) => {
+                let why = format!("Secret {namespace}/{name} {at}: no user name");
+                return refuse(status, Reason::Invalid, "auth-secret", why);
+            }
+            Err(why) => {
+                let why = format!("Secret {namespace}/{name} {at}: {why}");
+                return refuse(status, Reason::Invalid, "auth-secret", why);
+            }
+        }
+    }
+    if users.is_empty() {
+        return refuse(status, Reason::Invalid, "auth-secret", format!("Secret {namespace}/{name} lists no user"));
+    }
+    // nginx takes a user's first line; so does this (the sort is stable).
+    users.sort_by(|a, b| a.user.cmp(&b.user));
+    users.dedup_by(|later, first| later.user == first.user);
+    Ok(Some(BasicAuth { realm: keys.realm.clone(), users }))
+}
+
+/// Client certificates (`auth-tls-secret` and the `auth-tls-*` keys): the CA bundle under
+/// `ca.crt` of the Secret, in the Ingress's namespace. `Err` when the Ingress must not be served:
+/// the Secret is missing or holds no certificate, or verification is asked without a Secret.
+fn client_certificate(
+    settings: &Settings,
+    namespace: &str,
+    index: &Index<'_>,
+    status: &mut ObjectStatus,
+) -> Result<Option<ClientCertificate>, ()> {
+    let keys = &settings.client_cert;
+    let refuse = |status: &mut ObjectStatus, reason: Reason, key: &str, why: String| {
+        status.error(reason, settings.field(key), format!("{why}; the routes answer 503"));
+        Err(())
+    };
+    let Some(verify) = keys.verify else { return Ok(None) };
+    let Some(secret) = &keys.secret else {
+        if settings.written.contains_key("auth-tls-verify-client") {
+            let why = "auth-tls-verify-client needs auth-tls-secret".to_owned();
+            return refuse(status, Reason::Invalid, "auth-tls-verify-client", why);
+        }
+        return Ok(None);
+    };
+    let (secret_namespace, name) = secret.split_once('/').unwrap_or((namespace, secret));
+    if secret_namespace != namespace {
+        let why = format!("Secret {secret} is in another namespace, which tidegate does not read");
+        return refuse(status, Reason::Invalid, "auth-tls-secret", why);
+    }
+    let entries = match index.secret_text(namespace, name) {
+        Ok(entries) => entries,
+        Err((reason, message)) => return refuse(status, reason, "auth-tls-secret", message),
+    };
+    let Some(ca_pem) = entries.get("ca.crt").filter(|pem| pem.contains("-----BEGIN CERTIFICATE-----")) else {
+        let why = format!("Secret {namespace}/{name} has no PEM certificate under ca.crt");
+        return refuse(status, Reason::Invalid, "auth-tls-secret", why);
+    };
+    Ok(Some(ClientCertificate {
+        ca_id: format!("{namespace}/{name}"),
+        ca_pem: ca_pem.clone(),
+        verify,
+        depth: keys.depth,
+        error_page: keys.error_page.clone(),
+        pass_to_upstream: keys.pass_to_upstream,
+        match_subject: keys.match_subject.clone(),
+    }))
+}
