@@ -195,6 +195,37 @@ async fn chunked_upload_streams_through() {
     assert_eq!(echoed["body_length"], 8 * 1024 * 1024);
 }
 
+/// RFC 9112 §6.1 forbids applying chunked twice: `Transfer-Encoding: chunked, chunked`, or two
+/// lines of it, get 400 and a closed connection, and nothing reaches the upstream; once stays
+/// fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_applied_twice_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup().await;
+    let exchange = |framing: &'static str| {
+        let addr = s.tidegate.http;
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let request = format!("POST / HTTP/1.1\r\nHost: plain.test\r\n{framing}\r\n5\r\nhello\r\n0\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.expect("write");
+            let mut answer = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+            assert!(read.is_ok(), "{framing:?}: the connection is closed after the answer");
+            String::from_utf8_lossy(&answer).into_owned()
+        }
+    };
+    for framing in [
+        "Transfer-Encoding: chunked, chunked\r\n",
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip, Chunked\r\n",
+    ] {
+        let answer = exchange(framing).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{framing:?}: {answer}");
+    }
+    let once = exchange("Transfer-Encoding: chunked\r\nConnection: close\r\n").await;
+    assert!(once.starts_with("HTTP/1.1 200") && once.contains("\"body_length\":5"), "{once}");
+}
+
 fn tokio_stream_from<T>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }

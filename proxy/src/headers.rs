@@ -69,6 +69,9 @@ pub(crate) fn ends_in_chunked(value: &[u8]) -> bool {
 pub(crate) struct Said {
     /// Whether there is a `Transfer-Encoding` line, and whether the last one ends in `chunked`.
     pub(crate) last_coding_chunked: Option<bool>,
+    /// How many `chunked` codings all `Transfer-Encoding` lines name: RFC 9112 §6.1 forbids
+    /// applying it more than once, and a message that does is refused rather than decoded once.
+    pub(crate) chunked_codings: usize,
     pub(crate) content_length: ContentLength,
     /// `Connection` tokens.
     pub(crate) close: bool,
@@ -92,6 +95,7 @@ impl Said {
                 said.content_length.add(value);
             } else if is_named(name, b"transfer-encoding") {
                 said.last_coding_chunked = Some(ends_in_chunked(value));
+                said.chunked_codings += list_items(value).filter(|c| c.eq_ignore_ascii_case(b"chunked")).count();
             } else if is_named(name, b"connection") {
                 for token in list_items(value) {
                     if is_named(token, b"close") {

@@ -191,6 +191,9 @@ fn framing(said: &Said, version: Version) -> Result<Framing, Refused> {
     if version == Version::HTTP_10 {
         return Err(Refused::Malformed("Transfer-Encoding in an HTTP/1.0 request"));
     }
+    if said.chunked_codings > 1 {
+        return Err(Refused::Malformed("chunked applied more than once"));
+    }
     if chunked { Ok(Framing::Chunked) } else { Err(Refused::Malformed("Transfer-Encoding does not end in chunked")) }
 }
 
@@ -255,6 +258,9 @@ mod tests {
             "POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
             "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
             "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
             "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: x\r\nTransfer-Encoding: chunked\r\n\r\n",

@@ -60,13 +60,13 @@ impl ClientCertFilter {
         }
     }
 
-    pub(super) fn check(&self, facts: &Facts<'_>, effects: &mut Effects) -> Verdict {
+    pub(super) fn check(&self, facts: &Facts<'_>, slot: &mut Option<Box<Effects>>) -> Verdict {
         let conn = facts.conn;
         let Some(chain) = conn.client_certificates.as_ref().filter(|c| !c.is_empty()) else {
             if self.verify == ClientVerify::On {
                 return self.refuse();
             }
-            effects
+            Effects::of(slot)
                 .upstream_headers
                 .push((HeaderName::from_static("ssl-client-verify"), HeaderValue::from_static("NONE")));
             return Verdict::Continue;
@@ -83,6 +83,7 @@ impl ClientCertFilter {
         {
             return Verdict::Answer(error_response(StatusCode::FORBIDDEN));
         }
+        let effects = Effects::of(slot);
         let mut add = |name: &'static str, value: &str| {
             if let Ok(value) = HeaderValue::from_str(value) {
                 effects.upstream_headers.push((HeaderName::from_static(name), value));

@@ -9,7 +9,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Response, StatusCode};
 use tidegate_snapshot::Cors;
 
-use super::Verdict;
+use super::{Effects, Verdict};
 use crate::body::{LocalBody, full};
 
 #[derive(Debug)]
@@ -84,12 +84,7 @@ impl CorsFilter {
         self.origins.iter().any(|o| o.matches(text)).then(|| origin.clone())
     }
 
-    pub(super) fn check(
-        &self,
-        method: &Method,
-        headers: &HeaderMap,
-        add: &mut Vec<(HeaderName, HeaderValue)>,
-    ) -> Verdict {
+    pub(super) fn check(&self, method: &Method, headers: &HeaderMap, slot: &mut Option<Box<Effects>>) -> Verdict {
         let Some(origin) = self.allowed(headers) else { return Verdict::Continue };
         if method == Method::OPTIONS {
             let mut response: Response<LocalBody> = Response::new(full(bytes::Bytes::new()));
@@ -103,6 +98,7 @@ impl CorsFilter {
             out.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
             return Verdict::Answer(response);
         }
+        let add = &mut Effects::of(slot).headers;
         add.push((header::ACCESS_CONTROL_ALLOW_ORIGIN, origin));
         add.extend(self.headers.iter().cloned());
         Verdict::Continue

@@ -56,7 +56,7 @@ impl ExternalAuthFilter {
         }
     }
 
-    pub(super) async fn check(&self, facts: &Facts<'_>, effects: &mut Effects) -> Verdict {
+    pub(super) async fn check(&self, facts: &Facts<'_>, slot: &mut Option<Box<Effects>>) -> Verdict {
         let url = expand(&self.auth.url, facts);
         let answer = match self.ask(&url, facts).await {
             Ok(answer) => answer,
@@ -68,6 +68,7 @@ impl ExternalAuthFilter {
         let cookies: Vec<HeaderValue> = answer.headers().get_all(header::SET_COOKIE).iter().cloned().collect();
         let status = answer.status();
         if status.is_success() {
+            let effects = Effects::of(slot);
             for name in &self.response_headers {
                 if let Some(value) = answer.headers().get(name) {
                     effects.upstream_headers.push((name.clone(), value.clone()));

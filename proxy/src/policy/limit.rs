@@ -24,7 +24,7 @@ use std::time::Instant;
 use http::StatusCode;
 use tidegate_snapshot::{Cidr, Limits};
 
-use super::Verdict;
+use super::{Effects, Verdict};
 use crate::respond::error_response;
 
 const SHARDS: usize = 16;
@@ -150,7 +150,7 @@ impl LimitFilter {
 
     /// Admits a request or refuses it; an admitted one holds its place among the client's
     /// requests in progress through `hold`, until the response is done.
-    pub(super) fn check(&self, client: IpAddr, hold: &mut Vec<InProgress>) -> Verdict {
+    pub(super) fn check(&self, client: IpAddr, slot: &mut Option<Box<Effects>>) -> Verdict {
         if self.exempt.iter().any(|c| c.contains(client)) {
             return Verdict::Continue;
         }
@@ -166,7 +166,7 @@ impl LimitFilter {
         }
         if let Some(concurrent) = &self.concurrent {
             match concurrent.enter(client) {
-                Some(in_progress) => hold.push(in_progress),
+                Some(in_progress) => Effects::of(slot).holds.push(in_progress),
                 None => return Verdict::Answer(error_response(self.status)),
             }
         }

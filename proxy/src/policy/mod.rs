@@ -38,6 +38,7 @@ mod ip;
 mod limit;
 mod password;
 
+use std::future::Future;
 use std::net::IpAddr;
 
 use std::rc::Rc;
@@ -121,6 +122,11 @@ pub(crate) struct Effects {
 }
 
 impl Effects {
+    /// The effects of `slot`, made when first needed: most requests leave none.
+    pub(crate) fn of(slot: &mut Option<Box<Effects>>) -> &mut Effects {
+        slot.get_or_insert_with(Box::default)
+    }
+
     /// Whether the auth service's cookies go out with a response of `status`
     /// (ingress-nginx's list).
     pub(crate) fn cookies_for(&self, status: http::StatusCode) -> bool {
@@ -147,12 +153,17 @@ enum Verdict {
 }
 
 impl Filter {
-    async fn check(&self, facts: &Facts<'_>, effects: &mut Effects) -> Verdict {
+    /// Whether checking may wait (on another service, or on a slow hash off the worker).
+    fn waits(&self) -> bool {
+        matches!(self, Filter::BasicAuth(_) | Filter::ExternalAuth(_))
+    }
+
+    async fn check(&self, facts: &Facts<'_>, effects: &mut Option<Box<Effects>>) -> Verdict {
         match self {
             Filter::ClientCert(certificate) => certificate.check(facts, effects),
             Filter::BodySize(limit) => limit.check(facts.headers),
-            Filter::Cors(cors) => cors.check(facts.method, facts.headers, &mut effects.headers),
-            Filter::Limit(limits) => limits.check(facts.client, &mut effects.holds),
+            Filter::Cors(cors) => cors.check(facts.method, facts.headers, effects),
+            Filter::Limit(limits) => limits.check(facts.client, effects),
             Filter::Ip(rules) => rules.check(facts.client),
             Filter::BasicAuth(auth) => auth.check(facts.headers).await,
             Filter::ExternalAuth(auth) => auth.check(facts, effects).await,
@@ -170,6 +181,9 @@ pub(crate) struct Filters {
     access: Vec<Filter>,
     /// How many of `access` are limits, which always all apply.
     limits: usize,
+    /// Whether a filter of the rewrite or the access step may wait.
+    rewrite_waits: bool,
+    access_waits: bool,
     satisfy_any: bool,
     max_body: Option<u64>,
     response_rate: Option<tidegate_snapshot::ResponseRate>,
@@ -216,6 +230,8 @@ impl Filters {
         set(HeaderName::from_static("x-forwarded-prefix"), &policies.forwarded_prefix);
         Filters {
             upstream_headers,
+            rewrite_waits: rewrite.iter().any(Filter::waits),
+            access_waits: access.iter().any(Filter::waits),
             rewrite,
             access,
             limits,
@@ -259,11 +275,59 @@ impl Filters {
 
     /// Runs the built-in filters of `phase` in order; a response ends the request's way to its
     /// content or upstream. What the others leave for the rest of the request goes to `effects`.
+    ///
+    /// Filters that may wait run in a box of their own, so that the request's state carries a
+    /// pointer rather than the largest of their states (an auth call's); the others run to
+    /// completion at once, without one.
+    ///
+    /// `effects` is made only when a filter leaves something: most requests leave nothing, and
+    /// carry one empty pointer instead of the lists.
     pub(crate) async fn run(
         &self,
         phase: Phase,
         facts: &Facts<'_>,
-        effects: &mut Effects,
+        effects: &mut Option<Box<Effects>>,
+    ) -> Option<Response<LocalBody>> {
+        if !self.waits_in(phase) {
+            return self.run_now(phase, facts, effects);
+        }
+        Box::pin(self.checks(phase, facts, effects)).await
+    }
+
+    /// Whether a filter of the rewrite or access step may wait: then [`Filters::run`] is to be
+    /// awaited; otherwise [`Filters::run_now`] does it all at once.
+    pub(crate) fn waits(&self) -> bool {
+        self.rewrite_waits || self.access_waits
+    }
+
+    fn waits_in(&self, phase: Phase) -> bool {
+        match phase {
+            Phase::Rewrite => self.rewrite_waits,
+            Phase::Access => self.access_waits,
+            _ => false,
+        }
+    }
+
+    /// [`Filters::run`] for a step none of whose filters waits, with no state kept for later.
+    pub(crate) fn run_now(
+        &self,
+        phase: Phase,
+        facts: &Facts<'_>,
+        effects: &mut Option<Box<Effects>>,
+    ) -> Option<Response<LocalBody>> {
+        let checks = std::pin::pin!(self.checks(phase, facts, effects));
+        match checks.poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+            std::task::Poll::Ready(answer) => answer,
+            // Only filters that may wait can be pending, and those never run here.
+            std::task::Poll::Pending => Some(crate::respond::error_response(http::StatusCode::INTERNAL_SERVER_ERROR)),
+        }
+    }
+
+    async fn checks(
+        &self,
+        phase: Phase,
+        facts: &Facts<'_>,
+        effects: &mut Option<Box<Effects>>,
     ) -> Option<Response<LocalBody>> {
         let filters = self.of(phase);
         let (always, checks) = match phase {

@@ -13,6 +13,6 @@ pub(crate) struct Outcome {
     pub(crate) upstream_time: Option<Duration>,
     /// Runs once the response body is done, with the bytes sent (the Lua log phase).
     pub(crate) after: Option<Box<dyn FnOnce(u64)>>,
-    /// What the route's filters left for the rest of the request.
-    pub(crate) effects: crate::policy::Effects,
+    /// What the route's filters left for the rest of the request, when they left anything.
+    pub(crate) effects: Option<Box<crate::policy::Effects>>,
 }

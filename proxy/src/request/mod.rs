@@ -86,21 +86,32 @@ pub(crate) async fn handle(
                 Some(chain) => {
                     Box::pin(lua::serve(&worker, &runtime, &conn, target, chain, &host, request, &mut outcome)).await
                 }
-                None => match filters(&worker, target, &conn, &host, &request, &mut outcome).await {
-                    Some(answer) => answer,
-                    None => Box::pin(upstream::proxy(&worker, &runtime, &conn, target, request, &mut outcome)).await,
-                },
+                None => {
+                    let answer = if target.filters.waits() {
+                        Box::pin(filters_waiting(&worker, target, &conn, &host, &request, &mut outcome)).await
+                    } else {
+                        filters(&worker, target, &conn, &host, &request, &mut outcome)
+                    };
+                    match answer {
+                        Some(answer) => answer,
+                        None => {
+                            Box::pin(upstream::proxy(&worker, &runtime, &conn, target, request, &mut outcome)).await
+                        }
+                    }
+                }
             };
             target.counters.count(response.status().as_u16());
             target.filters.body_filter(response)
         }
     };
-    for (name, value) in outcome.effects.headers.drain(..) {
-        response.headers_mut().insert(name, value);
-    }
-    if outcome.effects.cookies_for(response.status()) {
-        for cookie in outcome.effects.cookies.drain(..) {
-            response.headers_mut().append(http::header::SET_COOKIE, cookie);
+    if let Some(effects) = outcome.effects.as_mut() {
+        for (name, value) in effects.headers.drain(..) {
+            response.headers_mut().insert(name, value);
+        }
+        if effects.cookies_for(response.status()) {
+            for cookie in effects.cookies.drain(..) {
+                response.headers_mut().append(http::header::SET_COOKIE, cookie);
+            }
         }
     }
     finish_headers(&worker.shared, conn.tls, version, &mut response);
@@ -115,7 +126,7 @@ pub(crate) async fn handle(
     let shared = Arc::clone(&worker.shared);
     let after = outcome.after.take();
     // Held until the response is done: a client's request in progress (limit-connections).
-    let holds = std::mem::take(&mut outcome.effects.holds);
+    let holds = outcome.effects.as_mut().map(|e| std::mem::take(&mut e.holds));
     let on_done = Box::new(move |bytes_sent: u64, completed: bool| {
         drop(holds);
         if let Some(after) = after {
@@ -189,8 +200,31 @@ fn route<'a>(
 }
 
 /// The rewrite and access steps of a route without Lua: its built-in filters, skipped with one
-/// check when it has none.
-async fn filters(
+/// check when it has none. Filters that may wait run in a box of their own (see
+/// [`filters_waiting`]), so that the request's state does not carry theirs.
+fn filters(
+    worker: &Worker,
+    target: &Target,
+    conn: &Connection,
+    host: &str,
+    request: &Request<ClientBody>,
+    outcome: &mut Outcome,
+) -> Option<Response<LocalBody>> {
+    for phase in [Phase::Rewrite, Phase::Access] {
+        if !target.filters.has(phase) {
+            continue;
+        }
+        let head = Head { method: request.method(), uri: request.uri(), host, headers: request.headers() };
+        let facts = Facts::of(conn, head, &worker.pool);
+        if let Some(answer) = target.filters.run_now(phase, &facts, &mut outcome.effects) {
+            return Some(answer);
+        }
+    }
+    None
+}
+
+/// [`filters`] for routes with a filter that may wait (Basic auth, external auth).
+async fn filters_waiting(
     worker: &Worker,
     target: &Target,
     conn: &Connection,

@@ -45,13 +45,15 @@ pub(super) async fn proxy(
 /// `x-forwarded-prefix`). The client's `Host`, when the route replaces it, is kept for
 /// `X-Forwarded-Host`.
 pub(super) fn upstream_headers(target: &Target, outcome: &mut Outcome, headers: &mut http::HeaderMap) {
-    for (name, value) in outcome.effects.upstream_headers.drain(..) {
-        headers.insert(name, value);
+    if let Some(effects) = outcome.effects.as_mut() {
+        for (name, value) in effects.upstream_headers.drain(..) {
+            headers.insert(name, value);
+        }
     }
     for (name, value) in target.filters.upstream_headers() {
         let before = headers.insert(name, value.clone());
         if name == header::HOST {
-            outcome.effects.client_host = before;
+            outcome.effects.get_or_insert_with(Box::default).client_host = before;
         }
     }
 }
@@ -98,7 +100,8 @@ pub(super) async fn forward(
     };
     outcome.upstream = Some(endpoint);
     let sent = Instant::now();
-    let forwarded = crate::headers::Forwarded { host: outcome.effects.client_host.as_ref(), ..conn.forwarded() };
+    let client_host = outcome.effects.as_ref().and_then(|e| e.client_host.as_ref());
+    let forwarded = crate::headers::Forwarded { host: client_host, ..conn.forwarded() };
     let result = worker.pool.send(endpoint, upstream_request, Some(forwarded), timeouts).await;
     outcome.upstream_time = Some(sent.elapsed());
     let mut response = match result {

@@ -140,6 +140,9 @@ pub(crate) fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<O
     if said.last_coding_chunked.is_some() && said.content_length.seen() {
         return Err("both Transfer-Encoding and Content-Length");
     }
+    if said.chunked_codings > 1 {
+        return Err("chunked applied more than once");
+    }
 
     let no_body = head_request
         || status.is_informational()
