@@ -38,7 +38,6 @@ mod ip;
 mod limit;
 mod password;
 
-use std::future::Future;
 use std::net::IpAddr;
 
 use std::rc::Rc;
@@ -160,13 +159,50 @@ impl Filter {
 
     async fn check(&self, facts: &Facts<'_>, effects: &mut Option<Box<Effects>>) -> Verdict {
         match self {
+            Filter::BasicAuth(auth) => auth.check(facts.headers).await,
+            Filter::ExternalAuth(auth) => auth.check(facts, effects).await,
+            other => other.check_now(facts, effects),
+        }
+    }
+
+    /// A filter that does not wait, checked at once (one that waits is never asked this way).
+    fn check_now(&self, facts: &Facts<'_>, effects: &mut Option<Box<Effects>>) -> Verdict {
+        match self {
             Filter::ClientCert(certificate) => certificate.check(facts, effects),
             Filter::BodySize(limit) => limit.check(facts.headers),
             Filter::Cors(cors) => cors.check(facts.method, facts.headers, effects),
             Filter::Limit(limits) => limits.check(facts.client, effects),
             Filter::Ip(rules) => rules.check(facts.client),
-            Filter::BasicAuth(auth) => auth.check(facts.headers).await,
-            Filter::ExternalAuth(auth) => auth.check(facts, effects).await,
+            Filter::BasicAuth(_) | Filter::ExternalAuth(_) => {
+                Verdict::Answer(crate::respond::error_response(http::StatusCode::INTERNAL_SERVER_ERROR))
+            }
+        }
+    }
+}
+
+/// `satisfy any`, as nginx: the first check that passes lets the request on; when none does, a
+/// 401 (with its challenge) wins over a 403; any other answer ends the request at once.
+#[derive(Default)]
+struct AnyOf {
+    refusal: Option<Response<LocalBody>>,
+}
+
+impl AnyOf {
+    /// Takes one check's verdict: `Some` when it decides the request (`None` inside: it goes on).
+    fn take(&mut self, verdict: Verdict) -> Option<Option<Response<LocalBody>>> {
+        match verdict {
+            Verdict::Continue => Some(None),
+            Verdict::Answer(response) => match response.status() {
+                http::StatusCode::UNAUTHORIZED => {
+                    self.refusal = Some(response);
+                    None
+                }
+                http::StatusCode::FORBIDDEN => {
+                    self.refusal.get_or_insert(response);
+                    None
+                }
+                _ => Some(Some(response)),
+            },
         }
     }
 }
@@ -308,18 +344,38 @@ impl Filters {
         }
     }
 
-    /// [`Filters::run`] for a step none of whose filters waits, with no state kept for later.
+    /// [`Filters::run`] for a step none of whose filters waits: plain calls, no future.
     pub(crate) fn run_now(
         &self,
         phase: Phase,
         facts: &Facts<'_>,
         effects: &mut Option<Box<Effects>>,
     ) -> Option<Response<LocalBody>> {
-        let checks = std::pin::pin!(self.checks(phase, facts, effects));
-        match checks.poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
-            std::task::Poll::Ready(answer) => answer,
-            // Only filters that may wait can be pending, and those never run here.
-            std::task::Poll::Pending => Some(crate::respond::error_response(http::StatusCode::INTERNAL_SERVER_ERROR)),
+        let (always, checks) = self.split(phase);
+        for filter in always {
+            if let Verdict::Answer(response) = filter.check_now(facts, effects) {
+                return Some(response);
+            }
+        }
+        if checks.is_empty() {
+            return None;
+        }
+        let mut any = AnyOf::default();
+        for filter in checks {
+            if let Some(decided) = any.take(filter.check_now(facts, effects)) {
+                return decided;
+            }
+        }
+        any.refusal
+    }
+
+    /// The filters of `phase` that must all pass, and those of which one suffices
+    /// (`satisfy any`: the access checks after the limits).
+    fn split(&self, phase: Phase) -> (&[Filter], &[Filter]) {
+        let filters = self.of(phase);
+        match phase {
+            Phase::Access if self.satisfy_any => filters.split_at(self.limits.min(filters.len())),
+            _ => (filters, &[]),
         }
     }
 
@@ -329,11 +385,7 @@ impl Filters {
         facts: &Facts<'_>,
         effects: &mut Option<Box<Effects>>,
     ) -> Option<Response<LocalBody>> {
-        let filters = self.of(phase);
-        let (always, checks) = match phase {
-            Phase::Access if self.satisfy_any => filters.split_at(self.limits.min(filters.len())),
-            _ => (filters, &[][..]),
-        };
+        let (always, checks) = self.split(phase);
         for filter in always {
             if let Verdict::Answer(response) = filter.check(facts, effects).await {
                 return Some(response);
@@ -342,21 +394,12 @@ impl Filters {
         if checks.is_empty() {
             return None;
         }
-        // satisfy any, as nginx: the first check that passes lets the request on; when none
-        // does, a 401 (with its challenge) wins over a 403; any other answer ends it at once.
-        let mut refusal: Option<Response<LocalBody>> = None;
+        let mut any = AnyOf::default();
         for filter in checks {
-            match filter.check(facts, effects).await {
-                Verdict::Continue => return None,
-                Verdict::Answer(response) => match response.status() {
-                    http::StatusCode::UNAUTHORIZED => refusal = Some(response),
-                    http::StatusCode::FORBIDDEN => {
-                        refusal.get_or_insert(response);
-                    }
-                    _ => return Some(response),
-                },
+            if let Some(decided) = any.take(filter.check(facts, effects).await) {
+                return decided;
             }
         }
-        refusal
+        any.refusal
     }
 }

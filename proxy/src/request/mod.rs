@@ -3,10 +3,12 @@
 //!
 //! ```text
 //! accept ─> route ─> rewrite ─> access ─> content | upstream ─> header_filter ─> body_filter ─> log
-//!            │                    │           │         │
-//!            │                    │           │         └─ backend: endpoint, pool, our HTTP/1 client
-//!            │                    │           └─ Lua content handlers answer instead of a backend
-//!            │                    └─ built-in filters (IP rules, Basic auth), then Lua access
+//!            │         │          │           │         │                          │
+//!            │         │          │           │         │                          └─ limit-rate
+//!            │         │          │           │         └─ backend: endpoint, pool, our HTTP/1 client
+//!            │         │          │           └─ Lua content handlers answer instead of a backend
+//!            │         │          └─ limits, IP rules, Basic auth, external auth; then Lua access
+//!            │         └─ client certificate, body limit, CORS; then Lua rewrite
 //!            └─ host, path, method, headers; 404, 308 to https, a refused route's 500/503
 //! ```
 //!
@@ -15,24 +17,31 @@
 //!   backend). It ends the request with 404 when nothing matches, a 308 to HTTPS for plain HTTP
 //!   to a TLS host, and the refusal's status for a route the controller closed. Nothing of the
 //!   route runs before it.
-//! - **rewrite** runs the route's built-in rewrite filters (the body limit: 413) and then Lua
+//! - **rewrite** runs the route's built-in rewrite filters ([`crate::policy`]: the client
+//!   certificate, 400; the body limit, 413; CORS, whose preflights it answers 204) and then Lua
 //!   `rewrite`, which may change the method, URI, headers and body that go upstream, and may
 //!   answer (`ngx.exit`, `ngx.redirect`).
-//! - **access** runs the route's built-in access filters ([`crate::policy`]: IP rules, then
-//!   Basic auth) and then Lua `access`. Any of them may answer; an answer skips content and
-//!   upstream.
+//! - **access** runs the route's built-in access filters (limits, 503; IP rules, 403; Basic
+//!   auth and external auth, 401 or what the auth service says; `satisfy any` lets one of the
+//!   last three suffice) and then Lua `access`. Any of them may answer; an answer skips content
+//!   and upstream. Filters that let the request on may leave effects: headers for the response
+//!   (CORS), for the upstream request (an auth service's), places held until the response ends
+//!   (a client's requests in progress).
 //! - **content | upstream**: Lua `content` handlers produce the response, or the request goes to
-//!   the route's backend ([`upstream`]). Failures become statuses here (502 refused or broken,
-//!   503 no ready endpoint, 504 timeout), never a dropped connection.
+//!   the route's backend ([`upstream`]), with the route's own upstream headers
+//!   (`upstream-vhost`, `x-forwarded-prefix`). Failures become statuses here (502 refused or
+//!   broken, 503 no ready endpoint, 504 timeout, 413 a body cut at the limit), never a dropped
+//!   connection.
 //! - **header_filter** (Lua) may change the response status and headers before they are sent,
 //!   answers made by earlier steps included.
-//! - **body_filter** (Lua) sees each chunk as it streams, and may change or end it.
+//! - **body_filter** paces the body (`limit-rate`); Lua `body_filter` sees each chunk as it
+//!   streams, and may change or end it.
 //! - **log** runs once the last byte is sent (or the client went away): metrics, the access log
 //!   and Lua `log` handlers, which can change nothing.
 //!
 //! Every response leaves with `Server`, `Date` and (on TLS) HSTS ([`crate::respond`]). A route
 //! without Lua and without policies goes from route straight to upstream, paying nothing for
-//! the steps it does not use.
+//! the steps it does not use; filters that cannot wait run at once, keeping no state.
 
 mod context;
 mod lua;
@@ -124,11 +133,18 @@ pub(crate) async fn handle(
     }
 
     let shared = Arc::clone(&worker.shared);
-    let after = outcome.after.take();
     // Held until the response is done: a client's request in progress (limit-connections).
-    let holds = outcome.effects.as_mut().map(|e| std::mem::take(&mut e.holds));
+    if let Some(holds) = outcome.effects.as_mut().map(|e| std::mem::take(&mut e.holds)).filter(|h| !h.is_empty()) {
+        let then = outcome.after.take();
+        outcome.after = Some(Box::new(move |bytes_sent| {
+            drop(holds);
+            if let Some(then) = then {
+                then(bytes_sent);
+            }
+        }));
+    }
+    let after = outcome.after.take();
     let on_done = Box::new(move |bytes_sent: u64, completed: bool| {
-        drop(holds);
         if let Some(after) = after {
             after(bytes_sent);
         }
