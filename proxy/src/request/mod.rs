@@ -96,17 +96,7 @@ pub(crate) async fn handle(
                     Box::pin(lua::serve(&worker, &runtime, &conn, target, chain, &host, request, &mut outcome)).await
                 }
                 None => {
-                    let answer = if target.filters.waits() {
-                        Box::pin(filters_waiting(&worker, target, &conn, &host, &request, &mut outcome)).await
-                    } else {
-                        filters(&worker, target, &conn, &host, &request, &mut outcome)
-                    };
-                    match answer {
-                        Some(answer) => answer,
-                        None => {
-                            Box::pin(upstream::proxy(&worker, &runtime, &conn, target, request, &mut outcome)).await
-                        }
-                    }
+                    Box::pin(filtered_upstream(&worker, &runtime, &conn, target, &host, request, &mut outcome)).await
                 }
             };
             target.counters.count(response.status().as_u16());
@@ -237,6 +227,28 @@ fn filters(
         }
     }
     None
+}
+
+/// The steps of a route without Lua after routing: its filters, then the upstream. One box for
+/// all of it: what the request's own state holds across the wait is a pointer.
+async fn filtered_upstream(
+    worker: &Rc<Worker>,
+    runtime: &Runtime,
+    conn: &Connection,
+    target: &Target,
+    host: &str,
+    request: Request<ClientBody>,
+    outcome: &mut Outcome,
+) -> Response<LocalBody> {
+    let answer = if target.filters.waits() {
+        Box::pin(filters_waiting(worker, target, conn, host, &request, outcome)).await
+    } else {
+        filters(worker, target, conn, host, &request, outcome)
+    };
+    match answer {
+        Some(answer) => answer,
+        None => upstream::proxy(worker, runtime, conn, target, request, outcome).await,
+    }
 }
 
 /// [`filters`] for routes with a filter that may wait (Basic auth, external auth).
