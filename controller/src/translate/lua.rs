@@ -31,8 +31,8 @@ pub(super) enum Attachable {
 }
 
 /// What validation found: whether the routes can be built at all (`schema`), and whether all
-/// of the Lua compiles and every policy reads (`lua`): without either, the routes still match
-/// but answer 500.
+/// of the Lua compiles (`lua`): without it, the routes still match but answer 500. Policies are
+/// read per route when it is translated (`route_policies`).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Validity {
     pub(super) schema: bool,

@@ -330,12 +330,6 @@ impl Filters {
         Box::pin(self.checks(phase, facts, effects)).await
     }
 
-    /// Whether a filter of the rewrite or access step may wait: then [`Filters::run`] is to be
-    /// awaited; otherwise [`Filters::run_now`] does it all at once.
-    pub(crate) fn waits(&self) -> bool {
-        self.rewrite_waits || self.access_waits
-    }
-
     fn waits_in(&self, phase: Phase) -> bool {
         match phase {
             Phase::Rewrite => self.rewrite_waits,
@@ -345,7 +339,7 @@ impl Filters {
     }
 
     /// [`Filters::run`] for a step none of whose filters waits: plain calls, no future.
-    pub(crate) fn run_now(
+    fn run_now(
         &self,
         phase: Phase,
         facts: &Facts<'_>,

@@ -205,32 +205,9 @@ fn route<'a>(
     Routed::Target(target)
 }
 
-/// The rewrite and access steps of a route without Lua: its built-in filters, skipped with one
-/// check when it has none. Filters that may wait run in a box of their own (see
-/// [`filters_waiting`]), so that the request's state does not carry theirs.
-fn filters(
-    worker: &Worker,
-    target: &Target,
-    conn: &Connection,
-    host: &str,
-    request: &Request<ClientBody>,
-    outcome: &mut Outcome,
-) -> Option<Response<LocalBody>> {
-    for phase in [Phase::Rewrite, Phase::Access] {
-        if !target.filters.has(phase) {
-            continue;
-        }
-        let head = Head { method: request.method(), uri: request.uri(), host, headers: request.headers() };
-        let facts = Facts::of(conn, head, &worker.pool);
-        if let Some(answer) = target.filters.run_now(phase, &facts, &mut outcome.effects) {
-            return Some(answer);
-        }
-    }
-    None
-}
-
-/// The steps of a route without Lua after routing: its filters, then the upstream. One box for
-/// all of it: what the request's own state holds across the wait is a pointer.
+/// The steps of a route without Lua after routing: its built-in rewrite and access filters
+/// (skipped with one check when it has none), then the upstream. One box for all of it: what
+/// the request's own state holds across the wait is a pointer.
 async fn filtered_upstream(
     worker: &Rc<Worker>,
     runtime: &Runtime,
@@ -240,26 +217,6 @@ async fn filtered_upstream(
     request: Request<ClientBody>,
     outcome: &mut Outcome,
 ) -> Response<LocalBody> {
-    let answer = if target.filters.waits() {
-        Box::pin(filters_waiting(worker, target, conn, host, &request, outcome)).await
-    } else {
-        filters(worker, target, conn, host, &request, outcome)
-    };
-    match answer {
-        Some(answer) => answer,
-        None => upstream::proxy(worker, runtime, conn, target, request, outcome).await,
-    }
-}
-
-/// [`filters`] for routes with a filter that may wait (Basic auth, external auth).
-async fn filters_waiting(
-    worker: &Worker,
-    target: &Target,
-    conn: &Connection,
-    host: &str,
-    request: &Request<ClientBody>,
-    outcome: &mut Outcome,
-) -> Option<Response<LocalBody>> {
     for phase in [Phase::Rewrite, Phase::Access] {
         if !target.filters.has(phase) {
             continue;
@@ -267,10 +224,10 @@ async fn filters_waiting(
         let head = Head { method: request.method(), uri: request.uri(), host, headers: request.headers() };
         let facts = Facts::of(conn, head, &worker.pool);
         if let Some(answer) = target.filters.run(phase, &facts, &mut outcome.effects).await {
-            return Some(answer);
+            return answer;
         }
     }
-    None
+    upstream::proxy(worker, runtime, conn, target, request, outcome).await
 }
 
 /// The host a request is for, without port: the URI authority (HTTP/2, absolute-form) or the
