@@ -8,14 +8,16 @@
 //!
 //! | phase   | built-in filters, in order                                      | then          |
 //! |---------|-----------------------------------------------------------------|---------------|
-//! | rewrite | client certificate (`auth-tls-*`): 400; body limit            | Lua `rewrite` |
-//! |         | (`proxy-body-size`): 413; CORS (`enable-cors`): 204             |               |
+//! | rewrite | client certificate (`auth-tls-*`): 400; CORS (`enable-cors`):   | Lua `rewrite` |
+//! |         | 204                                                             |               |
 //! | access  | limits (`limit-rps`, `-rpm`, `-connections`): 503; IP rules    | Lua `access`  |
 //! |         | (`*-source-range`): 403; Basic auth (`auth-type`): 401;         |               |
 //! |         | external auth (`auth-url`): 401, 302 to sign in, 403, 500        |               |
 //!
 //! In the body_filter step, `limit-rate` paces the response body ([`Filters::body_filter`]).
-//! The body limit also caps the body as it streams to the upstream ([`Filters::max_body`]). A
+//! The body limit (`proxy-body-size`) is checked against the declared length in the route step
+//! ([`Filters::body_too_large`]), as nginx does when it picks the location, and caps the body as
+//! it streams to the upstream ([`Filters::max_body`]). A
 //! filter that lets a request go on may leave [`Effects`]: headers its response must carry
 //! (CORS), which the pipeline adds to whatever response leaves, as nginx's `more_set_headers`
 //! does; and places it holds (a client's requests in progress) until the response is done.
@@ -137,7 +139,6 @@ impl Effects {
 #[derive(Debug)]
 enum Filter {
     ClientCert(client_cert::ClientCertFilter),
-    BodySize(body_size::BodySize),
     Cors(cors::CorsFilter),
     Limit(limit::LimitFilter),
     Ip(ip::IpFilter),
@@ -169,7 +170,6 @@ impl Filter {
     fn check_now(&self, facts: &Facts<'_>, effects: &mut Option<Box<Effects>>) -> Verdict {
         match self {
             Filter::ClientCert(certificate) => certificate.check(facts, effects),
-            Filter::BodySize(limit) => limit.check(facts.headers),
             Filter::Cors(cors) => cors.check(facts.method, facts.headers, effects),
             Filter::Limit(limits) => limits.check(facts.client, effects),
             Filter::Ip(rules) => rules.check(facts.client),
@@ -236,9 +236,6 @@ impl Filters {
         if let Some(certificate) = &policies.client_certificate {
             rewrite.push(Filter::ClientCert(client_cert::ClientCertFilter::new(certificate)));
         }
-        if let Some(limit) = policies.max_body_bytes {
-            rewrite.push(Filter::BodySize(body_size::BodySize { limit }));
-        }
         if let Some(cors) = &policies.cors {
             rewrite.push(Filter::Cors(cors::CorsFilter::new(cors)));
         }
@@ -289,6 +286,12 @@ impl Filters {
     /// Headers the route sets on its upstream requests.
     pub(crate) fn upstream_headers(&self) -> &[(HeaderName, HeaderValue)] {
         &self.upstream_headers
+    }
+
+    /// Whether the request declares a body over the route's limit (answered 413 in the route
+    /// step).
+    pub(crate) fn body_too_large(&self, headers: &HeaderMap) -> bool {
+        self.max_body.is_some_and(|limit| body_size::declared_over(headers, limit))
     }
 
     /// The most body bytes a request may send, when the route limits it.

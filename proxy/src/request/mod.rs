@@ -8,17 +8,19 @@
 //!            │         │          │           │         └─ backend: endpoint, pool, our HTTP/1 client
 //!            │         │          │           └─ Lua content handlers answer instead of a backend
 //!            │         │          └─ limits, IP rules, Basic auth, external auth; then Lua access
-//!            │         └─ client certificate, body limit, CORS; then Lua rewrite
-//!            └─ host, path, method, headers; 404, 308 to https, a refused route's 500/503
+//!            │         └─ client certificate, CORS; then Lua rewrite
+//!            └─ host, path, method, headers; 404, 308 to https, a refused route's 500/503,
+//!               413 for a declared body over the limit
 //! ```
 //!
 //! Each step's contract:
 //! - **route** reads the host, path, method and headers, and picks the route (or the default
 //!   backend). It ends the request with 404 when nothing matches, a 308 to HTTPS for plain HTTP
-//!   to a TLS host, and the refusal's status for a route the controller closed. Nothing of the
-//!   route runs before it.
+//!   to a TLS host, the refusal's status for a route the controller closed, and 413 for a
+//!   `Content-Length` over the route's body limit (where nginx checks `client_max_body_size`).
+//!   Nothing of the route runs before it.
 //! - **rewrite** runs the route's built-in rewrite filters ([`crate::policy`]: the client
-//!   certificate, 400; the body limit, 413; CORS, whose preflights it answers 204) and then Lua
+//!   certificate, 400; CORS, whose preflights it answers 204) and then Lua
 //!   `rewrite`, which may change the method, URI, headers and body that go upstream, and may
 //!   answer (`ngx.exit`, `ngx.redirect`).
 //! - **access** runs the route's built-in access filters (limits, 503; IP rules, 403; Basic
@@ -53,6 +55,7 @@ use std::time::{Instant, SystemTime};
 
 use http::header;
 use http::{Request, Response, StatusCode, Version};
+use hyper::body::Body;
 use tidegate_snapshot::Phase;
 
 use crate::connection::Connection;
@@ -170,8 +173,8 @@ enum Routed<'a> {
 }
 
 /// Finds the request's route, and answers what needs no serving: no route (404), plain HTTP
-/// to a TLS host (308) and a route the controller refused (500 misconfigured, 503 asking for a
-/// protection tidegate does not honour).
+/// to a TLS host (308), a route the controller refused (500 misconfigured, 503 asking for a
+/// protection tidegate does not honour) and a declared body over the route's limit (413).
 fn route<'a>(
     worker: &Worker,
     runtime: &'a Runtime,
@@ -201,6 +204,10 @@ fn route<'a>(
         tracing::debug!(route = &*target.name, reason = refusal.reason, status = refusal.status, "route refused");
         let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return answer(error_response(status));
+    }
+    // A body already done (a GET's, mostly) has no length left to exceed.
+    if !request.body().is_end_stream() && target.filters.body_too_large(request.headers()) {
+        return answer(error_response(StatusCode::PAYLOAD_TOO_LARGE));
     }
     Routed::Target(target)
 }
@@ -241,10 +248,14 @@ fn request_host(request: &Request<ClientBody>) -> &str {
 }
 
 fn strip_port(authority: &str) -> &str {
-    if authority.starts_with('[') {
-        return authority.split_once(']').map_or(authority, |(h, _)| &authority[..=h.len()]);
-    }
-    authority.split_once(':').map_or(authority, |(h, _)| h)
+    let bytes = authority.as_bytes();
+    // A host is short: a plain scan beats a searcher's setup.
+    let end = if bytes.first() == Some(&b'[') {
+        bytes.iter().position(|&b| b == b']').map(|i| i + 1)
+    } else {
+        bytes.iter().position(|&b| b == b':')
+    };
+    &authority[..end.unwrap_or(bytes.len())]
 }
 
 fn protocol_name(version: Version) -> &'static str {
