@@ -1,10 +1,14 @@
-//! `tidegate echo`: a small HTTP/1.1 backend that answers every request with a JSON description
-//! of it, for the quick start and for tests. It is a real server on a real socket.
+//! `tidegate echo`: a small HTTP backend that answers every request with a JSON description of
+//! it, for the quick start and for tests. It is a real server on a real socket: HTTP/1.1 and
+//! HTTP/2 with prior knowledge (h2c) on the same port, or over TLS ([`serve_tls`]) with HTTP/2
+//! or HTTP/1.1 by ALPN.
 //!
 //! The JSON is the echo contract of the Ingress conformance suite:
 //! `{"path","host","method","proto","headers":{name:[values]},"namespace","ingress","service","pod"}`
-//! plus `body_length` (bytes of request body received) and `query` (the raw query string). Query parameters steer it:
-//! `delay_ms=N` waits before answering; a WebSocket upgrade is accepted and echoes messages.
+//! plus `body_length` (bytes of request body received), `query` (the raw query string) and,
+//! over TLS, `sni` (the server name the client sent, empty for none) and `client_certificate`
+//! (whether it presented one). Query parameters steer it: `delay_ms=N` waits before answering;
+//! a WebSocket upgrade is accepted and echoes messages.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -45,25 +49,64 @@ struct Echo<'a> {
     body_length: usize,
     /// The raw query string, empty when there is none.
     query: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sni: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_certificate: Option<bool>,
 }
 
-/// Serves until the task is dropped.
+/// What the TLS handshake of a connection told.
+#[derive(Clone, Debug, Default)]
+struct Handshake {
+    sni: String,
+    client_certificate: bool,
+}
+
+/// Serves HTTP/1.1 and h2c until the task is dropped.
 pub async fn serve(listener: TcpListener, identity: Identity) {
     let identity = Arc::new(identity);
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
-        let identity = Arc::clone(&identity);
+        tokio::spawn(serve_connection(stream, Arc::clone(&identity), None));
+    }
+}
+
+/// Serves HTTPS until the task is dropped: HTTP/2 or HTTP/1.1 as ALPN (or the first bytes)
+/// say, with `config`'s certificate and client-certificate checks.
+pub async fn serve_tls(listener: TcpListener, identity: Identity, config: Arc<rustls::ServerConfig>) {
+    let identity = Arc::new(identity);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let (acceptor, identity) = (acceptor.clone(), Arc::clone(&identity));
         tokio::spawn(async move {
-            let service = service_fn(move |request| answer(Arc::clone(&identity), request));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades()
-                .await;
+            let Ok(stream) = acceptor.accept(stream).await else { return };
+            let connection = stream.get_ref().1;
+            let handshake = Handshake {
+                sni: connection.server_name().unwrap_or("").to_owned(),
+                client_certificate: connection.peer_certificates().is_some_and(|c| !c.is_empty()),
+            };
+            serve_connection(stream, identity, Some(handshake)).await;
         });
     }
 }
 
-async fn answer(identity: Arc<Identity>, mut request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn serve_connection<S>(stream: S, identity: Arc<Identity>, handshake: Option<Handshake>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let handshake = Arc::new(handshake);
+    let service = service_fn(move |request| answer(Arc::clone(&identity), Arc::clone(&handshake), request));
+    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+        .await;
+}
+
+async fn answer(
+    identity: Arc<Identity>,
+    handshake: Arc<Option<Handshake>>,
+    mut request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     if let Some(response) = websocket(&mut request) {
         return Ok(response);
     }
@@ -89,7 +132,10 @@ async fn answer(identity: Arc<Identity>, mut request: Request<Incoming>) -> Resu
             .or_default()
             .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
     }
-    let host = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    let host = match parts.uri.authority() {
+        Some(authority) => authority.as_str(),
+        None => parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or(""),
+    };
     let host = host.split(':').next().unwrap_or(host);
     let echo = Echo {
         path: parts.uri.path(),
@@ -97,6 +143,7 @@ async fn answer(identity: Arc<Identity>, mut request: Request<Incoming>) -> Resu
         method: parts.method.as_str(),
         proto: match parts.version {
             http::Version::HTTP_10 => "HTTP/1.0",
+            http::Version::HTTP_2 => "HTTP/2.0",
             _ => "HTTP/1.1",
         },
         headers,
@@ -106,6 +153,8 @@ async fn answer(identity: Arc<Identity>, mut request: Request<Incoming>) -> Resu
         pod: &identity.pod,
         body_length,
         query: parts.uri.query().unwrap_or(""),
+        sni: handshake.as_ref().as_ref().map(|h| h.sni.as_str()),
+        client_certificate: handshake.as_ref().as_ref().map(|h| h.client_certificate),
     };
     let json = serde_json::to_vec(&echo).unwrap_or_default();
     let mut response = Response::new(Full::new(Bytes::from(json)));

@@ -69,7 +69,7 @@ async fn restrictive_annotations_not_honoured_answer_503() {
         ("nginx.ingress.kubernetes.io/denylist-source-range", "not-an-address"),
         ("nginx.ingress.kubernetes.io/auth-type", "digest"),
         ("nginx.ingress.kubernetes.io/auth-secret", "users"),
-        ("nginx.ingress.kubernetes.io/auth-url", "https://auth.example/check"),
+        ("nginx.ingress.kubernetes.io/auth-url", "ftp://auth.example/check"),
         ("nginx.ingress.kubernetes.io/auth-cache-key", "$remote_user"),
         ("nginx.ingress.kubernetes.io/auth-tls-verify-client", "on"),
         ("nginx.ingress.kubernetes.io/satisfy", "maybe"),

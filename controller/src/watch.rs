@@ -356,12 +356,12 @@ pub fn referenced_secrets(inputs: &Inputs) -> BTreeSet<Key> {
             names.insert((namespace(&route.metadata), tls.secret_name.clone()));
         }
     }
-    // auth-secret and auth-tls-secret (either prefix), in the Ingress's own namespace:
-    // translation refuses others.
+    // auth-secret, auth-tls-secret and proxy-ssl-secret (either prefix), in the Ingress's own
+    // namespace: translation refuses others.
+    let named = |key: &str| ["/auth-secret", "/auth-tls-secret", "/proxy-ssl-secret"].iter().any(|s| key.ends_with(s));
     for ingress in &inputs.ingresses {
         let annotations = ingress.metadata.annotations.iter().flatten();
-        for (key, value) in annotations.filter(|(k, _)| k.ends_with("/auth-secret") || k.ends_with("/auth-tls-secret"))
-        {
+        for (key, value) in annotations.filter(|(k, _)| named(k)) {
             if key.starts_with("tidegate.dev/") || key.starts_with("nginx.ingress.kubernetes.io/") {
                 let own = namespace(&ingress.metadata);
                 match value.trim().split_once('/') {

@@ -264,6 +264,34 @@ impl Forwarded<'_> {
     }
 }
 
+impl Forwarded<'_> {
+    /// Puts the headers into a header map (HTTP/2 upstreams), replacing the client's.
+    pub(crate) fn insert(&self, headers: &mut HeaderMap, host: Option<&HeaderValue>) {
+        let host = self.host.or(host);
+        headers.insert(HeaderName::from_static("x-forwarded-for"), self.client_ip.clone());
+        headers.insert(HeaderName::from_static("x-real-ip"), self.client_ip.clone());
+        let proto = HeaderValue::from_static(if self.https { "https" } else { "http" });
+        headers.insert(HeaderName::from_static("x-forwarded-proto"), proto);
+        match host {
+            Some(host) => headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone()),
+            None => headers.remove("x-forwarded-host"),
+        };
+        headers.insert(HeaderName::from_static("x-forwarded-port"), HeaderValue::from(self.port));
+    }
+}
+
+/// A host without its port: `a.com:8080` → `a.com`, `[::1]:80` → `[::1]`.
+pub(crate) fn strip_port(authority: &str) -> &str {
+    let bytes = authority.as_bytes();
+    // A host is short: a plain scan beats a searcher's setup.
+    let end = if bytes.first() == Some(&b'[') {
+        bytes.iter().position(|&b| b == b']').map(|i| i + 1)
+    } else {
+        bytes.iter().position(|&b| b == b':')
+    };
+    &authority[..end.unwrap_or(bytes.len())]
+}
+
 /// Writes one header line of a head: `name: value` and its line end.
 pub(crate) fn write_line(buf: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     buf.extend_from_slice(name);
@@ -296,6 +324,14 @@ fn port_text(port: u16, digits: &mut [u8; 5]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ports_are_stripped_from_hosts() {
+        assert_eq!(strip_port("a.com:8080"), "a.com");
+        assert_eq!(strip_port("a.com"), "a.com");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+    }
 
     fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

@@ -53,6 +53,8 @@ pub struct Target {
     pub lua: Option<Arc<LuaChain>>,
     /// The route's policies, compiled.
     pub(crate) filters: Filters,
+    /// How the route reaches its backend's endpoints.
+    pub(crate) transport: crate::upstream::Transport,
     pub ssl_redirect: bool,
 }
 
@@ -136,13 +138,24 @@ fn target(
         Some(handlers) => Some(Arc::new(LuaChain::resolve(handlers, scripts)?)),
         None => None,
     };
+    let mut action = action.clone();
+    // Settings the backend cannot be reached with close the route rather than the snapshot.
+    let transport = crate::upstream::Transport::compile(&action.upstream).unwrap_or_else(|why| {
+        tracing::warn!(route = name, "{why}; the route answers 502");
+        action.refusal.get_or_insert(tidegate_snapshot::Refusal {
+            status: 502,
+            reason: format!("the route's TLS settings for its backend cannot be used: {why}"),
+        });
+        crate::upstream::Transport::plain()
+    });
     Ok(Target {
         name: name.into(),
         host: host.into(),
         counters: counters(host, name),
-        action: action.clone(),
-        lua,
+        transport,
         filters: Filters::compile(&action.policies, action.timeouts),
+        action,
+        lua,
         ssl_redirect,
     })
 }
@@ -296,6 +309,7 @@ mod tests {
                 timeouts: Timeouts::default(),
                 lua: None,
                 policies: tidegate_snapshot::Policies::default(),
+                upstream: Default::default(),
                 refusal: None,
             },
             ssl_redirect: false,
@@ -428,6 +442,7 @@ mod tests {
                 timeouts: Timeouts::default(),
                 lua: None,
                 policies: tidegate_snapshot::Policies::default(),
+                upstream: Default::default(),
                 refusal: None,
             }),
             ..Routing::default()

@@ -200,6 +200,7 @@ mod tests {
                 timeouts: tidegate_snapshot::Timeouts::default(),
                 lua: None,
                 policies: tidegate_snapshot::Policies::default(),
+                upstream: Default::default(),
                 refusal: None,
             }),
             ..Routing::default()

@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 
-use tidegate_snapshot::{Cidr, IpRules, Phase, Template, Timeouts};
+use tidegate_snapshot::{Cidr, IpRules, Phase, Template, Timeouts, TlsVersion, UpstreamProtocol};
 
 use crate::status::{ObjectStatus, Reason};
 use crate::validate::parse_size;
@@ -57,6 +57,9 @@ pub(super) struct Settings {
     /// `auth-type`, `auth-secret`, `auth-secret-type` and `auth-realm`: resolved against the
     /// Secret by [`super::ingress`].
     pub(super) basic_auth: BasicAuthKeys,
+    /// `backend-protocol` and the `proxy-ssl-*` keys: resolved with the Service port's
+    /// `appProtocol` and the Secret by [`super::upstream`].
+    pub(super) upstream: UpstreamKeys,
     /// The keys as written (with their prefix), by name: problems found later name them.
     pub(super) written: BTreeMap<String, String>,
     /// Keys that restrict access and that tidegate does not honour (or whose value it cannot
@@ -91,8 +94,40 @@ impl Default for Settings {
             global_auth: true,
             upstream_host: None,
             forwarded_prefix: None,
+            upstream: UpstreamKeys::default(),
             written: BTreeMap::new(),
             unhonoured: Vec::new(),
+        }
+    }
+}
+
+/// How to reach the backend: `backend-protocol` and the `proxy-ssl-*` keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct UpstreamKeys {
+    /// `None` when not set: the Service port's `appProtocol` decides, else HTTP/1.1.
+    pub(super) protocol: Option<UpstreamProtocol>,
+    /// `proxy-ssl-secret`: `namespace/name` (or `name`) of a Secret with `ca.crt` and/or
+    /// `tls.crt` and `tls.key`.
+    pub(super) secret: Option<String>,
+    pub(super) verify: bool,
+    pub(super) name: Option<String>,
+    pub(super) sni: bool,
+    pub(super) depth: u8,
+    pub(super) versions: Vec<TlsVersion>,
+    pub(super) ciphers: Vec<String>,
+}
+
+impl Default for UpstreamKeys {
+    fn default() -> Self {
+        UpstreamKeys {
+            protocol: None,
+            secret: None,
+            verify: false,
+            name: None,
+            sni: false,
+            depth: 1,
+            versions: Vec::new(),
+            ciphers: Vec::new(),
         }
     }
 }
@@ -187,11 +222,8 @@ pub fn global_auth(settings: &[(&str, &str)]) -> Result<Option<tidegate_snapshot
 /// An auth URL: `http://`, with nginx variables; `https://` is refused until upstream TLS.
 fn auth_url(value: &str) -> Result<Template, String> {
     let value = value.trim();
-    if value.starts_with("https://") {
-        return Err("https auth URLs are not supported yet (no TLS to upstreams)".into());
-    }
-    if !value.starts_with("http://") {
-        return Err(format!("{value:?} is not an http:// URL"));
+    if !value.starts_with("http://") && !value.starts_with("https://") {
+        return Err(format!("{value:?} is not an http:// or https:// URL"));
     }
     value.parse()
 }
@@ -414,6 +446,67 @@ pub(crate) const KEYS: &[Key] = &[
     parsed("upstream-vhost", "", |v, s| header_text(v).map(|t| s.upstream_host = Some(t))),
     parsed("x-forwarded-prefix", "", |v, s| header_text(v).map(|t| s.forwarded_prefix = Some(t))),
     parsed("enable-global-auth", "true", |v, s| boolean(v).map(|b| s.global_auth = b)),
+    // How to reach the backend. A value that cannot be read refuses the routes: guessing would
+    // send in the clear what was meant to go over TLS.
+    guards("backend-protocol", "HTTP", |v, s| {
+        s.upstream.protocol = Some(match v.trim().to_ascii_uppercase().as_str() {
+            "HTTP" => UpstreamProtocol::Http1,
+            "HTTPS" => UpstreamProtocol::Https,
+            "GRPC" => UpstreamProtocol::H2c,
+            "GRPCS" => UpstreamProtocol::H2,
+            "AUTO_HTTP" => UpstreamProtocol::Negotiated,
+            "FCGI" => return Err("FastCGI backends are not supported".into()),
+            other => return Err(format!("{other:?} is not HTTP, HTTPS, GRPC, GRPCS or AUTO_HTTP")),
+        });
+        Ok(())
+    }),
+    guards("proxy-ssl-secret", "", |v, s| {
+        let v = v.trim();
+        if v.is_empty() || v.split('/').count() > 2 {
+            return Err(format!("{v:?} is not a Secret name or namespace/name"));
+        }
+        s.upstream.secret = Some(v.to_owned());
+        Ok(())
+    }),
+    guards("proxy-ssl-verify", "off", |v, s| match v.trim() {
+        "on" => {
+            s.upstream.verify = true;
+            Ok(())
+        }
+        "off" => {
+            s.upstream.verify = false;
+            Ok(())
+        }
+        other => Err(format!("{other:?} is not on or off")),
+    }),
+    guards("proxy-ssl-verify-depth", "1", |v, s| match v.trim().parse::<u8>() {
+        Ok(n) if n > 0 => {
+            s.upstream.depth = n;
+            Ok(())
+        }
+        _ => Err(format!("{v:?} is not a depth from 1 to 255")),
+    }),
+    guards("proxy-ssl-name", "", |v, s| {
+        let name = v.trim();
+        if name.is_empty() || rustls::pki_types::ServerName::try_from(name).is_err() {
+            return Err(format!("{name:?} is not a DNS name or IP address"));
+        }
+        s.upstream.name = Some(name.to_owned());
+        Ok(())
+    }),
+    parsed("proxy-ssl-server-name", "off", |v, s| match v.trim() {
+        "on" => {
+            s.upstream.sni = true;
+            Ok(())
+        }
+        "off" => {
+            s.upstream.sni = false;
+            Ok(())
+        }
+        other => Err(format!("{other:?} is not on or off")),
+    }),
+    guards("proxy-ssl-protocols", "TLSv1.2 TLSv1.3", |v, s| tls_versions(v).map(|list| s.upstream.versions = list)),
+    parsed("proxy-ssl-ciphers", "DEFAULT", |v, s| cipher_suites(v).map(|list| s.upstream.ciphers = list)),
     guards("satisfy", "all", |v, s| match v.trim() {
         "any" => {
             s.satisfy_any = true;
@@ -551,6 +644,59 @@ pub(crate) const KEYS: &[Key] = &[
     restricts(Pattern::Exact("configuration-snippet")),
     restricts(Pattern::Exact("server-snippet")),
 ];
+
+/// nginx's `ssl_protocols` list: TLS 1.2 and 1.3 are spoken; older versions are left out (a
+/// list of nothing else is refused).
+fn tls_versions(value: &str) -> Result<Vec<TlsVersion>, String> {
+    let mut versions = Vec::new();
+    for word in value.split_whitespace() {
+        match word {
+            "TLSv1.2" => versions.push(TlsVersion::Tls12),
+            "TLSv1.3" => versions.push(TlsVersion::Tls13),
+            "SSLv2" | "SSLv3" | "TLSv1" | "TLSv1.1" => {}
+            other => return Err(format!("{other:?} is not a TLS version (TLSv1.2, TLSv1.3)")),
+        }
+    }
+    versions.sort();
+    versions.dedup();
+    if versions.is_empty() {
+        return Err(format!("{value:?} allows neither TLSv1.2 nor TLSv1.3, the versions tidegate speaks"));
+    }
+    Ok(versions)
+}
+
+/// OpenSSL cipher names (`proxy-ssl-ciphers`, colon separated) as the IANA names of the suites
+/// tidegate speaks. `DEFAULT` and `HIGH`-style words select them all; names of suites it does
+/// not speak (CBC, RSA key exchange) are left out; a list naming none it speaks is an error.
+fn cipher_suites(value: &str) -> Result<Vec<String>, String> {
+    const SUITES: &[(&str, &str)] = &[
+        ("ECDHE-ECDSA-AES128-GCM-SHA256", "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"),
+        ("ECDHE-RSA-AES128-GCM-SHA256", "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"),
+        ("ECDHE-ECDSA-AES256-GCM-SHA384", "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"),
+        ("ECDHE-RSA-AES256-GCM-SHA384", "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384"),
+        ("ECDHE-ECDSA-CHACHA20-POLY1305", "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256"),
+        ("ECDHE-RSA-CHACHA20-POLY1305", "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256"),
+        ("TLS_AES_128_GCM_SHA256", "TLS13_AES_128_GCM_SHA256"),
+        ("TLS_AES_256_GCM_SHA384", "TLS13_AES_256_GCM_SHA384"),
+        ("TLS_CHACHA20_POLY1305_SHA256", "TLS13_CHACHA20_POLY1305_SHA256"),
+    ];
+    let words: Vec<&str> = value.split([':', ' ', ',']).map(str::trim).filter(|w| !w.is_empty()).collect();
+    if words.iter().any(|w| matches!(*w, "DEFAULT" | "HIGH" | "ALL")) {
+        return Ok(Vec::new());
+    }
+    let mut suites: Vec<String> = words
+        .iter()
+        .filter_map(|w| SUITES.iter().find(|(openssl, _)| openssl == w).map(|(_, iana)| (*iana).to_owned()))
+        .collect();
+    if suites.is_empty() {
+        return Err(format!("{value:?} names no cipher suite tidegate speaks (AES-GCM or ChaCha20 with ECDHE)"));
+    }
+    // TLS 1.3 suites stay available unless the list names some of its own.
+    if !suites.iter().any(|s| s.starts_with("TLS13_")) {
+        suites.extend(SUITES.iter().filter(|(_, iana)| iana.starts_with("TLS13_")).map(|(_, iana)| (*iana).to_owned()));
+    }
+    Ok(suites)
+}
 
 /// A comma-separated list of CIDR ranges or addresses, spaces allowed; at least one.
 fn cidrs(value: &str) -> Result<Vec<Cidr>, String> {
@@ -750,8 +896,13 @@ mod tests {
             ("denylist-source-range", "localhost"),
             ("auth-type", "digest"),
             ("auth-secret", "a/b/c"),
-            ("auth-url", "https://auth.example/check"),
+            ("auth-url", "ftp://auth.example/check"),
             ("auth-tls-verify-client", "always"),
+            ("backend-protocol", "FCGI"),
+            ("proxy-ssl-verify", "yes"),
+            ("proxy-ssl-secret", "a/b/c"),
+            ("proxy-ssl-name", "not a name"),
+            ("proxy-ssl-protocols", "TLSv1 TLSv1.1"),
             ("auth-tls-secret", "a/b/c"),
             ("auth-tls-match-cn", "CN=(unclosed"),
             ("satisfy", "some"),
@@ -876,5 +1027,36 @@ mod tests {
             (1, Reason::Invalid),
             "a limit that does not read closes the routes"
         );
+    }
+
+    /// `backend-protocol` and the `proxy-ssl-*` keys, as ingress-nginx spells them.
+    #[test]
+    fn backend_keys() {
+        for (value, protocol) in [
+            ("HTTP", UpstreamProtocol::Http1),
+            ("HTTPS", UpstreamProtocol::Https),
+            ("GRPC", UpstreamProtocol::H2c),
+            ("GRPCS", UpstreamProtocol::H2),
+            ("AUTO_HTTP", UpstreamProtocol::Negotiated),
+            ("grpcs", UpstreamProtocol::H2),
+        ] {
+            let (settings, status) = read_one("nginx.ingress.kubernetes.io/backend-protocol", value);
+            assert!(status.problems.is_empty(), "{value}: {:?}", status.problems);
+            assert_eq!(settings.upstream.protocol, Some(protocol), "{value}");
+        }
+        let (settings, _) = read_one("nginx.ingress.kubernetes.io/proxy-ssl-protocols", "TLSv1 TLSv1.3 TLSv1.2");
+        assert_eq!(settings.upstream.versions, vec![TlsVersion::Tls12, TlsVersion::Tls13], "TLSv1 left out");
+        let (settings, status) =
+            read_one("nginx.ingress.kubernetes.io/proxy-ssl-ciphers", "ECDHE-RSA-AES128-GCM-SHA256:AES128-SHA");
+        assert!(status.problems.is_empty());
+        assert!(settings.upstream.ciphers.contains(&"TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256".to_owned()));
+        assert!(settings.upstream.ciphers.iter().any(|c| c.starts_with("TLS13_")), "TLS 1.3 suites stay");
+        let (settings, status) = read_one("nginx.ingress.kubernetes.io/proxy-ssl-ciphers", "AES128-SHA:DES-CBC3-SHA");
+        assert!(settings.upstream.ciphers.is_empty(), "none it speaks: the default applies");
+        assert_eq!(status.problems[0].severity, crate::status::Severity::Warning);
+        let (settings, _) = read_one("nginx.ingress.kubernetes.io/proxy-ssl-server-name", "on");
+        assert!(settings.upstream.sni);
+        let (settings, _) = read_one("nginx.ingress.kubernetes.io/proxy-ssl-verify-depth", "3");
+        assert_eq!(settings.upstream.depth, 3);
     }
 }

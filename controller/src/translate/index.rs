@@ -90,6 +90,16 @@ impl<'a> Index<'a> {
         Ok(endpoints)
     }
 
+    /// The `appProtocol` a Service declares for one of its ports.
+    pub(super) fn app_protocol(&self, namespace: &str, service: &str, port: PortRef<'_>) -> Option<&str> {
+        let spec = self.services.get(&(namespace, service))?.spec.as_ref()?;
+        let found = spec.ports.as_deref()?.iter().find(|p| match port {
+            PortRef::Number(n) => p.port == i32::from(n),
+            PortRef::Name(n) => p.name.as_deref() == Some(n),
+        })?;
+        found.app_protocol.as_deref()
+    }
+
     /// Ready endpoints of the EndpointSlices of a Service for one of its ports. A nil `ready`
     /// condition counts as ready, as the EndpointSlice API asks of consumers.
     fn ready_endpoints(&self, namespace: &str, service: &str, service_port: &ServicePort) -> Vec<Endpoint> {

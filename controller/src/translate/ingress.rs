@@ -3,12 +3,13 @@
 use std::fmt::{self, Display};
 
 use k8s_openapi::api::networking::v1::{Ingress, IngressBackend};
-use tidegate_snapshot::{HostMatch, LuaHandlers, PathKind, PathMatch, Policies, Refusal, Route, RouteAction};
+use tidegate_snapshot::{HostMatch, LuaHandlers, PathKind, PathMatch, Policies, Refusal, Route, RouteAction, Upstream};
 
 use super::annotations::{self, Settings};
 use super::index::{Index, PortRef};
 use super::lua::{self, Attachable};
 use super::policies;
+use super::upstream;
 use super::{Builder, Candidate, FieldAt, host_match};
 use crate::objects::{ObjectRef, Options, name_of, namespace_of};
 use crate::status::{ObjectStatus, Reason};
@@ -45,7 +46,7 @@ pub(super) fn translate(
     if refusal.is_some() {
         status.accepted = false;
     }
-    let mut ctx = Context { ingress, index, settings, lua, policies, refusal, out, status };
+    let mut ctx = Context { ingress, index, settings, lua, policies, refusal, upstreams: Vec::new(), out, status };
     ctx.default_backend();
     ctx.rules(rank);
     ctx.tls();
@@ -136,6 +137,8 @@ struct Context<'i, 'o> {
     lua: Option<LuaHandlers>,
     policies: Policies,
     refusal: Option<Refusal>,
+    /// The upstream resolved for each Service port, so that each problem is reported once.
+    upstreams: Vec<(String, String, Result<Upstream, ()>)>,
     out: &'o mut Builder,
     status: &'o mut ObjectStatus,
 }
@@ -241,13 +244,37 @@ impl Context<'_, '_> {
         if let Some((reason, message)) = problem {
             self.status.error(reason, format!("{field}.service"), format!("{message}; requests get 503"));
         }
+        let (upstream, refusal) = match self.upstream(&service.name, port) {
+            Ok(upstream) => (upstream, self.refusal.clone()),
+            Err(()) => {
+                let why = format!("{} asks for a way to its backend that cannot be set up", self.status.object);
+                (Upstream::default(), self.refusal.clone().or(Some(Refusal::unhonoured(why))))
+            }
+        };
         Some(RouteAction {
             backend: Some(id),
             timeouts: self.settings.timeouts,
             lua: self.lua.clone(),
             policies: self.policies.clone(),
-            refusal: self.refusal.clone(),
+            upstream,
+            refusal,
         })
+    }
+
+    /// How requests reach one of the Service's ports: resolved once per port.
+    fn upstream(&mut self, service: &str, port: PortRef<'_>) -> Result<Upstream, ()> {
+        let port_text = port.to_string();
+        if let Some((_, _, known)) = self.upstreams.iter().find(|(s, p, _)| s == service && *p == port_text) {
+            return known.clone();
+        }
+        let namespace = namespace_of(&self.ingress.metadata);
+        let app_protocol = self.index.app_protocol(namespace, service, port);
+        let resolved = upstream::resolve(&self.settings, namespace, service, app_protocol, self.index, self.status);
+        if resolved.is_err() {
+            self.status.accepted = false;
+        }
+        self.upstreams.push((service.to_owned(), port_text, resolved.clone()));
+        resolved
     }
 }
 

@@ -243,6 +243,7 @@ pub(super) fn translate(
                         timeouts: Timeouts::default(),
                         lua: misconfigured.is_none().then(|| lua.clone()),
                         policies: policies.clone(),
+                        upstream: Default::default(),
                         refusal: misconfigured.map(Refusal::misconfigured).or_else(|| unhonoured.clone()),
                     },
                     ssl_redirect: false,

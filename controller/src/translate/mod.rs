@@ -32,6 +32,7 @@ mod lua;
 mod policies;
 #[cfg(test)]
 mod tests;
+mod upstream;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};

@@ -221,6 +221,10 @@ pub struct RouteAction {
     /// phase before the route's Lua.
     #[serde(default, skip_serializing_if = "Policies::is_empty")]
     pub policies: Policies,
+    /// How the proxy speaks to the backend: protocol and TLS (`backend-protocol`,
+    /// `proxy-ssl-*`, the Service port's `appProtocol`). Plain HTTP/1.1 when absent.
+    #[serde(default, skip_serializing_if = "Upstream::is_plain")]
+    pub upstream: Upstream,
     /// Set when the route must not be served as written: the route still matches, so requests
     /// do not fall through to a less specific route, and they get the refusal's status without
     /// reaching the backend or running any handler.
@@ -803,6 +807,112 @@ pub struct LuaScript {
     pub source: String,
 }
 
+/// How a route's requests reach its backend's endpoints.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Upstream {
+    pub protocol: UpstreamProtocol,
+    /// TLS settings; present exactly when the protocol runs over TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTls>,
+}
+
+impl Upstream {
+    pub fn is_plain(&self) -> bool {
+        self == &Upstream::default()
+    }
+}
+
+/// The protocol spoken to a backend (ingress-nginx's `backend-protocol`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 over TCP (`HTTP`).
+    #[default]
+    Http1,
+    /// HTTP/1.1 over TLS (`HTTPS`).
+    Https,
+    /// HTTP/2 over TCP with prior knowledge (`GRPC`, `appProtocol: kubernetes.io/h2c`).
+    H2c,
+    /// HTTP/2 over TLS (`GRPCS`).
+    H2,
+    /// TLS, then HTTP/2 or HTTP/1.1 as the backend picks by ALPN (`AUTO_HTTP`).
+    Negotiated,
+}
+
+impl UpstreamProtocol {
+    /// Whether it runs over TLS.
+    pub fn tls(self) -> bool {
+        matches!(self, UpstreamProtocol::Https | UpstreamProtocol::H2 | UpstreamProtocol::Negotiated)
+    }
+}
+
+/// TLS to a backend (ingress-nginx's `proxy-ssl-*` keys, nginx's `proxy_ssl_*`).
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// Verify the backend's certificate against `ca_pem` and `name` (`proxy-ssl-verify`, off
+    /// by default as in ingress-nginx: then any certificate is accepted).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub verify: bool,
+    /// Trusted CA certificates, PEM (`ca.crt` of `proxy-ssl-secret`); required to verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
+    /// The name the certificate is checked against, and sent as SNI when `sni` is set
+    /// (`proxy-ssl-name`; the Service's `NAME.NAMESPACE.svc` when not set).
+    pub name: String,
+    /// Send the name as SNI (`proxy-ssl-server-name`, off by default as in nginx).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sni: bool,
+    /// How many CA certificates may stand between the backend's certificate and a trusted one,
+    /// plus one (`proxy-ssl-verify-depth`, default 1: signed by a trusted CA directly).
+    pub verify_depth: u8,
+    /// The TLS versions allowed (`proxy-ssl-protocols`); both when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub versions: Vec<TlsVersion>,
+    /// Cipher suites allowed, by their IANA names (`proxy-ssl-ciphers` mapped from OpenSSL's);
+    /// every suite the proxy supports when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ciphers: Vec<String>,
+    /// A client certificate chain and key, PEM (`tls.crt` and `tls.key` of
+    /// `proxy-ssl-secret`), presented when the backend asks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<ClientIdentity>,
+}
+
+impl fmt::Debug for UpstreamTls {
+    /// Never prints the client key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("verify", &self.verify)
+            .field("ca", &self.ca_pem.is_some())
+            .field("name", &self.name)
+            .field("sni", &self.sni)
+            .field("verify_depth", &self.verify_depth)
+            .field("versions", &self.versions)
+            .field("ciphers", &self.ciphers)
+            .field("client_certificate", &self.client_certificate.is_some())
+            .finish()
+    }
+}
+
+/// A TLS version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum TlsVersion {
+    #[serde(rename = "TLSv1.2")]
+    Tls12,
+    #[serde(rename = "TLSv1.3")]
+    Tls13,
+}
+
+/// A certificate chain and its private key, PEM.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientIdentity {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
 /// Upstream timeouts of one route, in milliseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -940,6 +1050,7 @@ mod tests {
                                     }],
                                 }),
                             },
+                            upstream: Default::default(),
                             refusal: None,
                         },
                         ssl_redirect: true,

@@ -39,6 +39,9 @@ pub(super) struct ExternalAuthFilter {
     response_headers: Vec<HeaderName>,
     timeouts: Timeouts,
     resolved: Mutex<HashMap<String, (SocketAddr, Instant)>>,
+    /// TLS to `https` auth services, by host (nginx's `proxy_pass https://` defaults: the
+    /// certificate not verified).
+    https: Mutex<HashMap<String, crate::upstream::Transport>>,
 }
 
 impl ExternalAuthFilter {
@@ -53,6 +56,7 @@ impl ExternalAuthFilter {
             auth: auth.clone(),
             timeouts,
             resolved: Mutex::new(HashMap::new()),
+            https: Mutex::new(HashMap::new()),
         }
     }
 
@@ -126,10 +130,14 @@ impl ExternalAuthFilter {
 
     /// Sends the auth request and reads the answer whole.
     async fn ask(&self, url: &str, facts: &Facts<'_>) -> Result<Response<bytes::Bytes>, String> {
-        let rest = url.strip_prefix("http://").ok_or("only http:// auth URLs are supported")?;
+        let (rest, tls) = match url.strip_prefix("https://") {
+            Some(rest) => (rest, true),
+            None => (url.strip_prefix("http://").ok_or("only http:// and https:// auth URLs are supported")?, false),
+        };
         let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
         let path = if path.is_empty() { "/" } else { path };
-        let endpoint = self.resolve(authority).await?;
+        let endpoint = self.resolve(authority, if tls { 443 } else { 80 }).await?;
+        let transport = if tls { self.https_to(authority)? } else { crate::upstream::Transport::plain() };
         let mut headers = HeaderMap::with_capacity(facts.headers.len() + 12);
         for (name, value) in facts.headers {
             if name != header::CONTENT_LENGTH && name != header::TRANSFER_ENCODING && name != header::HOST {
@@ -159,20 +167,33 @@ impl ExternalAuthFilter {
         *request.method_mut() = self.method.clone().unwrap_or_else(|| facts.method.clone());
         *request.uri_mut() = path.parse().map_err(|e| format!("{url}: {e}"))?;
         *request.headers_mut() = headers;
-        let answer = facts.pool.send(endpoint, request, None, self.timeouts).await.map_err(|e| e.to_string())?;
+        let answer =
+            facts.pool.send(endpoint, &transport, request, None, self.timeouts).await.map_err(|e| e.to_string())?;
         let (parts, body) = answer.into_parts();
         let body = http_body_util::Limited::new(body, MAX_ANSWER).collect().await.map_err(|e| e.to_string())?;
         Ok(Response::from_parts(parts, body.to_bytes()))
     }
 
-    /// The address of `authority` (`host[:port]`, port 80 when absent): an IP address as it is,
-    /// a name through the resolver (on tokio's blocking pool), remembered for a while.
-    async fn resolve(&self, authority: &str) -> Result<SocketAddr, String> {
+    /// TLS to the auth service at `authority`, made once per host.
+    fn https_to(&self, authority: &str) -> Result<crate::upstream::Transport, String> {
+        let host = crate::headers::strip_port(authority).trim_start_matches('[').trim_end_matches(']');
+        let mut cache = self.https.lock().map_err(|_| "the TLS settings cache is poisoned")?;
+        if let Some(transport) = cache.get(host) {
+            return Ok(transport.clone());
+        }
+        let transport = crate::upstream::Transport::https_unverified(host)?;
+        cache.insert(host.to_owned(), transport.clone());
+        Ok(transport)
+    }
+
+    /// The address of `authority` (`host[:port]`, `default_port` when absent): an IP address as
+    /// it is, a name through the resolver (on tokio's blocking pool), remembered for a while.
+    async fn resolve(&self, authority: &str, default_port: u16) -> Result<SocketAddr, String> {
         let (host, port) = match authority.rsplit_once(':') {
             Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
                 (h, p.parse::<u16>().map_err(|_| format!("{authority}: not a port"))?)
             }
-            _ => (authority, 80),
+            _ => (authority, default_port),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if let Ok(ip) = host.parse::<IpAddr>() {

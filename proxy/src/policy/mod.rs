@@ -143,7 +143,7 @@ enum Filter {
     Limit(limit::LimitFilter),
     Ip(ip::IpFilter),
     BasicAuth(basic_auth::BasicAuthFilter),
-    ExternalAuth(external_auth::ExternalAuthFilter),
+    ExternalAuth(Box<external_auth::ExternalAuthFilter>),
 }
 
 /// What a filter decided.
@@ -251,7 +251,7 @@ impl Filters {
             access.push(Filter::BasicAuth(basic_auth::BasicAuthFilter::new(auth)));
         }
         if let Some(auth) = &policies.external_auth {
-            access.push(Filter::ExternalAuth(external_auth::ExternalAuthFilter::new(auth, timeouts)));
+            access.push(Filter::ExternalAuth(Box::new(external_auth::ExternalAuthFilter::new(auth, timeouts))));
         }
         let mut upstream_headers = Vec::new();
         let mut set = |name: HeaderName, value: &Option<String>| {

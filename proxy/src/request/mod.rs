@@ -64,7 +64,7 @@ use context::Outcome;
 use crate::access_log::Entry;
 use crate::body::{ClientBody, LocalBody, Observed};
 use crate::policy::{Facts, Head};
-use crate::respond::{error_response, finish_headers, redirect_to_https, text};
+use crate::respond::{as_grpc, error_response, finish_headers, is_grpc, redirect_to_https, text};
 use crate::router::{Match, RequestFacts, Target};
 use crate::runtime::Runtime;
 use crate::worker::Worker;
@@ -83,7 +83,7 @@ pub(crate) async fn handle(
     let version = request.version();
     let path = if logging { request.uri().path().to_owned() } else { String::new() };
     let host = request_host(&request).to_owned();
-    let mut outcome = Outcome::default();
+    let mut outcome = Outcome { grpc: is_grpc(version, &method, request.headers()), ..Outcome::default() };
 
     let remote = conn.remote;
     let mut response = match route(&worker, &runtime, &conn, &host, &request, &mut outcome) {
@@ -106,6 +106,9 @@ pub(crate) async fn handle(
             target.filters.body_filter(response)
         }
     };
+    if outcome.grpc && !outcome.from_upstream && response.status().as_u16() >= 400 {
+        response = as_grpc(response.status());
+    }
     if let Some(effects) = outcome.effects.as_mut() {
         for (name, value) in effects.headers.drain(..) {
             response.headers_mut().insert(name, value);
@@ -244,18 +247,7 @@ fn request_host(request: &Request<ClientBody>) -> &str {
         Some(a) => a.as_str(),
         None => request.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or(""),
     };
-    strip_port(raw)
-}
-
-fn strip_port(authority: &str) -> &str {
-    let bytes = authority.as_bytes();
-    // A host is short: a plain scan beats a searcher's setup.
-    let end = if bytes.first() == Some(&b'[') {
-        bytes.iter().position(|&b| b == b']').map(|i| i + 1)
-    } else {
-        bytes.iter().position(|&b| b == b':')
-    };
-    &authority[..end.unwrap_or(bytes.len())]
+    crate::headers::strip_port(raw)
 }
 
 fn protocol_name(version: Version) -> &'static str {
@@ -265,18 +257,5 @@ fn protocol_name(version: Version) -> &'static str {
         Version::HTTP_2 => "HTTP/2.0",
         Version::HTTP_3 => "HTTP/3.0",
         _ => "HTTP/1.1",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ports_are_stripped_from_hosts() {
-        assert_eq!(strip_port("a.com:8080"), "a.com");
-        assert_eq!(strip_port("a.com"), "a.com");
-        assert_eq!(strip_port("[::1]:80"), "[::1]");
-        assert_eq!(strip_port("[::1]"), "[::1]");
     }
 }

@@ -14,7 +14,7 @@ use crate::body::{Capped, ClientBody, IdleTimeout, LocalBody};
 use crate::connection::Connection;
 use crate::headers::strip_hop_by_hop;
 use crate::http1::{Detached, OnUpgrade};
-use crate::respond::text;
+use crate::respond::{grpc_timeout, text};
 use crate::router::Target;
 use crate::runtime::Runtime;
 use crate::upstream::RequestBody;
@@ -94,7 +94,13 @@ pub(super) async fn forward(
     client_upgrade: Option<OnUpgrade>,
     outcome: &mut Outcome,
 ) -> Response<LocalBody> {
-    let (backend, timeouts) = (target.action.backend.as_ref(), target.action.timeouts);
+    let (backend, mut timeouts) = (target.action.backend.as_ref(), target.action.timeouts);
+    if outcome.grpc
+        && let Some(deadline) = upstream_request.headers().get("grpc-timeout").and_then(|v| grpc_timeout(v.as_bytes()))
+    {
+        // The call's deadline bounds the wait for its answer too.
+        timeouts.read_ms = timeouts.read_ms.min(u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX).max(1));
+    }
     let Some(endpoint) = backend.and_then(|b| runtime.upstreams.get(b)).and_then(|b| b.pick()) else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "503 no ready endpoint for this backend\n");
     };
@@ -102,10 +108,13 @@ pub(super) async fn forward(
     let sent = Instant::now();
     let client_host = outcome.effects.as_ref().and_then(|e| e.client_host.as_ref());
     let forwarded = crate::headers::Forwarded { host: client_host, ..conn.forwarded() };
-    let result = worker.pool.send(endpoint, upstream_request, Some(forwarded), timeouts).await;
+    let result = worker.pool.send(endpoint, &target.transport, upstream_request, Some(forwarded), timeouts).await;
     outcome.upstream_time = Some(sent.elapsed());
     let mut response = match result {
-        Ok(r) => r,
+        Ok(r) => {
+            outcome.from_upstream = true;
+            r
+        }
         Err(e) => {
             tracing::warn!(backend = %backend.map(ToString::to_string).unwrap_or_default(), error = %e, "upstream request failed");
             let status = e.status();

@@ -28,7 +28,7 @@ enum State {
     Done,
 }
 
-pub(crate) struct UpstreamBody {
+pub(crate) struct Http1Body {
     conn: Option<UpstreamConn>,
     state: State,
     /// Return the connection to `pool` at the end.
@@ -36,14 +36,14 @@ pub(crate) struct UpstreamBody {
     pool: Rc<Pool>,
 }
 
-impl UpstreamBody {
+impl Http1Body {
     pub(super) fn new(conn: UpstreamConn, framing: ResponseFraming, reusable: bool, pool: &Rc<Pool>) -> Self {
         let state = match framing {
             ResponseFraming::Length(n) => State::Length(n),
             ResponseFraming::Chunked => State::Chunked(Decoder::new()),
             ResponseFraming::UntilClose => State::UntilClose,
         };
-        let mut body = UpstreamBody { conn: Some(conn), state, reusable, pool: Rc::clone(pool) };
+        let mut body = Http1Body { conn: Some(conn), state, reusable, pool: Rc::clone(pool) };
         if matches!(body.state, State::Length(0)) {
             body.finish();
         }
@@ -52,7 +52,7 @@ impl UpstreamBody {
 
     /// The body of a `101`: none; the connection waits for [`Self::take_switched`].
     pub(super) fn switched(conn: UpstreamConn, pool: &Rc<Pool>) -> Self {
-        UpstreamBody { conn: Some(conn), state: State::Done, reusable: false, pool: Rc::clone(pool) }
+        Http1Body { conn: Some(conn), state: State::Done, reusable: false, pool: Rc::clone(pool) }
     }
 
     /// The connection of a `101` answer, with what the upstream sent after its head.
@@ -80,9 +80,9 @@ impl UpstreamBody {
     }
 }
 
-impl std::fmt::Debug for UpstreamBody {
+impl std::fmt::Debug for Http1Body {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamBody")
+        f.debug_struct("Http1Body")
             .field("endpoint", &self.conn.as_ref().map(|c| c.endpoint))
             .field("end_stream", &self.is_end_stream())
             .field("reusable", &self.reusable)
@@ -90,7 +90,7 @@ impl std::fmt::Debug for UpstreamBody {
     }
 }
 
-impl Body for UpstreamBody {
+impl Body for Http1Body {
     type Data = Bytes;
     type Error = io::Error;
 

@@ -1,49 +1,44 @@
-//! HTTP/1.1 to upstream endpoints, written and read inline by the request's own task, over
-//! connections kept alive in a per-worker pool.
+//! Requests to upstream endpoints: one [`Pool::send`] over HTTP/1.1 ([`http1`]) and HTTP/2
+//! ([`http2`]), each over TCP or TLS as the route's [`Transport`] says.
 //!
 //! Each worker owns one [`Pool`]; nothing in it is shared across threads, so checking a
 //! connection out or in takes no lock, and no task or channel stands between a request and its
-//! upstream connection. An exchange writes the request head (and the body as the client sends
-//! it) while it waits for the response head, so an upstream that answers early (a `413`, a
-//! redirect) is heard at once. The response body is read from the connection as the client
-//! side polls it, and the connection goes back to the pool the moment its last byte is read.
-//! Upgraded (WebSocket) connections, connections whose body was cut short and connections the
-//! upstream asked to close never return.
-//!
-//! An idle connection holds no buffer: a socket and a timestamp. One the upstream closed while
-//! it idled is noticed when it is checked out (from readiness already known, no system call),
-//! and a request with no body whose reused connection fails before any answer arrives is sent
-//! again on a new one, as nginx does for its cached connections.
+//! upstream connection. Connections are pooled by endpoint and transport: HTTP/1.1 ones idle
+//! between exchanges (holding a socket and a timestamp, no buffer); HTTP/2 ones carry as many
+//! requests at once as the peer allows, and another is opened when all are full. One the
+//! upstream closed while it idled is noticed when it is checked out (from readiness already
+//! known, no system call).
 //!
 //! # Errors
 //! [`UpstreamError`] says what went wrong in terms of the status the client gets: a refused or
-//! failed connection or a malformed answer is 502, a connect or read timeout 504, a client body
-//! that broke off 400.
+//! failed connection, a failed TLS handshake or a malformed answer is 502, a connect or read
+//! timeout 504, a client body that broke off 400.
 
 mod body;
+mod http1;
+mod http2;
+mod stream;
+mod transport;
 mod wire;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::future::poll_fn;
-use std::io::{self, Write as _};
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use hyper::body::Body;
-use tidegate_snapshot::Timeouts;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
-use tokio::time::timeout;
+use tidegate_snapshot::{Timeouts, UpstreamProtocol};
 
-pub(crate) use body::UpstreamBody;
-use wire::{RequestFraming, ResponseHead};
+use body::Http1Body;
+use stream::Io;
+pub(crate) use transport::Transport;
 
 use crate::alarm::Alarm;
 use crate::body::BoxError;
@@ -58,16 +53,15 @@ const MAX_IDLE_PER_ENDPOINT: usize = 128;
 /// Idle connections older than this are closed rather than reused (upstreams commonly close
 /// after 60–75 s).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bytes read at once for a response head.
-const HEAD_READ: usize = 4096;
-/// Request body data at most this large is copied into the output buffer; larger goes out on
-/// its own.
-const COPY_LIMIT: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum UpstreamError {
     #[error("connect to {0} failed: {1}")]
     Connect(SocketAddr, io::Error),
+    #[error("TLS handshake with {0} failed: {1}")]
+    Tls(SocketAddr, String),
+    #[error("HTTP/2 exchange with {0} failed: {1}")]
+    Http2(SocketAddr, String),
     #[error("connect to {0} timed out")]
     ConnectTimeout(SocketAddr),
     #[error("no response from {0} within the read timeout after the request was sent")]
@@ -85,9 +79,11 @@ pub(crate) enum UpstreamError {
 impl UpstreamError {
     pub(crate) fn status(&self) -> StatusCode {
         match self {
-            UpstreamError::Connect(..) | UpstreamError::Io(..) | UpstreamError::Malformed(..) => {
-                StatusCode::BAD_GATEWAY
-            }
+            UpstreamError::Connect(..)
+            | UpstreamError::Io(..)
+            | UpstreamError::Malformed(..)
+            | UpstreamError::Tls(..)
+            | UpstreamError::Http2(..) => StatusCode::BAD_GATEWAY,
             UpstreamError::ConnectTimeout(_) | UpstreamError::ReadTimeout(_) | UpstreamError::SendTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -97,31 +93,22 @@ impl UpstreamError {
     }
 }
 
-/// One connection to an upstream endpoint.
+/// One HTTP/1.1 connection to an upstream endpoint.
 pub(crate) struct UpstreamConn {
-    io: TcpStream,
+    io: Io,
     /// Read and not yet consumed; without an allocation while the connection idles.
     buf: BytesMut,
     endpoint: SocketAddr,
+    /// The [`Transport::id`] it was made for.
+    transport: u64,
     /// Bounds each wait of an exchange; kept with the connection, so that a reused one moves
     /// its deadline instead of filing a new timer.
     stall: Alarm,
 }
 
 impl UpstreamConn {
-    /// Whether the upstream may still be there: false when the socket is known readable and a
-    /// read finds its end, an error or bytes nobody asked for. Readiness the runtime has not
-    /// reported costs no system call.
-    fn still_open(&self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            }
-        }
+    fn new(io: Io, endpoint: SocketAddr, transport: u64) -> UpstreamConn {
+        UpstreamConn { io, buf: BytesMut::new(), endpoint, transport, stall: Alarm::default() }
     }
 
     /// Gives the read buffer back to the worker's spare when nothing is left in it.
@@ -139,8 +126,10 @@ struct Idle {
 
 /// One worker's upstream connections.
 pub(crate) struct Pool {
-    /// Per endpoint, the oldest first.
-    idle: RefCell<foldhash::HashMap<SocketAddr, VecDeque<Idle>>>,
+    /// Idle HTTP/1.1 connections per endpoint and transport, the oldest first.
+    idle: RefCell<foldhash::HashMap<(SocketAddr, u64), VecDeque<Idle>>>,
+    /// HTTP/2 connections per endpoint and transport.
+    http2: http2::Connections,
     /// The time of the last sweep, which the worker's upkeep makes once a second: how idle
     /// connections are dated and aged, read from the clock once a second rather than twice per
     /// request. A connection so dated is up to a second older than its date says, and one
@@ -151,100 +140,78 @@ pub(crate) struct Pool {
 
 impl Default for Pool {
     fn default() -> Self {
-        Pool { idle: RefCell::default(), swept: Cell::new(Instant::now()) }
-    }
-}
-
-/// How an exchange failed.
-enum Failure {
-    /// Before any byte of an answer arrived, the connection ended or broke: on a reused
-    /// connection, the upstream most likely closed it while it idled.
-    NoAnswer(io::Error),
-    Io(io::Error),
-    Malformed(&'static str),
-    ClientBody(BoxError),
-    /// The request did not move for the send timeout: nothing taken from the client, nothing
-    /// written to the upstream.
-    SendStalled,
-    /// No answer for the read timeout after the request was sent.
-    ReadStalled,
-}
-
-impl Failure {
-    fn into_error(self, endpoint: SocketAddr) -> UpstreamError {
-        match self {
-            Failure::NoAnswer(e) | Failure::Io(e) => UpstreamError::Io(endpoint, e),
-            Failure::Malformed(why) => UpstreamError::Malformed(endpoint, why),
-            Failure::ClientBody(e) => UpstreamError::ClientBody(endpoint, e),
-            Failure::SendStalled => UpstreamError::SendTimeout(endpoint),
-            Failure::ReadStalled => UpstreamError::ReadTimeout(endpoint),
-        }
+        Pool { idle: RefCell::default(), http2: http2::Connections::default(), swept: Cell::new(Instant::now()) }
     }
 }
 
 impl Pool {
-    /// Sends a request to `endpoint`, on a pooled connection when one is open, and returns the
-    /// response with its body still to be read from the connection. `forwarded`: the
-    /// `X-Forwarded-*` headers it carries in place of the client's.
-    pub(crate) async fn send(
+    /// Sends a request to `endpoint` the way `transport` says, and returns the response with
+    /// its body still to come. `forwarded`: the `X-Forwarded-*` headers it carries in place of
+    /// the client's.
+    ///
+    /// The future is HTTP/1.1's exchange ([`http1::send`]), the common case; it hands any other
+    /// protocol to [`Pool::send_other`] at once, in a box of its own, so that a plain request's
+    /// state holds no room for the others' (and no second copy of its arguments).
+    pub(crate) fn send<'a>(
+        self: &'a Rc<Self>,
+        endpoint: SocketAddr,
+        transport: &'a Transport,
+        request: Request<RequestBody>,
+        forwarded: Option<Forwarded<'a>>,
+        timeouts: Timeouts,
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + 'a {
+        http1::send(self, endpoint, transport, request, forwarded, timeouts)
+    }
+
+    /// HTTP/2, and what ALPN picks.
+    async fn send_other(
         self: &Rc<Self>,
         endpoint: SocketAddr,
+        transport: &Transport,
         request: Request<RequestBody>,
         forwarded: Option<Forwarded<'_>>,
         timeouts: Timeouts,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let (mut parts, mut body) = request.into_parts();
-        let framing = RequestFraming::of(&parts.method, body.is_end_stream(), body.size_hint().exact());
-        let upgrade = crate::headers::is_upgrade(&parts.headers);
-        let head_request = parts.method == Method::HEAD;
-        // Only a request that is whole in its head can be sent twice.
-        let repeatable =
-            matches!(framing, RequestFraming::Empty | RequestFraming::Length(0)) && parts.method.is_idempotent();
-        let mut head = spare::take_write(256 + parts.headers.len() * 48);
-        wire::encode_request(&mut head, &parts, forwarded.as_ref(), framing);
-        spare::keep_headers(std::mem::take(&mut parts.headers));
-        let limits =
-            Limits { send: Duration::from_millis(timeouts.send_ms), read: Duration::from_millis(timeouts.read_ms) };
-
-        let exchanged = loop {
-            let (mut conn, reused) = match self.checkout(endpoint) {
-                Some(conn) => (conn, true),
-                None => match connect(endpoint, Duration::from_millis(timeouts.connect_ms)).await {
-                    Ok(conn) => (conn, false),
-                    Err(e) => break Err(e),
-                },
-            };
-            match exchange(&mut conn, &head, &mut body, framing, head_request, limits).await {
-                Err(Failure::NoAnswer(e)) if reused && repeatable => {
-                    tracing::debug!(%endpoint, error = %e, "reused upstream connection was closed; sending again");
-                }
-                Err(failure) => break Err(failure.into_error(endpoint)),
-                Ok((response, sent_whole)) => break Ok((conn, response, sent_whole)),
+        match transport.protocol {
+            UpstreamProtocol::Negotiated => {
+                self.send_negotiated(endpoint, transport, request, forwarded, timeouts).await
             }
-        };
-        spare::keep_write(head);
-        let (conn, response, sent_whole) = exchanged?;
-
-        let ResponseHead { parts, framing, keep_alive } = response;
-        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-            if !upgrade {
-                return Err(UpstreamError::Malformed(
-                    endpoint,
-                    "101 Switching Protocols to a request that did not ask",
-                ));
-            }
-            return Ok(Response::from_parts(parts, UpstreamBody::switched(conn, self)));
+            _ => http2::send(self, endpoint, transport, None, request, forwarded, timeouts).await,
         }
-        // The connection carries on only if both messages were whole.
-        let reusable = keep_alive && sent_whole;
-        Ok(Response::from_parts(parts, UpstreamBody::new(conn, framing, reusable, self)))
     }
 
-    fn checkout(&self, endpoint: SocketAddr) -> Option<UpstreamConn> {
+    /// `AUTO_HTTP`: over a connection already open, whichever protocol it speaks; else over a
+    /// new one, in the protocol the backend chose by ALPN.
+    async fn send_negotiated(
+        self: &Rc<Self>,
+        endpoint: SocketAddr,
+        transport: &Transport,
+        request: Request<RequestBody>,
+        forwarded: Option<Forwarded<'_>>,
+        timeouts: Timeouts,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let key = (endpoint, transport.id);
+        if self.http2.has(key) {
+            return http2::send(self, endpoint, transport, None, request, forwarded, timeouts).await;
+        }
+        if self.idle.borrow().get(&key).is_some_and(|l| !l.is_empty()) {
+            return http1::send(self, endpoint, &transport.over_http1(), request, forwarded, timeouts).await;
+        }
+        let (io, h2) = transport.connect(endpoint, Duration::from_millis(timeouts.connect_ms)).await?;
+        if h2 {
+            http2::send(self, endpoint, transport, Some(io), request, forwarded, timeouts).await
+        } else {
+            // Into the pool, where the exchange takes it from.
+            self.checkin(UpstreamConn::new(io, endpoint, transport.id));
+            http1::send(self, endpoint, &transport.over_http1(), request, forwarded, timeouts).await
+        }
+    }
+
+    fn checkout(&self, endpoint: SocketAddr, transport: u64) -> Option<UpstreamConn> {
         let mut idle = self.idle.borrow_mut();
-        let list = idle.get_mut(&endpoint)?;
+        let list = idle.get_mut(&(endpoint, transport))?;
         while let Some(entry) = list.pop_back() {
-            if self.swept.get().duration_since(entry.since) < IDLE_TIMEOUT && entry.conn.still_open() {
+            if self.swept.get().duration_since(entry.since) < IDLE_TIMEOUT && entry.conn.io.still_open() {
                 return Some(entry.conn);
             }
         }
@@ -256,7 +223,7 @@ impl Pool {
         conn.release_buffer();
         let now = self.swept.get();
         let mut idle = self.idle.borrow_mut();
-        let list = idle.entry(conn.endpoint).or_default();
+        let list = idle.entry((conn.endpoint, conn.transport)).or_default();
         while list.front().is_some_and(|e| now.duration_since(e.since) >= IDLE_TIMEOUT) {
             list.pop_front();
         }
@@ -271,204 +238,69 @@ impl Pool {
         let now = Instant::now();
         self.swept.set(now);
         self.idle.borrow_mut().retain(|_, list| {
-            list.retain(|e| now.duration_since(e.since) < IDLE_TIMEOUT && e.conn.still_open());
+            list.retain(|e| now.duration_since(e.since) < IDLE_TIMEOUT && e.conn.io.still_open());
             !list.is_empty()
         });
+        self.http2.sweep();
     }
 
     #[cfg(test)]
     fn idle_count(&self, endpoint: SocketAddr) -> usize {
-        self.idle.borrow().get(&endpoint).map_or(0, VecDeque::len)
+        self.idle.borrow().get(&(endpoint, 0)).map_or(0, VecDeque::len)
     }
 }
 
-async fn connect(endpoint: SocketAddr, limit: Duration) -> Result<UpstreamConn, UpstreamError> {
-    let io = match timeout(limit, TcpStream::connect(endpoint)).await {
-        Err(_) => return Err(UpstreamError::ConnectTimeout(endpoint)),
-        Ok(Err(e)) => return Err(UpstreamError::Connect(endpoint, e)),
-        Ok(Ok(io)) => io,
-    };
-    // Small requests must not wait for Nagle.
-    let _ = io.set_nodelay(true);
-    Ok(UpstreamConn { io, buf: BytesMut::new(), endpoint, stall: Alarm::default() })
+/// A response body as the upstream sends it.
+pub(crate) enum UpstreamBody {
+    Http1(Http1Body),
+    Http2(http2::Http2Body),
 }
 
-/// How long an exchange may stand still: while the request goes out, and after.
-#[derive(Clone, Copy)]
-struct Limits {
-    send: Duration,
-    read: Duration,
-}
-
-/// Writes the request and reads the response head, both at once: the head, and whether the
-/// request went out whole. As with nginx, the send timeout bounds each gap while the request
-/// goes out (a piece taken from the client or written to the upstream is progress), so an
-/// upload of any length passes as long as it moves; the read timeout runs from when it has all
-/// gone out. An answer that comes earlier is taken at once.
-async fn exchange(
-    conn: &mut UpstreamConn,
-    head: &[u8],
-    body: &mut RequestBody,
-    framing: RequestFraming,
-    head_request: bool,
-    limits: Limits,
-) -> Result<(ResponseHead, bool), Failure> {
-    let progress = Cell::new(Instant::now());
-    let UpstreamConn { io, buf, stall, .. } = conn;
-    let (mut reader, mut writer) = io.split();
-    let sending = send_request(&mut writer, head, body, framing, &progress);
-    let receiving = receive_head(&mut reader, buf, head_request);
-    tokio::pin!(sending, receiving);
-    let mut sent = None;
-    loop {
-        let (limit, failure) =
-            if sent.is_none() { (limits.send, Failure::SendStalled) } else { (limits.read, Failure::ReadStalled) };
-        let due = progress.get() + limit;
-        // The alarm is set only when the exchange has to wait: a request that goes out at once
-        // (most do) moves it once, to the read timeout, not first to the send timeout.
-        tokio::select! {
-            biased;
-            outcome = &mut sending, if sent.is_none() => {
-                match outcome {
-                    Ok(()) => sent = Some(true),
-                    Err(Failure::ClientBody(e)) => return Err(Failure::ClientBody(e)),
-                    // The upstream may have answered before it stopped reading: listen on.
-                    Err(_) => sent = Some(false),
-                }
-                progress.set(Instant::now());
-            }
-            response = &mut receiving => return response.map(|head| (head, sent == Some(true))),
-            () = stall.ring_at(due.into()) => {
-                // Progress since the alarm was set moved the deadline: wait on.
-                if Instant::now() >= progress.get() + limit {
-                    return Err(failure);
-                }
-            }
+impl UpstreamBody {
+    /// The connection of a `101` answer (HTTP/1.1 only), with what the upstream sent after its
+    /// head.
+    pub(crate) fn take_switched(&mut self) -> Option<crate::http1::Detached> {
+        match self {
+            UpstreamBody::Http1(body) => body.take_switched(),
+            UpstreamBody::Http2(_) => None,
         }
     }
 }
 
-async fn send_request(
-    writer: &mut WriteHalf<'_>,
-    head: &[u8],
-    body: &mut RequestBody,
-    framing: RequestFraming,
-    progress: &Cell<Instant>,
-) -> Result<(), Failure> {
-    if matches!(framing, RequestFraming::Empty | RequestFraming::Length(0)) {
-        // Progress, too, but `exchange` marks it once this is done.
-        writer.write_all(head).await.map_err(Failure::Io)?;
-        return Ok(());
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamBody::Http1(body) => body.fmt(f),
+            UpstreamBody::Http2(_) => f.write_str("Http2Body"),
+        }
     }
-    let mut out = spare::take_write(head.len() + COPY_LIMIT);
-    out.extend_from_slice(head);
-    let result = send_body(writer, &mut out, body, framing, progress).await;
-    spare::keep_write(out);
-    result
 }
 
-/// The body after the head already in `out`: frames that are ready go out together, and what
-/// is buffered goes out whenever the client makes us wait. Each piece taken from the client
-/// and each write is progress.
-async fn send_body(
-    writer: &mut WriteHalf<'_>,
-    out: &mut Vec<u8>,
-    body: &mut RequestBody,
-    framing: RequestFraming,
-    progress: &Cell<Instant>,
-) -> Result<(), Failure> {
-    let mut sent: u64 = 0;
-    loop {
-        let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await {
-            Poll::Ready(frame) => frame,
-            Poll::Pending => {
-                flush(writer, out, progress).await?;
-                poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
-            }
-        };
-        progress.set(Instant::now());
-        let data = match frame {
-            None => break,
-            Some(Err(e)) => return Err(Failure::ClientBody(e)),
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) if !data.is_empty() => data,
-                _ => continue,
-            },
-        };
-        sent += data.len() as u64;
-        match framing {
-            RequestFraming::Length(length) if sent > length => {
-                return Err(Failure::ClientBody("the request body is longer than its length".into()));
-            }
-            RequestFraming::Chunked => {
-                let _ = write!(out, "{:x}\r\n", data.len());
-            }
-            _ => {}
-        }
-        if data.len() <= COPY_LIMIT {
-            out.extend_from_slice(&data);
-        } else {
-            flush(writer, out, progress).await?;
-            writer.write_all(&data).await.map_err(Failure::Io)?;
-            progress.set(Instant::now());
-        }
-        if framing == RequestFraming::Chunked {
-            out.extend_from_slice(b"\r\n");
-        }
-        if out.len() >= COPY_LIMIT {
-            flush(writer, out, progress).await?;
-        }
-    }
-    match framing {
-        RequestFraming::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
-        RequestFraming::Length(length) if sent < length => {
-            return Err(Failure::ClientBody("the request body ended before its length".into()));
-        }
-        _ => {}
-    }
-    flush(writer, out, progress).await
-}
+impl Body for UpstreamBody {
+    type Data = bytes::Bytes;
+    type Error = io::Error;
 
-async fn flush(writer: &mut WriteHalf<'_>, out: &mut Vec<u8>, progress: &Cell<Instant>) -> Result<(), Failure> {
-    if !out.is_empty() {
-        writer.write_all(out).await.map_err(Failure::Io)?;
-        out.clear();
-        progress.set(Instant::now());
-    }
-    Ok(())
-}
-
-/// Reads up to the final response head, skipping interim (1xx) ones other than `101`.
-async fn receive_head(
-    reader: &mut ReadHalf<'_>,
-    buf: &mut BytesMut,
-    head_request: bool,
-) -> Result<ResponseHead, Failure> {
-    let mut answered = false;
-    loop {
-        if !buf.is_empty() {
-            match wire::parse_response(buf, head_request) {
-                Ok(Some(head)) if head.parts.status.is_informational() && head.parts.status != 101 => continue,
-                Ok(Some(head)) => return Ok(head),
-                Ok(None) => {}
-                Err(why) => return Err(Failure::Malformed(why)),
-            }
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, io::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Http1(body) => Pin::new(body).poll_frame(cx),
+            UpstreamBody::Http2(body) => Pin::new(body).poll_frame(cx),
         }
-        spare::make_room(buf, HEAD_READ);
-        match reader.read_buf(buf).await {
-            Ok(0) if !answered => {
-                return Err(Failure::NoAnswer(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the upstream closed the connection without answering",
-                )));
-            }
-            Ok(0) => {
-                let e = io::Error::new(io::ErrorKind::UnexpectedEof, "the upstream closed within the response head");
-                return Err(Failure::Io(e));
-            }
-            Ok(_) => answered = true,
-            Err(e) if !answered => return Err(Failure::NoAnswer(e)),
-            Err(e) => return Err(Failure::Io(e)),
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Http1(body) => body.is_end_stream(),
+            UpstreamBody::Http2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            UpstreamBody::Http1(body) => body.size_hint(),
+            UpstreamBody::Http2(body) => body.size_hint(),
         }
     }
 }
