@@ -33,6 +33,8 @@ pub struct Identity {
     pub namespace: String,
     pub service: String,
     pub pod: String,
+    /// Waited before every answer (a slow backend, for tests and benchmarks).
+    pub delay: Duration,
 }
 
 #[derive(Serialize)]
@@ -117,8 +119,9 @@ async fn answer(
         .flat_map(|q| q.split('&'))
         .find_map(|pair| pair.strip_prefix("delay_ms="))
         .and_then(|v| v.parse::<u64>().ok());
-    if let Some(ms) = delay {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+    let delay = delay.map_or(identity.delay, Duration::from_millis);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
     }
     let (parts, body) = request.into_parts();
     let body_length = match body.collect().await {

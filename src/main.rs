@@ -402,7 +402,7 @@ fn run_echo(listen: SocketAddr, service: String, namespace: String) -> ExitCode 
         };
         tracing::info!(addr = %listener.local_addr().unwrap_or(listen), service, "echo backend listening");
         let pod = format!("{service}-{}", std::process::id());
-        echo::serve(listener, echo::Identity { namespace, service, pod }).await;
+        echo::serve(listener, echo::Identity { namespace, service, pod, ..Default::default() }).await;
         ExitCode::SUCCESS
     })
 }
@@ -423,6 +423,7 @@ fn spawn_echo(addr: SocketAddr) -> std::io::Result<()> {
                             namespace: "default".into(),
                             service: "echo".into(),
                             pod: "echo-builtin".into(),
+                            ..Default::default()
                         },
                     )
                     .await;

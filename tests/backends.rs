@@ -70,6 +70,7 @@ async fn tls_echo(service: &str, cert: &(String, String), alpn: &[&[u8]], client
         namespace: "t".into(),
         service: service.into(),
         pod: format!("{service}-{}", addr.port()),
+        ..Default::default()
     };
     tokio::spawn(tidegate::echo::serve_tls(listener, identity, Arc::new(config)));
     addr

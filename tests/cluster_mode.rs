@@ -571,9 +571,9 @@ async fn annotations_not_honoured_close_routes_and_raise_events() {
         yaml.replace("namespace: t}", &format!("namespace: t, annotations: {{{key}: {value:?}}}}}"))
     };
     let snippet = "nginx.ingress.kubernetes.io/auth-snippet";
-    let buffering = "nginx.ingress.kubernetes.io/proxy-buffering";
+    let buffering = "nginx.ingress.kubernetes.io/enable-opentelemetry";
     api.apply_yaml(&annotate(ingress("guarded", "guarded.test", "web"), snippet, "return 401;"));
-    api.apply_yaml(&annotate(ingress("buffered", "buffered.test", "web"), buffering, "on"));
+    api.apply_yaml(&annotate(ingress("buffered", "buffered.test", "web"), buffering, "true"));
     let mut flags = vec!["--name", "c1"];
     flags.extend(FAST_LEASE);
     let controller = cluster.controller(&flags);

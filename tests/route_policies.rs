@@ -107,8 +107,8 @@ async fn restrictive_annotations_not_honoured_answer_503() {
 /// `/status` and the log say the key was not honoured.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_annotations_not_honoured_serve_with_a_warning() {
-    let key = "nginx.ingress.kubernetes.io/proxy-buffering";
-    let (tidegate, _dir) = start(&ingress("buffered", "buffered.test", &[(key, "on")])).await;
+    let key = "nginx.ingress.kubernetes.io/enable-opentelemetry";
+    let (tidegate, _dir) = start(&ingress("buffered", "buffered.test", &[(key, "true")])).await;
     let answer = get(tidegate.http, "buffered.test", "/").await.expect("served");
     assert_eq!(answer.status, StatusCode::OK);
     let problems = problems(&tidegate, "buffered");

@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use tidegate_snapshot::{BackendId, Routing, Snapshot};
@@ -49,11 +48,8 @@ pub(crate) struct Upstreams {
     backends: foldhash::HashMap<BackendId, Backend>,
 }
 
-#[derive(Debug)]
-pub(crate) struct Backend {
-    endpoints: Vec<SocketAddr>,
-    next: AtomicUsize,
-}
+/// A backend's endpoints, and what its balancers keep about them.
+pub(crate) type Backend = crate::upstream::Endpoints;
 
 /// Why a snapshot was refused.
 #[derive(Debug, thiserror::Error)]
@@ -159,24 +155,13 @@ impl Upstreams {
                     .map_err(|_| BuildError::BadEndpoint { backend: id.clone(), address: endpoint.address.clone() })?;
                 addresses.push(SocketAddr::new(ip, endpoint.port));
             }
-            backends.insert(id.clone(), Backend { endpoints: addresses, next: AtomicUsize::new(0) });
+            backends.insert(id.clone(), Backend::new(addresses));
         }
         Ok(Upstreams { backends })
     }
 
     pub(crate) fn get(&self, id: &BackendId) -> Option<&Backend> {
         self.backends.get(id)
-    }
-}
-
-impl Backend {
-    /// The next endpoint, round robin across all workers; `None` when no endpoint is ready.
-    pub(crate) fn pick(&self) -> Option<SocketAddr> {
-        if self.endpoints.is_empty() {
-            return None;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
-        self.endpoints.get(i).copied()
     }
 }
 
@@ -246,7 +231,9 @@ mod tests {
             Runtime::build(&snapshot(1, &[("127.0.0.1", 1), ("127.0.0.1", 2)]), &Runtime::empty(), &no_counters)
                 .expect("builds");
         let backend = built.runtime.upstreams.get(&BackendId("b".into())).expect("backend");
-        let ports: Vec<u16> = (0..4).filter_map(|_| backend.pick()).map(|a| a.port()).collect();
+        let balance = tidegate_snapshot::Balance::RoundRobin;
+        let ports: Vec<u16> =
+            (0..4).filter_map(|_| backend.pick(&balance, None, &[])).map(|p| p.address.port()).collect();
         assert_eq!(ports, vec![1, 2, 1, 2]);
     }
 

@@ -239,6 +239,7 @@ pub async fn echo(namespace: &str, service: &str) -> SocketAddr {
         namespace: namespace.into(),
         service: service.into(),
         pod: format!("{service}-{}", addr.port()),
+        ..Default::default()
     };
     tokio::spawn(tidegate::echo::serve(listener, identity));
     addr

@@ -115,6 +115,26 @@ pub(super) struct UpstreamKeys {
     pub(super) depth: u8,
     pub(super) versions: Vec<TlsVersion>,
     pub(super) ciphers: Vec<String>,
+    /// `load-balance: ewma`.
+    pub(super) ewma: bool,
+    /// `upstream-hash-by`, `upstream-hash-by-subset` and `-subset-size`.
+    pub(super) hash_by: Option<Template>,
+    pub(super) subset: bool,
+    pub(super) subset_size: u32,
+    /// `proxy-next-upstream`, `-tries` and `-timeout`.
+    pub(super) retry: tidegate_snapshot::Retry,
+}
+
+impl UpstreamKeys {
+    /// How endpoints are chosen: a hash key wins over `load-balance`, as in ingress-nginx.
+    pub(super) fn balance(&self) -> tidegate_snapshot::Balance {
+        use tidegate_snapshot::Balance;
+        match &self.hash_by {
+            Some(key) => Balance::Hash { key: key.clone(), subset_size: self.subset.then_some(self.subset_size) },
+            None if self.ewma => Balance::Ewma,
+            None => Balance::RoundRobin,
+        }
+    }
 }
 
 impl Default for UpstreamKeys {
@@ -128,6 +148,11 @@ impl Default for UpstreamKeys {
             depth: 1,
             versions: Vec::new(),
             ciphers: Vec::new(),
+            ewma: false,
+            hash_by: None,
+            subset: false,
+            subset_size: 3,
+            retry: tidegate_snapshot::Retry::default(),
         }
     }
 }
@@ -421,6 +446,20 @@ pub(crate) const KEYS: &[Key] = &[
         "on" | "off" => Ok(()),
         other => Err(format!("{other:?} is not on or off")),
     }),
+    // tidegate streams responses to the client as they arrive and keeps no buffers or temp
+    // files to size; these are read, so that a typo is reported, and change nothing.
+    parsed("proxy-buffering", "off", |v, _| match v.trim() {
+        "on" | "off" => Ok(()),
+        other => Err(format!("{other:?} is not on or off")),
+    }),
+    parsed("proxy-buffer-size", "4k", |v, _| parse_size(v).map(drop)),
+    parsed("proxy-buffers-number", "4", |v, _| count(v).map(drop)),
+    parsed("proxy-max-temp-file-size", "1024m", |v, _| parse_size(v).map(drop)),
+    parsed("proxy-http-version", "1.1", |v, _| match v.trim() {
+        "1.1" => Ok(()),
+        "1.0" => Err("tidegate speaks HTTP/1.1 to HTTP backends (as nginx with keep-alive upstreams)".into()),
+        other => Err(format!("{other:?} is not 1.0 or 1.1")),
+    }),
     parsed("enable-cors", "false", |v, s| boolean(v).map(|b| s.cors.enabled = b)),
     parsed("cors-allow-origin", "*", |v, s| origins(v).map(|list| s.cors.cors.allow_origins = list)),
     parsed("cors-allow-methods", "GET, PUT, POST, DELETE, PATCH, OPTIONS", |v, s| {
@@ -507,6 +546,41 @@ pub(crate) const KEYS: &[Key] = &[
     }),
     guards("proxy-ssl-protocols", "TLSv1.2 TLSv1.3", |v, s| tls_versions(v).map(|list| s.upstream.versions = list)),
     parsed("proxy-ssl-ciphers", "DEFAULT", |v, s| cipher_suites(v).map(|list| s.upstream.ciphers = list)),
+    parsed("load-balance", "round_robin", |v, s| match v.trim() {
+        "round_robin" => {
+            s.upstream.ewma = false;
+            Ok(())
+        }
+        "ewma" => {
+            s.upstream.ewma = true;
+            Ok(())
+        }
+        other => Err(format!("{other:?} is not round_robin or ewma")),
+    }),
+    parsed("upstream-hash-by", "", |v, s| {
+        let key: Template = v.trim().parse()?;
+        s.upstream.hash_by = Some(key);
+        Ok(())
+    }),
+    parsed("upstream-hash-by-subset", "false", |v, s| boolean(v).map(|b| s.upstream.subset = b)),
+    parsed("upstream-hash-by-subset-size", "3", |v, s| match v.trim().parse::<u32>() {
+        Ok(n) if n > 0 => {
+            s.upstream.subset_size = n;
+            Ok(())
+        }
+        _ => Err(format!("{v:?} is not a positive number")),
+    }),
+    parsed("proxy-next-upstream", "error timeout", |v, s| next_upstream(v, &mut s.upstream.retry)),
+    parsed("proxy-next-upstream-tries", "3", |v, s| {
+        v.trim().parse::<u32>().map(|n| s.upstream.retry.tries = n).map_err(|_| format!("{v:?} is not a number"))
+    }),
+    parsed("proxy-next-upstream-timeout", "0", |v, s| {
+        let digits = v.trim().strip_suffix('s').unwrap_or(v.trim());
+        digits
+            .parse::<u64>()
+            .map(|n| s.upstream.retry.timeout_ms = n * 1000)
+            .map_err(|_| format!("{v:?} is not a number of seconds"))
+    }),
     guards("satisfy", "all", |v, s| match v.trim() {
         "any" => {
             s.satisfy_any = true;
@@ -644,6 +718,34 @@ pub(crate) const KEYS: &[Key] = &[
     restricts(Pattern::Exact("configuration-snippet")),
     restricts(Pattern::Exact("server-snippet")),
 ];
+
+/// nginx's `proxy_next_upstream` list: `error`, `timeout`, `invalid_header`, `http_NNN`,
+/// `non_idempotent`, or `off` alone.
+fn next_upstream(value: &str, retry: &mut tidegate_snapshot::Retry) -> Result<(), String> {
+    let mut read = tidegate_snapshot::Retry { tries: retry.tries, timeout_ms: retry.timeout_ms, ..Default::default() };
+    read.on_error = false;
+    read.on_timeout = false;
+    for word in value.split_whitespace() {
+        match word {
+            "off" => {}
+            "error" => read.on_error = true,
+            "timeout" => read.on_timeout = true,
+            "invalid_header" => read.on_invalid_header = true,
+            "non_idempotent" => read.non_idempotent = true,
+            "http_500" | "http_502" | "http_503" | "http_504" | "http_403" | "http_404" | "http_429" => {
+                read.on_statuses.push(word[5..].parse().unwrap_or(502));
+            }
+            other => return Err(format!("{other:?} is not a proxy-next-upstream condition")),
+        }
+    }
+    if value.split_whitespace().any(|w| w == "off") && value.split_whitespace().count() > 1 {
+        return Err("off cannot be combined with other conditions".into());
+    }
+    read.on_statuses.sort_unstable();
+    read.on_statuses.dedup();
+    *retry = read;
+    Ok(())
+}
 
 /// nginx's `ssl_protocols` list: TLS 1.2 and 1.3 are spoken; older versions are left out (a
 /// list of nothing else is refused).
@@ -1058,5 +1160,31 @@ mod tests {
         assert!(settings.upstream.sni);
         let (settings, _) = read_one("nginx.ingress.kubernetes.io/proxy-ssl-verify-depth", "3");
         assert_eq!(settings.upstream.depth, 3);
+    }
+
+    /// `load-balance`, `upstream-hash-by*` and `proxy-next-upstream*`.
+    #[test]
+    fn balance_and_retry_keys() {
+        use tidegate_snapshot::{Balance, Retry};
+        let (settings, _) = read_one("nginx.ingress.kubernetes.io/load-balance", "ewma");
+        assert_eq!(settings.upstream.balance(), Balance::Ewma);
+        let (settings, status) = read_one("nginx.ingress.kubernetes.io/load-balance", "least_conn");
+        assert_eq!(settings.upstream.balance(), Balance::RoundRobin);
+        assert_eq!(status.problems[0].severity, crate::status::Severity::Warning);
+        let (settings, _) = read_one("nginx.ingress.kubernetes.io/upstream-hash-by", "$http_x_user$cookie_id");
+        assert!(matches!(settings.upstream.balance(), Balance::Hash { subset_size: None, .. }));
+        let (settings, _) =
+            read_one("nginx.ingress.kubernetes.io/proxy-next-upstream", "error http_502 non_idempotent");
+        let retry = &settings.upstream.retry;
+        assert!(retry.on_error && !retry.on_timeout && retry.non_idempotent);
+        assert_eq!(retry.on_statuses, vec![502]);
+        assert_eq!(retry.tries, 3);
+        let (settings, _) = read_one("nginx.ingress.kubernetes.io/proxy-next-upstream", "off");
+        assert!(!settings.upstream.retry.on_error && !settings.upstream.retry.on_timeout);
+        let (settings, status) = read_one("nginx.ingress.kubernetes.io/proxy-next-upstream", "error sometimes");
+        assert_eq!(settings.upstream.retry, Retry::default(), "the default applies");
+        assert_eq!(status.problems.len(), 1);
+        let (settings, _) = read_one("nginx.ingress.kubernetes.io/proxy-next-upstream-timeout", "5");
+        assert_eq!(settings.upstream.retry.timeout_ms, 5000);
     }
 }

@@ -815,6 +815,92 @@ pub struct Upstream {
     /// TLS settings; present exactly when the protocol runs over TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<UpstreamTls>,
+    /// How an endpoint is chosen for each request (`load-balance`, `upstream-hash-by`).
+    #[serde(default, skip_serializing_if = "Balance::is_round_robin")]
+    pub balance: Balance,
+    /// When a request goes on to another endpoint (`proxy-next-upstream*`).
+    #[serde(default, skip_serializing_if = "Retry::is_default")]
+    pub retry: Retry,
+}
+
+/// How an endpoint is chosen for each request.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind", deny_unknown_fields)]
+pub enum Balance {
+    /// Each endpoint in turn (`load-balance: round_robin`, the default).
+    #[default]
+    RoundRobin,
+    /// Peak EWMA of response times with two random choices (`load-balance: ewma`): the
+    /// endpoint whose recent latency, weighted by the requests it has in progress, is lower.
+    Ewma,
+    /// The same key always goes to the same endpoint, on a consistent-hash ring: removing one
+    /// of N endpoints moves about 1/N of the keys (`upstream-hash-by`, with nginx variables).
+    /// With `subset_size`, the key picks a subset of that many endpoints, and requests spread
+    /// over it (`upstream-hash-by-subset`).
+    Hash {
+        key: Template,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        subset_size: Option<u32>,
+    },
+}
+
+impl Balance {
+    pub fn is_round_robin(&self) -> bool {
+        *self == Balance::RoundRobin
+    }
+}
+
+/// When a request that failed on one endpoint is sent to another, as nginx's
+/// `proxy_next_upstream`: never once any of the response went to the client; a request that
+/// was sent whole (or with a body) only when it may be sent twice.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Retry {
+    /// The connection could not be made or broke before an answer (`error`).
+    pub on_error: bool,
+    /// The endpoint did not connect or answer in time (`timeout`).
+    pub on_timeout: bool,
+    /// The answer could not be read (`invalid_header`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub on_invalid_header: bool,
+    /// Answers with these statuses (`http_500`, `http_502`, `http_503`, `http_504`,
+    /// `http_403`, `http_404`, `http_429`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub on_statuses: Vec<u16>,
+    /// Requests with non-idempotent methods too (`non_idempotent`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub non_idempotent: bool,
+    /// Endpoints tried at most, the first included (`proxy-next-upstream-tries`); 0: all.
+    pub tries: u32,
+    /// The time after which no other endpoint is tried, in milliseconds
+    /// (`proxy-next-upstream-timeout`); 0: none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub timeout_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl Default for Retry {
+    /// ingress-nginx's: `error timeout`, 3 tries, no time limit.
+    fn default() -> Self {
+        Retry {
+            on_error: true,
+            on_timeout: true,
+            on_invalid_header: false,
+            on_statuses: Vec::new(),
+            non_idempotent: false,
+            tries: 3,
+            timeout_ms: 0,
+        }
+    }
+}
+
+impl Retry {
+    pub fn is_default(&self) -> bool {
+        *self == Retry::default()
+    }
 }
 
 impl Upstream {

@@ -21,11 +21,13 @@ use std::time::{Duration, Instant};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use tidegate_snapshot::{ExternalAuth, Template, TemplatePart, Timeouts};
+use tidegate_snapshot::{ExternalAuth, Template, Timeouts};
 
+use super::variables::{escape, expand};
 use super::{Effects, Facts, Verdict};
 use crate::body::{LocalBody, full};
 use crate::respond::error_response;
+use crate::upstream::Attempts;
 
 /// How long a resolved auth host name is trusted.
 const RESOLVED_FOR: Duration = Duration::from_secs(30);
@@ -167,8 +169,11 @@ impl ExternalAuthFilter {
         *request.method_mut() = self.method.clone().unwrap_or_else(|| facts.method.clone());
         *request.uri_mut() = path.parse().map_err(|e| format!("{url}: {e}"))?;
         *request.headers_mut() = headers;
-        let answer =
-            facts.pool.send(endpoint, &transport, request, None, self.timeouts).await.map_err(|e| e.to_string())?;
+        let answer = facts
+            .pool
+            .send(&mut Attempts::one(endpoint), &transport, request, None, self.timeouts)
+            .await
+            .map_err(|e| e.to_string())?;
         let (parts, body) = answer.into_parts();
         let body = http_body_util::Limited::new(body, MAX_ANSWER).collect().await.map_err(|e| e.to_string())?;
         Ok(Response::from_parts(parts, body.to_bytes()))
@@ -214,80 +219,5 @@ impl ExternalAuthFilter {
             cache.insert(authority.to_owned(), (addr, Instant::now()));
         }
         Ok(addr)
-    }
-}
-
-/// A template's text with the request's variables put in.
-fn expand(template: &Template, facts: &Facts<'_>) -> String {
-    let mut out = String::new();
-    for part in template.parts() {
-        match part {
-            TemplatePart::Text(text) => out.push_str(text),
-            TemplatePart::Variable(name) => out.push_str(&variable(name, facts)),
-        }
-    }
-    out
-}
-
-fn variable(name: &str, facts: &Facts<'_>) -> String {
-    let query = facts.uri.query().unwrap_or("");
-    match name {
-        "host" => facts.host.to_owned(),
-        "scheme" => facts.scheme().to_owned(),
-        "request_uri" => facts.request_uri().to_owned(),
-        "escaped_request_uri" => escape(facts.request_uri()),
-        "uri" => facts.uri.path().to_owned(),
-        "args" => query.to_owned(),
-        "request_method" => facts.method.as_str().to_owned(),
-        "remote_addr" => facts.client.to_canonical().to_string(),
-        "server_port" => facts.port.to_string(),
-        _ => {
-            if let Some(header_name) = name.strip_prefix("http_") {
-                let header_name = header_name.replace('_', "-");
-                return facts.headers.get(header_name.as_str()).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-            }
-            if let Some(cookie) = name.strip_prefix("cookie_") {
-                return facts
-                    .headers
-                    .get_all(header::COOKIE)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .flat_map(|v| v.split(';'))
-                    .find_map(|pair| pair.trim().strip_prefix(cookie).and_then(|r| r.strip_prefix('=')))
-                    .unwrap_or("")
-                    .to_owned();
-            }
-            if let Some(arg) = name.strip_prefix("arg_") {
-                return query
-                    .split('&')
-                    .find_map(|p| p.strip_prefix(arg).and_then(|r| r.strip_prefix('=')))
-                    .unwrap_or("")
-                    .to_owned();
-            }
-            String::new()
-        }
-    }
-}
-
-/// Percent-encodes all but the unreserved characters (nginx's `set_escape_uri`).
-fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() * 3);
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn escape_keeps_only_unreserved() {
-        assert_eq!(escape("/a b?x=1&y=é"), "%2Fa%20b%3Fx%3D1%26y%3D%C3%A9");
     }
 }

@@ -39,6 +39,7 @@ mod external_auth;
 mod ip;
 mod limit;
 mod password;
+mod variables;
 
 use std::net::IpAddr;
 
@@ -51,6 +52,7 @@ use tidegate_snapshot::{Phase, Policies, Timeouts};
 use crate::body::LocalBody;
 use crate::connection::Connection;
 use crate::upstream::Pool;
+pub(crate) use variables::expand;
 
 /// What a filter sees of a request: the client and the request head as earlier steps left it.
 #[derive(Clone, Copy)]

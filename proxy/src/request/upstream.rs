@@ -8,16 +8,18 @@ use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Body;
+use tidegate_snapshot::Balance;
 
 use super::context::Outcome;
 use crate::body::{Capped, ClientBody, IdleTimeout, LocalBody};
 use crate::connection::Connection;
 use crate::headers::strip_hop_by_hop;
 use crate::http1::{Detached, OnUpgrade};
+use crate::policy::{Facts, Head, expand};
 use crate::respond::{grpc_timeout, text};
 use crate::router::Target;
 use crate::runtime::Runtime;
-use crate::upstream::RequestBody;
+use crate::upstream::{Attempts, RequestBody};
 use crate::worker::Worker;
 
 /// Proxies a request as it came.
@@ -101,15 +103,26 @@ pub(super) async fn forward(
         // The call's deadline bounds the wait for its answer too.
         timeouts.read_ms = timeouts.read_ms.min(u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX).max(1));
     }
-    let Some(endpoint) = backend.and_then(|b| runtime.upstreams.get(b)).and_then(|b| b.pick()) else {
+    let upstream = &target.action.upstream;
+    let key = match &upstream.balance {
+        Balance::Hash { key, .. } => Some(hash_key(key, worker, conn, &upstream_request)),
+        _ => None,
+    };
+    let idempotent = upstream_request.method().is_idempotent();
+    let endpoints = backend.and_then(|b| runtime.upstreams.get(b));
+    let Some(mut attempts) =
+        endpoints.and_then(|e| Attempts::balanced(e, &upstream.balance, &upstream.retry, key, idempotent))
+    else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "503 no ready endpoint for this backend\n");
     };
-    outcome.upstream = Some(endpoint);
     let sent = Instant::now();
     let client_host = outcome.effects.as_ref().and_then(|e| e.client_host.as_ref());
     let forwarded = crate::headers::Forwarded { host: client_host, ..conn.forwarded() };
-    let result = worker.pool.send(endpoint, &target.transport, upstream_request, Some(forwarded), timeouts).await;
-    outcome.upstream_time = Some(sent.elapsed());
+    let result = worker.pool.send(&mut attempts, &target.transport, upstream_request, Some(forwarded), timeouts).await;
+    let took = sent.elapsed();
+    outcome.upstream_time = Some(took);
+    outcome.upstream = Some(attempts.endpoint());
+    attempts.finished(result.is_ok().then_some(took));
     let mut response = match result {
         Ok(r) => {
             outcome.from_upstream = true;
@@ -133,6 +146,23 @@ pub(super) async fn forward(
     }
     let read_timeout = Duration::from_millis(timeouts.read_ms);
     response.map(|body| LocalBody::new(IdleTimeout::new(body, read_timeout)))
+}
+
+/// A request's `upstream-hash-by` key: its template with the request's variables put in.
+fn hash_key(
+    template: &tidegate_snapshot::Template,
+    worker: &Rc<Worker>,
+    conn: &Connection,
+    request: &Request<RequestBody>,
+) -> String {
+    let host = request.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    let head = Head {
+        method: request.method(),
+        uri: request.uri(),
+        host: crate::headers::strip_port(host),
+        headers: request.headers(),
+    };
+    expand(template, &Facts::of(conn, head, &worker.pool))
 }
 
 /// Copies bytes both ways between an upgraded client and upstream connection until either ends.

@@ -25,6 +25,7 @@ use hyper::body::Body;
 use tidegate_snapshot::{Timeouts, UpstreamProtocol};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::attempts::{Attempts, Cause};
 use super::body::Http1Body;
 use super::stream::{Half, Io};
 use super::transport::Transport;
@@ -41,47 +42,77 @@ const HEAD_READ: usize = 4096;
 /// its own.
 const COPY_LIMIT: usize = 16 * 1024;
 
-/// [`Pool::send`]: sends a request to `endpoint` over HTTP/1.1, on a pooled connection when one
-/// is open, and returns the response with its body still to be read from the connection.
-/// `forwarded`: the `X-Forwarded-*` headers it carries in place of the client's. Another
-/// protocol (HTTP/2, ALPN) goes on at once in a box of its own.
+/// [`Pool::send`]: sends a request over HTTP/1.1 to the endpoint of `attempts` (and on to others
+/// as they allow), on a pooled connection when one is open, and returns the response with its
+/// body still to be read from the connection. `forwarded`: the `X-Forwarded-*` headers it
+/// carries in place of the client's. Another protocol (HTTP/2, ALPN) goes on at once in a box
+/// of its own.
 pub(super) async fn send(
     pool: &Rc<Pool>,
-    endpoint: SocketAddr,
+    attempts: &mut Attempts<'_>,
     transport: &Transport,
     request: Request<RequestBody>,
     forwarded: Option<Forwarded<'_>>,
     timeouts: Timeouts,
 ) -> Result<Response<UpstreamBody>, UpstreamError> {
     if !matches!(transport.protocol, UpstreamProtocol::Http1 | UpstreamProtocol::Https) {
-        return Box::pin(pool.send_other(endpoint, transport, request, forwarded, timeouts)).await;
+        return Box::pin(pool.send_other(attempts, transport, request, forwarded, timeouts)).await;
     }
     let (mut parts, mut body) = request.into_parts();
     let framing = RequestFraming::of(&parts.method, body.is_end_stream(), body.size_hint().exact());
     let upgrade = crate::headers::is_upgrade(&parts.headers);
     let head_request = parts.method == Method::HEAD;
     // Only a request that is whole in its head can be sent twice.
-    let repeatable =
-        matches!(framing, RequestFraming::Empty | RequestFraming::Length(0)) && parts.method.is_idempotent();
+    let replayable = matches!(framing, RequestFraming::Empty | RequestFraming::Length(0));
+    let repeatable = replayable && parts.method.is_idempotent();
     let mut head = spare::take_write(256 + parts.headers.len() * 48);
     wire::encode_request(&mut head, &parts, forwarded.as_ref(), framing);
     spare::keep_headers(std::mem::take(&mut parts.headers));
     let limits =
         Limits { send: Duration::from_millis(timeouts.send_ms), read: Duration::from_millis(timeouts.read_ms) };
 
+    let mut endpoint = attempts.endpoint();
     let exchanged = loop {
         let (mut conn, reused) = match pool.checkout(endpoint, transport.id) {
             Some(conn) => (conn, true),
             None => match transport.connect(endpoint, Duration::from_millis(timeouts.connect_ms)).await {
                 Ok((io, _)) => (UpstreamConn::new(io, endpoint, transport.id), false),
-                Err(e) => break Err(e),
+                Err(e) => match Cause::of(&e).and_then(|cause| attempts.next_after(cause, false, replayable)) {
+                    // Nothing was sent: another endpoint may have it, whatever its method.
+                    Some(next) => {
+                        tracing::debug!(%endpoint, error = %e, next = %next, "trying the next endpoint");
+                        endpoint = next;
+                        continue;
+                    }
+                    None => break Err(e),
+                },
             },
         };
         match exchange(&mut conn, &head, &mut body, framing, head_request, limits).await {
             Err(Failure::NoAnswer(e)) if reused && repeatable => {
                 tracing::debug!(%endpoint, error = %e, "reused upstream connection was closed; sending again");
             }
-            Err(failure) => break Err(failure.into_error(endpoint)),
+            Err(failure) => {
+                let e = failure.into_error(endpoint);
+                match Cause::of(&e).and_then(|cause| attempts.next_after(cause, true, replayable)) {
+                    Some(next) => {
+                        tracing::debug!(%endpoint, error = %e, next = %next, "trying the next endpoint");
+                        endpoint = next;
+                    }
+                    None => break Err(e),
+                }
+            }
+            Ok((response, sent_whole)) if attempts.retries_status(response.parts.status.as_u16()) => {
+                let status = response.parts.status.as_u16();
+                // The answer is dropped unread, and its connection with it.
+                match attempts.next_after(Cause::Status(status), true, replayable) {
+                    Some(next) => {
+                        tracing::debug!(%endpoint, status, next = %next, "trying the next endpoint");
+                        endpoint = next;
+                    }
+                    None => break Ok((conn, response, sent_whole)),
+                }
+            }
             Ok((response, sent_whole)) => break Ok((conn, response, sent_whole)),
         }
     };

@@ -29,6 +29,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use tidegate_snapshot::Timeouts;
 
+use super::attempts::{Attempts, Cause};
 use super::stream::Io;
 use super::transport::Transport;
 use super::{Pool, RequestBody, UpstreamBody, UpstreamError};
@@ -115,7 +116,7 @@ impl Drop for OpenStream {
 /// just opened and negotiated), and returns the response with its body still to come.
 pub(super) async fn send(
     pool: &Rc<Pool>,
-    endpoint: SocketAddr,
+    attempts: &mut Attempts<'_>,
     transport: &Transport,
     fresh: Option<Io>,
     request: Request<RequestBody>,
@@ -123,7 +124,7 @@ pub(super) async fn send(
     timeouts: Timeouts,
 ) -> Result<Response<UpstreamBody>, UpstreamError> {
     let (mut parts, body) = request.into_parts();
-    let failed = |e: h2::Error| UpstreamError::Http2(endpoint, e.to_string());
+    let mut endpoint = attempts.endpoint();
     // HTTP/2 names the host in `:authority`, and has no connection-specific headers.
     let host = parts.headers.remove(header::HOST);
     for name in [header::CONNECTION, header::UPGRADE, header::TRANSFER_ENCODING, header::TE] {
@@ -149,18 +150,29 @@ pub(super) async fn send(
         .map_err(|_| UpstreamError::Malformed(endpoint, "the request's host cannot be an HTTP/2 authority"))?;
     parts.version = Version::HTTP_2;
 
-    let key = (endpoint, transport.id);
     let connect = Duration::from_millis(timeouts.connect_ms);
     let (sender, open) = match fresh {
-        Some(io) => handshake(pool, key, io).await?,
-        None => match pool.http2.pick(key) {
-            Some(found) => found,
-            None => {
-                let (io, _) = transport.connect(endpoint, connect).await?;
-                handshake(pool, key, io).await?
+        Some(io) => handshake(pool, (endpoint, transport.id), io).await?,
+        None => loop {
+            let key = (endpoint, transport.id);
+            if let Some(found) = pool.http2.pick(key) {
+                break found;
+            }
+            let opened = match transport.connect(endpoint, connect).await {
+                Ok((io, _)) => handshake(pool, key, io).await,
+                Err(e) => Err(e),
+            };
+            match opened {
+                Ok(found) => break found,
+                // Nothing was sent: another endpoint may have it.
+                Err(e) => match Cause::of(&e).and_then(|cause| attempts.next_after(cause, false, false)) {
+                    Some(next) => endpoint = next,
+                    None => return Err(e),
+                },
             }
         },
     };
+    let failed = |e: h2::Error| UpstreamError::Http2(endpoint, e.to_string());
     let mut sender = match tokio::time::timeout(connect, sender.ready()).await {
         Ok(ready) => ready.map_err(failed)?,
         Err(_) => return Err(UpstreamError::ConnectTimeout(endpoint)),

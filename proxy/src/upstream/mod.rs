@@ -14,6 +14,8 @@
 //! failed connection, a failed TLS handshake or a malformed answer is 502, a connect or read
 //! timeout 504, a client body that broke off 400.
 
+mod attempts;
+mod balance;
 mod body;
 mod http1;
 mod http2;
@@ -36,6 +38,8 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Body;
 use tidegate_snapshot::{Timeouts, UpstreamProtocol};
 
+pub(crate) use attempts::Attempts;
+pub(crate) use balance::Endpoints;
 use body::Http1Body;
 use stream::Io;
 pub(crate) use transport::Transport;
@@ -154,19 +158,19 @@ impl Pool {
     /// state holds no room for the others' (and no second copy of its arguments).
     pub(crate) fn send<'a>(
         self: &'a Rc<Self>,
-        endpoint: SocketAddr,
+        attempts: &'a mut Attempts<'_>,
         transport: &'a Transport,
         request: Request<RequestBody>,
         forwarded: Option<Forwarded<'a>>,
         timeouts: Timeouts,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + 'a {
-        http1::send(self, endpoint, transport, request, forwarded, timeouts)
+        http1::send(self, attempts, transport, request, forwarded, timeouts)
     }
 
     /// HTTP/2, and what ALPN picks.
     async fn send_other(
         self: &Rc<Self>,
-        endpoint: SocketAddr,
+        attempts: &mut Attempts<'_>,
         transport: &Transport,
         request: Request<RequestBody>,
         forwarded: Option<Forwarded<'_>>,
@@ -174,9 +178,9 @@ impl Pool {
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         match transport.protocol {
             UpstreamProtocol::Negotiated => {
-                self.send_negotiated(endpoint, transport, request, forwarded, timeouts).await
+                self.send_negotiated(attempts, transport, request, forwarded, timeouts).await
             }
-            _ => http2::send(self, endpoint, transport, None, request, forwarded, timeouts).await,
+            _ => http2::send(self, attempts, transport, None, request, forwarded, timeouts).await,
         }
     }
 
@@ -184,26 +188,27 @@ impl Pool {
     /// new one, in the protocol the backend chose by ALPN.
     async fn send_negotiated(
         self: &Rc<Self>,
-        endpoint: SocketAddr,
+        attempts: &mut Attempts<'_>,
         transport: &Transport,
         request: Request<RequestBody>,
         forwarded: Option<Forwarded<'_>>,
         timeouts: Timeouts,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let endpoint = attempts.endpoint();
         let key = (endpoint, transport.id);
         if self.http2.has(key) {
-            return http2::send(self, endpoint, transport, None, request, forwarded, timeouts).await;
+            return http2::send(self, attempts, transport, None, request, forwarded, timeouts).await;
         }
         if self.idle.borrow().get(&key).is_some_and(|l| !l.is_empty()) {
-            return http1::send(self, endpoint, &transport.over_http1(), request, forwarded, timeouts).await;
+            return http1::send(self, attempts, &transport.over_http1(), request, forwarded, timeouts).await;
         }
         let (io, h2) = transport.connect(endpoint, Duration::from_millis(timeouts.connect_ms)).await?;
         if h2 {
-            http2::send(self, endpoint, transport, Some(io), request, forwarded, timeouts).await
+            http2::send(self, attempts, transport, Some(io), request, forwarded, timeouts).await
         } else {
             // Into the pool, where the exchange takes it from.
             self.checkin(UpstreamConn::new(io, endpoint, transport.id));
-            http1::send(self, endpoint, &transport.over_http1(), request, forwarded, timeouts).await
+            http1::send(self, attempts, &transport.over_http1(), request, forwarded, timeouts).await
         }
     }
 

@@ -107,7 +107,10 @@ async fn a_length_delimited_answer_and_its_connection_is_reused() {
         upstream(Script::Answer("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: b\r\n\r\nhello")).await;
     let pool = Rc::new(Pool::default());
     for _ in 0..3 {
-        let response = pool.send(address, &Transport::plain(), get("/"), None, TIMEOUTS).await.expect("answered");
+        let response = pool
+            .send(&mut Attempts::one(address), &Transport::plain(), get("/"), None, TIMEOUTS)
+            .await
+            .expect("answered");
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()["x-a"], "b");
         assert_eq!(text(response).await, "hello");
@@ -123,7 +126,10 @@ async fn a_chunked_answer_is_decoded_and_the_connection_reused() {
     let (address, accepted) = upstream(Script::Answer(answer)).await;
     let pool = Rc::new(Pool::default());
     for _ in 0..2 {
-        let response = pool.send(address, &Transport::plain(), get("/"), None, TIMEOUTS).await.expect("answered");
+        let response = pool
+            .send(&mut Attempts::one(address), &Transport::plain(), get("/"), None, TIMEOUTS)
+            .await
+            .expect("answered");
         assert_eq!(text(response).await, "abcdefg");
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
@@ -135,7 +141,10 @@ async fn an_answer_delimited_by_the_close_is_read_to_the_end_and_not_pooled() {
     let (address, accepted) = upstream(Script::AnswerAndClose("HTTP/1.1 200 OK\r\n\r\nuntil the end")).await;
     let pool = Rc::new(Pool::default());
     for _ in 0..2 {
-        let response = pool.send(address, &Transport::plain(), get("/"), None, TIMEOUTS).await.expect("answered");
+        let response = pool
+            .send(&mut Attempts::one(address), &Transport::plain(), get("/"), None, TIMEOUTS)
+            .await
+            .expect("answered");
         assert_eq!(text(response).await, "until the end");
         assert_eq!(pool.idle_count(address), 0);
     }
@@ -147,7 +156,10 @@ async fn a_pooled_connection_the_upstream_closed_is_not_used() {
     let (address, accepted) = upstream(Script::AnswerAndClose("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")).await;
     let pool = Rc::new(Pool::default());
     for _ in 0..3 {
-        let response = pool.send(address, &Transport::plain(), get("/"), None, TIMEOUTS).await.expect("answered");
+        let response = pool
+            .send(&mut Attempts::one(address), &Transport::plain(), get("/"), None, TIMEOUTS)
+            .await
+            .expect("answered");
         assert_eq!(text(response).await, "ok");
         // Let the close arrive, as it would while a connection idles.
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -161,11 +173,14 @@ async fn a_pooled_connection_the_upstream_closed_is_not_used() {
 async fn a_get_whose_reused_connection_fails_unanswered_is_sent_again() {
     let (address, accepted) = upstream(Script::AnswerAndClose("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")).await;
     let pool = Rc::new(Pool::default());
-    let response = pool.send(address, &Transport::plain(), get("/"), None, TIMEOUTS).await.expect("answered");
+    let response =
+        pool.send(&mut Attempts::one(address), &Transport::plain(), get("/"), None, TIMEOUTS).await.expect("answered");
     assert_eq!(text(response).await, "ok");
     // Straight away: the close has not been seen yet, so the pooled connection is tried.
-    let response =
-        pool.send(address, &Transport::plain(), get("/"), None, TIMEOUTS).await.expect("answered on a new connection");
+    let response = pool
+        .send(&mut Attempts::one(address), &Transport::plain(), get("/"), None, TIMEOUTS)
+        .await
+        .expect("answered on a new connection");
     assert_eq!(text(response).await, "ok");
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
@@ -176,8 +191,10 @@ async fn request_bodies_go_out_with_their_length_or_chunked() {
     let pool = Rc::new(Pool::default());
 
     let request = Request::post("/p").header("host", "up.test").body(LocalBody::new(Full::new(Bytes::from("abc"))));
-    let response =
-        pool.send(address, &Transport::plain(), request.expect("request"), None, TIMEOUTS).await.expect("answered");
+    let response = pool
+        .send(&mut Attempts::one(address), &Transport::plain(), request.expect("request"), None, TIMEOUTS)
+        .await
+        .expect("answered");
     let seen = text(response).await;
     assert!(seen.starts_with("POST /p HTTP/1.1\r\nhost: up.test\r\n"), "{seen}");
     assert!(seen.ends_with("content-length: 3\r\n\r\nabc"), "{seen}");
@@ -185,13 +202,16 @@ async fn request_bodies_go_out_with_their_length_or_chunked() {
     let frames = ["one", "", "three"].map(|s| Ok::<_, io::Error>(Frame::data(Bytes::from(s))));
     let streamed = LocalBody::new(StreamBody::new(futures_util::stream::iter(frames)));
     let request = Request::put("/s").header("host", "up.test").body(streamed).expect("request");
-    let response = pool.send(address, &Transport::plain(), request, None, TIMEOUTS).await.expect("answered");
+    let response =
+        pool.send(&mut Attempts::one(address), &Transport::plain(), request, None, TIMEOUTS).await.expect("answered");
     let seen = text(response).await;
     assert!(seen.ends_with("transfer-encoding: chunked\r\n\r\n3\r\none\r\n5\r\nthree\r\n0\r\n\r\n"), "{seen}");
 
     let request = Request::post("/e").header("host", "up.test").body(LocalBody::new(http_body_util::Empty::new()));
-    let response =
-        pool.send(address, &Transport::plain(), request.expect("request"), None, TIMEOUTS).await.expect("answered");
+    let response = pool
+        .send(&mut Attempts::one(address), &Transport::plain(), request.expect("request"), None, TIMEOUTS)
+        .await
+        .expect("answered");
     assert!(text(response).await.ends_with("content-length: 0\r\n\r\n"));
 }
 
@@ -211,8 +231,10 @@ async fn an_early_answer_is_heard_while_the_body_is_still_going_out() {
     let big = Bytes::from(vec![b'x'; 32 << 20]);
     let request = Request::post("/").header("host", "up.test").body(LocalBody::new(Full::new(big)));
     let pool = Rc::new(Pool::default());
-    let response =
-        pool.send(address, &Transport::plain(), request.expect("request"), None, TIMEOUTS).await.expect("answered");
+    let response = pool
+        .send(&mut Attempts::one(address), &Transport::plain(), request.expect("request"), None, TIMEOUTS)
+        .await
+        .expect("answered");
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     drop(response);
     assert_eq!(pool.idle_count(address), 0, "a request cut short leaves its connection unusable");
@@ -222,21 +244,30 @@ async fn an_early_answer_is_heard_while_the_body_is_still_going_out() {
 async fn interim_answers_are_skipped_and_surprises_are_errors() {
     let (address, _) = upstream(Script::Answer("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n")).await;
     let pool = Rc::new(Pool::default());
-    let response = pool.send(address, &Transport::plain(), get("/"), None, TIMEOUTS).await.expect("answered");
+    let response =
+        pool.send(&mut Attempts::one(address), &Transport::plain(), get("/"), None, TIMEOUTS).await.expect("answered");
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
 
     let (address, _) = upstream(Script::Answer("HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n")).await;
-    let error =
-        pool.send(address, &Transport::plain(), get("/"), None, TIMEOUTS).await.expect_err("101 to a plain request");
+    let error = pool
+        .send(&mut Attempts::one(address), &Transport::plain(), get("/"), None, TIMEOUTS)
+        .await
+        .expect_err("101 to a plain request");
     assert!(matches!(error, UpstreamError::Malformed(..)) && error.status() == StatusCode::BAD_GATEWAY, "{error}");
 
     let (address, _) =
         upstream(Script::Answer("HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")).await;
-    let error = pool.send(address, &Transport::plain(), get("/"), None, TIMEOUTS).await.expect_err("ambiguous framing");
+    let error = pool
+        .send(&mut Attempts::one(address), &Transport::plain(), get("/"), None, TIMEOUTS)
+        .await
+        .expect_err("ambiguous framing");
     assert!(error.to_string().contains("differing Content-Length"), "{error}");
 
     let (address, _) = upstream(Script::AnswerAndClose("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort")).await;
-    let response = pool.send(address, &Transport::plain(), get("/"), None, TIMEOUTS).await.expect("head answered");
+    let response = pool
+        .send(&mut Attempts::one(address), &Transport::plain(), get("/"), None, TIMEOUTS)
+        .await
+        .expect("head answered");
     assert!(response.into_body().collect().await.is_err(), "a body cut short is an error");
 }
 
@@ -245,11 +276,17 @@ async fn timeouts_and_refusals_have_their_status() {
     let (address, _) = upstream(Script::Silent).await;
     let pool = Rc::new(Pool::default());
     let quick = Timeouts { read_ms: 100, ..TIMEOUTS };
-    let error = pool.send(address, &Transport::plain(), get("/"), None, quick).await.expect_err("no answer");
+    let error = pool
+        .send(&mut Attempts::one(address), &Transport::plain(), get("/"), None, quick)
+        .await
+        .expect_err("no answer");
     assert!(matches!(error, UpstreamError::ReadTimeout(_)) && error.status() == StatusCode::GATEWAY_TIMEOUT);
 
     let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("address");
-    let error = pool.send(closed, &Transport::plain(), get("/"), None, TIMEOUTS).await.expect_err("nothing listens");
+    let error = pool
+        .send(&mut Attempts::one(closed), &Transport::plain(), get("/"), None, TIMEOUTS)
+        .await
+        .expect_err("nothing listens");
     assert!(matches!(error, UpstreamError::Connect(..)) && error.status() == StatusCode::BAD_GATEWAY);
 }
 
@@ -264,7 +301,8 @@ async fn a_switched_connection_is_handed_over_with_what_followed_the_head() {
         .header("upgrade", "echo")
         .body(LocalBody::new(http_body_util::Empty::new()))
         .expect("request");
-    let mut response = pool.send(address, &Transport::plain(), request, None, TIMEOUTS).await.expect("answered");
+    let mut response =
+        pool.send(&mut Attempts::one(address), &Transport::plain(), request, None, TIMEOUTS).await.expect("answered");
     assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
     let mut switched = response.body_mut().take_switched().expect("the connection");
     let mut first = [0u8; 5];
@@ -298,7 +336,7 @@ async fn the_send_timeout_runs_from_the_last_progress_of_an_upload() {
     // Ten pieces 100 ms apart: a second in all, three times the timeout, always moving.
     let request = Request::post("/up").header("host", "up.test").body(trickle(10, Duration::from_millis(100), None));
     let response = pool
-        .send(address, &Transport::plain(), request.expect("request"), None, short)
+        .send(&mut Attempts::one(address), &Transport::plain(), request.expect("request"), None, short)
         .await
         .expect("a moving upload passes");
     assert!(text(response).await.ends_with("5\r\npiece\r\n0\r\n\r\n"));
@@ -308,7 +346,7 @@ async fn the_send_timeout_runs_from_the_last_progress_of_an_upload() {
     let patient = Timeouts { connect_ms: 1_000, read_ms: 300, send_ms: 30_000 };
     let request = Request::post("/up").header("host", "up.test").body(trickle(3, Duration::from_millis(400), None));
     let response = pool
-        .send(address, &Transport::plain(), request.expect("request"), None, patient)
+        .send(&mut Attempts::one(address), &Transport::plain(), request.expect("request"), None, patient)
         .await
         .expect("the read timeout waits");
     assert!(text(response).await.ends_with("5\r\npiece\r\n0\r\n\r\n"));
@@ -317,8 +355,10 @@ async fn the_send_timeout_runs_from_the_last_progress_of_an_upload() {
     let stalled = trickle(2, Duration::from_millis(50), Some(Duration::from_secs(5)));
     let request = Request::post("/up").header("host", "up.test").body(stalled).expect("request");
     let started = std::time::Instant::now();
-    let error =
-        pool.send(address, &Transport::plain(), request, None, short).await.expect_err("a stalled upload fails");
+    let error = pool
+        .send(&mut Attempts::one(address), &Transport::plain(), request, None, short)
+        .await
+        .expect_err("a stalled upload fails");
     assert!(matches!(error, UpstreamError::SendTimeout(_)) && error.status() == StatusCode::GATEWAY_TIMEOUT);
     assert!(started.elapsed() < Duration::from_secs(2), "cut after the timeout: {:?}", started.elapsed());
 }

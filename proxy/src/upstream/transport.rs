@@ -72,7 +72,7 @@ impl Transport {
             ciphers: Vec::new(),
             client_certificate: None,
         };
-        Transport::compile(&Upstream { protocol: UpstreamProtocol::Https, tls: Some(tls) })
+        Transport::compile(&Upstream { protocol: UpstreamProtocol::Https, tls: Some(tls), ..Upstream::default() })
     }
 
     /// Compiles a route's upstream settings; `Err` says why they cannot be used (a CA or client
@@ -131,10 +131,10 @@ impl Transport {
     }
 }
 
-/// A stable digest of the settings a connection was made with.
+/// A stable digest of the settings a connection was made with (not how endpoints are chosen).
 fn identity(upstream: &Upstream) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    upstream.hash(&mut hasher);
+    (upstream.protocol, &upstream.tls).hash(&mut hasher);
     hasher.finish().max(1)
 }
 

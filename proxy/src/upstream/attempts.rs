@@ -1,0 +1,143 @@
+//! The endpoints one request tries, as nginx's `proxy_next_upstream` allows: the first a
+//! balancer chose, then others while the route's [`Retry`] says the failure is worth another
+//! and tries and time remain. Nothing is tried again once any of the response went to the
+//! client (the response head ends the attempts), and a request that may already have reached
+//! an endpoint goes to another only when its method is idempotent (or `non_idempotent` is
+//! set) and it has no body to send again.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tidegate_snapshot::{Balance, Retry};
+
+use super::UpstreamError;
+use super::balance::{Endpoints, Pick};
+
+/// Why an attempt failed, in `proxy_next_upstream`'s terms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Cause {
+    /// No connection, or one that broke before an answer (`error`).
+    Error,
+    /// No connection or no answer in time (`timeout`).
+    Timeout,
+    /// An answer that could not be read (`invalid_header`).
+    InvalidHeader,
+    /// An answer with this status (`http_NNN`).
+    Status(u16),
+}
+
+impl Cause {
+    pub(crate) fn of(error: &UpstreamError) -> Option<Cause> {
+        match error {
+            UpstreamError::Connect(..) | UpstreamError::Io(..) | UpstreamError::Tls(..) | UpstreamError::Http2(..) => {
+                Some(Cause::Error)
+            }
+            UpstreamError::ConnectTimeout(_) | UpstreamError::ReadTimeout(_) | UpstreamError::SendTimeout(_) => {
+                Some(Cause::Timeout)
+            }
+            UpstreamError::Malformed(..) => Some(Cause::InvalidHeader),
+            // The client's own body failed: no endpoint would do better.
+            UpstreamError::ClientBody(..) => None,
+        }
+    }
+}
+
+/// The endpoints of one request.
+pub(crate) struct Attempts<'a> {
+    /// Where others come from, when the request came through a balancer.
+    source: Option<(&'a Endpoints, &'a Balance, &'a Retry)>,
+    key: Option<String>,
+    current: Option<Pick>,
+    address: SocketAddr,
+    tried: Vec<SocketAddr>,
+    started: Instant,
+    idempotent: bool,
+}
+
+impl<'a> Attempts<'a> {
+    /// Only `address` (a call to another service, as external auth's).
+    pub(crate) fn one(address: SocketAddr) -> Attempts<'static> {
+        Attempts {
+            source: None,
+            key: None,
+            current: None,
+            address,
+            tried: Vec::new(),
+            started: Instant::now(),
+            idempotent: false,
+        }
+    }
+
+    /// The first endpoint `balance` picks of `endpoints` (with the request's hash `key`);
+    /// `None` when there is none.
+    pub(crate) fn balanced(
+        endpoints: &'a Endpoints,
+        balance: &'a Balance,
+        retry: &'a Retry,
+        key: Option<String>,
+        idempotent: bool,
+    ) -> Option<Attempts<'a>> {
+        let pick = endpoints.pick(balance, key.as_deref(), &[])?;
+        Some(Attempts {
+            source: Some((endpoints, balance, retry)),
+            key,
+            current: Some(pick),
+            address: pick.address,
+            tried: Vec::new(),
+            started: Instant::now(),
+            idempotent,
+        })
+    }
+
+    /// The endpoint of the current attempt.
+    pub(crate) fn endpoint(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Another endpoint after the current one failed for `cause`, when the route allows it.
+    /// `sent`: the request may have reached the endpoint (it went out, in part or whole);
+    /// `replayable`: it can be sent again (it has no body).
+    pub(crate) fn next_after(&mut self, cause: Cause, sent: bool, replayable: bool) -> Option<SocketAddr> {
+        let (endpoints, balance, retry) = self.source?;
+        if let Some(pick) = self.current.take() {
+            endpoints.finished(pick, None);
+        }
+        self.tried.push(self.address);
+        let allowed = match cause {
+            Cause::Error => retry.on_error,
+            Cause::Timeout => retry.on_timeout,
+            Cause::InvalidHeader => retry.on_invalid_header,
+            Cause::Status(status) => retry.on_statuses.contains(&status),
+        };
+        let tries = if retry.tries == 0 { usize::MAX } else { usize::try_from(retry.tries).unwrap_or(usize::MAX) };
+        let in_time = retry.timeout_ms == 0 || self.started.elapsed() < Duration::from_millis(retry.timeout_ms);
+        let resend = !sent || (replayable && (self.idempotent || retry.non_idempotent));
+        if !allowed || !resend || self.tried.len() >= tries || !in_time {
+            return None;
+        }
+        let pick = endpoints.pick(balance, self.key.as_deref(), &self.tried)?;
+        self.current = Some(pick);
+        self.address = pick.address;
+        Some(pick.address)
+    }
+
+    /// Whether an answer with `status` may go on to another endpoint.
+    pub(crate) fn retries_status(&self, status: u16) -> bool {
+        self.source.is_some_and(|(_, _, retry)| retry.on_statuses.contains(&status))
+    }
+
+    /// The current attempt answered after `took` (or failed, `None`): what the balancer
+    /// learns.
+    pub(crate) fn finished(&mut self, took: Option<Duration>) {
+        if let (Some((endpoints, ..)), Some(pick)) = (self.source, self.current.take()) {
+            endpoints.finished(pick, took);
+        }
+    }
+}
+
+impl Drop for Attempts<'_> {
+    /// An attempt nobody reported (the request was dropped) ends as a failure.
+    fn drop(&mut self) {
+        self.finished(None);
+    }
+}
