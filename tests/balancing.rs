@@ -211,3 +211,52 @@ async fn failed_endpoints_are_passed_over() {
     }
     assert_eq!(statuses.get(&502), Some(&10), "{statuses:?}");
 }
+
+/// `affinity: cookie`: the first response sets the session cookie (name, path, attributes as
+/// the `session-cookie-*` keys say), and every request carrying it reaches the same endpoint,
+/// in both modes; requests without it keep spreading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookie_affinity_sticks() {
+    let mut web = Vec::new();
+    for _ in 0..4 {
+        web.push(echo("t", "sticky").await);
+    }
+    let mut manifests = service_yaml("t", "sticky", 80, "http", &web);
+    manifests.push_str(&service_yaml("t", "persistent", 80, "http", &web));
+    manifests.push_str(&ingress("sticky", &[("affinity", "cookie")]));
+    manifests.push_str(&ingress(
+        "persistent",
+        &[
+            ("affinity", "cookie"),
+            ("affinity-mode", "persistent"),
+            ("session-cookie-name", "route"),
+            ("session-cookie-max-age", "3600"),
+            ("session-cookie-samesite", "Lax"),
+            ("session-cookie-secure", "true"),
+        ],
+    ));
+    let (tidegate, _dir) = start(manifests).await;
+
+    for (host, name, attributes) in [
+        ("sticky.test", "INGRESSCOOKIE", "; Path=/; HttpOnly"),
+        ("persistent.test", "route", "; Path=/; Max-Age=3600; SameSite=Lax; Secure; HttpOnly"),
+    ] {
+        let mut pods_of_sessions = BTreeSet::new();
+        for _ in 0..6 {
+            let mut client = H1::connect(tidegate.http).await.expect("connect");
+            let first = client.get(host, "/").await.expect("answer");
+            let set = first.headers[http::header::SET_COOKIE].to_str().expect("ascii").to_owned();
+            assert!(set.starts_with(&format!("{name}=")) && set.ends_with(attributes), "{host}: {set}");
+            let cookie = set.split(';').next().expect("pair").to_owned();
+            let pod = first.json()["pod"].as_str().unwrap_or("").to_owned();
+            for i in 0..20 {
+                let request = Request::get(format!("/{i}")).header("host", host).header("cookie", &cookie);
+                let answer = client.send(request.body(Full::default()).expect("request")).await.expect("answer");
+                assert_eq!(answer.json()["pod"], pod.as_str(), "{host}: the session stays on its endpoint");
+                assert!(!answer.headers.contains_key(http::header::SET_COOKIE), "set once");
+            }
+            pods_of_sessions.insert(pod);
+        }
+        assert!(pods_of_sessions.len() >= 2, "{host}: sessions spread over endpoints: {pods_of_sessions:?}");
+    }
+}

@@ -123,6 +123,9 @@ pub(super) struct UpstreamKeys {
     pub(super) subset_size: u32,
     /// `proxy-next-upstream`, `-tries` and `-timeout`.
     pub(super) retry: tidegate_snapshot::Retry,
+    /// `affinity: cookie` turns the `session-cookie-*` keys on.
+    pub(super) affinity: bool,
+    pub(super) session: tidegate_snapshot::Affinity,
 }
 
 impl UpstreamKeys {
@@ -153,6 +156,19 @@ impl Default for UpstreamKeys {
             subset: false,
             subset_size: 3,
             retry: tidegate_snapshot::Retry::default(),
+            affinity: false,
+            session: tidegate_snapshot::Affinity {
+                cookie: "INGRESSCOOKIE".into(),
+                path: None,
+                domain: None,
+                max_age: None,
+                expires: None,
+                same_site: None,
+                conditional_same_site_none: false,
+                secure: false,
+                persistent: false,
+                change_on_failure: false,
+            },
         }
     }
 }
@@ -570,6 +586,63 @@ pub(crate) const KEYS: &[Key] = &[
         }
         _ => Err(format!("{v:?} is not a positive number")),
     }),
+    parsed("affinity", "", |v, s| match v.trim() {
+        "cookie" => {
+            s.upstream.affinity = true;
+            Ok(())
+        }
+        other => Err(format!("{other:?} is not cookie")),
+    }),
+    parsed("affinity-mode", "balanced", |v, s| match v.trim() {
+        "balanced" => {
+            s.upstream.session.persistent = false;
+            Ok(())
+        }
+        "persistent" => {
+            s.upstream.session.persistent = true;
+            Ok(())
+        }
+        other => Err(format!("{other:?} is not balanced or persistent")),
+    }),
+    parsed("session-cookie-name", "INGRESSCOOKIE", |v, s| {
+        let name = v.trim();
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) {
+            return Err(format!("{name:?} is not a cookie name"));
+        }
+        s.upstream.session.cookie = name.to_owned();
+        Ok(())
+    }),
+    parsed("session-cookie-path", "", |v, s| cookie_attribute(v).map(|p| s.upstream.session.path = Some(p))),
+    parsed("session-cookie-domain", "", |v, s| cookie_attribute(v).map(|d| s.upstream.session.domain = Some(d))),
+    parsed("session-cookie-max-age", "", |v, s| {
+        v.trim()
+            .parse::<u64>()
+            .map(|n| s.upstream.session.max_age = Some(n))
+            .map_err(|_| format!("{v:?} is not seconds"))
+    }),
+    parsed("session-cookie-expires", "", |v, s| {
+        v.trim()
+            .parse::<u64>()
+            .map(|n| s.upstream.session.expires = Some(n))
+            .map_err(|_| format!("{v:?} is not seconds"))
+    }),
+    parsed("session-cookie-samesite", "", |v, s| {
+        let value = match v.trim().to_ascii_lowercase().as_str() {
+            "none" => "None",
+            "lax" => "Lax",
+            "strict" => "Strict",
+            _ => return Err(format!("{v:?} is not None, Lax or Strict")),
+        };
+        s.upstream.session.same_site = Some(value.to_owned());
+        Ok(())
+    }),
+    parsed("session-cookie-conditional-samesite-none", "false", |v, s| {
+        boolean(v).map(|b| s.upstream.session.conditional_same_site_none = b)
+    }),
+    parsed("session-cookie-secure", "false", |v, s| boolean(v).map(|b| s.upstream.session.secure = b)),
+    parsed("session-cookie-change-on-failure", "false", |v, s| {
+        boolean(v).map(|b| s.upstream.session.change_on_failure = b)
+    }),
     parsed("proxy-next-upstream", "error timeout", |v, s| next_upstream(v, &mut s.upstream.retry)),
     parsed("proxy-next-upstream-tries", "3", |v, s| {
         v.trim().parse::<u32>().map(|n| s.upstream.retry.tries = n).map_err(|_| format!("{v:?} is not a number"))
@@ -718,6 +791,15 @@ pub(crate) const KEYS: &[Key] = &[
     restricts(Pattern::Exact("configuration-snippet")),
     restricts(Pattern::Exact("server-snippet")),
 ];
+
+/// A cookie attribute's value: printable, without `;`.
+fn cookie_attribute(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    if value.is_empty() || !value.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b';') {
+        return Err(format!("{value:?} cannot be a cookie attribute"));
+    }
+    Ok(value.to_owned())
+}
 
 /// nginx's `proxy_next_upstream` list: `error`, `timeout`, `invalid_header`, `http_NNN`,
 /// `non_idempotent`, or `off` alone.

@@ -167,9 +167,15 @@ impl Context<'_, '_> {
             let host = host_match(rule.host.as_deref());
             let paths = rule.http.as_ref().map(|h| h.paths.as_slice()).unwrap_or_default();
             for (p, path) in paths.iter().enumerate() {
-                let Some(action) = self.action(&path.backend, &Field(&PathAt(r, p), ".backend")) else { continue };
+                let Some(mut action) = self.action(&path.backend, &Field(&PathAt(r, p), ".backend")) else {
+                    continue;
+                };
                 let kind = if path.path_type == "Exact" { PathKind::Exact } else { PathKind::Prefix };
                 let value = path.path.clone().unwrap_or_else(|| "/".to_owned());
+                // The session cookie's path is the matched path unless the Ingress says.
+                if let Some(affinity) = action.upstream.affinity.as_mut() {
+                    affinity.path.get_or_insert_with(|| value.clone());
+                }
                 let route = Route {
                     name: format!("{}/{}/{r}/{p}", self.namespace(), name_of(&ingress.metadata)),
                     path: PathMatch { kind, value },

@@ -34,7 +34,13 @@ pub(super) fn resolve(
     let keys = &settings.upstream;
     let protocol = keys.protocol.or_else(|| app_protocol.and_then(self::app_protocol)).unwrap_or_default();
     if !protocol.tls() {
-        return Ok(Upstream { protocol, tls: None, balance: keys.balance(), retry: keys.retry.clone() });
+        return Ok(Upstream {
+            protocol,
+            tls: None,
+            balance: keys.balance(),
+            retry: keys.retry.clone(),
+            affinity: keys.affinity.then(|| keys.session.clone()),
+        });
     }
     let refuse = |status: &mut ObjectStatus, reason: Reason, key: &str, why: String| {
         status.error(reason, settings.field(key), format!("{why}; the routes answer 503"));
@@ -85,7 +91,13 @@ pub(super) fn resolve(
         let why = "proxy-ssl-verify on needs the CA under ca.crt of proxy-ssl-secret".to_owned();
         return refuse(status, Reason::Invalid, "proxy-ssl-verify", why);
     }
-    Ok(Upstream { protocol, tls: Some(tls), balance: keys.balance(), retry: keys.retry.clone() })
+    Ok(Upstream {
+        protocol,
+        tls: Some(tls),
+        balance: keys.balance(),
+        retry: keys.retry.clone(),
+        affinity: keys.affinity.then(|| keys.session.clone()),
+    })
 }
 
 #[cfg(test)]

@@ -821,6 +821,49 @@ pub struct Upstream {
     /// When a request goes on to another endpoint (`proxy-next-upstream*`).
     #[serde(default, skip_serializing_if = "Retry::is_default")]
     pub retry: Retry,
+    /// Sticky sessions by cookie (`affinity: cookie` and the `session-cookie-*` keys): a
+    /// client's requests keep going to the endpoint its cookie names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+}
+
+/// Cookie affinity, as ingress-nginx's: a request without the cookie (or naming an endpoint
+/// that is gone) is balanced as usual and its response sets the cookie.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Affinity {
+    /// `session-cookie-name` (default `INGRESSCOOKIE`).
+    pub cookie: String,
+    /// `session-cookie-path`; the route's path when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    /// `session-cookie-max-age`, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<u64>,
+    /// `session-cookie-expires`, seconds from the response.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<u64>,
+    /// `session-cookie-samesite`: `None`, `Lax` or `Strict`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub same_site: Option<String>,
+    /// `session-cookie-conditional-samesite-none`: leave `SameSite=None` out for the browsers
+    /// known to reject it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub conditional_same_site_none: bool,
+    /// `session-cookie-secure`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub secure: bool,
+    /// `affinity-mode: persistent`: the cookie names its endpoint, and the session stays there
+    /// while it exists. `balanced` (the default): the cookie holds a session id placed on a
+    /// consistent-hash ring, so that a change of endpoints moves only some sessions.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub persistent: bool,
+    /// `session-cookie-change-on-failure`: when the session's endpoint fails and the request
+    /// goes on to another, the cookie follows it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub change_on_failure: bool,
 }
 
 /// How an endpoint is chosen for each request.

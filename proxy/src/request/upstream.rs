@@ -19,7 +19,7 @@ use crate::policy::{Facts, Head, expand};
 use crate::respond::{grpc_timeout, text};
 use crate::router::Target;
 use crate::runtime::Runtime;
-use crate::upstream::{Attempts, RequestBody};
+use crate::upstream::{Attempts, RequestBody, Session};
 use crate::worker::Worker;
 
 /// Proxies a request as it came.
@@ -109,9 +109,18 @@ pub(super) async fn forward(
         _ => None,
     };
     let idempotent = upstream_request.method().is_idempotent();
-    let endpoints = backend.and_then(|b| runtime.upstreams.get(b));
-    let Some(mut attempts) =
-        endpoints.and_then(|e| Attempts::balanced(e, &upstream.balance, &upstream.retry, key, idempotent))
+    let Some(endpoints) = backend.and_then(|b| runtime.upstreams.get(b)) else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "503 no ready endpoint for this backend\n");
+    };
+    // Sticky sessions: the cookie's endpoint first; the session (and what the response must
+    // set) is kept with the request's headers, which the exchange takes.
+    let mut session = upstream.affinity.as_ref().map(|a| {
+        let session = Session::of(a, endpoints, upstream_request.headers());
+        let agent = upstream_request.headers().get(header::USER_AGENT).cloned();
+        (session, agent)
+    });
+    let first = session.as_ref().and_then(|(s, _)| s.endpoint);
+    let Some(mut attempts) = Attempts::balanced(endpoints, &upstream.balance, &upstream.retry, key, idempotent, first)
     else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "503 no ready endpoint for this backend\n");
     };
@@ -124,8 +133,17 @@ pub(super) async fn forward(
     outcome.upstream = Some(attempts.endpoint());
     attempts.finished(result.is_ok().then_some(took));
     let mut response = match result {
-        Ok(r) => {
+        Ok(mut r) => {
             outcome.from_upstream = true;
+            if let Some((session, agent)) = session.as_mut() {
+                let mut request = http::HeaderMap::new();
+                if let Some(agent) = agent.take() {
+                    request.insert(header::USER_AGENT, agent);
+                }
+                if let Some(cookie) = session.set_cookie(endpoints, attempts.endpoint(), &request) {
+                    r.headers_mut().append(header::SET_COOKIE, cookie);
+                }
+            }
             r
         }
         Err(e) => {

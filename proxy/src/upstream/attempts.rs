@@ -68,16 +68,20 @@ impl<'a> Attempts<'a> {
         }
     }
 
-    /// The first endpoint `balance` picks of `endpoints` (with the request's hash `key`);
-    /// `None` when there is none.
+    /// The first endpoint: `session`'s when it has one, else the one `balance` picks of
+    /// `endpoints` (with the request's hash `key`); `None` when there is none.
     pub(crate) fn balanced(
         endpoints: &'a Endpoints,
         balance: &'a Balance,
         retry: &'a Retry,
         key: Option<String>,
         idempotent: bool,
+        session: Option<SocketAddr>,
     ) -> Option<Attempts<'a>> {
-        let pick = endpoints.pick(balance, key.as_deref(), &[])?;
+        let pick = match session.and_then(|address| endpoints.find(address, balance)) {
+            Some(pick) => pick,
+            None => endpoints.pick(balance, key.as_deref(), &[])?,
+        };
         Some(Attempts {
             source: Some((endpoints, balance, retry)),
             key,

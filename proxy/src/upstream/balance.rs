@@ -138,6 +138,27 @@ impl Endpoints {
         Some(Pick { index, address: self.addresses[index], tracked })
     }
 
+    /// `address`, when it is one of these endpoints (a session's).
+    pub(crate) fn find(&self, address: SocketAddr, balance: &Balance) -> Option<Pick> {
+        let index = self.addresses.iter().position(|a| *a == address)?;
+        let tracked = *balance == Balance::Ewma;
+        if tracked {
+            self.stats[index].in_progress.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(Pick { index, address, tracked })
+    }
+
+    /// The endpoint a session `key` lands on, on the consistent-hash ring of all endpoints.
+    pub(crate) fn on_ring(&self, key: &str) -> Option<SocketAddr> {
+        let ring = self.ring.get_or_init(|| Ring::new(self.addresses.iter().map(ToString::to_string)));
+        ring.walk(key).next().map(|i| self.addresses[i])
+    }
+
+    /// The endpoint whose [`address_key`] is `key`.
+    pub(crate) fn by_key(&self, key: &str) -> Option<SocketAddr> {
+        self.addresses.iter().copied().find(|a| address_key(*a) == key)
+    }
+
     /// How the exchange of `pick` ended: its response time when it answered.
     pub(crate) fn finished(&self, pick: Pick, answered_in: Option<Duration>) {
         let Some(stats) = self
@@ -215,8 +236,14 @@ impl Endpoints {
     }
 }
 
+/// A stable name for an endpoint that does not tell its address: what a persistent session's
+/// cookie holds.
+pub(crate) fn address_key(address: SocketAddr) -> String {
+    format!("{:016x}", stable_hash(&address.to_string()))
+}
+
 /// A cheap random number per call (xorshift over a per-thread state seeded from the clock).
-fn random() -> u64 {
+pub(crate) fn random() -> u64 {
     thread_local! {
         static STATE: std::cell::Cell<u64> = std::cell::Cell::new(
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1,

@@ -14,6 +14,7 @@
 //! failed connection, a failed TLS handshake or a malformed answer is 502, a connect or read
 //! timeout 504, a client body that broke off 400.
 
+mod affinity;
 mod attempts;
 mod balance;
 mod body;
@@ -38,6 +39,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Body;
 use tidegate_snapshot::{Timeouts, UpstreamProtocol};
 
+pub(crate) use affinity::Session;
 pub(crate) use attempts::Attempts;
 pub(crate) use balance::Endpoints;
 use body::Http1Body;
