@@ -260,3 +260,66 @@ async fn cookie_affinity_sticks() {
         assert!(pods_of_sessions.len() >= 2, "{host}: sessions spread over endpoints: {pods_of_sessions:?}");
     }
 }
+
+/// A canary Ingress for the same host and path as another (`canary: "true"`): the header
+/// decides first (`always`, `never`, or a value), then the cookie, then the weight; 30 of 100
+/// by weight is 30% ± 5% of 1,000 requests. A canary is never a route of its own: one with no
+/// Ingress to join serves nothing and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_ingresses_take_their_share() {
+    let (main, canary) = (echo("t", "main").await, echo("t", "canary").await);
+    let mut manifests = service_yaml("t", "shop", 80, "http", &[main]);
+    manifests.push_str(&service_yaml("t", "shop-canary", 80, "http", &[canary]));
+    manifests.push_str(&ingress("shop", &[]));
+    let canary_of = |name: &str, host: &str, annotations: &[(&str, &str)]| {
+        ingress(name, annotations)
+            .replace(&format!("host: {name}.test"), &format!("host: {host}"))
+            .replace(&format!("name: {name}, port"), "name: shop-canary, port")
+    };
+    manifests.push_str(&canary_of(
+        "shop-canary",
+        "shop.test",
+        &[
+            ("canary", "true"),
+            ("canary-by-header", "X-Canary"),
+            ("canary-by-cookie", "canary"),
+            ("canary-weight", "30"),
+        ],
+    ));
+    manifests.push_str(&canary_of("lonely", "lonely.test", &[("canary", "true"), ("canary-weight", "100")]));
+    let (tidegate, _dir) = start(manifests).await;
+
+    let mut client = H1::connect(tidegate.http).await.expect("connect");
+    let mut served_by = async |headers: &[(&str, &str)]| {
+        let mut request = Request::get("/").header("host", "shop.test");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        client.send(request.body(Full::default()).expect("request")).await.expect("answer").served_by()
+    };
+    for _ in 0..20 {
+        assert_eq!(served_by(&[("x-canary", "always")]).await, "canary");
+        assert_eq!(served_by(&[("x-canary", "never"), ("cookie", "canary=always")]).await, "main", "the header first");
+        assert_eq!(served_by(&[("cookie", "canary=always")]).await, "canary");
+        assert_eq!(served_by(&[("cookie", "canary=never")]).await, "main", "the cookie before the weight");
+    }
+    let mut to_canary = 0;
+    for _ in 0..1000 {
+        if served_by(&[]).await == "canary" {
+            to_canary += 1;
+        }
+    }
+    assert!((250..=350).contains(&to_canary), "canary-weight 30: {to_canary} of 1000");
+
+    let lonely = support::get(tidegate.http, "lonely.test", "/").await.expect("answer");
+    assert_eq!(lonely.status, StatusCode::NOT_FOUND, "a canary is no route of its own");
+    let status = tidegate.status();
+    let lonely_problems = status["objects"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|o| o["object"]["name"] == "lonely")
+        .map(|o| o["problems"].to_string())
+        .unwrap_or_default();
+    assert!(lonely_problems.contains("the canary waits for one"), "{lonely_problems}");
+}

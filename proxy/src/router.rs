@@ -55,6 +55,8 @@ pub struct Target {
     pub(crate) filters: Filters,
     /// How the route reaches its backend's endpoints.
     pub(crate) transport: crate::upstream::Transport,
+    /// The backend that takes some of the route's requests instead (a canary Ingress's).
+    pub(crate) canary: Option<Box<crate::upstream::CanaryRule>>,
     pub ssl_redirect: bool,
 }
 
@@ -148,11 +150,19 @@ fn target(
         });
         crate::upstream::Transport::plain()
     });
+    let canary = action.canary.as_deref().and_then(|c| match crate::upstream::CanaryRule::new(c) {
+        Ok(rule) => Some(Box::new(rule)),
+        Err(why) => {
+            tracing::warn!(route = name, "{why}; the canary is left out");
+            None
+        }
+    });
     Ok(Target {
         name: name.into(),
         host: host.into(),
         counters: counters(host, name),
         transport,
+        canary,
         filters: Filters::compile(&action.policies, action.timeouts),
         action,
         lua,
@@ -310,6 +320,7 @@ mod tests {
                 lua: None,
                 policies: tidegate_snapshot::Policies::default(),
                 upstream: Default::default(),
+                canary: None,
                 refusal: None,
             },
             ssl_redirect: false,
@@ -443,6 +454,7 @@ mod tests {
                 lua: None,
                 policies: tidegate_snapshot::Policies::default(),
                 upstream: Default::default(),
+                canary: None,
                 refusal: None,
             }),
             ..Routing::default()

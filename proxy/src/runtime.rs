@@ -186,6 +186,7 @@ mod tests {
                 lua: None,
                 policies: tidegate_snapshot::Policies::default(),
                 upstream: Default::default(),
+                canary: None,
                 refusal: None,
             }),
             ..Routing::default()

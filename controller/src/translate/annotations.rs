@@ -60,6 +60,8 @@ pub(super) struct Settings {
     /// `backend-protocol` and the `proxy-ssl-*` keys: resolved with the Service port's
     /// `appProtocol` and the Secret by [`super::upstream`].
     pub(super) upstream: UpstreamKeys,
+    /// `canary: "true"` and the `canary-*` keys.
+    pub(super) canary: CanaryKeys,
     /// The keys as written (with their prefix), by name: problems found later name them.
     pub(super) written: BTreeMap<String, String>,
     /// Keys that restrict access and that tidegate does not honour (or whose value it cannot
@@ -95,8 +97,35 @@ impl Default for Settings {
             upstream_host: None,
             forwarded_prefix: None,
             upstream: UpstreamKeys::default(),
+            canary: CanaryKeys::default(),
             written: BTreeMap::new(),
             unhonoured: Vec::new(),
+        }
+    }
+}
+
+/// A canary Ingress's keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct CanaryKeys {
+    pub(super) enabled: bool,
+    pub(super) header: Option<String>,
+    pub(super) header_value: Option<String>,
+    pub(super) header_pattern: Option<String>,
+    pub(super) cookie: Option<String>,
+    pub(super) weight: u32,
+    pub(super) weight_total: u32,
+}
+
+impl Default for CanaryKeys {
+    fn default() -> Self {
+        CanaryKeys {
+            enabled: false,
+            header: None,
+            header_value: None,
+            header_pattern: None,
+            cookie: None,
+            weight: 0,
+            weight_total: 100,
         }
     }
 }
@@ -585,6 +614,36 @@ pub(crate) const KEYS: &[Key] = &[
             Ok(())
         }
         _ => Err(format!("{v:?} is not a positive number")),
+    }),
+    parsed("canary", "false", |v, s| boolean(v).map(|b| s.canary.enabled = b)),
+    parsed("canary-by-header", "", |v, s| {
+        http::HeaderName::from_bytes(v.trim().as_bytes())
+            .map(|name| s.canary.header = Some(name.as_str().to_owned()))
+            .map_err(|_| format!("{v:?} is not a header name"))
+    }),
+    parsed("canary-by-header-value", "", |v, s| header_text(v).map(|t| s.canary.header_value = Some(t))),
+    parsed("canary-by-header-pattern", "", |v, s| {
+        regex::Regex::new(v.trim()).map_err(|e| format!("not a regular expression: {e}"))?;
+        s.canary.header_pattern = Some(v.trim().to_owned());
+        Ok(())
+    }),
+    parsed("canary-by-cookie", "", |v, s| {
+        let name = v.trim();
+        if name.is_empty() || name.contains([';', '=', ' ']) {
+            return Err(format!("{name:?} is not a cookie name"));
+        }
+        s.canary.cookie = Some(name.to_owned());
+        Ok(())
+    }),
+    parsed("canary-weight", "0", |v, s| {
+        v.trim().parse::<u32>().map(|n| s.canary.weight = n).map_err(|_| format!("{v:?} is not a weight"))
+    }),
+    parsed("canary-weight-total", "100", |v, s| match v.trim().parse::<u32>() {
+        Ok(n) if n > 0 => {
+            s.canary.weight_total = n;
+            Ok(())
+        }
+        _ => Err(format!("{v:?} is not a positive weight")),
     }),
     parsed("affinity", "", |v, s| match v.trim() {
         "cookie" => {

@@ -3,7 +3,9 @@
 use std::fmt::{self, Display};
 
 use k8s_openapi::api::networking::v1::{Ingress, IngressBackend};
-use tidegate_snapshot::{HostMatch, LuaHandlers, PathKind, PathMatch, Policies, Refusal, Route, RouteAction, Upstream};
+use tidegate_snapshot::{
+    Canary, HostMatch, LuaHandlers, PathKind, PathMatch, Policies, Refusal, Route, RouteAction, Upstream,
+};
 
 use super::annotations::{self, Settings};
 use super::index::{Index, PortRef};
@@ -46,7 +48,14 @@ pub(super) fn translate(
     if refusal.is_some() {
         status.accepted = false;
     }
+    let canary = settings.canary.enabled;
     let mut ctx = Context { ingress, index, settings, lua, policies, refusal, upstreams: Vec::new(), out, status };
+    if canary {
+        // A canary Ingress is no route of its own: its paths offer another backend to the
+        // routes of other Ingresses for the same host and path.
+        ctx.canaries();
+        return;
+    }
     ctx.default_backend();
     ctx.rules(rank);
     ctx.tls();
@@ -196,6 +205,40 @@ impl Context<'_, '_> {
         }
     }
 
+    /// A canary Ingress's paths, offered to the routes they shadow.
+    fn canaries(&mut self) {
+        let ingress = self.ingress;
+        let owner = self.owner();
+        let rules = ingress.spec.as_ref().and_then(|s| s.rules.as_deref()).unwrap_or_default();
+        let keys = self.settings.canary.clone();
+        for (r, rule) in rules.iter().enumerate() {
+            let host = host_match(rule.host.as_deref());
+            let paths = rule.http.as_ref().map(|h| h.paths.as_slice()).unwrap_or_default();
+            for (p, path) in paths.iter().enumerate() {
+                let Some(action) = self.action(&path.backend, &Field(&PathAt(r, p), ".backend")) else { continue };
+                let Some(backend) = action.backend else { continue };
+                let kind = if path.path_type == "Exact" { PathKind::Exact } else { PathKind::Prefix };
+                let canary = Canary {
+                    backend,
+                    upstream: action.upstream,
+                    header: keys.header.clone(),
+                    header_value: keys.header_value.clone(),
+                    header_pattern: keys.header_pattern.clone(),
+                    cookie: keys.cookie.clone(),
+                    weight: keys.weight.min(keys.weight_total),
+                    weight_total: keys.weight_total,
+                };
+                self.out.canaries.push(super::CanaryOffer {
+                    host: host.clone(),
+                    path: PathMatch { kind, value: path.path.clone().unwrap_or_else(|| "/".to_owned()) },
+                    canary,
+                    owner: owner.clone(),
+                    field: FieldAt::IngressPath(r, p).to_string(),
+                });
+            }
+        }
+    }
+
     fn tls(&mut self) {
         let ingress = self.ingress;
         let Some(spec) = ingress.spec.as_ref() else { return };
@@ -263,6 +306,7 @@ impl Context<'_, '_> {
             lua: self.lua.clone(),
             policies: self.policies.clone(),
             upstream,
+            canary: None,
             refusal,
         })
     }

@@ -244,6 +244,7 @@ pub(super) fn translate(
                         lua: misconfigured.is_none().then(|| lua.clone()),
                         policies: policies.clone(),
                         upstream: Default::default(),
+                        canary: None,
                         refusal: misconfigured.map(Refusal::misconfigured).or_else(|| unhonoured.clone()),
                     },
                     ssl_redirect: false,

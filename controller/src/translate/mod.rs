@@ -253,6 +253,17 @@ struct Builder {
     attachable: HashMap<(String, String), lua::Attachable>,
     /// Backends resolved so far, with their problem: many routes name the same Service port.
     resolved: HashMap<BackendId, Option<(Reason, String)>>,
+    /// Canary Ingresses' paths, attached to the routes they match once all routes are known.
+    canaries: Vec<CanaryOffer>,
+}
+
+/// One path of a canary Ingress: the backend it offers to the route of the same host and path.
+struct CanaryOffer {
+    host: HostMatch,
+    path: tidegate_snapshot::PathMatch,
+    canary: tidegate_snapshot::Canary,
+    owner: ObjectRef,
+    field: String,
 }
 
 impl Builder {
@@ -407,6 +418,49 @@ impl Builder {
         }
         if let Some(done) = group {
             hosts.insert(done.host, done.routes);
+        }
+
+        // Each canary joins the route its Ingress shadows (the first of each), with that
+        // route's protocol and TLS; a canary with no route to join waits for one.
+        for offer in std::mem::take(&mut self.canaries) {
+            let probe = Route {
+                name: String::new(),
+                path: offer.path.clone(),
+                methods: Vec::new(),
+                headers: Vec::new(),
+                action: tidegate_snapshot::RouteAction {
+                    backend: None,
+                    timeouts: Default::default(),
+                    lua: None,
+                    policies: Default::default(),
+                    upstream: Default::default(),
+                    canary: None,
+                    refusal: None,
+                },
+                ssl_redirect: false,
+            };
+            let route = hosts.get_mut(&offer.host).and_then(|routes| routes.iter_mut().find(|r| same_match(r, &probe)));
+            let message = match route {
+                None => Some(format!(
+                    "no Ingress routes {:?} path {} on host {}; the canary waits for one",
+                    offer.path.kind,
+                    normalized_path(&probe),
+                    offer.host
+                )),
+                Some(route) if route.action.canary.is_some() => {
+                    Some(format!("{} already has a canary; this one is not used", route.name))
+                }
+                Some(route) => {
+                    let mut canary = offer.canary;
+                    canary.upstream.protocol = route.action.upstream.protocol;
+                    canary.upstream.tls = route.action.upstream.tls.clone();
+                    route.action.canary = Some(Box::new(canary));
+                    None
+                }
+            };
+            if let Some(message) = message {
+                self.conflicts.push((offer.owner, offer.field, message));
+            }
         }
 
         for (owner, field, message) in self.conflicts.drain(..) {

@@ -225,6 +225,9 @@ pub struct RouteAction {
     /// `proxy-ssl-*`, the Service port's `appProtocol`). Plain HTTP/1.1 when absent.
     #[serde(default, skip_serializing_if = "Upstream::is_plain")]
     pub upstream: Upstream,
+    /// Another backend that takes some of the route's requests (a canary Ingress's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<Box<Canary>>,
     /// Set when the route must not be served as written: the route still matches, so requests
     /// do not fall through to a less specific route, and they get the refusal's status without
     /// reaching the backend or running any handler.
@@ -807,6 +810,34 @@ pub struct LuaScript {
     pub source: String,
 }
 
+/// A canary backend, as ingress-nginx's canary Ingresses: a request goes to it when its header
+/// says so, else when its cookie says so, else by weight (that order). `always` in the header
+/// or the cookie sends it there, `never` keeps it off; the header's other values send it there
+/// when they equal `header_value` or match `header_pattern`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Canary {
+    pub backend: BackendId,
+    /// The main route's protocol and TLS, with the canary's own balance, affinity and retries.
+    #[serde(default, skip_serializing_if = "Upstream::is_plain")]
+    pub upstream: Upstream,
+    /// `canary-by-header` (lower case).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header_value: Option<String>,
+    /// A regular expression the header's value must match (`canary-by-header-pattern`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header_pattern: Option<String>,
+    /// `canary-by-cookie`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
+    /// Requests out of `weight_total` that go to the canary (`canary-weight`,
+    /// `canary-weight-total`, default 100).
+    pub weight: u32,
+    pub weight_total: u32,
+}
+
 /// How a route's requests reach its backend's endpoints.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -1180,6 +1211,7 @@ mod tests {
                                 }),
                             },
                             upstream: Default::default(),
+                            canary: None,
                             refusal: None,
                         },
                         ssl_redirect: true,

@@ -96,14 +96,21 @@ pub(super) async fn forward(
     client_upgrade: Option<OnUpgrade>,
     outcome: &mut Outcome,
 ) -> Response<LocalBody> {
-    let (backend, mut timeouts) = (target.action.backend.as_ref(), target.action.timeouts);
+    let (mut backend, mut timeouts) = (target.action.backend.as_ref(), target.action.timeouts);
+    let mut upstream = &target.action.upstream;
+    // A canary takes the requests its header, cookie or weight say.
+    if let Some(rule) = target.canary.as_deref()
+        && rule.takes(upstream_request.headers())
+    {
+        backend = Some(&rule.canary.backend);
+        upstream = &rule.canary.upstream;
+    }
     if outcome.grpc
         && let Some(deadline) = upstream_request.headers().get("grpc-timeout").and_then(|v| grpc_timeout(v.as_bytes()))
     {
         // The call's deadline bounds the wait for its answer too.
         timeouts.read_ms = timeouts.read_ms.min(u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX).max(1));
     }
-    let upstream = &target.action.upstream;
     let key = match &upstream.balance {
         Balance::Hash { key, .. } => Some(hash_key(key, worker, conn, &upstream_request)),
         _ => None,

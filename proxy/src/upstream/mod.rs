@@ -18,6 +18,7 @@ mod affinity;
 mod attempts;
 mod balance;
 mod body;
+mod canary;
 mod http1;
 mod http2;
 mod stream;
@@ -43,6 +44,7 @@ pub(crate) use affinity::Session;
 pub(crate) use attempts::Attempts;
 pub(crate) use balance::Endpoints;
 use body::Http1Body;
+pub(crate) use canary::CanaryRule;
 use stream::Io;
 pub(crate) use transport::Transport;
 
