@@ -156,8 +156,9 @@ async fn requests_spread_as_the_balance_says() {
 }
 
 /// `proxy-next-upstream` (`error timeout` by default, 3 tries): with one endpoint refusing
-/// connections and one closing them unanswered, no GET fails; a POST that reached the endpoint
-/// that closed is not sent again (502), and one refused a connection goes on.
+/// connections and one closing them unanswered, a POST that reached the endpoint that closed
+/// is not sent again (502), one refused a connection goes on, and no GET fails. Passive
+/// health: an endpoint failing 5 times in a row is left out for 10 s, then tried again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_endpoints_are_passed_over() {
     let web = echo("t", "retry").await;
@@ -170,11 +171,6 @@ async fn failed_endpoints_are_passed_over() {
     manifests.push_str(&ingress("noretry", &[("proxy-next-upstream", "off")]));
     let (tidegate, _dir) = start(manifests).await;
 
-    let mut client = H1::connect(tidegate.http).await.expect("connect");
-    for i in 0..500 {
-        let answer = client.get("retry.test", &format!("/{i}")).await.expect("answer");
-        assert_eq!(answer.status, StatusCode::OK, "GET {i}");
-    }
     let mut failed = BTreeSet::new();
     let mut answered = BTreeSet::new();
     for i in 0..60 {
@@ -193,6 +189,12 @@ async fn failed_endpoints_are_passed_over() {
         };
     }
     let dropped: BTreeSet<String> = dropped.lock().expect("lock").iter().cloned().collect();
+    // Then GETs, which any endpoint may take again.
+    let mut client = H1::connect(tidegate.http).await.expect("connect");
+    for i in 0..500 {
+        let answer = client.get("retry.test", &format!("/{i}")).await.expect("answer");
+        assert_eq!(answer.status, StatusCode::OK, "GET {i}");
+    }
     assert!(!failed.is_empty() && !answered.is_empty(), "both kinds of endpoint were reached");
     assert_eq!(
         failed,
@@ -201,15 +203,22 @@ async fn failed_endpoints_are_passed_over() {
     );
     assert!(answered.is_disjoint(&dropped), "a POST the closing endpoint read was never sent again");
 
-    // With retries off, the refusing endpoint's turns are 502s.
+    // With retries off, the refusing endpoint's turns are 502s until it has failed 5 times in
+    // a row: then it is left out (passive health), and every request is answered.
     let mut client = H1::connect(tidegate.http).await.expect("connect");
     let mut statuses = BTreeMap::new();
-    for i in 0..20 {
-        *statuses
-            .entry(client.get("noretry.test", &format!("/{i}")).await.expect("answer").status.as_u16())
-            .or_insert(0) += 1;
+    for i in 0..40 {
+        let answer = client.get("noretry.test", &format!("/{i}")).await.expect("answer");
+        *statuses.entry(answer.status.as_u16()).or_insert(0) += 1;
     }
-    assert_eq!(statuses.get(&502), Some(&10), "{statuses:?}");
+    assert_eq!(statuses.get(&502), Some(&5), "{statuses:?}");
+    // After 10 s it is tried again: listening now, it gets its turns.
+    let back = tokio::net::TcpListener::bind(refusing).await.expect("the port again");
+    let identity = tidegate::echo::Identity { service: "back".into(), pod: "back".into(), ..Default::default() };
+    tokio::spawn(tidegate::echo::serve(back, identity));
+    tokio::time::sleep(Duration::from_millis(10_300)).await;
+    let pods = spread(&tidegate, "noretry.test", 20, |i| format!("/{i}")).await;
+    assert_eq!(pods.get("back"), Some(&10), "back in the round robin: {pods:?}");
 }
 
 /// `affinity: cookie`: the first response sets the session cookie (name, path, attributes as

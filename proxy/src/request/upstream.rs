@@ -138,7 +138,7 @@ pub(super) async fn forward(
     let took = sent.elapsed();
     outcome.upstream_time = Some(took);
     outcome.upstream = Some(attempts.endpoint());
-    attempts.finished(result.is_ok().then_some(took));
+    attempts.finished(result.as_ref().ok().map(|r| (took, r.status().as_u16())));
     let mut response = match result {
         Ok(mut r) => {
             outcome.from_upstream = true;

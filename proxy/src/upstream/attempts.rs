@@ -104,7 +104,11 @@ impl<'a> Attempts<'a> {
     pub(crate) fn next_after(&mut self, cause: Cause, sent: bool, replayable: bool) -> Option<SocketAddr> {
         let (endpoints, balance, retry) = self.source?;
         if let Some(pick) = self.current.take() {
-            endpoints.finished(pick, None);
+            let answered = match cause {
+                Cause::Status(status) => Some((self.started.elapsed(), status)),
+                _ => None,
+            };
+            endpoints.finished(pick, answered);
         }
         self.tried.push(self.address);
         let allowed = match cause {
@@ -130,11 +134,11 @@ impl<'a> Attempts<'a> {
         self.source.is_some_and(|(_, _, retry)| retry.on_statuses.contains(&status))
     }
 
-    /// The current attempt answered after `took` (or failed, `None`): what the balancer
-    /// learns.
-    pub(crate) fn finished(&mut self, took: Option<Duration>) {
+    /// The current attempt answered after `took` with `status` (or failed, `None`): what the
+    /// balancer learns.
+    pub(crate) fn finished(&mut self, answered: Option<(Duration, u16)>) {
         if let (Some((endpoints, ..)), Some(pick)) = (self.source, self.current.take()) {
-            endpoints.finished(pick, took);
+            endpoints.finished(pick, answered);
         }
     }
 }

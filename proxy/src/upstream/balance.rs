@@ -15,6 +15,11 @@
 //!
 //! A request that goes on to another endpoint ([`super::Attempts`]) names the ones tried, and
 //! a choice skips them while others remain.
+//!
+//! **Passive health**, as Envoy's outlier detection: an endpoint whose connections fail, or
+//! that answers 5xx, [`EJECT_AFTER`] times in a row is left out of every choice for
+//! [`EJECTED_FOR`], then tried again. At most half of a backend's endpoints are out at once,
+//! and when every endpoint left is out, they are chosen anyway rather than none.
 
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
@@ -28,6 +33,10 @@ use tidegate_snapshot::Balance;
 const POINTS: usize = 160;
 /// How fast an endpoint's average forgets: its time constant.
 const DECAY: Duration = Duration::from_secs(10);
+/// Failures in a row that take an endpoint out.
+pub(crate) const EJECT_AFTER: u32 = 5;
+/// How long an endpoint stays out.
+pub(crate) const EJECTED_FOR: Duration = Duration::from_secs(10);
 
 /// One backend's endpoints, and what the balancers keep about them.
 #[derive(Debug)]
@@ -49,6 +58,10 @@ struct Stats {
     average_us: AtomicU64,
     /// When it was last changed, in microseconds since `epoch`.
     touched_us: AtomicU64,
+    /// Failed exchanges in a row.
+    failures: AtomicU32,
+    /// Out of the choices until then, in milliseconds since `epoch` (0: in).
+    ejected_until_ms: AtomicU64,
 }
 
 /// A ring of points, each naming an entry (an endpoint or a subset), sorted by point.
@@ -120,9 +133,25 @@ impl Endpoints {
         if self.addresses.is_empty() {
             return None;
         }
-        let fresh = |i: &usize| !tried.contains(&self.addresses[*i]);
-        let index = match balance {
-            _ if tried.len() >= self.addresses.len() => return None,
+        if tried.len() >= self.addresses.len() {
+            return None;
+        }
+        let now = self.now_ms();
+        let healthy = |i: &usize| !tried.contains(&self.addresses[*i]) && !self.ejected(*i, now);
+        let index = match self.choose(balance, key, healthy) {
+            Some(index) => index,
+            // Every endpoint left is out: one of them rather than none.
+            None => self.choose(balance, key, |i: &usize| !tried.contains(&self.addresses[*i]))?,
+        };
+        let tracked = *balance == Balance::Ewma;
+        if tracked {
+            self.stats[index].in_progress.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(Pick { index, address: self.addresses[index], tracked })
+    }
+
+    fn choose(&self, balance: &Balance, key: Option<&str>, fresh: impl Fn(&usize) -> bool) -> Option<usize> {
+        match balance {
             Balance::RoundRobin => self.round_robin(fresh),
             Balance::Ewma => self.ewma(fresh),
             Balance::Hash { subset_size: None, .. } => {
@@ -130,12 +159,48 @@ impl Endpoints {
                 ring.walk(key.unwrap_or("")).find(fresh)
             }
             Balance::Hash { subset_size: Some(size), .. } => self.subset(*size, key.unwrap_or(""), fresh),
-        }?;
-        let tracked = *balance == Balance::Ewma;
-        if tracked {
-            self.stats[index].in_progress.fetch_add(1, Ordering::Relaxed);
         }
-        Some(Pick { index, address: self.addresses[index], tracked })
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX).max(1)
+    }
+
+    fn ejected(&self, i: usize, now_ms: u64) -> bool {
+        self.stats[i].ejected_until_ms.load(Ordering::Relaxed) > now_ms
+    }
+
+    /// Passive health: `healthy` says whether the exchange with `pick` went well (answered,
+    /// and not with a 5xx).
+    fn health(&self, pick: Pick, healthy: bool) {
+        let Some(stats) = self.stats.get(pick.index).filter(|_| self.addresses.get(pick.index) == Some(&pick.address))
+        else {
+            return;
+        };
+        if healthy {
+            // Read first: most exchanges go well, and the line stays shared between workers.
+            if stats.failures.load(Ordering::Relaxed) != 0 {
+                stats.failures.store(0, Ordering::Relaxed);
+            }
+            return;
+        }
+        if stats.failures.fetch_add(1, Ordering::Relaxed) + 1 < EJECT_AFTER {
+            return;
+        }
+        stats.failures.store(0, Ordering::Relaxed);
+        let now = self.now_ms();
+        let out = (0..self.addresses.len()).filter(|i| self.ejected(*i, now)).count();
+        if (out + 1) * 2 > self.addresses.len() {
+            return;
+        }
+        let until = now + u64::try_from(EJECTED_FOR.as_millis()).unwrap_or(u64::MAX);
+        stats.ejected_until_ms.store(until, Ordering::Relaxed);
+        tracing::warn!(
+            endpoint = %pick.address,
+            failures = EJECT_AFTER,
+            seconds = EJECTED_FOR.as_secs(),
+            "endpoint failed in a row; left out of the choices for a while"
+        );
     }
 
     /// `address`, when it is one of these endpoints (a session's).
@@ -159,8 +224,10 @@ impl Endpoints {
         self.addresses.iter().copied().find(|a| address_key(*a) == key)
     }
 
-    /// How the exchange of `pick` ended: its response time when it answered.
-    pub(crate) fn finished(&self, pick: Pick, answered_in: Option<Duration>) {
+    /// How the exchange of `pick` ended: its response time and status when it answered.
+    pub(crate) fn finished(&self, pick: Pick, answered: Option<(Duration, u16)>) {
+        self.health(pick, answered.is_some_and(|(_, status)| status < 500));
+        let answered_in = answered.map(|(took, _)| took);
         let Some(stats) = self
             .stats
             .get(pick.index)
@@ -319,8 +386,33 @@ mod tests {
             } else {
                 Duration::from_millis(1)
             };
-            e.finished(pick, Some(took));
+            e.finished(pick, Some((took, 200)));
         }
         assert!(slow < 150, "{slow} of 1000 to the slow endpoint");
+    }
+
+    /// An endpoint failing 5 times in a row is left out, and the others take its turns.
+    #[test]
+    fn a_failing_endpoint_is_left_out_for_a_while() {
+        let e = endpoints(3);
+        let bad = SocketAddr::from(([127, 0, 0, 1], 2));
+        let mut failures = 0;
+        for _ in 0..30 {
+            let pick = e.pick(&Balance::RoundRobin, None, &[]).expect("pick");
+            if pick.address == bad {
+                failures += 1;
+                e.finished(pick, None);
+            } else {
+                e.finished(pick, Some((Duration::from_millis(1), 200)));
+            }
+        }
+        assert_eq!(failures, EJECT_AFTER as usize, "left out after {EJECT_AFTER} failures in a row");
+        // At most half out: a second failing endpoint stays in.
+        let other = SocketAddr::from(([127, 0, 0, 1], 3));
+        for _ in 0..30 {
+            let pick = e.pick(&Balance::RoundRobin, None, &[]).expect("pick");
+            e.finished(pick, (pick.address != other).then_some((Duration::from_millis(1), 200)));
+        }
+        assert!((0..6).any(|_| e.pick(&Balance::RoundRobin, None, &[]).is_some_and(|p| p.address == other)));
     }
 }
