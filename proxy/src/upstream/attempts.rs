@@ -50,7 +50,8 @@ pub(crate) struct Attempts<'a> {
     current: Option<Pick>,
     address: SocketAddr,
     tried: Vec<SocketAddr>,
-    started: Instant,
+    /// When the first attempt began, when the route limits the time for others.
+    started: Option<Instant>,
     idempotent: bool,
 }
 
@@ -63,7 +64,7 @@ impl<'a> Attempts<'a> {
             current: None,
             address,
             tried: Vec::new(),
-            started: Instant::now(),
+            started: None,
             idempotent: false,
         }
     }
@@ -88,7 +89,7 @@ impl<'a> Attempts<'a> {
             current: Some(pick),
             address: pick.address,
             tried: Vec::new(),
-            started: Instant::now(),
+            started: (retry.timeout_ms != 0).then(Instant::now),
             idempotent,
         })
     }
@@ -104,11 +105,8 @@ impl<'a> Attempts<'a> {
     pub(crate) fn next_after(&mut self, cause: Cause, sent: bool, replayable: bool) -> Option<SocketAddr> {
         let (endpoints, balance, retry) = self.source?;
         if let Some(pick) = self.current.take() {
-            let answered = match cause {
-                Cause::Status(status) => Some((self.started.elapsed(), status)),
-                _ => None,
-            };
-            endpoints.finished(pick, answered);
+            // A failure, for the balancer, whatever the cause.
+            endpoints.finished(pick, None);
         }
         self.tried.push(self.address);
         let allowed = match cause {
@@ -118,7 +116,7 @@ impl<'a> Attempts<'a> {
             Cause::Status(status) => retry.on_statuses.contains(&status),
         };
         let tries = if retry.tries == 0 { usize::MAX } else { usize::try_from(retry.tries).unwrap_or(usize::MAX) };
-        let in_time = retry.timeout_ms == 0 || self.started.elapsed() < Duration::from_millis(retry.timeout_ms);
+        let in_time = self.started.is_none_or(|at| at.elapsed() < Duration::from_millis(retry.timeout_ms));
         let resend = !sent || (replayable && (self.idempotent || retry.non_idempotent));
         if !allowed || !resend || self.tried.len() >= tries || !in_time {
             return None;

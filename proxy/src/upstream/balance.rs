@@ -49,6 +49,9 @@ pub(crate) struct Endpoints {
     subsets: OnceLock<(u32, Ring, Vec<Vec<usize>>)>,
     /// When these endpoints were made: the clock of the averages.
     epoch: Instant,
+    /// The latest time any endpoint is out until (milliseconds since `epoch`; 0: none is), so
+    /// that choosing reads no clock while all are in.
+    out_until_ms: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -124,6 +127,7 @@ impl Endpoints {
             ring: OnceLock::new(),
             subsets: OnceLock::new(),
             epoch: Instant::now(),
+            out_until_ms: AtomicU64::new(0),
         }
     }
 
@@ -136,8 +140,18 @@ impl Endpoints {
         if tried.len() >= self.addresses.len() {
             return None;
         }
-        let now = self.now_ms();
-        let healthy = |i: &usize| !tried.contains(&self.addresses[*i]) && !self.ejected(*i, now);
+        let out_until = self.out_until_ms.load(Ordering::Relaxed);
+        let now = if out_until == 0 {
+            0
+        } else {
+            let now = self.now_ms();
+            if now >= out_until {
+                // All are back in: no clock for the next choices.
+                let _ = self.out_until_ms.compare_exchange(out_until, 0, Ordering::Relaxed, Ordering::Relaxed);
+            }
+            now
+        };
+        let healthy = |i: &usize| !tried.contains(&self.addresses[*i]) && (now == 0 || !self.ejected(*i, now));
         let index = match self.choose(balance, key, healthy) {
             Some(index) => index,
             // Every endpoint left is out: one of them rather than none.
@@ -195,6 +209,7 @@ impl Endpoints {
         }
         let until = now + u64::try_from(EJECTED_FOR.as_millis()).unwrap_or(u64::MAX);
         stats.ejected_until_ms.store(until, Ordering::Relaxed);
+        self.out_until_ms.fetch_max(until, Ordering::Relaxed);
         tracing::warn!(
             endpoint = %pick.address,
             failures = EJECT_AFTER,
