@@ -60,6 +60,8 @@ pub(super) struct Settings {
     /// `backend-protocol` and the `proxy-ssl-*` keys: resolved with the Service port's
     /// `appProtocol` and the Secret by [`super::upstream`].
     pub(super) upstream: UpstreamKeys,
+    /// `service-upstream`: the Service's cluster IP instead of its endpoints.
+    pub(super) service_upstream: bool,
     /// `canary: "true"` and the `canary-*` keys.
     pub(super) canary: CanaryKeys,
     /// The keys as written (with their prefix), by name: problems found later name them.
@@ -98,6 +100,7 @@ impl Default for Settings {
             forwarded_prefix: None,
             upstream: UpstreamKeys::default(),
             canary: CanaryKeys::default(),
+            service_upstream: false,
             written: BTreeMap::new(),
             unhonoured: Vec::new(),
         }
@@ -615,6 +618,7 @@ pub(crate) const KEYS: &[Key] = &[
         }
         _ => Err(format!("{v:?} is not a positive number")),
     }),
+    parsed("service-upstream", "false", |v, s| boolean(v).map(|b| s.service_upstream = b)),
     parsed("canary", "false", |v, s| boolean(v).map(|b| s.canary.enabled = b)),
     parsed("canary-by-header", "", |v, s| {
         http::HeaderName::from_bytes(v.trim().as_bytes())

@@ -90,6 +90,25 @@ impl<'a> Index<'a> {
         Ok(endpoints)
     }
 
+    /// The Service's own address and port (`service-upstream`): its cluster IP, which
+    /// kube-proxy balances, instead of its endpoints. `Err` for a headless Service.
+    pub(super) fn cluster_ip(&self, namespace: &str, service: &str, port: PortRef<'_>) -> Result<Endpoint, String> {
+        let spec = self.services.get(&(namespace, service)).and_then(|s| s.spec.as_ref());
+        let ip = spec.and_then(|s| s.cluster_ip.as_deref()).filter(|ip| !ip.is_empty() && *ip != "None");
+        let Some(ip) = ip else {
+            return Err(format!("Service {namespace}/{service} has no cluster IP (headless, or not yet given one)"));
+        };
+        let ports = spec.and_then(|s| s.ports.as_deref()).unwrap_or_default();
+        let found = ports.iter().find(|p| match port {
+            PortRef::Number(n) => p.port == i32::from(n),
+            PortRef::Name(n) => p.name.as_deref() == Some(n),
+        });
+        let number = found
+            .and_then(|p| u16::try_from(p.port).ok())
+            .ok_or_else(|| format!("Service {namespace}/{service} has no port {port}"))?;
+        Ok(Endpoint { address: ip.to_owned(), port: number })
+    }
+
     /// The `appProtocol` a Service declares for one of its ports.
     pub(super) fn app_protocol(&self, namespace: &str, service: &str, port: PortRef<'_>) -> Option<&str> {
         let spec = self.services.get(&(namespace, service))?.spec.as_ref()?;

@@ -289,9 +289,18 @@ impl Context<'_, '_> {
             (None, Some(name)) => PortRef::Name(name),
             (None, None) => return None,
         };
-        let (id, problem) = self.out.backend(self.index, namespace_of(&self.ingress.metadata), &service.name, port);
+        let namespace = namespace_of(&self.ingress.metadata);
+        let (mut id, problem) = self.out.backend(self.index, namespace, &service.name, port);
         if let Some((reason, message)) = problem {
             self.status.error(reason, format!("{field}.service"), format!("{message}; requests get 503"));
+        } else if self.settings.service_upstream {
+            match self.out.service_backend(self.index, namespace, &service.name, port) {
+                Ok(service_id) => id = service_id,
+                Err(why) => {
+                    let field = self.settings.field("service-upstream");
+                    self.status.warning(Reason::Invalid, field, format!("{why}; its endpoints are used"));
+                }
+            }
         }
         let (upstream, refusal) = match self.upstream(&service.name, port) {
             Ok(upstream) => (upstream, self.refusal.clone()),

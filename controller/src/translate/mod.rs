@@ -289,6 +289,22 @@ impl Builder {
         (id, problem)
     }
 
+    /// A backend of one endpoint, the Service's cluster IP (`service-upstream`); `None` (with
+    /// the reason) when the Service has none, and its endpoints serve instead.
+    fn service_backend(
+        &mut self,
+        index: &index::Index<'_>,
+        namespace: &str,
+        service: &str,
+        port: index::PortRef<'_>,
+    ) -> Result<BackendId, String> {
+        let endpoint = index.cluster_ip(namespace, service, port)?;
+        let id = BackendId(format!("{}#service", index::backend_id(namespace, service, port)));
+        self.endpoints.insert(id.clone(), vec![endpoint]);
+        self.resolved.insert(id.clone(), None);
+        Ok(id)
+    }
+
     /// The first declaration of a dictionary wins; a later one with another size is reported.
     fn offer_shared_dict(&mut self, namespace: &str, name: &str, size: u64, owner: ObjectRef, field: String) {
         let key = (namespace.to_owned(), name.to_owned());

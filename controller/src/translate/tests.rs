@@ -704,3 +704,27 @@ fn basic_auth_reads_the_secret_and_fails_closed() {
     let bad = status(&t, "Ingress", "ns", "bad");
     assert!(bad.problems[0].message.contains("line 1"), "the line is named: {:?}", bad.problems);
 }
+
+/// `service-upstream: "true"`: the route's backend is the Service's cluster IP and port, one
+/// endpoint kube-proxy balances; a headless Service keeps its endpoints, with a warning.
+#[test]
+fn service_upstream_sends_to_the_cluster_ip() {
+    let annotated = |name: &str, service: &str| {
+        ingress("ns", name, &rules(&[rule(Some(&format!("{name}.test")), &[("Prefix", "/", service)])])).replace(
+            &format!("name: {name}, namespace: ns}}"),
+            &format!(
+                "name: {name}, namespace: ns, annotations: {{nginx.ingress.kubernetes.io/service-upstream: \"true\"}}}}"
+            ),
+        )
+    };
+    let with_ip = service("ns", "web", 8080).replace("spec:\n  ports:", "spec:\n  clusterIP: 10.96.0.7\n  ports:");
+    let headless = service("ns", "db", 8081).replace("spec:\n  ports:", "spec:\n  clusterIP: None\n  ports:");
+    let t = run(&format!("{with_ip}{headless}{}{}", annotated("web", "web"), annotated("db", "db")));
+    let web = routes(&t, &exact("web.test"));
+    assert_eq!(web[0].2, "ns/web:80#service");
+    let endpoints = &t.snapshot.endpoints[&tidegate_snapshot::BackendId("ns/web:80#service".into())];
+    assert_eq!(endpoints, &vec![Endpoint { address: "10.96.0.7".into(), port: 80 }]);
+    assert_eq!(routes(&t, &exact("db.test"))[0].2, "ns/db:80", "headless: its endpoints");
+    let db = status(&t, "Ingress", "ns", "db");
+    assert!(db.problems.iter().any(|p| p.message.contains("no cluster IP")), "{:?}", db.problems);
+}
