@@ -178,6 +178,10 @@ struct ProxyArgs {
     /// the Kubernetes API server's and the nodes' ranges when tenants write Lua.
     #[arg(long, value_name = "CIDR", default_values = ["169.254.0.0/16", "fe80::/10"])]
     lua_socket_deny: Vec<tidegate_proxy::Network>,
+    /// Streams one HTTP/2 client connection may have open at once (100, as Envoy's edge
+    /// guidance advises).
+    #[arg(long, default_value_t = 100)]
+    http2_max_concurrent_streams: u32,
 }
 
 impl ProxyArgs {
@@ -196,6 +200,7 @@ impl ProxyArgs {
             lua_memory_limit: self.lua_memory_limit_mb << 20,
             lua_tls_roots: std::sync::Arc::new(roots),
             lua_socket_deny: std::sync::Arc::new(self.lua_socket_deny.clone()),
+            http2_max_concurrent_streams: self.http2_max_concurrent_streams,
         })
     }
 }

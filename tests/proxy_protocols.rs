@@ -388,3 +388,27 @@ async fn an_upstream_that_stalls_mid_body_is_cut_after_the_read_timeout() {
     assert!(result.is_err(), "the body is cut, not completed: {result:?}");
     assert!(started.elapsed() < Duration::from_secs(4), "cut after the 1 s read timeout, took {:?}", started.elapsed());
 }
+
+/// The HTTP/2 limits a client is told in SETTINGS: 100 concurrent streams by default, the
+/// number `--http2-max-concurrent-streams` gives otherwise; past them, the client waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_stream_limit_is_a_setting() {
+    for (flags, expected) in [(&[][..], 100), (&["--http2-max-concurrent-streams", "7"][..], 7)] {
+        let dir = manifest_dir();
+        let web = echo("t", "web").await;
+        let manifests =
+            format!("{}{}", service_yaml("t", "web", 80, "http", &[web]), ingress("w", "w.test", "web", "", ""));
+        write_manifest(dir.path(), "all.yaml", &manifests);
+        let (path, given) = (dir.path().to_owned(), flags.to_vec());
+        let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&path, &given)).await.expect("start");
+        let tcp = tokio::net::TcpStream::connect(tidegate.http).await.expect("connect");
+        let (client, connection) = h2::client::handshake(tcp).await.expect("handshake");
+        tokio::spawn(connection);
+        let mut client = client.ready().await.expect("ready");
+        let request = Request::get("http://w.test/").body(()).expect("request");
+        let (response, _) = client.send_request(request, true).expect("send");
+        assert_eq!(response.await.expect("response").status(), StatusCode::OK);
+        assert_eq!(client.current_max_send_streams(), expected, "flags {flags:?}");
+        drop(tidegate);
+    }
+}

@@ -83,6 +83,9 @@ pub struct ProxyConfig {
     pub lua_tls_roots: Arc<rustls::RootCertStore>,
     /// Address ranges Lua cosockets may not connect to.
     pub lua_socket_deny: Arc<Vec<tidegate_lua::network::Network>>,
+    /// Streams one HTTP/2 client connection may have open at once
+    /// (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    pub http2_max_concurrent_streams: u32,
 }
 
 /// State shared by all workers.
@@ -104,6 +107,8 @@ pub(crate) struct Shared {
     pub(crate) lua: tidegate_lua::LuaConfig,
     /// Bytes each worker's Lua VM holds, as last seen by that worker.
     pub(crate) lua_memory: Vec<std::sync::atomic::AtomicU64>,
+    /// Streams one HTTP/2 client connection may have open at once.
+    pub(crate) http2_max_concurrent_streams: u32,
 }
 
 /// The addresses the proxy actually listens on (ports chosen when 0 was asked for).
@@ -189,6 +194,7 @@ impl Proxy {
                 socket_deny: Arc::clone(&config.lua_socket_deny),
             },
             lua_memory: (0..workers).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
+            http2_max_concurrent_streams: config.http2_max_concurrent_streams.max(1),
         });
 
         let admin_shared = Arc::clone(&shared);

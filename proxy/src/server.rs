@@ -219,6 +219,7 @@ async fn serve_http2(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let remote = conn.remote;
+    let settings = http2_settings(&worker.shared);
     let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
         let response = handle(Rc::clone(&worker), Rc::clone(&conn), request.map(ClientBody::Http2));
         async move {
@@ -230,9 +231,7 @@ async fn serve_http2(
             Ok(response)
         }
     });
-    let connection = hyper::server::conn::http2::Builder::new(LocalExec)
-        .timer(TokioTimer::new())
-        .serve_connection(TokioIo::new(io), service);
+    let connection = settings.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
     // Once a drain starts, the connection finishes what it is doing and closes.
     let result = tokio::select! {
@@ -246,6 +245,26 @@ async fn serve_http2(
     if let Err(e) = result {
         tracing::debug!(%remote, error = %e, "connection ended with an error");
     }
+}
+
+/// The HTTP/2 limits every client connection gets, pinned rather than left to hyper's
+/// defaults: `max_concurrent_streams` from the configuration (100 by default), 1 MiB windows
+/// per stream and per connection, 16 KiB frames, a 16 KiB header list, 400 KiB buffered per
+/// stream for sending, at most 20 streams reset by the client before they were accepted and
+/// 1,024 reset by us for errors before the connection is closed with GOAWAY.
+fn http2_settings(shared: &crate::Shared) -> hyper::server::conn::http2::Builder<LocalExec> {
+    let mut builder = hyper::server::conn::http2::Builder::new(LocalExec);
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(shared.http2_max_concurrent_streams)
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(1 << 20)
+        .max_frame_size(16 << 10)
+        .max_header_list_size(16 << 10)
+        .max_send_buf_size(400 << 10)
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(1024);
+    builder
 }
 
 /// Spawns a connection's task with its future in a box of its own. A task is aligned to a cache
