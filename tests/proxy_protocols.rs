@@ -412,3 +412,49 @@ async fn http2_stream_limit_is_a_setting() {
         drop(tidegate);
     }
 }
+
+/// Rapid reset, paced (CVE-2023-44487 as it was first exploited around fixes for batched
+/// floods): HEADERS then RST_STREAM, one pair every 2 ms. Once more than half of a connection's
+/// last 100 streams were reset before their answer, it gets GOAWAY; a client that lets its
+/// streams finish keeps its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paced_rapid_reset_gets_goaway() {
+    let dir = manifest_dir();
+    let web = echo("t", "web").await;
+    let manifests =
+        format!("{}{}", service_yaml("t", "web", 80, "http", &[web]), ingress("w", "w.test", "web", "", ""));
+    write_manifest(dir.path(), "all.yaml", &manifests);
+    let path = dir.path().to_owned();
+    let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&path, &[])).await.expect("start");
+
+    let open = async || {
+        let tcp = tokio::net::TcpStream::connect(tidegate.http).await.expect("connect");
+        let (client, connection) = h2::client::handshake(tcp).await.expect("handshake");
+        (client, tokio::spawn(connection))
+    };
+    let (mut client, connection) = open().await;
+    let mut pairs = 0;
+    for _ in 0..300 {
+        let Ok(ready) = client.clone().ready().await else { break };
+        let request = Request::get("http://w.test/?delay_ms=500").body(()).expect("request");
+        let Ok((_response, mut stream)) = ready.clone().send_request(request, true) else { break };
+        stream.send_reset(h2::Reason::CANCEL);
+        pairs += 1;
+        client = ready;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(3), connection).await;
+    assert!(ended.is_ok(), "the connection was closed (after {pairs} pairs)");
+    assert!((51..300).contains(&pairs), "closed once more than half of 100 were reset early: {pairs}");
+    assert!(tidegate.logs().iter().any(|l| l.contains("reset most of its streams")), "logged");
+
+    let (client, connection) = open().await;
+    let mut client = client.ready().await.expect("ready");
+    for i in 0..300 {
+        let request = Request::get(format!("http://w.test/{i}")).body(()).expect("request");
+        let (response, _) = client.send_request(request, true).expect("send");
+        assert_eq!(response.await.expect("answer").status(), StatusCode::OK, "request {i}");
+        client = client.ready().await.expect("still open");
+    }
+    assert!(!connection.is_finished(), "a client whose streams finish keeps its connection");
+}

@@ -69,6 +69,8 @@ pub(crate) struct Metrics {
     pub(crate) config_apply_failures: Counter,
     pub(crate) rejected_objects: Gauge,
     pub(crate) access_log_dropped: Counter,
+    /// HTTP/2 connections closed for resetting most of their streams early (rapid reset).
+    pub(crate) http2_reset_floods: Counter,
 }
 
 fn seconds_buckets() -> impl Iterator<Item = f64> {
@@ -133,6 +135,12 @@ impl Metrics {
             "Access log lines dropped because the writer fell behind",
             access_log_dropped.clone(),
         );
+        let http2_reset_floods = Counter::default();
+        registry.register(
+            "http2_reset_floods",
+            "HTTP/2 connections closed because the client reset most of their streams before the answer",
+            http2_reset_floods.clone(),
+        );
         let lua_errors = Family::<LuaErrorLabels, Counter>::default();
         registry.register(
             "lua_errors",
@@ -170,6 +178,7 @@ impl Metrics {
             unmatched_class("5xx"),
         ]);
         Metrics {
+            http2_reset_floods,
             unmatched,
             lua_memory,
             dict_used_bytes,

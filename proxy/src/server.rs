@@ -220,10 +220,17 @@ async fn serve_http2(
 ) {
     let remote = conn.remote;
     let settings = http2_settings(&worker.shared);
+    let resets = Rc::new(Resets::default());
+    let watch = Rc::clone(&resets);
+    let shared = Arc::clone(&worker.shared);
     let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
         let response = handle(Rc::clone(&worker), Rc::clone(&conn), request.map(ClientBody::Http2));
+        let stream = StreamWatch { resets: Rc::clone(&watch), answered: false };
         async move {
+            // Moved in whole: dropped with the call, whenever that is.
+            let mut stream = stream;
             let response = response.await;
+            stream.answered = true;
             if response.extensions().get::<CloseConnection>().is_some() {
                 // hyper resets the stream when the service fails.
                 return Err(crate::body::BoxError::from("the handler closed the request without a response"));
@@ -233,7 +240,9 @@ async fn serve_http2(
     });
     let connection = settings.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
-    // Once a drain starts, the connection finishes what it is doing and closes.
+    // Once a drain starts, the connection finishes what it is doing and closes. A client that
+    // resets most of its streams before their answer (rapid reset) gets GOAWAY, and a second
+    // to let go.
     let result = tokio::select! {
         biased;
         result = connection.as_mut() => result,
@@ -241,9 +250,58 @@ async fn serve_http2(
             connection.as_mut().graceful_shutdown();
             connection.await
         }
+        () = resets.tripped.notified() => {
+            tracing::warn!(%remote, "HTTP/2 client reset most of its streams before their answer; closing the connection");
+            shared.metrics.http2_reset_floods.inc();
+            connection.as_mut().graceful_shutdown();
+            match tokio::time::timeout(std::time::Duration::from_secs(1), connection.as_mut()).await {
+                Ok(result) => result,
+                Err(_) => Ok(()),
+            }
+        }
     };
     if let Err(e) = result {
         tracing::debug!(%remote, error = %e, "connection ended with an error");
+    }
+}
+
+/// Streams of one HTTP/2 connection that the client reset before their answer, among its
+/// last 100 (CVE-2023-44487, rapid reset, paced or not): more than half trips the connection,
+/// as Envoy's premature-reset check does. Resets that a client makes us send (MadeYouReset,
+/// CVE-2025-8671) are h2's `max_local_error_reset_streams`.
+#[derive(Default)]
+struct Resets {
+    /// The last streams, newest in the lowest bit: 1 for reset early.
+    window: std::cell::Cell<u128>,
+    streams: std::cell::Cell<u32>,
+    tripped: tokio::sync::Notify,
+}
+
+/// How many of a connection's last streams are looked at, and how many resets trip it.
+const RESET_WINDOW: u32 = 100;
+const RESETS_ALLOWED: u32 = RESET_WINDOW / 2;
+
+impl Resets {
+    fn record(&self, reset_early: bool) {
+        let mask = (1u128 << RESET_WINDOW) - 1;
+        let window = ((self.window.get() << 1) | u128::from(reset_early)) & mask;
+        self.window.set(window);
+        self.streams.set(self.streams.get().saturating_add(1));
+        if reset_early && window.count_ones() > RESETS_ALLOWED {
+            self.tripped.notify_one();
+        }
+    }
+}
+
+/// One stream's service call: dropped before it answered means the stream was reset early.
+struct StreamWatch {
+    resets: Rc<Resets>,
+    answered: bool,
+}
+
+impl Drop for StreamWatch {
+    fn drop(&mut self) {
+        self.resets.record(!self.answered);
     }
 }
 
