@@ -280,6 +280,16 @@ impl Forwarded<'_> {
     }
 }
 
+/// The value of cookie `name` in a request's `Cookie` headers.
+pub(crate) fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| pair.trim().strip_prefix(name).and_then(|r| r.strip_prefix('=')))
+}
+
 /// A host without its port: `a.com:8080` → `a.com`, `[::1]:80` → `[::1]`.
 pub(crate) fn strip_port(authority: &str) -> &str {
     let bytes = authority.as_bytes();

@@ -1,7 +1,6 @@
 //! nginx variables (`$host`, `$request_uri`, `$http_NAME`, `$cookie_NAME`...) over a request's
 //! facts, for the settings that take them: `auth-url`, `auth-signin`, `upstream-hash-by`.
 
-use http::header;
 use tidegate_snapshot::{Template, TemplatePart};
 
 use super::Facts;
@@ -36,15 +35,7 @@ fn variable(name: &str, facts: &Facts<'_>) -> String {
                 return facts.headers.get(header_name.as_str()).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
             }
             if let Some(cookie) = name.strip_prefix("cookie_") {
-                return facts
-                    .headers
-                    .get_all(header::COOKIE)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .flat_map(|v| v.split(';'))
-                    .find_map(|pair| pair.trim().strip_prefix(cookie).and_then(|r| r.strip_prefix('=')))
-                    .unwrap_or("")
-                    .to_owned();
+                return crate::headers::cookie(facts.headers, cookie).unwrap_or("").to_owned();
             }
             if let Some(arg) = name.strip_prefix("arg_") {
                 return query

@@ -31,7 +31,7 @@ pub(crate) struct Session<'a> {
 impl<'a> Session<'a> {
     /// The session of a request with `headers` on `endpoints`.
     pub(crate) fn of(affinity: &'a Affinity, endpoints: &Endpoints, headers: &HeaderMap) -> Session<'a> {
-        let cookie = cookie(headers, &affinity.cookie);
+        let cookie = crate::headers::cookie(headers, &affinity.cookie).filter(|v| !v.is_empty());
         let endpoint = cookie.and_then(|value| match affinity.persistent {
             true => endpoints.by_key(value),
             false => endpoints.on_ring(value),
@@ -102,17 +102,6 @@ impl<'a> Session<'a> {
     }
 }
 
-/// The value of cookie `name` in the request.
-fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|pair| pair.trim().strip_prefix(name).and_then(|r| r.strip_prefix('=')))
-        .filter(|v| !v.is_empty())
-}
-
 /// The browsers that reject `SameSite=None` cookies (Chromium's list): Chrome 51 to 66, and
 /// Safari on iOS 12 and macOS 10.14.
 fn rejects_same_site_none(headers: &HeaderMap) -> bool {
@@ -150,7 +139,7 @@ mod tests {
     fn cookies_are_found_by_name() {
         let mut h = HeaderMap::new();
         h.insert(header::COOKIE, HeaderValue::from_static("a=1; INGRESSCOOKIE=abc; b=2"));
-        assert_eq!(cookie(&h, "INGRESSCOOKIE"), Some("abc"));
-        assert_eq!(cookie(&h, "INGRESS"), None);
+        assert_eq!(crate::headers::cookie(&h, "INGRESSCOOKIE"), Some("abc"));
+        assert_eq!(crate::headers::cookie(&h, "INGRESS"), None);
     }
 }

@@ -5,7 +5,6 @@
 //! cookie and the weight.
 
 use http::HeaderMap;
-use http::header;
 use tidegate_snapshot::Canary;
 
 use super::balance::random;
@@ -43,7 +42,7 @@ impl CanaryRule {
             }
         }
         if let Some(name) = &c.cookie
-            && let Some(value) = cookie(headers, name)
+            && let Some(value) = crate::headers::cookie(headers, name)
         {
             match value {
                 "always" => return true,
@@ -53,15 +52,6 @@ impl CanaryRule {
         }
         c.weight > 0 && random() % u64::from(c.weight_total.max(1)) < u64::from(c.weight)
     }
-}
-
-fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|pair| pair.trim().strip_prefix(name).and_then(|r| r.strip_prefix('=')))
 }
 
 #[cfg(test)]
