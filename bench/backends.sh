@@ -23,22 +23,8 @@ ROUNDS="${2:-5}"
 CONNECTIONS=${CONNECTIONS:-64}
 
 . bench/lib.sh
-need wrk wrk
-need h2load nghttp2-client
-need nginx nginx libnginx-mod-http-lua
-need openssl openssl
-[ -f /usr/lib/nginx/modules/ngx_http_lua_module.so ] || apt-get install -y -qq libnginx-mod-http-lua
-[ -n "${TIDEGATE_BIN:-}" ] || cargo build --release --quiet
-BIN=${TIDEGATE_BIN:-$PWD/target/release/tidegate}
-
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  kill "${PIDS[@]}" 2>/dev/null || true
-  for conf in upstream proxy; do [ -f "$WORK/$conf.pid" ] && kill "$(cat "$WORK/$conf.pid")" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+# TIDEGATE_BIN: a tidegate binary to measure instead of this tree's release build.
+bench_setup
 
 UP_HTTP=127.0.0.1:19300
 UP_TLS=127.0.0.1:19301
@@ -192,13 +178,7 @@ run() { # address host proxy-pids
 run_grpc() { # address proxy-pids
   cpu_split "$2" "$UPSTREAM_PIDS" -- h2load -D "$DURATION" -c "$CONNECTIONS" -m 10 -t 2 -d "$WORK/call.bin" \
     -H ':authority: grpc.bench' -H 'content-type: application/grpc' -H 'te: trailers' \
-    "http://$1/test.Echo/Unary" | python3 -c '
-import re, sys
-out = sys.stdin.read()
-rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
-done = int(re.search(r"status codes: (\d+) 2xx", out).group(1))
-cpu = re.search(r"^cpu (.*)$", out, re.M).group(1).split()
-print(done, rps, 0, cpu[2], cpu[3])'
+    "http://$1/test.Echo/Unary" | h2load_stats
 }
 
 echo "round,scenario,target,requests,rps,p99_ms,user_us,kernel_us" > "$WORK/rows.csv"

@@ -51,3 +51,39 @@ p1, u1, c1 = times(proxy), times(upstream), own()
 print("cpu", round(c1 - c0), round(sum(u1) - sum(u0)), round(p1[0] - p0[0]), round(p1[1] - p0[1]))
 PY
 }
+
+# bench_setup: what the side-by-side scripts share. Installs the load generators and nginx with
+# its Lua module; takes TIDEGATE_BIN, or builds this tree's release binary, as $BIN; makes
+# $WORK, a scratch folder, and $PIDS, processes to stop, both cleaned up on exit (with the
+# nginx instances whose pid files are $WORK/upstream.pid and $WORK/proxy.pid).
+bench_setup() {
+  need wrk wrk
+  need h2load nghttp2-client
+  need nginx nginx libnginx-mod-http-lua
+  need openssl openssl
+  [ -f /usr/lib/nginx/modules/ngx_http_lua_module.so ] || apt-get install -y -qq libnginx-mod-http-lua
+  [ -n "${TIDEGATE_BIN:-}" ] || cargo build --release --quiet
+  BIN=${TIDEGATE_BIN:-$PWD/target/release/tidegate}
+  WORK=$(mktemp -d)
+  PIDS=()
+  trap bench_cleanup EXIT
+}
+
+bench_cleanup() {
+  kill "${PIDS[@]}" 2>/dev/null || true
+  for conf in upstream proxy; do [ -f "$WORK/$conf.pid" ] && kill "$(cat "$WORK/$conf.pid")" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+
+# h2load_stats: reads h2load's output followed by a `cpu_split` line on stdin and prints
+# "requests requests_per_second 0 proxy_user_us proxy_kernel_us" (h2load reports no p99);
+# requests are those answered 2xx.
+h2load_stats() {
+  python3 -c '
+import re, sys
+out = sys.stdin.read()
+rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+done = int(re.search(r"status codes: (\d+) 2xx", out).group(1))
+cpu = re.search(r"^cpu (.*)$", out, re.M).group(1).split()
+print(done, rps, 0, cpu[2], cpu[3])'
+}

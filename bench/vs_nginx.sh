@@ -17,22 +17,8 @@ ROUNDS="${2:-3}"
 CONNECTIONS=${CONNECTIONS:-64}
 
 . bench/lib.sh
-need wrk wrk
-need h2load nghttp2-client
-need nginx nginx libnginx-mod-http-lua
-need openssl openssl
-[ -f /usr/lib/nginx/modules/ngx_http_lua_module.so ] || apt-get install -y -qq libnginx-mod-http-lua
-cargo build --release --quiet
-BIN=$PWD/target/release/tidegate
-
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  kill "${PIDS[@]}" 2>/dev/null || true
-  for conf in upstream proxy; do [ -f "$WORK/$conf.pid" ] && kill "$(cat "$WORK/$conf.pid")" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+# TIDEGATE_BIN: a tidegate binary to measure instead of this tree's release build.
+bench_setup
 
 UPSTREAM=127.0.0.1:19100
 TIDEGATE=127.0.0.1:18180
