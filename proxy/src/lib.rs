@@ -29,6 +29,7 @@ mod alarm;
 mod allocator;
 mod body;
 mod connection;
+mod framing;
 mod headers;
 mod http1;
 mod metrics;

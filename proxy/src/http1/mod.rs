@@ -19,7 +19,6 @@
 //!   the [`OnUpgrade`] the request carries.
 //! - Malformed heads get 400, oversized ones 431, and the connection closes.
 
-pub(crate) mod chunked;
 pub(crate) mod head;
 mod stream;
 
@@ -38,10 +37,11 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::alarm::Alarm;
+use crate::framing::{chunked, spare};
 use crate::headers::write_line;
 use head::{Framing, Head, Refused};
 use stream::{BodyState, Conn};
-pub(crate) use stream::{Detached, Io, OnUpgrade, RequestStream, spare};
+pub(crate) use stream::{Detached, Io, OnUpgrade, RequestStream};
 
 /// Time a client has to send a request head once it started one, or the first head of a new
 /// connection.
@@ -253,7 +253,7 @@ where
         // The head is out of the buffer: an empty one goes back to the worker's spare rather
         // than stay with the request for as long as it takes (a body read takes it again).
         if c.buf.is_empty() {
-            stream::spare::keep_read(std::mem::take(&mut c.buf));
+            spare::keep_read(std::mem::take(&mut c.buf));
         }
         waiting
     };
@@ -377,15 +377,15 @@ where
         Out::UntilClose
     };
     let keep_alive = keep_alive && out != Out::UntilClose;
-    let mut buf = stream::spare::take_write(256 + parts.headers.len() * 48);
+    let mut buf = spare::take_write(256 + parts.headers.len() * 48);
     let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>().map(hyper::ext::ReasonPhrase::as_bytes);
     status_line(&mut buf, status, reason);
     encode_head(&mut buf, &parts.headers, out, version, keep_alive);
-    stream::spare::keep_headers(parts.headers);
+    spare::keep_headers(parts.headers);
     if out == Out::None {
         drop(body);
         let sent = write_all(conn, &buf).await.is_ok() && poll_fn(|cx| conn.borrow_mut().poll_flush(cx)).await.is_ok();
-        stream::spare::keep_write(buf);
+        spare::keep_write(buf);
         return sent && keep_alive;
     }
 
@@ -451,7 +451,7 @@ where
         _ => {}
     }
     let sent = send(conn, &mut buf).await.is_ok() && poll_fn(|cx| conn.borrow_mut().poll_flush(cx)).await.is_ok();
-    stream::spare::keep_write(buf);
+    spare::keep_write(buf);
     sent && whole && keep_alive
 }
 

@@ -12,9 +12,9 @@ use hyper::body::{Body, Frame, SizeHint};
 
 use super::wire::ResponseFraming;
 use super::{Pool, UpstreamConn};
+use crate::framing::chunked::{Decoded, Decoder};
+use crate::framing::spare;
 use crate::http1::Detached;
-use crate::http1::chunked::{Decoded, Decoder};
-use crate::http1::spare;
 
 /// Bytes read at most at once for body data.
 const BODY_READ: usize = 64 * 1024;

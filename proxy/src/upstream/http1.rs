@@ -33,8 +33,8 @@ use super::wire::{self, RequestFraming, ResponseHead};
 use super::{Pool, RequestBody, UpstreamBody, UpstreamConn, UpstreamError};
 use crate::alarm::Alarm;
 use crate::body::BoxError;
+use crate::framing::spare;
 use crate::headers::Forwarded;
-use crate::http1::spare;
 
 /// Bytes read at once for a response head.
 const HEAD_READ: usize = 4096;

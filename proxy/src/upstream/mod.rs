@@ -50,8 +50,8 @@ pub(crate) use transport::Transport;
 
 use crate::alarm::Alarm;
 use crate::body::BoxError;
+use crate::framing::spare;
 use crate::headers::Forwarded;
-use crate::http1::spare;
 
 /// The body type of requests sent upstream.
 pub(crate) type RequestBody = crate::body::LocalBody;
