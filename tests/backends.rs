@@ -317,3 +317,29 @@ async fn https_auth_services() {
     assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
     assert_eq!(answer.served_by(), "web", "the auth service let the request on to the backend");
 }
+
+/// An ExternalName Service is followed by name: the proxy resolves it off its workers (here
+/// `localhost`, to the echo backend's loopback address) and serves it once resolved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_name_services_are_resolved() {
+    let web = echo("t", "web").await;
+    let mut manifests = format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: outside, namespace: t}}\nspec: {{type: ExternalName, externalName: localhost, ports: [{{port: {port}}}]}}\n",
+        port = web.port()
+    );
+    manifests.push_str(
+        &ingress("outside", "outside.test", "outside", &[]).replace("number: 80", &format!("number: {}", web.port())),
+    );
+    let (tidegate, _dir) = start(manifests).await;
+    let started = std::time::Instant::now();
+    loop {
+        let answer = get(tidegate.http, "outside.test", "/").await.expect("answer");
+        if answer.status == StatusCode::OK {
+            assert_eq!(answer.served_by(), "web");
+            break;
+        }
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE, "no endpoint until the name resolves");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "resolved within 5 s");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -36,6 +36,7 @@ mod metrics;
 mod policy;
 mod reactor;
 mod request;
+mod resolver;
 mod respond;
 pub mod router;
 pub mod runtime;
@@ -110,6 +111,39 @@ pub(crate) struct Shared {
     pub(crate) lua_memory: Vec<std::sync::atomic::AtomicU64>,
     /// Streams one HTTP/2 client connection may have open at once.
     pub(crate) http2_max_concurrent_streams: u32,
+    /// Backends by DNS name, and the resolver's state.
+    pub(crate) names: Arc<resolver::Names>,
+}
+
+/// Builds a runtime from `snapshot` and swaps it in: the one place a configuration takes effect.
+fn build_and_swap(shared: &Shared, snapshot: &Snapshot) -> Result<Applied, BuildError> {
+    let started = Instant::now();
+    let current = shared.runtime.load();
+    let counters = |host: &str, route: &str| shared.metrics.route_counters(host, route);
+    let built = match Runtime::build(snapshot, &current, &counters) {
+        Ok(b) => b,
+        Err(e) => {
+            shared.metrics.config_apply_failures.inc();
+            return Err(e);
+        }
+    };
+    // Dictionaries first, so that the new routes find theirs; ones no longer declared go.
+    let dicts: Vec<(String, String, u64)> =
+        snapshot.routing.shared_dicts.iter().map(|d| (d.namespace.clone(), d.name.clone(), d.size)).collect();
+    shared.lua.shared_dicts.configure(&dicts);
+    let runtime = Arc::new(built.runtime);
+    shared.runtime.store(Arc::clone(&runtime));
+    let duration = started.elapsed();
+    runtime.settle(&snapshot.routing);
+    let metrics = &shared.metrics;
+    metrics.config_apply_duration.observe(duration.as_secs_f64());
+    metrics.config_version.set(i64::try_from(snapshot.version).unwrap_or(i64::MAX));
+    Ok(Applied {
+        version: snapshot.version,
+        warnings: built.warnings,
+        routing_rebuilt: built.routing_rebuilt,
+        duration,
+    })
 }
 
 /// The addresses the proxy actually listens on (ports chosen when 0 was asked for).
@@ -196,7 +230,23 @@ impl Proxy {
             },
             lua_memory: (0..workers).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
             http2_max_concurrent_streams: config.http2_max_concurrent_streams.max(1),
+            names: Arc::new(resolver::Names::default()),
         });
+        let resolving = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("resolver".into())
+            .spawn(move || {
+                let names = Arc::clone(&resolving.names);
+                names.run(|snapshot| match build_and_swap(&resolving, snapshot) {
+                    Ok(applied) => tracing::info!(
+                        version = applied.version,
+                        apply_ms = applied.duration.as_secs_f64() * 1000.0,
+                        "ExternalName addresses changed; endpoints swapped"
+                    ),
+                    Err(e) => tracing::error!(error = %e, "ExternalName addresses could not be applied"),
+                });
+            })
+            .map_err(StartError::Thread)?;
 
         let admin_shared = Arc::clone(&shared);
         std::thread::Builder::new()
@@ -234,33 +284,9 @@ impl Proxy {
     /// # Errors
     /// When the snapshot does not build; the current runtime keeps serving.
     pub fn apply(&self, snapshot: &Snapshot) -> Result<Applied, BuildError> {
-        let started = Instant::now();
-        let current = self.shared.runtime.load();
-        let counters = |host: &str, route: &str| self.shared.metrics.route_counters(host, route);
-        let built = match Runtime::build(snapshot, &current, &counters) {
-            Ok(b) => b,
-            Err(e) => {
-                self.shared.metrics.config_apply_failures.inc();
-                return Err(e);
-            }
-        };
-        // Dictionaries first, so that the new routes find theirs; ones no longer declared go.
-        let dicts: Vec<(String, String, u64)> =
-            snapshot.routing.shared_dicts.iter().map(|d| (d.namespace.clone(), d.name.clone(), d.size)).collect();
-        self.shared.lua.shared_dicts.configure(&dicts);
-        let runtime = Arc::new(built.runtime);
-        self.shared.runtime.store(Arc::clone(&runtime));
-        let duration = started.elapsed();
-        runtime.settle(&snapshot.routing);
-        let metrics = &self.shared.metrics;
-        metrics.config_apply_duration.observe(duration.as_secs_f64());
-        metrics.config_version.set(i64::try_from(snapshot.version).unwrap_or(i64::MAX));
-        Ok(Applied {
-            version: snapshot.version,
-            warnings: built.warnings,
-            routing_rebuilt: built.routing_rebuilt,
-            duration,
-        })
+        // Backends by name get the addresses resolved so far; the resolver follows them.
+        let names = Arc::clone(&self.shared.names);
+        names.apply(snapshot, |snapshot| build_and_swap(&self.shared, snapshot))
     }
 
     /// Stops taking new connections, lets open ones finish their requests (HTTP/1.1 connections

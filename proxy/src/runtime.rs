@@ -191,7 +191,12 @@ mod tests {
             }),
             ..Routing::default()
         };
-        Snapshot { version, routing, endpoints: BTreeMap::from([(BackendId("b".into()), list)]) }
+        Snapshot {
+            version,
+            routing,
+            endpoints: BTreeMap::from([(BackendId("b".into()), list)]),
+            names: BTreeMap::new(),
+        }
     }
 
     #[test]

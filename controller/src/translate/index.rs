@@ -71,10 +71,8 @@ impl<'a> Index<'a> {
         };
         let spec = svc.spec.as_ref();
         if spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
-            return Err((
-                Reason::Unsupported,
-                format!("Service {namespace}/{service} is of type ExternalName, which tidegate does not proxy to"),
-            ));
+            // Resolved by the proxies: see `external_name`.
+            return Ok(Vec::new());
         }
         let ports = spec.and_then(|s| s.ports.as_deref()).unwrap_or_default();
         let found = ports.iter().find(|p| match port {
@@ -107,6 +105,36 @@ impl<'a> Index<'a> {
             .and_then(|p| u16::try_from(p.port).ok())
             .ok_or_else(|| format!("Service {namespace}/{service} has no port {port}"))?;
         Ok(Endpoint { address: ip.to_owned(), port: number })
+    }
+
+    /// The name and port of an ExternalName Service, for the proxies to resolve: the port the
+    /// Ingress names (by number, or the Service port of that name). `None` for other Services.
+    pub(super) fn external_name(
+        &self,
+        namespace: &str,
+        service: &str,
+        port: PortRef<'_>,
+    ) -> Option<Result<tidegate_snapshot::NamedEndpoint, String>> {
+        let spec = self.services.get(&(namespace, service))?.spec.as_ref()?;
+        if spec.type_.as_deref() != Some("ExternalName") {
+            return None;
+        }
+        let Some(name) = spec.external_name.as_deref().filter(|n| !n.is_empty()) else {
+            return Some(Err(format!("Service {namespace}/{service} is of type ExternalName without externalName")));
+        };
+        let number = match port {
+            PortRef::Number(n) => Some(n),
+            PortRef::Name(wanted) => spec
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(wanted))
+                .and_then(|p| u16::try_from(p.port).ok()),
+        };
+        Some(match number {
+            Some(port) => Ok(tidegate_snapshot::NamedEndpoint { name: name.trim_end_matches('.').to_owned(), port }),
+            None => Err(format!("Service {namespace}/{service} has no port {port}")),
+        })
     }
 
     /// The `appProtocol` a Service declares for one of its ports.

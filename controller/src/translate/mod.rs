@@ -19,7 +19,8 @@
 //!   404.
 //! - **Backends**: Service ports by number or name, resolved through the Service to the ready
 //!   endpoints of its EndpointSlices. A missing Service or port keeps the route (503) and is
-//!   reported; ExternalName Services and resource backends are reported as unsupported.
+//!   reported; resource backends are reported as unsupported. ExternalName Services are
+//!   backends by name, which the proxies resolve.
 //! - **TLS**: `spec.tls` Secrets bind certificates to hosts (the first Ingress wins a host);
 //!   hosts with a certificate redirect plain HTTP to HTTPS unless `ssl-redirect: "false"`.
 
@@ -255,6 +256,8 @@ struct Builder {
     resolved: HashMap<BackendId, Option<(Reason, String)>>,
     /// Canary Ingresses' paths, attached to the routes they match once all routes are known.
     canaries: Vec<CanaryOffer>,
+    /// ExternalName backends, for the proxies to resolve.
+    names: BTreeMap<BackendId, tidegate_snapshot::NamedEndpoint>,
 }
 
 /// One path of a canary Ingress: the backend it offers to the route of the same host and path.
@@ -280,10 +283,17 @@ impl Builder {
         if let Some(problem) = self.resolved.get(&id) {
             return (id, problem.clone());
         }
-        let (endpoints, problem) = match index.resolve(namespace, service, port) {
+        let (endpoints, mut problem) = match index.resolve(namespace, service, port) {
             Ok(endpoints) => (endpoints, None),
             Err(problem) => (Vec::new(), Some(problem)),
         };
+        match index.external_name(namespace, service, port) {
+            Some(Ok(named)) => {
+                self.names.insert(id.clone(), named);
+            }
+            Some(Err(why)) => problem = Some((Reason::Invalid, why)),
+            None => {}
+        }
         self.endpoints.insert(id.clone(), endpoints);
         self.resolved.insert(id.clone(), problem.clone());
         (id, problem)
@@ -517,6 +527,7 @@ impl Builder {
                 default_certificate,
             },
             endpoints: self.endpoints,
+            names: self.names,
         }
     }
 }

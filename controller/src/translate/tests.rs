@@ -309,22 +309,22 @@ fn missing_service_port_is_reported() {
     );
 }
 
-/// Resource backends and ExternalName Services are reported as unsupported, never dropped silently.
+/// Resource backends are reported as unsupported, never dropped silently. An ExternalName
+/// Service is a backend by name, with the port the Ingress names, for the proxies to resolve.
 #[test]
-fn unsupported_backends_are_reported() {
-    let spec = "  rules:\n  - http:\n      paths:\n      - {pathType: Prefix, path: /r, backend: {resource: {kind: Bucket, name: b}}}\n      - {pathType: Prefix, path: /e, backend: {service: {name: ext, port: {number: 80}}}}\n";
-    let ext = "---\napiVersion: v1\nkind: Service\nmetadata: {name: ext, namespace: ns}\nspec: {type: ExternalName, externalName: example.com, ports: [{port: 80}]}\n";
+fn resource_backends_are_reported_and_external_names_are_named() {
+    let spec = "  rules:\n  - http:\n      paths:\n      - {pathType: Prefix, path: /r, backend: {resource: {kind: Bucket, name: b}}}\n      - {pathType: Prefix, path: /e, backend: {service: {name: ext, port: {number: 8443}}}}\n";
+    let ext = "---\napiVersion: v1\nkind: Service\nmetadata: {name: ext, namespace: ns}\nspec: {type: ExternalName, externalName: api.example.com., ports: [{port: 80}]}\n";
     let t = run(&format!("{}{ext}", ingress("ns", "i", spec)));
     let s = status(&t, "Ingress", "ns", "i");
+    assert_eq!(problem_fields(s, Reason::Unsupported), vec!["spec.rules[0].http.paths[0].backend.resource"]);
+    assert_eq!(routes(&t, &HostMatch::Any).len(), 1, "the resource path is not served");
+    let id = tidegate_snapshot::BackendId("ns/ext:8443".into());
     assert_eq!(
-        problem_fields(s, Reason::Unsupported),
-        vec!["spec.rules[0].http.paths[0].backend.resource", "spec.rules[0].http.paths[1].backend.service"]
+        t.snapshot.names.get(&id),
+        Some(&tidegate_snapshot::NamedEndpoint { name: "api.example.com".into(), port: 8443 })
     );
-    assert_eq!(
-        routes(&t, &HostMatch::Any).len(),
-        1,
-        "the resource path is not served, the ExternalName one answers 503"
-    );
+    assert_eq!(t.snapshot.endpoints.get(&id), Some(&Vec::new()), "resolved by the proxies");
 }
 
 // ---------------------------------------------------------------------------------------------

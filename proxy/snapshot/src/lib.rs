@@ -88,6 +88,19 @@ pub struct Snapshot {
     /// Ready endpoints of every backend, keyed by [`BackendId`]; a change here alone only swaps
     /// upstream endpoint lists.
     pub endpoints: BTreeMap<BackendId, Vec<Endpoint>>,
+    /// Backends known by a DNS name (ExternalName Services): each proxy resolves the name,
+    /// off its workers, and follows it as it changes; until it resolves, the backend has no
+    /// endpoint.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub names: BTreeMap<BackendId, NamedEndpoint>,
+}
+
+/// An endpoint by DNS name and port.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NamedEndpoint {
+    pub name: String,
+    pub port: u16,
 }
 
 /// Hosts, routes and certificates.
@@ -1233,6 +1246,10 @@ mod tests {
                 default_certificate: Some("shop/tls".into()),
             },
             endpoints: BTreeMap::from([(backend, vec![Endpoint { address: "::1".into(), port: 8080 }])]),
+            names: BTreeMap::from([(
+                BackendId("shop/ext:80".into()),
+                NamedEndpoint { name: "api.example.com".into(), port: 443 },
+            )]),
         };
         let json = serde_json::to_string(&snapshot).expect("serializes");
         let back: Snapshot = serde_json::from_str(&json).expect("deserializes");
