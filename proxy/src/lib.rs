@@ -3,6 +3,8 @@
 //! ```text
 //! Snapshot ──Proxy::apply──> Runtime::build (router, certificates, endpoints; fallible, off the
 //!                            request path) ──> one ArcSwap<Runtime> swap
+//!   (ExternalName backends: the resolver thread applies the last snapshot again with their
+//!   addresses, `resolver`)
 //!
 //! worker 1..N (OS thread, current-thread tokio runtime, own SO_REUSEPORT listeners, own epoll
 //!   set of client sockets: reactor)
@@ -10,7 +12,9 @@
 //!     request ─> load runtime ─> the request pipeline (`request`):
 //!       route ─> rewrite ─> access (policy filters, then Lua) ─> content | upstream
 //!         ─> header_filter ─> body_filter ─> log
-//!       upstream: pick endpoint (round robin) ─> our HTTP/1 client, per-worker pool
+//!       upstream: canary or main backend ─> session / balancer picks an endpoint (round robin,
+//!         EWMA, consistent hash; ejected ones skipped) ─> HTTP/1.1 (our client) or HTTP/2 (h2),
+//!         over TCP or TLS, per-worker pool ─> another endpoint while retries allow
 //!     response ─> Server, Date, HSTS ─> streamed body ─> metrics + access log at its end
 //!   HTTP/1 idle 20 ms ─> parked in its socket's slot (reactor), no task ─(readable)─> new task, loop again
 //! ```
