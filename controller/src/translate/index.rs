@@ -148,10 +148,13 @@ impl<'a> Index<'a> {
     }
 
     /// Ready endpoints of the EndpointSlices of a Service for one of its ports. A nil `ready`
-    /// condition counts as ready, as the EndpointSlice API asks of consumers.
+    /// condition counts as ready, as the EndpointSlice API asks of consumers. When none is
+    /// ready, the terminating ones that still serve (`serving: true, terminating: true`) take
+    /// the traffic, as kube-proxy does: a rollout's last pods finishing are better than none.
     fn ready_endpoints(&self, namespace: &str, service: &str, service_port: &ServicePort) -> Vec<Endpoint> {
         let port_name = service_port.name.as_deref().unwrap_or("");
-        let mut endpoints = Vec::new();
+        let mut ready = Vec::new();
+        let mut still_serving = Vec::new();
         for slice in self.slices.get(&(namespace, service)).map(Vec::as_slice).unwrap_or_default() {
             if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
                 continue;
@@ -166,18 +169,22 @@ impl<'a> Index<'a> {
                 .and_then(|p| u16::try_from(p).ok());
             let Some(port) = port else { continue };
             for endpoint in &slice.endpoints {
-                let ready = endpoint.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-                if !ready {
+                let conditions = endpoint.conditions.as_ref();
+                let list = if conditions.and_then(|c| c.ready).unwrap_or(true) {
+                    &mut ready
+                } else if conditions.is_some_and(|c| c.serving == Some(true) && c.terminating == Some(true)) {
+                    &mut still_serving
+                } else {
                     continue;
-                }
+                };
                 for address in &endpoint.addresses {
                     if address.parse::<std::net::IpAddr>().is_ok() {
-                        endpoints.push(Endpoint { address: address.clone(), port });
+                        list.push(Endpoint { address: address.clone(), port });
                     }
                 }
             }
         }
-        endpoints
+        if ready.is_empty() { still_serving } else { ready }
     }
 
     /// The text entries of a Secret (`stringData` over `data`), by key; entries that are not

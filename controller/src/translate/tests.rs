@@ -728,3 +728,29 @@ fn service_upstream_sends_to_the_cluster_ip() {
     let db = status(&t, "Ingress", "ns", "db");
     assert!(db.problems.iter().any(|p| p.message.contains("no cluster IP")), "{:?}", db.problems);
 }
+
+/// Only ready endpoints take traffic; when none is ready, the terminating ones that still
+/// serve do (kube-proxy's rule), and ones neither ready nor serving never do.
+#[test]
+fn terminating_endpoints_serve_only_when_none_is_ready() {
+    let slice = |conditions: &[(&str, &str)]| {
+        let mut out = String::from(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns}\nspec:\n  ports: [{name: http, port: 80}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: ns\n  labels: {kubernetes.io/service-name: web}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n",
+        );
+        for (address, condition) in conditions {
+            out.push_str(&format!("- addresses: [{address}]\n  conditions: {condition}\n"));
+        }
+        out
+    };
+    let endpoints = |yaml: String| {
+        let ingress = ingress("ns", "i", &rules(&[rule(Some("a.test"), &[("Prefix", "/", "web")])]));
+        let t = run(&format!("{yaml}{ingress}"));
+        let id = tidegate_snapshot::BackendId("ns/web:80".into());
+        t.snapshot.endpoints.get(&id).cloned().unwrap_or_default().into_iter().map(|e| e.address).collect::<Vec<_>>()
+    };
+    let draining = "{ready: false, serving: true, terminating: true}";
+    let gone = "{ready: false, serving: false, terminating: true}";
+    assert_eq!(endpoints(slice(&[("10.0.0.1", "{ready: true}"), ("10.0.0.2", draining)])), vec!["10.0.0.1"]);
+    assert_eq!(endpoints(slice(&[("10.0.0.2", draining), ("10.0.0.3", gone)])), vec!["10.0.0.2"]);
+    assert!(endpoints(slice(&[("10.0.0.3", gone)])).is_empty());
+}
