@@ -457,6 +457,172 @@ pub struct HeaderMatch {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LuaBackend {
     pub service: ServiceRef,
+    /// How requests reach the Service: ingress-nginx's backend keys as typed fields.
+    #[serde(default)]
+    pub upstream: Option<BackendSettings>,
+}
+
+/// How a route's requests reach its Service, with the semantics of ingress-nginx's annotations
+/// of the same purpose (each field says which).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendSettings {
+    /// `HTTP`, `HTTPS`, `GRPC` (h2c), `GRPCS` or `AUTO_HTTP` (`backend-protocol`); the
+    /// Service port's `appProtocol` decides when absent.
+    #[serde(default)]
+    #[schemars(regex(pattern = r"^(HTTP|HTTPS|GRPC|GRPCS|AUTO_HTTP)$"))]
+    pub protocol: Option<String>,
+    /// TLS to the Service (`proxy-ssl-*`).
+    #[serde(default)]
+    pub tls: Option<BackendTls>,
+    /// `round_robin` (the default) or `ewma` (`load-balance`).
+    #[serde(default)]
+    #[schemars(regex(pattern = r"^(round_robin|ewma)$"))]
+    pub load_balance: Option<String>,
+    /// A key of nginx variables that always reaches the same endpoint (`upstream-hash-by`).
+    #[serde(default)]
+    pub hash_by: Option<String>,
+    /// Spread each key over a subset of this many endpoints (`upstream-hash-by-subset-size`).
+    #[serde(default)]
+    #[schemars(range(min = 1))]
+    pub hash_by_subset_size: Option<u32>,
+    /// Sticky sessions by cookie (`affinity: cookie` and `session-cookie-*`).
+    #[serde(default)]
+    pub affinity: Option<CookieAffinity>,
+    /// When a request goes on to another endpoint (`proxy-next-upstream*`).
+    #[serde(default)]
+    pub retries: Option<Retries>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendTls {
+    /// Verify the Service's certificate (`proxy-ssl-verify`, off when absent).
+    #[serde(default)]
+    pub verify: Option<bool>,
+    /// A Secret in this namespace with `ca.crt` and/or `tls.crt` and `tls.key`
+    /// (`proxy-ssl-secret`).
+    #[serde(default)]
+    pub secret_name: Option<String>,
+    /// The name checked and sent (`proxy-ssl-name`); `NAME.NAMESPACE.svc` when absent.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Send the name as SNI (`proxy-ssl-server-name`).
+    #[serde(default)]
+    pub sni: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CookieAffinity {
+    /// `session-cookie-name` (`INGRESSCOOKIE` when absent).
+    #[serde(default)]
+    pub cookie_name: Option<String>,
+    /// `balanced` (the default) or `persistent` (`affinity-mode`).
+    #[serde(default)]
+    #[schemars(regex(pattern = r"^(balanced|persistent)$"))]
+    pub mode: Option<String>,
+    /// `session-cookie-path`; the route's path when absent.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// `session-cookie-max-age`, seconds.
+    #[serde(default)]
+    pub max_age_seconds: Option<u64>,
+    /// `None`, `Lax` or `Strict` (`session-cookie-samesite`).
+    #[serde(default)]
+    pub same_site: Option<String>,
+    /// `session-cookie-secure`.
+    #[serde(default)]
+    pub secure: Option<bool>,
+    /// `session-cookie-change-on-failure`.
+    #[serde(default)]
+    pub change_on_failure: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Retries {
+    /// `error`, `timeout`, `invalid_header`, `http_500`... `non_idempotent`, or `off`
+    /// (`proxy-next-upstream`; `error timeout` when absent).
+    #[serde(default)]
+    pub on: Option<Vec<String>>,
+    /// Endpoints tried at most, the first included (`proxy-next-upstream-tries`, 3).
+    #[serde(default)]
+    pub tries: Option<u32>,
+    /// No other endpoint after this many seconds (`proxy-next-upstream-timeout`).
+    #[serde(default)]
+    pub timeout_seconds: Option<u32>,
+}
+
+impl BackendSettings {
+    /// The annotation each field stands for: (key, value, field path under `at`).
+    pub(crate) fn annotations(&self, at: &str) -> Vec<(&'static str, String, String)> {
+        let mut out: Vec<(&'static str, String, String)> = Vec::new();
+        let mut put = |key: &'static str, value: String, field: String| out.push((key, value, field));
+        if let Some(protocol) = &self.protocol {
+            put("backend-protocol", protocol.clone(), format!("{at}.protocol"));
+        }
+        if let Some(tls) = &self.tls {
+            let at = format!("{at}.tls");
+            if let Some(verify) = tls.verify {
+                put("proxy-ssl-verify", if verify { "on" } else { "off" }.into(), format!("{at}.verify"));
+            }
+            if let Some(secret) = &tls.secret_name {
+                put("proxy-ssl-secret", secret.clone(), format!("{at}.secretName"));
+            }
+            if let Some(name) = &tls.server_name {
+                put("proxy-ssl-name", name.clone(), format!("{at}.serverName"));
+            }
+            if let Some(sni) = tls.sni {
+                put("proxy-ssl-server-name", if sni { "on" } else { "off" }.into(), format!("{at}.sni"));
+            }
+        }
+        if let Some(balance) = &self.load_balance {
+            put("load-balance", balance.clone(), format!("{at}.loadBalance"));
+        }
+        if let Some(key) = &self.hash_by {
+            put("upstream-hash-by", key.clone(), format!("{at}.hashBy"));
+        }
+        if let Some(size) = self.hash_by_subset_size {
+            put("upstream-hash-by-subset", "true".into(), format!("{at}.hashBySubsetSize"));
+            put("upstream-hash-by-subset-size", size.to_string(), format!("{at}.hashBySubsetSize"));
+        }
+        if let Some(affinity) = &self.affinity {
+            let at = format!("{at}.affinity");
+            put("affinity", "cookie".into(), at.clone());
+            let fields: [(&'static str, Option<String>, &str); 7] = [
+                ("session-cookie-name", affinity.cookie_name.clone(), "cookieName"),
+                ("affinity-mode", affinity.mode.clone(), "mode"),
+                ("session-cookie-path", affinity.path.clone(), "path"),
+                ("session-cookie-max-age", affinity.max_age_seconds.map(|n| n.to_string()), "maxAgeSeconds"),
+                ("session-cookie-samesite", affinity.same_site.clone(), "sameSite"),
+                ("session-cookie-secure", affinity.secure.map(|b| b.to_string()), "secure"),
+                (
+                    "session-cookie-change-on-failure",
+                    affinity.change_on_failure.map(|b| b.to_string()),
+                    "changeOnFailure",
+                ),
+            ];
+            for (key, value, name) in fields {
+                if let Some(value) = value {
+                    put(key, value, format!("{at}.{name}"));
+                }
+            }
+        }
+        if let Some(retries) = &self.retries {
+            let at = format!("{at}.retries");
+            if let Some(on) = &retries.on {
+                put("proxy-next-upstream", on.join(" "), format!("{at}.on"));
+            }
+            if let Some(tries) = retries.tries {
+                put("proxy-next-upstream-tries", tries.to_string(), format!("{at}.tries"));
+            }
+            if let Some(seconds) = retries.timeout_seconds {
+                put("proxy-next-upstream-timeout", seconds.to_string(), format!("{at}.timeoutSeconds"));
+            }
+        }
+        out
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]

@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use super::annotations::{self, NGINX};
 use super::index::{Index, PortRef};
 use super::policies;
+use super::upstream;
 use super::{Builder, Candidate, FieldAt, Phase, host_match};
 use crate::luaroute::{self, LuaPathType, LuaRoute};
 use crate::objects::{name_of, namespace_of};
@@ -139,6 +140,46 @@ fn route_policies(
     resolved
 }
 
+/// How a route's requests reach its Service: its `backend.upstream` fields, read as the
+/// annotations they stand for by the same parsers, and the Service port's `appProtocol`.
+/// `Err` when the route must not be served; problems name the fields.
+fn backend_upstream(
+    backend: &luaroute::LuaBackend,
+    port: PortRef<'_>,
+    path: &str,
+    at: &str,
+    index: &Index<'_>,
+    status: &mut ObjectStatus,
+) -> Result<tidegate_snapshot::Upstream, ()> {
+    let fields = backend.upstream.as_ref().map(|u| u.annotations(at)).unwrap_or_default();
+    let annotations: BTreeMap<String, String> =
+        fields.iter().map(|(key, value, _)| (format!("{NGINX}{key}"), value.clone())).collect();
+    let mut found = ObjectStatus::new(status.object.clone());
+    let settings = annotations::read(Some(&annotations), &mut found);
+    let namespace = status.object.namespace.clone().unwrap_or_default();
+    let app_protocol = index.app_protocol(&namespace, &backend.service.name, port);
+    let unhonoured = !settings.unhonoured.is_empty();
+    let resolved = upstream::resolve(&settings, &namespace, &backend.service.name, app_protocol, index, &mut found);
+    for mut problem in found.problems {
+        if let Some((_, _, field)) =
+            fields.iter().find(|(key, _, _)| problem.field == format!("metadata.annotations[\"{NGINX}{key}\"]"))
+        {
+            problem.field.clone_from(field);
+        }
+        if !status.problems.contains(&problem) {
+            status.problems.push(problem);
+        }
+    }
+    let mut resolved = resolved?;
+    if unhonoured {
+        return Err(());
+    }
+    if let Some(affinity) = resolved.affinity.as_mut() {
+        affinity.path.get_or_insert_with(|| path.to_owned());
+    }
+    Ok(resolved)
+}
+
 /// Adds the routes of a LuaRoute of ours to `out`. `rank` orders it after Ingresses. With
 /// `misconfigured` (its Lua does not compile) the routes still match, and answer 500.
 pub(super) fn translate(
@@ -200,6 +241,8 @@ pub(super) fn translate(
             status.accepted = false;
         }
 
+        let mut upstream = tidegate_snapshot::Upstream::default();
+        let mut upstream_refusal = None;
         let backend = match &rule.backend {
             Some(backend) => {
                 let port = match (backend.service.port.number, backend.service.port.name.as_deref()) {
@@ -211,6 +254,15 @@ pub(super) fn translate(
                 let (id, problem) = out.backend(index, namespace, &backend.service.name, port);
                 if let Some((reason, message)) = problem {
                     status.error(reason, format!("{field}.backend.service"), format!("{message}; requests get 503"));
+                }
+                let at = format!("{field}.backend.upstream");
+                match backend_upstream(backend, port, &rule.matches.path.value, &at, index, status) {
+                    Ok(settings) => upstream = settings,
+                    Err(()) => {
+                        status.accepted = false;
+                        let why = format!("{} asks for a way to its backend that cannot be set up", status.object);
+                        upstream_refusal = Some(Refusal::unhonoured(why));
+                    }
                 }
                 Some(id)
             }
@@ -243,9 +295,12 @@ pub(super) fn translate(
                         timeouts: Timeouts::default(),
                         lua: misconfigured.is_none().then(|| lua.clone()),
                         policies: policies.clone(),
-                        upstream: Default::default(),
+                        upstream: upstream.clone(),
                         canary: None,
-                        refusal: misconfigured.map(Refusal::misconfigured).or_else(|| unhonoured.clone()),
+                        refusal: misconfigured
+                            .map(Refusal::misconfigured)
+                            .or_else(|| unhonoured.clone())
+                            .or_else(|| upstream_refusal.clone()),
                     },
                     ssl_redirect: false,
                 },

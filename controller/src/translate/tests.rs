@@ -754,3 +754,50 @@ fn terminating_endpoints_serve_only_when_none_is_ready() {
     assert_eq!(endpoints(slice(&[("10.0.0.2", draining), ("10.0.0.3", gone)])), vec!["10.0.0.2"]);
     assert!(endpoints(slice(&[("10.0.0.3", gone)])).is_empty());
 }
+
+/// A LuaRoute's backend takes ingress-nginx's backend keys as typed fields: protocol, TLS,
+/// balance, affinity and retries, read by the annotations' own parsers; a value that cannot
+/// be honoured closes the route (503) and names its field.
+#[test]
+fn lua_route_backends_take_typed_upstream_settings() {
+    let yaml = r#"
+apiVersion: tidegate.dev/v1alpha1
+kind: LuaRoute
+metadata: {name: api, namespace: shop}
+spec:
+  hosts: [api.example.com]
+  routes:
+  - name: grpc
+    match: {path: {type: Prefix, value: /grpc}}
+    backend:
+      service: {name: web, port: {number: 80}}
+      upstream:
+        protocol: GRPC
+        loadBalance: ewma
+        affinity: {cookieName: route, mode: persistent}
+        retries: {on: [error, http_502], tries: 2}
+  - name: verified
+    match: {path: {type: Prefix, value: /verified}}
+    backend:
+      service: {name: web, port: {number: 80}}
+      upstream: {protocol: HTTPS, tls: {verify: true}}
+"#;
+    let t = run(&format!("{yaml}{}", service("shop", "web", 9000)));
+    let vhost = &t.snapshot.routing.virtual_hosts[0];
+    let route = |name: &str| vhost.routes.iter().find(|r| r.name.ends_with(name)).expect("route");
+    let grpc = &route("/grpc").action;
+    assert_eq!(grpc.upstream.protocol, tidegate_snapshot::UpstreamProtocol::H2c);
+    assert_eq!(grpc.upstream.balance, tidegate_snapshot::Balance::Ewma);
+    let affinity = grpc.upstream.affinity.as_ref().expect("affinity");
+    assert_eq!(
+        (affinity.cookie.as_str(), affinity.persistent, affinity.path.as_deref()),
+        ("route", true, Some("/grpc"))
+    );
+    assert_eq!((grpc.upstream.retry.on_statuses.clone(), grpc.upstream.retry.tries), (vec![502], 2));
+    assert!(grpc.refusal.is_none());
+    let verified = &route("/verified").action;
+    assert_eq!(verified.refusal.as_ref().map(|r| r.status), Some(503), "verification without a CA: closed");
+    let s = status(&t, "LuaRoute", "shop", "api");
+    let fields: Vec<&str> = s.problems.iter().map(|p| p.field.as_str()).collect();
+    assert!(fields.contains(&"spec.routes[1].backend.upstream.tls.verify"), "{fields:?}");
+}
