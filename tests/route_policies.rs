@@ -838,6 +838,17 @@ impl Authority {
         Authority { pem, issuer: rcgen::Issuer::new(params, key) }
     }
 
+    /// An intermediate CA this one signs.
+    fn intermediate(&self, name: &str) -> Authority {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        let pem = params.signed_by(&key, &self.issuer).expect("intermediate").pem();
+        Authority { pem, issuer: rcgen::Issuer::new(params, key) }
+    }
+
     /// A client certificate for `common_name` (chain PEM, key PEM).
     fn client(&self, common_name: &str) -> (String, String) {
         let key = rcgen::KeyPair::generate().expect("key");
@@ -862,7 +873,12 @@ async fn client_certificates_over_real_tls() {
     let good = ca.client("client.example");
     let other_name = ca.client("intruder.example");
     let bad = stranger.client("client.example");
-    let hosts = ["on.test", "optional.test", "noca.test", "cn.test", "page.test", "plain.test"];
+    // A client certificate one intermediate CA away: its chain is the certificate and the
+    // intermediate's.
+    let middle = ca.intermediate("Middle CA");
+    let far = middle.client("far.example");
+    let far = (format!("{}{}", far.0, middle.pem), far.1);
+    let hosts = ["on.test", "optional.test", "noca.test", "cn.test", "page.test", "plain.test", "deep.test"];
     let (cert, key) = support::self_signed(&hosts);
     let mut manifests = support::tls_secret_yaml("t", "site", &cert, &key);
     manifests.push_str(&opaque_secret("ca", &[("ca.crt", ca.pem.as_str())]));
@@ -890,6 +906,11 @@ async fn client_certificates_over_real_tls() {
         ("verify-cn", "cn.test", cn),
         ("verify-page", "page.test", page),
         ("verify-none", "plain.test", vec![]),
+        ("verify-deep", "deep.test", {
+            let mut deep = guard("on");
+            deep.push(("nginx.ingress.kubernetes.io/auth-tls-verify-depth", "2"));
+            deep
+        }),
     ] {
         manifests.push_str(&tls_ingress(name, host, &annotations));
     }
@@ -921,6 +942,10 @@ async fn client_certificates_over_real_tls() {
     let verdict = support::echoed_headers(&unverified).get("Ssl-Client-Verify").cloned().unwrap_or_default();
     assert!(verdict.first().is_some_and(|v| v.starts_with("FAILED:")), "{verdict:?}");
 
+    // auth-tls-verify-depth: 1 (the default) takes certificates the CA signed itself; 2 one
+    // intermediate away too.
+    assert_eq!(ask(Some(&far), "on.test", "on.test").await.status, StatusCode::BAD_REQUEST, "depth 1");
+    assert_eq!(ask(Some(&far), "deep.test", "deep.test").await.status, StatusCode::OK, "depth 2");
     assert_eq!(ask(Some(&good), "cn.test", "cn.test").await.status, StatusCode::OK);
     assert_eq!(ask(Some(&other_name), "cn.test", "cn.test").await.status, StatusCode::FORBIDDEN, "another subject");
     let redirected = ask(None, "page.test", "page.test").await;

@@ -34,8 +34,11 @@ use crate::respond::error_response;
 pub(super) struct ClientCertFilter {
     /// `None` when the CA bundle does not read: then no certificate verifies.
     verifier: Option<Arc<dyn ClientCertVerifier>>,
-    /// Tells this CA from others in a connection's cache.
+    /// Tells this CA (and depth) from others in a connection's cache.
     key: u64,
+    /// How many CA certificates may stand between the client's and a trusted one, plus one
+    /// (`auth-tls-verify-depth`, nginx's `ssl_verify_depth`).
+    depth: u8,
     verify: ClientVerify,
     error_page: Option<HeaderValue>,
     pass_to_upstream: bool,
@@ -46,13 +49,14 @@ pub(super) struct ClientCertFilter {
 impl ClientCertFilter {
     pub(super) fn new(settings: &ClientCertificate) -> ClientCertFilter {
         let mut hasher = DefaultHasher::new();
-        (&settings.ca_id, &settings.ca_pem).hash(&mut hasher);
+        (&settings.ca_id, &settings.ca_pem, settings.depth).hash(&mut hasher);
         let verifier = verifier(&settings.ca_pem)
             .map_err(|why| tracing::warn!(ca = settings.ca_id, error = %why, "client CA does not load; no certificate verifies"))
             .ok();
         ClientCertFilter {
             verifier,
             key: hasher.finish(),
+            depth: settings.depth.max(1),
             verify: settings.verify,
             error_page: settings.error_page.as_deref().and_then(|p| HeaderValue::from_str(p).ok()),
             pass_to_upstream: settings.pass_to_upstream,
@@ -114,8 +118,14 @@ impl ClientCertFilter {
         let verified = match &self.verifier {
             Some(verifier) => verifier
                 .verify_client_cert(end_entity, intermediates, UnixTime::now())
-                .map(drop)
-                .map_err(|e| e.to_string()),
+                .map_err(|e| e.to_string())
+                .and_then(|_| {
+                    // The chain presented: the certificate, then those between it and the CA.
+                    if intermediates.len() >= usize::from(self.depth) {
+                        return Err(format!("the chain is longer than auth-tls-verify-depth {} allows", self.depth));
+                    }
+                    Ok(())
+                }),
             None => Err("the CA bundle does not load".to_owned()),
         };
         let (subject, issuer) = names(end_entity).unwrap_or_default();
