@@ -172,6 +172,10 @@ pub struct RoutePolicies {
     /// `X-Forwarded-Prefix` for the backend (`x-forwarded-prefix`).
     #[serde(default)]
     pub forwarded_prefix: Option<String>,
+    /// Whether the controller's global external auth (`--global-auth-url`) applies when no
+    /// `externalAuth` is set (`enable-global-auth`, true when absent).
+    #[serde(default)]
+    pub global_auth: Option<bool>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -295,6 +299,7 @@ impl RoutePolicies {
             cors: pick(&over.cors, &self.cors),
             upstream_host: pick(&over.upstream_host, &self.upstream_host),
             forwarded_prefix: pick(&over.forwarded_prefix, &self.forwarded_prefix),
+            global_auth: pick(&over.global_auth, &self.global_auth),
         }
     }
 
@@ -404,6 +409,9 @@ impl RoutePolicies {
         }
         if let Some(prefix) = &self.forwarded_prefix {
             put("x-forwarded-prefix", prefix.clone(), format!("{at}.forwardedPrefix"));
+        }
+        if let Some(global) = self.global_auth {
+            put("enable-global-auth", global.to_string(), format!("{at}.globalAuth"));
         }
         out
     }

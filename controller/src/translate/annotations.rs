@@ -292,7 +292,7 @@ pub fn global_auth(settings: &[(&str, &str)]) -> Result<Option<tidegate_snapshot
     }
 }
 
-/// An auth URL: `http://`, with nginx variables; `https://` is refused until upstream TLS.
+/// An auth URL: `http://` or `https://`, with nginx variables.
 fn auth_url(value: &str) -> Result<Template, String> {
     let value = value.trim();
     if !value.starts_with("http://") && !value.starts_with("https://") {

@@ -116,6 +116,7 @@ fn route_policies(
     rule: &luaroute::LuaRouteRule,
     r: usize,
     index: &Index<'_>,
+    global_auth: Option<&tidegate_snapshot::ExternalAuth>,
     status: &mut ObjectStatus,
 ) -> (Policies, Option<Refusal>) {
     let at = if rule.policies.is_some() { format!("spec.routes[{r}].policies") } else { "spec.policies".into() };
@@ -125,7 +126,7 @@ fn route_policies(
     let mut found = ObjectStatus::new(status.object.clone());
     let settings = annotations::read(Some(&annotations), &mut found);
     let namespace = status.object.namespace.clone().unwrap_or_default();
-    let resolved = policies::resolve(&settings, &namespace, index, None, &mut found);
+    let resolved = policies::resolve(&settings, &namespace, index, global_auth, &mut found);
     for mut problem in found.problems {
         if let Some((_, _, field)) =
             fields.iter().find(|(key, _, _)| problem.field == format!("metadata.annotations[\"{NGINX}{key}\"]"))
@@ -187,6 +188,7 @@ pub(super) fn translate(
     rank: usize,
     misconfigured: Option<&str>,
     index: &Index<'_>,
+    global_auth: Option<&tidegate_snapshot::ExternalAuth>,
     out: &mut Builder,
     status: &mut ObjectStatus,
 ) {
@@ -236,7 +238,7 @@ pub(super) fn translate(
         if misconfigured.is_none() {
             add_layers(out, &mut lua, &layers);
         }
-        let (policies, unhonoured) = route_policies(spec, rule, r, index, status);
+        let (policies, unhonoured) = route_policies(spec, rule, r, index, global_auth, status);
         if unhonoured.is_some() {
             status.accepted = false;
         }

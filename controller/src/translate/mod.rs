@@ -117,7 +117,8 @@ pub fn translate(inputs: &Inputs) -> Translation {
         let object = ObjectRef::namespaced(luaroute::KIND, namespace_of(&route.metadata), name_of(&route.metadata));
         let misconfigured = (!lua_ok).then(|| format!("{object} has Lua that does not compile"));
         if let Some(status) = statuses.get_mut(&object) {
-            lua::translate(route, ingress_count + i, misconfigured.as_deref(), &index, &mut out, status);
+            let global_auth = inputs.options.global_auth.as_ref();
+            lua::translate(route, ingress_count + i, misconfigured.as_deref(), &index, global_auth, &mut out, status);
         }
     }
 

@@ -801,3 +801,33 @@ spec:
     let fields: Vec<&str> = s.problems.iter().map(|p| p.field.as_str()).collect();
     assert!(fields.contains(&"spec.routes[1].backend.upstream.tls.verify"), "{fields:?}");
 }
+
+/// The controller's global external auth reaches LuaRoutes too, unless a route sets its own
+/// `externalAuth` or turns it off (`policies.globalAuth: false`).
+#[test]
+fn global_auth_applies_to_lua_routes() {
+    let yaml = r#"
+apiVersion: tidegate.dev/v1alpha1
+kind: LuaRoute
+metadata: {name: api, namespace: shop}
+spec:
+  hosts: [api.example.com]
+  routes:
+  - name: guarded
+    match: {path: {type: Prefix, value: /guarded}}
+    lua: {content: "ngx.say('x')"}
+  - name: public
+    match: {path: {type: Prefix, value: /public}}
+    lua: {content: "ngx.say('x')"}
+    policies: {globalAuth: false}
+"#;
+    let global = annotations::global_auth(&[("auth-url", "http://auth.internal/check")]).expect("reads");
+    let options = Options { global_auth: global, ..Options::default() };
+    let t = translate(&inputs_with(yaml, options));
+    let vhost = &t.snapshot.routing.virtual_hosts[0];
+    let auth = |name: &str| {
+        vhost.routes.iter().find(|r| r.name.ends_with(name)).expect("route").action.policies.external_auth.is_some()
+    };
+    assert!(auth("/guarded"), "global auth applies");
+    assert!(!auth("/public"), "turned off by the route");
+}
