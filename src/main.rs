@@ -81,9 +81,9 @@ struct TranslationArgs {
     /// reaches, unless its namespace declares one of the same name (repeatable).
     #[arg(long = "shared-dict", value_parser = parse_shared_dict)]
     shared_dicts: Vec<(String, u64)>,
-    /// External auth for every Ingress without an `auth-url` of its own, unless it sets
-    /// `enable-global-auth: "false"`: an `http://` URL, nginx variables allowed (ingress-nginx's
-    /// `global-auth-url`). The other `--global-auth-*` flags are the `auth-*` annotations of the
+    /// External auth for every Ingress (and LuaRoute route) without one of its own, unless it
+    /// sets `enable-global-auth: "false"` (`policies.globalAuth: false`): an `http://` or
+    /// `https://` URL, nginx variables allowed (ingress-nginx's `global-auth-url`). The other `--global-auth-*` flags are the `auth-*` annotations of the
     /// same names.
     #[arg(long)]
     global_auth_url: Option<String>,
