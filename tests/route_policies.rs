@@ -1006,3 +1006,53 @@ async fn policies_as_lua_route_fields() {
         "{typed}"
     );
 }
+
+/// Redirects instead of the upstream, as ingress-nginx: `permanent-redirect` (301, or its
+/// `-code`) and `temporal-redirect` (302) with nginx variables, and `app-root`, which sends a
+/// request for `/` to the application's root (302) and lets every other path through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_answer_instead_of_the_upstream() {
+    let manifests = [
+        ingress(
+            "moved",
+            "moved.test",
+            &[("nginx.ingress.kubernetes.io/permanent-redirect", "https://new.example$request_uri")],
+        ),
+        ingress(
+            "moved308",
+            "moved308.test",
+            &[
+                ("nginx.ingress.kubernetes.io/permanent-redirect", "https://new.example/"),
+                ("nginx.ingress.kubernetes.io/permanent-redirect-code", "308"),
+            ],
+        ),
+        ingress(
+            "away",
+            "away.test",
+            &[("nginx.ingress.kubernetes.io/temporal-redirect", "https://maintenance.example/")],
+        ),
+        ingress("rooted", "rooted.test", &[("nginx.ingress.kubernetes.io/app-root", "/app")]),
+    ]
+    .concat();
+    let (tidegate, _dir) = start(&manifests).await;
+    let moved = get(tidegate.http, "moved.test", "/a/b?c=1").await.expect("answer");
+    assert_eq!(moved.status, StatusCode::MOVED_PERMANENTLY);
+    assert_eq!(moved.headers["location"], "https://new.example/a/b?c=1");
+    let moved = get(tidegate.http, "moved308.test", "/x").await.expect("answer");
+    assert_eq!(
+        (moved.status, moved.headers["location"].to_str().expect("ascii")),
+        (StatusCode::PERMANENT_REDIRECT, "https://new.example/")
+    );
+    let away = get(tidegate.http, "away.test", "/x").await.expect("answer");
+    assert_eq!(
+        (away.status, away.headers["location"].to_str().expect("ascii")),
+        (StatusCode::FOUND, "https://maintenance.example/")
+    );
+    let root = get(tidegate.http, "rooted.test", "/").await.expect("answer");
+    assert_eq!(
+        (root.status, root.headers["location"].to_str().expect("ascii")),
+        (StatusCode::FOUND, "http://rooted.test/app")
+    );
+    let app = get(tidegate.http, "rooted.test", "/app").await.expect("answer");
+    assert_eq!(app.status, StatusCode::OK, "other paths reach the backend");
+}

@@ -62,6 +62,13 @@ pub(super) struct Settings {
     pub(super) upstream: UpstreamKeys,
     /// `service-upstream`: the Service's cluster IP instead of its endpoints.
     pub(super) service_upstream: bool,
+    /// `app-root`.
+    pub(super) app_root: Option<String>,
+    /// `permanent-redirect` and `temporal-redirect`, with their codes.
+    pub(super) permanent_redirect: Option<Template>,
+    pub(super) permanent_code: u16,
+    pub(super) temporal_redirect: Option<Template>,
+    pub(super) temporal_code: u16,
     /// `canary: "true"` and the `canary-*` keys.
     pub(super) canary: CanaryKeys,
     /// The keys as written (with their prefix), by name: problems found later name them.
@@ -101,6 +108,11 @@ impl Default for Settings {
             upstream: UpstreamKeys::default(),
             canary: CanaryKeys::default(),
             service_upstream: false,
+            app_root: None,
+            permanent_redirect: None,
+            permanent_code: 301,
+            temporal_redirect: None,
+            temporal_code: 302,
             written: BTreeMap::new(),
             unhonoured: Vec::new(),
         }
@@ -619,6 +631,18 @@ pub(crate) const KEYS: &[Key] = &[
         _ => Err(format!("{v:?} is not a positive number")),
     }),
     parsed("service-upstream", "false", |v, s| boolean(v).map(|b| s.service_upstream = b)),
+    parsed("app-root", "", |v, s| {
+        let path = v.trim();
+        if !path.starts_with('/') || path.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+            return Err(format!("{path:?} is not a path"));
+        }
+        s.app_root = Some(path.to_owned());
+        Ok(())
+    }),
+    parsed("permanent-redirect", "", |v, s| v.trim().parse().map(|to| s.permanent_redirect = Some(to))),
+    parsed("permanent-redirect-code", "301", |v, s| redirect_code(v).map(|code| s.permanent_code = code)),
+    parsed("temporal-redirect", "", |v, s| v.trim().parse().map(|to| s.temporal_redirect = Some(to))),
+    parsed("temporal-redirect-code", "302", |v, s| redirect_code(v).map(|code| s.temporal_code = code)),
     parsed("canary", "false", |v, s| boolean(v).map(|b| s.canary.enabled = b)),
     parsed("canary-by-header", "", |v, s| {
         http::HeaderName::from_bytes(v.trim().as_bytes())
@@ -854,6 +878,14 @@ pub(crate) const KEYS: &[Key] = &[
     restricts(Pattern::Exact("configuration-snippet")),
     restricts(Pattern::Exact("server-snippet")),
 ];
+
+/// A redirect status: 300 to 308.
+fn redirect_code(value: &str) -> Result<u16, String> {
+    match value.trim().parse::<u16>() {
+        Ok(code) if (300..=308).contains(&code) => Ok(code),
+        _ => Err(format!("{value:?} is not a redirect status (300 to 308)")),
+    }
+}
 
 /// A cookie attribute's value: printable, without `;`.
 fn cookie_attribute(value: &str) -> Result<String, String> {

@@ -3,7 +3,7 @@
 //! the Secrets they name. Anything that cannot be honoured refuses the routes (503): never
 //! served with less protection than asked.
 
-use tidegate_snapshot::{BasicAuth, ClientCertificate, Credential, ExternalAuth, Policies, Refusal};
+use tidegate_snapshot::{BasicAuth, ClientCertificate, Credential, ExternalAuth, Policies, Redirect, Refusal};
 
 use super::annotations::Settings;
 use super::index::Index;
@@ -46,6 +46,13 @@ pub(super) fn resolve(
         client_certificate,
         upstream_host: settings.upstream_host.clone(),
         forwarded_prefix: settings.forwarded_prefix.clone(),
+        // A temporal redirect wins over a permanent one, as in ingress-nginx.
+        redirect: match (&settings.temporal_redirect, &settings.permanent_redirect) {
+            (Some(to), _) => Some(Redirect { to: to.clone(), status: settings.temporal_code }),
+            (None, Some(to)) => Some(Redirect { to: to.clone(), status: settings.permanent_code }),
+            (None, None) => None,
+        },
+        app_root: settings.app_root.clone(),
     };
     (policies, refusal.map(Refusal::unhonoured))
 }

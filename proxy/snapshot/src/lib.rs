@@ -293,10 +293,27 @@ pub struct Policies {
     /// `X-Forwarded-Prefix` for the upstream (`x-forwarded-prefix`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forwarded_prefix: Option<String>,
+    /// Every request answered with a redirect instead of going upstream
+    /// (`permanent-redirect`, `temporal-redirect`), after the client certificate and CORS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<Redirect>,
+    /// A request for `/` redirected (302) to this path on the same host (`app-root`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_root: Option<String>,
     /// `satisfy: any`: a request that passes the IP rules or either authentication goes on
     /// (nginx's `satisfy any`); otherwise it must pass them all.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub satisfy_any: bool,
+}
+
+/// A redirect answered for every request of a route.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Redirect {
+    /// The `Location`, with nginx variables.
+    pub to: Template,
+    /// 301 (`permanent-redirect-code`) or 302 (`temporal-redirect-code`) unless set: a 3xx.
+    pub status: u16,
 }
 
 /// Each request is first sent, without its body, to an external service: 2xx lets it go on
@@ -1196,6 +1213,8 @@ mod tests {
                                     always_set_cookie: false,
                                 }),
                                 satisfy_any: true,
+                                redirect: None,
+                                app_root: Some("/app".into()),
                                 client_certificate: Some(ClientCertificate {
                                     ca_id: "shop/ca".into(),
                                     ca_pem: "C".into(),

@@ -9,7 +9,7 @@
 //! | phase   | built-in filters, in order                                      | then          |
 //! |---------|-----------------------------------------------------------------|---------------|
 //! | rewrite | client certificate (`auth-tls-*`): 400; CORS (`enable-cors`):   | Lua `rewrite` |
-//! |         | 204                                                             |               |
+//! |         | 204; `app-root`: 302 for `/`; `permanent-` / `temporal-redirect` |               |
 //! | access  | limits (`limit-rps`, `-rpm`, `-connections`): 503; IP rules    | Lua `access`  |
 //! |         | (`*-source-range`): 403; Basic auth (`auth-type`): 401;         |               |
 //! |         | external auth (`auth-url`): 401, 302 to sign in, 403, 500        |               |
@@ -39,6 +39,7 @@ mod external_auth;
 mod ip;
 mod limit;
 mod password;
+mod redirect;
 mod variables;
 
 use std::net::IpAddr;
@@ -142,6 +143,8 @@ impl Effects {
 enum Filter {
     ClientCert(client_cert::ClientCertFilter),
     Cors(cors::CorsFilter),
+    AppRoot(redirect::AppRoot),
+    Redirect(redirect::RedirectFilter),
     Limit(limit::LimitFilter),
     Ip(ip::IpFilter),
     BasicAuth(basic_auth::BasicAuthFilter),
@@ -173,6 +176,8 @@ impl Filter {
         match self {
             Filter::ClientCert(certificate) => certificate.check(facts, effects),
             Filter::Cors(cors) => cors.check(facts.method, facts.headers, effects),
+            Filter::AppRoot(root) => root.check(facts),
+            Filter::Redirect(redirect) => redirect.check(facts),
             Filter::Limit(limits) => limits.check(facts.client, effects),
             Filter::Ip(rules) => rules.check(facts.client),
             Filter::BasicAuth(_) | Filter::ExternalAuth(_) => {
@@ -240,6 +245,12 @@ impl Filters {
         }
         if let Some(cors) = &policies.cors {
             rewrite.push(Filter::Cors(cors::CorsFilter::new(cors)));
+        }
+        if let Some(path) = &policies.app_root {
+            rewrite.push(Filter::AppRoot(redirect::AppRoot { path: path.clone() }));
+        }
+        if let Some(to) = &policies.redirect {
+            rewrite.push(Filter::Redirect(redirect::RedirectFilter { redirect: to.clone() }));
         }
         let mut access = Vec::new();
         if let Some(limits) = &policies.limits {

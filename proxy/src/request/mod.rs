@@ -8,7 +8,7 @@
 //!            │         │          │           │         └─ backend: endpoint, pool, our HTTP/1 client
 //!            │         │          │           └─ Lua content handlers answer instead of a backend
 //!            │         │          └─ limits, IP rules, Basic auth, external auth; then Lua access
-//!            │         └─ client certificate, CORS; then Lua rewrite
+//!            │         └─ client certificate, CORS, redirects; then Lua rewrite
 //!            └─ host, path, method, headers; 404, 308 to https, a refused route's 500/503,
 //!               413 for a declared body over the limit
 //! ```
@@ -20,7 +20,8 @@
 //!   `Content-Length` over the route's body limit (where nginx checks `client_max_body_size`).
 //!   Nothing of the route runs before it.
 //! - **rewrite** runs the route's built-in rewrite filters ([`crate::policy`]: the client
-//!   certificate, 400; CORS, whose preflights it answers 204) and then Lua
+//!   certificate, 400; CORS, whose preflights it answers 204; `app-root` and the permanent and
+//!   temporal redirects, 301/302/308) and then Lua
 //!   `rewrite`, which may change the method, URI, headers and body that go upstream, and may
 //!   answer (`ngx.exit`, `ngx.redirect`).
 //! - **access** runs the route's built-in access filters (limits, 503; IP rules, 403; Basic
