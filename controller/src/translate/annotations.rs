@@ -26,6 +26,10 @@ pub(crate) const NGINX: &str = "nginx.ingress.kubernetes.io/";
 pub(super) struct Settings {
     /// Redirect plain HTTP to HTTPS on hosts with TLS (`ssl-redirect`, default true).
     pub(super) ssl_redirect: bool,
+    /// Redirect plain HTTP to HTTPS even on hosts without TLS of their own
+    /// (`force-ssl-redirect`, default false): TLS ends in front of the proxy, or the default
+    /// certificate serves the host.
+    pub(super) force_ssl_redirect: bool,
     /// `proxy-connect-timeout`, `proxy-read-timeout` and `proxy-send-timeout`, in seconds.
     pub(super) timeouts: Timeouts,
     /// `tidegate.dev/lua-route`: the LuaRoute whose handlers run on this Ingress's paths.
@@ -91,6 +95,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             ssl_redirect: true,
+            force_ssl_redirect: false,
             timeouts: Timeouts::default(),
             lua_route: None,
             snippets: Vec::new(),
@@ -486,6 +491,7 @@ const fn restricts(pattern: Pattern) -> Key {
 /// Every key tidegate knows, under either prefix; the first row that covers a key decides.
 pub(crate) const KEYS: &[Key] = &[
     parsed("ssl-redirect", "true", |v, s| boolean(v).map(|b| s.ssl_redirect = b)),
+    parsed("force-ssl-redirect", "false", |v, s| boolean(v).map(|b| s.force_ssl_redirect = b)),
     parsed("proxy-connect-timeout", "5", |v, s| seconds(v).map(|ms| s.timeouts.connect_ms = ms)),
     parsed("proxy-read-timeout", "60", |v, s| seconds(v).map(|ms| s.timeouts.read_ms = ms)),
     parsed("proxy-send-timeout", "60", |v, s| seconds(v).map(|ms| s.timeouts.send_ms = ms)),

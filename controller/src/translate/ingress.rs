@@ -197,6 +197,7 @@ impl Context<'_, '_> {
                     host: host.clone(),
                     route,
                     wants_ssl_redirect: self.settings.ssl_redirect,
+                    forces_ssl_redirect: self.settings.force_ssl_redirect,
                     rank: (rank, r, p),
                     owner: std::rc::Rc::clone(&owner),
                     field: FieldAt::IngressPath(r, p),

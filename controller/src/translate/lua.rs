@@ -307,6 +307,7 @@ pub(super) fn translate(
                     ssl_redirect: false,
                 },
                 wants_ssl_redirect: true,
+                forces_ssl_redirect: false,
                 rank: (rank, r, 0),
                 owner: std::rc::Rc::clone(&owner),
                 field: FieldAt::Text(field.clone()),

@@ -174,6 +174,8 @@ struct Candidate {
     host: HostMatch,
     route: Route,
     wants_ssl_redirect: bool,
+    /// `force-ssl-redirect`: to HTTPS even when the host has no certificate of its own.
+    forces_ssl_redirect: bool,
     /// (Ingress rank, rule index, path index): the tie-breakers after type and length.
     rank: (usize, usize, usize),
     /// Shared by the object's candidates: 20,000 routes were 20,000 copies of their owners.
@@ -438,8 +440,8 @@ impl Builder {
                 self.conflicts.push(((*candidate.owner).clone(), candidate.field.to_string(), message));
                 continue;
             }
-            let Candidate { mut route, wants_ssl_redirect, owner, .. } = candidate;
-            route.ssl_redirect = wants_ssl_redirect && current.secured;
+            let Candidate { mut route, wants_ssl_redirect, forces_ssl_redirect, owner, .. } = candidate;
+            route.ssl_redirect = forces_ssl_redirect || (wants_ssl_redirect && current.secured);
             current.routes.push(route);
             current.winner = Some(owner);
         }

@@ -416,6 +416,20 @@ fn ssl_redirect_can_be_disabled() {
     }
 }
 
+/// `force-ssl-redirect: "true"` redirects plain HTTP to HTTPS on a host without TLS of its own
+/// too (TLS ending in front of the proxy, or the default certificate serving it).
+#[test]
+fn force_ssl_redirect_needs_no_certificate() {
+    let yaml = ingress("ns", "i", &rules(&[rule(Some("b.com"), &[("Prefix", "/", "s")])])).replace(
+        "namespace: ns}",
+        "namespace: ns, annotations: {nginx.ingress.kubernetes.io/force-ssl-redirect: \"true\"}}",
+    );
+    let t = run(&yaml);
+    let vhost = &t.snapshot.routing.virtual_hosts[0];
+    assert_eq!(vhost.tls, None);
+    assert!(vhost.routes[0].ssl_redirect, "forced without a certificate");
+}
+
 /// A wildcard certificate covers the exact hosts under it.
 #[test]
 fn wildcard_certificate_covers_exact_hosts() {
