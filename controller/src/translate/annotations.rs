@@ -68,6 +68,8 @@ pub(super) struct Settings {
     pub(super) service_upstream: bool,
     /// `app-root`.
     pub(super) app_root: Option<String>,
+    /// `enable-access-log` (true by default).
+    pub(super) access_log: bool,
     /// `permanent-redirect` and `temporal-redirect`, with their codes.
     pub(super) permanent_redirect: Option<Template>,
     pub(super) permanent_code: u16,
@@ -114,6 +116,7 @@ impl Default for Settings {
             canary: CanaryKeys::default(),
             service_upstream: false,
             app_root: None,
+            access_log: true,
             permanent_redirect: None,
             permanent_code: 301,
             temporal_redirect: None,
@@ -637,6 +640,7 @@ pub(crate) const KEYS: &[Key] = &[
         _ => Err(format!("{v:?} is not a positive number")),
     }),
     parsed("service-upstream", "false", |v, s| boolean(v).map(|b| s.service_upstream = b)),
+    parsed("enable-access-log", "true", |v, s| boolean(v).map(|b| s.access_log = b)),
     parsed("app-root", "", |v, s| {
         let path = v.trim();
         if !path.starts_with('/') || path.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {

@@ -53,6 +53,7 @@ pub(super) fn resolve(
             (None, None) => None,
         },
         app_root: settings.app_root.clone(),
+        no_access_log: !settings.access_log,
     };
     (policies, refusal.map(Refusal::unhonoured))
 }

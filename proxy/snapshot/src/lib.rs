@@ -297,6 +297,9 @@ pub struct Policies {
     /// (`permanent-redirect`, `temporal-redirect`), after the client certificate and CORS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redirect: Option<Redirect>,
+    /// The route's requests are left out of the access log (`enable-access-log: "false"`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_access_log: bool,
     /// A request for `/` redirected (302) to this path on the same host (`app-root`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_root: Option<String>,
@@ -1215,6 +1218,7 @@ mod tests {
                                 satisfy_any: true,
                                 redirect: None,
                                 app_root: Some("/app".into()),
+                                no_access_log: true,
                                 client_certificate: Some(ClientCertificate {
                                     ca_id: "shop/ca".into(),
                                     ca_pem: "C".into(),

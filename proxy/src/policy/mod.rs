@@ -233,6 +233,8 @@ pub(crate) struct Filters {
     /// Headers the upstream request carries, set by the route (`upstream-vhost`,
     /// `x-forwarded-prefix`).
     upstream_headers: Vec<(HeaderName, HeaderValue)>,
+    /// The route's requests go to the access log (`enable-access-log`).
+    access_log: bool,
 }
 
 impl Filters {
@@ -284,6 +286,7 @@ impl Filters {
             satisfy_any: policies.satisfy_any,
             max_body: policies.max_body_bytes,
             response_rate: policies.response_rate,
+            access_log: !policies.no_access_log,
         }
     }
 
@@ -294,6 +297,11 @@ impl Filters {
                 .map(|body| LocalBody::new(crate::body::Throttled::new(body, rate.bytes_per_second, rate.after_bytes))),
             None => response,
         }
+    }
+
+    /// Whether the route's requests go to the access log.
+    pub(crate) fn access_log(&self) -> bool {
+        self.access_log
     }
 
     /// Headers the route sets on its upstream requests.

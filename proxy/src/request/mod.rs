@@ -79,7 +79,7 @@ pub(crate) async fn handle(
     worker.started.set(worker.started.get().wrapping_add(1));
     let runtime = worker.current_runtime();
     worker.trim_scripts(&runtime);
-    let logging = worker.shared.access_log.enabled();
+    let mut logging = worker.shared.access_log.enabled();
     let method = request.method().clone();
     let version = request.version();
     let path = if logging { request.uri().path().to_owned() } else { String::new() };
@@ -90,6 +90,7 @@ pub(crate) async fn handle(
     let mut response = match route(&worker, &runtime, &conn, &host, &request, &mut outcome) {
         Routed::Answer(response) => response,
         Routed::Target(target) => {
+            logging &= target.filters.access_log();
             // Each way of serving keeps its state in a box of its own, for as long as it runs:
             // inline, every request would carry the largest of them (the upstream exchange's)
             // whichever it takes, and a Lua route answering by itself would hold the upstream
