@@ -44,9 +44,10 @@ impl Names {
             state.last = None;
             return apply(snapshot);
         }
+        // The filled copy is kept: filling it again replaces the same backends' endpoints.
         let filled = fill(snapshot, &state.resolved);
         let result = apply(&filled);
-        state.last = Some(snapshot.clone());
+        state.last = Some(filled);
         self.wake.notify_one();
         result
     }

@@ -142,8 +142,11 @@ impl<'a> Attempts<'a> {
 }
 
 impl Drop for Attempts<'_> {
-    /// An attempt nobody reported (the request was dropped) ends as a failure.
+    /// An attempt nobody reported: the client went away while it waited. The endpoint's
+    /// request in progress ends, and counts neither for nor against its health.
     fn drop(&mut self) {
-        self.finished(None);
+        if let (Some((endpoints, ..)), Some(pick)) = (self.source, self.current.take()) {
+            endpoints.abandoned(pick);
+        }
     }
 }

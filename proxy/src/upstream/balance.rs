@@ -239,6 +239,17 @@ impl Endpoints {
         self.addresses.iter().copied().find(|a| address_key(*a) == key)
     }
 
+    /// The exchange of `pick` was given up by the client: no longer in progress, and nothing
+    /// learnt.
+    pub(crate) fn abandoned(&self, pick: Pick) {
+        if pick.tracked
+            && self.addresses.get(pick.index) == Some(&pick.address)
+            && let Some(stats) = self.stats.get(pick.index)
+        {
+            let _ = stats.in_progress.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
+    }
+
     /// How the exchange of `pick` ended: its response time and status when it answered.
     pub(crate) fn finished(&self, pick: Pick, answered: Option<(Duration, u16)>) {
         self.health(pick, answered.is_some_and(|(_, status)| status < 500));
@@ -429,5 +440,18 @@ mod tests {
             e.finished(pick, (pick.address != other).then_some((Duration::from_millis(1), 200)));
         }
         assert!((0..6).any(|_| e.pick(&Balance::RoundRobin, None, &[]).is_some_and(|p| p.address == other)));
+    }
+
+    /// Clients that go away while an endpoint works count neither for nor against it.
+    #[test]
+    fn abandoned_exchanges_do_not_eject() {
+        let e = endpoints(2);
+        for _ in 0..20 {
+            let pick = e.pick(&Balance::RoundRobin, None, &[]).expect("pick");
+            e.abandoned(pick);
+        }
+        let ports: std::collections::BTreeSet<u16> =
+            (0..4).filter_map(|_| e.pick(&Balance::RoundRobin, None, &[])).map(|p| p.address.port()).collect();
+        assert_eq!(ports.len(), 2, "both still chosen");
     }
 }
