@@ -77,6 +77,12 @@ struct TranslationArgs {
     /// of the proxies' self-signed certificate).
     #[arg(long, value_parser = parse_namespaced)]
     default_ssl_certificate: Option<(String, String)>,
+    /// `NAMESPACE/NAME` of the ConfigMap of cluster-wide settings, with ingress-nginx's keys
+    /// (`proxy-body-size`, `limit-req-status-code`, `global-auth-url`, `block-cidrs`...). In
+    /// standalone mode it is read from the manifests folder. Its `global-auth-*` keys take the
+    /// place of the `--global-auth-*` flags.
+    #[arg(long, value_parser = parse_namespaced)]
+    configmap: Option<(String, String)>,
     /// `NAME=SIZE` (e.g. `limits=10Mi`): an `ngx.shared` dictionary Lua of every namespace
     /// reaches, unless its namespace declares one of the same name (repeatable).
     #[arg(long = "shared-dict", value_parser = parse_shared_dict)]
@@ -135,6 +141,7 @@ impl TranslationArgs {
             default_certificate: self.default_ssl_certificate.clone(),
             shared_dicts: self.shared_dicts.clone(),
             global_auth: tidegate_controller::translate::global_auth(&set)?,
+            configmap: self.configmap.clone(),
         })
     }
 }

@@ -192,6 +192,7 @@ const CONTROLLER_NEEDS: &[(&str, &str, &[&str])] = &[
     ("networking.k8s.io", "ingresses/status", &["patch"]),
     ("", "services", &["get", "list", "watch"]),
     ("", "secrets", &["get", "list", "watch"]),
+    ("", "configmaps", &["get", "list", "watch"]),
     ("discovery.k8s.io", "endpointslices", &["get", "list", "watch"]),
     ("tidegate.dev", "luaroutes", &["get", "list", "watch"]),
     ("tidegate.dev", "luaroutes/status", &["patch"]),

@@ -757,3 +757,58 @@ async fn watch_namespace_narrows_what_is_read() {
         .collect();
     assert!(!lists.is_empty() && lists.iter().all(|r| r.contains("/namespaces/t/")), "{lists:?}");
 }
+
+/// The global ConfigMap in cluster mode: read from its own namespace even when
+/// `--watch-namespace` leaves that namespace out, an unknown key raised as a Warning Event on the
+/// ConfigMap, and a change reaching both proxies live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_global_configmap_applies_live_and_reports_its_keys() {
+    let cluster = Cluster::new();
+    let api = &cluster.api;
+    let web = echo("t", "web").await;
+    api.apply_yaml(&service_yaml("t", "web", 80, "http", &[web]));
+    api.apply_yaml(&ingress("a", "a.test", "web"));
+    let settings = |agents: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: settings, namespace: sys}}\ndata:\n  block-user-agents: {agents:?}\n  no-such-key: \"1\"\n"
+        )
+    };
+    api.apply_yaml(&settings("~*evilbot"));
+    let mut flags = vec!["--name", "c1", "--watch-namespace", "t", "--configmap", "sys/settings"];
+    flags.extend(FAST_LEASE);
+    let controller = cluster.controller(&flags);
+    let (p1, p2) = cluster.proxies(&controller).await;
+    let status_as = async |proxy: &Tidegate, agent: &str| {
+        let mut request = get_request("a.test", "/");
+        request.headers_mut().insert(http::header::USER_AGENT, agent.parse().expect("header"));
+        let mut h1 = support::H1::connect(proxy.http).await.expect("connect");
+        h1.send(request).await.expect("answered").status
+    };
+    for proxy in [&p1, &p2] {
+        assert_eq!(status_as(proxy, "EvilBot/1").await, StatusCode::FORBIDDEN);
+        assert_eq!(status_as(proxy, "curl/8").await, StatusCode::OK);
+    }
+    until("a Warning Event on the ConfigMap", Duration::from_secs(10), async || {
+        api.list("events.k8s.io/v1", "Event").into_iter().any(|e| {
+            e["regarding"]["kind"] == "ConfigMap"
+                && e["regarding"]["name"] == "settings"
+                && e["type"] == "Warning"
+                && e["note"].as_str().is_some_and(|n| n.contains("no-such-key"))
+        })
+    })
+    .await;
+    timed(
+        "global ConfigMap edited",
+        || api.apply_yaml(&settings("~*curl")),
+        async || {
+            status_as(&p1, "curl/8").await == StatusCode::FORBIDDEN
+                && status_as(&p2, "curl/8").await == StatusCode::FORBIDDEN
+        },
+    )
+    .await;
+    assert_eq!(status_as(&p1, "EvilBot/1").await, StatusCode::OK);
+    assert!(
+        api.requests().iter().any(|r| r.contains("/namespaces/sys/configmaps") && r.contains("metadata.name")),
+        "the global ConfigMap watched by name in its namespace"
+    );
+}

@@ -563,8 +563,9 @@ struct Seen {
 }
 
 /// A real HTTP auth service on loopback, in the manner of oauth2-proxy: `Authorization: Bearer
-/// good` passes (200, with user headers and a cookie), `forbidden` gets 403, `broken` 502,
-/// nothing 401 with a challenge; `/slow` takes a second. It records every request.
+/// good` passes (200, with user headers and a cookie), `plain` too without a cookie, `private`
+/// with `Cache-Control: private`, `forbidden` gets 403, `broken` 502, nothing 401 with a
+/// challenge; `/slow` takes a second. It records every request.
 async fn auth_server() -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<Seen>>>) {
     use hyper::service::service_fn;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -595,6 +596,10 @@ async fn auth_server() -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex
                                 .header("x-auth-user", "ann")
                                 .header("x-auth-email", "ann@example.com")
                                 .header("set-cookie", "session=abc; Path=/"),
+                            "Bearer plain" => response.status(200).header("x-auth-user", "bob"),
+                            "Bearer private" => {
+                                response.status(200).header("x-auth-user", "eve").header("cache-control", "private")
+                            }
                             "Bearer forbidden" => response.status(403),
                             "Bearer broken" => response.status(502),
                             _ if request.uri().path() == "/slow" => response.status(200),
@@ -730,6 +735,79 @@ async fn external_auth_against_a_real_service() {
     eprintln!("route policies: while the auth service takes 1 s, the same worker answers in {took:?}");
     assert!(took[2] < std::time::Duration::from_millis(10), "median under 10 ms: {took:?}");
     assert_eq!(slow.await.expect("slow"), StatusCode::OK);
+}
+
+/// `auth-cache-key` and `auth-cache-duration`, as nginx's `proxy_cache` on the auth location:
+/// within the time, a key's answer is reused without asking the service, and its headers still
+/// reach the upstream; a status the durations do not name, an answer with a cookie and one
+/// marked private are asked each time. `auth-proxy-set-headers` (a ConfigMap in the Ingress's
+/// namespace) adds headers to the auth request, variables expanded; a missing one closes the
+/// routes (503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_answers_cached_and_auth_request_headers() {
+    let (auth, seen) = auth_server().await;
+    let url = format!("http://{auth}/cached");
+    let headers = "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: auth-headers, namespace: t}\ndata:\n  X-Client: \"$remote_addr\"\n  X-Static: \"yes\"\n";
+    let manifests = [
+        headers.to_owned(),
+        ingress(
+            "cached",
+            "cached.test",
+            &[
+                ("nginx.ingress.kubernetes.io/auth-url", &url),
+                ("nginx.ingress.kubernetes.io/auth-response-headers", "X-Auth-User"),
+                ("nginx.ingress.kubernetes.io/auth-cache-key", "$http_authorization"),
+                ("nginx.ingress.kubernetes.io/auth-cache-duration", "200 202 1m"),
+                ("nginx.ingress.kubernetes.io/auth-proxy-set-headers", "auth-headers"),
+            ],
+        ),
+        ingress(
+            "missing",
+            "missing.test",
+            &[
+                ("nginx.ingress.kubernetes.io/auth-url", &url),
+                ("nginx.ingress.kubernetes.io/auth-proxy-set-headers", "t/no-such-headers"),
+            ],
+        ),
+    ]
+    .concat();
+    let (tidegate, _dir) = start(&manifests).await;
+    let asked = |token: &str| {
+        seen.lock().expect("log").iter().filter(|s| s.headers.get("authorization").is_some_and(|v| v == token)).count()
+    };
+    for _ in 0..3 {
+        let answer = get_with(&tidegate, "cached.test", Some("Bearer plain")).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(
+            support::echoed_headers(&answer).get("X-Auth-User"),
+            Some(&vec!["bob".to_owned()]),
+            "from the kept answer too"
+        );
+    }
+    assert_eq!(asked("Bearer plain"), 1, "one 200 kept for a minute");
+    for token in ["Bearer good", "Bearer private"] {
+        for _ in 0..2 {
+            assert_eq!(get_with(&tidegate, "cached.test", Some(token)).await.status, StatusCode::OK);
+        }
+        assert_eq!(asked(token), 2, "{token}: not kept");
+    }
+    for _ in 0..2 {
+        assert_eq!(get_with(&tidegate, "cached.test", Some("Bearer forbidden")).await.status, StatusCode::FORBIDDEN);
+    }
+    assert_eq!(asked("Bearer forbidden"), 2, "403 is not among the durations");
+    let first = seen.lock().expect("log").iter().find(|s| s.uri == "/cached").cloned().expect("asked");
+    assert_eq!(first.headers.get("x-client").and_then(|v| v.to_str().ok()), Some("127.0.0.1"), "$remote_addr");
+    assert_eq!(first.headers.get("x-static").and_then(|v| v.to_str().ok()), Some("yes"));
+
+    assert_eq!(get_with(&tidegate, "missing.test", Some("Bearer plain")).await.status, StatusCode::SERVICE_UNAVAILABLE);
+    let missing = problems(&tidegate, "missing");
+    assert!(
+        missing
+            .iter()
+            .any(|p| p["field"] == "metadata.annotations[\"nginx.ingress.kubernetes.io/auth-proxy-set-headers\"]"
+                && p["reason"] == "ConfigMapNotFound"),
+        "{missing:?}"
+    );
 }
 
 /// `satisfy`: with `any`, a client the IP rules admit needs no password, and one they refuse

@@ -208,6 +208,17 @@ pub struct ExternalAuthPolicy {
     pub request_redirect: Option<String>,
     #[serde(default)]
     pub always_set_cookie: bool,
+    /// A ConfigMap in the LuaRoute's namespace whose entries are headers (nginx variables
+    /// allowed) set on the auth request (`auth-proxy-set-headers`).
+    #[serde(default)]
+    pub proxy_set_headers: Option<String>,
+    /// Answers are kept per this key, nginx variables allowed (`auth-cache-key`).
+    #[serde(default)]
+    pub cache_key: Option<String>,
+    /// How long answers are kept, by status: `200 202 401 5m` when absent
+    /// (`auth-cache-duration`).
+    #[serde(default)]
+    pub cache_duration: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -337,6 +348,9 @@ impl RoutePolicies {
                 ("auth-signin", &auth.signin, "signin"),
                 ("auth-signin-redirect-param", &auth.signin_redirect_param, "signinRedirectParam"),
                 ("auth-request-redirect", &auth.request_redirect, "requestRedirect"),
+                ("auth-proxy-set-headers", &auth.proxy_set_headers, "proxySetHeaders"),
+                ("auth-cache-key", &auth.cache_key, "cacheKey"),
+                ("auth-cache-duration", &auth.cache_duration, "cacheDuration"),
             ];
             for (key, value, name) in optional {
                 if let Some(value) = value {

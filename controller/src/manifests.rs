@@ -18,7 +18,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use serde::de::DeserializeOwned;
@@ -36,6 +36,7 @@ pub enum Object {
     Service(Arc<Service>),
     EndpointSlice(Arc<EndpointSlice>),
     Secret(Arc<Secret>),
+    ConfigMap(Arc<ConfigMap>),
     LuaRoute(Arc<LuaRoute>),
 }
 
@@ -237,6 +238,7 @@ pub fn into_inputs(objects: impl IntoIterator<Item = Object>, options: Options) 
             Object::Service(o) => inputs.services.push(o),
             Object::EndpointSlice(o) => inputs.endpoint_slices.push(o),
             Object::Secret(o) => inputs.secrets.push(o),
+            Object::ConfigMap(o) => inputs.config_maps.push(o),
             Object::LuaRoute(o) => inputs.lua_routes.push(o),
         }
     }
@@ -357,10 +359,10 @@ fn parse_object(document: Value) -> Result<Option<(ObjectRef, Object)>, LoadErro
     let namespace = meta.and_then(|m| m.get("namespace")).and_then(Value::as_str).unwrap_or("default").to_owned();
     let expected = match kind.as_str() {
         "Ingress" | "IngressClass" => "networking.k8s.io/v1",
-        "Service" | "Secret" => "v1",
+        "Service" | "Secret" | "ConfigMap" => "v1",
         "EndpointSlice" => "discovery.k8s.io/v1",
         luaroute::KIND => luaroute::API_VERSION,
-        // Deployments, ConfigMaps and the like may share the folder; they are not ours to read.
+        // Deployments and the like may share the folder; they are not ours to read.
         _ => return Ok(None),
     };
     let object_ref = match kind.as_str() {
@@ -370,6 +372,7 @@ fn parse_object(document: Value) -> Result<Option<(ObjectRef, Object)>, LoadErro
                 "Ingress" => "Ingress",
                 "Service" => "Service",
                 "Secret" => "Secret",
+                "ConfigMap" => "ConfigMap",
                 "EndpointSlice" => "EndpointSlice",
                 _ => luaroute::KIND,
             },
@@ -398,6 +401,7 @@ fn parse_object(document: Value) -> Result<Option<(ObjectRef, Object)>, LoadErro
         "Service" => Object::Service(Arc::new(typed_from(document).map_err(typed)?)),
         "EndpointSlice" => Object::EndpointSlice(Arc::new(typed_from(document).map_err(typed)?)),
         "Secret" => Object::Secret(Arc::new(typed_from(document).map_err(typed)?)),
+        "ConfigMap" => Object::ConfigMap(Arc::new(typed_from(document).map_err(typed)?)),
         _ => Object::LuaRoute(Arc::new(typed_from(document).map_err(typed)?)),
     };
     Ok(Some((object_ref, object)))

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use serde::Serialize;
@@ -22,6 +22,9 @@ pub struct Inputs {
     pub services: Vec<Arc<Service>>,
     pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     pub secrets: Vec<Arc<Secret>>,
+    /// The global ConfigMap (`--configmap`) and the ConfigMaps of headers it and annotations
+    /// name (`add-headers`, `proxy-set-headers`, `custom-headers`, `auth-proxy-set-headers`).
+    pub config_maps: Vec<Arc<ConfigMap>>,
     pub lua_routes: Vec<Arc<LuaRoute>>,
     pub options: Options,
 }
@@ -45,6 +48,9 @@ pub struct Options {
     /// `--global-auth-url` and its options: external auth for every Ingress that has none of
     /// its own and does not set `enable-global-auth: "false"` (see [`crate::translate::global_auth`]).
     pub global_auth: Option<tidegate_snapshot::ExternalAuth>,
+    /// `--configmap NAMESPACE/NAME`: the ConfigMap of cluster-wide settings, with ingress-nginx's
+    /// keys (see [`crate::translate::configmap_table`]).
+    pub configmap: Option<(String, String)>,
 }
 
 impl Default for Options {
@@ -56,6 +62,7 @@ impl Default for Options {
             default_certificate: None,
             shared_dicts: Vec::new(),
             global_auth: None,
+            configmap: None,
         }
     }
 }

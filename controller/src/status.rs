@@ -13,6 +13,8 @@ pub enum Reason {
     BackendNotFound,
     /// A Secret the object names does not exist.
     SecretNotFound,
+    /// A ConfigMap the object (or the global ConfigMap) names does not exist.
+    ConfigMapNotFound,
     /// A Secret exists but is not a usable TLS certificate and key.
     InvalidCertificate,
     /// Another object already claims this host, path or default backend.

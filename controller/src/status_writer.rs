@@ -192,6 +192,14 @@ impl Writer {
         for invalid in &view.invalid {
             written += usize::from(self.invalid_lua_route(invalid).await);
         }
+        // ConfigMaps have no status: their problems (the global one's keys) are Events.
+        for config_map in &view.inputs.config_maps {
+            let object =
+                ObjectRef::namespaced("ConfigMap", namespace_of(&config_map.metadata), name_of(&config_map.metadata));
+            if let Some(status) = by_object.get(&object) {
+                self.announce(status, &config_map.metadata, "v1", "ConfigMap").await;
+            }
+        }
         // Forget generations of LuaRoutes that are gone.
         let present: BTreeSet<(String, String)> = view
             .inputs
@@ -342,7 +350,12 @@ impl Writer {
         reasons.dedup_by_key(|(_, reason)| *reason);
         for (_, reason) in reasons {
             let name = format!("{reason:?}");
-            let key = (status.object.clone(), meta.generation.unwrap_or(0), name.clone());
+            // Objects without a generation (ConfigMaps) are told again when their content changes.
+            let generation = meta.generation.unwrap_or_else(|| {
+                let version = meta.resource_version.as_deref().unwrap_or_default();
+                i64::try_from(version.parse::<u64>().unwrap_or(0)).unwrap_or(i64::MAX)
+            });
+            let key = (status.object.clone(), generation, name.clone());
             if self.announced.contains(&key) {
                 continue;
             }

@@ -12,6 +12,10 @@
 //!   by a label selector, and only as metadata. The data of a Secret is fetched when an Ingress or
 //!   LuaRoute names it (again when its `resourceVersion` changes), so the keys of Secrets
 //!   nobody references are never held.
+//! - ConfigMaps the same way: metadata only, and the data of those named (the global
+//!   `--configmap`, and the ConfigMaps of headers it and annotations name) fetched when named.
+//!   The global ConfigMap is watched in its own namespace even when `--watch-namespace` leaves
+//!   that namespace out.
 //! - A LuaRoute that does not deserialize is kept as an error naming the field, for its
 //!   status; it does not stop the watch of the others.
 
@@ -19,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use kube::api::{Api, DynamicObject, PartialObjectMeta};
@@ -81,14 +85,30 @@ pub struct Watched {
     lua_routes: Vec<Shared<WatchedLuaRoute>>,
     /// TLS Secrets by key: their `resourceVersion`.
     secrets: Vec<Shared<String>>,
+    /// ConfigMaps by key: their `resourceVersion`.
+    config_maps: Vec<Shared<String>>,
     changed: Arc<Notify>,
     options: Options,
 }
 
-/// Data of the Secrets that are referenced, by key, with the version it was read at.
+/// The objects that are referenced (Secrets, ConfigMaps), by key, with the version each was
+/// read at.
+#[derive(Debug)]
+pub struct Held<K> {
+    read: BTreeMap<Key, (String, Arc<K>)>,
+}
+
+impl<K> Default for Held<K> {
+    fn default() -> Self {
+        Held { read: BTreeMap::new() }
+    }
+}
+
+/// The data translation reads only when an object names it.
 #[derive(Debug, Default)]
 pub struct SecretData {
-    read: BTreeMap<Key, (String, Arc<Secret>)>,
+    secrets: Held<Secret>,
+    config_maps: Held<ConfigMap>,
 }
 
 fn lock<T>(cache: &Shared<T>) -> MutexGuard<'_, Cache<T>> {
@@ -270,6 +290,24 @@ impl Watched {
                 let secrets: Api<PartialObjectMeta<Secret>> = api(client, scope);
                 watched.secrets.push(follow(watch_stream(secrets, config), "Secret", version, c()));
             }
+            let config_maps: Api<PartialObjectMeta<ConfigMap>> = api(client, scope);
+            let version = |c: PartialObjectMeta<ConfigMap>| c.metadata.resource_version.unwrap_or_default();
+            watched.config_maps.push(follow(watch_stream(config_maps, plain()), "ConfigMap", version, c()));
+        }
+        // The global ConfigMap, when its namespace is not watched already.
+        if let Some((namespace, name)) = &config.options.configmap
+            && !config.namespaces.is_empty()
+            && !config.namespaces.contains(namespace)
+        {
+            let config_maps: Api<PartialObjectMeta<ConfigMap>> = Api::namespaced(client.clone(), namespace);
+            let version = |c: PartialObjectMeta<ConfigMap>| c.metadata.resource_version.unwrap_or_default();
+            let one = plain().fields(&format!("metadata.name={name}"));
+            watched.config_maps.push(follow(
+                watch_stream(config_maps, one),
+                "ConfigMap",
+                version,
+                Arc::clone(&changed),
+            ));
         }
         Arc::new(watched)
     }
@@ -290,6 +328,7 @@ impl Watched {
             && all(&self.slices)
             && all(&self.lua_routes)
             && all(&self.secrets)
+            && all(&self.config_maps)
     }
 
     /// Cached objects by kind, for metrics.
@@ -304,6 +343,7 @@ impl Watched {
             ("EndpointSlice", count(&self.slices)),
             (luaroute::KIND, count(&self.lua_routes)),
             ("Secret", count(&self.secrets)),
+            ("ConfigMap", count(&self.config_maps)),
         ])
     }
 
@@ -331,9 +371,16 @@ impl Watched {
                 }
             }
         }
-        let versions: BTreeMap<Key, String> =
-            self.secrets.iter().flat_map(|c| lock(c).objects.clone().into_iter().collect::<Vec<_>>()).collect();
-        inputs.secrets = data.refresh(client, &referenced_secrets(&inputs), &versions).await;
+        fn versions(caches: &[Shared<String>]) -> BTreeMap<Key, String> {
+            caches.iter().flat_map(|c| lock(c).objects.clone().into_iter().collect::<Vec<_>>()).collect()
+        }
+        inputs.secrets = data.secrets.refresh(client, &referenced_secrets(&inputs), &versions(&self.secrets)).await;
+        // The global ConfigMap first: it names others.
+        let config_versions = versions(&self.config_maps);
+        let global: BTreeSet<Key> = inputs.options.configmap.iter().cloned().collect();
+        inputs.config_maps = data.config_maps.refresh(client, &global, &config_versions).await;
+        let named = referenced_config_maps(&inputs);
+        inputs.config_maps = data.config_maps.refresh(client, &named, &config_versions).await;
         (inputs, invalid)
     }
 }
@@ -375,14 +422,75 @@ pub fn referenced_secrets(inputs: &Inputs) -> BTreeSet<Key> {
     names
 }
 
-impl SecretData {
-    /// Brings the held data to `versions` for the `wanted` Secrets and drops the rest.
+/// The ConfigMaps translation reads: the global one (`--configmap`), those it names
+/// (`add-headers`, `proxy-set-headers`, in its namespace unless they name one), and those
+/// annotations name (`custom-headers`, `auth-proxy-set-headers`, in the Ingress's namespace).
+pub fn referenced_config_maps(inputs: &Inputs) -> BTreeSet<Key> {
+    let mut names: BTreeSet<Key> = BTreeSet::new();
+    let named = |value: &str, namespace: &str| -> Key {
+        let value = value.trim();
+        match value.split_once('/') {
+            Some((ns, name)) => (ns.to_owned(), name.to_owned()),
+            None => (namespace.to_owned(), value.to_owned()),
+        }
+    };
+    if let Some((namespace, name)) = &inputs.options.configmap {
+        names.insert((namespace.clone(), name.clone()));
+        let global = inputs
+            .config_maps
+            .iter()
+            .find(|c| c.metadata.namespace.as_ref() == Some(namespace) && c.metadata.name.as_ref() == Some(name));
+        let data = global.and_then(|c| c.data.as_ref());
+        for key in ["add-headers", "proxy-set-headers"] {
+            if let Some(value) = data.and_then(|d| d.get(key)) {
+                names.insert(named(value, namespace));
+            }
+        }
+    }
+    let wanted = |key: &str| ["/custom-headers", "/auth-proxy-set-headers"].iter().any(|s| key.ends_with(s));
+    for ingress in &inputs.ingresses {
+        let own = crate::objects::namespace_of(&ingress.metadata);
+        let annotations = ingress.metadata.annotations.iter().flatten();
+        for (key, value) in annotations.filter(|(k, _)| wanted(k)) {
+            if key.starts_with("tidegate.dev/") || key.starts_with("nginx.ingress.kubernetes.io/") {
+                let key = named(value, own);
+                // Others' namespaces are refused by translation, and not read.
+                if key.0 == own {
+                    names.insert(key);
+                }
+            }
+        }
+    }
+    for route in &inputs.lua_routes {
+        let own = crate::objects::namespace_of(&route.metadata);
+        let rules = route.spec.routes.iter().filter_map(|r| r.policies.as_ref());
+        for policies in route.spec.policies.iter().chain(rules) {
+            if let Some(value) = policies.external_auth.as_ref().and_then(|a| a.proxy_set_headers.as_deref()) {
+                names.insert(named(value, own));
+            }
+        }
+    }
+    names
+}
+
+impl<K> Held<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default,
+{
+    /// Brings the held data to `versions` for the `wanted` objects and drops the rest.
     async fn refresh(
         &mut self,
         client: &Client,
         wanted: &BTreeSet<Key>,
         versions: &BTreeMap<Key, String>,
-    ) -> Vec<Arc<Secret>> {
+    ) -> Vec<Arc<K>> {
         self.read.retain(|key, _| wanted.contains(key));
         for key in wanted {
             let Some(version) = versions.get(key) else {
@@ -393,20 +501,21 @@ impl SecretData {
             if self.read.get(key).is_some_and(|(held, _)| held == version) {
                 continue;
             }
-            let secrets: Api<Secret> = Api::namespaced(client.clone(), &key.0);
-            match secrets.get_opt(&key.1).await {
-                Ok(Some(secret)) => {
-                    self.read.insert(key.clone(), (version.clone(), Arc::new(secret)));
+            let objects: Api<K> = Api::namespaced(client.clone(), &key.0);
+            match objects.get_opt(&key.1).await {
+                Ok(Some(object)) => {
+                    self.read.insert(key.clone(), (version.clone(), Arc::new(object)));
                 }
                 Ok(None) => {
                     self.read.remove(key);
                 }
                 Err(e) => {
                     // Keep what was held; the next change retries.
-                    tracing::warn!(secret = %format!("{}/{}", key.0, key.1), error = %e, "cannot read Secret");
+                    let kind = K::kind(&K::DynamicType::default()).into_owned();
+                    tracing::warn!(kind, object = %format!("{}/{}", key.0, key.1), error = %e, "cannot read it");
                 }
             }
         }
-        self.read.values().map(|(_, secret)| Arc::clone(secret)).collect()
+        self.read.values().map(|(_, object)| Arc::clone(object)).collect()
     }
 }

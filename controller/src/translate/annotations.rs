@@ -77,6 +77,9 @@ pub(super) struct Settings {
     pub(super) temporal_code: u16,
     /// `canary: "true"` and the `canary-*` keys.
     pub(super) canary: CanaryKeys,
+    /// `custom-headers`: the ConfigMap (`name` or `namespace/name`) of headers set on every
+    /// response, resolved by [`super::configmap`].
+    pub(super) custom_headers: Option<String>,
     /// The keys as written (with their prefix), by name: problems found later name them.
     pub(super) written: BTreeMap<String, String>,
     /// Keys that restrict access and that tidegate does not honour (or whose value it cannot
@@ -114,6 +117,7 @@ impl Default for Settings {
             forwarded_prefix: None,
             upstream: UpstreamKeys::default(),
             canary: CanaryKeys::default(),
+            custom_headers: None,
             service_upstream: false,
             app_root: None,
             access_log: true,
@@ -264,6 +268,12 @@ pub(super) struct ExternalAuthKeys {
     pub(super) response_headers: Vec<String>,
     pub(super) request_redirect: Option<String>,
     pub(super) always_set_cookie: bool,
+    /// `auth-proxy-set-headers`: the ConfigMap of headers for the auth request, resolved with
+    /// the Ingress's namespace by [`super::policies`].
+    pub(super) proxy_set_headers: Option<String>,
+    /// `auth-cache-key` and `auth-cache-duration`.
+    pub(super) cache_key: Option<Template>,
+    pub(super) cache_durations: Vec<tidegate_snapshot::CacheDuration>,
 }
 
 impl Default for ExternalAuthKeys {
@@ -276,6 +286,9 @@ impl Default for ExternalAuthKeys {
             response_headers: Vec::new(),
             request_redirect: None,
             always_set_cookie: false,
+            proxy_set_headers: None,
+            cache_key: None,
+            cache_durations: vec![tidegate_snapshot::CacheDuration { statuses: vec![200, 202, 401], seconds: 300 }],
         }
     }
 }
@@ -290,6 +303,11 @@ impl ExternalAuthKeys {
             response_headers: self.response_headers.clone(),
             request_redirect: self.request_redirect.clone(),
             always_set_cookie: self.always_set_cookie,
+            set_headers: Vec::new(),
+            cache: self
+                .cache_key
+                .clone()
+                .map(|key| tidegate_snapshot::AuthCache { key, durations: self.cache_durations.clone() }),
         })
     }
 }
@@ -301,7 +319,7 @@ pub fn global_auth(settings: &[(&str, &str)]) -> Result<Option<tidegate_snapshot
     let annotations: BTreeMap<String, String> =
         settings.iter().map(|(name, value)| (format!("{NGINX}{name}"), (*value).to_owned())).collect();
     let mut status = ObjectStatus::new(crate::objects::ObjectRef::cluster("Flag", "--global-auth-url"));
-    let read = read(Some(&annotations), &mut status);
+    let read = read(Some(&annotations), &Settings::default(), &mut status);
     match status.problems.first() {
         Some(problem) => Err(format!(
             "--global-{}: {}",
@@ -334,6 +352,10 @@ pub(super) struct LimitKeys {
     /// `limit-rate` and `limit-rate-after`, in kilobytes (per second): 0 for no pace.
     pub(super) rate_kb: u64,
     pub(super) rate_after_kb: u64,
+    /// The statuses of refused requests (the ConfigMap's `limit-req-status-code` and
+    /// `limit-conn-status-code`; 503 by default).
+    pub(super) rate_status: u16,
+    pub(super) connections_status: u16,
 }
 
 impl Default for LimitKeys {
@@ -346,6 +368,8 @@ impl Default for LimitKeys {
             exempt: Vec::new(),
             rate_kb: 0,
             rate_after_kb: 0,
+            rate_status: 503,
+            connections_status: 503,
         }
     }
 }
@@ -367,7 +391,8 @@ impl LimitKeys {
             rates,
             concurrent: self.connections,
             exempt: self.exempt.clone(),
-            status: 503,
+            status: self.rate_status,
+            concurrent_status: self.connections_status,
         })
     }
 }
@@ -820,6 +845,14 @@ pub(crate) const KEYS: &[Key] = &[
         Ok(())
     }),
     guards("auth-always-set-cookie", "false", |v, s| boolean(v).map(|b| s.external_auth.always_set_cookie = b)),
+    guards("auth-proxy-set-headers", "", |v, s| {
+        object_name(v, "ConfigMap").map(|name| s.external_auth.proxy_set_headers = Some(name))
+    }),
+    guards("auth-cache-key", "", |v, s| v.trim().parse().map(|t| s.external_auth.cache_key = Some(t))),
+    guards("auth-cache-duration", "200 202 401 5m", |v, s| {
+        cache_durations(v).map(|d| s.external_auth.cache_durations = d)
+    }),
+    parsed("custom-headers", "", |v, s| object_name(v, "ConfigMap").map(|name| s.custom_headers = Some(name))),
     // Connections to the auth service are pooled per worker like every upstream's; these are
     // read, so that a typo is reported, and change nothing.
     parsed("auth-keepalive", "0", |v, _| {
@@ -851,14 +884,7 @@ pub(crate) const KEYS: &[Key] = &[
         "digest" => Err("digest authentication is not supported".into()),
         other => Err(format!("{other:?} is not \"basic\"")),
     }),
-    guards("auth-secret", "", |v, s| {
-        let v = v.trim();
-        if v.is_empty() || v.split('/').count() > 2 {
-            return Err(format!("{v:?} is not a Secret name or namespace/name"));
-        }
-        s.basic_auth.secret = Some(v.to_owned());
-        Ok(())
-    }),
+    guards("auth-secret", "", |v, s| object_name(v, "Secret").map(|name| s.basic_auth.secret = Some(name))),
     guards("auth-secret-type", "auth-file", |v, s| match v.trim() {
         "auth-file" => {
             s.basic_auth.map = false;
@@ -888,6 +914,71 @@ pub(crate) const KEYS: &[Key] = &[
     restricts(Pattern::Exact("configuration-snippet")),
     restricts(Pattern::Exact("server-snippet")),
 ];
+
+/// An object named by an annotation: `name` or `namespace/name`.
+fn object_name(value: &str, kind: &str) -> Result<String, String> {
+    let v = value.trim();
+    if v.is_empty() || v.split('/').count() > 2 || v.split('/').any(str::is_empty) {
+        return Err(format!("{v:?} is not a {kind} name or namespace/name"));
+    }
+    Ok(v.to_owned())
+}
+
+/// nginx's `proxy_cache_valid` list, comma-separated: `200 202 10m, 401 5m`. Statuses before
+/// the time (`any` for every status; 200, 301 and 302 when none is given), then the time in
+/// nginx's units (`30s`, `5m`, `1h`, `1d`; a bare number is seconds).
+pub(super) fn cache_durations(value: &str) -> Result<Vec<tidegate_snapshot::CacheDuration>, String> {
+    let mut durations = Vec::new();
+    for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let words: Vec<&str> = entry.split_whitespace().collect();
+        let (time, codes) = words.split_last().ok_or_else(|| format!("{entry:?} has no time"))?;
+        let seconds = nginx_seconds(time).ok_or_else(|| format!("{time:?} is not a time such as 30s, 5m or 1h"))?;
+        let mut statuses = Vec::new();
+        for code in codes {
+            if *code == "any" {
+                statuses.clear();
+                break;
+            }
+            match code.parse::<u16>() {
+                Ok(status) if (100..=599).contains(&status) => statuses.push(status),
+                _ => return Err(format!("{code:?} is not an HTTP status")),
+            }
+        }
+        if codes.is_empty() {
+            statuses = vec![200, 301, 302];
+        }
+        durations.push(tidegate_snapshot::CacheDuration { statuses, seconds });
+    }
+    if durations.is_empty() {
+        return Err(format!("{value:?} names no time"));
+    }
+    Ok(durations)
+}
+
+/// An nginx time: whole units of `s`, `m`, `h` or `d` (summed: `1h30m`), or bare seconds.
+fn nginx_seconds(text: &str) -> Option<u64> {
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Some(seconds);
+    }
+    let mut total = 0u64;
+    let mut digits = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => return None,
+        };
+        total = total.checked_add(digits.parse::<u64>().ok()?.checked_mul(unit)?)?;
+        digits.clear();
+    }
+    digits.is_empty().then_some(total)
+}
 
 /// A redirect status: 300 to 308.
 fn redirect_code(value: &str) -> Result<u16, String> {
@@ -1071,8 +1162,13 @@ fn lua_annotation(phase: Phase) -> &'static str {
 /// Reads the annotations, recording a problem for each value that does not parse, each key
 /// that restricts access and is not honoured (an error: the Ingress is not served), and each
 /// other key under our prefixes that tidegate does not know (a warning).
-pub(super) fn read(annotations: Option<&BTreeMap<String, String>>, status: &mut ObjectStatus) -> Settings {
-    let mut settings = Settings::default();
+/// `base` is what applies where no annotation says otherwise: the global ConfigMap's defaults.
+pub(super) fn read(
+    annotations: Option<&BTreeMap<String, String>>,
+    base: &Settings,
+    status: &mut ObjectStatus,
+) -> Settings {
+    let mut settings = base.clone();
     for (key, value) in annotations.into_iter().flatten() {
         let (prefix, name) = if let Some(name) = key.strip_prefix(OURS) {
             (OURS, name)
@@ -1139,7 +1235,7 @@ mod tests {
     fn read_one(key: &str, value: &str) -> (Settings, ObjectStatus) {
         let mut status = ObjectStatus::new(ObjectRef::namespaced("Ingress", "ns", "x"));
         let map = BTreeMap::from([(key.to_owned(), value.to_owned())]);
-        (read(Some(&map), &mut status), status)
+        (read(Some(&map), &Settings::default(), &mut status), status)
     }
 
     #[test]
@@ -1242,7 +1338,7 @@ mod tests {
             ("nginx.ingress.kubernetes.io/allowlist-source-range".to_owned(), "10.0.0.0/8".to_owned()),
             ("nginx.ingress.kubernetes.io/whitelist-source-range".to_owned(), "11.0.0.0/8".to_owned()),
         ]);
-        let s = read(Some(&both), &mut status);
+        let s = read(Some(&both), &Settings::default(), &mut status);
         assert_eq!(s.unhonoured.len(), 1, "two different allowlists: refused");
         assert!(status.problems[0].message.contains("allowlist-source-range"), "{:?}", status.problems);
     }
@@ -1305,7 +1401,7 @@ mod tests {
             ("nginx.ingress.kubernetes.io/limit-connections".to_owned(), "3".to_owned()),
             ("nginx.ingress.kubernetes.io/limit-whitelist".to_owned(), "10.0.0.0/8".to_owned()),
         ]);
-        let limits = read(Some(&keys), &mut status).limits.typed().expect("limits");
+        let limits = read(Some(&keys), &Settings::default(), &mut status).limits.typed().expect("limits");
         assert!(status.problems.is_empty(), "{:?}", status.problems);
         let rates: Vec<(u32, u32, u32)> = limits.rates.iter().map(|r| (r.requests, r.per_seconds, r.burst)).collect();
         assert_eq!(rates, [(5, 1, 10), (100, 60, 200)]);
@@ -1316,6 +1412,43 @@ mod tests {
             (1, Reason::Invalid),
             "a limit that does not read closes the routes"
         );
+    }
+
+    /// `auth-cache-key`, `auth-cache-duration` (nginx's `proxy_cache_valid` list),
+    /// `auth-proxy-set-headers` and `custom-headers`: valid, invalid (the key named, and the
+    /// routes closed for the ones that guard), default.
+    #[test]
+    fn auth_cache_and_header_keys() {
+        let durations =
+            |v: &str| cache_durations(v).map(|d| d.into_iter().map(|d| (d.statuses, d.seconds)).collect::<Vec<_>>());
+        assert_eq!(durations("200 202 10m, 401 5m"), Ok(vec![(vec![200, 202], 600), (vec![401], 300)]));
+        assert_eq!(durations("any 1h30m"), Ok(vec![(vec![], 5400)]), "any status");
+        assert_eq!(durations("30"), Ok(vec![(vec![200, 301, 302], 30)]), "nginx's statuses when none");
+        for bad in ["", "200 ten", "700 5m", "200 5x"] {
+            assert!(durations(bad).is_err(), "{bad:?}");
+        }
+        let default = Settings::default().external_auth;
+        assert_eq!((default.cache_key.clone(), default.cache_durations.len()), (None, 1), "no cache unless a key");
+        assert_eq!(default.cache_durations[0].statuses, [200, 202, 401]);
+
+        let (s, status) = read_one("nginx.ingress.kubernetes.io/auth-cache-key", "$remote_user$http_authorization");
+        assert!(status.problems.is_empty() && s.external_auth.cache_key.is_some(), "{:?}", status.problems);
+        for (key, value) in [
+            ("nginx.ingress.kubernetes.io/auth-cache-key", "$no_such_variable"),
+            ("nginx.ingress.kubernetes.io/auth-cache-duration", "soon"),
+            ("nginx.ingress.kubernetes.io/auth-proxy-set-headers", "a/b/c"),
+        ] {
+            let (s, status) = read_one(key, value);
+            assert_eq!(s.unhonoured, [key], "{key}: the routes answer 503");
+            assert_eq!(status.problems[0].field, format!("metadata.annotations[{key:?}]"));
+        }
+        let (s, _) = read_one("tidegate.dev/auth-proxy-set-headers", "ns/headers");
+        assert_eq!(s.external_auth.proxy_set_headers.as_deref(), Some("ns/headers"));
+        let (s, status) = read_one("nginx.ingress.kubernetes.io/custom-headers", "/x");
+        assert!(s.custom_headers.is_none() && s.unhonoured.is_empty(), "ignored, with a warning");
+        assert_eq!(status.problems[0].severity, crate::status::Severity::Warning);
+        let (s, _) = read_one("nginx.ingress.kubernetes.io/custom-headers", "headers");
+        assert_eq!(s.custom_headers.as_deref(), Some("headers"));
     }
 
     /// `backend-protocol` and the `proxy-ssl-*` keys, as ingress-nginx spells them.

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use k8s_openapi::api::core::v1::{Secret, Service, ServicePort};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tidegate_snapshot::{BackendId, Certificate, Endpoint};
 
@@ -19,6 +19,7 @@ pub(super) struct Index<'a> {
     services: HashMap<Key<'a>, &'a Service>,
     slices: HashMap<Key<'a>, Vec<&'a EndpointSlice>>,
     secrets: HashMap<Key<'a>, &'a Secret>,
+    config_maps: HashMap<Key<'a>, &'a ConfigMap>,
 }
 
 /// `namespace/service:port`, the port as written (number or name).
@@ -55,7 +56,9 @@ impl<'a> Index<'a> {
         }
         let secrets =
             inputs.secrets.iter().map(|s| ((namespace_of(&s.metadata), name_of(&s.metadata)), &**s)).collect();
-        Index { services, slices, secrets }
+        let config_maps =
+            inputs.config_maps.iter().map(|c| ((namespace_of(&c.metadata), name_of(&c.metadata)), &**c)).collect();
+        Index { services, slices, secrets, config_maps }
     }
 
     /// Resolves `namespace/service:port` to the ready endpoints serving it, or says why it
@@ -205,6 +208,19 @@ impl<'a> Index<'a> {
             .collect();
         entries.extend(secret.string_data.iter().flatten().map(|(k, v)| (k.clone(), v.clone())));
         Ok(entries)
+    }
+
+    /// A ConfigMap's `data`.
+    pub(super) fn config_map(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<&'a std::collections::BTreeMap<String, String>, (Reason, String)> {
+        static EMPTY: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
+        match self.config_maps.get(&(namespace, name)) {
+            Some(map) => Ok(map.data.as_ref().unwrap_or(&EMPTY)),
+            None => Err((Reason::ConfigMapNotFound, format!("ConfigMap {namespace}/{name} not found"))),
+        }
     }
 
     /// Reads a TLS Secret into a certificate. The proxy parses the PEM and checks that the key

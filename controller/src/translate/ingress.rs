@@ -8,6 +8,7 @@ use tidegate_snapshot::{
 };
 
 use super::annotations::{self, Settings};
+use super::configmap::Global;
 use super::index::{Index, PortRef};
 use super::lua::{self, Attachable};
 use super::policies;
@@ -24,6 +25,7 @@ pub(super) fn translate(
     rank: usize,
     index: &Index<'_>,
     options: &Options,
+    global: &Global,
     out: &mut Builder,
     status: &mut ObjectStatus,
 ) {
@@ -31,7 +33,7 @@ pub(super) fn translate(
         status.accepted = false;
         return;
     }
-    let settings = annotations::read(ingress.metadata.annotations.as_ref(), status);
+    let settings = annotations::read(ingress.metadata.annotations.as_ref(), &global.defaults, status);
     // When the Lua it asks for cannot run, or it asks for a protection tidegate does not
     // honour, its paths still match but answer 500 or 503: serving them without it could skip
     // an access check, and dropping them would let requests fall through to a less specific
@@ -40,8 +42,7 @@ pub(super) fn translate(
         Ok(lua) => (lua, None),
         Err(()) => (None, Some(Refusal::misconfigured(format!("{} asks for Lua that cannot run", status.object)))),
     };
-    let (policies, unhonoured) =
-        policies::resolve(&settings, namespace_of(&ingress.metadata), index, options.global_auth.as_ref(), status);
+    let (policies, unhonoured) = policies::resolve(&settings, namespace_of(&ingress.metadata), index, global, status);
     if refusal.is_none() {
         refusal = unhonoured;
     }

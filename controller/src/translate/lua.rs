@@ -15,6 +15,7 @@ use tidegate_snapshot::{
 use std::collections::BTreeMap;
 
 use super::annotations::{self, NGINX};
+use super::configmap::Global;
 use super::index::{Index, PortRef};
 use super::policies;
 use super::upstream;
@@ -116,7 +117,7 @@ fn route_policies(
     rule: &luaroute::LuaRouteRule,
     r: usize,
     index: &Index<'_>,
-    global_auth: Option<&tidegate_snapshot::ExternalAuth>,
+    global: &Global,
     status: &mut ObjectStatus,
 ) -> (Policies, Option<Refusal>) {
     let at = if rule.policies.is_some() { format!("spec.routes[{r}].policies") } else { "spec.policies".into() };
@@ -124,9 +125,9 @@ fn route_policies(
     let annotations: BTreeMap<String, String> =
         fields.iter().map(|(key, value, _)| (format!("{NGINX}{key}"), value.clone())).collect();
     let mut found = ObjectStatus::new(status.object.clone());
-    let settings = annotations::read(Some(&annotations), &mut found);
+    let settings = annotations::read(Some(&annotations), &global.defaults, &mut found);
     let namespace = status.object.namespace.clone().unwrap_or_default();
-    let resolved = policies::resolve(&settings, &namespace, index, global_auth, &mut found);
+    let resolved = policies::resolve(&settings, &namespace, index, global, &mut found);
     for mut problem in found.problems {
         if let Some((_, _, field)) =
             fields.iter().find(|(key, _, _)| problem.field == format!("metadata.annotations[\"{NGINX}{key}\"]"))
@@ -150,13 +151,14 @@ fn backend_upstream(
     path: &str,
     at: &str,
     index: &Index<'_>,
+    global: &Global,
     status: &mut ObjectStatus,
 ) -> Result<tidegate_snapshot::Upstream, ()> {
     let fields = backend.upstream.as_ref().map(|u| u.annotations(at)).unwrap_or_default();
     let annotations: BTreeMap<String, String> =
         fields.iter().map(|(key, value, _)| (format!("{NGINX}{key}"), value.clone())).collect();
     let mut found = ObjectStatus::new(status.object.clone());
-    let settings = annotations::read(Some(&annotations), &mut found);
+    let settings = annotations::read(Some(&annotations), &global.defaults, &mut found);
     let namespace = status.object.namespace.clone().unwrap_or_default();
     let app_protocol = index.app_protocol(&namespace, &backend.service.name, port);
     let unhonoured = !settings.unhonoured.is_empty();
@@ -188,7 +190,7 @@ pub(super) fn translate(
     rank: usize,
     misconfigured: Option<&str>,
     index: &Index<'_>,
-    global_auth: Option<&tidegate_snapshot::ExternalAuth>,
+    global: &Global,
     out: &mut Builder,
     status: &mut ObjectStatus,
 ) {
@@ -238,7 +240,7 @@ pub(super) fn translate(
         if misconfigured.is_none() {
             add_layers(out, &mut lua, &layers);
         }
-        let (policies, unhonoured) = route_policies(spec, rule, r, index, global_auth, status);
+        let (policies, unhonoured) = route_policies(spec, rule, r, index, global, status);
         if unhonoured.is_some() {
             status.accepted = false;
         }
@@ -258,7 +260,7 @@ pub(super) fn translate(
                     status.error(reason, format!("{field}.backend.service"), format!("{message}; requests get 503"));
                 }
                 let at = format!("{field}.backend.upstream");
-                match backend_upstream(backend, port, &rule.matches.path.value, &at, index, status) {
+                match backend_upstream(backend, port, &rule.matches.path.value, &at, index, global, status) {
                     Ok(settings) => upstream = settings,
                     Err(()) => {
                         status.accepted = false;

@@ -27,6 +27,7 @@
 mod annotation_table;
 mod annotations;
 mod class;
+mod configmap;
 mod index;
 mod ingress;
 mod lua;
@@ -48,10 +49,11 @@ use tidegate_snapshot::{
 
 pub use annotation_table::annotation_table;
 pub use annotations::global_auth;
+pub use configmap::configmap_table;
 pub(crate) use tidegate_snapshot::Phase;
 
 use crate::luaroute::{self, LuaRoute};
-use crate::objects::{Inputs, ObjectRef, name_of, namespace_of};
+use crate::objects::{Inputs, ObjectRef, Options, name_of, namespace_of};
 use crate::status::{ObjectStatus, Reason};
 
 /// The result of translation.
@@ -71,6 +73,14 @@ pub fn translate(inputs: &Inputs) -> Translation {
     let classes = class::Classes::new(inputs);
     let mut out = Builder::default();
     let mut statuses = BTreeMap::new();
+    let (global, configmap_status) = configmap::Global::read(inputs, &index);
+    if let Some(status) = configmap_status {
+        statuses.insert(status.object.clone(), status);
+    }
+    let options = Options {
+        allow_snippet_annotations: global.allow_snippets.unwrap_or(inputs.options.allow_snippet_annotations),
+        ..inputs.options.clone()
+    };
 
     // LuaRoutes first: Ingresses may attach them, so their validity must be known.
     let mut lua_routes: Vec<&LuaRoute> = inputs.lua_routes.iter().map(|r| &**r).collect();
@@ -108,7 +118,7 @@ pub fn translate(inputs: &Inputs) -> Translation {
     for (rank, ingress) in ours.into_iter().enumerate() {
         let object = ObjectRef::namespaced("Ingress", namespace_of(&ingress.metadata), name_of(&ingress.metadata));
         let mut status = ObjectStatus::new(object.clone());
-        ingress::translate(ingress, rank, &index, &inputs.options, &mut out, &mut status);
+        ingress::translate(ingress, rank, &index, &options, &global, &mut out, &mut status);
         statuses.insert(object, status);
     }
 
@@ -117,8 +127,7 @@ pub fn translate(inputs: &Inputs) -> Translation {
         let object = ObjectRef::namespaced(luaroute::KIND, namespace_of(&route.metadata), name_of(&route.metadata));
         let misconfigured = (!lua_ok).then(|| format!("{object} has Lua that does not compile"));
         if let Some(status) = statuses.get_mut(&object) {
-            let global_auth = inputs.options.global_auth.as_ref();
-            lua::translate(route, ingress_count + i, misconfigured.as_deref(), &index, global_auth, &mut out, status);
+            lua::translate(route, ingress_count + i, misconfigured.as_deref(), &index, &global, &mut out, status);
         }
     }
 

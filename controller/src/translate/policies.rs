@@ -3,23 +3,44 @@
 //! the Secrets they name. Anything that cannot be honoured refuses the routes (503): never
 //! served with less protection than asked.
 
-use tidegate_snapshot::{BasicAuth, ClientCertificate, Credential, ExternalAuth, Policies, Redirect, Refusal};
+use tidegate_snapshot::{BasicAuth, ClientCertificate, Credential, Policies, Redirect, Refusal, SetHeader};
 
 use super::annotations::Settings;
+use super::configmap::{self, Global};
 use super::index::Index;
 use crate::status::{ObjectStatus, Reason};
 
-/// The typed policies `settings` ask for, reading the Secrets they name; `global_auth` applies
-/// when they name no external auth of their own and do not turn it off. The refusal is set
-/// when something that protects the routes cannot be honoured; its cause is in `status`.
+/// The typed policies `settings` ask for, reading the Secrets and ConfigMaps they name, with
+/// what the global ConfigMap sets for every route: its global auth applies when they name no
+/// external auth of their own and do not turn it off. The refusal is set when something that
+/// protects the routes cannot be honoured; its cause is in `status` (or the ConfigMap's).
 pub(super) fn resolve(
     settings: &Settings,
     namespace: &str,
     index: &Index<'_>,
-    global_auth: Option<&ExternalAuth>,
+    global: &Global,
     status: &mut ObjectStatus,
 ) -> (Policies, Option<Refusal>) {
-    let mut refusal = None;
+    let mut refusal = global.refusal.clone();
+    let own_auth = settings.external_auth.typed();
+    let uses_global_auth = own_auth.is_none() && settings.global_auth;
+    if uses_global_auth && refusal.is_none() {
+        refusal.clone_from(&global.auth_refusal);
+    }
+    let external_auth = match own_auth {
+        Some(mut auth) => match auth_headers(settings, namespace, index, status) {
+            Ok(headers) => {
+                auth.set_headers = headers;
+                Some(auth)
+            }
+            Err(()) => {
+                refusal.get_or_insert_with(|| format!("{} asks for auth headers that cannot be read", status.object));
+                None
+            }
+        },
+        None if uses_global_auth => global.auth.clone(),
+        None => None,
+    };
     let basic_auth = basic_auth(settings, namespace, index, status).unwrap_or_else(|()| {
         refusal = Some(format!("{} asks for Basic authentication that cannot be read", status.object));
         None
@@ -32,16 +53,23 @@ pub(super) fn resolve(
         let keys = settings.unhonoured.join(", ");
         refusal = Some(format!("{} asks for {keys}, which tidegate does not honour", status.object));
     }
-    let ip = &settings.ip;
+    let mut ip = settings.ip.clone();
+    ip.deny.extend(global.block_cidrs.iter().copied());
+    let mut response_headers = global.response_headers.clone();
+    response_headers.extend(custom_headers(settings, namespace, index, global, status));
+    let blocked = &global.blocked;
     let policies = Policies {
-        ip: (!ip.allow.is_empty() || !ip.deny.is_empty()).then(|| ip.clone()),
+        ip: (!ip.allow.is_empty() || !ip.deny.is_empty()).then_some(ip),
+        blocked: (!blocked.user_agents.is_empty() || !blocked.referers.is_empty()).then(|| blocked.clone()),
+        response_headers,
+        upstream_headers: global.upstream_headers.clone(),
         max_body_bytes: settings.max_body_bytes,
         limits: settings.limits.typed(),
         response_rate: settings.limits.response_rate(),
         cors: settings.cors.enabled.then(|| settings.cors.cors.clone()),
         basic_auth,
         // An object's own auth-url takes the place of the global one.
-        external_auth: settings.external_auth.typed().or_else(|| global_auth.cloned().filter(|_| settings.global_auth)),
+        external_auth,
         satisfy_any: settings.satisfy_any,
         client_certificate,
         upstream_host: settings.upstream_host.clone(),
@@ -56,6 +84,69 @@ pub(super) fn resolve(
         no_access_log: !settings.access_log,
     };
     (policies, refusal.map(Refusal::unhonoured))
+}
+
+/// The headers of the ConfigMap `auth-proxy-set-headers` names, in the object's namespace.
+/// `Err` (recorded naming the key) when it is missing or does not read: the auth service would
+/// be asked without them.
+fn auth_headers(
+    settings: &Settings,
+    namespace: &str,
+    index: &Index<'_>,
+    status: &mut ObjectStatus,
+) -> Result<Vec<SetHeader>, ()> {
+    let Some(name) = &settings.external_auth.proxy_set_headers else { return Ok(Vec::new()) };
+    let field = settings.field("auth-proxy-set-headers");
+    let (own, name) = name.split_once('/').unwrap_or((namespace, name));
+    if own != namespace {
+        let why = format!("ConfigMap {own}/{name} is in another namespace, which tidegate does not read");
+        status.error(Reason::Invalid, field, format!("{why}; the routes answer 503"));
+        return Err(());
+    }
+    configmap::headers(index, namespace, name).map_err(|(reason, message)| {
+        status.error(reason, field, format!("{message}; the routes answer 503"));
+    })
+}
+
+/// The headers of the ConfigMap `custom-headers` names, in the object's namespace, less those
+/// the global ConfigMap's `global-allowed-response-headers` does not list (each reported), as
+/// ingress-nginx allows them.
+fn custom_headers(
+    settings: &Settings,
+    namespace: &str,
+    index: &Index<'_>,
+    global: &Global,
+    status: &mut ObjectStatus,
+) -> Vec<SetHeader> {
+    let Some(name) = &settings.custom_headers else { return Vec::new() };
+    let field = settings.field("custom-headers");
+    let (own, name) = name.split_once('/').unwrap_or((namespace, name));
+    if own != namespace {
+        let why = format!("ConfigMap {own}/{name} is in another namespace, which tidegate does not read; ignored");
+        status.warning(Reason::Invalid, field, why);
+        return Vec::new();
+    }
+    let headers = match configmap::headers(index, namespace, name) {
+        Ok(headers) => headers,
+        Err((reason, message)) => {
+            status.warning(reason, field, format!("{message}; ignored"));
+            return Vec::new();
+        }
+    };
+    let (allowed, refused): (Vec<_>, Vec<_>) =
+        headers.into_iter().partition(|h| global.allowed_response_headers.contains(&h.name));
+    if !refused.is_empty() {
+        let names: Vec<&str> = refused.iter().map(|h| h.name.as_str()).collect();
+        status.warning(
+            Reason::Invalid,
+            field,
+            format!(
+                "{} not allowed by the global ConfigMap's global-allowed-response-headers; not set",
+                names.join(", ")
+            ),
+        );
+    }
+    allowed
 }
 
 /// The users of `auth-type: basic`, read from the Secret `auth-secret` names (an htpasswd file

@@ -845,3 +845,52 @@ spec:
     assert!(auth("/guarded"), "global auth applies");
     assert!(!auth("/public"), "turned off by the route");
 }
+
+/// A LuaRoute's `externalAuth` takes the cache and the auth request's headers as typed fields
+/// (`cacheKey`, `cacheDuration`, `proxySetHeaders`), read by the annotations' parsers; a
+/// ConfigMap it names that is missing closes the route, naming the field.
+#[test]
+fn lua_route_external_auth_cache_and_headers() {
+    let route = |headers: &str| {
+        format!(
+            r#"
+apiVersion: tidegate.dev/v1alpha1
+kind: LuaRoute
+metadata: {{name: api, namespace: shop}}
+spec:
+  hosts: [api.example.com]
+  policies:
+    externalAuth:
+      url: http://auth.internal/check
+      cacheKey: $remote_user$http_authorization
+      cacheDuration: 200 10m
+      proxySetHeaders: {headers}
+  routes:
+  - name: all
+    match: {{path: {{type: Prefix, value: /}}}}
+    lua: {{content: "ngx.say('x')"}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: auth-headers, namespace: shop}}
+data: {{X-Client: $remote_addr}}
+"#
+        )
+    };
+    let t = run(&route("auth-headers"));
+    let action = &t.snapshot.routing.virtual_hosts[0].routes[0].action;
+    let auth = action.policies.external_auth.as_ref().expect("external auth");
+    let cache = auth.cache.as_ref().expect("cache");
+    assert_eq!(cache.key.as_str(), "$remote_user$http_authorization");
+    assert_eq!((cache.durations[0].statuses.as_slice(), cache.durations[0].seconds), (&[200][..], 600));
+    assert_eq!(auth.set_headers.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(), ["x-client"]);
+    assert!(action.refusal.is_none());
+
+    let t = run(&route("missing"));
+    let action = &t.snapshot.routing.virtual_hosts[0].routes[0].action;
+    assert!(action.refusal.is_some(), "closed, not served without the headers");
+    assert_eq!(
+        problem_fields(&t.statuses[0], Reason::ConfigMapNotFound),
+        vec!["spec.policies.externalAuth.proxySetHeaders"]
+    );
+}

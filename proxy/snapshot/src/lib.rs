@@ -307,6 +307,60 @@ pub struct Policies {
     /// (nginx's `satisfy any`); otherwise it must pass them all.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub satisfy_any: bool,
+    /// Requests refused (403) for their `User-Agent` or `Referer` (the ConfigMap's
+    /// `block-user-agents` and `block-referers`), first in the access step, as ingress-nginx
+    /// checks them before the location's rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked: Option<Blocked>,
+    /// Headers set on every response of the route, whoever makes it (`custom-headers`, the
+    /// ConfigMap's `add-headers`), as nginx's `more_set_headers`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub response_headers: Vec<SetHeader>,
+    /// Headers set on the request to the upstream (the ConfigMap's `proxy-set-headers`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstream_headers: Vec<SetHeader>,
+}
+
+/// One header to set, its value with nginx variables expanded per request.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SetHeader {
+    /// The header's name, lower case.
+    pub name: String,
+    pub value: Template,
+}
+
+/// Requests refused for a header's value. Each pattern is a string matched whole and ignoring
+/// case, or a regular expression after `~` (`~*`: ignoring case), as nginx's `map` reads them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Blocked {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub user_agents: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub referers: Vec<String>,
+}
+
+/// Auth answers kept for a while (`auth-cache-key`, `auth-cache-duration`), as nginx's
+/// `proxy_cache` on the auth location: requests with the same key within the time get the
+/// same answer without asking the service.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthCache {
+    /// The key, with nginx variables (`$remote_user$http_authorization`).
+    pub key: Template,
+    /// How long answers of each status are kept; a status no entry names is not kept.
+    pub durations: Vec<CacheDuration>,
+}
+
+/// `200 202 10m`: answers with one of `statuses` (any status when empty, nginx's `any`) are
+/// kept `seconds`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CacheDuration {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub statuses: Vec<u16>,
+    pub seconds: u64,
 }
 
 /// A redirect answered for every request of a route.
@@ -345,6 +399,12 @@ pub struct ExternalAuth {
     /// response; otherwise only with a 2xx or 3xx one (`auth-always-set-cookie`).
     #[serde(default)]
     pub always_set_cookie: bool,
+    /// Headers set on the auth request (`auth-proxy-set-headers`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub set_headers: Vec<SetHeader>,
+    /// Answers kept for a while (`auth-cache-key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<AuthCache>,
 }
 
 /// Text with nginx variables (`$host`, `${request_uri}`), expanded per request. Written and read
@@ -376,6 +436,7 @@ impl Template {
         "args",
         "request_method",
         "remote_addr",
+        "remote_user",
         "server_port",
     ];
 
@@ -452,8 +513,16 @@ pub struct Limits {
     /// Clients the limits do not apply to (`limit-whitelist` / `limit-allowlist`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exempt: Vec<Cidr>,
-    /// The status of a refused request: 503 unless configured (`limit-req-status-code`).
+    /// The status of a request over a rate: 503 unless configured (`limit-req-status-code`).
     pub status: u16,
+    /// The status of a request over `concurrent`: 503 unless configured
+    /// (`limit-conn-status-code`).
+    #[serde(default = "service_unavailable")]
+    pub concurrent_status: u16,
+}
+
+fn service_unavailable() -> u16 {
+    503
 }
 
 /// Client certificate verification, as ingress-nginx configures nginx's `ssl_verify_client`.
@@ -1204,6 +1273,7 @@ mod tests {
                                     concurrent: Some(10),
                                     exempt: vec!["10.0.0.0/8".parse().expect("cidr")],
                                     status: 503,
+                                    concurrent_status: 503,
                                 }),
                                 response_rate: Some(ResponseRate { bytes_per_second: 1024, after_bytes: 0 }),
                                 external_auth: Some(ExternalAuth {
@@ -1214,8 +1284,22 @@ mod tests {
                                     response_headers: vec!["x-auth-user".into()],
                                     request_redirect: None,
                                     always_set_cookie: false,
+                                    set_headers: vec![SetHeader {
+                                        name: "x-client".into(),
+                                        value: "$remote_addr".parse().expect("template"),
+                                    }],
+                                    cache: Some(AuthCache {
+                                        key: "$http_authorization".parse().expect("template"),
+                                        durations: vec![CacheDuration { statuses: vec![200, 401], seconds: 300 }],
+                                    }),
                                 }),
                                 satisfy_any: true,
+                                blocked: Some(Blocked { user_agents: vec!["~*curl".into()], referers: Vec::new() }),
+                                response_headers: vec![SetHeader {
+                                    name: "x-frame-options".into(),
+                                    value: "DENY".parse().expect("template"),
+                                }],
+                                upstream_headers: Vec::new(),
                                 redirect: None,
                                 app_root: Some("/app".into()),
                                 no_access_log: true,

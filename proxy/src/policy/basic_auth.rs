@@ -81,7 +81,7 @@ impl BasicAuthFilter {
 }
 
 /// `Authorization: Basic base64(user:password)`; the scheme in any case, as RFC 7617 allows.
-fn credentials(headers: &HeaderMap) -> Option<(String, Vec<u8>)> {
+pub(super) fn credentials(headers: &HeaderMap) -> Option<(String, Vec<u8>)> {
     let value = headers.get(header::AUTHORIZATION)?.as_bytes();
     let (scheme, rest) = value.split_at_checked(6)?;
     if !scheme.eq_ignore_ascii_case(b"basic ") {

@@ -11,7 +11,16 @@
 //!
 //! The auth request carries the client's headers and `X-Original-URL`, `X-Original-URI`,
 //! `X-Original-Method`, `X-Sent-From`, `X-Real-IP`, `X-Forwarded-For`, `X-Forwarded-Host`,
-//! `X-Scheme` and `X-Auth-Request-Redirect`, as ingress-nginx sends them.
+//! `X-Scheme` and `X-Auth-Request-Redirect`, as ingress-nginx sends them, then the headers of
+//! `auth-proxy-set-headers` (variables expanded), which replace any of the same name.
+//!
+//! With `auth-cache-key`, answers are kept as nginx's `proxy_cache` keeps them: per key, for the
+//! time `auth-cache-duration` gives their status, shared by the proxy's workers, and per route
+//! (ingress-nginx shares one zone between locations; a key repeated across routes does not
+//! carry an answer from one to the other here). As nginx, an answer with `Set-Cookie` or with
+//! `Cache-Control: no-store`, `no-cache` or `private` is not kept; unlike nginx, neither is
+//! one whose key expands to nothing, which would otherwise answer every client alike. At most
+//! [`CACHED_ANSWERS`] answers are kept per route; expired ones go first.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -33,6 +42,16 @@ use crate::upstream::Attempts;
 const RESOLVED_FOR: Duration = Duration::from_secs(30);
 /// Auth answers are read whole up to this; a larger one is no answer.
 const MAX_ANSWER: usize = 64 << 10;
+/// Answers kept per route (`auth-cache-key`).
+const CACHED_ANSWERS: usize = 10_000;
+
+/// A kept answer: its status and headers (the body is never used), until `until`.
+#[derive(Debug, Clone)]
+struct Kept {
+    status: StatusCode,
+    headers: HeaderMap,
+    until: Instant,
+}
 
 #[derive(Debug)]
 pub(super) struct ExternalAuthFilter {
@@ -44,6 +63,10 @@ pub(super) struct ExternalAuthFilter {
     /// TLS to `https` auth services, by host (nginx's `proxy_pass https://` defaults: the
     /// certificate not verified).
     https: Mutex<HashMap<String, crate::upstream::Transport>>,
+    /// `auth-proxy-set-headers`.
+    set_headers: Vec<(HeaderName, Template)>,
+    /// Kept answers by expanded `auth-cache-key`, when it is set.
+    cache: Option<Mutex<HashMap<String, Kept>>>,
 }
 
 impl ExternalAuthFilter {
@@ -55,6 +78,12 @@ impl ExternalAuthFilter {
                 .iter()
                 .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
                 .collect(),
+            set_headers: auth
+                .set_headers
+                .iter()
+                .filter_map(|h| Some((HeaderName::from_bytes(h.name.as_bytes()).ok()?, h.value.clone())))
+                .collect(),
+            cache: auth.cache.as_ref().map(|_| Mutex::new(HashMap::new())),
             auth: auth.clone(),
             timeouts,
             resolved: Mutex::new(HashMap::new()),
@@ -64,12 +93,22 @@ impl ExternalAuthFilter {
 
     pub(super) async fn check(&self, facts: &Facts<'_>, slot: &mut Option<Box<Effects>>) -> Verdict {
         let url = expand(&self.auth.url, facts);
-        let answer = match self.ask(&url, facts).await {
-            Ok(answer) => answer,
-            Err(why) => {
-                tracing::warn!(auth_url = %url, error = %why, "external auth failed; answering 500");
-                return Verdict::Answer(error_response(StatusCode::INTERNAL_SERVER_ERROR));
-            }
+        let key = self.auth.cache.as_ref().map(|c| expand(&c.key, facts)).filter(|k| !k.is_empty());
+        let kept = key.as_deref().and_then(|key| self.kept(key));
+        let answer = match kept {
+            Some(answer) => answer,
+            None => match self.ask(&url, facts).await {
+                Ok(answer) => {
+                    if let Some(key) = key {
+                        self.keep(key, &answer);
+                    }
+                    answer
+                }
+                Err(why) => {
+                    tracing::warn!(auth_url = %url, error = %why, "external auth failed; answering 500");
+                    return Verdict::Answer(error_response(StatusCode::INTERNAL_SERVER_ERROR));
+                }
+            },
         };
         let cookies: Vec<HeaderValue> = answer.headers().get_all(header::SET_COOKIE).iter().cloned().collect();
         let status = answer.status();
@@ -107,6 +146,52 @@ impl ExternalAuthFilter {
             }
         }
         Verdict::Answer(response)
+    }
+
+    /// The answer kept for `key`, while it lasts.
+    fn kept(&self, key: &str) -> Option<Response<bytes::Bytes>> {
+        let cache = self.cache.as_ref()?.lock().ok()?;
+        let kept = cache.get(key).filter(|k| k.until > Instant::now())?;
+        let mut answer = Response::new(bytes::Bytes::new());
+        *answer.status_mut() = kept.status;
+        *answer.headers_mut() = kept.headers.clone();
+        Some(answer)
+    }
+
+    /// Keeps `answer` under `key` for as long as `auth-cache-duration` gives its status, unless
+    /// it sets a cookie or asks not to be kept.
+    fn keep(&self, key: String, answer: &Response<bytes::Bytes>) {
+        let (Some(cache), Some(config)) = (&self.cache, &self.auth.cache) else { return };
+        let status = answer.status();
+        let Some(duration) = config
+            .durations
+            .iter()
+            .find(|d| d.statuses.is_empty() || d.statuses.contains(&status.as_u16()))
+            .filter(|d| d.seconds > 0)
+        else {
+            return;
+        };
+        let headers = answer.headers();
+        let forbidden = headers.get_all(header::CACHE_CONTROL).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|d| matches!(d.trim().to_ascii_lowercase().as_str(), "no-store" | "no-cache" | "private"))
+            })
+        });
+        if forbidden || headers.contains_key(header::SET_COOKIE) {
+            return;
+        }
+        let Ok(mut cache) = cache.lock() else { return };
+        let now = Instant::now();
+        if cache.len() >= CACHED_ANSWERS {
+            cache.retain(|_, k| k.until > now);
+            if cache.len() >= CACHED_ANSWERS {
+                let Some(first) = cache.keys().next().cloned() else { return };
+                cache.remove(&first);
+            }
+        }
+        let until = now + Duration::from_secs(duration.seconds);
+        cache.insert(key, Kept { status, headers: headers.clone(), until });
     }
 
     /// A 302 to the sign-in page, with the original URL in the redirect parameter unless the
@@ -165,6 +250,11 @@ impl ExternalAuthFilter {
         set(&mut headers, "x-forwarded-host", facts.host);
         set(&mut headers, "x-scheme", scheme);
         set(&mut headers, "x-auth-request-redirect", self.auth.request_redirect.as_deref().unwrap_or(request_uri));
+        for (name, value) in &self.set_headers {
+            if let Ok(value) = HeaderValue::from_str(&expand(value, facts)) {
+                headers.insert(name.clone(), value);
+            }
+        }
         let mut request = Request::new(full(bytes::Bytes::new()));
         *request.method_mut() = self.method.clone().unwrap_or_else(|| facts.method.clone());
         *request.uri_mut() = path.parse().map_err(|e| format!("{url}: {e}"))?;

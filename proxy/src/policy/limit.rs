@@ -36,7 +36,9 @@ pub(super) struct LimitFilter {
     rates: Vec<Rate>,
     concurrent: Option<Arc<Concurrent>>,
     exempt: Vec<Cidr>,
+    /// Over a rate (`limit-req-status-code`), and over the concurrency (`limit-conn-status-code`).
     status: StatusCode,
+    concurrent_status: StatusCode,
 }
 
 /// One leaky bucket per client, in milli-requests.
@@ -144,8 +146,14 @@ impl LimitFilter {
             })
             .collect();
         let concurrent = limits.concurrent.map(|limit| Arc::new(Concurrent { limit, shards: Shards::new() }));
-        let status = StatusCode::from_u16(limits.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        LimitFilter { rates, concurrent, exempt: limits.exempt.clone(), status }
+        let status = |code| StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        LimitFilter {
+            rates,
+            concurrent,
+            exempt: limits.exempt.clone(),
+            status: status(limits.status),
+            concurrent_status: status(limits.concurrent_status),
+        }
     }
 
     /// Admits a request or refuses it; an admitted one holds its place among the client's
@@ -167,7 +175,7 @@ impl LimitFilter {
         if let Some(concurrent) = &self.concurrent {
             match concurrent.enter(client) {
                 Some(in_progress) => Effects::of(slot).holds.push(in_progress),
-                None => return Verdict::Answer(error_response(self.status)),
+                None => return Verdict::Answer(error_response(self.concurrent_status)),
             }
         }
         Verdict::Continue

@@ -8,8 +8,11 @@
 //!
 //! | phase   | built-in filters, in order                                      | then          |
 //! |---------|-----------------------------------------------------------------|---------------|
-//! | rewrite | client certificate (`auth-tls-*`): 400; CORS (`enable-cors`):   | Lua `rewrite` |
-//! |         | 204; `app-root`: 302 for `/`; `permanent-` / `temporal-redirect` |               |
+//! | rewrite | headers with variables (`add-headers`, `proxy-set-headers`,     | Lua `rewrite` |
+//! |         | `custom-headers`); client certificate (`auth-tls-*`): 400;      |               |
+//! |         | `block-user-agents` / `block-referers`: 403; CORS (`enable-    |               |
+//! |         | cors`): 204; `app-root`: 302 for `/`; `permanent-` / `temporal- |               |
+//! |         | redirect`                                                        |               |
 //! | access  | limits (`limit-rps`, `-rpm`, `-connections`): 503; IP rules    | Lua `access`  |
 //! |         | (`*-source-range`): 403; Basic auth (`auth-type`): 401;         |               |
 //! |         | external auth (`auth-url`): 401, 302 to sign in, 403, 500        |               |
@@ -32,6 +35,7 @@
 //! has no filters, and the pipeline skips them with one length check.
 
 mod basic_auth;
+mod blocked;
 mod body_size;
 mod client_cert;
 mod cors;
@@ -40,6 +44,7 @@ mod ip;
 mod limit;
 mod password;
 mod redirect;
+mod set_headers;
 mod variables;
 
 use std::net::IpAddr;
@@ -141,7 +146,9 @@ impl Effects {
 /// One compiled policy.
 #[derive(Debug)]
 enum Filter {
+    SetHeaders(set_headers::SetHeadersFilter),
     ClientCert(client_cert::ClientCertFilter),
+    Blocked(blocked::BlockedFilter),
     Cors(cors::CorsFilter),
     AppRoot(redirect::AppRoot),
     Redirect(redirect::RedirectFilter),
@@ -174,7 +181,9 @@ impl Filter {
     /// A filter that does not wait, checked at once (one that waits is never asked this way).
     fn check_now(&self, facts: &Facts<'_>, effects: &mut Option<Box<Effects>>) -> Verdict {
         match self {
+            Filter::SetHeaders(headers) => headers.check(facts, effects),
             Filter::ClientCert(certificate) => certificate.check(facts, effects),
+            Filter::Blocked(blocked) => blocked.check(facts.headers),
             Filter::Cors(cors) => cors.check(facts.method, facts.headers, effects),
             Filter::AppRoot(root) => root.check(facts),
             Filter::Redirect(redirect) => redirect.check(facts),
@@ -231,8 +240,11 @@ pub(crate) struct Filters {
     max_body: Option<u64>,
     response_rate: Option<tidegate_snapshot::ResponseRate>,
     /// Headers the upstream request carries, set by the route (`upstream-vhost`,
-    /// `x-forwarded-prefix`).
+    /// `x-forwarded-prefix`, `proxy-set-headers` without variables).
     upstream_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Headers every response of the route carries (`custom-headers` and `add-headers`
+    /// without variables).
+    response_headers: Vec<(HeaderName, HeaderValue)>,
     /// The route's requests go to the access log (`enable-access-log`).
     access_log: bool,
 }
@@ -242,8 +254,16 @@ impl Filters {
     /// `timeouts`: the route's, which calls to other services (external auth) keep too.
     pub(crate) fn compile(policies: &Policies, timeouts: Timeouts) -> Filters {
         let mut rewrite = Vec::new();
+        let (response_headers, response) = set_headers::split(&policies.response_headers);
+        let (fixed_upstream, upstream) = set_headers::split(&policies.upstream_headers);
+        if !response.is_empty() || !upstream.is_empty() {
+            rewrite.push(Filter::SetHeaders(set_headers::SetHeadersFilter { response, upstream }));
+        }
         if let Some(certificate) = &policies.client_certificate {
             rewrite.push(Filter::ClientCert(client_cert::ClientCertFilter::new(certificate)));
+        }
+        if let Some(blocked) = &policies.blocked {
+            rewrite.push(Filter::Blocked(blocked::BlockedFilter::new(blocked)));
         }
         if let Some(cors) = &policies.cors {
             rewrite.push(Filter::Cors(cors::CorsFilter::new(cors)));
@@ -268,7 +288,7 @@ impl Filters {
         if let Some(auth) = &policies.external_auth {
             access.push(Filter::ExternalAuth(Box::new(external_auth::ExternalAuthFilter::new(auth, timeouts))));
         }
-        let mut upstream_headers = Vec::new();
+        let mut upstream_headers = fixed_upstream;
         let mut set = |name: HeaderName, value: &Option<String>| {
             if let Some(value) = value.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
                 upstream_headers.push((name, value));
@@ -278,6 +298,7 @@ impl Filters {
         set(HeaderName::from_static("x-forwarded-prefix"), &policies.forwarded_prefix);
         Filters {
             upstream_headers,
+            response_headers,
             rewrite_waits: rewrite.iter().any(Filter::waits),
             access_waits: access.iter().any(Filter::waits),
             rewrite,
@@ -302,6 +323,11 @@ impl Filters {
     /// Whether the route's requests go to the access log.
     pub(crate) fn access_log(&self) -> bool {
         self.access_log
+    }
+
+    /// Headers the route sets on every response.
+    pub(crate) fn response_headers(&self) -> &[(HeaderName, HeaderValue)] {
+        &self.response_headers
     }
 
     /// Headers the route sets on its upstream requests.

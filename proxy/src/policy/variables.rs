@@ -28,6 +28,8 @@ fn variable(name: &str, facts: &Facts<'_>) -> String {
         "args" => query.to_owned(),
         "request_method" => facts.method.as_str().to_owned(),
         "remote_addr" => facts.client.to_canonical().to_string(),
+        // The user of Basic credentials, as nginx sets it (whether or not they were checked).
+        "remote_user" => super::basic_auth::credentials(facts.headers).map(|(user, _)| user).unwrap_or_default(),
         "server_port" => facts.port.to_string(),
         _ => {
             if let Some(header_name) = name.strip_prefix("http_") {

@@ -42,7 +42,9 @@
 //! - **log** runs once the last byte is sent (or the client went away): metrics, the access log
 //!   and Lua `log` handlers, which can change nothing.
 //!
-//! Every response leaves with `Server`, `Date` and (on TLS) HSTS ([`crate::respond`]). A route
+//! Every response of a route carries the route's response headers (`custom-headers`, the global
+//! ConfigMap's `add-headers`), whichever step made it, and leaves with `Server`, `Date` and (on
+//! TLS) HSTS ([`crate::respond`]). A route
 //! without Lua and without policies goes from route straight to upstream, paying nothing for
 //! the steps it does not use; filters that cannot wait run at once, keeping no state.
 
@@ -105,7 +107,11 @@ pub(crate) async fn handle(
                 }
             };
             target.counters.count(response.status().as_u16());
-            target.filters.body_filter(response)
+            let mut response = target.filters.body_filter(response);
+            for (name, value) in target.filters.response_headers() {
+                response.headers_mut().insert(name, value.clone());
+            }
+            response
         }
     };
     if outcome.grpc && !outcome.from_upstream && response.status().as_u16() >= 400 {

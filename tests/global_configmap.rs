@@ -1,0 +1,153 @@
+//! The global ConfigMap (`--configmap NS/NAME`) through the real binary: ingress-nginx's keys
+//! set every route's defaults and cluster-wide checks, the ConfigMaps of headers it names reach
+//! responses and upstream requests, a change applies live, an unknown key is reported, and a
+//! protecting key whose value does not read closes the routes (503) instead of opening them.
+
+mod support;
+
+use std::time::Duration;
+
+use http::StatusCode;
+use support::{Tidegate, echo, manifest_dir, service_yaml, write_manifest};
+
+/// An Ingress `name` for `host` to Service `web` in namespace `t`.
+fn ingress(name: &str, host: &str, annotations: &[(&str, &str)]) -> String {
+    let mut meta = format!("metadata:\n  name: {name}\n  namespace: t\n");
+    if !annotations.is_empty() {
+        meta.push_str("  annotations:\n");
+        for (key, value) in annotations {
+            meta.push_str(&format!("    {key}: {value:?}\n"));
+        }
+    }
+    format!(
+        "---\napiVersion: networking.k8s.io/v1\nkind: Ingress\n{meta}spec:\n  ingressClassName: tidegate\n  rules:\n  - host: {host}\n    http:\n      paths:\n      - {{path: /, pathType: Prefix, backend: {{service: {{name: web, port: {{number: 80}}}}}}}}\n"
+    )
+}
+
+fn config_map(namespace: &str, name: &str, data: &[(&str, &str)]) -> String {
+    let mut yaml =
+        format!("---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {name}, namespace: {namespace}}}\ndata:\n");
+    for (key, value) in data {
+        yaml.push_str(&format!("  {key}: {value:?}\n"));
+    }
+    yaml
+}
+
+async fn send(tidegate: &Tidegate, method: &str, host: &str, headers: &[(&str, &str)], body: &[u8]) -> support::Answer {
+    let mut request = http::Request::builder().method(method).uri("/some/path?q=1").header("host", host);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(support::Body::from(body.to_vec())).expect("request");
+    let mut h1 = support::H1::connect(tidegate.http).await.expect("connect");
+    h1.send(request).await.expect("answered")
+}
+
+fn object_problems(tidegate: &Tidegate, kind: &str, name: &str) -> Vec<serde_json::Value> {
+    let status = tidegate.status();
+    let objects = status["objects"].as_array().cloned().unwrap_or_default();
+    let object = objects
+        .into_iter()
+        .find(|o| o["object"]["kind"] == kind && o["object"]["name"] == name)
+        .unwrap_or_else(|| panic!("{kind} {name} in /status: {status}"));
+    object["problems"].as_array().cloned().unwrap_or_default()
+}
+
+const SETTINGS: &[(&str, &str)] = &[
+    ("proxy-body-size", "1k"),
+    ("limit-req-status-code", "429"),
+    ("block-user-agents", "~*evilbot, BadBot/1.0"),
+    ("block-referers", "~*spam\\.example"),
+    ("add-headers", "tidegate/response-headers"),
+    ("proxy-set-headers", "upstream-headers"),
+    ("global-allowed-response-headers", "X-Custom-One"),
+    ("no-such-key", "1"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_global_configmap_sets_what_every_route_does() {
+    let dir = manifest_dir();
+    let web = echo("t", "web").await;
+    let manifests = [
+        service_yaml("t", "web", 80, "http", &[web]),
+        ingress("plain", "plain.test", &[]),
+        ingress("big", "big.test", &[("nginx.ingress.kubernetes.io/proxy-body-size", "1m")]),
+        ingress("lim", "lim.test", &[("nginx.ingress.kubernetes.io/limit-rps", "1")]),
+        ingress("custom", "custom.test", &[("nginx.ingress.kubernetes.io/custom-headers", "custom")]),
+        config_map("t", "custom", &[("X-Custom-One", "one"), ("X-Custom-Two", "two")]),
+        config_map("tidegate", "response-headers", &[("X-Frame-Options", "SAMEORIGIN"), ("X-Served-Host", "$host")]),
+        config_map("tidegate", "upstream-headers", &[("X-Team", "edge"), ("X-Seen-Uri", "$request_uri")]),
+    ]
+    .concat();
+    write_manifest(dir.path(), "all.yaml", &manifests);
+    write_manifest(dir.path(), "settings.yaml", &config_map("tidegate", "settings", SETTINGS));
+    let path = dir.path().to_owned();
+    let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&path, &["--configmap", "tidegate/settings"]))
+        .await
+        .expect("start");
+
+    // add-headers and proxy-set-headers, variables expanded.
+    let plain = send(&tidegate, "GET", "plain.test", &[], b"").await;
+    assert_eq!(plain.status, StatusCode::OK);
+    assert_eq!(plain.headers["x-frame-options"], "SAMEORIGIN");
+    assert_eq!(plain.headers["x-served-host"], "plain.test");
+    let upstream = support::echoed_headers(&plain);
+    assert_eq!(upstream.get("X-Team"), Some(&vec!["edge".to_owned()]), "{upstream:?}");
+    assert_eq!(upstream.get("X-Seen-Uri"), Some(&vec!["/some/path?q=1".to_owned()]));
+    // Responses the proxy makes itself carry them too.
+    let refused = send(&tidegate, "GET", "plain.test", &[("user-agent", "Mozilla EvilBot/2")], b"").await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "block-user-agents, a regular expression ignoring case");
+    assert_eq!(refused.headers["x-frame-options"], "SAMEORIGIN");
+    let exact = send(&tidegate, "GET", "plain.test", &[("user-agent", "badbot/1.0")], b"").await.status;
+    assert_eq!(exact, StatusCode::FORBIDDEN, "a whole string, ignoring case");
+    let longer = send(&tidegate, "GET", "plain.test", &[("user-agent", "BadBot/1.0 more")], b"").await.status;
+    assert_eq!(longer, StatusCode::OK, "a string matches whole");
+    let referer = send(&tidegate, "GET", "plain.test", &[("referer", "https://SPAM.example/x")], b"").await.status;
+    assert_eq!(referer, StatusCode::FORBIDDEN, "block-referers");
+
+    // proxy-body-size as every route's default, an annotation still winning.
+    let body = vec![b'x'; 2048];
+    assert_eq!(send(&tidegate, "POST", "plain.test", &[], &body).await.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(send(&tidegate, "POST", "big.test", &[], &body).await.status, StatusCode::OK);
+
+    // limit-req-status-code: limit-rps 1 admits its burst of 5 and one more, then 429.
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(send(&tidegate, "GET", "lim.test", &[], b"").await.status.as_u16());
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 6, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 4, "{statuses:?}");
+
+    // custom-headers: only what global-allowed-response-headers lists.
+    let custom = send(&tidegate, "GET", "custom.test", &[], b"").await;
+    assert_eq!(custom.headers["x-custom-one"], "one");
+    assert!(!custom.headers.contains_key("x-custom-two"), "not allowed");
+    let problems = object_problems(&tidegate, "Ingress", "custom");
+    assert!(problems.iter().any(|p| p["message"].as_str().is_some_and(|m| m.contains("x-custom-two"))), "{problems:?}");
+    let problems = object_problems(&tidegate, "ConfigMap", "settings");
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0]["field"], "data[\"no-such-key\"]");
+    assert_eq!(problems[0]["severity"], "warning");
+
+    // A change applies live: block-cidrs refuses this client on every route.
+    let before = tidegate.version();
+    let mut changed = SETTINGS.to_vec();
+    changed.push(("block-cidrs", "10.0.0.0/8, 127.0.0.1"));
+    write_manifest(dir.path(), "settings.yaml", &config_map("tidegate", "settings", &changed));
+    let version = tokio::task::block_in_place(|| tidegate.wait_version_after(before));
+    assert_eq!(send(&tidegate, "GET", "plain.test", &[], b"").await.status, StatusCode::FORBIDDEN, "block-cidrs");
+    assert_eq!(send(&tidegate, "GET", "big.test", &[], b"").await.status, StatusCode::FORBIDDEN);
+
+    // A protecting key that does not read closes every route rather than open them.
+    changed.pop();
+    changed.push(("block-cidrs", "10.0.0.0/33"));
+    write_manifest(dir.path(), "settings.yaml", &config_map("tidegate", "settings", &changed));
+    tokio::task::block_in_place(|| tidegate.wait_version_after(version));
+    for host in ["plain.test", "big.test", "custom.test"] {
+        assert_eq!(send(&tidegate, "GET", host, &[], b"").await.status, StatusCode::SERVICE_UNAVAILABLE, "{host}");
+    }
+    let problems = object_problems(&tidegate, "ConfigMap", "settings");
+    assert!(problems.iter().any(|p| p["field"] == "data[\"block-cidrs\"]" && p["severity"] == "error"), "{problems:?}");
+    drop(tidegate);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
