@@ -812,3 +812,43 @@ async fn the_global_configmap_applies_live_and_reports_its_keys() {
         "the global ConfigMap watched by name in its namespace"
     );
 }
+
+/// `global-rate-limit` across proxies: two proxies subscribed to one controller share one limit
+/// per key. Requests to the first, then (after a sync) to the second, together get no more than
+/// the limit; another key has its own. Counts reach the other proxy within a few syncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_rate_limit_is_shared_by_the_proxies() {
+    let cluster = Cluster::new();
+    let api = &cluster.api;
+    let web = echo("t", "web").await;
+    api.apply_yaml(&service_yaml("t", "web", 80, "http", &[web]));
+    api.apply_yaml(&ingress("limited", "limited.test", "web").replace(
+        "namespace: t}",
+        "namespace: t, annotations: {nginx.ingress.kubernetes.io/global-rate-limit: \"10\", \
+         nginx.ingress.kubernetes.io/global-rate-limit-window: 1h, \
+         nginx.ingress.kubernetes.io/global-rate-limit-key: $http_x_tenant}}",
+    ));
+    let controller = cluster.controller(&[]);
+    let (p1, p2) = cluster.proxies(&controller).await;
+    let admitted = async |proxy: &Tidegate, tenant: &str, n: usize| {
+        let mut ok = 0;
+        for _ in 0..n {
+            let mut request = get_request("limited.test", "/");
+            request.headers_mut().insert("x-tenant", tenant.parse().expect("header"));
+            let mut h1 = support::H1::connect(proxy.http).await.expect("connect");
+            let status = h1.send(request).await.expect("answered").status;
+            assert!(status == StatusCode::OK || status == StatusCode::TOO_MANY_REQUESTS, "{status}");
+            ok += usize::from(status == StatusCode::OK);
+        }
+        ok
+    };
+    assert_eq!(admitted(&p1, "a", 6).await, 6);
+    // A few syncs (100 ms each) for p1's counts to reach p2 through the controller.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let second = admitted(&p2, "a", 8).await;
+    assert_eq!(second, 4, "p2 admits what p1 left of the 10");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(admitted(&p1, "a", 3).await, 0, "p1 sees p2's counts too");
+    assert_eq!(admitted(&p2, "b", 3).await, 3, "another key");
+    report(&format!("global-rate-limit 10/h shared by two proxies: 6 + {second} admitted"));
+}

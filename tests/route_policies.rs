@@ -524,6 +524,77 @@ async fn rate_and_concurrency_limits() {
     assert_eq!(get(tidegate.http, "conn.test", "/").await.expect("answered").status, StatusCode::OK, "freed when done");
 }
 
+/// `tidegate.dev/limit-key` counts the limits by a header instead of the address: two API keys
+/// from one client address each get their own burst, and a request without the header is
+/// counted by its address (leaving the header out escapes nothing). `global-rate-limit` in one
+/// proxy (standalone): the limit per window and key, then 429, ingress-nginx's default; clients
+/// in `global-rate-limit-ignored-cidrs` are not counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_by_key_and_the_global_rate_limit() {
+    let manifests = [
+        ingress(
+            "keyed",
+            "keyed.test",
+            &[("nginx.ingress.kubernetes.io/limit-rpm", "1"), ("tidegate.dev/limit-key", "$http_x_api_key")],
+        ),
+        ingress(
+            "global",
+            "global.test",
+            &[
+                ("nginx.ingress.kubernetes.io/global-rate-limit", "10"),
+                ("nginx.ingress.kubernetes.io/global-rate-limit-window", "1h"),
+                ("nginx.ingress.kubernetes.io/global-rate-limit-key", "$http_x_tenant"),
+            ],
+        ),
+        ingress(
+            "ignored",
+            "ignored.test",
+            &[
+                ("nginx.ingress.kubernetes.io/global-rate-limit", "1"),
+                ("nginx.ingress.kubernetes.io/global-rate-limit-window", "1h"),
+                ("nginx.ingress.kubernetes.io/global-rate-limit-ignored-cidrs", "127.0.0.1/32"),
+            ],
+        ),
+        ingress("half", "half.test", &[("nginx.ingress.kubernetes.io/global-rate-limit", "5")]),
+    ]
+    .concat();
+    let (tidegate, _dir) = start(&manifests).await;
+    let count = |host: &'static str, header: Option<(&'static str, &'static str)>, n: usize| {
+        let tidegate = &tidegate;
+        async move {
+            let mut statuses = Vec::new();
+            for _ in 0..n {
+                let headers: Vec<(&str, &str)> = header.into_iter().collect();
+                statuses.push(send(tidegate, "GET", host, &headers).await.status.as_u16());
+            }
+            statuses
+        }
+    };
+    // limit-rpm 1: a burst of 5, so 6 at once per key.
+    for key in ["alpha", "beta"] {
+        let statuses = count("keyed.test", Some(("x-api-key", key)), 8).await;
+        assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 6, "{key}: {statuses:?}");
+    }
+    let unkeyed = count("keyed.test", None, 8).await;
+    assert_eq!(unkeyed.iter().filter(|s| **s == 200).count(), 6, "by address: {unkeyed:?}");
+
+    let statuses = count("global.test", Some(("x-tenant", "a")), 14).await;
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 10, "{statuses:?}");
+    assert!(statuses[10..].iter().all(|s| *s == 429), "then 429: {statuses:?}");
+    let other = count("global.test", Some(("x-tenant", "b")), 3).await;
+    assert!(other.iter().all(|s| *s == 200), "another key: {other:?}");
+    let ignored = count("ignored.test", None, 5).await;
+    assert!(ignored.iter().all(|s| *s == 200), "not counted: {ignored:?}");
+
+    // Without its window, global-rate-limit closes the routes rather than go unlimited.
+    assert_eq!(send(&tidegate, "GET", "half.test", &[]).await.status, StatusCode::SERVICE_UNAVAILABLE);
+    let half = problems(&tidegate, "half");
+    assert!(
+        half.iter().any(|p| p["message"].as_str().is_some_and(|m| m.contains("global-rate-limit-window"))),
+        "{half:?}"
+    );
+}
+
 /// `limit-rate` (KB/s) after `limit-rate-after` (KB): a 200,000-byte response with 50 KB free
 /// and 100 KB/s after takes about 1.45 s, where the same response without a pace takes a
 /// fraction of that.

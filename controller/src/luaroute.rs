@@ -271,6 +271,30 @@ pub struct LimitsPolicy {
     pub rate_kilobytes: Option<u64>,
     #[serde(default)]
     pub rate_after_kilobytes: Option<u64>,
+    /// What the limits count by instead of the client address, nginx variables allowed:
+    /// `$http_x_api_key`, `$cookie_session` (`tidegate.dev/limit-key`). A request for which it
+    /// is empty is counted by its address.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// A rate shared by all proxies of a controller (`global-rate-limit`).
+    #[serde(default)]
+    pub shared: Option<SharedLimitPolicy>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SharedLimitPolicy {
+    /// Requests per window, per key (`global-rate-limit`).
+    #[schemars(range(min = 1))]
+    pub requests: u32,
+    /// The window: `30s`, `1m`, `1h` (`global-rate-limit-window`).
+    pub window: String,
+    /// What is counted by, `$remote_addr` when absent (`global-rate-limit-key`).
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Networks not counted (`global-rate-limit-ignored-cidrs`).
+    #[serde(default)]
+    pub ignored_cidrs: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -395,6 +419,20 @@ impl RoutePolicies {
             }
             if !limits.exempt.is_empty() {
                 put("limit-whitelist", list(&limits.exempt), f("exempt"));
+            }
+            if let Some(key) = &limits.key {
+                put("limit-key", key.clone(), f("key"));
+            }
+            if let Some(shared) = &limits.shared {
+                let g = |name: &str| format!("{at}.limits.shared.{name}");
+                put("global-rate-limit", shared.requests.to_string(), g("requests"));
+                put("global-rate-limit-window", shared.window.clone(), g("window"));
+                if let Some(key) = &shared.key {
+                    put("global-rate-limit-key", key.clone(), g("key"));
+                }
+                if !shared.ignored_cidrs.is_empty() {
+                    put("global-rate-limit-ignored-cidrs", list(&shared.ignored_cidrs), g("ignoredCidrs"));
+                }
             }
         }
         if let Some(cors) = &self.cors {

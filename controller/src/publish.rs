@@ -7,8 +7,11 @@
 //! - Nothing is sent before the first snapshot is published: a partial view never leaves.
 //! - What each proxy acknowledged (or why it refused a version) is kept, for `/proxies` and
 //!   statuses.
+//! - Shared limits (`global-rate-limit`): each proxy posts what it admitted per key and window
+//!   to `/v1/limits` and gets every proxy's totals back. The totals of this replica's proxies
+//!   are kept for the current and the previous window of each limit, no longer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
@@ -22,7 +25,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Serialize;
 use tidegate_snapshot::Snapshot;
-use tidegate_snapshot::stream::{ACKS_PATH, Ack, PROXY_HEADER, SNAPSHOTS_PATH, encode};
+use tidegate_snapshot::stream::{
+    ACKS_PATH, Ack, LIMITS_PATH, LimitSync, LimitTotals, PROXY_HEADER, SNAPSHOTS_PATH, WindowCount, encode,
+};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -45,6 +50,8 @@ pub struct Publisher {
     proxies: Mutex<BTreeMap<String, ProxyState>>,
     /// Bumped on every acknowledgement, connection and disconnection.
     proxies_changed: watch::Sender<u64>,
+    /// Shared limits' totals.
+    limits: Mutex<Totals>,
 }
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -55,6 +62,7 @@ impl Publisher {
             current: watch::Sender::new(None),
             proxies: Mutex::new(BTreeMap::new()),
             proxies_changed: watch::Sender::new(0),
+            limits: Mutex::new(Totals::default()),
         })
     }
 
@@ -132,8 +140,63 @@ impl Publisher {
                     Err(_) => status(StatusCode::BAD_REQUEST),
                 }
             }
+            (&Method::POST, LIMITS_PATH) => {
+                let Ok(body) = Limited::new(request.into_body(), 16 << 20).collect().await else {
+                    return status(StatusCode::BAD_REQUEST);
+                };
+                match serde_json::from_slice::<LimitSync>(&body.to_bytes()) {
+                    Ok(posted) => {
+                        let totals = self.add_up(posted);
+                        let mut response = Response::new(BodyExt::boxed_unsync(Full::new(Bytes::from(
+                            serde_json::to_vec(&totals).unwrap_or_default(),
+                        ))));
+                        response
+                            .headers_mut()
+                            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+                        response
+                    }
+                    Err(_) => status(StatusCode::BAD_REQUEST),
+                }
+            }
             _ => status(StatusCode::NOT_FOUND),
         }
+    }
+
+    /// Adds a proxy's counts to the totals, and answers every total that changed since the
+    /// proxy's last sync (with the one of the window before). Windows older than the one before
+    /// the current are dropped.
+    fn add_up(&self, posted: LimitSync) -> LimitTotals {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let Ok(mut totals) = self.limits.lock() else { return LimitTotals::default() };
+        totals.counts.retain(|(_, _, window), total| (window + 2) * u64::from(total.window_seconds.max(1)) > now);
+        totals.seq += 1;
+        let seq = totals.seq;
+        for count in posted.counts {
+            let total = totals.counts.entry((count.limit, count.key, count.window)).or_insert(Total {
+                requests: 0,
+                window_seconds: count.window_seconds,
+                changed: seq,
+            });
+            total.requests += count.count;
+            total.changed = seq;
+        }
+        let answer = totals
+            .counts
+            .iter()
+            .filter(|(_, total)| total.changed > posted.since)
+            .map(|((limit, key, window), total)| {
+                let before = (limit.clone(), key.clone(), window.saturating_sub(1));
+                WindowCount {
+                    limit: limit.clone(),
+                    key: key.clone(),
+                    window: *window,
+                    window_seconds: total.window_seconds,
+                    count: total.requests,
+                    previous: totals.counts.get(&before).map_or(0, |t| t.requests),
+                }
+            })
+            .collect();
+        LimitTotals { seq, totals: answer }
     }
 
     /// A response whose body is the stream of snapshot frames.
@@ -157,6 +220,21 @@ impl Publisher {
             .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-tidegate-snapshots"));
         response
     }
+}
+
+/// The shared limits' totals of this replica's proxies.
+#[derive(Debug, Default)]
+struct Totals {
+    /// Bumped on every post; each total remembers the post that last changed it.
+    seq: u64,
+    counts: HashMap<(String, String, u64), Total>,
+}
+
+#[derive(Debug)]
+struct Total {
+    requests: u64,
+    window_seconds: u32,
+    changed: u64,
 }
 
 /// Counts a subscription as open until its stream is dropped.

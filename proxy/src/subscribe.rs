@@ -10,6 +10,8 @@
 //! - A controller that stops answering (a partition, not a closed socket) is noticed by HTTP/2
 //!   pings within 15 s.
 //! - `/readyz` turns 200 after the first snapshot is applied and stays so across reconnections.
+//! - While subscribed, the counts of shared limits (`global-rate-limit`) are posted to the same
+//!   controller every 100 ms and its totals taken back ([`crate::policy::shared_limit`]).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -19,7 +21,9 @@ use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::ServerName;
-use tidegate_snapshot::stream::{ACKS_PATH, Ack, Decoder, PROXY_HEADER, SNAPSHOTS_PATH};
+use tidegate_snapshot::stream::{
+    ACKS_PATH, Ack, Decoder, LIMITS_PATH, LimitSync, LimitTotals, PROXY_HEADER, SNAPSHOTS_PATH,
+};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -103,6 +107,8 @@ async fn session(proxy: &Proxy, uri: &Uri, subscription: &Subscription) -> Resul
         return Err(format!("controller answered {}", response.status()).into());
     }
     tracing::info!(controller = %uri, "subscribed to the config stream");
+    let limits_uri: Uri = format!("https://{host}:{port}{LIMITS_PATH}").parse()?;
+    let sync = AbortOnDrop(tokio::spawn(sync_limits(sender.clone(), limits_uri, subscription.name.clone())));
     let mut body = response.into_body();
     let mut decoder = Decoder::default();
     let mut applied = 0;
@@ -146,5 +152,59 @@ async fn session(proxy: &Proxy, uri: &Uri, subscription: &Subscription) -> Resul
             });
         }
     }
+    drop(sync);
     Ok(applied)
+}
+
+/// Stops a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Posts the shared limits' counts to the controller and takes its totals back, every
+/// [`SYNC_EVERY`](crate::policy::shared_limit::SYNC_EVERY), for as long as the session lasts.
+async fn sync_limits(sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>, uri: Uri, name: String) {
+    use crate::policy::shared_limit::{SYNC_EVERY, counts};
+    let mut tick = tokio::time::interval(SYNC_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Totals this session has seen up to (a new session hears them all again).
+    let mut since = 0;
+    loop {
+        tick.tick().await;
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        if !counts().any_limit() {
+            continue;
+        }
+        let posted = LimitSync { since, counts: counts().sync_request(now) };
+        let Ok(body) = serde_json::to_vec(&posted) else { continue };
+        let Ok(request) = Request::builder()
+            .method(Method::POST)
+            .uri(uri.clone())
+            .header(PROXY_HEADER, &name)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+        else {
+            continue;
+        };
+        let answer = match sender.clone().send_request(request).await {
+            Ok(answer) if answer.status() == StatusCode::OK => answer,
+            Ok(answer) => {
+                tracing::debug!(status = %answer.status(), "shared limit counts refused");
+                continue;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "shared limit counts not delivered");
+                continue;
+            }
+        };
+        let Ok(body) = http_body_util::Limited::new(answer.into_body(), 16 << 20).collect().await else { continue };
+        if let Ok(answer) = serde_json::from_slice::<LimitTotals>(&body.to_bytes()) {
+            counts().sync_answer(&answer.totals);
+            since = answer.seq;
+        }
+    }
 }

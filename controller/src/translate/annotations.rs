@@ -356,6 +356,53 @@ pub(super) struct LimitKeys {
     /// `limit-conn-status-code`; 503 by default).
     pub(super) rate_status: u16,
     pub(super) connections_status: u16,
+    /// `tidegate.dev/limit-key`: what the limits count by instead of the client address.
+    pub(super) key: Option<Template>,
+    /// `global-rate-limit` and its keys: a rate shared by all proxies.
+    pub(super) shared: SharedLimitKeys,
+}
+
+/// The `global-rate-limit*` keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct SharedLimitKeys {
+    pub(super) requests: Option<u32>,
+    /// `global-rate-limit-window`, in seconds.
+    pub(super) window_seconds: Option<u32>,
+    pub(super) key: Template,
+    pub(super) ignored: Vec<Cidr>,
+    /// The global ConfigMap's `global-rate-limit-status-code` (429 by default).
+    pub(super) status: u16,
+}
+
+impl Default for SharedLimitKeys {
+    fn default() -> Self {
+        SharedLimitKeys {
+            requests: None,
+            window_seconds: None,
+            key: "$remote_addr".parse().unwrap_or_else(|_| unreachable!("a known variable")),
+            ignored: Vec::new(),
+            status: 429,
+        }
+    }
+}
+
+impl SharedLimitKeys {
+    /// The typed limit for the object `id`; `Err` names the key missing for the other.
+    pub(super) fn typed(&self, id: String) -> Result<Option<tidegate_snapshot::SharedLimit>, &'static str> {
+        match (self.requests, self.window_seconds) {
+            (None, None) => Ok(None),
+            (Some(requests), Some(window_seconds)) => Ok(Some(tidegate_snapshot::SharedLimit {
+                id,
+                requests,
+                window_seconds,
+                key: self.key.clone(),
+                ignored: self.ignored.clone(),
+                status: self.status,
+            })),
+            (Some(_), None) => Err("global-rate-limit needs global-rate-limit-window"),
+            (None, Some(_)) => Err("global-rate-limit-window needs global-rate-limit"),
+        }
+    }
 }
 
 impl Default for LimitKeys {
@@ -370,6 +417,8 @@ impl Default for LimitKeys {
             rate_after_kb: 0,
             rate_status: 503,
             connections_status: 503,
+            key: None,
+            shared: SharedLimitKeys::default(),
         }
     }
 }
@@ -393,6 +442,7 @@ impl LimitKeys {
             exempt: self.exempt.clone(),
             status: self.rate_status,
             concurrent_status: self.connections_status,
+            key: self.key.clone(),
         })
     }
 }
@@ -873,6 +923,22 @@ pub(crate) const KEYS: &[Key] = &[
     guards("limit-allowlist", "", |v, s| cidrs(v).map(|list| s.limits.exempt = list)),
     guards("limit-rate", "0", |v, s| kilobytes(v).map(|n| s.limits.rate_kb = n)),
     guards("limit-rate-after", "0", |v, s| kilobytes(v).map(|n| s.limits.rate_after_kb = n)),
+    Key {
+        pattern: Pattern::Exact("limit-key"),
+        handling: Handling::Guards(|v, s| v.trim().parse().map(|t| s.limits.key = Some(t))),
+        default: "$remote_addr",
+        ours_only: true,
+    },
+    guards("global-rate-limit", "", |v, s| count(v).map(|n| s.limits.shared.requests = Some(n))),
+    guards("global-rate-limit-window", "", |v, s| match nginx_seconds(v.trim()) {
+        Some(seconds) if seconds > 0 => {
+            s.limits.shared.window_seconds = Some(u32::try_from(seconds).unwrap_or(u32::MAX));
+            Ok(())
+        }
+        _ => Err(format!("{v:?} is not a time such as 30s, 1m or 1h")),
+    }),
+    guards("global-rate-limit-key", "$remote_addr", |v, s| v.trim().parse().map(|t| s.limits.shared.key = t)),
+    guards("global-rate-limit-ignored-cidrs", "", |v, s| cidrs(v).map(|list| s.limits.shared.ignored = list)),
     guards("whitelist-source-range", "", |v, s| allow(v, "allowlist-source-range", &mut s.ip.allow)),
     guards("allowlist-source-range", "", |v, s| allow(v, "whitelist-source-range", &mut s.ip.allow)),
     guards("denylist-source-range", "", |v, s| cidrs(v).map(|list| s.ip.deny = list)),
@@ -909,7 +975,6 @@ pub(crate) const KEYS: &[Key] = &[
     restricts(Pattern::Prefix("modsecurity-")),
     // How much: request and connection rates, bandwidth.
     restricts(Pattern::Prefix("limit-")),
-    restricts(Pattern::Prefix("global-rate-limit")),
     // nginx configuration that may hold any of the above (allow, deny, auth_basic, return).
     restricts(Pattern::Exact("configuration-snippet")),
     restricts(Pattern::Exact("server-snippet")),
@@ -1157,6 +1222,13 @@ fn lua_annotation(phase: Phase) -> &'static str {
         Phase::BodyFilter => "body-filter-by-lua",
         Phase::Log => "log-by-lua",
     }
+}
+
+/// The annotation `name` under the prefix it is read with: tidegate's own keys under
+/// `tidegate.dev/`, the others under ingress-nginx's.
+pub(super) fn prefixed(name: &str) -> String {
+    let ours = KEYS.iter().any(|k| k.ours_only && k.pattern.covers(name));
+    format!("{}{name}", if ours { OURS } else { NGINX })
 }
 
 /// Reads the annotations, recording a problem for each value that does not parse, each key
@@ -1449,6 +1521,45 @@ mod tests {
         assert_eq!(status.problems[0].severity, crate::status::Severity::Warning);
         let (s, _) = read_one("nginx.ingress.kubernetes.io/custom-headers", "headers");
         assert_eq!(s.custom_headers.as_deref(), Some("headers"));
+    }
+
+    /// `tidegate.dev/limit-key` (ours only) and the `global-rate-limit*` keys: valid, invalid
+    /// (the routes closed, the key named), defaults.
+    #[test]
+    fn limit_key_and_global_rate_limit_keys() {
+        let (s, status) = read_one("tidegate.dev/limit-key", "$http_x_api_key");
+        assert!(status.problems.is_empty());
+        assert_eq!(s.limits.key.as_ref().map(Template::as_str), Some("$http_x_api_key"));
+        let (s, status) = read_one("nginx.ingress.kubernetes.io/limit-key", "$http_x_api_key");
+        assert!(s.limits.key.is_none(), "tidegate's own key, not under ingress-nginx's prefix");
+        assert_eq!(status.problems[0].reason, Reason::UnsupportedAnnotation);
+        let shared = SharedLimitKeys::default();
+        assert_eq!((shared.key.as_str(), shared.status), ("$remote_addr", 429), "ingress-nginx's defaults");
+        assert_eq!(shared.typed("ns/a".into()), Ok(None));
+        let mut status = ObjectStatus::new(ObjectRef::namespaced("Ingress", "ns", "x"));
+        let keys = BTreeMap::from([
+            ("nginx.ingress.kubernetes.io/global-rate-limit".to_owned(), "100".to_owned()),
+            ("nginx.ingress.kubernetes.io/global-rate-limit-window".to_owned(), "1m".to_owned()),
+            ("nginx.ingress.kubernetes.io/global-rate-limit-key".to_owned(), "$http_x_tenant".to_owned()),
+            ("nginx.ingress.kubernetes.io/global-rate-limit-ignored-cidrs".to_owned(), "10.0.0.0/8".to_owned()),
+        ]);
+        let s = read(Some(&keys), &Settings::default(), &mut status);
+        assert!(status.problems.is_empty(), "{:?}", status.problems);
+        let limit = s.limits.shared.typed("ns/x".into()).expect("both set").expect("a limit");
+        assert_eq!((limit.requests, limit.window_seconds, limit.key.as_str()), (100, 60, "$http_x_tenant"));
+        assert_eq!((limit.id.as_str(), limit.ignored.len()), ("ns/x", 1));
+        for (key, value) in [
+            ("nginx.ingress.kubernetes.io/global-rate-limit", "lots"),
+            ("nginx.ingress.kubernetes.io/global-rate-limit-window", "soon"),
+            ("nginx.ingress.kubernetes.io/global-rate-limit-key", "$nope"),
+            ("nginx.ingress.kubernetes.io/global-rate-limit-ignored-cidrs", "10.0.0.0/99"),
+            ("tidegate.dev/limit-key", "$nope"),
+        ] {
+            let (s, _) = read_one(key, value);
+            assert_eq!(s.unhonoured, [key], "{key}: the routes answer 503");
+        }
+        let (s, _) = read_one("nginx.ingress.kubernetes.io/global-rate-limit", "5");
+        assert!(s.limits.shared.typed("ns/x".into()).is_err(), "a limit without its window");
     }
 
     /// `backend-protocol` and the `proxy-ssl-*` keys, as ingress-nginx spells them.

@@ -130,6 +130,9 @@ const KEYS: &[ConfigKey] = &[
     auth("global-auth-signin", ""),
     auth("global-auth-signin-redirect-param", "rd"),
     auth("global-auth-url", ""),
+    guards("global-rate-limit-status-code", "429", |v, r| {
+        limit_status(v).map(|s| r.global.defaults.limits.shared.status = s)
+    }),
     route("limit-rate", "0"),
     route("limit-rate-after", "0"),
     guards("limit-conn-status-code", "503", |v, r| {
@@ -153,9 +156,23 @@ const KEYS: &[ConfigKey] = &[
     route("ssl-redirect", "true"),
     route("force-ssl-redirect", "false"),
     route("whitelist-source-range", ""),
-    // nginx's own tuning, which has no counterpart: tidegate sizes these itself.
+    // Where ingress-nginx keeps global-rate-limit's counts; tidegate adds them up in the
+    // controller instead.
+    ConfigKey {
+        key: "global-rate-limit-memcached-connect-timeout",
+        handling: ConfigHandling::Accepted,
+        default: "50ms",
+    },
+    ConfigKey { key: "global-rate-limit-memcached-host", handling: ConfigHandling::Accepted, default: "" },
+    ConfigKey {
+        key: "global-rate-limit-memcached-max-idle-timeout",
+        handling: ConfigHandling::Accepted,
+        default: "10000",
+    },
+    ConfigKey { key: "global-rate-limit-memcached-pool-size", handling: ConfigHandling::Accepted, default: "50" },
+    ConfigKey { key: "global-rate-limit-memcached-port", handling: ConfigHandling::Accepted, default: "11211" },
+    // nginx's own tuning, which has no counterpart: the proxy's --workers flag sets this.
     ConfigKey { key: "worker-processes", handling: ConfigHandling::Accepted, default: "auto" },
-    ConfigKey { key: "worker-shutdown-timeout", handling: ConfigHandling::Accepted, default: "240s" },
 ];
 
 /// Reads `value` with the parser of annotation `name` into `settings`.
@@ -333,7 +350,7 @@ pub fn configmap_table() -> String {
                 ConfigHandling::Own(_) => "honoured",
                 ConfigHandling::Guards(_) => "honoured; a value that does not read answers 503",
                 ConfigHandling::GlobalAuth => "global external auth (as the `auth-*` annotation of that name)",
-                ConfigHandling::Accepted => "accepted; tidegate sizes this itself",
+                ConfigHandling::Accepted => "accepted, no effect: tidegate does this its own way (see above)",
             };
             let default = if k.default.is_empty() { String::new() } else { format!("`{}`", k.default) };
             format!("| `{}` | {what} | {default} |", k.key)

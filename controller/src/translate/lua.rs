@@ -14,7 +14,7 @@ use tidegate_snapshot::{
 
 use std::collections::BTreeMap;
 
-use super::annotations::{self, NGINX};
+use super::annotations;
 use super::configmap::Global;
 use super::index::{Index, PortRef};
 use super::policies;
@@ -123,14 +123,15 @@ fn route_policies(
     let at = if rule.policies.is_some() { format!("spec.routes[{r}].policies") } else { "spec.policies".into() };
     let fields = spec.policies.clone().unwrap_or_default().overlaid(rule.policies.as_ref()).annotations(&at);
     let annotations: BTreeMap<String, String> =
-        fields.iter().map(|(key, value, _)| (format!("{NGINX}{key}"), value.clone())).collect();
+        fields.iter().map(|(key, value, _)| (annotations::prefixed(key), value.clone())).collect();
     let mut found = ObjectStatus::new(status.object.clone());
     let settings = annotations::read(Some(&annotations), &global.defaults, &mut found);
     let namespace = status.object.namespace.clone().unwrap_or_default();
     let resolved = policies::resolve(&settings, &namespace, index, global, &mut found);
     for mut problem in found.problems {
-        if let Some((_, _, field)) =
-            fields.iter().find(|(key, _, _)| problem.field == format!("metadata.annotations[\"{NGINX}{key}\"]"))
+        if let Some((_, _, field)) = fields
+            .iter()
+            .find(|(key, _, _)| problem.field == format!("metadata.annotations[{:?}]", annotations::prefixed(key)))
         {
             problem.field.clone_from(field);
         }
@@ -156,7 +157,7 @@ fn backend_upstream(
 ) -> Result<tidegate_snapshot::Upstream, ()> {
     let fields = backend.upstream.as_ref().map(|u| u.annotations(at)).unwrap_or_default();
     let annotations: BTreeMap<String, String> =
-        fields.iter().map(|(key, value, _)| (format!("{NGINX}{key}"), value.clone())).collect();
+        fields.iter().map(|(key, value, _)| (annotations::prefixed(key), value.clone())).collect();
     let mut found = ObjectStatus::new(status.object.clone());
     let settings = annotations::read(Some(&annotations), &global.defaults, &mut found);
     let namespace = status.object.namespace.clone().unwrap_or_default();
@@ -164,8 +165,9 @@ fn backend_upstream(
     let unhonoured = !settings.unhonoured.is_empty();
     let resolved = upstream::resolve(&settings, &namespace, &backend.service.name, app_protocol, index, &mut found);
     for mut problem in found.problems {
-        if let Some((_, _, field)) =
-            fields.iter().find(|(key, _, _)| problem.field == format!("metadata.annotations[\"{NGINX}{key}\"]"))
+        if let Some((_, _, field)) = fields
+            .iter()
+            .find(|(key, _, _)| problem.field == format!("metadata.annotations[{:?}]", annotations::prefixed(key)))
         {
             problem.field.clone_from(field);
         }

@@ -58,6 +58,12 @@ pub(super) fn resolve(
     let mut response_headers = global.response_headers.clone();
     response_headers.extend(custom_headers(settings, namespace, index, global, status));
     let blocked = &global.blocked;
+    let id = format!("{}/{}", status.object.namespace.as_deref().unwrap_or_default(), status.object.name);
+    let shared_limit = settings.limits.shared.typed(id).unwrap_or_else(|why| {
+        status.error(Reason::Invalid, settings.field("global-rate-limit"), format!("{why}; the routes answer 503"));
+        refusal.get_or_insert_with(|| format!("{} asks for a global rate limit without its {why}", status.object));
+        None
+    });
     let policies = Policies {
         ip: (!ip.allow.is_empty() || !ip.deny.is_empty()).then_some(ip),
         blocked: (!blocked.user_agents.is_empty() || !blocked.referers.is_empty()).then(|| blocked.clone()),
@@ -65,6 +71,7 @@ pub(super) fn resolve(
         upstream_headers: global.upstream_headers.clone(),
         max_body_bytes: settings.max_body_bytes,
         limits: settings.limits.typed(),
+        shared_limit,
         response_rate: settings.limits.response_rate(),
         cors: settings.cors.enabled.then(|| settings.cors.cors.clone()),
         basic_auth,

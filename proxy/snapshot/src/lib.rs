@@ -258,6 +258,9 @@ pub struct Policies {
     /// `limit_req` and `limit_conn` before its access phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<Limits>,
+    /// A request rate shared by all proxies (`global-rate-limit`), after `limits`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_limit: Option<SharedLimit>,
     /// The pace of the response body (`limit-rate`, `limit-rate-after`), as nginx's
     /// `limit_rate`: no faster than this once the first bytes have gone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -499,8 +502,8 @@ impl From<Template> for String {
     }
 }
 
-/// Limits per client address, shared by all of a proxy's workers. A request over a limit gets
-/// `status`.
+/// Limits per client address (or per `key`), shared by all of a proxy's workers. A request over
+/// a limit gets `status`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Limits {
@@ -519,6 +522,30 @@ pub struct Limits {
     /// (`limit-conn-status-code`).
     #[serde(default = "service_unavailable")]
     pub concurrent_status: u16,
+    /// What the limits count by instead of the client address (`tidegate.dev/limit-key`):
+    /// nginx variables, such as `$http_x_api_key` or `$cookie_session`. A request for which it
+    /// expands to nothing is counted by its address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<Template>,
+}
+
+/// A request rate shared by every proxy of a controller (ingress-nginx's `global-rate-limit`):
+/// at most `requests` per `window_seconds`, per value of `key`, over a sliding window, the
+/// counts of all proxies added up through the controller they subscribe to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SharedLimit {
+    /// Names the counts across proxies: the owning object (`namespace/name`).
+    pub id: String,
+    pub requests: u32,
+    pub window_seconds: u32,
+    /// What is counted by (`global-rate-limit-key`, `$remote_addr` by default).
+    pub key: Template,
+    /// Clients not counted (`global-rate-limit-ignored-cidrs`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignored: Vec<Cidr>,
+    /// The status of a refused request (`global-rate-limit-status-code`, 429).
+    pub status: u16,
 }
 
 fn service_unavailable() -> u16 {
@@ -1274,6 +1301,15 @@ mod tests {
                                     exempt: vec!["10.0.0.0/8".parse().expect("cidr")],
                                     status: 503,
                                     concurrent_status: 503,
+                                    key: Some("$http_x_api_key".parse().expect("template")),
+                                }),
+                                shared_limit: Some(SharedLimit {
+                                    id: "shop/api".into(),
+                                    requests: 100,
+                                    window_seconds: 60,
+                                    key: "$remote_addr".parse().expect("template"),
+                                    ignored: Vec::new(),
+                                    status: 429,
                                 }),
                                 response_rate: Some(ResponseRate { bytes_per_second: 1024, after_bytes: 0 }),
                                 external_auth: Some(ExternalAuth {

@@ -13,6 +13,8 @@ use crate::Snapshot;
 pub const SNAPSHOTS_PATH: &str = "/v1/snapshots";
 /// Path a proxy acknowledges versions on.
 pub const ACKS_PATH: &str = "/v1/acks";
+/// Path a proxy posts its shared-limit counts to, and reads everyone's totals from.
+pub const LIMITS_PATH: &str = "/v1/limits";
 /// Header naming the proxy (its pod name in a cluster).
 pub const PROXY_HEADER: &str = "x-tidegate-proxy";
 /// Frames larger than this are refused (a snapshot of 10,000 Ingresses is a few MiB).
@@ -27,6 +29,42 @@ pub struct Ack {
     /// Why the proxy refused the version; `None` when it serves it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// Counts of shared limits ([`crate::SharedLimit`]) for one window of one key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WindowCount {
+    /// The limit's id.
+    pub limit: String,
+    pub key: String,
+    /// The window: seconds since the epoch divided by the window's length.
+    pub window: u64,
+    pub window_seconds: u32,
+    /// Posted: requests admitted since the last post. Answered: the total of every proxy in
+    /// `window`.
+    pub count: u64,
+    /// Answered: the total of every proxy in the window before.
+    #[serde(default)]
+    pub previous: u64,
+}
+
+/// What a proxy posts to [`LIMITS_PATH`]: what it admitted since its last post, and the
+/// sequence number of the last totals it got.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitSync {
+    pub since: u64,
+    pub counts: Vec<WindowCount>,
+}
+
+/// The controller's answer: every total that changed after `since` (the posted keys' among
+/// them), and the sequence number to send next time.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitTotals {
+    pub seq: u64,
+    pub totals: Vec<WindowCount>,
 }
 
 /// Encodes a snapshot as one frame.

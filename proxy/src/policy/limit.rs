@@ -12,6 +12,10 @@
 //! proxies do not share counts, so N proxies admit up to N times the rate, as N ingress-nginx
 //! pods do.
 //!
+//! With `tidegate.dev/limit-key`, the limits count by the key's value (a header, a cookie, a
+//! variable) instead of the client address; a request for which it expands to nothing is
+//! counted by its address, so that leaving the header out does not escape the limit.
+//!
 //! Memory is bounded: a shard drops clients whose bucket has drained (they are as good as new)
 //! once it holds [`SHARD_CLIENTS`], and refuses no one for want of room.
 
@@ -22,9 +26,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use http::StatusCode;
-use tidegate_snapshot::{Cidr, Limits};
+use tidegate_snapshot::{Cidr, Limits, Template};
 
-use super::{Effects, Verdict};
+use super::variables::expand;
+use super::{Effects, Facts, Verdict};
 use crate::respond::error_response;
 
 const SHARDS: usize = 16;
@@ -39,6 +44,15 @@ pub(super) struct LimitFilter {
     /// Over a rate (`limit-req-status-code`), and over the concurrency (`limit-conn-status-code`).
     status: StatusCode,
     concurrent_status: StatusCode,
+    /// What is counted by, instead of the client address.
+    key: Option<Template>,
+}
+
+/// Who a limit counts: a client address, or the value of the limit's key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Counted {
+    Address(IpAddr),
+    Key(Box<str>),
 }
 
 /// One leaky bucket per client, in milli-requests.
@@ -65,7 +79,7 @@ struct Concurrent {
 #[derive(Debug)]
 struct Shards<T> {
     hasher: RandomState,
-    shards: Vec<Mutex<HashMap<IpAddr, T>>>,
+    shards: Vec<Mutex<HashMap<Counted, T>>>,
 }
 
 impl<T> Shards<T> {
@@ -73,7 +87,7 @@ impl<T> Shards<T> {
         Shards { hasher: RandomState::new(), shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect() }
     }
 
-    fn shard(&self, client: IpAddr) -> &Mutex<HashMap<IpAddr, T>> {
+    fn shard(&self, client: &Counted) -> &Mutex<HashMap<Counted, T>> {
         let index = usize::try_from(self.hasher.hash_one(client)).unwrap_or(0) % SHARDS;
         &self.shards[index]
     }
@@ -81,24 +95,24 @@ impl<T> Shards<T> {
 
 impl Rate {
     /// Counts a request of `client` at `now`; false when it is over the limit.
-    fn admit(&self, client: IpAddr, now: Instant) -> bool {
-        let Ok(mut shard) = self.shard_of(client).lock() else { return true };
+    fn admit(&self, client: &Counted, now: Instant) -> bool {
+        let Ok(mut shard) = self.shard_of(client).lock() else { return false };
         let drained = |bucket: &Bucket| {
             let elapsed_milli = u64::try_from(now.saturating_duration_since(bucket.at).as_millis()).unwrap_or(u64::MAX);
             bucket.excess_milli.saturating_sub(elapsed_milli.saturating_mul(self.per_second_milli) / 1000)
         };
-        if shard.len() >= SHARD_CLIENTS && !shard.contains_key(&client) {
+        if shard.len() >= SHARD_CLIENTS && !shard.contains_key(client) {
             shard.retain(|_, bucket| drained(bucket) > 0);
         }
-        let excess = shard.get(&client).map_or(0, drained) + 1000;
+        let excess = shard.get(client).map_or(0, drained) + 1000;
         if excess > self.burst_milli + 1000 {
             return false;
         }
-        shard.insert(client, Bucket { excess_milli: excess, at: now });
+        shard.insert(client.clone(), Bucket { excess_milli: excess, at: now });
         true
     }
 
-    fn shard_of(&self, client: IpAddr) -> &Mutex<HashMap<IpAddr, Bucket>> {
+    fn shard_of(&self, client: &Counted) -> &Mutex<HashMap<Counted, Bucket>> {
         self.shards.shard(client)
     }
 }
@@ -106,12 +120,12 @@ impl Rate {
 /// A client's request in progress, counted until dropped (when its response is done).
 pub(crate) struct InProgress {
     concurrent: Arc<Concurrent>,
-    client: IpAddr,
+    client: Counted,
 }
 
 impl Drop for InProgress {
     fn drop(&mut self) {
-        if let Ok(mut shard) = self.concurrent.shards.shard(self.client).lock()
+        if let Ok(mut shard) = self.concurrent.shards.shard(&self.client).lock()
             && let Some(count) = shard.get_mut(&self.client)
         {
             *count = count.saturating_sub(1);
@@ -123,9 +137,9 @@ impl Drop for InProgress {
 }
 
 impl Concurrent {
-    fn enter(self: &Arc<Self>, client: IpAddr) -> Option<InProgress> {
-        let Ok(mut shard) = self.shards.shard(client).lock() else { return None };
-        let count = shard.entry(client).or_insert(0);
+    fn enter(self: &Arc<Self>, client: Counted) -> Option<InProgress> {
+        let Ok(mut shard) = self.shards.shard(&client).lock() else { return None };
+        let count = shard.entry(client.clone()).or_insert(0);
         if *count >= self.limit {
             return None;
         }
@@ -153,21 +167,26 @@ impl LimitFilter {
             exempt: limits.exempt.clone(),
             status: status(limits.status),
             concurrent_status: status(limits.concurrent_status),
+            key: limits.key.clone(),
         }
     }
 
     /// Admits a request or refuses it; an admitted one holds its place among the client's
     /// requests in progress through `hold`, until the response is done.
-    pub(super) fn check(&self, client: IpAddr, slot: &mut Option<Box<Effects>>) -> Verdict {
-        if self.exempt.iter().any(|c| c.contains(client)) {
+    pub(super) fn check(&self, facts: &Facts<'_>, slot: &mut Option<Box<Effects>>) -> Verdict {
+        if self.exempt.iter().any(|c| c.contains(facts.client)) {
             return Verdict::Continue;
         }
-        let client = client.to_canonical();
+        let key = self.key.as_ref().map(|key| expand(key, facts)).filter(|k| !k.is_empty());
+        let client = match key {
+            Some(key) => Counted::Key(key.into_boxed_str()),
+            None => Counted::Address(facts.client.to_canonical()),
+        };
         let now = Instant::now();
         // Every rate counts the request, as nginx's limit_req lines each do.
         let mut admitted = true;
         for rate in &self.rates {
-            admitted &= rate.admit(client, now);
+            admitted &= rate.admit(&client, now);
         }
         if !admitted {
             return Verdict::Answer(error_response(self.status));
@@ -191,22 +210,26 @@ mod tests {
     #[test]
     fn a_rate_admits_the_burst_then_the_rate() {
         let rate = Rate { per_second_milli: 5000, burst_milli: 10_000, shards: Shards::new() };
-        let client: IpAddr = "192.0.2.1".parse().expect("ip");
+        let client = Counted::Address("192.0.2.1".parse().expect("ip"));
         let start = Instant::now();
-        let admitted = (0..20).filter(|_| rate.admit(client, start)).count();
+        let admitted = (0..20).filter(|_| rate.admit(&client, start)).count();
         assert_eq!(admitted, 11, "burst + 1 at once");
-        assert!(!rate.admit(client, start + Duration::from_millis(100)), "half a request drained: still full");
-        assert!(rate.admit(client, start + Duration::from_millis(200)), "one request drained");
-        assert!(rate.admit("192.0.2.2".parse().expect("ip"), start), "another client has its own bucket");
+        assert!(!rate.admit(&client, start + Duration::from_millis(100)), "half a request drained: still full");
+        assert!(rate.admit(&client, start + Duration::from_millis(200)), "one request drained");
+        assert!(
+            rate.admit(&Counted::Address("192.0.2.2".parse().expect("ip")), start),
+            "another client has its own bucket"
+        );
+        assert!(rate.admit(&Counted::Key("192.0.2.1".into()), start), "a key is not an address");
     }
 
     #[test]
     fn concurrency_is_counted_until_the_request_is_done() {
         let concurrent = Arc::new(Concurrent { limit: 2, shards: Shards::new() });
-        let client: IpAddr = "192.0.2.1".parse().expect("ip");
-        let first = concurrent.enter(client).expect("first");
-        let _second = concurrent.enter(client).expect("second");
-        assert!(concurrent.enter(client).is_none(), "a third at once is refused");
+        let client = Counted::Key("tenant-a".into());
+        let first = concurrent.enter(client.clone()).expect("first");
+        let _second = concurrent.enter(client.clone()).expect("second");
+        assert!(concurrent.enter(client.clone()).is_none(), "a third at once is refused");
         drop(first);
         assert!(concurrent.enter(client).is_some(), "a place freed");
     }

@@ -13,7 +13,8 @@
 //! |         | `block-user-agents` / `block-referers`: 403; CORS (`enable-    |               |
 //! |         | cors`): 204; `app-root`: 302 for `/`; `permanent-` / `temporal- |               |
 //! |         | redirect`                                                        |               |
-//! | access  | limits (`limit-rps`, `-rpm`, `-connections`): 503; IP rules    | Lua `access`  |
+//! | access  | limits (`limit-rps`, `-rpm`, `-connections`): 503; the shared  | Lua `access`  |
+//! |         | limit (`global-rate-limit`): 429; IP rules                      |               |
 //! |         | (`*-source-range`): 403; Basic auth (`auth-type`): 401;         |               |
 //! |         | external auth (`auth-url`): 401, 302 to sign in, 403, 500        |               |
 //!
@@ -45,6 +46,7 @@ mod limit;
 mod password;
 mod redirect;
 mod set_headers;
+pub(crate) mod shared_limit;
 mod variables;
 
 use std::net::IpAddr;
@@ -153,6 +155,7 @@ enum Filter {
     AppRoot(redirect::AppRoot),
     Redirect(redirect::RedirectFilter),
     Limit(limit::LimitFilter),
+    SharedLimit(shared_limit::SharedLimitFilter),
     Ip(ip::IpFilter),
     BasicAuth(basic_auth::BasicAuthFilter),
     ExternalAuth(Box<external_auth::ExternalAuthFilter>),
@@ -187,7 +190,8 @@ impl Filter {
             Filter::Cors(cors) => cors.check(facts.method, facts.headers, effects),
             Filter::AppRoot(root) => root.check(facts),
             Filter::Redirect(redirect) => redirect.check(facts),
-            Filter::Limit(limits) => limits.check(facts.client, effects),
+            Filter::Limit(limits) => limits.check(facts, effects),
+            Filter::SharedLimit(limit) => limit.check(facts),
             Filter::Ip(rules) => rules.check(facts.client),
             Filter::BasicAuth(_) | Filter::ExternalAuth(_) => {
                 Verdict::Answer(crate::respond::error_response(http::StatusCode::INTERNAL_SERVER_ERROR))
@@ -277,6 +281,9 @@ impl Filters {
         let mut access = Vec::new();
         if let Some(limits) = &policies.limits {
             access.push(Filter::Limit(limit::LimitFilter::new(limits)));
+        }
+        if let Some(limit) = &policies.shared_limit {
+            access.push(Filter::SharedLimit(shared_limit::SharedLimitFilter::new(limit)));
         }
         let limits = access.len();
         if let Some(rules) = &policies.ip {
