@@ -201,7 +201,7 @@ pub fn run_controller(config: &ControllerConfig) -> Result<(), Error> {
         manifest_source::run(manifests, config.options.clone(), sink)?;
     } else {
         let client = runtime
-            .block_on(kube::Client::try_default())
+            .block_on(api_client())
             .map_err(|e| Error::Start(format!("no Kubernetes API server configuration: {e}")))?;
         let status = crate::api_source::StatusConfig {
             election: config.election.clone(),
@@ -288,4 +288,13 @@ pub fn run_proxy(
     let left = proxy.drain(drain_timeout);
     tracing::info!(connections_cut = left, "stopped");
     Ok(())
+}
+
+/// A client for the API server found the way kubectl finds it, whose requests say who sends
+/// them (`User-Agent: tidegate/VERSION`), for audit logs and the API server's metrics.
+async fn api_client() -> Result<kube::Client, String> {
+    let mut config = kube::Config::infer().await.map_err(|e| e.to_string())?;
+    let agent = http::HeaderValue::from_static(concat!("tidegate/", env!("CARGO_PKG_VERSION")));
+    config.headers.push((http::header::USER_AGENT, agent));
+    kube::Client::try_from(config).map_err(|e| e.to_string())
 }

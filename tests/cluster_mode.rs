@@ -811,6 +811,10 @@ async fn the_global_configmap_applies_live_and_reports_its_keys() {
         api.requests().iter().any(|r| r.contains("/namespaces/sys/configmaps") && r.contains("metadata.name")),
         "the global ConfigMap watched by name in its namespace"
     );
+    // Audit logs and the API server's metrics can tell the controller's requests apart.
+    let agents = api.user_agents();
+    let wanted = format!("tidegate/{}", env!("CARGO_PKG_VERSION"));
+    assert!(!agents.is_empty() && agents.iter().all(|a| *a == wanted), "every request says {wanted}: {agents:?}");
 }
 
 /// `global-rate-limit` across proxies: two proxies subscribed to one controller share one limit

@@ -134,6 +134,8 @@ struct Store {
     history: Vec<Change>,
     /// Method and path-and-query of every request, in order.
     requests: Vec<String>,
+    /// The `User-Agent` of each request, in order (empty when none was sent).
+    user_agents: Vec<String>,
     next_uid: u64,
 }
 
@@ -611,6 +613,11 @@ impl ApiServer {
         Store::lock(&self.shared).requests.clone()
     }
 
+    /// The `User-Agent` each request came with, in order (empty when none).
+    pub fn user_agents(&self) -> Vec<String> {
+        Store::lock(&self.shared).user_agents.clone()
+    }
+
     /// Stops listening and drops every connection; objects are kept.
     pub fn stop(&self) {
         if let Some(task) = self.accepting.lock().expect("lock").take() {
@@ -635,7 +642,12 @@ impl Drop for ApiServer {
 async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let (parts, body) = request.into_parts();
     let path_and_query = parts.uri.path_and_query().map_or("", |p| p.as_str()).to_owned();
-    Store::lock(&shared).requests.push(format!("{} {path_and_query}", parts.method));
+    {
+        let mut store = Store::lock(&shared);
+        store.requests.push(format!("{} {path_and_query}", parts.method));
+        let agent = parts.headers.get(http::header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("");
+        store.user_agents.push(agent.to_owned());
+    }
     let body = match body.collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return Ok(failure(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body")),
