@@ -856,3 +856,31 @@ async fn a_global_rate_limit_is_shared_by_the_proxies() {
     assert_eq!(admitted(&p2, "b", 3).await, 3, "another key");
     report(&format!("global-rate-limit 10/h shared by two proxies: 6 + {second} admitted"));
 }
+
+/// An unknown Lua phase that the API server would prune (field validation not strict,
+/// `kubectl apply --validate=false`) reaches the controller, which reports it as a field error
+/// and keeps the route closed, instead of serving it Accepted without the handler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_lua_phase_is_a_field_error_not_a_lost_handler() {
+    let cluster = Cluster::new();
+    let api = &cluster.api;
+    // `acess` for `access`: the guard would be lost.
+    api.apply_yaml(
+        "apiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {name: guarded, namespace: t}\nspec:\n  hosts: [guarded.test]\n  lua:\n    acess: ngx.exit(403)\n  routes:\n  - name: all\n    match: {path: {type: Prefix, value: /}}\n    lua: {content: \"ngx.say('secret')\"}\n",
+    );
+    let stored = api.get("tidegate.dev/v1alpha1", "LuaRoute", "t", "guarded").expect("stored");
+    assert_eq!(stored["spec"]["lua"]["acess"], "ngx.exit(403)", "kept by the API server for the controller to see");
+    let mut flags = vec!["--name", "c1"];
+    flags.extend(FAST_LEASE);
+    let controller = cluster.controller(&flags);
+    let (p1, p2) = cluster.proxies(&controller).await;
+    assert!(!both(&p1, &p2, "guarded.test", StatusCode::OK).await, "never served without its guard");
+    until("Accepted False naming spec.lua.acess", Duration::from_secs(10), async || {
+        api.get("tidegate.dev/v1alpha1", "LuaRoute", "t", "guarded").is_some_and(|route| {
+            condition(&route, "Accepted").is_some_and(|c| {
+                c["status"] == "False" && c["message"].as_str().is_some_and(|m| m.contains("spec.lua.acess"))
+            })
+        })
+    })
+    .await;
+}

@@ -102,8 +102,14 @@ pub struct SharedDict {
 }
 
 /// Lua source for each OpenResty phase, in the order they run.
+///
+/// The schema keeps fields it does not know (`x-kubernetes-preserve-unknown-fields`), so that
+/// a misspelt phase reaches the controller, which reports it as a field error and does not
+/// serve the route, rather than being pruned by the API server (`kubectl apply
+/// --validate=false`) and the route served without that handler.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct LuaHandlers {
     pub rewrite: Option<String>,
     pub access: Option<String>,

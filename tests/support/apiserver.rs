@@ -15,6 +15,11 @@
 //!   leave `status` alone, writes to `/status` touch only `status`; `generation` moves with
 //!   `spec`); Leases and Events are ordinary objects.
 //!
+//! - pruning, as the API server does for a CustomResourceDefinition's structural schema when
+//!   field validation is not strict (`kubectl apply --validate=false`): fields of a LuaRoute
+//!   that `crds/luaroute.yaml` does not declare are dropped before storage, unless the schema
+//!   says `x-kubernetes-preserve-unknown-fields` there.
+//!
 //! It does not: authenticate or authorise, validate objects against schemas or admission,
 //! track `managedFields` (server-side apply merges like a JSON merge patch, which is exact for
 //! one field manager writing whole fields, as the controller does), paginate (`limit` is
@@ -326,6 +331,9 @@ impl Store {
         subresource_status: bool,
         create_only: bool,
     ) -> Result<(StatusCode, Value), (StatusCode, &'static str, String)> {
+        if kind.kind == "LuaRoute" {
+            prune(&lua_route_schema(), &mut object, true);
+        }
         let namespace = object["metadata"]["namespace"].as_str().map(str::to_owned);
         let namespace = if kind.namespaced { Some(namespace.unwrap_or_else(|| "default".into())) } else { None };
         let Some(name) = object["metadata"]["name"].as_str().map(str::to_owned) else {
@@ -636,6 +644,49 @@ impl ApiServer {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// The LuaRoute CRD's structural schema, as `crds/luaroute.yaml` (what users install) holds it.
+fn lua_route_schema() -> Value {
+    static SCHEMA: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/luaroute.yaml");
+            let crd: Value = serde_saphyr::from_str(&std::fs::read_to_string(path).expect("crds/luaroute.yaml"))
+                .expect("the CRD reads");
+            crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+        })
+        .clone()
+}
+
+/// Drops the fields `schema` does not declare, as the API server prunes custom resources
+/// (`apiVersion`, `kind` and `metadata` at the root are its own).
+fn prune(schema: &Value, value: &mut Value, root: bool) {
+    match value {
+        Value::Object(map) => {
+            let preserve = schema["x-kubernetes-preserve-unknown-fields"] == Value::Bool(true);
+            let properties = schema["properties"].as_object();
+            let additional = schema.get("additionalProperties").filter(|a| a.is_object());
+            map.retain(|name, field| {
+                if root && ["apiVersion", "kind", "metadata"].contains(&name.as_str()) {
+                    return true;
+                }
+                match (properties.and_then(|p| p.get(name)), additional) {
+                    (Some(sub), _) | (None, Some(sub)) => {
+                        prune(sub, field, false);
+                        true
+                    }
+                    (None, None) => preserve,
+                }
+            });
+        }
+        Value::Array(items) => {
+            for item in items {
+                prune(&schema["items"], item, false);
+            }
+        }
+        _ => {}
     }
 }
 
