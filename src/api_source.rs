@@ -69,7 +69,14 @@ pub async fn run<S: Sink>(
     );
     let reporting = tokio::spawn(report);
     let (reports, others) = watch::channel(replicas::Reports::new());
-    let following = tokio::spawn(replicas::follow(client.clone(), namespace, lease, identity, reports));
+    let following = tokio::spawn(replicas::follow(
+        client.clone(),
+        namespace.clone(),
+        lease.clone(),
+        identity.clone(),
+        reports,
+        is_leading.clone(),
+    ));
     let (views, latest_view) = watch::channel(None);
     let writer = Writer::new(client.clone(), &status.election.identity);
     let writes = Arc::clone(&metrics);
@@ -78,6 +85,9 @@ pub async fn run<S: Sink>(
     serve(&client, config, sink, &views, &metrics, stop).await;
     reporting.abort();
     following.abort();
+    let _ =
+        tokio::time::timeout(Duration::from_secs(2), replicas::retire(client.clone(), &namespace, &lease, &identity))
+            .await;
     stopping.send_replace(true);
     // Let the election release the Lease, so another replica takes over at once.
     let _ = tokio::time::timeout(Duration::from_secs(3), election).await;

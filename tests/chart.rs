@@ -197,7 +197,7 @@ const CONTROLLER_NEEDS: &[(&str, &str, &[&str])] = &[
     ("tidegate.dev", "luaroutes", &["get", "list", "watch"]),
     ("tidegate.dev", "luaroutes/status", &["patch"]),
     ("events.k8s.io", "events", &["create", "patch"]),
-    ("coordination.k8s.io", "leases", &["get", "list", "watch", "create", "update", "patch"]),
+    ("coordination.k8s.io", "leases", &["get", "list", "watch", "create", "update", "patch", "delete"]),
 ];
 
 #[test]

@@ -884,3 +884,32 @@ async fn an_unknown_lua_phase_is_a_field_error_not_a_lost_handler() {
     })
     .await;
 }
+
+/// Replica Leases do not pile up: a replica deletes its own when it stops cleanly, and the
+/// leader deletes one that expired long ago (a replica that was killed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_leases_are_deleted_on_stop_and_when_long_expired() {
+    let cluster = Cluster::new();
+    let api = &cluster.api;
+    let long_ago = "2026-01-01T00:00:00.000000Z";
+    api.apply_yaml(&format!(
+        "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata:\n  name: tidegate-controller-gone\n  namespace: default\n  labels: {{tidegate.dev/replica-of: tidegate-controller}}\nspec: {{holderIdentity: gone, leaseDurationSeconds: 3, renewTime: \"{long_ago}\"}}\n"
+    ));
+    let lease =
+        |name: &str| api.get("coordination.k8s.io/v1", "Lease", "default", &format!("tidegate-controller-{name}"));
+    let start = |name: &'static str| {
+        let mut flags = vec!["--name", name];
+        flags.extend(FAST_LEASE);
+        cluster.controller(&flags)
+    };
+    let c1 = start("c1");
+    let c2 = start("c2");
+    until("both replicas' Leases, and the stale one gone", Duration::from_secs(15), async || {
+        lease("c1").is_some() && lease("c2").is_some() && lease("gone").is_none()
+    })
+    .await;
+    c2.terminate();
+    until("the stopped replica's Lease deleted", Duration::from_secs(10), async || lease("c2").is_none()).await;
+    assert!(lease("c1").is_some(), "the other replica's stays");
+    drop(c1);
+}

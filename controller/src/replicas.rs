@@ -6,6 +6,10 @@
 //! applied (or refused). The leader watches these Leases and counts the proxies of every replica
 //! whose Lease is current.
 //!
+//! A replica deletes its own Lease when it stops cleanly ([`retire`]), and the leader deletes
+//! replica Leases that expired long ago ([`STALE_AFTER`] lease durations): a replica that died
+//! leaves no Lease behind for ever.
+//!
 //! Versions are publish times in milliseconds (see the publisher), so versions from different
 //! replicas compare as times do; this assumes replicas' clocks are synchronised (NTP), as a
 //! cluster's nodes are.
@@ -19,7 +23,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 use tokio::sync::watch;
@@ -31,6 +35,21 @@ use crate::status_writer::FIELD_MANAGER;
 pub const REPLICA_LABEL: &str = "tidegate.dev/replica-of";
 /// Annotation holding `{proxy: {version, error}}` as JSON.
 pub const PROXIES_ANNOTATION: &str = "tidegate.dev/proxies";
+
+/// A replica Lease whose renewal is older than this many of its durations is deleted by the
+/// leader.
+pub const STALE_AFTER: i64 = 20;
+
+/// Deletes this replica's own Lease (on a clean stop).
+pub async fn retire(client: Client, namespace: &str, election_lease: &str, identity: &str) {
+    let leases: Api<Lease> = Api::namespaced(client, namespace);
+    let name = format!("{election_lease}-{identity}");
+    match leases.delete(&name, &DeleteParams::default()).await {
+        Ok(_) => tracing::info!(lease = %name, "this replica's Lease deleted"),
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => tracing::warn!(lease = %name, error = %e, "cannot delete this replica's Lease"),
+    }
+}
 
 /// Keeps this replica's Lease current with its proxies until the task is dropped.
 pub async fn report(
@@ -83,10 +102,11 @@ pub async fn follow(
     election_lease: String,
     identity: String,
     reports: watch::Sender<Reports>,
+    leading: watch::Receiver<bool>,
 ) {
     let leases: Api<Lease> = Api::namespaced(client, &namespace);
     let config = watcher::Config::default().labels(&format!("{REPLICA_LABEL}={election_lease}"));
-    let mut events = std::pin::pin!(watcher(leases, config).backoff(crate::watch::RetryBackoff::default()));
+    let mut events = std::pin::pin!(watcher(leases.clone(), config).backoff(crate::watch::RetryBackoff::default()));
     let mut seen: BTreeMap<String, Lease> = BTreeMap::new();
     let mut expiry = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -106,6 +126,21 @@ pub async fn follow(
             _ = expiry.tick() => {}
         }
         let now = Timestamp::now();
+        if *leading.borrow() {
+            for (name, lease) in &seen {
+                let Some(spec) = lease.spec.as_ref() else { continue };
+                let lasts = i64::from(spec.lease_duration_seconds.unwrap_or(15));
+                let stale = spec.renew_time.as_ref().is_none_or(|renewed| {
+                    renewed.0 + k8s_openapi::jiff::SignedDuration::from_secs(lasts * STALE_AFTER) < now
+                });
+                if stale && spec.holder_identity.as_deref() != Some(identity.as_str()) {
+                    match leases.delete(name, &DeleteParams::default()).await {
+                        Ok(_) => tracing::info!(lease = %name, "deleted a replica Lease that expired long ago"),
+                        Err(e) => tracing::debug!(lease = %name, error = %e, "cannot delete a stale replica Lease"),
+                    }
+                }
+            }
+        }
         let current: Reports = seen
             .values()
             .filter_map(|lease| {
