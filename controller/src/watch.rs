@@ -28,8 +28,9 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use kube::api::{Api, DynamicObject, PartialObjectMeta};
 use kube::core::{ApiResource, GroupVersionKind};
+use kube::runtime::utils::Backoff;
+use kube::runtime::watcher as watch_stream;
 use kube::runtime::watcher::{self, Event};
-use kube::runtime::{WatchStreamExt, watcher as watch_stream};
 use kube::{Client, Resource};
 use tokio::sync::Notify;
 
@@ -133,12 +134,25 @@ where
     let cache: Shared<T> = Arc::default();
     let filled = Arc::clone(&cache);
     tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream.backoff(RetryBackoff::default()));
+        let mut stream = std::pin::pin!(stream);
+        let mut backoff = RetryBackoff::default();
         while let Some(event) = stream.next().await {
             let event = match event {
-                Ok(event) => event,
+                Ok(event) => {
+                    backoff.reset();
+                    event
+                }
+                // The watch resumed from a version the server no longer has: the watcher
+                // relists on the next poll, at once (a relist is what an outage ends in).
+                Err(e) if gone(&e) => {
+                    tracing::warn!(kind, error = %e, "watch expired; relisting now, the last view keeps serving");
+                    backoff.reset();
+                    continue;
+                }
                 Err(e) => {
-                    tracing::warn!(kind, error = %e, "watch failed; retrying with backoff, the last view keeps serving");
+                    let delay = backoff.next().unwrap_or(RetryBackoff::MAX);
+                    tracing::warn!(kind, error = %e, retry_ms = delay.as_millis(), "watch failed; the last view keeps serving");
+                    tokio::time::sleep(delay).await;
                     continue;
                 }
             };
@@ -175,17 +189,29 @@ where
     cache
 }
 
-/// Delays between attempts after a watch fails: 250 ms doubling to 5 s, with up to a quarter
-/// of jitter; back to 250 ms once a watch works again. kube's default goes up to 30 s, which
-/// would keep a cluster's configuration stale that long after an API server outage.
+/// Whether a watch error says the resumed version is gone (`410`): a relist, not a failure.
+fn gone(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::WatchError(status) => status.code == 410,
+        watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.code == 410,
+        _ => false,
+    }
+}
+
+/// Delays between attempts after a watch fails: 100 ms doubling to 800 ms (client-go's first
+/// delay), with up to a quarter of jitter; back to 100 ms once a watch works again. So an
+/// outage is noticed to be over within a second, and the relist its `410` asks for starts at
+/// once. kube's default goes up to 30 s, which would keep a cluster's configuration stale that
+/// long after an API server outage; each watcher asks about once a second while it lasts.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryBackoff {
     next: std::time::Duration,
 }
 
 impl RetryBackoff {
-    const FIRST: std::time::Duration = std::time::Duration::from_millis(250);
-    const MAX: std::time::Duration = std::time::Duration::from_secs(5);
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+    const MAX: std::time::Duration = std::time::Duration::from_millis(800);
 }
 
 impl Default for RetryBackoff {
