@@ -192,8 +192,8 @@ where
 /// Whether a watch error says the resumed version is gone (`410`): a relist, not a failure.
 fn gone(error: &watcher::Error) -> bool {
     match error {
-        watcher::Error::WatchError(status) => status.code == 410,
-        watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        watcher::Error::WatchError(status)
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
         | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.code == 410,
         _ => false,
     }
