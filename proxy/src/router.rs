@@ -5,6 +5,10 @@
 //! that host's routes are tried, in the precedence order the snapshot gives them; a route
 //! matches when its path does and so do its methods and headers, if it has any. A request
 //! matching no route goes to the default backend, if there is one.
+//!
+//! Regular-expression paths (ingress-nginx's `use-regex`) run on the `regex` crate: matching
+//! takes time linear in the path's length whatever the pattern, and each is compiled once per
+//! route, bounded in size ([`REGEX_SIZE_LIMIT`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,7 +18,10 @@ use http::HeaderMap;
 use tidegate_lua::{Phase, Script};
 
 use crate::policy::Filters;
-use tidegate_snapshot::{HostMatch, LuaHandlers, PathKind, Route, RouteAction, Routing};
+use tidegate_snapshot::{HostMatch, LuaHandlers, PathKind, PathMatch, Route, RouteAction, Routing};
+
+/// The most memory one route's compiled path expression may take.
+pub const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
 /// The router of one runtime, built once per routing change.
 #[derive(Debug, Default)]
@@ -58,6 +65,52 @@ pub struct Target {
     /// The backend that takes some of the route's requests instead (a canary Ingress's).
     pub(crate) canary: Option<Box<crate::upstream::CanaryRule>>,
     pub ssl_redirect: bool,
+    /// The path's regular expression (for [`PathKind::Regex`] routes): what matches, and whose
+    /// captures `rewrite-target` puts into the upstream URI.
+    path_regex: Option<regex::Regex>,
+}
+
+impl Target {
+    /// The URI the upstream gets instead of `uri` (`rewrite-target`), when the route rewrites:
+    /// `$0` to `$9` are the captures of the path's expression; the query is kept, after the
+    /// target's own (joined by `&`) when it has one, as nginx's `rewrite ... break` does.
+    pub(crate) fn rewritten(&self, uri: &http::Uri) -> Option<http::Uri> {
+        let target = self.action.policies.rewrite_target.as_deref()?;
+        let captures = self.path_regex.as_ref()?.captures(uri.path());
+        let mut out = String::with_capacity(target.len() + uri.path().len());
+        let mut rest = target;
+        while let Some(at) = rest.find('$') {
+            out.push_str(&rest[..at]);
+            let after = &rest[at + 1..];
+            match after.as_bytes().first().filter(|b| b.is_ascii_digit()) {
+                Some(digit) => {
+                    let group = usize::from(digit - b'0');
+                    if let Some(text) = captures.as_ref().and_then(|c| c.get(group)) {
+                        out.push_str(text.as_str());
+                    }
+                    rest = &after[1..];
+                }
+                None => {
+                    out.push('$');
+                    rest = after;
+                }
+            }
+        }
+        out.push_str(rest);
+        if !out.starts_with('/') {
+            out.insert(0, '/');
+        }
+        if let Some(query) = uri.query() {
+            out.push(if out.contains('?') { '&' } else { '?' });
+            out.push_str(query);
+        }
+        out.parse().ok()
+    }
+}
+
+/// Compiles a regular-expression path as ingress-nginx writes it: `~* "^VALUE"`.
+pub fn compile_path(value: &str) -> Result<regex::Regex, regex::Error> {
+    regex::RegexBuilder::new(&format!("^{value}")).case_insensitive(true).size_limit(REGEX_SIZE_LIMIT).build()
 }
 
 /// The compiled handlers of a route, by phase.
@@ -131,6 +184,7 @@ pub type CounterFactory<'a> = &'a dyn Fn(&str, &str) -> RouteCounters;
 fn target(
     host: &str,
     name: &str,
+    path: Option<&PathMatch>,
     action: &RouteAction,
     ssl_redirect: bool,
     scripts: &HashMap<String, Arc<Script>>,
@@ -157,7 +211,19 @@ fn target(
             None
         }
     });
+    let path_regex = match path {
+        Some(path) if path.kind == PathKind::Regex => match compile_path(&path.value) {
+            Ok(regex) => Some(regex),
+            Err(e) => {
+                // The controller checked it: a route that cannot match is left unmatched.
+                tracing::warn!(route = name, error = %e, "the route's path expression does not compile; it matches nothing");
+                None
+            }
+        },
+        _ => None,
+    };
     Ok(Target {
+        path_regex,
         name: name.into(),
         host: host.into(),
         counters: counters(host, name),
@@ -185,7 +251,7 @@ impl Router {
         previous: &Router,
     ) -> Result<Self, String> {
         let default_backend = match &routing.default_backend {
-            Some(action) => Some(target("", "default-backend", action, false, scripts, counters)?),
+            Some(action) => Some(target("", "default-backend", None, action, false, scripts, counters)?),
             None => None,
         };
         let mut router = Router { default_backend, ..Router::default() };
@@ -260,7 +326,15 @@ impl VirtualHost {
             if route.path.kind == PathKind::Exact {
                 exact_paths.entry(route.path.value.clone()).or_default().push(i);
             }
-            targets.push(target(&host, &route.name, &route.action, route.ssl_redirect, scripts, counters)?);
+            targets.push(target(
+                &host,
+                &route.name,
+                Some(&route.path),
+                &route.action,
+                route.ssl_redirect,
+                scripts,
+                counters,
+            )?);
         }
         Ok(VirtualHost { exact_paths, routes: vhost.routes.clone(), targets })
     }
@@ -273,8 +347,13 @@ impl VirtualHost {
         {
             return self.targets.get(i);
         }
-        let i = self.routes.iter().position(|r| {
-            r.path.kind == PathKind::Prefix && prefix_matches(&r.path.value, path) && conditions_hold(r, facts)
+        let i = self.routes.iter().zip(&self.targets).position(|(r, t)| {
+            let matches = match r.path.kind {
+                PathKind::Exact => false,
+                PathKind::Prefix => prefix_matches(&r.path.value, path),
+                PathKind::Regex => t.path_regex.as_ref().is_some_and(|re| re.is_match(path)),
+            };
+            matches && conditions_hold(r, facts)
         })?;
         self.targets.get(i)
     }
@@ -496,5 +575,39 @@ mod tests {
     #[test]
     fn nothing_matches_without_default_backend() {
         assert!(matches!(build(&Routing::default()).find("a", "/", get(&HeaderMap::new())), Match::NotFound));
+    }
+
+    /// Regular-expression routes match from the start of the path, ignoring case, first match
+    /// in order; `rewrite-target` puts their captures into the upstream URI and keeps the query.
+    #[test]
+    fn regex_routes_match_in_order_and_rewrite() {
+        let mut api = route(PathKind::Regex, "/something(/|$)(.*)", "rewrite");
+        api.action.policies.rewrite_target = Some("/$2".into());
+        let mut tagged = route(PathKind::Regex, "/tag/([a-z]+)", "tagged");
+        tagged.action.policies.rewrite_target = Some("/by-tag?t=$1".into());
+        let routing = Routing {
+            virtual_hosts: vec![host(
+                HostMatch::Exact("r.test".into()),
+                vec![api, tagged, route(PathKind::Regex, "/", "root")],
+            )],
+            ..Routing::default()
+        };
+        let router = build(&routing);
+        let headers = HeaderMap::new();
+        let found = |path: &str| match router.find("r.test", path, get(&headers)) {
+            Match::Route(t) => t,
+            other => panic!("{path}: {other:?}"),
+        };
+        assert_eq!(&*found("/SOMETHING/else").name, "rewrite", "ignoring case");
+        assert_eq!(&*found("/somethingelse").name, "root", "(/|$) does not match 'e'");
+        assert_eq!(&*found("/x/something").name, "root", "anchored at the start");
+        let rewritten = |path: &str| {
+            let target = found(path.split('?').next().unwrap_or(path));
+            target.rewritten(&path.parse().expect("uri")).map(|u| u.to_string())
+        };
+        assert_eq!(rewritten("/something").as_deref(), Some("/"));
+        assert_eq!(rewritten("/something/new/x?a=1").as_deref(), Some("/new/x?a=1"), "query kept");
+        assert_eq!(rewritten("/tag/blue?a=1").as_deref(), Some("/by-tag?t=blue&a=1"), "after the target's own");
+        assert_eq!(rewritten("/other"), None, "no rewrite-target");
     }
 }

@@ -77,6 +77,8 @@ pub(super) struct Settings {
     pub(super) temporal_code: u16,
     /// `canary: "true"` and the `canary-*` keys.
     pub(super) canary: CanaryKeys,
+    /// `rewrite-target`: the URI the upstream gets, with the path expression's captures.
+    pub(super) rewrite_target: Option<String>,
     /// `custom-headers`: the ConfigMap (`name` or `namespace/name`) of headers set on every
     /// response, resolved by [`super::configmap`].
     pub(super) custom_headers: Option<String>,
@@ -118,6 +120,7 @@ impl Default for Settings {
             upstream: UpstreamKeys::default(),
             canary: CanaryKeys::default(),
             custom_headers: None,
+            rewrite_target: None,
             service_upstream: false,
             app_root: None,
             access_log: true,
@@ -902,6 +905,17 @@ pub(crate) const KEYS: &[Key] = &[
     guards("auth-cache-duration", "200 202 401 5m", |v, s| {
         cache_durations(v).map(|d| s.external_auth.cache_durations = d)
     }),
+    // Which hosts' paths are regular expressions is decided across Ingresses (see
+    // `translate::regex_hosts`); the value is checked here.
+    parsed("use-regex", "false", |v, _| boolean(v).map(drop)),
+    parsed("rewrite-target", "", |v, s| {
+        let v = v.trim();
+        if v.is_empty() || v.bytes().any(|b| b.is_ascii_control() || b == b' ' || b == b'#') {
+            return Err(format!("{v:?} is not a URI path"));
+        }
+        s.rewrite_target = Some(v.to_owned());
+        Ok(())
+    }),
     parsed("custom-headers", "", |v, s| object_name(v, "ConfigMap").map(|name| s.custom_headers = Some(name))),
     // Connections to the auth service are pooled per worker like every upstream's; these are
     // read, so that a typo is reported, and change nothing.
@@ -1331,7 +1345,7 @@ mod tests {
 
     #[test]
     fn unknown_annotations_are_reported_and_others_ignored() {
-        let (settings, status) = read_one("nginx.ingress.kubernetes.io/rewrite-target", "/");
+        let (settings, status) = read_one("nginx.ingress.kubernetes.io/enable-opentelemetry", "true");
         assert_eq!(status.problems[0].reason, Reason::UnsupportedAnnotation);
         assert_eq!(status.problems[0].severity, crate::status::Severity::Warning);
         assert!(settings.unhonoured.is_empty(), "does not restrict access: served");
@@ -1366,7 +1380,7 @@ mod tests {
             ("limit-rps", "five"),
             ("limit-connections", "0"),
             ("limit-rate", "fast"),
-            ("global-rate-limit", "10"),
+            ("global-rate-limit", "ten"),
             ("enable-modsecurity", "true"),
             ("modsecurity-snippet", "SecRuleEngine On"),
             ("configuration-snippet", "deny all;"),

@@ -2,7 +2,7 @@
 
 use std::fmt::{self, Display};
 
-use k8s_openapi::api::networking::v1::{Ingress, IngressBackend};
+use k8s_openapi::api::networking::v1::{HTTPIngressPath, Ingress, IngressBackend};
 use tidegate_snapshot::{
     Canary, HostMatch, LuaHandlers, PathKind, PathMatch, Policies, Refusal, Route, RouteAction, Upstream,
 };
@@ -29,7 +29,7 @@ pub(super) fn translate(
     out: &mut Builder,
     status: &mut ObjectStatus,
 ) {
-    if !validate(ingress, status) {
+    if !validate(ingress, &out.regex_hosts, status) {
         status.accepted = false;
         return;
     }
@@ -180,15 +180,15 @@ impl Context<'_, '_> {
                 let Some(mut action) = self.action(&path.backend, &Field(&PathAt(r, p), ".backend")) else {
                     continue;
                 };
-                let kind = if path.path_type == "Exact" { PathKind::Exact } else { PathKind::Prefix };
-                let value = path.path.clone().unwrap_or_else(|| "/".to_owned());
+                let Some(path_match) = self.path_match(&host, path, PathAt(r, p)) else { continue };
+                let value = path_match.value.clone();
                 // The session cookie's path is the matched path unless the Ingress says.
                 if let Some(affinity) = action.upstream.affinity.as_mut() {
                     affinity.path.get_or_insert_with(|| value.clone());
                 }
                 let route = Route {
                     name: format!("{}/{}/{r}/{p}", self.namespace(), name_of(&ingress.metadata)),
-                    path: PathMatch { kind, value },
+                    path: path_match,
                     methods: Vec::new(),
                     headers: Vec::new(),
                     action,
@@ -207,6 +207,28 @@ impl Context<'_, '_> {
         }
     }
 
+    /// How a path matches: a regular expression on a host whose paths are (`use-regex`,
+    /// `rewrite-target`), else by its type. `None`, with a field error, for an expression that
+    /// does not compile: that path is left out, the Ingress's others still serve.
+    fn path_match(&mut self, host: &HostMatch, path: &HTTPIngressPath, at: PathAt) -> Option<PathMatch> {
+        let value = path.path.clone().unwrap_or_else(|| "/".to_owned());
+        if !self.out.regex_hosts.contains(host) {
+            let kind = if path.path_type == "Exact" { PathKind::Exact } else { PathKind::Prefix };
+            return Some(PathMatch { kind, value });
+        }
+        match check_regex_path(&value) {
+            Ok(()) => Some(PathMatch { kind: PathKind::Regex, value }),
+            Err(why) => {
+                self.status.error(
+                    Reason::Invalid,
+                    format!("{at}.path"),
+                    format!("{why}; this path is not served (its host's paths are regular expressions)"),
+                );
+                None
+            }
+        }
+    }
+
     /// A canary Ingress's paths, offered to the routes they shadow.
     fn canaries(&mut self) {
         let ingress = self.ingress;
@@ -219,7 +241,7 @@ impl Context<'_, '_> {
             for (p, path) in paths.iter().enumerate() {
                 let Some(action) = self.action(&path.backend, &Field(&PathAt(r, p), ".backend")) else { continue };
                 let Some(backend) = action.backend else { continue };
-                let kind = if path.path_type == "Exact" { PathKind::Exact } else { PathKind::Prefix };
+                let Some(path_match) = self.path_match(&host, path, PathAt(r, p)) else { continue };
                 let canary = Canary {
                     backend,
                     upstream: action.upstream,
@@ -232,7 +254,7 @@ impl Context<'_, '_> {
                 };
                 self.out.canaries.push(super::CanaryOffer {
                     host: host.clone(),
-                    path: PathMatch { kind, value: path.path.clone().unwrap_or_else(|| "/".to_owned()) },
+                    path: path_match,
                     canary,
                     owner: owner.clone(),
                     field: FieldAt::IngressPath(r, p).to_string(),
@@ -341,7 +363,7 @@ impl Context<'_, '_> {
 
 /// Checks the rules the API server enforces, so that an object from a manifest gets the same
 /// verdict as one applied to a cluster. Returns false when the Ingress must not be served at all.
-fn validate(ingress: &Ingress, status: &mut ObjectStatus) -> bool {
+fn validate(ingress: &Ingress, regex_hosts: &std::collections::HashSet<HostMatch>, status: &mut ObjectStatus) -> bool {
     let before = status.problems.len();
     if name_of(&ingress.metadata).is_empty() {
         status.error(Reason::Invalid, "metadata.name", "is required");
@@ -362,9 +384,12 @@ fn validate(ingress: &Ingress, status: &mut ObjectStatus) -> bool {
         {
             status.error(Reason::Invalid, format!("spec.rules[{r}].host"), why);
         }
+        let regex = regex_hosts.contains(&host_match(rule.host.as_deref()));
         for (p, path) in rule.http.iter().flat_map(|h| h.paths.iter()).enumerate() {
             let at = PathAt(r, p);
             match (path.path_type.as_str(), path.path.as_deref()) {
+                // A regular expression: its own check, per path (see `Context::path_match`).
+                ("Exact" | "Prefix" | "ImplementationSpecific", Some(_)) if regex => {}
                 ("Exact" | "Prefix", None) => {
                     status.error(Reason::Invalid, format!("{at}.path"), "is required for Exact and Prefix");
                 }
@@ -391,6 +416,21 @@ fn validate(ingress: &Ingress, status: &mut ObjectStatus) -> bool {
         }
     }
     status.problems.len() == before
+}
+
+/// A path as a regular expression: starts with `/`, and compiles as the proxy compiles it
+/// (`(?i)^PATH`, the `regex` crate: RE2 syntax, which Kubernetes documents for Ingress paths;
+/// no backreferences or lookaround).
+fn check_regex_path(value: &str) -> Result<(), String> {
+    if !value.starts_with('/') {
+        return Err(format!("{value:?} must start with '/'"));
+    }
+    regex::RegexBuilder::new(&format!("^{value}"))
+        .case_insensitive(true)
+        .size_limit(1 << 20)
+        .build()
+        .map(drop)
+        .map_err(|e| format!("{value:?} is not a regular expression tidegate runs: {e}"))
 }
 
 fn validate_backend(backend: &IngressBackend, field: &dyn Display, status: &mut ObjectStatus) {
@@ -423,6 +463,7 @@ fn validate_backend(backend: &IngressBackend, field: &dyn Display, status: &mut 
 
 /// `spec.rules[R].http.paths[P]`, written out only when a problem or a route needs it: at
 /// 10,000 Ingresses, formatting field paths nobody reads was a tenth of translation.
+#[derive(Clone, Copy)]
 struct PathAt(usize, usize);
 
 impl Display for PathAt {

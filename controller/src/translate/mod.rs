@@ -6,7 +6,9 @@
 //! - **Ours**: see [`class`] for which Ingresses and LuaRoutes belong to tidegate.
 //! - **Paths**: `Exact` matches the path exactly and case-sensitively. `Prefix` matches
 //!   element-wise on `/`-separated elements, so `/aaa` matches `/aaa`, `/aaa/` and `/aaa/ccc` but
-//!   not `/aaaccc`, and a trailing `/` in the rule is insignificant. `ImplementationSpecific` is
+//!   not `/aaaccc`, and a trailing `/` in the rule is insignificant. On a host where an Ingress of
+//!   ours sets `use-regex` or `rewrite-target`, every Ingress path is a regular expression
+//!   instead ([`regex_hosts`]). `ImplementationSpecific` is
 //!   treated as `Prefix`.
 //! - **Precedence** within a host: Exact before Prefix, then the longer path, then the older
 //!   Ingress (`creationTimestamp`, then namespace/name), then rule and path order. A route with
@@ -106,6 +108,7 @@ pub fn translate(inputs: &Inputs) -> Translation {
 
     let mut ours: Vec<&Ingress> = inputs.ingresses.iter().map(|i| &**i).filter(|i| classes.is_ours(i)).collect();
     ours.sort_by(|a, b| age_key(a).cmp(&age_key(b)));
+    out.regex_hosts = regex_hosts(ours.iter().copied());
     let ingress_count = ours.len();
     out.routes.reserve(
         ours.iter()
@@ -270,6 +273,32 @@ struct Builder {
     canaries: Vec<CanaryOffer>,
     /// ExternalName backends, for the proxies to resolve.
     names: BTreeMap<BackendId, tidegate_snapshot::NamedEndpoint>,
+    /// Hosts whose Ingress paths are regular expressions: an Ingress of ours for the host sets
+    /// `use-regex: "true"` or `rewrite-target` (see [`regex_hosts`]).
+    regex_hosts: std::collections::HashSet<HostMatch>,
+}
+
+/// The hosts whose paths match as regular expressions. As in ingress-nginx, once any Ingress
+/// for a host sets `use-regex: "true"` or `rewrite-target` (under either prefix), every Ingress
+/// path of that host is a case-insensitive regular expression anchored at the start of the
+/// path, whichever Ingress defines it.
+fn regex_hosts<'a>(ingresses: impl Iterator<Item = &'a Ingress>) -> std::collections::HashSet<HostMatch> {
+    let mut hosts = std::collections::HashSet::new();
+    for ingress in ingresses {
+        let annotations = ingress.metadata.annotations.as_ref();
+        let set = |name: &str| {
+            [annotations::OURS, annotations::NGINX]
+                .iter()
+                .filter_map(|prefix| annotations?.get(&format!("{prefix}{name}")))
+                .next()
+                .map(|v| v.trim().to_owned())
+        };
+        if set("use-regex").as_deref() == Some("true") || set("rewrite-target").is_some() {
+            let rules = ingress.spec.as_ref().and_then(|s| s.rules.as_deref()).unwrap_or_default();
+            hosts.extend(rules.iter().map(|r| host_match(r.host.as_deref())));
+        }
+    }
+    hosts
 }
 
 /// One path of a canary Ingress: the backend it offers to the route of the same host and path.

@@ -88,6 +88,7 @@ pub(super) fn resolve(
             (None, None) => None,
         },
         app_root: settings.app_root.clone(),
+        rewrite_target: settings.rewrite_target.clone(),
         no_access_log: !settings.access_log,
     };
     (policies, refusal.map(Refusal::unhonoured))

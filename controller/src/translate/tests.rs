@@ -894,3 +894,50 @@ data: {{X-Client: $remote_addr}}
         vec!["spec.policies.externalAuth.proxySetHeaders"]
     );
 }
+
+/// ingress-nginx's regular-expression paths: once an Ingress for a host sets `use-regex` (or
+/// `rewrite-target`), every Ingress path of that host is an expression, whichever Ingress
+/// defines it, tried longest first; `?` is allowed in them; an expression that does not compile
+/// is a field error for that path alone.
+#[test]
+fn regex_paths_take_a_whole_host() {
+    let annotated = |name: &str, annotations: &str, paths: &[(&str, &str, &str)]| {
+        ingress("ns", name, &rules(&[rule(Some("r.test"), paths)])).replacen(
+            "namespace: ns}",
+            &format!("namespace: ns, annotations: {{{annotations}}}}}"),
+            1,
+        )
+    };
+    let yaml = [
+        annotated(
+            "a",
+            "nginx.ingress.kubernetes.io/use-regex: \"true\"",
+            &[("ImplementationSpecific", "/api/v[0-9]+", "api")],
+        ),
+        ingress(
+            "ns",
+            "b",
+            &rules(&[rule(Some("r.test"), &[("Prefix", "/orders/?(.*)", "orders"), ("Exact", "/x", "x")])]),
+        ),
+        annotated("c", "tidegate.dev/rewrite-target: /$1", &[("Prefix", "/bad(", "bad"), ("Prefix", "/ok/(.*)", "ok")]),
+        ingress("ns", "d", &rules(&[rule(Some("plain.test"), &[("Prefix", "/api/v[0-9]+", "api")])])),
+    ]
+    .concat();
+    let t = run(&yaml);
+    assert_eq!(
+        routes(&t, &HostMatch::Exact("r.test".into())),
+        vec![
+            (PathKind::Regex, "/orders/?(.*)".into(), "ns/orders:80".into()),
+            (PathKind::Regex, "/api/v[0-9]+".into(), "ns/api:80".into()),
+            (PathKind::Regex, "/ok/(.*)".into(), "ns/ok:80".into()),
+            (PathKind::Regex, "/x".into(), "ns/x:80".into()),
+        ],
+        "longest first, Exact too"
+    );
+    assert_eq!(routes(&t, &HostMatch::Exact("plain.test".into()))[0].0, PathKind::Prefix, "other hosts keep theirs");
+    let c = t.statuses.iter().find(|s| s.object.name == "c").expect("c");
+    assert_eq!(problem_fields(c, Reason::Invalid), vec!["spec.rules[0].http.paths[0].path"]);
+    assert!(c.accepted, "its other path serves");
+    let b = t.statuses.iter().find(|s| s.object.name == "b").expect("b");
+    assert!(problem_fields(b, Reason::Invalid).is_empty(), "'?' is part of an expression: {:?}", b.problems);
+}

@@ -201,7 +201,8 @@ pub struct PathMatch {
     pub value: String,
 }
 
-/// Path match kinds of Ingress v1 (`ImplementationSpecific` arrives here as `Prefix`).
+/// Path match kinds of Ingress v1 (`ImplementationSpecific` arrives here as `Prefix`), and
+/// ingress-nginx's regular expressions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum PathKind {
@@ -209,6 +210,10 @@ pub enum PathKind {
     Exact,
     /// The value's `/`-separated elements are a prefix of the path's elements.
     Prefix,
+    /// The value is a regular expression the path must match from its start, ignoring case,
+    /// as ingress-nginx's `location ~* "^VALUE"` (`use-regex`, `rewrite-target`). Routes of this
+    /// kind are tried in their order (longest value first), the first match wins.
+    Regex,
 }
 
 /// A header a request must carry for a route to match.
@@ -303,6 +308,12 @@ pub struct Policies {
     /// The route's requests are left out of the access log (`enable-access-log: "false"`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub no_access_log: bool,
+    /// The URI the upstream gets instead of the client's (`rewrite-target`): `$1`... are the
+    /// captures of the route's regular expression on the path; the client's query string is
+    /// kept (appended after `&` when the target has one of its own), as nginx's `rewrite ...
+    /// break`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite_target: Option<String>,
     /// A request for `/` redirected (302) to this path on the same host (`app-root`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_root: Option<String>,
@@ -1338,6 +1349,7 @@ mod tests {
                                 upstream_headers: Vec::new(),
                                 redirect: None,
                                 app_root: Some("/app".into()),
+                                rewrite_target: Some("/$2".into()),
                                 no_access_log: true,
                                 client_certificate: Some(ClientCertificate {
                                     ca_id: "shop/ca".into(),

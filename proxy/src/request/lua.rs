@@ -32,7 +32,7 @@ use tidegate_lua::{FailureKind, LuaRequest, Outcome as LuaOutcome, Phase, Reques
 use tidegate_snapshot::Phase as Step;
 
 use super::context::Outcome;
-use super::upstream::{forward, prepare_upstream, upstream_body, upstream_headers};
+use super::upstream::{forward, prepare_upstream, rewrite_uri, upstream_body, upstream_headers};
 use crate::body::{BoxError, ClientBody, LocalBody, full};
 use crate::connection::Connection;
 use crate::http1::CloseConnection;
@@ -119,6 +119,8 @@ pub(super) async fn serve(
         parts.headers = lua.state.headers.borrow().clone();
         upstream_headers(target, outcome, &mut parts.headers);
         parts.uri = lua.state.upstream_uri().parse().unwrap_or_else(|_| parts.uri.clone());
+        // `rewrite-target` applies to the URI as the handlers leave it.
+        rewrite_uri(target, &mut parts);
         let set_body = lua.state.body.borrow().clone();
         if set_body.is_some() {
             parts.headers.remove(header::TRANSFER_ENCODING);

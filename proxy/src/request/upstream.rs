@@ -35,11 +35,19 @@ pub(super) async fn proxy(
     let client_upgrade = crate::http1::on_upgrade(&mut request);
     let upgrade = client_upgrade.is_some();
     let (mut parts, body) = request.into_parts();
+    rewrite_uri(target, &mut parts);
     upstream_headers(target, outcome, &mut parts.headers);
     let body = upstream_body(target, &parts.headers, body);
     prepare_upstream(&mut parts, upgrade);
     let upstream_request = Request::from_parts(parts, body);
     forward(worker, runtime, conn, target, upstream_request, client_upgrade, outcome).await
+}
+
+/// Replaces the URI with the route's `rewrite-target`, when it has one.
+pub(super) fn rewrite_uri(target: &Target, parts: &mut Parts) {
+    if let Some(uri) = target.rewritten(&parts.uri) {
+        parts.uri = uri;
+    }
 }
 
 /// Puts the headers the route and its filters set into the upstream request: those the
