@@ -151,6 +151,8 @@ struct Shared {
     watch_epoch: watch::Sender<u64>,
     /// Bumped to drop every connection (the server going away).
     connection_epoch: watch::Sender<u64>,
+    /// Set while the server is away: a connection accepted as it went is dropped too.
+    stopped: std::sync::atomic::AtomicBool,
     /// Resources (by plural) answered `503` for now.
     failing: Mutex<std::collections::BTreeSet<&'static str>>,
     bookmark_every: Duration,
@@ -503,6 +505,7 @@ impl ApiServer {
             changes: broadcast::channel(4096).0,
             watch_epoch: watch::Sender::new(0),
             connection_epoch: watch::Sender::new(0),
+            stopped: std::sync::atomic::AtomicBool::new(false),
             failing: Mutex::new(std::collections::BTreeSet::new()),
             bookmark_every,
         });
@@ -520,9 +523,14 @@ impl ApiServer {
             let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
+                // Subscribed before the check: a stop either shows in the flag or reaches the
+                // subscription, whichever thread it comes from.
+                let mut dropped = shared.connection_epoch.subscribe();
+                if shared.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
                 let shared = Arc::clone(&shared);
                 tokio::spawn(async move {
-                    let mut dropped = shared.connection_epoch.subscribe();
                     let handler = Arc::clone(&shared);
                     let service = service_fn(move |request| handle(Arc::clone(&handler), request));
                     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -631,12 +639,14 @@ impl ApiServer {
         if let Some(task) = self.accepting.lock().expect("lock").take() {
             task.abort();
         }
+        self.shared.stopped.store(true, std::sync::atomic::Ordering::SeqCst);
         self.shared.connection_epoch.send_modify(|e| *e += 1);
     }
 
     /// Listens again on the same address.
     pub fn resume(&self) {
         let listener = std::net::TcpListener::bind(self.addr).expect("rebind");
+        self.shared.stopped.store(false, std::sync::atomic::Ordering::SeqCst);
         self.accept_on(listener);
     }
 }
