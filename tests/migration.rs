@@ -88,3 +88,140 @@ async fn regex_paths_and_rewrite_target() {
     assert_eq!(served_by("plain.test", "/api/v[0-9]+/x").await.0, "api", "a prefix elsewhere, taken literally");
     assert_eq!(get(tidegate.http, "plain.test", "/api/v2/x").await.expect("answered").status, StatusCode::NOT_FOUND);
 }
+
+fn config_map(data: &[(&str, &str)]) -> String {
+    let mut yaml =
+        "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings, namespace: sys}\ndata:\n".to_owned();
+    for (key, value) in data {
+        yaml.push_str(&format!("  {key}: {value:?}\n"));
+    }
+    yaml
+}
+
+/// Starts on a web Service, the Ingresses, and the global ConfigMap `sys/settings`.
+async fn start_with_settings(ingresses: &[String], settings: &[(&str, &str)]) -> (Tidegate, tempfile::TempDir) {
+    let dir = manifest_dir();
+    let web = echo("t", "web").await;
+    let mut manifests = service_yaml("t", "web", 80, "http", &[web]);
+    manifests.push_str(&ingresses.concat());
+    manifests.push_str(&config_map(settings));
+    write_manifest(dir.path(), "all.yaml", &manifests);
+    let path = dir.path().to_owned();
+    let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&path, &["--configmap", "sys/settings"]))
+        .await
+        .expect("start");
+    (tidegate, dir)
+}
+
+/// Sends `prefix` then a GET for `host` on one connection; the status and the echoed JSON, or
+/// `None` when the proxy closed the connection without an answer.
+async fn raw_get(addr: std::net::SocketAddr, prefix: &[u8], host: &str) -> Option<(u16, serde_json::Value)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut bytes = prefix.to_vec();
+    bytes.extend(format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes());
+    stream.write_all(&bytes).await.expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    let json = text.split_once("\r\n\r\n").and_then(|(_, body)| serde_json::from_str(body).ok()).unwrap_or_default();
+    Some((status, json))
+}
+
+fn seen_header(json: &serde_json::Value, name: &str) -> Option<String> {
+    json["headers"][name][0].as_str().map(str::to_owned)
+}
+
+/// `use-proxy-protocol`: the PROXY header's source is the client, for IP rules and the headers
+/// the upstream gets, v1 and v2; `LOCAL` keeps the peer; a connection without a header is
+/// closed unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_names_the_client() {
+    let ingresses = [
+        ingress("open", "open.test", &[], &[("Prefix", "/", "web")]),
+        ingress(
+            "guarded",
+            "guarded.test",
+            &[("nginx.ingress.kubernetes.io/denylist-source-range", "203.0.113.0/24")],
+            &[("Prefix", "/", "web")],
+        ),
+    ];
+    let (tidegate, _dir) = start_with_settings(&ingresses, &[("use-proxy-protocol", "true")]).await;
+    let v1 = b"PROXY TCP4 203.0.113.7 10.0.0.1 51234 80\r\n";
+    let (status, json) = raw_get(tidegate.http, v1, "open.test").await.expect("answered");
+    assert_eq!(status, 200);
+    assert_eq!(seen_header(&json, "X-Real-Ip").as_deref(), Some("203.0.113.7"), "{json}");
+    assert_eq!(seen_header(&json, "X-Forwarded-For").as_deref(), Some("203.0.113.7"));
+    assert_eq!(raw_get(tidegate.http, v1, "guarded.test").await.expect("answered").0, 403, "the denylist sees it");
+
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    v2.extend([0x21, 0x11, 0, 12, 198, 51, 100, 9, 10, 0, 0, 1, 0xC0, 0x01, 0, 80]);
+    let (status, json) = raw_get(tidegate.http, &v2, "guarded.test").await.expect("answered");
+    assert_eq!((status, seen_header(&json, "X-Real-Ip").as_deref()), (200, Some("198.51.100.9")));
+    let mut local = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    local.extend([0x20, 0x00, 0, 0]);
+    let (_, json) = raw_get(tidegate.http, &local, "open.test").await.expect("answered");
+    assert_eq!(seen_header(&json, "X-Real-Ip").as_deref(), Some("127.0.0.1"), "LOCAL keeps the peer");
+    assert!(raw_get(tidegate.http, b"", "open.test").await.is_none(), "no header: closed unanswered");
+}
+
+/// `use-forwarded-headers`: from a peer in `proxy-real-ip-cidr`, `X-Forwarded-For` names the
+/// client (right to left, trusted addresses skipped) for IP rules and the upstream, and
+/// `X-Forwarded-Proto` passes on; `compute-full-forwarded-for` keeps the list and appends the
+/// peer. From a peer outside the trusted networks the header is not believed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_forwarding_header_names_the_client() {
+    let ingresses = [
+        ingress("open", "open.test", &[], &[("Prefix", "/", "web")]),
+        ingress(
+            "allow",
+            "allow.test",
+            &[("nginx.ingress.kubernetes.io/whitelist-source-range", "203.0.113.0/24")],
+            &[("Prefix", "/", "web")],
+        ),
+    ];
+    let forwarded = b"";
+    let request = |host: &str| {
+        format!(
+            "GET / HTTP/1.1\r\nHost: {host}\r\nX-Forwarded-For: 198.51.100.1, 203.0.113.7, 127.0.0.5\r\nX-Forwarded-Proto: https\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let send = async |tidegate: &Tidegate, host: &str| {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(tidegate.http).await.expect("connect");
+        stream.write_all(forwarded).await.expect("write");
+        stream.write_all(request(host).as_bytes()).await.expect("write");
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.expect("read");
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        let status: u16 = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let json: serde_json::Value =
+            text.split_once("\r\n\r\n").and_then(|(_, b)| serde_json::from_str(b).ok()).unwrap_or_default();
+        (status, json)
+    };
+    let settings = [
+        ("use-forwarded-headers", "true"),
+        ("proxy-real-ip-cidr", "127.0.0.0/8"),
+        ("compute-full-forwarded-for", "true"),
+    ];
+    let (tidegate, _dir) = start_with_settings(&ingresses, &settings).await;
+    let (status, json) = send(&tidegate, "open.test").await;
+    assert_eq!(status, 200);
+    assert_eq!(seen_header(&json, "X-Real-Ip").as_deref(), Some("203.0.113.7"), "{json}");
+    assert_eq!(
+        seen_header(&json, "X-Forwarded-For").as_deref(),
+        Some("198.51.100.1, 203.0.113.7, 127.0.0.5, 127.0.0.1"),
+        "the list kept, the peer appended"
+    );
+    assert_eq!(seen_header(&json, "X-Forwarded-Proto").as_deref(), Some("https"), "passed on");
+    assert_eq!(send(&tidegate, "allow.test").await.0, 200, "the allowlist sees the client");
+    drop(tidegate);
+
+    let untrusted = [("use-forwarded-headers", "true"), ("proxy-real-ip-cidr", "10.0.0.0/8")];
+    let (tidegate, _dir) = start_with_settings(&ingresses, &untrusted).await;
+    let (_, json) = send(&tidegate, "open.test").await;
+    assert_eq!(seen_header(&json, "X-Real-Ip").as_deref(), Some("127.0.0.1"), "not believed: {json}");
+    assert_eq!(seen_header(&json, "X-Forwarded-Proto").as_deref(), Some("http"));
+    assert_eq!(send(&tidegate, "allow.test").await.0, 403);
+}

@@ -57,7 +57,15 @@ impl Connection {
     /// What the upstream is told of the client (`X-Forwarded-*`).
     pub(crate) fn forwarded(&self) -> Forwarded<'_> {
         let client_ip = self.client_ip.get_or_init(|| crate::headers::client_ip_value(self.remote));
-        Forwarded { client_ip, https: self.tls, port: self.local_port, host: None }
+        Forwarded {
+            client_ip,
+            https: self.tls,
+            port: self.local_port,
+            host: None,
+            forwarded_for: None,
+            proto: None,
+            port_value: None,
+        }
     }
 }
 

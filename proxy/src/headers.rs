@@ -234,6 +234,11 @@ pub(crate) struct Forwarded<'a> {
     /// The host the client asked for, when the request's `Host` was replaced on its way
     /// (`upstream-vhost`): `X-Forwarded-Host` tells the client's.
     pub(crate) host: Option<&'a HeaderValue>,
+    /// What a trusted peer sent (`use-forwarded-headers`): `X-Forwarded-For` (else
+    /// `client_ip`), `X-Forwarded-Proto` and `X-Forwarded-Port` (else the connection's).
+    pub(crate) forwarded_for: Option<&'a HeaderValue>,
+    pub(crate) proto: Option<&'a HeaderValue>,
+    pub(crate) port_value: Option<&'a HeaderValue>,
 }
 
 impl Forwarded<'_> {
@@ -254,13 +259,17 @@ impl Forwarded<'_> {
     pub(crate) fn write(&self, buf: &mut Vec<u8>, host: Option<&HeaderValue>) {
         let host = self.host.or(host);
         let ip = self.client_ip.as_bytes();
-        write_line(buf, b"x-forwarded-for", ip);
+        write_line(buf, b"x-forwarded-for", self.forwarded_for.map_or(ip, HeaderValue::as_bytes));
         write_line(buf, b"x-real-ip", ip);
-        write_line(buf, b"x-forwarded-proto", if self.https { b"https" } else { b"http" });
+        let scheme: &[u8] = if self.https { b"https" } else { b"http" };
+        write_line(buf, b"x-forwarded-proto", self.proto.map_or(scheme, HeaderValue::as_bytes));
         if let Some(host) = host {
             write_line(buf, b"x-forwarded-host", host.as_bytes());
         }
-        write_line(buf, b"x-forwarded-port", port_text(self.port, &mut [0; 5]));
+        match self.port_value {
+            Some(port) => write_line(buf, b"x-forwarded-port", port.as_bytes()),
+            None => write_line(buf, b"x-forwarded-port", port_text(self.port, &mut [0; 5])),
+        }
     }
 }
 
@@ -268,15 +277,17 @@ impl Forwarded<'_> {
     /// Puts the headers into a header map (HTTP/2 upstreams), replacing the client's.
     pub(crate) fn insert(&self, headers: &mut HeaderMap, host: Option<&HeaderValue>) {
         let host = self.host.or(host);
-        headers.insert(HeaderName::from_static("x-forwarded-for"), self.client_ip.clone());
+        let forwarded_for = self.forwarded_for.unwrap_or(self.client_ip);
+        headers.insert(HeaderName::from_static("x-forwarded-for"), forwarded_for.clone());
         headers.insert(HeaderName::from_static("x-real-ip"), self.client_ip.clone());
         let proto = HeaderValue::from_static(if self.https { "https" } else { "http" });
-        headers.insert(HeaderName::from_static("x-forwarded-proto"), proto);
+        headers.insert(HeaderName::from_static("x-forwarded-proto"), self.proto.cloned().unwrap_or(proto));
         match host {
             Some(host) => headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone()),
             None => headers.remove("x-forwarded-host"),
         };
-        headers.insert(HeaderName::from_static("x-forwarded-port"), HeaderValue::from(self.port));
+        let port = self.port_value.cloned().unwrap_or_else(|| HeaderValue::from(self.port));
+        headers.insert(HeaderName::from_static("x-forwarded-port"), port);
     }
 }
 
@@ -455,8 +466,16 @@ mod tests {
         let client: SocketAddr = "[::ffff:127.0.0.9]:5000".parse().expect("addr");
         let ip = client_ip_value(client);
         let mut buf = Vec::new();
-        Forwarded { client_ip: &ip, https: true, port: 8443, host: None }
-            .write(&mut buf, Some(&HeaderValue::from_static("a.com")));
+        Forwarded {
+            client_ip: &ip,
+            https: true,
+            port: 8443,
+            host: None,
+            forwarded_for: None,
+            proto: None,
+            port_value: None,
+        }
+        .write(&mut buf, Some(&HeaderValue::from_static("a.com")));
         assert_eq!(
             String::from_utf8_lossy(&buf),
             "x-forwarded-for: 127.0.0.9\r\nx-real-ip: 127.0.0.9\r\nx-forwarded-proto: https\r\n\

@@ -32,6 +32,7 @@ mod admin;
 mod alarm;
 mod allocator;
 mod body;
+mod client_address;
 mod connection;
 mod framing;
 mod headers;

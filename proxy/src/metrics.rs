@@ -71,6 +71,8 @@ pub(crate) struct Metrics {
     pub(crate) access_log_dropped: Counter,
     /// HTTP/2 connections closed for resetting most of their streams early (rapid reset).
     pub(crate) http2_reset_floods: Counter,
+    /// Connections closed for want of a valid PROXY protocol header (`use-proxy-protocol`).
+    pub(crate) proxy_protocol_refused: Counter,
 }
 
 fn seconds_buckets() -> impl Iterator<Item = f64> {
@@ -135,6 +137,12 @@ impl Metrics {
             "Access log lines dropped because the writer fell behind",
             access_log_dropped.clone(),
         );
+        let proxy_protocol_refused = Counter::default();
+        registry.register(
+            "proxy_protocol_refused",
+            "Connections closed for want of a valid PROXY protocol header",
+            proxy_protocol_refused.clone(),
+        );
         let http2_reset_floods = Counter::default();
         registry.register(
             "http2_reset_floods",
@@ -179,6 +187,7 @@ impl Metrics {
         ]);
         Metrics {
             http2_reset_floods,
+            proxy_protocol_refused,
             unmatched,
             lua_memory,
             dict_used_bytes,

@@ -210,6 +210,21 @@ fn recv_into(socket: &mio::net::TcpStream, buf: &mut ReadBuf<'_>) -> io::Result<
     }
 }
 
+impl ClientStream {
+    /// Copies what has arrived into `buf` without taking it from the socket, once more than
+    /// `seen` bytes have (or the peer closed: 0).
+    pub(crate) async fn peek(&self, buf: &mut [u8], seen: usize) -> io::Result<usize> {
+        std::future::poll_fn(|cx| {
+            poll_io(self.key, Direction::Read, cx, || match self.socket.peek(buf)? {
+                // Nothing new yet: wait for the next report of data.
+                n if n > 0 && n <= seen && n < buf.len() => Err(io::ErrorKind::WouldBlock.into()),
+                n => Ok(n),
+            })
+        })
+        .await
+    }
+}
+
 impl AsyncRead for ClientStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let offered = buf.remaining();

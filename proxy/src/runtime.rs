@@ -39,6 +39,8 @@ pub(crate) struct RoutingState {
     pub(crate) script_ids: std::collections::HashSet<u64>,
     /// The compiled scripts by snapshot id, for the next build to reuse.
     scripts: HashMap<String, Arc<tidegate_lua::Script>>,
+    /// Who the client is behind a load balancer (`use-proxy-protocol`, `use-forwarded-headers`).
+    pub(crate) client_rules: crate::client_address::ClientRules,
 }
 
 /// Ready endpoints of every backend.
@@ -84,6 +86,7 @@ impl Runtime {
                 certificates: CertStore::default(),
                 script_ids: std::collections::HashSet::new(),
                 scripts: HashMap::new(),
+                client_rules: crate::client_address::ClientRules::default(),
             }),
             upstreams: Arc::new(Upstreams::default()),
         }
@@ -118,7 +121,9 @@ impl Runtime {
         let script_ids = scripts.values().map(|s| s.id).collect();
         let (certificates, warnings) = CertStore::build(&snapshot.routing, &current.routing.certificates);
         let fingerprint = fingerprint.map_or_else(OnceLock::new, OnceLock::from);
-        let routing = RoutingState { router, certificates, script_ids, scripts, fingerprint, virtual_hosts };
+        let client_rules = crate::client_address::ClientRules::new(&snapshot.routing.client_address);
+        let routing =
+            RoutingState { router, certificates, script_ids, scripts, fingerprint, virtual_hosts, client_rules };
         let runtime = Runtime { version: snapshot.version, routing: Arc::new(routing), upstreams };
         Ok(Built { runtime, warnings, routing_rebuilt: true })
     }

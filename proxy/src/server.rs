@@ -132,12 +132,23 @@ async fn accept_loop(worker: Rc<Worker>, listener: ClientListener, tls: Option<S
 
 async fn serve(
     worker: Rc<Worker>,
-    stream: ClientStream,
-    remote: SocketAddr,
+    mut stream: ClientStream,
+    mut remote: SocketAddr,
     local_port: u16,
     tls: Option<ServerConfigs>,
 ) {
     let guard = ConnectionGuard::new(&worker.shared);
+    if worker.current_runtime().routing.client_rules.proxy_protocol {
+        match Box::pin(proxy_header(&mut stream)).await {
+            Ok(Some(source)) => remote = source,
+            Ok(None) => {}
+            Err(why) => {
+                tracing::debug!(%remote, why, "PROXY protocol header refused; connection closed");
+                worker.shared.metrics.proxy_protocol_refused.inc();
+                return;
+            }
+        }
+    }
     let tls_connection = tls.is_some();
     let (io, alpn_h2, client_certificates): (Box<dyn Io>, bool, _) = match tls {
         None => (Box::new(stream), false, None),
@@ -191,6 +202,33 @@ async fn serve_http1(worker: Rc<Worker>, mut connection: Resumed<ConnectionGuard
 
 /// The TLS handshake, within its time limit: the stream, whether ALPN chose HTTP/2, and the
 /// client's certificates.
+/// Reads the PROXY protocol header at the start of a connection, taking exactly its bytes:
+/// the source address it names (`None`: keep the socket's peer), or why there is none.
+async fn proxy_header(stream: &mut ClientStream) -> Result<Option<SocketAddr>, String> {
+    use crate::client_address::{HEADER_TIMEOUT, Header, MAX_HEADER, parse_header};
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let mut buf = vec![0u8; MAX_HEADER];
+        let mut seen = 0;
+        loop {
+            let n = stream.peek(&mut buf, seen).await.map_err(|e| e.to_string())?;
+            seen = n;
+            if n == 0 {
+                return Err("closed before a PROXY protocol header".to_owned());
+            }
+            match parse_header(&buf[..n])? {
+                Header::Incomplete if n == buf.len() => return Err("PROXY protocol header too long".to_owned()),
+                Header::Incomplete => {}
+                Header::Complete { length, source } => {
+                    stream.read_exact(&mut buf[..length]).await.map_err(|e| e.to_string())?;
+                    return Ok(source);
+                }
+            }
+        }
+    };
+    tokio::time::timeout(HEADER_TIMEOUT, read).await.map_err(|_| "no PROXY protocol header in time".to_owned())?
+}
+
 async fn handshake(
     configs: ServerConfigs,
     stream: ClientStream,

@@ -14,7 +14,7 @@
 //!
 //! The ConfigMap is an input of translation like any object: a change applies as one does.
 
-use tidegate_snapshot::{Blocked, Cidr, ExternalAuth, SetHeader};
+use tidegate_snapshot::{Blocked, Cidr, ClientAddress, ExternalAuth, SetHeader};
 
 use super::annotations::{self, Handling, Settings};
 use super::index::Index;
@@ -45,6 +45,8 @@ pub(super) struct Global {
     pub(super) allowed_response_headers: Vec<String>,
     /// `allow-snippet-annotations`, when the ConfigMap sets it (else the flag decides).
     pub(super) allow_snippets: Option<bool>,
+    /// `use-proxy-protocol`, `use-forwarded-headers` and the keys of the client's address.
+    pub(super) client_address: ClientAddress,
 }
 
 /// A ConfigMap key's value read into what the ConfigMap says; `Err` says what is wrong.
@@ -54,6 +56,11 @@ type Parser = fn(&str, &mut Reading) -> Result<(), String>;
 #[derive(Default)]
 struct Reading {
     global: Global,
+    /// `use-forwarded-headers` / `enable-real-ip`, `forwarded-for-header`, `proxy-real-ip-cidr`:
+    /// made into [`Global::client_address`] once all are read.
+    real_ip: bool,
+    forwarded_for_header: Option<String>,
+    real_ip_cidrs: Option<Vec<Cidr>>,
     auth: Vec<(String, String)>,
     add_headers: Option<String>,
     proxy_set_headers: Option<String>,
@@ -112,6 +119,16 @@ const KEYS: &[ConfigKey] = &[
     guards("block-referers", "", |v, r| header_patterns(v).map(|p| r.global.blocked.referers = p)),
     guards("block-user-agents", "", |v, r| header_patterns(v).map(|p| r.global.blocked.user_agents = p)),
     route("client-body-buffer-size", "8k"),
+    own("compute-full-forwarded-for", "false", |v, r| {
+        annotation_boolean(v).map(|b| r.global.client_address.full_forwarded_for = b)
+    }),
+    own("enable-real-ip", "false", |v, r| annotation_boolean(v).map(|b| r.real_ip |= b)),
+    own("forwarded-for-header", "X-Forwarded-For", |v, r| {
+        let name = v.trim();
+        http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("{name:?} is not a header name"))?;
+        r.forwarded_for_header = Some(name.to_ascii_lowercase());
+        Ok(())
+    }),
     own("global-allowed-response-headers", "", |v, r| {
         let mut names = Vec::new();
         for name in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
@@ -152,8 +169,18 @@ const KEYS: &[ConfigKey] = &[
     route("proxy-read-timeout", "60"),
     route("proxy-request-buffering", "on"),
     route("proxy-send-timeout", "60"),
+    own("proxy-real-ip-cidr", "0.0.0.0/0", |v, r| {
+        let mut found = Settings::default();
+        parse_as_annotation("denylist-source-range", v, &mut found)?;
+        r.real_ip_cidrs = Some(found.ip.deny);
+        Ok(())
+    }),
     own("proxy-set-headers", "", |v, r| config_map_name(v).map(|n| r.proxy_set_headers = Some(n))),
     route("ssl-redirect", "true"),
+    own("use-forwarded-headers", "false", |v, r| annotation_boolean(v).map(|b| r.real_ip |= b)),
+    own("use-proxy-protocol", "false", |v, r| {
+        annotation_boolean(v).map(|b| r.global.client_address.proxy_protocol = b)
+    }),
     route("force-ssl-redirect", "false"),
     route("whitelist-source-range", ""),
     // Where ingress-nginx keeps global-rate-limit's counts; tidegate adds them up in the
@@ -334,6 +361,11 @@ impl Reading {
                 Vec::new()
             })
         };
+        if self.real_ip {
+            let address = &mut self.global.client_address;
+            address.header = Some(self.forwarded_for_header.clone().unwrap_or_else(|| "x-forwarded-for".into()));
+            address.trusted = self.real_ip_cidrs.clone().unwrap_or_else(|| vec![Cidr::ANY_V4]);
+        }
         self.global.response_headers = named(&self.add_headers, "add-headers");
         self.global.upstream_headers = named(&self.proxy_set_headers, "proxy-set-headers");
         self.global
@@ -459,5 +491,26 @@ mod tests {
         let (global, status) = read("  global-auth-url: ftp://nope", options);
         assert!(global.auth_refusal.is_some(), "routes global auth protects answer 503");
         assert_eq!(status.problems[0].field, "data[\"global-auth-url\"]");
+    }
+
+    #[test]
+    fn client_address_keys() {
+        let (global, status) = read("  use-proxy-protocol: \"true\"", Options::default());
+        assert!(status.problems.is_empty());
+        assert!(global.client_address.proxy_protocol && global.client_address.header.is_none());
+        let (global, status) = read(
+            "  use-forwarded-headers: \"true\"\n  forwarded-for-header: X-Real-Client\n  \
+             proxy-real-ip-cidr: 10.0.0.0/8, 192.168.0.0/16\n  compute-full-forwarded-for: \"true\"",
+            Options::default(),
+        );
+        assert!(status.problems.is_empty(), "{:?}", status.problems);
+        let address = &global.client_address;
+        assert_eq!(address.header.as_deref(), Some("x-real-client"));
+        assert_eq!((address.trusted.len(), address.full_forwarded_for), (2, true));
+        let (global, _) = read("  enable-real-ip: \"true\"", Options::default());
+        assert_eq!(global.client_address.header.as_deref(), Some("x-forwarded-for"), "ingress-nginx's default");
+        assert_eq!(global.client_address.trusted, [Cidr::ANY_V4], "proxy-real-ip-cidr's default");
+        let (global, _) = read("  forwarded-for-header: X-Real-Client", Options::default());
+        assert!(global.client_address.header.is_none(), "believed only with use-forwarded-headers");
     }
 }

@@ -154,7 +154,8 @@ pub fn translate(inputs: &Inputs) -> Translation {
         let owner = ObjectRef::cluster("Flag", "--shared-dict");
         out.offer_shared_dict(tidegate_snapshot::CLUSTER_WIDE, name, *size, owner, String::new());
     }
-    let snapshot = out.finish(&mut statuses, default_certificate);
+    let mut snapshot = out.finish(&mut statuses, default_certificate);
+    snapshot.routing.client_address = global.client_address.clone();
     Translation { snapshot, statuses: statuses.into_values().collect(), problems }
 }
 
@@ -566,6 +567,7 @@ impl Builder {
                     .map(|((namespace, name), (size, _))| tidegate_snapshot::SharedDict { namespace, name, size })
                     .collect(),
                 default_certificate,
+                client_address: tidegate_snapshot::ClientAddress::default(),
             },
             endpoints: self.endpoints,
             names: self.names,

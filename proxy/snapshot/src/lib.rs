@@ -124,6 +124,41 @@ pub struct Routing {
     /// self-signed one when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_certificate: Option<String>,
+    /// Who the client is when a load balancer stands in front (the global ConfigMap's
+    /// `use-proxy-protocol`, `use-forwarded-headers` and related keys).
+    #[serde(default, skip_serializing_if = "ClientAddress::is_default")]
+    pub client_address: ClientAddress,
+}
+
+/// How the proxy learns the client's address behind a load balancer, as ingress-nginx's
+/// ConfigMap keys set nginx's `proxy_protocol` and `real_ip` modules.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientAddress {
+    /// Every connection starts with a PROXY protocol header (v1 or v2), whose source address is
+    /// the client's (`use-proxy-protocol`); a connection without one is closed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub proxy_protocol: bool,
+    /// The request header that names the client when the peer is trusted
+    /// (`use-forwarded-headers` or `enable-real-ip`, with `forwarded-for-header`), lower case.
+    /// Its addresses are read right to left, skipping trusted ones (nginx's
+    /// `real_ip_recursive on`). `X-Forwarded-Proto`, `-Host` and `-Port` from a trusted peer are
+    /// passed on too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// The peers whose header is believed (`proxy-real-ip-cidr`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted: Vec<Cidr>,
+    /// `X-Forwarded-For` to the upstream keeps the addresses the client's carried, with the
+    /// peer's appended (`compute-full-forwarded-for`); otherwise it is the client's address.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub full_forwarded_for: bool,
+}
+
+impl ClientAddress {
+    pub fn is_default(&self) -> bool {
+        self == &ClientAddress::default()
+    }
 }
 
 /// The namespace of dictionaries every namespace's Lua reaches (`--shared-dict`).
@@ -789,6 +824,9 @@ pub struct Cidr {
 }
 
 impl Cidr {
+    /// Every IPv4 address: `0.0.0.0/0`.
+    pub const ANY_V4: Cidr = Cidr { network: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), prefix: 0 };
+
     /// Whether `address` is in the network. IPv4-mapped IPv6 addresses (`::ffff:10.1.2.3`, as
     /// a dual-stack listener reports IPv4 clients) count as their IPv4 address.
     pub fn contains(&self, address: IpAddr) -> bool {
@@ -1399,6 +1437,12 @@ mod tests {
                 }],
                 shared_dicts: vec![SharedDict { namespace: "shop".into(), name: "cache".into(), size: 10 << 20 }],
                 default_certificate: Some("shop/tls".into()),
+                client_address: ClientAddress {
+                    proxy_protocol: true,
+                    header: Some("x-forwarded-for".into()),
+                    trusted: vec![Cidr::ANY_V4],
+                    full_forwarded_for: true,
+                },
             },
             endpoints: BTreeMap::from([(backend, vec![Endpoint { address: "::1".into(), port: 8080 }])]),
             names: BTreeMap::from([(

@@ -88,12 +88,14 @@ pub(crate) struct Head<'a> {
     pub(crate) uri: &'a Uri,
     pub(crate) host: &'a str,
     pub(crate) headers: &'a HeaderMap,
+    /// The client: the connection's peer, or who a trusted peer says it is.
+    pub(crate) client: IpAddr,
 }
 
 impl<'a> Facts<'a> {
     pub(crate) fn of(conn: &'a Connection, head: Head<'a>, pool: &'a Rc<Pool>) -> Facts<'a> {
         Facts {
-            client: conn.remote.ip(),
+            client: head.client,
             port: conn.local_port,
             tls: conn.tls,
             method: head.method,

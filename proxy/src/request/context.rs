@@ -1,7 +1,7 @@
 //! What one request carries through the pipeline besides the request itself and its
 //! connection: what the steps found out that the log step writes.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,4 +19,19 @@ pub(crate) struct Outcome {
     pub(crate) from_upstream: bool,
     /// What the route's filters left for the rest of the request, when they left anything.
     pub(crate) effects: Option<Box<crate::policy::Effects>>,
+    /// The client as a trusted peer names it (`use-forwarded-headers`), when one does.
+    pub(crate) forwarded: Option<Box<crate::client_address::Forwarded>>,
+}
+
+impl Outcome {
+    /// The request's client: as a trusted peer names it, else the connection's.
+    pub(crate) fn client(&self, conn: &crate::connection::Connection) -> IpAddr {
+        self.forwarded.as_ref().map_or_else(|| conn.remote.ip(), |f| f.client)
+    }
+
+    /// Whether the client reached us over TLS: the connection's, or a trusted peer's
+    /// `X-Forwarded-Proto: https`.
+    pub(crate) fn https(&self, conn: &crate::connection::Connection) -> bool {
+        conn.tls || self.forwarded.as_ref().and_then(|f| f.proto.as_ref()).is_some_and(|p| p.as_bytes() == b"https")
+    }
 }

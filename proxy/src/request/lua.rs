@@ -66,7 +66,7 @@ pub(super) async fn serve(
         method: parts.method.clone(),
         request_uri: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
         version: parts.version,
-        remote: conn.remote,
+        remote: std::net::SocketAddr::new(outcome.client(conn), conn.remote.port()),
         server_port: conn.local_port,
         https: conn.tls,
         host: host.to_owned(),
@@ -92,7 +92,7 @@ pub(super) async fn serve(
             let headers = lua.state.headers.borrow().clone();
             let method = lua.state.method.borrow().clone();
             let uri: http::Uri = lua.state.upstream_uri().parse().unwrap_or_else(|_| parts.uri.clone());
-            let head = Head { method: &method, uri: &uri, host, headers: &headers };
+            let head = Head { method: &method, uri: &uri, host, headers: &headers, client: outcome.client(conn) };
             let facts = Facts::of(conn, head, &worker.pool);
             if let Some(answer) = target.filters.run(step, &facts, &mut outcome.effects).await {
                 return filtered(worker, target, chain, &lua, answer, outcome).await;

@@ -87,8 +87,9 @@ pub(crate) async fn handle(
     let path = if logging { request.uri().path().to_owned() } else { String::new() };
     let host = request_host(&request).to_owned();
     let mut outcome = Outcome { grpc: is_grpc(version, &method, request.headers()), ..Outcome::default() };
+    outcome.forwarded = runtime.routing.client_rules.forwarded(conn.remote.ip(), request.headers()).map(Box::new);
 
-    let remote = conn.remote;
+    let remote = outcome.client(&conn);
     let mut response = match route(&worker, &runtime, &conn, &host, &request, &mut outcome) {
         Routed::Answer(response) => response,
         Routed::Target(target) => {
@@ -157,7 +158,7 @@ pub(crate) async fn handle(
         }
         let entry = Entry {
             ts: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default(),
-            remote_addr: remote.ip().to_canonical().to_string(),
+            remote_addr: remote.to_canonical().to_string(),
             method: method.to_string(),
             host,
             path,
@@ -207,7 +208,7 @@ fn route<'a>(
         target.counters.count(response.status().as_u16());
         Routed::Answer(response)
     };
-    if target.ssl_redirect && !conn.tls {
+    if target.ssl_redirect && !outcome.https(conn) {
         return answer(redirect_to_https(&worker.shared, host, request.uri()));
     }
     if let Some(refusal) = &target.action.refusal {
@@ -239,7 +240,8 @@ async fn filtered_upstream(
         if !target.filters.has(phase) {
             continue;
         }
-        let head = Head { method: request.method(), uri: request.uri(), host, headers: request.headers() };
+        let client = outcome.client(conn);
+        let head = Head { method: request.method(), uri: request.uri(), host, headers: request.headers(), client };
         let facts = Facts::of(conn, head, &worker.pool);
         if let Some(answer) = target.filters.run(phase, &facts, &mut outcome.effects).await {
             return answer;

@@ -120,7 +120,7 @@ pub(super) async fn forward(
         timeouts.read_ms = timeouts.read_ms.min(u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX).max(1));
     }
     let key = match &upstream.balance {
-        Balance::Hash { key, .. } => Some(hash_key(key, worker, conn, &upstream_request)),
+        Balance::Hash { key, .. } => Some(hash_key(key, worker, conn, outcome.client(conn), &upstream_request)),
         _ => None,
     };
     let idempotent = upstream_request.method().is_idempotent();
@@ -141,7 +141,18 @@ pub(super) async fn forward(
     };
     let sent = Instant::now();
     let client_host = outcome.effects.as_ref().and_then(|e| e.client_host.as_ref());
-    let forwarded = crate::headers::Forwarded { host: client_host, ..conn.forwarded() };
+    let forwarded = match outcome.forwarded.as_deref() {
+        // What a trusted peer said of the client goes on, as nginx's real_ip module has it.
+        Some(seen) => crate::headers::Forwarded {
+            client_ip: &seen.real_ip,
+            forwarded_for: Some(&seen.forwarded_for),
+            proto: seen.proto.as_ref(),
+            port_value: seen.port.as_ref(),
+            host: client_host.or(seen.host.as_ref()),
+            ..conn.forwarded()
+        },
+        None => crate::headers::Forwarded { host: client_host, ..conn.forwarded() },
+    };
     let result = worker.pool.send(&mut attempts, &target.transport, upstream_request, Some(forwarded), timeouts).await;
     let took = sent.elapsed();
     outcome.upstream_time = Some(took);
@@ -186,6 +197,7 @@ fn hash_key(
     template: &tidegate_snapshot::Template,
     worker: &Rc<Worker>,
     conn: &Connection,
+    client: std::net::IpAddr,
     request: &Request<RequestBody>,
 ) -> String {
     let host = request.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
@@ -194,6 +206,7 @@ fn hash_key(
         uri: request.uri(),
         host: crate::headers::strip_port(host),
         headers: request.headers(),
+        client,
     };
     expand(template, &Facts::of(conn, head, &worker.pool))
 }
