@@ -218,7 +218,7 @@ fn route<'a>(
         return answer(error_response(status));
     }
     // A body already done (a GET's, mostly) has no length left to exceed.
-    if target.filters.body_too_large(request.headers()) && !request.body().is_end_stream() {
+    if !request.body().is_end_stream() && target.filters.body_too_large(request.headers()) {
         return answer(error_response(StatusCode::PAYLOAD_TOO_LARGE));
     }
     Routed::Target(target)
