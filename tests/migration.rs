@@ -225,3 +225,62 @@ async fn a_trusted_forwarding_header_names_the_client() {
     assert_eq!(seen_header(&json, "X-Forwarded-Proto").as_deref(), Some("http"));
     assert_eq!(send(&tidegate, "allow.test").await.0, 403);
 }
+
+/// `server-alias` serves an Ingress's rules under more names (not one another Ingress names);
+/// `from-to-www-redirect` sends the other name of a host to it (308, path and query kept);
+/// `proxy-redirect-from` / `-to` rewrite the start of the upstream's `Location`; the
+/// ConfigMap's `hsts*` keys set `Strict-Transport-Security` on TLS responses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aliases_www_redirects_and_location_rewrites() {
+    let ingresses = [
+        ingress(
+            "aliased",
+            "a.test",
+            &[("nginx.ingress.kubernetes.io/server-alias", "b.test, taken.test")],
+            &[("Prefix", "/", "web")],
+        ),
+        ingress("taken", "taken.test", &[], &[("Prefix", "/only", "web")]),
+        ingress(
+            "www",
+            "shop.test",
+            &[("nginx.ingress.kubernetes.io/from-to-www-redirect", "true")],
+            &[("Prefix", "/", "web")],
+        ),
+        ingress(
+            "moved",
+            "moved.test",
+            &[
+                ("nginx.ingress.kubernetes.io/proxy-redirect-from", "http://internal.svc/"),
+                ("nginx.ingress.kubernetes.io/proxy-redirect-to", "https://moved.test/app/"),
+            ],
+            &[("Prefix", "/", "web")],
+        ),
+    ];
+    let settings = [("hsts-max-age", "600"), ("hsts-preload", "true")];
+    let (tidegate, _dir) = start_with_settings(&ingresses, &settings).await;
+    let status = |host: &'static str, path: &'static str| {
+        let addr = tidegate.http;
+        async move { get(addr, host, path).await.expect("answered") }
+    };
+    assert_eq!(status("b.test", "/x").await.status, StatusCode::OK, "an alias");
+    assert_eq!(status("taken.test", "/x").await.status, StatusCode::NOT_FOUND, "a host another Ingress names");
+    let redirected = status("www.shop.test", "/cart?item=1").await;
+    assert_eq!(redirected.status, StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(redirected.headers["location"], "http://shop.test/cart?item=1");
+    assert_eq!(status("shop.test", "/cart").await.status, StatusCode::OK);
+    let moved = status("moved.test", "/?location=http://internal.svc/login?next=1").await;
+    assert_eq!(moved.status, StatusCode::FOUND);
+    assert_eq!(moved.headers["location"], "https://moved.test/app/login?next=1");
+    let untouched = status("moved.test", "/?location=http://elsewhere/x").await;
+    assert_eq!(untouched.headers["location"], "http://elsewhere/x", "only the configured start");
+
+    let connector = support::tls_connector(None, &[b"http/1.1"]);
+    let tls = support::tls_request(&connector, tidegate.https, "a.test", support::get_request("a.test", "/"))
+        .await
+        .expect("TLS");
+    assert_eq!(
+        tls.answer.headers.get("strict-transport-security").map(|v| v.to_str().unwrap_or("")),
+        Some("max-age=600; includeSubDomains; preload"),
+        "ingress-nginx's defaults for the keys not set"
+    );
+}

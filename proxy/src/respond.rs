@@ -33,7 +33,15 @@ pub(crate) fn text(status: StatusCode, body: &str) -> Response<LocalBody> {
 /// set them too), and HSTS on TLS. The HTTP/1 encoder writes `Server` and `Date` itself
 /// (`http1::encode_head`), so that they never enter the map; hyper writes HTTP/2 responses
 /// from the map, which then gets them here.
-pub(crate) fn finish_headers(shared: &Shared, tls: bool, version: Version, response: &mut Response<LocalBody>) {
+/// `hsts` is the configuration's `Strict-Transport-Security` (`Some(None)`: none), the
+/// proxy's own when `None`.
+pub(crate) fn finish_headers(
+    shared: &Shared,
+    hsts: Option<&Option<HeaderValue>>,
+    tls: bool,
+    version: Version,
+    response: &mut Response<LocalBody>,
+) {
     let headers = response.headers_mut();
     if version == Version::HTTP_2 {
         if !headers.contains_key(header::SERVER) {
@@ -44,7 +52,7 @@ pub(crate) fn finish_headers(shared: &Shared, tls: bool, version: Version, respo
         }
     }
     if tls
-        && let Some(hsts) = &shared.hsts
+        && let Some(hsts) = hsts.map_or(shared.hsts.as_ref(), Option::as_ref)
         && !headers.contains_key(header::STRICT_TRANSPORT_SECURITY)
     {
         headers.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());

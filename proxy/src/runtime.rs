@@ -41,6 +41,9 @@ pub(crate) struct RoutingState {
     scripts: HashMap<String, Arc<tidegate_lua::Script>>,
     /// Who the client is behind a load balancer (`use-proxy-protocol`, `use-forwarded-headers`).
     pub(crate) client_rules: crate::client_address::ClientRules,
+    /// `Strict-Transport-Security` as the configuration sets it (`Some(None)`: none); the
+    /// proxy's own when `None`.
+    pub(crate) hsts: Option<Option<http::HeaderValue>>,
 }
 
 /// Ready endpoints of every backend.
@@ -87,6 +90,7 @@ impl Runtime {
                 script_ids: std::collections::HashSet::new(),
                 scripts: HashMap::new(),
                 client_rules: crate::client_address::ClientRules::default(),
+                hsts: None,
             }),
             upstreams: Arc::new(Upstreams::default()),
         }
@@ -122,8 +126,13 @@ impl Runtime {
         let (certificates, warnings) = CertStore::build(&snapshot.routing, &current.routing.certificates);
         let fingerprint = fingerprint.map_or_else(OnceLock::new, OnceLock::from);
         let client_rules = crate::client_address::ClientRules::new(&snapshot.routing.client_address);
+        let hsts = snapshot
+            .routing
+            .hsts
+            .as_deref()
+            .map(|value| (!value.is_empty()).then(|| http::HeaderValue::from_str(value).ok()).flatten());
         let routing =
-            RoutingState { router, certificates, script_ids, scripts, fingerprint, virtual_hosts, client_rules };
+            RoutingState { router, certificates, script_ids, scripts, fingerprint, virtual_hosts, client_rules, hsts };
         let runtime = Runtime { version: snapshot.version, routing: Arc::new(routing), upstreams };
         Ok(Built { runtime, warnings, routing_rebuilt: true })
     }

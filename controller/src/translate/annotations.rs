@@ -79,6 +79,13 @@ pub(super) struct Settings {
     pub(super) canary: CanaryKeys,
     /// `rewrite-target`: the URI the upstream gets, with the path expression's captures.
     pub(super) rewrite_target: Option<String>,
+    /// `server-alias`: more hosts the Ingress's rules serve.
+    pub(super) aliases: Vec<String>,
+    /// `from-to-www-redirect`: `www.` of each rule host (or the host without it) redirects.
+    pub(super) www_redirect: bool,
+    /// `proxy-redirect-from` and `proxy-redirect-to`.
+    pub(super) redirect_from: Option<String>,
+    pub(super) redirect_to: Option<String>,
     /// `custom-headers`: the ConfigMap (`name` or `namespace/name`) of headers set on every
     /// response, resolved by [`super::configmap`].
     pub(super) custom_headers: Option<String>,
@@ -121,6 +128,10 @@ impl Default for Settings {
             canary: CanaryKeys::default(),
             custom_headers: None,
             rewrite_target: None,
+            aliases: Vec::new(),
+            www_redirect: false,
+            redirect_from: None,
+            redirect_to: None,
             service_upstream: false,
             app_root: None,
             access_log: true,
@@ -916,6 +927,28 @@ pub(crate) const KEYS: &[Key] = &[
         s.rewrite_target = Some(v.to_owned());
         Ok(())
     }),
+    parsed("server-alias", "", |v, s| {
+        let mut hosts = Vec::new();
+        for host in v.split(',').map(str::trim).filter(|h| !h.is_empty()) {
+            let host = host.to_ascii_lowercase();
+            crate::validate::check_host(&host)?;
+            hosts.push(host);
+        }
+        s.aliases = hosts;
+        Ok(())
+    }),
+    parsed("from-to-www-redirect", "false", |v, s| boolean(v).map(|b| s.www_redirect = b)),
+    parsed("proxy-redirect-from", "off", |v, s| {
+        s.redirect_from = Some(v.trim().to_owned()).filter(|v| !v.is_empty() && v != "off");
+        Ok(())
+    }),
+    parsed("proxy-redirect-to", "", |v, s| {
+        s.redirect_to = Some(v.trim().to_owned()).filter(|v| !v.is_empty());
+        Ok(())
+    }),
+    // tidegate's redirects to HTTPS keep the path exactly as the client sent it, which is what
+    // this asks; read so that a typo is reported.
+    parsed("preserve-trailing-slash", "false", |v, _| boolean(v).map(drop)),
     parsed("custom-headers", "", |v, s| object_name(v, "ConfigMap").map(|name| s.custom_headers = Some(name))),
     // Connections to the auth service are pooled per worker like every upstream's; these are
     // read, so that a typo is reported, and change nothing.
@@ -1574,6 +1607,27 @@ mod tests {
         }
         let (s, _) = read_one("nginx.ingress.kubernetes.io/global-rate-limit", "5");
         assert!(s.limits.shared.typed("ns/x".into()).is_err(), "a limit without its window");
+    }
+
+    /// `server-alias`, `from-to-www-redirect`, `proxy-redirect-from` / `-to`,
+    /// `preserve-trailing-slash`, `use-regex` and `rewrite-target`.
+    #[test]
+    fn host_and_redirect_keys() {
+        let (s, status) = read_one("nginx.ingress.kubernetes.io/server-alias", "B.test, c.test");
+        assert!(status.problems.is_empty());
+        assert_eq!(s.aliases, ["b.test", "c.test"]);
+        let (s, status) = read_one("nginx.ingress.kubernetes.io/server-alias", "not a host");
+        assert!(s.aliases.is_empty() && status.problems[0].field.ends_with("server-alias\"]"), "a warning");
+        assert!(read_one("nginx.ingress.kubernetes.io/from-to-www-redirect", "true").0.www_redirect);
+        let (s, _) = read_one("nginx.ingress.kubernetes.io/proxy-redirect-from", "off");
+        assert_eq!(s.redirect_from, None, "ingress-nginx's default");
+        let (s, _) = read_one("nginx.ingress.kubernetes.io/proxy-redirect-to", "/app/");
+        assert_eq!(s.redirect_to.as_deref(), Some("/app/"));
+        assert!(read_one("nginx.ingress.kubernetes.io/preserve-trailing-slash", "yes").1.problems.len() == 1);
+        assert!(read_one("nginx.ingress.kubernetes.io/use-regex", "maybe").1.problems.len() == 1);
+        let (s, _) = read_one("nginx.ingress.kubernetes.io/rewrite-target", "/$2");
+        assert_eq!(s.rewrite_target.as_deref(), Some("/$2"));
+        assert!(read_one("nginx.ingress.kubernetes.io/rewrite-target", "/a b").0.rewrite_target.is_none());
     }
 
     /// `backend-protocol` and the `proxy-ssl-*` keys, as ingress-nginx spells them.

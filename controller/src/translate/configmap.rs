@@ -47,6 +47,42 @@ pub(super) struct Global {
     pub(super) allow_snippets: Option<bool>,
     /// `use-proxy-protocol`, `use-forwarded-headers` and the keys of the client's address.
     pub(super) client_address: ClientAddress,
+    /// `hsts`, `hsts-max-age`, `hsts-include-subdomains`, `hsts-preload`, when any is set.
+    pub(super) hsts: Option<HstsKeys>,
+}
+
+/// The `hsts*` keys, with ingress-nginx's defaults for those not set.
+#[derive(Clone, Debug)]
+pub(super) struct HstsKeys {
+    enabled: bool,
+    max_age: u64,
+    include_subdomains: bool,
+    preload: bool,
+}
+
+impl Default for HstsKeys {
+    fn default() -> Self {
+        HstsKeys { enabled: true, max_age: 31_536_000, include_subdomains: true, preload: false }
+    }
+}
+
+impl Global {
+    /// The `Strict-Transport-Security` value the ConfigMap asks for (`Some("")`: none); `None`
+    /// when it sets no `hsts*` key, and the proxies' own setting applies.
+    pub(super) fn hsts(&self) -> Option<String> {
+        let keys = self.hsts.as_ref()?;
+        if !keys.enabled {
+            return Some(String::new());
+        }
+        let mut value = format!("max-age={}", keys.max_age);
+        if keys.include_subdomains {
+            value.push_str("; includeSubDomains");
+        }
+        if keys.preload {
+            value.push_str("; preload");
+        }
+        Some(value)
+    }
 }
 
 /// A ConfigMap key's value read into what the ConfigMap says; `Err` says what is wrong.
@@ -182,6 +218,18 @@ const KEYS: &[ConfigKey] = &[
         annotation_boolean(v).map(|b| r.global.client_address.proxy_protocol = b)
     }),
     route("force-ssl-redirect", "false"),
+    own("hsts", "true", |v, r| annotation_boolean(v).map(|b| r.global.hsts.get_or_insert_default().enabled = b)),
+    own("hsts-include-subdomains", "true", |v, r| {
+        annotation_boolean(v).map(|b| r.global.hsts.get_or_insert_default().include_subdomains = b)
+    }),
+    own("hsts-max-age", "31536000", |v, r| {
+        let age = v.trim().parse::<u64>().map_err(|_| format!("{v:?} is not a number of seconds"))?;
+        r.global.hsts.get_or_insert_default().max_age = age;
+        Ok(())
+    }),
+    own("hsts-preload", "false", |v, r| {
+        annotation_boolean(v).map(|b| r.global.hsts.get_or_insert_default().preload = b)
+    }),
     route("whitelist-source-range", ""),
     // Where ingress-nginx keeps global-rate-limit's counts; tidegate adds them up in the
     // controller instead.
@@ -512,5 +560,18 @@ mod tests {
         assert_eq!(global.client_address.trusted, [Cidr::ANY_V4], "proxy-real-ip-cidr's default");
         let (global, _) = read("  forwarded-for-header: X-Real-Client", Options::default());
         assert!(global.client_address.header.is_none(), "believed only with use-forwarded-headers");
+    }
+
+    #[test]
+    fn hsts_keys() {
+        let (global, _) = read("  proxy-body-size: 1m", Options::default());
+        assert_eq!(global.hsts(), None, "no hsts key: the proxies' own setting");
+        let (global, status) = read("  hsts-max-age: \"600\"", Options::default());
+        assert!(status.problems.is_empty());
+        assert_eq!(global.hsts().as_deref(), Some("max-age=600; includeSubDomains"), "ingress-nginx's defaults");
+        let (global, _) = read("  hsts: \"false\"", Options::default());
+        assert_eq!(global.hsts().as_deref(), Some(""), "none");
+        let (global, _) = read("  hsts-include-subdomains: \"false\"\n  hsts-preload: \"true\"", Options::default());
+        assert_eq!(global.hsts().as_deref(), Some("max-age=31536000; preload"));
     }
 }

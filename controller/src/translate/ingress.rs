@@ -194,15 +194,44 @@ impl Context<'_, '_> {
                     action,
                     ssl_redirect: false,
                 };
-                self.out.routes.push(Candidate {
-                    host: host.clone(),
+                let candidate = |host: HostMatch, route: Route| Candidate {
+                    host,
                     route,
                     wants_ssl_redirect: self.settings.ssl_redirect,
                     forces_ssl_redirect: self.settings.force_ssl_redirect,
                     rank: (rank, r, p),
                     owner: std::rc::Rc::clone(&owner),
                     field: FieldAt::IngressPath(r, p),
-                });
+                };
+                // `server-alias`: the same routes under more names, unless a rule names one.
+                for alias in &self.settings.aliases {
+                    let alias = host_match(Some(alias));
+                    if !self.out.rule_hosts.contains(&alias) {
+                        self.out.routes.push(candidate(alias, route.clone()));
+                    }
+                }
+                // `from-to-www-redirect`: the other name of the host redirects to it (308).
+                if self.settings.www_redirect
+                    && let HostMatch::Exact(name) = &host
+                {
+                    let other = match name.strip_prefix("www.") {
+                        Some(bare) => bare.to_owned(),
+                        None => format!("www.{name}"),
+                    };
+                    let other = HostMatch::Exact(other);
+                    if !self.out.rule_hosts.contains(&other)
+                        && !self.settings.aliases.iter().any(|a| other.to_string() == *a)
+                    {
+                        let mut redirect = route.clone();
+                        redirect.path = PathMatch { kind: PathKind::Prefix, value: "/".into() };
+                        redirect.action.policies.redirect = format!("$scheme://{name}$request_uri")
+                            .parse()
+                            .ok()
+                            .map(|to| tidegate_snapshot::Redirect { to, status: 308 });
+                        self.out.routes.push(candidate(other, redirect));
+                    }
+                }
+                self.out.routes.push(candidate(host.clone(), route));
             }
         }
     }

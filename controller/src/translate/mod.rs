@@ -109,6 +109,11 @@ pub fn translate(inputs: &Inputs) -> Translation {
     let mut ours: Vec<&Ingress> = inputs.ingresses.iter().map(|i| &**i).filter(|i| classes.is_ours(i)).collect();
     ours.sort_by(|a, b| age_key(a).cmp(&age_key(b)));
     out.regex_hosts = regex_hosts(ours.iter().copied());
+    out.rule_hosts = ours
+        .iter()
+        .flat_map(|i| i.spec.as_ref().and_then(|s| s.rules.as_deref()).unwrap_or_default())
+        .map(|r| host_match(r.host.as_deref()))
+        .collect();
     let ingress_count = ours.len();
     out.routes.reserve(
         ours.iter()
@@ -156,6 +161,7 @@ pub fn translate(inputs: &Inputs) -> Translation {
     }
     let mut snapshot = out.finish(&mut statuses, default_certificate);
     snapshot.routing.client_address = global.client_address.clone();
+    snapshot.routing.hsts = global.hsts();
     Translation { snapshot, statuses: statuses.into_values().collect(), problems }
 }
 
@@ -277,6 +283,9 @@ struct Builder {
     /// Hosts whose Ingress paths are regular expressions: an Ingress of ours for the host sets
     /// `use-regex: "true"` or `rewrite-target` (see [`regex_hosts`]).
     regex_hosts: std::collections::HashSet<HostMatch>,
+    /// Hosts some Ingress of ours names in a rule: `server-alias` and `from-to-www-redirect`
+    /// never take one of these.
+    rule_hosts: std::collections::HashSet<HostMatch>,
 }
 
 /// The hosts whose paths match as regular expressions. As in ingress-nginx, once any Ingress
@@ -568,6 +577,7 @@ impl Builder {
                     .collect(),
                 default_certificate,
                 client_address: tidegate_snapshot::ClientAddress::default(),
+                hsts: None,
             },
             endpoints: self.endpoints,
             names: self.names,

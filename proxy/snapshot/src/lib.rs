@@ -128,6 +128,10 @@ pub struct Routing {
     /// `use-proxy-protocol`, `use-forwarded-headers` and related keys).
     #[serde(default, skip_serializing_if = "ClientAddress::is_default")]
     pub client_address: ClientAddress,
+    /// `Strict-Transport-Security` on TLS responses, as the global ConfigMap's `hsts*` keys
+    /// set it: `Some("")` for none; the proxy's `--hsts-max-age` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hsts: Option<String>,
 }
 
 /// How the proxy learns the client's address behind a load balancer, as ingress-nginx's
@@ -349,6 +353,11 @@ pub struct Policies {
     /// break`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rewrite_target: Option<String>,
+    /// `Location` and `Refresh` headers of the upstream's responses that start with the first
+    /// get it replaced by the second (`proxy-redirect-from`, `proxy-redirect-to`), as nginx's
+    /// `proxy_redirect`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location_rewrite: Option<(String, String)>,
     /// A request for `/` redirected (302) to this path on the same host (`app-root`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_root: Option<String>,
@@ -1388,6 +1397,7 @@ mod tests {
                                 redirect: None,
                                 app_root: Some("/app".into()),
                                 rewrite_target: Some("/$2".into()),
+                                location_rewrite: Some(("http://api.internal/".into(), "/".into())),
                                 no_access_log: true,
                                 client_certificate: Some(ClientCertificate {
                                     ca_id: "shop/ca".into(),
@@ -1437,6 +1447,7 @@ mod tests {
                 }],
                 shared_dicts: vec![SharedDict { namespace: "shop".into(), name: "cache".into(), size: 10 << 20 }],
                 default_certificate: Some("shop/tls".into()),
+                hsts: Some("max-age=31536000; includeSubDomains".into()),
                 client_address: ClientAddress {
                     proxy_protocol: true,
                     header: Some("x-forwarded-for".into()),

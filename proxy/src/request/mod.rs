@@ -128,7 +128,7 @@ pub(crate) async fn handle(
             }
         }
     }
-    finish_headers(&worker.shared, conn.tls, version, &mut response);
+    finish_headers(&worker.shared, runtime.routing.hsts.as_ref(), conn.tls, version, &mut response);
     let status = response.status();
 
     let metrics = &worker.shared.metrics;

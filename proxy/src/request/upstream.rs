@@ -43,6 +43,17 @@ pub(super) async fn proxy(
     forward(worker, runtime, conn, target, upstream_request, client_upgrade, outcome).await
 }
 
+/// `proxy-redirect-from` / `-to`: a `Location` that starts with `from` gets `to` instead of it,
+/// as nginx's `proxy_redirect from to`.
+fn rewrite_location(headers: &mut http::HeaderMap, from: &str, to: &str) {
+    let Some(location) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) else { return };
+    if let Some(rest) = location.strip_prefix(from)
+        && let Ok(value) = HeaderValue::from_str(&format!("{to}{rest}"))
+    {
+        headers.insert(header::LOCATION, value);
+    }
+}
+
 /// Replaces the URI with the route's `rewrite-target`, when it has one.
 pub(super) fn rewrite_uri(target: &Target, parts: &mut Parts) {
     if let Some(uri) = target.rewritten(&parts.uri) {
@@ -161,6 +172,9 @@ pub(super) async fn forward(
     let mut response = match result {
         Ok(mut r) => {
             outcome.from_upstream = true;
+            if let Some((from, to)) = &target.action.policies.location_rewrite {
+                rewrite_location(r.headers_mut(), from, to);
+            }
             if let Some((session, agent)) = session.as_mut() {
                 let mut request = http::HeaderMap::new();
                 if let Some(agent) = agent.take() {
