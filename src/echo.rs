@@ -8,7 +8,8 @@
 //! plus `body_length` (bytes of request body received), `query` (the raw query string) and,
 //! over TLS, `sni` (the server name the client sent, empty for none) and `client_certificate`
 //! (whether it presented one). Query parameters steer it: `delay_ms=N` waits before answering;
-//! `location=URL` answers 302 with that `Location` (the rest of the query string, unescaped);
+//! `status=N` answers with that status; `location=URL` answers 302 with that `Location` (the
+//! rest of the query string, unescaped);
 //! a WebSocket upgrade is accepted and echoes messages.
 
 use std::collections::BTreeMap;
@@ -163,6 +164,10 @@ async fn answer(
     let json = serde_json::to_vec(&echo).unwrap_or_default();
     let mut response = Response::new(Full::new(Bytes::from(json)));
     response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    let status = parts.uri.query().into_iter().flat_map(|q| q.split('&')).find_map(|p| p.strip_prefix("status="));
+    if let Some(status) = status.and_then(|s| s.parse::<u16>().ok()).and_then(|s| StatusCode::from_u16(s).ok()) {
+        *response.status_mut() = status;
+    }
     if let Some(location) = parts.uri.query().and_then(|q| q.split_once("location=")).map(|(_, l)| l)
         && let Ok(value) = header::HeaderValue::from_str(location)
     {

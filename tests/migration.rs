@@ -284,3 +284,63 @@ async fn aliases_www_redirects_and_location_rewrites() {
         "ingress-nginx's defaults for the keys not set"
     );
 }
+
+/// `custom-http-errors` with `default-backend`: an upstream answer with one of the codes, and
+/// the proxy's own 502, are replaced by the error Service's answer to `GET /`, which gets the
+/// headers ingress-nginx's custom-errors page lists; other codes pass; with
+/// `disable-proxy-intercept-errors` the upstream's errors pass too. The `default-backend`
+/// Service also takes the traffic of a Service without endpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_error_pages_from_the_default_backend() {
+    let dir = manifest_dir();
+    let (web, errors) = (echo("t", "web").await, echo("t", "errors").await);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
+    let pages = [
+        ("nginx.ingress.kubernetes.io/custom-http-errors", "404, 502"),
+        ("nginx.ingress.kubernetes.io/default-backend", "errors"),
+    ];
+    let manifests = [
+        service_yaml("t", "web", 80, "http", &[web]),
+        service_yaml("t", "errors", 80, "http", &[errors]),
+        service_yaml("t", "down", 80, "http", &[closed]),
+        service_yaml("t", "nobody", 80, "http", &[]),
+        ingress("errs", "errs.test", &pages, &[("Prefix", "/", "web")]),
+        ingress("down", "down.test", &pages, &[("Prefix", "/", "down")]),
+        ingress("empty", "empty.test", &pages[1..], &[("Prefix", "/", "nobody")]),
+        ingress(
+            "passing",
+            "passing.test",
+            &[pages[0], pages[1], ("nginx.ingress.kubernetes.io/disable-proxy-intercept-errors", "true")],
+            &[("Prefix", "/", "web")],
+        ),
+    ]
+    .concat();
+    write_manifest(dir.path(), "all.yaml", &manifests);
+    let path = dir.path().to_owned();
+    let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&path, &[])).await.expect("start");
+    let fetch = |host: &'static str, path: &'static str| {
+        let addr = tidegate.http;
+        async move { get(addr, host, path).await.expect("answered") }
+    };
+
+    let page = fetch("errs.test", "/missing?status=404").await;
+    let seen = page.json();
+    assert_eq!(seen["service"], "errors", "the error Service answered: {seen}");
+    assert_eq!(seen["path"], "/");
+    for (name, value) in [
+        ("X-Code", "404"),
+        ("X-Original-Uri", "/missing?status=404"),
+        ("X-Namespace", "t"),
+        ("X-Ingress-Name", "errs"),
+        ("X-Service-Name", "web"),
+        ("X-Service-Port", "80"),
+    ] {
+        assert_eq!(seen["headers"][name][0], value, "{name}: {seen}");
+    }
+    assert!(seen["headers"]["X-Format"][0].is_string() && seen["headers"]["X-Request-Id"][0].is_string());
+    assert_eq!(fetch("errs.test", "/?status=500").await.status, StatusCode::INTERNAL_SERVER_ERROR, "not listed");
+    let down = fetch("down.test", "/").await.json();
+    assert_eq!((down["service"].as_str(), down["headers"]["X-Code"][0].as_str()), (Some("errors"), Some("502")));
+    assert_eq!(fetch("empty.test", "/").await.json()["service"], "errors", "no endpoints: the default backend serves");
+    assert_eq!(fetch("passing.test", "/?status=404").await.status, StatusCode::NOT_FOUND, "intercept disabled");
+}

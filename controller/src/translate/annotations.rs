@@ -79,6 +79,10 @@ pub(super) struct Settings {
     pub(super) canary: CanaryKeys,
     /// `rewrite-target`: the URI the upstream gets, with the path expression's captures.
     pub(super) rewrite_target: Option<String>,
+    /// `custom-http-errors`, `default-backend` and `disable-proxy-intercept-errors`.
+    pub(super) error_codes: Vec<u16>,
+    pub(super) default_backend: Option<String>,
+    pub(super) only_proxy_errors: bool,
     /// `server-alias`: more hosts the Ingress's rules serve.
     pub(super) aliases: Vec<String>,
     /// `from-to-www-redirect`: `www.` of each rule host (or the host without it) redirects.
@@ -129,6 +133,9 @@ impl Default for Settings {
             custom_headers: None,
             rewrite_target: None,
             aliases: Vec::new(),
+            error_codes: Vec::new(),
+            default_backend: None,
+            only_proxy_errors: false,
             www_redirect: false,
             redirect_from: None,
             redirect_to: None,
@@ -927,6 +934,26 @@ pub(crate) const KEYS: &[Key] = &[
         s.rewrite_target = Some(v.to_owned());
         Ok(())
     }),
+    parsed("custom-http-errors", "", |v, s| {
+        let mut codes = Vec::new();
+        for code in v.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            match code.parse::<u16>() {
+                Ok(status) if (400..=599).contains(&status) => codes.push(status),
+                _ => return Err(format!("{code:?} is not a status from 400 to 599")),
+            }
+        }
+        s.error_codes = codes;
+        Ok(())
+    }),
+    parsed("default-backend", "", |v, s| {
+        let name = v.trim();
+        if name.is_empty() || name.contains('/') || crate::validate::check_host(name).is_err() {
+            return Err(format!("{name:?} is not the name of a Service in the Ingress's namespace"));
+        }
+        s.default_backend = Some(name.to_owned());
+        Ok(())
+    }),
+    parsed("disable-proxy-intercept-errors", "false", |v, s| boolean(v).map(|b| s.only_proxy_errors = b)),
     parsed("server-alias", "", |v, s| {
         let mut hosts = Vec::new();
         for host in v.split(',').map(str::trim).filter(|h| !h.is_empty()) {
@@ -1628,6 +1655,20 @@ mod tests {
         let (s, _) = read_one("nginx.ingress.kubernetes.io/rewrite-target", "/$2");
         assert_eq!(s.rewrite_target.as_deref(), Some("/$2"));
         assert!(read_one("nginx.ingress.kubernetes.io/rewrite-target", "/a b").0.rewrite_target.is_none());
+    }
+
+    /// `custom-http-errors`, `default-backend`, `disable-proxy-intercept-errors`.
+    #[test]
+    fn error_page_keys() {
+        let (s, status) = read_one("nginx.ingress.kubernetes.io/custom-http-errors", "404, 503,502");
+        assert!(status.problems.is_empty());
+        assert_eq!(s.error_codes, [404, 503, 502]);
+        let (s, status) = read_one("nginx.ingress.kubernetes.io/custom-http-errors", "404,302");
+        assert!(s.error_codes.is_empty() && status.problems.len() == 1, "302 is no error");
+        let (s, _) = read_one("nginx.ingress.kubernetes.io/default-backend", "error-pages");
+        assert_eq!(s.default_backend.as_deref(), Some("error-pages"));
+        assert!(read_one("nginx.ingress.kubernetes.io/default-backend", "other/ns").0.default_backend.is_none());
+        assert!(read_one("nginx.ingress.kubernetes.io/disable-proxy-intercept-errors", "true").0.only_proxy_errors);
     }
 
     /// `backend-protocol` and the `proxy-ssl-*` keys, as ingress-nginx spells them.

@@ -158,6 +158,7 @@ const KEYS: &[ConfigKey] = &[
     own("compute-full-forwarded-for", "false", |v, r| {
         annotation_boolean(v).map(|b| r.global.client_address.full_forwarded_for = b)
     }),
+    route("custom-http-errors", ""),
     own("enable-real-ip", "false", |v, r| annotation_boolean(v).map(|b| r.real_ip |= b)),
     own("forwarded-for-header", "X-Forwarded-For", |v, r| {
         let name = v.trim();

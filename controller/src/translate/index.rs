@@ -140,6 +140,12 @@ impl<'a> Index<'a> {
         })
     }
 
+    /// A Service's first port, as ingress-nginx picks the port of a `default-backend`.
+    pub(super) fn first_port(&self, namespace: &str, service: &str) -> Option<u16> {
+        let spec = self.services.get(&(namespace, service))?.spec.as_ref()?;
+        u16::try_from(spec.ports.as_deref()?.first()?.port).ok()
+    }
+
     /// The `appProtocol` a Service declares for one of its ports.
     pub(super) fn app_protocol(&self, namespace: &str, service: &str, port: PortRef<'_>) -> Option<&str> {
         let spec = self.services.get(&(namespace, service))?.spec.as_ref()?;

@@ -34,6 +34,13 @@ pub(super) fn translate(
         return;
     }
     let settings = annotations::read(ingress.metadata.annotations.as_ref(), &global.defaults, status);
+    if !settings.error_codes.is_empty() && settings.default_backend.is_none() {
+        status.warning(
+            Reason::Unsupported,
+            settings.field("custom-http-errors"),
+            "custom-http-errors needs the default-backend annotation (tidegate has no controller-wide default backend); ignored",
+        );
+    }
     // When the Lua it asks for cannot run, or it asks for a protection tidegate does not
     // honour, its paths still match but answer 500 or 503: serving them without it could skip
     // an access check, and dropping them would let requests fall through to a less specific
@@ -236,6 +243,28 @@ impl Context<'_, '_> {
         }
     }
 
+    /// The `default-backend` Service's backend (its first port), once per Ingress; `None`,
+    /// reported, when the Service or its port cannot be found.
+    fn error_backend(&mut self) -> Option<tidegate_snapshot::BackendId> {
+        let name = self.settings.default_backend.clone()?;
+        let namespace = namespace_of(&self.ingress.metadata).to_owned();
+        let field = self.settings.field("default-backend");
+        let Some(port) = self.index.first_port(&namespace, &name) else {
+            let message = format!("Service {namespace}/{name} not found, or it has no port; not used");
+            if !self.status.problems.iter().any(|p| p.field == field) {
+                self.status.warning(Reason::BackendNotFound, field, message);
+            }
+            return None;
+        };
+        let (id, problem) = self.out.backend(self.index, &namespace, &name, PortRef::Number(port));
+        if let Some((reason, message)) = problem
+            && !self.status.problems.iter().any(|p| p.field == field)
+        {
+            self.status.warning(reason, field, format!("{message}; error pages cannot be served"));
+        }
+        Some(id)
+    }
+
     /// How a path matches: a regular expression on a host whose paths are (`use-regex`,
     /// `rewrite-target`), else by its type. `None`, with a field error, for an expression that
     /// does not compile: that path is left out, the Ingress's others still serve.
@@ -344,7 +373,12 @@ impl Context<'_, '_> {
         };
         let namespace = namespace_of(&self.ingress.metadata);
         let (mut id, problem) = self.out.backend(self.index, namespace, &service.name, port);
-        if let Some((reason, message)) = problem {
+        let fallback = self.error_backend();
+        let no_endpoints = self.out.endpoints.get(&id).is_none_or(Vec::is_empty) && !self.out.names.contains_key(&id);
+        if let (true, Some(fallback)) = (no_endpoints, &fallback) {
+            // `default-backend` takes the traffic of a Service without endpoints.
+            id = fallback.clone();
+        } else if let Some((reason, message)) = problem {
             self.status.error(reason, format!("{field}.service"), format!("{message}; requests get 503"));
         } else if self.settings.service_upstream {
             match self.out.service_backend(self.index, namespace, &service.name, port) {
@@ -362,11 +396,23 @@ impl Context<'_, '_> {
                 (Upstream::default(), self.refusal.clone().or(Some(Refusal::unhonoured(why))))
             }
         };
+        let mut policies = self.policies.clone();
+        if let Some(backend) = fallback.filter(|_| !self.settings.error_codes.is_empty()) {
+            policies.error_pages = Some(tidegate_snapshot::ErrorPages {
+                codes: self.settings.error_codes.clone(),
+                backend,
+                namespace: namespace.to_owned(),
+                ingress: name_of(&self.ingress.metadata).to_owned(),
+                service: service.name.clone(),
+                service_port: port.to_string(),
+                only_proxy_errors: self.settings.only_proxy_errors,
+            });
+        }
         Some(RouteAction {
             backend: Some(id),
             timeouts: self.settings.timeouts,
             lua: self.lua.clone(),
-            policies: self.policies.clone(),
+            policies,
             upstream,
             canary: None,
             refusal,

@@ -90,6 +90,8 @@ pub(super) fn resolve(
         app_root: settings.app_root.clone(),
         rewrite_target: settings.rewrite_target.clone(),
         location_rewrite: settings.redirect_from.clone().zip(settings.redirect_to.clone()),
+        // Per path (the Service it names): set by the Ingress's translation.
+        error_pages: None,
         no_access_log: !settings.access_log,
     };
     (policies, refusal.map(Refusal::unhonoured))

@@ -358,6 +358,10 @@ pub struct Policies {
     /// `proxy_redirect`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location_rewrite: Option<(String, String)>,
+    /// Error responses answered by another Service instead (`custom-http-errors` with the
+    /// `default-backend` annotation), as ingress-nginx's `error_page` to its default backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_pages: Option<ErrorPages>,
     /// A request for `/` redirected (302) to this path on the same host (`app-root`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_root: Option<String>,
@@ -377,6 +381,24 @@ pub struct Policies {
     /// Headers set on the request to the upstream (the ConfigMap's `proxy-set-headers`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub upstream_headers: Vec<SetHeader>,
+}
+
+/// Responses with one of `codes` (the upstream's, or the proxy's own 502, 503 and 504) are
+/// replaced by what `backend` answers to `GET /` with the headers ingress-nginx's custom error
+/// pages get: `X-Code`, `X-Format`, `X-Original-URI`, `X-Namespace`, `X-Ingress-Name`,
+/// `X-Service-Name`, `X-Service-Port` and `X-Request-ID`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ErrorPages {
+    pub codes: Vec<u16>,
+    pub backend: BackendId,
+    pub namespace: String,
+    pub ingress: String,
+    pub service: String,
+    pub service_port: String,
+    /// Only the errors the proxy makes itself (`disable-proxy-intercept-errors`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub only_proxy_errors: bool,
 }
 
 /// One header to set, its value with nginx variables expanded per request.
@@ -1398,6 +1420,15 @@ mod tests {
                                 app_root: Some("/app".into()),
                                 rewrite_target: Some("/$2".into()),
                                 location_rewrite: Some(("http://api.internal/".into(), "/".into())),
+                                error_pages: Some(ErrorPages {
+                                    codes: vec![404, 503],
+                                    backend: BackendId("shop/errors:80".into()),
+                                    namespace: "shop".into(),
+                                    ingress: "api".into(),
+                                    service: "api".into(),
+                                    service_port: "80".into(),
+                                    only_proxy_errors: false,
+                                }),
                                 no_access_log: true,
                                 client_certificate: Some(ClientCertificate {
                                     ca_id: "shop/ca".into(),

@@ -117,6 +117,8 @@ pub(super) async fn serve(
     let response = if chain.phase(Phase::Content).is_empty() {
         parts.method = lua.state.method.borrow().clone();
         parts.headers = lua.state.headers.borrow().clone();
+        let pages = target.action.policies.error_pages.as_ref();
+        let original = super::error_page::Original::of(pages, &parts.uri, &parts.headers);
         upstream_headers(target, outcome, &mut parts.headers);
         parts.uri = lua.state.upstream_uri().parse().unwrap_or_else(|_| parts.uri.clone());
         // `rewrite-target` applies to the URI as the handlers leave it.
@@ -139,8 +141,14 @@ pub(super) async fn serve(
         // Boxed: a request that Lua answers (or that sleeps first) does not carry the upstream
         // exchange's state.
         let upstream_request = Request::from_parts(parts, body);
-        let response =
+        let mut response =
             Box::pin(forward(worker, runtime, conn, target, upstream_request, client_upgrade, outcome)).await;
+        if let (Some(pages), Some(original)) = (pages, original) {
+            let from_upstream = outcome.from_upstream;
+            response =
+                Box::pin(super::error_page::replace(worker, runtime, conn, pages, original, from_upstream, response))
+                    .await;
+        }
         lua.state.upstream_addr.set(outcome.upstream);
         lua.state.upstream_status.set(outcome.upstream.map(|_| response.status().as_u16()));
         lua.state.upstream_response_time.set(outcome.upstream_time.map(|t| t.as_secs_f64()));

@@ -49,6 +49,7 @@
 //! the steps it does not use; filters that cannot wait run at once, keeping no state.
 
 mod context;
+mod error_page;
 mod lua;
 mod upstream;
 

@@ -35,12 +35,22 @@ pub(super) async fn proxy(
     let client_upgrade = crate::http1::on_upgrade(&mut request);
     let upgrade = client_upgrade.is_some();
     let (mut parts, body) = request.into_parts();
+    let pages = target.action.policies.error_pages.as_ref();
+    let original = super::error_page::Original::of(pages, &parts.uri, &parts.headers);
     rewrite_uri(target, &mut parts);
     upstream_headers(target, outcome, &mut parts.headers);
     let body = upstream_body(target, &parts.headers, body);
     prepare_upstream(&mut parts, upgrade);
     let upstream_request = Request::from_parts(parts, body);
-    forward(worker, runtime, conn, target, upstream_request, client_upgrade, outcome).await
+    let response = forward(worker, runtime, conn, target, upstream_request, client_upgrade, outcome).await;
+    match (pages, original) {
+        // Boxed: routes without error pages carry no room for the call.
+        (Some(pages), Some(original)) => {
+            let from_upstream = outcome.from_upstream;
+            Box::pin(super::error_page::replace(worker, runtime, conn, pages, original, from_upstream, response)).await
+        }
+        _ => response,
+    }
 }
 
 /// `proxy-redirect-from` / `-to`: a `Location` that starts with `from` gets `to` instead of it,
