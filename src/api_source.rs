@@ -145,6 +145,7 @@ async fn serve<S: Sink>(
         }
         views.send_replace(Some(Arc::new(View {
             version: publishing.version(),
+            content: publishing.content(),
             inputs,
             statuses: translation.statuses,
             invalid,

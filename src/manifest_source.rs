@@ -210,6 +210,8 @@ pub(crate) struct Publishing<S> {
     /// The snapshot being served (compared without its version).
     served: Option<Snapshot>,
     version: u64,
+    /// The content id of `version`.
+    content: u64,
     /// Problems already logged; each is logged when it appears, not on every rescan.
     reported: BTreeSet<String>,
 }
@@ -269,12 +271,17 @@ impl<S: Sink> State<S> {
 
 impl<S: Sink> Publishing<S> {
     pub(crate) fn new(sink: S, stamp: Stamp) -> Self {
-        Publishing { sink, stamp, served: None, version: 0, reported: BTreeSet::new() }
+        Publishing { sink, stamp, served: None, version: 0, content: 0, reported: BTreeSet::new() }
     }
 
     /// The version last stamped.
     pub(crate) fn version(&self) -> u64 {
         self.version
+    }
+
+    /// The content id of the version last stamped.
+    pub(crate) fn content(&self) -> u64 {
+        self.content
     }
 
     /// A snapshot has been applied.
@@ -322,6 +329,8 @@ impl<S: Sink> Publishing<S> {
             self.version = self.next_version();
             let mut stamped = snapshot;
             stamped.version = self.version;
+            stamped.content = stamped.content_id();
+            self.content = stamped.content;
             match self.sink.apply(&stamped) {
                 Ok(warnings) => {
                     for warning in warnings {

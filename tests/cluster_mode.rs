@@ -919,3 +919,44 @@ async fn replica_leases_are_deleted_on_stop_and_when_long_expired() {
     assert!(lease("c1").is_some(), "the other replica's stays");
     drop(c1);
 }
+
+/// Two replicas stamp the same change with their own clocks; proxies subscribed to the one
+/// that does not lead acknowledge its stamps. `Programmed` must still turn True on every
+/// update: the replicas agree on what a version holds (its content), whatever their stamps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_agree_and_programmed_turns_true_on_every_update() {
+    let cluster = Cluster::new();
+    let api = &cluster.api;
+    api.apply_yaml(&lua_route("hello", "lua.test", "ngx.say(\"0\")"));
+    let flags = |name: &'static str| {
+        let mut flags = vec!["--name", name];
+        flags.extend(FAST_LEASE);
+        flags
+    };
+    let c1 = cluster.controller(&flags("c1"));
+    until("c1 leads", Duration::from_secs(10), async || lease_holder(api).as_deref() == Some("c1")).await;
+    let c2 = cluster.controller(&flags("c2"));
+    let (p1, p2) = cluster.proxies_of(&[&c2]).await;
+    let programmed = |generation: i64| {
+        api.get("tidegate.dev/v1alpha1", "LuaRoute", "t", "hello").is_some_and(|route| {
+            condition(&route, "Programmed")
+                .is_some_and(|c| c["status"] == "True" && c["observedGeneration"] == generation)
+        })
+    };
+    until("programmed at first", Duration::from_secs(15), async || programmed(1)).await;
+    let mut stuck = Vec::new();
+    for update in 1..=30 {
+        api.apply_yaml(&lua_route("hello", "lua.test", &format!("ngx.say(\"{update}\")")));
+        let generation = 1 + update;
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while !programmed(generation) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !programmed(generation) {
+            stuck.push(update);
+        }
+    }
+    report(&format!("two replicas, proxies on the follower: Programmed stuck on {} of 30 updates", stuck.len()));
+    assert!(stuck.is_empty(), "Programmed stayed False after updates {stuck:?}");
+    drop((p1, p2, c2, c1));
+}

@@ -37,6 +37,9 @@ use tokio_rustls::TlsAcceptor;
 pub struct ProxyState {
     /// The last version the proxy acknowledged, applied or refused.
     pub version: u64,
+    /// That version's content id ([`tidegate_snapshot::Snapshot::content`]).
+    #[serde(default)]
+    pub content: u64,
     /// Why it refused that version.
     pub error: Option<String>,
     /// Open subscriptions from that proxy now.
@@ -133,6 +136,7 @@ impl Publisher {
                         }
                         self.update(&ack.proxy, |p| {
                             p.version = ack.version;
+                            p.content = ack.content;
                             p.error = ack.error;
                         });
                         status(StatusCode::NO_CONTENT)

@@ -12,7 +12,11 @@
 //!
 //! Versions are publish times in milliseconds (see the publisher), so versions from different
 //! replicas compare as times do; this assumes replicas' clocks are synchronised (NTP), as a
-//! cluster's nodes are.
+//! cluster's nodes are. Each replica stamps a change with its own clock, so the same content
+//! gets different versions from different replicas: every version also carries its content id
+//! ([`tidegate_snapshot::Snapshot::content`], the same in every replica), which proxies
+//! acknowledge with it, and a proxy that holds the content being served counts as current
+//! whatever the stamp it got it under.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -54,6 +54,9 @@ pub struct InvalidObject {
 pub struct View {
     /// The version being served.
     pub version: u64,
+    /// Its content id: a proxy that acknowledged the same content (through another replica,
+    /// under another stamp) serves it too.
+    pub content: u64,
     pub inputs: Inputs,
     pub statuses: Vec<ObjectStatus>,
     pub invalid: Vec<InvalidObject>,
@@ -108,10 +111,20 @@ fn condition(
 
 /// The `Programmed` condition of an object first served in version `since`: status, reason
 /// and message.
-fn programmed(accepted: bool, since: u64, proxies: &BTreeMap<String, ProxyState>) -> (bool, &'static str, String) {
+///
+/// A proxy is behind when it acknowledged an older version than `since`, unless what it
+/// acknowledged has the `content` being served now: replicas stamp the same change with their
+/// own clocks, and a proxy subscribed to another replica acknowledges that one's stamp.
+fn programmed(
+    accepted: bool,
+    since: u64,
+    content: u64,
+    proxies: &BTreeMap<String, ProxyState>,
+) -> (bool, &'static str, String) {
     let connected: Vec<(&String, &ProxyState)> = proxies.iter().filter(|(_, p)| p.connected > 0).collect();
-    let refused = connected.iter().find(|(_, p)| p.version >= since && p.error.is_some());
-    let pending: Vec<&str> = connected.iter().filter(|(_, p)| p.version < since).map(|(n, _)| n.as_str()).collect();
+    let current = |p: &ProxyState| p.version >= since || (content != 0 && p.content == content);
+    let refused = connected.iter().find(|(_, p)| current(p) && p.error.is_some());
+    let pending: Vec<&str> = connected.iter().filter(|(_, p)| !current(p)).map(|(n, _)| n.as_str()).collect();
     if !accepted {
         (false, "NotAccepted", "not served: see Accepted".into())
     } else if let Some((proxy, state)) = refused {
@@ -186,7 +199,7 @@ impl Writer {
         for route in &view.inputs.lua_routes {
             let object = ObjectRef::namespaced(luaroute::KIND, namespace_of(&route.metadata), name_of(&route.metadata));
             if let Some(status) = by_object.get(&object) {
-                written += usize::from(self.lua_route(route, status, view.version, proxies).await);
+                written += usize::from(self.lua_route(route, status, (view.version, view.content), proxies).await);
             }
         }
         for invalid in &view.invalid {
@@ -250,7 +263,7 @@ impl Writer {
         &mut self,
         route: &LuaRoute,
         status: &ObjectStatus,
-        version: u64,
+        (version, content): (u64, u64),
         proxies: &BTreeMap<String, ProxyState>,
     ) -> bool {
         let (namespace, name) = (namespace_of(&route.metadata), name_of(&route.metadata));
@@ -270,7 +283,7 @@ impl Writer {
             .served_since
             .entry((namespace.to_owned(), name.to_owned(), generation.unwrap_or(0)))
             .or_insert(version);
-        let (ok, reason, why) = programmed(status.accepted, since, proxies);
+        let (ok, reason, why) = programmed(status.accepted, since, content, proxies);
         let programmed = condition("Programmed", ok, reason, why, generation, &previous.conditions);
         self.announce(status, &route.metadata, luaroute::API_VERSION, luaroute::KIND).await;
         let wanted = vec![accepted, programmed];
@@ -487,7 +500,7 @@ mod tests {
     use super::*;
 
     fn proxy(version: u64, error: Option<&str>, connected: usize) -> ProxyState {
-        ProxyState { version, error: error.map(str::to_owned), connected }
+        ProxyState { version, content: version * 100, error: error.map(str::to_owned), connected }
     }
 
     #[test]
@@ -495,18 +508,24 @@ mod tests {
         let fleet = |entries: &[(&str, ProxyState)]| -> BTreeMap<String, ProxyState> {
             entries.iter().map(|(n, p)| ((*n).to_owned(), p.clone())).collect()
         };
-        assert_eq!(programmed(false, 5, &BTreeMap::new()).1, "NotAccepted");
-        assert_eq!(programmed(true, 5, &BTreeMap::new()), (false, "Pending", "no proxy is connected".into()));
+        assert_eq!(programmed(false, 5, 500, &BTreeMap::new()).1, "NotAccepted");
+        assert_eq!(programmed(true, 5, 500, &BTreeMap::new()), (false, "Pending", "no proxy is connected".into()));
         let waiting = fleet(&[("p1", proxy(5, None, 1)), ("p2", proxy(4, None, 1))]);
-        assert_eq!(programmed(true, 5, &waiting), (false, "Pending", "waiting for p2 to apply version 5".into()));
+        assert_eq!(programmed(true, 5, 500, &waiting), (false, "Pending", "waiting for p2 to apply version 5".into()));
         // A proxy that went away does not hold the condition back.
         let served = fleet(&[("p1", proxy(6, None, 1)), ("p2", proxy(4, None, 0))]);
-        assert_eq!(programmed(true, 5, &served), (true, "Programmed", "served by 1 proxy from version 5".into()));
+        assert_eq!(programmed(true, 5, 500, &served), (true, "Programmed", "served by 1 proxy from version 5".into()));
         let refused = fleet(&[("p1", proxy(6, None, 1)), ("p2", proxy(5, Some("Lua x: bad"), 1))]);
-        assert_eq!(programmed(true, 5, &refused), (false, "Refused", "proxy p2 refused version 5: Lua x: bad".into()));
+        assert_eq!(
+            programmed(true, 5, 500, &refused),
+            (false, "Refused", "proxy p2 refused version 5: Lua x: bad".into())
+        );
         // A refusal of an older version says nothing about this object's.
         let older = fleet(&[("p1", proxy(6, None, 1)), ("p2", proxy(4, Some("old"), 1))]);
-        assert_eq!(programmed(true, 5, &older).1, "Pending");
+        assert_eq!(programmed(true, 5, 500, &older).1, "Pending");
+        // Another replica stamped the same content earlier: it is served.
+        let other_stamp = fleet(&[("p1", proxy(6, None, 1)), ("p2", proxy(4, None, 1))]);
+        assert!(programmed(true, 5, 400, &other_stamp).0, "p2 holds content 400, the current one");
     }
 
     #[test]

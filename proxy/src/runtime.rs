@@ -207,6 +207,7 @@ mod tests {
         };
         Snapshot {
             version,
+            content: 0,
             routing,
             endpoints: BTreeMap::from([(BackendId("b".into()), list)]),
             names: BTreeMap::new(),

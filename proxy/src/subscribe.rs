@@ -137,7 +137,7 @@ async fn session(proxy: &Proxy, uri: &Uri, subscription: &Subscription) -> Resul
                     Some(e.to_string())
                 }
             };
-            let ack = Ack { proxy: subscription.name.clone(), version, error };
+            let ack = Ack { proxy: subscription.name.clone(), version, content: snapshot.content, error };
             let request = Request::builder()
                 .method(Method::POST)
                 .uri(format!("https://{host}:{port}{ACKS_PATH}"))

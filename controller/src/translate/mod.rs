@@ -565,6 +565,7 @@ impl Builder {
         let scripts = self.scripts.into_values().filter(|s| referenced.contains(&s.id)).collect();
         Snapshot {
             version: 0,
+            content: 0,
             routing: Routing {
                 virtual_hosts,
                 default_backend: self.default_backend,

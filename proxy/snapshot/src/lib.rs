@@ -83,6 +83,11 @@ pub const FORMAT_VERSION: u32 = 2;
 pub struct Snapshot {
     /// Monotonic version stamped by the publisher (0 until published).
     pub version: u64,
+    /// What the snapshot holds, as [`Snapshot::content_id`] tells: controller replicas that
+    /// translate the same objects give the same id, whatever their version stamps, so that what
+    /// a proxy acknowledged to one replica counts for the others (0: not told).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub content: u64,
     /// Hosts, routes, certificates: a change here rebuilds the proxy's router.
     pub routing: Routing,
     /// Ready endpoints of every backend, keyed by [`BackendId`]; a change here alone only swaps
@@ -93,6 +98,20 @@ pub struct Snapshot {
     /// endpoint.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub names: BTreeMap<BackendId, NamedEndpoint>,
+}
+
+impl Snapshot {
+    /// A hash of the routing, the endpoints and the named backends, never 0. The same in every
+    /// process of the same build: translation is pure and sorted, and the hasher has fixed keys.
+    pub fn content_id(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        #[allow(deprecated)]
+        let mut hasher = std::hash::SipHasher::new();
+        self.routing.hash(&mut hasher);
+        self.endpoints.hash(&mut hasher);
+        self.names.hash(&mut hasher);
+        hasher.finish().max(1)
+    }
 }
 
 /// An endpoint by DNS name and port.
@@ -1357,6 +1376,7 @@ mod tests {
         let backend = BackendId("shop/api:80".into());
         let snapshot = Snapshot {
             version: 7,
+            content: 42,
             routing: Routing {
                 virtual_hosts: vec![VirtualHost {
                     host: HostMatch::Wildcard("example.com".into()),

@@ -26,6 +26,9 @@ pub const MAX_FRAME: usize = 256 << 20;
 pub struct Ack {
     pub proxy: String,
     pub version: u64,
+    /// The version's [`crate::Snapshot::content`].
+    #[serde(default)]
+    pub content: u64,
     /// Why the proxy refused the version; `None` when it serves it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
