@@ -42,7 +42,11 @@ impl Cluster {
         let pki = Pki::new("tidegate stream CA");
         let controller_tls = pki.issue(dir.path(), "controller", &["localhost"], &pki.ca_pem);
         let proxy_tls = pki.issue(dir.path(), "proxy", &["proxy"], &pki.ca_pem);
-        Cluster { api: ApiServer::start(), dir, controller_tls, proxy_tls }
+        let api = ApiServer::start();
+        // The backends of these tests listen on loopback, which a real API server refuses in
+        // EndpointSlices: the stand-in's one documented exception.
+        api.allow_loopback_endpoints();
+        Cluster { api, dir, controller_tls, proxy_tls }
     }
 
     fn kubeconfig(&self) -> std::path::PathBuf {
@@ -959,4 +963,40 @@ async fn replicas_agree_and_programmed_turns_true_on_every_update() {
     report(&format!("two replicas, proxies on the follower: Programmed stuck on {} of 30 updates", stuck.len()));
     assert!(stuck.is_empty(), "Programmed stayed False after updates {stuck:?}");
     drop((p1, p2, c2, c1));
+}
+
+/// The stand-in refuses EndpointSlice addresses a real API server refuses (loopback,
+/// link-local), naming the field, and accepts routable ones; only tests that say so (the
+/// documented exception) may put loopback backends in EndpointSlices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stand_in_refuses_endpoint_addresses_a_real_api_server_refuses() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let api = ApiServer::start();
+    let post = async |address: &str| {
+        let body = serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("web-{}", address.replace([':', '.'], "-")), "namespace": "t",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": if address.contains(':') { "IPv6" } else { "IPv4" },
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [{"addresses": [address]}],
+        })
+        .to_string();
+        let mut stream = tokio::net::TcpStream::connect(api.addr).await.expect("connect");
+        let request = format!(
+            "POST /apis/discovery.k8s.io/v1/namespaces/t/endpointslices HTTP/1.1\r\nHost: stand-in\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.expect("read");
+        answer
+    };
+    for refused in ["127.0.0.1", "::1", "169.254.169.254", "fe80::1"] {
+        let answer = post(refused).await;
+        assert!(answer.starts_with("HTTP/1.1 422"), "{refused}: {answer}");
+        assert!(answer.contains("endpoints[0].addresses[0]: Invalid value"), "{answer}");
+    }
+    let accepted = post("10.244.1.7").await;
+    assert!(accepted.starts_with("HTTP/1.1 201"), "{accepted}");
 }

@@ -15,6 +15,11 @@
 //!   leave `status` alone, writes to `/status` touch only `status`; `generation` moves with
 //!   `spec`); Leases and Events are ordinary objects.
 //!
+//! - EndpointSlice address validation as the API server's: a loopback, link-local, link-local
+//!   multicast or unspecified address is refused (`422 Invalid`, naming the field). Tests run
+//!   their backends on loopback, the only addresses they may use here, so a test that needs
+//!   them in EndpointSlices says so with [`ApiServer::allow_loopback_endpoints`]: the one
+//!   documented exception, nothing else is let through;
 //! - pruning, as the API server does for a CustomResourceDefinition's structural schema when
 //!   field validation is not strict (`kubectl apply --validate=false`): fields of a LuaRoute
 //!   that `crds/luaroute.yaml` does not declare are dropped before storage, unless the schema
@@ -142,6 +147,28 @@ struct Store {
     /// The `User-Agent` of each request, in order (empty when none was sent).
     user_agents: Vec<String>,
     next_uid: u64,
+    /// The documented exception: loopback EndpointSlice addresses are accepted.
+    loopback_endpoints: bool,
+}
+
+/// Why the API server refuses an EndpointSlice's address, if it does (its `ValidateEndpointIP`).
+fn endpoint_address_refused(address: &str) -> Option<&'static str> {
+    let ip: std::net::IpAddr = address.parse().ok()?;
+    let v6_link_local = |ip: std::net::Ipv6Addr| ip.segments()[0] & 0xffc0 == 0xfe80;
+    match ip {
+        _ if ip.is_unspecified() => Some("may not be unspecified"),
+        _ if ip.is_loopback() => Some("may not be in the loopback range (127.0.0.0/8, ::1/128)"),
+        std::net::IpAddr::V4(v4) if v4.is_link_local() => {
+            Some("may not be in the link-local range (169.254.0.0/16, fe80::/10)")
+        }
+        std::net::IpAddr::V6(v6) if v6_link_local(v6) => {
+            Some("may not be in the link-local range (169.254.0.0/16, fe80::/10)")
+        }
+        std::net::IpAddr::V4(v4) if v4.octets()[..3] == [224, 0, 0] => {
+            Some("may not be in the link-local multicast range (224.0.0.0/24, ff02::/10)")
+        }
+        _ => None,
+    }
 }
 
 struct Shared {
@@ -335,6 +362,23 @@ impl Store {
     ) -> Result<(StatusCode, Value), (StatusCode, &'static str, String)> {
         if kind.kind == "LuaRoute" {
             prune(&lua_route_schema(), &mut object, true);
+        }
+        if kind.kind == "EndpointSlice" && !self.loopback_endpoints {
+            let name = object["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+            for (e, endpoint) in object["endpoints"].as_array().into_iter().flatten().enumerate() {
+                for (a, address) in endpoint["addresses"].as_array().into_iter().flatten().enumerate() {
+                    let text = address.as_str().unwrap_or_default();
+                    if let Some(why) = endpoint_address_refused(text) {
+                        return Err((
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            "Invalid",
+                            format!(
+                                "EndpointSlice.discovery.k8s.io \"{name}\" is invalid: endpoints[{e}].addresses[{a}]: Invalid value: \"{text}\": {why}"
+                            ),
+                        ));
+                    }
+                }
+            }
         }
         let namespace = object["metadata"]["namespace"].as_str().map(str::to_owned);
         let namespace = if kind.namespaced { Some(namespace.unwrap_or_else(|| "default".into())) } else { None };
@@ -595,6 +639,12 @@ impl ApiServer {
     pub fn list(&self, api_version: &str, kind: &str) -> Vec<Value> {
         let kind = kind_of(api_version, kind).expect("kind");
         Store::lock(&self.shared).list(kind, None, None, None)
+    }
+
+    /// Accepts loopback addresses in EndpointSlices, which a real API server refuses: the
+    /// documented exception for tests, whose backends can only listen on loopback here.
+    pub fn allow_loopback_endpoints(&self) {
+        Store::lock(&self.shared).loopback_endpoints = true;
     }
 
     /// The current `resourceVersion`.
