@@ -35,6 +35,8 @@ mod body;
 mod client_address;
 mod connection;
 mod framing;
+#[doc(hidden)]
+pub mod fuzzing;
 mod headers;
 mod http1;
 mod metrics;

@@ -23,7 +23,7 @@ mod http1;
 mod http2;
 mod stream;
 mod transport;
-mod wire;
+pub(crate) mod wire;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
