@@ -11,6 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
+use support::ingress_to as ingress;
 use support::{Tidegate, echo, get, h2c, manifest_dir, service_yaml, write_manifest};
 
 /// A certificate authority and the certificates it signs.
@@ -74,20 +75,6 @@ async fn tls_echo(service: &str, cert: &(String, String), alpn: &[&[u8]], client
     };
     tokio::spawn(tidegate::echo::serve_tls(listener, identity, Arc::new(config)));
     addr
-}
-
-/// An Ingress `name` for `host` to port 80 of Service `service`, with annotations.
-fn ingress(name: &str, host: &str, service: &str, annotations: &[(&str, &str)]) -> String {
-    let mut meta = format!("metadata:\n  name: {name}\n  namespace: t\n");
-    if !annotations.is_empty() {
-        meta.push_str("  annotations:\n");
-        for (key, value) in annotations {
-            meta.push_str(&format!("    {key}: {value:?}\n"));
-        }
-    }
-    format!(
-        "---\napiVersion: networking.k8s.io/v1\nkind: Ingress\n{meta}spec:\n  ingressClassName: tidegate\n  rules:\n  - host: {host}\n    http:\n      paths:\n      - {{path: /, pathType: Prefix, backend: {{service: {{name: {service}, port: {{number: 80}}}}}}}}\n"
-    )
 }
 
 /// An Opaque Secret with these entries.

@@ -10,18 +10,9 @@ use std::time::Duration;
 use http::StatusCode;
 use support::{Tidegate, echo, manifest_dir, service_yaml, write_manifest};
 
-/// An Ingress `name` for `host` to Service `web` in namespace `t`.
+/// An Ingress `name` for `host` to Service `web`, with annotations.
 fn ingress(name: &str, host: &str, annotations: &[(&str, &str)]) -> String {
-    let mut meta = format!("metadata:\n  name: {name}\n  namespace: t\n");
-    if !annotations.is_empty() {
-        meta.push_str("  annotations:\n");
-        for (key, value) in annotations {
-            meta.push_str(&format!("    {key}: {value:?}\n"));
-        }
-    }
-    format!(
-        "---\napiVersion: networking.k8s.io/v1\nkind: Ingress\n{meta}spec:\n  ingressClassName: tidegate\n  rules:\n  - host: {host}\n    http:\n      paths:\n      - {{path: /, pathType: Prefix, backend: {{service: {{name: web, port: {{number: 80}}}}}}}}\n"
-    )
+    support::ingress_to(name, host, "web", annotations)
 }
 
 fn config_map(namespace: &str, name: &str, data: &[(&str, &str)]) -> String {

@@ -245,6 +245,21 @@ pub async fn echo(namespace: &str, service: &str) -> SocketAddr {
     addr
 }
 
+/// An Ingress `name` in namespace `t` for `host`, path `/` to port 80 of Service `service`,
+/// with annotations.
+pub fn ingress_to(name: &str, host: &str, service: &str, annotations: &[(&str, &str)]) -> String {
+    let mut meta = format!("metadata:\n  name: {name}\n  namespace: t\n");
+    if !annotations.is_empty() {
+        meta.push_str("  annotations:\n");
+        for (key, value) in annotations {
+            meta.push_str(&format!("    {key}: {value:?}\n"));
+        }
+    }
+    format!(
+        "---\napiVersion: networking.k8s.io/v1\nkind: Ingress\n{meta}spec:\n  ingressClassName: tidegate\n  rules:\n  - host: {host}\n    http:\n      paths:\n      - {{path: /, pathType: Prefix, backend: {{service: {{name: {service}, port: {{number: 80}}}}}}}}\n"
+    )
+}
+
 /// A Service `name` with port `port` (named `port_name`), and an EndpointSlice sending it to
 /// `endpoints` (loopback servers).
 pub fn service_yaml(namespace: &str, name: &str, port: u16, port_name: &str, endpoints: &[SocketAddr]) -> String {
