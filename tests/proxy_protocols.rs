@@ -390,14 +390,21 @@ async fn an_upstream_that_stalls_mid_body_is_cut_after_the_read_timeout() {
 }
 
 /// The HTTP/2 limits a client is told in SETTINGS: 100 concurrent streams by default, the
-/// number `--http2-max-concurrent-streams` gives otherwise; past them, the client waits.
+/// number `--http2-max-concurrent-streams` gives otherwise, and the global ConfigMap's
+/// `http2-max-concurrent-streams` over both; past them, the client waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_stream_limit_is_a_setting() {
-    for (flags, expected) in [(&[][..], 100), (&["--http2-max-concurrent-streams", "7"][..], 7)] {
+    let configmap = "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings, namespace: sys}\ndata: {http2-max-concurrent-streams: \"9\"}\n";
+    let cases: [(&[&str], &str, usize); 3] = [
+        (&[], "", 100),
+        (&["--http2-max-concurrent-streams", "7"], "", 7),
+        (&["--http2-max-concurrent-streams", "7", "--configmap", "sys/settings"], configmap, 9),
+    ];
+    for (flags, extra, expected) in cases {
         let dir = manifest_dir();
         let web = echo("t", "web").await;
         let manifests =
-            format!("{}{}", service_yaml("t", "web", 80, "http", &[web]), ingress("w", "w.test", "web", "", ""));
+            format!("{}{}{extra}", service_yaml("t", "web", 80, "http", &[web]), ingress("w", "w.test", "web", "", ""));
         write_manifest(dir.path(), "all.yaml", &manifests);
         let (path, given) = (dir.path().to_owned(), flags.to_vec());
         let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&path, &given)).await.expect("start");

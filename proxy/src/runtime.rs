@@ -44,6 +44,8 @@ pub(crate) struct RoutingState {
     /// `Strict-Transport-Security` as the configuration sets it (`Some(None)`: none); the
     /// proxy's own when `None`.
     pub(crate) hsts: Option<Option<http::HeaderValue>>,
+    /// HTTP/2 streams per client connection, when the configuration sets it.
+    pub(crate) http2_max_concurrent_streams: Option<u32>,
 }
 
 /// Ready endpoints of every backend.
@@ -91,6 +93,7 @@ impl Runtime {
                 scripts: HashMap::new(),
                 client_rules: crate::client_address::ClientRules::default(),
                 hsts: None,
+                http2_max_concurrent_streams: None,
             }),
             upstreams: Arc::new(Upstreams::default()),
         }
@@ -131,8 +134,17 @@ impl Runtime {
             .hsts
             .as_deref()
             .map(|value| (!value.is_empty()).then(|| http::HeaderValue::from_str(value).ok()).flatten());
-        let routing =
-            RoutingState { router, certificates, script_ids, scripts, fingerprint, virtual_hosts, client_rules, hsts };
+        let routing = RoutingState {
+            router,
+            certificates,
+            script_ids,
+            scripts,
+            fingerprint,
+            virtual_hosts,
+            client_rules,
+            hsts,
+            http2_max_concurrent_streams: snapshot.routing.http2_max_concurrent_streams,
+        };
         let runtime = Runtime { version: snapshot.version, routing: Arc::new(routing), upstreams };
         Ok(Built { runtime, warnings, routing_rebuilt: true })
     }

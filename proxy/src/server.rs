@@ -257,7 +257,8 @@ async fn serve_http2(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let remote = conn.remote;
-    let settings = http2_settings(&worker.shared);
+    let streams = worker.current_runtime().routing.http2_max_concurrent_streams;
+    let settings = http2_settings(&worker.shared, streams);
     let resets = Rc::new(Resets::default());
     let watch = Rc::clone(&resets);
     let shared = Arc::clone(&worker.shared);
@@ -348,11 +349,12 @@ impl Drop for StreamWatch {
 /// per stream and per connection, 16 KiB frames, a 16 KiB header list, 400 KiB buffered per
 /// stream for sending, at most 20 streams reset by the client before they were accepted and
 /// 1,024 reset by us for errors before the connection is closed with GOAWAY.
-fn http2_settings(shared: &crate::Shared) -> hyper::server::conn::http2::Builder<LocalExec> {
+/// `streams`: the configuration's stream limit, over the proxy's own.
+fn http2_settings(shared: &crate::Shared, streams: Option<u32>) -> hyper::server::conn::http2::Builder<LocalExec> {
     let mut builder = hyper::server::conn::http2::Builder::new(LocalExec);
     builder
         .timer(TokioTimer::new())
-        .max_concurrent_streams(shared.http2_max_concurrent_streams)
+        .max_concurrent_streams(streams.unwrap_or(shared.http2_max_concurrent_streams))
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(1 << 20)
         .max_frame_size(16 << 10)

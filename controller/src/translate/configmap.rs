@@ -49,6 +49,8 @@ pub(super) struct Global {
     pub(super) client_address: ClientAddress,
     /// `hsts`, `hsts-max-age`, `hsts-include-subdomains`, `hsts-preload`, when any is set.
     pub(super) hsts: Option<HstsKeys>,
+    /// `http2-max-concurrent-streams`.
+    pub(super) http2_streams: Option<u32>,
 }
 
 /// The `hsts*` keys, with ingress-nginx's defaults for those not set.
@@ -219,6 +221,13 @@ const KEYS: &[ConfigKey] = &[
         annotation_boolean(v).map(|b| r.global.client_address.proxy_protocol = b)
     }),
     route("force-ssl-redirect", "false"),
+    own("http2-max-concurrent-streams", "128", |v, r| match v.trim().parse::<u32>() {
+        Ok(n) if n > 0 => {
+            r.global.http2_streams = Some(n);
+            Ok(())
+        }
+        _ => Err(format!("{v:?} is not a number above 0")),
+    }),
     own("hsts", "true", |v, r| annotation_boolean(v).map(|b| r.global.hsts.get_or_insert_default().enabled = b)),
     own("hsts-include-subdomains", "true", |v, r| {
         annotation_boolean(v).map(|b| r.global.hsts.get_or_insert_default().include_subdomains = b)

@@ -162,6 +162,7 @@ pub fn translate(inputs: &Inputs) -> Translation {
     let mut snapshot = out.finish(&mut statuses, default_certificate);
     snapshot.routing.client_address = global.client_address.clone();
     snapshot.routing.hsts = global.hsts();
+    snapshot.routing.http2_max_concurrent_streams = global.http2_streams;
     Translation { snapshot, statuses: statuses.into_values().collect(), problems }
 }
 
@@ -579,6 +580,7 @@ impl Builder {
                 default_certificate,
                 client_address: tidegate_snapshot::ClientAddress::default(),
                 hsts: None,
+                http2_max_concurrent_streams: None,
             },
             endpoints: self.endpoints,
             names: self.names,

@@ -151,6 +151,10 @@ pub struct Routing {
     /// set it: `Some("")` for none; the proxy's `--hsts-max-age` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hsts: Option<String>,
+    /// The streams one HTTP/2 client connection may have open at once (the global ConfigMap's
+    /// `http2-max-concurrent-streams`); the proxy's `--http2-max-concurrent-streams` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http2_max_concurrent_streams: Option<u32>,
 }
 
 /// How the proxy learns the client's address behind a load balancer, as ingress-nginx's
@@ -1499,6 +1503,7 @@ mod tests {
                 shared_dicts: vec![SharedDict { namespace: "shop".into(), name: "cache".into(), size: 10 << 20 }],
                 default_certificate: Some("shop/tls".into()),
                 hsts: Some("max-age=31536000; includeSubDomains".into()),
+                http2_max_concurrent_streams: Some(128),
                 client_address: ClientAddress {
                     proxy_protocol: true,
                     header: Some("x-forwarded-for".into()),
