@@ -1055,7 +1055,7 @@ pub(crate) const KEYS: &[Key] = &[
 ];
 
 /// An object named by an annotation: `name` or `namespace/name`.
-fn object_name(value: &str, kind: &str) -> Result<String, String> {
+pub(super) fn object_name(value: &str, kind: &str) -> Result<String, String> {
     let v = value.trim();
     if v.is_empty() || v.split('/').count() > 2 || v.split('/').any(str::is_empty) {
         return Err(format!("{v:?} is not a {kind} name or namespace/name"));
@@ -1278,8 +1278,8 @@ fn origins(value: &str) -> Result<Vec<String>, String> {
     Ok(list)
 }
 
-fn boolean(value: &str) -> Result<bool, String> {
-    match value {
+pub(super) fn boolean(value: &str) -> Result<bool, String> {
+    match value.trim() {
         "true" => Ok(true),
         "false" => Ok(false),
         _ => Err(format!("{value:?} is not \"true\" or \"false\"")),

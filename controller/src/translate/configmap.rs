@@ -146,8 +146,10 @@ const fn auth(key: &'static str, default: &'static str) -> ConfigKey {
 
 /// Every ConfigMap key tidegate knows, sorted.
 const KEYS: &[ConfigKey] = &[
-    own("add-headers", "", |v, r| config_map_name(v).map(|n| r.add_headers = Some(n))),
-    own("allow-snippet-annotations", "false", |v, r| annotation_boolean(v).map(|b| r.global.allow_snippets = Some(b))),
+    own("add-headers", "", |v, r| annotations::object_name(v, "ConfigMap").map(|n| r.add_headers = Some(n))),
+    own("allow-snippet-annotations", "false", |v, r| {
+        annotations::boolean(v).map(|b| r.global.allow_snippets = Some(b))
+    }),
     guards("block-cidrs", "", |v, r| {
         let mut found = Settings::default();
         parse_as_annotation("denylist-source-range", v, &mut found)?;
@@ -158,10 +160,10 @@ const KEYS: &[ConfigKey] = &[
     guards("block-user-agents", "", |v, r| header_patterns(v).map(|p| r.global.blocked.user_agents = p)),
     route("client-body-buffer-size", "8k"),
     own("compute-full-forwarded-for", "false", |v, r| {
-        annotation_boolean(v).map(|b| r.global.client_address.full_forwarded_for = b)
+        annotations::boolean(v).map(|b| r.global.client_address.full_forwarded_for = b)
     }),
     route("custom-http-errors", ""),
-    own("enable-real-ip", "false", |v, r| annotation_boolean(v).map(|b| r.real_ip |= b)),
+    own("enable-real-ip", "false", |v, r| annotations::boolean(v).map(|b| r.real_ip |= b)),
     own("forwarded-for-header", "X-Forwarded-For", |v, r| {
         let name = v.trim();
         http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("{name:?} is not a header name"))?;
@@ -184,6 +186,9 @@ const KEYS: &[ConfigKey] = &[
     auth("global-auth-request-redirect", ""),
     auth("global-auth-response-headers", ""),
     auth("global-auth-signin", ""),
+    // nginx configuration for the auth location, which tidegate does not run: read as
+    // `auth-snippet` is, so the routes global auth protects answer 503 rather than go without.
+    auth("global-auth-snippet", ""),
     auth("global-auth-signin-redirect-param", "rd"),
     auth("global-auth-url", ""),
     guards("global-rate-limit-status-code", "429", |v, r| {
@@ -214,11 +219,13 @@ const KEYS: &[ConfigKey] = &[
         r.real_ip_cidrs = Some(found.ip.deny);
         Ok(())
     }),
-    own("proxy-set-headers", "", |v, r| config_map_name(v).map(|n| r.proxy_set_headers = Some(n))),
+    own("proxy-set-headers", "", |v, r| {
+        annotations::object_name(v, "ConfigMap").map(|n| r.proxy_set_headers = Some(n))
+    }),
     route("ssl-redirect", "true"),
-    own("use-forwarded-headers", "false", |v, r| annotation_boolean(v).map(|b| r.real_ip |= b)),
+    own("use-forwarded-headers", "false", |v, r| annotations::boolean(v).map(|b| r.real_ip |= b)),
     own("use-proxy-protocol", "false", |v, r| {
-        annotation_boolean(v).map(|b| r.global.client_address.proxy_protocol = b)
+        annotations::boolean(v).map(|b| r.global.client_address.proxy_protocol = b)
     }),
     route("force-ssl-redirect", "false"),
     own("http2-max-concurrent-streams", "128", |v, r| match v.trim().parse::<u32>() {
@@ -228,9 +235,9 @@ const KEYS: &[ConfigKey] = &[
         }
         _ => Err(format!("{v:?} is not a number above 0")),
     }),
-    own("hsts", "true", |v, r| annotation_boolean(v).map(|b| r.global.hsts.get_or_insert_default().enabled = b)),
+    own("hsts", "true", |v, r| annotations::boolean(v).map(|b| r.global.hsts.get_or_insert_default().enabled = b)),
     own("hsts-include-subdomains", "true", |v, r| {
-        annotation_boolean(v).map(|b| r.global.hsts.get_or_insert_default().include_subdomains = b)
+        annotations::boolean(v).map(|b| r.global.hsts.get_or_insert_default().include_subdomains = b)
     }),
     own("hsts-max-age", "31536000", |v, r| {
         let age = v.trim().parse::<u64>().map_err(|_| format!("{v:?} is not a number of seconds"))?;
@@ -238,7 +245,7 @@ const KEYS: &[ConfigKey] = &[
         Ok(())
     }),
     own("hsts-preload", "false", |v, r| {
-        annotation_boolean(v).map(|b| r.global.hsts.get_or_insert_default().preload = b)
+        annotations::boolean(v).map(|b| r.global.hsts.get_or_insert_default().preload = b)
     }),
     route("whitelist-source-range", ""),
     // Where ingress-nginx keeps global-rate-limit's counts; tidegate adds them up in the
@@ -277,29 +284,12 @@ fn annotation_guards(name: &str) -> bool {
         .is_some_and(|k| matches!(k.handling, Handling::Guards(_)))
 }
 
-fn annotation_boolean(value: &str) -> Result<bool, String> {
-    match value.trim() {
-        "true" => Ok(true),
-        "false" => Ok(false),
-        other => Err(format!("{other:?} is not \"true\" or \"false\"")),
-    }
-}
-
 /// nginx's `limit_req_status`: 400 to 599.
 fn limit_status(value: &str) -> Result<u16, String> {
     match value.trim().parse::<u16>() {
         Ok(status) if (400..=599).contains(&status) => Ok(status),
         _ => Err(format!("{value:?} is not a status from 400 to 599")),
     }
-}
-
-/// A ConfigMap the global one names: `namespace/name` (or `name`, in the global one's namespace).
-fn config_map_name(value: &str) -> Result<String, String> {
-    let v = value.trim();
-    if v.is_empty() || v.split('/').count() > 2 || v.split('/').any(str::is_empty) {
-        return Err(format!("{v:?} is not a ConfigMap name or namespace/name"));
-    }
-    Ok(v.to_owned())
 }
 
 /// A comma-separated list of header patterns: whole strings, or `~regex` / `~*regex`.
@@ -583,5 +573,16 @@ mod tests {
         assert_eq!(global.hsts().as_deref(), Some(""), "none");
         let (global, _) = read("  hsts-include-subdomains: \"false\"\n  hsts-preload: \"true\"", Options::default());
         assert_eq!(global.hsts().as_deref(), Some("max-age=31536000; preload"));
+    }
+
+    #[test]
+    fn a_global_auth_snippet_closes_the_routes_global_auth_protects() {
+        let (global, status) = read(
+            "  global-auth-url: http://auth.internal/\n  global-auth-snippet: \"proxy_set_header X 1;\"",
+            Options::default(),
+        );
+        assert!(global.auth_refusal.is_some(), "{:?}", status.problems);
+        assert!(global.refusal.is_none(), "routes without global auth keep serving");
+        assert_eq!(status.problems[0].field, "data[\"global-auth-snippet\"]");
     }
 }

@@ -128,6 +128,14 @@ fn route_policies(
     let settings = annotations::read(Some(&annotations), &global.defaults, &mut found);
     let namespace = status.object.namespace.clone().unwrap_or_default();
     let resolved = policies::resolve(&settings, &namespace, index, global, &mut found);
+    report_as_fields(found, &fields, status);
+    resolved
+}
+
+/// Moves the problems found reading `fields` as annotations into `status`, each naming the
+/// LuaRoute field it came from; routes of one LuaRoute often share their fields, so each
+/// problem is told once.
+fn report_as_fields(found: ObjectStatus, fields: &[(&'static str, String, String)], status: &mut ObjectStatus) {
     for mut problem in found.problems {
         if let Some((_, _, field)) = fields
             .iter()
@@ -135,12 +143,10 @@ fn route_policies(
         {
             problem.field.clone_from(field);
         }
-        // Routes of one LuaRoute often share their policies: each problem is told once.
         if !status.problems.contains(&problem) {
             status.problems.push(problem);
         }
     }
-    resolved
 }
 
 /// How a route's requests reach its Service: its `backend.upstream` fields, read as the
@@ -164,17 +170,7 @@ fn backend_upstream(
     let app_protocol = index.app_protocol(&namespace, &backend.service.name, port);
     let unhonoured = !settings.unhonoured.is_empty();
     let resolved = upstream::resolve(&settings, &namespace, &backend.service.name, app_protocol, index, &mut found);
-    for mut problem in found.problems {
-        if let Some((_, _, field)) = fields
-            .iter()
-            .find(|(key, _, _)| problem.field == format!("metadata.annotations[{:?}]", annotations::prefixed(key)))
-        {
-            problem.field.clone_from(field);
-        }
-        if !status.problems.contains(&problem) {
-            status.problems.push(problem);
-        }
-    }
+    report_as_fields(found, &fields, status);
     let mut resolved = resolved?;
     if unhonoured {
         return Err(());

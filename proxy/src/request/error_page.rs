@@ -57,7 +57,10 @@ pub(super) async fn replace(
             headers.insert(HeaderName::from_static(name), value);
         }
     };
-    set("host", pages.backend.0.split(':').next().unwrap_or_default());
+    // `namespace/service:port`: the Service's name in its namespace, as a cluster's DNS has it.
+    let service = pages.backend.0.split(':').next().unwrap_or_default();
+    let (namespace, name) = service.split_once('/').unwrap_or(("", service));
+    set("host", &format!("{name}.{namespace}"));
     set("x-code", &status.to_string());
     set("x-format", original.accept.as_ref().and_then(|a| a.to_str().ok()).unwrap_or("text/html"));
     set("x-original-uri", original.uri.path_and_query().map_or("/", |p| p.as_str()));
