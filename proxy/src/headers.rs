@@ -84,6 +84,9 @@ pub(crate) struct Said {
     pub(crate) upgrade: bool,
     /// Whether the first `Expect` line says `100-continue`; `None` without one.
     pub(crate) expect_continue: Option<bool>,
+    /// How many `Host` lines there are, and whether every one is a valid host (RFC 9112 §3.2).
+    pub(crate) host_lines: usize,
+    pub(crate) host_invalid: bool,
 }
 
 impl Said {
@@ -111,10 +114,22 @@ impl Said {
                 said.upgrade = true;
             } else if is_named(name, b"expect") && said.expect_continue.is_none() {
                 said.expect_continue = Some(value.eq_ignore_ascii_case(b"100-continue"));
+            } else if is_named(name, b"host") {
+                said.host_lines += 1;
+                said.host_invalid |= !valid_host(value);
             }
         }
         said
     }
+}
+
+/// Whether a `Host` value is a host with an optional port (RFC 3986's `reg-name`, an IPv4
+/// address or an IP literal in brackets): what nginx's host check lets through. No path,
+/// user info, spaces or control bytes, and no leading dot or `..` (which would make a name
+/// outside of its zone).
+pub(crate) fn valid_host(value: &[u8]) -> bool {
+    let allowed = |b: &u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(b);
+    !value.is_empty() && value[0] != b'.' && value.iter().all(allowed) && !value.windows(2).any(|w| w == b"..")
 }
 
 /// Whether `text`, a header name or an item of a list value (no control bytes), is `lower`, a

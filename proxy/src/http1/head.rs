@@ -151,6 +151,7 @@ pub(crate) fn parse(buf: &mut BytesMut) -> Result<Option<Head>, Refused> {
     let headers = lines.headers(&bytes, 2, invalid, &[], |_| true)?;
 
     let framing = framing(&said, version)?;
+    host(&said, version)?;
     let keep_alive = !said.close && (version == Version::HTTP_11 || said.keep_alive);
     let http11 = version == Version::HTTP_11;
     let expect_continue = http11 && said.expect_continue == Some(true);
@@ -197,6 +198,17 @@ fn framing(said: &Said, version: Version) -> Result<Framing, Refused> {
     if chunked { Ok(Framing::Chunked) } else { Err(Refused::Malformed("Transfer-Encoding does not end in chunked")) }
 }
 
+/// RFC 9112 §3.2: an HTTP/1.1 request has exactly one `Host` line, and no request has an
+/// invalid one (HTTP/1.0 may have none). nginx answers these with 400 too.
+fn host(said: &Said, version: Version) -> Result<(), Refused> {
+    match said.host_lines {
+        0 if version == Version::HTTP_11 => Err(Refused::Malformed("HTTP/1.1 request without Host")),
+        0 | 1 if !said.host_invalid => Ok(()),
+        0 | 1 => Err(Refused::Malformed("invalid Host")),
+        _ => Err(Refused::Malformed("more than one Host")),
+    }
+}
+
 fn reason(error: httparse::Error) -> &'static str {
     match error {
         httparse::Error::HeaderName => "invalid header name",
@@ -235,54 +247,87 @@ mod tests {
     #[test]
     fn waits_for_the_rest_of_a_head_and_refuses_one_too_large() {
         assert!(parsed("GET / HTTP/1.1\r\nHost: x\r\n").expect("accepted").is_none());
-        let huge = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(MAX_HEAD));
+        let huge = format!("GET / HTTP/1.1\r\nHost: x\r\nX: {}", "a".repeat(MAX_HEAD));
         assert_eq!(parsed(&huge).expect_err("refused"), Refused::TooLarge);
         let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: 1\r\n")).collect();
-        assert_eq!(parsed(&format!("GET / HTTP/1.1\r\n{many}\r\n")).expect_err("refused"), Refused::TooLarge);
+        assert_eq!(
+            parsed(&format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n")).expect_err("refused"),
+            Refused::TooLarge
+        );
     }
 
     #[test]
     fn keep_alive_follows_version_and_connection() {
         assert!(!head("GET / HTTP/1.0\r\n\r\n").keep_alive);
         assert!(head("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
-        assert!(!head("GET / HTTP/1.1\r\nConnection: foo, close\r\n\r\n").keep_alive);
+        assert!(!head("GET / HTTP/1.1\r\nHost: x\r\nConnection: foo, close\r\n\r\n").keep_alive);
     }
 
     #[test]
     fn framing_refuses_what_smuggling_needs() {
-        assert_eq!(head("POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n").framing, Framing::Length(5));
-        assert_eq!(head("POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n").framing, Framing::Length(5));
-        assert_eq!(head("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").framing, Framing::Chunked);
+        assert_eq!(head("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n").framing, Framing::Length(5));
+        assert_eq!(head("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\n").framing, Framing::Length(5));
+        assert_eq!(
+            head("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").framing,
+            Framing::Chunked
+        );
         for bad in [
-            "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
             "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nBad Name: x\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\nTransfer-Encoding: chunked\r\n\r\n",
         ] {
             assert!(matches!(parsed(bad), Err(Refused::Malformed(_))), "{bad:?}");
         }
         // A length is read only from visible ASCII, as `HeaderValue::to_str` reads it.
-        let mut odd = BytesMut::from(&b"POST / HTTP/1.1\r\nContent-Length: 5\xff\r\n\r\n"[..]);
+        let mut odd = BytesMut::from(&b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\xff\r\n\r\n"[..]);
         assert_eq!(parse(&mut odd).expect_err("refused"), Refused::Malformed("invalid Content-Length"));
     }
 
     #[test]
     fn recognises_continue_upgrade_and_the_http2_preface() {
-        assert!(head("PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n").expect_continue);
-        assert!(head("GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").upgrade);
+        assert!(head("PUT / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n").expect_continue);
+        assert!(head("GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").upgrade);
         assert!(!head("GET / HTTP/1.0\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").upgrade);
-        assert!(!head("GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n").upgrade, "Connection must say upgrade");
-        assert!(!head("GET / HTTP/1.1\r\nConnection: Upgrade\r\n\r\n").upgrade, "and Upgrade name a protocol");
+        assert!(
+            !head("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n").upgrade,
+            "Connection must say upgrade"
+        );
+        assert!(
+            !head("GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n\r\n").upgrade,
+            "and Upgrade name a protocol"
+        );
         // The first `Expect` line decides, as a map lookup would.
         assert!(
-            !head("PUT / HTTP/1.1\r\nExpect: x\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n").expect_continue
+            !head("PUT / HTTP/1.1\r\nHost: x\r\nExpect: x\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n")
+                .expect_continue
         );
         assert_eq!(parsed("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").expect_err("refused"), Refused::Http2Preface);
+    }
+
+    #[test]
+    fn an_http11_request_has_one_valid_host() {
+        assert!(head("GET / HTTP/1.0\r\n\r\n").parts.headers.get("host").is_none(), "HTTP/1.0 may have none");
+        assert_eq!(head("GET / HTTP/1.1\r\nHost: a.example:8080\r\n\r\n").parts.headers["host"], "a.example:8080");
+        head("GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n");
+        for (bad, why) in [
+            ("GET / HTTP/1.1\r\n\r\n", "HTTP/1.1 request without Host"),
+            ("GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n", "more than one Host"),
+            ("GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n", "more than one Host"),
+            ("GET / HTTP/1.1\r\nHost: a b\r\n\r\n", "invalid Host"),
+            ("GET / HTTP/1.1\r\nHost: a/b\r\n\r\n", "invalid Host"),
+            ("GET / HTTP/1.1\r\nHost: ..\r\n\r\n", "invalid Host"),
+            ("GET / HTTP/1.1\r\nHost: .a\r\n\r\n", "invalid Host"),
+            ("GET / HTTP/1.1\r\nHost: u@a\r\n\r\n", "invalid Host"),
+            ("GET / HTTP/1.1\r\nHost:\r\n\r\n", "invalid Host"),
+        ] {
+            assert_eq!(parsed(bad).expect_err("refused"), Refused::Malformed(why), "{bad:?}");
+        }
     }
 }
