@@ -20,7 +20,19 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// stream's from hyper.
 pub(crate) enum ClientBody {
     Http1(RequestStream),
-    Http2(Incoming),
+    /// `ended`: the stream ended with its HEADERS (a GET's, mostly), asked once. Asking hyper
+    /// takes the connection's stream lock, and the steps ask several times.
+    Http2 {
+        body: Incoming,
+        ended: bool,
+    },
+}
+
+impl ClientBody {
+    pub(crate) fn http2(body: Incoming) -> Self {
+        let ended = body.is_end_stream();
+        ClientBody::Http2 { body, ended }
+    }
 }
 
 impl Body for ClientBody {
@@ -30,21 +42,21 @@ impl Body for ClientBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ClientBody::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            ClientBody::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            ClientBody::Http2 { body, .. } => Pin::new(body).poll_frame(cx).map_err(Into::into),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             ClientBody::Http1(body) => body.is_end_stream(),
-            ClientBody::Http2(body) => body.is_end_stream(),
+            ClientBody::Http2 { body, ended } => *ended || body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             ClientBody::Http1(body) => body.size_hint(),
-            ClientBody::Http2(body) => body.size_hint(),
+            ClientBody::Http2 { body, .. } => body.size_hint(),
         }
     }
 }

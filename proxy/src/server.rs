@@ -263,7 +263,7 @@ async fn serve_http2(
     let watch = Rc::clone(&resets);
     let shared = Arc::clone(&worker.shared);
     let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
-        let response = handle(Rc::clone(&worker), Rc::clone(&conn), request.map(ClientBody::Http2));
+        let response = handle(Rc::clone(&worker), Rc::clone(&conn), request.map(ClientBody::http2));
         let stream = StreamWatch { resets: Rc::clone(&watch), answered: false };
         async move {
             // Moved in whole: dropped with the call, whenever that is.
