@@ -40,6 +40,12 @@ pub(crate) struct StatusLabels {
     pub(crate) status: String,
 }
 
+/// Labels of per-namespace counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct NamespaceLabels {
+    pub(crate) namespace: String,
+}
+
 /// Labels of the Lua failure counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct LuaErrorLabels {
@@ -57,6 +63,10 @@ pub(crate) struct Metrics {
     pub(crate) dict_capacity_bytes: Family<DictLabels, Gauge>,
     pub(crate) dict_evictions: Family<DictLabels, Gauge>,
     pub(crate) lua_errors: Family<LuaErrorLabels, Counter>,
+    /// Lua time of runs long enough to be preempted, by namespace (all workers).
+    pub(crate) lua_long_run_seconds: Family<NamespaceLabels, Counter<f64>>,
+    pub(crate) lua_preemptions: Family<NamespaceLabels, Counter>,
+    pub(crate) lua_timers_cancelled: Family<NamespaceLabels, Counter>,
     registry: Registry,
     pub(crate) requests: Family<RequestLabels, Counter>,
     pub(crate) request_duration: WorkerHistogram,
@@ -155,6 +165,24 @@ impl Metrics {
             "Lua handler failures, by route, phase and kind (error, timeout, memory)",
             lua_errors.clone(),
         );
+        let lua_long_run_seconds = Family::<NamespaceLabels, Counter<f64>>::default();
+        registry.register(
+            "lua_long_run_seconds",
+            "Lua time of runs that went on past a time slice and were preempted, by namespace",
+            lua_long_run_seconds.clone(),
+        );
+        let lua_preemptions = Family::<NamespaceLabels, Counter>::default();
+        registry.register(
+            "lua_preemptions",
+            "Times a Lua run was preempted at the end of its time slice, by namespace",
+            lua_preemptions.clone(),
+        );
+        let lua_timers_cancelled = Family::<NamespaceLabels, Counter>::default();
+        registry.register(
+            "lua_timers_cancelled",
+            "ngx.timer.every timers cancelled for exceeding their CPU budget run after run, by namespace",
+            lua_timers_cancelled.clone(),
+        );
         let dict_used_bytes = Family::<DictLabels, Gauge>::default();
         registry.register(
             "shared_dict_used_bytes",
@@ -194,6 +222,9 @@ impl Metrics {
             dict_capacity_bytes,
             dict_evictions,
             lua_errors,
+            lua_long_run_seconds,
+            lua_preemptions,
+            lua_timers_cancelled,
             registry,
             requests,
             request_duration,

@@ -10,12 +10,17 @@
 //! is collected once the worker has started no request for a whole second; freed memory goes
 //! back to the system once it has started none for [`TRIM_AFTER`], so that a burst that soon
 //! follows another reuses its memory instead of faulting every page in again. The same tick
-//! closes idle upstream connections that expired or that their upstream closed.
+//! closes idle upstream connections that expired or that their upstream closed, and adds what
+//! each namespace's long Lua runs cost on the worker to the metrics.
 
 use std::rc::Rc;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use tidegate_lua::NamespaceLuaUse;
+
+use crate::metrics::NamespaceLabels;
 use crate::worker::Worker;
 
 const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -40,9 +45,11 @@ pub(crate) async fn run(worker: Rc<Worker>) {
     let mut connections_peak = 0;
     let mut quiet_for = Duration::ZERO;
     let mut trim_due = false;
+    let mut lua_use = foldhash::HashMap::default();
     loop {
         tokio::time::sleep(CHECK_EVERY).await;
         worker.pool.sweep();
+        publish_lua_use(&worker, &mut lua_use);
         let open = worker.shared.open_connections.load(Ordering::Acquire);
         connections_peak = connections_peak.max(open);
         let requests = worker.started.get();
@@ -69,5 +76,25 @@ pub(crate) async fn run(worker: Rc<Worker>) {
             crate::allocator::release_free_memory();
             tracing::debug!(worker = worker.id, took = ?began.elapsed(), "free memory returned");
         }
+    }
+}
+
+/// Adds what each namespace's long Lua runs cost on this worker since the last tick to the
+/// metrics (`published`: the totals already added).
+fn publish_lua_use(worker: &Worker, published: &mut foldhash::HashMap<Arc<str>, NamespaceLuaUse>) {
+    let metrics = &worker.shared.metrics;
+    for (namespace, now) in worker.vm.namespace_use() {
+        let before = published.get(&namespace).cloned().unwrap_or_default();
+        if before == now {
+            continue;
+        }
+        let labels = NamespaceLabels { namespace: namespace.to_string() };
+        metrics
+            .lua_long_run_seconds
+            .get_or_create(&labels)
+            .inc_by(now.long_runs.saturating_sub(before.long_runs).as_secs_f64());
+        metrics.lua_preemptions.get_or_create(&labels).inc_by(now.preemptions - before.preemptions);
+        metrics.lua_timers_cancelled.get_or_create(&labels).inc_by(now.timers_cancelled - before.timers_cancelled);
+        published.insert(namespace, now);
     }
 }

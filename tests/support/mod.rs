@@ -59,12 +59,10 @@ impl Tidegate {
     }
 
     fn run(args: &[String], dir: &Path) -> Tidegate {
-        let all: Vec<String> = args
-            .iter()
-            .cloned()
-            .chain(EPHEMERAL_LISTENERS.iter().map(|s| (*s).to_owned()))
-            .chain(["--workers".to_owned(), "2".to_owned()])
-            .collect();
+        // Two workers unless the test says how many.
+        let workers = if args.iter().any(|a| a == "--workers") { vec![] } else { vec!["--workers".into(), "2".into()] };
+        let all: Vec<String> =
+            args.iter().cloned().chain(EPHEMERAL_LISTENERS.iter().map(|s| (*s).to_owned())).chain(workers).collect();
         let (child, line, logs) = spawn_logged(&all, "listening");
         let v: serde_json::Value = serde_json::from_str(&line).expect("json log line");
         let field = |k: &str| v["fields"][k].as_str().expect("address field").parse().expect("socket address");

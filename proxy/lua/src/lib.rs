@@ -16,12 +16,14 @@ mod compile;
 pub mod network;
 mod request;
 mod shdict;
+mod slice;
 mod vm;
 
 pub use api::output::join_output;
 pub use compile::{CompileError, Script, check, compile};
 pub use request::{Phase, RequestHead, RequestId, RequestState};
 pub use shdict::{DictStats, SharedDicts};
+pub use slice::NamespaceLuaUse;
 pub use vm::{BodyReader, FailureKind, LuaConfig, LuaRequest, Outcome, Vm};
 
 #[cfg(test)]

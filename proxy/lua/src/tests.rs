@@ -1363,3 +1363,95 @@ fn handlers_without_globals_of_their_own_share_a_closure_per_namespace() {
     assert_eq!(block_on(vm.run(&request, Phase::Content, std::slice::from_ref(&counting))), Outcome::Continue);
     assert!(request.env.borrow().is_none(), "no environment made");
 }
+
+/// A long run is preempted every slice: a task of the same worker that wants a turn every
+/// millisecond gets it while a handler spins, and the handler still ends at its budget.
+#[test]
+fn a_spinning_handler_leaves_the_worker_to_other_tasks() {
+    let vm = Rc::new(vm_with(Duration::from_millis(300), 64 << 20));
+    block_on(async {
+        let spinner = {
+            let vm = Rc::clone(&vm);
+            tokio::task::spawn_local(async move {
+                let request = vm.begin(head("/"), headers()).expect("request");
+                let started = Instant::now();
+                let outcome = vm.run(&request, Phase::Content, &[script("while true do end")]).await;
+                (outcome, started.elapsed())
+            })
+        };
+        tokio::task::yield_now().await;
+        let mut longest = Duration::ZERO;
+        for _ in 0..100 {
+            let asked = Instant::now();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            longest = longest.max(asked.elapsed());
+        }
+        let (outcome, took) = spinner.await.expect("spinner");
+        assert!(matches!(outcome, Outcome::Failed { kind: FailureKind::Timeout, .. }), "{outcome:?}");
+        assert!(took >= Duration::from_millis(300), "its budget is Lua time, slices added up: {took:?}");
+        // Without slices the first wait would have been the whole 300 ms budget.
+        assert!(longest < Duration::from_millis(20), "another task waited {longest:?}");
+        let used = vm.namespace_use();
+        assert!(used.iter().any(|(ns, u)| &**ns == "ns" && u.preemptions > 100), "{used:?}");
+    });
+}
+
+/// A preemption inside a coroutine the handler made is invisible to the handler: the
+/// coroutine's caller sees only what the coroutine yields and returns.
+#[test]
+fn preemption_inside_user_coroutines_is_invisible() {
+    let vm = vm_with(Duration::from_secs(10), 64 << 20);
+    let out = say(
+        &vm,
+        r#"
+        local function busy(n) local s = 0 for i = 1, n do s = s + i % 7 end return s end
+        local co = coroutine.create(function(a)
+            local got = coroutine.yield(busy(a))
+            return busy(got) > 0 and "done"
+        end)
+        local ok1, first = coroutine.resume(co, 3e6)
+        local ok2, second = coroutine.resume(co, 3e6)
+        local gen = coroutine.wrap(function() for i = 1, 3 do busy(1e6) coroutine.yield(i) end end)
+        local nested = coroutine.wrap(function()
+            local inner = coroutine.wrap(function() busy(2e6) return "inner" end)
+            return inner() .. " outer"
+        end)
+        ngx.say(ok1, " ", first, " ", ok2, " ", second, " ", coroutine.status(co), " ", gen(), gen(), gen(), " ", nested())
+        "#,
+    );
+    assert_eq!(out, "true 8999997 true done dead 123 inner outer\n");
+    let used = vm.namespace_use();
+    assert!(used.iter().any(|(_, u)| u.preemptions > 0), "the busy loops were preempted: {used:?}");
+}
+
+/// An `every` timer that exhausts its budget run after run is backed off, then cancelled.
+#[test]
+fn a_timer_that_keeps_exhausting_its_budget_is_cancelled() {
+    let dicts = crate::SharedDicts::new();
+    dicts.configure(&[("ns".into(), "t".into(), 1 << 20)]);
+    let config = LuaConfig {
+        shared_dicts: std::sync::Arc::clone(&dicts),
+        cpu_budget: Duration::from_millis(20),
+        ..LuaConfig::default()
+    };
+    let vm = Rc::new(Vm::new(config).expect("vm"));
+    block_on(async {
+        let request = vm.begin(head("/"), headers()).expect("request");
+        let every = script("ngx.timer.every(0.01, function() ngx.shared.t:incr('runs', 1, 0) while true do end end)");
+        assert_eq!(vm.run(&request, Phase::Content, &[every]).await, Outcome::Continue);
+        // Runs at 10 ms, then backed off by 0.2, 0.4, 0.8 and 1.6 s: five runs in about 3.2 s.
+        let runs = || async {
+            let request = vm.begin(head("/"), headers()).expect("request");
+            let read = script("ngx.say(ngx.shared.t:get('runs'), ' ', ngx.timer.pending_count())");
+            vm.run(&request, Phase::Content, &[read]).await;
+            output(&request)
+        };
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let early = runs().await;
+        assert!(early == "3 1\n" || early == "4 1\n", "backed off: {early:?} (runs, pending) after 1.5 s");
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(runs().await, "5 0\n", "cancelled after five, not waiting");
+        let used = vm.namespace_use();
+        assert!(used.iter().any(|(ns, u)| &**ns == "ns" && u.timers_cancelled == 1), "{used:?}");
+    });
+}

@@ -41,6 +41,7 @@ use crate::api::thread::LightThread;
 use crate::clock::WorkerClock;
 use crate::compile::Script;
 use crate::request::{Phase, RequestHead, RequestState};
+use crate::slice::{Slicer, Turn};
 
 /// Limits and identity of one worker's VM.
 #[derive(Debug, Clone)]
@@ -299,6 +300,8 @@ impl Drop for Scope {
 /// during every resume. Shared by request handlers and timers.
 pub(crate) struct Runner {
     pub(crate) clock: Arc<WorkerClock>,
+    /// Preempts long runs so that the worker's other work gets turns ([`crate::slice`]).
+    pub(crate) slicer: Rc<Slicer>,
     pub(crate) cpu_budget: Duration,
 }
 
@@ -368,12 +371,13 @@ impl Runner {
         let mut task = std::pin::pin!(task);
         let mut values = None;
         let mut sleeping = Sleeping::default();
+        let mut turn = Turn::default();
         let outcome = std::future::poll_fn(|cx| {
             if let Some(duration) = asleep.take() {
                 sleeping.start(duration, cx);
                 return Poll::Pending;
             }
-            if sleeping.poll(cx).is_pending() {
+            if sleeping.poll(cx).is_pending() || turn.poll().is_pending() {
                 return Poll::Pending;
             }
             let Some(budget) = request.remaining_budget(self.cpu_budget) else {
@@ -384,12 +388,25 @@ impl Runner {
                 let _scope = Scope::enter(request);
                 let began = Instant::now();
                 self.clock.start(began, budget);
+                self.slicer.start(began);
                 let polled = task.as_mut().poll(cx);
                 let expired = self.clock.expired();
                 self.clock.stop();
-                request.lua_time.set(request.lua_time.get() + began.elapsed());
+                let elapsed = began.elapsed();
+                request.lua_time.set(request.lua_time.get() + elapsed);
                 if expired {
                     return Poll::Ready(timeout());
+                }
+                if let Some(pause) = self.slicer.after_resume(&request.state.head.namespace, elapsed)
+                    && polled.is_pending()
+                {
+                    // Preempted: after the worker's other ready tasks, or after a pause when
+                    // its namespace has had more than its share.
+                    match pause {
+                        Some(pause) => sleeping.start(pause, cx),
+                        None => turn.ask(cx),
+                    }
+                    return Poll::Pending;
                 }
                 polled
             };
@@ -484,6 +501,8 @@ impl Vm {
     /// When the Lua state cannot be set up (out of memory).
     pub fn new(config: LuaConfig) -> mlua::Result<Vm> {
         let lua = Lua::new_with(allowed_libraries(), LuaOptions::new().thread_pool_size(THREAD_POOL))?;
+        let slicer = Rc::new(Slicer::new());
+        lua.set_app_data(Rc::clone(&slicer));
         let base = lua.globals();
         let dict_objects = api::install(&lua, &base, &config)?;
         lua.sandbox(true)?;
@@ -496,9 +515,10 @@ impl Vm {
         let clock = WorkerClock::new();
         let interrupt_clock = Arc::clone(&clock);
         let raise_next = Cell::new(false);
-        lua.set_interrupt(move |_| {
+        let interrupt_slicer = Rc::clone(&slicer);
+        lua.set_interrupt(move |lua| {
             if !interrupt_clock.expired() {
-                return Ok(VmState::Continue);
+                return Ok(if interrupt_slicer.due(lua) { VmState::Yield } else { VmState::Continue });
             }
             // Yield where the coroutine can yield (pcall cannot catch that); where it cannot
             // (inside a C call such as pattern matching), the yield is ignored and the next
@@ -507,7 +527,7 @@ impl Vm {
             if raise { Err(mlua::Error::runtime("CPU budget exceeded")) } else { Ok(VmState::Yield) }
         });
         lua.set_memory_limit(config.memory_limit)?;
-        let runner = Rc::new(Runner { clock, cpu_budget: config.cpu_budget });
+        let runner = Rc::new(Runner { clock, slicer, cpu_budget: config.cpu_budget });
         let loaded = Rc::new(RefCell::new(foldhash::HashMap::default()));
         lua.set_app_data(Rc::new(api::socket::TlsClients::new(&config.tls_roots)?));
         lua.set_app_data(api::socket::Denied(Arc::clone(&config.socket_deny)));
@@ -643,6 +663,11 @@ impl Vm {
             Ok(task) => self.runner.drive_with_threads(request, task).await,
             Err(e) => failure(&e),
         }
+    }
+
+    /// What each namespace's long runs have cost on this worker (see [`crate::slice`]).
+    pub fn namespace_use(&self) -> Vec<(Arc<str>, crate::NamespaceLuaUse)> {
+        self.runner.slicer.uses()
     }
 
     /// The worker is stopping: every waiting timer runs now with `premature = true` (once, also

@@ -21,6 +21,7 @@ use std::rc::Rc;
 use mlua::{LightUserData, Lua, Table, Value, Variadic};
 
 use crate::request::Phase;
+use crate::slice::Slicer;
 use crate::vm::{LuaConfig, LuaRequest, display, with_current};
 
 /// The request whose Lua is running, or an error naming the API used outside one.
@@ -252,14 +253,23 @@ fn wrap_pcall(lua: &Lua, base: &Table) -> mlua::Result<()> {
 /// the coroutine with mlua's "pending" marker; `coroutine.resume` and `coroutine.wrap` are
 /// wrapped (as OpenResty wraps them) so that the marker never reaches Lua code: the wrapper
 /// waits along with the coroutine, suspending the request, and resumes it when the wait is over.
+/// A coroutine preempted at the end of its time slice ([`crate::slice`]) is handled the same way.
 fn wrap_coroutines(lua: &Lua, base: &Table) -> mlua::Result<()> {
     const WRAP: &str = r##"
-        local raw_create, raw_resume, raw_yield, raw_status, pending = ...
+        local raw_create, raw_resume, raw_yield, raw_status, raw_isyieldable, pending, preempted = ...
         local select, error = select, error
         local function settle(co, ok, ...)
-            if ok and select("#", ...) == 1 and (...) == pending and raw_status(co) == "suspended" then
-                raw_yield(pending)
-                return settle(co, raw_resume(co))
+            if ok and raw_status(co) == "suspended" then
+                local n = select("#", ...)
+                if n == 1 and (...) == pending then
+                    raw_yield(pending)
+                    return settle(co, raw_resume(co))
+                elseif n == 0 and preempted(co) then
+                    -- The worker's other work had a turn; this coroutine's own caller never
+                    -- sees it (where this one cannot yield, co just goes on).
+                    if raw_isyieldable() then raw_yield(pending) end
+                    return settle(co, raw_resume(co))
+                end
             end
             return ok, ...
         end
@@ -283,7 +293,11 @@ fn wrap_coroutines(lua: &Lua, base: &Table) -> mlua::Result<()> {
             coroutine.raw_get::<mlua::Function>("resume")?,
             coroutine.raw_get::<mlua::Function>("yield")?,
             coroutine.raw_get::<mlua::Function>("status")?,
+            coroutine.raw_get::<mlua::Function>("isyieldable")?,
             Lua::poll_pending(),
+            lua.create_function(|lua, co: mlua::Thread| {
+                Ok(lua.app_data_ref::<Rc<Slicer>>().is_some_and(|slicer| slicer.take_preempted(co.to_pointer())))
+            })?,
         ))?;
     coroutine.raw_set("resume", resume)?;
     coroutine.raw_set("wrap", wrap)

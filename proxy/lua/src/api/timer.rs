@@ -12,6 +12,11 @@
 //!   scheduled again; new ones get `nil, "process exiting"`.
 //! - An `every` timer whose script was replaced (it is no longer loaded in this worker) finishes
 //!   its current run and is not scheduled again.
+//! - A timer run that exhausts its CPU budget is stopped like a request; an `every` timer whose
+//!   runs keep doing so is backed off (its next run waits at least 0.2 s, then 0.4 s, 0.8 s,
+//!   1.6 s) and cancelled after [`EXHAUSTED_RUNS`] such runs in a row, with an error log and the
+//!   `tidegate_lua_timers_cancelled_total` metric of its namespace. Its runs are also preempted
+//!   like any long run ([`crate::slice`]), so meanwhile the worker's other requests go on.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -20,8 +25,15 @@ use http::{HeaderMap, Method, Version};
 use mlua::{Function, Lua, MultiValue, Table, Value, Variadic};
 
 use super::current;
+use crate::FailureKind;
 use crate::request::{Phase, RequestHead};
 use crate::vm::{LuaRequest, Outcome, TimerContext};
+
+/// The first wait of a timer backed off for exhausting its CPU budget (then doubled each time).
+const BACKOFF: Duration = Duration::from_millis(100);
+
+/// Runs in a row that exhaust their CPU budget after which an `every` timer is cancelled.
+pub(crate) const EXHAUSTED_RUNS: u32 = 5;
 
 pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     let timer = lua.create_table()?;
@@ -75,9 +87,13 @@ fn schedule(
     let lua = lua.clone();
     ctx.pending.set(ctx.pending.get() + 1);
     tokio::task::spawn_local(async move {
+        let delay = Duration::from_secs_f64(delay);
+        // Runs in a row that ran out of CPU budget.
+        let mut exhausted = 0u32;
         loop {
+            let wait = if exhausted == 0 { delay } else { delay.max(BACKOFF * 2u32.pow(exhausted)) };
             let premature = tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs_f64(delay)) => false,
+                () = tokio::time::sleep(wait) => false,
                 () = stopped(&ctx) => true,
             };
             ctx.pending.set(ctx.pending.get().saturating_sub(1));
@@ -88,10 +104,23 @@ fn schedule(
             ctx.running.set(ctx.running.get() + 1);
             let outcome = run_callback(&lua, &ctx, &namespace, script, &callback, &args, premature).await;
             ctx.running.set(ctx.running.get() - 1);
-            if let Outcome::Failed { kind, message } = outcome {
+            if let Outcome::Failed { kind, message } = &outcome {
                 tracing::error!(target: "lua", namespace = &*namespace, kind = kind.name(), phase = "timer", "Lua timer failed: {message}");
             }
             if !repeat || premature {
+                break;
+            }
+            match outcome {
+                Outcome::Failed { kind: FailureKind::Timeout, .. } => exhausted += 1,
+                _ => exhausted = 0,
+            }
+            if exhausted >= EXHAUSTED_RUNS {
+                tracing::error!(
+                    target: "lua",
+                    namespace = &*namespace,
+                    "ngx.timer.every cancelled: {EXHAUSTED_RUNS} runs in a row exceeded the CPU budget"
+                );
+                ctx.runner.slicer.timer_cancelled(&namespace);
                 break;
             }
             ctx.pending.set(ctx.pending.get() + 1);
