@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 
 use support::{H1, Tidegate, admin_get, get, manifest_dir, write_manifest};
 
+/// The tests measure latency on a 2-core machine: one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A LuaRoute in `namespace` answering on `host` with a content handler.
 fn lua_route(namespace: &str, host: &str, source: &str) -> String {
     let mut out = format!(
@@ -22,8 +25,11 @@ async fn start(manifests: &str, extra: &[&str]) -> (Tidegate, tempfile::TempDir)
     let dir = manifest_dir();
     write_manifest(dir.path(), "all.yaml", manifests);
     let path = dir.path().to_owned();
-    let mut args = vec!["--workers", "1", "--lua-cpu-budget-ms", "100"];
+    let mut args = vec!["--workers", "1"];
     args.extend_from_slice(extra);
+    if !extra.contains(&"--lua-cpu-budget-ms") {
+        args.extend(["--lua-cpu-budget-ms", "100"]);
+    }
     let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
     let tidegate = tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -85,6 +91,7 @@ fn metric(tidegate: &Tidegate, name: &str, namespace: &str) -> f64 {
 /// a slice behind it; the timer is backed off, then cancelled, and the metrics say so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spinning_timer_does_not_slow_another_namespace() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let manifests = [
         lua_route("calm", "calm.test", "ngx.say('ok')"),
         lua_route(
@@ -130,4 +137,55 @@ async fn a_spinning_timer_does_not_slow_another_namespace() {
             .any(|l| l.contains("ngx.timer.every cancelled: 5 runs in a row exceeded the CPU budget")),
         "logged"
     );
+}
+
+/// While a namespace keeps allocating up to the limit and holding it, another namespace's
+/// requests on the same worker all succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_bomb_does_not_fail_another_namespace() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let manifests = [
+        lua_route("calm", "calm.test", "local t = {}\nfor i = 1, 2000 do t[i] = {i, tostring(i)} end\nngx.say(#t)"),
+        // Takes all it can (catching the memory error) and holds it for a while, so that the
+        // heap stays as full as this namespace can make it while the other one runs.
+        lua_route(
+            "bomb",
+            "bomb.test",
+            "local t = {}\npcall(function() for i = 1, 1e9 do t[i] = string.rep('x', 4096) .. i end end)\nngx.sleep(0.3)\nngx.say(#t)",
+        ),
+    ]
+    .concat();
+    let (tidegate, _dir) = start(&manifests, &["--lua-memory-limit-mb", "64", "--lua-cpu-budget-ms", "3000"]).await;
+    let addr = tidegate.http;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let bombs: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = std::sync::Arc::clone(&stop);
+            tokio::spawn(async move {
+                let (mut answers, mut failed) = (0, 0);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let answer = get(addr, "bomb.test", "/").await.expect("bomb answer");
+                    answers += 1;
+                    failed += usize::from(answer.status != 200);
+                }
+                (answers, failed)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (calm, failed) = load(&tidegate, "calm.test", 2, 400).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut bomb_answers, mut bomb_failed) = (0, 0);
+    for bomb in bombs {
+        let (answers, failed) = bomb.await.expect("bomb");
+        bomb_answers += answers;
+        bomb_failed += failed;
+    }
+    eprintln!(
+        "calm: {} requests, {failed} failed, p99 {:?}; bomb: {bomb_answers} requests, {bomb_failed} not 200",
+        calm.len(),
+        percentile(&calm, 0.99)
+    );
+    assert!(bomb_answers > 0, "the bombs ran");
+    assert_eq!(failed, 0, "every request of the other namespace succeeded");
 }

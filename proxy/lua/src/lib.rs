@@ -13,6 +13,7 @@ mod api;
 mod bytecode;
 pub mod clock;
 mod compile;
+mod memory;
 pub mod network;
 mod request;
 mod shdict;

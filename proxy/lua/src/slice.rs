@@ -30,11 +30,11 @@ use std::time::{Duration, Instant};
 use mlua::Lua;
 
 /// How long a run goes on before other work on its worker gets a turn.
-pub(crate) const SLICE: Duration = Duration::from_micros(250);
+pub(crate) const SLICE: Duration = Duration::from_micros(100);
 
 /// Interrupts between two reads of the clock: a tight loop fires one every few nanoseconds,
 /// and reading the clock at each would double the cost of the interrupt.
-const CHECK_EVERY: u32 = 256;
+const CHECK_EVERY: u32 = 64;
 
 /// Over how long a namespace's Lua time is weighed.
 const WINDOW: Duration = Duration::from_secs(1);
@@ -45,12 +45,25 @@ const MAX_SHARE: f64 = 0.5;
 /// What a run of a namespace over its share waits before each further slice.
 pub(crate) const PAUSE: Duration = Duration::from_millis(2);
 
+/// Where a slice ends early for memory ([`crate::memory`]).
+pub(crate) struct MemoryMark {
+    /// Heap size in bytes.
+    pub(crate) at: usize,
+    /// Whether to look at every interrupt (under memory pressure) or only with the clock.
+    pub(crate) watch: bool,
+}
+
 /// One worker's slicing state, shared by the interrupt and the runner.
 pub(crate) struct Slicer {
     /// Interrupts left before the clock is read.
     countdown: Cell<u32>,
     /// When the current slice ends.
     slice_end: Cell<Instant>,
+    /// Heap size at which the current slice ends early, so that the memory shares can collect
+    /// before the run goes on ([`crate::memory`]); `usize::MAX` when none applies.
+    memory_mark: Cell<usize>,
+    /// Whether the heap is checked at every interrupt rather than with the clock.
+    watch_memory: Cell<bool>,
     /// Coroutines the interrupt yielded whose yield has not been claimed yet.
     preempted: RefCell<Vec<*const c_void>>,
     /// Whether the interrupt yielded anything since the runner last asked.
@@ -85,15 +98,20 @@ impl Slicer {
         Slicer {
             countdown: Cell::new(CHECK_EVERY),
             slice_end: Cell::new(Instant::now() + SLICE),
+            memory_mark: Cell::new(usize::MAX),
+            watch_memory: Cell::new(false),
             preempted: RefCell::new(Vec::new()),
             yielded: Cell::new(false),
             shares: RefCell::default(),
         }
     }
 
-    /// A run is resumed at `now`: its slice starts.
-    pub(crate) fn start(&self, now: Instant) {
+    /// A run is resumed at `now`: its slice starts, and ends at `mark` bytes of heap if it gets
+    /// there first (checked at every interrupt when `watch`, else with the clock).
+    pub(crate) fn start(&self, now: Instant, MemoryMark { at, watch }: MemoryMark) {
         self.slice_end.set(now + SLICE);
+        self.memory_mark.set(at);
+        self.watch_memory.set(watch);
         self.countdown.set(CHECK_EVERY);
     }
 
@@ -104,11 +122,16 @@ impl Slicer {
         let left = self.countdown.get();
         if left > 0 {
             self.countdown.set(left - 1);
-            return false;
-        }
-        self.countdown.set(CHECK_EVERY);
-        if Instant::now() < self.slice_end.get() {
-            return false;
+            // Under memory pressure the heap is watched at every interrupt: one allocation
+            // per interrupt can be large.
+            if !self.watch_memory.get() || lua.used_memory() < self.memory_mark.get() {
+                return false;
+            }
+        } else {
+            self.countdown.set(CHECK_EVERY);
+            if Instant::now() < self.slice_end.get() && lua.used_memory() < self.memory_mark.get() {
+                return false;
+            }
         }
         let running = lua.current_thread().to_pointer();
         // SAFETY: `running` is the state of the coroutine running this interrupt, alive for

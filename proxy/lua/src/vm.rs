@@ -22,7 +22,9 @@
 //! - CPU: the Lua time of a request (all phases) is capped; when over, the interrupt yields the
 //!   coroutine (never resumed again) or, inside a C call that cannot yield, raises an error;
 //!   either way the request fails with [`FailureKind::Timeout`].
-//! - Memory: the whole VM is capped; an allocation past the cap fails the request that made it.
+//! - Memory: the whole VM is capped, and once it is half full each namespace's requests in
+//!   flight to half of it ([`crate::memory`]); an allocation past either fails the request that
+//!   made it.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -40,6 +42,7 @@ use crate::api::shared::NamespaceEnv;
 use crate::api::thread::LightThread;
 use crate::clock::WorkerClock;
 use crate::compile::Script;
+use crate::memory::{MemoryCharge, MemoryShares};
 use crate::request::{Phase, RequestHead, RequestState};
 use crate::slice::{Slicer, Turn};
 
@@ -133,6 +136,8 @@ pub struct LuaRequest {
     pub body_reader: RefCell<Option<BodyReader>>,
     /// Id of the script running now (timers it creates belong to it).
     pub(crate) script: Cell<u64>,
+    /// What the request grew the VM's heap by, held for its namespace ([`crate::memory`]).
+    pub(crate) memory: MemoryCharge,
     /// Light threads spawned by the running handler (`ngx.thread.spawn`).
     pub(crate) threads: RefCell<Vec<Rc<LightThread>>>,
     /// Notified whenever one of them ends.
@@ -150,8 +155,8 @@ impl std::fmt::Debug for LuaRequest {
 
 impl LuaRequest {
     /// A request with its environment already made (a timer's).
-    pub(crate) fn with_env(head: RequestHead, headers: HeaderMap, env: Table) -> Rc<LuaRequest> {
-        LuaRequest::new(head, headers, Some(env), None)
+    pub(crate) fn with_env(head: RequestHead, headers: HeaderMap, env: Table, memory: MemoryCharge) -> Rc<LuaRequest> {
+        LuaRequest::new(head, headers, Some(env), None, memory)
     }
 
     fn new(
@@ -159,8 +164,10 @@ impl LuaRequest {
         headers: HeaderMap,
         env: Option<Table>,
         namespace: Option<Rc<NamespaceEnv>>,
+        memory: MemoryCharge,
     ) -> Rc<LuaRequest> {
         Rc::new(LuaRequest {
+            memory,
             state: RequestState::new(head, headers),
             env: RefCell::new(env),
             namespace,
@@ -302,6 +309,8 @@ pub(crate) struct Runner {
     pub(crate) clock: Arc<WorkerClock>,
     /// Preempts long runs so that the worker's other work gets turns ([`crate::slice`]).
     pub(crate) slicer: Rc<Slicer>,
+    /// Keeps each request and namespace to its share of the VM's memory ([`crate::memory`]).
+    pub(crate) memory: Rc<MemoryShares>,
     pub(crate) cpu_budget: Duration,
 }
 
@@ -311,11 +320,12 @@ impl Runner {
     /// budget). Those still running then are killed.
     pub(crate) async fn drive_with_threads(
         &self,
+        lua: &Lua,
         request: &Rc<LuaRequest>,
         task: impl Future<Output = mlua::Result<()>>,
     ) -> Outcome {
         let _threads = KillThreadsOnDrop(request);
-        let mut handler = std::pin::pin!(self.drive(request, task));
+        let mut handler = std::pin::pin!(self.drive(lua, request, task));
         // Followed only once the handler has spawned a thread: most never do.
         let mut threads = None;
         let outcome = std::future::poll_fn(|cx| {
@@ -354,16 +364,18 @@ impl Runner {
 
     pub(crate) async fn drive(
         &self,
+        lua: &Lua,
         request: &Rc<LuaRequest>,
         task: impl Future<Output = mlua::Result<()>>,
     ) -> Outcome {
-        self.drive_values(request, task, None).await.0
+        self.drive_values(lua, request, task, None).await.0
     }
 
     /// Like [`Runner::drive`], keeping what the coroutine returned (light threads need it).
     /// `asleep`: the coroutine has already been resumed once, and went to sleep this long.
     pub(crate) async fn drive_values<R>(
         &self,
+        lua: &Lua,
         request: &Rc<LuaRequest>,
         task: impl Future<Output = mlua::Result<R>>,
         mut asleep: Option<Duration>,
@@ -388,10 +400,12 @@ impl Runner {
                 let _scope = Scope::enter(request);
                 let began = Instant::now();
                 self.clock.start(began, budget);
-                self.slicer.start(began);
+                let (in_use, memory_mark) = self.memory.before_run(lua, &request.memory);
+                self.slicer.start(began, memory_mark);
                 let polled = task.as_mut().poll(cx);
                 let expired = self.clock.expired();
                 self.clock.stop();
+                self.memory.after_run(lua, &request.memory, in_use);
                 let elapsed = began.elapsed();
                 request.lua_time.set(request.lua_time.get() + elapsed);
                 if expired {
@@ -527,7 +541,8 @@ impl Vm {
             if raise { Err(mlua::Error::runtime("CPU budget exceeded")) } else { Ok(VmState::Yield) }
         });
         lua.set_memory_limit(config.memory_limit)?;
-        let runner = Rc::new(Runner { clock, slicer, cpu_budget: config.cpu_budget });
+        let memory = MemoryShares::new(config.memory_limit);
+        let runner = Rc::new(Runner { clock, slicer, memory, cpu_budget: config.cpu_budget });
         let loaded = Rc::new(RefCell::new(foldhash::HashMap::default()));
         lua.set_app_data(Rc::new(api::socket::TlsClients::new(&config.tls_roots)?));
         lua.set_app_data(api::socket::Denied(Arc::clone(&config.socket_deny)));
@@ -561,7 +576,8 @@ impl Vm {
     pub fn begin(&self, head: RequestHead, headers: HeaderMap) -> mlua::Result<Rc<LuaRequest>> {
         let _setup = self.unlimited();
         let namespace = self.dict_objects.env_meta(&self.lua, &self.base, &head.namespace)?;
-        Ok(LuaRequest::new(head, headers, None, Some(namespace)))
+        let memory = self.runner.memory.charge(&head.namespace);
+        Ok(LuaRequest::new(head, headers, None, Some(namespace), memory))
     }
 
     /// Lifts the memory limit until the guard drops, for the VM's own bookkeeping between
@@ -660,7 +676,7 @@ impl Vm {
             self.handler(request, script).map(|f| f.call_async::<()>(()))
         };
         match started {
-            Ok(task) => self.runner.drive_with_threads(request, task).await,
+            Ok(task) => self.runner.drive_with_threads(&self.lua, request, task).await,
             Err(e) => failure(&e),
         }
     }

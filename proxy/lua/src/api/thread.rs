@@ -141,7 +141,14 @@ async fn spawn(lua: &Lua, request: Rc<LuaRequest>, mut task: Task) -> mlua::Resu
     match first {
         Poll::Ready(result) => thread.end(&request, result.map_err(|e| report(&request, &e))),
         Poll::Pending => {
-            let driver = tokio::task::spawn_local(drive(runner, Rc::clone(&request), Rc::clone(&thread), task, asleep));
+            let driver = tokio::task::spawn_local(drive(
+                lua.clone(),
+                runner,
+                Rc::clone(&request),
+                Rc::clone(&thread),
+                task,
+                asleep,
+            ));
             *thread.driver.borrow_mut() = Some(driver);
         }
     }
@@ -149,13 +156,14 @@ async fn spawn(lua: &Lua, request: Rc<LuaRequest>, mut task: Task) -> mlua::Resu
 }
 
 async fn drive(
+    lua: Lua,
     runner: Rc<Runner>,
     request: Rc<LuaRequest>,
     thread: Rc<LightThread>,
     task: Task,
     asleep: Option<Duration>,
 ) {
-    let (outcome, values) = runner.drive_values(&request, task, asleep).await;
+    let (outcome, values) = runner.drive_values(&lua, &request, task, asleep).await;
     let result = match outcome {
         Outcome::Continue => Ok(values.unwrap_or_default()),
         // The request's runner sees the exit and ends the request.

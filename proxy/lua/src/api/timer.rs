@@ -165,7 +165,8 @@ async fn run_callback(
     let started = (|| {
         let env = lua.create_table()?;
         env.set_metatable(Some(ctx.env_meta.clone()))?;
-        let request = LuaRequest::with_env(head, HeaderMap::new(), env);
+        let memory = ctx.runner.memory.charge(&head.namespace);
+        let request = LuaRequest::with_env(head, HeaderMap::new(), env, memory);
         request.state.phase.set(Phase::Timer);
         request.script.set(script);
         let arguments: MultiValue = std::iter::once(Value::Boolean(premature)).chain(args.iter().cloned()).collect();
@@ -174,7 +175,7 @@ async fn run_callback(
     })();
     match started {
         // Its light threads are joined as a handler's are: the timer runs until they end.
-        Ok((request, task)) => ctx.runner.drive_with_threads(&request, task).await,
+        Ok((request, task)) => ctx.runner.drive_with_threads(lua, &request, task).await,
         Err(e) => Outcome::Failed { kind: crate::FailureKind::Error, message: e.to_string() },
     }
 }
