@@ -332,3 +332,62 @@ async fn canary_ingresses_take_their_share() {
         .unwrap_or_default();
     assert!(lonely_problems.contains("the canary waits for one"), "{lonely_problems}");
 }
+
+/// `affinity-canary-behavior`: with sessions on both the main and the canary backend, a
+/// session stays on the backend that started it (`sticky`, the default), whatever the weight;
+/// with `legacy`, the weight decides each request again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_sessions_stick_unless_legacy() {
+    let (main, canary) = (echo("t", "main").await, echo("t", "canary").await);
+    let mut manifests = service_yaml("t", "app", 80, "http", &[main]);
+    manifests.push_str(&service_yaml("t", "app-canary", 80, "http", &[canary]));
+    manifests.push_str(&service_yaml("t", "old", 80, "http", &[main]));
+    manifests.push_str(&service_yaml("t", "old-canary", 80, "http", &[canary]));
+    manifests.push_str(&ingress("app", &[("affinity", "cookie")]));
+    manifests.push_str(&ingress("old", &[("affinity", "cookie")]));
+    let canary_of = |name: &str, service: &str, behavior: &str| {
+        ingress(
+            name,
+            &[
+                ("canary", "true"),
+                ("canary-weight", "50"),
+                ("affinity", "cookie"),
+                ("affinity-canary-behavior", behavior),
+            ],
+        )
+        .replace(&format!("host: {name}.test"), &format!("host: {service}.test"))
+        .replace(&format!("name: {name}, port"), &format!("name: {service}-canary, port"))
+    };
+    manifests.push_str(&canary_of("app-c", "app", "sticky"));
+    manifests.push_str(&canary_of("old-c", "old", "legacy"));
+    let (tidegate, _dir) = start(manifests).await;
+
+    for (host, sticky) in [("app.test", true), ("old.test", false)] {
+        let mut started = BTreeMap::new();
+        let mut moved = 0;
+        for _ in 0..10 {
+            let mut client = H1::connect(tidegate.http).await.expect("connect");
+            let first = client.get(host, "/").await.expect("answer");
+            let cookie = first.headers[http::header::SET_COOKIE]
+                .to_str()
+                .expect("ascii")
+                .split(';')
+                .next()
+                .expect("pair")
+                .to_owned();
+            let backend = first.served_by();
+            *started.entry(backend.clone()).or_insert(0) += 1;
+            for i in 0..10 {
+                let request = Request::get(format!("/{i}")).header("host", host).header("cookie", &cookie);
+                let answer = client.send(request.body(Full::default()).expect("request")).await.expect("answer");
+                moved += usize::from(answer.served_by() != backend);
+            }
+        }
+        assert_eq!(started.len(), 2, "{host}: sessions start on both backends: {started:?}");
+        if sticky {
+            assert_eq!(moved, 0, "{host}: every session stays on its backend");
+        } else {
+            assert!(moved >= 20, "{host}: legacy: the weight decides again ({moved} of 100 moved)");
+        }
+    }
+}

@@ -64,6 +64,8 @@ pub struct Target {
     pub(crate) transport: crate::upstream::Transport,
     /// The backend that takes some of the route's requests instead (a canary Ingress's).
     pub(crate) canary: Option<Box<crate::upstream::CanaryRule>>,
+    /// The backend's tag in session cookies (with `affinity: cookie`).
+    pub(crate) affinity_tag: Box<str>,
     pub ssl_redirect: bool,
     /// The path's regular expression (for [`PathKind::Regex`] routes): what matches, and whose
     /// captures `rewrite-target` puts into the upstream URI.
@@ -222,7 +224,12 @@ fn target(
         },
         _ => None,
     };
+    let affinity_tag = match (&action.upstream.affinity, &action.backend) {
+        (Some(_), Some(backend)) => crate::upstream::affinity::backend_tag(backend),
+        _ => Box::default(),
+    };
     Ok(Target {
+        affinity_tag,
         path_regex,
         name: name.into(),
         host: host.into(),

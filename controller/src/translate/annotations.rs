@@ -162,6 +162,8 @@ pub(super) struct CanaryKeys {
     pub(super) cookie: Option<String>,
     pub(super) weight: u32,
     pub(super) weight_total: u32,
+    /// `affinity-canary-behavior: legacy`.
+    pub(super) legacy_affinity: bool,
 }
 
 impl Default for CanaryKeys {
@@ -174,6 +176,7 @@ impl Default for CanaryKeys {
             cookie: None,
             weight: 0,
             weight_total: 100,
+            legacy_affinity: false,
         }
     }
 }
@@ -778,6 +781,17 @@ pub(crate) const KEYS: &[Key] = &[
             Ok(())
         }
         _ => Err(format!("{v:?} is not a positive weight")),
+    }),
+    parsed("affinity-canary-behavior", "sticky", |v, s| match v.trim() {
+        "sticky" => {
+            s.canary.legacy_affinity = false;
+            Ok(())
+        }
+        "legacy" => {
+            s.canary.legacy_affinity = true;
+            Ok(())
+        }
+        other => Err(format!("{other:?} is not sticky or legacy")),
     }),
     parsed("affinity", "", |v, s| match v.trim() {
         "cookie" => {

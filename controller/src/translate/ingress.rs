@@ -309,6 +309,7 @@ impl Context<'_, '_> {
                     cookie: keys.cookie.clone(),
                     weight: keys.weight.min(keys.weight_total),
                     weight_total: keys.weight_total,
+                    legacy_affinity: keys.legacy_affinity,
                 };
                 self.out.canaries.push(super::CanaryOffer {
                     host: host.clone(),

@@ -1068,6 +1068,11 @@ pub struct Canary {
     /// `canary-weight-total`, default 100).
     pub weight: u32,
     pub weight_total: u32,
+    /// `affinity-canary-behavior: legacy`: the header, cookie and weight decide even for a
+    /// request whose session belongs to one of the backends. `sticky` (the default): a session
+    /// stays on the backend that started it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub legacy_affinity: bool,
 }
 
 /// How a route's requests reach its backend's endpoints.

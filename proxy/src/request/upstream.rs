@@ -126,13 +126,13 @@ pub(super) async fn forward(
     outcome: &mut Outcome,
 ) -> Response<LocalBody> {
     let (mut backend, mut timeouts) = (target.action.backend.as_ref(), target.action.timeouts);
-    let mut upstream = &target.action.upstream;
-    // A canary takes the requests its header, cookie or weight say.
+    let (mut upstream, mut affinity_tag) = (&target.action.upstream, &*target.affinity_tag);
+    // A canary takes the requests its sessions, header, cookie or weight say.
     if let Some(rule) = target.canary.as_deref()
-        && rule.takes(upstream_request.headers())
+        && rule.takes(upstream_request.headers(), upstream.affinity.as_ref().map(|a| (a, affinity_tag)))
     {
         backend = Some(&rule.canary.backend);
-        upstream = &rule.canary.upstream;
+        (upstream, affinity_tag) = (&rule.canary.upstream, &*rule.tag);
     }
     if outcome.grpc
         && let Some(deadline) = upstream_request.headers().get("grpc-timeout").and_then(|v| grpc_timeout(v.as_bytes()))
@@ -151,7 +151,7 @@ pub(super) async fn forward(
     // Sticky sessions: the cookie's endpoint first; the session (and what the response must
     // set) is kept with the request's headers, which the exchange takes.
     let mut session = upstream.affinity.as_ref().map(|a| {
-        let session = Session::of(a, endpoints, upstream_request.headers());
+        let session = Session::of(a, affinity_tag, endpoints, upstream_request.headers());
         let agent = upstream_request.headers().get(header::USER_AGENT).cloned();
         (session, agent)
     });

@@ -5,6 +5,10 @@
 //! - **persistent**: the cookie names its endpoint (by a digest, not its address); the session
 //!   stays there while the endpoint exists.
 //!
+//! The cookie's value ends in `|` and a tag of the backend the session belongs to, as
+//! ingress-nginx's does, so that a session started on a canary backend stays on it and one
+//! started on the main backend stays off the canary ([`carries`]).
+//!
 //! A request without the cookie, or whose cookie leads nowhere now, starts a session: its
 //! response sets the cookie (`HttpOnly`, with the route's path unless `session-cookie-path`
 //! says; the controller writes the route's path in). With `session-cookie-change-on-failure`, a session whose endpoint failed follows
@@ -18,9 +22,23 @@ use tidegate_snapshot::Affinity;
 
 use super::balance::{Endpoints, address_key, random};
 
+/// A backend's tag in its sessions' cookies: a digest of its name, the same on every proxy.
+pub(crate) fn backend_tag(backend: &tidegate_snapshot::BackendId) -> Box<str> {
+    use sha1::Digest;
+    let digest = sha1::Sha1::digest(backend.0.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect::<String>().into()
+}
+
+/// Whether the request's session cookie says it belongs to the backend tagged `tag`.
+pub(crate) fn carries(affinity: &Affinity, tag: &str, headers: &HeaderMap) -> bool {
+    crate::headers::cookie(headers, &affinity.cookie).and_then(|v| v.rsplit_once('|')).is_some_and(|(_, t)| t == tag)
+}
+
 /// One request's session.
 pub(crate) struct Session<'a> {
     affinity: &'a Affinity,
+    /// The tag of the backend the request goes to.
+    tag: &'a str,
     /// The cookie's value, and whether the response must set it.
     value: String,
     fresh: bool,
@@ -29,22 +47,25 @@ pub(crate) struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
-    /// The session of a request with `headers` on `endpoints`.
-    pub(crate) fn of(affinity: &'a Affinity, endpoints: &Endpoints, headers: &HeaderMap) -> Session<'a> {
-        let cookie = crate::headers::cookie(headers, &affinity.cookie).filter(|v| !v.is_empty());
+    /// The session of a request with `headers` on `endpoints` of the backend tagged `tag`.
+    pub(crate) fn of(affinity: &'a Affinity, tag: &'a str, endpoints: &Endpoints, headers: &HeaderMap) -> Session<'a> {
+        // The session id, without the backend's tag (cookies set before tags had none).
+        let cookie = crate::headers::cookie(headers, &affinity.cookie)
+            .map(|v| v.rsplit_once('|').map_or(v, |(session, _)| session))
+            .filter(|v| !v.is_empty());
         let endpoint = cookie.and_then(|value| match affinity.persistent {
             true => endpoints.by_key(value),
             false => endpoints.on_ring(value),
         });
         match (cookie, endpoint) {
             (Some(value), Some(endpoint)) => {
-                Session { affinity, value: value.to_owned(), fresh: false, endpoint: Some(endpoint) }
+                Session { affinity, tag, value: value.to_owned(), fresh: false, endpoint: Some(endpoint) }
             }
-            _ if affinity.persistent => Session { affinity, value: String::new(), fresh: true, endpoint: None },
+            _ if affinity.persistent => Session { affinity, tag, value: String::new(), fresh: true, endpoint: None },
             _ => {
                 let value = format!("{:016x}{:016x}", random(), random());
                 let endpoint = endpoints.on_ring(&value);
-                Session { affinity, value, fresh: true, endpoint }
+                Session { affinity, tag, value, fresh: true, endpoint }
             }
         }
     }
@@ -78,7 +99,7 @@ impl<'a> Session<'a> {
             }
         }
         let a = self.affinity;
-        let mut cookie = format!("{}={}; Path={}", a.cookie, self.value, a.path.as_deref().unwrap_or("/"));
+        let mut cookie = format!("{}={}|{}; Path={}", a.cookie, self.value, self.tag, a.path.as_deref().unwrap_or("/"));
         if let Some(domain) = &a.domain {
             cookie.push_str(&format!("; Domain={domain}"));
         }

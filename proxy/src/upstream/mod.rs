@@ -14,7 +14,7 @@
 //! failed connection, a failed TLS handshake or a malformed answer is 502, a connect or read
 //! timeout 504, a client body that broke off 400.
 
-mod affinity;
+pub(crate) mod affinity;
 mod attempts;
 mod balance;
 mod body;
