@@ -10,7 +10,7 @@ cd "$(dirname "$0")"
 SECONDS_PER_TARGET="${1:-60}"
 shift || true
 TARGETS=("$@")
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(request_head chunked response_head proxy_protocol manifests)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(request_head chunked response_head proxy_protocol manifests lua_headers)
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 rustup toolchain list | grep -q nightly || { echo "fuzz/run.sh needs the nightly toolchain (rustup toolchain install nightly)" >&2; exit 1; }
 for target in "${TARGETS[@]}"; do

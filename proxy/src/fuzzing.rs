@@ -68,3 +68,77 @@ pub fn proxy_protocol(data: &[u8]) {
         assert!(length <= data.len() && length <= crate::client_address::MAX_HEADER, "{length} of {}", data.len());
     }
 }
+
+/// The bridge between Lua strings and HTTP headers: whatever bytes a handler passes as a header
+/// name or value (`ngx.req.set_header`, `ngx.header`, tables of values, clearing, reading back),
+/// what reaches the headers that go upstream or to the client is a valid field: no CR, LF or
+/// NUL can split a message. The input is a name and a value, split at the first `0xff`.
+pub fn lua_headers(data: &[u8]) {
+    use std::fmt::Write;
+    use std::sync::Arc;
+
+    let split = data.iter().position(|b| *b == 0xff).unwrap_or(data.len());
+    let (name, value) = (&data[..split], data.get(split + 1..).unwrap_or_default());
+    let literal = |bytes: &[u8]| {
+        let mut out = String::from("\"");
+        for b in bytes {
+            let _ = write!(out, "\\{b}");
+        }
+        out.push('"');
+        out
+    };
+    let source = format!(
+        r#"local n, v = {}, {}
+pcall(ngx.req.set_header, n, v)
+pcall(ngx.req.set_header, n .. "-list", {{v, v}})
+pcall(function() ngx.header[n] = v end)
+pcall(function() ngx.header[n .. "-list"] = {{v, "x"}} end)
+pcall(function() ngx.header["X-" .. n] = v end)
+local seen = 0
+for _ in pairs(ngx.req.get_headers()) do seen = seen + 1 end
+pcall(function() ngx.say(ngx.var["http_" .. n] or "", seen) end)
+pcall(ngx.req.clear_header, "X-Keep")"#,
+        literal(name),
+        literal(value)
+    );
+    let Ok(script) = tidegate_lua::compile("fuzz", &source) else { return };
+    LUA.with(|(runtime, vm)| {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-keep", http::HeaderValue::from_static("1"));
+        let head = tidegate_lua::RequestHead {
+            method: http::Method::GET,
+            request_uri: "/".into(),
+            version: http::Version::HTTP_11,
+            remote: std::net::SocketAddr::from(([127, 0, 0, 1], 1)),
+            server_port: 80,
+            https: false,
+            host: "fuzz".into(),
+            route: "fuzz".into(),
+            namespace: "fuzz".into(),
+            request_id: None,
+        };
+        let Ok(request) = vm.begin(head, headers) else { return };
+        let scripts = [Arc::new(script)];
+        let local = tokio::task::LocalSet::new();
+        local.block_on(runtime, vm.run(&request, tidegate_lua::Phase::Content, &scripts));
+        // Each input is a script of its own: the VM forgets it, as it forgets replaced ones.
+        vm.retain_scripts(|_| false);
+        let upstream = request.state.headers.borrow();
+        let response = request.state.response_headers.borrow();
+        for (field, value) in upstream.iter().chain(response.iter()) {
+            assert!(
+                !value.as_bytes().iter().any(|b| matches!(b, b'\r' | b'\n' | 0)),
+                "{field}: {value:?} could split a message"
+            );
+        }
+    });
+}
+
+thread_local! {
+    /// One VM (and the runtime its handlers need) per fuzzing thread: making one per input
+    /// would be most of the work.
+    static LUA: (tokio::runtime::Runtime, tidegate_lua::Vm) = (
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime"),
+        tidegate_lua::Vm::new(tidegate_lua::LuaConfig::default()).expect("vm"),
+    );
+}

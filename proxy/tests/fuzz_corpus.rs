@@ -23,11 +23,12 @@ type Target = (&'static str, fn(&[u8]));
 
 #[test]
 fn the_seed_corpus_replays_without_a_finding() {
-    let targets: [Target; 4] = [
+    let targets: [Target; 5] = [
         ("request_head", tidegate_proxy::fuzzing::request_head),
         ("chunked", tidegate_proxy::fuzzing::chunked),
         ("response_head", tidegate_proxy::fuzzing::response_head),
         ("proxy_protocol", tidegate_proxy::fuzzing::proxy_protocol),
+        ("lua_headers", tidegate_proxy::fuzzing::lua_headers),
     ];
     for (target, run) in targets {
         for (path, input) in corpus(target) {
