@@ -344,3 +344,130 @@ async fn custom_error_pages_from_the_default_backend() {
     assert_eq!(fetch("empty.test", "/").await.json()["service"], "errors", "no endpoints: the default backend serves");
     assert_eq!(fetch("passing.test", "/?status=404").await.status, StatusCode::NOT_FOUND, "intercept disabled");
 }
+
+/// What a mirror receiver got: method, URI, headers and body of each copy.
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, String, http::HeaderMap, bytes::Bytes)>>>;
+
+/// A real HTTP/1.1 server that keeps every request it gets and answers 204 after `delay`.
+async fn mirror_receiver(delay: std::time::Duration) -> (std::net::SocketAddr, Received) {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let received: Received = Received::default();
+    let kept = std::sync::Arc::clone(&received);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let kept = std::sync::Arc::clone(&kept);
+            let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                let kept = std::sync::Arc::clone(&kept);
+                async move {
+                    let (parts, body) = request.into_parts();
+                    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                    kept.lock().expect("lock").push((
+                        parts.method.to_string(),
+                        parts.uri.to_string(),
+                        parts.headers,
+                        body,
+                    ));
+                    tokio::time::sleep(delay).await;
+                    let mut answer = http::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+                    *answer.status_mut() = StatusCode::NO_CONTENT;
+                    Ok::<_, std::convert::Infallible>(answer)
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    (addr, received)
+}
+
+/// `mirror-target` (with `mirror-host`, and `mirror-request-body: off`): each request goes to
+/// its route and a copy to the mirror, with the client's URI (before `rewrite-target`), method,
+/// headers and body; the mirror's answer is thrown away, and neither a slow mirror nor one that
+/// is down delays or fails the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_get_copies_and_never_delay_the_request() {
+    let (fast, fast_got) = mirror_receiver(std::time::Duration::ZERO).await;
+    let (slow, slow_got) = mirror_receiver(std::time::Duration::from_secs(3)).await;
+    let down = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
+    let target = |addr: std::net::SocketAddr| format!("http://{addr}$request_uri");
+    let ingresses = [
+        ingress(
+            "copied",
+            "copied.test",
+            &[
+                ("nginx.ingress.kubernetes.io/mirror-target", &target(fast)),
+                ("nginx.ingress.kubernetes.io/mirror-host", "shadow.example"),
+                ("nginx.ingress.kubernetes.io/rewrite-target", "/$1"),
+            ],
+            &[("ImplementationSpecific", "/app/(.*)", "web")],
+        ),
+        ingress(
+            "bodiless",
+            "bodiless.test",
+            &[
+                ("nginx.ingress.kubernetes.io/mirror-target", &target(fast)),
+                ("nginx.ingress.kubernetes.io/mirror-request-body", "off"),
+            ],
+            &[("Prefix", "/", "web")],
+        ),
+        ingress(
+            "slow",
+            "slow.test",
+            &[("nginx.ingress.kubernetes.io/mirror-target", &target(slow))],
+            &[("Prefix", "/", "web")],
+        ),
+        ingress(
+            "down",
+            "down.test",
+            &[("nginx.ingress.kubernetes.io/mirror-target", &target(down))],
+            &[("Prefix", "/", "web")],
+        ),
+    ];
+    let (tidegate, _dir) = start_with_settings(&ingresses, &[]).await;
+    let post = |host: &str, path: &str, body: &'static str| {
+        http::Request::post(path)
+            .header("host", host)
+            .header("x-trace", "7")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(body.as_bytes())))
+            .expect("request")
+    };
+
+    let mut client = support::H1::connect(tidegate.http).await.expect("connect");
+    let answer = client.send(post("copied.test", "/app/items?page=2", "hello mirror")).await.expect("answer");
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.json()["path"], "/items", "the route's own request is rewritten");
+    let answer = client.send(post("bodiless.test", "/b", "not copied")).await.expect("answer");
+    assert_eq!(answer.status, StatusCode::OK);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fast_got.lock().expect("lock").len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "the copies did not arrive");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let got = fast_got.lock().expect("lock").clone();
+    let (method, uri, headers, body) = &got[0];
+    assert_eq!((method.as_str(), uri.as_str()), ("POST", "/app/items?page=2"), "the client's URI");
+    assert_eq!(headers["host"], "shadow.example");
+    assert_eq!(headers["x-trace"], "7");
+    assert_eq!(&body[..], b"hello mirror");
+    let (method, uri, headers, body) = &got[1];
+    assert_eq!((method.as_str(), uri.as_str()), ("POST", "/b"));
+    assert_eq!(headers["host"], &fast.to_string(), "the target's host");
+    // (A POST without a body goes with `Content-Length: 0`.)
+    let length = headers.get("content-length").map(|v| v.to_str().unwrap_or("?").to_owned());
+    assert!(body.is_empty() && length.as_deref().is_none_or(|l| l == "0"), "mirror-request-body: off: {length:?}");
+
+    for host in ["slow.test", "down.test"] {
+        let started = std::time::Instant::now();
+        let answer = client.send(post(host, "/", "x")).await.expect("answer");
+        assert_eq!(answer.status, StatusCode::OK, "{host}");
+        assert!(started.elapsed() < std::time::Duration::from_millis(500), "{host}: {:?}", started.elapsed());
+    }
+    while slow_got.lock().expect("lock").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the slow mirror got no copy");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -68,6 +68,10 @@ pub(super) struct Settings {
     pub(super) service_upstream: bool,
     /// `app-root`.
     pub(super) app_root: Option<String>,
+    /// `mirror-target`, `mirror-host`, `mirror-request-body`.
+    pub(super) mirror_target: Option<Template>,
+    pub(super) mirror_host: Option<String>,
+    pub(super) mirror_body: bool,
     /// `enable-access-log` (true by default).
     pub(super) access_log: bool,
     /// `permanent-redirect` and `temporal-redirect`, with their codes.
@@ -141,6 +145,9 @@ impl Default for Settings {
             redirect_to: None,
             service_upstream: false,
             app_root: None,
+            mirror_target: None,
+            mirror_host: None,
+            mirror_body: true,
             access_log: true,
             permanent_redirect: None,
             permanent_code: 301,
@@ -747,6 +754,26 @@ pub(crate) const KEYS: &[Key] = &[
         }
         s.app_root = Some(path.to_owned());
         Ok(())
+    }),
+    parsed("mirror-target", "", |v, s| auth_url(v).map(|t| s.mirror_target = Some(t))),
+    parsed("mirror-host", "", |v, s| {
+        let host = v.trim();
+        if host.is_empty() || !host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)) {
+            return Err(format!("{host:?} is not a host"));
+        }
+        s.mirror_host = Some(host.to_owned());
+        Ok(())
+    }),
+    parsed("mirror-request-body", "on", |v, s| match v.trim() {
+        "on" => {
+            s.mirror_body = true;
+            Ok(())
+        }
+        "off" => {
+            s.mirror_body = false;
+            Ok(())
+        }
+        other => Err(format!("{other:?} is not on or off")),
     }),
     parsed("permanent-redirect", "", |v, s| v.trim().parse().map(|to| s.permanent_redirect = Some(to))),
     parsed("permanent-redirect-code", "301", |v, s| redirect_code(v).map(|code| s.permanent_code = code)),

@@ -3,7 +3,7 @@
 //! the Secrets they name. Anything that cannot be honoured refuses the routes (503): never
 //! served with less protection than asked.
 
-use tidegate_snapshot::{BasicAuth, ClientCertificate, Credential, Policies, Redirect, Refusal, SetHeader};
+use tidegate_snapshot::{BasicAuth, ClientCertificate, Credential, Mirror, Policies, Redirect, Refusal, SetHeader};
 
 use super::annotations::Settings;
 use super::configmap::{self, Global};
@@ -88,6 +88,11 @@ pub(super) fn resolve(
             (None, None) => None,
         },
         app_root: settings.app_root.clone(),
+        mirror: settings.mirror_target.clone().map(|target| Mirror {
+            target,
+            host: settings.mirror_host.clone(),
+            request_body: settings.mirror_body,
+        }),
         rewrite_target: settings.rewrite_target.clone(),
         location_rewrite: settings.redirect_from.clone().zip(settings.redirect_to.clone()),
         // Per path (the Service it names): set by the Ingress's translation.

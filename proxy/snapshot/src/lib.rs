@@ -401,6 +401,10 @@ pub struct Policies {
     /// ConfigMap's `add-headers`), as nginx's `more_set_headers`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub response_headers: Vec<SetHeader>,
+    /// A copy of each request sent to another server, whose answer is thrown away
+    /// (`mirror-target`), as nginx's `mirror`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
     /// Headers set on the request to the upstream (the ConfigMap's `proxy-set-headers`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub upstream_headers: Vec<SetHeader>,
@@ -422,6 +426,21 @@ pub struct ErrorPages {
     /// Only the errors the proxy makes itself (`disable-proxy-intercept-errors`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub only_proxy_errors: bool,
+}
+
+/// Where copies of a route's requests go (`mirror-target`, `mirror-host`,
+/// `mirror-request-body`). Fire and forget: the copy never delays the request, and when it
+/// cannot keep up it is dropped.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Mirror {
+    /// An `http://` or `https://` URL with nginx variables: `https://test.example$request_uri`.
+    pub target: Template,
+    /// The copy's `Host`; the target's host when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Whether the copy carries the request's body (`mirror-request-body`, on by default).
+    pub request_body: bool,
 }
 
 /// One header to set, its value with nginx variables expanded per request.
@@ -1445,6 +1464,11 @@ mod tests {
                                     value: "DENY".parse().expect("template"),
                                 }],
                                 upstream_headers: Vec::new(),
+                                mirror: Some(Mirror {
+                                    target: "https://shadow.shop$request_uri".parse().expect("template"),
+                                    host: Some("shadow.shop".into()),
+                                    request_body: false,
+                                }),
                                 redirect: None,
                                 app_root: Some("/app".into()),
                                 rewrite_target: Some("/$2".into()),

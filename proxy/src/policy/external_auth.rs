@@ -23,7 +23,6 @@
 //! [`CACHED_ANSWERS`] answers are kept per route; expired ones go first.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -32,14 +31,13 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use tidegate_snapshot::{ExternalAuth, Template, Timeouts};
 
+use super::outbound::{Outbound, Url};
 use super::variables::{escape, expand};
 use super::{Effects, Facts, Verdict};
 use crate::body::{LocalBody, full};
 use crate::respond::error_response;
 use crate::upstream::Attempts;
 
-/// How long a resolved auth host name is trusted.
-const RESOLVED_FOR: Duration = Duration::from_secs(30);
 /// Auth answers are read whole up to this; a larger one is no answer.
 const MAX_ANSWER: usize = 64 << 10;
 /// Answers kept per route (`auth-cache-key`).
@@ -59,10 +57,8 @@ pub(super) struct ExternalAuthFilter {
     method: Option<Method>,
     response_headers: Vec<HeaderName>,
     timeouts: Timeouts,
-    resolved: Mutex<HashMap<String, (SocketAddr, Instant)>>,
-    /// TLS to `https` auth services, by host (nginx's `proxy_pass https://` defaults: the
-    /// certificate not verified).
-    https: Mutex<HashMap<String, crate::upstream::Transport>>,
+    /// Where the auth service is.
+    outbound: Outbound,
     /// `auth-proxy-set-headers`.
     set_headers: Vec<(HeaderName, Template)>,
     /// Kept answers by expanded `auth-cache-key`, when it is set.
@@ -86,8 +82,7 @@ impl ExternalAuthFilter {
             cache: auth.cache.as_ref().map(|_| Mutex::new(HashMap::new())),
             auth: auth.clone(),
             timeouts,
-            resolved: Mutex::new(HashMap::new()),
-            https: Mutex::new(HashMap::new()),
+            outbound: Outbound::default(),
         }
     }
 
@@ -217,14 +212,9 @@ impl ExternalAuthFilter {
 
     /// Sends the auth request and reads the answer whole.
     async fn ask(&self, url: &str, facts: &Facts<'_>) -> Result<Response<bytes::Bytes>, String> {
-        let (rest, tls) = match url.strip_prefix("https://") {
-            Some(rest) => (rest, true),
-            None => (url.strip_prefix("http://").ok_or("only http:// and https:// auth URLs are supported")?, false),
-        };
-        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-        let path = if path.is_empty() { "/" } else { path };
-        let endpoint = self.resolve(authority, if tls { 443 } else { 80 }).await?;
-        let transport = if tls { self.https_to(authority)? } else { crate::upstream::Transport::plain() };
+        let parsed = Url::parse(url)?;
+        let (authority, path) = (parsed.authority, parsed.path);
+        let (endpoint, transport) = self.outbound.target(&parsed).await?;
         let mut headers = HeaderMap::with_capacity(facts.headers.len() + 12);
         for (name, value) in facts.headers {
             if name != header::CONTENT_LENGTH && name != header::TRANSFER_ENCODING && name != header::HOST {
@@ -267,47 +257,5 @@ impl ExternalAuthFilter {
         let (parts, body) = answer.into_parts();
         let body = http_body_util::Limited::new(body, MAX_ANSWER).collect().await.map_err(|e| e.to_string())?;
         Ok(Response::from_parts(parts, body.to_bytes()))
-    }
-
-    /// TLS to the auth service at `authority`, made once per host.
-    fn https_to(&self, authority: &str) -> Result<crate::upstream::Transport, String> {
-        let host = crate::headers::strip_port(authority).trim_start_matches('[').trim_end_matches(']');
-        let mut cache = self.https.lock().map_err(|_| "the TLS settings cache is poisoned")?;
-        if let Some(transport) = cache.get(host) {
-            return Ok(transport.clone());
-        }
-        let transport = crate::upstream::Transport::https_unverified(host)?;
-        cache.insert(host.to_owned(), transport.clone());
-        Ok(transport)
-    }
-
-    /// The address of `authority` (`host[:port]`, `default_port` when absent): an IP address as
-    /// it is, a name through the resolver (on tokio's blocking pool), remembered for a while.
-    async fn resolve(&self, authority: &str, default_port: u16) -> Result<SocketAddr, String> {
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
-                (h, p.parse::<u16>().map_err(|_| format!("{authority}: not a port"))?)
-            }
-            _ => (authority, default_port),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if let Ok(ip) = host.parse::<IpAddr>() {
-            return Ok(SocketAddr::new(ip, port));
-        }
-        if let Ok(cache) = self.resolved.lock()
-            && let Some((addr, at)) = cache.get(authority)
-            && at.elapsed() < RESOLVED_FOR
-        {
-            return Ok(*addr);
-        }
-        let addr = tokio::net::lookup_host((host, port))
-            .await
-            .map_err(|e| format!("{host}: {e}"))?
-            .next()
-            .ok_or_else(|| format!("{host}: no address"))?;
-        if let Ok(mut cache) = self.resolved.lock() {
-            cache.insert(authority.to_owned(), (addr, Instant::now()));
-        }
-        Ok(addr)
     }
 }

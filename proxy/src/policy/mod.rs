@@ -19,6 +19,8 @@
 //! |         | external auth (`auth-url`): 401, 302 to sign in, 403, 500        |               |
 //!
 //! In the body_filter step, `limit-rate` paces the response body ([`Filters::body_filter`]).
+//! In the upstream step, a mirror (`mirror-target`) sends a copy of the request elsewhere
+//! without delaying it ([`Filters::mirror`]).
 //! The body limit (`proxy-body-size`) is checked against the declared length in the route step
 //! ([`Filters::body_too_large`]), as nginx does when it picks the location, and caps the body as
 //! it streams to the upstream ([`Filters::max_body`]). A
@@ -43,6 +45,8 @@ mod cors;
 mod external_auth;
 mod ip;
 mod limit;
+mod mirror;
+mod outbound;
 mod password;
 mod redirect;
 mod set_headers;
@@ -253,6 +257,8 @@ pub(crate) struct Filters {
     response_headers: Vec<(HeaderName, HeaderValue)>,
     /// The route's requests go to the access log (`enable-access-log`).
     access_log: bool,
+    /// Copies of the route's requests go here too (`mirror-target`).
+    mirror: Option<mirror::MirrorFilter>,
 }
 
 impl Filters {
@@ -317,7 +323,13 @@ impl Filters {
             max_body: policies.max_body_bytes,
             response_rate: policies.response_rate,
             access_log: !policies.no_access_log,
+            mirror: policies.mirror.as_ref().map(|m| mirror::MirrorFilter::new(m, timeouts)),
         }
+    }
+
+    /// The route's mirror, when it has one (the upstream step sends the copies).
+    pub(crate) fn mirror(&self) -> Option<&mirror::MirrorFilter> {
+        self.mirror.as_ref()
     }
 
     /// The body_filter step's built-in part: paces the response body (`limit-rate`).

@@ -37,9 +37,17 @@ pub(super) async fn proxy(
     let (mut parts, body) = request.into_parts();
     let pages = target.action.policies.error_pages.as_ref();
     let original = super::error_page::Original::of(pages, &parts.uri, &parts.headers);
+    // A mirror copies the request as the client sent it.
+    let copy = match target.filters.mirror() {
+        Some(mirror) if !upgrade => mirror.copy(conn, &worker.pool, outcome.client(conn), &parts),
+        _ => None,
+    };
     rewrite_uri(target, &mut parts);
     upstream_headers(target, outcome, &mut parts.headers);
-    let body = upstream_body(target, &parts.headers, body);
+    let mut body = upstream_body(target, &parts.headers, body);
+    if let Some(copy) = copy {
+        body = copy.send(&worker.pool, body);
+    }
     prepare_upstream(&mut parts, upgrade);
     let upstream_request = Request::from_parts(parts, body);
     let response = forward(worker, runtime, conn, target, upstream_request, client_upgrade, outcome).await;
