@@ -173,6 +173,57 @@ async fn websocket_is_tunnelled() {
     }
 }
 
+/// A WebSocket client frame: FIN, `opcode`, masked (as a client's must be) with `mask`.
+fn client_frame(opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mut frame = vec![0x80 | opcode, 0x80 | u8::try_from(payload.len()).expect("short")];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// WebSocket over HTTP/2 (RFC 8441): the proxy announces extended CONNECT in its SETTINGS, an
+/// extended CONNECT with `:protocol: websocket` is answered 200 once the upstream (over
+/// HTTP/1.1) switched, and messages go both ways on the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_over_http2_is_tunnelled() {
+    let s = setup().await;
+    let tcp = tokio::net::TcpStream::connect(s.tidegate.http).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    let mut client = client.ready().await.expect("ready");
+    // The server's SETTINGS have been read once a first answer came.
+    let (first, _) =
+        client.send_request(Request::get("http://plain.test/").body(()).expect("request"), true).expect("send");
+    assert_eq!(first.await.expect("answer").status(), StatusCode::OK);
+    let mut client = client.ready().await.expect("ready");
+    assert!(client.is_extended_connect_protocol_enabled(), "SETTINGS_ENABLE_CONNECT_PROTOCOL");
+    let mut request =
+        Request::connect("http://plain.test/ws").header("sec-websocket-version", "13").body(()).expect("request");
+    request.extensions_mut().insert(h2::ext::Protocol::from_static("websocket"));
+    let (answer, mut send) = client.send_request(request, false).expect("send");
+    let answer = tokio::time::timeout(Duration::from_secs(5), answer).await.expect("in time").expect("answer");
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert!(!answer.headers().contains_key("sec-websocket-accept"), "the HTTP/1.1 handshake stays upstream");
+    let mut receive = answer.into_body();
+    for text in ["hello", "over one HTTP/2 stream"] {
+        send.send_data(Bytes::from(client_frame(0x1, text.as_bytes(), [7, 1, 9, 3])), false).expect("send frame");
+        let mut got = Vec::new();
+        while got.len() < 2 + text.len() {
+            let data = tokio::time::timeout(Duration::from_secs(5), receive.data())
+                .await
+                .expect("echo in time")
+                .expect("data")
+                .expect("ok");
+            let _ = receive.flow_control().release_capacity(data.len());
+            got.extend_from_slice(&data);
+        }
+        // A server's frame: FIN + text, unmasked, the length, the payload.
+        assert_eq!(&got[..2], &[0x81, u8::try_from(text.len()).expect("short")]);
+        assert_eq!(&got[2..], text.as_bytes());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunked_upload_streams_through() {
     let s = setup().await;

@@ -34,6 +34,7 @@ mod allocator;
 mod body;
 mod client_address;
 mod connection;
+mod extended_connect;
 mod framing;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -262,14 +262,22 @@ async fn serve_http2(
     let resets = Rc::new(Resets::default());
     let watch = Rc::clone(&resets);
     let shared = Arc::clone(&worker.shared);
-    let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+    let service = service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
+        // A WebSocket over HTTP/2 goes through as the HTTP/1.1 upgrade it stands for.
+        let websocket = crate::extended_connect::is_websocket(&request);
+        if websocket {
+            crate::extended_connect::into_upgrade(&mut request);
+        }
         let response = handle(Rc::clone(&worker), Rc::clone(&conn), request.map(ClientBody::http2));
         let stream = StreamWatch { resets: Rc::clone(&watch), answered: false };
         async move {
             // Moved in whole: dropped with the call, whenever that is.
             let mut stream = stream;
-            let response = response.await;
+            let mut response = response.await;
             stream.answered = true;
+            if websocket {
+                crate::extended_connect::answer(&mut response);
+            }
             if response.extensions().get::<CloseConnection>().is_some() {
                 // hyper resets the stream when the service fails.
                 return Err(crate::body::BoxError::from("the handler closed the request without a response"));
@@ -348,7 +356,8 @@ impl Drop for StreamWatch {
 /// defaults: `max_concurrent_streams` from the configuration (100 by default), 1 MiB windows
 /// per stream and per connection, 16 KiB frames, a 16 KiB header list, 400 KiB buffered per
 /// stream for sending, at most 20 streams reset by the client before they were accepted and
-/// 1,024 reset by us for errors before the connection is closed with GOAWAY.
+/// 1,024 reset by us for errors before the connection is closed with GOAWAY; extended CONNECT
+/// (RFC 8441) announced, for WebSockets ([`crate::extended_connect`]).
 /// `streams`: the configuration's stream limit, over the proxy's own.
 fn http2_settings(shared: &crate::Shared, streams: Option<u32>) -> hyper::server::conn::http2::Builder<LocalExec> {
     let mut builder = hyper::server::conn::http2::Builder::new(LocalExec);
@@ -361,7 +370,9 @@ fn http2_settings(shared: &crate::Shared, streams: Option<u32>) -> hyper::server
         .max_header_list_size(16 << 10)
         .max_send_buf_size(400 << 10)
         .max_pending_accept_reset_streams(20)
-        .max_local_error_reset_streams(1024);
+        .max_local_error_reset_streams(1024)
+        // Extended CONNECT (RFC 8441), for WebSockets.
+        .enable_connect_protocol();
     builder
 }
 

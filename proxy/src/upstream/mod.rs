@@ -42,7 +42,7 @@ use tidegate_snapshot::{Timeouts, UpstreamProtocol};
 
 pub(crate) use affinity::Session;
 pub(crate) use attempts::Attempts;
-pub(crate) use balance::Endpoints;
+pub(crate) use balance::{Endpoints, random};
 use body::Http1Body;
 pub(crate) use canary::CanaryRule;
 use stream::Io;
