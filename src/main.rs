@@ -189,6 +189,10 @@ struct ProxyArgs {
     /// guidance advises).
     #[arg(long, default_value_t = 100)]
     http2_max_concurrent_streams: u32,
+    /// Name server (`ADDRESS:PORT`) to resolve ExternalName Services with, instead of the
+    /// system's (`/etc/resolv.conf`); repeatable.
+    #[arg(long, value_name = "ADDRESS:PORT")]
+    dns_server: Vec<std::net::SocketAddr>,
 }
 
 impl ProxyArgs {
@@ -208,6 +212,7 @@ impl ProxyArgs {
             lua_tls_roots: std::sync::Arc::new(roots),
             lua_socket_deny: std::sync::Arc::new(self.lua_socket_deny.clone()),
             http2_max_concurrent_streams: self.http2_max_concurrent_streams,
+            dns_servers: self.dns_server.clone(),
         })
     }
 }

@@ -330,3 +330,100 @@ async fn external_name_services_are_resolved() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// An echo backend for Service `service` on `ip:port`, if that port is free there.
+async fn echo_at(ip: [u8; 4], port: u16, service: &str) -> Option<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from((ip, port))).await.ok()?;
+    let addr = listener.local_addr().ok()?;
+    let identity = tidegate::echo::Identity {
+        namespace: "t".into(),
+        service: service.into(),
+        pod: service.into(),
+        ..Default::default()
+    };
+    tokio::spawn(tidegate::echo::serve(listener, identity));
+    Some(addr)
+}
+
+/// A real DNS server (Debian's dnsmasq) on loopback answering from a hosts file with a 1 s TTL;
+/// killed on drop.
+struct Dns {
+    child: std::process::Child,
+    addr: SocketAddr,
+    hosts: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Dns {
+    fn start(hosts: &str) -> Dns {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("hosts");
+        std::fs::write(&file, hosts).expect("hosts");
+        let port = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let child = std::process::Command::new("dnsmasq")
+            .args(["--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--bind-interfaces"])
+            .args(["--listen-address=127.0.0.1", "--user=root", "--local-ttl=1", "--pid-file="])
+            .arg(format!("--port={port}"))
+            .arg(format!("--addn-hosts={}", file.display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("dnsmasq (Debian's dnsmasq-base; .ci/run installs it)");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        Dns { child, addr: SocketAddr::from(([127, 0, 0, 1], port)), hosts: file, _dir: dir }
+    }
+
+    /// Answers from `hosts` from now on (dnsmasq reads its hosts files again on SIGHUP).
+    fn change(&self, hosts: &str) {
+        std::fs::write(&self.hosts, hosts).expect("hosts");
+        let pid = self.child.id().to_string();
+        let status = std::process::Command::new("kill").args(["-HUP", &pid]).status().expect("kill");
+        assert!(status.success());
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An ExternalName Service is followed as its DNS answer's TTL ends: when the name moves to
+/// another address, requests follow within about the TTL (1 s here) plus a second, not the 30
+/// s the proxy used to wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_names_follow_their_ttl() {
+    // Two backends on the same port of two loopback addresses.
+    let (first, second) = loop {
+        let first = echo_at([127, 0, 0, 2], 0, "first").await.expect("first");
+        if let Some(second) = echo_at([127, 0, 0, 3], first.port(), "second").await {
+            break (first, second);
+        }
+    };
+    let dns = Dns::start(&format!("{} moving.test\n", first.ip()));
+    let port = first.port();
+    let mut manifests = format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: moving, namespace: t}}\nspec: {{type: ExternalName, externalName: moving.test, ports: [{{port: {port}}}]}}\n"
+    );
+    manifests
+        .push_str(&ingress("moving", "moving.test", "moving", &[]).replace("number: 80", &format!("number: {port}")));
+    let dir = manifest_dir();
+    write_manifest(dir.path(), "all.yaml", &manifests);
+    let (path, server) = (dir.path().to_owned(), dns.addr.to_string());
+    let tidegate =
+        tokio::task::spawn_blocking(move || Tidegate::start(&path, &["--dns-server", &server])).await.expect("start");
+    let served_by = async || get(tidegate.http, "moving.test", "/").await.map(|a| a.served_by()).unwrap_or_default();
+    let started = std::time::Instant::now();
+    while served_by().await != "first" {
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "resolved within 5 s");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    dns.change(&format!("{} moving.test\n", second.ip()));
+    let moved = std::time::Instant::now();
+    while served_by().await != "second" {
+        assert!(moved.elapsed() < std::time::Duration::from_secs(5), "followed the new address within 5 s");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    eprintln!("requests followed the name's new address after {:?}", moved.elapsed());
+}

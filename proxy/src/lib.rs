@@ -96,6 +96,8 @@ pub struct ProxyConfig {
     /// Streams one HTTP/2 client connection may have open at once
     /// (`SETTINGS_MAX_CONCURRENT_STREAMS`).
     pub http2_max_concurrent_streams: u32,
+    /// Name servers for ExternalName Services; the system's (`/etc/resolv.conf`) when empty.
+    pub dns_servers: Vec<SocketAddr>,
 }
 
 /// State shared by all workers.
@@ -241,11 +243,12 @@ impl Proxy {
             names: Arc::new(resolver::Names::default()),
         });
         let resolving = Arc::clone(&shared);
+        let dns_servers = config.dns_servers.clone();
         std::thread::Builder::new()
             .name("resolver".into())
             .spawn(move || {
                 let names = Arc::clone(&resolving.names);
-                names.run(|snapshot| match build_and_swap(&resolving, snapshot) {
+                names.run(&dns_servers, |snapshot| match build_and_swap(&resolving, snapshot) {
                     Ok(applied) => tracing::info!(
                         version = applied.version,
                         apply_ms = applied.duration.as_secs_f64() * 1000.0,
