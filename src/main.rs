@@ -43,6 +43,10 @@ enum Command {
         /// Manifest files (YAML, multi-document).
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// References to objects not among the files (a Service, Secret or ConfigMap that is
+        /// in the cluster) are errors too; without it they are warnings.
+        #[arg(long)]
+        strict: bool,
         #[command(flatten)]
         translation: TranslationArgs,
     },
@@ -385,7 +389,7 @@ fn main() -> ExitCode {
             let Some(config) = proxy_config(&args.proxy) else { return ExitCode::FAILURE };
             cluster::run_proxy(&config, args.controllers, args.name, &args.tls.files(), drain)
         }
-        Command::Validate { files, .. } => return validate(&files, options),
+        Command::Validate { files, strict, .. } => return validate(&files, options, strict),
         Command::Echo { listen, service, namespace } => return run_echo(listen, service, namespace),
         Command::Crd => {
             print!("{}", tidegate_controller::luaroute::crd_yaml());
@@ -452,8 +456,10 @@ fn spawn_echo(addr: SocketAddr) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Parses and translates files offline; exits 1 when anything is wrong.
-fn validate(files: &[PathBuf], options: Options) -> ExitCode {
+/// Parses and translates files offline; exits 1 when anything is wrong. A reference to an
+/// object the files do not hold is only a warning unless `strict`: offline, it may well be in
+/// the cluster.
+fn validate(files: &[PathBuf], options: Options, strict: bool) -> ExitCode {
     let mut objects = Vec::new();
     let mut failed = false;
     for file in files {
@@ -475,6 +481,13 @@ fn validate(files: &[PathBuf], options: Options) -> ExitCode {
     let translation = tidegate_controller::translate(&tidegate_controller::manifests::into_inputs(objects, options));
     for status in &translation.statuses {
         for p in &status.problems {
+            if p.severity == tidegate_controller::Severity::Error && p.names_absent_object() && !strict {
+                println!(
+                    "{}: field {}: {} (Warning: not among the files, it may be in the cluster; --strict makes this an error)",
+                    status.object, p.field, p.message
+                );
+                continue;
+            }
             println!("{}: field {}: {} ({:?}, {:?})", status.object, p.field, p.message, p.severity, p.reason);
             failed |= p.severity == tidegate_controller::Severity::Error;
         }

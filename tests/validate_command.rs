@@ -51,3 +51,32 @@ fn lua_that_does_not_compile_is_reported_with_its_line() {
     assert!(!ok);
     assert!(out.contains("LuaRoute shop/api: field spec.routes[0].lua.content: line 2:"), "{out}");
 }
+
+/// A LuaRoute whose backend Service is in the cluster, not in the file: a warning, exit 0; with
+/// `--strict`, an error, exit 1. A Service that is in the files but lacks the port stays an
+/// error either way.
+#[test]
+fn references_outside_the_files_are_warnings_unless_strict() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("route.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {name: api, namespace: shop}\nspec:\n  hosts: [api.shop.example]\n  routes:\n  - name: r\n    match: {path: {type: Prefix, value: /}}\n    backend: {service: {name: web, port: {number: 80}}}\n",
+    )
+    .expect("write");
+    let (ok, out) = validate(&[&file]);
+    assert!(ok, "{out}");
+    assert!(out.contains("Service shop/web not found") && out.contains("--strict"), "{out}");
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_tidegate")).args(["validate", "--strict"]).arg(&file).output().expect("runs");
+    assert!(!output.status.success(), "{}", String::from_utf8_lossy(&output.stdout));
+
+    let service = dir.path().join("service.yaml");
+    std::fs::write(
+        &service,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  ports: [{port: 8080}]\n",
+    )
+    .expect("write");
+    let (ok, out) = validate(&[&file, &service]);
+    assert!(!ok && out.contains("has no port 80"), "{out}");
+}

@@ -48,6 +48,15 @@ pub struct Problem {
     pub message: String,
 }
 
+impl Problem {
+    /// Whether the problem is only that an object it names (a Service, Secret or ConfigMap) is
+    /// not there: offline (`tidegate validate`), that object may be in the cluster.
+    pub fn names_absent_object(&self) -> bool {
+        matches!(self.reason, Reason::BackendNotFound | Reason::SecretNotFound | Reason::ConfigMapNotFound)
+            && self.message.contains(" not found")
+    }
+}
+
 /// The outcome of translation for one object.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ObjectStatus {
