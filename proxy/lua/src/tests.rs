@@ -1505,3 +1505,51 @@ fn memory_under_pressure_is_shared_out_by_namespace() {
         assert_eq!(run("a", hold(22, "")).await, Outcome::Continue);
     });
 }
+
+/// The FFI libraries of OpenResty, built in under their names: digests, hex, random bytes,
+/// base64url, and LuaJIT's table extensions.
+#[test]
+fn resty_libraries_built_in_run_unchanged() {
+    let vm = vm();
+    let out = say(
+        &vm,
+        r#"
+        local str = require "resty.string"
+        local resty_sha256 = require "resty.sha256"
+        local sha256 = resty_sha256:new()
+        sha256:update("hello ")
+        sha256:update("world")
+        ngx.say(str.to_hex(sha256:final()))
+        local md5 = (require "resty.md5"):new()
+        md5:update("hello world")
+        ngx.say(str.to_hex(md5:final()))
+        local sha1 = (require "resty.sha1"):new()
+        sha1:update("x") sha1:reset() sha1:update("hello world")
+        ngx.say(str.to_hex(sha1:final()))
+        ngx.say(#str.to_hex((require "resty.sha512"):new():final()), " ", str.atoi(" 42 "))
+        local random = require "resty.random"
+        local a, b = random.bytes(16, true), random.bytes(16)
+        ngx.say(#a, " ", #b, " ", a ~= b)
+        local b64 = require "ngx.base64"
+        local e = b64.encode_base64url("\255\254?>")
+        ngx.say(e, " ", b64.decode_base64url(e) == "\255\254?>", " ", select(2, b64.decode_base64url("*")))
+        local new_tab, clear_tab = require "table.new", require "table.clear"
+        local t = new_tab(10, 0)
+        t[1], t.x = 1, 2
+        ngx.say(table.nkeys(t), " ", table.isempty(t), " ", require("table.isempty")({}))
+        clear_tab(t)
+        ngx.say(table.nkeys(t), " ", type(require "resty.core"))
+        "#,
+    );
+    assert_eq!(
+        out,
+        "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9\n\
+         5eb63bbbe01eeed093cb22bb8f5acdc3\n\
+         2aae6c35c94fcfb415dbe95f408b9ce91ee846ed\n\
+         128 42\n\
+         16 16 true\n\
+         __4_Pg true invalid input\n\
+         2 false true\n\
+         0 table\n"
+    );
+}

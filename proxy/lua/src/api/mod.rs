@@ -9,6 +9,7 @@ mod json;
 pub(crate) mod output;
 mod re;
 mod req;
+mod resty;
 pub(crate) mod shared;
 pub(crate) mod socket;
 pub(crate) mod thread;
@@ -194,6 +195,8 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
     })?;
     base.raw_set("print", print)?;
 
+    let table_lib: Table = base.raw_get("table")?;
+    resty::extend_table(lua, &table_lib)?;
     let modules = lua.create_table()?;
     modules.raw_set("cjson", json::module(lua, false)?)?;
     modules.raw_set("cjson.safe", json::module(lua, true)?)?;
@@ -205,15 +208,22 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
     let resty_http: Table =
         lua.load(include_str!("resty_http.lua")).set_name("=resty.http").set_environment(base.clone()).call(())?;
     modules.raw_set("resty.http", resty_http)?;
-    for (_, module) in modules.pairs::<Value, Table>().flatten() {
-        freeze(&module)?;
+    for (name, module) in resty::modules(lua, &table_lib)? {
+        modules.raw_set(name, module)?;
     }
-    let require = lua.create_function(move |_, name: String| {
-        modules.raw_get::<Option<Table>>(name.as_str())?.ok_or_else(|| {
-            mlua::Error::runtime(format!(
-                "module '{name}' not found: only cjson, cjson.safe, bit, ngx, ngx.resp and resty.http can be required"
-            ))
-        })
+    for (_, module) in modules.pairs::<Value, Value>().flatten() {
+        if let Value::Table(module) = module {
+            freeze(&module)?;
+        }
+    }
+    let require = lua.create_function(move |_, name: String| match modules.raw_get::<Value>(name.as_str())? {
+        Value::Nil => Err(mlua::Error::runtime(format!(
+            "module '{name}' not found: the built-in modules are cjson, cjson.safe, bit, ngx, ngx.resp, \
+                 ngx.base64, resty.http, resty.string, resty.md5, resty.sha1, resty.sha224, resty.sha256, \
+                 resty.sha384, resty.sha512, resty.random, resty.core and table.new, table.clear, \
+                 table.nkeys, table.isempty"
+        ))),
+        module => Ok(module),
     })?;
     base.raw_set("require", require)?;
     base.raw_set("ngx", ngx)?;
