@@ -1,8 +1,11 @@
 //! OpenResty's own test files (lua-nginx-module `t/*.t`, Test::Nginx format) run against tidegate.
 //!
-//! `cargo test` runs the files in `$TIDEGATE_SHARED_DIR/conformance/lua-nginx-module` and fails
-//! when fewer than 80% of the applicable blocks pass. `cargo test --test openresty_conformance --
-//! FILE.t...` measures any other files the same way and only reports.
+//! `cargo test` runs the files in `$TIDEGATE_SHARED_DIR/conformance/lua-nginx-module`, and the
+//! `t/` files of the lua-resty libraries tidegate builds in ([`LIBRARIES`]), and fails when fewer
+//! than 80% of the applicable blocks pass. `cargo test --test openresty_conformance --
+//! FILE.t...` measures any other files the same way and only reports. A library's `t/` module
+//! (`use t::TestLRUCache;`) fills in sections its blocks leave out (`--- request GET /t`); the
+//! runner reads those defaults from the module's `set_value` calls.
 //!
 //! # How a block maps onto tidegate
 //! Each `location` of a block's `--- config` becomes a route of a LuaRoute (`location = /x` is an
@@ -528,9 +531,6 @@ fn unsupported_lua(source: &str) -> Option<&'static str> {
         ("ngx.location.capture", "subrequests (ngx.location.capture)"),
         ("ngx.exec", "internal redirects (ngx.exec)"),
         ("ngx.req.socket", "cosockets"),
-        ("require \"resty.", "resty modules"),
-        ("require(\"resty.", "resty modules"),
-        ("require 'resty.", "resty modules"),
         ("ngx.on_abort", "ngx.on_abort"),
         ("ngx.req.init_body", "streaming request bodies"),
         ("ngx.req.append_body", "streaming request bodies"),
@@ -905,13 +905,44 @@ struct FileReport {
     verdicts: Vec<(usize, String, Verdict)>,
 }
 
+/// The sections a test file's own Perl module (`use t::TestX;`) fills in for blocks without
+/// them, through `add_block_preprocessor` and `$block->set_value("NAME", "VALUE")`, as the
+/// lua-resty libraries' modules do (`request` `GET /t`, `no_error_log` `[error]`); a
+/// `$HttpConfig` default needs nothing of ours (it sets `lua_package_path`).
+fn preprocessor_defaults(path: &Path, text: &str) -> Vec<(String, String)> {
+    let Some(module) = text.lines().find_map(|l| l.trim().strip_prefix("use t::")).map(|m| m.trim_end_matches(';'))
+    else {
+        return Vec::new();
+    };
+    // `t/` is the module's folder, next to or above the file (`t/100-pureffi/x.t`).
+    let found = path.ancestors().skip(1).map(|dir| dir.join(format!("{module}.pm"))).find(|p| p.is_file());
+    let Some(perl) = found.and_then(|p| std::fs::read_to_string(p).ok()) else { return Vec::new() };
+    let set = Regex::new(r#"set_value\("(\w+)",\s*"([^"]*)"\)"#).expect("regex");
+    set.captures_iter(&perl)
+        .map(|c| (c[1].to_owned(), c[2].to_owned()))
+        .filter(|(name, _)| name != "http_config")
+        .collect()
+}
+
 async fn run_file(path: &Path) -> FileReport {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    // A library's file is named with its library (their names repeat across libraries).
+    let display = path.to_string_lossy();
+    let name = match display.split_once("conformance/") {
+        Some((_, rest)) if rest.starts_with("lua-resty-") => rest.to_owned(),
+        _ => path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+    };
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let tag: String = name.chars().filter(char::is_ascii_alphanumeric).collect::<String>().to_ascii_lowercase();
+    let defaults = preprocessor_defaults(path, &text);
     let mut verdicts = Vec::new();
     let mut cases = Vec::new();
-    for block in parse_file(&text) {
+    for mut block in parse_file(&text) {
+        for (section, value) in &defaults {
+            block
+                .sections
+                .entry(section.clone())
+                .or_insert_with(|| Section { modifiers: Vec::new(), value: format!("{value}\n") });
+        }
         match prepare(&block, &tag) {
             Ok(case) => cases.push(case),
             Err(why) => verdicts.push((block.number, block.title.clone(), Verdict::NotApplicable(why))),
@@ -975,16 +1006,31 @@ async fn run_file(path: &Path) -> FileReport {
     FileReport { name, verdicts }
 }
 
+/// The libraries whose own `t/` files run too, against the modules tidegate builds in under
+/// their names (lua-resty-lrucache needs LuaJIT's FFI upstream).
+const LIBRARIES: [&str; 1] = ["lua-resty-lrucache"];
+
 fn shared_suite() -> Option<Vec<PathBuf>> {
     let shared = std::env::var_os("TIDEGATE_SHARED_DIR")
         .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"), PathBuf::from);
-    let dir = shared.join("conformance/lua-nginx-module");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "t"))
-        .collect();
+    let mut files = test_files(&shared.join("conformance/lua-nginx-module"))?;
+    for library in LIBRARIES {
+        files.extend(test_files(&shared.join("conformance").join(library).join("t")).unwrap_or_default());
+    }
+    Some(files)
+}
+
+/// The `.t` files in `dir` and its folders, sorted.
+fn test_files(dir: &Path) -> Option<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).ok()?.filter_map(Result::ok) {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(test_files(&path).unwrap_or_default());
+        } else if path.extension().is_some_and(|e| e == "t") {
+            files.push(path);
+        }
+    }
     files.sort();
     Some(files)
 }
