@@ -87,6 +87,11 @@ struct TranslationArgs {
     /// place of the `--global-auth-*` flags.
     #[arg(long, value_parser = parse_namespaced)]
     configmap: Option<(String, String)>,
+    /// `NAMESPACE/NAME` of the Service (its first port) that answers requests no route matches,
+    /// unless an Ingress's `spec.defaultBackend` does, and serves the error pages of
+    /// `custom-http-errors` for Ingresses without the `default-backend` annotation.
+    #[arg(long, value_parser = parse_namespaced)]
+    default_backend_service: Option<(String, String)>,
     /// `NAME=SIZE` (e.g. `limits=10Mi`): an `ngx.shared` dictionary Lua of every namespace
     /// reaches, unless its namespace declares one of the same name (repeatable).
     #[arg(long = "shared-dict", value_parser = parse_shared_dict)]
@@ -146,6 +151,7 @@ impl TranslationArgs {
             shared_dicts: self.shared_dicts.clone(),
             global_auth: tidegate_controller::translate::global_auth(&set)?,
             configmap: self.configmap.clone(),
+            default_backend_service: self.default_backend_service.clone(),
         })
     }
 }

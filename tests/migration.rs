@@ -471,3 +471,38 @@ async fn mirrors_get_copies_and_never_delay_the_request() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// The controller-wide default backend (`--default-backend-service NS/NAME`, ingress-nginx's
+/// flag): it answers requests no route matches, and serves the error pages of
+/// `custom-http-errors` for an Ingress without the `default-backend` annotation (in another
+/// namespace too). Without the flag, unmatched requests get the proxy's own 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_wide_default_backend() {
+    let dir = manifest_dir();
+    let (web, fallback) = (echo("t", "web").await, echo("sys", "fallback").await);
+    let manifests = [
+        service_yaml("t", "web", 80, "http", &[web]),
+        service_yaml("sys", "fallback", 8080, "http", &[fallback]),
+        ingress(
+            "pages",
+            "pages.test",
+            &[("nginx.ingress.kubernetes.io/custom-http-errors", "404")],
+            &[("Prefix", "/", "web")],
+        ),
+    ]
+    .concat();
+    write_manifest(dir.path(), "all.yaml", &manifests);
+    let path = dir.path().to_owned();
+    let tidegate =
+        tokio::task::spawn_blocking(move || Tidegate::start(&path, &["--default-backend-service", "sys/fallback"]))
+            .await
+            .expect("start");
+    let unmatched = get(tidegate.http, "nowhere.test", "/anything").await.expect("answer");
+    assert_eq!(unmatched.json()["service"], "fallback", "no route matched: the default backend answered");
+    let page = get(tidegate.http, "pages.test", "/missing?status=404").await.expect("answer").json();
+    assert_eq!(page["service"], "fallback", "the error page: {page}");
+    assert_eq!(page["headers"]["X-Code"][0], "404");
+    assert_eq!(page["headers"]["X-Ingress-Name"][0], "pages");
+    let served = get(tidegate.http, "pages.test", "/ok").await.expect("answer");
+    assert_eq!(served.json()["service"], "web");
+}

@@ -51,6 +51,10 @@ pub struct Options {
     /// `--configmap NAMESPACE/NAME`: the ConfigMap of cluster-wide settings, with ingress-nginx's
     /// keys (see [`crate::translate::configmap_table`]).
     pub configmap: Option<(String, String)>,
+    /// `--default-backend-service NAMESPACE/NAME`: the Service that answers requests no route
+    /// matches (unless an Ingress's `spec.defaultBackend` does), and the error pages of
+    /// `custom-http-errors` for Ingresses without the `default-backend` annotation.
+    pub default_backend_service: Option<(String, String)>,
 }
 
 impl Default for Options {
@@ -63,6 +67,7 @@ impl Default for Options {
             shared_dicts: Vec::new(),
             global_auth: None,
             configmap: None,
+            default_backend_service: None,
         }
     }
 }

@@ -34,11 +34,14 @@ pub(super) fn translate(
         return;
     }
     let settings = annotations::read(ingress.metadata.annotations.as_ref(), &global.defaults, status);
-    if !settings.error_codes.is_empty() && settings.default_backend.is_none() {
+    if !settings.error_codes.is_empty()
+        && settings.default_backend.is_none()
+        && options.default_backend_service.is_none()
+    {
         status.warning(
             Reason::Unsupported,
             settings.field("custom-http-errors"),
-            "custom-http-errors needs the default-backend annotation (tidegate has no controller-wide default backend); ignored",
+            "custom-http-errors needs the default-backend annotation or the controller's --default-backend-service; ignored",
         );
     }
     // When the Lua it asks for cannot run, or it asks for a protection tidegate does not
@@ -57,7 +60,9 @@ pub(super) fn translate(
         status.accepted = false;
     }
     let canary = settings.canary.enabled;
-    let mut ctx = Context { ingress, index, settings, lua, policies, refusal, upstreams: Vec::new(), out, status };
+    let fallback = options.default_backend_service.clone();
+    let mut ctx =
+        Context { ingress, index, settings, lua, policies, refusal, upstreams: Vec::new(), out, status, fallback };
     if canary {
         // A canary Ingress is no route of its own: its paths offer another backend to the
         // routes of other Ingresses for the same host and path.
@@ -158,6 +163,8 @@ struct Context<'i, 'o> {
     upstreams: Vec<(String, String, Result<Upstream, ()>)>,
     out: &'o mut Builder,
     status: &'o mut ObjectStatus,
+    /// The controller's `--default-backend-service`, for error pages without the annotation.
+    fallback: Option<(String, String)>,
 }
 
 impl Context<'_, '_> {
@@ -243,12 +250,19 @@ impl Context<'_, '_> {
         }
     }
 
-    /// The `default-backend` Service's backend (its first port), once per Ingress; `None`,
-    /// reported, when the Service or its port cannot be found.
+    /// The `default-backend` Service's backend (its first port), or else the controller's
+    /// `--default-backend-service`, once per Ingress; `None`, reported, when the Service or its
+    /// port cannot be found.
     fn error_backend(&mut self) -> Option<tidegate_snapshot::BackendId> {
-        let name = self.settings.default_backend.clone()?;
-        let namespace = namespace_of(&self.ingress.metadata).to_owned();
-        let field = self.settings.field("default-backend");
+        let (namespace, name, field) = match self.settings.default_backend.clone() {
+            Some(name) => {
+                (namespace_of(&self.ingress.metadata).to_owned(), name, self.settings.field("default-backend"))
+            }
+            None => {
+                let (namespace, name) = self.fallback.clone()?;
+                (namespace, name, self.settings.field("custom-http-errors"))
+            }
+        };
         let Some(port) = self.index.first_port(&namespace, &name) else {
             let message = format!("Service {namespace}/{name} not found, or it has no port; not used");
             if !self.status.problems.iter().any(|p| p.field == field) {

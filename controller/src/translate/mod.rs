@@ -155,6 +155,32 @@ pub fn translate(inputs: &Inputs) -> Translation {
             }
         }
     });
+    // No Ingress's spec.defaultBackend: the controller's default backend Service, if any,
+    // answers what no route matches.
+    if out.default_backend.is_none()
+        && let Some((namespace, name)) = &inputs.options.default_backend_service
+    {
+        match index.first_port(namespace, name) {
+            Some(port) => {
+                let (backend, problem) = out.backend(&index, namespace, name, index::PortRef::Number(port));
+                if let Some((_, message)) = problem {
+                    problems.push(format!("--default-backend-service: {message}"));
+                }
+                out.default_backend = Some(tidegate_snapshot::RouteAction {
+                    backend: Some(backend),
+                    timeouts: tidegate_snapshot::Timeouts::default(),
+                    lua: None,
+                    policies: tidegate_snapshot::Policies::default(),
+                    upstream: tidegate_snapshot::Upstream::default(),
+                    canary: None,
+                    refusal: None,
+                });
+            }
+            None => problems.push(format!(
+                "--default-backend-service: Service {namespace}/{name} not found, or it has no port; unmatched requests get 404"
+            )),
+        }
+    }
     for (name, size) in &inputs.options.shared_dicts {
         let owner = ObjectRef::cluster("Flag", "--shared-dict");
         out.offer_shared_dict(tidegate_snapshot::CLUSTER_WIDE, name, *size, owner, String::new());
