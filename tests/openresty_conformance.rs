@@ -48,6 +48,8 @@ struct Section {
 #[derive(Debug, Clone)]
 struct Block {
     number: usize,
+    /// Its place in the file: numbers can repeat (two `TEST 13`s), places cannot.
+    place: usize,
     title: String,
     sections: BTreeMap<String, Section>,
 }
@@ -74,6 +76,7 @@ fn parse_file(text: &str) -> Vec<Block> {
             blocks.extend(current.take());
             let (number, title) = rest.split_once(':').unwrap_or((rest, ""));
             current = Some(Block {
+                place: blocks.len() + 1,
                 number: number.trim().parse().unwrap_or(0),
                 title: title.trim().to_owned(),
                 sections: BTreeMap::new(),
@@ -620,6 +623,7 @@ fn prepare(block: &Block, file_tag: &str) -> Result<Case, String> {
                 l.trim().is_empty()
                     || l.trim().starts_with('#')
                     || l.trim().starts_with("lua_package_path")
+                    || l.trim().starts_with("lua_package_cpath")
                     || l.trim().starts_with("lua_code_cache")
             })
         {
@@ -655,7 +659,7 @@ fn prepare(block: &Block, file_tag: &str) -> Result<Case, String> {
     if let Some(more) = block.get("more_headers").filter(|r| r.modifiers.iter().any(|m| m == "eval")) {
         perl_values(more.value.trim()).map_err(|e| format!("more_headers: {e}"))?;
     }
-    Ok(Case { block: block.clone(), host: format!("b{}.{file_tag}.test", block.number), locations, dicts })
+    Ok(Case { block: block.clone(), host: format!("b{}.{file_tag}.test", block.place), locations, dicts })
 }
 
 /// One LuaRoute per block, in a namespace of its own so that its dictionaries are its own.
@@ -924,6 +928,13 @@ fn preprocessor_defaults(path: &Path, text: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The `our $HttpConfig = qq{...};` a test file's Perl header defines, if any.
+fn file_http_config(text: &str) -> Option<String> {
+    let header = text.split_once("\n__DATA__\n").map_or(text, |(h, _)| h);
+    let quoted = Regex::new(r"(?s)our \$HttpConfig\s*=\s*qq\{(.*?)\};").expect("regex");
+    quoted.captures(header).map(|c| format!("{}\n", c[1].trim()))
+}
+
 async fn run_file(path: &Path) -> FileReport {
     // A library's file is named with its library (their names repeat across libraries).
     let display = path.to_string_lossy();
@@ -934,9 +945,17 @@ async fn run_file(path: &Path) -> FileReport {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let tag: String = name.chars().filter(char::is_ascii_alphanumeric).collect::<String>().to_ascii_lowercase();
     let defaults = preprocessor_defaults(path, &text);
+    let http_config = file_http_config(&text);
     let mut verdicts = Vec::new();
     let mut cases = Vec::new();
     for mut block in parse_file(&text) {
+        // `--- http_config eval: $::HttpConfig`: the file's own `$HttpConfig`.
+        if let (Some(section), Some(config)) = (block.sections.get_mut("http_config"), &http_config)
+            && section.modifiers.iter().any(|m| m == "eval")
+            && section.value.trim().trim_start_matches("$::").trim_start_matches('$') == "HttpConfig"
+        {
+            *section = Section { modifiers: Vec::new(), value: config.clone() };
+        }
         for (section, value) in &defaults {
             block
                 .sections
@@ -954,13 +973,13 @@ async fn run_file(path: &Path) -> FileReport {
     let dir = manifest_dir();
     let mut manifests = String::new();
     for case in &cases {
-        manifests.push_str(&manifest(case, &format!("b{}", case.block.number)));
+        manifests.push_str(&manifest(case, &format!("b{}", case.block.place)));
     }
     write_manifest(dir.path(), "blocks.yaml", &manifests);
     let dir_path = dir.path().to_owned();
     let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&dir_path, &[])).await.expect("start");
     for case in cases {
-        let route_prefix = format!("b{}/t/", case.block.number);
+        let route_prefix = format!("b{}/t/", case.block.place);
         let verdict = match request_of(&case) {
             Err(why) => Verdict::NotApplicable(why),
             Ok(request) => {
@@ -1007,8 +1026,8 @@ async fn run_file(path: &Path) -> FileReport {
 }
 
 /// The libraries whose own `t/` files run too, against the modules tidegate builds in under
-/// their names (lua-resty-lrucache needs LuaJIT's FFI upstream).
-const LIBRARIES: [&str; 1] = ["lua-resty-lrucache"];
+/// their names (upstream, they need LuaJIT's FFI).
+const LIBRARIES: [&str; 2] = ["lua-resty-lrucache", "lua-resty-lock"];
 
 fn shared_suite() -> Option<Vec<PathBuf>> {
     let shared = std::env::var_os("TIDEGATE_SHARED_DIR")

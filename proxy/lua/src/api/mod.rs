@@ -215,6 +215,9 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
         .call(())?;
     modules.raw_set("resty.lrucache", lrucache.clone())?;
     modules.raw_set("resty.lrucache.pureffi", lrucache)?;
+    let lock: Table =
+        lua.load(include_str!("resty_lock.lua")).set_name("=resty.lock").set_environment(base.clone()).call(())?;
+    modules.raw_set("resty.lock", lock)?;
     for (name, module) in resty::modules(lua, &table_lib)? {
         modules.raw_set(name, module)?;
     }
@@ -226,7 +229,7 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
     let require = lua.create_function(move |_, name: String| match modules.raw_get::<Value>(name.as_str())? {
         Value::Nil => Err(mlua::Error::runtime(format!(
             "module '{name}' not found: the built-in modules are cjson, cjson.safe, bit, ngx, ngx.resp, \
-                 ngx.base64, resty.http, resty.lrucache, resty.string, resty.md5, resty.sha1, resty.sha224, resty.sha256, \
+                 ngx.base64, resty.http, resty.lrucache, resty.lock, resty.string, resty.md5, resty.sha1, resty.sha224, resty.sha256, \
                  resty.sha384, resty.sha512, resty.random, resty.core and table.new, table.clear, \
                  table.nkeys, table.isempty"
         ))),
