@@ -244,18 +244,7 @@ impl Default for UpstreamKeys {
             subset_size: 3,
             retry: tidegate_snapshot::Retry::default(),
             affinity: false,
-            session: tidegate_snapshot::Affinity {
-                cookie: "INGRESSCOOKIE".into(),
-                path: None,
-                domain: None,
-                max_age: None,
-                expires: None,
-                same_site: None,
-                conditional_same_site_none: false,
-                secure: false,
-                persistent: false,
-                change_on_failure: false,
-            },
+            session: tidegate_snapshot::Affinity::default(),
         }
     }
 }

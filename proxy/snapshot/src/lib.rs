@@ -1153,6 +1153,24 @@ pub struct Affinity {
     pub change_on_failure: bool,
 }
 
+impl Default for Affinity {
+    /// ingress-nginx's defaults: the cookie `INGRESSCOOKIE`, balanced, no attributes.
+    fn default() -> Self {
+        Affinity {
+            cookie: "INGRESSCOOKIE".into(),
+            path: None,
+            domain: None,
+            max_age: None,
+            expires: None,
+            same_site: None,
+            conditional_same_site_none: false,
+            secure: false,
+            persistent: false,
+            change_on_failure: false,
+        }
+    }
+}
+
 /// How an endpoint is chosen for each request.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "kind", deny_unknown_fields)]

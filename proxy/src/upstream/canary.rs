@@ -140,18 +140,7 @@ mod tests {
     /// header, the cookie and the weight; `legacy` leaves sessions out of it.
     #[test]
     fn sessions_stick_to_their_backend_unless_legacy() {
-        let affinity = |cookie: &str| Affinity {
-            cookie: cookie.into(),
-            path: None,
-            domain: None,
-            max_age: None,
-            expires: None,
-            same_site: None,
-            conditional_same_site_none: false,
-            secure: false,
-            persistent: false,
-            change_on_failure: false,
-        };
+        let affinity = |cookie: &str| Affinity { cookie: cookie.into(), ..Affinity::default() };
         let main = affinity("INGRESSCOOKIE");
         let main_tag = crate::upstream::affinity::backend_tag(&BackendId("t/main:80".into()));
         let sticky = rule(|c| {
