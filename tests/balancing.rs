@@ -298,11 +298,16 @@ async fn canary_ingresses_take_their_share() {
     manifests.push_str(&canary_of("lonely", "lonely.test", &[("canary", "true"), ("canary-weight", "100")]));
     let (tidegate, _dir) = start(manifests).await;
 
-    let mut client = H1::connect(tidegate.http).await.expect("connect");
+    // A connection carries 1,000 requests (`keep-alive-requests`): a new one every 500.
+    let (addr, mut client, mut sent) = (tidegate.http, H1::connect(tidegate.http).await.expect("connect"), 0);
     let mut served_by = async |headers: &[(&str, &str)]| {
         let mut request = Request::get("/").header("host", "shop.test");
         for (name, value) in headers {
             request = request.header(*name, *value);
+        }
+        sent += 1;
+        if sent % 500 == 0 {
+            client = H1::connect(addr).await.expect("connect");
         }
         client.send(request.body(Full::default()).expect("request")).await.expect("answer").served_by()
     };

@@ -142,3 +142,54 @@ async fn the_global_configmap_sets_what_every_route_does() {
     drop(tidegate);
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+/// `keep-alive-requests`, `keep-alive` and `client-header-timeout` from the ConfigMap: a
+/// connection carries at most that many requests (the last answer says `Connection: close`),
+/// and a client that starts a head and stalls is cut at the header timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_connection_keys_limit_keep_alive_and_slow_heads() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = manifest_dir();
+    let web = echo("t", "web").await;
+    let manifests = [
+        service_yaml("t", "web", 80, "http", &[web]),
+        ingress("plain", "plain.test", &[]),
+        config_map(
+            "sys",
+            "settings",
+            &[("keep-alive-requests", "2"), ("keep-alive", "10"), ("client-header-timeout", "1")],
+        ),
+    ]
+    .concat();
+    write_manifest(dir.path(), "all.yaml", &manifests);
+    let path = dir.path().to_owned();
+    let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&path, &["--configmap", "sys/settings"]))
+        .await
+        .expect("start");
+
+    let mut client = tokio::net::TcpStream::connect(tidegate.http).await.expect("connect");
+    let request = b"GET / HTTP/1.1\r\nHost: plain.test\r\n\r\n";
+    client.write_all(&[&request[..], &request[..], &request[..]].concat()).await.expect("write");
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut all))
+        .await
+        .expect("closed in time")
+        .expect("read");
+    let all = String::from_utf8_lossy(&all);
+    assert_eq!(all.matches("HTTP/1.1 200").count(), 2, "two requests, then closed: {all}");
+    assert_eq!(all.matches("connection: close").count(), 1, "{all}");
+
+    let mut slow = tokio::net::TcpStream::connect(tidegate.http).await.expect("connect");
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: pla").await.expect("write");
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest))
+        .await
+        .expect("cut in time")
+        .expect("read");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "cut at the 1 s header timeout, not 30 s: {:?}",
+        started.elapsed()
+    );
+}

@@ -46,6 +46,8 @@ pub(crate) struct RoutingState {
     pub(crate) hsts: Option<Option<http::HeaderValue>>,
     /// HTTP/2 streams per client connection, when the configuration sets it.
     pub(crate) http2_max_concurrent_streams: Option<u32>,
+    /// HTTP/1 client connections' timeouts and request limit.
+    pub(crate) client_limits: crate::http1::Limits,
 }
 
 /// Ready endpoints of every backend.
@@ -94,6 +96,7 @@ impl Runtime {
                 client_rules: crate::client_address::ClientRules::default(),
                 hsts: None,
                 http2_max_concurrent_streams: None,
+                client_limits: crate::http1::Limits::of(&tidegate_snapshot::ClientConnections::default()),
             }),
             upstreams: Arc::new(Upstreams::default()),
         }
@@ -144,6 +147,7 @@ impl Runtime {
             client_rules,
             hsts,
             http2_max_concurrent_streams: snapshot.routing.http2_max_concurrent_streams,
+            client_limits: crate::http1::Limits::of(&snapshot.routing.client_connections),
         };
         let runtime = Runtime { version: snapshot.version, routing: Arc::new(routing), upstreams };
         Ok(Built { runtime, warnings, routing_rebuilt: true })

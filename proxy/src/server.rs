@@ -179,7 +179,8 @@ async fn serve_http1(worker: Rc<Worker>, mut connection: Resumed<ConnectionGuard
         let service = move |request: http::Request<_>| {
             handle(Rc::clone(&handler), Rc::clone(&facts), request.map(ClientBody::Http1))
         };
-        match crate::http1::serve(io, served, service, shutdown.clone()).await {
+        let limits = worker.current_runtime().routing.client_limits;
+        match crate::http1::serve(io, served, limits, service, shutdown.clone()).await {
             Ended::Closed => return,
             Ended::Refused(status) => {
                 let labels = StatusLabels { status: status.as_u16().to_string() };

@@ -51,6 +51,8 @@ pub(super) struct Global {
     pub(super) hsts: Option<HstsKeys>,
     /// `http2-max-concurrent-streams`.
     pub(super) http2_streams: Option<u32>,
+    /// `keep-alive`, `keep-alive-requests`, `client-header-timeout`.
+    pub(super) client_connections: tidegate_snapshot::ClientConnections,
 }
 
 /// The `hsts*` keys, with ingress-nginx's defaults for those not set.
@@ -234,6 +236,22 @@ const KEYS: &[ConfigKey] = &[
             Ok(())
         }
         _ => Err(format!("{v:?} is not a number above 0")),
+    }),
+    own("keep-alive", "75", |v, r| seconds(v).map(|s| r.global.client_connections.keep_alive_seconds = Some(s))),
+    own("keep-alive-requests", "1000", |v, r| match v.trim().parse::<u64>() {
+        Ok(n) if n > 0 => {
+            r.global.client_connections.keep_alive_requests = Some(n);
+            Ok(())
+        }
+        _ => Err(format!("{v:?} is not a number above 0")),
+    }),
+    own("client-header-timeout", "30", |v, r| match seconds(v) {
+        Ok(s) if s > 0 => {
+            r.global.client_connections.header_seconds = Some(s);
+            Ok(())
+        }
+        Ok(_) => Err(format!("{v:?} is not a time above 0")),
+        Err(e) => Err(e),
     }),
     own("hsts", "true", |v, r| annotations::boolean(v).map(|b| r.global.hsts.get_or_insert_default().enabled = b)),
     own("hsts-include-subdomains", "true", |v, r| {
@@ -438,6 +456,22 @@ pub fn configmap_table() -> String {
         .collect();
     rows.sort();
     format!("| key | tidegate | default |\n|---|---|---|\n{}\n", rows.join("\n"))
+}
+
+/// nginx time in whole seconds: `75`, `75s`, `2m`, `1h`.
+fn seconds(value: &str) -> Result<u64, String> {
+    let v = value.trim();
+    let (digits, scale) = match v.char_indices().last() {
+        Some((i, 's')) => (&v[..i], 1),
+        Some((i, 'm')) => (&v[..i], 60),
+        Some((i, 'h')) => (&v[..i], 3600),
+        _ => (v, 1),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("{value:?} is not a time in seconds"))
 }
 
 #[cfg(test)]

@@ -189,6 +189,7 @@ pub fn translate(inputs: &Inputs) -> Translation {
     snapshot.routing.client_address = global.client_address.clone();
     snapshot.routing.hsts = global.hsts();
     snapshot.routing.http2_max_concurrent_streams = global.http2_streams;
+    snapshot.routing.client_connections = global.client_connections.clone();
     Translation { snapshot, statuses: statuses.into_values().collect(), problems }
 }
 
@@ -607,6 +608,7 @@ impl Builder {
                 client_address: tidegate_snapshot::ClientAddress::default(),
                 hsts: None,
                 http2_max_concurrent_streams: None,
+                client_connections: tidegate_snapshot::ClientConnections::default(),
             },
             endpoints: self.endpoints,
             names: self.names,

@@ -155,6 +155,33 @@ pub struct Routing {
     /// `http2-max-concurrent-streams`); the proxy's `--http2-max-concurrent-streams` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http2_max_concurrent_streams: Option<u32>,
+    /// How long HTTP/1 client connections may wait and how many requests they may carry (the
+    /// global ConfigMap's `keep-alive`, `keep-alive-requests`, `client-header-timeout`); the
+    /// proxy's defaults where absent.
+    #[serde(default, skip_serializing_if = "ClientConnections::is_default")]
+    pub client_connections: ClientConnections,
+}
+
+/// Client connection limits, as nginx's `keepalive_timeout`, `keepalive_requests` and
+/// `client_header_timeout`. `None`: the proxy's default (75 s, 1,000 requests, 30 s).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientConnections {
+    /// Seconds an idle keep-alive connection is kept; 0 closes each after its response.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_alive_seconds: Option<u64>,
+    /// Requests one connection may carry; the last response says `Connection: close`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_alive_requests: Option<u64>,
+    /// Seconds a client has to send a request head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header_seconds: Option<u64>,
+}
+
+impl ClientConnections {
+    pub fn is_default(&self) -> bool {
+        *self == ClientConnections::default()
+    }
 }
 
 /// How the proxy learns the client's address behind a load balancer, as ingress-nginx's
@@ -1551,6 +1578,11 @@ mod tests {
                 default_certificate: Some("shop/tls".into()),
                 hsts: Some("max-age=31536000; includeSubDomains".into()),
                 http2_max_concurrent_streams: Some(128),
+                client_connections: ClientConnections {
+                    keep_alive_seconds: Some(75),
+                    keep_alive_requests: Some(1000),
+                    header_seconds: Some(60),
+                },
                 client_address: ClientAddress {
                     proxy_protocol: true,
                     header: Some("x-forwarded-for".into()),

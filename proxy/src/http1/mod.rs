@@ -44,10 +44,35 @@ use stream::{BodyState, Conn};
 pub(crate) use stream::{Detached, Io, OnUpgrade, RequestStream};
 
 /// Time a client has to send a request head once it started one, or the first head of a new
-/// connection.
+/// connection, unless the configuration says (nginx's `client_header_timeout`).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Time an idle keep-alive connection is kept (nginx's `keepalive_timeout`).
+/// Time an idle keep-alive connection is kept, unless the configuration says (nginx's
+/// `keepalive_timeout`).
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(75);
+
+/// Requests one client connection carries unless the configuration says (nginx's and
+/// ingress-nginx's `keepalive_requests` default).
+const KEEP_ALIVE_REQUESTS: u64 = 1000;
+
+/// What a client connection may take: the global ConfigMap's `client-header-timeout`,
+/// `keep-alive` and `keep-alive-requests`, or the defaults above.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    pub(crate) header: Duration,
+    pub(crate) keep_alive: Duration,
+    /// Requests one connection carries; the last response says `Connection: close`.
+    pub(crate) requests: u64,
+}
+
+impl Limits {
+    pub(crate) fn of(settings: &tidegate_snapshot::ClientConnections) -> Limits {
+        Limits {
+            header: settings.header_seconds.map_or(HEADER_READ_TIMEOUT, Duration::from_secs),
+            keep_alive: settings.keep_alive_seconds.map_or(KEEP_ALIVE_TIMEOUT, Duration::from_secs),
+            requests: settings.keep_alive_requests.unwrap_or(KEEP_ALIVE_REQUESTS),
+        }
+    }
+}
 /// A connection that has had nothing to read for this long leaves the loop ([`Ended::Idle`]),
 /// to wait without a task. A busy client's next request (a round trip) comes well within it,
 /// so only connections that really idle pay for leaving and coming back (a task freed and a
@@ -99,6 +124,7 @@ pub(crate) fn on_upgrade<B>(request: &mut Request<B>) -> Option<OnUpgrade> {
 pub(crate) async fn serve<S, F, B>(
     io: Box<dyn Io>,
     mut served: u64,
+    limits: Limits,
     mut service: S,
     shutdown: watch::Receiver<bool>,
 ) -> Ended
@@ -112,7 +138,7 @@ where
     let mut alarm = Alarm::default();
     loop {
         // No await inside this match: the matched value would be kept in the task's state.
-        let head = match next_head(&conn, served == 0, &shutdown, &mut alarm).await {
+        let mut head = match next_head(&conn, served == 0, limits, &shutdown, &mut alarm).await {
             Next::Head(head) => head,
             Next::Closed => return Ended::Closed,
             Next::Refused(status) => return Ended::Refused(status),
@@ -123,6 +149,8 @@ where
             }
         };
         served += 1;
+        // The connection's last request (`keep-alive-requests`), or keep-alive off.
+        head.keep_alive &= served < limits.requests && !limits.keep_alive.is_zero();
         match Box::pin(exchange(&conn, head, served, &mut service, &shutdown)).await {
             After::Next => {}
             After::Close => {
@@ -152,9 +180,15 @@ enum Next {
 /// timeouts or the end of the stream, and leaving the loop once idle for [`PARK_AFTER`], or
 /// closing then if a drain has started. A head that cannot be served is answered here, and the
 /// connection closes.
-async fn next_head(conn: &RefCell<Conn>, first: bool, shutdown: &watch::Receiver<bool>, alarm: &mut Alarm) -> Next {
+async fn next_head(
+    conn: &RefCell<Conn>,
+    first: bool,
+    limits: Limits,
+    shutdown: &watch::Receiver<bool>,
+    alarm: &mut Alarm,
+) -> Next {
     let now = Instant::now();
-    let mut deadline = now + if first { HEADER_READ_TIMEOUT } else { KEEP_ALIVE_TIMEOUT };
+    let mut deadline = now + if first { limits.header } else { limits.keep_alive };
     let park_at = now + PARK_AFTER;
     let mut started = false;
     loop {
@@ -178,7 +212,7 @@ async fn next_head(conn: &RefCell<Conn>, first: bool, shutdown: &watch::Receiver
         }
         if !idle && !started {
             started = true;
-            deadline = Instant::now() + HEADER_READ_TIMEOUT;
+            deadline = Instant::now() + limits.header;
         }
         let read = poll_fn(|cx| conn.borrow_mut().poll_fill_head(cx));
         // Idle, it parks first: the last read found nothing, so nothing waits unread.

@@ -66,7 +66,7 @@ async fn server() -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver
             tokio::task::spawn_local(async move {
                 let (mut io, mut served): (Box<dyn Io>, u64) = (Box::new(stream), 0);
                 loop {
-                    match serve(io, served, service, shutdown.clone()).await {
+                    match serve(io, served, super::Limits::of(&Default::default()), service, shutdown.clone()).await {
                         Ended::Closed | Ended::Refused(_) => return,
                         Ended::Http2(mut detached) => {
                             let mut start = [0u8; 24];
@@ -296,7 +296,7 @@ async fn an_idle_connection_closes_soon_after_a_drain_starts() {
         let (stop, shutdown) = watch::channel(false);
         let serving = tokio::task::spawn_local(async move {
             let (stream, _) = listener.accept().await.expect("accept");
-            serve(Box::new(stream), 0, service, shutdown).await
+            serve(Box::new(stream), 0, Limits::of(&Default::default()), service, shutdown).await
         });
         let mut client = TcpStream::connect(addr).await.expect("connect");
         client.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await.expect("write");
@@ -312,4 +312,35 @@ async fn an_idle_connection_closes_soon_after_a_drain_starts() {
         assert_eq!(read_until(&mut client, |_| false).await, "", "nothing more was sent");
     })
     .await;
+}
+
+/// `keep-alive-requests: 2`: the second response of a connection says `Connection: close` and
+/// the connection ends; `keep-alive: 0` closes after the first.
+#[tokio::test]
+async fn a_connection_carries_at_most_keep_alive_requests() {
+    for (settings, responses) in [
+        (tidegate_snapshot::ClientConnections { keep_alive_requests: Some(2), ..Default::default() }, 2),
+        (tidegate_snapshot::ClientConnections { keep_alive_seconds: Some(0), ..Default::default() }, 1),
+    ] {
+        local(async move {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("address");
+            let (_stop, shutdown) = watch::channel(false);
+            let serving = tokio::task::spawn_local(async move {
+                let (stream, _) = listener.accept().await.expect("accept");
+                serve(Box::new(stream), 0, Limits::of(&settings), service, shutdown).await
+            });
+            let mut client = TcpStream::connect(addr).await.expect("connect");
+            client
+                .write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\nGET / HTTP/1.1\r\nhost: a\r\n\r\nGET / HTTP/1.1\r\nhost: a\r\n\r\n")
+                .await
+                .expect("write");
+            let all = read_until(&mut client, |_| false).await;
+            assert_eq!(all.matches("HTTP/1.1 200").count(), responses, "{all}");
+            assert_eq!(all.matches("connection: close").count(), 1, "the last one says so: {all}");
+            let ended = tokio::time::timeout(Duration::from_secs(1), serving).await.expect("closed in time");
+            assert!(matches!(ended.expect("served"), Ended::Closed));
+        })
+        .await;
+    }
 }
