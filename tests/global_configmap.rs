@@ -193,3 +193,41 @@ async fn client_connection_keys_limit_keep_alive_and_slow_heads() {
         started.elapsed()
     );
 }
+
+/// `ssl-protocols: TLSv1.3`: a client that offers only TLS 1.2 is refused in the handshake, one
+/// that offers 1.3 is served; the key applies live to new connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssl_protocols_set_what_clients_may_use() {
+    let dir = manifest_dir();
+    let web = echo("t", "web").await;
+    let manifests = [
+        service_yaml("t", "web", 80, "http", &[web]),
+        ingress("plain", "plain.test", &[]),
+        config_map("sys", "settings", &[("ssl-protocols", "TLSv1.3")]),
+    ]
+    .concat();
+    write_manifest(dir.path(), "all.yaml", &manifests);
+    let path = dir.path().to_owned();
+    let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&path, &["--configmap", "sys/settings"]))
+        .await
+        .expect("start");
+    let handshake = async |versions: &[&'static rustls::SupportedProtocolVersion]| {
+        let connector = support::tls_connector_with_versions(None, &[b"http/1.1"], versions);
+        let tcp = tokio::net::TcpStream::connect(tidegate.https).await.expect("connect");
+        let name = rustls_pki_types::ServerName::try_from("plain.test").expect("name");
+        connector.connect(name, tcp).await.map(|s| s.get_ref().1.protocol_version())
+    };
+    assert!(handshake(&[&rustls::version::TLS12]).await.is_err(), "TLS 1.2 refused");
+    assert_eq!(handshake(&[&rustls::version::TLS13]).await.expect("TLS 1.3"), Some(rustls::ProtocolVersion::TLSv1_3));
+
+    write_manifest(
+        dir.path(),
+        "all.yaml",
+        &manifests.replace("ssl-protocols: \"TLSv1.3\"", "ssl-protocols: \"TLSv1.2 TLSv1.3\""),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while handshake(&[&rustls::version::TLS12]).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "TLS 1.2 allowed again within 5 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

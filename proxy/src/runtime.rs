@@ -48,6 +48,28 @@ pub(crate) struct RoutingState {
     pub(crate) http2_max_concurrent_streams: Option<u32>,
     /// HTTP/1 client connections' timeouts and request limit.
     pub(crate) client_limits: crate::http1::Limits,
+    /// Which TLS versions clients may use (`ssl-protocols`).
+    pub(crate) client_tls_versions: TlsVersions,
+}
+
+/// The TLS versions clients may use: an index into the server configurations made at start
+/// ([`crate::tls::ServerConfigs`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TlsVersions {
+    Both = 0,
+    Tls13 = 1,
+    Tls12 = 2,
+}
+
+impl TlsVersions {
+    fn of(versions: &[tidegate_snapshot::TlsVersion]) -> TlsVersions {
+        use tidegate_snapshot::TlsVersion;
+        match (versions.contains(&TlsVersion::Tls12), versions.contains(&TlsVersion::Tls13)) {
+            (false, true) => TlsVersions::Tls13,
+            (true, false) => TlsVersions::Tls12,
+            _ => TlsVersions::Both,
+        }
+    }
 }
 
 /// Ready endpoints of every backend.
@@ -97,6 +119,7 @@ impl Runtime {
                 hsts: None,
                 http2_max_concurrent_streams: None,
                 client_limits: crate::http1::Limits::of(&tidegate_snapshot::ClientConnections::default()),
+                client_tls_versions: TlsVersions::Both,
             }),
             upstreams: Arc::new(Upstreams::default()),
         }
@@ -148,6 +171,7 @@ impl Runtime {
             hsts,
             http2_max_concurrent_streams: snapshot.routing.http2_max_concurrent_streams,
             client_limits: crate::http1::Limits::of(&snapshot.routing.client_connections),
+            client_tls_versions: TlsVersions::of(&snapshot.routing.client_tls_versions),
         };
         let runtime = Runtime { version: snapshot.version, routing: Arc::new(routing), upstreams };
         Ok(Built { runtime, warnings, routing_rebuilt: true })

@@ -172,24 +172,24 @@ impl ResolvesServerCert for Resolver {
 }
 
 /// The two server configurations of the TLS listeners: SNI resolution, h2 and http/1.1 by ALPN;
-/// `asking` also asks the client for a certificate.
+/// `asking` also asks the client for a certificate. One pair per set of TLS versions the
+/// configuration may allow (`ssl-protocols`), made once: [both, 1.3 only, 1.2 only].
 #[derive(Debug, Clone)]
 pub(crate) struct ServerConfigs {
-    plain: Arc<rustls::ServerConfig>,
-    asking: Arc<rustls::ServerConfig>,
+    by_versions: [(Arc<rustls::ServerConfig>, Arc<rustls::ServerConfig>); 3],
     shared: Arc<Shared>,
 }
 
 pub(crate) fn server_configs(shared: Arc<Shared>) -> ServerConfigs {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let build = |verifier: Option<Arc<dyn ClientCertVerifier>>| {
+    let build = |versions: &[&'static rustls::SupportedProtocolVersion],
+                 verifier: Option<Arc<dyn ClientCertVerifier>>| {
         // The ring provider supports every protocol version rustls has, so this cannot fail.
-        let builder = match rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
-            .with_safe_default_protocol_versions()
-        {
-            Ok(b) => b,
-            Err(e) => unreachable!("ring supports the default protocol versions: {e}"),
-        };
+        let builder =
+            match rustls::ServerConfig::builder_with_provider(Arc::clone(&provider)).with_protocol_versions(versions) {
+                Ok(b) => b,
+                Err(e) => unreachable!("ring supports TLS 1.2 and 1.3: {e}"),
+            };
         let builder = match verifier {
             Some(verifier) => builder.with_client_cert_verifier(verifier),
             None => builder.with_no_client_auth(),
@@ -198,8 +198,16 @@ pub(crate) fn server_configs(shared: Arc<Shared>) -> ServerConfigs {
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Arc::new(config)
     };
-    let asking = build(Some(Arc::new(AskForCertificate { provider: Arc::clone(&provider) })));
-    ServerConfigs { plain: build(None), asking, shared }
+    let pair = |versions: &[&'static rustls::SupportedProtocolVersion]| {
+        let asking = build(versions, Some(Arc::new(AskForCertificate { provider: Arc::clone(&provider) })));
+        (build(versions, None), asking)
+    };
+    let by_versions = [
+        pair(&[&rustls::version::TLS13, &rustls::version::TLS12]),
+        pair(&[&rustls::version::TLS13]),
+        pair(&[&rustls::version::TLS12]),
+    ];
+    ServerConfigs { by_versions, shared }
 }
 
 /// The client certificate chain a handshake received, end entity first.
@@ -217,7 +225,8 @@ where
     let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
     let runtime = configs.shared.runtime.load();
     let asks = runtime.routing.certificates.asks_client_certificate(start.client_hello().server_name());
-    let config = if asks { &configs.asking } else { &configs.plain };
+    let (plain, asking) = &configs.by_versions[runtime.routing.client_tls_versions as usize];
+    let config = if asks { asking } else { plain };
     let stream = start.into_stream(Arc::clone(config)).await?;
     let certificates = stream
         .get_ref()

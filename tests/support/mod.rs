@@ -385,9 +385,18 @@ pub struct TlsAnswer {
 /// A TLS client that trusts `trusted` (PEM certificates) or, with `None`, accepts any
 /// certificate (to look at the default one).
 pub fn tls_connector(trusted: Option<&[&str]>, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+    tls_connector_with_versions(trusted, alpn, rustls::DEFAULT_VERSIONS)
+}
+
+/// [`tls_connector`] offering only `versions`.
+pub fn tls_connector_with_versions(
+    trusted: Option<&[&str]>,
+    alpn: &[&[u8]],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> tokio_rustls::TlsConnector {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .expect("versions");
     let mut config = match trusted {
         Some(pems) => {

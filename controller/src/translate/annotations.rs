@@ -1196,7 +1196,7 @@ fn next_upstream(value: &str, retry: &mut tidegate_snapshot::Retry) -> Result<()
 
 /// nginx's `ssl_protocols` list: TLS 1.2 and 1.3 are spoken; older versions are left out (a
 /// list of nothing else is refused).
-fn tls_versions(value: &str) -> Result<Vec<TlsVersion>, String> {
+pub(super) fn tls_versions(value: &str) -> Result<Vec<TlsVersion>, String> {
     let mut versions = Vec::new();
     for word in value.split_whitespace() {
         match word {

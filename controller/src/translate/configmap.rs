@@ -53,6 +53,8 @@ pub(super) struct Global {
     pub(super) http2_streams: Option<u32>,
     /// `keep-alive`, `keep-alive-requests`, `client-header-timeout`.
     pub(super) client_connections: tidegate_snapshot::ClientConnections,
+    /// `ssl-protocols`.
+    pub(super) client_tls_versions: Vec<tidegate_snapshot::TlsVersion>,
 }
 
 /// The `hsts*` keys, with ingress-nginx's defaults for those not set.
@@ -236,6 +238,9 @@ const KEYS: &[ConfigKey] = &[
             Ok(())
         }
         _ => Err(format!("{v:?} is not a number above 0")),
+    }),
+    own("ssl-protocols", "TLSv1.2 TLSv1.3", |v, r| {
+        annotations::tls_versions(v).map(|list| r.global.client_tls_versions = list)
     }),
     own("keep-alive", "75", |v, r| seconds(v).map(|s| r.global.client_connections.keep_alive_seconds = Some(s))),
     own("keep-alive-requests", "1000", |v, r| match v.trim().parse::<u64>() {

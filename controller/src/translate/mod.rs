@@ -190,6 +190,7 @@ pub fn translate(inputs: &Inputs) -> Translation {
     snapshot.routing.hsts = global.hsts();
     snapshot.routing.http2_max_concurrent_streams = global.http2_streams;
     snapshot.routing.client_connections = global.client_connections.clone();
+    snapshot.routing.client_tls_versions = global.client_tls_versions.clone();
     Translation { snapshot, statuses: statuses.into_values().collect(), problems }
 }
 
@@ -609,6 +610,7 @@ impl Builder {
                 hsts: None,
                 http2_max_concurrent_streams: None,
                 client_connections: tidegate_snapshot::ClientConnections::default(),
+                client_tls_versions: Vec::new(),
             },
             endpoints: self.endpoints,
             names: self.names,

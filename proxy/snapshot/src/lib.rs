@@ -160,6 +160,10 @@ pub struct Routing {
     /// proxy's defaults where absent.
     #[serde(default, skip_serializing_if = "ClientConnections::is_default")]
     pub client_connections: ClientConnections,
+    /// The TLS versions clients may use (the global ConfigMap's `ssl-protocols`); both when
+    /// empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client_tls_versions: Vec<TlsVersion>,
 }
 
 /// Client connection limits, as nginx's `keepalive_timeout`, `keepalive_requests` and
@@ -1583,6 +1587,7 @@ mod tests {
                     keep_alive_requests: Some(1000),
                     header_seconds: Some(60),
                 },
+                client_tls_versions: vec![TlsVersion::Tls13],
                 client_address: ClientAddress {
                     proxy_protocol: true,
                     header: Some("x-forwarded-for".into()),
