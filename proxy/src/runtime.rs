@@ -50,6 +50,8 @@ pub(crate) struct RoutingState {
     pub(crate) client_limits: crate::http1::Limits,
     /// Which TLS versions clients may use (`ssl-protocols`).
     pub(crate) client_tls_versions: TlsVersions,
+    /// Upstream keep-alive (`upstream-keepalive-*`), which each worker's pool takes.
+    pub(crate) pool_limits: crate::upstream::PoolLimits,
 }
 
 /// The TLS versions clients may use: an index into the server configurations made at start
@@ -120,6 +122,7 @@ impl Runtime {
                 http2_max_concurrent_streams: None,
                 client_limits: crate::http1::Limits::of(&tidegate_snapshot::ClientConnections::default()),
                 client_tls_versions: TlsVersions::Both,
+                pool_limits: crate::upstream::PoolLimits::of(&tidegate_snapshot::UpstreamConnections::default()),
             }),
             upstreams: Arc::new(Upstreams::default()),
         }
@@ -172,6 +175,7 @@ impl Runtime {
             http2_max_concurrent_streams: snapshot.routing.http2_max_concurrent_streams,
             client_limits: crate::http1::Limits::of(&snapshot.routing.client_connections),
             client_tls_versions: TlsVersions::of(&snapshot.routing.client_tls_versions),
+            pool_limits: crate::upstream::PoolLimits::of(&snapshot.routing.upstream_connections),
         };
         let runtime = Runtime { version: snapshot.version, routing: Arc::new(routing), upstreams };
         Ok(Built { runtime, warnings, routing_rebuilt: true })

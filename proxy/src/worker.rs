@@ -58,6 +58,7 @@ impl Worker {
         let latest = self.shared.runtime.load();
         let mut cached = self.runtime.borrow_mut();
         if !Arc::ptr_eq(&latest, &**cached) {
+            self.pool.configure(latest.routing.pool_limits);
             *cached = Rc::new(Arc::clone(&latest));
         }
         Rc::clone(&cached)

@@ -55,6 +55,8 @@ pub(super) struct Global {
     pub(super) client_connections: tidegate_snapshot::ClientConnections,
     /// `ssl-protocols`.
     pub(super) client_tls_versions: Vec<tidegate_snapshot::TlsVersion>,
+    /// `upstream-keepalive-connections`, `-timeout`, `-requests`.
+    pub(super) upstream_connections: tidegate_snapshot::UpstreamConnections,
 }
 
 /// The `hsts*` keys, with ingress-nginx's defaults for those not set.
@@ -235,6 +237,22 @@ const KEYS: &[ConfigKey] = &[
     own("http2-max-concurrent-streams", "128", |v, r| match v.trim().parse::<u32>() {
         Ok(n) if n > 0 => {
             r.global.http2_streams = Some(n);
+            Ok(())
+        }
+        _ => Err(format!("{v:?} is not a number above 0")),
+    }),
+    own("upstream-keepalive-connections", "128", |v, r| {
+        v.trim()
+            .parse::<u32>()
+            .map(|n| r.global.upstream_connections.idle_per_endpoint = Some(n))
+            .map_err(|_| format!("{v:?} is not a number"))
+    }),
+    own("upstream-keepalive-timeout", "30", |v, r| {
+        seconds(v).map(|s| r.global.upstream_connections.idle_seconds = Some(s))
+    }),
+    own("upstream-keepalive-requests", "", |v, r| match v.trim().parse::<u64>() {
+        Ok(n) if n > 0 => {
+            r.global.upstream_connections.requests = Some(n);
             Ok(())
         }
         _ => Err(format!("{v:?} is not a number above 0")),

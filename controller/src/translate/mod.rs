@@ -191,6 +191,7 @@ pub fn translate(inputs: &Inputs) -> Translation {
     snapshot.routing.http2_max_concurrent_streams = global.http2_streams;
     snapshot.routing.client_connections = global.client_connections.clone();
     snapshot.routing.client_tls_versions = global.client_tls_versions.clone();
+    snapshot.routing.upstream_connections = global.upstream_connections.clone();
     Translation { snapshot, statuses: statuses.into_values().collect(), problems }
 }
 
@@ -611,6 +612,7 @@ impl Builder {
                 http2_max_concurrent_streams: None,
                 client_connections: tidegate_snapshot::ClientConnections::default(),
                 client_tls_versions: Vec::new(),
+                upstream_connections: tidegate_snapshot::UpstreamConnections::default(),
             },
             endpoints: self.endpoints,
             names: self.names,

@@ -160,10 +160,37 @@ pub struct Routing {
     /// proxy's defaults where absent.
     #[serde(default, skip_serializing_if = "ClientConnections::is_default")]
     pub client_connections: ClientConnections,
+    /// Idle upstream connections each proxy worker keeps (the global ConfigMap's
+    /// `upstream-keepalive-connections`, `-timeout`, `-requests`); the proxy's defaults where
+    /// absent.
+    #[serde(default, skip_serializing_if = "UpstreamConnections::is_default")]
+    pub upstream_connections: UpstreamConnections,
     /// The TLS versions clients may use (the global ConfigMap's `ssl-protocols`); both when
     /// empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub client_tls_versions: Vec<TlsVersion>,
+}
+
+/// Upstream keep-alive, as nginx's `keepalive`, `keepalive_timeout` and `keepalive_requests` in
+/// an upstream block. `None`: the proxy's default (128 idle per endpoint, 30 s, no limit).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpstreamConnections {
+    /// Idle connections kept per endpoint on each worker; 0 keeps none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_per_endpoint: Option<u32>,
+    /// Seconds an idle connection is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_seconds: Option<u64>,
+    /// Requests one connection carries before it is closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<u64>,
+}
+
+impl UpstreamConnections {
+    pub fn is_default(&self) -> bool {
+        *self == UpstreamConnections::default()
+    }
 }
 
 /// Client connection limits, as nginx's `keepalive_timeout`, `keepalive_requests` and
@@ -1588,6 +1615,11 @@ mod tests {
                     header_seconds: Some(60),
                 },
                 client_tls_versions: vec![TlsVersion::Tls13],
+                upstream_connections: UpstreamConnections {
+                    idle_per_endpoint: Some(320),
+                    idle_seconds: Some(60),
+                    requests: Some(10_000),
+                },
                 client_address: ClientAddress {
                     proxy_protocol: true,
                     header: Some("x-forwarded-for".into()),

@@ -76,7 +76,7 @@ pub(super) async fn send(
         let (mut conn, reused) = match pool.checkout(endpoint, transport.id) {
             Some(conn) => (conn, true),
             None => match transport.connect(endpoint, Duration::from_millis(timeouts.connect_ms)).await {
-                Ok((io, _)) => (UpstreamConn::new(io, endpoint, transport.id), false),
+                Ok((io, _)) => (UpstreamConn::new(io, endpoint, transport.id).taken(), false),
                 Err(e) => match Cause::of(&e).and_then(|cause| attempts.next_after(cause, false, replayable)) {
                     // Nothing was sent: another endpoint may have it, whatever its method.
                     Some(next) => {

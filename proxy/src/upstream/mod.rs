@@ -112,11 +112,19 @@ pub(crate) struct UpstreamConn {
     /// Bounds each wait of an exchange; kept with the connection, so that a reused one moves
     /// its deadline instead of filing a new timer.
     stall: Alarm,
+    /// Requests it has been taken for (`upstream-keepalive-requests`).
+    served: u64,
 }
 
 impl UpstreamConn {
     fn new(io: Io, endpoint: SocketAddr, transport: u64) -> UpstreamConn {
-        UpstreamConn { io, buf: BytesMut::new(), endpoint, transport, stall: Alarm::default() }
+        UpstreamConn { io, buf: BytesMut::new(), endpoint, transport, stall: Alarm::default(), served: 0 }
+    }
+
+    /// Counted as taken for a request (as [`Pool::checkout`] counts a reused one).
+    fn taken(mut self) -> UpstreamConn {
+        self.served += 1;
+        self
     }
 
     /// Gives the read buffer back to the worker's spare when nothing is left in it.
@@ -144,11 +152,36 @@ pub(crate) struct Pool {
     /// reused is idle for at most [`IDLE_TIMEOUT`] and that second (upstreams commonly wait
     /// 60 s and more).
     swept: Cell<Instant>,
+    /// How many idle connections are kept, how long, and for how many requests.
+    limits: Cell<PoolLimits>,
+}
+
+/// The global ConfigMap's `upstream-keepalive-*`, or the defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PoolLimits {
+    idle_per_endpoint: usize,
+    idle_timeout: Duration,
+    requests: u64,
+}
+
+impl PoolLimits {
+    pub(crate) fn of(settings: &tidegate_snapshot::UpstreamConnections) -> PoolLimits {
+        PoolLimits {
+            idle_per_endpoint: settings.idle_per_endpoint.map_or(MAX_IDLE_PER_ENDPOINT, |n| n as usize),
+            idle_timeout: settings.idle_seconds.map_or(IDLE_TIMEOUT, Duration::from_secs),
+            requests: settings.requests.unwrap_or(u64::MAX),
+        }
+    }
 }
 
 impl Default for Pool {
     fn default() -> Self {
-        Pool { idle: RefCell::default(), http2: http2::Connections::default(), swept: Cell::new(Instant::now()) }
+        Pool {
+            idle: RefCell::default(),
+            http2: http2::Connections::default(),
+            swept: Cell::new(Instant::now()),
+            limits: Cell::new(PoolLimits::of(&tidegate_snapshot::UpstreamConnections::default())),
+        }
     }
 }
 
@@ -219,24 +252,35 @@ impl Pool {
     fn checkout(&self, endpoint: SocketAddr, transport: u64) -> Option<UpstreamConn> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&(endpoint, transport))?;
-        while let Some(entry) = list.pop_back() {
-            if self.swept.get().duration_since(entry.since) < IDLE_TIMEOUT && entry.conn.io.still_open() {
+        let timeout = self.limits.get().idle_timeout;
+        while let Some(mut entry) = list.pop_back() {
+            if self.swept.get().duration_since(entry.since) < timeout && entry.conn.io.still_open() {
+                entry.conn.served += 1;
                 return Some(entry.conn);
             }
         }
         None
     }
 
+    /// Takes the configuration's upstream keep-alive settings (when its runtime changes).
+    pub(crate) fn configure(&self, limits: PoolLimits) {
+        self.limits.set(limits);
+    }
+
     /// Keeps a connection whose exchange ended cleanly for the next request to its endpoint.
     fn checkin(&self, mut conn: UpstreamConn) {
         conn.release_buffer();
         let now = self.swept.get();
+        let limits = self.limits.get();
+        if conn.served >= limits.requests {
+            return;
+        }
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry((conn.endpoint, conn.transport)).or_default();
-        while list.front().is_some_and(|e| now.duration_since(e.since) >= IDLE_TIMEOUT) {
+        while list.front().is_some_and(|e| now.duration_since(e.since) >= limits.idle_timeout) {
             list.pop_front();
         }
-        if list.len() < MAX_IDLE_PER_ENDPOINT {
+        if list.len() < limits.idle_per_endpoint {
             list.push_back(Idle { conn, since: now });
         }
     }
@@ -247,7 +291,8 @@ impl Pool {
         let now = Instant::now();
         self.swept.set(now);
         self.idle.borrow_mut().retain(|_, list| {
-            list.retain(|e| now.duration_since(e.since) < IDLE_TIMEOUT && e.conn.io.still_open());
+            let timeout = self.limits.get().idle_timeout;
+            list.retain(|e| now.duration_since(e.since) < timeout && e.conn.io.still_open());
             !list.is_empty()
         });
         self.http2.sweep();

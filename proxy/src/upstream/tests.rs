@@ -119,6 +119,31 @@ async fn a_length_delimited_answer_and_its_connection_is_reused() {
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
 }
 
+/// `upstream-keepalive-requests: 2`: a connection serves two requests and is closed, the
+/// third goes on a new one; `upstream-keepalive-connections: 0` keeps none.
+#[tokio::test]
+async fn upstream_keepalive_settings_bound_the_pool() {
+    let (address, accepted) = upstream(Script::Answer("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")).await;
+    let pool = Rc::new(Pool::default());
+    pool.configure(PoolLimits::of(&tidegate_snapshot::UpstreamConnections { requests: Some(2), ..Default::default() }));
+    for _ in 0..3 {
+        let response = pool
+            .send(&mut Attempts::one(address), &Transport::plain(), get("/"), None, TIMEOUTS)
+            .await
+            .expect("answered");
+        assert_eq!(text(response).await, "ok");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "two requests on the first connection, the third on a second");
+    pool.configure(PoolLimits::of(&tidegate_snapshot::UpstreamConnections {
+        idle_per_endpoint: Some(0),
+        ..Default::default()
+    }));
+    let response =
+        pool.send(&mut Attempts::one(address), &Transport::plain(), get("/"), None, TIMEOUTS).await.expect("answered");
+    assert_eq!(text(response).await, "ok");
+    assert_eq!(pool.idle_count(address), 0, "none kept");
+}
+
 #[tokio::test]
 async fn a_chunked_answer_is_decoded_and_the_connection_reused() {
     let answer =
