@@ -506,3 +506,55 @@ async fn the_controller_wide_default_backend() {
     let served = get(tidegate.http, "pages.test", "/ok").await.expect("answer");
     assert_eq!(served.json()["service"], "web");
 }
+
+/// `configuration-snippet` with `--allow-snippet-annotations`: its `access_by_lua_block` runs in
+/// the access phase, unchanged, and its `more_set_headers` / `proxy_set_header` set headers;
+/// a snippet with a directive tidegate has no equivalent for (`deny all;`) closes the route
+/// (503) rather than serve it without; without the flag, any snippet closes it (500).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_snippets_run_their_lua_and_headers() {
+    let snippet = "more_set_headers \"X-Frame-Options: DENY\";\nproxy_set_header X-From-Snippet $host;\naccess_by_lua_block {\n  if ngx.var.arg_block then\n    return ngx.exit(403)\n  end\n}\n";
+    let ingresses = [
+        ingress(
+            "snip",
+            "snip.test",
+            &[("nginx.ingress.kubernetes.io/configuration-snippet", snippet)],
+            &[("Prefix", "/", "web")],
+        ),
+        ingress(
+            "denied",
+            "denied.test",
+            &[("nginx.ingress.kubernetes.io/configuration-snippet", "deny all;")],
+            &[("Prefix", "/", "web")],
+        ),
+    ];
+    let dir = manifest_dir();
+    let web = echo("t", "web").await;
+    let mut manifests = service_yaml("t", "web", 80, "http", &[web]);
+    manifests.push_str(&ingresses.concat());
+    write_manifest(dir.path(), "all.yaml", &manifests);
+    for allowed in [true, false] {
+        let path = dir.path().to_owned();
+        let args: &'static [&'static str] = if allowed { &["--allow-snippet-annotations"] } else { &[] };
+        let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&path, args)).await.expect("start");
+        let open = get(tidegate.http, "snip.test", "/a").await.expect("answer");
+        if allowed {
+            assert_eq!(open.status, StatusCode::OK);
+            assert_eq!(open.headers["x-frame-options"], "DENY");
+            assert_eq!(open.json()["headers"]["X-From-Snippet"][0], "snip.test", "{}", open.json());
+            let blocked = get(tidegate.http, "snip.test", "/a?block=1").await.expect("answer");
+            assert_eq!(blocked.status, StatusCode::FORBIDDEN, "the snippet's Lua ran");
+        } else {
+            // Refused as inline Lua annotations are without the flag: the route cannot be
+            // served as written (500), never served without its snippet.
+            assert_eq!(open.status, StatusCode::INTERNAL_SERVER_ERROR, "snippets need the flag");
+        }
+        let denied = get(tidegate.http, "denied.test", "/").await.expect("answer");
+        assert_eq!(denied.status, StatusCode::SERVICE_UNAVAILABLE, "deny all has no equivalent: closed");
+        let problems = tidegate.problems_mentioning("configuration-snippet");
+        assert!(!problems.is_empty(), "reported");
+        if allowed {
+            assert!(problems.iter().any(|p| p.contains("`deny` has no tidegate equivalent")), "{problems:?}");
+        }
+    }
+}

@@ -36,6 +36,12 @@ pub(super) struct Settings {
     pub(super) lua_route: Option<String>,
     /// `tidegate.dev/<phase>-by-lua` inline handlers: (phase, annotation key, source).
     pub(super) snippets: Vec<(Phase, String, String)>,
+    /// The annotations that held nginx configuration (`configuration-snippet`,
+    /// `server-snippet`): they need `allow-snippet-annotations`.
+    pub(super) snippet_keys: Vec<String>,
+    /// Headers their `more_set_headers`, `add_header` and `proxy_set_header` set.
+    pub(super) snippet_response_headers: Vec<tidegate_snapshot::SetHeader>,
+    pub(super) snippet_upstream_headers: Vec<tidegate_snapshot::SetHeader>,
     /// `whitelist-source-range` / `allowlist-source-range` and `denylist-source-range`.
     pub(super) ip: IpRules,
     /// `proxy-body-size`, in bytes: 1 MiB (ingress-nginx's default) unless set; `0` (`None`)
@@ -121,6 +127,9 @@ impl Default for Settings {
             timeouts: Timeouts::default(),
             lua_route: None,
             snippets: Vec::new(),
+            snippet_keys: Vec::new(),
+            snippet_response_headers: Vec::new(),
+            snippet_upstream_headers: Vec::new(),
             ip: IpRules::default(),
             max_body_bytes: Some(DEFAULT_MAX_BODY),
             basic_auth: BasicAuthKeys::default(),
@@ -1079,10 +1088,23 @@ pub(crate) const KEYS: &[Key] = &[
     restricts(Pattern::Prefix("modsecurity-")),
     // How much: request and connection rates, bandwidth.
     restricts(Pattern::Prefix("limit-")),
-    // nginx configuration that may hold any of the above (allow, deny, auth_basic, return).
-    restricts(Pattern::Exact("configuration-snippet")),
-    restricts(Pattern::Exact("server-snippet")),
+    // nginx configuration: its Lua blocks and header directives are translated; any other
+    // directive (allow, deny, auth_basic, return...) closes the routes.
+    guards("configuration-snippet", "", |v, s| nginx_snippet("configuration-snippet", v, s)),
+    guards("server-snippet", "", |v, s| nginx_snippet("server-snippet", v, s)),
 ];
+
+/// A snippet annotation `name`'s nginx configuration, translated into the route's Lua and headers
+/// (see [`super::snippet`]).
+fn nginx_snippet(name: &str, value: &str, s: &mut Settings) -> Result<(), String> {
+    let snippet = super::snippet::read(value)?;
+    let key = s.written.get(name).cloned().unwrap_or_else(|| format!("{NGINX}{name}"));
+    s.snippets.extend(snippet.lua.into_iter().map(|(phase, source)| (phase, key.clone(), source)));
+    s.snippet_response_headers.extend(snippet.response_headers);
+    s.snippet_upstream_headers.extend(snippet.upstream_headers);
+    s.snippet_keys.push(key);
+    Ok(())
+}
 
 /// An object named by an annotation: `name` or `namespace/name`.
 pub(super) fn object_name(value: &str, kind: &str) -> Result<String, String> {

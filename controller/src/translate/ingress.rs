@@ -125,18 +125,31 @@ fn attached_lua(
             }
         }
     }
-    if settings.snippets.is_empty() {
-        return Ok(any.then_some(handlers));
-    }
     let mut failed = false;
+    // nginx configuration in annotations, whatever it holds, only when allowed.
+    if !options.allow_snippet_annotations {
+        for key in &settings.snippet_keys {
+            status.error(
+                Reason::Unsupported,
+                format!("metadata.annotations[{key:?}]"),
+                "snippet annotations are disabled (allow-snippet-annotations); the routes answer 503",
+            );
+            failed = true;
+        }
+    }
+    if settings.snippets.is_empty() {
+        return if failed { Err(()) } else { Ok(any.then_some(handlers)) };
+    }
     for (phase, key, source) in &settings.snippets {
         let field = format!("metadata.annotations[{key:?}]");
         if !options.allow_snippet_annotations {
-            status.error(
-                Reason::Unsupported,
-                field,
-                "inline Lua annotations are disabled (--allow-snippet-annotations); the Ingress is not served",
-            );
+            if !settings.snippet_keys.contains(key) {
+                status.error(
+                    Reason::Unsupported,
+                    field,
+                    "inline Lua annotations are disabled (--allow-snippet-annotations); the Ingress is not served",
+                );
+            }
             failed = true;
             continue;
         }

@@ -34,6 +34,7 @@ mod index;
 mod ingress;
 mod lua;
 mod policies;
+mod snippet;
 #[cfg(test)]
 mod tests;
 mod upstream;

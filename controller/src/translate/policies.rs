@@ -57,6 +57,9 @@ pub(super) fn resolve(
     ip.deny.extend(global.block_cidrs.iter().copied());
     let mut response_headers = global.response_headers.clone();
     response_headers.extend(custom_headers(settings, namespace, index, global, status));
+    response_headers.extend(settings.snippet_response_headers.iter().cloned());
+    let mut upstream_headers = global.upstream_headers.clone();
+    upstream_headers.extend(settings.snippet_upstream_headers.iter().cloned());
     let blocked = &global.blocked;
     let id = format!("{}/{}", status.object.namespace.as_deref().unwrap_or_default(), status.object.name);
     let shared_limit = settings.limits.shared.typed(id).unwrap_or_else(|why| {
@@ -68,7 +71,7 @@ pub(super) fn resolve(
         ip: (!ip.allow.is_empty() || !ip.deny.is_empty()).then_some(ip),
         blocked: (!blocked.user_agents.is_empty() || !blocked.referers.is_empty()).then(|| blocked.clone()),
         response_headers,
-        upstream_headers: global.upstream_headers.clone(),
+        upstream_headers,
         max_body_bytes: settings.max_body_bytes,
         limits: settings.limits.typed(),
         shared_limit,
