@@ -527,6 +527,12 @@ async fn configuration_snippets_run_their_lua_and_headers() {
             &[("nginx.ingress.kubernetes.io/configuration-snippet", "deny all;")],
             &[("Prefix", "/", "web")],
         ),
+        ingress(
+            "moved",
+            "moved.test",
+            &[("nginx.ingress.kubernetes.io/configuration-snippet", "return 301 https://new.example$request_uri;")],
+            &[("Prefix", "/", "web")],
+        ),
     ];
     let dir = manifest_dir();
     let web = echo("t", "web").await;
@@ -544,6 +550,9 @@ async fn configuration_snippets_run_their_lua_and_headers() {
             assert_eq!(open.json()["headers"]["X-From-Snippet"][0], "snip.test", "{}", open.json());
             let blocked = get(tidegate.http, "snip.test", "/a?block=1").await.expect("answer");
             assert_eq!(blocked.status, StatusCode::FORBIDDEN, "the snippet's Lua ran");
+            let moved = get(tidegate.http, "moved.test", "/p?q=1").await.expect("answer");
+            assert_eq!(moved.status, StatusCode::MOVED_PERMANENTLY);
+            assert_eq!(moved.headers["location"], "https://new.example/p?q=1");
         } else {
             // Refused as inline Lua annotations are without the flag: the route cannot be
             // served as written (500), never served without its snippet.

@@ -42,6 +42,8 @@ pub(super) struct Settings {
     /// Headers their `more_set_headers`, `add_header` and `proxy_set_header` set.
     pub(super) snippet_response_headers: Vec<tidegate_snapshot::SetHeader>,
     pub(super) snippet_upstream_headers: Vec<tidegate_snapshot::SetHeader>,
+    /// A snippet's `return 3xx URL`.
+    pub(super) snippet_redirect: Option<tidegate_snapshot::Redirect>,
     /// `whitelist-source-range` / `allowlist-source-range` and `denylist-source-range`.
     pub(super) ip: IpRules,
     /// `proxy-body-size`, in bytes: 1 MiB (ingress-nginx's default) unless set; `0` (`None`)
@@ -130,6 +132,7 @@ impl Default for Settings {
             snippet_keys: Vec::new(),
             snippet_response_headers: Vec::new(),
             snippet_upstream_headers: Vec::new(),
+            snippet_redirect: None,
             ip: IpRules::default(),
             max_body_bytes: Some(DEFAULT_MAX_BODY),
             basic_auth: BasicAuthKeys::default(),
@@ -1102,6 +1105,9 @@ fn nginx_snippet(name: &str, value: &str, s: &mut Settings) -> Result<(), String
     s.snippets.extend(snippet.lua.into_iter().map(|(phase, source)| (phase, key.clone(), source)));
     s.snippet_response_headers.extend(snippet.response_headers);
     s.snippet_upstream_headers.extend(snippet.upstream_headers);
+    if snippet.redirect.is_some() {
+        s.snippet_redirect = snippet.redirect;
+    }
     s.snippet_keys.push(key);
     Ok(())
 }

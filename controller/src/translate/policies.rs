@@ -85,7 +85,10 @@ pub(super) fn resolve(
         upstream_host: settings.upstream_host.clone(),
         forwarded_prefix: settings.forwarded_prefix.clone(),
         // A temporal redirect wins over a permanent one, as in ingress-nginx.
+        // A snippet's `return 3xx` runs where the location's configuration does, before the
+        // annotations' redirects would.
         redirect: match (&settings.temporal_redirect, &settings.permanent_redirect) {
+            _ if settings.snippet_redirect.is_some() => settings.snippet_redirect.clone(),
             (Some(to), _) => Some(Redirect { to: to.clone(), status: settings.temporal_code }),
             (None, Some(to)) => Some(Redirect { to: to.clone(), status: settings.permanent_code }),
             (None, None) => None,

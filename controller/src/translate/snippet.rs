@@ -1,8 +1,9 @@
 //! `configuration-snippet` and `server-snippet`: nginx configuration, read for what tidegate has
 //! an equivalent of. Each `*_by_lua_block { ... }` (and `*_by_lua '...'`) runs as the route's
 //! Lua in its phase, unchanged; `more_set_headers` and `add_header` set response headers, and
-//! `proxy_set_header` upstream request headers (nginx variables allowed). Any other directive
-//! is refused with its line: the routes then answer 503, never serve without it.
+//! `proxy_set_header` upstream request headers (nginx variables allowed); `return 301..308 URL`
+//! redirects every request, as the `*-redirect` annotations do. Any other directive is refused
+//! with its line: the routes then answer 503, never serve without it.
 
 use tidegate_snapshot::{Phase, SetHeader, Template};
 
@@ -12,6 +13,8 @@ pub(super) struct Snippet {
     pub(super) lua: Vec<(Phase, String)>,
     pub(super) response_headers: Vec<SetHeader>,
     pub(super) upstream_headers: Vec<SetHeader>,
+    /// `return CODE URL` with a redirect code.
+    pub(super) redirect: Option<tidegate_snapshot::Redirect>,
 }
 
 /// Reads a snippet; `Err` names the first line tidegate cannot honour.
@@ -50,6 +53,11 @@ pub(super) fn read(text: &str) -> Result<Snippet, String> {
             // `always` or not: tidegate sets the header on every response.
             ("add_header", [n, v]) | ("add_header", [n, v, _]) => snippet.response_headers.push(header(n, v)?),
             ("proxy_set_header", [n, v]) => snippet.upstream_headers.push(header(n, v)?),
+            ("return", [code, to]) if matches!(code.as_str(), "301" | "302" | "303" | "307" | "308") => {
+                let to: Template = to.parse().map_err(|e| format!("line {line}: {e}"))?;
+                let status = code.parse().unwrap_or(302);
+                snippet.redirect = Some(tidegate_snapshot::Redirect { to, status });
+            }
             _ => return Err(format!("line {line}: `{name}` has no tidegate equivalent")),
         }
     }
@@ -214,5 +222,8 @@ mod tests {
         assert!(read("access_by_lua_block { if x then").expect_err("refused").contains("does not end"));
         assert!(read("set_by_lua $x 'return 1';").expect_err("refused").contains("`set_by_lua`"));
         assert!(read("more_set_headers -s 404 \"A: b\";").is_err(), "status filters are not translated");
+        assert!(read("return 200 'ok';").expect_err("refused").contains("`return`"), "only redirects");
+        let redirect = read("return 301 https://$host$request_uri;").expect("a redirect").redirect.expect("set");
+        assert_eq!((redirect.status, String::from(redirect.to)), (301, "https://$host$request_uri".to_owned()));
     }
 }
