@@ -143,22 +143,15 @@ async fn the_global_configmap_sets_what_every_route_does() {
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
 
-/// `keep-alive-requests`, `keep-alive` and `client-header-timeout` from the ConfigMap: a
-/// connection carries at most that many requests (the last answer says `Connection: close`),
-/// and a client that starts a head and stalls is cut at the header timeout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_connection_keys_limit_keep_alive_and_slow_heads() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// Starts on one route (`plain.test` to an echo backend) and the global ConfigMap
+/// `sys/settings` with `settings`; the folder and the manifests, to change them.
+async fn plain_with_settings(settings: &[(&str, &str)]) -> (Tidegate, tempfile::TempDir, String) {
     let dir = manifest_dir();
     let web = echo("t", "web").await;
     let manifests = [
         service_yaml("t", "web", 80, "http", &[web]),
         ingress("plain", "plain.test", &[]),
-        config_map(
-            "sys",
-            "settings",
-            &[("keep-alive-requests", "2"), ("keep-alive", "10"), ("client-header-timeout", "1")],
-        ),
+        config_map("sys", "settings", settings),
     ]
     .concat();
     write_manifest(dir.path(), "all.yaml", &manifests);
@@ -166,6 +159,17 @@ async fn client_connection_keys_limit_keep_alive_and_slow_heads() {
     let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&path, &["--configmap", "sys/settings"]))
         .await
         .expect("start");
+    (tidegate, dir, manifests)
+}
+
+/// `keep-alive-requests`, `keep-alive` and `client-header-timeout` from the ConfigMap: a
+/// connection carries at most that many requests (the last answer says `Connection: close`),
+/// and a client that starts a head and stalls is cut at the header timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_connection_keys_limit_keep_alive_and_slow_heads() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let settings = [("keep-alive-requests", "2"), ("keep-alive", "10"), ("client-header-timeout", "1")];
+    let (tidegate, _dir, _) = plain_with_settings(&settings).await;
 
     let mut client = tokio::net::TcpStream::connect(tidegate.http).await.expect("connect");
     let request = b"GET / HTTP/1.1\r\nHost: plain.test\r\n\r\n";
@@ -198,19 +202,7 @@ async fn client_connection_keys_limit_keep_alive_and_slow_heads() {
 /// that offers 1.3 is served; the key applies live to new connections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssl_protocols_set_what_clients_may_use() {
-    let dir = manifest_dir();
-    let web = echo("t", "web").await;
-    let manifests = [
-        service_yaml("t", "web", 80, "http", &[web]),
-        ingress("plain", "plain.test", &[]),
-        config_map("sys", "settings", &[("ssl-protocols", "TLSv1.3")]),
-    ]
-    .concat();
-    write_manifest(dir.path(), "all.yaml", &manifests);
-    let path = dir.path().to_owned();
-    let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&path, &["--configmap", "sys/settings"]))
-        .await
-        .expect("start");
+    let (tidegate, dir, manifests) = plain_with_settings(&[("ssl-protocols", "TLSv1.3")]).await;
     let handshake = async |versions: &[&'static rustls::SupportedProtocolVersion]| {
         let connector = support::tls_connector_with_versions(None, &[b"http/1.1"], versions);
         let tcp = tokio::net::TcpStream::connect(tidegate.https).await.expect("connect");
