@@ -10,20 +10,69 @@ use tidegate_snapshot::{Cidr, IpRules};
 use super::Verdict;
 use crate::respond::error_response;
 
+/// The rules compiled as nginx's access module keeps them: per family, an address and a mask
+/// to compare with, so that a check is one canonical form of the client, then a masked compare
+/// per network of its family.
 #[derive(Debug)]
 pub(super) struct IpFilter {
-    allow: Vec<Cidr>,
-    deny: Vec<Cidr>,
+    allow: Networks,
+    deny: Networks,
+    /// Whether there is an allowlist (a client outside it is refused).
+    allowlist: bool,
+}
+
+#[derive(Debug, Default)]
+struct Networks {
+    v4: Vec<(u32, u32)>,
+    v6: Vec<(u128, u128)>,
+}
+
+impl Networks {
+    fn new(cidrs: &[Cidr]) -> Networks {
+        let mut networks = Networks::default();
+        for cidr in cidrs {
+            match cidr.network {
+                IpAddr::V4(net) => {
+                    let mask = u32::MAX.checked_shl(32 - u32::from(cidr.prefix)).unwrap_or(0);
+                    networks.v4.push((u32::from(net) & mask, mask));
+                }
+                IpAddr::V6(net) => {
+                    let mask = u128::MAX.checked_shl(128 - u32::from(cidr.prefix)).unwrap_or(0);
+                    networks.v6.push((u128::from(net) & mask, mask));
+                }
+            }
+        }
+        networks
+    }
+
+    /// Whether `client` (in canonical form: IPv4-mapped addresses as IPv4) is in one of them.
+    fn contain(&self, client: IpAddr) -> bool {
+        match client {
+            IpAddr::V4(a) => {
+                let a = u32::from(a);
+                self.v4.iter().any(|&(net, mask)| a & mask == net)
+            }
+            IpAddr::V6(a) => {
+                let a = u128::from(a);
+                self.v6.iter().any(|&(net, mask)| a & mask == net)
+            }
+        }
+    }
 }
 
 impl IpFilter {
     pub(super) fn new(rules: &IpRules) -> IpFilter {
-        IpFilter { allow: rules.allow.clone(), deny: rules.deny.clone() }
+        IpFilter {
+            allow: Networks::new(&rules.allow),
+            deny: Networks::new(&rules.deny),
+            allowlist: !rules.allow.is_empty(),
+        }
     }
 
     pub(super) fn check(&self, client: IpAddr) -> Verdict {
-        let denied = self.deny.iter().any(|c| c.contains(client))
-            || (!self.allow.is_empty() && !self.allow.iter().any(|c| c.contains(client)));
+        // `::ffff:10.1.2.3`, as a dual-stack listener reports IPv4 clients, is 10.1.2.3.
+        let client = client.to_canonical();
+        let denied = self.deny.contain(client) || (self.allowlist && !self.allow.contain(client));
         if denied { Verdict::Answer(error_response(StatusCode::FORBIDDEN)) } else { Verdict::Continue }
     }
 }

@@ -53,9 +53,11 @@ mod set_headers;
 pub(crate) mod shared_limit;
 mod variables;
 
+use std::future::Future;
 use std::net::IpAddr;
-
+use std::pin::Pin;
 use std::rc::Rc;
+use std::task::{Context, Poll};
 
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Response, Uri};
@@ -165,6 +167,25 @@ enum Filter {
     Ip(ip::IpFilter),
     BasicAuth(basic_auth::BasicAuthFilter),
     ExternalAuth(Box<external_auth::ExternalAuthFilter>),
+}
+
+/// What running a step's filters came to: decided at once (filters that cannot wait), or
+/// checks still waiting (on another service, or on a slow hash off the worker). Awaiting it
+/// gives the answer that ends the request, if any.
+pub(crate) enum Ran<'a> {
+    Decided(Option<Option<Response<LocalBody>>>),
+    Waiting(Pin<Box<dyn Future<Output = Option<Response<LocalBody>>> + 'a>>),
+}
+
+impl Future for Ran<'_> {
+    type Output = Option<Response<LocalBody>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Ran::Decided(answer) => Poll::Ready(answer.take().expect("a decided step is awaited once")),
+            Ran::Waiting(checks) => checks.as_mut().poll(cx),
+        }
+    }
 }
 
 /// What a filter decided.
@@ -383,22 +404,23 @@ impl Filters {
     /// Runs the built-in filters of `phase` in order; a response ends the request's way to its
     /// content or upstream. What the others leave for the rest of the request goes to `effects`.
     ///
-    /// Filters that may wait run in a box of their own, so that the request's state carries a
-    /// pointer rather than the largest of their states (an auth call's); the others run to
-    /// completion at once, without one.
+    /// Filters that cannot wait run to completion here, in plain calls: what comes back is
+    /// already decided, and awaiting it costs one check. Those that may wait run in a box of
+    /// their own, so that the request's state carries a pointer rather than the largest of
+    /// their states (an auth call's).
     ///
     /// `effects` is made only when a filter leaves something: most requests leave nothing, and
     /// carry one empty pointer instead of the lists.
-    pub(crate) async fn run(
-        &self,
+    pub(crate) fn run<'a>(
+        &'a self,
         phase: Phase,
-        facts: &Facts<'_>,
-        effects: &mut Option<Box<Effects>>,
-    ) -> Option<Response<LocalBody>> {
+        facts: &'a Facts<'_>,
+        effects: &'a mut Option<Box<Effects>>,
+    ) -> Ran<'a> {
         if !self.waits_in(phase) {
-            return self.run_now(phase, facts, effects);
+            return Ran::Decided(Some(self.run_now(phase, facts, effects)));
         }
-        Box::pin(self.checks(phase, facts, effects)).await
+        Ran::Waiting(Box::pin(self.checks(phase, facts, effects)))
     }
 
     fn waits_in(&self, phase: Phase) -> bool {
