@@ -509,7 +509,9 @@ async fn the_controller_wide_default_backend() {
 
 /// `configuration-snippet` with `--allow-snippet-annotations`: its `access_by_lua_block` runs in
 /// the access phase, unchanged, and its `more_set_headers` / `proxy_set_header` set headers;
-/// a snippet with a directive tidegate has no equivalent for (`deny all;`) closes the route
+/// `allow` / `deny` are checked in order; the rewrite module's `set`, `if`, `rewrite` and
+/// `return`, and `more_clear_headers`, `more_set_input_headers` and `expires`, act as in nginx;
+/// a snippet with a directive tidegate has no equivalent for (`auth_request`) closes the route
 /// (503) rather than serve it without; without the flag, any snippet closes it (500).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configuration_snippets_run_their_lua_and_headers() {
@@ -524,7 +526,28 @@ async fn configuration_snippets_run_their_lua_and_headers() {
         ingress(
             "denied",
             "denied.test",
-            &[("nginx.ingress.kubernetes.io/configuration-snippet", "deny all;")],
+            &[("nginx.ingress.kubernetes.io/configuration-snippet", "auth_request /auth;")],
+            &[("Prefix", "/", "web")],
+        ),
+        ingress(
+            "walled",
+            "walled.test",
+            &[("nginx.ingress.kubernetes.io/configuration-snippet", "deny 192.0.2.0/24;\nallow 127.0.0.1;\ndeny all;")],
+            &[("Prefix", "/", "web")],
+        ),
+        ingress(
+            "closed",
+            "closed.test",
+            &[("nginx.ingress.kubernetes.io/server-snippet", "allow 10.0.0.0/8;\ndeny all;")],
+            &[("Prefix", "/", "web")],
+        ),
+        ingress(
+            "rewritten",
+            "rewritten.test",
+            &[(
+                "nginx.ingress.kubernetes.io/configuration-snippet",
+                "set $prefix \"/v2\";\nif ($http_x_old_client) {\n  return 426;\n}\nif ($arg_go = \"away\") {\n  return 302 https://elsewhere.test$uri;\n}\nif ($request_uri ~* \"^/SHOUT\") {\n  return 200 \"quiet, $host\";\n}\nrewrite ^/api/(.*)$ $prefix/$1?from=api break;\nmore_clear_headers Content-Type;\nmore_set_input_headers \"X-Input: $prefix\";\nexpires 1h;\n",
+            )],
             &[("Prefix", "/", "web")],
         ),
         ingress(
@@ -553,17 +576,47 @@ async fn configuration_snippets_run_their_lua_and_headers() {
             let moved = get(tidegate.http, "moved.test", "/p?q=1").await.expect("answer");
             assert_eq!(moved.status, StatusCode::MOVED_PERMANENTLY);
             assert_eq!(moved.headers["location"], "https://new.example/p?q=1");
+            // allow / deny, first match: the client (127.0.0.1) is allowed on one, not the other.
+            assert_eq!(get(tidegate.http, "walled.test", "/").await.expect("answer").status, StatusCode::OK);
+            assert_eq!(get(tidegate.http, "closed.test", "/").await.expect("answer").status, StatusCode::FORBIDDEN);
+            // The rewrite module: set, rewrite ... break with arguments, the header directives.
+            let rewritten = get(tidegate.http, "rewritten.test", "/api/users?page=2").await.expect("answer");
+            assert_eq!(rewritten.status, StatusCode::OK);
+            let echoed = rewritten.json();
+            assert_eq!(echoed["path"], "/v2/users", "{echoed}");
+            assert_eq!(echoed["query"], "from=api&page=2", "{echoed}");
+            assert_eq!(echoed["headers"]["X-Input"][0], "/v2");
+            assert!(!rewritten.headers.contains_key("content-type"), "more_clear_headers: {:?}", rewritten.headers);
+            assert_eq!(rewritten.headers["cache-control"], "max-age=3600");
+            assert!(rewritten.headers["expires"].to_str().expect("text").ends_with(" GMT"), "{:?}", rewritten.headers);
+            let away = get(tidegate.http, "rewritten.test", "/x?go=away").await.expect("answer");
+            assert_eq!(
+                (away.status, away.headers["location"].to_str().expect("text")),
+                (StatusCode::FOUND, "https://elsewhere.test/x")
+            );
+            let shout = get(tidegate.http, "rewritten.test", "/shout/now").await.expect("answer");
+            assert_eq!(
+                (shout.status, String::from_utf8_lossy(&shout.body).to_string()),
+                (StatusCode::OK, "quiet, rewritten.test".to_owned())
+            );
+            let request = http::Request::get("/api/a")
+                .header("host", "rewritten.test")
+                .header("x-old-client", "1")
+                .body(support::Body::default())
+                .expect("request");
+            let old = support::H1::connect(tidegate.http).await.expect("connect").send(request).await.expect("answer");
+            assert_eq!(old.status.as_u16(), 426, "if ($http_x_old_client) {{ return 426; }}");
         } else {
             // Refused as inline Lua annotations are without the flag: the route cannot be
             // served as written (500), never served without its snippet.
             assert_eq!(open.status, StatusCode::INTERNAL_SERVER_ERROR, "snippets need the flag");
         }
         let denied = get(tidegate.http, "denied.test", "/").await.expect("answer");
-        assert_eq!(denied.status, StatusCode::SERVICE_UNAVAILABLE, "deny all has no equivalent: closed");
+        assert_eq!(denied.status, StatusCode::SERVICE_UNAVAILABLE, "auth_request has no equivalent: closed");
         let problems = tidegate.problems_mentioning("configuration-snippet");
         assert!(!problems.is_empty(), "reported");
         if allowed {
-            assert!(problems.iter().any(|p| p.contains("`deny` has no tidegate equivalent")), "{problems:?}");
+            assert!(problems.iter().any(|p| p.contains("`auth_request` has no tidegate equivalent")), "{problems:?}");
         }
     }
 }

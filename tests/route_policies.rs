@@ -70,7 +70,7 @@ async fn restrictive_annotations_not_honoured_answer_503() {
         ("nginx.ingress.kubernetes.io/global-rate-limit", "100"),
         ("tidegate.dev/auth-type", "basic"),
         ("tidegate.dev/auth-tls-secret", "t/ca"),
-        ("tidegate.dev/configuration-snippet", "deny all;"),
+        ("tidegate.dev/configuration-snippet", "auth_request /auth;"),
     ];
     let mut manifests = ingress("open", "open.test", &[]);
     for (i, (key, value)) in restrictive.iter().enumerate() {

@@ -44,6 +44,8 @@ pub(super) struct Settings {
     pub(super) snippet_upstream_headers: Vec<tidegate_snapshot::SetHeader>,
     /// A snippet's `return 3xx URL`.
     pub(super) snippet_redirect: Option<tidegate_snapshot::Redirect>,
+    /// A snippet's `allow` and `deny` lines, in order.
+    pub(super) snippet_ip_rules: Vec<tidegate_snapshot::IpRule>,
     /// `whitelist-source-range` / `allowlist-source-range` and `denylist-source-range`.
     pub(super) ip: IpRules,
     /// `proxy-body-size`, in bytes: 1 MiB (ingress-nginx's default) unless set; `0` (`None`)
@@ -133,6 +135,7 @@ impl Default for Settings {
             snippet_response_headers: Vec::new(),
             snippet_upstream_headers: Vec::new(),
             snippet_redirect: None,
+            snippet_ip_rules: Vec::new(),
             ip: IpRules::default(),
             max_body_bytes: Some(DEFAULT_MAX_BODY),
             basic_auth: BasicAuthKeys::default(),
@@ -1108,6 +1111,18 @@ fn nginx_snippet(name: &str, value: &str, s: &mut Settings) -> Result<(), String
     if snippet.redirect.is_some() {
         s.snippet_redirect = snippet.redirect;
     }
+    s.snippet_ip_rules.extend(snippet.ip_rules);
+    // Directives with an annotation's meaning, read as that annotation.
+    for (name, value) in &snippet.keys {
+        let parse = KEYS.iter().find(|k| k.pattern.covers(name)).and_then(|k| match k.handling {
+            Handling::Parsed(parse) | Handling::Guards(parse) => Some(parse),
+            Handling::Restricts => None,
+        });
+        match parse {
+            Some(parse) => parse(value, s).map_err(|e| format!("{name}: {e}"))?,
+            None => return Err(format!("{name} is not honoured")),
+        }
+    }
     s.snippet_keys.push(key);
     Ok(())
 }
@@ -1501,8 +1516,8 @@ mod tests {
             ("global-rate-limit", "ten"),
             ("enable-modsecurity", "true"),
             ("modsecurity-snippet", "SecRuleEngine On"),
-            ("configuration-snippet", "deny all;"),
-            ("server-snippet", "allow 10.0.0.0/8;"),
+            ("configuration-snippet", "auth_request /auth;"),
+            ("server-snippet", "allow 10.0.0.0/33;"),
         ];
         for prefix in [NGINX, OURS] {
             for (name, value) in keys {

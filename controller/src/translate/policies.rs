@@ -55,6 +55,7 @@ pub(super) fn resolve(
     }
     let mut ip = settings.ip.clone();
     ip.deny.extend(global.block_cidrs.iter().copied());
+    ip.ordered.extend(settings.snippet_ip_rules.iter().copied());
     let mut response_headers = global.response_headers.clone();
     response_headers.extend(custom_headers(settings, namespace, index, global, status));
     response_headers.extend(settings.snippet_response_headers.iter().cloned());
@@ -68,7 +69,7 @@ pub(super) fn resolve(
         None
     });
     let policies = Policies {
-        ip: (!ip.allow.is_empty() || !ip.deny.is_empty()).then_some(ip),
+        ip: (!ip.is_empty()).then_some(ip),
         blocked: (!blocked.user_agents.is_empty() || !blocked.referers.is_empty()).then(|| blocked.clone()),
         response_headers,
         upstream_headers,

@@ -933,7 +933,9 @@ impl Policies {
 
 /// Which client addresses may reach a route (ingress-nginx's `whitelist-source-range` /
 /// `allowlist-source-range` and `denylist-source-range`). A client in `deny` is refused; else,
-/// when `allow` is not empty, a client outside it is refused; refused requests get 403.
+/// when `allow` is not empty, a client outside it is refused; then `ordered` (a snippet's
+/// `allow` and `deny` lines) is checked as nginx checks them: the first network that holds the
+/// client decides, and a client none holds goes on. Refused requests get 403.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IpRules {
@@ -941,6 +943,22 @@ pub struct IpRules {
     pub allow: Vec<Cidr>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deny: Vec<Cidr>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ordered: Vec<IpRule>,
+}
+
+impl IpRules {
+    pub fn is_empty(&self) -> bool {
+        self.allow.is_empty() && self.deny.is_empty() && self.ordered.is_empty()
+    }
+}
+
+/// One `allow` or `deny` line of nginx's access module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IpRule {
+    pub allow: bool,
+    pub network: Cidr,
 }
 
 /// An IPv4 or IPv6 network: `10.0.0.0/8`, `2001:db8::/32`; a bare address is a network of one.
@@ -957,6 +975,8 @@ pub struct Cidr {
 impl Cidr {
     /// Every IPv4 address: `0.0.0.0/0`.
     pub const ANY_V4: Cidr = Cidr { network: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), prefix: 0 };
+    /// Every IPv6 address: `::/0`.
+    pub const ANY_V6: Cidr = Cidr { network: IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), prefix: 0 };
 
     /// Whether `address` is in the network. IPv4-mapped IPv6 addresses (`::ffff:10.1.2.3`, as
     /// a dual-stack listener reports IPv4 clients) count as their IPv4 address.

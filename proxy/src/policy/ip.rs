@@ -19,6 +19,8 @@ pub(super) struct IpFilter {
     deny: Networks,
     /// Whether there is an allowlist (a client outside it is refused).
     allowlist: bool,
+    /// A snippet's `allow` and `deny` lines, in order: the first that holds the client decides.
+    ordered: Vec<(bool, Networks)>,
 }
 
 #[derive(Debug, Default)]
@@ -66,13 +68,16 @@ impl IpFilter {
             allow: Networks::new(&rules.allow),
             deny: Networks::new(&rules.deny),
             allowlist: !rules.allow.is_empty(),
+            ordered: rules.ordered.iter().map(|r| (r.allow, Networks::new(&[r.network]))).collect(),
         }
     }
 
     pub(super) fn check(&self, client: IpAddr) -> Verdict {
         // `::ffff:10.1.2.3`, as a dual-stack listener reports IPv4 clients, is 10.1.2.3.
         let client = client.to_canonical();
-        let denied = self.deny.contain(client) || (self.allowlist && !self.allow.contain(client));
+        let denied = self.deny.contain(client)
+            || (self.allowlist && !self.allow.contain(client))
+            || self.ordered.iter().find(|(_, n)| n.contain(client)).is_some_and(|(allow, _)| !allow);
         if denied { Verdict::Answer(error_response(StatusCode::FORBIDDEN)) } else { Verdict::Continue }
     }
 }
@@ -83,7 +88,7 @@ mod tests {
 
     fn filter(allow: &[&str], deny: &[&str]) -> IpFilter {
         let list = |l: &[&str]| l.iter().map(|c| c.parse().expect("cidr")).collect();
-        IpFilter::new(&IpRules { allow: list(allow), deny: list(deny) })
+        IpFilter::new(&IpRules { allow: list(allow), deny: list(deny), ordered: Vec::new() })
     }
 
     fn allowed(filter: &IpFilter, client: &str) -> bool {
@@ -95,6 +100,26 @@ mod tests {
         let f = filter(&["10.0.0.0/8", "2001:db8::/32"], &[]);
         assert!(allowed(&f, "10.1.2.3") && allowed(&f, "2001:db8::5") && allowed(&f, "::ffff:10.9.9.9"));
         assert!(!allowed(&f, "127.0.0.1") && !allowed(&f, "::1"));
+    }
+
+    #[test]
+    fn ordered_rules_take_the_first_match_as_nginx() {
+        use tidegate_snapshot::IpRule;
+        let rule = |allow, c: &str| IpRule { allow, network: c.parse().expect("cidr") };
+        let f = IpFilter::new(&IpRules {
+            ordered: vec![
+                rule(false, "10.1.0.0/16"),
+                rule(true, "10.0.0.0/8"),
+                rule(false, "0.0.0.0/0"),
+                rule(false, "::/0"),
+            ],
+            ..IpRules::default()
+        });
+        assert!(
+            allowed(&f, "10.2.0.1") && !allowed(&f, "10.1.0.1") && !allowed(&f, "192.0.2.1") && !allowed(&f, "::1")
+        );
+        let f = IpFilter::new(&IpRules { ordered: vec![rule(false, "192.0.2.0/24")], ..IpRules::default() });
+        assert!(allowed(&f, "10.0.0.1") && !allowed(&f, "192.0.2.9"), "no match goes on");
     }
 
     #[test]
