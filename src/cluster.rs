@@ -290,6 +290,34 @@ pub fn run_proxy(
     Ok(())
 }
 
+/// The objects of the cluster the kubeconfig names, listed once (for `tidegate report`): the
+/// controller's own watches, until each has listed, then the inputs they hold.
+///
+/// # Errors
+/// When the API server cannot be reached or does not answer every list within 30 s.
+pub fn list_inputs(options: tidegate_controller::Options) -> Result<tidegate_controller::Inputs, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    runtime.block_on(async move {
+        let client = api_client().await?;
+        let config = WatchConfig { options, ..WatchConfig::default() };
+        let watched = tidegate_controller::watch::Watched::start(&client, &config);
+        let listed = async {
+            while !watched.synced() {
+                watched.changed().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(30), listed)
+            .await
+            .map_err(|_| "the API server did not answer every list within 30 s".to_owned())?;
+        let mut data = tidegate_controller::watch::SecretData::default();
+        let (inputs, invalid) = watched.inputs(&client, &mut data).await;
+        for object in invalid {
+            eprintln!("{object:?}");
+        }
+        Ok(inputs)
+    })
+}
+
 /// A client for the API server found the way kubectl finds it, whose requests say who sends
 /// them (`User-Agent: tidegate/VERSION`), for audit logs and the API server's metrics.
 async fn api_client() -> Result<kube::Client, String> {

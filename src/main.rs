@@ -24,6 +24,12 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ReportFormat {
+    Text,
+    Json,
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum LogFormat {
     Text,
@@ -45,6 +51,31 @@ enum Command {
         files: Vec<PathBuf>,
         /// References to objects not among the files (a Service, Secret or ConfigMap that is
         /// in the cluster) are errors too; without it they are warnings.
+        #[arg(long)]
+        strict: bool,
+        #[command(flatten)]
+        translation: TranslationArgs,
+    },
+    /// Report how tidegate takes existing Ingresses: every annotation and snippet line as
+    /// honoured, translated, ignored or failing closed, with what to write instead, and the
+    /// coverage. Exits 1 when an Ingress would answer 503 or the coverage is under
+    /// `--min-coverage`.
+    Report {
+        /// Manifest files or folders (YAML, multi-document); none with `--cluster`.
+        paths: Vec<PathBuf>,
+        /// Read the objects from the cluster the kubeconfig names (as kubectl finds it).
+        #[arg(long, conflicts_with = "paths")]
+        cluster: bool,
+        /// `text` for people, `json` for pipelines.
+        #[arg(long, value_enum, default_value = "text")]
+        format: ReportFormat,
+        /// The least coverage (percent of annotation uses honoured or translated) that exits 0.
+        #[arg(long, default_value_t = 0.0)]
+        min_coverage: f64,
+        /// Exit 0 even when some Ingress would answer 503 (the coverage still counts).
+        #[arg(long)]
+        allow_closed: bool,
+        /// References to objects not among the files fail closed too.
         #[arg(long)]
         strict: bool,
         #[command(flatten)]
@@ -346,7 +377,8 @@ fn main() -> ExitCode {
     let options = match &cli.command {
         Command::Standalone(StandaloneArgs { translation, .. })
         | Command::Controller(ControllerArgs { translation, .. })
-        | Command::Validate { translation, .. } => match translation.options() {
+        | Command::Validate { translation, .. }
+        | Command::Report { translation, .. } => match translation.options() {
             Ok(options) => Some(options),
             Err(e) => {
                 tracing::error!("{e}");
@@ -396,6 +428,29 @@ fn main() -> ExitCode {
             cluster::run_proxy(&config, args.controllers, args.name, &args.tls.files(), drain)
         }
         Command::Validate { files, strict, .. } => return validate(&files, options, strict),
+        Command::Report { paths, cluster, format, min_coverage, allow_closed, strict, .. } => {
+            let inputs = if cluster { cluster::list_inputs(options) } else { read_inputs(&paths, options) };
+            let inputs = match inputs {
+                Ok(inputs) => inputs,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let report = tidegate_controller::report::report(&inputs, strict);
+            match format {
+                ReportFormat::Text => print!("{}", report.text()),
+                ReportFormat::Json => match serde_json::to_string_pretty(&report) {
+                    Ok(json) => println!("{json}"),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::from(2);
+                    }
+                },
+            }
+            let closed = report.totals.closed_ingresses > 0 && !allow_closed;
+            return if closed || report.totals.coverage < min_coverage { ExitCode::FAILURE } else { ExitCode::SUCCESS };
+        }
         Command::Echo { listen, service, namespace } => return run_echo(listen, service, namespace),
         Command::Crd => {
             print!("{}", tidegate_controller::luaroute::crd_yaml());
@@ -504,6 +559,39 @@ fn validate(files: &[PathBuf], options: Options, strict: bool) -> ExitCode {
         println!("ok: {} objects", translation.statuses.len());
         ExitCode::SUCCESS
     }
+}
+
+/// The objects of manifest files and folders (each folder's `*.yaml` / `*.yml` files), for the
+/// report. A file that does not read, or a document that does not parse, is an error.
+fn read_inputs(paths: &[PathBuf], options: Options) -> Result<tidegate_controller::Inputs, String> {
+    if paths.is_empty() {
+        return Err("no manifests: name files or folders, or --cluster".to_owned());
+    }
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let entries = std::fs::read_dir(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+            let mut found: Vec<PathBuf> = entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+                .collect();
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(path.clone());
+        }
+    }
+    let mut objects = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).map_err(|e| format!("{}: cannot read: {e}", file.display()))?;
+        let (parsed, errors) = parse_file(file, &text);
+        if let Some(error) = errors.first() {
+            return Err(error.to_string());
+        }
+        objects.extend(parsed);
+    }
+    Ok(tidegate_controller::manifests::into_inputs(objects, options))
 }
 
 /// Logs go to stderr through a writer thread: a worker that logs (`ngx.log`, a failing handler)

@@ -223,3 +223,53 @@ async fn ssl_protocols_set_what_clients_may_use() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `allow-snippet-annotations` in the ConfigMap takes `annotations-risk-level: Critical` too, as
+/// in ingress-nginx (whose default level, High, refuses the Critical snippet annotations): at
+/// High the snippet's route is refused (500, as without the flag), at Critical its snippet runs; a level tidegate cannot
+/// honour (Medium: it does not know every key's risk) closes every route. `server-tokens`
+/// reads (tidegate's `Server` never names a version).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snippets_need_the_critical_risk_level() {
+    let dir = manifest_dir();
+    let web = echo("t", "web").await;
+    let snippet = [("nginx.ingress.kubernetes.io/configuration-snippet", "more_set_headers \"X-Snippet: ran\";")];
+    let manifests = [
+        service_yaml("t", "web", 80, "http", &[web]),
+        ingress("plain", "plain.test", &[]),
+        ingress("snip", "snip.test", &snippet),
+    ]
+    .concat();
+    write_manifest(dir.path(), "all.yaml", &manifests);
+    let settings = |level: &str| {
+        config_map(
+            "sys",
+            "settings",
+            &[("allow-snippet-annotations", "true"), ("annotations-risk-level", level), ("server-tokens", "false")],
+        )
+    };
+    write_manifest(dir.path(), "settings.yaml", &settings("High"));
+    let path = dir.path().to_owned();
+    let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&path, &["--configmap", "sys/settings"]))
+        .await
+        .expect("start");
+    let at_high = send(&tidegate, "GET", "snip.test", &[], b"").await;
+    assert_eq!(at_high.status, StatusCode::INTERNAL_SERVER_ERROR, "High refuses Critical annotations");
+    assert_eq!(send(&tidegate, "GET", "plain.test", &[], b"").await.status, StatusCode::OK);
+
+    let before = tidegate.version();
+    write_manifest(dir.path(), "settings.yaml", &settings("Critical"));
+    let version = tokio::task::block_in_place(|| tidegate.wait_version_after(before));
+    let at_critical = send(&tidegate, "GET", "snip.test", &[], b"").await;
+    assert_eq!(at_critical.status, StatusCode::OK);
+    assert_eq!(at_critical.headers["x-snippet"], "ran");
+    assert_eq!(at_critical.headers["server"], "tidegate", "no version");
+
+    write_manifest(dir.path(), "settings.yaml", &settings("Medium"));
+    tokio::task::block_in_place(|| tidegate.wait_version_after(version));
+    assert_eq!(send(&tidegate, "GET", "plain.test", &[], b"").await.status, StatusCode::SERVICE_UNAVAILABLE);
+    let snip = send(&tidegate, "GET", "snip.test", &[], b"").await.status;
+    assert!(snip.is_server_error(), "refused: {snip}");
+    let problems = object_problems(&tidegate, "ConfigMap", "settings");
+    assert!(problems.iter().any(|p| p["field"] == "data[\"annotations-risk-level\"]"), "{problems:?}");
+}

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod objects;
 pub mod publish;
 pub mod replicas;
+pub mod report;
 pub mod status;
 pub mod status_writer;
 pub mod translate;

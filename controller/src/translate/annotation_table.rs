@@ -155,6 +155,40 @@ pub(crate) const INGRESS_NGINX_KEYS: &[&str] = &[
 ];
 
 /// What tidegate does with one key, as the table says it.
+/// What to write instead of the keys tidegate does not honour (by prefix, first match), for the
+/// table and the migration report.
+const INSTEAD: &[(&str, &str)] = &[
+    ("auth-snippet", "an `access` Lua handler (a LuaRoute, or `tidegate.dev/access-by-lua`)"),
+    ("enable-modsecurity", "no WAF: checks in an `access` Lua handler, or a WAF in front of tidegate"),
+    ("enable-owasp-core-rules", "no WAF: checks in an `access` Lua handler, or a WAF in front of tidegate"),
+    ("modsecurity-", "no WAF: checks in an `access` Lua handler, or a WAF in front of tidegate"),
+    ("ssl-passthrough", "TLS ends in tidegate: the host's certificate in `spec.tls`, and `backend-protocol: HTTPS`"),
+    ("enable-opentelemetry", "the request ID (`X-Request-ID`) in the access log, and the metrics at `/metrics`"),
+    ("opentelemetry-", "the request ID (`X-Request-ID`) in the access log, and the metrics at `/metrics`"),
+    ("enable-opentracing", "the request ID (`X-Request-ID`) in the access log, and the metrics at `/metrics`"),
+    ("opentracing-", "the request ID (`X-Request-ID`) in the access log, and the metrics at `/metrics`"),
+    ("enable-influxdb", "the Prometheus metrics on the admin port (`/metrics`)"),
+    ("influxdb-", "the Prometheus metrics on the admin port (`/metrics`)"),
+    ("proxy-cookie-", "a `headerFilter` Lua handler rewriting `Set-Cookie`"),
+    ("relative-redirects", "a `headerFilter` Lua handler rewriting `Location`"),
+    ("connection-proxy-header", "nothing: tidegate keeps its upstream connections alive itself"),
+    ("enable-rewrite-log", "the access log, and `RUST_LOG=debug`"),
+    ("http2-push-preload", "nothing: browsers no longer take HTTP/2 push"),
+    ("stream-snippet", "nothing: TCP and UDP services are not proxied"),
+    ("ssl-ciphers", "the ConfigMap's `ssl-protocols`; the cipher suites are rustls' safe defaults"),
+    ("ssl-prefer-server-ciphers", "nothing: rustls prefers the server's order"),
+    ("configuration-snippet", "annotations or a LuaRoute handler for the refused lines (see each line)"),
+    ("server-snippet", "annotations or a LuaRoute handler for the refused lines (see each line)"),
+];
+
+/// What to write instead of annotation `name` (without prefix), when the table has advice.
+pub(crate) fn instead(name: &str) -> Option<&'static str> {
+    INSTEAD
+        .iter()
+        .find(|(key, _)| if key.ends_with('-') { name.starts_with(key) } else { name == *key })
+        .map(|(_, what)| *what)
+}
+
 fn verdict(name: &str, ours: bool) -> (&'static str, &'static str) {
     let row = KEYS.iter().find(|k| k.pattern.covers(name) && (ours || !k.ours_only));
     match row.map(|k| (k.handling, k.default)) {
@@ -173,6 +207,10 @@ pub fn annotation_table() -> String {
         let (what, default) = verdict(name, false);
         honoured += usize::from(what.starts_with("honoured"));
         let default = if default.is_empty() { String::new() } else { format!("`{default}`") };
+        let what = match instead(name) {
+            Some(instead) if !what.starts_with("honoured") => format!("{what}; instead: {instead}"),
+            _ => what.to_owned(),
+        };
         rows.push(format!("| `{name}` | {what} | {default} |"));
     }
     let ours_only = KEYS.iter().filter(|k| k.ours_only).filter_map(|k| match k.pattern {
@@ -195,6 +233,16 @@ pub fn annotation_table() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every key not honoured has advice.
+    #[test]
+    fn keys_not_honoured_say_what_to_write_instead() {
+        for name in INGRESS_NGINX_KEYS {
+            if !verdict(name, false).0.starts_with("honoured") {
+                assert!(instead(name).is_some(), "{name}: no advice");
+            }
+        }
+    }
 
     #[test]
     fn keys_are_sorted_and_unique() {

@@ -45,6 +45,9 @@ pub(super) struct Global {
     pub(super) allowed_response_headers: Vec<String>,
     /// `allow-snippet-annotations`, when the ConfigMap sets it (else the flag decides).
     pub(super) allow_snippets: Option<bool>,
+    /// `annotations-risk-level: Critical`: annotations of Critical risk (the snippets) may be
+    /// used. ingress-nginx's default, `High`, refuses them even where snippets are allowed.
+    pub(super) critical_annotations: bool,
     /// `use-proxy-protocol`, `use-forwarded-headers` and the keys of the client's address.
     pub(super) client_address: ClientAddress,
     /// `hsts`, `hsts-max-age`, `hsts-include-subdomains`, `hsts-preload`, when any is set.
@@ -155,6 +158,24 @@ const KEYS: &[ConfigKey] = &[
     own("add-headers", "", |v, r| annotations::object_name(v, "ConfigMap").map(|n| r.add_headers = Some(n))),
     own("allow-snippet-annotations", "false", |v, r| {
         annotations::boolean(v).map(|b| r.global.allow_snippets = Some(b))
+    }),
+    // ingress-nginx rates each annotation's risk; the snippets (configuration-, server-,
+    // auth-, stream- and modsecurity-snippet) are Critical. tidegate tells Critical from the
+    // rest only: a level below High, which would refuse keys it cannot tell, closes every route.
+    guards("annotations-risk-level", "High", |v, r| match v.trim() {
+        "Critical" => {
+            r.global.critical_annotations = true;
+            Ok(())
+        }
+        "High" => {
+            r.global.critical_annotations = false;
+            Ok(())
+        }
+        "Medium" | "Low" => Err(format!(
+            "{v:?}: tidegate knows which annotations are Critical (the snippets), not which are High; \
+             it cannot refuse exactly those"
+        )),
+        _ => Err(format!("{v:?} is not Critical, High, Medium or Low")),
     }),
     guards("block-cidrs", "", |v, r| {
         let mut found = Settings::default();
@@ -275,6 +296,11 @@ const KEYS: &[ConfigKey] = &[
         }
         Ok(_) => Err(format!("{v:?} is not a time above 0")),
         Err(e) => Err(e),
+    }),
+    // tidegate's `Server` header never names its version (`server_tokens off`).
+    own("server-tokens", "false", |v, _| match annotations::boolean(v)? {
+        false => Ok(()),
+        true => Err("tidegate's Server header never carries its version".to_owned()),
     }),
     own("hsts", "true", |v, r| annotations::boolean(v).map(|b| r.global.hsts.get_or_insert_default().enabled = b)),
     own("hsts-include-subdomains", "true", |v, r| {

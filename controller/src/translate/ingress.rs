@@ -132,7 +132,8 @@ fn attached_lua(
             status.error(
                 Reason::Unsupported,
                 format!("metadata.annotations[{key:?}]"),
-                "snippet annotations are disabled (allow-snippet-annotations); the routes answer 503",
+                "snippet annotations are disabled (allow-snippet-annotations, and in the ConfigMap \
+                 annotations-risk-level: Critical); the routes answer 500",
             );
             failed = true;
         }

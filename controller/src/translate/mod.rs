@@ -51,6 +51,13 @@ use tidegate_snapshot::{
 };
 
 pub use annotation_table::annotation_table;
+pub(crate) use annotation_table::instead;
+pub(crate) use snippet::{Line as SnippetLine, Taken};
+
+/// How each directive of an nginx snippet is taken (for the migration report).
+pub(crate) fn snippet_lines(text: &str) -> Vec<SnippetLine> {
+    snippet::lines(text)
+}
 pub use annotations::global_auth;
 pub use configmap::configmap_table;
 pub(crate) use tidegate_snapshot::Phase;
@@ -81,7 +88,12 @@ pub fn translate(inputs: &Inputs) -> Translation {
         statuses.insert(status.object.clone(), status);
     }
     let options = Options {
-        allow_snippet_annotations: global.allow_snippets.unwrap_or(inputs.options.allow_snippet_annotations),
+        // Allowed by the ConfigMap, they also need its annotations-risk-level at Critical, as in
+        // ingress-nginx; the flag is the operator's own decision.
+        allow_snippet_annotations: match global.allow_snippets {
+            Some(allowed) => allowed && global.critical_annotations,
+            None => inputs.options.allow_snippet_annotations,
+        },
         ..inputs.options.clone()
     };
 

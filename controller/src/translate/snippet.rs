@@ -218,6 +218,8 @@ fn directive(
             }
         }
         ("expires", [time]) => header_filter.push_str(&expires(time)?),
+        // tidegate's `Server` header never carries its version: `off`, whatever is asked.
+        ("server_tokens", [value]) if matches!(value.as_str(), "on" | "off" | "build") => {}
         ("allow" | "deny", [who]) => {
             let network: Cidr = if who == "all" { Cidr::ANY_V4 } else { who.parse()? };
             let allow = name == "allow";
@@ -336,12 +338,13 @@ impl LuaRewrite {
 
     fn statement(&mut self, name: &str, args: &[String]) -> Result<(), String> {
         let code = statement(name, args)?;
-        if name == "set" {
-            if let [variable, value] = args {
-                let variable = variable.trim_start_matches('$');
-                if !value.contains('$') {
-                    self.constants.push((variable.to_owned(), value.clone()));
-                }
+        if name == "set"
+            && let [variable, value] = args
+        {
+            let variable = variable.trim_start_matches('$');
+            self.constants.retain(|(name, _)| name != variable);
+            if !value.contains('$') {
+                self.constants.push((variable.to_owned(), value.clone()));
             }
         }
         self.code.push_str(&code);
@@ -356,7 +359,14 @@ impl LuaRewrite {
         while let Some((name, _)) = lexer.word()? {
             let args = lexer.arguments().map_err(|e| format!("{name}: {e}"))?;
             match name.as_str() {
-                "return" | "rewrite" | "set" | "break" => inner.push_str(&statement(&name, &args)?),
+                "return" | "rewrite" | "set" | "break" => {
+                    inner.push_str(&statement(&name, &args)?);
+                    // Set in a branch: no longer known without a request.
+                    if let ("set", [variable, _]) = (name.as_str(), args.as_slice()) {
+                        let variable = variable.trim_start_matches('$');
+                        self.constants.retain(|(name, _)| name != variable);
+                    }
+                }
                 "more_set_headers" | "add_header" => {
                     let pairs: Vec<(String, String)> = match (name.as_str(), args.as_slice()) {
                         ("add_header", [n, v]) | ("add_header", [n, v, _]) => vec![(n.clone(), v.clone())],
@@ -449,7 +459,7 @@ fn rewrite(regex: &str, replacement: &str, flag: Option<&String>) -> Result<Stri
             None => {
                 target = format!(
                     "{target} .. (ngx.var.args ~= nil and ngx.var.args ~= \"\" and (\"?\" .. ngx.var.args) or \"\")"
-                )
+                );
             }
         }
         code.push_str(&format!("return ngx.redirect({target}, {status})\n"));
@@ -889,5 +899,8 @@ mod tests {
             "\"/p/\" .. (m[1] or \"\") .. \"?x=\" .. var(\"arg_y\") .. \"$\""
         );
         assert_eq!(replace_variable("$a$ab${a}", "a", "1"), "1$ab1");
+        // A variable a branch may change is not put into typed headers as a constant.
+        assert!(read("set $flag 0;\nif ($arg_x) { set $flag 1; }\nadd_header X-Flag $flag;").is_err());
+        assert!(read("set $flag 0;\nadd_header X-Flag $flag;").is_ok());
     }
 }

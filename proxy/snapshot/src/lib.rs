@@ -1517,6 +1517,7 @@ mod tests {
                                 ip: Some(IpRules {
                                     allow: vec!["10.0.0.0/8".parse().expect("cidr")],
                                     deny: vec!["2001:db8::/32".parse().expect("cidr")],
+                                    ordered: vec![IpRule { allow: false, network: Cidr::ANY_V6 }],
                                 }),
                                 max_body_bytes: Some(1 << 20),
                                 limits: Some(Limits {
