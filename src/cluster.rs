@@ -29,7 +29,9 @@ use tidegate_proxy::subscribe::Subscription;
 use tidegate_proxy::{Proxy, ProxyConfig};
 use tidegate_snapshot::Snapshot;
 
-use crate::manifest_source::{self, Error, Sink};
+use tidegate_controller::source::{self, Sink};
+
+use crate::error::Error;
 
 /// Certificate files of one side of the stream.
 #[derive(Clone, Debug)]
@@ -134,6 +136,10 @@ impl Sink for Published {
     fn address(&self) -> String {
         self.address.clone()
     }
+
+    fn release_memory() -> fn() {
+        tidegate_proxy::release_free_memory
+    }
 }
 
 /// Controller settings.
@@ -198,12 +204,12 @@ pub fn run_controller(config: &ControllerConfig) -> Result<(), Error> {
         config.election.check().map_err(Error::Start)?;
     }
     if let Some(manifests) = &config.manifests {
-        manifest_source::run(manifests, config.options.clone(), sink)?;
+        source::folder::run(manifests, config.options.clone(), sink)?;
     } else {
         let client = runtime
             .block_on(api_client())
             .map_err(|e| Error::Start(format!("no Kubernetes API server configuration: {e}")))?;
-        let status = crate::api_source::StatusConfig {
+        let status = source::cluster::StatusConfig {
             election: config.election.clone(),
             publish_service: config.publish_service.clone(),
             addresses: config
@@ -213,8 +219,8 @@ pub fn run_controller(config: &ControllerConfig) -> Result<(), Error> {
                 .filter(|a| !a.is_empty())
                 .collect(),
         };
-        let stop = runtime.block_on(async { manifest_source::stop_signals() }).map_err(Error::Signals)?;
-        runtime.block_on(crate::api_source::run(client, &config.watch, status, publisher, metrics, sink, stop));
+        let stop = runtime.block_on(async { source::signals::stop_signals() }).map_err(Error::Signals)?;
+        runtime.block_on(source::cluster::run(client, &config.watch, status, publisher, metrics, sink, stop));
     }
     tracing::info!("controller stopped");
     Ok(())
@@ -283,7 +289,7 @@ pub fn run_proxy(
         .name("config-stream".into())
         .spawn(move || runtime.block_on(tidegate_proxy::subscribe::run(subscriber, subscription)))
         .map_err(|e| Error::Start(e.to_string()))?;
-    crate::manifest_source::wait_for_signal().map_err(Error::Signals)?;
+    source::signals::wait_for_signal().map_err(Error::Signals)?;
     tracing::info!(timeout_s = drain_timeout.as_secs_f64(), "draining: no new connections, open ones finish");
     let left = proxy.drain(drain_timeout);
     tracing::info!(connections_cut = left, "stopped");

@@ -8,7 +8,9 @@ use tidegate_controller::Options;
 use tidegate_proxy::{Proxy, ProxyConfig};
 use tidegate_snapshot::Snapshot;
 
-use crate::manifest_source::{self, Error, Sink};
+use tidegate_controller::source::{Sink, folder};
+
+use crate::error::Error;
 
 /// The local proxy as the place configurations go.
 struct Local(Proxy);
@@ -38,6 +40,10 @@ impl Sink for Local {
     fn address(&self) -> String {
         self.0.addresses().http.ip().to_string()
     }
+
+    fn release_memory() -> fn() {
+        tidegate_proxy::release_free_memory
+    }
 }
 
 /// Runs until SIGTERM or SIGINT, then drains: no new connections, open ones finish (for at most
@@ -46,11 +52,11 @@ impl Sink for Local {
 /// # Errors
 /// Only at start: the folder cannot be read or watched, or a listener cannot be bound.
 pub fn run(dir: &Path, proxy_config: &ProxyConfig, options: Options, drain_timeout: Duration) -> Result<(), Error> {
-    std::fs::read_dir(dir).map_err(|e| Error::Folder(dir.to_owned(), e))?;
+    std::fs::read_dir(dir).map_err(|e| folder::Error::Folder(dir.to_owned(), e))?;
     let proxy = Proxy::start(proxy_config)?;
     let a = proxy.addresses();
     tracing::info!(http = %a.http, https = %a.https, admin = %a.admin, manifests = %dir.display(), "listening");
-    let Local(proxy) = manifest_source::run(dir, options, Local(proxy))?;
+    let Local(proxy) = folder::run(dir, options, Local(proxy))?;
     tracing::info!(timeout_s = drain_timeout.as_secs_f64(), "draining: no new connections, open ones finish");
     let left = proxy.drain(drain_timeout);
     tracing::info!(connections_cut = left, "stopped");

@@ -14,6 +14,7 @@ pub mod objects;
 pub mod publish;
 pub mod replicas;
 pub mod report;
+pub mod source;
 pub mod status;
 pub mod status_writer;
 pub mod translate;

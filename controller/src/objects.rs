@@ -1,14 +1,13 @@
 //! The Kubernetes objects translation reads, and how statuses refer to them.
 
-use std::fmt;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
-use serde::Serialize;
 
 use crate::luaroute::LuaRoute;
+pub use crate::status::ObjectRef;
 
 /// Controller name in `IngressClass.spec.controller` that marks a class as ours.
 pub const CONTROLLER_NAME: &str = "tidegate.dev/ingress-controller";
@@ -68,33 +67,6 @@ impl Default for Options {
             global_auth: None,
             configmap: None,
             default_backend_service: None,
-        }
-    }
-}
-
-/// Names one object: `Kind namespace/name` (cluster-scoped objects have no namespace).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub struct ObjectRef {
-    pub kind: &'static str,
-    pub namespace: Option<String>,
-    pub name: String,
-}
-
-impl ObjectRef {
-    pub fn namespaced(kind: &'static str, namespace: &str, name: &str) -> Self {
-        ObjectRef { kind, namespace: Some(namespace.to_owned()), name: name.to_owned() }
-    }
-
-    pub fn cluster(kind: &'static str, name: &str) -> Self {
-        ObjectRef { kind, namespace: None, name: name.to_owned() }
-    }
-}
-
-impl fmt::Display for ObjectRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.namespace {
-            Some(ns) => write!(f, "{} {ns}/{}", self.kind, self.name),
-            None => write!(f, "{} {}", self.kind, self.name),
         }
     }
 }

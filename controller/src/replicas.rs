@@ -33,7 +33,9 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::publish::{ProxyState, Publisher};
-use crate::status_writer::FIELD_MANAGER;
+
+/// The field manager of every status write.
+pub const FIELD_MANAGER: &str = "tidegate-controller";
 
 /// Label on every replica's own Lease; its value is the election Lease's name.
 pub const REPLICA_LABEL: &str = "tidegate.dev/replica-of";

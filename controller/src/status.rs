@@ -1,8 +1,35 @@
 //! What translation found out about each object: whether it is ours, and what is wrong with it.
 
+use std::fmt;
+
 use serde::Serialize;
 
-use crate::objects::ObjectRef;
+/// Names one object: `Kind namespace/name` (cluster-scoped objects have no namespace).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ObjectRef {
+    pub kind: &'static str,
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn namespaced(kind: &'static str, namespace: &str, name: &str) -> Self {
+        ObjectRef { kind, namespace: Some(namespace.to_owned()), name: name.to_owned() }
+    }
+
+    pub fn cluster(kind: &'static str, name: &str) -> Self {
+        ObjectRef { kind, namespace: None, name: name.to_owned() }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "{} {ns}/{}", self.kind, self.name),
+            None => write!(f, "{} {}", self.kind, self.name),
+        }
+    }
+}
 
 /// Machine-readable reasons, the same names cluster mode writes into conditions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]

@@ -34,20 +34,9 @@ use tokio::sync::watch;
 use crate::luaroute::{self, LuaRoute, LuaRouteStatus};
 use crate::objects::{Inputs, ObjectRef, name_of, namespace_of};
 use crate::publish::{ProxyState, Publisher};
+pub use crate::replicas::FIELD_MANAGER;
 use crate::status::{ObjectStatus, Severity};
-
-/// The field manager of every status write.
-pub const FIELD_MANAGER: &str = "tidegate-controller";
-
-/// A LuaRoute that does not deserialize: its key, generation and what is wrong.
-#[derive(Clone, Debug)]
-pub struct InvalidObject {
-    pub namespace: String,
-    pub name: String,
-    pub generation: Option<i64>,
-    pub uid: Option<String>,
-    pub error: String,
-}
+pub use crate::watch::InvalidObject;
 
 /// What one rebuild saw and concluded.
 #[derive(Clone, Debug, Default)]

@@ -36,7 +36,6 @@ use tokio::sync::Notify;
 
 use crate::luaroute::{self, LuaRoute};
 use crate::objects::{Inputs, Options};
-use crate::status_writer::InvalidObject;
 
 /// What to watch.
 #[derive(Clone, Debug, Default)]
@@ -67,6 +66,16 @@ impl<T> Default for Cache<T> {
 }
 
 type Shared<T> = Arc<Mutex<Cache<T>>>;
+
+/// A LuaRoute that does not deserialize: its key, generation and what is wrong.
+#[derive(Clone, Debug)]
+pub struct InvalidObject {
+    pub namespace: String,
+    pub name: String,
+    pub generation: Option<i64>,
+    pub uid: Option<String>,
+    pub error: String,
+}
 
 /// A LuaRoute as read from the API server.
 #[derive(Clone, Debug)]

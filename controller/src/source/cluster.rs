@@ -1,6 +1,6 @@
 //! Configuration from the Kubernetes API server, for `tidegate controller` in a cluster.
 //!
-//! Watchers fill caches ([`tidegate_controller::watch`]); each change wakes the rebuild loop,
+//! Watchers fill caches ([`crate::watch`]); each change wakes the rebuild loop,
 //! which waits a short hold-off so a burst of changes (a `kubectl apply` of many objects, a
 //! rollout moving endpoints) becomes one rebuild, then translates the whole view with the same
 //! pure `translate()` as standalone mode and offers it to the publisher. Nothing is published
@@ -11,16 +11,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kube::Client;
-use tidegate_controller::election::{self, ElectionConfig};
-use tidegate_controller::metrics::{ControllerMetrics, KindLabels};
-use tidegate_controller::publish::Publisher;
-use tidegate_controller::replicas;
-use tidegate_controller::status_writer::{self, View, Writer, load_balancer_entries};
-use tidegate_controller::translate;
-use tidegate_controller::watch::{SecretData, WatchConfig, Watched};
 use tokio::sync::watch;
 
-use crate::manifest_source::{Publishing, Sink, Stamp};
+use super::sink::{Publishing, Sink, Stamp};
+use crate::election::{self, ElectionConfig};
+use crate::metrics::{ControllerMetrics, KindLabels};
+use crate::publish::Publisher;
+use crate::replicas;
+use crate::status_writer::{self, View, Writer, load_balancer_entries};
+use crate::translate;
+use crate::watch::{SecretData, WatchConfig, Watched};
 
 /// Changes that arrive within this time of the first one are translated together.
 pub const HOLD_OFF: Duration = Duration::from_millis(50);
