@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Applying a change at 100, 1,000 and 10,000 Ingresses, tidegate vs nginx (-t plus reload): the
 # time until the new host answers, and the proxies' RSS. See bench/change_at_scale.py.
-# Usage: bench/change_at_scale.sh [counts...]   (ROUNDS=3; loopback only; every wait is bounded)
+# With SCENARIO=annotations: plain against annotated Ingresses, two tidegates side by side.
+# Usage: [SCENARIO=annotations] bench/change_at_scale.sh [counts...]   (ROUNDS=3; loopback only; every wait is bounded)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -21,4 +22,6 @@ nginx -p "$WORK" -c "$WORK/upstream.conf" -e "$WORK/upstream.err"
 trap 'kill "$(cat "$WORK/upstream.pid")" 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
 mkdir -p bench/results
-python3 bench/change_at_scale.py "$PWD/target/release/tidegate" "$UPSTREAM" "$@" | tee bench/results/change-at-scale.md
+OUT=bench/results/change-at-scale.md
+[ "${SCENARIO:-}" = annotations ] && OUT=bench/results/change-at-scale-annotations.md
+python3 bench/change_at_scale.py "$PWD/target/release/tidegate" "$UPSTREAM" "$@" | tee "$OUT"

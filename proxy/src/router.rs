@@ -31,6 +31,42 @@ pub struct Router {
     wildcard: foldhash::HashMap<String, Arc<VirtualHost>>,
     any: Option<Arc<VirtualHost>>,
     default_backend: Option<Target>,
+    /// The path expressions in use, by pattern, for the next build to reuse.
+    regexes: HashMap<String, regex::Regex>,
+}
+
+/// What building a router's targets uses: the compiled scripts, the counters, and the path
+/// expressions by pattern. Routes that share a pattern share its compiled program (thousands of
+/// Ingresses often carry the same paths: one application in every tenant), and the last
+/// build's programs are reused.
+struct Build<'a> {
+    scripts: &'a HashMap<String, Arc<Script>>,
+    counters: CounterFactory<'a>,
+    previous: &'a HashMap<String, regex::Regex>,
+    now: HashMap<String, regex::Regex>,
+}
+
+impl Build<'_> {
+    fn regex(&mut self, pattern: &str) -> Result<regex::Regex, regex::Error> {
+        if let Some(regex) = self.now.get(pattern) {
+            return Ok(regex.clone());
+        }
+        let regex = match self.previous.get(pattern) {
+            Some(regex) => regex.clone(),
+            None => compile_path(pattern)?,
+        };
+        self.now.insert(pattern.to_owned(), regex.clone());
+        Ok(regex)
+    }
+
+    /// Keeps the expressions of a virtual host reused as it was.
+    fn keep(&mut self, vhost: &VirtualHost) {
+        for (route, target) in vhost.routes.iter().zip(&vhost.targets) {
+            if let Some(regex) = &target.path_regex {
+                self.now.entry(route.path.value.clone()).or_insert_with(|| regex.clone());
+            }
+        }
+    }
 }
 
 /// The request counters of one route, by status class (1xx to 5xx), created once per runtime
@@ -189,9 +225,9 @@ fn target(
     path: Option<&PathMatch>,
     action: &RouteAction,
     ssl_redirect: bool,
-    scripts: &HashMap<String, Arc<Script>>,
-    counters: CounterFactory<'_>,
+    build: &mut Build<'_>,
 ) -> Result<Target, String> {
+    let (scripts, counters) = (build.scripts, build.counters);
     let lua = match &action.lua {
         Some(handlers) => Some(Arc::new(LuaChain::resolve(handlers, scripts)?)),
         None => None,
@@ -214,7 +250,7 @@ fn target(
         }
     });
     let path_regex = match path {
-        Some(path) if path.kind == PathKind::Regex => match compile_path(&path.value) {
+        Some(path) if path.kind == PathKind::Regex => match build.regex(&path.value) {
             Ok(regex) => Some(regex),
             Err(e) => {
                 // The controller checked it: a route that cannot match is left unmatched.
@@ -257,8 +293,9 @@ impl Router {
         counters: CounterFactory<'_>,
         previous: &Router,
     ) -> Result<Self, String> {
+        let mut build = Build { scripts, counters, previous: &previous.regexes, now: HashMap::new() };
         let default_backend = match &routing.default_backend {
-            Some(action) => Some(target("", "default-backend", None, action, false, scripts, counters)?),
+            Some(action) => Some(target("", "default-backend", None, action, false, &mut build)?),
             None => None,
         };
         let mut router = Router { default_backend, ..Router::default() };
@@ -269,8 +306,11 @@ impl Router {
                 HostMatch::Any => previous.any.as_ref(),
             };
             let built = match before {
-                Some(built) if built.routes == vhost.routes => Arc::clone(built),
-                _ => Arc::new(VirtualHost::build(vhost, scripts, counters)?),
+                Some(built) if built.routes == vhost.routes => {
+                    build.keep(built);
+                    Arc::clone(built)
+                }
+                _ => Arc::new(VirtualHost::build(vhost, &mut build)?),
             };
             match &vhost.host {
                 HostMatch::Exact(h) => {
@@ -282,6 +322,7 @@ impl Router {
                 HostMatch::Any => router.any = Some(built),
             }
         }
+        router.regexes = build.now;
         Ok(router)
     }
 
@@ -321,11 +362,7 @@ impl Router {
 }
 
 impl VirtualHost {
-    fn build(
-        vhost: &tidegate_snapshot::VirtualHost,
-        scripts: &HashMap<String, Arc<Script>>,
-        counters: CounterFactory<'_>,
-    ) -> Result<Self, String> {
+    fn build(vhost: &tidegate_snapshot::VirtualHost, build: &mut Build<'_>) -> Result<Self, String> {
         let host = vhost.host.to_string();
         let mut exact_paths: foldhash::HashMap<String, Vec<usize>> = foldhash::HashMap::default();
         let mut targets = Vec::with_capacity(vhost.routes.len());
@@ -339,8 +376,7 @@ impl VirtualHost {
                 Some(&route.path),
                 &route.action,
                 route.ssl_redirect,
-                scripts,
-                counters,
+                build,
             )?);
         }
         Ok(VirtualHost { exact_paths, routes: vhost.routes.clone(), targets })

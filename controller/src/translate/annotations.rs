@@ -1396,45 +1396,74 @@ pub(super) fn read(
         } else {
             continue;
         };
-        let field = format!("metadata.annotations[{key:?}]");
+        let field = || format!("metadata.annotations[{key:?}]");
         if prefix == OURS
             && let Some(phase) = Phase::ALL.into_iter().find(|p| lua_annotation(*p) == name)
         {
             settings.snippets.push((phase, key.clone(), value.clone()));
             continue;
         }
-        let row = KEYS.iter().find(|k| k.pattern.covers(name) && (prefix == OURS || !k.ours_only));
+        let row = row_for(name, prefix == OURS);
         settings.written.insert(name.to_owned(), key.clone());
         match row.map(|k| k.handling) {
             Some(Handling::Parsed(parse)) => {
                 if let Err(why) = parse(value, &mut settings) {
-                    status.warning(Reason::Invalid, field, format!("{why}; the default applies"));
+                    status.warning(Reason::Invalid, field(), format!("{why}; the default applies"));
                 }
             }
             Some(Handling::Guards(parse)) => {
                 if let Err(why) = parse(value, &mut settings) {
-                    status.error(Reason::Invalid, field, format!("{why}; the routes answer 503"));
+                    status.error(Reason::Invalid, field(), format!("{why}; the routes answer 503"));
                     settings.unhonoured.push(key.clone());
                 }
             }
             Some(Handling::Restricts) => {
                 status.error(
                     Reason::UnsupportedAnnotation,
-                    field,
+                    field(),
                     "restricts access to the routes and is not supported by tidegate; they answer 503 \
                      rather than be served without it",
                 );
                 settings.unhonoured.push(key.clone());
             }
-            None if prefix == OURS => status.warning(Reason::Invalid, field, "unknown tidegate annotation; ignored"),
+            None if prefix == OURS => status.warning(Reason::Invalid, field(), "unknown tidegate annotation; ignored"),
             None => status.warning(
                 Reason::UnsupportedAnnotation,
-                field,
+                field(),
                 "ingress-nginx annotation not supported by tidegate; ignored",
             ),
         }
     }
     settings
+}
+
+/// The row of [`KEYS`] that decides `name` (the first that covers it), under our prefix or
+/// ingress-nginx's. Every annotation of every Ingress is looked up, on every change: the rows
+/// of the names the tables know are found once, in a map.
+fn row_for(name: &str, ours: bool) -> Option<&'static Key> {
+    use std::collections::HashMap;
+    use std::sync::LazyLock;
+    let scan = |name: &str, ours: bool| KEYS.iter().find(|k| k.pattern.covers(name) && (ours || !k.ours_only));
+    static KNOWN: LazyLock<HashMap<(&'static str, bool), Option<&'static Key>>> = LazyLock::new(|| {
+        let names = KEYS
+            .iter()
+            .filter_map(|k| match k.pattern {
+                Pattern::Exact(name) => Some(name),
+                _ => None,
+            })
+            .chain(super::annotation_table::INGRESS_NGINX_KEYS.iter().copied());
+        let mut known = HashMap::new();
+        for name in names {
+            for ours in [false, true] {
+                known.insert((name, ours), KEYS.iter().find(|k| k.pattern.covers(name) && (ours || !k.ours_only)));
+            }
+        }
+        known
+    });
+    match KNOWN.get(&(name, ours)) {
+        Some(row) => *row,
+        None => scan(name, ours),
+    }
 }
 
 /// ingress-nginx timeouts are whole seconds; a trailing `s` is accepted.

@@ -302,7 +302,10 @@ impl Context<'_, '_> {
             let kind = if path.path_type == "Exact" { PathKind::Exact } else { PathKind::Prefix };
             return Some(PathMatch { kind, value });
         }
-        match check_regex_path(&value) {
+        // Thousands of Ingresses often share a pattern (one app's paths in every tenant): each
+        // is checked once per translation.
+        let checked = self.out.checked_regexes.entry(value.clone()).or_insert_with(|| check_regex_path(&value)).clone();
+        match checked {
             Ok(()) => Some(PathMatch { kind: PathKind::Regex, value }),
             Err(why) => {
                 self.status.error(
@@ -524,15 +527,17 @@ fn validate(ingress: &Ingress, regex_hosts: &std::collections::HashSet<HostMatch
 
 /// A path as a regular expression: starts with `/`, and compiles as the proxy compiles it
 /// (`(?i)^PATH`, the `regex` crate: RE2 syntax, which Kubernetes documents for Ingress paths;
-/// no backreferences or lookaround).
+/// no backreferences or lookaround). Only the parse and the NFA (where the size limit applies)
+/// are built: what the proxy's regex would refuse, without the DFA it builds to run it.
 fn check_regex_path(value: &str) -> Result<(), String> {
+    use regex_automata::nfa::thompson;
     if !value.starts_with('/') {
         return Err(format!("{value:?} must start with '/'"));
     }
-    regex::RegexBuilder::new(&format!("^{value}"))
-        .case_insensitive(true)
-        .size_limit(1 << 20)
-        .build()
+    thompson::Compiler::new()
+        .syntax(regex_automata::util::syntax::Config::new().case_insensitive(true))
+        .configure(thompson::Config::new().nfa_size_limit(Some(1 << 20)))
+        .build(&format!("^{value}"))
         .map(drop)
         .map_err(|e| format!("{value:?} is not a regular expression tidegate runs: {e}"))
 }

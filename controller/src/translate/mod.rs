@@ -329,6 +329,8 @@ struct Builder {
     /// Hosts some Ingress of ours names in a rule: `server-alias` and `from-to-www-redirect`
     /// never take one of these.
     rule_hosts: std::collections::HashSet<HostMatch>,
+    /// Regular-expression paths checked so far, with the verdict.
+    checked_regexes: HashMap<String, Result<(), String>>,
 }
 
 /// The hosts whose paths match as regular expressions. As in ingress-nginx, once any Ingress
