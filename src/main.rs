@@ -104,6 +104,10 @@ struct TranslationArgs {
     /// Also serve Ingresses that name no class.
     #[arg(long)]
     watch_ingress_without_class: bool,
+    /// Let Ingresses ask for `ssl-passthrough`: TLS connections for their hosts go to the
+    /// backend undecrypted (as ingress-nginx's flag of the same name).
+    #[arg(long)]
+    enable_ssl_passthrough: bool,
     /// Accept inline Lua in Ingress annotations (`tidegate.dev/access-by-lua` and the other
     /// phases). Off by default: whoever may edit an Ingress could then run code in the proxy.
     #[arg(long)]
@@ -183,6 +187,7 @@ impl TranslationArgs {
             global_auth: tidegate_controller::translate::global_auth(&set)?,
             configmap: self.configmap.clone(),
             default_backend_service: self.default_backend_service.clone(),
+            enable_ssl_passthrough: self.enable_ssl_passthrough,
         })
     }
 }

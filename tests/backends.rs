@@ -431,3 +431,53 @@ async fn external_names_follow_their_ttl() {
     }
     eprintln!("requests followed the name's new address after {:?}", moved.elapsed());
 }
+
+/// `ssl-passthrough` with `--enable-ssl-passthrough`: a TLS connection whose SNI names the host
+/// goes to the backend undecrypted. The client completes its handshake with the backend's own
+/// certificate (trusting only the backend's CA) and the backend answers; another host on the
+/// same port still ends TLS in tidegate. Without the flag the annotation is reported and TLS
+/// ends in tidegate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssl_passthrough_sends_tls_to_the_backend_undecrypted() {
+    let ca = Ca::new("backend CA");
+    let cert = ca.issue(&["pass.test"]);
+    let backend = tls_echo("secure", &cert, &[b"http/1.1"], None).await;
+    let web = echo("t", "web").await;
+    let mut manifests = service_yaml("t", "secure", 80, "https", &[backend]);
+    manifests.push_str(&service_yaml("t", "web", 80, "http", &[web]));
+    manifests.push_str(&ingress(
+        "pass",
+        "pass.test",
+        "secure",
+        &[("nginx.ingress.kubernetes.io/ssl-passthrough", "true")],
+    ));
+    manifests.push_str(&ingress("plain", "plain.test", "web", &[]));
+    let dir = manifest_dir();
+    write_manifest(dir.path(), "all.yaml", &manifests);
+    for enabled in [true, false] {
+        let path = dir.path().to_owned();
+        let args: &'static [&'static str] = if enabled { &["--enable-ssl-passthrough"] } else { &[] };
+        let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&path, args)).await.expect("start");
+        let request = || Request::get("/x").header("host", "pass.test").body(Full::new(Bytes::new())).expect("request");
+        let trusting_backend = support::tls_connector(Some(&[ca.pem.as_str()]), &[b"http/1.1"]);
+        let passed = support::tls_request(&trusting_backend, tidegate.https, "pass.test", request()).await;
+        if enabled {
+            let passed = passed.expect("the backend's own handshake");
+            assert_eq!(passed.answer.status, StatusCode::OK);
+            assert_eq!(passed.answer.json()["service"], "secure", "the backend answered itself");
+            assert_eq!(passed.answer.json()["sni"], "pass.test", "it saw the client's SNI");
+        } else {
+            assert!(
+                passed.is_err(),
+                "without the flag TLS ends in tidegate, whose certificate the client does not trust"
+            );
+            let status = tidegate.status().to_string();
+            assert!(status.contains("--enable-ssl-passthrough"), "{status}");
+        }
+        // Another host on the same port: TLS ends in tidegate.
+        let any = support::tls_connector(None, &[b"http/1.1"]);
+        let plain = Request::get("/y").header("host", "plain.test").body(Full::new(Bytes::new())).expect("request");
+        let terminated = support::tls_request(&any, tidegate.https, "plain.test", plain).await.expect("tidegate");
+        assert_eq!(terminated.answer.json()["service"], "web");
+    }
+}

@@ -102,7 +102,13 @@ fn the_corpus_is_honoured_at_95_percent_and_the_rest_is_accounted_for() {
     // Text for people: a line per key, the totals last.
     let (_, text) = run_report(&[&configmap[..], &[corpus]].concat(), &[]);
     assert!(text.contains("Ingress argocd/argocd-server-ingress") && text.contains("Coverage "), "{text}");
-    assert!(text.contains("instead: TLS ends in tidegate"), "ssl-passthrough's advice: {text}");
+    assert!(text.contains("instead: the controller's `--enable-ssl-passthrough`"), "ssl-passthrough's advice: {text}");
+    // With the flag the migrant had on ingress-nginx, ssl-passthrough is honoured too.
+    let (_, out) =
+        run_report(&[&configmap[..], &["--enable-ssl-passthrough", "--format", "json", corpus]].concat(), &[]);
+    let with_flag: Value = serde_json::from_str(&out).expect("JSON");
+    let passthrough = uses(&with_flag).into_iter().find(|u| u.1.ends_with("ssl-passthrough")).expect("a use");
+    assert_eq!(passthrough.2, "honoured");
 }
 
 #[test]

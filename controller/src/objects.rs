@@ -54,6 +54,8 @@ pub struct Options {
     /// matches (unless an Ingress's `spec.defaultBackend` does), and the error pages of
     /// `custom-http-errors` for Ingresses without the `default-backend` annotation.
     pub default_backend_service: Option<(String, String)>,
+    /// `--enable-ssl-passthrough`: Ingresses may ask for `ssl-passthrough`.
+    pub enable_ssl_passthrough: bool,
 }
 
 impl Default for Options {
@@ -67,6 +69,7 @@ impl Default for Options {
             global_auth: None,
             configmap: None,
             default_backend_service: None,
+            enable_ssl_passthrough: false,
         }
     }
 }

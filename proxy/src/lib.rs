@@ -41,6 +41,7 @@ pub mod fuzzing;
 mod headers;
 mod http1;
 mod metrics;
+mod passthrough;
 mod policy;
 mod reactor;
 mod request;

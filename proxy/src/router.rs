@@ -370,14 +370,7 @@ impl VirtualHost {
             if route.path.kind == PathKind::Exact {
                 exact_paths.entry(route.path.value.clone()).or_default().push(i);
             }
-            targets.push(target(
-                &host,
-                &route.name,
-                Some(&route.path),
-                &route.action,
-                route.ssl_redirect,
-                build,
-            )?);
+            targets.push(target(&host, &route.name, Some(&route.path), &route.action, route.ssl_redirect, build)?);
         }
         Ok(VirtualHost { exact_paths, routes: vhost.routes.clone(), targets })
     }

@@ -52,6 +52,8 @@ pub(crate) struct RoutingState {
     pub(crate) client_tls_versions: TlsVersions,
     /// Upstream keep-alive (`upstream-keepalive-*`), which each worker's pool takes.
     pub(crate) pool_limits: crate::upstream::PoolLimits,
+    /// `ssl-passthrough` hosts and their backends (empty: TLS connections are not peeked at).
+    pub(crate) passthrough: HashMap<String, tidegate_snapshot::BackendId>,
 }
 
 /// The TLS versions clients may use: an index into the server configurations made at start
@@ -123,6 +125,7 @@ impl Runtime {
                 client_limits: crate::http1::Limits::of(&tidegate_snapshot::ClientConnections::default()),
                 client_tls_versions: TlsVersions::Both,
                 pool_limits: crate::upstream::PoolLimits::of(&tidegate_snapshot::UpstreamConnections::default()),
+                passthrough: HashMap::new(),
             }),
             upstreams: Arc::new(Upstreams::default()),
         }
@@ -176,6 +179,7 @@ impl Runtime {
             client_limits: crate::http1::Limits::of(&snapshot.routing.client_connections),
             client_tls_versions: TlsVersions::of(&snapshot.routing.client_tls_versions),
             pool_limits: crate::upstream::PoolLimits::of(&snapshot.routing.upstream_connections),
+            passthrough: snapshot.routing.passthrough.iter().map(|p| (p.host.clone(), p.backend.clone())).collect(),
         };
         let runtime = Runtime { version: snapshot.version, routing: Arc::new(routing), upstreams };
         Ok(Built { runtime, warnings, routing_rebuilt: true })

@@ -154,10 +154,19 @@ async fn serve(
         None => (Box::new(stream), false, None),
         // Boxed, like HTTP/2 below: a task is as large as its largest state, and a plain HTTP/1
         // connection waiting for its next request should not carry a TLS handshake's.
-        Some(configs) => match Box::pin(handshake(configs, stream, remote)).await {
-            Some(accepted) => accepted,
-            None => return,
-        },
+        Some(configs) => {
+            // `ssl-passthrough` hosts: a connection for one goes to its backend undecrypted.
+            if !worker.current_runtime().routing.passthrough.is_empty() {
+                match Box::pin(crate::passthrough::serve(&worker, stream, remote)).await {
+                    crate::passthrough::Passed::No(back) => stream = back,
+                    crate::passthrough::Passed::Done => return,
+                }
+            }
+            match Box::pin(handshake(configs, stream, remote)).await {
+                Some(accepted) => accepted,
+                None => return,
+            }
+        }
     };
     // Shared by the connection's requests (and small in the connection's task).
     let conn = Rc::new(Connection::new(remote, local_port, tls_connection, client_certificates));

@@ -162,7 +162,10 @@ const INSTEAD: &[(&str, &str)] = &[
     ("enable-modsecurity", "no WAF: checks in an `access` Lua handler, or a WAF in front of tidegate"),
     ("enable-owasp-core-rules", "no WAF: checks in an `access` Lua handler, or a WAF in front of tidegate"),
     ("modsecurity-", "no WAF: checks in an `access` Lua handler, or a WAF in front of tidegate"),
-    ("ssl-passthrough", "TLS ends in tidegate: the host's certificate in `spec.tls`, and `backend-protocol: HTTPS`"),
+    (
+        "ssl-passthrough",
+        "the controller's `--enable-ssl-passthrough` (the chart's `enableSslPassthrough`), as in ingress-nginx; or TLS ends in tidegate: the host's certificate in `spec.tls`, and `backend-protocol: HTTPS`",
+    ),
     ("enable-opentelemetry", "the request ID (`X-Request-ID`) in the access log, and the metrics at `/metrics`"),
     ("opentelemetry-", "the request ID (`X-Request-ID`) in the access log, and the metrics at `/metrics`"),
     ("enable-opentracing", "the request ID (`X-Request-ID`) in the access log, and the metrics at `/metrics`"),

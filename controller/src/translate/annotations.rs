@@ -46,6 +46,8 @@ pub(super) struct Settings {
     pub(super) snippet_redirect: Option<tidegate_snapshot::Redirect>,
     /// A snippet's `allow` and `deny` lines, in order.
     pub(super) snippet_ip_rules: Vec<tidegate_snapshot::IpRule>,
+    /// `ssl-passthrough`.
+    pub(super) ssl_passthrough: bool,
     /// `whitelist-source-range` / `allowlist-source-range` and `denylist-source-range`.
     pub(super) ip: IpRules,
     /// `proxy-body-size`, in bytes: 1 MiB (ingress-nginx's default) unless set; `0` (`None`)
@@ -136,6 +138,7 @@ impl Default for Settings {
             snippet_upstream_headers: Vec::new(),
             snippet_redirect: None,
             snippet_ip_rules: Vec::new(),
+            ssl_passthrough: false,
             ip: IpRules::default(),
             max_body_bytes: Some(DEFAULT_MAX_BODY),
             basic_auth: BasicAuthKeys::default(),
@@ -605,6 +608,7 @@ const fn restricts(pattern: Pattern) -> Key {
 pub(crate) const KEYS: &[Key] = &[
     parsed("ssl-redirect", "true", |v, s| boolean(v).map(|b| s.ssl_redirect = b)),
     parsed("force-ssl-redirect", "false", |v, s| boolean(v).map(|b| s.force_ssl_redirect = b)),
+    parsed("ssl-passthrough", "false", |v, s| boolean(v).map(|b| s.ssl_passthrough = b)),
     parsed("proxy-connect-timeout", "5", |v, s| seconds(v).map(|ms| s.timeouts.connect_ms = ms)),
     parsed("proxy-read-timeout", "60", |v, s| seconds(v).map(|ms| s.timeouts.read_ms = ms)),
     parsed("proxy-send-timeout", "60", |v, s| seconds(v).map(|ms| s.timeouts.send_ms = ms)),

@@ -61,6 +61,14 @@ pub(super) fn translate(
     }
     let canary = settings.canary.enabled;
     let fallback = options.default_backend_service.clone();
+    if settings.ssl_passthrough && !options.enable_ssl_passthrough {
+        status.warning(
+            Reason::Unsupported,
+            settings.field("ssl-passthrough"),
+            "ssl-passthrough needs the controller's --enable-ssl-passthrough (as in ingress-nginx); ignored, TLS ends in tidegate",
+        );
+    }
+    let passthrough = settings.ssl_passthrough && options.enable_ssl_passthrough;
     let mut ctx =
         Context { ingress, index, settings, lua, policies, refusal, upstreams: Vec::new(), out, status, fallback };
     if canary {
@@ -72,6 +80,9 @@ pub(super) fn translate(
     ctx.default_backend();
     ctx.rules(rank);
     ctx.tls();
+    if passthrough {
+        ctx.passthrough();
+    }
 }
 
 /// The Lua handlers an Ingress runs: its LuaRoute's `spec.lua`, then inline snippets (only with
@@ -314,6 +325,51 @@ impl Context<'_, '_> {
                     format!("{why}; this path is not served (its host's paths are regular expressions)"),
                 );
                 None
+            }
+        }
+    }
+
+    /// `ssl-passthrough`: each rule's host takes TLS connections to the backend of its `/` path
+    /// (its first path when it has none), undecrypted; the first Ingress to claim a host has it.
+    /// Plain HTTP to the host keeps the Ingress's routes.
+    fn passthrough(&mut self) {
+        let ingress = self.ingress;
+        let rules = ingress.spec.as_ref().and_then(|s| s.rules.as_deref()).unwrap_or_default();
+        for (r, rule) in rules.iter().enumerate() {
+            let field = format!("spec.rules[{r}].host");
+            let Some(host) = rule.host.as_deref().filter(|h| !h.starts_with('*')) else {
+                self.status.warning(
+                    Reason::Unsupported,
+                    field,
+                    "ssl-passthrough needs an exact host; not passed through",
+                );
+                continue;
+            };
+            let paths = rule.http.as_ref().map(|h| h.paths.as_slice()).unwrap_or_default();
+            let Some(path) = paths.iter().find(|p| p.path.as_deref() == Some("/")).or(paths.first()) else { continue };
+            let Some(service) = path.backend.service.as_ref() else { continue };
+            let port = match service.port.as_ref().map(|p| (p.number, p.name.as_deref())) {
+                Some((Some(n), _)) => match check_port_number(n) {
+                    Ok(n) => PortRef::Number(n),
+                    Err(_) => continue,
+                },
+                Some((None, Some(name))) => PortRef::Name(name),
+                _ => continue,
+            };
+            let (id, problem) = self.out.backend(self.index, namespace_of(&ingress.metadata), &service.name, port);
+            if let Some((reason, message)) = problem {
+                self.status.error(reason, field.clone(), format!("{message}; ssl-passthrough connections are refused"));
+            }
+            let host = host.to_ascii_lowercase();
+            match self.out.passthrough.get(&host) {
+                Some((_, owner)) if *owner != self.status.object => {
+                    let message = format!("ssl-passthrough for {host} is already claimed by {owner}");
+                    self.status.warning(Reason::Conflict, field, message);
+                }
+                Some(_) => {}
+                None => {
+                    self.out.passthrough.insert(host, (id, self.owner()));
+                }
             }
         }
     }

@@ -331,6 +331,8 @@ struct Builder {
     rule_hosts: std::collections::HashSet<HostMatch>,
     /// Regular-expression paths checked so far, with the verdict.
     checked_regexes: HashMap<String, Result<(), String>>,
+    /// `ssl-passthrough` hosts: their backend and the Ingress that claimed them first.
+    passthrough: BTreeMap<String, (BackendId, ObjectRef)>,
 }
 
 /// The hosts whose paths match as regular expressions. As in ingress-nginx, once any Ingress
@@ -628,6 +630,11 @@ impl Builder {
                 client_connections: tidegate_snapshot::ClientConnections::default(),
                 client_tls_versions: Vec::new(),
                 upstream_connections: tidegate_snapshot::UpstreamConnections::default(),
+                passthrough: self
+                    .passthrough
+                    .into_iter()
+                    .map(|(host, (backend, _))| tidegate_snapshot::Passthrough { host, backend })
+                    .collect(),
             },
             endpoints: self.endpoints,
             names: self.names,

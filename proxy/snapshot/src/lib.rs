@@ -169,6 +169,20 @@ pub struct Routing {
     /// empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub client_tls_versions: Vec<TlsVersion>,
+    /// Hosts whose TLS connections go to a backend undecrypted (`ssl-passthrough`), sorted by
+    /// host: the server name a client's TLS handshake asks for picks one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub passthrough: Vec<Passthrough>,
+}
+
+/// A host whose TLS connections are passed to its backend as they are: the backend does the
+/// handshake, with its own certificate (ingress-nginx's `ssl-passthrough`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Passthrough {
+    /// The exact server name, lower case.
+    pub host: String,
+    pub backend: BackendId,
 }
 
 /// Upstream keep-alive, as nginx's `keepalive`, `keepalive_timeout` and `keepalive_requests` in
@@ -1647,6 +1661,7 @@ mod tests {
                     trusted: vec![Cidr::ANY_V4],
                     full_forwarded_for: true,
                 },
+                passthrough: vec![Passthrough { host: "vault.example.com".into(), backend: backend.clone() }],
             },
             endpoints: BTreeMap::from([(backend, vec![Endpoint { address: "::1".into(), port: 8080 }])]),
             names: BTreeMap::from([(
