@@ -54,6 +54,8 @@ pub(crate) struct RoutingState {
     pub(crate) pool_limits: crate::upstream::PoolLimits,
     /// `ssl-passthrough` hosts and their backends (empty: TLS connections are not peeked at).
     pub(crate) passthrough: HashMap<String, tidegate_snapshot::BackendId>,
+    /// The access log's line format (`log-format-upstream`); JSON lines when `None`.
+    pub(crate) access_log_format: Option<Arc<crate::access_log::LineFormat>>,
 }
 
 /// The TLS versions clients may use: an index into the server configurations made at start
@@ -126,6 +128,7 @@ impl Runtime {
                 client_tls_versions: TlsVersions::Both,
                 pool_limits: crate::upstream::PoolLimits::of(&tidegate_snapshot::UpstreamConnections::default()),
                 passthrough: HashMap::new(),
+                access_log_format: None,
             }),
             upstreams: Arc::new(Upstreams::default()),
         }
@@ -180,6 +183,11 @@ impl Runtime {
             client_tls_versions: TlsVersions::of(&snapshot.routing.client_tls_versions),
             pool_limits: crate::upstream::PoolLimits::of(&snapshot.routing.upstream_connections),
             passthrough: snapshot.routing.passthrough.iter().map(|p| (p.host.clone(), p.backend.clone())).collect(),
+            access_log_format: snapshot
+                .routing
+                .access_log_format
+                .as_ref()
+                .map(|f| Arc::new(crate::access_log::LineFormat::compile(f))),
         };
         let runtime = Runtime { version: snapshot.version, routing: Arc::new(routing), upstreams };
         Ok(Built { runtime, warnings, routing_rebuilt: true })

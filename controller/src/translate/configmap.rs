@@ -45,6 +45,9 @@ pub(super) struct Global {
     pub(super) allowed_response_headers: Vec<String>,
     /// `allow-snippet-annotations`, when the ConfigMap sets it (else the flag decides).
     pub(super) allow_snippets: Option<bool>,
+    /// `log-format-upstream`, `log-format-escape-json`, `log-format-escape-none`.
+    pub(super) log_format: Option<String>,
+    pub(super) log_escape: tidegate_snapshot::LogEscape,
     /// `annotations-risk-level: Critical`: annotations of Critical risk (the snippets) may be
     /// used. ingress-nginx's default, `High`, refuses them even where snippets are allowed.
     pub(super) critical_annotations: bool,
@@ -296,6 +299,31 @@ const KEYS: &[ConfigKey] = &[
         }
         Ok(_) => Err(format!("{v:?} is not a time above 0")),
         Err(e) => Err(e),
+    }),
+    own("log-format-upstream", "", |v, r| {
+        let unknown: Vec<&str> = tidegate_snapshot::AccessLogFormat::variables(v)
+            .into_iter()
+            .filter(|name| !tidegate_snapshot::AccessLogFormat::VARIABLES.contains(name) && !name.starts_with("http_"))
+            .collect();
+        if !unknown.is_empty() {
+            return Err(format!("${} is not a variable tidegate logs", unknown.join(", $")));
+        }
+        r.global.log_format = Some(v.trim_end_matches('\n').to_owned());
+        Ok(())
+    }),
+    own("log-format-escape-json", "false", |v, r| {
+        annotations::boolean(v).map(|b| {
+            if b {
+                r.global.log_escape = tidegate_snapshot::LogEscape::Json;
+            }
+        })
+    }),
+    own("log-format-escape-none", "false", |v, r| {
+        annotations::boolean(v).map(|b| {
+            if b && r.global.log_escape != tidegate_snapshot::LogEscape::Json {
+                r.global.log_escape = tidegate_snapshot::LogEscape::None;
+            }
+        })
     }),
     // tidegate's `Server` header never names its version (`server_tokens off`).
     own("server-tokens", "false", |v, _| match annotations::boolean(v)? {

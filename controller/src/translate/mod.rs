@@ -205,6 +205,10 @@ pub fn translate(inputs: &Inputs) -> Translation {
     snapshot.routing.client_connections = global.client_connections.clone();
     snapshot.routing.client_tls_versions = global.client_tls_versions.clone();
     snapshot.routing.upstream_connections = global.upstream_connections.clone();
+    snapshot.routing.access_log_format = global
+        .log_format
+        .clone()
+        .map(|format| tidegate_snapshot::AccessLogFormat { format, escape: global.log_escape });
     Translation { snapshot, statuses: statuses.into_values().collect(), problems }
 }
 
@@ -630,6 +634,7 @@ impl Builder {
                 client_connections: tidegate_snapshot::ClientConnections::default(),
                 client_tls_versions: Vec::new(),
                 upstream_connections: tidegate_snapshot::UpstreamConnections::default(),
+                access_log_format: None,
                 passthrough: self
                     .passthrough
                     .into_iter()

@@ -169,10 +169,95 @@ pub struct Routing {
     /// empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub client_tls_versions: Vec<TlsVersion>,
+    /// The access log's line, as nginx's `log_format` (the global ConfigMap's
+    /// `log-format-upstream`); the proxy's JSON lines when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log_format: Option<AccessLogFormat>,
     /// Hosts whose TLS connections go to a backend undecrypted (`ssl-passthrough`), sorted by
     /// host: the server name a client's TLS handshake asks for picks one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub passthrough: Vec<Passthrough>,
+}
+
+/// An access log line as nginx's `log_format` writes it: text with `$variables`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccessLogFormat {
+    pub format: String,
+    pub escape: LogEscape,
+}
+
+/// How values are escaped in a log line (nginx's `log_format ... escape=`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LogEscape {
+    /// `"`, `\` and bytes outside printable ASCII as `\xHH`.
+    #[default]
+    Default,
+    /// As JSON strings do (`log-format-escape-json`).
+    Json,
+    /// Unchanged (`log-format-escape-none`).
+    None,
+}
+
+impl AccessLogFormat {
+    /// The variables a format may use besides `http_NAME` (a request header): what
+    /// ingress-nginx's default `log-format-upstream` and common formats use.
+    pub const VARIABLES: &'static [&'static str] = &[
+        "remote_addr",
+        "remote_user",
+        "time_local",
+        "time_iso8601",
+        "msec",
+        "request",
+        "request_method",
+        "request_uri",
+        "uri",
+        "args",
+        "server_protocol",
+        "scheme",
+        "host",
+        "status",
+        "body_bytes_sent",
+        "bytes_sent",
+        "request_time",
+        "request_length",
+        "upstream_addr",
+        "upstream_response_time",
+        "upstream_status",
+        "proxy_upstream_name",
+        "proxy_alternative_upstream_name",
+        "upstream_response_length",
+        "req_id",
+        "request_id",
+        "namespace",
+        "ingress_name",
+        "service_name",
+        "service_port",
+    ];
+
+    /// The variable names `format` uses, in order: `$name` and `${name}`.
+    pub fn variables(format: &str) -> Vec<&str> {
+        let mut names = Vec::new();
+        let mut rest = format;
+        while let Some(at) = rest.find('$') {
+            let after = &rest[at + 1..];
+            let (name, next) = if let Some(braced) = after.strip_prefix('{') {
+                match braced.find('}') {
+                    Some(end) => (&braced[..end], &braced[end + 1..]),
+                    None => ("", after),
+                }
+            } else {
+                let end = after.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(after.len());
+                (&after[..end], &after[end..])
+            };
+            if !name.is_empty() {
+                names.push(name);
+            }
+            rest = next;
+        }
+        names
+    }
 }
 
 /// A host whose TLS connections are passed to its backend as they are: the backend does the
@@ -1662,6 +1747,10 @@ mod tests {
                     full_forwarded_for: true,
                 },
                 passthrough: vec![Passthrough { host: "vault.example.com".into(), backend: backend.clone() }],
+                access_log_format: Some(AccessLogFormat {
+                    format: "$remote_addr - [$time_local] \"$request\" $status".into(),
+                    escape: LogEscape::Json,
+                }),
             },
             endpoints: BTreeMap::from([(backend, vec![Endpoint { address: "::1".into(), port: 8080 }])]),
             names: BTreeMap::from([(

@@ -68,6 +68,11 @@ use crate::connection::Connection;
 use crate::upstream::Pool;
 pub(crate) use variables::expand;
 
+/// nginx's `$remote_user`: the user of the request's Basic credentials, checked or not.
+pub(crate) fn remote_user(headers: &HeaderMap) -> String {
+    basic_auth::credentials(headers).map(|(user, _)| user).unwrap_or_default()
+}
+
 /// What a filter sees of a request: the client and the request head as earlier steps left it.
 #[derive(Clone, Copy)]
 pub(crate) struct Facts<'a> {

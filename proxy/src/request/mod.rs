@@ -86,6 +86,9 @@ pub(crate) async fn handle(
     let method = request.method().clone();
     let version = request.version();
     let path = if logging { request.uri().path().to_owned() } else { String::new() };
+    // A log format may want more of the request than the JSON line has.
+    let format = if logging { runtime.routing.access_log_format.clone() } else { None };
+    let mut taken = format.as_ref().map(|f| Box::new(f.take(&request, conn.tls)));
     let host = request_host(&request).to_owned();
     let mut outcome = Outcome { grpc: is_grpc(version, &method, request.headers()), ..Outcome::default() };
     outcome.forwarded = runtime.routing.client_rules.forwarded(conn.remote.ip(), request.headers()).map(Box::new);
@@ -95,6 +98,9 @@ pub(crate) async fn handle(
         Routed::Answer(response) => response,
         Routed::Target(target) => {
             logging &= target.filters.access_log();
+            if let Some(taken) = taken.as_mut() {
+                taken.backend = target.action.backend.as_ref().map(|b| b.0.clone());
+            }
             // Each way of serving keeps its state in a box of its own, for as long as it runs:
             // inline, every request would carry the largest of them (the upstream exchange's)
             // whichever it takes, and a Lua route answering by itself would hold the upstream
@@ -138,6 +144,9 @@ pub(crate) async fn handle(
         metrics.upstream_duration.observe(worker.id, t.as_secs_f64());
     }
 
+    if let Some(taken) = taken.as_mut() {
+        taken.from_upstream = outcome.from_upstream;
+    }
     let shared = Arc::clone(&worker.shared);
     // Held until the response is done: a client's request in progress (limit-connections).
     if let Some(holds) = outcome.effects.as_mut().map(|e| std::mem::take(&mut e.holds)).filter(|h| !h.is_empty()) {
@@ -172,7 +181,7 @@ pub(crate) async fn handle(
             upstream_time_ms: outcome.upstream_time.map(|t| t.as_secs_f64() * 1000.0),
             route: outcome.route.map(|r| r.to_string()),
         };
-        if !shared.access_log.record(&entry) {
+        if !shared.access_log.record(&entry, format.as_deref().zip(taken.as_deref())) {
             shared.metrics.access_log_dropped.inc();
         }
     });
