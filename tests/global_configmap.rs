@@ -162,13 +162,19 @@ async fn plain_with_settings(settings: &[(&str, &str)]) -> (Tidegate, tempfile::
     (tidegate, dir, manifests)
 }
 
-/// `keep-alive-requests`, `keep-alive` and `client-header-timeout` from the ConfigMap: a
-/// connection carries at most that many requests (the last answer says `Connection: close`),
-/// and a client that starts a head and stalls is cut at the header timeout.
+/// `keep-alive-requests`, `keep-alive`, `client-header-timeout` and `client-body-timeout` from
+/// the ConfigMap: a connection carries at most that many requests (the last answer says
+/// `Connection: close`), a client that starts a head and stalls is cut at the header timeout,
+/// and one that stops sending its body gets 408 at the body timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_connection_keys_limit_keep_alive_and_slow_heads() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let settings = [("keep-alive-requests", "2"), ("keep-alive", "10"), ("client-header-timeout", "1")];
+    let settings = [
+        ("keep-alive-requests", "2"),
+        ("keep-alive", "10"),
+        ("client-header-timeout", "1"),
+        ("client-body-timeout", "1"),
+    ];
     let (tidegate, _dir, _) = plain_with_settings(&settings).await;
 
     let mut client = tokio::net::TcpStream::connect(tidegate.http).await.expect("connect");
@@ -196,6 +202,18 @@ async fn client_connection_keys_limit_keep_alive_and_slow_heads() {
         "cut at the 1 s header timeout, not 30 s: {:?}",
         started.elapsed()
     );
+
+    let mut stalled = tokio::net::TcpStream::connect(tidegate.http).await.expect("connect");
+    stalled.write_all(b"POST / HTTP/1.1\r\nHost: plain.test\r\nContent-Length: 10\r\n\r\nabc").await.expect("write");
+    let started = std::time::Instant::now();
+    let mut answer = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), stalled.read(&mut answer))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "client-body-timeout: {answer}");
+    assert!(started.elapsed() < Duration::from_secs(3), "at the 1 s body timeout: {:?}", started.elapsed());
 }
 
 /// `ssl-protocols: TLSv1.3`: a client that offers only TLS 1.2 is refused in the handshake, one

@@ -57,7 +57,7 @@ pub(super) struct Global {
     pub(super) hsts: Option<HstsKeys>,
     /// `http2-max-concurrent-streams`.
     pub(super) http2_streams: Option<u32>,
-    /// `keep-alive`, `keep-alive-requests`, `client-header-timeout`.
+    /// `keep-alive`, `keep-alive-requests`, `client-header-timeout`, `client-body-timeout`.
     pub(super) client_connections: tidegate_snapshot::ClientConnections,
     /// `ssl-protocols`.
     pub(super) client_tls_versions: Vec<tidegate_snapshot::TlsVersion>,
@@ -295,6 +295,14 @@ const KEYS: &[ConfigKey] = &[
     own("client-header-timeout", "30", |v, r| match seconds(v) {
         Ok(s) if s > 0 => {
             r.global.client_connections.header_seconds = Some(s);
+            Ok(())
+        }
+        Ok(_) => Err(format!("{v:?} is not a time above 0")),
+        Err(e) => Err(e),
+    }),
+    own("client-body-timeout", "60", |v, r| match seconds(v) {
+        Ok(s) if s > 0 => {
+            r.global.client_connections.body_seconds = Some(s);
             Ok(())
         }
         Ok(_) => Err(format!("{v:?} is not a time above 0")),

@@ -306,6 +306,10 @@ pub struct ClientConnections {
     /// Seconds a client has to send a request head.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub header_seconds: Option<u64>,
+    /// Seconds a client may send nothing while sending a request body (between two reads,
+    /// not for the whole body); then 408.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_seconds: Option<u64>,
 }
 
 impl ClientConnections {
@@ -1733,6 +1737,7 @@ mod tests {
                     keep_alive_seconds: Some(75),
                     keep_alive_requests: Some(1000),
                     header_seconds: Some(60),
+                    body_seconds: Some(60),
                 },
                 client_tls_versions: vec![TlsVersion::Tls13],
                 upstream_connections: UpstreamConnections {

@@ -46,6 +46,8 @@ pub(crate) use stream::{Detached, Io, OnUpgrade, RequestStream};
 /// Time a client has to send a request head once it started one, or the first head of a new
 /// connection, unless the configuration says (nginx's `client_header_timeout`).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// nginx's default `client_body_timeout`.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time an idle keep-alive connection is kept, unless the configuration says (nginx's
 /// `keepalive_timeout`).
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(75);
@@ -59,6 +61,8 @@ const KEEP_ALIVE_REQUESTS: u64 = 1000;
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Limits {
     pub(crate) header: Duration,
+    /// How long a request body may send nothing (`client-body-timeout`).
+    pub(crate) body: Duration,
     pub(crate) keep_alive: Duration,
     /// Requests one connection carries; the last response says `Connection: close`.
     pub(crate) requests: u64,
@@ -68,6 +72,7 @@ impl Limits {
     pub(crate) fn of(settings: &tidegate_snapshot::ClientConnections) -> Limits {
         Limits {
             header: settings.header_seconds.map_or(HEADER_READ_TIMEOUT, Duration::from_secs),
+            body: settings.body_seconds.map_or(BODY_READ_TIMEOUT, Duration::from_secs),
             keep_alive: settings.keep_alive_seconds.map_or(KEEP_ALIVE_TIMEOUT, Duration::from_secs),
             requests: settings.keep_alive_requests.unwrap_or(KEEP_ALIVE_REQUESTS),
         }
@@ -134,7 +139,7 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    let conn = Rc::new(RefCell::new(Conn::new(io)));
+    let conn = Rc::new(RefCell::new(Conn::new(io, limits.body)));
     let mut alarm = Alarm::default();
     loop {
         // No await inside this match: the matched value would be kept in the task's state.

@@ -10,7 +10,7 @@ use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::body::{Body, Frame, SizeHint};
@@ -75,6 +75,9 @@ pub(crate) struct Conn {
     /// The request [`BodyState`] belongs to (0: none; bodies of other requests get an error).
     pub(crate) request: u64,
     pub(crate) body: BodyState,
+    /// How long a body may send nothing (nginx's `client_body_timeout`), and the wait running.
+    body_timeout: std::time::Duration,
+    body_wait: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 fn closed() -> io::Error {
@@ -82,8 +85,8 @@ fn closed() -> io::Error {
 }
 
 impl Conn {
-    pub(crate) fn new(io: Box<dyn Io>) -> Self {
-        Conn { io: Some(io), buf: BytesMut::new(), request: 0, body: BodyState::Done }
+    pub(crate) fn new(io: Box<dyn Io>, body_timeout: std::time::Duration) -> Self {
+        Conn { io: Some(io), buf: BytesMut::new(), request: 0, body: BodyState::Done, body_timeout, body_wait: None }
     }
 
     /// Reads more into the buffer: `Ok(0)` at the end of the stream. A buffer that is still
@@ -138,7 +141,20 @@ impl Conn {
                     }
                 },
             };
-            match ready!(self.poll_fill(cx, want)) {
+            let Poll::Ready(filled) = self.poll_fill(cx, want) else {
+                // Nothing from the client: the body timeout runs between two reads.
+                let timeout = self.body_timeout;
+                let wait = self.body_wait.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                if wait.as_mut().poll(cx).is_ready() {
+                    self.body_wait = None;
+                    self.body = BodyState::Failed;
+                    let e = io::Error::new(io::ErrorKind::TimedOut, "the client sent no body for client-body-timeout");
+                    return Poll::Ready(Some(Err(e)));
+                }
+                return Poll::Pending;
+            };
+            self.body_wait = None;
+            match filled {
                 Ok(0) => {
                     self.body = BodyState::Failed;
                     let e =

@@ -277,7 +277,7 @@ async fn an_idle_connection_holds_no_read_buffer() {
         let addr = listener.local_addr().expect("address");
         let mut client = TcpStream::connect(addr).await.expect("connect");
         let (stream, _) = listener.accept().await.expect("accept");
-        let conn = RefCell::new(Conn::new(Box::new(stream)));
+        let conn = RefCell::new(Conn::new(Box::new(stream), std::time::Duration::from_secs(60)));
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         assert!(conn.borrow_mut().poll_fill_head(&mut cx).is_pending());
         assert_eq!(conn.borrow().buf.capacity(), 0, "waiting kept a buffer");

@@ -96,6 +96,12 @@ impl UpstreamError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             UpstreamError::ClientBody(_, e) if e.is::<crate::body::TooLarge>() => StatusCode::PAYLOAD_TOO_LARGE,
+            // `client-body-timeout`, as nginx answers it.
+            UpstreamError::ClientBody(_, e)
+                if e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut) =>
+            {
+                StatusCode::REQUEST_TIMEOUT
+            }
             UpstreamError::ClientBody(..) => StatusCode::BAD_REQUEST,
         }
     }
