@@ -383,3 +383,33 @@ async fn log_format_upstream_writes_the_access_log_as_nginx() {
         let _ = child.wait();
     }
 }
+
+/// `ssl-ciphers` (OpenSSL's names, as nginx's `ssl_ciphers`) narrows the TLS 1.2 suites: a TLS
+/// 1.2 client gets the one listed; TLS 1.3 keeps its suites. A list with no suite rustls has is
+/// reported and the defaults stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssl_ciphers_narrow_the_tls12_suites() {
+    let (tidegate, _dir, _) =
+        plain_with_settings(&[("ssl-ciphers", "ECDHE-ECDSA-CHACHA20-POLY1305:AES128-SHA:!aNULL")]).await;
+    let handshake = async |versions: &[&'static rustls::SupportedProtocolVersion]| {
+        let connector = support::tls_connector_with_versions(None, &[b"http/1.1"], versions);
+        let tcp = tokio::net::TcpStream::connect(tidegate.https).await.expect("connect");
+        let name = rustls_pki_types::ServerName::try_from("plain.test").expect("name");
+        connector
+            .connect(name, tcp)
+            .await
+            .map(|s| s.get_ref().1.negotiated_cipher_suite().map(|c| format!("{:?}", c.suite())))
+    };
+    let tls12 = handshake(&[&rustls::version::TLS12]).await.expect("TLS 1.2");
+    assert_eq!(tls12.as_deref(), Some("TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256"));
+    let tls13 = handshake(&[&rustls::version::TLS13]).await.expect("TLS 1.3");
+    assert!(tls13.is_some_and(|s| s.starts_with("TLS13_")));
+    drop(tidegate);
+
+    let (tidegate, _dir, _) = plain_with_settings(&[("ssl-ciphers", "AES128-SHA:DHE-RSA-AES256-SHA")]).await;
+    let problems = object_problems(&tidegate, "ConfigMap", "settings");
+    assert!(
+        problems.iter().any(|p| p["field"] == "data[\"ssl-ciphers\"]" && p["severity"] == "warning"),
+        "{problems:?}"
+    );
+}

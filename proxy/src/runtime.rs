@@ -50,6 +50,8 @@ pub(crate) struct RoutingState {
     pub(crate) client_limits: crate::http1::Limits,
     /// Which TLS versions clients may use (`ssl-protocols`).
     pub(crate) client_tls_versions: TlsVersions,
+    /// The TLS 1.2 suites clients may use, by IANA name (`ssl-ciphers`); rustls' when empty.
+    pub(crate) client_tls12_ciphers: Vec<String>,
     /// Upstream keep-alive (`upstream-keepalive-*`), which each worker's pool takes.
     pub(crate) pool_limits: crate::upstream::PoolLimits,
     /// `ssl-passthrough` hosts and their backends (empty: TLS connections are not peeked at).
@@ -126,6 +128,7 @@ impl Runtime {
                 http2_max_concurrent_streams: None,
                 client_limits: crate::http1::Limits::of(&tidegate_snapshot::ClientConnections::default()),
                 client_tls_versions: TlsVersions::Both,
+                client_tls12_ciphers: Vec::new(),
                 pool_limits: crate::upstream::PoolLimits::of(&tidegate_snapshot::UpstreamConnections::default()),
                 passthrough: HashMap::new(),
                 access_log_format: None,
@@ -181,6 +184,7 @@ impl Runtime {
             http2_max_concurrent_streams: snapshot.routing.http2_max_concurrent_streams,
             client_limits: crate::http1::Limits::of(&snapshot.routing.client_connections),
             client_tls_versions: TlsVersions::of(&snapshot.routing.client_tls_versions),
+            client_tls12_ciphers: snapshot.routing.client_tls12_ciphers.clone(),
             pool_limits: crate::upstream::PoolLimits::of(&snapshot.routing.upstream_connections),
             passthrough: snapshot.routing.passthrough.iter().map(|p| (p.host.clone(), p.backend.clone())).collect(),
             access_log_format: snapshot

@@ -173,20 +173,36 @@ impl ResolvesServerCert for Resolver {
 
 /// The two server configurations of the TLS listeners: SNI resolution, h2 and http/1.1 by ALPN;
 /// `asking` also asks the client for a certificate. One pair per set of TLS versions the
-/// configuration may allow (`ssl-protocols`), made once: [both, 1.3 only, 1.2 only].
+/// configuration may allow (`ssl-protocols`), made once: [both, 1.3 only, 1.2 only]. A
+/// configuration that narrows the TLS 1.2 cipher suites (`ssl-ciphers`) gets its own set, made
+/// at its first handshake and kept until the suites change.
 #[derive(Debug, Clone)]
 pub(crate) struct ServerConfigs {
-    by_versions: [(Arc<rustls::ServerConfig>, Arc<rustls::ServerConfig>); 3],
+    by_versions: ByVersions,
+    with_ciphers: Arc<arc_swap::ArcSwapOption<WithCiphers>>,
     shared: Arc<Shared>,
 }
 
+type ByVersions = [(Arc<rustls::ServerConfig>, Arc<rustls::ServerConfig>); 3];
+
+#[derive(Debug)]
+struct WithCiphers {
+    ciphers: Vec<String>,
+    by_versions: ByVersions,
+}
+
 pub(crate) fn server_configs(shared: Arc<Shared>) -> ServerConfigs {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let by_versions = by_versions(&Arc::new(rustls::crypto::ring::default_provider()), &shared);
+    ServerConfigs { by_versions, with_ciphers: Arc::default(), shared }
+}
+
+fn by_versions(provider: &Arc<rustls::crypto::CryptoProvider>, shared: &Arc<Shared>) -> ByVersions {
     let build = |versions: &[&'static rustls::SupportedProtocolVersion],
                  verifier: Option<Arc<dyn ClientCertVerifier>>| {
-        // The ring provider supports every protocol version rustls has, so this cannot fail.
+        // The ring provider supports every protocol version rustls has, and keeps every TLS 1.3
+        // suite, so this cannot fail.
         let builder =
-            match rustls::ServerConfig::builder_with_provider(Arc::clone(&provider)).with_protocol_versions(versions) {
+            match rustls::ServerConfig::builder_with_provider(Arc::clone(provider)).with_protocol_versions(versions) {
                 Ok(b) => b,
                 Err(e) => unreachable!("ring supports TLS 1.2 and 1.3: {e}"),
             };
@@ -194,20 +210,44 @@ pub(crate) fn server_configs(shared: Arc<Shared>) -> ServerConfigs {
             Some(verifier) => builder.with_client_cert_verifier(verifier),
             None => builder.with_no_client_auth(),
         };
-        let mut config = builder.with_cert_resolver(Arc::new(Resolver { shared: Arc::clone(&shared) }));
+        let mut config = builder.with_cert_resolver(Arc::new(Resolver { shared: Arc::clone(shared) }));
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Arc::new(config)
     };
     let pair = |versions: &[&'static rustls::SupportedProtocolVersion]| {
-        let asking = build(versions, Some(Arc::new(AskForCertificate { provider: Arc::clone(&provider) })));
+        let asking = build(versions, Some(Arc::new(AskForCertificate { provider: Arc::clone(provider) })));
         (build(versions, None), asking)
     };
-    let by_versions = [
+    [
         pair(&[&rustls::version::TLS13, &rustls::version::TLS12]),
         pair(&[&rustls::version::TLS13]),
         pair(&[&rustls::version::TLS12]),
-    ];
-    ServerConfigs { by_versions, shared }
+    ]
+}
+
+impl ServerConfigs {
+    /// The configurations for TLS 1.2 suites `ciphers` (IANA names, in order of preference),
+    /// with every TLS 1.3 suite.
+    fn with_ciphers(&self, ciphers: &[String]) -> Arc<WithCiphers> {
+        if let Some(made) = self.with_ciphers.load_full().filter(|made| made.ciphers == ciphers) {
+            return made;
+        }
+        let ring = rustls::crypto::ring::default_provider();
+        let tls13 = ring.cipher_suites.iter().filter(|s| s.version() == &rustls::version::TLS13).copied();
+        let tls12 = ciphers.iter().filter_map(|name| {
+            rustls::crypto::ring::ALL_CIPHER_SUITES
+                .iter()
+                .find(|s| s.version() == &rustls::version::TLS12 && format!("{:?}", s.suite()) == *name)
+                .copied()
+        });
+        let provider = rustls::crypto::CryptoProvider { cipher_suites: tls13.chain(tls12).collect(), ..ring };
+        let made = Arc::new(WithCiphers {
+            ciphers: ciphers.to_vec(),
+            by_versions: by_versions(&Arc::new(provider), &self.shared),
+        });
+        self.with_ciphers.store(Some(Arc::clone(&made)));
+        made
+    }
 }
 
 /// The client certificate chain a handshake received, end entity first.
@@ -225,7 +265,14 @@ where
     let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
     let runtime = configs.shared.runtime.load();
     let asks = runtime.routing.certificates.asks_client_certificate(start.client_hello().server_name());
-    let (plain, asking) = &configs.by_versions[runtime.routing.client_tls_versions as usize];
+    let versions = runtime.routing.client_tls_versions as usize;
+    let with_ciphers;
+    let (plain, asking) = if runtime.routing.client_tls12_ciphers.is_empty() {
+        &configs.by_versions[versions]
+    } else {
+        with_ciphers = configs.with_ciphers(&runtime.routing.client_tls12_ciphers);
+        &with_ciphers.by_versions[versions]
+    };
     let config = if asks { asking } else { plain };
     let stream = start.into_stream(Arc::clone(config)).await?;
     let certificates = stream

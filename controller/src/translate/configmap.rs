@@ -61,6 +61,8 @@ pub(super) struct Global {
     pub(super) client_connections: tidegate_snapshot::ClientConnections,
     /// `ssl-protocols`.
     pub(super) client_tls_versions: Vec<tidegate_snapshot::TlsVersion>,
+    /// `ssl-ciphers`: TLS 1.2 suites by IANA name.
+    pub(super) client_tls12_ciphers: Vec<String>,
     /// `upstream-keepalive-connections`, `-timeout`, `-requests`.
     pub(super) upstream_connections: tidegate_snapshot::UpstreamConnections,
 }
@@ -284,6 +286,27 @@ const KEYS: &[ConfigKey] = &[
     own("ssl-protocols", "TLSv1.2 TLSv1.3", |v, r| {
         annotations::tls_versions(v).map(|list| r.global.client_tls_versions = list)
     }),
+    // OpenSSL's names; the suites rustls has (ECDHE with AES-GCM or ChaCha20-Poly1305) are
+    // kept in the list's order, the others (CBC, DHE, RSA key exchange) left out, as rustls
+    // does not offer them. TLS 1.3's suites are not in this list, as with nginx.
+    own(
+        "ssl-ciphers",
+        "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305",
+        |v, r| {
+            let known: Vec<String> = v
+                .split([':', ',', ' '])
+                .filter_map(|name| TLS12_SUITES.iter().find(|(openssl, _)| *openssl == name.trim()))
+                .map(|(_, iana)| (*iana).to_owned())
+                .collect();
+            if known.is_empty() {
+                return Err(format!(
+                    "{v:?} names no TLS 1.2 cipher suite rustls offers (ECDHE with AES-GCM or CHACHA20-POLY1305)"
+                ));
+            }
+            r.global.client_tls12_ciphers = known;
+            Ok(())
+        },
+    ),
     own("keep-alive", "75", |v, r| seconds(v).map(|s| r.global.client_connections.keep_alive_seconds = Some(s))),
     own("keep-alive-requests", "1000", |v, r| match v.trim().parse::<u64>() {
         Ok(n) if n > 0 => {
@@ -368,6 +391,16 @@ const KEYS: &[ConfigKey] = &[
     ConfigKey { key: "global-rate-limit-memcached-port", handling: ConfigHandling::Accepted, default: "11211" },
     // nginx's own tuning, which has no counterpart: the proxy's --workers flag sets this.
     ConfigKey { key: "worker-processes", handling: ConfigHandling::Accepted, default: "auto" },
+];
+
+/// OpenSSL's names of the TLS 1.2 suites rustls offers, with their IANA names.
+const TLS12_SUITES: &[(&str, &str)] = &[
+    ("ECDHE-ECDSA-AES128-GCM-SHA256", "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"),
+    ("ECDHE-ECDSA-AES256-GCM-SHA384", "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"),
+    ("ECDHE-ECDSA-CHACHA20-POLY1305", "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256"),
+    ("ECDHE-RSA-AES128-GCM-SHA256", "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"),
+    ("ECDHE-RSA-AES256-GCM-SHA384", "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384"),
+    ("ECDHE-RSA-CHACHA20-POLY1305", "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256"),
 ];
 
 /// Reads `value` with the parser of annotation `name` into `settings`.

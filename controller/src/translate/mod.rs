@@ -204,6 +204,7 @@ pub fn translate(inputs: &Inputs) -> Translation {
     snapshot.routing.http2_max_concurrent_streams = global.http2_streams;
     snapshot.routing.client_connections = global.client_connections.clone();
     snapshot.routing.client_tls_versions = global.client_tls_versions.clone();
+    snapshot.routing.client_tls12_ciphers = global.client_tls12_ciphers.clone();
     snapshot.routing.upstream_connections = global.upstream_connections.clone();
     snapshot.routing.access_log_format = global
         .log_format
@@ -633,6 +634,7 @@ impl Builder {
                 http2_max_concurrent_streams: None,
                 client_connections: tidegate_snapshot::ClientConnections::default(),
                 client_tls_versions: Vec::new(),
+                client_tls12_ciphers: Vec::new(),
                 upstream_connections: tidegate_snapshot::UpstreamConnections::default(),
                 access_log_format: None,
                 passthrough: self

@@ -169,6 +169,11 @@ pub struct Routing {
     /// empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub client_tls_versions: Vec<TlsVersion>,
+    /// The TLS 1.2 cipher suites clients may use, by IANA name, in the server's order of
+    /// preference (the global ConfigMap's `ssl-ciphers`, as nginx's `ssl_ciphers`, which leaves
+    /// TLS 1.3 alone); rustls' defaults when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client_tls12_ciphers: Vec<String>,
     /// The access log's line, as nginx's `log_format` (the global ConfigMap's
     /// `log-format-upstream`); the proxy's JSON lines when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1740,6 +1745,7 @@ mod tests {
                     body_seconds: Some(60),
                 },
                 client_tls_versions: vec![TlsVersion::Tls13],
+                client_tls12_ciphers: vec!["TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256".into()],
                 upstream_connections: UpstreamConnections {
                     idle_per_endpoint: Some(320),
                     idle_seconds: Some(60),
