@@ -297,7 +297,6 @@ async fn snippets_need_the_critical_risk_level() {
 /// the request ID the client sent; values are escaped as asked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_format_upstream_writes_the_access_log_as_nginx() {
-    use std::io::BufRead;
     const DEFAULT: &str = "$remote_addr - $remote_user [$time_local] \"$request\" $status $body_bytes_sent \"$http_referer\" \"$http_user_agent\" $request_length $request_time [$proxy_upstream_name] [$proxy_alternative_upstream_name] $upstream_addr $upstream_response_length $upstream_response_time $upstream_status $req_id";
     const JSON: &str = "{\"time\": \"$time_iso8601\", \"ip\": \"$remote_addr\", \"request\": \"$request\", \"status\": $status, \"agent\": \"$http_user_agent\", \"id\": \"$req_id\", \"ns\": \"$namespace\", \"ingress\": \"$ingress_name\", \"service\": \"$service_name\"}";
     for (format, json) in [(DEFAULT, false), (JSON, true)] {
@@ -314,22 +313,8 @@ async fn log_format_upstream_writes_the_access_log_as_nginx() {
         ]
         .concat();
         write_manifest(dir.path(), "all.yaml", &manifests);
-        let http = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"))
-            .args(["standalone", "--manifests", &dir.path().display().to_string(), "--http-addr", &http.to_string()])
-            .args(["--https-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--workers", "1"])
-            .args(["--configmap", "sys/settings"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("tidegate starts");
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-        let (stdout, sink) = (child.stdout.take().expect("stdout"), std::sync::Arc::clone(&lines));
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-                sink.lock().expect("lock").push(line);
-            }
-        });
+        let logged = support::AccessLogged::start(dir.path(), &["--configmap", "sys/settings"]);
+        let http = logged.http;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let request = || {
             http::Request::get("/p?q=1")
@@ -351,13 +336,7 @@ async fn log_format_upstream_writes_the_access_log_as_nginx() {
             assert!(std::time::Instant::now() < deadline, "serving within 10 s");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let line = loop {
-            if let Some(line) = lines.lock().expect("lock").iter().find(|l| l.contains("/p?q=1")).cloned() {
-                break line;
-            }
-            assert!(std::time::Instant::now() < deadline, "logged");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let line = logged.line_with("/p?q=1", deadline).await;
         if json {
             let entry: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
             assert_eq!(entry["request"], "GET /p?q=1 HTTP/1.1");
@@ -379,8 +358,6 @@ async fn log_format_upstream_writes_the_access_log_as_nginx() {
             assert!(line.contains(" [t-web-80] [-] 127.0.0.1:"), "{line}");
             assert!(line.ends_with(" 200 abc123"), "{line}");
         }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 }
 

@@ -1202,7 +1202,6 @@ async fn redirects_answer_instead_of_the_upstream() {
 /// stdout); others are logged as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_log_can_be_turned_off_per_ingress() {
-    use std::io::BufRead;
     let dir = manifest_dir();
     let web = echo("t", "web").await;
     let manifests = [
@@ -1212,40 +1211,25 @@ async fn access_log_can_be_turned_off_per_ingress() {
     ]
     .concat();
     write_manifest(dir.path(), "all.yaml", &manifests);
-    let http = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
     // The access log on, unlike the other tests' proxies: stdout is read here.
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tidegate"))
-        .args(["standalone", "--manifests", &dir.path().display().to_string(), "--http-addr", &http.to_string()])
-        .args(["--https-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--workers", "1"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("tidegate starts");
-    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let (stdout, sink) = (child.stdout.take().expect("stdout"), std::sync::Arc::clone(&lines));
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            sink.lock().expect("lock").push(line);
-        }
-    });
+    let log = support::AccessLogged::start(dir.path(), &[]);
+    let http = log.http;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !get(http, "loud.test", "/").await.is_ok_and(|a| a.status == StatusCode::OK) {
         assert!(std::time::Instant::now() < deadline, "serving within 10 s");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert_eq!(get(http, "quiet.test", "/").await.expect("answer").status, StatusCode::OK);
-    let logged = |host: &str| lines.lock().expect("lock").iter().any(|l| l.contains(&format!("\"host\":\"{host}\"")));
+    let logged = |host: &str| log.logged(&format!("\"host\":\"{host}\""));
     while !logged("loud.test") {
         assert!(std::time::Instant::now() < deadline, "the other Ingress's requests are logged");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     // Both requests went through the same worker, in order: the quiet one is not late.
     let _ = get(http, "loud.test", "/second").await;
-    while !lines.lock().expect("lock").iter().any(|l| l.contains("/second")) {
+    while !log.logged("/second") {
         assert!(std::time::Instant::now() < deadline, "the last request is logged");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(!logged("quiet.test"), "enable-access-log false: not logged");
-    let _ = child.kill();
-    let _ = child.wait();
 }

@@ -508,3 +508,56 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
 pub fn echoed_headers(answer: &Answer) -> BTreeMap<String, Vec<String>> {
     serde_json::from_value(answer.json()["headers"].clone()).unwrap_or_default()
 }
+
+/// `tidegate standalone` with its access log on (the other tests' proxies have it off), one
+/// worker, and every stdout line kept: the tests of what it logs.
+pub struct AccessLogged {
+    child: Child,
+    pub http: SocketAddr,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl AccessLogged {
+    pub fn start(dir: &Path, extra: &[&str]) -> AccessLogged {
+        let http = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tidegate"))
+            .args(["standalone", "--manifests", &dir.display().to_string(), "--http-addr", &http.to_string()])
+            .args(["--https-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--workers", "1"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tidegate starts");
+        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        let (stdout, sink) = (child.stdout.take().expect("stdout"), Arc::clone(&lines));
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().expect("lock").push(line);
+            }
+        });
+        AccessLogged { child, http, lines }
+    }
+
+    /// Whether a line logged so far contains `text`.
+    pub fn logged(&self, text: &str) -> bool {
+        self.lines.lock().expect("lock").iter().any(|l| l.contains(text))
+    }
+
+    /// The first line that contains `text`, waiting for it until `deadline`.
+    pub async fn line_with(&self, text: &str, deadline: Instant) -> String {
+        loop {
+            if let Some(line) = self.lines.lock().expect("lock").iter().find(|l| l.contains(text)).cloned() {
+                return line;
+            }
+            assert!(Instant::now() < deadline, "a line with {text:?} logged in time");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for AccessLogged {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
