@@ -9,7 +9,7 @@ use std::io::Write;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 
 use serde::Serialize;
-use tidegate_snapshot::LogEscape;
+use tidegate_snapshot::{LogEscape, TemplatePart};
 
 /// Lines buffered between the workers and the writer.
 const BUFFERED_LINES: usize = 16_384;
@@ -151,27 +151,18 @@ impl LineFormat {
     pub(crate) fn compile(format: &tidegate_snapshot::AccessLogFormat) -> LineFormat {
         let mut parts = Vec::new();
         let mut headers = Vec::new();
-        let mut literal = String::new();
-        let mut rest = format.format.as_str();
-        while let Some(at) = rest.find('$') {
-            literal.push_str(&rest[..at]);
-            let after = &rest[at + 1..];
-            let (name, next) = match after.strip_prefix('{').and_then(|b| b.find('}').map(|end| (b, end))) {
-                Some((braced, end)) => (&braced[..end], &braced[end + 1..]),
-                None => {
-                    let end = after.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(after.len());
-                    (&after[..end], &after[end..])
+        // The controller checked the format: one that does not split is logged as written.
+        let runs = tidegate_snapshot::nginx_runs(&format.format)
+            .unwrap_or_else(|_| vec![TemplatePart::Text(format.format.clone())]);
+        for run in runs {
+            let name = match run {
+                TemplatePart::Text(text) => {
+                    parts.push(Part::Text(text));
+                    continue;
                 }
+                TemplatePart::Variable(name) => name,
             };
-            if name.is_empty() {
-                literal.push('$');
-                rest = after;
-                continue;
-            }
-            if !literal.is_empty() {
-                parts.push(Part::Text(std::mem::take(&mut literal)));
-            }
-            let var = match name {
+            let var = match name.as_str() {
                 "remote_addr" => Var::RemoteAddr,
                 "remote_user" => Var::RemoteUser,
                 "time_local" => Var::TimeLocal,
@@ -210,11 +201,6 @@ impl LineFormat {
                 },
             };
             parts.push(Part::Var(var));
-            rest = next;
-        }
-        literal.push_str(rest);
-        if !literal.is_empty() {
-            parts.push(Part::Text(literal));
         }
         LineFormat { parts, escape: format.escape, headers }
     }

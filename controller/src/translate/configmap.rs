@@ -332,6 +332,7 @@ const KEYS: &[ConfigKey] = &[
         Err(e) => Err(e),
     }),
     own("log-format-upstream", "", |v, r| {
+        tidegate_snapshot::nginx_pieces(v)?;
         let unknown: Vec<&str> = tidegate_snapshot::AccessLogFormat::variables(v)
             .into_iter()
             .filter(|name| !tidegate_snapshot::AccessLogFormat::VARIABLES.contains(name) && !name.starts_with("http_"))

@@ -534,39 +534,16 @@ fn split_condition(condition: &str) -> Result<Vec<String>, String> {
 
 /// An nginx value (text with `$variables` and `$1`..`$9` captures) as a Lua expression.
 fn lua_template(value: &str) -> Result<String, String> {
-    let mut parts = Vec::new();
-    let mut literal = String::new();
-    let mut rest = value;
-    while let Some(at) = rest.find('$') {
-        literal.push_str(&rest[..at]);
-        let after = &rest[at + 1..];
-        let (name, next) = if let Some(braced) = after.strip_prefix('{') {
-            let end = braced.find('}').ok_or_else(|| format!("{value:?}: an unclosed ${{"))?;
-            (&braced[..end], &braced[end + 1..])
-        } else {
-            let end = after.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(after.len());
-            (&after[..end], &after[end..])
-        };
-        if name.is_empty() {
-            literal.push('$');
-            rest = after;
-            continue;
-        }
-        if !literal.is_empty() {
-            parts.push(lua_string(&std::mem::take(&mut literal)));
-        }
-        if name.chars().all(|c| c.is_ascii_digit()) {
-            parts.push(format!("(m[{name}] or \"\")"));
-        } else {
-            parts.push(format!("var({})", lua_string(name)));
-        }
-        rest = next;
-    }
-    literal.push_str(rest);
-    if !literal.is_empty() || parts.is_empty() {
-        parts.push(lua_string(&literal));
-    }
-    Ok(parts.join(" .. "))
+    use tidegate_snapshot::TemplatePart;
+    let parts: Vec<String> = tidegate_snapshot::nginx_runs(value)?
+        .into_iter()
+        .map(|run| match run {
+            TemplatePart::Text(text) => lua_string(&text),
+            TemplatePart::Variable(name) if name.chars().all(|c| c.is_ascii_digit()) => format!("(m[{name}] or \"\")"),
+            TemplatePart::Variable(name) => format!("var({})", lua_string(&name)),
+        })
+        .collect();
+    Ok(if parts.is_empty() { lua_string("") } else { parts.join(" .. ") })
 }
 
 /// A Lua string literal holding `text` exactly.
@@ -587,26 +564,24 @@ fn lua_string(text: &str) -> String {
 
 /// `text` with `$name` and `${name}` replaced by `value` (not `$names`).
 fn replace_variable(text: &str, name: &str, value: &str) -> String {
+    let Ok(pieces) = tidegate_snapshot::nginx_pieces(text) else { return text.to_owned() };
     let mut out = String::new();
     let mut rest = text;
-    while let Some(at) = rest.find('$') {
-        out.push_str(&rest[..at]);
-        let after = &rest[at + 1..];
-        if let Some(next) = after.strip_prefix('{').and_then(|b| b.strip_prefix(name)).and_then(|b| b.strip_prefix('}'))
-        {
-            out.push_str(value);
-            rest = next;
-        } else if let Some(next) =
-            after.strip_prefix(name).filter(|n| !n.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_'))
-        {
-            out.push_str(value);
-            rest = next;
-        } else {
-            out.push('$');
-            rest = after;
+    for piece in pieces {
+        // Each piece is the next part of `text`: what it was written as is copied unless it is
+        // the variable.
+        let written = match piece {
+            tidegate_snapshot::Piece::Text(t) => t.len(),
+            tidegate_snapshot::Piece::Variable(v) if rest.starts_with("${") => v.len() + 3,
+            tidegate_snapshot::Piece::Variable(v) => v.len() + 1,
+        };
+        let (this, next) = rest.split_at(written);
+        match piece {
+            tidegate_snapshot::Piece::Variable(v) if v == name => out.push_str(value),
+            _ => out.push_str(this),
         }
+        rest = next;
     }
-    out.push_str(rest);
     out
 }
 

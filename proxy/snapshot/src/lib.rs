@@ -243,25 +243,14 @@ impl AccessLogFormat {
 
     /// The variable names `format` uses, in order: `$name` and `${name}`.
     pub fn variables(format: &str) -> Vec<&str> {
-        let mut names = Vec::new();
-        let mut rest = format;
-        while let Some(at) = rest.find('$') {
-            let after = &rest[at + 1..];
-            let (name, next) = if let Some(braced) = after.strip_prefix('{') {
-                match braced.find('}') {
-                    Some(end) => (&braced[..end], &braced[end + 1..]),
-                    None => ("", after),
-                }
-            } else {
-                let end = after.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(after.len());
-                (&after[..end], &after[end..])
-            };
-            if !name.is_empty() {
-                names.push(name);
-            }
-            rest = next;
-        }
-        names
+        nginx_pieces(format)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|p| match p {
+                Piece::Variable(name) if !name.is_empty() => Some(name),
+                _ => None,
+            })
+            .collect()
     }
 }
 
@@ -737,22 +726,81 @@ impl Template {
     }
 }
 
+/// A piece of text written with nginx variables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Piece<'a> {
+    Text(&'a str),
+    /// A variable's name, without `$` or braces; empty for a `$` no name follows.
+    Variable(&'a str),
+}
+
+/// Splits `text` as nginx reads it: literal text, and `$name` or `${name}` references (a name
+/// is letters, digits and `_`). `Err` for a `${` that is not closed.
+///
+/// # Errors
+/// An unclosed `${`.
+pub fn nginx_pieces(text: &str) -> Result<Vec<Piece<'_>>, String> {
+    let mut pieces = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        if at > 0 {
+            pieces.push(Piece::Text(&rest[..at]));
+        }
+        let after = &rest[at + 1..];
+        let (name, next) = if let Some(braced) = after.strip_prefix('{') {
+            let end = braced.find('}').ok_or_else(|| format!("{text:?}: an unclosed ${{"))?;
+            (&braced[..end], &braced[end + 1..])
+        } else {
+            let end = after.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(after.len());
+            (&after[..end], &after[end..])
+        };
+        pieces.push(Piece::Variable(name));
+        rest = next;
+    }
+    if !rest.is_empty() {
+        pieces.push(Piece::Text(rest));
+    }
+    Ok(pieces)
+}
+
+/// [`nginx_pieces`] as runs: adjacent text joined, and a `$` no name follows kept as text.
+///
+/// # Errors
+/// An unclosed `${`.
+pub fn nginx_runs(text: &str) -> Result<Vec<TemplatePart>, String> {
+    let mut runs = Vec::new();
+    let mut literal = String::new();
+    for piece in nginx_pieces(text)? {
+        match piece {
+            Piece::Text(t) => literal.push_str(t),
+            Piece::Variable("") => literal.push('$'),
+            Piece::Variable(name) => {
+                if !literal.is_empty() {
+                    runs.push(TemplatePart::Text(std::mem::take(&mut literal)));
+                }
+                runs.push(TemplatePart::Variable(name.to_owned()));
+            }
+        }
+    }
+    if !literal.is_empty() {
+        runs.push(TemplatePart::Text(literal));
+    }
+    Ok(runs)
+}
+
 impl FromStr for Template {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let mut parts = Vec::new();
         let mut literal = String::new();
-        let mut rest = text;
-        while let Some(at) = rest.find('$') {
-            literal.push_str(&rest[..at]);
-            let after = &rest[at + 1..];
-            let (name, next) = if let Some(braced) = after.strip_prefix('{') {
-                let end = braced.find('}').ok_or_else(|| format!("{text:?}: an unclosed ${{"))?;
-                (&braced[..end], &braced[end + 1..])
-            } else {
-                let end = after.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(after.len());
-                (&after[..end], &after[end..])
+        for piece in nginx_pieces(text)? {
+            let name = match piece {
+                Piece::Text(t) => {
+                    literal.push_str(t);
+                    continue;
+                }
+                Piece::Variable(name) => name,
             };
             let known = Template::VARIABLES.contains(&name)
                 || ["http_", "cookie_", "arg_"].iter().any(|p| name.strip_prefix(p).is_some_and(|n| !n.is_empty()));
@@ -763,9 +811,7 @@ impl FromStr for Template {
                 parts.push(TemplatePart::Text(std::mem::take(&mut literal)));
             }
             parts.push(TemplatePart::Variable(name.to_owned()));
-            rest = next;
         }
-        literal.push_str(rest);
         if !literal.is_empty() {
             parts.push(TemplatePart::Text(literal));
         }
