@@ -228,8 +228,9 @@ async fn a_trusted_forwarding_header_names_the_client() {
 
 /// `server-alias` serves an Ingress's rules under more names (not one another Ingress names);
 /// `from-to-www-redirect` sends the other name of a host to it (308, path and query kept);
-/// `proxy-redirect-from` / `-to` rewrite the start of the upstream's `Location`; the
-/// ConfigMap's `hsts*` keys set `Strict-Transport-Security` on TLS responses.
+/// `proxy-redirect-from` / `-to` rewrite the start of the upstream's `Location`, and a path
+/// there becomes absolute unless `relative-redirects`; the ConfigMap's `hsts*` keys set
+/// `Strict-Transport-Security` on TLS responses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aliases_www_redirects_and_location_rewrites() {
     let ingresses = [
@@ -255,6 +256,12 @@ async fn aliases_www_redirects_and_location_rewrites() {
             ],
             &[("Prefix", "/", "web")],
         ),
+        ingress(
+            "relative",
+            "relative.test",
+            &[("nginx.ingress.kubernetes.io/relative-redirects", "true")],
+            &[("Prefix", "/", "web")],
+        ),
     ];
     let settings = [("hsts-max-age", "600"), ("hsts-preload", "true")];
     let (tidegate, _dir) = start_with_settings(&ingresses, &settings).await;
@@ -273,6 +280,12 @@ async fn aliases_www_redirects_and_location_rewrites() {
     assert_eq!(moved.headers["location"], "https://moved.test/app/login?next=1");
     let untouched = status("moved.test", "/?location=http://elsewhere/x").await;
     assert_eq!(untouched.headers["location"], "http://elsewhere/x", "only the configured start");
+    // A path in Location becomes absolute, as nginx's absolute_redirect (ingress-nginx's
+    // default), without the listener's port; `relative-redirects: "true"` keeps it.
+    let absolute = status("shop.test", "/?location=/next?a=1").await;
+    assert_eq!(absolute.headers["location"], "http://shop.test/next?a=1");
+    let relative = status("relative.test", "/?location=/next").await;
+    assert_eq!(relative.headers["location"], "/next");
 
     let connector = support::tls_connector(None, &[b"http/1.1"]);
     let tls = support::tls_request(&connector, tidegate.https, "a.test", support::get_request("a.test", "/"))

@@ -86,6 +86,8 @@ pub(super) struct Settings {
     pub(super) mirror_body: bool,
     /// `enable-access-log` (true by default).
     pub(super) access_log: bool,
+    /// `relative-redirects`.
+    pub(super) relative_redirects: bool,
     /// `permanent-redirect` and `temporal-redirect`, with their codes.
     pub(super) permanent_redirect: Option<Template>,
     pub(super) permanent_code: u16,
@@ -167,6 +169,7 @@ impl Default for Settings {
             mirror_host: None,
             mirror_body: true,
             access_log: true,
+            relative_redirects: false,
             permanent_redirect: None,
             permanent_code: 301,
             temporal_redirect: None,
@@ -755,6 +758,7 @@ pub(crate) const KEYS: &[Key] = &[
     }),
     parsed("service-upstream", "false", |v, s| boolean(v).map(|b| s.service_upstream = b)),
     parsed("enable-access-log", "true", |v, s| boolean(v).map(|b| s.access_log = b)),
+    parsed("relative-redirects", "false", |v, s| boolean(v).map(|b| s.relative_redirects = b)),
     parsed("app-root", "", |v, s| {
         let path = v.trim();
         if !path.starts_with('/') || path.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {

@@ -105,6 +105,7 @@ pub(super) fn resolve(
         // Per path (the Service it names): set by the Ingress's translation.
         error_pages: None,
         no_access_log: !settings.access_log,
+        relative_redirects: settings.relative_redirects,
     };
     (policies, refusal.map(Refusal::unhonoured))
 }

@@ -525,6 +525,11 @@ pub struct Policies {
     /// The route's requests are left out of the access log (`enable-access-log: "false"`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub no_access_log: bool,
+    /// A `Location` that is a path stays as it is (`relative-redirects: "true"`, nginx's
+    /// `absolute_redirect off`); otherwise, as nginx, the response step makes it absolute with
+    /// the request's scheme and host (and the listener's port unless 80 or 443).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub relative_redirects: bool,
     /// The URI the upstream gets instead of the client's (`rewrite-target`): `$1`... are the
     /// captures of the route's regular expression on the path; the client's query string is
     /// kept (appended after `&` when the target has one of its own), as nginx's `rewrite ...
@@ -1734,6 +1739,7 @@ mod tests {
                                     only_proxy_errors: false,
                                 }),
                                 no_access_log: true,
+                                relative_redirects: true,
                                 client_certificate: Some(ClientCertificate {
                                     ca_id: "shop/ca".into(),
                                     ca_pem: "C".into(),

@@ -283,6 +283,8 @@ pub(crate) struct Filters {
     response_headers: Vec<(HeaderName, HeaderValue)>,
     /// The route's requests go to the access log (`enable-access-log`).
     access_log: bool,
+    /// A `Location` that is a path stays so (`relative-redirects`).
+    relative_redirects: bool,
     /// Copies of the route's requests go here too (`mirror-target`).
     mirror: Option<mirror::MirrorFilter>,
 }
@@ -349,6 +351,7 @@ impl Filters {
             max_body: policies.max_body_bytes,
             response_rate: policies.response_rate,
             access_log: !policies.no_access_log,
+            relative_redirects: policies.relative_redirects,
             mirror: policies.mirror.as_ref().map(|m| mirror::MirrorFilter::new(m, timeouts)),
         }
     }
@@ -370,6 +373,24 @@ impl Filters {
     /// Whether the route's requests go to the access log.
     pub(crate) fn access_log(&self) -> bool {
         self.access_log
+    }
+
+    /// The header_filter step's built-in part for `Location`: a path becomes absolute with the
+    /// request's scheme and host, as nginx's `absolute_redirect` (on unless
+    /// `relative-redirects`); ingress-nginx leaves the port out (`port_in_redirect off`).
+    pub(crate) fn absolute_location(&self, response: &mut Response<LocalBody>, https: bool, host: &str) {
+        if self.relative_redirects {
+            return;
+        }
+        let Some(location) = response.headers().get(http::header::LOCATION) else { return };
+        if location.as_bytes().first() != Some(&b'/') {
+            return;
+        }
+        let scheme = if https { "https" } else { "http" };
+        let absolute = format!("{scheme}://{host}{}", String::from_utf8_lossy(location.as_bytes()));
+        if let Ok(value) = HeaderValue::from_str(&absolute) {
+            response.headers_mut().insert(http::header::LOCATION, value);
+        }
     }
 
     /// Headers the route sets on every response.

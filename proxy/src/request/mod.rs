@@ -119,6 +119,7 @@ pub(crate) async fn handle(
             for (name, value) in target.filters.response_headers() {
                 response.headers_mut().insert(name, value.clone());
             }
+            target.filters.absolute_location(&mut response, outcome.https(&conn), &host);
             response
         }
     };
