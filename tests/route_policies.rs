@@ -912,7 +912,8 @@ async fn satisfy_any_or_all() {
 }
 
 /// `upstream-vhost` replaces the `Host` the backend gets, while `X-Forwarded-Host` keeps the
-/// client's; `x-forwarded-prefix` adds `X-Forwarded-Prefix`.
+/// client's; `x-forwarded-prefix` adds `X-Forwarded-Prefix`; `connection-proxy-header` sets
+/// the `Connection` the backend gets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_vhost_and_forwarded_prefix() {
     let manifests = ingress(
@@ -921,6 +922,7 @@ async fn upstream_vhost_and_forwarded_prefix() {
         &[
             ("nginx.ingress.kubernetes.io/upstream-vhost", "internal.example"),
             ("nginx.ingress.kubernetes.io/x-forwarded-prefix", "/shop"),
+            ("nginx.ingress.kubernetes.io/connection-proxy-header", "keep-alive"),
         ],
     );
     let (tidegate, _dir) = start(&manifests).await;
@@ -930,6 +932,7 @@ async fn upstream_vhost_and_forwarded_prefix() {
     assert_eq!(answer.json()["host"], "internal.example", "the backend's Host");
     assert_eq!(headers.get("X-Forwarded-Host"), Some(&vec!["vhost.test".to_owned()]), "{headers:?}");
     assert_eq!(headers.get("X-Forwarded-Prefix"), Some(&vec!["/shop".to_owned()]));
+    assert_eq!(headers.get("Connection"), Some(&vec!["keep-alive".to_owned()]), "{headers:?}");
 }
 
 /// Global external auth (`--global-auth-url`): every Ingress without its own `auth-url` asks it,

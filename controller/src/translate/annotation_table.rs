@@ -173,7 +173,6 @@ const INSTEAD: &[(&str, &str)] = &[
     ("enable-influxdb", "the Prometheus metrics on the admin port (`/metrics`)"),
     ("influxdb-", "the Prometheus metrics on the admin port (`/metrics`)"),
     ("proxy-cookie-", "a `headerFilter` Lua handler rewriting `Set-Cookie`"),
-    ("connection-proxy-header", "nothing: tidegate keeps its upstream connections alive itself"),
     ("enable-rewrite-log", "the access log, and `RUST_LOG=debug`"),
     ("http2-push-preload", "nothing: browsers no longer take HTTP/2 push"),
     ("stream-snippet", "nothing: TCP and UDP services are not proxied"),

@@ -69,6 +69,8 @@ pub(super) struct Settings {
     pub(super) global_auth: bool,
     /// `upstream-vhost` and `x-forwarded-prefix`.
     pub(super) upstream_host: Option<String>,
+    /// `connection-proxy-header`: the `Connection` header upstream requests carry.
+    pub(super) connection_header: Option<String>,
     pub(super) forwarded_prefix: Option<String>,
     /// `auth-type`, `auth-secret`, `auth-secret-type` and `auth-realm`: resolved against the
     /// Secret by [`super::ingress`].
@@ -151,6 +153,7 @@ impl Default for Settings {
             client_cert: ClientCertKeys::default(),
             global_auth: true,
             upstream_host: None,
+            connection_header: None,
             forwarded_prefix: None,
             upstream: UpstreamKeys::default(),
             canary: CanaryKeys::default(),
@@ -669,6 +672,12 @@ pub(crate) const KEYS: &[Key] = &[
             .map_err(|_| format!("{v:?} is not a number of seconds"))
     }),
     parsed("upstream-vhost", "", |v, s| header_text(v).map(|t| s.upstream_host = Some(t))),
+    parsed("connection-proxy-header", "", |v, s| {
+        let value = header_text(v)?;
+        value.parse::<Template>()?;
+        s.connection_header = Some(value);
+        Ok(())
+    }),
     parsed("x-forwarded-prefix", "", |v, s| header_text(v).map(|t| s.forwarded_prefix = Some(t))),
     parsed("enable-global-auth", "true", |v, s| boolean(v).map(|b| s.global_auth = b)),
     // How to reach the backend. A value that cannot be read refuses the routes: guessing would

@@ -61,6 +61,11 @@ pub(super) fn resolve(
     response_headers.extend(settings.snippet_response_headers.iter().cloned());
     let mut upstream_headers = global.upstream_headers.clone();
     upstream_headers.extend(settings.snippet_upstream_headers.iter().cloned());
+    // `connection-proxy-header`, as nginx's `proxy_set_header Connection` (an HTTP/2 upstream
+    // drops it, as connection headers have no place there).
+    if let Some(value) = settings.connection_header.as_deref().and_then(|v| v.parse().ok()) {
+        upstream_headers.push(tidegate_snapshot::SetHeader { name: "connection".into(), value });
+    }
     let blocked = &global.blocked;
     let id = format!("{}/{}", status.object.namespace.as_deref().unwrap_or_default(), status.object.name);
     let shared_limit = settings.limits.shared.typed(id).unwrap_or_else(|why| {

@@ -119,7 +119,6 @@ pub(super) async fn serve(
         parts.headers = lua.state.headers.borrow().clone();
         let pages = target.action.policies.error_pages.as_ref();
         let original = super::error_page::Original::of(pages, &parts.uri, &parts.headers);
-        upstream_headers(target, outcome, &mut parts.headers);
         parts.uri = lua.state.upstream_uri().parse().unwrap_or_else(|_| parts.uri.clone());
         // `rewrite-target` applies to the URI as the handlers leave it.
         rewrite_uri(target, &mut parts);
@@ -127,7 +126,9 @@ pub(super) async fn serve(
         if set_body.is_some() {
             parts.headers.remove(header::TRANSFER_ENCODING);
         }
+        // The client's hop-by-hop headers go before the route sets its own.
         prepare_upstream(&mut parts, upgrade);
+        upstream_headers(target, outcome, &mut parts.headers);
         let body = match set_body {
             Some(bytes) => {
                 parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));

@@ -43,12 +43,14 @@ pub(super) async fn proxy(
         _ => None,
     };
     rewrite_uri(target, &mut parts);
+    // The client's hop-by-hop headers go first: a route may set one of its own (`Connection`,
+    // with `connection-proxy-header`), as nginx's `proxy_set_header` may.
+    prepare_upstream(&mut parts, upgrade);
     upstream_headers(target, outcome, &mut parts.headers);
     let mut body = upstream_body(target, &parts.headers, body);
     if let Some(copy) = copy {
         body = copy.send(&worker.pool, body);
     }
-    prepare_upstream(&mut parts, upgrade);
     let upstream_request = Request::from_parts(parts, body);
     let response = forward(worker, runtime, conn, target, upstream_request, client_upgrade, outcome).await;
     match (pages, original) {
