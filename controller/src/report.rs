@@ -125,10 +125,14 @@ pub fn report(inputs: &Inputs, strict: bool) -> Report {
             Some(inputs.options.ingress_class.clone());
     }
     let translation = translate::translate(&inputs);
+    // Looked up once per Ingress: a map, not a scan of every status for each.
+    let by_object: std::collections::HashMap<(&str, &str, &str), &ObjectStatus> = translation
+        .statuses
+        .iter()
+        .map(|s| ((s.object.kind, s.object.namespace.as_deref().unwrap_or(""), s.object.name.as_str()), s))
+        .collect();
     let status_of = |kind: &str, namespace: &str, name: &str| -> Option<&ObjectStatus> {
-        translation.statuses.iter().find(|s| {
-            s.object.kind == kind && s.object.namespace.as_deref() == Some(namespace) && s.object.name == name
-        })
+        by_object.get(&(kind, namespace, name)).copied()
     };
     let mut ingresses = Vec::new();
     for ingress in &inputs.ingresses {

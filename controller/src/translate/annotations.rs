@@ -1184,8 +1184,12 @@ pub(super) fn cache_durations(value: &str) -> Result<Vec<tidegate_snapshot::Cach
     Ok(durations)
 }
 
-/// An nginx time: whole units of `s`, `m`, `h` or `d` (summed: `1h30m`), or bare seconds.
-fn nginx_seconds(text: &str) -> Option<u64> {
+/// An nginx time: whole units of `s`, `m`, `h`, `d`, `w`, `M` (30 days) or `y` (365 days),
+/// summed (`1h30m`), or bare seconds.
+pub(super) fn nginx_seconds(text: &str) -> Option<u64> {
+    if text.is_empty() {
+        return None;
+    }
     if let Ok(seconds) = text.parse::<u64>() {
         return Some(seconds);
     }
@@ -1201,6 +1205,9 @@ fn nginx_seconds(text: &str) -> Option<u64> {
             'm' => 60,
             'h' => 3600,
             'd' => 86_400,
+            'w' => 604_800,
+            'M' => 2_592_000,
+            'y' => 31_536_000,
             _ => return None,
         };
         total = total.checked_add(digits.parse::<u64>().ok()?.checked_mul(unit)?)?;

@@ -271,38 +271,14 @@ fn expires(time: &str) -> Result<String, String> {
     ))
 }
 
-/// nginx's time: `30`, `30s`, `5m`, `1h30m`, `-1`, `2d`, `1w`, `1M` (30 days), `1y`.
+/// nginx's time for `expires`: [`super::annotations::nginx_seconds`], or its negative (`-1`).
 fn nginx_seconds(text: &str) -> Option<i64> {
     let (negative, text) = match text.strip_prefix('-') {
         Some(rest) => (true, rest),
         None => (false, text),
     };
-    let mut total: i64 = 0;
-    let mut digits = String::new();
-    for c in text.chars() {
-        if c.is_ascii_digit() {
-            digits.push(c);
-            continue;
-        }
-        let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            'w' => 604_800,
-            'M' => 2_592_000,
-            'y' => 31_536_000,
-            _ => return None,
-        };
-        total = total.checked_add(digits.parse::<i64>().ok()?.checked_mul(unit)?)?;
-        digits.clear();
-    }
-    if !digits.is_empty() {
-        total = total.checked_add(digits.parse().ok()?)?;
-    } else if text.is_empty() {
-        return None;
-    }
-    Some(if negative { -total } else { total })
+    let seconds = i64::try_from(super::annotations::nginx_seconds(text)?).ok()?;
+    Some(if negative { -seconds } else { seconds })
 }
 
 /// The rewrite module's directives, in order, as Lua of the rewrite phase.
