@@ -20,7 +20,8 @@
 //! once it holds [`SHARD_CLIENTS`], and refuses no one for want of room.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::collections::hash_map::Entry;
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -76,27 +77,81 @@ struct Concurrent {
     shards: Shards<u32>,
 }
 
+/// Who is counted, with its hash: taken once per request, it picks the shard and is the key's
+/// hash in the shard's table, so that a request hashes its client once, not once per lookup.
+#[derive(Clone, Debug)]
+struct Hashed {
+    hash: u64,
+    counted: Counted,
+}
+
+impl PartialEq for Hashed {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.counted == other.counted
+    }
+}
+
+impl Eq for Hashed {}
+
+impl Hash for Hashed {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+/// Passes on the hash a [`Hashed`] carries.
+#[derive(Default)]
+struct Carried(u64);
+
+impl Hasher for Carried {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is called (by `Hashed`); fold anything else in all the same.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, hash: u64) {
+        self.0 = hash;
+    }
+}
+
+type Table<T> = HashMap<Hashed, T, BuildHasherDefault<Carried>>;
+
 #[derive(Debug)]
 struct Shards<T> {
-    hasher: RandomState,
-    shards: Vec<Mutex<HashMap<Counted, T>>>,
+    /// Seeded per limit at random, so that no one can choose clients that collide.
+    hasher: foldhash::quality::RandomState,
+    shards: Vec<Mutex<Table<T>>>,
 }
 
 impl<T> Shards<T> {
     fn new() -> Self {
-        Shards { hasher: RandomState::new(), shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect() }
+        Shards {
+            hasher: foldhash::quality::RandomState::default(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Table::default())).collect(),
+        }
     }
 
-    fn shard(&self, client: &Counted) -> &Mutex<HashMap<Counted, T>> {
-        let index = usize::try_from(self.hasher.hash_one(client)).unwrap_or(0) % SHARDS;
-        &self.shards[index]
+    fn hashed(&self, counted: Counted) -> Hashed {
+        Hashed { hash: self.hasher.hash_one(&counted), counted }
+    }
+
+    /// The table holds the low bits for the bucket and the top seven for its tags: the shard
+    /// takes bits from the middle.
+    fn shard(&self, client: &Hashed) -> &Mutex<Table<T>> {
+        &self.shards[(client.hash >> 32) as usize % SHARDS]
     }
 }
 
 impl Rate {
     /// Counts a request of `client` at `now`; false when it is over the limit.
-    fn admit(&self, client: &Counted, now: Instant) -> bool {
-        let Ok(mut shard) = self.shard_of(client).lock() else { return false };
+    fn admit(&self, client: &Hashed, now: Instant) -> bool {
+        let Ok(mut shard) = self.shards.shard(client).lock() else { return false };
         let drained = |bucket: &Bucket| {
             let elapsed_milli = u64::try_from(now.saturating_duration_since(bucket.at).as_millis()).unwrap_or(u64::MAX);
             bucket.excess_milli.saturating_sub(elapsed_milli.saturating_mul(self.per_second_milli) / 1000)
@@ -104,23 +159,27 @@ impl Rate {
         if shard.len() >= SHARD_CLIENTS && !shard.contains_key(client) {
             shard.retain(|_, bucket| drained(bucket) > 0);
         }
-        let excess = shard.get(client).map_or(0, drained) + 1000;
-        if excess > self.burst_milli + 1000 {
-            return false;
+        match shard.entry(client.clone()) {
+            Entry::Occupied(mut held) => {
+                let excess = drained(held.get()) + 1000;
+                if excess > self.burst_milli + 1000 {
+                    return false;
+                }
+                *held.get_mut() = Bucket { excess_milli: excess, at: now };
+            }
+            // A first request fits any burst, even 0.
+            Entry::Vacant(free) => {
+                free.insert(Bucket { excess_milli: 1000, at: now });
+            }
         }
-        shard.insert(client.clone(), Bucket { excess_milli: excess, at: now });
         true
-    }
-
-    fn shard_of(&self, client: &Counted) -> &Mutex<HashMap<Counted, Bucket>> {
-        self.shards.shard(client)
     }
 }
 
 /// A client's request in progress, counted until dropped (when its response is done).
 pub(crate) struct InProgress {
     concurrent: Arc<Concurrent>,
-    client: Counted,
+    client: Hashed,
 }
 
 impl Drop for InProgress {
@@ -138,6 +197,7 @@ impl Drop for InProgress {
 
 impl Concurrent {
     fn enter(self: &Arc<Self>, client: Counted) -> Option<InProgress> {
+        let client = self.shards.hashed(client);
         let Ok(mut shard) = self.shards.shard(&client).lock() else { return None };
         let count = shard.entry(client.clone()).or_insert(0);
         if *count >= self.limit {
@@ -186,7 +246,7 @@ impl LimitFilter {
         // Every rate counts the request, as nginx's limit_req lines each do.
         let mut admitted = true;
         for rate in &self.rates {
-            admitted &= rate.admit(&client, now);
+            admitted &= rate.admit(&rate.shards.hashed(client.clone()), now);
         }
         if !admitted {
             return Verdict::Answer(error_response(self.status));
@@ -210,17 +270,17 @@ mod tests {
     #[test]
     fn a_rate_admits_the_burst_then_the_rate() {
         let rate = Rate { per_second_milli: 5000, burst_milli: 10_000, shards: Shards::new() };
-        let client = Counted::Address("192.0.2.1".parse().expect("ip"));
+        let client = rate.shards.hashed(Counted::Address("192.0.2.1".parse().expect("ip")));
         let start = Instant::now();
         let admitted = (0..20).filter(|_| rate.admit(&client, start)).count();
         assert_eq!(admitted, 11, "burst + 1 at once");
         assert!(!rate.admit(&client, start + Duration::from_millis(100)), "half a request drained: still full");
         assert!(rate.admit(&client, start + Duration::from_millis(200)), "one request drained");
         assert!(
-            rate.admit(&Counted::Address("192.0.2.2".parse().expect("ip")), start),
+            rate.admit(&rate.shards.hashed(Counted::Address("192.0.2.2".parse().expect("ip"))), start),
             "another client has its own bucket"
         );
-        assert!(rate.admit(&Counted::Key("192.0.2.1".into()), start), "a key is not an address");
+        assert!(rate.admit(&rate.shards.hashed(Counted::Key("192.0.2.1".into())), start), "a key is not an address");
     }
 
     #[test]

@@ -57,7 +57,6 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
 
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Response, Uri};
@@ -175,22 +174,12 @@ enum Filter {
 }
 
 /// What running a step's filters came to: decided at once (filters that cannot wait), or
-/// checks still waiting (on another service, or on a slow hash off the worker). Awaiting it
-/// gives the answer that ends the request, if any.
+/// checks still waiting (on another service, or on a slow hash off the worker), whose output is
+/// the answer that ends the request, if any. The caller awaits only the second, so that what it
+/// holds across the wait is a pointer, never a decided response.
 pub(crate) enum Ran<'a> {
-    Decided(Option<Option<Response<LocalBody>>>),
+    Decided(Option<Response<LocalBody>>),
     Waiting(Pin<Box<dyn Future<Output = Option<Response<LocalBody>>> + 'a>>),
-}
-
-impl Future for Ran<'_> {
-    type Output = Option<Response<LocalBody>>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.get_mut() {
-            Ran::Decided(answer) => Poll::Ready(answer.take().expect("a decided step is awaited once")),
-            Ran::Waiting(checks) => checks.as_mut().poll(cx),
-        }
-    }
 }
 
 /// What a filter decided.
@@ -444,7 +433,7 @@ impl Filters {
         effects: &'a mut Option<Box<Effects>>,
     ) -> Ran<'a> {
         if !self.waits_in(phase) {
-            return Ran::Decided(Some(self.run_now(phase, facts, effects)));
+            return Ran::Decided(self.run_now(phase, facts, effects));
         }
         Ran::Waiting(Box::pin(self.checks(phase, facts, effects)))
     }

@@ -37,7 +37,7 @@ use crate::body::{BoxError, ClientBody, LocalBody, full};
 use crate::connection::Connection;
 use crate::http1::CloseConnection;
 use crate::metrics::LuaErrorLabels;
-use crate::policy::{Facts, Head};
+use crate::policy::{Facts, Head, Ran};
 use crate::respond::error_response;
 use crate::router::{LuaChain, Target};
 use crate::runtime::Runtime;
@@ -94,7 +94,11 @@ pub(super) async fn serve(
             let uri: http::Uri = lua.state.upstream_uri().parse().unwrap_or_else(|_| parts.uri.clone());
             let head = Head { method: &method, uri: &uri, host, headers: &headers, client: outcome.client(conn) };
             let facts = Facts::of(conn, head, &worker.pool);
-            if let Some(answer) = target.filters.run(step, &facts, &mut outcome.effects).await {
+            let answer = match target.filters.run(step, &facts, &mut outcome.effects) {
+                Ran::Decided(answer) => answer,
+                Ran::Waiting(checks) => checks.await,
+            };
+            if let Some(answer) = answer {
                 return filtered(worker, target, chain, &lua, answer, outcome).await;
             }
         }

@@ -67,7 +67,7 @@ use context::Outcome;
 
 use crate::access_log::Entry;
 use crate::body::{ClientBody, LocalBody, Observed};
-use crate::policy::{Facts, Head};
+use crate::policy::{Facts, Head, Ran};
 use crate::respond::{as_grpc, error_response, finish_headers, is_grpc, redirect_to_https, text};
 use crate::router::{Match, RequestFacts, Target};
 use crate::runtime::Runtime;
@@ -254,7 +254,11 @@ async fn filtered_upstream(
         let client = outcome.client(conn);
         let head = Head { method: request.method(), uri: request.uri(), host, headers: request.headers(), client };
         let facts = Facts::of(conn, head, &worker.pool);
-        if let Some(answer) = target.filters.run(phase, &facts, &mut outcome.effects).await {
+        let answer = match target.filters.run(phase, &facts, &mut outcome.effects) {
+            Ran::Decided(answer) => answer,
+            Ran::Waiting(checks) => checks.await,
+        };
+        if let Some(answer) = answer {
             return answer;
         }
     }
