@@ -131,6 +131,10 @@ struct TranslationArgs {
     /// reaches, unless its namespace declares one of the same name (repeatable).
     #[arg(long = "shared-dict", value_parser = parse_shared_dict)]
     shared_dicts: Vec<(String, u64)>,
+    /// The namespace whose Lua modules (ConfigMaps labelled `tidegate.dev/lua-modules`) every
+    /// namespace may `require`; a namespace's own modules of the same name come first.
+    #[arg(long)]
+    lua_modules_namespace: Option<String>,
     /// External auth for every Ingress (and LuaRoute route) without one of its own, unless it
     /// sets `enable-global-auth: "false"` (`policies.globalAuth: false`): an `http://` or
     /// `https://` URL, nginx variables allowed (ingress-nginx's `global-auth-url`). The other `--global-auth-*` flags are the `auth-*` annotations of the
@@ -188,6 +192,7 @@ impl TranslationArgs {
             configmap: self.configmap.clone(),
             default_backend_service: self.default_backend_service.clone(),
             enable_ssl_passthrough: self.enable_ssl_passthrough,
+            lua_modules_namespace: self.lua_modules_namespace.clone(),
         })
     }
 }

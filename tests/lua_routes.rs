@@ -477,3 +477,109 @@ async fn server_and_date_are_tidegates_unless_lua_sets_them() {
         assert_eq!(h2.headers.get_all("date").iter().count(), 1, "HTTP/2 {path}");
     }
 }
+
+/// A ConfigMap of Lua modules (`tidegate.dev/lua-modules: PREFIX`) in `namespace`.
+fn modules_yaml(namespace: &str, prefix: &str, modules: &[(&str, &str)]) -> String {
+    let mut out = format!(
+        "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: libs, namespace: {namespace}, labels: {{tidegate.dev/lua-modules: {prefix}}}}}\ndata:\n"
+    );
+    for (key, source) in modules {
+        out.push_str(&format!("  {key}: |\n"));
+        for line in source.lines() {
+            out.push_str(&format!("    {line}\n"));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_modules_keep_per_worker_state_within_their_namespace() {
+    // A module-level counter: what OpenResty code uses for per-worker caches.
+    let counter = |tag: &str| {
+        format!(
+            "local _M = {{ name = ..., tag = {tag:?} }}\nlocal hits = 0\nfunction _M.hit() hits = hits + 1 return hits end\nreturn _M"
+        )
+    };
+    let handler = "local c = require \"shop.counter\"\nngx.say(ngx.worker.id(), \" \", c.name, \" \", c.tag, \" \", c.hit(), \" \", tostring(greeting))";
+    let route = |namespace: &str, host: &str, init: Option<&str>| {
+        let init = init.map_or(String::new(), |i| format!("  init: {i:?}\n"));
+        format!(
+            "---\napiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {{name: r, namespace: {namespace}}}\nspec:\n  hosts: [{host}]\n{init}  routes:\n  - name: r\n    match: {{path: {{type: Prefix, value: /}}}}\n    lua:\n      content: {handler:?}\n"
+        )
+    };
+    let manifests = |tag: &str| {
+        format!(
+            "{}{}{}{}{}",
+            modules_yaml("a", "shop", &[("counter.lua", &counter(tag)), ("broken.lua", "local x = = 1")]),
+            modules_yaml("b", "shop", &[("counter.lua", &counter("b"))]),
+            route("a", "a.test", Some("greeting = 'set by init'\nrequire('shop.counter').hit()")),
+            route("b", "b.test", None),
+            route("c", "c.test", None),
+        )
+    };
+    let dir = manifest_dir();
+    write_manifest(dir.path(), "all.yaml", &manifests("v1"));
+    let path = dir.path().to_owned();
+    let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&path, &[])).await.expect("start");
+
+    // Per worker, one module table whose state lives across requests: each worker's counts go
+    // up by one (from 2 in `a`, whose init hit it once).
+    type Seen = std::collections::BTreeMap<String, Vec<u32>>;
+    let counts =
+        |tidegate: &Tidegate, host: &'static str, tag: &'static str, before: Option<Seen>, greeting: &'static str| {
+            let addr = tidegate.http;
+            async move {
+                let mut seen: std::collections::BTreeMap<String, Vec<u32>> = Default::default();
+                for _ in 0..12 {
+                    let answer = get(addr, host, "/").await.expect("answer");
+                    let body = String::from_utf8_lossy(&answer.body).into_owned();
+                    assert_eq!(answer.status, StatusCode::OK, "{host}: {body}");
+                    let words: Vec<&str> = body.split_whitespace().collect();
+                    assert_eq!(&words[1..3], ["shop.counter", tag], "{host}: {body}");
+                    assert_eq!(words[4..].join(" "), greeting, "{host}: {body}");
+                    seen.entry(words[0].to_owned()).or_default().push(words[3].parse().expect("count"));
+                }
+                for (worker, hits) in &seen {
+                    // From 2 where init hit the counter once; after the requests before, when given.
+                    let first = match &before {
+                        Some(before) => before.get(worker).and_then(|h| h.last()).map_or(1, |last| last + 1),
+                        None if greeting == "nil" => 1,
+                        None => 2,
+                    };
+                    let expected: Vec<u32> = (first..first + u32::try_from(hits.len()).expect("few")).collect();
+                    assert_eq!(*hits, expected, "{host}: worker {worker}'s module counts across requests");
+                }
+                seen
+            }
+        };
+    counts(&tidegate, "a.test", "v1", None, "set by init").await;
+    // Namespace b has a module of the same name: its own, starting from 1, and no init globals.
+    let b_before = counts(&tidegate, "b.test", "b", None, "nil").await;
+    // Namespace c has none: require fails there, naming the module.
+    let c = get(tidegate.http, "c.test", "/").await.expect("answer");
+    assert_eq!(c.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(
+        tidegate.logs().iter().any(|l| l.contains("module 'shop.counter' not found")),
+        "the failure names the module"
+    );
+    // The module that does not compile is reported with its key and Lua line; the others serve.
+    let status = tidegate.status();
+    let libs = status["objects"]
+        .as_array()
+        .expect("objects")
+        .iter()
+        .find(|o| o["object"]["kind"] == "ConfigMap" && o["object"]["namespace"] == "a")
+        .expect("the ConfigMap's status")
+        .clone();
+    assert_eq!(libs["problems"][0]["reason"], "LuaSyntaxError", "{libs}");
+    assert_eq!(libs["problems"][0]["field"], "data[\"broken.lua\"]", "{libs}");
+    assert!(libs["problems"][0]["message"].as_str().expect("message").starts_with("line 1:"), "{libs}");
+
+    // A new version of the module applies live, its state anew.
+    let before = tidegate.version();
+    write_manifest(dir.path(), "all.yaml", &manifests("v2"));
+    tidegate.wait_version_after(before);
+    counts(&tidegate, "a.test", "v2", None, "set by init").await;
+    // b's code did not change: its modules keep their state.
+    counts(&tidegate, "b.test", "b", Some(b_before), "nil").await;
+}

@@ -69,6 +69,12 @@ pub struct LuaRouteSpec {
     /// Handlers that run for every route below and for Ingresses that attach this LuaRoute.
     #[serde(default)]
     pub lua: Option<LuaHandlers>,
+    /// Module-level code of the namespace (OpenResty's `init_by_lua`): runs once per proxy
+    /// worker and version, before the namespace's first handler, and may `require` the
+    /// namespace's modules. The globals it sets are what the namespace's handlers read (a
+    /// request's own global writes stay its own).
+    #[serde(default)]
+    pub init: Option<String>,
     /// Lua time allowed per request (`50ms`, `1s`); the proxy's default when absent.
     #[serde(default)]
     #[schemars(pattern(r"^[0-9]+(ms|s)?$"))]

@@ -56,6 +56,9 @@ pub struct Options {
     pub default_backend_service: Option<(String, String)>,
     /// `--enable-ssl-passthrough`: Ingresses may ask for `ssl-passthrough`.
     pub enable_ssl_passthrough: bool,
+    /// `--lua-modules-namespace`: the namespace whose Lua modules (labelled ConfigMaps) every
+    /// namespace may `require` (see [`crate::translate::lua_modules`]).
+    pub lua_modules_namespace: Option<String>,
 }
 
 impl Default for Options {
@@ -70,6 +73,7 @@ impl Default for Options {
             configmap: None,
             default_backend_service: None,
             enable_ssl_passthrough: false,
+            lua_modules_namespace: None,
         }
     }
 }

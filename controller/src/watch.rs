@@ -97,6 +97,8 @@ pub struct Watched {
     secrets: Vec<Shared<String>>,
     /// ConfigMaps by key: their `resourceVersion`.
     config_maps: Vec<Shared<String>>,
+    /// ConfigMaps of Lua modules (labelled `tidegate.dev/lua-modules`), by key: read whole.
+    lua_module_maps: Vec<Shared<String>>,
     changed: Arc<Notify>,
     options: Options,
 }
@@ -329,6 +331,9 @@ impl Watched {
             let config_maps: Api<PartialObjectMeta<ConfigMap>> = api(client, scope);
             let version = |c: PartialObjectMeta<ConfigMap>| c.metadata.resource_version.unwrap_or_default();
             watched.config_maps.push(follow(watch_stream(config_maps, plain()), "ConfigMap", version, c()));
+            let modules: Api<PartialObjectMeta<ConfigMap>> = api(client, scope);
+            let labelled = plain().labels(crate::translate::lua_modules::LABEL);
+            watched.lua_module_maps.push(follow(watch_stream(modules, labelled), "ConfigMap", version, c()));
         }
         // The global ConfigMap, when its namespace is not watched already.
         if let Some((namespace, name)) = &config.options.configmap
@@ -365,6 +370,7 @@ impl Watched {
             && all(&self.lua_routes)
             && all(&self.secrets)
             && all(&self.config_maps)
+            && all(&self.lua_module_maps)
     }
 
     /// Cached objects by kind, for metrics.
@@ -415,7 +421,10 @@ impl Watched {
         let config_versions = versions(&self.config_maps);
         let global: BTreeSet<Key> = inputs.options.configmap.iter().cloned().collect();
         inputs.config_maps = data.config_maps.refresh(client, &global, &config_versions).await;
-        let named = referenced_config_maps(&inputs);
+        let mut named = referenced_config_maps(&inputs);
+        for cache in &self.lua_module_maps {
+            named.extend(lock(cache).objects.keys().cloned());
+        }
         inputs.config_maps = data.config_maps.refresh(client, &named, &config_versions).await;
         (inputs, invalid)
     }

@@ -58,6 +58,8 @@ pub(crate) struct RoutingState {
     pub(crate) passthrough: HashMap<String, tidegate_snapshot::BackendId>,
     /// The access log's line format (`log-format-upstream`); JSON lines when `None`.
     pub(crate) access_log_format: Option<Arc<crate::access_log::LineFormat>>,
+    /// Each namespace's Lua modules and module-level code, compiled, for the workers' VMs.
+    pub(crate) lua_namespaces: HashMap<String, Arc<tidegate_lua::NamespaceCode>>,
 }
 
 /// The TLS versions clients may use: an index into the server configurations made at start
@@ -132,6 +134,7 @@ impl Runtime {
                 pool_limits: crate::upstream::PoolLimits::of(&tidegate_snapshot::UpstreamConnections::default()),
                 passthrough: HashMap::new(),
                 access_log_format: None,
+                lua_namespaces: HashMap::new(),
             }),
             upstreams: Arc::new(Upstreams::default()),
         }
@@ -164,6 +167,7 @@ impl Runtime {
         let router =
             Router::new(&snapshot.routing, &scripts, counters, &current.routing.router).map_err(BuildError::Routing)?;
         let script_ids = scripts.values().map(|s| s.id).collect();
+        let lua_namespaces = lua_namespaces(&snapshot.routing, &scripts, &current.routing.lua_namespaces);
         let (certificates, warnings) = CertStore::build(&snapshot.routing, &current.routing.certificates);
         let fingerprint = fingerprint.map_or_else(OnceLock::new, OnceLock::from);
         let client_rules = crate::client_address::ClientRules::new(&snapshot.routing.client_address);
@@ -192,6 +196,7 @@ impl Runtime {
                 .access_log_format
                 .as_ref()
                 .map(|f| Arc::new(crate::access_log::LineFormat::compile(f))),
+            lua_namespaces,
         };
         let runtime = Runtime { version: snapshot.version, routing: Arc::new(routing), upstreams };
         Ok(Built { runtime, warnings, routing_rebuilt: true })
@@ -204,6 +209,31 @@ impl Runtime {
     pub(crate) fn settle(&self, routing: &Routing) {
         self.routing.fingerprint.get_or_init(|| fingerprint(routing));
     }
+}
+
+/// The namespaces' modules and module-level code with their compiled scripts; a namespace's
+/// code that did not change is the current one (the same `Arc`), which workers keep as it is.
+fn lua_namespaces(
+    routing: &Routing,
+    scripts: &HashMap<String, Arc<tidegate_lua::Script>>,
+    current: &HashMap<String, Arc<tidegate_lua::NamespaceCode>>,
+) -> HashMap<String, Arc<tidegate_lua::NamespaceCode>> {
+    let mut code = HashMap::with_capacity(routing.lua_namespaces.len());
+    for namespace in &routing.lua_namespaces {
+        let modules = namespace
+            .modules
+            .iter()
+            .filter_map(|m| Some((m.name.clone(), Arc::clone(scripts.get(&m.script)?))))
+            .collect();
+        let init = namespace.init.iter().filter_map(|id| scripts.get(id).cloned()).collect();
+        let made = tidegate_lua::NamespaceCode { modules, init };
+        let made = match current.get(&namespace.namespace) {
+            Some(same) if **same == made => Arc::clone(same),
+            _ => Arc::new(made),
+        };
+        code.insert(namespace.namespace.clone(), made);
+    }
+    code
 }
 
 /// Tells whether a new snapshot changes the routing without keeping a copy of the old one (at

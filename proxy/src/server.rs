@@ -67,7 +67,10 @@ pub(crate) fn run_worker(
         let config = tidegate_lua::LuaConfig { worker_id: index, ..shared.lua.clone() };
         let vm = tidegate_lua::Vm::new(config)
             .map_err(|e| std::io::Error::other(format!("cannot create the Lua VM: {e}")))?;
-        let runtime = std::cell::RefCell::new(Rc::new(shared.runtime.load_full()));
+        let first = shared.runtime.load_full();
+        // Later runtimes are taken as requests find them (`Worker::current_runtime`).
+        vm.set_namespaces(first.routing.lua_namespaces.clone());
+        let runtime = std::cell::RefCell::new(Rc::new(first));
         let reactor = Reactor::new(shared.metrics.parked_connections.clone())?;
         let http = reactor.listen(http)?;
         let https = reactor.listen(https)?;

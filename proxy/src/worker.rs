@@ -59,6 +59,9 @@ impl Worker {
         let mut cached = self.runtime.borrow_mut();
         if !Arc::ptr_eq(&latest, &**cached) {
             self.pool.configure(latest.routing.pool_limits);
+            if !Arc::ptr_eq(&latest.routing, &cached.routing) {
+                self.vm.set_namespaces(latest.routing.lua_namespaces.clone());
+            }
             *cached = Rc::new(Arc::clone(&latest));
         }
         Rc::clone(&cached)

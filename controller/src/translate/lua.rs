@@ -59,6 +59,11 @@ pub(super) fn validate(route: &LuaRoute, status: &mut ObjectStatus) -> Validity 
             fields.push((format!("spec.routes[{i}].lua"), lua));
         }
     }
+    if let Some(init) = &route.spec.init
+        && let Err(e) = tidegate_lua::check(init)
+    {
+        status.error(Reason::LuaSyntaxError, "spec.init", e.to_string());
+    }
     for (prefix, handlers) in fields {
         for phase in Phase::ALL {
             if let Some(source) = handlers.get(phase)
@@ -205,6 +210,10 @@ pub(super) fn translate(
         if let Ok(size) = luaroute::parse_quantity(&dict.size) {
             out.offer_shared_dict(namespace, &dict.name, size, status.object.clone(), format!("spec.sharedDicts[{i}]"));
         }
+    }
+    if let (Some(init), None) = (&spec.init, misconfigured) {
+        let id = out.script(&script_name(namespace, name, "spec.init"), init);
+        out.lua.add_init(namespace, id);
     }
 
     if let Some(tls) = &spec.tls {

@@ -33,6 +33,7 @@ mod configmap;
 mod index;
 mod ingress;
 mod lua;
+pub mod lua_modules;
 mod policies;
 mod snippet;
 #[cfg(test)]
@@ -151,6 +152,8 @@ pub fn translate(inputs: &Inputs) -> Translation {
             lua::translate(route, ingress_count + i, misconfigured.as_deref(), &index, &global, &mut out, status);
         }
     }
+
+    lua_modules::translate(inputs, &mut out, &mut statuses);
 
     let mut problems = Vec::new();
     let default_certificate = inputs.options.default_certificate.as_ref().and_then(|(namespace, name)| {
@@ -338,6 +341,8 @@ struct Builder {
     checked_regexes: HashMap<String, Result<(), String>>,
     /// `ssl-passthrough` hosts: their backend and the Ingress that claimed them first.
     passthrough: BTreeMap<String, (BackendId, ObjectRef)>,
+    /// Each namespace's Lua modules and module-level code.
+    lua: lua_modules::Namespaces,
 }
 
 /// The hosts whose paths match as regular expressions. As in ingress-nginx, once any Ingress
@@ -614,6 +619,7 @@ impl Builder {
                 referenced.extend(list.iter().cloned());
             }
         }
+        referenced.extend(self.lua.scripts().cloned());
         let scripts = self.scripts.into_values().filter(|s| referenced.contains(&s.id)).collect();
         Snapshot {
             version: 0,
@@ -628,6 +634,7 @@ impl Builder {
                     .into_iter()
                     .map(|((namespace, name), (size, _))| tidegate_snapshot::SharedDict { namespace, name, size })
                     .collect(),
+                lua_namespaces: self.lua.finish(),
                 default_certificate,
                 client_address: tidegate_snapshot::ClientAddress::default(),
                 hsts: None,

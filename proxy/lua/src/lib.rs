@@ -14,6 +14,7 @@ mod bytecode;
 pub mod clock;
 mod compile;
 mod memory;
+pub mod modules;
 pub mod network;
 mod request;
 mod shdict;
@@ -22,6 +23,7 @@ mod vm;
 
 pub use api::output::join_output;
 pub use compile::{CompileError, Script, check, compile};
+pub use modules::NamespaceCode;
 pub use request::{Phase, RequestHead, RequestId, RequestState};
 pub use shdict::{DictStats, SharedDicts};
 pub use slice::NamespaceLuaUse;

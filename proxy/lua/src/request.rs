@@ -23,6 +23,8 @@ pub enum Phase {
     Log,
     /// A `ngx.timer` callback, outside any request.
     Timer,
+    /// A namespace's module-level code, before its first handler ([`crate::modules`]).
+    Init,
 }
 
 impl Phase {
@@ -39,6 +41,7 @@ impl Phase {
             Phase::BodyFilter => "body_filter",
             Phase::Log => "log",
             Phase::Timer => "timer",
+            Phase::Init => "init",
         }
     }
 

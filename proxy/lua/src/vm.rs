@@ -27,6 +27,7 @@
 //!   made it.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -43,6 +44,7 @@ use crate::api::thread::LightThread;
 use crate::clock::WorkerClock;
 use crate::compile::Script;
 use crate::memory::{MemoryCharge, MemoryShares};
+use crate::modules::{Modules, NamespaceCode};
 use crate::request::{Phase, RequestHead, RequestState};
 use crate::slice::{Slicer, Turn};
 
@@ -477,6 +479,8 @@ pub struct Vm {
     /// By script id, the closure of a script that needs no environment of the request's own,
     /// for the namespace it last ran in; `None` for a script that needs one.
     pub(crate) shared: RefCell<foldhash::HashMap<u64, Option<SharedHandler>>>,
+    /// The namespaces' modules and module-level code ([`crate::modules`]).
+    modules: Rc<Modules>,
 }
 
 /// A script's closure in the globals of a namespace (see [`Vm::shared_handler`]).
@@ -556,7 +560,9 @@ impl Vm {
             stopping: Cell::new(false),
             stop: tokio::sync::Notify::new(),
         }));
-        Ok(Vm { lua, runner, config, base, dict_objects, loaded, shared: RefCell::default() })
+        let modules = Rc::new(Modules::default());
+        lua.set_app_data(Rc::clone(&modules));
+        Ok(Vm { lua, runner, config, base, dict_objects, loaded, shared: RefCell::default(), modules })
     }
 
     pub fn config(&self) -> &LuaConfig {
@@ -574,8 +580,20 @@ impl Vm {
     /// # Errors
     /// Only when the VM is out of memory.
     pub fn begin(&self, head: RequestHead, headers: HeaderMap) -> mlua::Result<Rc<LuaRequest>> {
+        let namespace = match self.dict_objects.kept_env(&head.namespace) {
+            Some(namespace) => namespace,
+            None => {
+                // The namespace's first request since its code or dictionaries changed: its
+                // module-level code runs first (once per version), under a limit.
+                let init = self
+                    .modules
+                    .init(&self.lua, &head.namespace, |chunk, globals| self.run_init(&head.namespace, chunk, globals))
+                    .map_err(|e| mlua::Error::runtime(format!("init: {e}")))?;
+                let _setup = self.unlimited();
+                self.dict_objects.env_meta(&self.lua, &self.base, &head.namespace, init.as_ref())?
+            }
+        };
         let _setup = self.unlimited();
-        let namespace = self.dict_objects.env_meta(&self.lua, &self.base, &head.namespace)?;
         let memory = self.runner.memory.charge(&head.namespace);
         Ok(LuaRequest::new(head, headers, None, Some(namespace), memory))
     }
@@ -591,6 +609,56 @@ impl Vm {
         // Only fails for a Lua state without memory control, which ours has.
         let _ = self.lua.set_memory_limit(0);
         Unlimited(&self.lua, self.config.memory_limit)
+    }
+
+    /// Takes the namespaces' modules and module-level code (by namespace; the cluster-wide
+    /// modules under [`crate::modules::CLUSTER_WIDE`]). A namespace whose code changed starts
+    /// anew: its modules run again on their next `require`, its `init` before its next handler.
+    pub fn set_namespaces(&self, code: HashMap<String, Arc<NamespaceCode>>) {
+        match self.modules.set(code) {
+            None => self.dict_objects.forget(None),
+            Some(changed) if !changed.is_empty() => self.dict_objects.forget(Some(&changed)),
+            Some(_) => {}
+        }
+    }
+
+    /// Runs one chunk of a namespace's module-level code to its end, in `globals`, as its own
+    /// run: with the CPU budget of a request, and the VM's memory limit.
+    fn run_init(&self, namespace: &Arc<str>, chunk: &Function, globals: &Table) -> Result<(), String> {
+        let head = RequestHead {
+            method: http::Method::GET,
+            request_uri: "/".into(),
+            version: http::Version::HTTP_11,
+            remote: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+            server_port: 0,
+            https: false,
+            host: String::new(),
+            route: "init".into(),
+            namespace: Arc::clone(namespace),
+            request_id: None,
+        };
+        let memory = self.runner.memory.charge(namespace);
+        let request = LuaRequest::with_env(head, HeaderMap::new(), globals.clone(), memory);
+        request.state.phase.set(Phase::Init);
+        chunk.set_environment(globals.clone()).map_err(|e| e.to_string())?;
+        let runner = &self.runner;
+        let began = Instant::now();
+        runner.clock.start(began, runner.cpu_budget);
+        let (in_use, memory_mark) = runner.memory.before_run(&self.lua, &request.memory);
+        runner.slicer.start(began, memory_mark);
+        let result = {
+            let _scope = Scope::enter(&request);
+            chunk.call::<()>(())
+        };
+        let expired = runner.clock.expired();
+        runner.clock.stop();
+        runner.memory.after_run(&self.lua, &request.memory, in_use);
+        // A yield asked for meanwhile was ignored (nothing here can yield); forget it.
+        let _ = runner.slicer.after_resume(namespace, began.elapsed());
+        if expired {
+            return Err(format!("CPU budget of {:?} exceeded", runner.cpu_budget));
+        }
+        result.map_err(|e| e.to_string())
     }
 
     /// Forgets loaded scripts that `keep` says are gone.

@@ -139,6 +139,10 @@ pub struct Routing {
     /// `ngx.shared` dictionaries, sorted by namespace and name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shared_dicts: Vec<SharedDict>,
+    /// The Lua of each namespace that is not a handler (its modules, its module-level code),
+    /// sorted by namespace; [`CLUSTER_WIDE`] holds what every namespace may `require`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lua_namespaces: Vec<LuaNamespace>,
     /// The certificate (by [`Certificate::id`]) for names no virtual host claims; the proxy's
     /// self-signed one when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -355,6 +359,32 @@ pub struct SharedDict {
     pub name: String,
     /// Capacity in bytes.
     pub size: u64,
+}
+
+/// The Lua of one namespace besides its handlers. Its scripts are in [`Routing::scripts`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LuaNamespace {
+    pub namespace: String,
+    /// What `require` finds before the built-in modules (and, in a namespace, before the
+    /// cluster-wide ones), sorted by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modules: Vec<LuaModule>,
+    /// Module-level code (OpenResty's `init_by_lua`), by script id, in order: runs once per
+    /// worker and version, before the namespace's first handler; the globals it sets are what
+    /// the namespace's handlers read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub init: Vec<String>,
+}
+
+/// A module `require "NAME"` loads.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LuaModule {
+    /// Dotted, as `require` takes it: `resty.redis`.
+    pub name: String,
+    /// Its source, by [`LuaScript::id`].
+    pub script: String,
 }
 
 /// A host pattern with its routes.
@@ -1787,6 +1817,11 @@ mod tests {
                     source: "ngx.exit(403)".into(),
                 }],
                 shared_dicts: vec![SharedDict { namespace: "shop".into(), name: "cache".into(), size: 10 << 20 }],
+                lua_namespaces: vec![LuaNamespace {
+                    namespace: "shop".into(),
+                    modules: vec![LuaModule { name: "resty.redis".into(), script: "abc".into() }],
+                    init: vec!["abc".into()],
+                }],
                 default_certificate: Some("shop/tls".into()),
                 hsts: Some("max-age=31536000; includeSubDomains".into()),
                 http2_max_concurrent_streams: Some(128),

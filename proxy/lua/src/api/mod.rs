@@ -226,14 +226,25 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
             freeze(&module)?;
         }
     }
-    let require = lua.create_function(move |_, name: String| match modules.raw_get::<Value>(name.as_str())? {
+    let builtin = move |name: &str| match modules.raw_get::<Value>(name)? {
         Value::Nil => Err(mlua::Error::runtime(format!(
-            "module '{name}' not found: the built-in modules are cjson, cjson.safe, bit, ngx, ngx.resp, \
+            "module '{name}' not found: neither the namespace's modules nor the built-in ones have it; the built-in modules are cjson, cjson.safe, bit, ngx, ngx.resp, \
                  ngx.base64, resty.http, resty.lrucache, resty.lock, resty.string, resty.md5, resty.sha1, resty.sha224, resty.sha256, \
                  resty.sha384, resty.sha512, resty.random, resty.core and table.new, table.clear, \
                  table.nkeys, table.isempty"
         ))),
         module => Ok(module),
+    };
+    let require = lua.create_function(move |lua, name: String| {
+        // The namespace's own modules, then the cluster-wide ones, then the built-ins.
+        let users = lua.app_data_ref::<Rc<crate::modules::Modules>>().map(|m| Rc::clone(&m));
+        let namespace = crate::vm::with_current(|r| r.map(|r| std::sync::Arc::clone(&r.state.head.namespace)));
+        if let (Some(users), Some(namespace)) = (users.filter(|u| u.any()), namespace)
+            && let Some(module) = users.require(lua, &namespace, &name)?
+        {
+            return Ok(module);
+        }
+        builtin(&name)
     })?;
     base.raw_set("require", require)?;
     base.raw_set("ngx", ngx)?;

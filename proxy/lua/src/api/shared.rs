@@ -97,7 +97,33 @@ impl DictObjects {
     /// from: those of `base`, except `ngx`, which is the namespace's own (see the module's
     /// documentation). Made on the namespace's first request, and again once the dictionaries
     /// change.
-    pub(crate) fn env_meta(&self, lua: &Lua, base: &Table, namespace: &str) -> mlua::Result<Rc<NamespaceEnv>> {
+    /// The namespace's environment parts as kept, if they are.
+    pub(crate) fn kept_env(&self, namespace: &str) -> Option<Rc<NamespaceEnv>> {
+        self.kept().env_metas.get(namespace).cloned()
+    }
+
+    /// Forgets the environments of `namespaces` (all of them with `None`): their code changed.
+    pub(crate) fn forget(&self, namespaces: Option<&[String]>) {
+        let mut kept = self.kept();
+        match namespaces {
+            None => kept.env_metas.clear(),
+            Some(namespaces) => {
+                for namespace in namespaces {
+                    kept.env_metas.remove(namespace);
+                }
+            }
+        }
+    }
+
+    /// `init`: the globals the namespace's module-level code set, which its globals take on top
+    /// of the base's ([`crate::modules`]).
+    pub(crate) fn env_meta(
+        &self,
+        lua: &Lua,
+        base: &Table,
+        namespace: &str,
+        init: Option<&Table>,
+    ) -> mlua::Result<Rc<NamespaceEnv>> {
         if let Some(env) = self.kept().env_metas.get(namespace) {
             return Ok(Rc::clone(env));
         }
@@ -112,6 +138,14 @@ impl DictObjects {
         let vm_ngx: Table = base.raw_get("ngx")?;
         let ngx = copy_over(lua, &vm_ngx, [("shared", shared)], true)?;
         let globals = copy_over(lua, base, [("ngx", ngx)], false)?;
+        if let Some(init) = init {
+            globals.set_readonly(false);
+            for pair in init.pairs::<Value, Value>() {
+                let (key, value) = pair?;
+                globals.raw_set(key, value)?;
+            }
+            globals.set_readonly(true);
+        }
         // Its built-ins are the base's: a handler that runs in it as its environment (see
         // `Vm::handler`) takes the interpreter's fast paths.
         globals.set_safeenv(true);
