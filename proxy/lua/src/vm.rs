@@ -386,6 +386,7 @@ impl Runner {
         let mut values = None;
         let mut sleeping = Sleeping::default();
         let mut turn = Turn::default();
+        let mut preempted = false;
         let outcome = std::future::poll_fn(|cx| {
             if let Some(duration) = asleep.take() {
                 sleeping.start(duration, cx);
@@ -400,6 +401,11 @@ impl Runner {
             let polled = {
                 SLEEP.set(None);
                 let _scope = Scope::enter(request);
+                // A run after a wait sees the time anew, as nginx's after its event loop; one
+                // resumed after a preemption (which nginx does not have) keeps it.
+                if !std::mem::take(&mut preempted) {
+                    crate::api::time::new_turn();
+                }
                 let began = Instant::now();
                 self.clock.start(began, budget);
                 let (in_use, memory_mark) = self.memory.before_run(lua, &request.memory);
@@ -422,6 +428,7 @@ impl Runner {
                         Some(pause) => sleeping.start(pause, cx),
                         None => turn.ask(cx),
                     }
+                    preempted = true;
                     return Poll::Pending;
                 }
                 polled
@@ -633,7 +640,7 @@ impl Vm {
             server_port: 0,
             https: false,
             host: String::new(),
-            route: "init".into(),
+            route: format!("{namespace}/init").into(),
             namespace: Arc::clone(namespace),
             request_id: None,
         };
@@ -648,6 +655,7 @@ impl Vm {
         runner.slicer.start(began, memory_mark);
         let result = {
             let _scope = Scope::enter(&request);
+            crate::api::time::new_turn();
             chunk.call::<()>(())
         };
         let expired = runner.clock.expired();

@@ -13,7 +13,7 @@ mod resty;
 pub(crate) mod shared;
 pub(crate) mod socket;
 pub(crate) mod thread;
-mod time;
+pub(crate) mod time;
 mod timer;
 mod var;
 
@@ -218,6 +218,36 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
     let lock: Table =
         lua.load(include_str!("resty_lock.lua")).set_name("=resty.lock").set_environment(base.clone()).call(())?;
     modules.raw_set("resty.lock", lock)?;
+    let limit_req: Table = lua
+        .load(include_str!("resty_limit_req.lua"))
+        .set_name("=resty.limit.req")
+        .set_environment(base.clone())
+        .call(())?;
+    modules.raw_set("resty.limit.req", limit_req)?;
+    // The standard libraries, as `require` finds them in OpenResty (`package.loaded`).
+    for name in ["string", "table", "math", "coroutine", "utf8", "os", "bit32"] {
+        if let Value::Table(library) = base.raw_get::<Value>(name)? {
+            modules.raw_set(name, library)?;
+        }
+    }
+    // LuaJIT's `jit` modules, for code that switches the JIT or its tracing on or off: there is
+    // no JIT to switch here, so they do nothing.
+    let jit: Table = lua
+        .load(
+            r#"local function none() end
+            local jit = { version = "Luau", version_num = 20100, os = "Linux", arch = "x64",
+                on = none, off = none, flush = none, status = function() return false end }
+            local tracing = { on = none, off = none, start = none }
+            return jit, tracing"#,
+        )
+        .set_name("=jit")
+        .call::<(Table, Table)>(())
+        .map(|(jit, tracing)| {
+            let _ = modules.raw_set("jit.v", tracing.clone());
+            let _ = modules.raw_set("jit.dump", tracing);
+            jit
+        })?;
+    modules.raw_set("jit", jit)?;
     for (name, module) in resty::modules(lua, &table_lib)? {
         modules.raw_set(name, module)?;
     }
@@ -229,9 +259,9 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
     let builtin = move |name: &str| match modules.raw_get::<Value>(name)? {
         Value::Nil => Err(mlua::Error::runtime(format!(
             "module '{name}' not found: neither the namespace's modules nor the built-in ones have it; the built-in modules are cjson, cjson.safe, bit, ngx, ngx.resp, \
-                 ngx.base64, resty.http, resty.lrucache, resty.lock, resty.string, resty.md5, resty.sha1, resty.sha224, resty.sha256, \
-                 resty.sha384, resty.sha512, resty.random, resty.core and table.new, table.clear, \
-                 table.nkeys, table.isempty"
+                 ngx.base64, resty.http, resty.lrucache, resty.lock, resty.limit.req, resty.string, resty.md5, resty.sha1, \
+                 resty.sha224, resty.sha256, resty.sha384, resty.sha512, resty.random, resty.core, table.new, table.clear, \
+                 table.nkeys, table.isempty, jit, jit.v, jit.dump and the standard libraries"
         ))),
         module => Ok(module),
     };

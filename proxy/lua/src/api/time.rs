@@ -1,15 +1,36 @@
 //! Time: `ngx.now`, `ngx.time`, `ngx.today`, `ngx.update_time`, `ngx.localtime`, `ngx.utctime`,
 //! `ngx.http_time`, `ngx.cookie_time`, `ngx.parse_http_time`. Local time is UTC: the sandbox
 //! does not read the host's time zone (containers run in UTC anyway).
+//!
+//! As in nginx, the time Lua reads is the worker's cached time: read once per run of Lua (each
+//! time a handler, timer or light thread starts or resumes after a wait), so that it stays the
+//! same through a run unless `ngx.update_time()` reads the clock again. Code written for
+//! OpenResty counts on that (two `ngx.now()` a few instructions apart are equal).
 
+use std::cell::Cell;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+thread_local! {
+    static CACHED: Cell<Option<Duration>> = const { Cell::new(None) };
+}
+
+/// Lets the next read of the time read the clock: a run of Lua starts.
+pub(crate) fn new_turn() {
+    CACHED.set(None);
+}
 
 use mlua::{Lua, Table, Value};
 
 pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     ngx.raw_set("now", lua.create_function(|_, ()| Ok((now().as_secs_f64() * 1000.0).floor() / 1000.0))?)?;
     ngx.raw_set("time", lua.create_function(|_, ()| Ok(now().as_secs()))?)?;
-    ngx.raw_set("update_time", lua.create_function(|_, ()| Ok(()))?)?;
+    ngx.raw_set(
+        "update_time",
+        lua.create_function(|_, ()| {
+            new_turn();
+            Ok(())
+        })?,
+    )?;
     ngx.raw_set("today", lua.create_function(|_, ()| Ok(civil(secs_now()).date()))?)?;
     ngx.raw_set("localtime", lua.create_function(|_, ()| Ok(civil(secs_now()).date_time()))?)?;
     ngx.raw_set("utctime", lua.create_function(|_, ()| Ok(civil(secs_now()).date_time()))?)?;
@@ -30,7 +51,11 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
 }
 
 fn now() -> Duration {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+    CACHED.get().unwrap_or_else(|| {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        CACHED.set(Some(now));
+        now
+    })
 }
 
 fn secs_now() -> i64 {
