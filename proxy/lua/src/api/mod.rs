@@ -547,7 +547,7 @@ fn display_with_tostring(lua: &Lua, value: &Value) -> String {
 }
 
 /// Writes an `ngx.log` line into our logs, with the request it belongs to.
-fn log_line(level: i64, text: &str) {
+pub(super) fn log_line(level: i64, text: &str) {
     with_current(|request| {
         let (route, request_id, phase) = request.map_or(("", String::new(), "init"), |r| {
             (&*r.state.head.route, r.state.head.request_id_text(), r.state.phase.get().name())

@@ -267,6 +267,12 @@ fn success(value: Value) -> MultiValue {
     std::iter::once(value).collect()
 }
 
+/// A timeout, logged as OpenResty logs it (`lua_socket_log_errors` is on by default), besides
+/// the `nil, "timeout"` the call returns.
+fn timed_out(what: &str) {
+    super::log_line(3, &format!("lua tcp socket {what}"));
+}
+
 fn io_error(error: &io::Error) -> String {
     match error.kind() {
         io::ErrorKind::ConnectionRefused => "connection refused".into(),
@@ -354,7 +360,10 @@ async fn connect(
     .await;
     socket.busy.set(false);
     let stream = match connected {
-        Err(_) => return failure(lua, "timeout", None),
+        Err(_) => {
+            timed_out(&format!("connect timed out, when connecting to {host}:{port}"));
+            return failure(lua, "timeout", None);
+        }
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
             return failure(lua, "destination not allowed", None);
         }
@@ -439,7 +448,10 @@ async fn read(connection: &mut Connection, pattern: &Pattern, timeout: Duration)
     .await;
     match outcome {
         Ok(Ok(data)) => (data, None),
-        Err(_) => (connection.take(connection.buffer.len()), Some("timeout".into())),
+        Err(_) => {
+            timed_out("read timed out");
+            (connection.take(connection.buffer.len()), Some("timeout".into()))
+        }
         Ok(Err(e)) => (connection.take(connection.buffer.len()), Some(io_error(&e))),
     }
 }
@@ -514,7 +526,10 @@ async fn read_until(socket: &TcpSocket, lua: &Lua, until: &Until, size: Option<u
                 None => Value::Nil,
             }));
         }
-        Err(_) => "timeout".to_owned(),
+        Err(_) => {
+            timed_out("read timed out");
+            "timeout".to_owned()
+        }
         Ok(Err(e)) => io_error(&e),
     };
     let partial = connection.take(connection.buffer.len());
@@ -563,6 +578,7 @@ impl UserData for TcpSocket {
                 }
                 Err(_) => {
                     this.give_back(None);
+                    timed_out("write timed out");
                     failure(&lua, "timeout", None)
                 }
                 Ok(Err(e)) => {
@@ -610,6 +626,7 @@ impl UserData for TcpSocket {
                 match tokio::time::timeout(this.read_timeout.get(), connection.fill()).await {
                     Err(_) => {
                         this.give_back(Some(connection));
+                        timed_out("read timed out");
                         return failure(&lua, "timeout", None);
                     }
                     Ok(Err(e)) => {
