@@ -106,11 +106,23 @@ fn parse_file(text: &str) -> Vec<Block> {
     }
     flush(&mut current, &mut section);
     blocks.extend(current);
-    // Test::Base trims trailing blank lines of every section.
+    // Test::Base's `trim` filter: `s/\A\s*\n//; s/\n\s*\z/\n/` (blank lines go, the last
+    // line keeps its trailing spaces).
     for block in &mut blocks {
         for s in block.sections.values_mut() {
-            let trimmed = s.value.trim_end_matches(['\n', ' ', '\t']).to_owned();
-            s.value = if trimmed.is_empty() { String::new() } else { format!("{trimmed}\n") };
+            let value = &s.value;
+            let start = value
+                .find(|c: char| !c.is_whitespace())
+                .map_or(value.len(), |first| value[..first].rfind('\n').map_or(0, |newline| newline + 1));
+            let value = &value[start..];
+            let end = value.trim_end().len();
+            s.value = match value[end..].find('\n') {
+                Some(newline) => format!("{}\n", &value[..end + newline]),
+                None => value.to_owned(),
+            };
+            if s.value.trim().is_empty() {
+                s.value = String::new();
+            }
         }
     }
     blocks
@@ -518,9 +530,9 @@ fn parse_config(config: &str, files: &BTreeMap<String, String>) -> Result<Vec<Lo
                             "lua_need_request_body"
                             | "internal"
                             | "lua_code_cache"
-                            | "lua_socket_log_errors"
                             | "lua_check_client_abort"
                             | "lua_transform_underscores_in_response_headers" => {}
+                            quiet if QUIET_DIRECTIVES.contains(&quiet) || quiet.starts_with("lua_socket_") => {}
                             // Other nginx modules as content, files from disk, and proxying
                             // between test locations: set aside, as the suite's README allows.
                             other if NGINX_MODULES_AS_CONTENT.iter().any(|m| other.starts_with(m)) => {
@@ -556,6 +568,10 @@ fn parse_config(config: &str, files: &BTreeMap<String, String>) -> Result<Vec<Lo
                 }
                 locations.push(location);
                 t = tokens.iter().position(|(_, at)| *at >= i).unwrap_or(tokens.len());
+            }
+            // Server-level settings with nothing to map: logging, timeouts, buffers, names.
+            Token::Word(w) if QUIET_DIRECTIVES.contains(&w.as_str()) || w.starts_with("lua_socket_") => {
+                t = tokens[t..].iter().position(|(tok, _)| *tok == Token::End).map_or(tokens.len(), |end| t + end + 1);
             }
             Token::Word(w) => return Err(format!("server-level directive {w}").into()),
             _ => t += 1,
@@ -706,6 +722,12 @@ impl Unrunnable {
     }
 }
 
+/// Directives that set only logging, timeouts, buffers or names, which tidegate has its own
+/// settings for (or none to make): a block runs the same without them. `lua_socket_log_errors
+/// off` also keeps cosocket errors out of the block's log ([`route_logs`]).
+const QUIET_DIRECTIVES: [&str; 6] =
+    ["server_tokens", "tcp_nodelay", "resolver", "resolver_timeout", "lua_socket_log_errors", "lingering_close"];
+
 /// Directive prefixes of nginx modules other than Lua that serve content.
 const NGINX_MODULES_AS_CONTENT: [&str; 5] = ["echo", "memc", "redis2_", "drizzle_", "srcache_"];
 
@@ -793,6 +815,9 @@ fn read_http_config(text: &str) -> Result<(Vec<(String, u64)>, Option<String>), 
 fn prepare(block: &Block, file_tag: &str) -> Result<Case, Unrunnable> {
     if block.sections.keys().any(|s| s.starts_with("stap")) {
         return Err(Unrunnable::Inapplicable("systemtap (--- stap)".into()));
+    }
+    if block.get("main_config").is_some_and(|c| c.value.contains("server {")) {
+        return Err(Unrunnable::Inapplicable("extra nginx server blocks (main_config)".into()));
     }
     for section in [
         "raw_request",
@@ -1116,11 +1141,12 @@ fn check_headers(headers: &HeaderMap, spec: &str, like: bool) -> Result<(), Stri
 
 /// Log lines of one LuaRoute (ngx.log lines and handler failures carry the route), rendered
 /// as `[level] message key=value...` like nginx's error log.
-fn route_logs(tidegate: &Tidegate, route_prefix: &str) -> Vec<String> {
+fn route_logs(tidegate: &Tidegate, route_prefix: &str, socket_errors: bool) -> Vec<String> {
     tidegate
         .logs()
         .into_iter()
         .filter(|l| l.contains(route_prefix))
+        .filter(|l| socket_errors || !l.contains("lua tcp socket"))
         .map(|line| {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { return line };
             let level = v["level"].as_str().unwrap_or("").to_ascii_lowercase();
@@ -1148,56 +1174,217 @@ struct FileReport {
 /// them, through `add_block_preprocessor` and `$block->set_value("NAME", "VALUE")`, as the
 /// lua-resty libraries' modules do (`request` `GET /t`, `no_error_log` `[error]`); a
 /// `$HttpConfig` default needs nothing of ours (it sets `lua_package_path`).
-/// The `$HttpConfig` of the file's `t/` module (`use t::TestLRUCache;`), if any.
-fn module_http_config(path: &Path, text: &str) -> Option<String> {
-    let module = text.lines().find_map(|l| l.trim().strip_prefix("use t::")).map(|m| m.trim_end_matches(';'))?;
-    let found = path.ancestors().skip(1).map(|dir| dir.join(format!("{module}.pm"))).find(|p| p.is_file())?;
-    file_http_config(&std::fs::read_to_string(found).ok()?)
+/// The Perl configuration strings of the file's `t/` module (`use t::TestLRUCache;`).
+fn module_configs(path: &Path, text: &str) -> BTreeMap<String, String> {
+    let module = text.lines().find_map(|l| l.trim().strip_prefix("use t::")).map(|m| m.trim_end_matches(';'));
+    let module = module.map(|m| m.split_whitespace().next().unwrap_or_default());
+    let found =
+        module.and_then(|m| path.ancestors().skip(1).map(|dir| dir.join(format!("{m}.pm"))).find(|p| p.is_file()));
+    found.and_then(|f| std::fs::read_to_string(f).ok()).map(|perl| perl_configs(&perl)).unwrap_or_default()
 }
 
-fn preprocessor_defaults(path: &Path, text: &str) -> Vec<(String, String)> {
-    let Some(module) = text.lines().find_map(|l| l.trim().strip_prefix("use t::")).map(|m| m.trim_end_matches(';'))
-    else {
-        return Vec::new();
-    };
-    // `t/` is the module's folder, next to or above the file (`t/100-pureffi/x.t`).
-    let found = path.ancestors().skip(1).map(|dir| dir.join(format!("{module}.pm"))).find(|p| p.is_file());
-    let Some(perl) = found.and_then(|p| std::fs::read_to_string(p).ok()) else { return Vec::new() };
-    let set = Regex::new(r#"set_value\("(\w+)",\s*"([^"]*)"\)"#).expect("regex");
-    set.captures_iter(&perl)
-        .map(|c| (c[1].to_owned(), c[2].to_owned()))
-        .filter(|(name, _)| name != "http_config")
-        .collect()
-}
-
-/// The `our $HttpConfig` a test file's Perl header (or its `t/` module) defines, if any: a
-/// `qq{...}` string or a here-document.
-fn file_http_config(text: &str) -> Option<String> {
-    let header = text.split_once("\n__DATA__\n").map_or(text, |(h, _)| h);
-    let quoted = Regex::new(r"(?s)our \$HttpConfig\s*=\s*qq\{(.*?)\};").expect("regex");
-    if let Some(c) = quoted.captures(header) {
-        return Some(format!("{}\n", c[1].trim()));
+/// What a file's `t/` module's `add_block_preprocessor` does to each block, read from its Perl:
+/// `$block->set_value("NAME", VALUE)` where VALUE is a string, a number, a here-document,
+/// another section (`$block->other`) or strings joined to one, under `if ((!)defined
+/// $block->X)` conditions (a condition on `$ENV{...}` is false: no such variable is set here).
+fn preprocessor(path: &Path, text: &str, configs: &BTreeMap<String, String>) -> Vec<Rule> {
+    let module = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("use t::"))
+        .map(|m| m.trim_end_matches(';').split_whitespace().next().unwrap_or_default().to_owned());
+    // `t/` is the module's folder, next to or above the file (`t/100-pureffi/x.t`); without a
+    // module, the file's own header may have one.
+    let found =
+        module.and_then(|m| path.ancestors().skip(1).map(|dir| dir.join(format!("{m}.pm"))).find(|p| p.is_file()));
+    let header = text.split_once("\n__DATA__\n").map_or(text, |(h, _)| h).to_owned();
+    let perl = found.and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or(header);
+    let Some(body) = perl.split_once("add_block_preprocessor").map(|(_, b)| b) else { return Vec::new() };
+    let condition = Regex::new(r"^\s*(?:\}\s*els)?if\s*\((!?)\s*defined\s*\(?\s*\$block->(\w+)").expect("regex");
+    let env_condition = Regex::new(r"^\s*if\s*\(.*\$ENV\{").expect("regex");
+    let set = Regex::new(r#"\$block->set_value\(\s*"(\w+)"\s*,\s*(.*)\);\s*$"#).expect("regex");
+    let here = Regex::new(r"^<<\\?'?(\w+)'?$").expect("regex");
+    let joined = Regex::new(r#"^(?:"((?:[^"\\]|\\.)*)"\s*\.\s*)?\$block->(\w+)(?:\s*\.\s*"((?:[^"\\]|\\.)*)")?$"#)
+        .expect("regex");
+    // The conditions of the open `if`s: (wants present, section), or None for one never true.
+    let mut open: Vec<Option<(bool, String)>> = Vec::new();
+    let mut dead = 0usize;
+    let mut rules = Vec::new();
+    let mut lines = body.lines();
+    while let Some(line) = lines.next() {
+        let trimmed = line.trim();
+        if trimmed.starts_with("} else {") {
+            // The other branch: of a condition never true, always taken.
+            if let Some(last) = open.last_mut() {
+                match last {
+                    None => {
+                        dead -= 1;
+                        *last = Some((true, String::new()));
+                    }
+                    Some((wants, _)) => *wants = !*wants,
+                }
+            }
+            continue;
+        }
+        if env_condition.is_match(line) {
+            open.push(None);
+            dead += 1;
+            continue;
+        }
+        if let Some(c) = condition.captures(line) {
+            open.push(Some((c[1].is_empty(), c[2].to_owned())));
+            continue;
+        }
+        if trimmed.starts_with('}') {
+            if let Some(None) = open.pop() {
+                dead -= 1;
+            }
+            continue;
+        }
+        let Some(c) = set.captures(line) else { continue };
+        if dead > 0 {
+            continue;
+        }
+        let target = c[1].to_owned();
+        let value = c[2].trim();
+        let value = if let Some(h) = here.captures(value) {
+            let mut text = String::new();
+            for l in lines.by_ref() {
+                if l.trim() == &h[1] {
+                    break;
+                }
+                text.push_str(l);
+                text.push('\n');
+            }
+            Value::Literal(text)
+        } else if let Some(j) = joined.captures(value) {
+            let unescape = |s: Option<regex::Match<'_>>| s.map_or(String::new(), |m| m.as_str().replace("\\n", "\n"));
+            Value::Copy { before: unescape(j.get(1)), section: j[2].to_owned(), after: unescape(j.get(3)) }
+        } else if let Some(text) = value.strip_prefix('$').and_then(|name| configs.get(name)) {
+            Value::Literal(text.clone())
+        } else if let Some(text) = value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+            Value::Literal(format!("{}\n", text.replace("\\n", "\n")))
+        } else if value.chars().all(|c| c.is_ascii_digit()) {
+            Value::Literal(format!("{value}\n"))
+        } else {
+            continue;
+        };
+        let conditions = open.iter().flatten().filter(|(_, s)| !s.is_empty()).cloned().collect();
+        rules.push(Rule { conditions, target, value });
     }
-    let here = Regex::new(r#"our \$HttpConfig\s*=\s*<<["']?(\w+)["']?;"#).expect("regex");
-    let c = here.captures(header)?;
-    let rest = &header[c.get(0)?.end()..];
-    let body = rest.split_once('\n')?.1;
-    let end = body.find(&format!("\n{}\n", &c[1])).map(|e| e + 1).or_else(|| body.find(&format!("{}\n", &c[1])))?;
-    Some(body[..end].to_owned())
+    rules
+}
+
+/// One `set_value` of a `t/` module's block preprocessor.
+struct Rule {
+    /// (present, section): it applies when each section is present (or absent).
+    conditions: Vec<(bool, String)>,
+    target: String,
+    value: Value,
+}
+
+enum Value {
+    Literal(String),
+    /// Another section's value between two strings.
+    Copy {
+        before: String,
+        section: String,
+        after: String,
+    },
+}
+
+impl Rule {
+    fn apply(&self, block: &mut Block) {
+        if !self.conditions.iter().all(|(present, section)| block.sections.contains_key(section) == *present) {
+            return;
+        }
+        let value = match &self.value {
+            Value::Literal(text) => Section { modifiers: Vec::new(), value: text.clone() },
+            Value::Copy { before, section, after } => {
+                let Some(from) = block.sections.get(section) else { return };
+                if before.is_empty() && after.is_empty() {
+                    from.clone()
+                } else {
+                    // Wrapped into another section (`server_config` into a `location` of
+                    // `config`), it is that section's now.
+                    let wrapped = format!("{before}{}{after}\n", from.value);
+                    block.sections.remove(section);
+                    Section { modifiers: Vec::new(), value: wrapped }
+                }
+            }
+        };
+        block.sections.insert(self.target.clone(), value);
+    }
+}
+
+/// A real Redis (Debian's `redis-server`) on a free loopback port, for as long as it is held.
+struct Redis {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl Redis {
+    fn start() -> Result<Redis, String> {
+        // Redis's own port when it is free: some blocks name 6379 rather than the variable.
+        let port = std::net::TcpListener::bind("127.0.0.1:6379")
+            .or_else(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .and_then(|l| l.local_addr())
+            .map_err(|e| e.to_string())?
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("redis-server: {e} (Debian's redis-server package)"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                return Err("redis-server did not start".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Redis { port, child })
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `our $NAME = ...;` strings a test file's Perl header (or its `t/` module) defines
+/// (`$HttpConfig`, `$GlobalConfig`): `qq{...}` strings and here-documents, by name.
+fn perl_configs(text: &str) -> BTreeMap<String, String> {
+    let header = text.split_once("\n__DATA__\n").map_or(text, |(h, _)| h);
+    let mut found = BTreeMap::new();
+    let quoted = Regex::new(r"(?s)(?:our|my) \$(\w+)\s*=\s*qq\{(.*?)\};").expect("regex");
+    for c in quoted.captures_iter(header) {
+        found.insert(c[1].to_owned(), format!("{}\n", c[2].trim()));
+    }
+    let here = Regex::new(r#"(?:our|my) \$(\w+)\s*=\s*<<["']?(\w+)["']?;"#).expect("regex");
+    for c in here.captures_iter(header) {
+        let Some(whole) = c.get(0) else { continue };
+        let Some((_, body)) = header[whole.end()..].split_once('\n') else { continue };
+        let end = body.find(&format!("\n{}\n", &c[2])).map(|e| e + 1).or_else(|| body.find(&format!("{}\n", &c[2])));
+        if let Some(end) = end {
+            found.insert(c[1].to_owned(), body[..end].to_owned());
+        }
+    }
+    found
 }
 
 /// The value of a `--- http_config eval` section: Perl strings (`"..."`, `qq{...}`, `qq!...!`)
-/// and `$HttpConfig` variables (the file's, `$::HttpConfig`, or its `t/` module's,
+/// and configuration variables (the file's, `$::HttpConfig`, or its `t/` module's,
 /// `$t::Module::HttpConfig`) joined with `.`. `None` for any other Perl.
-fn eval_http_config(expr: &str, http_config: Option<&str>) -> Option<String> {
+fn eval_http_config(expr: &str, configs: &BTreeMap<String, String>) -> Option<String> {
     let chars: Vec<char> = expr.trim().trim_end_matches(';').chars().collect();
     let mut out = String::new();
     let mut i = 0;
-    let interpolated = Regex::new(r"\$(?:\w*::)*HttpConfig").expect("regex");
+    let interpolated = Regex::new(r"\$(?:\w*::)*(\w+)").expect("regex");
     let variable = |name: &str| -> Option<String> {
         // `$::HttpConfig`, `$HttpConfig`, `$t::TestLRUCache::HttpConfig`.
-        (name.trim_start_matches('$').rsplit("::").next() == Some("HttpConfig"))
-            .then(|| http_config.map(str::to_owned))?
+        configs.get(name.trim_start_matches('$').rsplit("::").next()?).cloned()
     };
     loop {
         while i < chars.len() && chars[i].is_whitespace() {
@@ -1241,11 +1428,18 @@ fn eval_http_config(expr: &str, http_config: Option<&str>) -> Option<String> {
             })?;
             let text: String = chars[start..end].iter().collect();
             // Perl interpolates the variable into the string.
-            let text = if interpolated.is_match(&text) {
-                interpolated.replace_all(&text, regex::NoExpand(http_config?)).into_owned()
-            } else {
-                text
-            };
+            let mut missing = false;
+            let text = interpolated
+                .replace_all(&text, |c: &regex::Captures<'_>| {
+                    configs.get(&c[1]).cloned().unwrap_or_else(|| {
+                        missing = true;
+                        String::new()
+                    })
+                })
+                .into_owned();
+            if missing {
+                return None;
+            }
             (text, end + 1)
         };
         out.push_str(&text);
@@ -1270,24 +1464,46 @@ async fn run_file(path: &Path) -> FileReport {
     };
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let tag: String = name.chars().filter(char::is_ascii_alphanumeric).collect::<String>().to_ascii_lowercase();
-    let defaults = preprocessor_defaults(path, &text);
-    let http_config = file_http_config(&text).or_else(|| module_http_config(path, &text));
+    let mut configs = module_configs(path, &text);
+    configs.extend(perl_configs(&text));
+    let rules = preprocessor(path, &text, &configs);
     let library = library_modules(path);
+    // `$pwd` of a library's Perl: the library's folder, where its tests run from.
+    if let Some(root) = path.ancestors().find(|a| a.join("t").is_dir() && a.join("lib").is_dir()) {
+        configs.insert("pwd".into(), root.display().to_string());
+    }
+    // The servers the blocks talk to, started for this file: a real Redis when they use one.
+    let redis = text.contains("TEST_NGINX_REDIS_PORT").then(Redis::start);
     let mut verdicts = Vec::new();
     let mut cases = Vec::new();
     for mut block in parse_file(&text) {
+        for rule in &rules {
+            rule.apply(&mut block);
+        }
+        if block.sections.values().any(|s| s.value.contains("$TEST_NGINX_RESOLVER")) {
+            let why = Unrunnable::Inapplicable("needs the internet (a public DNS resolver)".into());
+            verdicts.push((block.number, block.title.clone(), why.verdict()));
+            continue;
+        }
+        if let Some(redis) = &redis {
+            match redis {
+                Ok(redis) => {
+                    for section in block.sections.values_mut() {
+                        section.value = section.value.replace("$TEST_NGINX_REDIS_PORT", &redis.port.to_string());
+                    }
+                }
+                Err(why) => {
+                    verdicts.push((block.number, block.title.clone(), Verdict::Fail(format!("cannot run: {why}"))));
+                    continue;
+                }
+            }
+        }
         // `--- http_config eval: $::HttpConfig`, and strings joined to it.
         if let Some(section) = block.sections.get_mut("http_config")
             && section.modifiers.iter().any(|m| m == "eval")
-            && let Some(value) = eval_http_config(&section.value, http_config.as_deref())
+            && let Some(value) = eval_http_config(&section.value, &configs)
         {
             *section = Section { modifiers: Vec::new(), value };
-        }
-        for (section, value) in &defaults {
-            block
-                .sections
-                .entry(section.clone())
-                .or_insert_with(|| Section { modifiers: Vec::new(), value: format!("{value}\n") });
         }
         match prepare(&block, &tag) {
             Ok(mut case) => {
@@ -1311,6 +1527,7 @@ async fn run_file(path: &Path) -> FileReport {
     for case in cases {
         // The block's namespace: its routes' logs, and its init's.
         let route_prefix = format!("b{}/", case.block.place);
+        let socket_errors = !case.block.get("config").is_some_and(|c| c.value.contains("lua_socket_log_errors off"));
         let verdict = match request_of(&case) {
             Err(why) if case.block.get("request").is_some_and(|r| r.modifiers.iter().any(|m| m == "eval")) => {
                 Verdict::NotApplicable(format!("Perl-computed request: {why}"))
@@ -1332,21 +1549,21 @@ async fn run_file(path: &Path) -> FileReport {
                     // response at all (a connection closed without one) with the empty string.
                     Err(_) if case.block.get("error_code").is_some_and(|s| s.value.trim().is_empty()) => {
                         tokio::time::sleep(Duration::from_millis(30)).await;
-                        verdict(check_logs(&case.block, &route_logs(&tidegate, &route_prefix)))
+                        verdict(check_logs(&case.block, &route_logs(&tidegate, &route_prefix, socket_errors)))
                     }
                     Err(e) => Verdict::Fail(format!("request failed: {e}")),
                     Ok(answer) => {
                         // Let the log phase and log lines land.
                         let settle = Instant::now();
                         let wants_log = case.block.get("error_log").is_some();
-                        let mut result = check(&case, &answer, &route_logs(&tidegate, &route_prefix));
+                        let mut result = check(&case, &answer, &route_logs(&tidegate, &route_prefix, socket_errors));
                         while result.is_err() && wants_log && settle.elapsed() < Duration::from_millis(300) {
                             tokio::time::sleep(Duration::from_millis(20)).await;
-                            result = check(&case, &answer, &route_logs(&tidegate, &route_prefix));
+                            result = check(&case, &answer, &route_logs(&tidegate, &route_prefix, socket_errors));
                         }
                         if result.is_ok() && case.block.get("no_error_log").is_some() {
                             tokio::time::sleep(Duration::from_millis(30)).await;
-                            result = check(&case, &answer, &route_logs(&tidegate, &route_prefix));
+                            result = check(&case, &answer, &route_logs(&tidegate, &route_prefix, socket_errors));
                         }
                         verdict(result)
                     }
@@ -1362,7 +1579,7 @@ async fn run_file(path: &Path) -> FileReport {
 /// The libraries whose own `t/` files run too: the pure-Lua ones against their unchanged `lib/`
 /// (as the blocks' modules), the others against the modules tidegate builds in under their
 /// names (upstream, they need LuaJIT's FFI: [`NATIVE`]).
-const LIBRARIES: [&str; 3] = ["lua-resty-lrucache", "lua-resty-lock", "lua-resty-limit-traffic"];
+const LIBRARIES: [&str; 4] = ["lua-resty-lrucache", "lua-resty-lock", "lua-resty-limit-traffic", "lua-resty-redis"];
 
 /// Modules tidegate builds in, which their library's `lib/` does not replace.
 const NATIVE: [&str; 4] = ["resty.lrucache", "resty.lrucache.pureffi", "resty.lock", "resty.limit.req"];
