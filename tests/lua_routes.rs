@@ -583,3 +583,56 @@ async fn user_modules_keep_per_worker_state_within_their_namespace() {
     // b's code did not change: its modules keep their state.
     counts(&tidegate, "b.test", "b", Some(b_before), "nil").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_worker_runs_on_every_worker_for_each_version_and_starts_timers() {
+    let route = |version: &str| {
+        format!(
+            "---\napiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {{name: jobs, namespace: jobs}}\nspec:\n  hosts: [jobs.test]\n  sharedDicts: [{{name: d, size: 1Mi}}]\n  init: \"tag = '{version}'\"\n  initWorker: |\n    local d = ngx.shared.d\n    d:incr('workers', 1, 0)\n    d:set('tag', tag .. ' ' .. ngx.get_phase())\n    ngx.timer.every(0.05, function() d:incr('ticks', 1, 0) end)\n  routes:\n  - name: r\n    match: {{path: {{type: Prefix, value: /}}}}\n    lua:\n      content: |\n        local d = ngx.shared.d\n        ngx.say(d:get('workers'), ' ', d:get('tag'), ' ', d:get('ticks') or 0)\n"
+        )
+    };
+    let dir = manifest_dir();
+    write_manifest(dir.path(), "jobs.yaml", &route("v1"));
+    let path = dir.path().to_owned();
+    let tidegate =
+        tokio::task::spawn_blocking(move || Tidegate::start(&path, &["--workers", "2"])).await.expect("start");
+    let read = |tidegate: &Tidegate| {
+        let addr = tidegate.http;
+        async move {
+            let answer = get(addr, "jobs.test", "/").await.expect("answer");
+            let body = String::from_utf8_lossy(&answer.body).into_owned();
+            let words: Vec<String> = body.split_whitespace().map(str::to_owned).collect();
+            assert_eq!(words.len(), 4, "{body}");
+            (
+                words[0].parse::<u32>().expect("workers"),
+                format!("{} {}", words[1], words[2]),
+                words[3].parse::<u32>().expect("ticks"),
+            )
+        }
+    };
+    // Before any request, each of the two workers has run it once, and its timers tick.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (workers, tag, ticks) = read(&tidegate).await;
+    assert_eq!((workers, tag.as_str()), (2, "v1 init_worker"), "once per worker, after init");
+    assert!(ticks >= 10, "two workers' 50 ms timers for over a second: {ticks} ticks");
+
+    // A new version runs it again on each worker; the old version's timers stop.
+    let before = tidegate.version();
+    write_manifest(dir.path(), "jobs.yaml", &route("v2"));
+    tidegate.wait_version_after(before);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let (workers, tag, _) = read(&tidegate).await;
+        if workers == 4 && tag == "v2 init_worker" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new version ran on both workers: {workers} {tag}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, _, first) = read(&tidegate).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (_, _, second) = read(&tidegate).await;
+    // 2 workers x 20 ticks a second from the new timers only (the old ones would double it).
+    let rate = second - first;
+    assert!((20..=60).contains(&rate), "{rate} ticks in a second: only the new version's timers");
+}

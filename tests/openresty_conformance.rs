@@ -16,7 +16,8 @@
 //!
 //! Small translation steps stand in for nginx directives that have a direct Lua equivalent:
 //! `default_type`, `set $var value`, `set_by_lua*` (rewrite Lua that sets the variable),
-//! `return`, `lua_need_request_body on`. `init_by_lua*` is the LuaRoute's `spec.init`; the
+//! `return`, `lua_need_request_body on`. `init_by_lua*` is the LuaRoute's `spec.init`,
+//! `init_worker_by_lua*` its `spec.initWorker`; the
 //! block's Lua user files, and the pure-Lua modules of its library's `lib/`, are its modules (a
 //! ConfigMap labelled `tidegate.dev/lua-modules`).
 //!
@@ -743,8 +744,9 @@ struct Case {
     locations: Vec<Location>,
     /// `lua_shared_dict NAME SIZE` of the block's http_config: (name, bytes).
     dicts: Vec<(String, u64)>,
-    /// `init_by_lua*` of the block's http_config.
+    /// `init_by_lua*` and `init_worker_by_lua*` of the block's http_config.
     init: Option<String>,
+    init_worker: Option<String>,
     /// Modules `require` finds: the block's Lua user files, and its library's `lib/`.
     modules: Vec<(String, String)>,
 }
@@ -768,12 +770,12 @@ fn nginx_size(text: &str) -> Option<u64> {
 /// The `--- http_config` directives the runner maps: `lua_shared_dict` (a dictionary of the
 /// block's LuaRoute), `init_by_lua*` (its `spec.init`), and those with nothing to map
 /// (`lua_package_path`: the block's modules are its Lua user files and its library's `lib/`).
-#[allow(clippy::type_complexity)]
-fn read_http_config(text: &str) -> Result<(Vec<(String, u64)>, Option<String>), Unrunnable> {
+fn read_http_config(text: &str) -> Result<HttpConfig, Unrunnable> {
     let chars: Vec<char> = text.chars().collect();
     let tokens = tokenize(text);
     let mut dicts = Vec::new();
     let mut init: Option<String> = None;
+    let mut init_worker: Option<String> = None;
     let mut t = 0;
     while t < tokens.len() {
         let Token::Word(directive) = &tokens[t].0 else {
@@ -795,6 +797,17 @@ fn read_http_config(text: &str) -> Result<(Vec<(String, u64)>, Option<String>), 
                 continue;
             }
             "init_by_lua" => init.get_or_insert_default().push_str(args.first().copied().unwrap_or_default()),
+            "init_worker_by_lua_block" => {
+                let open =
+                    tokens.get(after_args).map(|(_, at)| *at).ok_or("init_worker_by_lua_block without a block")?;
+                let (source, after) = lua_block(&chars, open).ok_or("unterminated Lua block")?;
+                init_worker.get_or_insert_default().push_str(&source);
+                t = tokens.iter().position(|(_, at)| *at >= after).unwrap_or(tokens.len());
+                continue;
+            }
+            "init_worker_by_lua" => {
+                init_worker.get_or_insert_default().push_str(args.first().copied().unwrap_or_default());
+            }
             "lua_shared_dict" => match args.as_slice() {
                 [name, size] => {
                     dicts.push(((*name).to_owned(), nginx_size(size).ok_or(format!("lua_shared_dict size {size}"))?));
@@ -808,7 +821,15 @@ fn read_http_config(text: &str) -> Result<(Vec<(String, u64)>, Option<String>), 
         }
         t = after_args + 1;
     }
-    Ok((dicts, init))
+    Ok(HttpConfig { dicts, init, init_worker })
+}
+
+/// What the runner maps from a block's `--- http_config`.
+#[derive(Default)]
+struct HttpConfig {
+    dicts: Vec<(String, u64)>,
+    init: Option<String>,
+    init_worker: Option<String>,
 }
 
 /// Decides whether a block can run, and if so how.
@@ -836,9 +857,9 @@ fn prepare(block: &Block, file_tag: &str) -> Result<Case, Unrunnable> {
             return Err(format!("--- {section}").into());
         }
     }
-    let (dicts, init) = match block.get("http_config") {
+    let HttpConfig { dicts, init, init_worker } = match block.get("http_config") {
         Some(http_config) => read_http_config(&http_config.value)?,
-        None => (Vec::new(), None),
+        None => HttpConfig::default(),
     };
     let mut files = BTreeMap::new();
     if let Some(user_files) = block.get("user_files") {
@@ -882,6 +903,7 @@ fn prepare(block: &Block, file_tag: &str) -> Result<Case, Unrunnable> {
         locations,
         dicts,
         init,
+        init_worker,
         modules,
     })
 }
@@ -894,6 +916,9 @@ fn manifest(case: &Case, namespace: &str) -> String {
     );
     if let Some(init) = &case.init {
         out.push_str(&format!("  init: {}\n", serde_json::to_string(init).unwrap_or_default()));
+    }
+    if let Some(init_worker) = &case.init_worker {
+        out.push_str(&format!("  initWorker: {}\n", serde_json::to_string(init_worker).unwrap_or_default()));
     }
     if !case.dicts.is_empty() {
         out.push_str("  sharedDicts:\n");

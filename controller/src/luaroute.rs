@@ -75,6 +75,11 @@ pub struct LuaRouteSpec {
     /// request's own global writes stay its own).
     #[serde(default)]
     pub init: Option<String>,
+    /// OpenResty's `init_worker_by_lua`: runs on each proxy worker once for each new version of
+    /// the namespace's Lua, after `init`, without a request; it may start `ngx.timer`s (the
+    /// background jobs of the namespace).
+    #[serde(default)]
+    pub init_worker: Option<String>,
     /// Lua time allowed per request (`50ms`, `1s`); the proxy's default when absent.
     #[serde(default)]
     #[schemars(pattern(r"^[0-9]+(ms|s)?$"))]

@@ -225,8 +225,12 @@ fn lua_namespaces(
             .iter()
             .filter_map(|m| Some((m.name.clone(), Arc::clone(scripts.get(&m.script)?))))
             .collect();
-        let init = namespace.init.iter().filter_map(|id| scripts.get(id).cloned()).collect();
-        let made = tidegate_lua::NamespaceCode { modules, init };
+        let compiled = |ids: &[String]| ids.iter().filter_map(|id| scripts.get(id).cloned()).collect();
+        let made = tidegate_lua::NamespaceCode {
+            modules,
+            init: compiled(&namespace.init),
+            init_worker: compiled(&namespace.init_worker),
+        };
         let made = match current.get(&namespace.namespace) {
             Some(same) if **same == made => Arc::clone(same),
             _ => Arc::new(made),

@@ -67,10 +67,7 @@ pub(crate) fn run_worker(
         let config = tidegate_lua::LuaConfig { worker_id: index, ..shared.lua.clone() };
         let vm = tidegate_lua::Vm::new(config)
             .map_err(|e| std::io::Error::other(format!("cannot create the Lua VM: {e}")))?;
-        let first = shared.runtime.load_full();
-        // Later runtimes are taken as requests find them (`Worker::current_runtime`).
-        vm.set_namespaces(first.routing.lua_namespaces.clone());
-        let runtime = std::cell::RefCell::new(Rc::new(first));
+        let runtime = std::cell::RefCell::new(Rc::new(shared.runtime.load_full()));
         let reactor = Reactor::new(shared.metrics.parked_connections.clone())?;
         let http = reactor.listen(http)?;
         let https = reactor.listen(https)?;
@@ -86,6 +83,9 @@ pub(crate) fn run_worker(
             started: std::cell::Cell::new(0),
         });
         tracing::debug!(worker = index, "worker started");
+        // Later runtimes are taken as requests find them (`Worker::current_runtime`), or within
+        // a second by the worker's upkeep.
+        worker.adopt_lua(&worker.current_runtime().routing);
         tokio::task::spawn_local(crate::upkeep::run(Rc::clone(&worker)));
         tokio::task::spawn_local(serve_parked(Rc::clone(&worker), serve_http1));
         tokio::task::spawn_local(accept_loop(Rc::clone(&worker), http, None));

@@ -10,8 +10,9 @@
 //! is collected once the worker has started no request for a whole second; freed memory goes
 //! back to the system once it has started none for [`TRIM_AFTER`], so that a burst that soon
 //! follows another reuses its memory instead of faulting every page in again. The same tick
-//! closes idle upstream connections that expired or that their upstream closed, and adds what
-//! each namespace's long Lua runs cost on the worker to the metrics.
+//! closes idle upstream connections that expired or that their upstream closed, adds what
+//! each namespace's long Lua runs cost on the worker to the metrics, and takes a new runtime
+//! when no request has (so that `init_worker` Lua runs on every worker).
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -48,6 +49,8 @@ pub(crate) async fn run(worker: Rc<Worker>) {
     let mut lua_use = foldhash::HashMap::default();
     loop {
         tokio::time::sleep(CHECK_EVERY).await;
+        // A worker no request reaches takes new namespaces' Lua too (their `init_worker`).
+        let _ = worker.current_runtime();
         worker.pool.sweep();
         publish_lua_use(&worker, &mut lua_use);
         let open = worker.shared.open_connections.load(Ordering::Acquire);

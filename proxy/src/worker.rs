@@ -60,11 +60,31 @@ impl Worker {
         if !Arc::ptr_eq(&latest, &**cached) {
             self.pool.configure(latest.routing.pool_limits);
             if !Arc::ptr_eq(&latest.routing, &cached.routing) {
-                self.vm.set_namespaces(latest.routing.lua_namespaces.clone());
+                self.adopt_lua(&latest.routing);
             }
             *cached = Rc::new(Arc::clone(&latest));
         }
         Rc::clone(&cached)
+    }
+
+    /// Gives the VM the namespaces' modules and module-level code of `routing`, and starts the
+    /// `init_worker` Lua of the namespaces whose code changed (a task each: they may wait).
+    pub(crate) fn adopt_lua(&self, routing: &crate::runtime::RoutingState) {
+        for job in self.vm.set_namespaces(routing.lua_namespaces.clone()) {
+            let vm = Rc::clone(&self.vm);
+            tokio::task::spawn_local(async move {
+                let namespace = Arc::clone(&job.namespace);
+                if let tidegate_lua::Outcome::Failed { kind, message } = vm.init_worker(job).await {
+                    tracing::error!(
+                        target: "lua",
+                        namespace = &*namespace,
+                        kind = kind.name(),
+                        phase = "init_worker",
+                        "Lua init_worker failed: {message}"
+                    );
+                }
+            });
+        }
     }
 
     /// Drops loaded scripts that the current runtime no longer uses.

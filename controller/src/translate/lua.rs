@@ -59,10 +59,12 @@ pub(super) fn validate(route: &LuaRoute, status: &mut ObjectStatus) -> Validity 
             fields.push((format!("spec.routes[{i}].lua"), lua));
         }
     }
-    if let Some(init) = &route.spec.init
-        && let Err(e) = tidegate_lua::check(init)
-    {
-        status.error(Reason::LuaSyntaxError, "spec.init", e.to_string());
+    for (field, source) in [("spec.init", &route.spec.init), ("spec.initWorker", &route.spec.init_worker)] {
+        if let Some(source) = source
+            && let Err(e) = tidegate_lua::check(source)
+        {
+            status.error(Reason::LuaSyntaxError, field, e.to_string());
+        }
     }
     for (prefix, handlers) in fields {
         for phase in Phase::ALL {
@@ -214,6 +216,10 @@ pub(super) fn translate(
     if let (Some(init), None) = (&spec.init, misconfigured) {
         let id = out.script(&script_name(namespace, name, "spec.init"), init);
         out.lua.add_init(namespace, id);
+    }
+    if let (Some(init_worker), None) = (&spec.init_worker, misconfigured) {
+        let id = out.script(&script_name(namespace, name, "spec.initWorker"), init_worker);
+        out.lua.add_init_worker(namespace, id);
     }
 
     if let Some(tls) = &spec.tls {

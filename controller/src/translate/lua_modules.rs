@@ -17,7 +17,8 @@
 //! `--lua-modules-namespace` give modules to every namespace, which a namespace's own modules
 //! of the same name hide.
 //!
-//! A LuaRoute's `spec.init` is module-level code of its namespace (OpenResty's `init_by_lua`):
+//! A LuaRoute's `spec.init` is module-level code of its namespace (OpenResty's `init_by_lua`),
+//! and its `spec.initWorker` what each worker runs for each new version (`init_worker_by_lua`):
 //! registered here in the order LuaRoutes are read.
 
 use std::collections::BTreeMap;
@@ -44,6 +45,7 @@ pub(super) struct Namespaces {
 struct Found {
     modules: BTreeMap<String, (String, ObjectRef)>,
     init: Vec<String>,
+    init_worker: Vec<String>,
 }
 
 impl Namespaces {
@@ -51,9 +53,13 @@ impl Namespaces {
         self.found.entry(namespace.to_owned()).or_default().init.push(script);
     }
 
+    pub(super) fn add_init_worker(&mut self, namespace: &str, script: String) {
+        self.found.entry(namespace.to_owned()).or_default().init_worker.push(script);
+    }
+
     /// Every script id they use, for the snapshot to ship.
     pub(super) fn scripts(&self) -> impl Iterator<Item = &String> {
-        self.found.values().flat_map(|f| f.modules.values().map(|(id, _)| id).chain(&f.init))
+        self.found.values().flat_map(|f| f.modules.values().map(|(id, _)| id).chain(&f.init).chain(&f.init_worker))
     }
 
     pub(super) fn finish(self) -> Vec<LuaNamespace> {
@@ -63,6 +69,7 @@ impl Namespaces {
                 namespace,
                 modules: found.modules.into_iter().map(|(name, (script, _))| LuaModule { name, script }).collect(),
                 init: found.init,
+                init_worker: found.init_worker,
             })
             .collect()
     }

@@ -27,7 +27,7 @@ pub use modules::NamespaceCode;
 pub use request::{Phase, RequestHead, RequestId, RequestState};
 pub use shdict::{DictStats, SharedDicts};
 pub use slice::NamespaceLuaUse;
-pub use vm::{BodyReader, FailureKind, LuaConfig, LuaRequest, Outcome, Vm};
+pub use vm::{BodyReader, FailureKind, InitWorker, LuaConfig, LuaRequest, Outcome, Vm};
 
 #[cfg(test)]
 mod tests;

@@ -40,6 +40,8 @@ pub struct NamespaceCode {
     pub modules: HashMap<String, Arc<Script>>,
     /// Module-level code, in order.
     pub init: Vec<Arc<Script>>,
+    /// What each worker runs once per version, after `init`, without a request (timers).
+    pub init_worker: Vec<Arc<Script>>,
 }
 
 /// The namespace whose modules every namespace may `require` (after its own).
@@ -51,6 +53,11 @@ pub(crate) struct Modules {
     code: RefCell<HashMap<String, Arc<NamespaceCode>>>,
     /// By namespace: the values `require` returned, and what `init` came to.
     made: RefCell<HashMap<String, Made>>,
+    /// Changes of the code so far; the last that changed each namespace's, and the last that
+    /// changed every namespace's ([`Modules::version`]).
+    changes: std::cell::Cell<u64>,
+    changed_at: RefCell<HashMap<String, u64>>,
+    everything: std::cell::Cell<u64>,
 }
 
 struct Made {
@@ -61,6 +68,16 @@ struct Made {
 }
 
 impl Modules {
+    /// The `init_worker` scripts of `namespaces` (all with `None`) that have some.
+    pub(crate) fn init_workers(&self, namespaces: Option<&[String]>) -> Vec<(String, Vec<Arc<Script>>)> {
+        let code = self.code.borrow();
+        let wanted = |ns: &String| namespaces.is_none_or(|list| list.contains(ns));
+        code.iter()
+            .filter(|(ns, c)| !c.init_worker.is_empty() && wanted(ns))
+            .map(|(ns, c)| (ns.clone(), c.init_worker.clone()))
+            .collect()
+    }
+
     /// Takes the namespaces' code; returns the namespaces whose code changed, whose modules
     /// are forgotten (all of them when the cluster-wide modules changed: `None`).
     pub(crate) fn set(&self, code: HashMap<String, Arc<NamespaceCode>>) -> Option<Vec<String>> {
@@ -75,14 +92,28 @@ impl Modules {
             current.keys().chain(code.keys()).filter(|ns| !same(current.get(*ns), code.get(*ns))).cloned().collect();
         *current = code;
         let mut made = self.made.borrow_mut();
+        self.changes.set(self.changes.get() + 1);
         if everything {
             made.clear();
+            self.changed_at.borrow_mut().clear();
+            self.everything.set(self.changes.get());
             return None;
         }
         for namespace in &changed {
             made.remove(namespace);
+            self.changed_at.borrow_mut().insert(namespace.clone(), self.changes.get());
         }
         Some(changed)
+    }
+
+    /// The version of `namespace`'s code: it changes when the code does. A timer `init_worker`
+    /// started belongs to it, and stops repeating once it is gone, as the timers of an old nginx
+    /// worker end with it.
+    pub(crate) fn version(&self, namespace: &str) -> u64 {
+        // Forgetting every namespace's (a cluster-wide change) leaves them all at 0, which the
+        // count of changes then tells apart.
+        let own = self.changed_at.borrow().get(namespace).copied().unwrap_or(0);
+        own.max(self.everything.get())
     }
 
     /// Whether any namespace has code (when none does, `require` looks at the built-ins only).

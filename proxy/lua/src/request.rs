@@ -25,6 +25,8 @@ pub enum Phase {
     Timer,
     /// A namespace's module-level code, before its first handler ([`crate::modules`]).
     Init,
+    /// What a worker runs for each new version of a namespace's Lua, without a request.
+    InitWorker,
 }
 
 impl Phase {
@@ -42,6 +44,7 @@ impl Phase {
             Phase::Log => "log",
             Phase::Timer => "timer",
             Phase::Init => "init",
+            Phase::InitWorker => "init_worker",
         }
     }
 

@@ -490,6 +490,13 @@ pub struct Vm {
     modules: Rc<Modules>,
 }
 
+/// A namespace's `init_worker` scripts, for [`Vm::init_worker`].
+#[derive(Debug)]
+pub struct InitWorker {
+    pub namespace: Arc<str>,
+    scripts: Vec<Arc<Script>>,
+}
+
 /// A script's closure in the globals of a namespace (see [`Vm::shared_handler`]).
 pub(crate) struct SharedHandler {
     /// The namespace environment its closure runs in.
@@ -621,12 +628,57 @@ impl Vm {
     /// Takes the namespaces' modules and module-level code (by namespace; the cluster-wide
     /// modules under [`crate::modules::CLUSTER_WIDE`]). A namespace whose code changed starts
     /// anew: its modules run again on their next `require`, its `init` before its next handler.
-    pub fn set_namespaces(&self, code: HashMap<String, Arc<NamespaceCode>>) {
-        match self.modules.set(code) {
+    ///
+    /// Returns what each worker runs for the new version: the `init_worker` scripts of the
+    /// namespaces that changed, to be run by [`Vm::init_worker`].
+    #[must_use]
+    pub fn set_namespaces(&self, code: HashMap<String, Arc<NamespaceCode>>) -> Vec<InitWorker> {
+        let changed = self.modules.set(code);
+        match &changed {
             None => self.dict_objects.forget(None),
-            Some(changed) if !changed.is_empty() => self.dict_objects.forget(Some(&changed)),
-            Some(_) => {}
+            Some(changed) if !changed.is_empty() => self.dict_objects.forget(Some(changed)),
+            Some(_) => return Vec::new(),
         }
+        self.modules
+            .init_workers(changed.as_deref())
+            .into_iter()
+            .map(|(namespace, scripts)| InitWorker { namespace: namespace.into(), scripts })
+            .collect()
+    }
+
+    /// Runs a namespace's `init_worker` scripts, in order, each as a run of its own with the
+    /// request CPU budget, in the namespace's globals (after its `init`). They may start timers,
+    /// which go on after them.
+    pub async fn init_worker(&self, job: InitWorker) -> Outcome {
+        for script in &job.scripts {
+            let head = RequestHead {
+                method: http::Method::GET,
+                request_uri: "/".into(),
+                version: http::Version::HTTP_11,
+                remote: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+                server_port: 0,
+                https: false,
+                host: String::new(),
+                route: format!("{}/init_worker", job.namespace).into(),
+                namespace: Arc::clone(&job.namespace),
+                request_id: None,
+            };
+            let request = match self.begin(head, HeaderMap::new()) {
+                Ok(request) => request,
+                Err(e) => return Outcome::Failed { kind: FailureKind::Error, message: e.to_string() },
+            };
+            request.state.phase.set(Phase::InitWorker);
+            request.script.set(script.id);
+            let handler = match self.handler(&request, script) {
+                Ok(handler) => handler,
+                Err(e) => return Outcome::Failed { kind: FailureKind::Error, message: e.to_string() },
+            };
+            let outcome = self.runner.drive_with_threads(&self.lua, &request, handler.call_async::<()>(())).await;
+            if outcome != Outcome::Continue {
+                return outcome;
+            }
+        }
+        Outcome::Continue
     }
 
     /// Runs one chunk of a namespace's module-level code to its end, in `globals`, as its own

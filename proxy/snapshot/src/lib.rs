@@ -375,6 +375,10 @@ pub struct LuaNamespace {
     /// the namespace's handlers read.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub init: Vec<String>,
+    /// OpenResty's `init_worker_by_lua`, by script id, in order: runs once on each worker for
+    /// each new version, after `init`, where it may start timers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub init_worker: Vec<String>,
 }
 
 /// A module `require "NAME"` loads.
@@ -1821,6 +1825,7 @@ mod tests {
                     namespace: "shop".into(),
                     modules: vec![LuaModule { name: "resty.redis".into(), script: "abc".into() }],
                     init: vec!["abc".into()],
+                    init_worker: vec!["abc".into()],
                 }],
                 default_certificate: Some("shop/tls".into()),
                 hsts: Some("max-age=31536000; includeSubDomains".into()),

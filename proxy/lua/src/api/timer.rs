@@ -11,7 +11,8 @@
 //! - When the worker stops, waiting timers run at once with `premature = true` and are not
 //!   scheduled again; new ones get `nil, "process exiting"`.
 //! - An `every` timer whose script was replaced (it is no longer loaded in this worker) finishes
-//!   its current run and is not scheduled again.
+//!   its current run and is not scheduled again; so does one that `init_worker` started, once
+//!   a new version of its namespace's Lua (which runs `init_worker` again) is in.
 //! - A timer run that exhausts its CPU budget is stopped like a request; an `every` timer whose
 //!   runs keep doing so is backed off (its next run waits at least 0.2 s, then 0.4 s, 0.8 s,
 //!   1.6 s) and cancelled after [`EXHAUSTED_RUNS`] such runs in a row, with an error log and the
@@ -83,6 +84,11 @@ fn schedule(
     let creator = current("ngx.timer.at")?;
     let namespace = creator.state.head.namespace.clone();
     let script = creator.script.get();
+    // One `init_worker` starts lives as long as its namespace's code version.
+    let modules = lua.app_data_ref::<Rc<crate::modules::Modules>>().map(|m| Rc::clone(&m));
+    let version = modules
+        .filter(|_| creator.state.phase.get() == Phase::InitWorker)
+        .map(|modules| (modules.version(&namespace), modules));
     let args: Vec<Value> = args.into_iter().collect();
     let lua = lua.clone();
     ctx.pending.set(ctx.pending.get() + 1);
@@ -99,6 +105,13 @@ fn schedule(
             ctx.pending.set(ctx.pending.get().saturating_sub(1));
             if repeat && !ctx.loaded.borrow().contains_key(&script) {
                 tracing::debug!(namespace = &*namespace, "ngx.timer.every stopped: its script was replaced");
+                break;
+            }
+            if repeat && version.as_ref().is_some_and(|(version, modules)| modules.version(&namespace) != *version) {
+                tracing::debug!(
+                    namespace = &*namespace,
+                    "ngx.timer.every stopped: a new version of the namespace's Lua runs"
+                );
                 break;
             }
             ctx.running.set(ctx.running.get() + 1);
