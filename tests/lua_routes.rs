@@ -636,3 +636,76 @@ async fn init_worker_runs_on_every_worker_for_each_version_and_starts_timers() {
     let rate = second - first;
     assert!((20..=60).contains(&rate), "{rate} ticks in a second: only the new version's timers");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subrequests_and_internal_redirects_stay_inside_the_namespace() {
+    let routes = lua_route(
+        "internal",
+        "in.test",
+        None,
+        &[
+            (
+                "api",
+                "/api",
+                "content",
+                r#"ngx.say("api x=", ngx.var.arg_x, " ", ngx.req.get_method(), " sub=", tostring(ngx.is_subrequest()), " internal=", tostring(ngx.req.is_internal()), " ctx=", ngx.ctx.who or "-", " body=", ngx.req.get_body_data() or "-")"#,
+                false,
+            ),
+            ("web", "/web", "access", "ngx.req.set_header('x-from', 'subrequest')", true),
+            (
+                "main",
+                "/main",
+                "content",
+                r#"ngx.ctx.who = "main"
+local a, b, c = ngx.location.capture_multi{
+  {"/api", {args = {x = 1}, ctx = {who = "parent"}}},
+  {"/api?x=2", {method = ngx.HTTP_POST, body = "sent"}},
+  {"/web/page"},
+}
+ngx.print(a.status, " ", a.body, b.status, " ", b.body)
+ngx.say(c.status, " ", c.header["Content-Type"], " ", c.body:find('"path":"/web/page"', 1, true) ~= nil, " ", c.body:find('"X-From":["subrequest"]', 1, true) ~= nil)
+local other = ngx.location.capture("/secret")
+local missing = ngx.location.capture("/nowhere")
+ngx.say(other.status, " ", missing.status, " ctx=", ngx.ctx.who)"#,
+                false,
+            ),
+            (
+                "jump",
+                "/jump",
+                "rewrite",
+                r#"ngx.ctx.who = "jump" ngx.req.read_body() return ngx.exec("/api", {x = "exec"})"#,
+                true,
+            ),
+            ("loop", "/loop", "content", r#"return ngx.exec("/loop")"#, false),
+        ],
+    );
+    // Another namespace's route on the same host: reachable directly, never internally.
+    let other = "---\napiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {name: secret, namespace: u}\nspec:\n  hosts: [in.test]\n  routes:\n  - name: s\n    match: {path: {type: Prefix, value: /secret}}\n    lua:\n      content: ngx.say('secret')\n";
+    let (tidegate, _dir) = start(&format!("{routes}{other}")).await;
+    let answer = get(tidegate.http, "in.test", "/main").await.expect("main");
+    assert_eq!(answer.status, StatusCode::OK, "{:?}", tidegate.logs());
+    assert_eq!(
+        String::from_utf8_lossy(&answer.body),
+        "200 api x=1 GET sub=true internal=true ctx=parent body=-\n\
+         200 api x=2 POST sub=true internal=true ctx=- body=sent\n\
+         200 application/json true true\n\
+         404 404 ctx=main\n"
+    );
+    let direct = get(tidegate.http, "in.test", "/secret").await.expect("secret");
+    assert_eq!(String::from_utf8_lossy(&direct.body), "secret\n");
+
+    let request = Request::post("/jump?ignored=1")
+        .header("host", "in.test")
+        .header("content-length", "4")
+        .body(Body::from("kept"))
+        .expect("request");
+    let jumped = support::H1::connect(tidegate.http).await.expect("connect").send(request).await.expect("jump");
+    assert_eq!(
+        String::from_utf8_lossy(&jumped.body),
+        "api x=exec POST sub=false internal=true ctx=- body=kept\n",
+        "the request goes on at /api with its method and body, a new ngx.ctx, and the query ngx.exec gave"
+    );
+    let looped = get(tidegate.http, "in.test", "/loop").await.expect("loop");
+    assert_eq!(looped.status, StatusCode::INTERNAL_SERVER_ERROR, "an internal redirection cycle ends");
+    assert!(tidegate.logs().iter().any(|l| l.contains("internal redirection cycle")), "and is logged");
+}

@@ -25,7 +25,7 @@
 //! Only what `conformance/README.md` sets aside is "not applicable": systemtap, other nginx
 //! modules as content (echo, memc, redis2, drizzle, srcache), Perl-computed test data, files
 //! from disk, extra nginx `server` blocks, regex `location`s and `proxy_pass` between test
-//! locations. A block the runner or tidegate cannot run for any other reason (a subrequest,
+//! locations. A block the runner or tidegate cannot run for any other reason (a raw socket,
 //! `--- raw_request`, an nginx directive it does not map) counts as failed, with the reason
 //! printed ("cannot run: ...").
 
@@ -47,6 +47,8 @@ use support::{Answer, Body, Tidegate, manifest_dir, write_manifest};
 struct Section {
     modifiers: Vec<String>,
     value: String,
+    /// Written on the section's line (`--- key: value`).
+    inline: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -96,11 +98,13 @@ fn parse_file(text: &str) -> Vec<Block> {
             let mut words = head.split_whitespace();
             let name = words.next().unwrap_or("").to_owned();
             let modifiers = words.map(str::to_owned).collect();
-            let value = inline.map(|v| format!("{v}\n")).unwrap_or_default();
-            section = Some((name, Section { modifiers, value }));
+            // A one-line value (`--- key: value`) has no newline, as in Test::Base.
+            let (value, inline) = inline.map_or((String::new(), false), |v| (v, true));
+            section = Some((name, Section { modifiers, value, inline }));
             continue;
         }
-        if let Some((_, s)) = section.as_mut() {
+        // What follows a one-line value (blank lines, mostly) is not part of it.
+        if let Some((_, s)) = section.as_mut().filter(|(_, s)| !s.inline) {
             s.value.push_str(line);
             s.value.push('\n');
         }
@@ -678,8 +682,6 @@ fn add_handler(location: &mut Location, phase: &str, source: String) -> Result<(
 /// Lua that needs something outside this runtime.
 fn unsupported_lua(source: &str) -> Option<&'static str> {
     let uses = [
-        ("ngx.location.capture", "subrequests (ngx.location.capture)"),
-        ("ngx.exec", "internal redirects (ngx.exec)"),
         ("ngx.req.socket", "cosockets"),
         ("ngx.on_abort", "ngx.on_abort"),
         ("ngx.req.init_body", "streaming request bodies"),
@@ -1323,7 +1325,7 @@ impl Rule {
             return;
         }
         let value = match &self.value {
-            Value::Literal(text) => Section { modifiers: Vec::new(), value: text.clone() },
+            Value::Literal(text) => Section { value: text.clone(), ..Section::default() },
             Value::Copy { before, section, after } => {
                 let Some(from) = block.sections.get(section) else { return };
                 if before.is_empty() && after.is_empty() {
@@ -1333,7 +1335,7 @@ impl Rule {
                     // `config`), it is that section's now.
                     let wrapped = format!("{before}{}{after}\n", from.value);
                     block.sections.remove(section);
-                    Section { modifiers: Vec::new(), value: wrapped }
+                    Section { value: wrapped, ..Section::default() }
                 }
             }
         };
@@ -1528,7 +1530,7 @@ async fn run_file(path: &Path) -> FileReport {
             && section.modifiers.iter().any(|m| m == "eval")
             && let Some(value) = eval_http_config(&section.value, &configs)
         {
-            *section = Section { modifiers: Vec::new(), value };
+            *section = Section { value, ..Section::default() };
         }
         match prepare(&block, &tag) {
             Ok(mut case) => {

@@ -26,6 +26,8 @@ pub(crate) enum ClientBody {
         body: Incoming,
         ended: bool,
     },
+    /// An internal request's body, whole (a subrequest's, or one Lua read before `ngx.exec`).
+    Internal(Option<Bytes>),
 }
 
 impl ClientBody {
@@ -43,6 +45,9 @@ impl Body for ClientBody {
         match self.get_mut() {
             ClientBody::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             ClientBody::Http2 { body, .. } => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            ClientBody::Internal(bytes) => {
+                Poll::Ready(bytes.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b))))
+            }
         }
     }
 
@@ -50,6 +55,7 @@ impl Body for ClientBody {
         match self {
             ClientBody::Http1(body) => body.is_end_stream(),
             ClientBody::Http2 { body, ended } => *ended || body.is_end_stream(),
+            ClientBody::Internal(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
         }
     }
 
@@ -57,6 +63,7 @@ impl Body for ClientBody {
         match self {
             ClientBody::Http1(body) => body.size_hint(),
             ClientBody::Http2 { body, .. } => body.size_hint(),
+            ClientBody::Internal(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }
 }

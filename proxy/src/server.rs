@@ -85,6 +85,7 @@ pub(crate) fn run_worker(
         tracing::debug!(worker = index, "worker started");
         // Later runtimes are taken as requests find them (`Worker::current_runtime`), or within
         // a second by the worker's upkeep.
+        worker.vm.set_subrequests(crate::request::subrequests(&worker));
         worker.adopt_lua(&worker.current_runtime().routing);
         tokio::task::spawn_local(crate::upkeep::run(Rc::clone(&worker)));
         tokio::task::spawn_local(serve_parked(Rc::clone(&worker), serve_http1));

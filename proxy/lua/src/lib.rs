@@ -13,6 +13,7 @@ mod api;
 mod bytecode;
 pub mod clock;
 mod compile;
+pub mod internal;
 mod memory;
 pub mod modules;
 pub mod network;

@@ -154,6 +154,12 @@ pub struct RequestState {
     pub upstream_status: Cell<Option<u16>>,
     pub upstream_response_time: Cell<Option<f64>>,
     pub bytes_sent: Cell<u64>,
+    /// `ngx.exec(uri)` was called: the URI (with its query) the request goes on at.
+    pub exec: RefCell<Option<String>>,
+    /// How many subrequests deep this request is: 0 for a client's (`ngx.is_subrequest`).
+    pub depth: Cell<u8>,
+    /// A subrequest, or a request an internal redirect brought here (`ngx.req.is_internal`).
+    pub internal: Cell<bool>,
 }
 
 impl RequestState {
@@ -189,6 +195,9 @@ impl RequestState {
             upstream_status: Cell::new(None),
             upstream_response_time: Cell::new(None),
             bytes_sent: Cell::new(0),
+            exec: RefCell::new(None),
+            depth: Cell::new(0),
+            internal: Cell::new(false),
             head,
         }
     }

@@ -112,6 +112,9 @@ pub enum Outcome {
     /// `ngx.exit(status)` ended the request (rewrite/access with status ≥ 200; any status in
     /// content).
     Exit(u16),
+    /// `ngx.exec(uri)` (or `ngx.req.set_uri(uri, true)`) ended the request here: it goes on at
+    /// the URI in [`crate::RequestState::exec`], from its routing, with a new `ngx.ctx`.
+    Exec,
     /// A handler failed: the request gets 500 (or is cut if its headers went out).
     Failed { kind: FailureKind, message: String },
 }
@@ -352,7 +355,7 @@ impl Runner {
         loop {
             let ended = request.thread_ended.notified();
             if let Some(status) = request.state.exit.get() {
-                return exit_outcome(request.state.phase.get(), status);
+                return exit_or_exec(&request.state, status);
             }
             if request.remaining_budget(self.cpu_budget).is_none() {
                 return timeout();
@@ -434,7 +437,7 @@ impl Runner {
                 polled
             };
             if let Some(status) = request.state.exit.get() {
-                return Poll::Ready(exit_outcome(request.state.phase.get(), status));
+                return Poll::Ready(exit_or_exec(&request.state, status));
             }
             match polled {
                 Poll::Ready(Ok(v)) => {
@@ -814,6 +817,11 @@ impl Vm {
         self.runner.slicer.uses()
     }
 
+    /// How this worker serves subrequests (`ngx.location.capture`): the proxy's hook.
+    pub fn set_subrequests(&self, hook: crate::internal::Subrequests) {
+        self.lua.set_app_data(crate::internal::Hook(hook));
+    }
+
     /// The worker is stopping: every waiting timer runs now with `premature = true` (once, also
     /// `every` timers), and new timers are refused with `"process exiting"`.
     pub fn stop_timers(&self) {
@@ -880,6 +888,14 @@ fn timeout() -> Outcome {
 
 /// What `ngx.exit(status)` means in a phase: in rewrite and access, a status below 200 (ngx.OK)
 /// only ends the handler; in content, any status ends the response.
+/// How a handler that called `ngx.exit(status)` (or `ngx.exec`) ends its request.
+fn exit_or_exec(state: &crate::request::RequestState, status: u16) -> Outcome {
+    if state.exec.borrow().is_some() {
+        return Outcome::Exec;
+    }
+    exit_outcome(state.phase.get(), status)
+}
+
 fn exit_outcome(phase: Phase, status: u16) -> Outcome {
     match phase {
         Phase::Rewrite | Phase::Access | Phase::HeaderFilter if status < 200 => Outcome::Continue,

@@ -32,6 +32,7 @@ use tidegate_lua::{FailureKind, LuaRequest, Outcome as LuaOutcome, Phase, Reques
 use tidegate_snapshot::Phase as Step;
 
 use super::context::Outcome;
+use super::internal::Internal;
 use super::upstream::{forward, prepare_upstream, rewrite_uri, upstream_body, upstream_headers};
 use crate::body::{BoxError, ClientBody, LocalBody, full};
 use crate::connection::Connection;
@@ -56,6 +57,7 @@ pub(super) async fn serve(
     host: &str,
     mut request: Request<ClientBody>,
     outcome: &mut Outcome,
+    internal: Option<Internal>,
 ) -> Response<LocalBody> {
     let vm = &worker.vm;
     // The HTTP/1 loop gives an upgrade request (and only one) the means to switch.
@@ -81,6 +83,17 @@ pub(super) async fn serve(
     if let Some(budget) = chain.cpu_budget {
         lua.set_cpu_budget(budget);
     }
+    let (depth, redirects) = match internal {
+        Some(internal) => {
+            lua.inherit(internal.inherited, internal.depth);
+            // An internal request's body is there already, as if read.
+            if let ClientBody::Internal(Some(bytes)) = &body {
+                *lua.state.body.borrow_mut() = Some(bytes.clone());
+            }
+            (internal.depth, internal.redirects)
+        }
+        None => (0, 0),
+    };
     worker.note_lua_memory();
     let unread: Rc<RefCell<Option<ClientBody>>> = Rc::new(RefCell::new(Some(body)));
     *lua.body_reader.borrow_mut() = Some(body_reader(Rc::clone(&unread)));
@@ -110,6 +123,23 @@ pub(super) async fn serve(
             LuaOutcome::Continue => {}
             LuaOutcome::Exit(status) => {
                 return filtered(worker, target, chain, &lua, lua_response(&lua, Some(status)), outcome).await;
+            }
+            LuaOutcome::Exec => {
+                let unread = unread.borrow_mut().take();
+                return exec(
+                    worker,
+                    runtime,
+                    conn,
+                    chain,
+                    host,
+                    &lua,
+                    parts.version,
+                    unread,
+                    outcome,
+                    depth,
+                    redirects,
+                )
+                .await;
             }
             LuaOutcome::Failed { kind, message } => {
                 return failed(worker, &target.name, phase, kind, &message, Some(&lua));
@@ -162,12 +192,55 @@ pub(super) async fn serve(
         match vm.run(&lua, Phase::Content, chain.phase(Phase::Content)).await {
             LuaOutcome::Continue => lua_response(&lua, None),
             LuaOutcome::Exit(status) => lua_response(&lua, Some(status)),
+            LuaOutcome::Exec => {
+                let unread = unread.borrow_mut().take();
+                return exec(
+                    worker,
+                    runtime,
+                    conn,
+                    chain,
+                    host,
+                    &lua,
+                    parts.version,
+                    unread,
+                    outcome,
+                    depth,
+                    redirects,
+                )
+                .await;
+            }
             LuaOutcome::Failed { kind, message } => {
                 return failed(worker, &target.name, Phase::Content, kind, &message, Some(&lua));
             }
         }
     };
     filtered(worker, target, chain, &lua, response, outcome).await
+}
+
+/// `ngx.exec`: the request goes on at the URI Lua named, from the route step (boxed: it may
+/// come back here).
+#[allow(clippy::too_many_arguments)]
+async fn exec(
+    worker: &Rc<Worker>,
+    runtime: &Runtime,
+    conn: &Connection,
+    chain: &LuaChain,
+    host: &str,
+    lua: &LuaRequest,
+    version: http::Version,
+    unread: Option<ClientBody>,
+    outcome: &mut Outcome,
+    depth: u8,
+    redirects: u8,
+) -> Response<LocalBody> {
+    let uri = lua.state.exec.borrow_mut().take().unwrap_or_default();
+    let Ok(request) = super::internal::redirected(lua, version, &uri, unread) else {
+        tracing::error!(route = &*lua.state.head.route, "ngx.exec: bad URI \"{uri}\"");
+        return error_response(StatusCode::INTERNAL_SERVER_ERROR);
+    };
+    let namespace = Arc::clone(&chain.namespace);
+    Box::pin(super::internal::redirect(worker, runtime, conn, host, &namespace, request, outcome, depth, redirects))
+        .await
 }
 
 /// Applies header_filter, installs body_filter and log around a response. Handlers of all three
@@ -207,7 +280,8 @@ async fn filtered(
                 *empty.status_mut() = status;
                 return empty;
             }
-            LuaOutcome::Continue => {}
+            // ngx.exec is refused in header_filter.
+            LuaOutcome::Continue | LuaOutcome::Exec => {}
         }
         *response.headers_mut() = std::mem::take(&mut *lua.state.response_headers.borrow_mut());
         if let Ok(status) = StatusCode::from_u16(lua.state.status.get()) {

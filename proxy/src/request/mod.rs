@@ -50,6 +50,7 @@
 
 mod context;
 mod error_page;
+mod internal;
 mod lua;
 mod upstream;
 
@@ -72,6 +73,8 @@ use crate::respond::{as_grpc, error_response, finish_headers, is_grpc, redirect_
 use crate::router::{Match, RequestFacts, Target};
 use crate::runtime::Runtime;
 use crate::worker::Worker;
+
+pub(crate) use internal::subrequests;
 
 pub(crate) async fn handle(
     worker: Rc<Worker>,
@@ -108,7 +111,8 @@ pub(crate) async fn handle(
             let response = match &target.lua {
                 // The Lua steps run the built-in filters of each phase before its handlers.
                 Some(chain) => {
-                    Box::pin(lua::serve(&worker, &runtime, &conn, target, chain, &host, request, &mut outcome)).await
+                    Box::pin(lua::serve(&worker, &runtime, &conn, target, chain, &host, request, &mut outcome, None))
+                        .await
                 }
                 None => {
                     Box::pin(filtered_upstream(&worker, &runtime, &conn, target, &host, request, &mut outcome)).await

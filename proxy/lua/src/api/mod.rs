@@ -6,6 +6,7 @@ pub(crate) mod args;
 mod bit;
 mod codec;
 mod json;
+mod location;
 pub(crate) mod output;
 mod re;
 mod req;
@@ -184,6 +185,7 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
     timer::install(lua, &ngx)?;
     thread::install(lua, &ngx)?;
     socket::install(lua, &ngx)?;
+    location::install(lua, &ngx)?;
     let dict_objects = shared::install(lua, &ngx, &config.shared_dicts)?;
     install_misc(lua, &ngx, config)?;
 

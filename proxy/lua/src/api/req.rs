@@ -105,16 +105,15 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     )?;
     req.raw_set(
         "set_uri",
-        lua.create_function(|_, (uri, jump): (String, Option<bool>)| {
-            let request = current("ngx.req.set_uri")?;
-            if uri.is_empty() {
-                return Err(mlua::Error::runtime("attempt to use zero-length uri"));
+        lua.create_async_function(|_, (uri, jump): (String, Option<bool>)| {
+            let jumped = set_uri(uri, jump == Some(true));
+            async move {
+                if jumped? {
+                    // Never resumed: the request goes on at the new URI.
+                    std::future::pending::<()>().await;
+                }
+                Ok(())
             }
-            if jump == Some(true) {
-                return Err(mlua::Error::runtime("ngx.req.set_uri: jump is not supported (routes are matched once)"));
-            }
-            *request.state.uri.borrow_mut() = uri;
-            Ok(())
         })?,
     )?;
     req.raw_set(
@@ -140,7 +139,7 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                 .unwrap_or_default())
         })?,
     )?;
-    req.raw_set("is_internal", lua.create_function(|_, ()| Ok(false))?)?;
+    req.raw_set("is_internal", lua.create_function(|_, ()| Ok(current("ngx.req.is_internal")?.state.internal.get()))?)?;
     req.raw_set(
         "read_body",
         lua.create_async_function(|_, ()| {
@@ -239,4 +238,29 @@ pub(super) fn decode_args(lua: &Lua, args: &str, max: usize) -> mlua::Result<(Ta
         }
     }
     Ok((table, None))
+}
+
+/// `ngx.req.set_uri`: with `jump`, an internal redirect to the new URI with the request's
+/// query, as nginx's `rewrite ... last` (rewrite phase only); returns whether it jumped.
+fn set_uri(uri: String, jump: bool) -> mlua::Result<bool> {
+    let request = current("ngx.req.set_uri")?;
+    if uri.is_empty() {
+        return Err(mlua::Error::runtime("attempt to use zero-length uri"));
+    }
+    if !jump {
+        *request.state.uri.borrow_mut() = uri;
+        return Ok(false);
+    }
+    let phase = request.state.phase.get();
+    if phase != Phase::Rewrite {
+        return Err(mlua::Error::runtime(format!("API disabled in the context of {}_by_lua* (jump)", phase.name())));
+    }
+    let target = match request.state.args.borrow().as_deref() {
+        Some(args) if !args.is_empty() => format!("{uri}?{args}"),
+        _ => uri.clone(),
+    };
+    *request.state.uri.borrow_mut() = uri;
+    *request.state.exec.borrow_mut() = Some(target);
+    request.state.exit.set(Some(0));
+    Ok(true)
 }

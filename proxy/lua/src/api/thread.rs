@@ -168,6 +168,7 @@ async fn drive(
         Outcome::Continue => Ok(values.unwrap_or_default()),
         // The request's runner sees the exit and ends the request.
         Outcome::Exit(status) => Err(format!("exited with {status}")),
+        Outcome::Exec => Err("ended by ngx.exec".to_owned()),
         Outcome::Failed { kind, message } => {
             tracing::error!(target: "lua", route = &*request.state.head.route, kind = kind.name(), "Lua light thread failed: {message}");
             Err(message)
