@@ -709,3 +709,40 @@ ngx.say(other.status, " ", missing.status, " ctx=", ngx.ctx.who)"#,
     assert_eq!(looped.status, StatusCode::INTERNAL_SERVER_ERROR, "an internal redirection cycle ends");
     assert!(tidegate.logs().iter().any(|l| l.contains("internal redirection cycle")), "and is logged");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_cosockets_talk_to_a_real_udp_server() {
+    // A UDP echo server that answers each datagram in upper case, and one that never answers.
+    let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let echo_port = echo.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        let mut buffer = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buffer).await {
+            let _ = echo.send_to(&buffer[..n].to_ascii_uppercase(), from).await;
+        }
+    });
+    let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let silent_port = silent.local_addr().expect("addr").port();
+    let source = format!(
+        r#"local udp = ngx.socket.udp()
+udp:settimeout(200)
+assert(udp:setpeername("127.0.0.1", {echo_port}))
+assert(udp:send({{"hello ", "udp"}}))
+local first = assert(udp:receive())
+assert(udp:send("again"))
+local second = assert(udp:receive(3))
+ngx.say(first, " ", second, " ", tostring(udp:close()))
+local quiet = ngx.socket.udp()
+quiet:settimeout(100)
+assert(quiet:setpeername("localhost", {silent_port}))
+assert(quiet:send("anyone?"))
+local data, err = quiet:receive()
+ngx.say(tostring(data), " ", err)
+ngx.say(select(2, quiet:close()) == nil, " ", select(2, udp:send("x")))"#
+    );
+    let (tidegate, _dir) = start(&lua_route("udp", "udp.test", None, &[("r", "/", "content", &source, false)])).await;
+    let answer = get(tidegate.http, "udp.test", "/").await.expect("answer");
+    assert_eq!(String::from_utf8_lossy(&answer.body), "HELLO UDP AGA 1\nnil timeout\ntrue closed\n");
+    assert!(tidegate.logs().iter().any(|l| l.contains("lua udp socket read timed out")), "the timeout is logged");
+    drop(silent);
+}

@@ -16,6 +16,7 @@ pub(crate) mod socket;
 pub(crate) mod thread;
 pub(crate) mod time;
 mod timer;
+mod udp;
 mod var;
 
 use std::rc::Rc;

@@ -1,4 +1,4 @@
-//! Cosockets: `ngx.socket.tcp()` and `ngx.socket.connect(host, port)`.
+//! Cosockets: `ngx.socket.tcp()` and `ngx.socket.connect(host, port)` (UDP ones: [`super::udp`]).
 //!
 //! A socket belongs to the worker that created it. Every call that waits (connect, send,
 //! receive) suspends only the calling coroutine, bounded by the socket's timeouts; the worker
@@ -255,7 +255,7 @@ impl TcpSocket {
 }
 
 /// `nil, err[, partial]`.
-fn failure(lua: &Lua, error: &str, partial: Option<&[u8]>) -> mlua::Result<MultiValue> {
+pub(super) fn failure(lua: &Lua, error: &str, partial: Option<&[u8]>) -> mlua::Result<MultiValue> {
     let mut values = vec![Value::Nil, Value::String(lua.create_string(error)?)];
     if let Some(partial) = partial {
         values.push(Value::String(lua.create_string(partial)?));
@@ -263,7 +263,7 @@ fn failure(lua: &Lua, error: &str, partial: Option<&[u8]>) -> mlua::Result<Multi
     Ok(values.into_iter().collect())
 }
 
-fn success(value: Value) -> MultiValue {
+pub(super) fn success(value: Value) -> MultiValue {
     std::iter::once(value).collect()
 }
 
@@ -273,7 +273,7 @@ fn timed_out(what: &str) {
     super::log_line(3, &format!("lua tcp socket {what}"));
 }
 
-fn io_error(error: &io::Error) -> String {
+pub(super) fn io_error(error: &io::Error) -> String {
     match error.kind() {
         io::ErrorKind::ConnectionRefused => "connection refused".into(),
         io::ErrorKind::TimedOut => "timeout".into(),
@@ -285,12 +285,12 @@ fn io_error(error: &io::Error) -> String {
     }
 }
 
-fn milliseconds(ms: Option<f64>) -> Option<Duration> {
+pub(super) fn milliseconds(ms: Option<f64>) -> Option<Duration> {
     ms.filter(|ms| ms.is_finite() && *ms > 0.0).map(|ms| Duration::from_secs_f64(ms / 1000.0))
 }
 
 /// The bytes `send` writes: a string, a number, or an array of those (nested).
-fn flatten(value: &Value, out: &mut Vec<u8>, depth: usize) -> mlua::Result<()> {
+pub(super) fn flatten(value: &Value, out: &mut Vec<u8>, depth: usize) -> mlua::Result<()> {
     match value {
         Value::String(s) => out.extend_from_slice(&s.as_bytes()),
         Value::Integer(i) => out.extend_from_slice(i.to_string().as_bytes()),
@@ -771,5 +771,6 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             }
         })?,
     )?;
+    super::udp::install(lua, &socket)?;
     ngx.raw_set("socket", socket)
 }
