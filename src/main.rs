@@ -20,6 +20,10 @@ struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// What is logged: a level (`info`, `debug`, ...) or per-target directives
+    /// (`info,lua=debug` adds `ngx.log(ngx.DEBUG, ...)` lines). `RUST_LOG`, when set, wins.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -383,7 +387,7 @@ fn proxy_config(args: &ProxyArgs) -> Option<ProxyConfig> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Held until exit: dropping it flushes the log lines still queued.
-    let _log_writer = init_logging(cli.log_format);
+    let _log_writer = init_logging(cli.log_format, &cli.log_level);
     let options = match &cli.command {
         Command::Standalone(StandaloneArgs { translation, .. })
         | Command::Controller(ControllerArgs { translation, .. })
@@ -607,9 +611,13 @@ fn read_inputs(paths: &[PathBuf], options: Options) -> Result<tidegate_controlle
 /// Logs go to stderr through a writer thread: a worker that logs (`ngx.log`, a failing handler)
 /// never blocks on a slow terminal or pipe. When the queue is full, lines are dropped rather
 /// than stalling traffic.
-fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|e| {
+            eprintln!("error: --log-level {level:?}: {e}");
+            std::process::exit(2)
+        });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);

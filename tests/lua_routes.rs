@@ -559,7 +559,7 @@ async fn user_modules_keep_per_worker_state_within_their_namespace() {
     let c = get(tidegate.http, "c.test", "/").await.expect("answer");
     assert_eq!(c.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert!(
-        tidegate.logs().iter().any(|l| l.contains("module 'shop.counter' not found")),
+        tidegate.logged_within("module 'shop.counter' not found", Duration::from_secs(2)),
         "the failure names the module"
     );
     // The module that does not compile is reported with its key and Lua line; the others serve.
@@ -707,7 +707,7 @@ ngx.say(other.status, " ", missing.status, " ctx=", ngx.ctx.who)"#,
     );
     let looped = get(tidegate.http, "in.test", "/loop").await.expect("loop");
     assert_eq!(looped.status, StatusCode::INTERNAL_SERVER_ERROR, "an internal redirection cycle ends");
-    assert!(tidegate.logs().iter().any(|l| l.contains("internal redirection cycle")), "and is logged");
+    assert!(tidegate.logged_within("internal redirection cycle", Duration::from_secs(2)), "and is logged");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -743,6 +743,6 @@ ngx.say(select(2, quiet:close()) == nil, " ", select(2, udp:send("x")))"#
     let (tidegate, _dir) = start(&lua_route("udp", "udp.test", None, &[("r", "/", "content", &source, false)])).await;
     let answer = get(tidegate.http, "udp.test", "/").await.expect("answer");
     assert_eq!(String::from_utf8_lossy(&answer.body), "HELLO UDP AGA 1\nnil timeout\ntrue closed\n");
-    assert!(tidegate.logs().iter().any(|l| l.contains("lua udp socket read timed out")), "the timeout is logged");
+    assert!(tidegate.logged_within("lua udp socket read timed out", Duration::from_secs(2)), "the timeout is logged");
     drop(silent);
 }

@@ -439,6 +439,8 @@ fn parse_config(config: &str, files: &BTreeMap<String, String>) -> Result<Vec<Lo
                 i = open_at + 1;
                 let mut prelude = String::new();
                 let mut rewrite_prelude = String::new();
+                let mut header_prelude = String::new();
+                let mut access_prelude = String::new();
                 loop {
                     // Skip whitespace and comments.
                     while i < chars.len() && (chars[i].is_whitespace() || chars[i] == '#') {
@@ -529,6 +531,28 @@ fn parse_config(config: &str, files: &BTreeMap<String, String>) -> Result<Vec<Lo
                                     location.handlers.push(("content", lua));
                                 }
                             }
+                            // The headers module's `add_header`, as header_filter Lua: for the
+                            // statuses nginx adds it to (any with `always`), never empty.
+                            "add_header" if (2..=3).contains(&args.len()) => {
+                                let statuses = if args.get(2).is_some_and(|a| a == "always") {
+                                    "true"
+                                } else {
+                                    "({[200]=1,[201]=1,[204]=1,[206]=1,[301]=1,[302]=1,[303]=1,[304]=1,[307]=1,[308]=1})[ngx.status]"
+                                };
+                                header_prelude.push_str(&format!(
+                                    "do local v = {} if v ~= \"\" and {statuses} then local h = ngx.header[{name}] if h == nil then ngx.header[{name}] = v elseif type(h) == \"table\" then table.insert(h, v) ngx.header[{name}] = h else ngx.header[{name}] = {{h, v}} end end end\n",
+                                    nginx_value(&args[1]),
+                                    name = lua_string(&args[0]),
+                                ));
+                            }
+                            // ngx_http_auth_request_module: a subrequest decides in the access
+                            // phase (2xx allows, 401 and 403 are the answer, anything else 500).
+                            "auth_request" if args.len() == 1 && args[0] != "off" => {
+                                access_prelude.push_str(&format!(
+                                    "do local r = ngx.location.capture({}) if r.status == 401 or r.status == 403 then return ngx.exit(r.status) elseif r.status < 200 or r.status >= 300 then return ngx.exit(500) end end\n",
+                                    lua_string(&args[0])
+                                ));
+                            }
                             "lua_need_request_body" if args.first().is_some_and(|a| a == "on") => {
                                 rewrite_prelude.push_str("ngx.req.read_body()\n");
                             }
@@ -557,6 +581,18 @@ fn parse_config(config: &str, files: &BTreeMap<String, String>) -> Result<Vec<Lo
                     match location.handlers.iter_mut().find(|(p, _)| *p == "content") {
                         Some((_, source)) => *source = format!("{prelude}{source}"),
                         None => return Err("default_type without a content handler".into()),
+                    }
+                }
+                if !access_prelude.is_empty() {
+                    match location.handlers.iter_mut().find(|(p, _)| *p == "access") {
+                        Some((_, source)) => *source = format!("{access_prelude}{source}"),
+                        None => location.handlers.push(("access", access_prelude)),
+                    }
+                }
+                if !header_prelude.is_empty() {
+                    match location.handlers.iter_mut().find(|(p, _)| *p == "header_filter") {
+                        Some((_, source)) => *source = format!("{header_prelude}{source}"),
+                        None => location.handlers.push(("header_filter", header_prelude)),
                     }
                 }
                 if !rewrite_prelude.is_empty() {
@@ -818,6 +854,10 @@ fn read_http_config(text: &str) -> Result<HttpConfig, Unrunnable> {
             },
             "lua_package_path" | "lua_package_cpath" | "lua_code_cache" => {}
             "server" => return Err(Unrunnable::Inapplicable("extra nginx server blocks".into())),
+            // Upstreams of other nginx modules (drizzle, memc, redis2) serve what they set aside.
+            "upstream" | "upstream_list" if text.contains("drizzle_server") || directive == "upstream_list" => {
+                return Err(Unrunnable::Inapplicable("nginx module upstreams (drizzle, memc)".into()));
+            }
             "upstream" => return Err("nginx upstream blocks (balancer_by_lua*)".into()),
             other => return Err(format!("http_config directive {other}").into()),
         }
@@ -916,6 +956,12 @@ fn manifest(case: &Case, namespace: &str) -> String {
         "---\napiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {{name: t, namespace: {namespace}}}\nspec:\n  hosts: [{}]\n",
         case.host
     );
+    // A block that gives its request a longer time (`--- timeout: 9`) gets it as Lua time too.
+    if let Some(seconds) =
+        case.block.get("timeout").and_then(|t| t.value.trim().trim_end_matches('s').parse::<f64>().ok())
+    {
+        out.push_str(&format!("  cpuBudget: {}ms\n", (seconds * 1000.0).round()));
+    }
     if let Some(init) = &case.init {
         out.push_str(&format!("  init: {}\n", serde_json::to_string(init).unwrap_or_default()));
     }
@@ -970,7 +1016,11 @@ fn request_of(case: &Case) -> Result<Request<Body>, String> {
     let mut parts = line.split_whitespace();
     let method = parts.next().ok_or("empty request")?;
     let uri = parts.next().unwrap_or("/");
-    let mut builder = Request::builder().method(method).uri(uri).header("host", &case.host);
+    let version = match parts.next() {
+        Some("HTTP/1.0") => http::Version::HTTP_10,
+        _ => http::Version::HTTP_11,
+    };
+    let mut builder = Request::builder().method(method).uri(uri).version(version).header("host", &case.host);
     if let Some(headers) = case.block.get("more_headers") {
         let text = if headers.modifiers.iter().any(|m| m == "eval") {
             match perl_values(headers.value.trim())?.into_iter().next() {
@@ -1528,9 +1578,24 @@ async fn run_file(path: &Path) -> FileReport {
         // `--- http_config eval: $::HttpConfig`, and strings joined to it.
         if let Some(section) = block.sections.get_mut("http_config")
             && section.modifiers.iter().any(|m| m == "eval")
-            && let Some(value) = eval_http_config(&section.value, &configs)
         {
-            *section = Section { value, ..Section::default() };
+            // `$::HttpConfig` and the like, or a plain Perl string.
+            let value = eval_http_config(&section.value, &configs).or_else(|| {
+                match perl_values(section.value.trim()).ok().as_deref() {
+                    Some([Expect::Text(text)]) => Some(text.clone()),
+                    // Interpolating Perl globals (`$::LuaCpath`, module search paths): the text
+                    // with those left as they are.
+                    _ => section
+                        .value
+                        .trim()
+                        .strip_prefix('"')
+                        .and_then(|v| v.strip_suffix('"'))
+                        .map(|v| v.replace("\\$", "$").replace("\\\"", "\"")),
+                }
+            });
+            if let Some(value) = value {
+                *section = Section { value, ..Section::default() };
+            }
         }
         match prepare(&block, &tag) {
             Ok(mut case) => {
@@ -1550,7 +1615,9 @@ async fn run_file(path: &Path) -> FileReport {
     }
     write_manifest(dir.path(), "blocks.yaml", &manifests);
     let dir_path = dir.path().to_owned();
-    let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&dir_path, &[])).await.expect("start");
+    let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&dir_path, &["--log-level", "info,lua=debug"]))
+        .await
+        .expect("start");
     for case in cases {
         // The block's namespace: its routes' logs, and its init's.
         let route_prefix = format!("b{}/", case.block.place);
@@ -1735,7 +1802,7 @@ fn main() {
     let _ = writeln!(out, "openresty: {passed} passed, {failed} failed");
     // Floors under what passes now, counted strictly: a regression fails the suite. (The goals
     // are 85% and 90%.)
-    let floors = [("lua-nginx-module", 74.0), ("lua-resty libraries", 90.0)];
+    let floors = [("lua-nginx-module", 84.0), ("lua-resty libraries", 90.0)];
     for (group, floor) in floors {
         if let Some((p, f)) = groups.get(group)
             && !explicit

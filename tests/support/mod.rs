@@ -117,6 +117,21 @@ impl Tidegate {
         self.logs.lock().expect("log lock").clone()
     }
 
+    /// Whether a log line containing `needle` arrives within `limit` (lines reach the log
+    /// reader a little after the response that caused them).
+    pub fn logged_within(&self, needle: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.logs().iter().any(|l| l.contains(needle)) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Lines of level ERROR or WARN whose message contains `needle`.
     pub fn problems_mentioning(&self, needle: &str) -> Vec<String> {
         self.logs()
@@ -310,8 +325,12 @@ pub struct H1 {
 impl H1 {
     pub async fn connect(addr: SocketAddr) -> Result<H1, String> {
         let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-        let (sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+        // No limit on response headers short of what a server may send (hyper's default is 100).
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .max_headers(1000)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });

@@ -143,6 +143,9 @@ pub struct RequestState {
     pub eof: Cell<bool>,
     /// Lua assigned `ngx.header.content_type` (even to nil): no default type is added.
     pub content_type_touched: Cell<bool>,
+    /// `Location` was set through `ngx.header` (not `ngx.redirect`): it goes out as set, not
+    /// made absolute (as lua-nginx-module leaves it out of nginx's redirect handling).
+    pub location_as_set: Cell<bool>,
 
     // Body filter arguments (`ngx.arg[1]`, `ngx.arg[2]`).
     pub arg_chunk: RefCell<Option<Bytes>>,
@@ -188,6 +191,7 @@ impl RequestState {
             abort: Cell::new(false),
             eof: Cell::new(false),
             content_type_touched: Cell::new(false),
+            location_as_set: Cell::new(false),
             arg_chunk: RefCell::new(None),
             arg_eof: Cell::new(false),
             vars: RefCell::new(HashMap::new()),

@@ -371,6 +371,9 @@ impl Filters {
         if self.relative_redirects {
             return;
         }
+        if response.extensions().get::<LocationAsSet>().is_some() {
+            return;
+        }
         let Some(location) = response.headers().get(http::header::LOCATION) else { return };
         if location.as_bytes().first() != Some(&b'/') {
             return;
@@ -505,3 +508,8 @@ impl Filters {
         any.refusal
     }
 }
+
+/// On a response whose `Location` Lua set with `ngx.header`: it goes out as set, not made
+/// absolute, as lua-nginx-module leaves such a header out of nginx's redirect handling.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LocationAsSet;

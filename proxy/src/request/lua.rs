@@ -348,6 +348,9 @@ fn lua_response(lua: &LuaRequest, exit: Option<u16>) -> Response<LocalBody> {
                 response.headers_mut().append(name, value.clone());
             }
         }
+        if state.location_as_set.get() {
+            response.extensions_mut().insert(crate::policy::LocationAsSet);
+        }
         return response;
     }
     let mut headers = std::mem::take(&mut *state.response_headers.borrow_mut());
@@ -362,6 +365,14 @@ fn lua_response(lua: &LuaRequest, exit: Option<u16>) -> Response<LocalBody> {
         *response.headers_mut() = headers;
         return response;
     }
+    // nginx's not_modified filter: a `Last-Modified` later than `If-Unmodified-Since` fails the
+    // precondition.
+    if status.is_success()
+        && let Some(since) = state.headers.borrow().get(header::IF_UNMODIFIED_SINCE).and_then(http_date)
+        && headers.get(header::LAST_MODIFIED).and_then(http_date).is_some_and(|modified| modified > since)
+    {
+        return error_response(StatusCode::PRECONDITION_FAILED);
+    }
     if !state.content_type_touched.get() && !headers.contains_key(header::CONTENT_TYPE) {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     }
@@ -372,18 +383,31 @@ fn lua_response(lua: &LuaRequest, exit: Option<u16>) -> Response<LocalBody> {
             output.truncate(length.min(output.len()));
             full(output)
         }
+        // HTTP/1.0 has no chunks: the output goes with its length, as nginx's
+        // `lua_http10_buffering` sends it (a HEAD's head alone, without one).
+        None if state.head.version == http::Version::HTTP_10 && state.head.method != http::Method::HEAD => {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(output.len()));
+            full(output)
+        }
         // Like nginx, Lua output goes out without a length (chunked) unless Lua declares one.
         None => LocalBody::new(Streamed(Some(output))),
     };
     let mut response = Response::new(body);
     *response.status_mut() = status;
     *response.headers_mut() = headers;
+    if state.location_as_set.get() {
+        response.extensions_mut().insert(crate::policy::LocationAsSet);
+    }
     if let Some(reason) = state.reason.borrow().as_deref()
         && let Ok(reason) = hyper::ext::ReasonPhrase::try_from(reason.as_bytes().to_vec())
     {
         response.extensions_mut().insert(reason);
     }
     response
+}
+
+fn http_date(value: &HeaderValue) -> Option<std::time::SystemTime> {
+    httpdate::parse_http_date(value.to_str().ok()?).ok()
 }
 
 /// A body of known bytes sent as if streamed: no length is announced.

@@ -18,8 +18,11 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     ngx.raw_set(
         "flush",
         lua.create_function(|_, _: Variadic<Value>| {
-            current("ngx.flush")?;
-            Ok(1)
+            let request = current("ngx.flush")?;
+            if header_only(&request.state) {
+                return Ok((None, Some("header only")));
+            }
+            Ok((Some(1), None))
         })?,
     )?;
     ngx.raw_set(
@@ -73,7 +76,21 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         lua.create_function(|lua, (max, raw): (Option<usize>, Option<bool>)| {
             let request = current("ngx.resp.get_headers")?;
             let headers = request.state.response_headers.borrow();
-            headers_table(lua, &headers, max.unwrap_or(100), raw.unwrap_or(false))
+            let max = max.unwrap_or(100);
+            let builtin = builtin_headers(&request.state, &headers);
+            // The built-in ones count first; `max` 0 is no limit.
+            let room = max.saturating_sub(builtin.len());
+            let listed = if max > 0 && room == 0 { &HeaderMap::new() } else { &*headers };
+            let (table, truncated) = headers_table(lua, listed, room, raw.unwrap_or(false))?;
+            let count = builtin.len() + headers.len();
+            for (name, value) in builtin {
+                table.raw_set(name, value)?;
+            }
+            if truncated.is_some() || (max > 0 && count > max) {
+                super::log_line(8, &format!("lua exceeding response header limit {count} > {max}"));
+                return Ok((table, Some("truncated".to_owned())));
+            }
+            Ok((table, None))
         })?,
     )?;
     // `require "ngx.resp"` (lua-resty-core) returns this table too.
@@ -230,6 +247,9 @@ fn emit(api: &str, args: &Variadic<Value>, newline: bool) -> mlua::Result<(Optio
     if request.state.eof.get() {
         return Ok((None, Some("seen eof".into())));
     }
+    if header_only(&request.state) {
+        return Ok((None, Some("header only".into())));
+    }
     // Room for the usual short line and its newline at once: grown from empty, "ok\n" took two
     // allocations.
     let mut out = BytesMut::with_capacity(64);
@@ -348,6 +368,7 @@ fn prepare_redirect(uri: &str, status: i64) -> mlua::Result<()> {
     }
     let location = HeaderValue::from_str(uri).map_err(|_| mlua::Error::runtime("ngx.redirect: invalid URI"))?;
     request.state.response_headers.borrow_mut().insert(http::header::LOCATION, location);
+    request.state.location_as_set.set(false);
     request.state.status.set(status);
     request.state.exit.set(Some(status));
     Ok(())
@@ -470,6 +491,9 @@ fn set_header(name: HeaderNameArg, value: HeaderInput) -> mlua::Result<()> {
     if header == http::header::CONTENT_TYPE {
         request.state.content_type_touched.set(true);
     }
+    if header == http::header::LOCATION {
+        request.state.location_as_set.set(true);
+    }
     if header == http::header::CONTENT_LENGTH && !value.is_length() {
         return Err(mlua::Error::runtime("attempt to set invalid Content-Length"));
     }
@@ -511,6 +535,43 @@ pub(super) fn set_header_input(headers: &mut HeaderMap, name: &HeaderName, value
         }
     }
     Ok(())
+}
+
+/// A HEAD request whose headers went out: output has nowhere to go (`nil, "header only"`).
+fn header_only(state: &crate::request::RequestState) -> bool {
+    state.headers_sent.get() && state.head.method == http::Method::HEAD
+}
+
+/// The headers nginx keeps apart from the list that `ngx.resp.get_headers` reports too:
+/// `connection` always, and once the response head is being sent (header and body filters)
+/// `transfer-encoding: chunked` for a body of unannounced length on HTTP/1.1.
+fn builtin_headers(state: &crate::request::RequestState, headers: &HeaderMap) -> Vec<(&'static str, &'static str)> {
+    let mut builtin = Vec::with_capacity(2);
+    let asks_close = state
+        .headers
+        .borrow()
+        .get(http::header::CONNECTION)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+    let keep_alive = match state.head.version {
+        http::Version::HTTP_10 => state
+            .headers
+            .borrow()
+            .get(http::header::CONNECTION)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"keep-alive")),
+        http::Version::HTTP_11 => !asks_close,
+        _ => true,
+    };
+    builtin.push(("connection", if keep_alive { "keep-alive" } else { "close" }));
+    let filtering = matches!(state.phase.get(), Phase::HeaderFilter | Phase::BodyFilter);
+    if filtering
+        && state.head.version == http::Version::HTTP_11
+        && state.head.method != http::Method::HEAD
+        && !matches!(state.status.get(), 204 | 304)
+        && !headers.contains_key(http::header::CONTENT_LENGTH)
+    {
+        builtin.push(("transfer-encoding", "chunked"));
+    }
+    builtin
 }
 
 /// A header table as `ngx.req.get_headers` and `ngx.resp.get_headers` return it: lower-case
