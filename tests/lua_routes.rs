@@ -746,3 +746,59 @@ ngx.say(select(2, quiet:close()) == nil, " ", select(2, udp:send("x")))"#
     assert!(tidegate.logged_within("lua udp socket read timed out", Duration::from_secs(2)), "the timeout is logged");
     drop(silent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lua_balancer_spreads_requests_over_the_peers_it_picks_and_retries_the_next() {
+    let a = echo("t", "a").await;
+    let b = echo("t", "b").await;
+    // A port nobody listens on: connecting is refused.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let balancer = format!(
+        r#"local balancer = require "ngx.balancer"
+local peers = {{ {{"127.0.0.1", {dead}}}, {{"127.0.0.1", {}}}, {{"127.0.0.1", {}}} }}
+local ctx = ngx.ctx
+if not ctx.tries then
+  ctx.tries = 0
+  assert(balancer.set_more_tries(2))
+  ctx.start = ngx.shared.d:incr("turn", 1, 0)
+end
+local state, status = balancer.get_last_failure()
+if state then ctx.failures = (ctx.failures or "") .. state .. status .. ";" end
+local peer = peers[(ctx.start + ctx.tries) % 3 + 1]
+ctx.tries = ctx.tries + 1
+assert(balancer.set_current_peer(peer[1], peer[2]))"#,
+        a.port(),
+        b.port()
+    );
+    let manifest = format!(
+        "---\napiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {{name: lb, namespace: t}}\nspec:\n  hosts: [lb.test]\n  sharedDicts: [{{name: d, size: 1Mi}}]\n  routes:\n  - name: picked\n    match: {{path: {{type: Prefix, value: /}}}}\n    lua:\n      balancer: {}\n      headerFilter: |\n        ngx.header['x-tries'] = ngx.ctx.tries\n        ngx.header['x-failures'] = ngx.ctx.failures or '-'\n  - name: refused\n    match: {{path: {{type: Prefix, value: /metadata}}}}\n    lua:\n      balancer: |\n        local ok, err = require('ngx.balancer').set_current_peer('169.254.169.254', 80)\n        ngx.ctx.err = err\n",
+        serde_json::to_string(&balancer).expect("json")
+    );
+    let (tidegate, _dir) = start(&manifest).await;
+    let mut served = std::collections::BTreeMap::<String, u32>::new();
+    let mut retried = 0;
+    for _ in 0..30 {
+        let answer = get(tidegate.http, "lb.test", "/x").await.expect("answer");
+        assert_eq!(answer.status, StatusCode::OK, "every request reaches a live peer");
+        *served.entry(answer.served_by()).or_default() += 1;
+        let tries = answer.headers["x-tries"].to_str().expect("tries");
+        let failures = answer.headers["x-failures"].to_str().expect("failures");
+        match tries {
+            "1" => assert_eq!(failures, "-"),
+            // The dead peer was picked first: refused, then the next one answered.
+            "2" => {
+                assert_eq!(failures, "failed502;");
+                retried += 1;
+            }
+            other => panic!("{other} tries"),
+        }
+    }
+    // Turns go round the three peers: a third of the requests start at the dead one, and go
+    // on to the next, a.
+    assert_eq!(retried, 10, "{served:?}");
+    assert_eq!(served.get("a"), Some(&20), "{served:?}");
+    assert_eq!(served.get("b"), Some(&10), "{served:?}");
+    let refused = get(tidegate.http, "lb.test", "/metadata").await.expect("answer");
+    assert_eq!(refused.status, StatusCode::BAD_GATEWAY, "no peer, no backend: 502");
+    assert!(tidegate.logged_within("--lua-socket-deny", Duration::from_secs(2)), "the refused peer is logged");
+}

@@ -125,6 +125,9 @@ pub struct LuaHandlers {
     pub rewrite: Option<String>,
     pub access: Option<String>,
     pub content: Option<String>,
+    /// OpenResty's `balancer_by_lua`: runs for each try of the upstream and picks its peer
+    /// with `ngx.balancer.set_current_peer`; a route with one needs no `backend`.
+    pub balancer: Option<String>,
     pub header_filter: Option<String>,
     pub body_filter: Option<String>,
     pub log: Option<String>,
@@ -788,10 +791,16 @@ pub(crate) fn validate(route: &LuaRoute, status: &mut ObjectStatus) {
                 }
             }
             None => {
-                let content = rule.lua.as_ref().and_then(|l| l.content.as_ref()).is_some()
-                    || route.spec.lua.as_ref().and_then(|l| l.content.as_ref()).is_some();
-                if !content {
-                    status.error(Reason::Invalid, format!("{at}.backend"), "required when no lua.content answers");
+                let has = |pick: fn(&LuaHandlers) -> &Option<String>| {
+                    rule.lua.as_ref().is_some_and(|l| pick(l).is_some())
+                        || route.spec.lua.as_ref().is_some_and(|l| pick(l).is_some())
+                };
+                if !has(|l| &l.content) && !has(|l| &l.balancer) {
+                    status.error(
+                        Reason::Invalid,
+                        format!("{at}.backend"),
+                        "required when no lua.content answers and no lua.balancer picks the peer",
+                    );
                 }
             }
         }
@@ -816,6 +825,7 @@ impl LuaHandlers {
             Phase::Rewrite => self.rewrite.as_deref(),
             Phase::Access => self.access.as_deref(),
             Phase::Content => self.content.as_deref(),
+            Phase::Balancer => self.balancer.as_deref(),
             Phase::HeaderFilter => self.header_filter.as_deref(),
             Phase::BodyFilter => self.body_filter.as_deref(),
             Phase::Log => self.log.as_deref(),

@@ -154,7 +154,7 @@ pub fn compile_path(value: &str) -> Result<regex::Regex, regex::Error> {
 /// The compiled handlers of a route, by phase.
 #[derive(Debug, Default)]
 pub struct LuaChain {
-    phases: [Vec<Arc<Script>>; 6],
+    phases: [Vec<Arc<Script>>; 7],
     pub cpu_budget: Option<Duration>,
     /// Whose `ngx.shared` dictionaries the handlers reach.
     pub namespace: Arc<str>,
@@ -171,6 +171,7 @@ impl LuaChain {
             &handlers.rewrite,
             &handlers.access,
             &handlers.content,
+            &handlers.balancer,
             &handlers.header_filter,
             &handlers.body_filter,
             &handlers.log,

@@ -1389,6 +1389,7 @@ fn lua_annotation(phase: Phase) -> &'static str {
         Phase::Rewrite => "rewrite-by-lua",
         Phase::Access => "access-by-lua",
         Phase::Content => "content-by-lua",
+        Phase::Balancer => "balancer-by-lua",
         Phase::HeaderFilter => "header-filter-by-lua",
         Phase::BodyFilter => "body-filter-by-lua",
         Phase::Log => "log-by-lua",

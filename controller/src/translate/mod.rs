@@ -615,8 +615,8 @@ impl Builder {
         let actions =
             virtual_hosts.iter().flat_map(|v| v.routes.iter().map(|r| &r.action)).chain(self.default_backend.as_ref());
         for lua in actions.filter_map(|a| a.lua.as_ref()) {
-            for list in [&lua.rewrite, &lua.access, &lua.content, &lua.header_filter, &lua.body_filter, &lua.log] {
-                referenced.extend(list.iter().cloned());
+            for phase in Phase::ALL {
+                referenced.extend(lua.phase(phase).iter().cloned());
             }
         }
         referenced.extend(self.lua.scripts().cloned());

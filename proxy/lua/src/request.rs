@@ -18,6 +18,8 @@ pub enum Phase {
     Rewrite,
     Access,
     Content,
+    /// Picks the peer of each try of the upstream (`ngx.balancer`).
+    Balancer,
     HeaderFilter,
     BodyFilter,
     Log,
@@ -30,8 +32,15 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 6] =
-        [Phase::Rewrite, Phase::Access, Phase::Content, Phase::HeaderFilter, Phase::BodyFilter, Phase::Log];
+    pub const ALL: [Phase; 7] = [
+        Phase::Rewrite,
+        Phase::Access,
+        Phase::Content,
+        Phase::Balancer,
+        Phase::HeaderFilter,
+        Phase::BodyFilter,
+        Phase::Log,
+    ];
 
     /// The name `ngx.get_phase()` returns.
     pub fn name(self) -> &'static str {
@@ -39,6 +48,7 @@ impl Phase {
             Phase::Rewrite => "rewrite",
             Phase::Access => "access",
             Phase::Content => "content",
+            Phase::Balancer => "balancer",
             Phase::HeaderFilter => "header_filter",
             Phase::BodyFilter => "body_filter",
             Phase::Log => "log",
@@ -163,6 +173,29 @@ pub struct RequestState {
     pub depth: Cell<u8>,
     /// A subrequest, or a request an internal redirect brought here (`ngx.req.is_internal`).
     pub internal: Cell<bool>,
+    /// What the `balancer` phase decided (`ngx.balancer`), once it has run.
+    pub balancer: RefCell<Option<Box<BalancerState>>>,
+}
+
+/// The `balancer` phase's choices for a request's tries.
+#[derive(Debug, Default)]
+pub struct BalancerState {
+    /// The peer `set_current_peer` chose for the coming try (taken by the proxy).
+    pub peer: Option<SocketAddr>,
+    /// More tries allowed after this one (`set_more_tries`).
+    pub more_tries: u32,
+    /// Tries made so far.
+    pub tries: u32,
+    /// Why the last try failed: `"failed"` (no answer: error, timeout) or `"next"` (an
+    /// answer whose status the route retries), with its status.
+    pub last_failure: Option<(&'static str, Option<u16>)>,
+    /// Connect, send and read timeouts for the tries (`set_timeouts`).
+    pub timeouts: [Option<std::time::Duration>; 3],
+}
+
+impl BalancerState {
+    /// Tries of one request at most, as nginx bounds them.
+    pub const MAX_TRIES: u32 = 100;
 }
 
 impl RequestState {
@@ -202,6 +235,7 @@ impl RequestState {
             exec: RefCell::new(None),
             depth: Cell::new(0),
             internal: Cell::new(false),
+            balancer: RefCell::new(None),
             head,
         }
     }

@@ -28,12 +28,14 @@ pub mod stream;
 /// The steps of a request that route settings attach to, in the order a proxy runs them (see
 /// the proxy's `request` module for each step's contract). Content and the upstream are
 /// alternatives: a route answered by Lua `content` handlers never reaches its backend.
+/// `Balancer` runs within the upstream step, once for each try: it picks the peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Phase {
     Rewrite,
     Access,
     Content,
+    Balancer,
     HeaderFilter,
     BodyFilter,
     Log,
@@ -41,8 +43,15 @@ pub enum Phase {
 
 impl Phase {
     /// Every phase, in the order they run.
-    pub const ALL: [Phase; 6] =
-        [Phase::Rewrite, Phase::Access, Phase::Content, Phase::HeaderFilter, Phase::BodyFilter, Phase::Log];
+    pub const ALL: [Phase; 7] = [
+        Phase::Rewrite,
+        Phase::Access,
+        Phase::Content,
+        Phase::Balancer,
+        Phase::HeaderFilter,
+        Phase::BodyFilter,
+        Phase::Log,
+    ];
 
     /// OpenResty's name: `header_filter`.
     pub fn name(self) -> &'static str {
@@ -50,6 +59,7 @@ impl Phase {
             Phase::Rewrite => "rewrite",
             Phase::Access => "access",
             Phase::Content => "content",
+            Phase::Balancer => "balancer",
             Phase::HeaderFilter => "header_filter",
             Phase::BodyFilter => "body_filter",
             Phase::Log => "log",
@@ -62,6 +72,7 @@ impl Phase {
             Phase::Rewrite => "rewrite",
             Phase::Access => "access",
             Phase::Content => "content",
+            Phase::Balancer => "balancer",
             Phase::HeaderFilter => "headerFilter",
             Phase::BodyFilter => "bodyFilter",
             Phase::Log => "log",
@@ -1281,6 +1292,9 @@ pub struct LuaHandlers {
     pub access: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub content: Vec<String>,
+    /// Picks the peer of each try (`ngx.balancer`), instead of the route's balancer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub balancer: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub header_filter: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -1302,6 +1316,7 @@ impl LuaHandlers {
             Phase::Rewrite => &self.rewrite,
             Phase::Access => &self.access,
             Phase::Content => &self.content,
+            Phase::Balancer => &self.balancer,
             Phase::HeaderFilter => &self.header_filter,
             Phase::BodyFilter => &self.body_filter,
             Phase::Log => &self.log,
@@ -1313,6 +1328,7 @@ impl LuaHandlers {
             Phase::Rewrite => &mut self.rewrite,
             Phase::Access => &mut self.access,
             Phase::Content => &mut self.content,
+            Phase::Balancer => &mut self.balancer,
             Phase::HeaderFilter => &mut self.header_filter,
             Phase::BodyFilter => &mut self.body_filter,
             Phase::Log => &mut self.log,

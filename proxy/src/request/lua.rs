@@ -176,8 +176,22 @@ pub(super) async fn serve(
         // Boxed: a request that Lua answers (or that sleeps first) does not carry the upstream
         // exchange's state.
         let upstream_request = Request::from_parts(parts, body);
-        let mut response =
-            Box::pin(forward(worker, runtime, conn, target, upstream_request, client_upgrade, outcome)).await;
+        let mut response = if chain.phase(Phase::Balancer).is_empty() {
+            Box::pin(forward(worker, runtime, conn, target, upstream_request, client_upgrade, outcome)).await
+        } else {
+            let forwarded = super::balancer::forward(
+                worker,
+                runtime,
+                conn,
+                target,
+                chain,
+                &lua,
+                upstream_request,
+                client_upgrade,
+                outcome,
+            );
+            Box::pin(forwarded).await
+        };
         if let (Some(pages), Some(original)) = (pages, original) {
             let from_upstream = outcome.from_upstream;
             response =
@@ -436,7 +450,7 @@ fn close_connection(status: u16) -> Response<LocalBody> {
 }
 
 /// Logs and counts a Lua failure and answers 500.
-fn failed(
+pub(super) fn failed(
     worker: &Worker,
     route: &str,
     phase: Phase,

@@ -5,7 +5,7 @@
 //! accept ─> route ─> rewrite ─> access ─> content | upstream ─> header_filter ─> body_filter ─> log
 //!            │         │          │           │         │                          │
 //!            │         │          │           │         │                          └─ limit-rate
-//!            │         │          │           │         └─ backend: endpoint, pool, our HTTP/1 client
+//!            │         │          │           │         └─ backend: endpoint (or Lua balancer), pool, client
 //!            │         │          │           └─ Lua content handlers answer instead of a backend
 //!            │         │          └─ limits, IP rules, Basic auth, external auth; then Lua access
 //!            │         └─ client certificate, CORS, redirects; then Lua rewrite
@@ -31,7 +31,8 @@
 //!   (CORS), for the upstream request (an auth service's), places held until the response ends
 //!   (a client's requests in progress).
 //! - **content | upstream**: Lua `content` handlers produce the response, or the request goes to
-//!   the route's backend ([`upstream`]), with the route's own upstream headers
+//!   the route's backend ([`upstream`]), or to the peers Lua `balancer` handlers pick for each
+//!   try ([`balancer`]), with the route's own upstream headers
 //!   (`upstream-vhost`, `x-forwarded-prefix`). Failures become statuses here (502 refused or
 //!   broken, 503 no ready endpoint, 504 timeout, 413 a body cut at the limit), never a dropped
 //!   connection.
@@ -48,6 +49,7 @@
 //! without Lua and without policies goes from route straight to upstream, paying nothing for
 //! the steps it does not use; filters that cannot wait run at once, keeping no state.
 
+mod balancer;
 mod context;
 mod error_page;
 mod internal;

@@ -8,7 +8,7 @@ use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Body;
-use tidegate_snapshot::Balance;
+use tidegate_snapshot::{Balance, Timeouts};
 
 use super::context::Outcome;
 use crate::body::{Capped, ClientBody, IdleTimeout, LocalBody};
@@ -170,6 +170,38 @@ pub(super) async fn forward(
     else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "503 no ready endpoint for this backend\n");
     };
+    let label = || backend.map(ToString::to_string).unwrap_or_default();
+    let mut response =
+        match exchange(worker, conn, target, &mut attempts, upstream_request, timeouts, outcome, label).await {
+            Ok(response) => response,
+            Err(answer) => return answer,
+        };
+    if let Some((session, agent)) = session.as_mut() {
+        let mut request = http::HeaderMap::new();
+        if let Some(agent) = agent.take() {
+            request.insert(header::USER_AGENT, agent);
+        }
+        if let Some(cookie) = session.set_cookie(endpoints, attempts.endpoint(), &request) {
+            response.headers_mut().append(header::SET_COOKIE, cookie);
+        }
+    }
+    finish(response, client_upgrade, timeouts)
+}
+
+/// Sends the request to the endpoints of `attempts`, with what the upstream is told of the
+/// client, and records the exchange in `outcome`: the upstream's response (its `Location`
+/// rewritten as the route says), or the failure answered with its status.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn exchange(
+    worker: &Rc<Worker>,
+    conn: &Connection,
+    target: &Target,
+    attempts: &mut Attempts<'_>,
+    upstream_request: Request<RequestBody>,
+    timeouts: Timeouts,
+    outcome: &mut Outcome,
+    backend: impl FnOnce() -> String,
+) -> Result<Response<crate::upstream::UpstreamBody>, Response<LocalBody>> {
     let sent = Instant::now();
     let client_host = outcome.effects.as_ref().and_then(|e| e.client_host.as_ref());
     let forwarded = match outcome.forwarded.as_deref() {
@@ -184,34 +216,34 @@ pub(super) async fn forward(
         },
         None => crate::headers::Forwarded { host: client_host, ..conn.forwarded() },
     };
-    let result = worker.pool.send(&mut attempts, &target.transport, upstream_request, Some(forwarded), timeouts).await;
+    let result = worker.pool.send(attempts, &target.transport, upstream_request, Some(forwarded), timeouts).await;
     let took = sent.elapsed();
     outcome.upstream_time = Some(took);
     outcome.upstream = Some(attempts.endpoint());
     attempts.finished(result.as_ref().ok().map(|r| (took, r.status().as_u16())));
-    let mut response = match result {
+    match result {
         Ok(mut r) => {
             outcome.from_upstream = true;
             if let Some((from, to)) = &target.action.policies.location_rewrite {
                 rewrite_location(r.headers_mut(), from, to);
             }
-            if let Some((session, agent)) = session.as_mut() {
-                let mut request = http::HeaderMap::new();
-                if let Some(agent) = agent.take() {
-                    request.insert(header::USER_AGENT, agent);
-                }
-                if let Some(cookie) = session.set_cookie(endpoints, attempts.endpoint(), &request) {
-                    r.headers_mut().append(header::SET_COOKIE, cookie);
-                }
-            }
-            r
+            Ok(r)
         }
         Err(e) => {
-            tracing::warn!(backend = %backend.map(ToString::to_string).unwrap_or_default(), error = %e, "upstream request failed");
+            tracing::warn!(backend = %backend(), error = %e, "upstream request failed");
             let status = e.status();
-            return text(status, &format!("{} {}\n", status.as_u16(), status.canonical_reason().unwrap_or("")));
+            Err(text(status, &format!("{} {}\n", status.as_u16(), status.canonical_reason().unwrap_or(""))))
         }
-    };
+    }
+}
+
+/// The upstream's response as the client gets it: a protocol switch tunnelled, the body read
+/// under the read timeout.
+pub(super) fn finish(
+    mut response: Response<crate::upstream::UpstreamBody>,
+    client_upgrade: Option<OnUpgrade>,
+    timeouts: Timeouts,
+) -> Response<LocalBody> {
     // The upstream's hop-by-hop headers stayed out of the response (`wire::parse_response`),
     // but for a protocol switch's.
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {

@@ -4,8 +4,13 @@
 //! client (the response head ends the attempts), and a request that may already have reached
 //! an endpoint goes to another only when its method is idempotent (or `non_idempotent` is
 //! set) and it has no body to send again.
+//!
+//! With Lua `balancer` handlers, Lua picks each endpoint instead ([`PickPeer`]), within the
+//! same rules and the tries it allows (`set_more_tries`).
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use tidegate_snapshot::{Balance, Retry};
@@ -42,10 +47,18 @@ impl Cause {
     }
 }
 
+/// Picks the endpoint of each further try from outside the route's balancer (Lua).
+pub(crate) trait PickPeer {
+    /// The endpoint after the current one failed for `cause`; `None` ends the tries.
+    fn next(&self, cause: Cause) -> Pin<Box<dyn Future<Output = Option<SocketAddr>> + '_>>;
+}
+
 /// The endpoints of one request.
 pub(crate) struct Attempts<'a> {
     /// Where others come from, when the request came through a balancer.
     source: Option<(&'a Endpoints, &'a Balance, &'a Retry)>,
+    /// Who picks the others, when not the route's balancer.
+    picker: Option<(Box<dyn PickPeer + 'a>, &'a Retry)>,
     key: Option<String>,
     current: Option<Pick>,
     address: SocketAddr,
@@ -60,6 +73,7 @@ impl<'a> Attempts<'a> {
     pub(crate) fn one(address: SocketAddr) -> Attempts<'static> {
         Attempts {
             source: None,
+            picker: None,
             key: None,
             current: None,
             address,
@@ -85,6 +99,7 @@ impl<'a> Attempts<'a> {
         };
         Some(Attempts {
             source: Some((endpoints, balance, retry)),
+            picker: None,
             key,
             current: Some(pick),
             address: pick.address,
@@ -99,16 +114,56 @@ impl<'a> Attempts<'a> {
         self.address
     }
 
+    /// `first`, then what `picker` picks, under the route's `retry` rules.
+    pub(crate) fn picked(
+        first: SocketAddr,
+        picker: Box<dyn PickPeer + 'a>,
+        retry: &'a Retry,
+        idempotent: bool,
+    ) -> Attempts<'a> {
+        Attempts {
+            source: None,
+            picker: Some((picker, retry)),
+            key: None,
+            current: None,
+            address: first,
+            tried: Vec::new(),
+            started: (retry.timeout_ms != 0).then(Instant::now),
+            idempotent,
+        }
+    }
+
+    /// [`Attempts::next_after`] a failure, when it is one another endpoint may not have.
+    pub(crate) async fn next_after_error(
+        &mut self,
+        error: &UpstreamError,
+        sent: bool,
+        replayable: bool,
+    ) -> Option<SocketAddr> {
+        match Cause::of(error) {
+            Some(cause) => self.next_after(cause, sent, replayable).await,
+            None => None,
+        }
+    }
+
     /// Another endpoint after the current one failed for `cause`, when the route allows it.
     /// `sent`: the request may have reached the endpoint (it went out, in part or whole);
     /// `replayable`: it can be sent again (it has no body).
-    pub(crate) fn next_after(&mut self, cause: Cause, sent: bool, replayable: bool) -> Option<SocketAddr> {
-        let (endpoints, balance, retry) = self.source?;
-        if let Some(pick) = self.current.take() {
-            // A failure, for the balancer, whatever the cause.
-            endpoints.finished(pick, None);
+    pub(crate) async fn next_after(&mut self, cause: Cause, sent: bool, replayable: bool) -> Option<SocketAddr> {
+        if let Some((picker, retry)) = &self.picker {
+            self.tried.push(self.address);
+            if !self.may_retry(retry, cause, sent, replayable) {
+                return None;
+            }
+            let next = picker.next(cause).await?;
+            self.address = next;
+            return Some(next);
         }
-        self.tried.push(self.address);
+        self.next_balanced(cause, sent, replayable)
+    }
+
+    /// Whether `retry` lets a request that failed for `cause` go on to another endpoint.
+    fn may_retry(&self, retry: &Retry, cause: Cause, sent: bool, replayable: bool) -> bool {
         let allowed = match cause {
             Cause::Error => retry.on_error,
             Cause::Timeout => retry.on_timeout,
@@ -118,7 +173,17 @@ impl<'a> Attempts<'a> {
         let tries = if retry.tries == 0 { usize::MAX } else { usize::try_from(retry.tries).unwrap_or(usize::MAX) };
         let in_time = self.started.is_none_or(|at| at.elapsed() < Duration::from_millis(retry.timeout_ms));
         let resend = !sent || (replayable && (self.idempotent || retry.non_idempotent));
-        if !allowed || !resend || self.tried.len() >= tries || !in_time {
+        allowed && resend && self.tried.len() < tries && in_time
+    }
+
+    fn next_balanced(&mut self, cause: Cause, sent: bool, replayable: bool) -> Option<SocketAddr> {
+        let (endpoints, balance, retry) = self.source?;
+        if let Some(pick) = self.current.take() {
+            // A failure, for the balancer, whatever the cause.
+            endpoints.finished(pick, None);
+        }
+        self.tried.push(self.address);
+        if !self.may_retry(retry, cause, sent, replayable) {
             return None;
         }
         let pick = endpoints.pick(balance, self.key.as_deref(), &self.tried)?;
@@ -129,7 +194,8 @@ impl<'a> Attempts<'a> {
 
     /// Whether an answer with `status` may go on to another endpoint.
     pub(crate) fn retries_status(&self, status: u16) -> bool {
-        self.source.is_some_and(|(_, _, retry)| retry.on_statuses.contains(&status))
+        let retry = self.source.map(|(_, _, retry)| retry).or(self.picker.as_ref().map(|(_, retry)| *retry));
+        retry.is_some_and(|retry| retry.on_statuses.contains(&status))
     }
 
     /// The current attempt answered after `took` with `status` (or failed, `None`): what the

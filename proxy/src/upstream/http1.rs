@@ -77,7 +77,7 @@ pub(super) async fn send(
             Some(conn) => (conn, true),
             None => match transport.connect(endpoint, Duration::from_millis(timeouts.connect_ms)).await {
                 Ok((io, _)) => (UpstreamConn::new(io, endpoint, transport.id).taken(), false),
-                Err(e) => match Cause::of(&e).and_then(|cause| attempts.next_after(cause, false, replayable)) {
+                Err(e) => match attempts.next_after_error(&e, false, replayable).await {
                     // Nothing was sent: another endpoint may have it, whatever its method.
                     Some(next) => {
                         tracing::debug!(%endpoint, error = %e, next = %next, "trying the next endpoint");
@@ -94,7 +94,7 @@ pub(super) async fn send(
             }
             Err(failure) => {
                 let e = failure.into_error(endpoint);
-                match Cause::of(&e).and_then(|cause| attempts.next_after(cause, true, replayable)) {
+                match attempts.next_after_error(&e, true, replayable).await {
                     Some(next) => {
                         tracing::debug!(%endpoint, error = %e, next = %next, "trying the next endpoint");
                         endpoint = next;
@@ -105,7 +105,7 @@ pub(super) async fn send(
             Ok((response, sent_whole)) if attempts.retries_status(response.parts.status.as_u16()) => {
                 let status = response.parts.status.as_u16();
                 // The answer is dropped unread, and its connection with it.
-                match attempts.next_after(Cause::Status(status), true, replayable) {
+                match attempts.next_after(Cause::Status(status), true, replayable).await {
                     Some(next) => {
                         tracing::debug!(%endpoint, status, next = %next, "trying the next endpoint");
                         endpoint = next;

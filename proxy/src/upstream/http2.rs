@@ -29,7 +29,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use tidegate_snapshot::Timeouts;
 
-use super::attempts::{Attempts, Cause};
+use super::attempts::Attempts;
 use super::stream::Io;
 use super::transport::Transport;
 use super::{Pool, RequestBody, UpstreamBody, UpstreamError};
@@ -165,7 +165,7 @@ pub(super) async fn send(
             match opened {
                 Ok(found) => break found,
                 // Nothing was sent: another endpoint may have it.
-                Err(e) => match Cause::of(&e).and_then(|cause| attempts.next_after(cause, false, false)) {
+                Err(e) => match attempts.next_after_error(&e, false, false).await {
                     Some(next) => endpoint = next,
                     None => return Err(e),
                 },

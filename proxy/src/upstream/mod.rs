@@ -41,7 +41,7 @@ use hyper::body::Body;
 use tidegate_snapshot::{Timeouts, UpstreamProtocol};
 
 pub(crate) use affinity::Session;
-pub(crate) use attempts::Attempts;
+pub(crate) use attempts::{Attempts, Cause, PickPeer};
 pub(crate) use balance::{Endpoints, random};
 use body::Http1Body;
 pub(crate) use canary::CanaryRule;

@@ -3,6 +3,7 @@
 //! outside a request they raise an error.
 
 pub(crate) mod args;
+mod balancer;
 mod bit;
 mod codec;
 mod json;
@@ -206,6 +207,7 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
     modules.raw_set("bit", bit::module(lua)?)?;
     modules.raw_set("ngx", ngx.clone())?;
     modules.raw_set("ngx.resp", ngx.raw_get::<Table>("resp")?)?;
+    modules.raw_set("ngx.balancer", balancer::module(lua)?)?;
     // Written in Lua over the cosockets; loaded in the base environment, whose reads it needs.
     base.raw_set("ngx", ngx.clone())?;
     let resty_http: Table =
