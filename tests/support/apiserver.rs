@@ -1003,6 +1003,9 @@ fn watch_response(
         loop {
             tokio::select! {
                 change = live.recv() => match change {
+                    // A stopped server delivers nothing, even on a connection that has not
+                    // seen the stop yet.
+                    Ok(_) if shared.stopped.load(std::sync::atomic::Ordering::SeqCst) => return,
                     Ok(change) if change.version > last => {
                         last = change.version;
                         if filter.matches(&change) && tx.send(filter.line(change.event, &change.object)).await.is_err() {
