@@ -18,6 +18,12 @@
 #   limit-req   a per-client request rate high enough to refuse nothing: the cost of counting
 #               (nginx: limit_req_zone $binary_remote_addr ... limit_req ... nodelay)
 #   ext-auth    external auth answered 200 by the upstream (nginx: auth_request to it)
+#   lua-content a Lua content handler answers "ok" itself (nginx: content_by_lua_block)
+#   subrequest  a Lua content handler answers with the body of a subrequest to a route whose
+#               content handler says "ok" (nginx: ngx.location.capture to an internal
+#               location); minus lua-content, the cost of one subrequest
+#   lua-balancer Lua picks the upstream peer (nginx: balancer_by_lua_block in an upstream with
+#               keepalive 64); minus plain, the cost of the balancer handler
 # The earlier binary runs the scenarios that need no policy (plain, lua, h2, tls-new).
 #
 # Usage: BEFORE=path/to/earlier/tidegate [TIDEGATE_BIN=path] [SCENARIOS="plain h2"] bench/policies.sh [seconds-per-run] [rounds]
@@ -95,6 +101,24 @@ http {
       $PASS
     }
   }
+  server {
+    listen $NGINX; server_name lua-content.bench;
+    location / { content_by_lua_block { ngx.say("ok") } }
+  }
+  server {
+    listen $NGINX; server_name subrequest.bench;
+    location / { content_by_lua_block { local r = ngx.location.capture("/_sub") ngx.print(r.body) } }
+    location = /_sub { internal; content_by_lua_block { ngx.say("ok") } }
+  }
+  upstream lua_backend {
+    server 0.0.0.1;
+    balancer_by_lua_block { require("ngx.balancer").set_current_peer("127.0.0.1", ${UPSTREAM#*:}) }
+    keepalive 64; keepalive_requests 1000000;
+  }
+  server {
+    listen $NGINX; server_name lua-balancer.bench;
+    location / { ${PASS/backend/lua_backend} }
+  }
   server { listen $NGINX; server_name ip-allow.bench; location / { allow 127.0.0.0/8; deny all; $PASS } }
   server { listen $NGINX; server_name basic-auth.bench; location / { auth_basic "bench"; auth_basic_user_file $WORK/htpasswd; $PASS } }
   server { listen $NGINX; server_name limit-req.bench; location / { limit_req zone=bench burst=5000000 nodelay; $PASS } }
@@ -152,6 +176,31 @@ spec:
       ngx.req.set_header("X-Bench", "1")
       ngx.shared.hits:incr("n", 1, 0)
     headerFilter: ngx.header["X-Lua"] = "1"
+---
+apiVersion: tidegate.dev/v1alpha1
+kind: LuaRoute
+metadata: {name: answers, namespace: bench}
+spec:
+  hosts: [lua-content.bench]
+  routes:
+  - {name: ok, match: {path: {type: Prefix, value: /}}, lua: {content: 'ngx.say("ok")'}}
+---
+apiVersion: tidegate.dev/v1alpha1
+kind: LuaRoute
+metadata: {name: subrequests, namespace: bench}
+spec:
+  hosts: [subrequest.bench]
+  routes:
+  - {name: main, match: {path: {type: Prefix, value: /}}, lua: {content: 'local r = ngx.location.capture("/_sub") ngx.print(r.body)'}}
+  - {name: sub, match: {path: {type: Exact, value: /_sub}}, lua: {content: 'ngx.say("ok")'}}
+---
+apiVersion: tidegate.dev/v1alpha1
+kind: LuaRoute
+metadata: {name: balancer, namespace: bench}
+spec:
+  hosts: [lua-balancer.bench]
+  routes:
+  - {name: picked, match: {path: {type: Prefix, value: /}}, lua: {balancer: 'require("ngx.balancer").set_current_peer("127.0.0.1", ${UPSTREAM#*:})'}}
 $(ingress plain)
 $(ingress lua 'tidegate.dev/lua-route: handlers')
 $(ingress ip-allow 'nginx.ingress.kubernetes.io/whitelist-source-range: "127.0.0.0/8"')
@@ -169,7 +218,8 @@ YAML
 python3 - "$WORK/manifests/bench.yaml" "$WORK/before/bench.yaml" <<'PY'
 import sys
 docs = open(sys.argv[1]).read().split("\n---\n")
-keep = [d for d in docs if "nginx.ingress.kubernetes.io" not in d and "kind: Secret" not in d]
+keep = [d for d in docs if "nginx.ingress.kubernetes.io" not in d and "kind: Secret" not in d
+        and "hosts: [" not in d]
 open(sys.argv[2], "w").write("\n---\n".join(keep))
 PY
 
@@ -203,7 +253,9 @@ check() { # address host status
   [ "$got" = "$3" ] || { echo "$2 on $1 answered $got, not $3" >&2; cat "$WORK"/*.err "$WORK"/*.log >&2; exit 1; }
 }
 for target in $TIDEGATE $NGINX; do
-  for scenario in plain lua ip-allow basic-auth limit-req ext-auth; do check "$target" "$scenario.bench" 200; done
+  for scenario in plain lua ip-allow basic-auth limit-req ext-auth lua-content subrequest lua-balancer; do
+    check "$target" "$scenario.bench" 200
+  done
   [ "$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: basic-auth.bench' "http://$target/")" = 401 ] \
     || { echo "basic-auth.bench on $target does not ask for credentials" >&2; exit 1; }
 done
@@ -225,7 +277,7 @@ run_h2() { # address proxy-pids
 
 echo "round,scenario,target,requests,rps,p99_ms,user_us,kernel_us" > "$WORK/rows.csv"
 for round in $(seq "$ROUNDS"); do
-  for scenario in ${SCENARIOS:-plain lua h2 tls-new ip-allow basic-auth limit-req ext-auth}; do
+  for scenario in ${SCENARIOS:-plain lua h2 tls-new ip-allow basic-auth limit-req ext-auth lua-content subrequest lua-balancer}; do
     targets="tidegate nginx"
     case $scenario in plain | lua | h2 | tls-new) [ -n "$BEFORE_PID" ] && targets="before tidegate nginx" ;; esac
     for target in $targets; do
@@ -257,7 +309,8 @@ print("64 connections, 10 streams each); each proxy 2 workers; medians of the ro
 print("(user + kernel) per request; p99 is wrk's (none from h2load).\n")
 print("| scenario | proxy | req/s | p99 ms | proxy CPU µs/request | CPU vs nginx | CPU vs tidegate before |")
 print("|---|---|---|---|---|---|---|")
-for scenario in ["plain", "lua", "h2", "tls-new", "ip-allow", "basic-auth", "limit-req", "ext-auth"]:
+for scenario in ["plain", "lua", "h2", "tls-new", "ip-allow", "basic-auth", "limit-req", "ext-auth",
+                 "lua-content", "subrequest", "lua-balancer"]:
     base = med(scenario, "nginx", cpu)
     before = med(scenario, "before", cpu)
     for target in ["before", "tidegate", "nginx"]:
@@ -268,4 +321,19 @@ for scenario in ["plain", "lua", "h2", "tls-new", "ip-allow", "basic-auth", "lim
         p99 = med(scenario, target, lambda r: float(r["p99_ms"]))
         print(f"| {scenario} | {target} | {med(scenario, target, lambda r: float(r['rps'])):,.0f} | "
               f"{p99:.2f} | {c:.2f} | {c / base:.2f}× | {vs_before} |")
+# What one feature adds to its base scenario, per request.
+increments = [("a subrequest", "subrequest", "lua-content"), ("a Lua balancer handler", "lua-balancer", "plain")]
+lines = []
+for name, scenario, base_scenario in increments:
+    added = {}
+    for target in ["tidegate", "nginx"]:
+        with_it, without = med(scenario, target, cpu), med(base_scenario, target, cpu)
+        if with_it is not None and without is not None:
+            added[target] = with_it - without
+    if len(added) == 2:
+        lines.append(f"| {name} | {scenario} − {base_scenario} | {added['tidegate']:.2f} | {added['nginx']:.2f} |")
+if lines:
+    print("\n| what it adds | scenarios | tidegate µs/request | nginx µs/request |")
+    print("|---|---|---|---|")
+    print("\n".join(lines))
 PY

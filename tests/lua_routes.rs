@@ -802,3 +802,77 @@ assert(balancer.set_current_peer(peer[1], peer[2]))"#,
     assert_eq!(refused.status, StatusCode::BAD_GATEWAY, "no peer, no backend: 502");
     assert!(tidegate.logged_within("--lua-socket-deny", Duration::from_secs(2)), "the refused peer is logged");
 }
+
+/// A plain HTTP server that answers every request with `body`, counting them.
+async fn fixed_http_server(body: String) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&hits);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let body = body.clone();
+            let counted = std::sync::Arc::clone(&counted);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buffer = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let answer =
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (port, hits)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ssl_certificate_handler_serves_a_certificate_it_fetched_over_a_cosocket() {
+    let (cert_pem, key_pem) = support::self_signed(&["auto.test"]);
+    let (port, fetched) = fixed_http_server(format!("{cert_pem}{key_pem}")).await;
+    let handler = format!(
+        r#"local ssl = require "ngx.ssl"
+local name = ssl.server_name()
+local res = assert(require("resty.http").new():request_uri("http://127.0.0.1:{port}/cert?name=" .. name))
+local cert = assert(ssl.parse_pem_cert(res.body))
+local key = assert(ssl.parse_pem_priv_key(res.body))
+assert(ssl.clear_certs())
+assert(ssl.set_cert(cert))
+assert(ssl.set_priv_key(key))
+ngx.log(ngx.INFO, "certificate chosen for ", name, " in phase ", ngx.get_phase())"#
+    );
+    let manifest = format!(
+        "---\napiVersion: tidegate.dev/v1alpha1\nkind: LuaRoute\nmetadata: {{name: auto, namespace: t}}\nspec:\n  hosts: [auto.test]\n  sslCertificate: {}\n  sslCertificateCache: 30s\n  routes:\n  - name: r\n    match: {{path: {{type: Prefix, value: /}}}}\n    lua: {{content: 'ngx.say(\"served over \", ngx.var.scheme)'}}\n",
+        serde_json::to_string(&handler).expect("json")
+    );
+    let (tidegate, _dir) = start(&manifest).await;
+    // A client that trusts only the fetched certificate, checking the name auto.test.
+    let trusting = support::tls_connector(Some(&[cert_pem.as_str()]), &[b"http/1.1"]);
+    let expected = {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).expect("pem").as_ref().to_vec()
+    };
+    for _ in 0..3 {
+        let answer =
+            support::tls_request(&trusting, tidegate.https, "auto.test", support::get_request("auto.test", "/"))
+                .await
+                .expect("a handshake with the certificate Lua chose");
+        assert_eq!(answer.peer_certificate, expected, "the certificate the handler fetched");
+        assert_eq!(String::from_utf8_lossy(&answer.answer.body), "served over https\n");
+    }
+    assert_eq!(fetched.load(std::sync::atomic::Ordering::SeqCst), 1, "fetched once, then served from the cache");
+    assert!(tidegate.logged_within("certificate chosen for auto.test in phase ssl_cert", Duration::from_secs(2)));
+    // Another name is not the handler's: the usual (default) certificate, which the client
+    // does not trust.
+    let other =
+        support::tls_request(&trusting, tidegate.https, "other.test", support::get_request("other.test", "/")).await;
+    assert!(other.is_err(), "other.test gets the default certificate");
+    assert_eq!(fetched.load(std::sync::atomic::Ordering::SeqCst), 1, "the handler did not run for other.test");
+}

@@ -80,6 +80,16 @@ pub struct LuaRouteSpec {
     /// background jobs of the namespace).
     #[serde(default)]
     pub init_worker: Option<String>,
+    /// OpenResty's `ssl_certificate_by_lua`: runs in TLS handshakes for this LuaRoute's hosts
+    /// (which it then needs) and may choose their certificate with `require "ngx.ssl"`; it may
+    /// wait (cosockets), the handshake with it.
+    #[serde(default)]
+    pub ssl_certificate: Option<String>,
+    /// How long a certificate `sslCertificate` chose serves its name before the handler runs
+    /// again (`60s` by default).
+    #[serde(default)]
+    #[schemars(pattern(r"^[0-9]+(ms|s)?$"))]
+    pub ssl_certificate_cache: Option<String>,
     /// Lua time allowed per request (`50ms`, `1s`); the proxy's default when absent.
     #[serde(default)]
     #[schemars(pattern(r"^[0-9]+(ms|s)?$"))]

@@ -40,6 +40,7 @@ mod framing;
 pub mod fuzzing;
 mod headers;
 mod http1;
+mod lua_certificate;
 mod metrics;
 mod passthrough;
 mod policy;
@@ -106,6 +107,8 @@ pub struct ProxyConfig {
 pub(crate) struct Shared {
     pub(crate) runtime: ArcSwap<Runtime>,
     pub(crate) default_certificate: Arc<CertifiedKey>,
+    /// Certificates `ssl_certificate` Lua chose, shared by the workers.
+    pub(crate) lua_chosen: tls::LuaChosen,
     pub(crate) metrics: metrics::Metrics,
     pub(crate) access_log: access_log::AccessLog,
     pub(crate) ready: AtomicBool,
@@ -219,6 +222,7 @@ impl Proxy {
         let shared = Arc::new(Shared {
             runtime: ArcSwap::from_pointee(Runtime::empty()),
             default_certificate: tls::default_certificate().map_err(StartError::DefaultCertificate)?,
+            lua_chosen: tls::LuaChosen::default(),
             metrics: metrics::Metrics::new(workers),
             access_log: access_log::AccessLog::start(config.access_log).map_err(StartError::Thread)?,
             ready: AtomicBool::new(false),

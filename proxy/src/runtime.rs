@@ -60,6 +60,39 @@ pub(crate) struct RoutingState {
     pub(crate) access_log_format: Option<Arc<crate::access_log::LineFormat>>,
     /// Each namespace's Lua modules and module-level code, compiled, for the workers' VMs.
     pub(crate) lua_namespaces: HashMap<String, Arc<tidegate_lua::NamespaceCode>>,
+    /// `ssl_certificate` handlers, compiled, in the snapshot's order.
+    pub(crate) lua_certificates: Vec<LuaCertificateHandler>,
+}
+
+/// A LuaRoute's `sslCertificate` handler, compiled.
+#[derive(Debug)]
+pub(crate) struct LuaCertificateHandler {
+    pub(crate) hosts: Vec<tidegate_snapshot::HostMatch>,
+    pub(crate) namespace: Arc<str>,
+    pub(crate) name: Arc<str>,
+    pub(crate) script: Arc<tidegate_lua::Script>,
+    /// How long what it chose serves the name.
+    pub(crate) cache: std::time::Duration,
+    pub(crate) budget: Option<std::time::Duration>,
+}
+
+impl RoutingState {
+    /// The `ssl_certificate` handler that serves handshakes for `name`, if any: the first whose
+    /// hosts match (exactly, or `*.suffix` for one more label).
+    pub(crate) fn lua_certificate_for(&self, name: &str) -> Option<&LuaCertificateHandler> {
+        use tidegate_snapshot::HostMatch;
+        let name = name.to_ascii_lowercase();
+        self.lua_certificates.iter().find(|handler| {
+            handler.hosts.iter().any(|host| match host {
+                HostMatch::Exact(exact) => *exact == name,
+                HostMatch::Wildcard(suffix) => name
+                    .strip_suffix(suffix.as_str())
+                    .and_then(|front| front.strip_suffix('.'))
+                    .is_some_and(|label| !label.is_empty() && !label.contains('.')),
+                HostMatch::Any => false,
+            })
+        })
+    }
 }
 
 /// The TLS versions clients may use: an index into the server configurations made at start
@@ -135,6 +168,7 @@ impl Runtime {
                 passthrough: HashMap::new(),
                 access_log_format: None,
                 lua_namespaces: HashMap::new(),
+                lua_certificates: Vec::new(),
             }),
             upstreams: Arc::new(Upstreams::default()),
         }
@@ -176,6 +210,21 @@ impl Runtime {
             .hsts
             .as_deref()
             .map(|value| (!value.is_empty()).then(|| http::HeaderValue::from_str(value).ok()).flatten());
+        let lua_certificates: Vec<LuaCertificateHandler> = snapshot
+            .routing
+            .lua_certificates
+            .iter()
+            .filter_map(|c| {
+                Some(LuaCertificateHandler {
+                    hosts: c.hosts.clone(),
+                    namespace: c.namespace.as_str().into(),
+                    name: c.name.as_str().into(),
+                    script: Arc::clone(scripts.get(&c.script)?),
+                    cache: std::time::Duration::from_millis(c.cache_ms),
+                    budget: c.cpu_budget_ms.map(std::time::Duration::from_millis),
+                })
+            })
+            .collect();
         let routing = RoutingState {
             router,
             certificates,
@@ -197,6 +246,7 @@ impl Runtime {
                 .as_ref()
                 .map(|f| Arc::new(crate::access_log::LineFormat::compile(f))),
             lua_namespaces,
+            lua_certificates,
         };
         let runtime = Runtime { version: snapshot.version, routing: Arc::new(routing), upstreams };
         Ok(Built { runtime, warnings, routing_rebuilt: true })

@@ -166,7 +166,7 @@ async fn serve(
                     crate::passthrough::Passed::Done => return,
                 }
             }
-            match Box::pin(handshake(configs, stream, remote)).await {
+            match Box::pin(handshake(&worker, configs, stream, remote)).await {
                 Some(accepted) => accepted,
                 None => return,
             }
@@ -244,11 +244,13 @@ async fn proxy_header(stream: &mut ClientStream) -> Result<Option<SocketAddr>, S
 }
 
 async fn handshake(
+    worker: &Rc<Worker>,
     configs: ServerConfigs,
     stream: ClientStream,
     remote: SocketAddr,
 ) -> Option<(Box<dyn Io>, bool, Option<ClientCertificates>)> {
-    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, crate::tls::accept(&configs, stream)).await {
+    let hook = crate::lua_certificate::Handshake { worker, remote };
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, crate::tls::accept(&configs, stream, &hook)).await {
         Ok(Ok((tls_stream, certificates))) => {
             let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
             Some((Box::new(tls_stream), h2, certificates))

@@ -13,6 +13,7 @@
 //! request for one host over a handshake made for another proves nothing.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::Arc;
 
 use rustls::client::danger::HandshakeSignatureValid;
@@ -165,6 +166,14 @@ pub(crate) struct Resolver {
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let runtime = self.shared.runtime.load();
+        // What an `ssl_certificate` handler chose for the name, while it holds.
+        if !runtime.routing.lua_certificates.is_empty()
+            && let Some(name) = hello.server_name()
+            && let Some(handler) = runtime.routing.lua_certificate_for(name)
+            && let Some(chosen) = self.shared.lua_chosen.get(name, handler.script.id)
+        {
+            return Some(chosen);
+        }
         let certificates = &runtime.routing.certificates;
         let found = hello.server_name().and_then(|name| certificates.find(name)).or(certificates.default_certificate());
         Some(Arc::clone(found.unwrap_or(&self.shared.default_certificate)))
@@ -250,6 +259,67 @@ impl ServerConfigs {
     }
 }
 
+/// Certificates that `ssl_certificate` Lua chose, by server name, each with the handler that
+/// chose it (a changed handler's choices no longer serve) and until when it serves.
+#[derive(Debug, Default)]
+pub(crate) struct LuaChosen {
+    entries: std::sync::Mutex<HashMap<String, Chosen>>,
+}
+
+/// One name's choice: by which handler (its script id), and until when it serves.
+#[derive(Debug)]
+struct Chosen {
+    handler: u64,
+    key: Arc<CertifiedKey>,
+    until: std::time::Instant,
+}
+
+impl LuaChosen {
+    /// At most this many names are held; expired ones go first, then any.
+    const MAX: usize = 10_000;
+
+    pub(crate) fn get(&self, name: &str, handler: u64) -> Option<Arc<CertifiedKey>> {
+        let entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let chosen = entries.get(&name.to_ascii_lowercase())?;
+        (chosen.handler == handler && chosen.until > std::time::Instant::now()).then(|| Arc::clone(&chosen.key))
+    }
+
+    pub(crate) fn put(&self, name: &str, handler: u64, key: Arc<CertifiedKey>, ttl: std::time::Duration) {
+        let now = std::time::Instant::now();
+        let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if entries.len() >= Self::MAX {
+            entries.retain(|_, chosen| chosen.until > now);
+            if entries.len() >= Self::MAX {
+                entries.clear();
+            }
+        }
+        entries.insert(name.to_ascii_lowercase(), Chosen { handler, key, until: now + ttl });
+    }
+}
+
+/// What runs during a handshake before its certificate is chosen: the `ssl_certificate` Lua
+/// of the name's handler, when there is one and nothing it chose still holds.
+pub(crate) trait CertificateHook {
+    /// Runs the handler for `name` (it may wait); `Err` fails the handshake.
+    fn choose<'a>(&'a self, name: &'a str) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + 'a>>;
+}
+
+/// A certificate chain and private key (DER) as `ssl_certificate` Lua set them, checked.
+pub(crate) fn certified_from_der(chain: Vec<Vec<u8>>, key: Vec<u8>) -> Result<Arc<CertifiedKey>, String> {
+    let chain: Vec<CertificateDer<'static>> = chain.into_iter().map(CertificateDer::from).collect();
+    let signing_key = [
+        PrivateKeyDer::Pkcs8(key.clone().into()),
+        PrivateKeyDer::Pkcs1(key.clone().into()),
+        PrivateKeyDer::Sec1(key.into()),
+    ]
+    .iter()
+    .find_map(|key| any_supported_type(key).ok())
+    .ok_or("the private key is not a supported key")?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    certified.keys_match().map_err(|e| format!("the certificate does not match its key: {e}"))?;
+    Ok(Arc::new(certified))
+}
+
 /// The client certificate chain a handshake received, end entity first.
 pub(crate) type ClientCertificates = Arc<Vec<CertificateDer<'static>>>;
 
@@ -258,11 +328,17 @@ pub(crate) type ClientCertificates = Arc<Vec<CertificateDer<'static>>>;
 pub(crate) async fn accept<IO>(
     configs: &ServerConfigs,
     io: IO,
+    hook: &dyn CertificateHook,
 ) -> std::io::Result<(tokio_rustls::server::TlsStream<IO>, Option<ClientCertificates>)>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
+    if !configs.shared.runtime.load().routing.lua_certificates.is_empty()
+        && let Some(name) = start.client_hello().server_name().map(str::to_owned)
+    {
+        hook.choose(&name).await.map_err(std::io::Error::other)?;
+    }
     let runtime = configs.shared.runtime.load();
     let asks = runtime.routing.certificates.asks_client_certificate(start.client_hello().server_name());
     let versions = runtime.routing.client_tls_versions as usize;

@@ -59,7 +59,19 @@ pub(super) fn validate(route: &LuaRoute, status: &mut ObjectStatus) -> Validity 
             fields.push((format!("spec.routes[{i}].lua"), lua));
         }
     }
-    for (field, source) in [("spec.init", &route.spec.init), ("spec.initWorker", &route.spec.init_worker)] {
+    if route.spec.ssl_certificate.is_some() && route.spec.hosts.is_empty() {
+        status.error(Reason::Invalid, "spec.sslCertificate", "needs spec.hosts: the names whose handshakes it serves");
+    }
+    if let Some(cache) = &route.spec.ssl_certificate_cache
+        && let Err(e) = luaroute::parse_duration_ms(cache)
+    {
+        status.error(Reason::Invalid, "spec.sslCertificateCache", e);
+    }
+    for (field, source) in [
+        ("spec.init", &route.spec.init),
+        ("spec.initWorker", &route.spec.init_worker),
+        ("spec.sslCertificate", &route.spec.ssl_certificate),
+    ] {
         if let Some(source) = source
             && let Err(e) = tidegate_lua::check(source)
         {
@@ -220,6 +232,19 @@ pub(super) fn translate(
     if let (Some(init_worker), None) = (&spec.init_worker, misconfigured) {
         let id = out.script(&script_name(namespace, name, "spec.initWorker"), init_worker);
         out.lua.add_init_worker(namespace, id);
+    }
+    if let (Some(source), None, false) = (&spec.ssl_certificate, misconfigured, spec.hosts.is_empty()) {
+        let script = out.script(&script_name(namespace, name, "spec.sslCertificate"), source);
+        let cache_ms =
+            spec.ssl_certificate_cache.as_deref().and_then(|c| luaroute::parse_duration_ms(c).ok()).unwrap_or(60_000);
+        out.lua_certificates.push(tidegate_snapshot::LuaCertificate {
+            hosts: hosts.clone(),
+            namespace: namespace.to_owned(),
+            name: format!("{namespace}/{name}"),
+            script,
+            cache_ms,
+            cpu_budget_ms,
+        });
     }
 
     if let Some(tls) = &spec.tls {

@@ -343,6 +343,8 @@ struct Builder {
     passthrough: BTreeMap<String, (BackendId, ObjectRef)>,
     /// Each namespace's Lua modules and module-level code.
     lua: lua_modules::Namespaces,
+    /// LuaRoutes' `sslCertificate` handlers, in object order.
+    lua_certificates: Vec<tidegate_snapshot::LuaCertificate>,
 }
 
 /// The hosts whose paths match as regular expressions. As in ingress-nginx, once any Ingress
@@ -620,6 +622,7 @@ impl Builder {
             }
         }
         referenced.extend(self.lua.scripts().cloned());
+        referenced.extend(self.lua_certificates.iter().map(|c| c.script.clone()));
         let scripts = self.scripts.into_values().filter(|s| referenced.contains(&s.id)).collect();
         Snapshot {
             version: 0,
@@ -635,6 +638,7 @@ impl Builder {
                     .map(|((namespace, name), (size, _))| tidegate_snapshot::SharedDict { namespace, name, size })
                     .collect(),
                 lua_namespaces: self.lua.finish(),
+                lua_certificates: self.lua_certificates,
                 default_certificate,
                 client_address: tidegate_snapshot::ClientAddress::default(),
                 hsts: None,

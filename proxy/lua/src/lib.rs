@@ -25,7 +25,7 @@ mod vm;
 pub use api::output::join_output;
 pub use compile::{CompileError, Script, check, compile};
 pub use modules::NamespaceCode;
-pub use request::{BalancerState, Phase, RequestHead, RequestId, RequestState};
+pub use request::{BalancerState, Phase, RequestHead, RequestId, RequestState, SslState};
 pub use shdict::{DictStats, SharedDicts};
 pub use slice::NamespaceLuaUse;
 pub use vm::{BodyReader, FailureKind, InitWorker, LuaConfig, LuaRequest, Outcome, Vm};

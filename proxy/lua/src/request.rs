@@ -29,6 +29,8 @@ pub enum Phase {
     Init,
     /// What a worker runs for each new version of a namespace's Lua, without a request.
     InitWorker,
+    /// Chooses a TLS handshake's certificate (`ngx.ssl`), before any request.
+    SslCertificate,
 }
 
 impl Phase {
@@ -55,6 +57,7 @@ impl Phase {
             Phase::Timer => "timer",
             Phase::Init => "init",
             Phase::InitWorker => "init_worker",
+            Phase::SslCertificate => "ssl_cert",
         }
     }
 
@@ -66,8 +69,16 @@ impl Phase {
 
 /// Phases whose handlers may wait (sleep, cosockets). Unlike OpenResty, that includes
 /// header_filter, body_filter and log.
-pub(crate) const WAITING_PHASES: &[Phase] =
-    &[Phase::Rewrite, Phase::Access, Phase::Content, Phase::HeaderFilter, Phase::BodyFilter, Phase::Log, Phase::Timer];
+pub(crate) const WAITING_PHASES: &[Phase] = &[
+    Phase::Rewrite,
+    Phase::Access,
+    Phase::Content,
+    Phase::HeaderFilter,
+    Phase::BodyFilter,
+    Phase::Log,
+    Phase::Timer,
+    Phase::SslCertificate,
+];
 
 /// The client request as Lua first sees it.
 #[derive(Debug, Clone)]
@@ -175,6 +186,21 @@ pub struct RequestState {
     pub internal: Cell<bool>,
     /// What the `balancer` phase decided (`ngx.balancer`), once it has run.
     pub balancer: RefCell<Option<Box<BalancerState>>>,
+    /// The handshake an `ssl_certificate` handler serves, and what it chose (`ngx.ssl`).
+    pub ssl: RefCell<Option<Box<SslState>>>,
+}
+
+/// A handshake as the `ssl_certificate` phase sees it, and the certificate it sets.
+#[derive(Debug, Default)]
+pub struct SslState {
+    /// The name the client asked for (SNI).
+    pub server_name: Option<String>,
+    /// `clear_certs` was called: without a new certificate, the handshake fails.
+    pub cleared: bool,
+    /// The chain set, end entity first, as DER.
+    pub chain: Option<Vec<Vec<u8>>>,
+    /// The private key set, as DER (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<Vec<u8>>,
 }
 
 /// The `balancer` phase's choices for a request's tries.
@@ -236,6 +262,7 @@ impl RequestState {
             depth: Cell::new(0),
             internal: Cell::new(false),
             balancer: RefCell::new(None),
+            ssl: RefCell::new(None),
             head,
         }
     }

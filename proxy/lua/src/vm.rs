@@ -684,6 +684,48 @@ impl Vm {
         Outcome::Continue
     }
 
+    /// Runs an `ssl_certificate` handler for a handshake asking for `server_name` (with the
+    /// request CPU budget, or `budget`), in its namespace's globals; returns what it chose
+    /// (`None`: it chose nothing, the usual certificate serves). `Err` fails the handshake: the
+    /// handler failed, or ended it with `ngx.exit(ngx.ERROR)`.
+    pub async fn ssl_certificate(
+        &self,
+        namespace: Arc<str>,
+        route: Arc<str>,
+        script: &Arc<Script>,
+        server_name: &str,
+        remote: std::net::SocketAddr,
+        budget: Option<Duration>,
+    ) -> Result<Option<Box<crate::request::SslState>>, String> {
+        let head = RequestHead {
+            method: http::Method::GET,
+            request_uri: "/".into(),
+            version: http::Version::HTTP_11,
+            remote,
+            server_port: 0,
+            https: true,
+            host: server_name.to_owned(),
+            route,
+            namespace,
+            request_id: None,
+        };
+        let request = self.begin(head, HeaderMap::new()).map_err(|e| e.to_string())?;
+        if let Some(budget) = budget {
+            request.set_cpu_budget(budget);
+        }
+        *request.state.ssl.borrow_mut() = Some(Box::new(crate::request::SslState {
+            server_name: Some(server_name.to_owned()),
+            ..Default::default()
+        }));
+        match self.run(&request, Phase::SslCertificate, std::slice::from_ref(script)).await {
+            Outcome::Failed { message, .. } => Err(message),
+            _ if request.state.abort.get() => Err("the handshake was ended by ngx.exit".into()),
+            _ => {
+                Ok(request.state.ssl.borrow_mut().take().filter(|s| s.cleared || s.chain.is_some() || s.key.is_some()))
+            }
+        }
+    }
+
     /// Runs one chunk of a namespace's module-level code to its end, in `globals`, as its own
     /// run: with the CPU budget of a request, and the VM's memory limit.
     fn run_init(&self, namespace: &Arc<str>, chunk: &Function, globals: &Table) -> Result<(), String> {

@@ -154,6 +154,10 @@ pub struct Routing {
     /// sorted by namespace; [`CLUSTER_WIDE`] holds what every namespace may `require`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lua_namespaces: Vec<LuaNamespace>,
+    /// `ssl_certificate` handlers: Lua that chooses the certificate of handshakes for its hosts,
+    /// in the order of the objects that declare them (the first whose hosts match serves).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lua_certificates: Vec<LuaCertificate>,
     /// The certificate (by [`Certificate::id`]) for names no virtual host claims; the proxy's
     /// self-signed one when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -390,6 +394,24 @@ pub struct LuaNamespace {
     /// each new version, after `init`, where it may start timers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub init_worker: Vec<String>,
+}
+
+/// A LuaRoute's `sslCertificate` handler (OpenResty's `ssl_certificate_by_lua`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LuaCertificate {
+    /// The names whose handshakes it serves: its LuaRoute's hosts.
+    pub hosts: Vec<HostMatch>,
+    pub namespace: String,
+    /// `namespace/name` of its LuaRoute, for logs.
+    pub name: String,
+    /// Its source, by [`LuaScript::id`].
+    pub script: String,
+    /// How long a certificate it chose serves its name before it runs again.
+    pub cache_ms: u64,
+    /// Lua time allowed per handshake; the proxy's request budget when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_budget_ms: Option<u64>,
 }
 
 /// A module `require "NAME"` loads.
@@ -1842,6 +1864,14 @@ mod tests {
                     modules: vec![LuaModule { name: "resty.redis".into(), script: "abc".into() }],
                     init: vec!["abc".into()],
                     init_worker: vec!["abc".into()],
+                }],
+                lua_certificates: vec![LuaCertificate {
+                    hosts: vec![HostMatch::Exact("shop.example.com".into())],
+                    namespace: "shop".into(),
+                    name: "shop/auto".into(),
+                    script: "certs".into(),
+                    cache_ms: 60_000,
+                    cpu_budget_ms: Some(200),
                 }],
                 default_certificate: Some("shop/tls".into()),
                 hsts: Some("max-age=31536000; includeSubDomains".into()),

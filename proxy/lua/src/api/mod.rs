@@ -14,6 +14,7 @@ mod req;
 mod resty;
 pub(crate) mod shared;
 pub(crate) mod socket;
+mod ssl;
 pub(crate) mod thread;
 pub(crate) mod time;
 mod timer;
@@ -208,6 +209,7 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
     modules.raw_set("ngx", ngx.clone())?;
     modules.raw_set("ngx.resp", ngx.raw_get::<Table>("resp")?)?;
     modules.raw_set("ngx.balancer", balancer::module(lua)?)?;
+    modules.raw_set("ngx.ssl", ssl::module(lua)?)?;
     // Written in Lua over the cosockets; loaded in the base environment, whose reads it needs.
     base.raw_set("ngx", ngx.clone())?;
     let resty_http: Table =

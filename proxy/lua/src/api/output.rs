@@ -315,7 +315,7 @@ fn prepare_exit(status: i64) -> mlua::Result<()> {
     require_phase(
         &request,
         "ngx.exit",
-        &[Phase::Rewrite, Phase::Access, Phase::Content, Phase::HeaderFilter, Phase::Timer],
+        &[Phase::Rewrite, Phase::Access, Phase::Content, Phase::HeaderFilter, Phase::Timer, Phase::SslCertificate],
     )?;
     if status == -2 || status == -4 {
         return Err(mlua::Error::runtime("bad argument to 'ngx.exit': does not accept NGX_AGAIN or NGX_DONE"));
