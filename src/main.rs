@@ -240,6 +240,11 @@ struct ProxyArgs {
     /// the Kubernetes API server's and the nodes' ranges when tenants write Lua.
     #[arg(long, value_name = "CIDR", default_values = ["169.254.0.0/16", "fe80::/10"])]
     lua_socket_deny: Vec<tidegate_proxy::Network>,
+    /// Begin `ngx.log` and `print` lines as OpenResty does, `[lua] <source>:<line>: <message>`
+    /// (the source is the LuaRoute field or module), for log parsing written for OpenResty; the
+    /// structured fields (route, phase, request id) stay.
+    #[arg(long)]
+    lua_openresty_log_lines: bool,
     /// Streams one HTTP/2 client connection may have open at once (100, as Envoy's edge
     /// guidance advises).
     #[arg(long, default_value_t = 100)]
@@ -266,6 +271,7 @@ impl ProxyArgs {
             lua_memory_limit: self.lua_memory_limit_mb << 20,
             lua_tls_roots: std::sync::Arc::new(roots),
             lua_socket_deny: std::sync::Arc::new(self.lua_socket_deny.clone()),
+            lua_openresty_log_lines: self.lua_openresty_log_lines,
             http2_max_concurrent_streams: self.http2_max_concurrent_streams,
             dns_servers: self.dns_server.clone(),
         })

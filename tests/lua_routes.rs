@@ -876,3 +876,28 @@ ngx.log(ngx.INFO, "certificate chosen for ", name, " in phase ", ngx.get_phase()
     assert!(other.is_err(), "other.test gets the default certificate");
     assert_eq!(fetched.load(std::sync::atomic::Ordering::SeqCst), 1, "the handler did not run for other.test");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ngx_log_lines_take_openrestys_shape_when_asked() {
+    let dir = manifest_dir();
+    let source = "local x = 1\nngx.log(ngx.WARN, \"seen \", x)\nprint(\"printed\")\nngx.say(\"ok\")";
+    write_manifest(
+        dir.path(),
+        "all.yaml",
+        &lua_route("logs", "logs.test", None, &[("r", "/", "content", source, false)]),
+    );
+    let path = dir.path().to_owned();
+    let tidegate = tokio::task::spawn_blocking(move || Tidegate::start(&path, &["--lua-openresty-log-lines"]))
+        .await
+        .expect("start");
+    let answer = get(tidegate.http, "logs.test", "/").await.expect("answer");
+    assert_eq!(String::from_utf8_lossy(&answer.body), "ok\n");
+    for line in [
+        "[lua] LuaRoute t/logs spec.routes[0].lua.content:2: seen 1",
+        "[lua] LuaRoute t/logs spec.routes[0].lua.content:3: printed",
+    ] {
+        assert!(tidegate.logged_within(line, Duration::from_secs(2)), "{line:?} in {:?}", tidegate.logs());
+    }
+    // The structured fields stay.
+    assert!(tidegate.logs().iter().any(|l| l.contains("seen 1") && l.contains("\"route\":\"t/logs/r\"")));
+}

@@ -95,6 +95,8 @@ pub struct ProxyConfig {
     pub lua_tls_roots: Arc<rustls::RootCertStore>,
     /// Address ranges Lua cosockets may not connect to.
     pub lua_socket_deny: Arc<Vec<tidegate_lua::network::Network>>,
+    /// `ngx.log` lines begin as OpenResty's (`[lua] <source>:<line>: `).
+    pub lua_openresty_log_lines: bool,
     /// Streams one HTTP/2 client connection may have open at once
     /// (`SETTINGS_MAX_CONCURRENT_STREAMS`).
     pub http2_max_concurrent_streams: u32,
@@ -242,6 +244,7 @@ impl Proxy {
                 max_pending_timers: 1024,
                 tls_roots: Arc::clone(&config.lua_tls_roots),
                 socket_deny: Arc::clone(&config.lua_socket_deny),
+                openresty_log_lines: config.lua_openresty_log_lines,
             },
             lua_memory: (0..workers).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
             http2_max_concurrent_streams: config.http2_max_concurrent_streams.max(1),

@@ -66,6 +66,8 @@ pub struct LuaConfig {
     pub tls_roots: Arc<rustls::RootCertStore>,
     /// Addresses cosockets refuse to connect to (see [`crate::network`]).
     pub socket_deny: Arc<Vec<crate::network::Network>>,
+    /// `ngx.log` and `print` lines begin as OpenResty's do: `[lua] <source>:<line>: `.
+    pub openresty_log_lines: bool,
 }
 
 impl Default for LuaConfig {
@@ -79,6 +81,7 @@ impl Default for LuaConfig {
             max_pending_timers: 1024,
             tls_roots: Arc::new(rustls::RootCertStore::empty()),
             socket_deny: Arc::new(crate::network::Network::default_denied()),
+            openresty_log_lines: false,
         }
     }
 }

@@ -173,6 +173,9 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
     base.raw_set("loadstring", loadstring.clone())?;
     base.raw_set("load", loadstring)?;
 
+    if config.openresty_log_lines {
+        lua.set_app_data(OpenRestyLogLines);
+    }
     wrap_pcall(lua, base)?;
     interruptible_sort(lua, base)?;
     wrap_coroutines(lua, base)?;
@@ -192,9 +195,10 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
     let dict_objects = shared::install(lua, &ngx, &config.shared_dicts)?;
     install_misc(lua, &ngx, config)?;
 
-    let print = lua.create_function(|_, args: Variadic<Value>| {
+    let print = lua.create_function(|lua, args: Variadic<Value>| {
         // print is ngx.log(ngx.NOTICE, ...): arguments are concatenated.
-        let text: String = args.iter().map(display).collect();
+        let mut text = caller_prefix(lua);
+        text.extend(args.iter().map(display));
         log_line(6, &text);
         Ok(())
     })?;
@@ -500,7 +504,7 @@ fn install_misc(lua: &Lua, ngx: &Table, config: &LuaConfig) -> mlua::Result<()> 
     ngx.raw_set(
         "log",
         lua.create_function(|lua, (level, args): (i64, Variadic<Value>)| {
-            let mut text = String::new();
+            let mut text = caller_prefix(lua);
             for (i, value) in args.iter().enumerate() {
                 match value {
                     Value::Table(t)
@@ -551,6 +555,22 @@ fn display_with_tostring(lua: &Lua, value: &Value) -> String {
         return s;
     }
     display(value)
+}
+
+/// Whether `ngx.log` lines begin as OpenResty's (`LuaConfig::openresty_log_lines`).
+pub(crate) struct OpenRestyLogLines;
+
+/// `[lua] <source>:<line>: ` of the Lua that called, when lines take OpenResty's shape; empty
+/// otherwise.
+fn caller_prefix(lua: &Lua) -> String {
+    if lua.app_data_ref::<OpenRestyLogLines>().is_none() {
+        return String::new();
+    }
+    lua.inspect_stack(1, |debug| {
+        let source = debug.source().short_src.map(|s| s.into_owned()).unwrap_or_default();
+        format!("[lua] {source}:{}: ", debug.current_line().unwrap_or(0))
+    })
+    .unwrap_or_else(|| "[lua] ?: ".to_owned())
 }
 
 /// Writes an `ngx.log` line into our logs, with the request it belongs to.
