@@ -1554,3 +1554,35 @@ fn resty_libraries_built_in_run_unchanged() {
          0 table\n"
     );
 }
+
+#[test]
+fn a_semaphore_hands_resources_between_a_request_and_its_timer() {
+    let vm = vm();
+    let (outcome, request) = run(
+        &vm,
+        Phase::Content,
+        r#"
+        local semaphore = require "ngx.semaphore"
+        local sema = assert(semaphore.new(0))
+        ngx.say("count ", sema:count())
+        local ok, err = sema:wait(0)
+        ngx.say("no wait: ", tostring(ok), " ", err)
+        assert(ngx.timer.at(0.02, function() sema:post(2) end))
+        local started = ngx.now()
+        ngx.update_time()
+        ok, err = sema:wait(1)
+        ngx.say("posted: ", tostring(ok), " ", tostring(err))
+        ngx.say("left ", sema:count())
+        ok, err = sema:wait(0.02)
+        ngx.say("again: ", tostring(ok))
+        ok, err = sema:wait(0.02)
+        ngx.say("timed out: ", tostring(ok), " ", err)
+        ngx.say(require("ngx.process").type())
+        "#,
+    );
+    assert_eq!(outcome, Outcome::Continue);
+    assert_eq!(
+        output(&request),
+        "count 0\nno wait: nil timeout\nposted: true nil\nleft 1\nagain: true\ntimed out: nil timeout\nworker\n"
+    );
+}

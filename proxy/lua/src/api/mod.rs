@@ -12,6 +12,7 @@ pub(crate) mod output;
 mod re;
 mod req;
 mod resty;
+mod semaphore;
 pub(crate) mod shared;
 pub(crate) mod socket;
 mod ssl;
@@ -214,6 +215,8 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
     modules.raw_set("ngx.resp", ngx.raw_get::<Table>("resp")?)?;
     modules.raw_set("ngx.balancer", balancer::module(lua)?)?;
     modules.raw_set("ngx.ssl", ssl::module(lua)?)?;
+    modules.raw_set("ngx.semaphore", semaphore::semaphore_module(lua)?)?;
+    modules.raw_set("ngx.process", semaphore::process_module(lua)?)?;
     // Written in Lua over the cosockets; loaded in the base environment, whose reads it needs.
     base.raw_set("ngx", ngx.clone())?;
     let resty_http: Table =
