@@ -17,6 +17,7 @@ pub mod internal;
 mod memory;
 pub mod modules;
 pub mod network;
+mod pcre;
 mod request;
 mod shdict;
 mod slice;

@@ -592,14 +592,23 @@ fn ngx_re_follows_openresty() {
         ngx.say(ngx.re.gsub("a1b2", "[0-9]", function(m) return "<" .. m[0] .. ">" end))
         ngx.say(ngx.re.gsub("abc", "", "-"))
         ngx.say(table.concat(ngx.re.split("a, b,c", ",\\s*"), "|"))
-        local m, err = ngx.re.match("x", "(?=x)")
-        ngx.say(tostring(m), " ", err ~= nil)
-        ngx.say(tostring(ngx.re.match("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa!", "(a+)+$")))
+        -- PCRE: lookaround, backreferences, duplicate names (D), atomic groups.
+        ngx.say(ngx.re.match("price: 42 EUR", "(?<=price: )\\d+(?= EUR)")[0])
+        ngx.say(ngx.re.match("say hello hello there", "\\b(\\w+) \\1\\b")[1])
+        local d = ngx.re.match("2024-05", "(?<n>\\d{4})-(?<n>\\d{2})", "D")
+        ngx.say(type(d.n), " ", table.concat(d.n, "/"))
+        ngx.say(tostring(ngx.re.match("aaab", "(?>a+)ab")))
+        ngx.say(ngx.re.gsub("héllo wörld", "(?<=\\s|^)\\w", function(m) return m[0]:upper() end, "u"))
+        ngx.say(ngx.re.gsub("é", "", "-", "u"))
+        -- A pattern that backtracks without end stops at the match limit.
+        local m, err = ngx.re.match(string.rep("a", 40) .. "!", "(a+)+$")
+        ngx.say(tostring(m), " ", err)
         "#,
     );
     assert_eq!(
         out,
-        "1234 1 234\nhel false\nnil hello\n2 4\n811\n1,22,333\nhell0, world1\nhelol, owrld2\na<1>b<2>2\n-a-b-c-4\na|b|c\nnil true\nnil\n"
+        "1234 1 234\nhel false\nnil hello\n2 4\n811\n1,22,333\nhell0, world1\nhelol, owrld2\na<1>b<2>2\n-a-b-c-4\na|b|c\n\
+         42\nhello\ntable 2024/05\nnil\nHéllo Wörld2\n-é-2\nnil pcre2_match() failed: -47 (match limit exceeded)\n"
     );
 }
 

@@ -1,67 +1,64 @@
-//! `ngx.re`: `match`, `find`, `gmatch`, `sub`, `gsub` and `split` with OpenResty's signatures.
+//! `ngx.re`: `match`, `find`, `gmatch`, `sub`, `gsub` and `split` with OpenResty's signatures
+//! and PCRE2's semantics ([`crate::pcre`]): lookaround, backreferences, atomic groups,
+//! possessive quantifiers, named and duplicate named captures, compiled with PCRE2's JIT.
 //!
-//! Patterns are compiled by Rust's `regex` crate, whose matching time is linear in the subject:
-//! no pattern can stall a worker (there is no catastrophic backtracking). The syntax users write
-//! for PCRE works (classes, anchors, lazy quantifiers, named groups `(?<name>...)`); lookaround
-//! and backreferences do not, and fail with a compile error. Compiled regexes are cached per
-//! worker (up to 1024, whatever the `o` option says).
+//! Every match is bounded by a match limit (1,000,000 backtracking steps, OpenResty's
+//! `lua_regex_match_limit`), a depth and a heap limit: a pattern that would backtrack for
+//! longer fails with `nil, "pcre2_match() failed: -47 (match limit exceeded)"` (or the
+//! limit it reached) instead of stalling the worker, and what Lua runs around it stays under
+//! the request's CPU budget. Compiled regexes are cached per worker (up to 1024, whatever the
+//! `o` option says).
 //!
-//! Options: `i` case-insensitive, `m` multi-line, `s` dot matches newline, `x` extended, `u`
-//! UTF-8 (without it, matching is on bytes), `a` anchored at the start position; `j`, `o`, `d`,
-//! `D`, `J` are accepted.
+//! Options: `i` caseless, `m` multi-line, `s` dot matches newline, `x` extended, `u` UTF-8
+//! (checked), `U` UTF-8 (not checked), `a` anchored at the start position, `D` duplicate
+//! named groups (their captures come as an array), `J` JavaScript compatibility; `j` (the JIT
+//! is always used) and `o` (always cached) are accepted, and `d` (DFA mode) matches as the
+//! default mode does.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
 use mlua::{Function, Lua, MultiValue, Table, Value};
-use regex::bytes::{Captures, Regex, RegexBuilder};
+
+use crate::pcre::{Flags, Offsets, Regex};
 
 const CACHE_ENTRIES: usize = 1024;
-/// Compiled programs may use this much memory at most.
-const SIZE_LIMIT: usize = 4 << 20;
 
 /// Compiled regexes of this worker, by (pattern, options).
-type Cache = HashMap<(Vec<u8>, String), Rc<Compiled>>;
+type Cache = HashMap<(Vec<u8>, String), Rc<Regex>>;
 
 thread_local! {
     static CACHE: RefCell<Cache> = RefCell::new(HashMap::new());
 }
 
-struct Compiled {
-    regex: Regex,
-    anchored: bool,
-}
-
-fn compile(pattern: &[u8], options: &str) -> Result<Rc<Compiled>, String> {
+fn compile(pattern: &[u8], options: &str) -> Result<Rc<Regex>, String> {
     let key = (pattern.to_vec(), options.to_owned());
     if let Some(hit) = CACHE.with(|c| c.borrow().get(&key).cloned()) {
         return Ok(hit);
     }
-    let mut builder = RegexBuilder::new(std::str::from_utf8(pattern).map_err(|_| "pattern is not UTF-8".to_owned())?);
-    builder.unicode(options.contains('u')).size_limit(SIZE_LIMIT);
+    let mut flags = Flags::default();
     for flag in options.chars() {
         match flag {
-            'i' => {
-                builder.case_insensitive(true);
+            'i' => flags.caseless = true,
+            'm' => flags.multiline = true,
+            's' => flags.dotall = true,
+            'x' => flags.extended = true,
+            'u' => flags.utf = true,
+            'U' => {
+                flags.utf = true;
+                flags.no_utf_check = true;
             }
-            'm' => {
-                builder.multi_line(true);
-            }
-            's' => {
-                builder.dot_matches_new_line(true);
-            }
-            'x' => {
-                builder.ignore_whitespace(true);
-            }
-            'u' | 'a' | 'j' | 'o' | 'd' | 'D' | 'J' | 'U' => {}
+            'a' => flags.anchored = true,
+            'D' => flags.dupnames = true,
+            'J' => flags.javascript = true,
+            'j' | 'o' | 'd' => {}
             other => return Err(format!("unknown flag \"{other}\" (flags \"{options}\")")),
         }
     }
-    let regex = builder
-        .build()
+    let regex = Regex::new(pattern, flags)
         .map_err(|e| format!("failed to compile regex \"{}\": {e}", String::from_utf8_lossy(pattern)))?;
-    let compiled = Rc::new(Compiled { regex, anchored: options.contains('a') });
+    let compiled = Rc::new(regex);
     CACHE.with(|c| {
         let mut cache = c.borrow_mut();
         if cache.len() >= CACHE_ENTRIES {
@@ -72,30 +69,59 @@ fn compile(pattern: &[u8], options: &str) -> Result<Rc<Compiled>, String> {
     Ok(compiled)
 }
 
-/// The next match at or after byte `from` (anchored: exactly at `from`).
-fn captures_at<'s>(compiled: &Compiled, subject: &'s [u8], from: usize) -> Option<Captures<'s>> {
-    let caps = compiled.regex.captures_at(subject, from)?;
-    let start = caps.get(0).map_or(usize::MAX, |m| m.start());
-    (!compiled.anchored || start == from).then_some(caps)
+/// The next match at or after byte `from`.
+fn captures_at(compiled: &Regex, subject: &[u8], from: usize) -> Result<Option<Offsets>, String> {
+    compiled.captures_at(subject, from)
+}
+
+/// Where to look after an empty match at `at`: the next byte, or under UTF-8 the next
+/// character.
+fn after_empty(compiled: &Regex, subject: &[u8], at: usize) -> usize {
+    let mut next = at + 1;
+    if compiled.flags.utf {
+        while next < subject.len() && subject[next] & 0xC0 == 0x80 {
+            next += 1;
+        }
+    }
+    next
+}
+
+fn whole(offsets: &Offsets) -> (usize, usize) {
+    offsets.first().copied().flatten().unwrap_or((0, 0))
+}
+
+fn group_value(lua: &Lua, subject: &[u8], group: Option<&Option<(usize, usize)>>) -> mlua::Result<Value> {
+    match group.copied().flatten() {
+        Some((start, end)) => Ok(Value::String(lua.create_string(&subject[start..end])?)),
+        None => Ok(Value::Boolean(false)),
+    }
 }
 
 /// OpenResty's captures table: `[0]` the whole match, `[n]` each group (`false` when it did not
-/// take part), and named groups by name.
-fn captures_table(lua: &Lua, compiled: &Compiled, caps: &Captures<'_>) -> mlua::Result<Table> {
-    let table = lua.create_table()?;
-    for i in 0..caps.len() {
-        let value = match caps.get(i) {
-            Some(m) => Value::String(lua.create_string(m.as_bytes())?),
-            None => Value::Boolean(false),
-        };
-        table.raw_set(i, value)?;
+/// take part), and named groups by name (with `D`, a name used by several groups gives the
+/// array of those that took part).
+fn captures_table(lua: &Lua, compiled: &Regex, subject: &[u8], caps: &Offsets) -> mlua::Result<Table> {
+    let table = lua.create_table_with_capacity(caps.len(), compiled.names.len())?;
+    for (i, _) in caps.iter().enumerate() {
+        table.raw_set(i, group_value(lua, subject, caps.get(i))?)?;
     }
-    for name in compiled.regex.capture_names().flatten() {
-        let value = match caps.name(name) {
-            Some(m) => Value::String(lua.create_string(m.as_bytes())?),
-            None => Value::Boolean(false),
-        };
-        table.raw_set(name, value)?;
+    for (name, number) in &compiled.names {
+        let value = group_value(lua, subject, caps.get(*number))?;
+        if compiled.flags.dupnames && compiled.names.iter().filter(|(n, _)| n == name).count() > 1 {
+            let list = match table.raw_get::<Value>(name.as_str())? {
+                Value::Table(list) => list,
+                _ => {
+                    let list = lua.create_table()?;
+                    table.raw_set(name.as_str(), list.clone())?;
+                    list
+                }
+            };
+            if !matches!(value, Value::Boolean(false)) {
+                list.raw_push(value)?;
+            }
+        } else if !matches!(value, Value::Boolean(false)) || table.raw_get::<Value>(name.as_str())?.is_nil() {
+            table.raw_set(name.as_str(), value)?;
+        }
     }
     Ok(table)
 }
@@ -128,12 +154,13 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                 return Ok(MultiValue::from_iter([Value::Nil]));
             }
             match captures_at(&compiled, &subject, from) {
-                None => Ok(MultiValue::from_iter([Value::Nil])),
-                Some(caps) => {
-                    if let (Some(ctx), Some(m)) = (&ctx, caps.get(0)) {
-                        ctx.raw_set("pos", m.end() + 1)?;
+                Err(e) => Ok(MultiValue::from_iter([Value::Nil, Value::String(lua.create_string(&e)?)])),
+                Ok(None) => Ok(MultiValue::from_iter([Value::Nil])),
+                Ok(Some(caps)) => {
+                    if let Some(ctx) = &ctx {
+                        ctx.raw_set("pos", whole(&caps).1 + 1)?;
                     }
-                    Ok(MultiValue::from_iter([Value::Table(captures_table(lua, &compiled, &caps)?)]))
+                    Ok(MultiValue::from_iter([Value::Table(captures_table(lua, &compiled, &subject, &caps)?)]))
                 }
             }
         })?,
@@ -164,18 +191,25 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                 if from > subject.len() {
                     return Ok(MultiValue::from_iter([Value::Nil]));
                 }
-                let Some(caps) = captures_at(&compiled, &subject, from) else {
-                    return Ok(MultiValue::from_iter([Value::Nil]));
+                let caps = match captures_at(&compiled, &subject, from) {
+                    Err(e) => {
+                        return Ok(MultiValue::from_iter([
+                            Value::Nil,
+                            Value::Nil,
+                            Value::String(lua.create_string(&e)?),
+                        ]));
+                    }
+                    Ok(None) => return Ok(MultiValue::from_iter([Value::Nil])),
+                    Ok(Some(caps)) => caps,
                 };
-                if let (Some(ctx), Some(m)) = (&ctx, caps.get(0)) {
-                    ctx.raw_set("pos", m.end() + 1)?;
+                if let Some(ctx) = &ctx {
+                    ctx.raw_set("pos", whole(&caps).1 + 1)?;
                 }
-                match caps.get(nth.unwrap_or(0)) {
+                match caps.get(nth.unwrap_or(0)).copied().flatten() {
                     #[allow(clippy::cast_precision_loss)]
-                    Some(m) => Ok(MultiValue::from_iter([
-                        Value::Number((m.start() + 1) as f64),
-                        Value::Number(m.end() as f64),
-                    ])),
+                    Some((start, end)) => {
+                        Ok(MultiValue::from_iter([Value::Number((start + 1) as f64), Value::Number(end as f64)]))
+                    }
                     None => Ok(MultiValue::from_iter([Value::Nil])),
                 }
             },
@@ -197,15 +231,20 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                     return Ok(Value::Nil);
                 }
                 match captures_at(&compiled, &subject, from) {
-                    None => {
+                    Err(e) => {
+                        *position.borrow_mut() = None;
+                        Err(mlua::Error::runtime(e))
+                    }
+                    Ok(None) => {
                         *position.borrow_mut() = None;
                         Ok(Value::Nil)
                     }
-                    Some(caps) => {
-                        let whole = caps.get(0).map_or(from..from, |m| m.range());
-                        // An empty match moves on by one byte, so iteration always ends.
-                        *position.borrow_mut() = Some(if whole.is_empty() { whole.end + 1 } else { whole.end });
-                        Ok(Value::Table(captures_table(lua, &compiled, &caps)?))
+                    Ok(Some(caps)) => {
+                        let (start, end) = whole(&caps);
+                        // An empty match moves on by one character, so iteration always ends.
+                        *position.borrow_mut() =
+                            Some(if start == end { after_empty(&compiled, &subject, end) } else { end });
+                        Ok(Value::Table(captures_table(lua, &compiled, &subject, &caps)?))
                     }
                 }
             })?;
@@ -243,15 +282,22 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                 let parts = lua.create_table()?;
                 let limit = max.filter(|m| *m > 0).and_then(|m| usize::try_from(m).ok());
                 let mut last = 0;
-                for m in compiled.regex.find_iter(&subject) {
+                let mut from = 0;
+                while from <= subject.len() {
                     if limit.is_some_and(|l| parts.raw_len() + 1 >= l) {
                         break;
                     }
-                    if m.is_empty() && m.start() == last {
+                    let (start, end) = match captures_at(&compiled, &subject, from) {
+                        Err(e) => return error_pair(lua, &e),
+                        Ok(None) => break,
+                        Ok(Some(caps)) => whole(&caps),
+                    };
+                    from = if start == end { after_empty(&compiled, &subject, end) } else { end };
+                    if start == end && start == last {
                         continue;
                     }
-                    parts.raw_push(lua.create_string(&subject[last..m.start()])?)?;
-                    last = m.end();
+                    parts.raw_push(lua.create_string(&subject[last..start])?)?;
+                    last = end;
                 }
                 parts.raw_push(lua.create_string(&subject[last..])?)?;
                 Ok((Value::Table(parts), Value::Nil))
@@ -281,12 +327,16 @@ fn substitute(
     let mut count = 0usize;
     let mut from = 0;
     while from <= subject.len() {
-        let Some(caps) = captures_at(&compiled, &subject, from) else { break };
-        let Some(whole) = caps.get(0) else { break };
-        out.extend_from_slice(&subject[last..whole.start()]);
+        let caps = match captures_at(&compiled, &subject, from) {
+            Err(e) => return fail(&e),
+            Ok(None) => break,
+            Ok(Some(caps)) => caps,
+        };
+        let (start, end) = whole(&caps);
+        out.extend_from_slice(&subject[last..start]);
         match &replace {
-            Value::Function(f) => out.extend_from_slice(&call_replacement(lua, f, &compiled, &caps)?),
-            Value::String(template) => match expand(&template.as_bytes(), &compiled, &caps) {
+            Value::Function(f) => out.extend_from_slice(&call_replacement(lua, f, &compiled, &subject, &caps)?),
+            Value::String(template) => match expand(&template.as_bytes(), &compiled, &subject, &caps) {
                 Ok(text) => out.extend_from_slice(&text),
                 Err(e) => return fail(&e),
             },
@@ -301,19 +351,19 @@ fn substitute(
             }
         }
         count += 1;
-        last = whole.end();
+        last = end;
         if !global {
             break;
         }
-        if whole.is_empty() {
-            // Copy the byte an empty match stopped at, then look past it.
-            if let Some(&b) = subject.get(whole.end()) {
-                out.push(b);
-            }
-            last = whole.end() + 1;
-            from = whole.end() + 1;
+        if start == end {
+            // Copy the character an empty match stopped at, then look past it.
+            let next = after_empty(&compiled, &subject, end).min(subject.len());
+            out.extend_from_slice(&subject[end.min(subject.len())..next]);
+            last = next.max(end + 1);
+            from = end + 1;
+            from = from.max(next);
         } else {
-            from = whole.end();
+            from = end;
         }
     }
     if last < subject.len() {
@@ -323,8 +373,14 @@ fn substitute(
     Ok(MultiValue::from_iter([Value::String(lua.create_string(&out)?), Value::Number(count as f64)]))
 }
 
-fn call_replacement(lua: &Lua, f: &Function, compiled: &Compiled, caps: &Captures<'_>) -> mlua::Result<Vec<u8>> {
-    let result: Value = f.call(captures_table(lua, compiled, caps)?)?;
+fn call_replacement(
+    lua: &Lua,
+    f: &Function,
+    compiled: &Regex,
+    subject: &[u8],
+    caps: &Offsets,
+) -> mlua::Result<Vec<u8>> {
+    let result: Value = f.call(captures_table(lua, compiled, subject, caps)?)?;
     Ok(match result {
         Value::String(s) => s.as_bytes().to_vec(),
         #[allow(clippy::cast_precision_loss)]
@@ -340,7 +396,7 @@ fn call_replacement(lua: &Lua, f: &Function, compiled: &Compiled, caps: &Capture
 }
 
 /// Expands `$0`, `$12`, `${name}` and `$$` in a replacement template.
-fn expand(template: &[u8], compiled: &Compiled, caps: &Captures<'_>) -> Result<Vec<u8>, String> {
+fn expand(template: &[u8], compiled: &Regex, subject: &[u8], caps: &Offsets) -> Result<Vec<u8>, String> {
     let mut out = Vec::with_capacity(template.len());
     let mut i = 0;
     while i < template.len() {
@@ -367,12 +423,16 @@ fn expand(template: &[u8], compiled: &Compiled, caps: &Captures<'_>) -> Result<V
             _ => return Err("invalid capturing variable name".into()),
         };
         let group = match name.parse::<usize>() {
-            Ok(n) => caps.get(n),
-            Err(_) if compiled.regex.capture_names().flatten().any(|n| n == name) => caps.name(&name),
+            Ok(n) => caps.get(n).copied().flatten(),
+            Err(_) if compiled.names.iter().any(|(n, _)| *n == name) => compiled
+                .names
+                .iter()
+                .filter(|(n, _)| *n == name)
+                .find_map(|(_, number)| caps.get(*number).copied().flatten()),
             Err(_) => return Err(format!("unknown capturing variable {name:?}")),
         };
-        if let Some(m) = group {
-            out.extend_from_slice(m.as_bytes());
+        if let Some((start, end)) = group {
+            out.extend_from_slice(&subject[start..end]);
         }
         i += 1 + used;
     }
