@@ -13,6 +13,7 @@ use crate::request::Phase;
 const RESPONDING: &[Phase] = &[Phase::Rewrite, Phase::Access, Phase::Content];
 
 pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
+    install_headers_meta(lua)?;
     ngx.raw_set("print", lua.create_function(|_, args: Variadic<Value>| emit("print", &args, false))?)?;
     ngx.raw_set("say", lua.create_function(|_, args: Variadic<Value>| emit("say", &args, true))?)?;
     ngx.raw_set(
@@ -607,17 +608,34 @@ pub(super) fn headers_table(
         }
     }
     if !raw {
-        let meta = lua.create_table()?;
-        meta.raw_set(
-            "__index",
-            lua.create_function(|_, (t, key): (Table, String)| {
-                let normalized = key.replace('_', "-").to_ascii_lowercase();
-                if normalized == key { Ok(Value::Nil) } else { t.raw_get::<Value>(normalized) }
-            })?,
-        )?;
-        table.set_metatable(Some(meta))?;
+        table.set_metatable(Some(headers_meta(lua)?))?;
     }
     Ok((table, truncated.then(|| "truncated".to_owned())))
+}
+
+/// The metatable of header tables: lookups by any case, `_` for `-`. One per VM, made at
+/// install, sealed (`getmetatable` does not hand it out), so that no request can change it for
+/// another.
+struct HeadersMeta(Table);
+
+fn install_headers_meta(lua: &Lua) -> mlua::Result<()> {
+    let meta = lua.create_table()?;
+    meta.raw_set(
+        "__index",
+        lua.create_function(|_, (t, key): (Table, String)| {
+            let normalized = key.replace('_', "-").to_ascii_lowercase();
+            if normalized == key { Ok(Value::Nil) } else { t.raw_get::<Value>(normalized) }
+        })?,
+    )?;
+    super::seal(&meta)?;
+    lua.set_app_data(HeadersMeta(meta));
+    Ok(())
+}
+
+fn headers_meta(lua: &Lua) -> mlua::Result<Table> {
+    lua.app_data_ref::<HeadersMeta>()
+        .map(|meta| meta.0.clone())
+        .ok_or_else(|| mlua::Error::runtime("header tables: no metatable installed"))
 }
 
 /// Output as one body.
