@@ -207,14 +207,15 @@ fn method_of(number: i64) -> mlua::Result<Method> {
         .ok_or_else(|| mlua::Error::runtime(format!("unsupported HTTP method: {number}")))
 }
 
-/// `{status = ..., header = ..., body = ..., truncated = ...}`.
+/// `{status = ..., header = ..., body = ..., truncated = ...}`, made in one go.
 fn result(lua: &Lua, captured: &Captured) -> mlua::Result<Table> {
-    let table = lua.create_table_with_capacity(0, 4)?;
-    table.raw_set("status", captured.status)?;
-    table.raw_set("header", headers_table(lua, &captured.headers, 0, false)?.0)?;
-    table.raw_set("body", lua.create_string(&captured.body)?)?;
-    table.raw_set("truncated", captured.truncated)?;
-    Ok(table)
+    let header = headers_table(lua, &captured.headers, 0, false)?.0;
+    lua.create_table_from([
+        ("status", Value::Integer(captured.status.into())),
+        ("header", Value::Table(header)),
+        ("body", Value::String(lua.create_string(&captured.body)?)),
+        ("truncated", Value::Boolean(captured.truncated)),
+    ])
 }
 
 /// `ngx.exec(uri, args?)`: ends the handler; the request goes on at `uri`.

@@ -583,30 +583,38 @@ pub(super) fn headers_table(
     max: usize,
     raw: bool,
 ) -> mlua::Result<(Table, Option<String>)> {
-    let table = lua.create_table()?;
+    // Made in one go (each `raw_set` is a protected call of its own): a name's values as one
+    // string, or an array when it repeats.
+    let mut fields: Vec<(&str, Value)> = Vec::with_capacity(headers.keys_len());
     let mut count = 0;
     let mut truncated = false;
-    for name in headers.keys() {
-        for value in headers.get_all(name) {
+    'names: for name in headers.keys() {
+        let mut values = headers.get_all(name).iter();
+        let Some(first) = values.next() else { continue };
+        if max > 0 && count >= max {
+            truncated = true;
+            break;
+        }
+        count += 1;
+        let first = Value::String(lua.create_string(first.as_bytes())?);
+        let mut rest = values.peekable();
+        if rest.peek().is_none() {
+            fields.push((name.as_str(), first));
+            continue;
+        }
+        let mut list = vec![first];
+        for value in rest {
             if max > 0 && count >= max {
                 truncated = true;
-                break;
+                fields.push((name.as_str(), Value::Table(lua.create_sequence_from(list)?)));
+                break 'names;
             }
             count += 1;
-            let value = lua.create_string(value.as_bytes())?;
-            let key = name.as_str();
-            match table.raw_get::<Value>(key)? {
-                Value::Nil => table.raw_set(key, value)?,
-                Value::Table(list) => list.raw_push(value)?,
-                previous => {
-                    let list = lua.create_table()?;
-                    list.raw_push(previous)?;
-                    list.raw_push(value)?;
-                    table.raw_set(key, list)?;
-                }
-            }
+            list.push(Value::String(lua.create_string(value.as_bytes())?));
         }
+        fields.push((name.as_str(), Value::Table(lua.create_sequence_from(list)?)));
     }
+    let table = lua.create_table_from(fields)?;
     if !raw {
         table.set_metatable(Some(headers_meta(lua)?))?;
     }
