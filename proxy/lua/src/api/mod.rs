@@ -273,7 +273,7 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
     let builtin = move |name: &str| match modules.raw_get::<Value>(name)? {
         Value::Nil => Err(mlua::Error::runtime(format!(
             "module '{name}' not found: neither the namespace's modules nor the built-in ones have it; the built-in modules are cjson, cjson.safe, bit, ngx, ngx.resp, \
-                 ngx.base64, resty.http, resty.lrucache, resty.lock, resty.limit.req, resty.string, resty.md5, resty.sha1, \
+                 ngx.base64, ngx.balancer, ngx.ssl, ngx.semaphore, ngx.process, resty.http, resty.lrucache, resty.lock, resty.limit.req, resty.string, resty.md5, resty.sha1, \
                  resty.sha224, resty.sha256, resty.sha384, resty.sha512, resty.random, resty.core, table.new, table.clear, \
                  table.nkeys, table.isempty, jit, jit.v, jit.dump and the standard libraries"
         ))),
