@@ -192,6 +192,7 @@ pub(crate) fn install(lua: &Lua, base: &Table, config: &LuaConfig) -> mlua::Resu
     timer::install(lua, &ngx)?;
     thread::install(lua, &ngx)?;
     socket::install(lua, &ngx)?;
+    udp::install(lua, &ngx.raw_get::<Table>("socket")?)?;
     location::install(lua, &ngx)?;
     let dict_objects = shared::install(lua, &ngx, &config.shared_dicts)?;
     install_misc(lua, &ngx, config)?;

@@ -771,6 +771,5 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             }
         })?,
     )?;
-    super::udp::install(lua, &socket)?;
     ngx.raw_set("socket", socket)
 }
