@@ -35,9 +35,8 @@ pub(crate) struct Flags {
     pub(crate) dotall: bool,
     /// `x`
     pub(crate) extended: bool,
-    /// `u` (checked) or `U` (not checked)
+    /// `u` (and `U`): always checked, as PCRE2 on unchecked invalid UTF-8 is undefined.
     pub(crate) utf: bool,
-    pub(crate) no_utf_check: bool,
     /// `a`
     pub(crate) anchored: bool,
     /// `D`
@@ -85,7 +84,6 @@ impl Regex {
             (flags.dotall, PCRE2_DOTALL),
             (flags.extended, PCRE2_EXTENDED),
             (flags.utf, PCRE2_UTF),
-            (flags.no_utf_check, PCRE2_NO_UTF_CHECK),
             (flags.anchored, PCRE2_ANCHORED),
             (flags.dupnames, PCRE2_DUPNAMES),
             (flags.javascript, PCRE2_ALT_BSUX | PCRE2_MATCH_UNSET_BACKREF),

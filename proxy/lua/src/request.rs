@@ -117,6 +117,23 @@ impl std::fmt::Display for RequestId {
 }
 
 impl RequestHead {
+    /// The head of Lua that runs outside any client request (timers, `init`, `init_worker`,
+    /// a TLS handshake's `ssl_certificate`), named `route` in logs.
+    pub fn outside_request(namespace: Arc<str>, route: Arc<str>) -> RequestHead {
+        RequestHead {
+            method: Method::GET,
+            request_uri: "/".into(),
+            version: Version::HTTP_11,
+            remote: SocketAddr::from(([0, 0, 0, 0], 0)),
+            server_port: 0,
+            https: false,
+            host: String::new(),
+            route,
+            namespace,
+            request_id: None,
+        }
+    }
+
     /// The request id as text; empty outside a request.
     pub fn request_id_text(&self) -> String {
         self.request_id.map(|id| id.to_string()).unwrap_or_default()

@@ -657,18 +657,8 @@ impl Vm {
     /// which go on after them.
     pub async fn init_worker(&self, job: InitWorker) -> Outcome {
         for script in &job.scripts {
-            let head = RequestHead {
-                method: http::Method::GET,
-                request_uri: "/".into(),
-                version: http::Version::HTTP_11,
-                remote: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
-                server_port: 0,
-                https: false,
-                host: String::new(),
-                route: format!("{}/init_worker", job.namespace).into(),
-                namespace: Arc::clone(&job.namespace),
-                request_id: None,
-            };
+            let route = format!("{}/init_worker", job.namespace).into();
+            let head = RequestHead::outside_request(Arc::clone(&job.namespace), route);
             let request = match self.begin(head, HeaderMap::new()) {
                 Ok(request) => request,
                 Err(e) => return Outcome::Failed { kind: FailureKind::Error, message: e.to_string() },
@@ -701,16 +691,10 @@ impl Vm {
         budget: Option<Duration>,
     ) -> Result<Option<Box<crate::request::SslState>>, String> {
         let head = RequestHead {
-            method: http::Method::GET,
-            request_uri: "/".into(),
-            version: http::Version::HTTP_11,
             remote,
-            server_port: 0,
             https: true,
             host: server_name.to_owned(),
-            route,
-            namespace,
-            request_id: None,
+            ..RequestHead::outside_request(namespace, route)
         };
         let request = self.begin(head, HeaderMap::new()).map_err(|e| e.to_string())?;
         if let Some(budget) = budget {
@@ -732,18 +716,7 @@ impl Vm {
     /// Runs one chunk of a namespace's module-level code to its end, in `globals`, as its own
     /// run: with the CPU budget of a request, and the VM's memory limit.
     fn run_init(&self, namespace: &Arc<str>, chunk: &Function, globals: &Table) -> Result<(), String> {
-        let head = RequestHead {
-            method: http::Method::GET,
-            request_uri: "/".into(),
-            version: http::Version::HTTP_11,
-            remote: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
-            server_port: 0,
-            https: false,
-            host: String::new(),
-            route: format!("{namespace}/init").into(),
-            namespace: Arc::clone(namespace),
-            request_id: None,
-        };
+        let head = RequestHead::outside_request(Arc::clone(namespace), format!("{namespace}/init").into());
         let memory = self.runner.memory.charge(namespace);
         let request = LuaRequest::with_env(head, HeaderMap::new(), globals.clone(), memory);
         request.state.phase.set(Phase::Init);

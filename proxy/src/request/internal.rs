@@ -16,6 +16,7 @@ use std::rc::{Rc, Weak};
 use bytes::BytesMut;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
+use tidegate_lua::LuaRequest;
 use tidegate_lua::internal::{Captured, Inherited, Subrequest, Subrequests};
 
 use super::context::Outcome;
@@ -32,12 +33,18 @@ const MAX_CAPTURE: usize = 16 << 20;
 /// Internal redirects one request may take (nginx's limit too).
 const MAX_REDIRECTS: u8 = 10;
 
-/// What an internal request carries into the Lua it reaches.
-pub(super) struct Internal {
-    /// How deep in subrequests it is (0: the client's request, redirected).
+/// How far a request has gone inside the proxy.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Hops {
+    /// How deep in subrequests it is (0: the client's request, redirected or not).
     pub(super) depth: u8,
     /// Internal redirects taken so far.
     pub(super) redirects: u8,
+}
+
+/// What an internal request carries into the Lua it reaches.
+pub(super) struct Internal {
+    pub(super) hops: Hops,
     pub(super) inherited: Inherited,
 }
 
@@ -70,7 +77,7 @@ async fn capture(worker: Rc<Worker>, sub: Subrequest) -> Captured {
         Ok(uri) => *request.uri_mut() = uri,
         Err(_) => return Captured { status: 404, ..Captured::default() },
     }
-    let internal = Internal { depth: sub.depth, redirects: 0, inherited: sub.inherited };
+    let internal = Internal { hops: Hops { depth: sub.depth, redirects: 0 }, inherited: sub.inherited };
     let mut outcome = Outcome::default();
     let response =
         dispatch(&worker, &runtime, &conn, &parent.host, &parent.namespace, request, &mut outcome, internal).await;
@@ -98,29 +105,44 @@ async fn capture(worker: Rc<Worker>, sub: Subrequest) -> Captured {
     Captured { status: parts.status.as_u16(), headers: parts.headers, body: read.freeze(), truncated }
 }
 
-/// An internal redirect: the pipeline again, from its route step, at `uri`.
+/// `ngx.exec`: the request goes on at the URI Lua named, from the route step, with the method,
+/// headers and body as Lua left them and a new `ngx.ctx` (boxed: it may come back here).
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn redirect(
     worker: &Rc<Worker>,
     runtime: &Runtime,
     conn: &Connection,
     host: &str,
-    namespace: &str,
-    request: Request<ClientBody>,
+    lua: &LuaRequest,
+    version: http::Version,
+    unread: Option<ClientBody>,
     outcome: &mut Outcome,
-    depth: u8,
-    redirects: u8,
+    hops: Hops,
 ) -> Response<LocalBody> {
-    if redirects >= MAX_REDIRECTS {
+    let uri = lua.state.exec.borrow_mut().take().unwrap_or_default();
+    if hops.redirects >= MAX_REDIRECTS {
         tracing::error!(
             route = outcome.route.as_deref().unwrap_or_default(),
-            "rewrite or internal redirection cycle while internally redirecting to \"{}\"",
-            request.uri()
+            "rewrite or internal redirection cycle while internally redirecting to \"{uri}\""
         );
         return error_response(StatusCode::INTERNAL_SERVER_ERROR);
     }
-    let internal = Internal { depth, redirects: redirects + 1, inherited: Inherited::default() };
-    dispatch(worker, runtime, conn, host, namespace, request, outcome, internal).await
+    let Ok(uri) = uri.parse::<http::Uri>() else {
+        tracing::error!(route = &*lua.state.head.route, "ngx.exec: bad URI \"{uri}\"");
+        return error_response(StatusCode::INTERNAL_SERVER_ERROR);
+    };
+    let body = match lua.state.body.borrow().clone() {
+        Some(bytes) => ClientBody::Internal(Some(bytes)),
+        None => unread.unwrap_or(ClientBody::Internal(None)),
+    };
+    let mut request = Request::new(body);
+    *request.uri_mut() = uri;
+    *request.method_mut() = lua.state.method.borrow().clone();
+    *request.headers_mut() = lua.state.headers.borrow().clone();
+    *request.version_mut() = version;
+    let internal = Internal { hops: Hops { redirects: hops.redirects + 1, ..hops }, inherited: Inherited::default() };
+    let namespace = lua.state.head.namespace.clone();
+    Box::pin(dispatch(worker, runtime, conn, host, &namespace, request, outcome, internal)).await
 }
 
 /// Routes an internal request among the namespace's routes of `host`, and serves it.
@@ -164,24 +186,4 @@ fn namespace_of(target: &Target) -> &str {
         Some(chain) => &chain.namespace,
         None => target.name.split('/').next().unwrap_or_default(),
     }
-}
-
-/// The request an internal redirect goes on with: the method, headers and body as Lua left
-/// them, at `uri`.
-pub(super) fn redirected(
-    lua: &tidegate_lua::LuaRequest,
-    version: http::Version,
-    uri: &str,
-    unread: Option<ClientBody>,
-) -> Result<Request<ClientBody>, ()> {
-    let body = match lua.state.body.borrow().clone() {
-        Some(bytes) => ClientBody::Internal(Some(bytes)),
-        None => unread.unwrap_or(ClientBody::Internal(None)),
-    };
-    let mut request = Request::new(body);
-    *request.uri_mut() = uri.parse().map_err(|_| ())?;
-    *request.method_mut() = lua.state.method.borrow().clone();
-    *request.headers_mut() = lua.state.headers.borrow().clone();
-    *request.version_mut() = version;
-    Ok(request)
 }

@@ -32,7 +32,7 @@ use tidegate_lua::{FailureKind, LuaRequest, Outcome as LuaOutcome, Phase, Reques
 use tidegate_snapshot::Phase as Step;
 
 use super::context::Outcome;
-use super::internal::Internal;
+use super::internal::{Hops, Internal, redirect};
 use super::upstream::{forward, prepare_upstream, rewrite_uri, upstream_body, upstream_headers};
 use crate::body::{BoxError, ClientBody, LocalBody, full};
 use crate::connection::Connection;
@@ -83,16 +83,16 @@ pub(super) async fn serve(
     if let Some(budget) = chain.cpu_budget {
         lua.set_cpu_budget(budget);
     }
-    let (depth, redirects) = match internal {
+    let hops = match internal {
         Some(internal) => {
-            lua.inherit(internal.inherited, internal.depth);
+            lua.inherit(internal.inherited, internal.hops.depth);
             // An internal request's body is there already, as if read.
             if let ClientBody::Internal(Some(bytes)) = &body {
                 *lua.state.body.borrow_mut() = Some(bytes.clone());
             }
-            (internal.depth, internal.redirects)
+            internal.hops
         }
-        None => (0, 0),
+        None => Hops::default(),
     };
     worker.note_lua_memory();
     let unread: Rc<RefCell<Option<ClientBody>>> = Rc::new(RefCell::new(Some(body)));
@@ -126,20 +126,7 @@ pub(super) async fn serve(
             }
             LuaOutcome::Exec => {
                 let unread = unread.borrow_mut().take();
-                return exec(
-                    worker,
-                    runtime,
-                    conn,
-                    chain,
-                    host,
-                    &lua,
-                    parts.version,
-                    unread,
-                    outcome,
-                    depth,
-                    redirects,
-                )
-                .await;
+                return redirect(worker, runtime, conn, host, &lua, parts.version, unread, outcome, hops).await;
             }
             LuaOutcome::Failed { kind, message } => {
                 return failed(worker, &target.name, phase, kind, &message, Some(&lua));
@@ -208,20 +195,7 @@ pub(super) async fn serve(
             LuaOutcome::Exit(status) => lua_response(&lua, Some(status)),
             LuaOutcome::Exec => {
                 let unread = unread.borrow_mut().take();
-                return exec(
-                    worker,
-                    runtime,
-                    conn,
-                    chain,
-                    host,
-                    &lua,
-                    parts.version,
-                    unread,
-                    outcome,
-                    depth,
-                    redirects,
-                )
-                .await;
+                return redirect(worker, runtime, conn, host, &lua, parts.version, unread, outcome, hops).await;
             }
             LuaOutcome::Failed { kind, message } => {
                 return failed(worker, &target.name, Phase::Content, kind, &message, Some(&lua));
@@ -229,32 +203,6 @@ pub(super) async fn serve(
         }
     };
     filtered(worker, target, chain, &lua, response, outcome).await
-}
-
-/// `ngx.exec`: the request goes on at the URI Lua named, from the route step (boxed: it may
-/// come back here).
-#[allow(clippy::too_many_arguments)]
-async fn exec(
-    worker: &Rc<Worker>,
-    runtime: &Runtime,
-    conn: &Connection,
-    chain: &LuaChain,
-    host: &str,
-    lua: &LuaRequest,
-    version: http::Version,
-    unread: Option<ClientBody>,
-    outcome: &mut Outcome,
-    depth: u8,
-    redirects: u8,
-) -> Response<LocalBody> {
-    let uri = lua.state.exec.borrow_mut().take().unwrap_or_default();
-    let Ok(request) = super::internal::redirected(lua, version, &uri, unread) else {
-        tracing::error!(route = &*lua.state.head.route, "ngx.exec: bad URI \"{uri}\"");
-        return error_response(StatusCode::INTERNAL_SERVER_ERROR);
-    };
-    let namespace = Arc::clone(&chain.namespace);
-    Box::pin(super::internal::redirect(worker, runtime, conn, host, &namespace, request, outcome, depth, redirects))
-        .await
 }
 
 /// Applies header_filter, installs body_filter and log around a response. Handlers of all three

@@ -88,7 +88,7 @@ fn start(
             uri.type_name()
         )));
     };
-    let mut uri = uri.to_string_lossy();
+    let uri = uri.to_string_lossy();
     if uri.is_empty() {
         return Err(mlua::Error::runtime("attempt to use zero-length uri"));
     }
@@ -96,17 +96,17 @@ fn start(
     if depth > MAX_DEPTH {
         return Err(mlua::Error::runtime(format!("subrequests cycle while processing \"{uri}\"")));
     }
-    let sub = subrequest(&request, &mut uri, options)?;
+    let sub = subrequest(&request, uri, depth, options)?;
     let hook = lua.app_data_ref::<Hook>().map(|h| std::rc::Rc::clone(&h.0));
     let Some(hook) = hook else {
         return Err(mlua::Error::runtime(format!("{api}: subrequests are not served here")));
     };
-    Ok(hook(Subrequest { depth, uri, ..sub }))
+    Ok(hook(sub))
 }
 
 /// The subrequest `options` describe: OpenResty's `method`, `args`, `body`, `ctx`, `vars`,
 /// `copy_all_vars`, `share_all_vars` (copied too) and `always_forward_body`.
-fn subrequest(request: &LuaRequest, uri: &mut String, options: Option<&Table>) -> mlua::Result<Subrequest> {
+fn subrequest(request: &LuaRequest, mut uri: String, depth: u8, options: Option<&Table>) -> mlua::Result<Subrequest> {
     let state = &request.state;
     let mut method = Method::GET;
     let mut body = None;
@@ -124,8 +124,8 @@ fn subrequest(request: &LuaRequest, uri: &mut String, options: Option<&Table>) -
         }
         match options.raw_get::<Value>("args")? {
             Value::Nil => {}
-            Value::String(s) => append_args(uri, &s.to_string_lossy()),
-            Value::Table(t) => append_args(uri, &encode_args(&t)?),
+            Value::String(s) => append_args(&mut uri, &s.to_string_lossy()),
+            Value::Table(t) => append_args(&mut uri, &encode_args(&t)?),
             other => {
                 return Err(mlua::Error::runtime(format!("Bad args option value: {}", other.type_name())));
             }
@@ -188,7 +188,7 @@ fn subrequest(request: &LuaRequest, uri: &mut String, options: Option<&Table>) -
             headers.remove(header::CONTENT_LENGTH);
         }
     }
-    Ok(Subrequest { parent: state.head.clone(), depth: 0, method, uri: String::new(), headers, body, inherited })
+    Ok(Subrequest { parent: state.head.clone(), depth, method, uri, headers, body, inherited })
 }
 
 fn append_args(uri: &mut String, args: &str) {

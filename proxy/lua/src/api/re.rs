@@ -9,8 +9,9 @@
 //! the request's CPU budget. Compiled regexes are cached per worker (up to 1024, whatever the
 //! `o` option says).
 //!
-//! Options: `i` caseless, `m` multi-line, `s` dot matches newline, `x` extended, `u` UTF-8
-//! (checked), `U` UTF-8 (not checked), `a` anchored at the start position, `D` duplicate
+//! Options: `i` caseless, `m` multi-line, `s` dot matches newline, `x` extended, `u` UTF-8,
+//! `U` UTF-8 too (OpenResty's `U` skips the UTF-8 check, but PCRE2 on invalid UTF-8 that it was
+//! told not to check is undefined behaviour: the check stays), `a` anchored at the start position, `D` duplicate
 //! named groups (their captures come as an array), `J` JavaScript compatibility; `j` (the JIT
 //! is always used) and `o` (always cached) are accepted, and `d` (DFA mode) matches as the
 //! default mode does.
@@ -44,11 +45,7 @@ fn compile(pattern: &[u8], options: &str) -> Result<Rc<Regex>, String> {
             'm' => flags.multiline = true,
             's' => flags.dotall = true,
             'x' => flags.extended = true,
-            'u' => flags.utf = true,
-            'U' => {
-                flags.utf = true;
-                flags.no_utf_check = true;
-            }
+            'u' | 'U' => flags.utf = true,
             'a' => flags.anchored = true,
             'D' => flags.dupnames = true,
             'J' => flags.javascript = true,
@@ -67,11 +64,6 @@ fn compile(pattern: &[u8], options: &str) -> Result<Rc<Regex>, String> {
         cache.insert(key, Rc::clone(&compiled));
     });
     Ok(compiled)
-}
-
-/// The next match at or after byte `from`.
-fn captures_at(compiled: &Regex, subject: &[u8], from: usize) -> Result<Option<Offsets>, String> {
-    compiled.captures_at(subject, from)
 }
 
 /// Where to look after an empty match at `at`: the next byte, or under UTF-8 the next
@@ -153,7 +145,7 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             if from > subject.len() {
                 return Ok(MultiValue::from_iter([Value::Nil]));
             }
-            match captures_at(&compiled, &subject, from) {
+            match compiled.captures_at(&subject, from) {
                 Err(e) => Ok(MultiValue::from_iter([Value::Nil, Value::String(lua.create_string(&e)?)])),
                 Ok(None) => Ok(MultiValue::from_iter([Value::Nil])),
                 Ok(Some(caps)) => {
@@ -191,7 +183,7 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                 if from > subject.len() {
                     return Ok(MultiValue::from_iter([Value::Nil]));
                 }
-                let caps = match captures_at(&compiled, &subject, from) {
+                let caps = match compiled.captures_at(&subject, from) {
                     Err(e) => {
                         return Ok(MultiValue::from_iter([
                             Value::Nil,
@@ -230,7 +222,7 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                     *position.borrow_mut() = None;
                     return Ok(Value::Nil);
                 }
-                match captures_at(&compiled, &subject, from) {
+                match compiled.captures_at(&subject, from) {
                     Err(e) => {
                         *position.borrow_mut() = None;
                         Err(mlua::Error::runtime(e))
@@ -287,7 +279,7 @@ pub(super) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                     if limit.is_some_and(|l| parts.raw_len() + 1 >= l) {
                         break;
                     }
-                    let (start, end) = match captures_at(&compiled, &subject, from) {
+                    let (start, end) = match compiled.captures_at(&subject, from) {
                         Err(e) => return error_pair(lua, &e),
                         Ok(None) => break,
                         Ok(Some(caps)) => whole(&caps),
@@ -327,7 +319,7 @@ fn substitute(
     let mut count = 0usize;
     let mut from = 0;
     while from <= subject.len() {
-        let caps = match captures_at(&compiled, &subject, from) {
+        let caps = match compiled.captures_at(&subject, from) {
             Err(e) => return fail(&e),
             Ok(None) => break,
             Ok(Some(caps)) => caps,
@@ -357,11 +349,10 @@ fn substitute(
         }
         if start == end {
             // Copy the character an empty match stopped at, then look past it.
-            let next = after_empty(&compiled, &subject, end).min(subject.len());
-            out.extend_from_slice(&subject[end.min(subject.len())..next]);
-            last = next.max(end + 1);
-            from = end + 1;
-            from = from.max(next);
+            let next = after_empty(&compiled, &subject, end);
+            out.extend_from_slice(&subject[end.min(subject.len())..next.min(subject.len())]);
+            last = next;
+            from = next;
         } else {
             from = end;
         }

@@ -22,7 +22,7 @@
 use std::rc::Rc;
 use std::time::Duration;
 
-use http::{HeaderMap, Method, Version};
+use http::HeaderMap;
 use mlua::{Function, Lua, MultiValue, Table, Value, Variadic};
 
 use super::current;
@@ -163,18 +163,7 @@ async fn run_callback(
     args: &[Value],
     premature: bool,
 ) -> Outcome {
-    let head = RequestHead {
-        method: Method::GET,
-        request_uri: "/".into(),
-        version: Version::HTTP_11,
-        remote: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
-        server_port: 0,
-        https: false,
-        host: String::new(),
-        route: "timer".into(),
-        namespace: namespace.into(),
-        request_id: None,
-    };
+    let head = RequestHead::outside_request(namespace.into(), "timer".into());
     let started = (|| {
         let env = lua.create_table()?;
         env.set_metatable(Some(ctx.env_meta.clone()))?;
